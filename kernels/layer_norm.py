@@ -1,0 +1,92 @@
+"""Layer normalization over the last dimension, optionally of ``x + residual`` (post-LN transformer blocks).
+
+One program per row holds the row in registers: mean and variance come from the same load (two-pass in
+registers, so no ``E[x^2] - E[x]^2`` cancellation), and the residual add is fused instead of a separate
+elementwise kernel writing ``x + residual`` to memory first.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import FLOAT_DTYPES, check_tensor, compute_dtype, into, output
+from kernels.dispatch import backend_for
+
+MAX_ROW = 65536
+
+
+@triton.jit
+def _layer_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, N, eps, HAS_RESIDUAL: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < N
+    x = tl.load(x_ptr + row * N + cols, mask=ok, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(r_ptr + row * N + cols, mask=ok, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / N
+    centered = tl.where(ok, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * N + cols, (centered * rstd * w + b).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def _validate(x, weight, bias, residual) -> None:
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() < 1 or not 1 <= x.shape[-1] <= MAX_ROW:
+        raise ValueError(f"x must be [..., N] with 1 <= N <= {MAX_ROW}, got shape {tuple(x.shape)}")
+    check_tensor("weight", weight, shape=x.shape[-1:], dtypes=(x.dtype,), device=x.device)
+    check_tensor("bias", bias, shape=x.shape[-1:], dtypes=(x.dtype,), device=x.device)
+    if residual is not None:
+        check_tensor("residual", residual, shape=x.shape, dtypes=(x.dtype,), device=x.device)
+
+
+def _launch(x, weight, bias, eps, residual, out) -> torch.Tensor:
+    y = output(out, x.shape, x)
+    n = x.shape[-1]
+    rows = x.numel() // n
+    if rows == 0:
+        return y
+    block = triton.next_power_of_2(n)
+    num_warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    _layer_norm_kernel[(rows,)](x, residual, weight, bias, y, n, eps, HAS_RESIDUAL=residual is not None,
+                                BLOCK=block, num_warps=num_warps)
+    return y
+
+
+def layer_norm_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-5,
+    residual: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The Triton launcher (contiguous inputs only)."""
+    _validate(x, weight, bias, residual)
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
+        if t is not None:
+            check_tensor(name, t, contiguous=True)
+    return _launch(x, weight, bias, eps, residual, out)
+
+
+def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+                         residual: torch.Tensor | None = None) -> torch.Tensor:
+    dt = compute_dtype(x)
+    h = x.to(dt) if residual is None else x.to(dt) + residual.to(dt)
+    y = torch.nn.functional.layer_norm(h, h.shape[-1:], weight.to(dt), bias.to(dt), eps)
+    return y.to(x.dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+               residual: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``LayerNorm(x + residual)`` over the last dim; weight and bias ``[N]`` in x's dtype."""
+    _validate(x, weight, bias, residual)
+    if backend_for(x, weight, bias, residual) == "torch":
+        return into(out, layer_norm_reference(x, weight, bias, eps, residual))
+    return _launch(x.contiguous(), weight.contiguous(), bias.contiguous(), eps,
+                   None if residual is None else residual.contiguous(), out)

@@ -1,0 +1,229 @@
+"""Fused linear layer: ``Y = act(X @ W^T + b) + residual`` in one kernel.
+
+Bias, activation and residual are applied to the fp32 accumulator tile before the single store, so a
+``Linear -> GELU`` or ``Linear -> +skip`` pair costs one pass over memory instead of three. The same kernel
+serves :mod:`kernels.linear_int8`: with ``HAS_SCALE`` the weight tile is int8, converted on load and the
+per-output-channel scale is applied in the epilogue (it factors out of the sum over K).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import (
+    FLOAT_DTYPES,
+    activation_reference,
+    apply_activation,
+    autotune,
+    check_activation,
+    check_tensor,
+    compute_dtype,
+    into,
+    output,
+)
+from kernels.dispatch import INTERPRETER, USE_AUTOTUNE, backend_for
+
+
+def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
+                         num_stages=stages)
+
+
+# Large tiles for big batches (tutorial 03's list) plus thin-M tiles for online inference (M <= 64).
+_GPU_CONFIGS = [
+    _config(128, 256, 64, 8, 3),
+    _config(256, 128, 64, 8, 3),
+    _config(128, 128, 64, 4, 4),
+    _config(128, 64, 32, 4, 4),
+    _config(64, 128, 32, 4, 4),
+    _config(64, 64, 64, 4, 4),
+    _config(32, 64, 128, 4, 4),
+    _config(16, 64, 128, 4, 4),
+    _config(16, 128, 64, 4, 4),
+    _config(16, 32, 256, 2, 4),
+]
+
+
+SHARED_MEMORY = 232448  # bytes one block may use on an H100 (227 KB); an A100 allows 166 KB
+
+
+def fits_shared_memory(config: triton.Config, element_size: int) -> bool:
+    """Whether the software pipeline's ``num_stages`` copies of the X and W tiles fit in shared memory."""
+    kw = config.kwargs
+    tiles = (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * element_size
+    return tiles * config.num_stages <= SHARED_MEMORY
+
+
+def _prune_configs(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
+    """Drop tile configs too big for fp32 inputs (twice the bytes of bf16) before timing them."""
+    size = named_args["x_ptr"].element_size()
+    return [c for c in configs if fits_shared_memory(c, size)]
+
+
+# M_BUCKET (M rounded up to a power of two) is the tuning key instead of M itself: a dynamic batcher sees a
+# new M on almost every batch and must not re-tune each time.
+@autotune(_GPU_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _linear_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, y_ptr,
+    M, N, K, M_BUCKET,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    ACTIVATION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped launch order: GROUP_M row-blocks share each weight column-block while it is in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Wrapping rows/columns keeps every load in bounds without a mask; the store below is masked.
+    x_ptrs = x_ptr + (offs_m % M)[:, None] * K + offs_k[None, :]
+    w_ptrs = w_ptr + (offs_n % N)[None, :] * K + offs_k[:, None]  # W^T tile: [BLOCK_K, BLOCK_N]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
+        a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        if UPCAST:  # the interpreter computes bf16 wrongly: do its math in fp32
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        elif HAS_SCALE:
+            w = w.to(a.dtype)  # int8 -> fp16/bf16 is exact for |q| <= 127
+        acc = tl.dot(a, w, acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    n_ok = offs_n < N
+    if HAS_SCALE:
+        acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    acc = apply_activation(acc, ACTIVATION)
+    y_offs = offs_m[:, None] * N + offs_n[None, :]
+    y_mask = (offs_m[:, None] < M) & n_ok[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(r_ptr + y_offs, mask=y_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+def _interpreter_blocks(m: int, n: int, k: int) -> dict[str, int]:
+    """Fixed tiles for the interpreter: as large as the problem (<= 64) since each step costs Python time."""
+
+    def block(d: int) -> int:
+        return min(64, max(16, triton.next_power_of_2(d)))
+
+    return {"BLOCK_M": block(m), "BLOCK_N": block(n), "BLOCK_K": block(k), "GROUP_M": 8}
+
+
+def launch_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    activation: str,
+    residual: torch.Tensor | None,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """Run the kernel on validated contiguous tensors; ``x`` is ``[..., K]``, the output ``[..., N]``."""
+    n, k = weight.shape
+    m = x.numel() // k
+    y = output(out, (*x.shape[:-1], n), x)
+    if m == 0 or n == 0:
+        return y
+    meta = {} if USE_AUTOTUNE else _interpreter_blocks(m, n, k)
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _linear_kernel[grid](
+        x, weight, scales, bias, residual, y,
+        m, n, k, triton.next_power_of_2(m),
+        HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        ACTIVATION=activation, UPCAST=INTERPRETER,
+        **meta,
+    )
+    return y
+
+
+def _validate(x, weight, bias, activation, residual) -> None:
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension [..., K]")
+    check_tensor("weight", weight, ndim=2, dtypes=(x.dtype,), device=x.device)
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must be [N, K={x.shape[-1]}] (Linear layout), got {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, shape=(weight.shape[0],), dtypes=(x.dtype,), device=x.device)
+    check_activation(activation)
+    if residual is not None:
+        check_tensor("residual", residual, shape=(*x.shape[:-1], weight.shape[0]), dtypes=(x.dtype,),
+                     device=x.device)
+
+
+def linear_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str = "none",
+    residual: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The Triton launcher: validates (contiguity included), picks tiles and grid, runs the kernel."""
+    _validate(x, weight, bias, activation, residual)
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
+        if t is not None:
+            check_tensor(name, t, contiguous=True)
+    return launch_linear(x, weight, None, bias, activation, residual, out)
+
+
+def linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str = "none",
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain torch: computed in fp32 (or fp64 for fp64 inputs), returned in ``x.dtype``."""
+    dt = compute_dtype(x)
+    y = torch.nn.functional.linear(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt))
+    y = activation_reference(y, activation)
+    if residual is not None:
+        y = y + residual.to(dt)
+    return y.to(x.dtype)
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str = "none",
+    residual: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``act(x @ weight^T + bias) + residual``.
+
+    x ``[..., K]``, weight ``[N, K]`` (torch Linear layout), bias ``[N]``, residual ``[..., N]``, all of one
+    dtype (fp32, bf16 or fp16); the result has x's dtype, accumulated in fp32. ``activation`` is one of
+    ``none``, ``relu``, ``gelu`` (exact erf form), ``tanh``, ``sigmoid``; the residual is added after it.
+    On a GPU fp32 inputs use TF32 tensor cores (Triton's default for ``tl.dot``).
+    """
+    _validate(x, weight, bias, activation, residual)
+    if backend_for(x, weight, bias, residual) == "torch":
+        return into(out, linear_reference(x, weight, bias, activation, residual))
+    return launch_linear(
+        x.contiguous(), weight.contiguous(), None, None if bias is None else bias.contiguous(), activation,
+        None if residual is None else residual.contiguous(), out,
+    )

@@ -1,0 +1,107 @@
+"""Row-wise softmax and log-softmax over the last dimension, with an optional keep-mask.
+
+One program per row keeps the whole row in registers (as in the Triton softmax tutorial): one read, one
+write, and the max-subtraction makes it stable. Rows longer than ``MAX_ROW`` are rejected (attention has
+its own fused kernel; nothing in this project needs longer rows).
+
+Masked-out entries (``mask == False``) get probability 0 (``-inf`` for log-softmax). A row with every entry
+masked out has no distribution: softmax returns 0 for the whole row and log-softmax ``-inf``, rather than
+the NaNs torch gives for an all ``-inf`` row.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import FLOAT_DTYPES, check_tensor, compute_dtype, into, output
+from kernels.dispatch import backend_for
+
+MAX_ROW = 65536
+
+
+@triton.jit
+def _softmax_kernel(x_ptr, m_ptr, y_ptr, N, HAS_MASK: tl.constexpr, LOG: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < N
+    x = tl.load(x_ptr + row * N + cols, mask=ok, other=float("-inf")).to(tl.float32)
+    if HAS_MASK:
+        keep = tl.load(m_ptr + row * N + cols, mask=ok, other=0) != 0
+        x = tl.where(keep, x, float("-inf"))
+    row_max = tl.max(x, axis=0)
+    shifted = x - tl.where(row_max == float("-inf"), 0.0, row_max)  # all-masked row: keep -inf, not NaN
+    e = tl.exp(shifted)
+    total = tl.sum(e, axis=0)
+    total = tl.where(total == 0.0, 1.0, total)  # all-masked row: softmax 0, log-softmax -inf
+    y = shifted - tl.log(total) if LOG else e / total
+    tl.store(y_ptr + row * N + cols, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def _validate(x, mask) -> None:
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() < 1 or x.shape[-1] > MAX_ROW:
+        raise ValueError(f"x must be [..., N] with 1 <= N <= {MAX_ROW}, got shape {tuple(x.shape)}")
+    if mask is not None:
+        check_tensor("mask", mask, shape=x.shape, dtypes=(torch.bool,), device=x.device)
+
+
+def _launch(x: torch.Tensor, mask: torch.Tensor | None, log: bool, out: torch.Tensor | None) -> torch.Tensor:
+    y = output(out, x.shape, x)
+    n = x.shape[-1]
+    rows = x.numel() // n if n else 0
+    if rows == 0:
+        return y
+    block = triton.next_power_of_2(n)
+    num_warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    _softmax_kernel[(rows,)](x, mask, y, n, HAS_MASK=mask is not None, LOG=log, BLOCK=block,
+                             num_warps=num_warps)
+    return y
+
+
+def softmax_triton(x: torch.Tensor, mask: torch.Tensor | None = None, *, log: bool = False,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton launcher (contiguous inputs only); ``log=True`` gives log-softmax."""
+    _validate(x, mask)
+    check_tensor("x", x, contiguous=True)
+    if mask is not None:
+        check_tensor("mask", mask, contiguous=True)
+    return _launch(x, mask, log, out)
+
+
+def _masked_input(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    x = x.to(compute_dtype(x))
+    return x if mask is None else x.masked_fill(~mask, float("-inf"))
+
+
+def softmax_reference(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    y = torch.softmax(_masked_input(x, mask), dim=-1)
+    if mask is not None:
+        y = y.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    return y.to(x.dtype)
+
+
+def log_softmax_reference(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    y = torch.log_softmax(_masked_input(x, mask), dim=-1)
+    if mask is not None:
+        y = y.masked_fill(~mask.any(dim=-1, keepdim=True), float("-inf"))
+    return y.to(x.dtype)
+
+
+def softmax(x: torch.Tensor, mask: torch.Tensor | None = None, *,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over the last dim of x (fp32/bf16/fp16); ``mask`` (bool, x's shape) is True where kept."""
+    _validate(x, mask)
+    if backend_for(x, mask) == "torch":
+        return into(out, softmax_reference(x, mask))
+    return _launch(x.contiguous(), None if mask is None else mask.contiguous(), False, out)
+
+
+def log_softmax(x: torch.Tensor, mask: torch.Tensor | None = None, *,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-softmax over the last dim of x; masked entries and all-masked rows give ``-inf``."""
+    _validate(x, mask)
+    if backend_for(x, mask) == "torch":
+        return into(out, log_softmax_reference(x, mask))
+    return _launch(x.contiguous(), None if mask is None else mask.contiguous(), True, out)

@@ -1,0 +1,1 @@
+"""Models: architectures built from `kernels` ops, the artifact format, the repository and warm cache."""

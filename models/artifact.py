@@ -1,0 +1,196 @@
+"""The model artifact contract: `<repo>/<name>/<version>/{model.safetensors,config.json}`.
+
+config.json is parsed into typed objects here, and every error names the field that is wrong, because
+the person reading it is the one who published the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.datatypes import DATATYPES
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class ArtifactError(ValueError):
+    """A model artifact is malformed; the message names the file and the field or tensor."""
+
+
+def validate_model_name(name: object) -> str:
+    """Model names become path components and S3 keys: allow a safe alphabet only."""
+    if not isinstance(name, str) or not MODEL_NAME_RE.match(name) or ".." in name:
+        raise ArtifactError(
+            f"model name {name!r} is invalid: expected 1-128 characters of letters, digits, '_', '-', '.', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named input or output: V2 datatype and shape, -1 for a variable dimension.
+
+    The first dimension is the batch dimension and is always variable (-1).
+    """
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, raw: Any, where: str) -> TensorSpec:
+        if not isinstance(raw, dict):
+            raise ArtifactError(f"{where}: expected an object with name, datatype, shape")
+        name, datatype, shape = raw.get("name"), raw.get("datatype"), raw.get("shape")
+        if not isinstance(name, str) or not name:
+            raise ArtifactError(f"{where}.name: expected a non-empty string")
+        if datatype not in DATATYPES:
+            raise ArtifactError(f"{where}.datatype: {datatype!r} is not one of {sorted(DATATYPES)}")
+        if not isinstance(shape, list) or not shape or not all(isinstance(d, int) for d in shape):
+            raise ArtifactError(f"{where}.shape: expected a non-empty list of integers")
+        if shape[0] != -1:
+            raise ArtifactError(f"{where}.shape: the first (batch) dimension must be -1, got {shape[0]}")
+        if any(d < -1 or d == 0 for d in shape):
+            raise ArtifactError(f"{where}.shape: dimensions must be positive or -1, got {shape}")
+        return cls(name=name, datatype=datatype, shape=tuple(shape))
+
+    def mismatch(self, datatype: str, shape: list[int] | tuple[int, ...]) -> str | None:
+        """Why a request tensor does not fit this spec, or None when it does."""
+        if datatype != self.datatype:
+            return f"input {self.name!r}: datatype {datatype} given, expected {self.datatype}"
+        if len(shape) != len(self.shape) or any(
+            want != -1 and got != want for got, want in zip(shape, self.shape, strict=True)
+        ):
+            return f"input {self.name!r}: shape {list(shape)} given, expected {list(self.shape)} (-1 = any)"
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class BatchingPolicy:
+    max_batch_size: int = 64
+    max_queue_delay_ms: float = 5.0
+    preferred_batch_sizes: tuple[int, ...] = ()
+
+    @classmethod
+    def parse(cls, raw: Any) -> BatchingPolicy:
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise ArtifactError("batching: expected an object")
+        size = raw.get("max_batch_size", cls.max_batch_size)
+        delay = raw.get("max_queue_delay_ms", cls.max_queue_delay_ms)
+        preferred = raw.get("preferred_batch_sizes", [])
+        if not isinstance(size, int) or size < 1:
+            raise ArtifactError(f"batching.max_batch_size: expected an integer >= 1, got {size!r}")
+        if not isinstance(delay, int | float) or delay < 0 or not math.isfinite(delay):
+            raise ArtifactError(f"batching.max_queue_delay_ms: expected a number >= 0, got {delay!r}")
+        if not isinstance(preferred, list) or not all(isinstance(p, int) and 0 < p <= size for p in preferred):
+            raise ArtifactError(
+                f"batching.preferred_batch_sizes: expected integers in 1..max_batch_size, got {preferred!r}"
+            )
+        return cls(max_batch_size=size, max_queue_delay_ms=float(delay), preferred_batch_sizes=tuple(preferred))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The parsed config.json of one model version."""
+
+    architecture: str
+    params: dict[str, Any]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    batching: BatchingPolicy = field(default_factory=BatchingPolicy)
+    dtype: str = "FP32"
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, raw: Any) -> ModelConfig:
+        if not isinstance(raw, dict):
+            raise ArtifactError(f"{CONFIG_FILE}: expected a JSON object")
+        arch = raw.get("architecture")
+        if not isinstance(arch, str) or not arch:
+            raise ArtifactError(f"{CONFIG_FILE}.architecture: expected a string naming an architecture")
+        params = raw.get("params", {})
+        if not isinstance(params, dict):
+            raise ArtifactError(f"{CONFIG_FILE}.params: expected an object")
+        inputs = raw.get("inputs")
+        outputs = raw.get("outputs")
+        if not isinstance(inputs, list) or not inputs:
+            raise ArtifactError(f"{CONFIG_FILE}.inputs: expected a non-empty list of tensor specs")
+        if not isinstance(outputs, list) or not outputs:
+            raise ArtifactError(f"{CONFIG_FILE}.outputs: expected a non-empty list of tensor specs")
+        dtype = raw.get("dtype", "FP32")
+        if dtype not in {"FP32", "FP16", "BF16"}:
+            raise ArtifactError(f"{CONFIG_FILE}.dtype: expected FP32, FP16 or BF16, got {dtype!r}")
+        known = {"architecture", "params", "inputs", "outputs", "batching", "dtype", "description"}
+        return cls(
+            architecture=arch,
+            params=params,
+            inputs=tuple(TensorSpec.parse(s, f"inputs[{i}]") for i, s in enumerate(inputs)),
+            outputs=tuple(TensorSpec.parse(s, f"outputs[{i}]") for i, s in enumerate(outputs)),
+            batching=BatchingPolicy.parse(raw.get("batching")),
+            dtype=dtype,
+            description=str(raw.get("description", "")),
+            extra={k: v for k, v in raw.items() if k not in known},
+        )
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((s for s in self.inputs if s.name == name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        body = {
+            "architecture": self.architecture,
+            "params": self.params,
+            "inputs": [s.to_json() for s in self.inputs],
+            "outputs": [s.to_json() for s in self.outputs],
+            "batching": {**asdict(self.batching), "preferred_batch_sizes": list(self.batching.preferred_batch_sizes)},
+            "dtype": self.dtype,
+            "description": self.description,
+        }
+        return {**body, **self.extra}
+
+
+def read_config(directory: Path) -> ModelConfig:
+    path = directory / CONFIG_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is missing") from None
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: invalid JSON ({exc})") from None
+    return ModelConfig.parse(raw)
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Load weights from safetensors only: a pickle can run code, a safetensors file cannot."""
+    path = directory / WEIGHTS_FILE
+    if not path.exists():
+        raise ArtifactError(f"{path} is missing (weights must be a safetensors file; pickle is refused)")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for malformed headers
+        raise ArtifactError(f"{path}: not a valid safetensors file ({exc})") from None
+
+
+def write_artifact(directory: Path, config: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
+    """Write one version's folder; the config goes last so a reader never sees half an artifact."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(directory / WEIGHTS_FILE))
+    tmp = directory / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(config.to_json(), indent=2) + "\n")
+    tmp.replace(directory / CONFIG_FILE)

@@ -1,0 +1,101 @@
+"""The warm model cache: keeps loaded versions between requests, within a memory budget.
+
+Thread-safe, because models are loaded and run on executor threads while the event loop asks for them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from models.loaded import LoadedModel
+from models.repository import ModelRepository
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    loads: int = 0
+    load_seconds: float = 0.0
+
+
+class ModelCache:
+    """(name, version) -> LoadedModel, least recently used evicted past `max_bytes`.
+
+    Concurrent first requests for one version load it once: the others wait on a per-key lock.
+    "latest" is resolved against the repository at most every `latest_ttl_s` seconds.
+    """
+
+    def __init__(self, repository: ModelRepository, max_bytes: int = 4 << 30, latest_ttl_s: float = 5.0):
+        self.repository = repository
+        self.max_bytes = max_bytes
+        self.latest_ttl_s = latest_ttl_s
+        self.stats = CacheStats()
+        self._models: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+        self._load_locks: dict[tuple[str, int], threading.Lock] = {}
+        self._latest: dict[str, tuple[float, int]] = {}
+
+    def resolve(self, name: str, version: str | int | None = None) -> int:
+        """The concrete version a request means; "latest" is cached for `latest_ttl_s`."""
+        if version not in (None, "", "latest"):
+            return self.repository.resolve(name, version)
+        now = time.monotonic()
+        with self._lock:
+            cached = self._latest.get(name)
+        if cached and now - cached[0] < self.latest_ttl_s:
+            return cached[1]
+        resolved = self.repository.resolve(name, None)
+        with self._lock:
+            self._latest[name] = (now, resolved)
+        return resolved
+
+    def get(self, name: str, version: int) -> LoadedModel:
+        key = (name, version)
+        with self._lock:
+            model = self._models.get(key)
+            if model is not None:
+                self._models.move_to_end(key)
+                self.stats.hits += 1
+                return model
+            load_lock = self._load_locks.setdefault(key, threading.Lock())
+        with load_lock:
+            with self._lock:
+                model = self._models.get(key)
+                if model is not None:
+                    self.stats.hits += 1
+                    return model
+                self.stats.misses += 1
+            model = self.repository.load(name, version)
+            model.warmup()
+            with self._lock:
+                self.stats.loads += 1
+                self.stats.load_seconds += model.load_seconds + model.warmup_seconds
+                self._models[key] = model
+                self._evict_over_budget(keep=key)
+            return model
+
+    def loaded(self) -> list[tuple[str, int]]:
+        with self._lock:
+            return list(self._models)
+
+    def unload(self, name: str, version: int | None = None) -> int:
+        with self._lock:
+            keys = [k for k in self._models if k[0] == name and (version is None or k[1] == version)]
+            for key in keys:
+                del self._models[key]
+            return len(keys)
+
+    def _evict_over_budget(self, keep: tuple[str, int]) -> None:
+        total = sum(m.nbytes for m in self._models.values())
+        for key in list(self._models):
+            if total <= self.max_bytes:
+                break
+            if key == keep:
+                continue
+            total -= self._models.pop(key).nbytes
+            self.stats.evictions += 1

@@ -1,0 +1,48 @@
+"""The Open Inference Protocol datatypes and their numpy / torch counterparts.
+
+BF16 has no numpy dtype: it travels as float32 in numpy and becomes torch.bfloat16 at the model.
+BYTES tensors are numpy object arrays of `bytes`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+NUMPY_DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BF16": np.dtype(np.float32),
+    "BYTES": np.dtype(object),
+}
+
+DATATYPES = frozenset(NUMPY_DTYPES)
+
+_FROM_NUMPY = {dt: name for name, dt in NUMPY_DTYPES.items() if name not in {"BF16", "BYTES"}}
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "FP16": torch.float16,
+    "FP32": torch.float32,
+    "FP64": torch.float64,
+    "BF16": torch.bfloat16,
+}
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The V2 datatype name of a numpy array (object arrays are BYTES)."""
+    if array.dtype == object:
+        return "BYTES"
+    try:
+        return _FROM_NUMPY[array.dtype]
+    except KeyError:
+        raise ValueError(f"numpy dtype {array.dtype} has no Open Inference Protocol datatype") from None

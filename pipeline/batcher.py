@@ -1,0 +1,130 @@
+"""Dynamic batching per model, after aiokafka's producer accumulator.
+
+`submit()` enqueues a request and returns a future. One background task per (model, version) closes a
+batch when it holds `max_batch_size` rows or when the oldest request has waited `max_queue_delay_ms`,
+whichever comes first, then hands it to the runner. While the runner computes, the next batch fills, so
+under load batches close full without waiting. Queues are bounded: `submit()` waits when a model's queue
+is full, which is the backpressure that reaches the sources.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from models.artifact import BatchingPolicy
+from pipeline.errors import ErrorCode, InferenceError
+
+BatchKey = tuple[str, int]
+
+
+@dataclass(order=True)
+class Pending:
+    """One queued request. Ordered by priority (higher first), then arrival."""
+
+    sort_key: tuple[int, int]
+    payload: Any = field(compare=False)
+    rows: int = field(compare=False)
+    future: asyncio.Future = field(compare=False)
+    enqueued: float = field(compare=False, default_factory=time.monotonic)
+
+
+BatchRunner = Callable[[BatchKey, list[Pending]], Awaitable[None]]
+
+
+class DynamicBatcher:
+    def __init__(self, runner: BatchRunner, max_queue: int = 1024) -> None:
+        self._runner = runner
+        self._max_queue = max_queue
+        self._queues: dict[BatchKey, asyncio.PriorityQueue[Pending]] = {}
+        self._tasks: dict[BatchKey, asyncio.Task] = {}
+        self._seq = itertools.count()
+        self._closed = False
+
+    async def start(self) -> None:
+        self._closed = False
+
+    async def stop(self) -> None:
+        """Cancel the collectors and fail whatever is still queued, so no caller waits forever."""
+        self._closed = True
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        for queue in self._queues.values():
+            _settle([queue.get_nowait() for _ in range(queue.qsize())],
+                    InferenceError(ErrorCode.UNAVAILABLE, "the engine is shutting down"))
+        self._tasks.clear()
+        self._queues.clear()
+
+    def queued(self) -> int:
+        return sum(q.qsize() for q in self._queues.values())
+
+    async def submit(self, key: BatchKey, policy: BatchingPolicy, payload: Any, rows: int,
+                     priority: int = 0) -> asyncio.Future:
+        if self._closed:
+            raise InferenceError(ErrorCode.UNAVAILABLE, "the engine is shutting down")
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = asyncio.PriorityQueue(self._max_queue)
+            self._tasks[key] = asyncio.create_task(self._collect(key, queue, policy), name=f"batcher-{key}")
+        future = asyncio.get_running_loop().create_future()
+        await queue.put(Pending((-priority, next(self._seq)), payload, rows, future))
+        return future
+
+    async def _collect(self, key: BatchKey, queue: asyncio.PriorityQueue[Pending], policy: BatchingPolicy) -> None:
+        held: Pending | None = None
+        batch: list[Pending] = []
+        try:
+            while True:
+                first = held or await queue.get()
+                held = None
+                batch = [first]
+                held = await self._fill(batch, queue, policy)
+                try:
+                    await self._runner(key, batch)
+                except Exception as exc:  # the runner should settle every future; this is the safety net
+                    _settle(batch, InferenceError(ErrorCode.INTERNAL, f"batch failed: {exc!r}"))
+                batch = []
+        except asyncio.CancelledError:
+            _settle([*batch, *([held] if held else [])],
+                    InferenceError(ErrorCode.UNAVAILABLE, "the engine stopped before the request ran"))
+            raise
+
+    @staticmethod
+    async def _fill(batch: list[Pending], queue: asyncio.PriorityQueue[Pending], policy: BatchingPolicy
+                    ) -> Pending | None:
+        """Add queued requests to `batch` until it is full or its oldest request's delay is up.
+
+        Returns a request that did not fit, to start the next batch with.
+        """
+        loop = asyncio.get_running_loop()
+        rows = batch[0].rows
+        close_at = loop.time() + max(0.0, policy.max_queue_delay_ms / 1000.0 - (time.monotonic() - batch[0].enqueued))
+        while rows < policy.max_batch_size:
+            if queue.empty():
+                if rows in policy.preferred_batch_sizes:
+                    return None
+                remaining = close_at - loop.time()
+                if remaining <= 0:
+                    return None
+                try:
+                    item = await asyncio.wait_for(queue.get(), remaining)
+                except TimeoutError:
+                    return None
+            else:
+                item = queue.get_nowait()
+            if rows + item.rows > policy.max_batch_size:
+                return item
+            batch.append(item)
+            rows += item.rows
+        return None
+
+
+def _settle(batch: list[Pending], error: InferenceError) -> None:
+    for item in batch:
+        if not item.future.done():
+            item.future.set_exception(error)

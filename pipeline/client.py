@@ -1,0 +1,169 @@
+"""Client helpers: publish V2 requests to Kafka and collect their answers by request id.
+
+`maas submit` and `maas demo` use these; so can any Python service that talks to the platform.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from models.examples import MNIST_MLP, synthetic_digits
+from pipeline.settings import Settings
+
+
+@dataclass
+class Answer:
+    """What came back for one request: a result, an error result, or a dead-letter record."""
+
+    kind: str  # "result" | "error" | "dead_letter"
+    body: dict[str, Any]
+    received_at: float = field(default_factory=time.monotonic)
+
+    def output(self, name: str) -> np.ndarray:
+        for out in self.body.get("outputs", []):
+            if out["name"] == name:
+                return np.asarray(out["data"]).reshape(out["shape"])
+        raise KeyError(f"no output {name!r} in {self.body.get('id')}")
+
+
+class ResultCollector:
+    """Tails the results and dead-letter topics from their current end, keeping answers by request id."""
+
+    def __init__(self, settings: Settings, topics: Iterable[str] | None = None) -> None:
+        self.settings = settings
+        self.topics = list(topics or (settings.topics.results, settings.topics.dlq))
+        self.answers: dict[str, Answer] = {}
+        self.duplicates = 0
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task | None = None
+        self._changed = asyncio.Event()
+
+    async def start(self) -> ResultCollector:
+        self._consumer = AIOKafkaConsumer(**self.settings.kafka_client_kwargs(), group_id=None,
+                                          enable_auto_commit=False)
+        await self._consumer.start()
+        partitions = []
+        for topic in self.topics:
+            ids = await self._partitions(topic)
+            partitions += [TopicPartition(topic, p) for p in ids]
+        self._consumer.assign(partitions)
+        for tp, offset in (await self._consumer.end_offsets(partitions)).items():
+            self._consumer.seek(tp, offset)
+        self._task = asyncio.create_task(self._run(), name="maas-result-collector")
+        return self
+
+    async def _partitions(self, topic: str, timeout: float = 10.0) -> set[int]:
+        assert self._consumer is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            ids = self._consumer.partitions_for_topic(topic)
+            if ids:
+                return ids
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"topic {topic!r} does not exist on {self.settings.kafka_bootstrap_servers}")
+            await self._consumer.topics()  # refreshes metadata
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._consumer is not None:
+            await self._consumer.stop()
+        self._task = self._consumer = None
+
+    async def __aenter__(self) -> ResultCollector:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _run(self) -> None:
+        assert self._consumer is not None
+        while True:
+            fetched = await self._consumer.getmany(timeout_ms=200)
+            for tp, records in fetched.items():
+                for record in records:
+                    self._add(tp.topic, record)
+            if fetched:
+                self._changed.set()
+
+    def _add(self, topic: str, record: Any) -> None:
+        if topic == self.settings.topics.dlq:
+            headers = {k: v.decode("utf-8", "replace") for k, v in record.headers or ()}
+            key = record.key.decode("utf-8", "replace") if record.key else None
+            body = {"id": key, "error": {"code": headers.get("maas-error-code"),
+                                         "message": headers.get("maas-error-message")}, "headers": headers}
+            kind = "dead_letter"
+        else:
+            try:
+                body = orjson.loads(record.value)
+            except orjson.JSONDecodeError:
+                return
+            key = body.get("id")
+            kind = "error" if "error" in body else "result"
+        if key is None:
+            return
+        if key in self.answers:
+            self.duplicates += 1  # at-least-once: keep the first answer, count the rest
+            return
+        self.answers[key] = Answer(kind, body)
+
+    async def wait_for(self, ids: Iterable[str], timeout: float) -> dict[str, Answer]:
+        """Wait until every id has an answer or `timeout` passes; returns what arrived."""
+        wanted = set(ids)
+        deadline = time.monotonic() + timeout
+        while not wanted <= self.answers.keys():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                break
+        return {i: self.answers[i] for i in wanted if i in self.answers}
+
+
+async def publish_requests(settings: Settings, requests: Iterable[dict[str, Any] | bytes],
+                           keys: Iterable[str | None] | None = None) -> int:
+    """Produce requests to the requests topic (key = request id); returns how many were sent."""
+    producer = AIOKafkaProducer(**settings.kafka_client_kwargs(), acks="all", linger_ms=5,
+                                max_batch_size=settings.producer_max_batch_bytes)
+    await producer.start()
+    try:
+        futures = []
+        key_iter = iter(keys) if keys is not None else None
+        for request in requests:
+            value = request if isinstance(request, bytes) else orjson.dumps(request, option=orjson.OPT_SERIALIZE_NUMPY)
+            key = next(key_iter) if key_iter else (request.get("id") if isinstance(request, dict) else None)
+            futures.append(await producer.send(settings.topics.requests, value,
+                                               key=key.encode() if isinstance(key, str) else key))
+        await asyncio.gather(*futures)
+        return len(futures)
+    finally:
+        await producer.stop()
+
+
+def example_requests(count: int, model: str = MNIST_MLP, seed: int = 7, prefix: str = "req"
+                     ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """`count` single-row requests for the MNIST-style MLP, and the true label of each request id."""
+    images, labels = synthetic_digits(count, seed=seed)
+    requests, truth = [], {}
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        request_id = f"{prefix}-{i:06d}"
+        requests.append({
+            "id": request_id,
+            "model_name": model,
+            "inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": image}],
+        })
+        truth[request_id] = int(label)
+    return requests, truth

@@ -1,0 +1,289 @@
+"""The Kafka worker: a consumer-group member that answers every request record exactly once or more.
+
+Records are handled concurrently (bounded by `max_in_flight`) and batched per model by the engine.
+An offset is committed only after the answer of every record up to it (a result, an error result or a
+dead-letter record) was acknowledged by the broker; a worker that dies loses nothing, its partitions'
+uncommitted records are redelivered to the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from pipeline.engine import InferenceEngine
+from pipeline.errors import ErrorCode, InferenceError
+from pipeline.metrics import DEAD_LETTERS, ERRORS, IN_FLIGHT, REQUESTS, BatchRecord
+from pipeline.offsets import OffsetTracker
+from pipeline.protocol import InferenceRequest, decode_request, encode_json
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PASSTHROUGH_HEADERS = ("traceparent", "tracestate")
+Headers = list[tuple[str, bytes]]
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, worker: KafkaWorker) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.worker._drain_and_commit(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        if assigned:
+            self.worker.assigned.set()
+        log.info("assigned partitions %s", sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
+
+
+class KafkaWorker:
+    """Consume requests, answer through the engine, commit after the answers are acknowledged.
+
+    Use `async with KafkaWorker(...)` or `start()` / `stop()`; `wait()` returns when the worker stops
+    and raises if it stopped because it could not produce.
+    """
+
+    def __init__(self, settings: Settings, engine: InferenceEngine, *, max_attempts: int = 3,
+                 drain_timeout_s: float = 30.0) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.max_attempts = max_attempts
+        self.drain_timeout_s = drain_timeout_s
+        self._tracker = OffsetTracker()
+        self._slots = asyncio.Semaphore(settings.max_in_flight)
+        self._handlers: set[asyncio.Task] = set()
+        self._side_sends: set[asyncio.Task] = set()
+        self._tasks: list[asyncio.Task] = []
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._stopped = asyncio.Event()
+        self._failure: BaseException | None = None
+        self._stopping = False
+        self.assigned = asyncio.Event()
+        self.answered = 0
+
+    async def start(self) -> KafkaWorker:
+        kafka = self.settings.kafka_client_kwargs()
+        self._producer = AIOKafkaProducer(
+            **kafka, acks="all", linger_ms=2, max_batch_size=self.settings.producer_max_batch_bytes,
+            enable_idempotence=self.settings.kafka_idempotence, client_id=f"maas-{self.settings.worker_id}",
+        )
+        options = {
+            "group_id": self.settings.consumer_group,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "max_poll_records": self.settings.max_fetch_records,
+            "fetch_max_bytes": max(52428800, self.settings.max_request_bytes * 2),
+            "max_partition_fetch_bytes": max(1048576, self.settings.max_request_bytes + 1024),
+            "client_id": f"maas-{self.settings.worker_id}",
+            "session_timeout_ms": self.settings.kafka_session_timeout_ms,
+            "heartbeat_interval_ms": self.settings.kafka_heartbeat_interval_ms,
+        }
+        self._consumer = AIOKafkaConsumer(**kafka, **options)
+        try:
+            await self._producer.start()
+            await self._consumer.start()
+        except BaseException:
+            await self._close_clients()
+            raise
+        self._consumer.subscribe([self.settings.topics.requests], listener=_Rebalance(self))
+        self.engine.add_batch_listener(self._publish_batch_record)
+        self._stopped.clear()
+        self._stopping = False
+        self._tasks = [
+            asyncio.create_task(self._consume_loop(), name="maas-consume"),
+            asyncio.create_task(self._commit_loop(), name="maas-commit"),
+        ]
+        log.info("worker %s consuming %s as group %s", self.settings.worker_id, self.settings.topics.requests,
+                 self.settings.consumer_group)
+        return self
+
+    async def stop(self) -> None:
+        """Graceful: stop consuming, finish and publish what is in flight, commit, close."""
+        if self._consumer is None or self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        consume = self._tasks[0]
+        consume.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consume
+        if self._handlers:
+            _, pending = await asyncio.wait(list(self._handlers), timeout=self.drain_timeout_s)
+            for task in pending:
+                task.cancel()
+        if self._side_sends:
+            await asyncio.wait(list(self._side_sends), timeout=5)
+        with contextlib.suppress(KafkaError, CommitFailedError):
+            await self._commit()
+        for task in self._tasks[1:]:
+            task.cancel()
+        await asyncio.gather(*self._tasks[1:], return_exceptions=True)
+        await self._close_clients()
+        self._stopped.set()
+
+    async def _close_clients(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+        self._consumer = self._producer = None
+
+    async def __aenter__(self) -> KafkaWorker:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+        if self._failure is not None:
+            raise self._failure
+
+    # -- consuming ------------------------------------------------------------------------------------
+
+    async def _consume_loop(self) -> None:
+        assert self._consumer is not None
+        while True:
+            fetched = await self._consumer.getmany(timeout_ms=200, max_records=self.settings.max_fetch_records)
+            for tp, records in fetched.items():
+                for record in records:
+                    await self._slots.acquire()  # backpressure: at most max_in_flight unanswered records
+                    self._tracker.begin(tp, record.offset)
+                    IN_FLIGHT.inc()
+                    task = asyncio.create_task(self._handle(tp, record))
+                    self._handlers.add(task)
+                    task.add_done_callback(self._handlers.discard)
+
+    async def _handle(self, tp: TopicPartition, record: ConsumerRecord) -> None:
+        try:
+            await self._answer(record)
+        except KafkaError as exc:
+            # Neither the answer nor a dead letter could be written: leave the offset uncommitted and
+            # stop, so the record is redelivered (to this worker after a restart, or to another).
+            log.error("cannot produce the answer of %s-%s@%s: %r; stopping", tp.topic, tp.partition,
+                      record.offset, exc)
+            self._fail(exc)
+            return
+        else:
+            self._tracker.done(tp, record.offset)
+            self.answered += 1
+        finally:
+            IN_FLIGHT.dec()
+            self._slots.release()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failure is None:
+            self._failure = exc
+            asyncio.get_running_loop().create_task(self.stop())
+
+    async def _answer(self, record: ConsumerRecord) -> None:
+        headers: Headers = list(record.headers or ())
+        request: InferenceRequest | None = None
+        error: InferenceError | None = None
+        attempts = 0
+        try:
+            request = decode_request(record.value or b"", max_bytes=self.settings.max_request_bytes)
+        except InferenceError as exc:
+            error = exc
+        while request is not None and attempts < self.max_attempts:
+            attempts += 1
+            try:
+                response = await self.engine.infer(request)
+            except InferenceError as exc:
+                error = exc
+                if not exc.code.transient:
+                    break
+                await asyncio.sleep(min(2.0, 0.1 * 2**attempts))
+            except Exception as exc:  # a bug must not take the worker down: dead-letter the record
+                log.exception("unexpected failure on request %s", request.id)
+                error = InferenceError(ErrorCode.INTERNAL, f"unexpected failure: {exc!r}", request.id)
+                break
+            else:
+                body = encode_json(response.to_json())
+                await self._send_answer(request, record, body, headers)
+                REQUESTS.labels(request.model_name, "ok").inc()
+                return
+        assert error is not None
+        ERRORS.labels(str(error.code)).inc()
+        if error.request_id is not None and not error.code.transient:
+            body = encode_json(error.to_json(request.model_name if request else None))
+            await self._send_answer(request, record, body, headers)
+            REQUESTS.labels(request.model_name if request else "-", "error").inc()
+        else:
+            await self._dead_letter(record, headers, error, max(attempts, 1))
+
+    def _reply_topic(self, request: InferenceRequest | None) -> str:
+        if request is not None and request.parameters.get("reply_to"):
+            return request.parameters["reply_to"]
+        return self.settings.topics.results
+
+    async def _send_answer(self, request: InferenceRequest | None, record: ConsumerRecord, body: bytes,
+                           headers: Headers) -> None:
+        assert self._producer is not None
+        out = [(k, v) for k, v in headers if k in PASSTHROUGH_HEADERS or k.startswith("ce_")]
+        out.append(("content-type", b"application/json"))
+        key = request.id.encode() if request is not None else record.key
+        await self._producer.send_and_wait(self._reply_topic(request), body, key=key, headers=out)
+
+    async def _dead_letter(self, record: ConsumerRecord, headers: Headers, error: InferenceError,
+                           attempts: int) -> None:
+        assert self._producer is not None
+        log.warning("dead-lettering %s-%s@%s: %s %s", record.topic, record.partition, record.offset, error.code,
+                    error.message)
+        out = [*headers,
+               ("maas-error-code", str(error.code).encode()),
+               ("maas-error-message", error.message.encode("utf-8", "replace")[:4096]),
+               ("maas-attempts", str(attempts).encode()),
+               ("maas-source", f"{record.topic}-{record.partition}@{record.offset}".encode())]
+        await self._producer.send_and_wait(self.settings.topics.dlq, record.value, key=record.key, headers=out)
+        DEAD_LETTERS.labels(str(error.code)).inc()
+
+    def _publish_batch_record(self, record: BatchRecord) -> None:
+        if self._producer is None:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._producer.send(self.settings.topics.metrics, encode_json(record.to_json()),
+                                key=record.model.encode())
+        )
+        self._side_sends.add(task)
+        task.add_done_callback(self._side_sends.discard)
+
+    # -- committing -----------------------------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.commit_interval_ms / 1000)
+            try:
+                await self._commit()
+            except CommitFailedError as exc:  # a rebalance is under way; the listener commits instead
+                log.info("commit skipped: %s", exc)
+            except KafkaError as exc:
+                log.warning("commit failed, retrying next round: %r", exc)
+
+    async def _commit(self, partitions: set[TopicPartition] | None = None) -> None:
+        if self._consumer is None:
+            return
+        owned = self._consumer.assignment()
+        offsets = self._tracker.committable(owned if partitions is None else partitions & owned)
+        if offsets:
+            await self._consumer.commit(offsets)
+            self._tracker.mark_committed(offsets)
+
+    async def _drain_and_commit(self, revoked: set[TopicPartition]) -> None:
+        """Before partitions move to another worker: finish what is in flight on them, then commit."""
+        deadline = time.monotonic() + self.drain_timeout_s
+        while any(self._tracker.in_flight(tp) for tp in revoked) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        try:
+            await self._commit(revoked)
+        except (CommitFailedError, KafkaError) as exc:
+            log.warning("commit on revoke failed (records will be redelivered): %r", exc)
+        self._tracker.forget(revoked)

@@ -1,0 +1,48 @@
+"""Prometheus metrics of this process, and the per-batch record published to the metrics topic."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter("maas_requests_total", "Requests answered, by model and outcome", ["model", "outcome"])
+ERRORS = Counter("maas_errors_total", "Requests that ended in an error, by error code", ["code"])
+DEAD_LETTERS = Counter("maas_dead_letters_total", "Records sent to the dead-letter topic", ["code"])
+BATCH_SIZE = Histogram(
+    "maas_batch_size", "Rows per executed batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+)
+QUEUE_WAIT = Histogram(
+    "maas_queue_wait_seconds", "Time a request waited in the batcher", ["model"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+)
+COMPUTE = Histogram(
+    "maas_compute_seconds", "Model execution time per batch", ["model"],
+    buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2),
+)
+IN_FLIGHT = Gauge("maas_in_flight_requests", "Requests received and not yet answered")
+MODEL_CACHE = Counter("maas_model_cache_total", "Model cache lookups by result", ["result"])
+
+
+@dataclass
+class BatchRecord:
+    """One executed batch, as published on the metrics topic."""
+
+    model: str
+    version: int
+    batch_size: int
+    requests: int
+    queue_wait_ms_max: float
+    queue_wait_ms_mean: float
+    compute_ms: float
+    worker: str
+    ts: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+    def observe(self) -> None:
+        label = f"{self.model}:{self.version}"
+        BATCH_SIZE.labels(label).observe(self.batch_size)
+        COMPUTE.labels(label).observe(self.compute_ms / 1000.0)

@@ -1,0 +1,100 @@
+"""Connect the engine to its infrastructure: the configured Kafka / AWS, or the embedded local stack.
+
+Resolution order when KAFKA_BOOTSTRAP_SERVERS / AWS_ENDPOINT_URL are unset: a stack started by `maas up`
+in this folder (its addresses are in .maas/stack.json), else a private embedded stack for this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+from aiokafka.errors import KafkaConnectionError, KafkaError
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from infra.bootstrap import ensure_buckets, ensure_topics
+from infra.stack import LocalStack, StackError
+from pipeline.settings import ConfigError, Settings
+
+STATE_FILE = Path(".maas") / "stack.json"
+
+
+def write_state(settings: Settings, path: Path = STATE_FILE) -> None:
+    """Record where this process's stack listens, for other `maas` commands run in this folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "pid": os.getpid(),
+        "kafka_bootstrap_servers": settings.kafka_bootstrap_servers,
+        "aws_endpoint_url": settings.aws_endpoint_url,
+    }))
+
+
+def read_state(path: Path = STATE_FILE) -> dict[str, Any] | None:
+    """The addresses of a running `maas up`, or None when there is none (or it died)."""
+    try:
+        state = json.loads(path.read_text())
+        os.kill(int(state["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return state
+
+
+def aws_client(settings: Settings, service: str) -> Any:
+    """A boto3 client for S3 or SQS on the configured endpoint (dummy credentials for the embedded one)."""
+    kwargs: dict[str, Any] = {
+        "region_name": settings.aws_region,
+        "config": Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30),
+    }
+    if settings.aws_endpoint_url:
+        kwargs["endpoint_url"] = settings.aws_endpoint_url
+    if not settings.aws_credentials_configured:
+        kwargs.update(aws_access_key_id="maas-local", aws_secret_access_key="maas-local")
+    return boto3.client(service, **kwargs)
+
+
+async def bootstrap(settings: Settings) -> None:
+    """Create topics and the batch bucket if missing. Failures become one-line ConfigErrors."""
+    try:
+        await ensure_topics(settings.kafka_client_kwargs(), settings.topics.all(), settings.topic_partitions)
+    except KafkaConnectionError as exc:
+        raise ConfigError(f"cannot reach Kafka at {settings.kafka_bootstrap_servers} "
+                          f"(KAFKA_BOOTSTRAP_SERVERS): {exc}") from None
+    except KafkaError as exc:
+        raise ConfigError(f"cannot create topics on {settings.kafka_bootstrap_servers}: {exc!r}") from None
+    try:
+        ensure_buckets(aws_client(settings, "s3"), [settings.batch_bucket])
+    except (BotoCoreError, ClientError) as exc:
+        where = settings.aws_endpoint_url or "AWS"
+        raise ConfigError(f"cannot reach S3 at {where} (AWS_ENDPOINT_URL / AWS credentials): {exc}") from None
+
+
+@contextlib.asynccontextmanager
+async def connected(settings: Settings, *, use_state: bool = True) -> AsyncIterator[Settings]:
+    """Yield settings with reachable endpoints, starting an embedded stack for what is not configured."""
+    stack: LocalStack | None = None
+    state = read_state() if use_state else None
+    if state and settings.embedded_kafka:
+        settings = settings.with_endpoints(state["kafka_bootstrap_servers"],
+                                           None if not settings.embedded_aws else state["aws_endpoint_url"])
+    if settings.embedded_kafka or settings.embedded_aws:
+        try:
+            stack = LocalStack(Path(tempfile.mkdtemp(prefix="maas-stack-"))).start()
+        except StackError as exc:
+            raise ConfigError(str(exc)) from None
+        settings = settings.with_endpoints(
+            stack.bootstrap_servers if settings.embedded_kafka else None,
+            stack.endpoint_url if settings.embedded_aws else None,
+        )
+    try:
+        await bootstrap(settings)
+        yield settings
+    finally:
+        if stack is not None:
+            stack.stop()

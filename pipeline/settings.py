@@ -1,0 +1,191 @@
+"""One typed settings object, read from the environment, with the embedded defaults.
+
+Everything configurable lives here so that pointing the engine at real Kafka / AWS is configuration only.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+
+_AWS_CREDENTIAL_VARS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_PROFILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+)
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable and what to fix."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    requests: str = "maas.requests"
+    results: str = "maas.results"
+    metrics: str = "maas.metrics"
+    dlq: str = "maas.dlq"
+
+    def all(self) -> list[str]:
+        return [self.requests, self.results, self.metrics, self.dlq]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Runtime configuration. `None` for Kafka / AWS endpoints means "start the embedded stack"."""
+
+    kafka_bootstrap_servers: str | None = None
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = field(default=None, repr=False)
+    aws_endpoint_url: str | None = None
+    aws_region: str = "us-east-1"
+    aws_credentials_configured: bool = False
+    model_repository: str = "model_repository"
+    batch_bucket: str = "maas-batch"
+    topics: Topics = field(default_factory=Topics)
+    topic_partitions: int = 4
+    consumer_group: str = "maas-workers"
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    max_request_bytes: int = 4 * 1024 * 1024
+    max_in_flight: int = 4096
+    max_fetch_records: int = 500
+    commit_interval_ms: int = 1000
+    kafka_session_timeout_ms: int = 10000
+    kafka_heartbeat_interval_ms: int = 1000
+    producer_max_batch_bytes: int = 256 * 1024
+    kafka_idempotence: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        topics = Topics(
+            requests=env.get("MAAS_TOPIC_REQUESTS", Topics.requests),
+            results=env.get("MAAS_TOPIC_RESULTS", Topics.results),
+            metrics=env.get("MAAS_TOPIC_METRICS", Topics.metrics),
+            dlq=env.get("MAAS_TOPIC_DLQ", Topics.dlq),
+        )
+        protocol = env.get("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT").upper()
+        if protocol not in {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}:
+            raise ConfigError(
+                f"KAFKA_SECURITY_PROTOCOL={protocol!r}: expected PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
+            )
+        settings = cls(
+            kafka_bootstrap_servers=env.get("KAFKA_BOOTSTRAP_SERVERS") or None,
+            kafka_security_protocol=protocol,
+            kafka_sasl_mechanism=env.get("KAFKA_SASL_MECHANISM") or None,
+            kafka_sasl_username=env.get("KAFKA_SASL_USERNAME") or None,
+            kafka_sasl_password=env.get("KAFKA_SASL_PASSWORD") or None,
+            aws_endpoint_url=env.get("AWS_ENDPOINT_URL") or None,
+            aws_region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+            aws_credentials_configured=any(env.get(name) for name in _AWS_CREDENTIAL_VARS),
+            model_repository=env.get("MAAS_MODEL_REPOSITORY") or "model_repository",
+            batch_bucket=env.get("MAAS_BATCH_BUCKET") or "maas-batch",
+            topics=topics,
+            topic_partitions=_int(env, "MAAS_TOPIC_PARTITIONS", 4, minimum=1),
+            consumer_group=env.get("MAAS_CONSUMER_GROUP") or "maas-workers",
+            max_request_bytes=_int(env, "MAAS_MAX_REQUEST_BYTES", 4 * 1024 * 1024, minimum=1024),
+            max_in_flight=_int(env, "MAAS_MAX_IN_FLIGHT", 4096, minimum=1),
+            max_fetch_records=_int(env, "MAAS_MAX_FETCH_RECORDS", 500, minimum=1),
+            commit_interval_ms=_int(env, "MAAS_COMMIT_INTERVAL_MS", 1000, minimum=10),
+            kafka_session_timeout_ms=_int(env, "MAAS_KAFKA_SESSION_TIMEOUT_MS", 10000, minimum=1000),
+            kafka_heartbeat_interval_ms=_int(env, "MAAS_KAFKA_HEARTBEAT_INTERVAL_MS", 1000, minimum=100),
+            kafka_idempotence=env.get("MAAS_KAFKA_IDEMPOTENCE", "0").lower() in {"1", "true", "yes"},
+        )
+        if worker_id := env.get("MAAS_WORKER_ID"):
+            settings = replace(settings, worker_id=worker_id)
+        return settings
+
+    @property
+    def embedded_kafka(self) -> bool:
+        return self.kafka_bootstrap_servers is None
+
+    @property
+    def embedded_aws(self) -> bool:
+        """Real AWS is used when an endpoint or any credential source is configured."""
+        return self.aws_endpoint_url is None and not self.aws_credentials_configured
+
+    def with_endpoints(self, bootstrap_servers: str | None, endpoint_url: str | None) -> Settings:
+        return replace(
+            self,
+            kafka_bootstrap_servers=bootstrap_servers or self.kafka_bootstrap_servers,
+            aws_endpoint_url=endpoint_url or self.aws_endpoint_url,
+        )
+
+    def kafka_client_kwargs(self) -> dict[str, object]:
+        """Connection options shared by every aiokafka client."""
+        if self.kafka_bootstrap_servers is None:
+            raise ConfigError("KAFKA_BOOTSTRAP_SERVERS is not set and no embedded broker was started")
+        kwargs: dict[str, object] = {
+            "bootstrap_servers": self.kafka_bootstrap_servers,
+            "security_protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_security_protocol.startswith("SASL"):
+            if not (self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password):
+                raise ConfigError(
+                    "KAFKA_SECURITY_PROTOCOL is SASL_*: set KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME "
+                    "and KAFKA_SASL_PASSWORD"
+                )
+            kwargs.update(
+                sasl_mechanism=self.kafka_sasl_mechanism,
+                sasl_plain_username=self.kafka_sasl_username,
+                sasl_plain_password=self.kafka_sasl_password,
+            )
+        if self.kafka_security_protocol.endswith("SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            kwargs["ssl_context"] = create_ssl_context()
+        return kwargs
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that `from_env` turns back into these settings (for child processes)."""
+        env = {
+            "KAFKA_SECURITY_PROTOCOL": self.kafka_security_protocol,
+            "AWS_REGION": self.aws_region,
+            "MAAS_MODEL_REPOSITORY": self.model_repository,
+            "MAAS_BATCH_BUCKET": self.batch_bucket,
+            "MAAS_TOPIC_REQUESTS": self.topics.requests,
+            "MAAS_TOPIC_RESULTS": self.topics.results,
+            "MAAS_TOPIC_METRICS": self.topics.metrics,
+            "MAAS_TOPIC_DLQ": self.topics.dlq,
+            "MAAS_TOPIC_PARTITIONS": str(self.topic_partitions),
+            "MAAS_CONSUMER_GROUP": self.consumer_group,
+            "MAAS_MAX_REQUEST_BYTES": str(self.max_request_bytes),
+            "MAAS_MAX_IN_FLIGHT": str(self.max_in_flight),
+            "MAAS_MAX_FETCH_RECORDS": str(self.max_fetch_records),
+            "MAAS_COMMIT_INTERVAL_MS": str(self.commit_interval_ms),
+            "MAAS_KAFKA_SESSION_TIMEOUT_MS": str(self.kafka_session_timeout_ms),
+            "MAAS_KAFKA_HEARTBEAT_INTERVAL_MS": str(self.kafka_heartbeat_interval_ms),
+            "MAAS_KAFKA_IDEMPOTENCE": "1" if self.kafka_idempotence else "0",
+        }
+        optional = {
+            "KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap_servers,
+            "KAFKA_SASL_MECHANISM": self.kafka_sasl_mechanism,
+            "KAFKA_SASL_USERNAME": self.kafka_sasl_username,
+            "KAFKA_SASL_PASSWORD": self.kafka_sasl_password,
+            "AWS_ENDPOINT_URL": self.aws_endpoint_url,
+        }
+        return {**env, **{k: v for k, v in optional.items() if v}}
+
+    def describe(self) -> dict[str, object]:
+        """Settings safe to print or log: secrets are left out."""
+        hidden = {"kafka_sasl_password"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in hidden}

@@ -1,0 +1,131 @@
+"""Compile every kernel launch for an H100 (sm_90) without a GPU, to catch what the interpreter cannot.
+
+The interpreter runs kernels as numpy and skips the compiler's rules (constexpr-only globals, type
+unification in loops and branches, tile shapes for ``tl.dot``, shared-memory budget). This script runs the
+real launchers on CPU tensors with ``JITFunction.run`` replaced by an ahead-of-time ``triton.compile`` for
+sm_90, so each launch's exact arguments and constexprs (the GPU tile configs included) go through the full
+Triton -> PTX -> cubin pipeline. Must run *without* ``TRITON_INTERPRET``.
+
+Usage: ``python tests/kernels/kernel_compile_check.py [--quick]``; exits 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from kernels.linear import SHARED_MEMORY
+
+TARGET = GPUTarget("cuda", 90, 32)
+_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "i8",
+          torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
+results: list[tuple[str, str, int]] = []
+
+
+def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> None:
+    """Compile ``fn`` for sm_90 with the arguments of one launch and record its shared-memory use."""
+    values = dict(zip(fn.arg_names, args, strict=False)) | {k: v for k, v in kwargs.items() if k in fn.arg_names}
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(fn.params):
+        value = values[param.name]
+        if param.is_constexpr or value is None or isinstance(value, str | bool):
+            signature[param.name], constexprs[param.name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + _TYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # as the launcher specializes 16-byte aligned pointers
+        else:
+            signature[param.name] = "i32" if isinstance(value, int) else "fp32"
+            if isinstance(value, int) and value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options)
+    shared = kernel.metadata.shared
+    label = ", ".join(f"{k}={v}" for k, v in constexprs.items() if v is not None) + f", {options}"
+    results.append((fn.__name__, label, shared))
+    if shared > SHARED_MEMORY:
+        raise RuntimeError(f"{fn.__name__} ({label}) needs {shared} bytes of shared memory > {SHARED_MEMORY}")
+
+
+def launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
+    """(name, thunk) pairs: each thunk calls one launcher on small CPU tensors of ``dt``."""
+    from kernels.attention import attention_triton
+    from kernels.conv2d import conv2d_triton
+    from kernels.embedding_pool import embedding_pool_triton
+    from kernels.l2_normalize import l2_normalize_triton
+    from kernels.layer_norm import layer_norm_triton
+    from kernels.linear import linear_triton
+    from kernels.linear_int8 import linear_int8_triton, quantize_int8
+    from kernels.lstm import lstm_triton
+    from kernels.max_pool2d import max_pool2d_triton
+    from kernels.softmax import softmax_triton
+
+    def z(*shape):
+        return torch.zeros(shape, dtype=dt)
+
+    x, w, b, img = z(8, 64), z(32, 64), z(32), z(2, 3, 8, 8)
+    ids = torch.zeros(2, 5, dtype=torch.int64)
+    found = [
+        ("linear", lambda: linear_triton(x, w, b, "gelu", z(8, 32))),
+        ("linear_int8", lambda: linear_int8_triton(x, *quantize_int8(w), b, "relu")),
+        ("softmax", lambda: softmax_triton(x, x > 0, log=True)),
+        ("layer_norm", lambda: layer_norm_triton(x, z(64), z(64), residual=x)),
+        ("l2_normalize", lambda: l2_normalize_triton(x)),
+        ("embedding_pool", lambda: embedding_pool_triton(ids, x, ids == 0)),
+        ("conv2d", lambda: conv2d_triton(img, z(4, 3, 3, 3), z(4), True)),
+        ("max_pool2d", lambda: max_pool2d_triton(img, 2)),
+        ("lstm", lambda: lstm_triton(z(2, 4, 8), z(64, 8), z(64, 16), z(64), torch.tensor([4, 2]), True)),
+    ]
+    for d in (64, 128):
+        q = z(1, 2, 8, d)
+        found.append((f"attention d={d}", lambda q=q: attention_triton(q, q, q, torch.ones(1, 8, dtype=torch.bool))))
+    return found
+
+
+def gemm_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], object]]]:
+    """Every autotune config of the GEMM that its pruning keeps (``launches`` used the fixed tiles)."""
+    from kernels.linear import _GPU_CONFIGS, _linear_kernel, fits_shared_memory
+
+    x = torch.zeros(8, 64, dtype=dt)
+    args = (x, x, None, x[0], None, x, 8, 64, 64, 8)
+    found = []
+    for config in _GPU_CONFIGS[: 3 if quick else None]:
+        if fits_shared_memory(config, dt.itemsize):
+            kwargs = dict(HAS_SCALE=False, HAS_BIAS=True, HAS_RESIDUAL=False, ACTIVATION="relu", UPCAST=False,
+                          **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+            found.append((f"linear {config}", lambda k=kwargs: compile_launch(_linear_kernel, args, k)))
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="bf16 only and two GEMM configs")
+    opts = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: this check compiles the real kernels", file=sys.stderr)
+        return 2
+    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: compile_launch(self, args, kwargs)
+    failed = 0
+    for dt in [torch.bfloat16] if opts.quick else [torch.bfloat16, torch.float16, torch.float32]:
+        for name, thunk in launches(dt) + gemm_configs(dt, opts.quick):
+            try:
+                thunk()
+            except Exception:
+                failed += 1
+                print(f"FAIL {name} {dt}\n{traceback.format_exc()}", file=sys.stderr)
+    for kernel, label, shared in results:
+        print(f"ok  {kernel:<24} shared={shared:>6}  {label}")
+    print(f"{len(results)} compiles for sm_90, {failed} launcher(s) failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

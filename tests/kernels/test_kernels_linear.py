@@ -1,0 +1,70 @@
+import pytest
+import torch
+from kernel_checks import DTYPES, assert_close, poisoned, randn
+
+import kernels
+from kernels.linear import linear_reference, linear_triton
+
+ACTIVATIONS = ["none", "relu", "gelu", "tanh", "sigmoid"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 17, 33), (33, 65, 129)])
+def test_linear_matches_reference(gen, device, dtype, activation, m, n, k):
+    x = randn(gen, m, k, dtype=dtype)
+    w = randn(gen, n, k, dtype=dtype, scale=k**-0.5)
+    b = randn(gen, n, dtype=dtype)
+    r = randn(gen, m, n, dtype=dtype)
+    out = poisoned(m, n, dtype=dtype, device=device)
+    y = kernels.linear(x, w, b, activation, residual=r, out=out)
+    assert y is out
+    expected = linear_reference(x.double(), w.double(), b.double(), activation, r.double())
+    assert_close(y, expected, dtype, reduction=k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_without_bias_with_leading_dims(gen, device, dtype):
+    x = randn(gen, 2, 3, 40, dtype=dtype)
+    w = randn(gen, 24, 40, dtype=dtype, scale=0.2)
+    y = kernels.linear(x, w, activation="relu")
+    assert y.shape == (2, 3, 24)
+    assert_close(y, linear_reference(x.double(), w.double(), activation="relu"), dtype, reduction=40)
+
+
+def test_linear_accepts_non_contiguous_views(gen):
+    x = randn(gen, 20, 16).t()  # [16, 20], not contiguous
+    w = randn(gen, 32, 20)
+    assert_close(kernels.linear(x, w), linear_reference(x.double(), w.double()), torch.float32, reduction=20)
+
+
+def test_linear_torch_backend_is_the_reference(gen, monkeypatch):
+    monkeypatch.setenv("MAAS_KERNEL_BACKEND", "torch")
+    x, w, b = randn(gen, 3, 8), randn(gen, 5, 8), randn(gen, 5)
+    torch.testing.assert_close(kernels.linear(x, w, b, "gelu"), linear_reference(x, w, b, "gelu"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"weight": torch.zeros(4, 7)}, "weight"),
+        ({"weight": torch.zeros(4, 8, dtype=torch.float16)}, "weight"),
+        ({"bias": torch.zeros(5)}, "bias"),
+        ({"residual": torch.zeros(3, 5)}, "residual"),
+        ({"x": torch.zeros(3, 8, dtype=torch.int32)}, "x"),
+        ({"x": torch.zeros(8, 3).t()}, "x"),
+        ({"activation": "swish"}, "activation"),
+        ({"out": torch.zeros(3, 5)}, "out"),
+    ],
+)
+def test_linear_triton_rejects_bad_arguments(kwargs, name):
+    args = {"x": torch.zeros(3, 8), "weight": torch.zeros(4, 8), "bias": torch.zeros(4), "residual": None,
+            "activation": "none", "out": None} | kwargs
+    with pytest.raises(ValueError, match=name):
+        linear_triton(**args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_linear_rejects_device_mismatch():
+    with pytest.raises(ValueError, match="weight"):
+        kernels.linear(torch.zeros(3, 8, device="cuda"), torch.zeros(4, 8))

@@ -1,0 +1,85 @@
+"""The dynamic batcher closes batches by size or by delay, honours priority, and pushes back when full."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from models.artifact import BatchingPolicy
+from pipeline.batcher import DynamicBatcher
+
+
+class Recorder:
+    def __init__(self, hold: asyncio.Event | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.hold = hold
+
+    async def __call__(self, key, items) -> None:
+        if self.hold is not None:
+            await self.hold.wait()
+        self.batches.append([item.payload for item in items])
+        for item in items:
+            item.future.set_result(item.payload)
+
+
+async def test_batch_closes_at_max_batch_size():
+    recorder = Recorder()
+    batcher = DynamicBatcher(recorder)
+    policy = BatchingPolicy(max_batch_size=4, max_queue_delay_ms=10_000)
+    futures = [await batcher.submit(("m", 1), policy, f"r{i}", rows=1) for i in range(8)]
+    assert await asyncio.wait_for(asyncio.gather(*futures), 5) == [f"r{i}" for i in range(8)]
+    assert [len(b) for b in recorder.batches] == [4, 4]
+    await batcher.stop()
+
+
+async def test_batch_closes_after_max_queue_delay():
+    recorder = Recorder()
+    batcher = DynamicBatcher(recorder)
+    policy = BatchingPolicy(max_batch_size=64, max_queue_delay_ms=50)
+    started = time.monotonic()
+    futures = [await batcher.submit(("m", 1), policy, f"r{i}", rows=1) for i in range(3)]
+    await asyncio.wait_for(asyncio.gather(*futures), 5)
+    assert recorder.batches == [["r0", "r1", "r2"]]
+    assert time.monotonic() - started >= 0.045
+    await batcher.stop()
+
+
+async def test_rows_count_towards_the_batch_size_and_oversize_items_wait_for_the_next_batch():
+    recorder = Recorder()
+    batcher = DynamicBatcher(recorder)
+    policy = BatchingPolicy(max_batch_size=4, max_queue_delay_ms=30)
+    futures = [await batcher.submit(("m", 1), policy, name, rows=rows) for name, rows in
+               [("a", 3), ("b", 2), ("c", 1)]]
+    await asyncio.wait_for(asyncio.gather(*futures), 5)
+    assert recorder.batches == [["a"], ["b", "c"]]
+    await batcher.stop()
+
+
+async def test_higher_priority_runs_first_and_full_queue_blocks_submit():
+    hold = asyncio.Event()
+    recorder = Recorder(hold)
+    batcher = DynamicBatcher(recorder, max_queue=3)
+    policy = BatchingPolicy(max_batch_size=1, max_queue_delay_ms=0)
+    first = await batcher.submit(("m", 1), policy, "first", rows=1)
+    await asyncio.sleep(0.01)  # "first" is now being run (held)
+    low = await batcher.submit(("m", 1), policy, "low", rows=1, priority=0)
+    high = await batcher.submit(("m", 1), policy, "high", rows=1, priority=5)
+    await batcher.submit(("m", 1), policy, "fill", rows=1)
+    blocked = asyncio.create_task(batcher.submit(("m", 1), policy, "late", rows=1))
+    await asyncio.sleep(0.05)
+    assert not blocked.done(), "submit must wait while the model's queue is full"
+    hold.set()
+    await asyncio.wait_for(asyncio.gather(first, low, high, await blocked), 5)
+    assert [b[0] for b in recorder.batches][:3] == ["first", "high", "low"]
+    await batcher.stop()
+
+
+async def test_stop_fails_queued_requests_instead_of_dropping_them():
+    hold = asyncio.Event()
+    batcher = DynamicBatcher(Recorder(hold))
+    policy = BatchingPolicy(max_batch_size=1, max_queue_delay_ms=0)
+    futures = [await batcher.submit(("m", 1), policy, f"r{i}", rows=1) for i in range(3)]
+    await asyncio.sleep(0.01)
+    await batcher.stop()
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert all(getattr(r, "code", None) == "UNAVAILABLE" for r in results)

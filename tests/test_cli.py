@@ -1,0 +1,68 @@
+"""The `maas` command as a newcomer runs it: help, one-line configuration errors, models, the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from infra.stack import free_port
+
+
+def maas(*args: str, env: dict[str, str] | None = None, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "MAAS_", "AWS_"))}
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], env={**base, **(env or {})}, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_the_commands():
+    out = maas("--help")
+    assert out.returncode == 0
+    for command in ("up", "worker", "submit", "demo", "models"):
+        assert command in out.stdout
+
+
+def test_submit_without_a_broker_says_what_to_set(tmp_path):
+    out = maas("submit", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "maas: error: no broker to submit to: set KAFKA_BOOTSTRAP_SERVERS, or run `maas up` in this folder"
+    ]
+
+
+def test_worker_with_an_unreachable_broker_names_the_address_and_setting(tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    out = maas("worker", env={"KAFKA_BOOTSTRAP_SERVERS": address, "AWS_ENDPOINT_URL": "http://127.0.0.1:1"},
+               cwd=tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"maas: error: cannot reach Kafka at {address} "
+                                                   "(KAFKA_BOOTSTRAP_SERVERS)")
+
+
+def test_bad_setting_is_named(tmp_path):
+    out = maas("models", "list", env={"MAAS_MAX_IN_FLIGHT": "lots"}, cwd=tmp_path)
+    assert out.returncode == 2 and "MAAS_MAX_IN_FLIGHT='lots' is not an integer" in out.stderr
+
+
+def test_models_examples_list_and_describe(tmp_path):
+    env = {"MAAS_MODEL_REPOSITORY": str(tmp_path / "repo")}
+    assert "published mnist_mlp v1" in maas("models", "examples", env=env).stdout
+    assert maas("models", "list", env=env).stdout.startswith("mnist_mlp\tversions [1]")
+    described = json.loads(maas("models", "describe", "mnist_mlp", env=env).stdout)
+    assert described["version"] == 1 and described["architecture"] == "mlp"
+    out = maas("models", "describe", "nope", env=env)
+    assert out.returncode == 2 and "model 'nope' is not in the repository" in out.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_the_embedded_stack(tmp_path):
+    out = maas("demo", "--requests", "60", "--show", "3", cwd=tmp_path, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "answered 60/60 (60 results)" in out.stdout
+    accuracy = float(out.stdout.split("accuracy ")[1].split("%")[0])
+    assert accuracy > 90
+    assert "requests/s end to end over Kafka" in out.stdout

@@ -1,0 +1,121 @@
+"""V2 request decoding: valid requests become numpy tensors; every malformed field is named in the error."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+
+from pipeline.errors import ErrorCode, InferenceError
+from pipeline.protocol import InferenceResponse, decode_request
+
+LIMIT = 1 << 20
+
+
+def _request(**overrides) -> dict:
+    body = {
+        "id": "r1",
+        "model_name": "mnist_mlp",
+        "inputs": [{"name": "input", "shape": [2, 3], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6.5]}],
+    }
+    body.update(overrides)
+    return body
+
+
+def _decode(body) -> object:
+    return decode_request(body if isinstance(body, bytes) else orjson.dumps(body), max_bytes=LIMIT)
+
+
+def test_valid_request_becomes_typed_arrays():
+    request = _decode(_request(model_version="2", parameters={"priority": 3}))
+    assert request.id == "r1" and request.model_version == "2" and request.batch_rows == 2
+    array = request.inputs["input"]
+    assert array.dtype == np.float32 and array.shape == (2, 3)
+    np.testing.assert_array_equal(array, np.array([[1, 2, 3], [4, 5, 6.5]], dtype=np.float32))
+
+
+def test_nested_data_and_bytes_and_ints():
+    request = _decode(_request(inputs=[
+        {"name": "a", "shape": [1, 2], "datatype": "INT32", "data": [[7, -8]]},
+        {"name": "t", "shape": [1], "datatype": "BYTES", "data": ["héllo"]},
+    ]))
+    assert request.inputs["a"].dtype == np.int32 and request.inputs["a"].tolist() == [[7, -8]]
+    assert request.inputs["t"].tolist() == ["héllo".encode()]
+
+
+@pytest.mark.parametrize(
+    ("payload", "code", "fragment"),
+    [
+        (b"{not json", ErrorCode.INVALID_JSON, "not valid UTF-8 JSON"),
+        (b"\xff\xfe{}", ErrorCode.INVALID_JSON, "not valid UTF-8 JSON"),
+        (b"[1, 2]", ErrorCode.INVALID_REQUEST, "must be a JSON object"),
+        (_request(id=None), ErrorCode.INVALID_REQUEST, "id: expected a non-empty string"),
+        (_request(id="x" * 300), ErrorCode.INVALID_REQUEST, "id: expected"),
+        (_request(model_name="../etc"), ErrorCode.INVALID_REQUEST, "model_name"),
+        (_request(model_version=[1]), ErrorCode.INVALID_REQUEST, "model_version"),
+        (_request(inputs=[]), ErrorCode.INVALID_REQUEST, "inputs: expected a non-empty list"),
+        (_request(inputs=[{"name": "input", "shape": [3], "datatype": "FP99", "data": [1, 2, 3]}]),
+         ErrorCode.INVALID_REQUEST, "inputs[0].datatype"),
+        (_request(inputs=[{"name": "input", "shape": [-1], "datatype": "FP32", "data": [1]}]),
+         ErrorCode.INVALID_REQUEST, "inputs[0].shape"),
+        (_request(inputs=[{"name": "input", "shape": [2], "datatype": "FP32"}]),
+         ErrorCode.INVALID_REQUEST, "inputs[0].data: missing"),
+        (_request(inputs=[{"name": "input", "shape": [2, 2], "datatype": "FP32", "data": [1, 2, 3]}]),
+         ErrorCode.INVALID_INPUT, "3 values given, shape [2, 2] needs 4"),
+        (_request(inputs=[{"name": "input", "shape": [2], "datatype": "FP32", "data": ["a", "b"]}]),
+         ErrorCode.INVALID_INPUT, "FP32 tensor holds strings"),
+        (_request(inputs=[{"name": "input", "shape": [2], "datatype": "INT8", "data": [1.5, 2]}]),
+         ErrorCode.INVALID_INPUT, "INT8 tensor holds fractional numbers"),
+        (_request(inputs=[{"name": "input", "shape": [1], "datatype": "INT8", "data": [300]}]),
+         ErrorCode.INVALID_INPUT, "out of range for INT8"),
+        (_request(inputs=[{"name": "input", "shape": [1], "datatype": "FP16", "data": [1e300]}]),
+         ErrorCode.INVALID_INPUT, "out of range for FP16"),
+        (_request(inputs=[{"name": "input", "shape": [1000000, 1000000], "datatype": "FP32", "data": [1]}]),
+         ErrorCode.PAYLOAD_TOO_LARGE, "declares 1000000000000 elements"),
+        (_request(parameters={"deadline_ms": "soon"}), ErrorCode.INVALID_REQUEST, "parameters.deadline_ms"),
+        (_request(parameters={"reply_to": "bad topic!"}), ErrorCode.INVALID_REQUEST, "parameters.reply_to"),
+        (_request(outputs=[{"nom": "x"}]), ErrorCode.INVALID_REQUEST, "outputs: expected"),
+    ],
+)
+def test_malformed_requests_name_the_field(payload, code, fragment):
+    with pytest.raises(InferenceError) as caught:
+        _decode(payload)
+    assert caught.value.code == code
+    assert fragment in caught.value.message
+
+
+def test_errors_keep_the_request_id_once_known():
+    with pytest.raises(InferenceError) as caught:
+        _decode(_request(inputs=[{"name": "input", "shape": [1], "datatype": "FP32", "data": ["x"]}]))
+    assert caught.value.request_id == "r1"
+    with pytest.raises(InferenceError) as caught:
+        _decode(b"{oops")
+    assert caught.value.request_id is None
+
+
+def test_oversized_payload_is_refused_before_parsing():
+    with pytest.raises(InferenceError) as caught:
+        decode_request(b" " * 2048, max_bytes=1024)
+    assert caught.value.code == ErrorCode.PAYLOAD_TOO_LARGE
+
+
+def test_response_json_round_trip():
+    response = InferenceResponse("r1", "m", 3, {"p": np.array([[0.25, 0.75]], dtype=np.float32),
+                                                "class": np.array([1])}, {"p": "FP32", "class": "INT64"})
+    body = orjson.loads(orjson.dumps(response.to_json()))
+    assert body["model_version"] == "3"
+    assert body["outputs"][0] == {"name": "p", "shape": [1, 2], "datatype": "FP32", "data": [0.25, 0.75]}
+    assert body["outputs"][1]["datatype"] == "INT64"
+
+
+def test_settings_survive_the_environment_round_trip():
+    from dataclasses import replace
+
+    from pipeline.settings import Settings, Topics
+
+    settings = replace(Settings(), kafka_bootstrap_servers="k:9092", aws_endpoint_url="http://s3",
+                       topics=Topics("a", "b", "c", "d"), max_in_flight=7, kafka_idempotence=True,
+                       kafka_sasl_password="secret")
+    again = Settings.from_env(settings.to_env())
+    assert replace(again, worker_id=settings.worker_id, aws_credentials_configured=False) == settings
+    assert "secret" not in repr(settings) and "kafka_sasl_password" not in settings.describe()

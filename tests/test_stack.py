@@ -1,0 +1,83 @@
+"""The local stack really starts, answers, bootstraps, and never leaves orphans."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from infra.stack import LocalStack
+from pipeline.services import aws_client, bootstrap
+from pipeline.settings import ConfigError
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead for our purposes
+        return f.read().split()[2] != "Z"
+
+
+async def test_bootstrap_creates_topics_and_bucket(live):
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(**live.kafka_client_kwargs())
+    await admin.start()
+    try:
+        topics = set(await admin.list_topics())
+    finally:
+        await admin.close()
+    assert set(live.topics.all()) <= topics
+    buckets = {b["Name"] for b in aws_client(live, "s3").list_buckets()["Buckets"]}
+    assert live.batch_bucket in buckets
+    await bootstrap(live)  # idempotent: a second run creates nothing and does not fail
+
+
+def test_stack_stop_ends_both_processes(tmp_path):
+    stack = LocalStack(tmp_path / "s").start()
+    pids = [stack._broker.pid, stack._moto.pid]
+    with socket.create_connection(("127.0.0.1", stack.kafka_port), timeout=2):
+        pass
+    with urllib.request.urlopen(f"{stack.endpoint_url}/moto-api/", timeout=2) as response:
+        assert response.status == 200
+    stack.stop()
+    assert not any(_alive(pid) for pid in pids)
+    assert not (tmp_path / "s").exists()
+
+
+def test_children_die_with_a_killed_parent(tmp_path):
+    script = (
+        "import sys, time; from pathlib import Path; from infra.stack import LocalStack\n"
+        f"s = LocalStack(Path({str(tmp_path / 's')!r})).start()\n"
+        "print(s._broker.pid, s._moto.pid, flush=True); time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(5)
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids), "broker or moto outlived a SIGKILLed parent"
+    finally:
+        parent.kill()
+
+
+async def test_unreachable_broker_is_a_one_line_config_error(settings):
+    from dataclasses import replace
+
+    from infra.stack import free_port
+
+    bad = replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")
+    with pytest.raises(ConfigError, match=r"cannot reach Kafka at 127\.0\.0\.1:\d+ \(KAFKA_BOOTSTRAP_SERVERS\)"):
+        await bootstrap(bad)

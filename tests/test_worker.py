@@ -1,0 +1,174 @@
+"""The Kafka worker against the real broker: round trips, bad input, dead letters, commit after produce."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+
+import numpy as np
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from models.cache import ModelCache
+from models.examples import MNIST_MLP, mnist_mlp_config, train_mnist_mlp
+from models.repository import ModelRepository
+from pipeline.client import ResultCollector, example_requests, publish_requests
+from pipeline.engine import InferenceEngine
+from pipeline.kafka_worker import KafkaWorker
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings, **kwargs):
+    engine = InferenceEngine(ModelCache(ModelRepository(settings.model_repository)), worker_id=settings.worker_id)
+    async with engine, KafkaWorker(settings, engine, **kwargs) as worker:
+        await asyncio.wait_for(worker.assigned.wait(), 30)
+        yield worker
+
+
+async def read_topic(settings, topic: str, count: int, timeout: float = 20.0) -> list:
+    consumer = AIOKafkaConsumer(**settings.kafka_client_kwargs(), group_id=None, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in range(settings.topic_partitions)])
+        records, deadline = [], time.monotonic() + timeout
+        while len(records) < count and time.monotonic() < deadline:
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                records.extend(batch)
+        return records
+    finally:
+        await consumer.stop()
+
+
+@pytest.fixture
+def fast(live):
+    return replace(live, kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=300)
+
+
+async def test_round_trip_through_kafka(fast):
+    requests, truth = example_requests(200, prefix="rt")
+    async with running_worker(fast) as worker, ResultCollector(fast) as collector:
+        await publish_requests(fast, requests)
+        answers = await collector.wait_for(truth, timeout=60)
+    assert len(answers) == 200 and worker.answered == 200
+    assert all(a.kind == "result" and a.body["model_version"] == "1" for a in answers.values())
+    accuracy = np.mean([int(answers[i].output("class")[0]) == label for i, label in truth.items()])
+    assert accuracy > 0.95
+    metrics = [orjson.loads(r.value) for r in await read_topic(fast, fast.topics.metrics, 1)]
+    assert metrics
+    assert {"model", "version", "batch_size", "queue_wait_ms_max", "compute_ms", "worker"} <= metrics[0].keys()
+    assert metrics[0]["worker"] == fast.worker_id
+
+
+async def test_bad_requests_get_clear_answers_and_batch_mates_still_run(fast):
+    good, truth = example_requests(20, prefix="good")
+    image = good[0]["inputs"][0]["data"]
+    bad = {
+        "unknown-model": {**good[0], "id": "unknown-model", "model_name": "no_such_model"},
+        "unknown-version": {**good[0], "id": "unknown-version", "model_version": "9"},
+        "wrong-shape": {**good[0], "id": "wrong-shape",
+                        "inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "FP32", "data": image}]},
+        "wrong-datatype": {**good[0], "id": "wrong-datatype",
+                           "inputs": [{"name": "input", "shape": [1, 784], "datatype": "INT32",
+                                       "data": [0] * 784}]},
+        "wrong-input-name": {**good[0], "id": "wrong-input-name",
+                             "inputs": [{"name": "pixels", "shape": [1, 784], "datatype": "FP32", "data": image}]},
+        "past-deadline": {**good[0], "id": "past-deadline", "parameters": {"deadline_ms": 1}},
+    }
+    payloads = [orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY) for r in good[:10]]
+    payloads += [orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY) for r in bad.values()]
+    payloads += [b'{"id": "truncated", "model_name": "mnist_mlp", "inp', b"\xff\xfe\x00binary"]
+    payloads += [orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY) for r in good[10:]]
+    keys = [r["id"] for r in good[:10]] + list(bad) + ["truncated", "binary"] + [r["id"] for r in good[10:]]
+    async with running_worker(fast), ResultCollector(fast) as collector:
+        await publish_requests(fast, payloads, keys=keys)
+        answers = await collector.wait_for(keys, timeout=60)
+    assert set(answers) == set(keys), f"missing answers for {set(keys) - set(answers)}"
+    for request_id in truth:
+        assert answers[request_id].kind == "result"
+    expected = {
+        "unknown-model": ("MODEL_NOT_FOUND", "model 'no_such_model' is not in the repository"),
+        "unknown-version": ("MODEL_NOT_FOUND", "has no version 9; available: [1]"),
+        "wrong-shape": ("INVALID_INPUT", "shape [1, 28, 28] given, expected [-1, 784]"),
+        "wrong-datatype": ("INVALID_INPUT", "datatype INT32 given, expected FP32"),
+        "wrong-input-name": ("INVALID_INPUT", "unknown input(s) ['pixels']"),
+        "past-deadline": ("DEADLINE_EXCEEDED", "deadline_ms passed"),
+    }
+    for request_id, (code, fragment) in expected.items():
+        answer = answers[request_id]
+        assert answer.kind == "error", request_id
+        assert answer.body["error"]["code"] == code
+        assert fragment in answer.body["error"]["message"]
+    for request_id in ("truncated", "binary"):
+        answer = answers[request_id]
+        assert answer.kind == "dead_letter"
+        assert answer.body["error"]["code"] == "INVALID_JSON"
+        assert "not valid UTF-8 JSON" in answer.body["error"]["message"]
+    dead = await read_topic(fast, fast.topics.dlq, 2)
+    assert {r.value for r in dead} == {payloads[16], payloads[17]}, "dead letters keep the original payload"
+    assert all(dict(r.headers)["maas-attempts"] == b"1" for r in dead)
+
+
+async def test_a_model_that_cannot_load_is_retried_then_dead_lettered(fast):
+    repository = ModelRepository(fast.model_repository)
+    version = repository.publish("fragile", mnist_mlp_config(), train_mnist_mlp(steps=1))
+    (repository.root / "fragile" / str(version) / "model.safetensors").write_bytes(b"corrupted")
+    requests, _ = example_requests(3, model="fragile", prefix="fragile")
+    good, _ = example_requests(3, prefix="fine")
+    async with running_worker(fast, max_attempts=2), ResultCollector(fast) as collector:
+        await publish_requests(fast, requests + good)
+        answers = await collector.wait_for([r["id"] for r in requests + good], timeout=60)
+    assert all(answers[r["id"]].kind == "result" for r in good)
+    for request in requests:
+        answer = answers[request["id"]]
+        assert answer.kind == "dead_letter" and answer.body["error"]["code"] == "INTERNAL"
+        assert "failed to load" in answer.body["error"]["message"]
+        assert answer.body["headers"]["maas-attempts"] == "2"
+
+
+def _start_worker_process(settings, repository_root) -> tuple[subprocess.Popen, threading.Event]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "MAAS_", "AWS_"))}
+    env.update(replace(settings, model_repository=str(repository_root)).to_env(),
+               AWS_ACCESS_KEY_ID="maas-local", AWS_SECRET_ACCESS_KEY="maas-local", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "-v", "worker"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assigned = threading.Event()
+
+    def watch() -> None:
+        for line in proc.stdout:
+            if "assigned partitions" in line and "[]" not in line:
+                assigned.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    return proc, assigned
+
+
+@pytest.mark.slow
+async def test_killed_worker_loses_nothing_consumed_but_unanswered(fast, tmp_path):
+    # Worker A holds requests in its batcher for a minute (max_queue_delay_ms), so it has consumed them
+    # but answered none when it is SIGKILLed. Worker B, same group, must answer every one of them.
+    slow_repo = ModelRepository(tmp_path / "slow")
+    slow_repo.publish(MNIST_MLP, mnist_mlp_config(max_batch_size=64, max_queue_delay_ms=60_000),
+                      train_mnist_mlp(steps=1))
+    proc, assigned = _start_worker_process(fast, slow_repo.root)
+    try:
+        assert await asyncio.to_thread(assigned.wait, 60), "worker A never joined the group"
+        requests, truth = example_requests(12, prefix="restart")
+        async with ResultCollector(fast) as collector:
+            await publish_requests(fast, requests)
+            await asyncio.sleep(3)  # consumed and queued in A's batcher; commit interval 200 ms passes
+            assert collector.answers == {}, "worker A should still be holding the batch"
+            proc.kill()
+            proc.wait(10)
+            async with running_worker(fast):
+                answers = await collector.wait_for(truth, timeout=60)
+        assert set(answers) == set(truth)
+        assert all(a.kind == "result" for a in answers.values())
+    finally:
+        proc.kill()
