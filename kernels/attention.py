@@ -115,8 +115,13 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return _launch(q, k, v, key_padding_mask, scale, out)
 
 
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        key_padding_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
     dt = compute_dtype(q)
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     scores = q.to(dt) @ k.to(dt).transpose(-1, -2) * scale

@@ -110,4 +110,5 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     _validate(x, weight, bias)
     if backend_for(x, weight, bias) == "torch":
         return into(out, conv2d_reference(x, weight, bias, relu))
-    return _launch(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), relu, out)
+    bias = None if bias is None else bias.contiguous()
+    return _launch(x.contiguous(), weight.contiguous(), bias, relu, out)

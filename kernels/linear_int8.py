@@ -93,4 +93,5 @@ def linear_int8(
     if backend_for(x, qweight, scales, bias) == "torch":
         return into(out, linear_int8_reference(x, qweight, scales, bias, activation))
     bias = None if bias is None else bias.contiguous()
-    return launch_linear(x.contiguous(), qweight.contiguous(), scales.contiguous(), bias, activation, None, out)
+    x, qweight, scales = x.contiguous(), qweight.contiguous(), scales.contiguous()
+    return launch_linear(x, qweight, scales, bias, activation, None, out)

@@ -102,8 +102,9 @@ def _launch(x, w_ih, w_hh, bias, lengths, reverse, out) -> torch.Tensor:
     block_k = min(64, max(16, triton.next_power_of_2(hidden)))
     grid = (triton.cdiv(b, block_b), triton.cdiv(hidden, block_h))
     for step in range(s):
-        _lstm_step_kernel[grid](gates, w_hh, lengths, h[step % 2], h[(step + 1) % 2], c, y, step, b, s, hidden,
-                                REVERSE=reverse, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k)
+        h_in, h_out = h[step % 2], h[(step + 1) % 2]
+        _lstm_step_kernel[grid](gates, w_hh, lengths, h_in, h_out, c, y, step, b, s, hidden, REVERSE=reverse,
+                                BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k)
     return y
 
 

@@ -24,14 +24,15 @@ def _max_pool2d_kernel(x_ptr, y_ptr, TOTAL, H, W, OH, OW, KERNEL: tl.constexpr, 
     acc = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
     for kh in tl.static_range(KERNEL):
         for kw in tl.static_range(KERNEL):
-            acc = tl.maximum(acc, tl.load(x_ptr + base + kh * W + kw, mask=ok, other=float("-inf")).to(tl.float32))
+            v = tl.load(x_ptr + base + kh * W + kw, mask=ok, other=float("-inf"))
+            acc = tl.maximum(acc, v.to(tl.float32))
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 def _validate(x, kernel) -> None:
     check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES)
     if not isinstance(kernel, int) or not 1 <= kernel <= min(x.shape[2], x.shape[3]):
-        raise ValueError(f"kernel must be an int in [1, min(H, W)] for x of shape {tuple(x.shape)}, got {kernel!r}")
+        raise ValueError(f"kernel must be an int in [1, min(H, W)] for x {tuple(x.shape)}, got {kernel!r}")
 
 
 def _launch(x, kernel, out) -> torch.Tensor:

@@ -33,7 +33,8 @@ results: list[tuple[str, str, int]] = []
 
 def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> None:
     """Compile ``fn`` for sm_90 with the arguments of one launch and record its shared-memory use."""
-    values = dict(zip(fn.arg_names, args, strict=False)) | {k: v for k, v in kwargs.items() if k in fn.arg_names}
+    values = dict(zip(fn.arg_names, args, strict=False))
+    values |= {k: v for k, v in kwargs.items() if k in fn.arg_names}
     options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
     signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(fn.params):
@@ -86,7 +87,8 @@ def launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     ]
     for d in (64, 128):
         q = z(1, 2, 8, d)
-        found.append((f"attention d={d}", lambda q=q: attention_triton(q, q, q, torch.ones(1, 8, dtype=torch.bool))))
+        mask = torch.ones(1, 8, dtype=torch.bool)
+        found.append((f"attention d={d}", lambda q=q, mask=mask: attention_triton(q, q, q, mask)))
     return found
 
 
@@ -106,7 +108,8 @@ def gemm_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], o
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="bf16 only and two GEMM configs")
     opts = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):

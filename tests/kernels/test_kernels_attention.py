@@ -7,7 +7,10 @@ from kernels.attention import attention_reference, attention_triton
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("b", "h", "sq", "sk", "d"), [(1, 1, 1, 1, 16), (2, 3, 17, 17, 32), (1, 2, 5, 70, 64)])
+@pytest.mark.parametrize(
+    ("b", "h", "sq", "sk", "d"),
+    [(1, 1, 1, 1, 16), (2, 3, 17, 17, 32), (1, 2, 5, 70, 64), (2, 1, 129, 129, 16)],
+)
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention_matches_reference(gen, device, dtype, b, h, sq, sk, d, masked):
     q, k, v = (randn(gen, b, h, s, d, dtype=dtype) for s in (sq, sk, sk))

@@ -1,0 +1,203 @@
+"""Correctness of every Triton kernel on a CUDA GPU at realistic sizes, against float64 torch references.
+
+The unit tests run the same kernels at toy sizes under the Triton interpreter; this script covers what
+only a GPU shows: real tile configs and autotuning, TF32/bf16 tensor cores, large grids. Outputs are
+NaN-poisoned before each launch, so an element the kernel fails to write fails the check. Tolerances come
+from ``tests/kernels/kernel_checks.py`` (fp32 products through ``tl.dot`` get the TF32 budget).
+
+Usage: ``python bench/gpu_kernels_check.py [--seed N] [--only OP]``. Prints a pass/fail table; exits 1 if
+any check fails, 0 (after saying so) on a machine without a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "kernels")]
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# (label, dtypes, build(dtype, gen) -> (run(out), reference, out shape, reduction length, uses tl.dot))
+Case = tuple[str, tuple[torch.dtype, ...], Callable]
+
+
+def _cases() -> list[Case]:
+    import kernels
+    from kernels.attention import attention_reference
+    from kernels.conv2d import conv2d_reference
+    from kernels.embedding_pool import embedding_pool_reference
+    from kernels.l2_normalize import l2_normalize_reference
+    from kernels.layer_norm import layer_norm_reference
+    from kernels.linear import linear_reference
+    from kernels.linear_int8 import linear_int8_reference
+    from kernels.lstm import lstm_reference
+    from kernels.max_pool2d import max_pool2d_reference
+    from kernels.softmax import log_softmax_reference, softmax_reference
+
+    def rnd(gen, *shape, dtype, scale=1.0):
+        return (torch.randn(shape, generator=gen, device="cuda") * scale).to(dtype)
+
+    def d(t):
+        return None if t is None else t.double()
+
+    def linear_case(m, n, k, activation, residual):
+        def build(dt, gen):
+            x, w, b = rnd(gen, m, k, dtype=dt), rnd(gen, n, k, dtype=dt, scale=k**-0.5), rnd(gen, n, dtype=dt)
+            r = rnd(gen, m, n, dtype=dt) if residual else None
+            return (lambda out: kernels.linear(x, w, b, activation, r, out=out),
+                    lambda: linear_reference(d(x), d(w), d(b), activation, d(r)), (m, n), k, True)
+        return f"linear {m}x{n}x{k} {activation}{' +res' if residual else ''}", DTYPES, build
+
+    def int8_case(m, n, k):
+        def build(dt, gen):
+            x = rnd(gen, m, k, dtype=dt)
+            q, s = kernels.quantize_int8(rnd(gen, n, k, dtype=torch.float32, scale=k**-0.5))
+            return (lambda out: kernels.linear_int8(x, q, s, out=out),
+                    lambda: linear_int8_reference(d(x), q, d(s)), (m, n), k, True)
+        return f"linear_int8 {m}x{n}x{k}", DTYPES, build
+
+    def softmax_case(rows, n, log):
+        def build(dt, gen):
+            x = rnd(gen, rows, n, dtype=dt, scale=4.0)
+            mask = torch.rand(rows, n, generator=gen, device="cuda") < 0.8
+            mask[0] = False
+            op, ref = (kernels.softmax, softmax_reference)
+            if log:
+                op, ref = kernels.log_softmax, log_softmax_reference
+            return lambda out: op(x, mask, out=out), lambda: ref(d(x), mask), (rows, n), n, False
+        return f"{'log_' if log else ''}softmax {rows}x{n} masked", DTYPES, build
+
+    def layer_norm_case(rows, n):
+        def build(dt, gen):
+            x, r = rnd(gen, rows, n, dtype=dt), rnd(gen, rows, n, dtype=dt)
+            w, b = rnd(gen, n, dtype=dt), rnd(gen, n, dtype=dt)
+            return (lambda out: kernels.layer_norm(x, w, b, 1e-5, r, out=out),
+                    lambda: layer_norm_reference(d(x), d(w), d(b), 1e-5, d(r)), (rows, n), n, False)
+        return f"layer_norm {rows}x{n} +res", DTYPES, build
+
+    def l2_case(rows, n):
+        def build(dt, gen):
+            x = rnd(gen, rows, n, dtype=dt)
+            return (lambda out: kernels.l2_normalize(x, out=out), lambda: l2_normalize_reference(d(x)),
+                    (rows, n), n, False)
+        return f"l2_normalize {rows}x{n}", DTYPES, build
+
+    def attention_case(b, h, s, hd):
+        def build(dt, gen):
+            q, k, v = (rnd(gen, b, h, s, hd, dtype=dt) for _ in range(3))
+            lengths = torch.randint(1, s + 1, (b,), generator=gen, device="cuda")
+            mask = torch.arange(s, device="cuda")[None, :] < lengths[:, None]
+            return (lambda out: kernels.attention(q, k, v, mask, out=out),
+                    lambda: attention_reference(d(q), d(k), d(v), mask), (b, h, s, hd), s, True)
+        return f"attention B{b} H{h} S{s} D{hd} padded", DTYPES, build
+
+    def embedding_case(b, s, v, n):
+        def build(dt, gen):
+            ids = torch.randint(0, v, (b, s), generator=gen, device="cuda")
+            table = rnd(gen, v, n, dtype=dt)
+            mask = torch.rand(b, s, generator=gen, device="cuda") < 0.7
+            return (lambda out: kernels.embedding_pool(ids, table, mask, out=out),
+                    lambda: embedding_pool_reference(ids, d(table), mask), (b, n), s, False)
+        return f"embedding_pool B{b} S{s} V{v} D{n}", DTYPES, build
+
+    def conv_case(n, c, hw, co, k):
+        def build(dt, gen):
+            x = rnd(gen, n, c, hw, hw, dtype=dt)
+            w, b = rnd(gen, co, c, k, k, dtype=dt, scale=(c * k * k) ** -0.5), rnd(gen, co, dtype=dt)
+            o = hw - k + 1
+            return (lambda out: kernels.conv2d(x, w, b, True, out=out),
+                    lambda: conv2d_reference(d(x), d(w), d(b), True), (n, co, o, o), c * k * k, True)
+        return f"conv2d N{n} C{c} {hw}x{hw} -> {co} k{k} relu", DTYPES, build
+
+    def pool_case(n, c, hw):
+        def build(dt, gen):
+            x = rnd(gen, n, c, hw, hw, dtype=dt)
+            return (lambda out: kernels.max_pool2d(x, 2, out=out), lambda: max_pool2d_reference(d(x), 2),
+                    (n, c, hw // 2, hw // 2), 1, False)
+        return f"max_pool2d N{n} C{c} {hw}x{hw}", DTYPES, build
+
+    def lstm_case(b, s, i, h, reverse):
+        def build(dt, gen):
+            x = rnd(gen, b, s, i, dtype=dt)
+            w_ih = rnd(gen, 4 * h, i, dtype=dt, scale=h**-0.5)
+            w_hh = rnd(gen, 4 * h, h, dtype=dt, scale=h**-0.5)
+            bias = rnd(gen, 4 * h, dtype=dt, scale=h**-0.5)
+            lengths = torch.randint(1, s + 1, (b,), generator=gen, device="cuda")
+            return (lambda out: kernels.lstm(x, w_ih, w_hh, bias, lengths, reverse, out=out),
+                    lambda: lstm_reference(d(x), d(w_ih), d(w_hh), d(bias), lengths, reverse), (b, s, h),
+                    4 * (i + h), True)
+        return f"lstm B{b} S{s} I{i} H{h}{' reverse' if reverse else ''}", DTYPES, build
+
+    return [
+        linear_case(4096, 4096, 4096, "none", False),
+        linear_case(1, 3072, 768, "gelu", True),
+        linear_case(77, 768, 3072, "relu", True),
+        linear_case(512, 1000, 4096, "tanh", False),
+        int8_case(1, 14336, 4096),
+        int8_case(16, 4096, 14336),
+        softmax_case(4096, 4096, False),
+        softmax_case(1000, 30522, True),
+        layer_norm_case(16384, 768),
+        l2_case(8192, 384),
+        attention_case(8, 12, 128, 64),
+        attention_case(2, 16, 1031, 128),
+        attention_case(1, 4, 4096, 64),
+        embedding_case(256, 128, 30522, 384),
+        conv_case(64, 32, 28, 64, 3),
+        pool_case(64, 64, 26),
+        lstm_case(32, 50, 300, 256, False),
+        lstm_case(32, 50, 300, 256, True),
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(4), "little"))
+    parser.add_argument("--only", help="run only the cases whose label contains this text")
+    opts = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("SKIPPED: gpu_kernels_check needs a CUDA GPU and none was found.")
+        return 0
+    from kernel_checks import tolerance
+
+    os.environ["MAAS_KERNEL_BACKEND"] = "triton"
+    print(f"seed={opts.seed}  device={torch.cuda.get_device_name()}")
+    print(f"{'case':<44} {'dtype':<9} {'max abs err':>12} {'allowed':>10} {'time s':>7}  result")
+    failures = 0
+    for label, dtypes, build in _cases():
+        if opts.only and opts.only not in label:
+            continue
+        for dt in dtypes:
+            gen = torch.Generator(device="cuda").manual_seed(opts.seed)
+            start = time.perf_counter()
+            try:
+                run, reference, shape, reduction, uses_dot = build(dt, gen)
+                out = torch.full(shape, float("nan"), dtype=dt, device="cuda")
+                got = run(out).double()
+                torch.cuda.synchronize()
+                expected = reference().double()
+                tol = tolerance(dt, reduction, tf32=uses_dot)
+                same = got == expected  # also matches the -inf of fully masked log-softmax rows
+                ok = got.shape == expected.shape and bool((torch.isclose(got, expected, **tol) | same).all())
+                err = (got - expected).abs().masked_fill(same, 0.0).nan_to_num(float("inf")).max().item()
+                detail = f"{err:>12.3e} {tol['atol']:>10.1e}"
+            except Exception as exc:  # a crash is a failure of this case, not of the whole run
+                ok, detail = False, f"{type(exc).__name__}: {exc}"[:80]
+            failures += not ok
+            name = str(dt).removeprefix("torch.")
+            seconds = time.perf_counter() - start
+            print(f"{label:<44} {name:<9} {detail} {seconds:>7.2f}  {'PASS' if ok else 'FAIL'}")
+    print(f"{'all passed' if not failures else f'{failures} FAILED'} (seed={opts.seed})")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

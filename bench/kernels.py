@@ -1,0 +1,212 @@
+"""Benchmark the Triton kernels against torch eager and torch.compile on a CUDA GPU.
+
+For each op and size it prints the Triton time (``triton.testing.do_bench``, median), the achieved TFLOP/s
+(GEMM-like ops) or GB/s (memory-bound ops), and the speed-up over torch eager and over ``torch.compile``
+of the same eager function (``> 1`` means the Triton kernel is faster). Results go to
+``bench/results/kernels.json`` and, when matplotlib is installed, a bar chart ``bench/results/kernels.png``.
+
+Baselines are the natural torch code in the same dtype: ``F.linear`` + activation (cuBLAS), ``softmax``,
+``F.layer_norm``, ``F.normalize``, ``F.scaled_dot_product_attention`` (FlashAttention), gather + masked
+mean, ``F.conv2d``, ``F.max_pool2d``, ``torch.nn.LSTM`` (cuDNN). For ``linear_int8`` the eager baseline is
+the dense bf16 ``F.linear`` it replaces, the compiled one ``torch.compile`` of dequantize + matmul.
+
+Usage: ``python bench/kernels.py [--quick] [--no-compile] [--only OP]``. Without a CUDA GPU it says so and
+exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+BF16 = torch.bfloat16
+
+
+@dataclass
+class Case:
+    op: str
+    size: str
+    args: tuple
+    triton: Callable  # the kernels op
+    eager: Callable  # the torch baseline, also what torch.compile compiles
+    flops: float = 0.0  # > 0: report TFLOP/s
+    bytes: float = 0.0  # otherwise: report GB/s of compulsory traffic
+    compiled_fn: Callable | None = None  # a different function to compile (linear_int8)
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def cases(quick: bool) -> list[Case]:
+    import kernels
+
+    dev = "cuda"
+
+    def rnd(*shape, dtype=BF16):
+        return torch.randn(shape, device=dev).to(dtype)
+
+    found: list[Case] = []
+    inference = [(m, n, k) for m in (1, 16, 128, 512) for k, n in ((768, 3072), (4096, 4096))]
+    gemms = [(4096, 4096, 4096), *inference]
+    for m, n, k in gemms[:3] if quick else gemms:
+        x, w, b = rnd(m, k), rnd(n, k) * k**-0.5, rnd(n)
+        found.append(Case("linear", f"M{m} N{n} K{k} +bias relu", (x, w, b),
+                          lambda x, w, b: kernels.linear(x, w, b, "relu"),
+                          lambda x, w, b: torch.relu(F.linear(x, w, b)), flops=2.0 * m * n * k))
+    for m in (1, 16) if quick else (1, 4, 16):
+        n, k = 14336, 4096
+        x, w = rnd(m, k), rnd(n, k) * k**-0.5
+        q, s = kernels.quantize_int8(w)
+        found.append(Case("linear_int8", f"M{m} N{n} K{k}", (x, w, q, s),
+                          lambda x, w, q, s: kernels.linear_int8(x, q, s),
+                          lambda x, w, q, s: F.linear(x, w),
+                          bytes=_nbytes(x, q, s) + m * n * 2,
+                          compiled_fn=lambda x, w, q, s: F.linear(x, q.to(x.dtype) * s[:, None].to(x.dtype))))
+    for rows, n in ((4096, 4096), (16384, 1024), (1024, 32768)):
+        x = rnd(rows, n)
+        found.append(Case("softmax", f"{rows}x{n}", (x,), kernels.softmax, lambda x: torch.softmax(x, dim=-1),
+                          bytes=2 * _nbytes(x)))
+    for rows, n in ((16384, 768), (8192, 4096)):
+        x, r, w, b = rnd(rows, n), rnd(rows, n), rnd(n), rnd(n)
+        found.append(Case("layer_norm", f"{rows}x{n} +residual", (x, r, w, b),
+                          lambda x, r, w, b: kernels.layer_norm(x, w, b, 1e-5, r),
+                          lambda x, r, w, b: F.layer_norm(x + r, (x.shape[-1],), w, b, 1e-5),
+                          bytes=3 * _nbytes(x)))
+    for rows, n in ((65536, 384), (16384, 1024)):
+        x = rnd(rows, n)
+        found.append(Case("l2_normalize", f"{rows}x{n}", (x,), kernels.l2_normalize,
+                          lambda x: F.normalize(x, dim=-1), bytes=2 * _nbytes(x)))
+    for b, s, v, d in ((1024, 128, 30522, 384), (256, 512, 30522, 768)):
+        ids = torch.randint(0, v, (b, s), device=dev)
+        table = rnd(v, d)
+        mask = torch.rand(b, s, device=dev) < 0.7
+        found.append(Case("embedding_pool", f"B{b} S{s} V{v} D{d}", (ids, table, mask),
+                          kernels.embedding_pool,
+                          lambda ids, table, mask: ((table[ids] * mask[..., None]).sum(1)
+                                                    / mask.sum(1, keepdim=True).clamp(min=1)),
+                          bytes=_nbytes(ids, mask) + b * s * d * 2 + b * d * 2))
+    for d in (64, 128):
+        for s in (128, 1024) if quick else (128, 512, 1024, 4096):
+            b, h = max(1, 16384 // s), 2048 // d
+            q, k, v = rnd(b, h, s, d), rnd(b, h, s, d), rnd(b, h, s, d)
+            found.append(Case("attention", f"B{b} H{h} S{s} D{d}", (q, k, v), kernels.attention,
+                              F.scaled_dot_product_attention, flops=4.0 * b * h * s * s * d))
+    x, w, bias = rnd(256, 32, 28, 28), rnd(64, 32, 3, 3) * (32 * 9) ** -0.5, rnd(64)
+    found.append(Case("conv2d", "N256 C32 28x28 -> 64 k3 relu", (x, w, bias),
+                      lambda x, w, b: kernels.conv2d(x, w, b, relu=True),
+                      lambda x, w, b: torch.relu(F.conv2d(x, w, b)), flops=2.0 * 256 * 64 * 26 * 26 * 32 * 9))
+    x = rnd(256, 64, 26, 26)
+    found.append(Case("max_pool2d", "N256 C64 26x26 k2", (x,), kernels.max_pool2d,
+                      lambda x: F.max_pool2d(x, 2), bytes=1.25 * _nbytes(x)))
+    lstm = torch.nn.LSTM(300, 256, batch_first=True, device=dev, dtype=BF16)
+    x = rnd(64, 128, 300)
+    bias = (lstm.bias_ih_l0 + lstm.bias_hh_l0).detach()
+    found.append(Case("lstm", "B64 S128 I300 H256", (x,),
+                      lambda x: kernels.lstm(x, lstm.weight_ih_l0.detach(), lstm.weight_hh_l0.detach(), bias),
+                      lambda x: lstm(x)[0], flops=2.0 * 64 * 128 * 4 * 256 * (300 + 256)))
+    return found
+
+
+def _time(fn: Callable, args: tuple) -> float:
+    from triton.testing import do_bench
+
+    with torch.no_grad():
+        return do_bench(lambda: fn(*args), return_mode="median")
+
+
+def run(case: Case, compile_baseline: bool) -> dict:
+    ms = _time(case.triton, case.args)
+    eager_ms = _time(case.eager, case.args)
+    compiled_ms = None
+    if compile_baseline:
+        try:
+            compiled_ms = _time(torch.compile(case.compiled_fn or case.eager), case.args)
+        except Exception as exc:  # a baseline that does not compile is reported, not fatal
+            print(f"  torch.compile failed for {case.op} {case.size}: {type(exc).__name__}: {exc}"[:200])
+    if case.flops:
+        rate, unit = case.flops / ms / 1e9, "TFLOP/s"
+    else:
+        rate, unit = case.bytes / ms / 1e6, "GB/s"
+    return {
+        "op": case.op, "size": case.size, "triton_ms": ms, "eager_ms": eager_ms, "compile_ms": compiled_ms,
+        "rate": rate, "unit": unit, "speedup_vs_eager": eager_ms / ms,
+        "speedup_vs_compile": compiled_ms / ms if compiled_ms else None,
+    }
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the plot (pip install matplotlib to get it)")
+        return
+    labels = [f"{r['op']} {r['size']}" for r in rows]
+    ys = range(len(rows))
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.5))
+    ax.barh([y - 0.2 for y in ys], [r["speedup_vs_eager"] for r in rows], height=0.4, label="vs torch eager")
+    ax.barh([y + 0.2 for y in ys], [r["speedup_vs_compile"] or 0 for r in rows], height=0.4,
+            label="vs torch.compile")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(list(ys), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("speed-up of the Triton kernel (torch time / Triton time)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer sizes")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--only", help="benchmark only this op")
+    opts = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA GPU (none found): nothing to measure.")
+        return 0
+    import triton
+
+    torch.manual_seed(0)
+    rows = []
+    print(f"{'op':<15} {'size':<30} {'triton ms':>10} {'rate':>16} {'x eager':>8} {'x compile':>9}")
+    for case in cases(opts.quick):
+        if opts.only and case.op != opts.only:
+            continue
+        row = run(case, not opts.no_compile)
+        rows.append(row)
+        vs_compile = f"{row['speedup_vs_compile']:.2f}" if row["speedup_vs_compile"] else "-"
+        print(f"{row['op']:<15} {row['size']:<30} {row['triton_ms']:>10.4f} {row['rate']:>8.1f} "
+              f"{row['unit']:<7} {row['speedup_vs_eager']:>8.2f} {vs_compile:>9}")
+    geo = math.exp(sum(math.log(r["speedup_vs_eager"]) for r in rows) / max(1, len(rows)))
+    print(f"geometric mean speed-up vs eager: {geo:.2f}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (RESULTS / "kernels.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    print(f"wrote {RESULTS / 'kernels.json'}")
+    plot(rows, RESULTS / "kernels.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

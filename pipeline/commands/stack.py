@@ -1,0 +1,47 @@
+"""`maas up` and `maas bootstrap`: the local stack, or topics and buckets on a real cluster."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+from models.examples import ensure_examples
+from pipeline.commands._common import open_repository, stop_event
+from pipeline.services import STATE_FILE, bootstrap, connected, write_state
+from pipeline.settings import ConfigError, Settings
+
+
+async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    repository = open_repository(settings)
+    for name, version in ensure_examples(repository):
+        print(f"published example model {name} v{version} to {repository.root}")
+    async with connected(settings, use_state=False) as live:
+        stop = stop_event()
+        write_state(live)
+        print("local stack is up (Ctrl-C to stop)")
+        print(f"export KAFKA_BOOTSTRAP_SERVERS={live.kafka_bootstrap_servers}")
+        print(f"export AWS_ENDPOINT_URL={live.aws_endpoint_url}")
+        print(f"topics: {', '.join(live.topics.all())}; batch bucket: {live.batch_bucket}; "
+              f"model repository: {repository.root}", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                STATE_FILE.unlink()
+    print("local stack stopped")
+    return 0
+
+
+async def cmd_bootstrap(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.embedded_kafka:
+        raise ConfigError("set KAFKA_BOOTSTRAP_SERVERS (and AWS settings) to bootstrap a real cluster")
+    await bootstrap(settings)
+    print(f"topics {settings.topics.all()} and bucket {settings.batch_bucket} exist")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    sub.add_parser("up", help="start the local stack (Kafka-compatible broker + S3/SQS) and stay up"
+                   ).set_defaults(run=cmd_up)
+    sub.add_parser("bootstrap", help="create topics and buckets on the configured (real) Kafka / S3"
+                   ).set_defaults(run=cmd_bootstrap)
