@@ -3,7 +3,9 @@
 Every public op picks its backend through :func:`kernels.backend_for` (see :mod:`kernels.dispatch`): Triton
 on CUDA tensors, the torch reference on CPU tensors, overridable with ``MAAS_KERNEL_BACKEND``. Each op
 module also exposes ``<op>_triton`` (the launcher: strict checks, contiguous inputs only) and
-``<op>_reference`` (plain torch, also accepts float64); the public ops accept any strides.
+``<op>_reference`` (plain torch, also accepts float64); the public ops accept any strides. The package
+attribute ``kernels.linear`` is the op, not the module: reach a module's extras with
+``from kernels.linear import linear_triton``.
 
 Compilation and warm-up: the first call of an op with a new combination of dtypes and flags compiles its
 kernel (and, for ``linear``, autotunes per power-of-two bucket of rows), which takes from a second to tens

@@ -143,8 +143,8 @@ def launch_linear(
         return y
     meta = {} if USE_AUTOTUNE else _interpreter_blocks(m, n, k)
 
-    def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    def grid(config: dict) -> tuple[int]:  # called with the autotuner's chosen config
+        return (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
 
     _linear_kernel[grid](
         x, weight, scales, bias, residual, y,
@@ -158,8 +158,8 @@ def launch_linear(
 
 def _validate(x, weight, bias, activation, residual) -> None:
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
-    if x.dim() < 1:
-        raise ValueError("x must have at least 1 dimension [..., K]")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must be [..., K] with K >= 1, got shape {tuple(x.shape)}")
     check_tensor("weight", weight, ndim=2, dtypes=(x.dtype,), device=x.device)
     if weight.shape[1] != x.shape[-1]:
         raise ValueError(f"weight must be [N, K={x.shape[-1]}] (Linear layout), got {tuple(weight.shape)}")

@@ -36,8 +36,8 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _validate(x, qweight, scales, bias, activation) -> None:
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
-    if x.dim() < 1:
-        raise ValueError("x must have at least 1 dimension [..., K]")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must be [..., K] with K >= 1, got shape {tuple(x.shape)}")
     check_tensor("qweight", qweight, ndim=2, dtypes=(torch.int8,), device=x.device)
     if qweight.shape[1] != x.shape[-1]:
         raise ValueError(f"qweight must be [N, K={x.shape[-1]}], got {tuple(qweight.shape)}")

@@ -6,10 +6,11 @@ the person reading it is the one who published the model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,11 @@ from models.datatypes import DATATYPES
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+#: Files an artifact may hold besides config.json: the weights and architecture assets (tokenizers).
+ARTIFACT_FILES = (WEIGHTS_FILE, TOKENIZER_FILE)
+QUANTIZATIONS = ("int8",)
 
 
 class ArtifactError(ValueError):
@@ -117,6 +122,12 @@ class ModelConfig:
     dtype: str = "FP32"
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: "int8": weight-only int8 dense layers (kernels.linear_int8); None: float weights.
+    quantization: str | None = None
+    #: sha256 (hex) of every file of the artifact but config.json, recorded at publish time.
+    files: dict[str, str] = field(default_factory=dict)
+    #: Optional V2 input tensors ({"name", "shape", "datatype", "data"}) for the warm-up batch.
+    warmup_inputs: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def parse(cls, raw: Any) -> ModelConfig:
@@ -137,7 +148,24 @@ class ModelConfig:
         dtype = raw.get("dtype", "FP32")
         if dtype not in {"FP32", "FP16", "BF16"}:
             raise ArtifactError(f"{CONFIG_FILE}.dtype: expected FP32, FP16 or BF16, got {dtype!r}")
-        known = {"architecture", "params", "inputs", "outputs", "batching", "dtype", "description"}
+        quantization = raw.get("quantization")
+        if quantization is not None and quantization not in QUANTIZATIONS:
+            raise ArtifactError(f"{CONFIG_FILE}.quantization: expected null or one of {QUANTIZATIONS}, "
+                                f"got {quantization!r}")
+        files = raw.get("files", {})
+        if not isinstance(files, dict) or not all(
+            k in ARTIFACT_FILES and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for k, v in files.items()
+        ):
+            raise ArtifactError(f"{CONFIG_FILE}.files: expected {{file name: sha256 hex}} for files among "
+                                f"{list(ARTIFACT_FILES)}, got {files!r}")
+        warmup = raw.get("warmup_inputs", [])
+        if not isinstance(warmup, list) or not all(
+            isinstance(w, dict) and {"name", "shape", "datatype", "data"} <= set(w) for w in warmup
+        ):
+            raise ArtifactError(f"{CONFIG_FILE}.warmup_inputs: expected a list of V2 input tensors "
+                                "({name, shape, datatype, data})")
+        known = {"architecture", "params", "inputs", "outputs", "batching", "dtype", "description", "quantization",
+                 "files", "warmup_inputs"}
         return cls(
             architecture=arch,
             params=params,
@@ -147,6 +175,9 @@ class ModelConfig:
             dtype=dtype,
             description=str(raw.get("description", "")),
             extra={k: v for k, v in raw.items() if k not in known},
+            quantization=quantization,
+            files=dict(files),
+            warmup_inputs=tuple(warmup),
         )
 
     def input(self, name: str) -> TensorSpec | None:
@@ -162,6 +193,12 @@ class ModelConfig:
             "dtype": self.dtype,
             "description": self.description,
         }
+        if self.quantization is not None:
+            body["quantization"] = self.quantization
+        if self.warmup_inputs:
+            body["warmup_inputs"] = list(self.warmup_inputs)
+        if self.files:
+            body["files"] = dict(self.files)
         return {**body, **self.extra}
 
 
@@ -187,10 +224,48 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"{path}: not a valid safetensors file ({exc})") from None
 
 
-def write_artifact(directory: Path, config: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
-    """Write one version's folder; the config goes last so a reader never sees half an artifact."""
+def read_assets(directory: Path, names: tuple[str, ...]) -> dict[str, bytes]:
+    """The architecture's extra files (e.g. tokenizer.json) of one version folder."""
+    assets = {}
+    for name in names:
+        path = directory / name
+        if not path.exists():
+            raise ArtifactError(f"{path} is missing (the architecture needs it)")
+        assets[name] = path.read_bytes()
+    return assets
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_files(directory: Path, config: ModelConfig) -> None:
+    """Check every file against the sha256 recorded at publish time."""
+    for name, want in config.files.items():
+        got = sha256_file(directory / name)
+        if got != want:
+            raise ArtifactError(f"{directory / name}: sha256 {got} differs from {want} recorded in {CONFIG_FILE}")
+
+
+def write_artifact(directory: Path, config: ModelConfig, weights: dict[str, torch.Tensor],
+                   assets: dict[str, bytes] | None = None) -> ModelConfig:
+    """Write one version's folder; the config goes last so a reader never sees half an artifact.
+
+    Returns the config as written: with the sha256 of the weights and of every asset file in `files`.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(directory / WEIGHTS_FILE))
+    for name, data in (assets or {}).items():
+        if name not in ARTIFACT_FILES or name == WEIGHTS_FILE:
+            raise ArtifactError(f"asset file {name!r} is not allowed; expected one of {list(ARTIFACT_FILES[1:])}")
+        (directory / name).write_bytes(data)
+    files = {name: sha256_file(directory / name) for name in (WEIGHTS_FILE, *(assets or {}))}
+    config = replace(config, files=files)
     tmp = directory / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(config.to_json(), indent=2) + "\n")
     tmp.replace(directory / CONFIG_FILE)
+    return config

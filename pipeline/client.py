@@ -16,6 +16,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from models.examples import MNIST_MLP, synthetic_digits
+from pipeline.codec import decode_response, header_map
 from pipeline.settings import Settings
 
 
@@ -105,8 +106,8 @@ class ResultCollector:
             kind = "dead_letter"
         else:
             try:
-                body = orjson.loads(record.value)
-            except orjson.JSONDecodeError:
+                body = decode_response(record.value, header_map(record.headers))
+            except (orjson.JSONDecodeError, ValueError):
                 return
             key = body.get("id")
             kind = "error" if "error" in body else "result"

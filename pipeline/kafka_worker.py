@@ -13,15 +13,17 @@ import contextlib
 import logging
 import time
 
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
+from pipeline.codec import Framed, decode_request, encode_error, encode_response, header_map
 from pipeline.engine import InferenceEngine
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.metrics import DEAD_LETTERS, ERRORS, IN_FLIGHT, REQUESTS, BatchRecord
 from pipeline.offsets import OffsetTracker
-from pipeline.protocol import InferenceRequest, decode_request, encode_json
+from pipeline.protocol import InferenceRequest
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -190,7 +192,8 @@ class KafkaWorker:
         error: InferenceError | None = None
         attempts = 0
         try:
-            request = decode_request(record.value or b"", max_bytes=self.settings.max_request_bytes)
+            request = decode_request(record.value or b"", header_map(headers),
+                                     max_bytes=self.settings.max_request_bytes)
         except InferenceError as exc:
             error = exc
         while request is not None and attempts < self.max_attempts:
@@ -207,15 +210,14 @@ class KafkaWorker:
                 error = InferenceError(ErrorCode.INTERNAL, f"unexpected failure: {exc!r}", request.id)
                 break
             else:
-                body = encode_json(response.to_json())
-                await self._send_answer(request, record, body, headers)
+                await self._send_answer(request, record, encode_response(response, request), headers)
                 REQUESTS.labels(request.model_name, "ok").inc()
                 return
         assert error is not None
         ERRORS.labels(str(error.code)).inc()
         if error.request_id is not None and not error.code.transient:
-            body = encode_json(error.to_json(request.model_name if request else None))
-            await self._send_answer(request, record, body, headers)
+            framed = encode_error(error, request.model_name if request else None)
+            await self._send_answer(request, record, framed, headers)
             REQUESTS.labels(request.model_name if request else "-", "error").inc()
         else:
             await self._dead_letter(record, headers, error, max(attempts, 1))
@@ -225,13 +227,13 @@ class KafkaWorker:
             return request.parameters["reply_to"]
         return self.settings.topics.results
 
-    async def _send_answer(self, request: InferenceRequest | None, record: ConsumerRecord, body: bytes,
+    async def _send_answer(self, request: InferenceRequest | None, record: ConsumerRecord, framed: Framed,
                            headers: Headers) -> None:
         assert self._producer is not None
         out = [(k, v) for k, v in headers if k in PASSTHROUGH_HEADERS or k.startswith("ce_")]
-        out.append(("content-type", b"application/json"))
+        out += framed.kafka_headers()
         key = request.id.encode() if request is not None else record.key
-        await self._producer.send_and_wait(self._reply_topic(request), body, key=key, headers=out)
+        await self._producer.send_and_wait(self._reply_topic(request), framed.body, key=key, headers=out)
 
     async def _dead_letter(self, record: ConsumerRecord, headers: Headers, error: InferenceError,
                            attempts: int) -> None:
@@ -250,7 +252,7 @@ class KafkaWorker:
         if self._producer is None:
             return
         task = asyncio.get_running_loop().create_task(
-            self._producer.send(self.settings.topics.metrics, encode_json(record.to_json()),
+            self._producer.send(self.settings.topics.metrics, orjson.dumps(record.to_json()),
                                 key=record.model.encode())
         )
         self._side_sends.add(task)

@@ -6,8 +6,9 @@ import numpy as np
 import orjson
 import pytest
 
+from pipeline.codec import decode_request
 from pipeline.errors import ErrorCode, InferenceError
-from pipeline.protocol import InferenceResponse, decode_request
+from pipeline.protocol import InferenceResponse
 
 LIMIT = 1 << 20
 

@@ -5,38 +5,119 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
-from models.artifact import ArtifactError
+import kernels
+from models.artifact import ArtifactError, TensorSpec
+from models.datatypes import NUMPY_DTYPES
+
+SCALE_SUFFIX = "_scale"
+
+TORCH_ACTIVATIONS = {
+    "none": lambda t: t,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
 
 
 class Architecture(ABC):
     """A model built from `kernels` ops. Subclasses declare the weights they expect so that an artifact
-    whose tensors disagree with its config is refused at load time, naming the tensor."""
+    whose tensors disagree with its config is refused at load time, naming the tensor.
+
+    `assets` are the artifact's extra files the architecture names in `asset_files` (e.g. a tokenizer).
+    `quantization="int8"` means the dense weights listed by `quantizable` are int8 with a per-output-channel
+    fp32 scale beside each (`<name>_scale`), and run through `kernels.linear_int8`.
+    """
 
     name: ClassVar[str]
+    asset_files: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, params: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
+    def __init__(self, params: dict[str, Any], weights: dict[str, torch.Tensor],
+                 assets: dict[str, bytes] | None = None, quantization: str | None = None) -> None:
         self.params = params
-        check_weights(self.weight_shapes(params), weights)
+        self.quantization = quantization
+        self.assets = dict(assets or {})
+        missing = [n for n in self.asset_files if n not in self.assets]
+        if missing:
+            raise ArtifactError(f"{self.name}: the artifact lacks file(s) {missing}")
+        check_weights(self.expected_shapes(params, quantization), weights)
+        if quantization == "int8":
+            for wname in self.quantizable(params):
+                if weights[wname].dtype != torch.int8:
+                    raise ArtifactError(f"tensor {wname!r} has dtype {weights[wname].dtype}, quantization int8 "
+                                        "implies torch.int8")
         self.weights = weights
 
     @classmethod
     @abstractmethod
     def weight_shapes(cls, params: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-        """The exact tensor names and shapes that `params` implies."""
+        """The exact tensor names and shapes that `params` implies (float weights)."""
+
+    @classmethod
+    def quantizable(cls, params: dict[str, Any]) -> list[str]:
+        """Names of the `[N, K]` dense weights that `--quantize int8` turns into int8 + scales."""
+        return []
+
+    @classmethod
+    def expected_shapes(cls, params: dict[str, Any], quantization: str | None = None) -> dict[str, tuple[int, ...]]:
+        shapes = dict(cls.weight_shapes(params))
+        if quantization == "int8":
+            for wname in cls.quantizable(params):
+                shapes[wname + SCALE_SUFFIX] = (shapes[wname][0],)
+        return shapes
+
+    @classmethod
+    def adapt_weights(cls, params: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Map a checkpoint's tensors onto this architecture's names (e.g. drop constant buffers)."""
+        return weights
+
+    @classmethod
+    def quantize_weights(cls, params: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Float weights -> weight-only int8 (per output channel) for every quantizable dense layer."""
+        out = dict(weights)
+        for wname in cls.quantizable(params):
+            qweight, scales = kernels.quantize_int8(weights[wname].float())
+            out[wname], out[wname + SCALE_SUFFIX] = qweight, scales
+        return out
 
     @abstractmethod
-    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Run one batch: inputs and outputs are keyed by the V2 tensor names of the config."""
 
     @abstractmethod
-    def reference_forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def reference_forward(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The same computation in plain torch.nn.functional: the twin that tests compare against."""
 
+    def example_inputs(self, specs: tuple[TensorSpec, ...], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+        """A batch of plausible inputs (warm-up, benchmarks, the int8 report); text models override this."""
+        rng = np.random.default_rng(seed)
+        batch_inputs = {}
+        for spec in specs:
+            shape = [batch, *(8 if d == -1 else d for d in spec.shape[1:])]
+            if spec.datatype == "BYTES":
+                batch_inputs[spec.name] = np.full(shape, b"warm up", dtype=object)
+            elif spec.datatype in ("FP16", "FP32", "FP64", "BF16"):
+                batch_inputs[spec.name] = rng.random(shape).astype(NUMPY_DTYPES[spec.datatype])
+            else:
+                batch_inputs[spec.name] = np.zeros(shape, dtype=NUMPY_DTYPES[spec.datatype])
+        return batch_inputs
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.weights.values())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next((t.dtype for t in self.weights.values() if t.is_floating_point()), torch.float32)
+
     def to(self, device: torch.device, dtype: torch.dtype) -> Architecture:
+        """Place the weights; int8 weights stay int8 and their scales fp32 (what kernels.linear_int8 takes)."""
         self.weights = {
-            k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+            k: v.to(device=device, dtype=dtype if v.is_floating_point() and not k.endswith(SCALE_SUFFIX) else v.dtype)
             for k, v in self.weights.items()
         }
         return self
@@ -44,6 +125,23 @@ class Architecture(ABC):
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.weights.values())
+
+    # Dense layers, float or int8, shared by every architecture: `prefix.weight`, `prefix.bias`.
+    def dense(self, x: torch.Tensor, prefix: str, activation: str = "none",
+              residual: torch.Tensor | None = None) -> torch.Tensor:
+        weight, bias = self.weights[f"{prefix}.weight"], self.weights.get(f"{prefix}.bias")
+        scales = self.weights.get(f"{prefix}.weight{SCALE_SUFFIX}")
+        if scales is None:
+            return kernels.linear(x, weight, bias, activation, residual)
+        y = kernels.linear_int8(x, weight, scales, bias, activation)
+        return y if residual is None else y + residual
+
+    def reference_dense(self, x: torch.Tensor, prefix: str, activation: str = "none") -> torch.Tensor:
+        weight, bias = self.weights[f"{prefix}.weight"], self.weights.get(f"{prefix}.bias")
+        scales = self.weights.get(f"{prefix}.weight{SCALE_SUFFIX}")
+        if scales is not None:
+            weight = weight.to(x.dtype) * scales.to(x.dtype)[:, None]
+        return TORCH_ACTIVATIONS[activation](F.linear(x, weight, bias))
 
 
 def check_weights(expected: dict[str, tuple[int, ...]], weights: dict[str, torch.Tensor]) -> None:
@@ -61,6 +159,26 @@ def check_weights(expected: dict[str, tuple[int, ...]], weights: dict[str, torch
 
 def require(params: dict[str, Any], key: str, kind: type, where: str) -> Any:
     value = params.get(key)
-    if not isinstance(value, kind):
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ArtifactError(f"{where}.params.{key}: expected {kind.__name__}, got {value!r}")
     return value
+
+
+def positive_int(params: dict[str, Any], key: str, where: str, default: int | None = None) -> int:
+    value = params.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ArtifactError(f"{where}.params.{key}: expected a positive integer, got {value!r}")
+    return value
+
+
+def texts_of(array: Any) -> list[str]:
+    """A V2 BYTES input ([B] or [B, 1] object array of bytes, or a list of str) as a list of B strings."""
+    if isinstance(array, np.ndarray):
+        if array.ndim == 2 and array.shape[1] == 1:
+            array = array[:, 0]
+        if array.ndim != 1:
+            raise ValueError(f"text input must have shape [B] or [B, 1], got {list(array.shape)}")
+        items = array.tolist()
+    else:
+        items = list(array)
+    return [x.decode("utf-8", errors="replace") if isinstance(x, bytes | bytearray) else str(x) for x in items]

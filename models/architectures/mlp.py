@@ -6,7 +6,6 @@ import itertools
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import kernels
 from models.architectures.base import Architecture, require
@@ -14,14 +13,6 @@ from models.artifact import ArtifactError
 
 ACTIVATIONS = ("none", "relu", "gelu", "tanh", "sigmoid")
 HEADS = ("none", "softmax")
-
-_TORCH_ACTIVATIONS = {
-    "none": lambda t: t,
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-}
 
 
 class MLP(Architecture):
@@ -58,8 +49,14 @@ class MLP(Architecture):
             shapes[f"layers.{i}.bias"] = (d_out,)
         return shapes
 
-    def __init__(self, params: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
-        super().__init__(params, weights)
+    @classmethod
+    def quantizable(cls, params: dict[str, Any]) -> list[str]:
+        layers, _, _ = cls._parse(params)
+        return [f"layers.{i}.weight" for i in range(len(layers) - 1)]
+
+    def __init__(self, params: dict[str, Any], weights: dict[str, torch.Tensor], assets=None,
+                 quantization: str | None = None) -> None:
+        super().__init__(params, weights, assets, quantization)
         self.layers, self.activations, self.head = self._parse(params)
 
     def _outputs(self, logits: torch.Tensor, softmax) -> dict[str, torch.Tensor]:
@@ -71,13 +68,11 @@ class MLP(Architecture):
     def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         h = inputs["input"]
         for i, act in enumerate(self.activations):
-            h = kernels.linear(h, self.weights[f"layers.{i}.weight"], self.weights[f"layers.{i}.bias"], act)
+            h = self.dense(h, f"layers.{i}", act)
         return self._outputs(h, kernels.softmax)
 
     def reference_forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         h = inputs["input"]
         for i, act in enumerate(self.activations):
-            h = _TORCH_ACTIVATIONS[act](
-                F.linear(h, self.weights[f"layers.{i}.weight"], self.weights[f"layers.{i}.bias"])
-            )
+            h = self.reference_dense(h, f"layers.{i}", act)
         return self._outputs(h, lambda t: torch.softmax(t, dim=-1))

@@ -78,6 +78,8 @@ def launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
         ("linear", lambda: linear_triton(x, w, b, "gelu", z(8, 32))),
         ("linear_int8", lambda: linear_int8_triton(x, *quantize_int8(w), b, "relu")),
         ("softmax", lambda: softmax_triton(x, x > 0, log=True)),
+        ("softmax, vocabulary-long rows", lambda: softmax_triton(z(2, 30522))),
+        ("layer_norm, d=4096", lambda: layer_norm_triton(z(2, 4096), z(4096), z(4096))),
         ("layer_norm", lambda: layer_norm_triton(x, z(64), z(64), residual=x)),
         ("l2_normalize", lambda: l2_normalize_triton(x)),
         ("embedding_pool", lambda: embedding_pool_triton(ids, x, ids == 0)),

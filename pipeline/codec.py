@@ -1,0 +1,195 @@
+"""Framing of V2 requests and results on every transport: JSON, or the binary tensor extension.
+
+The binary form is the Open Inference Protocol's binary tensor data extension, as Triton and KServe speak
+it over HTTP: a JSON header of `inference-header-content-length` bytes, followed by the raw little-endian
+bytes of each tensor that declares `parameters.binary_data_size`. The same bytes travel as a Kafka record
+value, an S3 object or an HTTP body; the length rides in a record header, object metadata or HTTP header,
+and the `content-type` says which form it is. JSON stays the default and stays accepted everywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from models.datatypes import datatype_of
+from pipeline.errors import ErrorCode, InferenceError
+from pipeline.protocol import (
+    InferenceRequest,
+    InferenceResponse,
+    parse_request,
+    tensor_from_bytes,
+    tensor_to_bytes,
+)
+
+JSON = "application/json"
+BINARY = "application/octet-stream"
+HEADER_LENGTH = "inference-header-content-length"
+CONTENT_TYPE = "content-type"
+ACCEPT = "accept"
+
+
+@dataclass(frozen=True)
+class Framed:
+    """An encoded message: its bytes and the transport headers that say how to read them."""
+
+    body: bytes
+    headers: dict[str, str]
+
+    def kafka_headers(self) -> list[tuple[str, bytes]]:
+        return [(k, v.encode()) for k, v in self.headers.items()]
+
+
+def header_map(headers: Iterable[tuple[str, bytes | str]] | Mapping[str, Any] | None) -> dict[str, str]:
+    """Transport headers (Kafka list of pairs, HTTP or S3 metadata mapping) as lower-case str -> str."""
+    if not headers:
+        return {}
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    return {k.lower(): v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for k, v in items}
+
+
+def _media_type(content_type: str | None) -> str:
+    return (content_type or JSON).split(";")[0].strip().lower()
+
+
+def decode_request(payload: bytes, headers: Mapping[str, str] | None = None, *, max_bytes: int,
+                   defaults: dict[str, Any] | None = None) -> InferenceRequest:
+    """Decode a request from its bytes and transport headers (see `header_map`)."""
+    headers = headers or {}
+    if len(payload) > max_bytes:
+        raise InferenceError(ErrorCode.PAYLOAD_TOO_LARGE, f"request is {len(payload)} bytes; the limit is {max_bytes}")
+    media = _media_type(headers.get(CONTENT_TYPE))
+    if media not in (JSON, BINARY):
+        raise InferenceError(ErrorCode.INVALID_REQUEST, f"content-type {media!r} is not supported: send {JSON}, or "
+                             f"{BINARY} with an {HEADER_LENGTH} header (binary tensor extension)")
+    header_length = _header_length(headers.get(HEADER_LENGTH), len(payload))
+    view = memoryview(payload)
+    json_part = view if header_length is None else view[:header_length]
+    try:
+        body = orjson.loads(json_part)
+    except orjson.JSONDecodeError as exc:
+        raise InferenceError(ErrorCode.INVALID_JSON, f"request is not valid UTF-8 JSON: {exc}") from None
+    binary = None if header_length is None else view[header_length:]
+    request = parse_request(body, max_elements=max_bytes, defaults=defaults, binary=binary)
+    if _media_type(headers.get(ACCEPT, "")) == BINARY:
+        request.parameters = {**request.parameters, "binary_data_output": True}
+    return request
+
+
+def _header_length(raw: str | None, size: int) -> int | None:
+    if raw is None or raw == "":
+        return None  # as the extension says: no length header means the whole body is JSON
+    try:
+        length = int(raw)
+    except ValueError:
+        raise InferenceError(ErrorCode.INVALID_REQUEST, f"{HEADER_LENGTH}: {raw!r} is not an integer") from None
+    if not 0 < length <= size:
+        raise InferenceError(ErrorCode.INVALID_REQUEST, f"{HEADER_LENGTH}: {length} is outside the payload's "
+                             f"{size} bytes")
+    return length
+
+
+def encode_response(response: InferenceResponse, request: InferenceRequest | None = None) -> Framed:
+    """A result in the form its request asked for: outputs it wanted binary go as raw bytes."""
+    body = response.to_json()
+    binary_parts: list[bytes] = []
+    if request is not None:
+        for out in body["outputs"]:
+            if request.wants_binary(out["name"]):
+                raw = tensor_to_bytes(response.outputs[out["name"]], out["datatype"])
+                del out["data"]
+                out["parameters"] = {"binary_data_size": len(raw)}
+                binary_parts.append(raw)
+    return _frame(body, binary_parts)
+
+
+def _frame(body: dict[str, Any], binary_parts: list[bytes]) -> Framed:
+    header = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not binary_parts:
+        return Framed(header, {CONTENT_TYPE: JSON})
+    return Framed(header + b"".join(binary_parts), {CONTENT_TYPE: BINARY, HEADER_LENGTH: str(len(header))})
+
+
+def encode_error(error: InferenceError, model_name: str | None = None) -> Framed:
+    return Framed(orjson.dumps(error.to_json(model_name)), {CONTENT_TYPE: JSON})
+
+
+def encode_request(request_id: str, model_name: str, inputs: Mapping[str, np.ndarray], *, binary: bool = False,
+                   model_version: str | None = None, parameters: dict[str, Any] | None = None,
+                   outputs: Iterable[str] | None = None, binary_outputs: bool = False,
+                   datatypes: Mapping[str, str] | None = None) -> Framed:
+    """Client side: a request from numpy arrays, as JSON or with binary tensors."""
+    body: dict[str, Any] = {"id": request_id, "model_name": model_name}
+    if model_version is not None:
+        body["model_version"] = str(model_version)
+    params = dict(parameters or {})
+    if binary_outputs and outputs is None:
+        params["binary_data_output"] = True
+    if params:
+        body["parameters"] = params
+    if outputs is not None:
+        body["outputs"] = [{"name": n, **({"parameters": {"binary_data": True}} if binary_outputs else {})}
+                           for n in outputs]
+    tensors, parts = [], []
+    for name, array in inputs.items():
+        datatype = (datatypes or {}).get(name) or datatype_of(array)
+        tensor: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": datatype}
+        if binary:
+            raw = tensor_to_bytes(array, datatype)
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            parts.append(raw)
+        elif datatype == "BYTES":
+            tensor["data"] = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
+        else:
+            tensor["data"] = array.reshape(-1)
+        tensors.append(tensor)
+    body["inputs"] = tensors
+    return _frame(body, parts)
+
+
+def decode_response(payload: bytes, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Client side: a result or error body; binary outputs become numpy arrays under "data"."""
+    headers = headers or {}
+    length = _header_length(headers.get(HEADER_LENGTH), len(payload))
+    view = memoryview(payload)
+    body = orjson.loads(view if length is None else view[:length])
+    offset = length or 0
+    for out in body.get("outputs", []):
+        size = (out.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            out["data"] = tensor_from_bytes(view[offset:offset + size], out["datatype"], out["shape"])
+            offset += size
+    return body
+
+
+TRANSFER_ENCODING = "content-transfer-encoding"
+
+
+def to_sqs_message(framed: Framed) -> dict[str, Any]:
+    """SQS bodies must be text: binary messages travel base64-encoded, the framing in message attributes."""
+    attributes = {k: {"DataType": "String", "StringValue": v} for k, v in framed.headers.items()}
+    if framed.headers.get(CONTENT_TYPE) == BINARY:
+        attributes[TRANSFER_ENCODING] = {"DataType": "String", "StringValue": "base64"}
+        return {"MessageBody": base64.b64encode(framed.body).decode(), "MessageAttributes": attributes}
+    return {"MessageBody": framed.body.decode("utf-8"), "MessageAttributes": attributes}
+
+
+def from_sqs_message(body: str, attributes: Mapping[str, Any] | None) -> tuple[bytes, dict[str, str]]:
+    """The payload and headers of an SQS message, from boto3's or Lambda's attribute shape."""
+    headers = {}
+    for name, value in (attributes or {}).items():
+        text = value.get("StringValue", value.get("stringValue")) if isinstance(value, Mapping) else value
+        if text is not None:
+            headers[name.lower()] = str(text)
+    if headers.get(TRANSFER_ENCODING) == "base64":
+        try:
+            return base64.b64decode(body, validate=True), headers
+        except ValueError:
+            raise InferenceError(ErrorCode.INVALID_REQUEST, "message body is not valid base64 although "
+                                 f"{TRANSFER_ENCODING} says so") from None
+    return body.encode("utf-8"), headers
