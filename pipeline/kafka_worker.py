@@ -18,12 +18,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
+from pipeline.claim_check import ClaimCheckStore, outputs_reference
 from pipeline.codec import Framed, decode_request, encode_error, encode_response, header_map
 from pipeline.engine import InferenceEngine
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.metrics import DEAD_LETTERS, ERRORS, IN_FLIGHT, REQUESTS, BatchRecord
 from pipeline.offsets import OffsetTracker
-from pipeline.protocol import InferenceRequest
+from pipeline.protocol import InferenceRequest, InferenceResponse
+from pipeline.services import aws_client
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -71,10 +73,17 @@ class KafkaWorker:
         self.assigned = asyncio.Event()
         self.answered = 0
 
+    @property
+    def in_flight(self) -> int:
+        """Records received and not yet answered (bounded by max_in_flight)."""
+        return self._tracker.in_flight()
+
     async def start(self) -> KafkaWorker:
         kafka = self.settings.kafka_client_kwargs()
         self._producer = AIOKafkaProducer(
             **kafka, acks="all", linger_ms=2, max_batch_size=self.settings.producer_max_batch_bytes,
+            max_request_size=max(1048576, self.settings.max_request_bytes + 65536,
+                                 self.settings.max_inline_output_bytes + 65536),
             enable_idempotence=self.settings.kafka_idempotence, client_id=f"maas-{self.settings.worker_id}",
         )
         options = {
@@ -89,6 +98,9 @@ class KafkaWorker:
             "heartbeat_interval_ms": self.settings.kafka_heartbeat_interval_ms,
         }
         self._consumer = AIOKafkaConsumer(**kafka, **options)
+        self._store = ClaimCheckStore(aws_client(self.settings, "s3"), self.settings.allowed_buckets,
+                                      output_bucket=self.settings.batch_bucket,
+                                      max_object_bytes=self.settings.max_claim_check_bytes)
         try:
             await self._producer.start()
             await self._consumer.start()
@@ -166,7 +178,14 @@ class KafkaWorker:
 
     async def _handle(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         try:
-            await self._answer(record)
+            try:
+                await self._answer(record)
+            except KafkaError:
+                raise
+            except Exception as exc:  # a bug on the answer path: the record still gets a dead letter
+                log.exception("failed to answer %s-%s@%s", tp.topic, tp.partition, record.offset)
+                error = InferenceError(ErrorCode.INTERNAL, f"unexpected failure: {exc!r}")
+                await self._dead_letter(record, list(record.headers or ()), error, 1)
         except KafkaError as exc:
             # Neither the answer nor a dead letter could be written: leave the offset uncommitted and
             # stop, so the record is redelivered (to this worker after a restart, or to another).
@@ -199,9 +218,12 @@ class KafkaWorker:
         while request is not None and attempts < self.max_attempts:
             attempts += 1
             try:
+                await self._store.resolve_inputs(request, self.settings.max_claim_check_bytes)
                 response = await self.engine.infer(request)
+                framed = await self._externalize(request, response)
             except InferenceError as exc:
                 error = exc
+                error.request_id = error.request_id or request.id
                 if not exc.code.transient:
                     break
                 await asyncio.sleep(min(2.0, 0.1 * 2**attempts))
@@ -210,7 +232,7 @@ class KafkaWorker:
                 error = InferenceError(ErrorCode.INTERNAL, f"unexpected failure: {exc!r}", request.id)
                 break
             else:
-                await self._send_answer(request, record, encode_response(response, request), headers)
+                await self._send_answer(request, record, framed, headers)
                 REQUESTS.labels(request.model_name, "ok").inc()
                 return
         assert error is not None
@@ -221,6 +243,16 @@ class KafkaWorker:
             REQUESTS.labels(request.model_name if request else "-", "error").inc()
         else:
             await self._dead_letter(record, headers, error, max(attempts, 1))
+
+    async def _externalize(self, request: InferenceRequest, response: InferenceResponse) -> Framed:
+        """Claim check for outputs: a result too large for a record (or with an output_uri) goes to S3."""
+        framed = encode_response(response, request)
+        uri = request.parameters.get("output_uri")
+        if uri is None and len(framed.body) <= self.settings.max_inline_output_bytes:
+            return framed
+        uri = uri or self._store.default_uri(request.model_name, f"{request.id}.result")
+        await self._store.put(uri, framed)
+        return outputs_reference(response, uri)
 
     def _reply_topic(self, request: InferenceRequest | None) -> str:
         if request is not None and request.parameters.get("reply_to"):
@@ -239,13 +271,27 @@ class KafkaWorker:
                            attempts: int) -> None:
         assert self._producer is not None
         log.warning("dead-lettering %s-%s@%s: %s %s", record.topic, record.partition, record.offset, error.code,
-                    error.message)
+                    error.message, extra={"request_id": error.request_id})
+        value = record.value
         out = [*headers,
                ("maas-error-code", str(error.code).encode()),
                ("maas-error-message", error.message.encode("utf-8", "replace")[:4096]),
                ("maas-attempts", str(attempts).encode()),
                ("maas-source", f"{record.topic}-{record.partition}@{record.offset}".encode())]
-        await self._producer.send_and_wait(self.settings.topics.dlq, record.value, key=record.key, headers=out)
+        if value is not None and len(value) > self.settings.max_request_bytes:
+            # Too large to re-produce safely: the original goes to S3, the dead letter points to it.
+            uri = self._store.default_uri("dead-letters", record.topic, str(record.partition), str(record.offset))
+            try:
+                await self._store.put(uri, Framed(value, {"content-type": "application/octet-stream"}),
+                                      field="dead letter")
+                out.append(("maas-payload-uri", uri.encode()))
+                value = b""
+            except InferenceError as exc:
+                log.error("cannot store oversized dead letter in S3 (%s); keeping its first %d bytes",
+                          exc.message, self.settings.max_request_bytes)
+                out.append(("maas-payload-truncated-from", str(len(value)).encode()))
+                value = value[: self.settings.max_request_bytes]
+        await self._producer.send_and_wait(self.settings.topics.dlq, value, key=record.key, headers=out)
         DEAD_LETTERS.labels(str(error.code)).inc()
 
     def _publish_batch_record(self, record: BatchRecord) -> None:

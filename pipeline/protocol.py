@@ -33,6 +33,7 @@ class InferenceRequest:
     outputs: list[str] | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     binary_outputs: frozenset[str] = frozenset()
+    inputs_uri: str | None = None
 
     def wants_binary(self, output: str) -> bool:
         """The binary tensor extension: per output (`binary_data`) or for all (`binary_data_output`)."""
@@ -113,6 +114,17 @@ def parse_request(body: Any, *, max_elements: int, defaults: dict[str, Any] | No
     _check_parameters(parameters, request_id)
     outputs, binary_outputs = _parse_outputs(body.get("outputs"), request_id)
     raw_inputs = body.get("inputs")
+    inputs_uri = body.get("inputs_uri")
+    if inputs_uri is not None:
+        if raw_inputs is not None:
+            raise _fail(ErrorCode.INVALID_REQUEST, "give either inputs or inputs_uri, not both", request_id)
+        if not isinstance(inputs_uri, str):
+            raise _fail(ErrorCode.INVALID_REQUEST, "inputs_uri: expected an s3:// URI string", request_id)
+        return InferenceRequest(
+            id=request_id, model_name=model_name, model_version=None if version is None else str(version),
+            inputs={}, datatypes={}, outputs=outputs, parameters=parameters, binary_outputs=binary_outputs,
+            inputs_uri=inputs_uri,
+        )
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise _fail(ErrorCode.INVALID_REQUEST, "inputs: expected a non-empty list of tensors", request_id)
     inputs: dict[str, np.ndarray] = {}
@@ -155,6 +167,9 @@ def _check_parameters(parameters: dict[str, Any], request_id: str) -> None:
     ):
         raise _fail(ErrorCode.INVALID_REQUEST, "parameters.deadline_ms: expected a number (Unix time in ms)",
                     request_id)
+    output_uri = parameters.get("output_uri")
+    if output_uri is not None and not isinstance(output_uri, str):
+        raise _fail(ErrorCode.INVALID_REQUEST, "parameters.output_uri: expected an s3:// URI string", request_id)
     reply_to = parameters.get("reply_to")
     if reply_to is not None and (not isinstance(reply_to, str) or not _TOPIC_RE.match(reply_to)):
         raise _fail(ErrorCode.INVALID_REQUEST, "parameters.reply_to: expected a Kafka topic name "

@@ -36,6 +36,13 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return value
 
 
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = (env.get(name) or default).lower()
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
+
+
 @dataclass(frozen=True)
 class Topics:
     requests: str = "maas.requests"
@@ -73,6 +80,11 @@ class Settings:
     kafka_heartbeat_interval_ms: int = 1000
     producer_max_batch_bytes: int = 256 * 1024
     kafka_idempotence: bool = False
+    claim_check_buckets: frozenset[str] = frozenset()
+    max_inline_output_bytes: int = 1024 * 1024
+    max_claim_check_bytes: int = 64 * 1024 * 1024
+    health_port: int = 0
+    log_format: str = "text"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -109,6 +121,12 @@ class Settings:
             kafka_session_timeout_ms=_int(env, "MAAS_KAFKA_SESSION_TIMEOUT_MS", 10000, minimum=1000),
             kafka_heartbeat_interval_ms=_int(env, "MAAS_KAFKA_HEARTBEAT_INTERVAL_MS", 1000, minimum=100),
             kafka_idempotence=env.get("MAAS_KAFKA_IDEMPOTENCE", "0").lower() in {"1", "true", "yes"},
+            claim_check_buckets=frozenset(b.strip() for b in env.get("MAAS_CLAIM_CHECK_BUCKETS", "").split(",")
+                                          if b.strip()),
+            max_inline_output_bytes=_int(env, "MAAS_MAX_INLINE_OUTPUT_BYTES", 1024 * 1024, minimum=1024),
+            max_claim_check_bytes=_int(env, "MAAS_MAX_CLAIM_CHECK_BYTES", 64 * 1024 * 1024, minimum=1024),
+            health_port=_int(env, "MAAS_HEALTH_PORT", 0, minimum=0),
+            log_format=_choice(env, "MAAS_LOG_FORMAT", "text", ("text", "json")),
         )
         if worker_id := env.get("MAAS_WORKER_ID"):
             settings = replace(settings, worker_id=worker_id)
@@ -122,6 +140,11 @@ class Settings:
     def embedded_aws(self) -> bool:
         """Real AWS is used when an endpoint or any credential source is configured."""
         return self.aws_endpoint_url is None and not self.aws_credentials_configured
+
+    @property
+    def allowed_buckets(self) -> frozenset[str]:
+        """Buckets that inputs_uri / output_uri may name: the configured ones, else the batch bucket."""
+        return self.claim_check_buckets or frozenset({self.batch_bucket})
 
     def with_endpoints(self, bootstrap_servers: str | None, endpoint_url: str | None) -> Settings:
         return replace(
@@ -175,6 +198,11 @@ class Settings:
             "MAAS_KAFKA_SESSION_TIMEOUT_MS": str(self.kafka_session_timeout_ms),
             "MAAS_KAFKA_HEARTBEAT_INTERVAL_MS": str(self.kafka_heartbeat_interval_ms),
             "MAAS_KAFKA_IDEMPOTENCE": "1" if self.kafka_idempotence else "0",
+            "MAAS_CLAIM_CHECK_BUCKETS": ",".join(sorted(self.claim_check_buckets)),
+            "MAAS_MAX_INLINE_OUTPUT_BYTES": str(self.max_inline_output_bytes),
+            "MAAS_MAX_CLAIM_CHECK_BYTES": str(self.max_claim_check_bytes),
+            "MAAS_HEALTH_PORT": str(self.health_port),
+            "MAAS_LOG_FORMAT": self.log_format,
         }
         optional = {
             "KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap_servers,

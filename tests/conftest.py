@@ -1,13 +1,17 @@
 """Shared fixtures: one real local stack (Tansu broker + moto server) for the session, isolated names per test.
 
-TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is set here, first.
+TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is set here, first, on
+machines without a GPU (on a GPU the kernel tests run the compiled kernels).
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import shutil
 import uuid

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 
@@ -13,12 +14,12 @@ from models.architectures.mlp import MLP
 from models.artifact import WEIGHTS_FILE, ArtifactError, ModelConfig
 from models.cache import ModelCache
 from models.examples import MNIST_MLP, mnist_mlp_config, synthetic_digits
-from models.repository import ModelNotFoundError, ModelRepository
+from models.repository import ModelNotFoundError
 
 
 def _random_mlp_weights(layers=(784, 128, 10)) -> dict[str, torch.Tensor]:
     weights = {}
-    for i, (d_in, d_out) in enumerate(zip(layers, layers[1:], strict=False)):
+    for i, (d_in, d_out) in enumerate(itertools.pairwise(layers)):
         weights[f"layers.{i}.weight"] = torch.randn(d_out, d_in) / d_in**0.5
         weights[f"layers.{i}.bias"] = torch.randn(d_out)
     return weights
@@ -49,7 +50,7 @@ def test_publish_increments_versions_and_latest_resolves(repository):
     assert repository.versions("digits") == [1, 2]
     assert repository.resolve("digits") == 2
     assert repository.resolve("digits", "1") == 1
-    with pytest.raises(ModelNotFoundError, match="has no version 7; available: \\[1, 2\\]"):
+    with pytest.raises(ModelNotFoundError, match=r"has no version 7; available: \[1, 2\]"):
         repository.resolve("digits", 7)
     with pytest.raises(ModelNotFoundError, match="not in the repository"):
         repository.resolve("nope")
@@ -74,7 +75,7 @@ def test_unknown_architecture_and_bad_fields_are_named(repository):
         repository.publish("x", ModelConfig.parse({**raw, "architecture": "resnet9000"}), _random_mlp_weights())
     with pytest.raises(ArtifactError, match=r"inputs\[0\].shape: the first \(batch\) dimension must be -1"):
         ModelConfig.parse({**raw, "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784]}]})
-    with pytest.raises(ArtifactError, match="batching.max_batch_size"):
+    with pytest.raises(ArtifactError, match=r"batching\.max_batch_size"):
         ModelConfig.parse({**raw, "batching": {"max_batch_size": 0}})
 
 

@@ -3,47 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import subprocess
-import sys
-import threading
-import time
 from dataclasses import replace
 
 import numpy as np
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from worker_support import read_topic, running_worker, worker_process
 
-from models.cache import ModelCache
 from models.examples import MNIST_MLP, mnist_mlp_config, train_mnist_mlp
 from models.repository import ModelRepository
 from pipeline.client import ResultCollector, example_requests, publish_requests
-from pipeline.engine import InferenceEngine
-from pipeline.kafka_worker import KafkaWorker
-
-
-@contextlib.asynccontextmanager
-async def running_worker(settings, **kwargs):
-    engine = InferenceEngine(ModelCache(ModelRepository(settings.model_repository)), worker_id=settings.worker_id)
-    async with engine, KafkaWorker(settings, engine, **kwargs) as worker:
-        await asyncio.wait_for(worker.assigned.wait(), 30)
-        yield worker
-
-
-async def read_topic(settings, topic: str, count: int, timeout: float = 20.0) -> list:
-    consumer = AIOKafkaConsumer(**settings.kafka_client_kwargs(), group_id=None, auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        consumer.assign([TopicPartition(topic, p) for p in range(settings.topic_partitions)])
-        records, deadline = [], time.monotonic() + timeout
-        while len(records) < count and time.monotonic() < deadline:
-            for batch in (await consumer.getmany(timeout_ms=200)).values():
-                records.extend(batch)
-        return records
-    finally:
-        await consumer.stop()
 
 
 @pytest.fixture
@@ -132,23 +101,6 @@ async def test_a_model_that_cannot_load_is_retried_then_dead_lettered(fast):
         assert answer.body["headers"]["maas-attempts"] == "2"
 
 
-def _start_worker_process(settings, repository_root) -> tuple[subprocess.Popen, threading.Event]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "MAAS_", "AWS_"))}
-    env.update(replace(settings, model_repository=str(repository_root)).to_env(),
-               AWS_ACCESS_KEY_ID="maas-local", AWS_SECRET_ACCESS_KEY="maas-local", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "-v", "worker"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assigned = threading.Event()
-
-    def watch() -> None:
-        for line in proc.stdout:
-            if "assigned partitions" in line and "[]" not in line:
-                assigned.set()
-
-    threading.Thread(target=watch, daemon=True).start()
-    return proc, assigned
-
-
 @pytest.mark.slow
 async def test_killed_worker_loses_nothing_consumed_but_unanswered(fast, tmp_path):
     # Worker A holds requests in its batcher for a minute (max_queue_delay_ms), so it has consumed them
@@ -156,7 +108,7 @@ async def test_killed_worker_loses_nothing_consumed_but_unanswered(fast, tmp_pat
     slow_repo = ModelRepository(tmp_path / "slow")
     slow_repo.publish(MNIST_MLP, mnist_mlp_config(max_batch_size=64, max_queue_delay_ms=60_000),
                       train_mnist_mlp(steps=1))
-    proc, assigned = _start_worker_process(fast, slow_repo.root)
+    proc, assigned, _ = worker_process(fast, repository_root=slow_repo.root, worker_id="holder")
     try:
         assert await asyncio.to_thread(assigned.wait, 60), "worker A never joined the group"
         requests, truth = example_requests(12, prefix="restart")

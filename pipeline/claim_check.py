@@ -1,0 +1,124 @@
+"""Claim checks on S3: large inputs by reference (`inputs_uri`), large outputs and oversized dead letters
+written to objects that the small Kafka record points to.
+
+Every URI a caller gives is validated: the bucket must be one this deployment allows, the key must be a
+plain relative path, and an object is sized (HEAD) before it is read, so a reference can neither reach
+another team's bucket nor make a worker download more than the payload limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from botocore.exceptions import BotoCoreError, ClientError
+
+from pipeline.codec import CONTENT_TYPE, HEADER_LENGTH, JSON, Framed, decode_request
+from pipeline.errors import ErrorCode, InferenceError
+from pipeline.protocol import InferenceRequest, InferenceResponse
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_KEY_RE = re.compile(r"^[A-Za-z0-9!_.*'()/=+,@-]{1,1024}$")
+
+
+def parse_s3_uri(uri: str, *, field: str) -> tuple[str, str]:
+    """`s3://bucket/key` -> (bucket, key), refusing anything that is not a plain, safe object key."""
+    if not isinstance(uri, str) or not uri.startswith("s3://"):
+        raise InferenceError(ErrorCode.INVALID_REQUEST, f"{field}: expected s3://bucket/key, got {uri!r:.80}")
+    bucket, _, key = uri[5:].partition("/")
+    if not _BUCKET_RE.match(bucket):
+        raise InferenceError(ErrorCode.INVALID_REQUEST, f"{field}: {bucket!r:.70} is not a valid bucket name")
+    parts = key.split("/")
+    if not _KEY_RE.match(key) or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise InferenceError(ErrorCode.INVALID_REQUEST, f"{field}: {key!r:.70} is not a plain object key "
+                             "(letters, digits, and !_.*'()/=+,@- ; no empty, '.' or '..' segments)")
+    return bucket, key
+
+
+@dataclass
+class ClaimCheckStore:
+    """S3 access for claim checks. `s3` is a boto3 client; its blocking calls run in threads."""
+
+    s3: Any
+    allowed_buckets: frozenset[str]
+    output_bucket: str
+    output_prefix: str = "results"
+    max_object_bytes: int = 64 * 1024 * 1024
+
+    def _allowed(self, bucket: str, field: str) -> None:
+        if bucket not in self.allowed_buckets:
+            raise InferenceError(ErrorCode.INVALID_REQUEST, f"{field}: bucket {bucket!r} is not allowed here "
+                                 f"(allowed: {sorted(self.allowed_buckets)}; setting MAAS_CLAIM_CHECK_BUCKETS)")
+
+    async def fetch(self, uri: str, field: str = "inputs_uri") -> tuple[bytes, dict[str, str]]:
+        bucket, key = parse_s3_uri(uri, field=field)
+        self._allowed(bucket, field)
+
+        def get() -> tuple[bytes, dict[str, str]]:
+            head = self.s3.head_object(Bucket=bucket, Key=key)
+            size = head["ContentLength"]
+            if size > self.max_object_bytes:
+                raise InferenceError(ErrorCode.PAYLOAD_TOO_LARGE, f"{field}: object is {size} bytes; the limit is "
+                                     f"{self.max_object_bytes}")
+            body = self.s3.get_object(Bucket=bucket, Key=key)["Body"].read(self.max_object_bytes + 1)
+            headers = {CONTENT_TYPE: head.get("ContentType", "application/json")}
+            length = head.get("Metadata", {}).get(HEADER_LENGTH)
+            if length:
+                headers[HEADER_LENGTH] = length
+            return body, headers
+
+        try:
+            return await asyncio.to_thread(get)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchKey", "NoSuchBucket", "403", "AccessDenied"):
+                raise InferenceError(ErrorCode.INVALID_REQUEST, f"{field}: {uri} cannot be read ({code})") from None
+            raise InferenceError(ErrorCode.UNAVAILABLE, f"{field}: S3 error reading {uri}: {code}") from None
+        except BotoCoreError as exc:
+            raise InferenceError(ErrorCode.UNAVAILABLE, f"{field}: S3 unreachable: {exc}") from None
+
+    async def resolve_inputs(self, request: InferenceRequest, max_bytes: int) -> None:
+        """Fill `request.inputs` from the object its `inputs_uri` names (a V2 request, JSON or binary)."""
+        if request.inputs_uri is None:
+            return
+        payload, headers = await self.fetch(request.inputs_uri)
+        inner = decode_request(payload, headers, max_bytes=max_bytes,
+                               defaults={"id": request.id, "model_name": request.model_name})
+        if inner.inputs_uri is not None:
+            raise InferenceError(ErrorCode.INVALID_REQUEST, "inputs_uri: the object may not refer to another object",
+                                 request.id)
+        request.inputs, request.datatypes = inner.inputs, inner.datatypes
+
+    async def put(self, uri: str, framed: Framed, field: str = "parameters.output_uri") -> None:
+        bucket, key = parse_s3_uri(uri, field=field)
+        self._allowed(bucket, field)
+        metadata = {HEADER_LENGTH: framed.headers[HEADER_LENGTH]} if HEADER_LENGTH in framed.headers else {}
+
+        def put() -> None:
+            self.s3.put_object(Bucket=bucket, Key=key, Body=framed.body,
+                               ContentType=framed.headers.get(CONTENT_TYPE, "application/json"), Metadata=metadata)
+
+        try:
+            await asyncio.to_thread(put)
+        except (ClientError, BotoCoreError) as exc:
+            raise InferenceError(ErrorCode.UNAVAILABLE, f"{field}: S3 error writing {uri}: {exc}") from None
+
+    def default_uri(self, *parts: str) -> str:
+        safe = [re.sub(r"[^A-Za-z0-9!_.*'()=+,@-]", "_", p) or "_" for p in parts]
+        return f"s3://{self.output_bucket}/{self.output_prefix}/" + "/".join(safe)
+
+
+def outputs_reference(response: InferenceResponse, uri: str) -> Framed:
+    """The small result that stands in for one stored in S3: output names, shapes and datatypes, and where."""
+    body = {
+        "id": response.id,
+        "model_name": response.model_name,
+        "model_version": str(response.model_version),
+        "outputs_uri": uri,
+        "outputs": [{"name": n, "shape": list(a.shape), "datatype": response.datatypes.get(n, "")}
+                    for n, a in response.outputs.items()],
+    }
+    return Framed(orjson.dumps(body), {CONTENT_TYPE: JSON})

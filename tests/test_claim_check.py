@@ -1,0 +1,71 @@
+"""Claim checks through the real worker and the real S3 server: inputs by reference, outputs to objects."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import orjson
+import pytest
+from worker_support import running_worker
+
+from models.examples import MNIST_MLP, synthetic_digits
+from pipeline.claim_check import parse_s3_uri
+from pipeline.client import ResultCollector, publish_requests
+from pipeline.codec import decode_response, encode_request
+from pipeline.errors import InferenceError
+from pipeline.services import aws_client
+
+
+@pytest.mark.parametrize("uri", ["http://x/y", "s3://", "s3://Bad_Bucket/k", "s3://bucket/", "s3://bucket/a//b",
+                                 "s3://bucket/../x", "s3://bucket/a/./b", "s3://bucket/with space"])
+def test_unsafe_uris_are_refused(uri):
+    with pytest.raises(InferenceError) as caught:
+        parse_s3_uri(uri, field="inputs_uri")
+    assert caught.value.message.startswith("inputs_uri: ")
+
+
+async def test_inputs_by_reference_and_outputs_to_s3(live):
+    settings = replace(live, max_inline_output_bytes=2048)
+    s3 = aws_client(settings, "s3")
+    images, labels = synthetic_digits(40, seed=99)
+    json_obj = encode_request("ignored", MNIST_MLP, {"input": images[:20]})
+    binary_obj = encode_request("ignored", MNIST_MLP, {"input": images[20:]}, binary=True)
+    s3.put_object(Bucket=settings.batch_bucket, Key="in/a.json", Body=json_obj.body, ContentType="application/json")
+    s3.put_object(Bucket=settings.batch_bucket, Key="in/b.bin", Body=binary_obj.body,
+                  ContentType="application/octet-stream",
+                  Metadata={"inference-header-content-length": binary_obj.headers["inference-header-content-length"]})
+    requests = [
+        {"id": "by-ref-json", "model_name": MNIST_MLP, "inputs_uri": f"s3://{settings.batch_bucket}/in/a.json",
+         "outputs": [{"name": "class"}]},
+        {"id": "by-ref-binary", "model_name": MNIST_MLP, "inputs_uri": f"s3://{settings.batch_bucket}/in/b.bin",
+         "parameters": {"output_uri": f"s3://{settings.batch_bucket}/out/b.result"}},
+    ]
+    async with running_worker(settings), ResultCollector(settings) as collector:
+        await publish_requests(settings, requests)
+        answers = await collector.wait_for(["by-ref-json", "by-ref-binary"], timeout=60)
+    small = answers["by-ref-json"].body
+    assert "outputs_uri" not in small, "a small result stays inline"
+    np.testing.assert_array_equal(np.asarray(small["outputs"][0]["data"]), labels[:20])
+    ref = answers["by-ref-binary"].body
+    assert ref["outputs_uri"] == f"s3://{settings.batch_bucket}/out/b.result"
+    assert {o["name"]: o["shape"] for o in ref["outputs"]} == {"probabilities": [20, 10], "class": [20]}
+    stored = s3.get_object(Bucket=settings.batch_bucket, Key="out/b.result")
+    full = decode_response(stored["Body"].read(), {"content-type": stored["ContentType"]})
+    outputs = {o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in full["outputs"]}
+    np.testing.assert_array_equal(outputs["class"], labels[20:])
+
+
+async def test_a_result_over_the_inline_limit_goes_to_s3(live):
+    settings = replace(live, max_inline_output_bytes=1024)
+    images, labels = synthetic_digits(32, seed=5)
+    request = orjson.loads(encode_request("big", MNIST_MLP, {"input": images}).body)
+    async with running_worker(settings), ResultCollector(settings) as collector:
+        await publish_requests(settings, [request])
+        answer = (await collector.wait_for(["big"], timeout=60))["big"]
+    uri = answer.body["outputs_uri"]
+    bucket, key = parse_s3_uri(uri, field="outputs_uri")
+    assert bucket == settings.batch_bucket and key.startswith("results/mnist_mlp/")
+    stored = aws_client(settings, "s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+    classes = next(o for o in orjson.loads(stored)["outputs"] if o["name"] == "class")
+    assert classes["data"] == labels.tolist()

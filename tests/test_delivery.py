@@ -1,0 +1,230 @@
+"""Delivery guarantees under failure: crashes, graceful shutdown, backpressure, and a bad-input matrix.
+
+Every test uses real worker processes or in-process workers against the real broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from dataclasses import replace
+
+import numpy as np
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from worker_support import running_worker, worker_process
+
+from models.examples import MNIST_MLP, mnist_mlp_config, train_mnist_mlp
+from models.repository import ModelRepository
+from pipeline.client import ResultCollector, example_requests, publish_requests
+from pipeline.codec import encode_request
+from pipeline.services import aws_client, bootstrap
+from pipeline.settings import Topics
+
+
+@pytest.fixture
+async def four_partitions(settings):
+    """Fresh topics with four partitions, so three workers each own at least one."""
+    four = replace(settings, topic_partitions=4,
+                   topics=Topics(*(f"{name}.p4" for name in settings.topics.all())))
+    await bootstrap(four)
+    return four
+
+
+@pytest.mark.slow
+async def test_sigkilled_worker_in_a_group_of_three_loses_no_request(four_partitions, tmp_path):
+    settings = four_partitions
+    workers = [worker_process(settings, worker_id=f"crash-{i}") for i in range(3)]
+    try:
+        for _, assigned, _ in workers:
+            assert await asyncio.to_thread(assigned.wait, 60), "a worker never got partitions"
+        requests, truth = example_requests(5000, prefix="crash")
+        payloads = [orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY) for r in requests]
+        async with ResultCollector(settings) as collector:
+            sender = asyncio.create_task(publish_requests(settings, payloads, keys=list(truth)))
+            while len(collector.answers) < 500:  # kill mid-stream
+                await asyncio.sleep(0.05)
+            victim = workers[0][0]
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(10)
+            await sender
+            restarted = worker_process(settings, worker_id="crash-0-restarted")
+            workers.append(restarted)
+            answers = await collector.wait_for(truth, timeout=180)
+        missing = set(truth) - set(answers)
+        assert not missing, f"{len(missing)} requests never answered"
+        assert len(answers) == len(truth)  # deduplicated by request id
+        assert all(a.kind == "result" for a in answers.values())
+        accuracy = np.mean([int(answers[i].output("class")[0]) == label for i, label in truth.items()])
+        assert accuracy > 0.95
+    finally:
+        for proc, _, _ in workers:
+            proc.kill()
+
+
+@pytest.mark.slow
+async def test_sigterm_finishes_in_flight_batches_then_commits(live, tmp_path):
+    # A long batching delay keeps requests queued when SIGTERM arrives: a graceful stop must still
+    # answer them (flush the batcher), commit, and exit 0; a new worker then finds nothing to redo.
+    slow_repo = ModelRepository(tmp_path / "slow")
+    slow_repo.publish(MNIST_MLP, mnist_mlp_config(max_batch_size=64, max_queue_delay_ms=2_000),
+                      train_mnist_mlp(steps=1))
+    proc, assigned, lines = worker_process(live, repository_root=slow_repo.root, worker_id="graceful")
+    try:
+        assert await asyncio.to_thread(assigned.wait, 60)
+        requests, truth = example_requests(20, prefix="graceful")
+        async with ResultCollector(live) as collector:
+            await publish_requests(live, requests)
+            await asyncio.sleep(0.8)  # consumed, waiting in the batcher
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(proc.wait, 30) == 0, "".join(lines)
+            answers = await collector.wait_for(truth, timeout=10)
+        assert set(answers) == set(truth)
+        assert any("worker stopped after answering 20 requests" in line for line in lines), "".join(lines)
+        consumer = AIOKafkaConsumer(**live.kafka_client_kwargs(), group_id=live.consumer_group,
+                                    enable_auto_commit=False)
+        await consumer.start()
+        try:
+            tps = [TopicPartition(live.topics.requests, p) for p in range(live.topic_partitions)]
+            committed = [await consumer.committed(tp) or 0 for tp in tps]
+            assert sum(committed) == 20, "graceful stop must commit everything it answered"
+        finally:
+            await consumer.stop()
+    finally:
+        proc.kill()
+
+
+async def test_a_slow_model_keeps_in_flight_bounded(live, tmp_path):
+    # Backpressure: with max_in_flight 32 and a model held back by a long batching delay, the worker stops
+    # taking records at 32 instead of buffering the whole topic, then catches up when batches run.
+    slow_repo = ModelRepository(tmp_path / "slow")
+    slow_repo.publish(MNIST_MLP, mnist_mlp_config(max_batch_size=64, max_queue_delay_ms=1_500),
+                      train_mnist_mlp(steps=1))
+    settings = replace(live, max_in_flight=32, model_repository=str(slow_repo.root))
+    requests, truth = example_requests(150, prefix="pressure")
+    async with running_worker(settings) as worker, ResultCollector(settings) as collector:
+        await publish_requests(settings, requests)
+        await asyncio.sleep(1.0)
+        assert worker.in_flight == 32, "the worker must hold exactly max_in_flight records, no more"
+        answers = await collector.wait_for(truth, timeout=60)
+        assert worker.in_flight == 0
+    assert set(answers) == set(truth)
+
+
+BAD_INPUT_MATRIX = [
+    # (case id, payload or request-dict override, headers, expected kind, expected code)
+    ("invalid-json", b"{nope", None, "dead_letter", "INVALID_JSON"),
+    ("non-utf8", b"\xc3\x28\xa0\xa1", None, "dead_letter", "INVALID_JSON"),
+    ("empty-record", b"", None, "dead_letter", "INVALID_JSON"),
+    ("json-array", b"[]", None, "dead_letter", "INVALID_REQUEST"),
+    ("missing-id", {"id": None}, None, "dead_letter", "INVALID_REQUEST"),
+    ("missing-model", {"model_name": None}, None, "error", "INVALID_REQUEST"),
+    ("path-in-model-name", {"model_name": "../../etc/passwd"}, None, "error", "INVALID_REQUEST"),
+    ("unknown-model", {"model_name": "nope"}, None, "error", "MODEL_NOT_FOUND"),
+    ("unknown-version", {"model_version": "42"}, None, "error", "MODEL_NOT_FOUND"),
+    ("bad-version", {"model_version": "v1"}, None, "error", "MODEL_NOT_FOUND"),
+    ("missing-inputs", {"inputs": None}, None, "error", "INVALID_REQUEST"),
+    ("empty-inputs", {"inputs": []}, None, "error", "INVALID_REQUEST"),
+    ("wrong-input-name", {"inputs": [{"name": "x", "shape": [1, 784], "datatype": "FP32", "data": [0.0] * 784}]},
+     None, "error", "INVALID_INPUT"),
+    ("wrong-datatype", {"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP64", "data": [0.0] * 784}]},
+     None, "error", "INVALID_INPUT"),
+    ("unknown-datatype", {"inputs": [{"name": "input", "shape": [1, 784], "datatype": "F32", "data": [0] * 784}]},
+     None, "error", "INVALID_REQUEST"),
+    ("wrong-shape", {"inputs": [{"name": "input", "shape": [1, 783], "datatype": "FP32", "data": [0.0] * 783}]},
+     None, "error", "INVALID_INPUT"),
+    ("count-mismatch", {"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": [0.0] * 10}]},
+     None, "error", "INVALID_INPUT"),
+    ("empty-batch", {"inputs": [{"name": "input", "shape": [0, 784], "datatype": "FP32", "data": []}]},
+     None, "error", "INVALID_INPUT"),
+    ("too-many-rows", {"inputs": [{"name": "input", "shape": [65, 784], "datatype": "FP32",
+                                   "data": [0.0] * (65 * 784)}]}, None, "error", "INVALID_INPUT"),
+    ("strings-as-floats", {"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": ["a", "b"]}]},
+     None, "error", "INVALID_INPUT"),
+    ("inf-literal", b'{"id": "inf-literal", "model_name": "mnist_mlp", "inputs": [{"name": "input", '
+                    b'"shape": [1, 1], "datatype": "FP32", "data": [Infinity]}]}', None, "dead_letter", "INVALID_JSON"),
+    ("overflow-to-inf", {"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32",
+                                     "data": [1e39] * 784}]}, None, "error", "INVALID_INPUT"),
+    ("absurd-shape", {"inputs": [{"name": "input", "shape": [1000000, 1000000], "datatype": "FP32", "data": [0.0]}]},
+     None, "error", "PAYLOAD_TOO_LARGE"),
+    ("oversized-record", "OVERSIZED", None, "dead_letter", "PAYLOAD_TOO_LARGE"),
+    ("deadline-passed", {"parameters": {"deadline_ms": 1000}}, None, "error", "DEADLINE_EXCEEDED"),
+    ("bad-deadline", {"parameters": {"deadline_ms": "tomorrow"}}, None, "error", "INVALID_REQUEST"),
+    ("bad-reply-to", {"parameters": {"reply_to": "no spaces allowed"}}, None, "error", "INVALID_REQUEST"),
+    ("unknown-output", {"outputs": [{"name": "logits"}]}, None, "error", "INVALID_REQUEST"),
+    ("unsupported-content-type", {}, [("content-type", b"text/csv")], "dead_letter", "INVALID_REQUEST"),
+    ("binary-truncated", "BINARY_TRUNCATED", None, "error", "INVALID_REQUEST"),
+    ("binary-size-mismatch", "BINARY_MISMATCH", None, "error", "INVALID_INPUT"),
+    ("binary-bad-header-length", "BINARY_BAD_LENGTH", None, "dead_letter", "INVALID_REQUEST"),
+    ("inputs-uri-missing-object", {"inputs": None, "inputs_uri": "s3://BUCKET/missing/object.json"}, None,
+     "error", "INVALID_REQUEST"),
+    ("inputs-uri-other-bucket", {"inputs": None, "inputs_uri": "s3://someone-elses-bucket/x.json"}, None,
+     "error", "INVALID_REQUEST"),
+    ("inputs-uri-traversal", {"inputs": None, "inputs_uri": "s3://BUCKET/a/../../etc/passwd"}, None,
+     "error", "INVALID_REQUEST"),
+]
+
+
+def _bad_payload(case: str, spec, base: dict, max_bytes: int, bucket: str) -> tuple[bytes, list[tuple[str, bytes]]]:
+    image = np.asarray(base["inputs"][0]["data"], dtype=np.float32).reshape(1, 784)
+    if spec == "OVERSIZED":
+        return b" " * (max_bytes + 1), []
+    if isinstance(spec, str) and spec.startswith("BINARY"):
+        framed = encode_request(case, MNIST_MLP, {"input": image}, binary=True)
+        headers = framed.kafka_headers()
+        if spec == "BINARY_TRUNCATED":
+            return framed.body[:-100], headers
+        if spec == "BINARY_MISMATCH":
+            length = int(framed.headers["inference-header-content-length"])
+            header = orjson.loads(framed.body[:length])
+            header["inputs"][0]["shape"] = [1, 783]
+            header["inputs"][0]["parameters"]["binary_data_size"] = 783 * 4
+            head = orjson.dumps(header)
+            return head + framed.body[length:length + 783 * 4], [("content-type", b"application/octet-stream"),
+                                                                 ("inference-header-content-length",
+                                                                  str(len(head)).encode())]
+        return framed.body, [("content-type", b"application/octet-stream"),
+                             ("inference-header-content-length", b"99999999")]
+    if isinstance(spec, bytes):
+        return spec, []
+    body = {**base, "id": case, **spec}
+    body = {k: v.replace("BUCKET", bucket) if isinstance(v, str) else v for k, v in body.items() if v is not None}
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), []
+
+
+async def test_bad_input_matrix_each_case_gets_its_documented_record(live):
+    settings = replace(live, max_request_bytes=1 << 20)
+    good, truth = example_requests(4, prefix="matrix-good")
+    records = []
+    for case, spec, headers, _, _ in BAD_INPUT_MATRIX:
+        payload, extra = _bad_payload(case, spec, good[0], settings.max_request_bytes, settings.batch_bucket)
+        records.append((case, payload, (headers or []) + extra))
+    from aiokafka import AIOKafkaProducer
+
+    async with running_worker(settings) as worker, ResultCollector(settings) as collector:
+        producer = AIOKafkaProducer(**settings.kafka_client_kwargs(), max_request_size=4 << 20)
+        await producer.start()
+        try:
+            for case, payload, headers in records:
+                await producer.send_and_wait(settings.topics.requests, payload, key=case.encode(), headers=headers)
+        finally:
+            await producer.stop()
+        await publish_requests(settings, good)
+        answers = await collector.wait_for([c[0] for c in BAD_INPUT_MATRIX] + list(truth), timeout=60)
+        for _ in range(50):  # the worker counts an answer just after the broker acknowledged it
+            if worker.answered == len(BAD_INPUT_MATRIX) + len(truth):
+                break
+            await asyncio.sleep(0.1)
+        assert worker.answered == len(BAD_INPUT_MATRIX) + len(truth), "every record answered, worker still up"
+    assert len(BAD_INPUT_MATRIX) >= 25
+    for case, _, _, kind, code in BAD_INPUT_MATRIX:
+        answer = answers.get(case)
+        assert answer is not None, f"{case}: no answer"
+        assert (answer.kind, answer.body["error"]["code"]) == (kind, code), f"{case}: {answer.body}"
+        assert answer.body["error"]["message"], case
+    assert all(answers[i].kind == "result" for i in truth), "good requests beside bad ones still succeed"
+    oversized = answers["oversized-record"].body["headers"]
+    bucket, key = oversized["maas-payload-uri"].removeprefix("s3://").split("/", 1)
+    stored = aws_client(settings, "s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+    assert stored == b" " * (settings.max_request_bytes + 1), "an oversized dead letter keeps its payload in S3"

@@ -1,0 +1,68 @@
+"""Helpers for tests that run workers: in-process, or as `maas worker` child processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from models.cache import ModelCache
+from models.repository import ModelRepository
+from pipeline.engine import InferenceEngine
+from pipeline.kafka_worker import KafkaWorker
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings, **kwargs):
+    """An in-process worker on `settings`, yielded once it owns partitions."""
+    engine = InferenceEngine(ModelCache(ModelRepository(settings.model_repository)), worker_id=settings.worker_id)
+    async with engine, KafkaWorker(settings, engine, **kwargs) as worker:
+        await asyncio.wait_for(worker.assigned.wait(), 30)
+        yield worker
+
+
+async def read_topic(settings, topic: str, count: int, timeout: float = 20.0) -> list:
+    """Read at least `count` records of a topic from the beginning (or what arrives within `timeout`)."""
+    consumer = AIOKafkaConsumer(**settings.kafka_client_kwargs(), group_id=None, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in range(settings.topic_partitions)])
+        records, deadline = [], time.monotonic() + timeout
+        while len(records) < count and time.monotonic() < deadline:
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                records.extend(batch)
+        return records
+    finally:
+        await consumer.stop()
+
+
+def worker_process(settings, *, repository_root=None, worker_id: str) -> tuple[subprocess.Popen, threading.Event,
+                                                                               list[str]]:
+    """`maas -v worker` in a child process; the event is set once it owns partitions."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "MAAS_", "AWS_"))}
+    root = str(repository_root) if repository_root else settings.model_repository
+    env.update(replace(settings, model_repository=root).to_env(), MAAS_WORKER_ID=worker_id,
+               MAAS_KAFKA_SESSION_TIMEOUT_MS="6000", MAAS_KAFKA_HEARTBEAT_INTERVAL_MS="300",
+               AWS_ACCESS_KEY_ID="maas-local", AWS_SECRET_ACCESS_KEY="maas-local", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "-v", "worker"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assigned = threading.Event()
+    lines: list[str] = []
+
+    def watch() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if "assigned partitions" in line and "[]" not in line:
+                assigned.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    return proc, assigned, lines
+
+
