@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
 from models.artifact import ArtifactError
 from models.repository import ModelNotFoundError
 from pipeline.commands import MODULES
+from pipeline.observability import configure_logging
 from pipeline.settings import ConfigError, Settings
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("aiokafka").setLevel(logging.WARNING if verbose else logging.CRITICAL)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,9 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
     try:
         settings = Settings.from_env()
+        configure_logging(args.verbose, settings.log_format)
         code = asyncio.run(args.run(args, settings))
     except (ConfigError, ArtifactError, ModelNotFoundError) as exc:
         print(f"maas: error: {exc}", file=sys.stderr)

@@ -22,7 +22,7 @@ from pipeline.claim_check import ClaimCheckStore, outputs_reference
 from pipeline.codec import Framed, decode_request, encode_error, encode_response, header_map
 from pipeline.engine import InferenceEngine
 from pipeline.errors import ErrorCode, InferenceError
-from pipeline.metrics import DEAD_LETTERS, ERRORS, IN_FLIGHT, REQUESTS, BatchRecord
+from pipeline.metrics import CONSUMER_LAG, DEAD_LETTERS, ERRORS, IN_FLIGHT, REQUESTS, BatchRecord
 from pipeline.offsets import OffsetTracker
 from pipeline.protocol import InferenceRequest, InferenceResponse
 from pipeline.services import aws_client
@@ -271,7 +271,8 @@ class KafkaWorker:
                            attempts: int) -> None:
         assert self._producer is not None
         log.warning("dead-lettering %s-%s@%s: %s %s", record.topic, record.partition, record.offset, error.code,
-                    error.message, extra={"request_id": error.request_id})
+                    error.message, extra={"request_id": error.request_id,
+                                          "traceparent": header_map(headers).get("traceparent")})
         value = record.value
         out = [*headers,
                ("maas-error-code", str(error.code).encode()),
@@ -311,6 +312,7 @@ class KafkaWorker:
             await asyncio.sleep(self.settings.commit_interval_ms / 1000)
             try:
                 await self._commit()
+                await self._record_lag()
             except CommitFailedError as exc:  # a rebalance is under way; the listener commits instead
                 log.info("commit skipped: %s", exc)
             except KafkaError as exc:
@@ -324,6 +326,20 @@ class KafkaWorker:
         if offsets:
             await self._consumer.commit(offsets)
             self._tracker.mark_committed(offsets)
+
+    async def _record_lag(self) -> None:
+        if self._consumer is None:
+            return
+        for tp in self._consumer.assignment():
+            highwater = self._consumer.highwater(tp)
+            if highwater is not None:
+                position = await self._consumer.position(tp)
+                CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
+
+    @property
+    def ready(self) -> bool:
+        """Serving: started, owns partitions, and has not failed."""
+        return self._consumer is not None and self.assigned.is_set() and self._failure is None
 
     async def _drain_and_commit(self, revoked: set[TopicPartition]) -> None:
         """Before partitions move to another worker: finish what is in flight on them, then commit."""

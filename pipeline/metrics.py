@@ -22,6 +22,8 @@ COMPUTE = Histogram(
     buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2),
 )
 IN_FLIGHT = Gauge("maas_in_flight_requests", "Requests received and not yet answered")
+CONSUMER_LAG = Gauge("maas_consumer_lag", "Records behind the partition's end, per owned partition",
+                     ["topic", "partition"])
 MODEL_CACHE = Counter("maas_model_cache_total", "Model cache lookups by result", ["result"])
 
 
