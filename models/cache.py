@@ -1,6 +1,8 @@
 """The warm model cache: keeps loaded versions between requests, within a memory budget.
 
 Thread-safe, because models are loaded and run on executor threads while the event loop asks for them.
+Works over any `Repository`: with an S3 one, the first load of a version downloads it into the repository's
+local cache folder (checking its sha256 sums), and later loads, in this process or the next, read that folder.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from models.loaded import LoadedModel
-from models.repository import ModelRepository
+from models.repository import Repository
 
 
 @dataclass
@@ -30,7 +32,7 @@ class ModelCache:
     "latest" is resolved against the repository at most every `latest_ttl_s` seconds.
     """
 
-    def __init__(self, repository: ModelRepository, max_bytes: int = 4 << 30, latest_ttl_s: float = 5.0):
+    def __init__(self, repository: Repository, max_bytes: int = 4 << 30, latest_ttl_s: float = 5.0):
         self.repository = repository
         self.max_bytes = max_bytes
         self.latest_ttl_s = latest_ttl_s

@@ -55,15 +55,26 @@ class LoadedModel:
             result[spec.name] = t.cpu().numpy().astype(NUMPY_DTYPES[spec.datatype], copy=False)
         return result
 
+    def example_inputs(self, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+        """The config's `warmup_inputs` when it has them, else inputs the architecture makes up."""
+        if self.config.warmup_inputs:
+            return v2_inputs(self.config.warmup_inputs)
+        return self.architecture.example_inputs(self.config.inputs, batch, seed)
+
     def warmup(self) -> None:
         """Run one small batch so kernels compile and caches fill before the first real request."""
         start = time.perf_counter()
-        batch = {}
-        for spec in self.config.inputs:
-            shape = [1 if d == -1 else d for d in spec.shape]
-            if spec.datatype == "BYTES":
-                batch[spec.name] = np.full(shape, b"warm up", dtype=object)
-            else:
-                batch[spec.name] = np.zeros(shape, dtype=NUMPY_DTYPES[spec.datatype])
-        self.infer(batch)
+        self.infer(self.example_inputs(1))
         self.warmup_seconds = time.perf_counter() - start
+
+
+def v2_inputs(tensors: tuple[dict, ...] | list[dict]) -> dict[str, np.ndarray]:
+    """V2 JSON input tensors ({"name", "shape", "datatype", "data"}) as numpy arrays (BYTES: object arrays)."""
+    arrays = {}
+    for t in tensors:
+        if t["datatype"] == "BYTES":
+            flat = [v.encode() if isinstance(v, str) else bytes(v) for v in np.ravel(np.array(t["data"], dtype=object))]
+            arrays[t["name"]] = np.array(flat, dtype=object).reshape(t["shape"])
+        else:
+            arrays[t["name"]] = np.array(t["data"], dtype=NUMPY_DTYPES[t["datatype"]]).reshape(t["shape"])
+    return arrays

@@ -1,12 +1,17 @@
 """The model repository: `<root>/<name>/<version>/` folders holding published artifacts.
 
-Versions are positive integers and immutable once published; "latest" is the largest.
+Versions are positive integers and immutable once published; "latest" is the largest. The root is a local
+folder (`ModelRepository`) or an S3 prefix (`models.s3_repository.S3ModelRepository`, which streams each
+version into a local cache folder and checks its sha256 sums first). `open_repository(uri, ...)` picks one.
 """
 
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -15,9 +20,11 @@ from models.artifact import (
     CONFIG_FILE,
     ArtifactError,
     ModelConfig,
+    read_assets,
     read_config,
     read_weights,
     validate_model_name,
+    verify_files,
     write_artifact,
 )
 from models.datatypes import TORCH_DTYPES
@@ -26,6 +33,10 @@ from models.loaded import LoadedModel, default_device
 
 class ModelNotFoundError(LookupError):
     """The requested model or version does not exist in the repository."""
+
+
+class RepositoryError(OSError):
+    """The repository cannot be read or written (S3 unreachable, access denied, ...)."""
 
 
 def parse_version(version: str | int | None) -> int | None:
@@ -43,28 +54,36 @@ def parse_version(version: str | int | None) -> int | None:
     return number
 
 
-class ModelRepository:
-    """A local folder of model artifacts. Configs are immutable per version, so they are cached."""
+class Repository(ABC):
+    """What the cache, the engine and the `maas models` command use, whatever the storage.
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    Configs are immutable per version, so they are cached.
+    """
+
+    root: Any  # a Path for a local folder, the s3:// URI for S3: for messages
+
+    def __init__(self) -> None:
         self._configs: dict[tuple[str, int], ModelConfig] = {}
 
-    def __repr__(self) -> str:
-        return f"ModelRepository({str(self.root)!r})"
-
+    @abstractmethod
     def names(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self.versions(p.name))
+        """Models that have at least one complete version, sorted."""
 
+    @abstractmethod
     def versions(self, name: str) -> list[int]:
-        folder = self.root / validate_model_name(name)
-        if not folder.is_dir():
-            return []
-        return sorted(
-            int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / CONFIG_FILE).exists()
-        )
+        """Complete (config.json written) versions of one model, ascending."""
+
+    @abstractmethod
+    def _read_config(self, name: str, version: int) -> ModelConfig: ...
+
+    @abstractmethod
+    def local_folder(self, name: str, version: int) -> Path:
+        """A local folder holding the version's files (for S3: downloaded and checked first)."""
+
+    @abstractmethod
+    def _write(self, name: str, config: ModelConfig, weights: dict[str, torch.Tensor],
+               assets: dict[str, bytes]) -> int:
+        """Claim the next version number and write the artifact there; returns the version."""
 
     def resolve(self, name: str, version: str | int | None = None) -> int:
         try:
@@ -84,23 +103,104 @@ class ModelRepository:
     def config(self, name: str, version: int) -> ModelConfig:
         key = (name, version)
         if key not in self._configs:
-            self._configs[key] = read_config(self.root / name / str(version))
+            validate_model_name(name)
+            self._configs[key] = self._read_config(name, int(version))
         return self._configs[key]
 
     def load(self, name: str, version: int, device: torch.device | None = None) -> LoadedModel:
         """Read, validate and place one version on its device. Safetensors only."""
         start = time.perf_counter()
-        folder = self.root / name / str(version)
         config = self.config(name, version)
+        folder = self.local_folder(name, version)
         cls = architecture_class(config.architecture)
         device = device or default_device()
-        arch = cls(config.params, read_weights(folder)).to(device, TORCH_DTYPES[config.dtype])
+        arch = cls(config.params, read_weights(folder), read_assets(folder, cls.asset_files), config.quantization)
+        arch = arch.to(device, TORCH_DTYPES[config.dtype])
         return LoadedModel(name, version, config, arch, device, load_seconds=time.perf_counter() - start)
 
-    def publish(self, name: str, config: ModelConfig, weights: dict[str, torch.Tensor]) -> int:
-        """Write a new version (newest + 1) after checking the weights fit the config."""
+    def publish(self, name: str, config: ModelConfig, weights: dict[str, torch.Tensor],
+                assets: dict[str, bytes] | None = None) -> int:
+        """Write a new version (newest + 1) after checking the weights and assets fit the config."""
         validate_model_name(name)
-        architecture_class(config.architecture)(config.params, weights)
+        cls = architecture_class(config.architecture)
+        weights = cls.adapt_weights(config.params, weights)
+        cls(config.params, weights, assets, config.quantization)
+        return self._write(name, config, weights, dict(assets or {}))
+
+
+class ModelRepository(Repository):
+    """A local folder of model artifacts."""
+
+    def __init__(self, root: str | Path, verify: bool = False) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.verify = verify
+
+    def __repr__(self) -> str:
+        return f"ModelRepository({str(self.root)!r})"
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and _valid_name(p.name) and self.versions(p.name))
+
+    def versions(self, name: str) -> list[int]:
+        folder = self.root / validate_model_name(name)
+        if not folder.is_dir():
+            return []
+        return sorted(
+            int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / CONFIG_FILE).exists()
+        )
+
+    def _read_config(self, name: str, version: int) -> ModelConfig:
+        return read_config(self.root / name / str(version))
+
+    def local_folder(self, name: str, version: int) -> Path:
+        folder = self.root / validate_model_name(name) / str(int(version))
+        if self.verify:
+            verify_files(folder, self.config(name, version))
+        return folder
+
+    def _write(self, name: str, config: ModelConfig, weights: dict[str, torch.Tensor],
+               assets: dict[str, bytes]) -> int:
         version = (self.versions(name) or [0])[-1] + 1
-        write_artifact(self.root / name / str(version), config, weights)
+        while True:  # claim the number by creating its folder, so concurrent publishers never share one
+            try:
+                (self.root / name / str(version)).mkdir(parents=True)
+                break
+            except FileExistsError:
+                version += 1
+        write_artifact(self.root / name / str(version), config, weights, assets)
         return version
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        validate_model_name(name)
+    except ArtifactError:
+        return False
+    return True
+
+
+def open_repository(uri: str | Path, s3_client_factory: Callable[[], Any] | None = None,
+                    cache_dir: str | Path | None = None) -> Repository:
+    """The repository at `uri`: a local folder, or `s3://bucket/prefix`.
+
+    For S3, `s3_client_factory()` gives the boto3 S3 client to use (endpoint, credentials); without one,
+    `boto3.client("s3")` reads the usual environment (AWS_ENDPOINT_URL, the credential chain). Downloaded
+    versions are kept under `cache_dir` (default: $MAAS_MODEL_CACHE_DIR, else <tmp>/maas-model-cache).
+    """
+    text = str(uri)
+    if text.startswith("s3://"):
+        from models.s3_repository import S3ModelRepository
+
+        if s3_client_factory is None:
+            import boto3
+
+            def s3_client_factory() -> Any:
+                return boto3.client("s3")
+        return S3ModelRepository(text, s3_client_factory(), cache_dir=cache_dir)
+    if "://" in text:
+        raise RepositoryError(f"model repository {text!r}: expected a local folder or an s3://bucket/prefix URI")
+    return ModelRepository(text)

@@ -18,20 +18,18 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from pipeline.claim_check import ClaimCheckStore, outputs_reference
-from pipeline.codec import Framed, decode_request, encode_error, encode_response, header_map
+from pipeline.claim_check import ClaimCheckStore
+from pipeline.codec import header_map
 from pipeline.engine import InferenceEngine
-from pipeline.errors import ErrorCode, InferenceError
-from pipeline.metrics import CONSUMER_LAG, DEAD_LETTERS, ERRORS, IN_FLIGHT, REQUESTS, BatchRecord
+from pipeline.metrics import CONSUMER_LAG, IN_FLIGHT, BatchRecord
 from pipeline.offsets import OffsetTracker
-from pipeline.protocol import InferenceRequest, InferenceResponse
+from pipeline.responder import Responder
 from pipeline.services import aws_client
 from pipeline.settings import Settings
+from pipeline.sinks import Envelope, KafkaSink
 
 log = logging.getLogger(__name__)
 
-PASSTHROUGH_HEADERS = ("traceparent", "tracestate")
-Headers = list[tuple[str, bytes]]
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -98,9 +96,13 @@ class KafkaWorker:
             "heartbeat_interval_ms": self.settings.kafka_heartbeat_interval_ms,
         }
         self._consumer = AIOKafkaConsumer(**kafka, **options)
-        self._store = ClaimCheckStore(aws_client(self.settings, "s3"), self.settings.allowed_buckets,
-                                      output_bucket=self.settings.batch_bucket,
-                                      max_object_bytes=self.settings.max_claim_check_bytes)
+        store = ClaimCheckStore(aws_client(self.settings, "s3"), self.settings.allowed_buckets,
+                                output_bucket=self.settings.batch_bucket,
+                                max_object_bytes=self.settings.max_claim_check_bytes)
+        sink = KafkaSink(self._producer, self.settings.topics.results, self.settings.topics.dlq, store=store,
+                         max_value_bytes=self.settings.max_request_bytes)
+        self._responder = Responder(self.settings, self.engine, sink, store=store,
+                                    max_attempts=self.max_attempts)
         try:
             await self._producer.start()
             await self._consumer.start()
@@ -177,20 +179,16 @@ class KafkaWorker:
                     task.add_done_callback(self._handlers.discard)
 
     async def _handle(self, tp: TopicPartition, record: ConsumerRecord) -> None:
+        envelope = Envelope(
+            payload=record.value or b"", headers=header_map(record.headers), key=record.key,
+            source=f"{record.topic}-{record.partition}@{record.offset}", raw_headers=list(record.headers or ()),
+        )
         try:
-            try:
-                await self._answer(record)
-            except KafkaError:
-                raise
-            except Exception as exc:  # a bug on the answer path: the record still gets a dead letter
-                log.exception("failed to answer %s-%s@%s", tp.topic, tp.partition, record.offset)
-                error = InferenceError(ErrorCode.INTERNAL, f"unexpected failure: {exc!r}")
-                await self._dead_letter(record, list(record.headers or ()), error, 1)
+            await self._responder.handle(envelope)
         except KafkaError as exc:
             # Neither the answer nor a dead letter could be written: leave the offset uncommitted and
             # stop, so the record is redelivered (to this worker after a restart, or to another).
-            log.error("cannot produce the answer of %s-%s@%s: %r; stopping", tp.topic, tp.partition,
-                      record.offset, exc)
+            log.error("cannot produce the answer of %s: %r; stopping", envelope.source, exc)
             self._fail(exc)
             return
         else:
@@ -204,96 +202,6 @@ class KafkaWorker:
         if self._failure is None:
             self._failure = exc
             asyncio.get_running_loop().create_task(self.stop())
-
-    async def _answer(self, record: ConsumerRecord) -> None:
-        headers: Headers = list(record.headers or ())
-        request: InferenceRequest | None = None
-        error: InferenceError | None = None
-        attempts = 0
-        try:
-            request = decode_request(record.value or b"", header_map(headers),
-                                     max_bytes=self.settings.max_request_bytes)
-        except InferenceError as exc:
-            error = exc
-        while request is not None and attempts < self.max_attempts:
-            attempts += 1
-            try:
-                await self._store.resolve_inputs(request, self.settings.max_claim_check_bytes)
-                response = await self.engine.infer(request)
-                framed = await self._externalize(request, response)
-            except InferenceError as exc:
-                error = exc
-                error.request_id = error.request_id or request.id
-                if not exc.code.transient:
-                    break
-                await asyncio.sleep(min(2.0, 0.1 * 2**attempts))
-            except Exception as exc:  # a bug must not take the worker down: dead-letter the record
-                log.exception("unexpected failure on request %s", request.id)
-                error = InferenceError(ErrorCode.INTERNAL, f"unexpected failure: {exc!r}", request.id)
-                break
-            else:
-                await self._send_answer(request, record, framed, headers)
-                REQUESTS.labels(request.model_name, "ok").inc()
-                return
-        assert error is not None
-        ERRORS.labels(str(error.code)).inc()
-        if error.request_id is not None and not error.code.transient:
-            framed = encode_error(error, request.model_name if request else None)
-            await self._send_answer(request, record, framed, headers)
-            REQUESTS.labels(request.model_name if request else "-", "error").inc()
-        else:
-            await self._dead_letter(record, headers, error, max(attempts, 1))
-
-    async def _externalize(self, request: InferenceRequest, response: InferenceResponse) -> Framed:
-        """Claim check for outputs: a result too large for a record (or with an output_uri) goes to S3."""
-        framed = encode_response(response, request)
-        uri = request.parameters.get("output_uri")
-        if uri is None and len(framed.body) <= self.settings.max_inline_output_bytes:
-            return framed
-        uri = uri or self._store.default_uri(request.model_name, f"{request.id}.result")
-        await self._store.put(uri, framed)
-        return outputs_reference(response, uri)
-
-    def _reply_topic(self, request: InferenceRequest | None) -> str:
-        if request is not None and request.parameters.get("reply_to"):
-            return request.parameters["reply_to"]
-        return self.settings.topics.results
-
-    async def _send_answer(self, request: InferenceRequest | None, record: ConsumerRecord, framed: Framed,
-                           headers: Headers) -> None:
-        assert self._producer is not None
-        out = [(k, v) for k, v in headers if k in PASSTHROUGH_HEADERS or k.startswith("ce_")]
-        out += framed.kafka_headers()
-        key = request.id.encode() if request is not None else record.key
-        await self._producer.send_and_wait(self._reply_topic(request), framed.body, key=key, headers=out)
-
-    async def _dead_letter(self, record: ConsumerRecord, headers: Headers, error: InferenceError,
-                           attempts: int) -> None:
-        assert self._producer is not None
-        log.warning("dead-lettering %s-%s@%s: %s %s", record.topic, record.partition, record.offset, error.code,
-                    error.message, extra={"request_id": error.request_id,
-                                          "traceparent": header_map(headers).get("traceparent")})
-        value = record.value
-        out = [*headers,
-               ("maas-error-code", str(error.code).encode()),
-               ("maas-error-message", error.message.encode("utf-8", "replace")[:4096]),
-               ("maas-attempts", str(attempts).encode()),
-               ("maas-source", f"{record.topic}-{record.partition}@{record.offset}".encode())]
-        if value is not None and len(value) > self.settings.max_request_bytes:
-            # Too large to re-produce safely: the original goes to S3, the dead letter points to it.
-            uri = self._store.default_uri("dead-letters", record.topic, str(record.partition), str(record.offset))
-            try:
-                await self._store.put(uri, Framed(value, {"content-type": "application/octet-stream"}),
-                                      field="dead letter")
-                out.append(("maas-payload-uri", uri.encode()))
-                value = b""
-            except InferenceError as exc:
-                log.error("cannot store oversized dead letter in S3 (%s); keeping its first %d bytes",
-                          exc.message, self.settings.max_request_bytes)
-                out.append(("maas-payload-truncated-from", str(len(value)).encode()))
-                value = value[: self.settings.max_request_bytes]
-        await self._producer.send_and_wait(self.settings.topics.dlq, value, key=record.key, headers=out)
-        DEAD_LETTERS.labels(str(error.code)).inc()
 
     def _publish_batch_record(self, record: BatchRecord) -> None:
         if self._producer is None:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from models.architectures.base import Architecture
-from models.architectures.mlp import MLP
-from models.artifact import ArtifactError
+import torch
 
-ARCHITECTURES: dict[str, type[Architecture]] = {cls.name: cls for cls in (MLP,)}
+from models.architectures.base import Architecture
+from models.architectures.bilstm import BiLSTMClassifier
+from models.architectures.cnn import CNN
+from models.architectures.mlp import MLP
+from models.architectures.text_classifier import TextClassifier
+from models.architectures.transformer import TransformerEncoder
+from models.artifact import ArtifactError, ModelConfig
+
+ARCHITECTURES: dict[str, type[Architecture]] = {
+    cls.name: cls for cls in (MLP, TextClassifier, CNN, BiLSTMClassifier, TransformerEncoder)
+}
 
 
 def architecture_class(name: str) -> type[Architecture]:
@@ -17,4 +25,11 @@ def architecture_class(name: str) -> type[Architecture]:
                             f"{sorted(ARCHITECTURES)}") from None
 
 
-__all__ = ["ARCHITECTURES", "Architecture", "architecture_class"]
+def build(config: ModelConfig, weights: dict[str, torch.Tensor], assets: dict[str, bytes] | None = None
+          ) -> Architecture:
+    """The architecture a config names, checked against its weights and assets."""
+    cls = architecture_class(config.architecture)
+    return cls(config.params, cls.adapt_weights(config.params, weights), assets, config.quantization)
+
+
+__all__ = ["ARCHITECTURES", "Architecture", "architecture_class", "build"]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import signal
 
-from models.repository import ModelRepository
+from models.repository import Repository, RepositoryError
+from models.repository import open_repository as open_model_repository
+from pipeline.services import aws_client
 from pipeline.settings import ConfigError, Settings
 
 
@@ -18,7 +20,12 @@ def stop_event() -> asyncio.Event:
     return event
 
 
-def open_repository(settings: Settings) -> ModelRepository:
-    if settings.model_repository.startswith("s3://"):
-        raise ConfigError("MAAS_MODEL_REPOSITORY: s3:// repositories are not supported yet; use a local folder")
-    return ModelRepository(settings.model_repository)
+def open_repository(settings: Settings) -> Repository:
+    """MAAS_MODEL_REPOSITORY as a repository: a local folder, or S3 through the configured endpoint.
+
+    With the embedded stack, call this after the stack's endpoint is in `settings`.
+    """
+    try:
+        return open_model_repository(settings.model_repository, lambda: aws_client(settings, "s3"))
+    except RepositoryError as exc:
+        raise ConfigError(f"MAAS_MODEL_REPOSITORY: {exc}") from None

@@ -1,21 +1,29 @@
-"""`maas models`: list, describe and publish models in the repository."""
+"""`maas models`: list, describe and publish models in the repository (a folder or s3://bucket/prefix)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from models.examples import ensure_examples
+from models.examples import EXAMPLES, ensure_examples
+from models.publish import publish_model, read_source
+from models.repository import Repository, RepositoryError
 from pipeline.commands._common import open_repository
-from pipeline.settings import Settings
+from pipeline.settings import ConfigError, Settings
 
 
 async def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     repository = open_repository(settings)
+    try:
+        return _run(args, repository)
+    except RepositoryError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _run(args: argparse.Namespace, repository: Repository) -> int:
     if args.models_command == "examples":
-        published = ensure_examples(repository)
-        for name, version in published:
-            print(f"published {name} v{version}")
+        which = "all" if args.all else (args.only or "default")
+        published = ensure_examples(repository, which, log=print)
         if not published:
             print(f"examples already present in {repository.root}")
     elif args.models_command == "list":
@@ -27,15 +35,41 @@ async def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         config = repository.config(args.name, version)
         print(json.dumps({"name": args.name, "version": version, "versions": repository.versions(args.name),
                           **config.to_json()}, indent=2))
+    elif args.models_command == "publish":
+        source = read_source(args.src, args.config, args.tokenizer)
+        if source.config is None:
+            raise ConfigError(f"{args.src} carries no config.json: pass --config CONFIG.json (architecture, params, "
+                              "inputs, outputs)")
+        result = publish_model(repository, args.name, source.config, source.weights, source.assets, args.quantize)
+        print(f"published {result.name} v{result.version} ({result.config.architecture}"
+              f"{', int8' if result.config.quantization else ''}) to {repository.root}")
+        for output, stats in result.quantization_report.items():
+            numbers = ", ".join(f"{k} {v:.4g}" for k, v in stats.items())
+            print(f"int8 vs float on the warm-up inputs, output {output!r}: {numbers}")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    models = sub.add_parser("models", help="the model repository (MAAS_MODEL_REPOSITORY)")
+    models = sub.add_parser("models", help="the model repository (MAAS_MODEL_REPOSITORY: a folder or s3://bucket/prefix)")
     msub = models.add_subparsers(dest="models_command", required=True)
     msub.add_parser("list", help="models and their versions")
     describe = msub.add_parser("describe", help="one model's config")
     describe.add_argument("name")
     describe.add_argument("--version", default=None)
-    msub.add_parser("examples", help="publish the example models if missing")
+    examples = msub.add_parser("examples", help="publish the example models if missing (default: mnist_mlp only)")
+    group = examples.add_mutually_exclusive_group()
+    group.add_argument("--all", action="store_true", help="every example: one per architecture (about a minute)")
+    group.add_argument("--only", nargs="+", choices=sorted(EXAMPLES), metavar="NAME",
+                       help=f"these examples: {', '.join(sorted(EXAMPLES))}")
+    publish = msub.add_parser("publish", help="publish weights as the next version of a model",
+                              description="Publish SRC (a .safetensors file, a torch state dict .pt/.pth/.bin read "
+                                          "with weights_only=True, or a folder holding one plus tokenizer.json and "
+                                          "config.json) as <repository>/<name>/<next version>/.")
+    publish.add_argument("src", help="weights file or folder")
+    publish.add_argument("--name", required=True, help="model name (letters, digits, '_', '-', '.')")
+    publish.add_argument("--config", default=None, help="config.json: architecture, params, inputs, outputs (a "
+                                                        "Hugging Face BERT config.json is converted)")
+    publish.add_argument("--tokenizer", default=None, help="tokenizer.json for text models")
+    publish.add_argument("--quantize", choices=["int8"], default=None,
+                         help="weight-only int8 dense layers; prints the output difference to the float model")
     models.set_defaults(run=cmd_models)

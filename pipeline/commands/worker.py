@@ -17,10 +17,10 @@ from pipeline.settings import ConfigError, Settings
 
 
 async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    repository = open_repository(settings)
-    if args.examples:
-        ensure_examples(repository)
     async with connected(settings) as live:
+        repository = open_repository(live)  # after connecting: an s3:// repository needs the live endpoint
+        if args.examples:
+            ensure_examples(repository)
         cache = ModelCache(repository)
         async with InferenceEngine(cache, worker_id=live.worker_id) as engine:
             worker = KafkaWorker(live, engine)

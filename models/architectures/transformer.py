@@ -1,0 +1,178 @@
+"""BERT-style sentence encoder: embeddings, N post-LN blocks of multi-head self-attention and a GELU MLP,
+masked mean pooling, L2 normalization (the sentence-transformers recipe, e.g. all-MiniLM-L6-v2).
+
+Weights use the Hugging Face `BertModel` names (`embeddings.word_embeddings.weight`,
+`encoder.layer.{i}.attention.self.query.weight`, ...), so a BERT safetensors file publishes as is; the
+`embeddings.position_ids` buffer and an unused pooler are dropped. Raw text in (V2 BYTES), tokenized by the
+Hugging Face `tokenizer.json` stored in the version folder.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import kernels
+from models.architectures.base import Architecture, positive_int, texts_of
+from models.artifact import TOKENIZER_FILE, ArtifactError, TensorSpec
+from models.text import WordPieceTokenizer
+
+HEAD_DIMS = (16, 32, 64, 128)
+_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+            "intermediate.dense", "output.dense")
+SAMPLE_SENTENCES = (
+    "A man is eating food.",
+    "A man is riding a white horse on an enclosed ground.",
+    "The new movie is awesome and the cast was great.",
+    "Events flow through Kafka topics to stateless workers.",
+    "A monkey is playing drums.",
+    "Two men pushed carts through the woods.",
+    "The cat sits outside.",
+    "How do I bake bread at home?",
+)
+
+
+class TransformerEncoder(Architecture):
+    """params: {"vocab_size": 30522, "hidden_size": 384, "num_layers": 6, "num_heads": 12,
+    "intermediate_size": 1536, "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
+    "max_length": 256, "normalize": true}.
+
+    Input "text" BYTES [-1] (or [-1, 1]). Output "embedding" FP32 [-1, hidden_size].
+    """
+
+    name = "transformer_encoder"
+    asset_files = (TOKENIZER_FILE,)
+
+    @classmethod
+    def _parse(cls, params: dict[str, Any]) -> dict[str, Any]:
+        where = cls.name
+        p = {key: positive_int(params, key, where, default) for key, default in (
+            ("vocab_size", None), ("hidden_size", None), ("num_layers", None), ("num_heads", None),
+            ("intermediate_size", None), ("max_position_embeddings", 512), ("type_vocab_size", 2),
+            ("max_length", 256))}
+        if p["hidden_size"] % p["num_heads"] or p["hidden_size"] // p["num_heads"] not in HEAD_DIMS:
+            raise ArtifactError(f"{where}.params.num_heads: hidden_size / num_heads must be one of {HEAD_DIMS} "
+                                f"(the attention kernel's head sizes), got {p['hidden_size']} / {p['num_heads']}")
+        if p["max_length"] > p["max_position_embeddings"]:
+            raise ArtifactError(f"{where}.params.max_length: {p['max_length']} exceeds max_position_embeddings "
+                                f"{p['max_position_embeddings']}")
+        eps = params.get("layer_norm_eps", 1e-12)
+        if not isinstance(eps, float | int) or not 0 < eps < 1:
+            raise ArtifactError(f"{where}.params.layer_norm_eps: expected a small positive number, got {eps!r}")
+        p["layer_norm_eps"] = float(eps)
+        p["normalize"] = bool(params.get("normalize", True))
+        return p
+
+    @classmethod
+    def weight_shapes(cls, params: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        p = cls._parse(params)
+        d, ff = p["hidden_size"], p["intermediate_size"]
+        shapes: dict[str, tuple[int, ...]] = {
+            "embeddings.word_embeddings.weight": (p["vocab_size"], d),
+            "embeddings.position_embeddings.weight": (p["max_position_embeddings"], d),
+            "embeddings.token_type_embeddings.weight": (p["type_vocab_size"], d),
+            "embeddings.LayerNorm.weight": (d,),
+            "embeddings.LayerNorm.bias": (d,),
+        }
+        for i in range(p["num_layers"]):
+            layer = f"encoder.layer.{i}"
+            for name, (n, k) in zip(_LINEARS, ((d, d), (d, d), (d, d), (d, d), (ff, d), (d, ff)), strict=True):
+                shapes[f"{layer}.{name}.weight"], shapes[f"{layer}.{name}.bias"] = (n, k), (n,)
+            for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
+                shapes[f"{layer}.{norm}.weight"], shapes[f"{layer}.{norm}.bias"] = (d,), (d,)
+        return shapes
+
+    @classmethod
+    def quantizable(cls, params: dict[str, Any]) -> list[str]:
+        return [f"encoder.layer.{i}.{name}.weight" for i in range(cls._parse(params)["num_layers"])
+                for name in _LINEARS]
+
+    @classmethod
+    def adapt_weights(cls, params: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, value in weights.items():
+            key = key.removeprefix("bert.")
+            if key == "embeddings.position_ids" or key.startswith("pooler."):
+                continue
+            out[key] = value
+        return out
+
+    def __init__(self, params: dict[str, Any], weights: dict[str, torch.Tensor], assets=None,
+                 quantization: str | None = None) -> None:
+        super().__init__(params, weights, assets, quantization)
+        self.p = self._parse(params)
+        if self.tokenizer.size > self.p["vocab_size"]:
+            raise ArtifactError(f"{TOKENIZER_FILE}: {self.tokenizer.size} tokens exceed "
+                                f"{self.name}.params.vocab_size {self.p['vocab_size']}")
+
+    @cached_property
+    def tokenizer(self) -> WordPieceTokenizer:
+        return WordPieceTokenizer(self.assets[TOKENIZER_FILE], self.p["max_length"])
+
+    def encode(self, text: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.tokenizer.encode(texts_of(text))
+        return ids.to(self.device), mask.to(self.device)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.weights
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        return (F.embedding(ids, w["embeddings.word_embeddings.weight"])
+                + w["embeddings.position_embeddings.weight"][positions]
+                + w["embeddings.token_type_embeddings.weight"][0])
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, s, _ = t.shape
+        return t.view(b, s, self.p["num_heads"], -1).transpose(1, 2)
+
+    def forward(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        ids, mask = self.encode(inputs["text"])
+        w, eps = self.weights, self.p["layer_norm_eps"]
+        b, s = ids.shape
+        h = kernels.layer_norm(self._embed(ids), w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
+        for i in range(self.p["num_layers"]):
+            layer = f"encoder.layer.{i}"
+            q, k, v = (self._heads(self.dense(h, f"{layer}.attention.self.{n}")) for n in ("query", "key", "value"))
+            context = kernels.attention(q, k, v, mask).transpose(1, 2).reshape(b, s, -1)
+            a = self.dense(context, f"{layer}.attention.output.dense")
+            h = kernels.layer_norm(a, w[f"{layer}.attention.output.LayerNorm.weight"],
+                                   w[f"{layer}.attention.output.LayerNorm.bias"], eps, residual=h)
+            f = self.dense(self.dense(h, f"{layer}.intermediate.dense", "gelu"), f"{layer}.output.dense")
+            h = kernels.layer_norm(f, w[f"{layer}.output.LayerNorm.weight"], w[f"{layer}.output.LayerNorm.bias"],
+                                   eps, residual=h)
+        keep = mask[..., None].to(h.dtype)
+        pooled = (h * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
+        return {"embedding": kernels.l2_normalize(pooled) if self.p["normalize"] else pooled}
+
+    def reference_forward(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        ids, mask = self.encode(inputs["text"])
+        w, eps, d = self.weights, self.p["layer_norm_eps"], self.p["hidden_size"]
+        b, s = ids.shape
+        h = F.layer_norm(self._embed(ids), (d,), w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"],
+                         eps)
+        attn_mask = mask[:, None, None, :]
+        for i in range(self.p["num_layers"]):
+            layer = f"encoder.layer.{i}"
+            q, k, v = (self._heads(self.reference_dense(h, f"{layer}.attention.self.{n}"))
+                       for n in ("query", "key", "value"))
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(b, s, d)
+            a = self.reference_dense(context, f"{layer}.attention.output.dense")
+            h = F.layer_norm(a + h, (d,), w[f"{layer}.attention.output.LayerNorm.weight"],
+                             w[f"{layer}.attention.output.LayerNorm.bias"], eps)
+            f = self.reference_dense(self.reference_dense(h, f"{layer}.intermediate.dense", "gelu"),
+                                     f"{layer}.output.dense")
+            h = F.layer_norm(f + h, (d,), w[f"{layer}.output.LayerNorm.weight"], w[f"{layer}.output.LayerNorm.bias"],
+                             eps)
+        keep = mask[..., None].to(h.dtype)
+        pooled = (h * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
+        return {"embedding": F.normalize(pooled, dim=-1) if self.p["normalize"] else pooled}
+
+    def example_inputs(self, specs: tuple[TensorSpec, ...], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        texts = [SAMPLE_SENTENCES[i] for i in rng.integers(0, len(SAMPLE_SENTENCES), size=batch)]
+        spec = next((sp for sp in specs if sp.name == "text"), None)
+        shape = (batch, 1) if spec is not None and len(spec.shape) == 2 else (batch,)
+        return {"text": np.array([t.encode() for t in texts], dtype=object).reshape(shape)}

@@ -1,0 +1,199 @@
+"""A model repository under an S3 prefix: `s3://bucket/prefix/<name>/<version>/{config.json, ...}`.
+
+Publishing claims the version number with a conditional put (`If-None-Match: *`) of `<version>/claim.json`,
+uploads the weights and assets, and writes config.json (holding their sha256 sums) last, so a reader never
+sees half a version. Loading streams every file into a local cache folder while hashing it, refuses a file
+whose sha256 differs from the one recorded at publish time, and only then makes the folder visible; later
+loads of that version (this process or the next) read the cached folder.
+
+Every key is built from validated parts only: the prefix's segments and model names use the safe alphabet
+of `models.artifact.validate_model_name` (no `..`), versions are integers, file names come from a fixed set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from botocore.exceptions import BotoCoreError, ClientError
+
+from models.artifact import (
+    ARTIFACT_FILES,
+    CONFIG_FILE,
+    MODEL_NAME_RE,
+    ArtifactError,
+    ModelConfig,
+    validate_model_name,
+    write_artifact,
+)
+from models.repository import ModelNotFoundError, Repository, RepositoryError
+
+BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+CLAIM_FILE = "claim.json"
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_TAKEN = {"PreconditionFailed", "ConditionalRequestConflict"}
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix` -> ("bucket", "some/prefix"); refuses anything outside the safe alphabet."""
+    if not uri.startswith("s3://"):
+        raise RepositoryError(f"model repository {uri!r}: expected s3://bucket/prefix")
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    if not BUCKET_RE.match(bucket) or ".." in bucket:
+        raise RepositoryError(f"model repository {uri!r}: {bucket!r} is not a valid bucket name")
+    segments = [s for s in prefix.split("/") if s]
+    for segment in segments:
+        if not MODEL_NAME_RE.match(segment) or ".." in segment:
+            raise RepositoryError(f"model repository {uri!r}: prefix segment {segment!r} is invalid (letters, "
+                                  "digits, '_', '-', '.', no '..')")
+    return bucket, "/".join(segments)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MAAS_MODEL_CACHE_DIR") or Path(tempfile.gettempdir()) / "maas-model-cache")
+
+
+class S3ModelRepository(Repository):
+    def __init__(self, uri: str, client: Any, cache_dir: str | Path | None = None) -> None:
+        super().__init__()
+        self.bucket, self.prefix = parse_s3_uri(uri)
+        self.root = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.client = client
+        base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache_dir = base / self.bucket / (self.prefix or "_")
+
+    def __repr__(self) -> str:
+        return f"S3ModelRepository({self.root!r}, cache_dir={str(self.cache_dir)!r})"
+
+    def _key(self, *parts: str | int) -> str:
+        return "/".join(str(p) for p in (self.prefix, *parts) if p != "")
+
+    def _fail(self, exc: Exception, what: str) -> Exception:
+        if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in _NOT_FOUND:
+            return ModelNotFoundError(f"{what}: not found in {self.root}")
+        return RepositoryError(f"{what} in {self.root}: {exc}")
+
+    def _list(self, prefix: str) -> list[str]:
+        keys = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                keys.extend(obj["Key"] for obj in page.get("Contents", []))
+        except (BotoCoreError, ClientError) as exc:
+            raise RepositoryError(f"cannot list {self.root}: {exc}") from None
+        return keys
+
+    def _index(self, name: str | None = None) -> dict[str, list[int]]:
+        """{name: complete versions} from one listing (a version is complete once its config.json exists)."""
+        root = self.prefix + "/" if self.prefix else ""
+        index: dict[str, list[int]] = {}
+        for key in self._list(root + name + "/" if name else root):
+            rest = key[len(self.prefix) + 1:] if self.prefix else key
+            parts = rest.split("/")
+            if len(parts) == 3 and parts[2] == CONFIG_FILE and parts[1].isdigit() and MODEL_NAME_RE.match(parts[0]) \
+                    and ".." not in parts[0]:
+                index.setdefault(parts[0], []).append(int(parts[1]))
+        return {n: sorted(v) for n, v in index.items()}
+
+    def names(self) -> list[str]:
+        return sorted(self._index())
+
+    def versions(self, name: str) -> list[int]:
+        validate_model_name(name)
+        return self._index(name).get(name, [])
+
+    def _get(self, key: str, what: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except (BotoCoreError, ClientError) as exc:
+            raise self._fail(exc, what) from None
+
+    def _read_config(self, name: str, version: int) -> ModelConfig:
+        raw = self._get(self._key(name, version, CONFIG_FILE), f"model {name!r} version {version}")
+        try:
+            body = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{self.root}/{name}/{version}/{CONFIG_FILE}: invalid JSON ({exc})") from None
+        return ModelConfig.parse(body)
+
+    def local_folder(self, name: str, version: int) -> Path:
+        validate_model_name(name)
+        version = int(version)
+        folder = self.cache_dir / name / str(version)
+        if (folder / CONFIG_FILE).exists():
+            return folder
+        config = self.config(name, version)
+        if not config.files:
+            raise ArtifactError(f"{self.root}/{name}/{version}/{CONFIG_FILE}.files: no sha256 sums recorded; "
+                                "republish with `maas models publish`")
+        staging = folder.parent / f".{version}.{uuid.uuid4().hex}"
+        staging.mkdir(parents=True)
+        try:
+            for file_name, want in config.files.items():
+                self._download(self._key(name, version, file_name), staging / file_name, want)
+            (staging / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2) + "\n")
+            try:
+                staging.rename(folder)
+            except OSError:  # another thread or process finished the same download first
+                if not (folder / CONFIG_FILE).exists():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return folder
+
+    def _download(self, key: str, path: Path, sha256: str) -> None:
+        digest = hashlib.sha256()
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            with path.open("wb") as f:
+                for chunk in body.iter_chunks(1 << 20):
+                    digest.update(chunk)
+                    f.write(chunk)
+        except (BotoCoreError, ClientError) as exc:
+            raise self._fail(exc, f"s3://{self.bucket}/{key}") from None
+        if digest.hexdigest() != sha256:
+            raise ArtifactError(f"s3://{self.bucket}/{key}: sha256 {digest.hexdigest()} differs from {sha256} "
+                                f"recorded in {CONFIG_FILE}; refusing to load it")
+
+    def _claim(self, name: str, start: int) -> int:
+        body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}).encode()
+        version = start
+        for _ in range(100):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(name, version, CLAIM_FILE), Body=body,
+                                       IfNoneMatch="*")
+                return version
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in _TAKEN:
+                    raise RepositoryError(f"cannot publish to {self.root}: {exc}") from None
+                version += 1
+            except BotoCoreError as exc:
+                raise RepositoryError(f"cannot publish to {self.root}: {exc}") from None
+        raise RepositoryError(f"cannot claim a version of {name!r} in {self.root} after 100 tries")
+
+    def _write(self, name: str, config: ModelConfig, weights: dict[str, torch.Tensor],
+               assets: dict[str, bytes]) -> int:
+        version = self._claim(name, (self.versions(name) or [0])[-1] + 1)
+        with tempfile.TemporaryDirectory(prefix="maas-publish-") as tmp:
+            written = write_artifact(Path(tmp), config, weights, assets)
+            try:
+                for file_name in written.files:
+                    if file_name not in ARTIFACT_FILES:
+                        raise ArtifactError(f"unexpected artifact file {file_name!r}")
+                    self.client.upload_file(str(Path(tmp) / file_name), self.bucket,
+                                            self._key(name, version, file_name))
+                self.client.put_object(Bucket=self.bucket, Key=self._key(name, version, CONFIG_FILE),
+                                       Body=(Path(tmp) / CONFIG_FILE).read_bytes(),
+                                       ContentType="application/json")
+            except (BotoCoreError, ClientError) as exc:
+                raise RepositoryError(f"cannot publish {name!r} version {version} to {self.root}: {exc}") from None
+        return version

@@ -1,0 +1,110 @@
+"""Tokenizers stored with text models (as `tokenizer.json` in the version folder), so requests send raw text.
+
+- `WordIndexTokenizer`: a small built-in word index (Keras `Tokenizer` style): lower-cased words, id 0 is
+  padding, id 1 the out-of-vocabulary token, then words by frequency. Its JSON is our own little format.
+- `WordPieceTokenizer`: a Hugging Face `tokenizers` file (e.g. BERT's WordPiece), padded to the longest
+  sentence of the batch and truncated at `max_length`.
+
+Both turn a list of strings into `ids` int64 `[B, S]` and `mask` bool `[B, S]` (True for real tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from models.artifact import TOKENIZER_FILE, ArtifactError
+
+_WORD_RE = re.compile(r"[\w']+")
+PAD_ID, OOV_ID = 0, 1
+
+
+class WordIndexTokenizer:
+    """Word -> id; unknown words -> `OOV_ID`; sequences truncated or padded (with `PAD_ID`) to a length."""
+
+    def __init__(self, words: list[str], lowercase: bool = True, oov_token: str = "<OOV>",
+                 pad_token: str = "<PAD>") -> None:
+        self.words = list(words)
+        self.lowercase = lowercase
+        self.oov_token, self.pad_token = oov_token, pad_token
+        self.index = {w: i + 2 for i, w in enumerate(self.words)}
+
+    @property
+    def size(self) -> int:
+        """Number of ids, padding and OOV included."""
+        return len(self.words) + 2
+
+    @classmethod
+    def fit(cls, texts: Iterable[str], num_words: int) -> WordIndexTokenizer:
+        """The `num_words - 2` most frequent words of `texts` (ties broken by first appearance)."""
+        counts: Counter[str] = Counter()
+        for text in texts:
+            counts.update(_WORD_RE.findall(text.lower()))
+        return cls([w for w, _ in counts.most_common(max(0, num_words - 2))])
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> WordIndexTokenizer:
+        try:
+            body = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{TOKENIZER_FILE}: invalid JSON ({exc})") from None
+        if not isinstance(body, dict) or body.get("type") != "word_index":
+            raise ArtifactError(f"{TOKENIZER_FILE}.type: expected 'word_index'")
+        words = body.get("words")
+        if not isinstance(words, list) or not all(isinstance(w, str) and w for w in words):
+            raise ArtifactError(f"{TOKENIZER_FILE}.words: expected a list of non-empty strings")
+        if len(set(words)) != len(words):
+            raise ArtifactError(f"{TOKENIZER_FILE}.words: duplicate words")
+        return cls(words, bool(body.get("lowercase", True)), str(body.get("oov_token", "<OOV>")),
+                   str(body.get("pad_token", "<PAD>")))
+
+    def to_json(self) -> bytes:
+        body: dict[str, Any] = {"type": "word_index", "lowercase": self.lowercase, "pad_token": self.pad_token,
+                                "oov_token": self.oov_token, "pad_id": PAD_ID, "oov_id": OOV_ID,
+                                "words": self.words}
+        return (json.dumps(body) + "\n").encode()
+
+    def tokens(self, text: str) -> list[int]:
+        words = _WORD_RE.findall(text.lower() if self.lowercase else text)
+        return [self.index.get(w, OOV_ID) for w in words]
+
+    def encode(self, texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.zeros(len(texts), length, dtype=torch.int64)
+        for row, text in enumerate(texts):
+            tokens = self.tokens(text)[:length]
+            if tokens:
+                ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
+        return ids, ids != PAD_ID
+
+
+class WordPieceTokenizer:
+    """A Hugging Face `tokenizers` JSON file; pads to the batch's longest sentence."""
+
+    def __init__(self, raw: bytes | str, max_length: int) -> None:
+        from tokenizers import Tokenizer  # imported here: only transformer models need it
+
+        try:
+            self.tokenizer = Tokenizer.from_str(raw.decode() if isinstance(raw, bytes) else raw)
+        except Exception as exc:  # the Rust side raises plain Exceptions for malformed files
+            raise ArtifactError(f"{TOKENIZER_FILE}: not a valid Hugging Face tokenizer file ({exc})") from None
+        pad_id = self.tokenizer.token_to_id("[PAD]")
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_padding(pad_id=pad_id or 0, pad_token="[PAD]" if pad_id is not None else "<pad>")
+        self.tokenizer.enable_truncation(max_length=max_length)
+
+    @property
+    def size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not texts:
+            return torch.zeros(0, 1, dtype=torch.int64), torch.zeros(0, 1, dtype=torch.bool)
+        encodings = self.tokenizer.encode_batch(texts)
+        ids = torch.tensor([e.ids for e in encodings], dtype=torch.int64)
+        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.bool)
+        return ids, mask

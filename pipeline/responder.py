@@ -1,0 +1,100 @@
+"""Answer one request exactly once: a result, an error result the caller can act on, or a dead letter.
+
+Every source (Kafka worker, SQS worker, cloud functions) hands each arriving message to a `Responder`;
+the decision tree lives here once: decode, resolve claim-checked inputs, infer with retries for transient
+faults, store large results in S3, then deliver through the source's `ResultSink`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from enum import StrEnum
+
+from pipeline.claim_check import ClaimCheckStore, outputs_reference
+from pipeline.codec import Framed, decode_request, encode_error, encode_response
+from pipeline.engine import InferenceEngine
+from pipeline.errors import ErrorCode, InferenceError
+from pipeline.metrics import ERRORS, REQUESTS
+from pipeline.protocol import InferenceRequest, InferenceResponse
+from pipeline.settings import Settings
+from pipeline.sinks import Envelope, ResultSink
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(StrEnum):
+    RESULT = "result"
+    ERROR = "error"  # an error result was delivered: the caller's request was at fault
+    DEAD_LETTER = "dead_letter"
+    RETRY = "retry"  # transient failure and no dead-letter destination: the source must redeliver
+
+
+class Responder:
+    def __init__(self, settings: Settings, engine: InferenceEngine, sink: ResultSink, *,
+                 store: ClaimCheckStore | None = None, max_attempts: int = 3, retry_delay_s: float = 0.1) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.sink = sink
+        self.store = store
+        self.max_attempts = max_attempts
+        self.retry_delay_s = retry_delay_s
+
+    async def handle(self, envelope: Envelope) -> Outcome:
+        """Raises only when the sink cannot deliver (the source must then not acknowledge the message)."""
+        request: InferenceRequest | None = None
+        error: InferenceError | None = None
+        attempts = 0
+        try:
+            request = decode_request(envelope.payload, envelope.headers, max_bytes=self.settings.max_request_bytes)
+        except InferenceError as exc:
+            error = exc
+        while request is not None and attempts < self.max_attempts:
+            attempts += 1
+            try:
+                framed = await self._infer(request)
+            except InferenceError as exc:
+                error = exc
+                error.request_id = error.request_id or request.id
+                if not exc.code.transient:
+                    break
+                if attempts < self.max_attempts:
+                    await asyncio.sleep(min(2.0, self.retry_delay_s * 2**attempts))
+            except Exception as exc:  # a bug must not take the source down: dead-letter the message
+                log.exception("unexpected failure on request %s", request.id)
+                error = InferenceError(ErrorCode.INTERNAL, f"unexpected failure: {exc!r}", request.id)
+                break
+            else:
+                await self.sink.answer(envelope, request, framed)
+                REQUESTS.labels(request.model_name, "ok").inc()
+                return Outcome.RESULT
+        assert error is not None
+        ERRORS.labels(str(error.code)).inc()
+        if error.request_id is not None and not error.code.transient:
+            await self.sink.answer(envelope, request, encode_error(error, request.model_name if request else None))
+            REQUESTS.labels(request.model_name if request else "-", "error").inc()
+            return Outcome.ERROR
+        if await self.sink.dead_letter(envelope, error, max(attempts, 1)):
+            return Outcome.DEAD_LETTER
+        return Outcome.RETRY
+
+    async def _infer(self, request: InferenceRequest) -> Framed:
+        if request.inputs_uri is not None:
+            if self.store is None:
+                raise InferenceError(ErrorCode.INVALID_REQUEST, "inputs_uri: this deployment has no object store")
+            await self.store.resolve_inputs(request, self.settings.max_claim_check_bytes)
+        response = await self.engine.infer(request)
+        return await self._externalize(request, response)
+
+    async def _externalize(self, request: InferenceRequest, response: InferenceResponse) -> Framed:
+        """Claim check for outputs: a result too large for a message (or with an output_uri) goes to S3."""
+        framed = encode_response(response, request)
+        uri = request.parameters.get("output_uri")
+        if uri is None and len(framed.body) <= self.settings.max_inline_output_bytes:
+            return framed
+        if self.store is None:
+            raise InferenceError(ErrorCode.INVALID_REQUEST, "the result is too large to send inline and this "
+                                 "deployment has no object store for it")
+        uri = uri or self.store.default_uri(request.model_name, f"{request.id}.result")
+        await self.store.put(uri, framed)
+        return outputs_reference(response, uri)
