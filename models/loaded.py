@@ -39,7 +39,7 @@ class LoadedModel:
             if array.dtype == object:  # BYTES inputs (text) are the architecture's to tokenize
                 tensors[spec.name] = array
                 continue
-            t = torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)
+            t = torch.from_numpy(np.require(array, requirements=["C", "W"])).to(self.device, non_blocking=True)
             tensors[spec.name] = t.to(compute_dtype) if t.is_floating_point() else t
         return tensors
 

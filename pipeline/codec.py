@@ -58,7 +58,8 @@ def _media_type(content_type: str | None) -> str:
 
 
 def decode_request(payload: bytes, headers: Mapping[str, str] | None = None, *, max_bytes: int,
-                   defaults: dict[str, Any] | None = None) -> InferenceRequest:
+                   defaults: dict[str, Any] | None = None, fallbacks: dict[str, Any] | None = None
+                   ) -> InferenceRequest:
     """Decode a request from its bytes and transport headers (see `header_map`)."""
     headers = headers or {}
     if len(payload) > max_bytes:
@@ -75,7 +76,7 @@ def decode_request(payload: bytes, headers: Mapping[str, str] | None = None, *, 
     except orjson.JSONDecodeError as exc:
         raise InferenceError(ErrorCode.INVALID_JSON, f"request is not valid UTF-8 JSON: {exc}") from None
     binary = None if header_length is None else view[header_length:]
-    request = parse_request(body, max_elements=max_bytes, defaults=defaults, binary=binary)
+    request = parse_request(body, max_elements=max_bytes, defaults=defaults, fallbacks=fallbacks, binary=binary)
     if _media_type(headers.get(ACCEPT, "")) == BINARY:
         request.parameters = {**request.parameters, "binary_data_output": True}
     return request

@@ -87,16 +87,19 @@ def _fail(code: ErrorCode, message: str, request_id: str | None = None) -> Infer
 
 
 def parse_request(body: Any, *, max_elements: int, defaults: dict[str, Any] | None = None,
-                  binary: memoryview | None = None) -> InferenceRequest:
-    """Validate a decoded V2 request body. `defaults` fills model_name/model_version from an HTTP path.
+                  fallbacks: dict[str, Any] | None = None, binary: memoryview | None = None) -> InferenceRequest:
+    """Validate a decoded V2 request body. `defaults` override the body (model_name/model_version from an
+    HTTP path); `fallbacks` fill only what the body lacks (an id for HTTP callers, where it is optional).
 
     `binary` holds the tensor bytes that followed the JSON header (binary tensor extension): inputs with
     `parameters.binary_data_size` take their bytes from it, in order, without copying.
     """
     if not isinstance(body, dict):
         raise _fail(ErrorCode.INVALID_REQUEST, "request must be a JSON object")
+    if fallbacks:
+        body = {**fallbacks, **{k: v for k, v in body.items() if v is not None}}
     if defaults:
-        body = {**defaults, **{k: v for k, v in body.items() if k not in defaults}}
+        body = {**body, **defaults}
     request_id = body.get("id")
     if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_ID_LENGTH:
         raise _fail(ErrorCode.INVALID_REQUEST, f"id: expected a non-empty string of at most {MAX_ID_LENGTH} "

@@ -85,6 +85,16 @@ class Settings:
     max_claim_check_bytes: int = 64 * 1024 * 1024
     health_port: int = 0
     log_format: str = "text"
+    api_keys: str = field(default="", repr=False)
+    rate_limit: str = ""
+    rate_limit_models: str = ""
+    batch_inbox_prefix: str = "inbox/"
+    batch_outbox_prefix: str = "outbox/"
+    batch_queue: str = "maas-batch-events"
+    sqs_requests_queue: str = "maas-requests"
+    sqs_results_queue_url: str | None = None
+    sqs_dlq_url: str | None = None
+    partial_batch_response: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -127,6 +137,16 @@ class Settings:
             max_claim_check_bytes=_int(env, "MAAS_MAX_CLAIM_CHECK_BYTES", 64 * 1024 * 1024, minimum=1024),
             health_port=_int(env, "MAAS_HEALTH_PORT", 0, minimum=0),
             log_format=_choice(env, "MAAS_LOG_FORMAT", "text", ("text", "json")),
+            api_keys=env.get("MAAS_API_KEYS", ""),
+            rate_limit=env.get("MAAS_RATE_LIMIT", ""),
+            rate_limit_models=env.get("MAAS_RATE_LIMIT_MODELS", ""),
+            batch_inbox_prefix=env.get("MAAS_BATCH_INBOX_PREFIX") or "inbox/",
+            batch_outbox_prefix=env.get("MAAS_BATCH_OUTBOX_PREFIX") or "outbox/",
+            batch_queue=env.get("MAAS_BATCH_QUEUE") or "maas-batch-events",
+            sqs_requests_queue=env.get("MAAS_SQS_REQUESTS_QUEUE") or "maas-requests",
+            sqs_results_queue_url=env.get("MAAS_SQS_RESULTS_QUEUE_URL") or None,
+            sqs_dlq_url=env.get("MAAS_SQS_DLQ_URL") or None,
+            partial_batch_response=env.get("MAAS_PARTIAL_BATCH_RESPONSE", "1").lower() not in {"0", "false", "no"},
         )
         if worker_id := env.get("MAAS_WORKER_ID"):
             settings = replace(settings, worker_id=worker_id)
@@ -203,6 +223,13 @@ class Settings:
             "MAAS_MAX_CLAIM_CHECK_BYTES": str(self.max_claim_check_bytes),
             "MAAS_HEALTH_PORT": str(self.health_port),
             "MAAS_LOG_FORMAT": self.log_format,
+            "MAAS_RATE_LIMIT": self.rate_limit,
+            "MAAS_RATE_LIMIT_MODELS": self.rate_limit_models,
+            "MAAS_BATCH_INBOX_PREFIX": self.batch_inbox_prefix,
+            "MAAS_BATCH_OUTBOX_PREFIX": self.batch_outbox_prefix,
+            "MAAS_BATCH_QUEUE": self.batch_queue,
+            "MAAS_SQS_REQUESTS_QUEUE": self.sqs_requests_queue,
+            "MAAS_PARTIAL_BATCH_RESPONSE": "1" if self.partial_batch_response else "0",
         }
         optional = {
             "KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap_servers,
@@ -210,10 +237,13 @@ class Settings:
             "KAFKA_SASL_USERNAME": self.kafka_sasl_username,
             "KAFKA_SASL_PASSWORD": self.kafka_sasl_password,
             "AWS_ENDPOINT_URL": self.aws_endpoint_url,
+            "MAAS_API_KEYS": self.api_keys,
+            "MAAS_SQS_RESULTS_QUEUE_URL": self.sqs_results_queue_url,
+            "MAAS_SQS_DLQ_URL": self.sqs_dlq_url,
         }
         return {**env, **{k: v for k, v in optional.items() if v}}
 
     def describe(self) -> dict[str, object]:
         """Settings safe to print or log: secrets are left out."""
-        hidden = {"kafka_sasl_password"}
+        hidden = {"kafka_sasl_password", "api_keys"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in hidden}

@@ -1,5 +1,5 @@
 """The `maas` subcommands, one module each; every module has `register(subparsers)`."""
 
-from pipeline.commands import demo, models, stack, submit, worker
+from pipeline.commands import batch, demo, models, serve, stack, submit, worker
 
-MODULES = (stack, worker, submit, demo, models)
+MODULES = (stack, worker, serve, batch, submit, demo, models)

@@ -1,0 +1,53 @@
+"""HTTP trigger: API Gateway HTTP API (payload format 2.0) and Lambda function URLs; REST API (1.0) too.
+
+The event becomes an `ApiRequest` for the same `V2Api` that `maas serve` runs, so the routes, errors, auth
+and limits are the server's own. Binary bodies (binary tensor extension) travel base64-encoded both ways.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from functions.runtime import Runtime, invoke
+from pipeline.codec import CONTENT_TYPE
+from pipeline.v2_api import ApiRequest, error_response
+
+_TEXT_TYPES = ("application/json", "text/")
+
+
+def api_request(event: dict[str, Any]) -> ApiRequest:
+    context = event.get("requestContext") or {}
+    if "http" in context:  # payload format 2.0 (HTTP API, function URL)
+        method, path = context["http"]["method"], event.get("rawPath") or context["http"].get("path", "/")
+    else:  # 1.0 (REST API)
+        method, path = event.get("httpMethod", "GET"), event.get("path", "/")
+    stage = context.get("stage")
+    if stage and stage != "$default" and path.startswith(f"/{stage}/"):
+        path = path[len(stage) + 1:]
+    headers = {k.lower(): v for k, v in (event.get("headers") or {}).items()}
+    raw = event.get("body") or ""
+    body = base64.b64decode(raw) if event.get("isBase64Encoded") else raw.encode("utf-8")
+    return ApiRequest(method.upper(), path, headers, body)
+
+
+async def handle(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:
+    try:
+        request = api_request(event)
+    except (KeyError, ValueError, TypeError) as exc:
+        response = error_response(400, f"malformed HTTP event: {exc!r}", "INVALID_REQUEST")
+    else:
+        refused = runtime.api.precheck(request.method, request.path, request.headers, len(request.body))
+        response = refused or await runtime.api.handle(request)
+    content_type = response.headers.get(CONTENT_TYPE, "")
+    text = content_type.startswith(_TEXT_TYPES)
+    return {
+        "statusCode": response.status,
+        "headers": response.headers,
+        "body": response.body.decode("utf-8") if text else base64.b64encode(response.body).decode(),
+        "isBase64Encoded": not text,
+    }
+
+
+def handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
+    return invoke("http", lambda runtime: handle(runtime, event))

@@ -1,0 +1,71 @@
+"""Kafka trigger (Amazon MSK and self-managed Kafka event source mappings).
+
+The event groups records by "topic-partition"; keys and values are base64, headers a list of
+{name: [byte, ...]} objects. Every record goes through the same `Responder` as `maas worker`: a result or
+error result on the results topic (or `reply_to`), undecodable records to the dead-letter topic. All records
+of an invocation run concurrently, so the engine batches them.
+
+Records that failed transiently (the model, or delivery of the answer) are returned as a partial batch
+response, `{"batchItemFailures": [{"itemIdentifier": {"topic-partition": "t-0", "offset": 7}}]}`, for the
+event source mapping to retry (FunctionResponseTypes: [ReportBatchItemFailures]). With
+MAAS_PARTIAL_BATCH_RESPONSE=0 they are dead-lettered instead, as the worker does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any
+
+from aiokafka.errors import KafkaError
+
+from functions._retry import ReportTransient
+from functions.runtime import Runtime, invoke
+from pipeline.codec import header_map
+from pipeline.responder import Outcome, Responder
+from pipeline.sinks import Envelope, KafkaSink
+
+
+def envelopes(event: dict[str, Any]) -> list[tuple[str, int, Envelope]]:
+    """(topic-partition, offset, envelope) for each record of an MSK / self-managed Kafka event."""
+    out = []
+    for records in (event.get("records") or {}).values():
+        for r in records:
+            key = base64.b64decode(r["key"]) if r.get("key") else None
+            value = base64.b64decode(r["value"]) if r.get("value") is not None else b""
+            raw = [(name, bytes(data)) for header in r.get("headers") or [] for name, data in header.items()]
+            partition = f"{r['topic']}-{int(r['partition'])}"
+            envelope = Envelope(payload=value, headers=header_map(raw), key=key, raw_headers=raw,
+                                source=f"{partition}@{int(r['offset'])}")
+            out.append((partition, int(r["offset"]), envelope))
+    return out
+
+
+async def handle(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:
+    report = runtime.settings.partial_batch_response
+    settings, store = runtime.settings, runtime.claim_checks()
+    sink = KafkaSink(await runtime.producer(), settings.topics.results, settings.topics.dlq, store=store,
+                     max_value_bytes=settings.max_request_bytes)
+    responder = Responder(settings, runtime.engine, ReportTransient(sink, report), store=store, max_attempts=2)
+    slots = asyncio.Semaphore(settings.max_in_flight)
+    failures: list[dict[str, Any]] = []
+
+    async def one(partition: str, offset: int, envelope: Envelope) -> None:
+        async with slots:
+            try:
+                outcome = await responder.handle(envelope)
+            except KafkaError:
+                if not report:
+                    raise  # the whole batch fails and is retried
+                outcome = Outcome.RETRY
+        if outcome is Outcome.RETRY:
+            failures.append({"itemIdentifier": {"topic-partition": partition, "offset": offset}})
+
+    await asyncio.gather(*(one(*item) for item in envelopes(event)))
+    failures.sort(key=lambda f: (f["itemIdentifier"]["topic-partition"], f["itemIdentifier"]["offset"]))
+    return {"batchItemFailures": failures}
+
+
+def handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
+    count = sum(len(v) for v in (event.get("records") or {}).values())
+    return invoke("kafka", lambda runtime: handle(runtime, event), records=count)

@@ -1,0 +1,187 @@
+"""What a function process keeps warm between invocations: one event loop, the engine and its model cache,
+a Kafka producer, S3/SQS clients. Cold-start costs (import, init, model load + kernel warm-up) are reported
+apart from the invocation's own time, as a CloudWatch Embedded Metric Format (EMF) log line.
+
+Handlers are synchronous (`handler(event, context)`, AWS Lambda conventions); each one runs its coroutine on
+the process's one long-lived loop, so async clients (aiokafka) and batcher tasks survive between invocations.
+"""
+
+from __future__ import annotations
+
+import time
+
+IMPORT_STARTED = time.perf_counter()
+
+import asyncio  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Awaitable, Callable  # noqa: E402
+from typing import Any, TypeVar  # noqa: E402
+
+from aiokafka import AIOKafkaProducer  # noqa: E402
+
+from models.cache import ModelCache  # noqa: E402
+from pipeline.batch_jobs import BatchConfig, BatchJobRunner  # noqa: E402
+from pipeline.claim_check import ClaimCheckStore  # noqa: E402
+from pipeline.commands._common import open_repository  # noqa: E402
+from pipeline.engine import InferenceEngine  # noqa: E402
+from pipeline.ratelimit import ApiKeys, RateLimiter  # noqa: E402
+from pipeline.services import aws_client  # noqa: E402
+from pipeline.settings import ConfigError, Settings  # noqa: E402
+from pipeline.v2_api import V2Api  # noqa: E402
+
+IMPORT_SECONDS = time.perf_counter() - IMPORT_STARTED
+NAMESPACE = "maas/functions"
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """The warm state of one function process for one configuration."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = InferenceEngine(ModelCache(open_repository(settings)), worker_id=settings.worker_id)
+        self.api = V2Api(self.engine, max_request_bytes=settings.max_request_bytes,
+                         api_keys=ApiKeys.from_settings(settings), rate_limiter=RateLimiter.from_settings(settings))
+        self._producer: AIOKafkaProducer | None = None
+        self._clients: dict[str, Any] = {}
+        self._batch: BatchJobRunner | None = None
+        self.invocations = 0
+        self.init_seconds = 0.0
+
+    async def start(self) -> Runtime:
+        started = time.perf_counter()
+        await self.engine.start()
+        self.init_seconds = time.perf_counter() - started
+        return self
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+        await self.engine.stop()
+
+    async def producer(self) -> AIOKafkaProducer:
+        """Started on first use, so HTTP- and S3-only functions never connect to Kafka."""
+        if self._producer is None:
+            if self.settings.kafka_bootstrap_servers is None:
+                raise ConfigError("KAFKA_BOOTSTRAP_SERVERS is not set: results go to Kafka topics")
+            s = self.settings
+            producer = AIOKafkaProducer(**s.kafka_client_kwargs(), acks="all", linger_ms=2,
+                                        max_batch_size=s.producer_max_batch_bytes,
+                                        max_request_size=max(1048576, s.max_request_bytes + 65536,
+                                                             s.max_inline_output_bytes + 65536),
+                                        enable_idempotence=s.kafka_idempotence)
+            started = time.perf_counter()
+            await producer.start()
+            self.init_seconds += time.perf_counter() - started
+            self._producer = producer
+        return self._producer
+
+    def aws(self, service: str) -> Any:
+        if service not in self._clients:
+            self._clients[service] = aws_client(self.settings, service)
+        return self._clients[service]
+
+    def claim_checks(self) -> ClaimCheckStore:
+        """Large inputs by reference and large outputs to S3, as the workers do."""
+        if "claim_checks" not in self._clients:
+            s = self.settings
+            self._clients["claim_checks"] = ClaimCheckStore(self.aws("s3"), s.allowed_buckets,
+                                                            output_bucket=s.batch_bucket,
+                                                            max_object_bytes=s.max_claim_check_bytes)
+        return self._clients["claim_checks"]
+
+    def batch_runner(self) -> BatchJobRunner:
+        if self._batch is None:
+            self._batch = BatchJobRunner(self.engine, self.aws("s3"), BatchConfig.from_settings(self.settings),
+                                         max_request_bytes=self.settings.max_request_bytes,
+                                         worker_id=self.settings.worker_id)
+        return self._batch
+
+
+_loop: asyncio.AbstractEventLoop | None = None
+_runtime: Runtime | None = None
+_runtime_env: dict[str, str] | None = None
+#: The metrics of the latest invocation (also printed as EMF): tests and local runs read them here.
+last_metrics: dict[str, Any] = {}
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    global _loop
+    if _loop is None or _loop.is_closed():
+        _loop = asyncio.new_event_loop()
+    return _loop
+
+
+def _current(loop: asyncio.AbstractEventLoop) -> Runtime:
+    """The warm runtime; rebuilt only when the configuration changed (never in a deployed function)."""
+    global _runtime, _runtime_env
+    settings = Settings.from_env()
+    env = {**settings.to_env(), **{k: v for k, v in os.environ.items() if k.startswith("MAAS_")}}
+    env.pop("MAAS_WORKER_ID", None)
+    if _runtime is None or env != _runtime_env:
+        if _runtime is not None:
+            loop.run_until_complete(_runtime.stop())
+        _runtime = loop.run_until_complete(Runtime(settings).start())
+        _runtime_env = env
+    return _runtime
+
+
+def invoke(function: str, work: Callable[[Runtime], Awaitable[T]], records: int | None = None) -> T:
+    """Run one invocation on the warm runtime and report its metrics."""
+    loop = _event_loop()
+    started = time.perf_counter()
+    runtime = _current(loop)
+    cold = runtime.invocations == 0
+    runtime.invocations += 1
+    load_before = runtime.engine.cache.stats.load_seconds
+    try:
+        return loop.run_until_complete(work(runtime))
+    finally:
+        metrics: dict[str, Any] = {
+            "function": function,
+            "ColdStart": int(cold),
+            "DurationMs": round((time.perf_counter() - started) * 1000, 3),
+            "ModelLoadMs": round((runtime.engine.cache.stats.load_seconds - load_before) * 1000, 3),
+        }
+        if cold:
+            metrics["ImportMs"] = round(IMPORT_SECONDS * 1000, 3)
+            metrics["InitMs"] = round(runtime.init_seconds * 1000, 3)
+        if records is not None:
+            metrics["Records"] = records
+        emit(metrics)
+
+
+def emit(metrics: dict[str, Any]) -> None:
+    """One EMF line on stdout: CloudWatch turns it into metrics, with no API call in the hot path."""
+    last_metrics.clear()
+    last_metrics.update(metrics)
+    units = {"Records": "Count", "ColdStart": "Count"}
+    names = [k for k in metrics if k != "function"]
+    document = {
+        "_aws": {"Timestamp": int(time.time() * 1000), "CloudWatchMetrics": [{
+            "Namespace": NAMESPACE, "Dimensions": [["function"]],
+            "Metrics": [{"Name": n, "Unit": units.get(n, "Milliseconds")} for n in names],
+        }]},
+        **metrics,
+    }
+    print(json.dumps(document), file=sys.stdout, flush=True)
+
+
+def shutdown() -> None:
+    """Stop the warm runtime and close the loop (tests; a real function process just ends)."""
+    global _runtime, _runtime_env, _loop
+    if _loop is None or _loop.is_closed():
+        return
+    if _runtime is not None:
+        with contextlib.suppress(Exception):
+            _loop.run_until_complete(_runtime.stop())
+    _runtime = _runtime_env = None
+    _loop.run_until_complete(_loop.shutdown_asyncgens())
+    _loop.close()
+    _loop = None

@@ -1,0 +1,61 @@
+"""SQS trigger: each message body is a V2 request (binary ones base64, framing in message attributes).
+
+Messages go through the same `Responder` as every other source. Answers go to the results topic (or
+`reply_to`), or to an SQS results queue when MAAS_SQS_RESULTS_QUEUE_URL is set (undecodable messages then
+to MAAS_SQS_DLQ_URL; without it they are reported failed and the queue's redrive policy moves them to its
+DLQ). The handler returns a partial batch response listing exactly the messages that failed transiently,
+`{"batchItemFailures": [{"itemIdentifier": "<messageId>"}]}`, so SQS redelivers only those
+(FunctionResponseTypes: [ReportBatchItemFailures]); after maxReceiveCount they move to the queue's DLQ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiokafka.errors import KafkaError
+from botocore.exceptions import BotoCoreError, ClientError
+
+from functions._retry import ReportTransient
+from functions.runtime import Runtime, invoke
+from pipeline.codec import from_sqs_message
+from pipeline.errors import InferenceError
+from pipeline.responder import Outcome, Responder
+from pipeline.sinks import Envelope, KafkaSink, ResultSink, SqsSink
+
+
+async def _sink(runtime: Runtime) -> ResultSink:
+    settings = runtime.settings
+    if settings.sqs_results_queue_url:
+        return SqsSink(runtime.aws("sqs"), settings.sqs_results_queue_url, settings.sqs_dlq_url)
+    return KafkaSink(await runtime.producer(), settings.topics.results, settings.topics.dlq,
+                     store=runtime.claim_checks(), max_value_bytes=settings.max_request_bytes)
+
+
+async def handle(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:
+    sink = ReportTransient(await _sink(runtime))
+    responder = Responder(runtime.settings, runtime.engine, sink, store=runtime.claim_checks(), max_attempts=2)
+    records = event.get("Records") or []
+    slots = asyncio.Semaphore(runtime.settings.max_in_flight)
+
+    async def one(record: dict[str, Any]) -> bool:
+        source = f"sqs:{record.get('eventSourceARN', '')}/{record.get('messageId', '')}"
+        body = record.get("body") or ""
+        async with slots:
+            try:
+                try:
+                    payload, headers = from_sqs_message(body, record.get("messageAttributes"))
+                except InferenceError as exc:  # e.g. invalid base64: nothing to decode, dead-letter as is
+                    return await sink.dead_letter(Envelope(body.encode(), {}, source), exc, 1)
+                outcome = await responder.handle(Envelope(payload, headers, source))
+            except (KafkaError, ClientError, BotoCoreError):
+                return False  # the answer could not be delivered: let SQS redeliver the message
+        return outcome is not Outcome.RETRY
+
+    outcomes = await asyncio.gather(*(one(r) for r in records))
+    return {"batchItemFailures": [{"itemIdentifier": r["messageId"]}
+                                  for r, ok in zip(records, outcomes, strict=True) if not ok]}
+
+
+def handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
+    return invoke("sqs", lambda runtime: handle(runtime, event), records=len(event.get("Records") or []))

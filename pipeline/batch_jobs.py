@@ -1,0 +1,553 @@
+"""Batch jobs on object storage: a JSON Lines file of requests in, a results file and a summary out.
+
+Uploading `s3://<bucket>/<inbox>/<job>.jsonl` starts a job. Locally an S3 -> SQS bucket notification
+(`ensure_batch_notifications`) feeds `BatchJobWatcher` (`maas batch worker`); in the cloud the S3 trigger
+(`functions.s3`) calls the same `BatchJobRunner.run()`.
+
+- Streaming: the object is read in chunks and split into lines; at most `window` lines are in flight; results
+  go out through a multipart upload in parts of `part_bytes` (>= 5 MiB). Memory stays bounded whatever the
+  file size.
+- Order: results are written in input order, one line per non-blank input line, errors inline (with "line").
+- Idempotence: the summary is written last and carries the source object's ETag; a re-delivered event for
+  an object whose summary has that ETag is skipped, so duplicates (moto emits two ObjectCreated events for a
+  multipart upload) never produce a second, different output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote_plus
+
+import orjson
+from botocore.exceptions import ClientError
+
+from infra.bootstrap import ensure_buckets, ensure_queue
+from models.artifact import ModelConfig
+from pipeline.engine import InferenceEngine
+from pipeline.errors import ErrorCode, InferenceError
+from pipeline.protocol import InferenceRequest, InferenceResponse, parse_request
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MIN_PART_BYTES = 5 * 1024 * 1024
+SOURCE_ETAG = "source-etag"  # object metadata key on results and summary
+NOTIFICATION_ID = "maas-batch-jobs"
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Where jobs arrive and results go. Env: MAAS_BATCH_INBOX_PREFIX, MAAS_BATCH_OUTBOX_PREFIX, MAAS_BATCH_QUEUE."""
+
+    bucket: str
+    inbox_prefix: str = "inbox/"
+    outbox_prefix: str = "outbox/"
+    queue: str = "maas-batch-events"
+    window: int = 512
+    part_bytes: int = 8 * 1024 * 1024
+    read_bytes: int = 1024 * 1024
+    progress_interval_s: float = 2.0
+    max_attempts: int = 3
+
+    def __post_init__(self) -> None:
+        if self.part_bytes < MIN_PART_BYTES:
+            raise ValueError(f"part_bytes must be >= {MIN_PART_BYTES} (S3 multipart minimum)")
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.queue}-dlq"
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> BatchConfig:
+        values: dict[str, Any] = {
+            "bucket": settings.batch_bucket,
+            "inbox_prefix": settings.batch_inbox_prefix,
+            "outbox_prefix": settings.batch_outbox_prefix,
+            "queue": settings.batch_queue,
+        }
+        return cls(**{**values, **overrides})
+
+    def job_name(self, key: str) -> str | None:
+        """The job a key starts, or None when the key is not a job file (outside the inbox, not .jsonl)."""
+        if not key.startswith(self.inbox_prefix) or not key.endswith(".jsonl"):
+            return None
+        name = key[len(self.inbox_prefix):-len(".jsonl")]
+        return name or None
+
+    def inbox_key(self, job: str) -> str:
+        return f"{self.inbox_prefix}{job}.jsonl"
+
+    def results_key(self, job: str) -> str:
+        return f"{self.outbox_prefix}{job}.results.jsonl"
+
+    def summary_key(self, job: str) -> str:
+        return f"{self.outbox_prefix}{job}.summary.json"
+
+    def progress_key(self, job: str) -> str:
+        return f"{self.outbox_prefix}{job}.progress.json"
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    bucket: str
+    key: str
+    etag: str | None = None
+
+
+def object_refs(event: Mapping[str, Any]) -> list[ObjectRef]:
+    """ObjectCreated records of an S3 event notification (keys arrive URL-encoded); test events give []."""
+    refs = []
+    for record in event.get("Records") or []:
+        if not str(record.get("eventName", "")).startswith("ObjectCreated"):
+            continue
+        s3 = record.get("s3") or {}
+        obj = s3.get("object") or {}
+        bucket, key = (s3.get("bucket") or {}).get("name"), obj.get("key")
+        if bucket and key:
+            refs.append(ObjectRef(bucket, unquote_plus(key), (obj.get("eTag") or "").strip('"') or None))
+    return refs
+
+
+class LatencyHistogram:
+    """Log-spaced buckets (5% wide) from 10 us to ~3 h: percentiles in bounded memory for any line count."""
+
+    _BASE, _FACTOR = 0.01, 1.05
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+        self.count = 0
+        self.total = 0.0
+        self.max = 0.0
+
+    def add(self, ms: float) -> None:
+        index = 0 if ms <= self._BASE else int(math.log(ms / self._BASE, self._FACTOR)) + 1
+        self.counts[index] = self.counts.get(index, 0) + 1
+        self.count += 1
+        self.total += ms
+        self.max = max(self.max, ms)
+
+    def percentile(self, q: float) -> float:
+        if not self.count:
+            return 0.0
+        rank, seen = q / 100 * self.count, 0
+        for index in sorted(self.counts):
+            seen += self.counts[index]
+            if seen >= rank:
+                return min(self.max, self._BASE * self._FACTOR ** index)
+        return self.max
+
+    def to_json(self) -> dict[str, float]:
+        return {"p50": round(self.percentile(50), 3), "p90": round(self.percentile(90), 3),
+                "p99": round(self.percentile(99), 3), "max": round(self.max, 3),
+                "mean": round(self.total / self.count, 3) if self.count else 0.0}
+
+
+async def iter_lines(read: Callable[[int], bytes], chunk_bytes: int, max_line: int) -> AsyncIterator[bytes | None]:
+    """Lines of a blocking byte stream, read in chunks off the event loop. None stands for a line over max_line
+    (skipped, never buffered whole)."""
+    buffer = b""
+    skipping = False
+    while True:
+        chunk = await asyncio.to_thread(read, chunk_bytes)
+        if not chunk:
+            break
+        data = buffer + chunk if buffer else chunk
+        start = 0
+        while (end := data.find(b"\n", start)) >= 0:
+            if skipping:
+                skipping = False
+                yield None
+            else:
+                yield data[start:end]
+            start = end + 1
+        buffer = data[start:]
+        if len(buffer) > max_line:
+            skipping, buffer = True, b""
+    if skipping:
+        yield None
+    elif buffer:
+        yield buffer
+
+
+class MultipartWriter:
+    """Append bytes; parts of `part_bytes` go out as they fill. Small outputs become one PutObject."""
+
+    def __init__(self, s3: Any, bucket: str, key: str, part_bytes: int, metadata: dict[str, str],
+                 content_type: str = "application/x-ndjson") -> None:
+        self.s3, self.bucket, self.key = s3, bucket, key
+        self.part_bytes = part_bytes
+        self.metadata, self.content_type = metadata, content_type
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[dict[str, Any]] = []
+        self.bytes_written = 0
+
+    async def write(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) >= self.part_bytes:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if self._upload_id is None:
+            created = await asyncio.to_thread(self.s3.create_multipart_upload, Bucket=self.bucket, Key=self.key,
+                                              ContentType=self.content_type, Metadata=self.metadata)
+            self._upload_id = created["UploadId"]
+        body, self._buffer = bytes(self._buffer), bytearray()
+        number = len(self._parts) + 1
+        part = await asyncio.to_thread(self.s3.upload_part, Bucket=self.bucket, Key=self.key, PartNumber=number,
+                                       UploadId=self._upload_id, Body=body)
+        self._parts.append({"ETag": part["ETag"], "PartNumber": number})
+        self.bytes_written += len(body)
+
+    async def close(self) -> None:
+        if self._upload_id is None:
+            body, self._buffer = bytes(self._buffer), bytearray()
+            await asyncio.to_thread(self.s3.put_object, Bucket=self.bucket, Key=self.key, Body=body,
+                                    ContentType=self.content_type, Metadata=self.metadata)
+            self.bytes_written += len(body)
+            return
+        if self._buffer:
+            await self._flush()
+        await asyncio.to_thread(self.s3.complete_multipart_upload, Bucket=self.bucket, Key=self.key,
+                                UploadId=self._upload_id, MultipartUpload={"Parts": self._parts})
+
+    async def abort(self) -> None:
+        if self._upload_id is not None:
+            with contextlib.suppress(ClientError):
+                await asyncio.to_thread(self.s3.abort_multipart_upload, Bucket=self.bucket, Key=self.key,
+                                        UploadId=self._upload_id)
+            self._upload_id = None
+
+
+@dataclass
+class _JobState:
+    job: str
+    etag: str
+    started: float = field(default_factory=time.time)
+    clock: float = field(default_factory=time.perf_counter)
+    lines: int = 0
+    ok: int = 0
+    errors: int = 0
+    errors_by_code: dict[str, int] = field(default_factory=dict)
+    model_versions: dict[str, dict[str, int]] = field(default_factory=dict)
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    def progress(self) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self.clock
+        return {"job": self.job, "etag": self.etag, "lines_done": self.lines, "ok": self.ok, "errors": self.errors,
+                "elapsed_s": round(elapsed, 3), "lines_per_s": round(self.lines / elapsed, 1) if elapsed else 0.0}
+
+
+class BatchJobRunner:
+    """Runs job files through one engine. One runner per process: it serialises jobs on the same object."""
+
+    def __init__(self, engine: InferenceEngine, s3: Any, config: BatchConfig, *, max_request_bytes: int,
+                 worker_id: str = "local") -> None:
+        self.engine = engine
+        self.s3 = s3
+        self.config = config
+        self.max_request_bytes = max_request_bytes
+        self.worker_id = worker_id
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._configs: dict[tuple[str, str | None], tuple[int, ModelConfig]] = {}
+
+    async def run(self, bucket: str, key: str) -> dict[str, Any] | None:
+        """Process one uploaded object; returns its summary (the existing one for a duplicate event), or None
+        when the key is not a job file or the object is gone."""
+        job = self.config.job_name(key)
+        if job is None:
+            return None
+        lock = self._locks.setdefault((bucket, key), asyncio.Lock())
+        async with lock:
+            try:
+                head = await asyncio.to_thread(self.s3.head_object, Bucket=bucket, Key=key)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    log.info("job object s3://%s/%s is gone; nothing to do", bucket, key)
+                    return None
+                raise
+            etag = head["ETag"].strip('"')
+            existing = await self._existing_summary(bucket, job, etag)
+            if existing is not None:
+                log.info("job %s (etag %s) already has a summary; skipping the duplicate event", job, etag)
+                return {**existing, "duplicate": True}
+            return await self._run(bucket, key, job, etag, head)
+
+    async def _existing_summary(self, bucket: str, job: str, etag: str) -> dict[str, Any] | None:
+        try:
+            obj = await asyncio.to_thread(self.s3.get_object, Bucket=bucket, Key=self.config.summary_key(job))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        if obj.get("Metadata", {}).get(SOURCE_ETAG) != etag:
+            return None
+        return orjson.loads(await asyncio.to_thread(obj["Body"].read))
+
+    async def _run(self, bucket: str, key: str, job: str, etag: str, head: dict[str, Any]) -> dict[str, Any]:
+        state = _JobState(job, etag)
+        log.info("job %s: s3://%s/%s (%d bytes, etag %s)", job, bucket, key, head.get("ContentLength", 0), etag)
+        obj = await asyncio.to_thread(self.s3.get_object, Bucket=bucket, Key=key, IfMatch=f'"{etag}"')
+        writer = MultipartWriter(self.s3, bucket, self.config.results_key(job), self.config.part_bytes,
+                                 {SOURCE_ETAG: etag})
+        progress = asyncio.create_task(self._report_progress(bucket, state), name=f"maas-batch-progress-{job}")
+        window: deque[asyncio.Task] = deque()
+        try:
+            lineno = 0
+            async for line in iter_lines(obj["Body"].read, self.config.read_bytes, self.max_request_bytes):
+                lineno += 1
+                if line is not None and not line.strip():
+                    continue
+                window.append(asyncio.create_task(self._line(lineno, line, state)))
+                if len(window) >= self.config.window:
+                    await writer.write(await window.popleft())
+            while window:
+                await writer.write(await window.popleft())
+            await writer.close()
+        except BaseException:
+            for task in window:
+                task.cancel()
+            await asyncio.gather(*window, return_exceptions=True)
+            await writer.abort()
+            raise
+        finally:
+            obj["Body"].close()
+            progress.cancel()
+            await asyncio.gather(progress, return_exceptions=True)
+        summary = self._summary(bucket, key, job, etag, head, state, writer.bytes_written)
+        await asyncio.to_thread(self.s3.put_object, Bucket=bucket, Key=self.config.summary_key(job),
+                                Body=orjson.dumps(summary, option=orjson.OPT_INDENT_2),
+                                ContentType="application/json", Metadata={SOURCE_ETAG: etag})
+        log.info("job %s: %d lines (%d ok, %d errors) in %.1fs", job, state.lines, state.ok, state.errors,
+                 summary["duration_s"])
+        return summary
+
+    async def _report_progress(self, bucket: str, state: _JobState) -> None:
+        """A small progress object every few seconds, for `maas batch submit`'s progress bar."""
+        key = self.config.progress_key(state.job)
+        while True:
+            await asyncio.sleep(self.config.progress_interval_s)
+            try:
+                await asyncio.to_thread(self.s3.put_object, Bucket=bucket, Key=key,
+                                        Body=orjson.dumps(state.progress()), ContentType="application/json")
+            except ClientError as exc:  # progress is best effort; the job goes on
+                log.warning("job %s: cannot write progress: %s", state.job, exc)
+
+    async def _line(self, lineno: int, line: bytes | None, state: _JobState) -> bytes:
+        """One input line -> one output line (result or inline error)."""
+        started = time.perf_counter()
+        request: InferenceRequest | None = None
+        try:
+            if line is None:
+                raise InferenceError(ErrorCode.PAYLOAD_TOO_LARGE, f"line is longer than {self.max_request_bytes} "
+                                     "bytes (MAAS_MAX_REQUEST_BYTES)")
+            request = await self._request(line, lineno)
+            response = await self._infer(request)
+            out = orjson.dumps(response.to_json(), option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
+            state.ok += 1
+            versions = state.model_versions.setdefault(response.model_name, {})
+            versions[str(response.model_version)] = versions.get(str(response.model_version), 0) + 1
+        except InferenceError as exc:
+            body = exc.to_json(request.model_name if request else None)
+            body["line"] = lineno
+            out = orjson.dumps(body) + b"\n"
+            state.errors += 1
+            state.errors_by_code[str(exc.code)] = state.errors_by_code.get(str(exc.code), 0) + 1
+        state.lines += 1
+        state.latency.add((time.perf_counter() - started) * 1000)
+        return out
+
+    async def _infer(self, request: InferenceRequest) -> InferenceResponse:
+        for attempt in range(1, self.config.max_attempts + 1):
+            try:
+                return await self.engine.infer(request)
+            except InferenceError as exc:
+                if not exc.code.transient or attempt == self.config.max_attempts:
+                    raise
+                await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    async def _request(self, line: bytes, lineno: int) -> InferenceRequest:
+        try:
+            body = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise InferenceError(ErrorCode.INVALID_JSON, f"line is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise InferenceError(ErrorCode.INVALID_REQUEST, "line must be a JSON object (a V2 request, or "
+                                 '{"id", "model_name", "data" | "text"})')
+        body.setdefault("id", f"line-{lineno}")
+        if "inputs" not in body and ("data" in body or "text" in body):
+            body = await self._expand_shorthand(body)
+        return parse_request(body, max_elements=self.max_request_bytes)
+
+    async def _expand_shorthand(self, body: dict[str, Any]) -> dict[str, Any]:
+        """{"id", "model_name", "data": [...]} or {"text": "..."} -> a V2 request for a one-input model."""
+        name, version = body.get("model_name"), body.get("model_version")
+        if not isinstance(name, str):
+            raise InferenceError(ErrorCode.INVALID_REQUEST, "model_name: expected a string", str(body["id"]))
+        cache_key = (name, None if version is None else str(version))
+        if cache_key not in self._configs:
+            try:
+                self._configs[cache_key] = await self.engine.model_config(name, version)
+            except InferenceError as exc:
+                exc.request_id = str(body["id"])
+                raise
+        _, config = self._configs[cache_key]
+        if len(config.inputs) != 1:
+            raise InferenceError(ErrorCode.INVALID_REQUEST, f"model {name!r} takes {len(config.inputs)} inputs: "
+                                 "the data/text shorthand needs a one-input model; send a V2 request", str(body["id"]))
+        spec = config.inputs[0]
+        if "text" in body:
+            value = [body["text"]] if isinstance(body["text"], str) else body["text"]
+            tensor = {"name": spec.name, "datatype": "BYTES",
+                      "shape": [len(value) if isinstance(value, list) else 1, *(1 for _ in spec.shape[1:])],
+                      "data": value}
+        else:
+            data = body["data"]
+            nested = isinstance(data, list) and bool(data) and isinstance(data[0], list)
+            rows = len(data) if nested else 1
+            per_row = len(data[0]) if nested else (len(data) if isinstance(data, list) else 1)
+            dims = list(spec.shape[1:])
+            if dims.count(-1) == 1:  # one free dimension: it takes what the fixed ones leave
+                fixed = math.prod(d for d in dims if d != -1)
+                dims = [per_row // fixed if d == -1 else d for d in dims]
+            tensor = {"name": spec.name, "datatype": spec.datatype, "shape": [rows, *dims], "data": data}
+        out = {k: v for k, v in body.items() if k not in ("data", "text")}
+        out["inputs"] = [tensor]
+        return out
+
+    def _summary(self, bucket: str, key: str, job: str, etag: str, head: dict[str, Any], state: _JobState,
+                 results_bytes: int) -> dict[str, Any]:
+        duration = time.perf_counter() - state.clock
+        return {
+            "job": job,
+            "status": "completed",
+            "source": {"bucket": bucket, "key": key, "etag": etag, "bytes": head.get("ContentLength"),
+                       "version_id": head.get("VersionId")},
+            "results": {"bucket": bucket, "key": self.config.results_key(job), "bytes": results_bytes},
+            "lines": state.lines,
+            "ok": state.ok,
+            "errors": state.errors,
+            "errors_by_code": state.errors_by_code,
+            "model_versions": state.model_versions,
+            "duration_s": round(duration, 3),
+            "throughput_lines_per_s": round(state.lines / duration, 1) if duration > 0 else 0.0,
+            "latency_ms": state.latency.to_json(),
+            "started_at": state.started,
+            "finished_at": time.time(),
+            "worker": self.worker_id,
+        }
+
+
+def ensure_batch_notifications(s3: Any, sqs: Any, config: BatchConfig) -> str:
+    """Bucket, queue (+ DLQ) and the bucket notification ObjectCreated(inbox/*.jsonl) -> queue. Idempotent."""
+    ensure_buckets(s3, [config.bucket])
+    queue_url = ensure_queue(sqs, config.queue, config.dlq)
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    policy = {"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Principal": {"Service": "s3.amazonaws.com"}, "Action": "sqs:SendMessage",
+        "Resource": queue_arn, "Condition": {"ArnLike": {"aws:SourceArn": f"arn:aws:s3:::{config.bucket}"}},
+    }]}
+    sqs.set_queue_attributes(QueueUrl=queue_url, Attributes={"Policy": orjson.dumps(policy).decode()})
+    current = s3.get_bucket_notification_configuration(Bucket=config.bucket)
+    current.pop("ResponseMetadata", None)
+    queues = [q for q in current.get("QueueConfigurations", []) if q.get("Id") != NOTIFICATION_ID]
+    queues.append({
+        "Id": NOTIFICATION_ID, "QueueArn": queue_arn, "Events": ["s3:ObjectCreated:*"],
+        "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": config.inbox_prefix},
+                                           {"Name": "suffix", "Value": ".jsonl"}]}},
+    })
+    s3.put_bucket_notification_configuration(Bucket=config.bucket,
+                                             NotificationConfiguration={**current, "QueueConfigurations": queues})
+    return queue_url
+
+
+class BatchJobWatcher:
+    """Long-polls the notification queue and runs each job; a message is deleted only after its jobs finished.
+
+    While a job runs, the message's visibility is extended, so a long job is not handed to another watcher;
+    a watcher that dies leaves the message to reappear (and, after maxReceiveCount, to go to the DLQ).
+    """
+
+    def __init__(self, runner: BatchJobRunner, sqs: Any, queue_url: str, *, wait_s: int = 10,
+                 visibility_s: int = 60) -> None:
+        self.runner = runner
+        self.sqs = sqs
+        self.queue_url = queue_url
+        self.wait_s = wait_s
+        self.visibility_s = visibility_s
+        self.completed: list[dict[str, Any]] = []
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+
+    async def start(self) -> BatchJobWatcher:
+        self._stopping = False
+        self._task = asyncio.create_task(self._loop(), name="maas-batch-watcher")
+        return self
+
+    async def stop(self) -> None:
+        """Finish the job under way (its message is then deleted), then stop polling."""
+        self._stopping = True
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def __aenter__(self) -> BatchJobWatcher:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def wait(self) -> None:
+        if self._task is not None:
+            await self._task
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                received = await asyncio.to_thread(
+                    self.sqs.receive_message, QueueUrl=self.queue_url, MaxNumberOfMessages=10,
+                    WaitTimeSeconds=self.wait_s, VisibilityTimeout=self.visibility_s)
+            except ClientError as exc:
+                log.warning("cannot receive from %s: %s; retrying", self.queue_url, exc)
+                await asyncio.sleep(1.0)
+                continue
+            for message in received.get("Messages", []):
+                await self._handle(message)
+
+    async def _handle(self, message: dict[str, Any]) -> None:
+        heartbeat = asyncio.create_task(self._keep_invisible(message["ReceiptHandle"]))
+        try:
+            try:
+                event = orjson.loads(message.get("Body") or "{}")
+            except orjson.JSONDecodeError:
+                event = {}
+            refs = list(dict.fromkeys(object_refs(event) if isinstance(event, dict) else []))
+            for ref in refs:
+                summary = await self.runner.run(ref.bucket, ref.key)
+                if summary is not None:
+                    self.completed.append(summary)
+        except Exception:
+            log.exception("batch job message %s failed; it will be redelivered", message.get("MessageId"))
+            return
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+        await asyncio.to_thread(self.sqs.delete_message, QueueUrl=self.queue_url,
+                                ReceiptHandle=message["ReceiptHandle"])
+
+    async def _keep_invisible(self, receipt: str) -> None:
+        while True:
+            await asyncio.sleep(self.visibility_s / 3)
+            with contextlib.suppress(ClientError):
+                await asyncio.to_thread(self.sqs.change_message_visibility, QueueUrl=self.queue_url,
+                                        ReceiptHandle=receipt, VisibilityTimeout=self.visibility_s)

@@ -1,0 +1,125 @@
+"""`maas batch worker` and `maas batch submit FILE`: batch jobs on object storage (S3 -> SQS -> engine -> S3)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from boto3.s3.transfer import TransferConfig
+from botocore.exceptions import ClientError
+
+from models.cache import ModelCache
+from models.examples import ensure_examples
+from pipeline.batch_jobs import SOURCE_ETAG, BatchConfig, BatchJobRunner, BatchJobWatcher, ensure_batch_notifications
+from pipeline.commands._common import open_repository, stop_event
+from pipeline.engine import InferenceEngine
+from pipeline.services import aws_client, connected, read_state
+from pipeline.settings import ConfigError, Settings
+
+
+async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    repository = open_repository(settings)
+    if args.examples:
+        ensure_examples(repository)
+    async with connected(settings) as live:
+        config = BatchConfig.from_settings(live)
+        s3, sqs = aws_client(live, "s3"), aws_client(live, "sqs")
+        queue_url = await asyncio.to_thread(ensure_batch_notifications, s3, sqs, config)
+        async with InferenceEngine(ModelCache(repository), worker_id=live.worker_id) as engine:
+            runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes,
+                                    worker_id=live.worker_id)
+            watcher = BatchJobWatcher(runner, sqs, queue_url, wait_s=args.wait)
+            async with watcher:
+                print(f"batch worker watching s3://{config.bucket}/{config.inbox_prefix}*.jsonl via {queue_url}; "
+                      f"results to s3://{config.bucket}/{config.outbox_prefix}", flush=True)
+                stop, done = asyncio.create_task(stop_event().wait()), asyncio.create_task(watcher.wait())
+                await asyncio.wait([stop, done], return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+        print(f"batch worker stopped after {len(watcher.completed)} jobs", flush=True)
+    return 0
+
+
+def _count_lines(path: Path) -> int:
+    count = 0
+    with path.open("rb") as f:
+        for line in f:
+            count += bool(line.strip())
+    return count
+
+
+def _bar(done: int, total: int, rate: float, width: int = 30) -> str:
+    frac = min(1.0, done / total) if total else 0.0
+    filled = int(frac * width)
+    return f"\r[{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,} lines {frac:6.1%}  {rate:,.0f} lines/s"
+
+
+def _get_json(s3: Any, bucket: str, key: str) -> tuple[dict[str, Any], dict[str, str]] | None:
+    try:
+        obj = s3.get_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+    return orjson.loads(obj["Body"].read()), obj.get("Metadata", {})
+
+
+async def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.embedded_aws:
+        state = read_state()
+        if state is None:
+            raise ConfigError("no S3 to submit to: set AWS_ENDPOINT_URL / AWS credentials, or run `maas up` here")
+        settings = settings.with_endpoints(None, state["aws_endpoint_url"])
+    path = Path(args.file)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    config = BatchConfig.from_settings(settings)
+    job = args.job or path.name.removesuffix(".jsonl")
+    key, out = config.inbox_key(job), Path(args.output or path.with_name(f"{job}.results.jsonl"))
+    s3 = aws_client(settings, "s3")
+    total = await asyncio.to_thread(_count_lines, path)
+    print(f"uploading {path} ({path.stat().st_size:,} bytes, {total:,} lines) to s3://{config.bucket}/{key}",
+          file=sys.stderr, flush=True)
+    transfer = TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 << 20, max_concurrency=4)
+    await asyncio.to_thread(s3.upload_file, str(path), config.bucket, key, Config=transfer)
+    etag = (await asyncio.to_thread(s3.head_object, Bucket=config.bucket, Key=key))["ETag"].strip('"')
+    started = time.monotonic()
+    summary = None
+    while time.monotonic() - started < args.timeout:
+        found = await asyncio.to_thread(_get_json, s3, config.bucket, config.summary_key(job))
+        if found is not None and found[1].get(SOURCE_ETAG) == etag:
+            summary = found[0]
+            break
+        progress = await asyncio.to_thread(_get_json, s3, config.bucket, config.progress_key(job))
+        if progress is not None and progress[0].get("etag") == etag:
+            print(_bar(progress[0]["lines_done"], total, progress[0]["lines_per_s"]), end="", file=sys.stderr,
+                  flush=True)
+        await asyncio.sleep(args.poll)
+    if summary is None:
+        print(f"\nno summary within {args.timeout:.0f}s: is `maas batch worker` running?", file=sys.stderr)
+        return 1
+    print(_bar(summary["lines"], total, summary["throughput_lines_per_s"]), file=sys.stderr, flush=True)
+    await asyncio.to_thread(s3.download_file, config.bucket, config.results_key(job), str(out))
+    print(f"results: {out} (s3://{config.bucket}/{config.results_key(job)})")
+    print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
+    return 0 if summary["lines"] == total else 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    batch = sub.add_parser("batch", help="batch jobs: JSON Lines files of requests on object storage")
+    bsub = batch.add_subparsers(dest="batch_command", required=True)
+    worker = bsub.add_parser("worker", help="watch the batch bucket's inbox (S3 -> SQS notifications), run jobs")
+    worker.add_argument("--examples", action="store_true", help="publish the example models first if missing")
+    worker.add_argument("--wait", type=int, default=10, help="SQS long-poll seconds (default 10)")
+    worker.set_defaults(run=cmd_worker)
+    submit = bsub.add_parser("submit", help="upload a job file, show progress, download the results")
+    submit.add_argument("file", help="a .jsonl file: one V2 request (or {id, model_name, data|text}) per line")
+    submit.add_argument("--job", help="job name (default: the file name without .jsonl)")
+    submit.add_argument("--output", help="where to write the results (default: <job>.results.jsonl beside FILE)")
+    submit.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job (default 3600)")
+    submit.add_argument("--poll", type=float, default=0.5, help="seconds between progress checks (default 0.5)")
+    submit.set_defaults(run=cmd_submit)

@@ -1,0 +1,153 @@
+"""Batch jobs on object storage against the real moto server: S3 -> SQS notification -> watcher -> results."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import time
+
+import numpy as np
+import orjson
+import pytest
+
+from models.cache import ModelCache
+from models.examples import MNIST_MLP
+from pipeline.batch_jobs import (
+    BatchConfig,
+    BatchJobRunner,
+    BatchJobWatcher,
+    LatencyHistogram,
+    MultipartWriter,
+    ensure_batch_notifications,
+    iter_lines,
+    object_refs,
+)
+from pipeline.client import example_requests
+from pipeline.engine import InferenceEngine
+from pipeline.services import aws_client
+
+
+@contextlib.asynccontextmanager
+async def watching(settings, repository, config):
+    s3, sqs = aws_client(settings, "s3"), aws_client(settings, "sqs")
+    queue_url = await asyncio.to_thread(ensure_batch_notifications, s3, sqs, config)
+    async with InferenceEngine(ModelCache(repository), worker_id="batch-test") as engine:
+        runner = BatchJobRunner(engine, s3, config, max_request_bytes=settings.max_request_bytes, worker_id="bt")
+        async with BatchJobWatcher(runner, sqs, queue_url, wait_s=1, visibility_s=30) as watcher:
+            yield s3, runner, watcher
+
+
+async def wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.1)
+
+
+def jsonl(rows: list) -> bytes:
+    dump = orjson.OPT_SERIALIZE_NUMPY
+    return b"".join((r if isinstance(r, bytes) else orjson.dumps(r, option=dump)) + b"\n" for r in rows)
+
+
+async def test_job_through_notifications_in_order_with_inline_errors(live, repository):
+    config = BatchConfig(bucket=live.batch_bucket, queue=f"{live.batch_bucket}-events", progress_interval_s=0.2)
+    requests, truth = example_requests(40, prefix="bj")
+    image = requests[0]["inputs"][0]["data"]
+    rows = [*requests[:20],
+            b"{broken json",
+            {"id": "unknown", "model_name": "no_such_model", "data": image},
+            b"",  # blank lines are skipped
+            {"id": "short-1", "model_name": MNIST_MLP, "data": image},
+            {"id": "bad-shape", "model_name": MNIST_MLP,
+             "inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "FP32", "data": image}]},
+            {"model_name": MNIST_MLP, "data": image},  # no id: named after its line
+            *requests[20:]]
+    key = "inbox/team a+b/job 1.jsonl"  # arrives URL-encoded in the event
+    async with watching(live, repository, config) as (s3, _, watcher):
+        await asyncio.to_thread(s3.put_object, Bucket=config.bucket, Key=key, Body=jsonl(rows))
+        await wait_for(lambda: watcher.completed)
+        summary = watcher.completed[0]
+    assert summary["job"] == "team a+b/job 1"
+    assert summary["lines"] == 45 and summary["ok"] == 42 and summary["errors"] == 3
+    assert summary["errors_by_code"] == {"INVALID_JSON": 1, "MODEL_NOT_FOUND": 1, "INVALID_INPUT": 1}
+    assert summary["model_versions"] == {MNIST_MLP: {"1": 42}}
+    assert set(summary["latency_ms"]) == {"p50", "p90", "p99", "max", "mean"} and summary["latency_ms"]["p50"] > 0
+    stored = orjson.loads(s3.get_object(Bucket=config.bucket, Key=config.summary_key("team a+b/job 1"))["Body"].read())
+    assert stored["lines"] == 45
+    body = s3.get_object(Bucket=config.bucket, Key="outbox/team a+b/job 1.results.jsonl")["Body"].read()
+    lines = [orjson.loads(line) for line in body.splitlines()]
+    assert len(lines) == 45
+    ids = [line.get("id") for line in lines]
+    assert ids[:20] == [r["id"] for r in requests[:20]] and ids[25:] == [r["id"] for r in requests[20:]]
+    assert lines[20] == {"id": None, "error": lines[20]["error"], "line": 21}
+    assert lines[20]["error"]["code"] == "INVALID_JSON"
+    assert lines[21]["error"]["code"] == "MODEL_NOT_FOUND" and lines[21]["id"] == "unknown"
+    assert lines[22]["id"] == "short-1" and "outputs" in lines[22]
+    assert lines[23]["error"]["code"] == "INVALID_INPUT" and lines[23]["line"] == 25
+    assert lines[24]["id"] == "line-26"
+    correct = [int(next(o for o in line["outputs"] if o["name"] == "class")["data"][0]) == truth[line["id"]]
+               for line in lines if line.get("id") in truth]
+    assert np.mean(correct) > 0.9
+
+
+async def test_multipart_upload_double_event_and_redelivery_give_one_output(live, repository):
+    config = BatchConfig(bucket=live.batch_bucket, queue=f"{live.batch_bucket}-events")
+    requests, _ = example_requests(950, prefix="mp")
+    data = jsonl(requests)
+    assert len(data) > 5 * 1024 * 1024 + 1
+    key = "inbox/multi.jsonl"
+    async with watching(live, repository, config) as (s3, runner, watcher):
+        upload = s3.create_multipart_upload(Bucket=config.bucket, Key=key)
+        parts = []
+        for number, chunk in enumerate((data[:5 * 1024 * 1024], data[5 * 1024 * 1024:]), 1):
+            part = s3.upload_part(Bucket=config.bucket, Key=key, PartNumber=number, UploadId=upload["UploadId"],
+                                  Body=chunk)
+            parts.append({"ETag": part["ETag"], "PartNumber": number})
+        s3.complete_multipart_upload(Bucket=config.bucket, Key=key, UploadId=upload["UploadId"],
+                                     MultipartUpload={"Parts": parts})
+        await wait_for(lambda: len(watcher.completed) >= 2, timeout=60)
+        first = s3.head_object(Bucket=config.bucket, Key=config.results_key("multi"))
+        again = await runner.run(config.bucket, key)  # a redelivered event
+        after = s3.head_object(Bucket=config.bucket, Key=config.results_key("multi"))
+    fresh = [s for s in watcher.completed if not s.get("duplicate")]
+    assert len(fresh) == 1 and fresh[0]["lines"] == 950 and fresh[0]["ok"] == 950
+    assert [s.get("duplicate") for s in watcher.completed] == [None, True]
+    assert again["duplicate"] and again["finished_at"] == fresh[0]["finished_at"]
+    assert first["ETag"] == after["ETag"] and first["LastModified"] == after["LastModified"]
+
+
+async def test_multipart_writer_streams_parts(live):
+    s3 = aws_client(live, "s3")
+    writer = MultipartWriter(s3, live.batch_bucket, "out/big.bin", 5 * 1024 * 1024, {"source-etag": "x"})
+    chunk = bytes(range(256)) * 4096  # 1 MiB
+    for _ in range(11):
+        await writer.write(chunk)
+    await writer.close()
+    obj = s3.get_object(Bucket=live.batch_bucket, Key="out/big.bin")
+    assert obj["ETag"].strip('"').endswith("-3") and obj["Metadata"] == {"source-etag": "x"}
+    assert obj["Body"].read() == chunk * 11
+
+
+async def test_iter_lines_bounds_long_lines():
+    stream = io.BytesIO(b"a\n" + b"x" * 100 + b"\nbb\r\n\nlast")
+    lines = [line async for line in iter_lines(stream.read, 7, max_line=20)]
+    assert lines == [b"a", None, b"bb\r", b"", b"last"]
+
+
+def test_latency_histogram_and_event_parsing():
+    hist = LatencyHistogram()
+    for ms in range(1, 1001):
+        hist.add(float(ms))
+    assert hist.percentile(50) == pytest.approx(500, rel=0.06)
+    assert hist.percentile(99) == pytest.approx(990, rel=0.06) and hist.max == 1000
+    event = {"Records": [{"eventName": "ObjectCreated:Put",
+                          "s3": {"bucket": {"name": "b"}, "object": {"key": "inbox/a%2Bb+c.jsonl", "eTag": "e"}}},
+                         {"eventName": "ObjectRemoved:Delete",
+                          "s3": {"bucket": {"name": "b"}, "object": {"key": "x"}}}]}
+    refs = object_refs(event)
+    assert [(r.bucket, r.key, r.etag) for r in refs] == [("b", "inbox/a+b c.jsonl", "e")]
+    assert object_refs({"Event": "s3:TestEvent"}) == []
+    config = BatchConfig(bucket="b")
+    assert config.job_name("inbox/x.jsonl") == "x" and config.job_name("outbox/x.jsonl") is None
+    assert config.job_name("inbox/x.json") is None

@@ -1,0 +1,250 @@
+"""Cloud-function handlers invoked with provider-shaped events (tests/events/) against the real broker and moto."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+from urllib.parse import quote_plus
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+import functions.http
+import functions.kafka
+import functions.s3
+import functions.sqs
+from functions import runtime
+from infra.bootstrap import ensure_queue
+from models.examples import MNIST_MLP
+from pipeline.batch_jobs import BatchConfig
+from pipeline.client import example_requests
+from pipeline.codec import decode_response, encode_request, from_sqs_message, to_sqs_message
+from pipeline.services import aws_client, bootstrap
+
+EVENTS = Path(__file__).parent / "events"
+
+
+def dumps(value) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def event(name: str) -> dict:
+    return json.loads((EVENTS / name).read_text())
+
+
+@pytest.fixture
+def env(settings, monkeypatch):
+    """The function's environment: the settings of this test, with topics and bucket created."""
+    asyncio.run(bootstrap(settings))
+    for key, value in settings.to_env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MAAS_API_KEYS", raising=False)
+    yield settings
+    runtime.shutdown()
+
+
+def broken_model(settings) -> str:
+    """A model whose config is valid but whose weights do not load: every request fails transiently."""
+    root = Path(settings.model_repository)
+    shutil.copytree(root / MNIST_MLP, root / "broken")
+    (root / "broken" / "1" / "model.safetensors").write_bytes(b"not safetensors")
+    return "broken"
+
+
+async def read_topic(settings, topic: str, count: int, timeout: float = 15.0) -> list:
+    consumer = AIOKafkaConsumer(**settings.kafka_client_kwargs(), group_id=None, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in range(settings.topic_partitions)])
+        records, deadline = [], time.monotonic() + timeout
+        while len(records) < count and time.monotonic() < deadline:
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                records.extend(batch)
+        return records
+    finally:
+        await consumer.stop()
+
+
+def kafka_record(template: dict, topic: str, partition: int, offset: int, value: bytes, key: str | None,
+                 headers: dict[str, bytes] | None = None) -> dict:
+    record = copy.deepcopy(template)
+    record.update(topic=topic, partition=partition, offset=offset, value=base64.b64encode(value).decode(),
+                  key=base64.b64encode(key.encode()).decode() if key else None)
+    if headers is not None:
+        record["headers"] = [{k: list(v)} for k, v in headers.items()]
+    return record
+
+
+@pytest.mark.parametrize("sample", ["kafka_msk.json", "kafka_self_managed.json"])
+def test_kafka_trigger_answers_and_reports_transient_failures(env, sample, capsys):
+    settings = env
+    topic = settings.topics.requests
+    template = event(sample)
+    first = next(iter(template["records"].values()))[0]
+    requests, truth = example_requests(6, prefix="kf")
+    broken = broken_model(settings)
+    bad_input = {**requests[0], "id": "kf-bad", "inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32",
+                                                            "data": [1.0, 2.0, 3.0]}]}
+    values = [orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY) for r in requests]
+    values += [dumps(bad_input), b"\xff not json", dumps({**requests[1], "id": "kf-broken", "model_name": broken})]
+    records = [kafka_record(first, topic, i % 2, 100 + i, value, f"k{i}") for i, value in enumerate(values)]
+    # traceparent as a list of byte values, as the event source mapping sends headers
+    records[0]["headers"] = next(iter(event("kafka_msk.json")["records"].values()))[0]["headers"]
+    test_event = {**template, "records": {}}
+    for record in records:
+        test_event["records"].setdefault(f"{topic}-{record['partition']}", []).append(record)
+
+    response = functions.kafka.handler(test_event, None)
+
+    assert response == {"batchItemFailures": [{"itemIdentifier": {"topic-partition": f"{topic}-0", "offset": 108}}]}
+    results = asyncio.run(read_topic(settings, settings.topics.results, 7))
+    answers = {r.key.decode(): (decode_response(r.value, {}), dict(r.headers)) for r in results}
+    assert set(answers) == {*truth, "kf-bad"}
+    for request_id, label in truth.items():
+        body = answers[request_id][0]
+        assert next(o for o in body["outputs"] if o["name"] == "class")["data"] == [label]
+    assert answers["kf-bad"][0]["error"]["code"] == "INVALID_INPUT"
+    assert answers["kf-000000"][1]["traceparent"].startswith(b"00-0af7651916cd43dd8448eb211c80319c")
+    dead = asyncio.run(read_topic(settings, settings.topics.dlq, 1))
+    assert len(dead) == 1 and dead[0].value == b"\xff not json"
+    assert dict(dead[0].headers)["maas-error-code"] == b"INVALID_JSON"
+    assert dict(dead[0].headers)["maas-source"] == f"{topic}-1@107".encode()
+    metrics = json.loads([line for line in capsys.readouterr().out.splitlines() if '"_aws"' in line][-1])
+    assert metrics["function"] == "kafka" and metrics["ColdStart"] == 1 and metrics["Records"] == 9
+    assert {"ImportMs", "InitMs", "ModelLoadMs", "DurationMs"} <= metrics.keys()
+
+
+def test_sqs_trigger_partial_batch_response_and_sqs_results(env, monkeypatch):
+    settings = env
+    sqs = aws_client(settings, "sqs")
+    results_url = ensure_queue(sqs, f"{settings.batch_bucket}-results")
+    dlq_url = ensure_queue(sqs, f"{settings.batch_bucket}-dlq")
+    monkeypatch.setenv("MAAS_SQS_RESULTS_QUEUE_URL", results_url)
+    monkeypatch.setenv("MAAS_SQS_DLQ_URL", dlq_url)
+    template = event("sqs.json")["Records"][0]
+    broken = broken_model(settings)
+    requests, truth = example_requests(3, prefix="sq")
+
+    def record(message_id: str, message: dict) -> dict:
+        attributes = {k: {"stringValue": v["StringValue"], "stringListValues": [], "binaryListValues": [],
+                          "dataType": "String"} for k, v in message["MessageAttributes"].items()}
+        return {**template, "messageId": message_id, "body": message["MessageBody"], "messageAttributes": attributes}
+
+    import numpy as np
+
+    image = np.asarray(requests[2]["inputs"][0]["data"], dtype=np.float32).reshape(1, 784)
+    binary = encode_request("sq-binary", MNIST_MLP, {"input": image}, binary=True)
+    records = [record(f"m{i}", {"MessageBody": orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY).decode(),
+                                "MessageAttributes": {"content-type": {"StringValue": "application/json"}}})
+               for i, r in enumerate(requests[:2])]
+    records += [
+        record("m-binary", to_sqs_message(binary)),
+        record("m-invalid", {"MessageBody": orjson.dumps({"id": "sq-invalid", "model_name": MNIST_MLP,
+                                                          "inputs": []}).decode(), "MessageAttributes": {}}),
+        record("m-broken", {"MessageBody": orjson.dumps({**requests[0], "id": "sq-broken", "model_name": broken},
+                                                        option=orjson.OPT_SERIALIZE_NUMPY).decode(),
+                            "MessageAttributes": {}}),
+        record("m-garbage", {"MessageBody": "not json at all", "MessageAttributes": {}}),
+    ]
+
+    response = functions.sqs.handler({"Records": records}, None)
+
+    assert response == {"batchItemFailures": [{"itemIdentifier": "m-broken"}]}
+    received = []
+    while len(received) < 4:
+        batch = sqs.receive_message(QueueUrl=results_url, MaxNumberOfMessages=10, WaitTimeSeconds=1,
+                                    MessageAttributeNames=["All"]).get("Messages", [])
+        assert batch, "results missing"
+        received += batch
+    bodies = {}
+    for message in received:
+        payload, headers = from_sqs_message(message["Body"], message.get("MessageAttributes"))
+        body = decode_response(payload, headers)
+        bodies[body["id"]] = body
+    assert set(bodies) == {"sq-000000", "sq-000001", "sq-binary", "sq-invalid"}
+    assert bodies["sq-invalid"]["error"]["code"] == "INVALID_REQUEST"
+    assert next(o for o in bodies["sq-binary"]["outputs"] if o["name"] == "class")["data"] == [truth["sq-000002"]]
+    dead = sqs.receive_message(QueueUrl=dlq_url, MessageAttributeNames=["All"], WaitTimeSeconds=1)["Messages"]
+    assert from_sqs_message(dead[0]["Body"], dead[0]["MessageAttributes"])[0] == b"not json at all"
+    assert dead[0]["MessageAttributes"]["maas-error-code"]["StringValue"] == "INVALID_JSON"
+
+    # default destination: the results topic
+    monkeypatch.delenv("MAAS_SQS_RESULTS_QUEUE_URL")
+    assert functions.sqs.handler({"Records": records[:1]}, None) == {"batchItemFailures": []}
+    results = asyncio.run(read_topic(settings, settings.topics.results, 1))
+    assert [r.key for r in results] == [b"sq-000000"]
+
+
+def test_s3_trigger_runs_a_batch_job_once(env):
+    settings = env
+    s3 = aws_client(settings, "s3")
+    config = BatchConfig.from_settings(settings)
+    requests, _ = example_requests(12, prefix="s3")
+    key = "inbox/team a/job+1.jsonl"
+    body = b"".join(orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n" for r in requests)
+    etag = s3.put_object(Bucket=settings.batch_bucket, Key=key, Body=body)["ETag"].strip('"')
+    test_event = event("s3_put.json")
+    obj = test_event["Records"][0]["s3"]
+    obj["bucket"].update(name=settings.batch_bucket, arn=f"arn:aws:s3:::{settings.batch_bucket}")
+    obj["object"].update(key=quote_plus(key), eTag=etag, size=len(body))
+    assert obj["object"]["key"] == "inbox%2Fteam+a%2Fjob%2B1.jsonl"
+
+    first = functions.s3.handler(test_event, None)
+    again = functions.s3.handler(test_event, None)  # a re-delivered event
+
+    assert first["jobs"][0]["status"] == "completed" and first["jobs"][0]["lines"] == 12
+    assert again["jobs"][0]["status"] == "duplicate"
+    assert runtime.last_metrics["ColdStart"] == 0 and "ImportMs" not in runtime.last_metrics
+    results = s3.get_object(Bucket=settings.batch_bucket, Key=config.results_key("team a/job+1"))["Body"].read()
+    assert [orjson.loads(line)["id"] for line in results.splitlines()] == [r["id"] for r in requests]
+
+
+def http_event(method: str, path: str, body: bytes = b"", headers: dict | None = None, binary: bool = False) -> dict:
+    sample = event("http_api_v2.json")
+    sample["rawPath"] = sample["requestContext"]["http"]["path"] = path
+    sample["requestContext"]["http"]["method"] = method
+    sample["headers"] = {**sample["headers"], "content-length": str(len(body)), **(headers or {})}
+    sample["body"] = base64.b64encode(body).decode() if binary else body.decode()
+    sample["isBase64Encoded"] = binary
+    return sample
+
+
+def test_http_trigger_serves_the_v2_routes(env, monkeypatch):
+    requests, truth = example_requests(2, prefix="h")
+    request = orjson.dumps(requests[0], option=orjson.OPT_SERIALIZE_NUMPY)
+    ready = functions.http.handler(http_event("GET", "/v2/health/ready"), None)
+    assert ready["statusCode"] == 200 and json.loads(ready["body"]) == {"ready": True}
+    assert runtime.last_metrics["ColdStart"] == 1
+    answer = functions.http.handler(http_event("POST", f"/v2/models/{MNIST_MLP}/infer", request), None)
+    assert answer["statusCode"] == 200 and not answer["isBase64Encoded"]
+    body = json.loads(answer["body"])
+    assert body["id"] == "h-000000"
+    assert next(o for o in body["outputs"] if o["name"] == "class")["data"] == [truth["h-000000"]]
+    assert runtime.last_metrics["ColdStart"] == 0
+
+    import numpy as np
+
+    image = np.asarray(requests[1]["inputs"][0]["data"], dtype=np.float32).reshape(1, 784)
+    framed = encode_request("h-bin", MNIST_MLP, {"input": image}, binary=True, binary_outputs=True)
+    binary = functions.http.handler(http_event("POST", f"/v2/models/{MNIST_MLP}/infer", framed.body,
+                                               framed.headers, binary=True), None)
+    assert binary["statusCode"] == 200 and binary["isBase64Encoded"]
+    decoded = decode_response(base64.b64decode(binary["body"]), binary["headers"])
+    assert next(o for o in decoded["outputs"] if o["name"] == "class")["data"].tolist() == [truth["h-000001"]]
+
+    missing = functions.http.handler(http_event("POST", "/v2/models/nope/infer", request), None)
+    assert missing["statusCode"] == 404 and "nope" in json.loads(missing["body"])["error"]
+    garbage = functions.http.handler(http_event("POST", f"/v2/models/{MNIST_MLP}/infer", b"{oops"), None)
+    assert garbage["statusCode"] == 400
+
+    monkeypatch.setenv("MAAS_API_KEYS", "team:k1")
+    denied = functions.http.handler(http_event("GET", f"/v2/models/{MNIST_MLP}"), None)
+    assert denied["statusCode"] == 401
+    allowed = functions.http.handler(http_event("GET", f"/v2/models/{MNIST_MLP}", headers={"x-api-key": "k1"}), None)
+    assert allowed["statusCode"] == 200 and json.loads(allowed["body"])["name"] == MNIST_MLP

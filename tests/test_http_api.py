@@ -1,0 +1,220 @@
+"""The V2 HTTP API over a real aiohttp server and engine: endpoints, binary extension, errors, auth, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import aiohttp
+import numpy as np
+import orjson
+import pytest
+
+from models.cache import ModelCache
+from models.examples import MNIST_MLP, synthetic_digits
+from pipeline.codec import decode_response, encode_request
+from pipeline.engine import InferenceEngine
+from pipeline.http_server import HttpServer
+from pipeline.ratelimit import ApiKeys, Limit, RateLimiter, TokenBucket
+from pipeline.v2_api import V2Api
+
+
+@contextlib.asynccontextmanager
+async def serving(repository, **api_kwargs):
+    api_kwargs.setdefault("max_request_bytes", 64 * 1024)
+    async with InferenceEngine(ModelCache(repository), worker_id="http-test") as engine:
+        api = V2Api(engine, **api_kwargs)
+        async with HttpServer(api, "127.0.0.1", 0) as server, aiohttp.ClientSession(server.url) as session:
+            yield session, api, server
+
+
+def json_request(n: int = 1, seed: int = 3, **extra) -> dict:
+    images, _ = synthetic_digits(n, seed=seed)
+    return {"inputs": [{"name": "input", "shape": [n, 784], "datatype": "FP32", "data": images.reshape(-1).tolist()}],
+            **extra}
+
+
+async def test_health_metadata_and_repository(repository):
+    async with serving(repository) as (http, _, _):
+        for path, expected in [("/v2/health/live", {"live": True}), ("/v2/health/ready", {"ready": True})]:
+            async with http.get(path) as r:
+                assert r.status == 200 and await r.json() == expected
+        async with http.get("/v2") as r:
+            body = await r.json()
+            assert body["name"] == "maas" and "binary_tensor_data" in body["extensions"]
+        async with http.get(f"/v2/models/{MNIST_MLP}") as r:
+            meta = await r.json()
+        assert meta["name"] == MNIST_MLP and meta["versions"] == ["1"]
+        assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 784]}]
+        assert {o["name"] for o in meta["outputs"]} == {"probabilities", "class"}
+        async with http.get(f"/v2/models/{MNIST_MLP}/versions/1/ready") as r:
+            assert r.status == 200
+        async with http.get(f"/v2/models/{MNIST_MLP}/versions/7") as r:
+            assert r.status == 404 and "no version 7" in (await r.json())["error"]
+        async with http.post("/v2/repository/index") as r:
+            assert await r.json() == [{"name": MNIST_MLP, "version": "1", "state": "READY",
+                                       "reason": "loads on first request"}]
+        async with http.post(f"/v2/repository/models/{MNIST_MLP}/unload") as r:
+            assert r.status == 200
+        async with http.get(f"/v2/models/{MNIST_MLP}/ready") as r:
+            assert r.status == 503
+        async with http.post(f"/v2/models/{MNIST_MLP}/infer", json=json_request()) as r:
+            assert r.status == 503 and "unloaded" in (await r.json())["error"]
+        async with http.post("/v2/repository/index", json={"ready": True}) as r:
+            assert await r.json() == []
+        async with http.post(f"/v2/repository/models/{MNIST_MLP}/load") as r:
+            assert r.status == 200
+        async with http.post("/v2/repository/index") as r:
+            assert (await r.json())[0]["state"] == "READY" and (await r.json())[0]["reason"] == ""
+        async with http.post("/v2/repository/models/nope/load") as r:
+            assert r.status == 404
+        async with http.get("/v2/health/nothing") as r:
+            assert r.status == 404 and "error" in await r.json()
+        async with http.delete("/v2/health/live") as r:
+            assert r.status == 405
+
+
+async def test_infer_json_concurrent_clients_are_batched(repository):
+    async with serving(repository) as (http, _api, _):
+        images, labels = synthetic_digits(64, seed=5)
+
+        async def one(i: int) -> dict:
+            body = {"id": f"r{i}", "inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32",
+                                                "data": images[i].tolist()}]}
+            async with http.post(f"/v2/models/{MNIST_MLP}/versions/1/infer", json=body) as r:
+                assert r.status == 200, await r.text()
+                return await r.json()
+
+        answers = await asyncio.gather(*(one(i) for i in range(64)))
+        assert [a["id"] for a in answers] == [f"r{i}" for i in range(64)]
+        predicted = [next(o for o in a["outputs"] if o["name"] == "class")["data"][0] for a in answers]
+        assert np.mean(np.array(predicted) == labels) > 0.9
+        assert all(a["model_version"] == "1" for a in answers)
+        # requests without an id (V2 makes it optional over HTTP) get one
+        async with http.post(f"/v2/models/{MNIST_MLP}/infer", json=json_request(2, outputs=[{"name": "class"}])) as r:
+            body = await r.json()
+        assert body["id"] and [o["name"] for o in body["outputs"]] == ["class"] and body["outputs"][0]["shape"] == [2]
+        async with http.get("/metrics") as r:
+            text = await r.text()
+        assert 'maas_http_requests_total{route="infer",status="200"}' in text
+        assert "maas_batch_size_bucket" in text
+
+
+async def test_infer_binary_tensor_extension(repository):
+    images, labels = synthetic_digits(4, seed=9)
+    framed = encode_request("b-1", MNIST_MLP, {"input": images}, binary=True, binary_outputs=True)
+    async with serving(repository) as (http, _, _):
+        async with http.post(f"/v2/models/{MNIST_MLP}/infer", data=framed.body, headers=framed.headers) as r:
+            assert r.status == 200
+            assert r.headers["Content-Type"] == "application/octet-stream"
+            body = decode_response(await r.read(), {k.lower(): v for k, v in r.headers.items()})
+        classes = next(o for o in body["outputs"] if o["name"] == "class")["data"]
+        assert isinstance(classes, np.ndarray) and (classes == labels).mean() >= 0.75
+        # JSON request, binary answer asked through Accept
+        async with http.post(f"/v2/models/{MNIST_MLP}/infer", json=json_request(),
+                             headers={"Accept": "application/octet-stream"}) as r:
+            assert "inference-header-content-length" in {k.lower() for k in r.headers}
+        # framing errors are 400s that say what is wrong
+        bad = {"inference-header-content-length": "99999999"}
+        async with http.post(f"/v2/models/{MNIST_MLP}/infer", data=framed.body, headers=bad) as r:
+            assert r.status == 400 and "outside the payload" in (await r.json())["error"]
+        truncated = framed.body[:-10]
+        async with http.post(f"/v2/models/{MNIST_MLP}/infer", data=truncated, headers=framed.headers) as r:
+            assert r.status == 400 and "truncated" in (await r.json())["error"]
+        async with http.post(f"/v2/models/{MNIST_MLP}/infer", data=framed.body,
+                             headers={**framed.headers, "inference-header-content-length": "abc"}) as r:
+            assert r.status == 400 and r.headers["x-maas-error-code"] == "INVALID_REQUEST"
+
+
+async def test_bad_requests_get_v2_errors(repository):
+    async with serving(repository, max_request_bytes=16 * 1024) as (http, _, _):
+        cases = [
+            (f"/v2/models/{MNIST_MLP}/infer", b"{not json", 400, "INVALID_JSON"),
+            (f"/v2/models/{MNIST_MLP}/infer", b"[1, 2]", 400, "INVALID_REQUEST"),
+            ("/v2/models/no_such_model/infer", orjson.dumps(json_request()), 404, "MODEL_NOT_FOUND"),
+            (f"/v2/models/{MNIST_MLP}/versions/3/infer", orjson.dumps(json_request()), 404, "MODEL_NOT_FOUND"),
+            (f"/v2/models/{MNIST_MLP}/infer", orjson.dumps({"inputs": [{"name": "input", "shape": [1, 28, 28],
+                                                                       "datatype": "FP32", "data": [0.0] * 784}]}),
+             400, "INVALID_INPUT"),
+            (f"/v2/models/{MNIST_MLP}/infer", b"x" * 20000, 413, "PAYLOAD_TOO_LARGE"),
+        ]
+        for path, body, status, code in cases:
+            async with http.post(path, data=body, headers={"Content-Type": "application/json"}) as r:
+                assert r.status == status, (path, await r.text())
+                assert r.headers["x-maas-error-code"] == code
+                payload = await r.json()
+                assert list(payload) == ["error"] and isinstance(payload["error"], str)
+
+        async def chunked():
+            for _ in range(40):
+                yield b"y" * 1000
+
+        async with http.post(f"/v2/models/{MNIST_MLP}/infer", data=chunked()) as r:  # no Content-Length
+            assert r.status == 413
+
+
+async def test_api_keys_and_rate_limits(repository):
+    keys = ApiKeys.parse("team-a:secret-a,team-b:secret-b")
+    limiter = RateLimiter(None, {MNIST_MLP: Limit(rate=0.001, burst=2)})
+    async with serving(repository, api_keys=keys, rate_limiter=limiter) as (http, _, _):
+        async with http.get("/v2/health/ready") as r:  # probes need no key
+            assert r.status == 200
+        async with http.get("/v2") as r:
+            assert r.status == 401 and r.headers["x-maas-error-code"] == "UNAUTHENTICATED"
+        async with http.post(f"/v2/models/{MNIST_MLP}/infer", json=json_request(),
+                             headers={"x-api-key": "wrong"}) as r:
+            assert r.status == 401 and (await r.json())["error"] == "invalid API key"
+        statuses = []
+        for _ in range(3):
+            async with http.post(f"/v2/models/{MNIST_MLP}/infer", json=json_request(),
+                                 headers={"Authorization": "Bearer secret-a"}) as r:
+                statuses.append(r.status)
+                if r.status == 429:
+                    assert int(r.headers["Retry-After"]) >= 1 and "rate limit" in (await r.json())["error"]
+        assert statuses == [200, 200, 429]
+        async with http.post(f"/v2/models/{MNIST_MLP}/infer", json=json_request(),
+                             headers={"x-api-key": "secret-b"}) as r:  # another tenant has its own bucket
+            assert r.status == 200
+
+
+def test_token_bucket_refills():
+    bucket = TokenBucket(rate=10, burst=2)
+    assert bucket.take(0.0) == 0 and bucket.take(0.0) == 0
+    assert bucket.take(0.0) == pytest.approx(0.1)
+    assert bucket.take(0.1) == 0
+
+
+async def test_tritonclient_talks_to_the_server(repository):
+    httpclient = pytest.importorskip("tritonclient.http")
+    images, labels = synthetic_digits(8, seed=11)
+    async with serving(repository, max_request_bytes=1 << 20) as (_, _, server):
+        server_url = f"{server.host}:{server.port}"
+
+        def call() -> tuple:
+            client = httpclient.InferenceServerClient(server_url)
+            try:
+                live, ready = client.is_server_live(), client.is_model_ready(MNIST_MLP)
+                meta = client.get_model_metadata(MNIST_MLP)
+                outputs = []
+                for binary in (False, True):
+                    inp = httpclient.InferInput("input", list(images.shape), "FP32")
+                    inp.set_data_from_numpy(images, binary_data=binary)
+                    out = [httpclient.InferRequestedOutput("class", binary_data=binary)]
+                    result = client.infer(MNIST_MLP, [inp], outputs=out, request_id=f"tc-{binary}")
+                    outputs.append(result.as_numpy("class"))
+                try:
+                    client.infer("no_such_model", [inp])
+                    missing = None
+                except Exception as exc:  # tritonclient raises InferenceServerException
+                    missing = str(exc)
+                index = client.get_model_repository_index()
+                return live, ready, meta, outputs, missing, index
+            finally:
+                client.close()
+
+        live, ready, meta, outputs, missing, index = await asyncio.to_thread(call)
+    assert live and ready and meta["name"] == MNIST_MLP
+    for classes in outputs:
+        assert (classes == labels).mean() >= 0.75
+    assert missing and "no_such_model" in missing
+    assert index[0]["name"] == MNIST_MLP
