@@ -19,11 +19,10 @@ from typing import Any
 
 from aiokafka.errors import KafkaError
 
-from functions._retry import ReportTransient
 from functions.runtime import Runtime, invoke
 from pipeline.codec import header_map
 from pipeline.responder import Outcome, Responder
-from pipeline.sinks import Envelope, KafkaSink
+from pipeline.sinks import Envelope, KafkaSink, RedeliverTransient
 
 
 def envelopes(event: dict[str, Any]) -> list[tuple[str, int, Envelope]]:
@@ -46,7 +45,7 @@ async def handle(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:
     settings, store = runtime.settings, runtime.claim_checks()
     sink = KafkaSink(await runtime.producer(), settings.topics.results, settings.topics.dlq, store=store,
                      max_value_bytes=settings.max_request_bytes)
-    responder = Responder(settings, runtime.engine, ReportTransient(sink, report), store=store, max_attempts=2)
+    responder = Responder(settings, runtime.engine, RedeliverTransient(sink, report), store=store, max_attempts=2)
     slots = asyncio.Semaphore(settings.max_in_flight)
     failures: list[dict[str, Any]] = []
 

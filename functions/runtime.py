@@ -29,7 +29,7 @@ from pipeline.claim_check import ClaimCheckStore  # noqa: E402
 from pipeline.commands._common import open_repository  # noqa: E402
 from pipeline.engine import InferenceEngine  # noqa: E402
 from pipeline.ratelimit import ApiKeys, RateLimiter  # noqa: E402
-from pipeline.services import aws_client  # noqa: E402
+from pipeline.services import answer_producer, aws_client, claim_check_store  # noqa: E402
 from pipeline.settings import ConfigError, Settings  # noqa: E402
 from pipeline.v2_api import V2Api  # noqa: E402
 
@@ -70,12 +70,7 @@ class Runtime:
         if self._producer is None:
             if self.settings.kafka_bootstrap_servers is None:
                 raise ConfigError("KAFKA_BOOTSTRAP_SERVERS is not set: results go to Kafka topics")
-            s = self.settings
-            producer = AIOKafkaProducer(**s.kafka_client_kwargs(), acks="all", linger_ms=2,
-                                        max_batch_size=s.producer_max_batch_bytes,
-                                        max_request_size=max(1048576, s.max_request_bytes + 65536,
-                                                             s.max_inline_output_bytes + 65536),
-                                        enable_idempotence=s.kafka_idempotence)
+            producer = answer_producer(self.settings)
             started = time.perf_counter()
             await producer.start()
             self.init_seconds += time.perf_counter() - started
@@ -90,10 +85,7 @@ class Runtime:
     def claim_checks(self) -> ClaimCheckStore:
         """Large inputs by reference and large outputs to S3, as the workers do."""
         if "claim_checks" not in self._clients:
-            s = self.settings
-            self._clients["claim_checks"] = ClaimCheckStore(self.aws("s3"), s.allowed_buckets,
-                                                            output_bucket=s.batch_bucket,
-                                                            max_object_bytes=s.max_claim_check_bytes)
+            self._clients["claim_checks"] = claim_check_store(self.settings, self.aws("s3"))
         return self._clients["claim_checks"]
 
     def batch_runner(self) -> BatchJobRunner:

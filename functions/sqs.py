@@ -16,12 +16,11 @@ from typing import Any
 from aiokafka.errors import KafkaError
 from botocore.exceptions import BotoCoreError, ClientError
 
-from functions._retry import ReportTransient
 from functions.runtime import Runtime, invoke
 from pipeline.codec import from_sqs_message
 from pipeline.errors import InferenceError
 from pipeline.responder import Outcome, Responder
-from pipeline.sinks import Envelope, KafkaSink, ResultSink, SqsSink
+from pipeline.sinks import Envelope, KafkaSink, RedeliverTransient, ResultSink, SqsSink
 
 
 async def _sink(runtime: Runtime) -> ResultSink:
@@ -33,7 +32,7 @@ async def _sink(runtime: Runtime) -> ResultSink:
 
 
 async def handle(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:
-    sink = ReportTransient(await _sink(runtime))
+    sink = RedeliverTransient(await _sink(runtime))
     responder = Responder(runtime.settings, runtime.engine, sink, store=runtime.claim_checks(), max_attempts=2)
     records = event.get("Records") or []
     slots = asyncio.Semaphore(runtime.settings.max_in_flight)

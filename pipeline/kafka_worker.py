@@ -18,13 +18,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from pipeline.claim_check import ClaimCheckStore
 from pipeline.codec import header_map
 from pipeline.engine import InferenceEngine
 from pipeline.metrics import CONSUMER_LAG, IN_FLIGHT, BatchRecord
 from pipeline.offsets import OffsetTracker
 from pipeline.responder import Responder
-from pipeline.services import aws_client
+from pipeline.services import answer_producer, claim_check_store
 from pipeline.settings import Settings
 from pipeline.sinks import Envelope, KafkaSink
 
@@ -78,12 +77,7 @@ class KafkaWorker:
 
     async def start(self) -> KafkaWorker:
         kafka = self.settings.kafka_client_kwargs()
-        self._producer = AIOKafkaProducer(
-            **kafka, acks="all", linger_ms=2, max_batch_size=self.settings.producer_max_batch_bytes,
-            max_request_size=max(1048576, self.settings.max_request_bytes + 65536,
-                                 self.settings.max_inline_output_bytes + 65536),
-            enable_idempotence=self.settings.kafka_idempotence, client_id=f"maas-{self.settings.worker_id}",
-        )
+        self._producer = answer_producer(self.settings)
         options = {
             "group_id": self.settings.consumer_group,
             "enable_auto_commit": False,
@@ -96,9 +90,7 @@ class KafkaWorker:
             "heartbeat_interval_ms": self.settings.kafka_heartbeat_interval_ms,
         }
         self._consumer = AIOKafkaConsumer(**kafka, **options)
-        store = ClaimCheckStore(aws_client(self.settings, "s3"), self.settings.allowed_buckets,
-                                output_bucket=self.settings.batch_bucket,
-                                max_object_bytes=self.settings.max_claim_check_bytes)
+        store = claim_check_store(self.settings)
         sink = KafkaSink(self._producer, self.settings.topics.results, self.settings.topics.dlq, store=store,
                          max_value_bytes=self.settings.max_request_bytes)
         self._responder = Responder(self.settings, self.engine, sink, store=store,

@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from infra.bootstrap import ensure_buckets, ensure_topics
 from infra.stack import LocalStack, StackError
+from pipeline.claim_check import ClaimCheckStore
 from pipeline.settings import ConfigError, Settings
 
 STATE_FILE = Path(".maas") / "stack.json"
@@ -98,3 +100,19 @@ async def connected(settings: Settings, *, use_state: bool = True) -> AsyncItera
     finally:
         if stack is not None:
             stack.stop()
+
+
+def answer_producer(settings: Settings) -> AIOKafkaProducer:
+    """The producer every source answers with: acks from all replicas, room for the largest answer or
+    dead letter the settings allow, batches big enough for throughput (not started)."""
+    return AIOKafkaProducer(
+        **settings.kafka_client_kwargs(), acks="all", linger_ms=2, max_batch_size=settings.producer_max_batch_bytes,
+        max_request_size=max(1048576, settings.max_request_bytes + 65536, settings.max_inline_output_bytes + 65536),
+        enable_idempotence=settings.kafka_idempotence, client_id=f"maas-{settings.worker_id}",
+    )
+
+
+def claim_check_store(settings: Settings, s3: Any | None = None) -> ClaimCheckStore:
+    """Claim checks in the allowed buckets; results and oversized dead letters go to the batch bucket."""
+    return ClaimCheckStore(s3 or aws_client(settings, "s3"), settings.allowed_buckets,
+                           output_bucket=settings.batch_bucket, max_object_bytes=settings.max_claim_check_bytes)

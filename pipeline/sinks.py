@@ -6,6 +6,7 @@ every source; an SQS results queue serves SQS-only deployments.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -52,6 +53,24 @@ class ResultSink(Protocol):
     async def dead_letter(self, envelope: Envelope, error: InferenceError, attempts: int) -> bool:
         """Deliver a dead letter; False when this sink has no dead-letter destination (the source must then
         leave the message to its own redrive, e.g. an SQS queue's DLQ)."""
+
+
+class RedeliverTransient:
+    """A sink wrapper for sources that redeliver on their own (SQS visibility timeout, Lambda event source
+    mappings): a request that failed transiently on every attempt is left to the source's retry and redrive
+    policy instead of being dead-lettered here. Undecodable requests are still dead-lettered."""
+
+    def __init__(self, sink: ResultSink, enabled: bool = True) -> None:
+        self.sink = sink
+        self.enabled = enabled
+
+    async def answer(self, envelope: Envelope, request: InferenceRequest | None, framed: Framed) -> None:
+        await self.sink.answer(envelope, request, framed)
+
+    async def dead_letter(self, envelope: Envelope, error: InferenceError, attempts: int) -> bool:
+        if self.enabled and error.code.transient:
+            return False  # the Responder then reports Outcome.RETRY
+        return await self.sink.dead_letter(envelope, error, attempts)
 
 
 class KafkaSink:
@@ -126,6 +145,4 @@ class SqsSink:
 
 
 async def _to_thread(fn: Any, **kwargs: Any) -> Any:
-    import asyncio
-
     return await asyncio.to_thread(fn, **kwargs)

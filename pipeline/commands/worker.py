@@ -6,14 +6,17 @@ import argparse
 import asyncio
 import contextlib
 
+from infra.bootstrap import ensure_queue
 from models.cache import ModelCache
 from models.examples import ensure_examples
 from pipeline.commands._common import open_repository, stop_event
 from pipeline.engine import InferenceEngine
 from pipeline.kafka_worker import KafkaWorker
 from pipeline.observability import HealthServer
-from pipeline.services import connected
+from pipeline.services import answer_producer, aws_client, claim_check_store, connected
 from pipeline.settings import ConfigError, Settings
+from pipeline.sinks import KafkaSink, ResultSink, SqsSink
+from pipeline.sqs_worker import SqsWorker
 
 
 async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -21,33 +24,66 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         repository = open_repository(live)  # after connecting: an s3:// repository needs the live endpoint
         if args.examples:
             ensure_examples(repository)
-        cache = ModelCache(repository)
-        async with InferenceEngine(cache, worker_id=live.worker_id) as engine:
-            worker = KafkaWorker(live, engine)
-            await worker.start()
-            print(f"worker {live.worker_id} consuming {live.topics.requests} on {live.kafka_bootstrap_servers} "
-                  f"(group {live.consumer_group}); models from {repository.root}", flush=True)
-            async with contextlib.AsyncExitStack() as extras:
-                port = args.health_port if args.health_port is not None else live.health_port
-                if port:
-                    health = await extras.enter_async_context(HealthServer(args.health_host, port,
-                                                                           lambda: worker.ready))
-                    print(f"health and metrics on http://{args.health_host}:{health.port}/health/ready, /metrics",
-                          flush=True)
-                stop = stop_event()
-                stopped = asyncio.create_task(worker.wait())
-                signalled = asyncio.create_task(stop.wait())
-                await asyncio.wait([stopped, signalled], return_when=asyncio.FIRST_COMPLETED)
-                signalled.cancel()
-                await worker.stop()
-            print(f"worker stopped after answering {worker.answered} requests", flush=True)
-            if stopped.done() and stopped.exception() is not None:
-                raise ConfigError(f"worker stopped: cannot produce to Kafka ({stopped.exception()!r})")
+        async with InferenceEngine(ModelCache(repository), worker_id=live.worker_id) as engine, \
+                contextlib.AsyncExitStack() as stack:
+            if args.source == "sqs":
+                worker = await _sqs_worker(live, engine, stack)
+            else:
+                worker = await stack.enter_async_context(KafkaWorker(live, engine))
+                print(f"worker {live.worker_id} consuming {live.topics.requests} on {live.kafka_bootstrap_servers} "
+                      f"(group {live.consumer_group}); models from {repository.root}", flush=True)
+            port = args.health_port if args.health_port is not None else live.health_port
+            if port:
+                ready = (lambda: worker.ready) if isinstance(worker, KafkaWorker) else (lambda: True)
+                health = await stack.enter_async_context(HealthServer(args.health_host, port, ready))
+                print(f"health and metrics on http://{args.health_host}:{health.port}/health/ready, /metrics",
+                      flush=True)
+            failure = await _run_until_signalled(worker)
+        print(f"worker stopped after answering {worker.answered} requests", flush=True)
+        if failure is not None:
+            raise ConfigError(f"worker stopped: cannot produce to Kafka ({failure!r})")
     return 0
+
+
+async def _run_until_signalled(worker: KafkaWorker | SqsWorker) -> BaseException | None:
+    """Serve until SIGINT/SIGTERM (then drain gracefully) or until the worker fails; returns the failure."""
+    stop = asyncio.create_task(stop_event().wait())
+    waiters = [stop]
+    if isinstance(worker, KafkaWorker):
+        waiters.append(asyncio.create_task(worker.wait()))
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in waiters:
+        waiter.cancel()
+    await worker.stop()
+    if len(waiters) > 1 and waiters[1].done() and not waiters[1].cancelled():
+        return waiters[1].exception()
+    return None
+
+
+async def _sqs_worker(live: Settings, engine: InferenceEngine, stack: contextlib.AsyncExitStack) -> SqsWorker:
+    sqs = aws_client(live, "sqs")
+    queue_url = await asyncio.to_thread(ensure_queue, sqs, live.sqs_requests_queue, f"{live.sqs_requests_queue}-dlq")
+    store = claim_check_store(live)
+    if live.sqs_results_queue_url:
+        sink: ResultSink = SqsSink(sqs, live.sqs_results_queue_url, live.sqs_dlq_url)
+        where = live.sqs_results_queue_url
+    else:
+        producer = answer_producer(live)
+        await producer.start()
+        stack.push_async_callback(producer.stop)
+        sink = KafkaSink(producer, live.topics.results, live.topics.dlq, store=store,
+                         max_value_bytes=live.max_request_bytes)
+        where = f"Kafka topic {live.topics.results}"
+    worker = await stack.enter_async_context(SqsWorker(live, engine, sqs, queue_url, sink, store=store))
+    print(f"worker {live.worker_id} receiving from SQS {queue_url}; answers to {where}", flush=True)
+    return worker
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     worker = sub.add_parser("worker", help="consume requests from Kafka and answer them")
+    worker.add_argument("--source", choices=("kafka", "sqs"), default="kafka",
+                        help="where requests come from: the Kafka requests topic (default) or the SQS queue "
+                             "MAAS_SQS_REQUESTS_QUEUE (answers to Kafka, or to MAAS_SQS_RESULTS_QUEUE_URL)")
     worker.add_argument("--examples", action="store_true", help="publish the example models first if missing")
     worker.add_argument("--health-port", type=int, default=None,
                         help="serve /health/live, /health/ready and /metrics on this port (default: MAAS_HEALTH_PORT, "

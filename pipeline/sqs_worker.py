@@ -1,0 +1,158 @@
+"""The SQS worker: long-polls a queue of V2 requests and answers each through the engine.
+
+A message is deleted only after its answer (result, error result or dead letter) was delivered. A request
+that keeps failing transiently is not deleted: the queue's visibility timeout redelivers it, and after the
+queue's maxReceiveCount its redrive policy moves it to the queue's DLQ. While a message is being worked on
+(a long batch, a slow model), its visibility timeout is extended so that no other consumer gets it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka.errors import KafkaError
+from botocore.exceptions import BotoCoreError, ClientError
+
+from pipeline.claim_check import ClaimCheckStore
+from pipeline.codec import from_sqs_message
+from pipeline.engine import InferenceEngine
+from pipeline.errors import InferenceError
+from pipeline.metrics import IN_FLIGHT
+from pipeline.responder import Outcome, Responder
+from pipeline.settings import Settings
+from pipeline.sinks import Envelope, RedeliverTransient, ResultSink
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _InFlight:
+    receipt: str
+    received_at: float
+    extended_until: float
+
+
+class SqsWorker:
+    """Use `async with SqsWorker(...)` or `start()` / `stop()`; `stop()` drains what is in flight."""
+
+    def __init__(self, settings: Settings, engine: InferenceEngine, sqs: Any, queue_url: str, sink: ResultSink, *,
+                 store: ClaimCheckStore | None = None, wait_time_s: int = 20, visibility_timeout_s: int = 30,
+                 max_attempts: int = 3, drain_timeout_s: float = 30.0) -> None:
+        self.settings = settings
+        self.sqs = sqs
+        self.queue_url = queue_url
+        self.wait_time_s = wait_time_s
+        self.visibility_timeout_s = visibility_timeout_s
+        self.drain_timeout_s = drain_timeout_s
+        self._responder = Responder(settings, engine, RedeliverTransient(sink), store=store,
+                                    max_attempts=max_attempts)
+        self._slots = asyncio.Semaphore(settings.max_in_flight)
+        self._in_flight: dict[str, _InFlight] = {}
+        self._handlers: set[asyncio.Task] = set()
+        self._tasks: list[asyncio.Task] = []
+        self.answered = 0
+        self.left_for_redelivery = 0
+
+    async def start(self) -> SqsWorker:
+        self._tasks = [asyncio.create_task(self._receive_loop(), name="maas-sqs-receive"),
+                       asyncio.create_task(self._extend_loop(), name="maas-sqs-visibility")]
+        log.info("SQS worker receiving from %s", self.queue_url)
+        return self
+
+    async def stop(self) -> None:
+        if not self._tasks:
+            return
+        receive = self._tasks[0]
+        receive.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await receive
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=self.drain_timeout_s)
+        for task in self._tasks[1:]:
+            task.cancel()
+        await asyncio.gather(*self._tasks[1:], return_exceptions=True)
+        self._tasks = []
+
+    async def __aenter__(self) -> SqsWorker:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def _receive_loop(self) -> None:
+        while True:
+            await self._slots.acquire()  # wait for room before asking for more (backpressure)
+            self._slots.release()
+            room = min(10, self.settings.max_in_flight - len(self._in_flight))
+            try:
+                response = await asyncio.to_thread(
+                    self.sqs.receive_message, QueueUrl=self.queue_url, MaxNumberOfMessages=max(1, room),
+                    WaitTimeSeconds=self.wait_time_s, VisibilityTimeout=self.visibility_timeout_s,
+                    MessageAttributeNames=["All"], AttributeNames=["ApproximateReceiveCount"],
+                )
+            except (ClientError, BotoCoreError) as exc:
+                log.warning("SQS receive failed, retrying: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            for message in response.get("Messages", []):
+                await self._slots.acquire()
+                now = time.monotonic()
+                self._in_flight[message["MessageId"]] = _InFlight(message["ReceiptHandle"], now,
+                                                                  now + self.visibility_timeout_s)
+                IN_FLIGHT.inc()
+                task = asyncio.create_task(self._handle(message))
+                self._handlers.add(task)
+                task.add_done_callback(self._handlers.discard)
+
+    async def _handle(self, message: dict[str, Any]) -> None:
+        message_id = message["MessageId"]
+        source = f"sqs:{self.queue_url.rsplit('/', 1)[-1]}/{message_id}"
+        try:
+            try:
+                payload, headers = from_sqs_message(message.get("Body", ""), message.get("MessageAttributes"))
+                outcome = await self._responder.handle(Envelope(payload, headers, source))
+            except InferenceError as exc:  # not even decodable (bad base64): dead-letter it as it came
+                delivered = await self._responder.sink.dead_letter(
+                    Envelope(message.get("Body", "").encode(), {}, source), exc, 1)
+                outcome = Outcome.DEAD_LETTER if delivered else Outcome.RETRY
+            if outcome is Outcome.RETRY:
+                self.left_for_redelivery += 1  # visibility timeout, then the queue's redrive policy
+            else:
+                await asyncio.to_thread(self.sqs.delete_message, QueueUrl=self.queue_url,
+                                        ReceiptHandle=self._in_flight[message_id].receipt)
+                self.answered += 1
+        except (KafkaError, ClientError, BotoCoreError) as exc:
+            log.error("cannot deliver the answer of %s (%r); the message will be redelivered", source, exc)
+        finally:
+            self._in_flight.pop(message_id, None)
+            IN_FLIGHT.dec()
+            self._slots.release()
+
+    async def _extend_loop(self) -> None:
+        """Keep messages invisible while they are worked on, a third of the timeout ahead of expiry."""
+        period = max(0.5, self.visibility_timeout_s / 3)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            due = [(mid, f) for mid, f in self._in_flight.items() if f.extended_until - now < 2 * period]
+            for start in range(0, len(due), 10):
+                chunk = due[start:start + 10]
+                entries = [{"Id": str(i), "ReceiptHandle": f.receipt, "VisibilityTimeout": self.visibility_timeout_s}
+                           for i, (_, f) in enumerate(chunk)]
+                try:
+                    await asyncio.to_thread(self.sqs.change_message_visibility_batch, QueueUrl=self.queue_url,
+                                            Entries=entries)
+                except (ClientError, BotoCoreError) as exc:
+                    log.warning("could not extend visibility: %s", exc)
+                    continue
+                for _, flight in chunk:
+                    flight.extended_until = now + self.visibility_timeout_s
