@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,9 @@ class LoadedModel:
     def __post_init__(self) -> None:
         self.nbytes = self.architecture.nbytes
 
-    def _to_torch(self, inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    def _to_torch(self, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        if self.architecture.numpy_io:
+            return dict(inputs)
         compute_dtype = TORCH_DTYPES[self.config.dtype]
         tensors = {}
         for spec in self.config.inputs:
@@ -49,7 +52,11 @@ class LoadedModel:
             outputs = self.architecture.forward(self._to_torch(inputs))
         result = {}
         for spec in self.config.outputs:
-            t = outputs[spec.name].detach()
+            value = outputs[spec.name]
+            if isinstance(value, np.ndarray):
+                result[spec.name] = value.astype(NUMPY_DTYPES[spec.datatype], copy=False)
+                continue
+            t = value.detach()
             if t.is_floating_point():
                 t = t.float()
             result[spec.name] = t.cpu().numpy().astype(NUMPY_DTYPES[spec.datatype], copy=False)

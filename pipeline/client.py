@@ -15,8 +15,9 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from models.datatypes import NUMPY_DTYPES
 from models.examples import MNIST_MLP, synthetic_digits
-from pipeline.codec import decode_response, header_map
+from pipeline.codec import Framed, decode_response, encode_request, header_map
 from pipeline.settings import Settings
 
 
@@ -134,9 +135,13 @@ class ResultCollector:
         return {i: self.answers[i] for i in wanted if i in self.answers}
 
 
-async def publish_requests(settings: Settings, requests: Iterable[dict[str, Any] | bytes],
+async def publish_requests(settings: Settings, requests: Iterable[dict[str, Any] | bytes | Framed],
                            keys: Iterable[str | None] | None = None) -> int:
-    """Produce requests to the requests topic (key = request id); returns how many were sent."""
+    """Produce requests to the requests topic (key = request id); returns how many were sent.
+
+    A request is a V2 dict (sent as JSON), raw bytes, or a `Framed` from `pipeline.codec.encode_request`
+    (JSON or the binary tensor extension, with its framing headers).
+    """
     producer = AIOKafkaProducer(**settings.kafka_client_kwargs(), acks="all", linger_ms=5,
                                 max_batch_size=settings.producer_max_batch_bytes)
     await producer.start()
@@ -144,14 +149,29 @@ async def publish_requests(settings: Settings, requests: Iterable[dict[str, Any]
         futures = []
         key_iter = iter(keys) if keys is not None else None
         for request in requests:
-            value = request if isinstance(request, bytes) else orjson.dumps(request, option=orjson.OPT_SERIALIZE_NUMPY)
+            headers = None
+            if isinstance(request, Framed):
+                value, headers = request.body, request.kafka_headers()
+            elif isinstance(request, bytes):
+                value = request
+            else:
+                value = orjson.dumps(request, option=orjson.OPT_SERIALIZE_NUMPY)
             key = next(key_iter) if key_iter else (request.get("id") if isinstance(request, dict) else None)
-            futures.append(await producer.send(settings.topics.requests, value,
+            futures.append(await producer.send(settings.topics.requests, value, headers=headers,
                                                key=key.encode() if isinstance(key, str) else key))
         await asyncio.gather(*futures)
         return len(futures)
     finally:
         await producer.stop()
+
+
+def as_binary(request: dict[str, Any]) -> Framed:
+    """A V2 request dict re-encoded with the binary tensor extension (and binary outputs asked for)."""
+    inputs = {t["name"]: np.asarray(t["data"], dtype=NUMPY_DTYPES[t["datatype"]]).reshape(t["shape"])
+              for t in request["inputs"]}
+    return encode_request(request["id"], request["model_name"], inputs, binary=True, binary_outputs=True,
+                          model_version=request.get("model_version"), parameters=request.get("parameters"),
+                          datatypes={t["name"]: t["datatype"] for t in request["inputs"]})
 
 
 def example_requests(count: int, model: str = MNIST_MLP, seed: int = 7, prefix: str = "req"

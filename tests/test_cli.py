@@ -66,3 +66,18 @@ def test_demo_runs_end_to_end_on_the_embedded_stack(tmp_path):
     accuracy = float(out.stdout.split("accuracy ")[1].split("%")[0])
     assert accuracy > 90
     assert "requests/s end to end over Kafka" in out.stdout
+
+
+@pytest.mark.parametrize("encoding", [[], ["--binary"]], ids=["json", "binary"])
+async def test_submit_prints_answers_in_either_encoding(live, encoding, tmp_path):
+    import asyncio
+
+    from worker_support import running_worker
+
+    env = {**live.to_env(), "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"}
+    async with running_worker(live):
+        out = await asyncio.to_thread(maas, "submit", "--count", "5", *encoding, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("submit-")]
+    assert len(lines) == 5 and all('result v1 {"probabilities": [' in line for line in lines)
+    assert "5/5 answered" in out.stdout

@@ -7,13 +7,14 @@ import torch
 from models.architectures.base import Architecture
 from models.architectures.bilstm import BiLSTMClassifier
 from models.architectures.cnn import CNN
+from models.architectures.identity import Identity
 from models.architectures.mlp import MLP
 from models.architectures.text_classifier import TextClassifier
 from models.architectures.transformer import TransformerEncoder
 from models.artifact import ArtifactError, ModelConfig
 
 ARCHITECTURES: dict[str, type[Architecture]] = {
-    cls.name: cls for cls in (MLP, TextClassifier, CNN, BiLSTMClassifier, TransformerEncoder)
+    cls.name: cls for cls in (MLP, TextClassifier, CNN, BiLSTMClassifier, TransformerEncoder, Identity)
 }
 
 

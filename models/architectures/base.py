@@ -35,6 +35,7 @@ class Architecture(ABC):
 
     name: ClassVar[str]
     asset_files: ClassVar[tuple[str, ...]] = ()
+    numpy_io: ClassVar[bool] = False  # True: forward() takes and returns numpy arrays, untouched by dtype rules
 
     def __init__(self, params: dict[str, Any], weights: dict[str, torch.Tensor],
                  assets: dict[str, bytes] | None = None, quantization: str | None = None) -> None:

@@ -8,10 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
 from models.examples import MNIST_MLP
-from pipeline.client import Answer, ResultCollector, example_requests, publish_requests
+from pipeline.client import Answer, ResultCollector, as_binary, example_requests, publish_requests
+from pipeline.codec import Framed
 from pipeline.services import read_state
 from pipeline.settings import ConfigError, Settings
 
@@ -33,19 +35,21 @@ def _load_requests(path: Path) -> list[dict[str, Any]]:
 
 def summary(answer: Answer) -> str:
     if answer.kind == "result":
-        outputs = {o["name"]: o["data"] for o in answer.body.get("outputs", [])}
+        outputs = {o["name"]: np.asarray(o["data"]).reshape(-1).tolist() for o in answer.body.get("outputs", [])}
         shown = {k: (v if len(v) <= 4 else [*v[:4], "..."]) for k, v in outputs.items()}
         return f"result v{answer.body.get('model_version')} {json.dumps(shown)}"
     error = answer.body.get("error", {})
     return f"{answer.kind} {error.get('code')}: {error.get('message')}"
 
 
-async def submit_and_wait(settings: Settings, requests: list[dict[str, Any]], timeout: float
-                  ) -> tuple[dict[str, Answer], float]:
+async def submit_and_wait(settings: Settings, requests: list[dict[str, Any]] | list[Framed], timeout: float,
+                          ids: list[str] | None = None) -> tuple[dict[str, Answer], float]:
+    """Publish requests (dicts, or Framed with `ids`) and wait for their answers; returns them and the time."""
+    ids = ids if ids is not None else [r["id"] for r in requests]
     async with ResultCollector(settings) as collector:
         started = time.perf_counter()
-        await publish_requests(settings, requests)
-        answers = await collector.wait_for([r["id"] for r in requests], timeout)
+        await publish_requests(settings, requests, keys=ids)
+        answers = await collector.wait_for(ids, timeout)
         return answers, time.perf_counter() - started
 
 
@@ -59,7 +63,8 @@ async def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
         requests = _load_requests(Path(args.file))
     else:
         requests, _ = example_requests(args.count, args.model, prefix=f"submit-{int(time.time())}")
-    answers, elapsed = await submit_and_wait(settings, requests, args.timeout)
+    payloads = [as_binary(r) for r in requests] if args.binary else requests
+    answers, elapsed = await submit_and_wait(settings, payloads, args.timeout, [r["id"] for r in requests])
     for request in requests:
         answer = answers.get(request["id"])
         print(f"{request['id']}: {summary(answer) if answer else 'no answer within the timeout'}")
@@ -74,4 +79,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("--count", type=int, default=10, help="how many requests to generate (default 10)")
     submit.add_argument("--model", default=MNIST_MLP, help=f"model for generated requests (default {MNIST_MLP})")
     submit.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for answers (default 60)")
+    submit.add_argument("--binary", action="store_true",
+                        help="send tensors with the binary tensor extension (and ask for binary outputs)")
     submit.set_defaults(run=cmd_submit)
