@@ -82,8 +82,12 @@ class WordIndexTokenizer:
         return ids, ids != PAD_ID
 
 
+PAD_MULTIPLE = 16
+
+
 class WordPieceTokenizer:
-    """A Hugging Face `tokenizers` JSON file; pads to the batch's longest sentence."""
+    """A Hugging Face `tokenizers` JSON file; pads to the batch's longest sentence, rounded up to a multiple
+    of 16 so that batches fall into a few shape buckets (fewer kernel specialisations, reusable graphs)."""
 
     def __init__(self, raw: bytes | str, max_length: int) -> None:
         from tokenizers import Tokenizer  # imported here: only transformer models need it
@@ -94,7 +98,8 @@ class WordPieceTokenizer:
             raise ArtifactError(f"{TOKENIZER_FILE}: not a valid Hugging Face tokenizer file ({exc})") from None
         pad_id = self.tokenizer.token_to_id("[PAD]")
         self.tokenizer.no_padding()
-        self.tokenizer.enable_padding(pad_id=pad_id or 0, pad_token="[PAD]" if pad_id is not None else "<pad>")
+        self.tokenizer.enable_padding(pad_id=pad_id or 0, pad_token="[PAD]" if pad_id is not None else "<pad>",
+                                      pad_to_multiple_of=PAD_MULTIPLE)
         self.tokenizer.enable_truncation(max_length=max_length)
 
     @property

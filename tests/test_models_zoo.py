@@ -95,7 +95,8 @@ def _close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: fl
 
 
 def test_every_architecture_is_registered():
-    assert set(SMALL) == set(ARCHITECTURES)
+    # `identity` has no weights and no twin: tests/test_codec_roundtrip.py covers it.
+    assert set(SMALL) == set(ARCHITECTURES) - {"identity"}
 
 
 @pytest.mark.parametrize("quantization", [None, "int8"])
