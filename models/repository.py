@@ -189,7 +189,7 @@ def open_repository(uri: str | Path, s3_client_factory: Callable[[], Any] | None
 
     For S3, `s3_client_factory()` gives the boto3 S3 client to use (endpoint, credentials); without one,
     `boto3.client("s3")` reads the usual environment (AWS_ENDPOINT_URL, the credential chain). Downloaded
-    versions are kept under `cache_dir` (default: $MAAS_MODEL_CACHE_DIR, else <tmp>/maas-model-cache).
+    versions are kept under `cache_dir` (default: <tmp>/maas-model-cache).
     """
     text = str(uri)
     if text.startswith("s3://"):

@@ -60,7 +60,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("MAAS_MODEL_CACHE_DIR") or Path(tempfile.gettempdir()) / "maas-model-cache")
+    return Path(tempfile.gettempdir()) / "maas-model-cache"
 
 
 class S3ModelRepository(Repository):

@@ -67,6 +67,7 @@ class Settings:
     aws_region: str = "us-east-1"
     aws_credentials_configured: bool = False
     model_repository: str = "model_repository"
+    model_cache_dir: str | None = None
     batch_bucket: str = "maas-batch"
     topics: Topics = field(default_factory=Topics)
     topic_partitions: int = 4
@@ -120,6 +121,7 @@ class Settings:
             aws_region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
             aws_credentials_configured=any(env.get(name) for name in _AWS_CREDENTIAL_VARS),
             model_repository=env.get("MAAS_MODEL_REPOSITORY") or "model_repository",
+            model_cache_dir=env.get("MAAS_MODEL_CACHE_DIR") or None,
             batch_bucket=env.get("MAAS_BATCH_BUCKET") or "maas-batch",
             topics=topics,
             topic_partitions=_int(env, "MAAS_TOPIC_PARTITIONS", 4, minimum=1),
@@ -238,6 +240,7 @@ class Settings:
             "KAFKA_SASL_PASSWORD": self.kafka_sasl_password,
             "AWS_ENDPOINT_URL": self.aws_endpoint_url,
             "MAAS_API_KEYS": self.api_keys,
+            "MAAS_MODEL_CACHE_DIR": self.model_cache_dir,
             "MAAS_SQS_RESULTS_QUEUE_URL": self.sqs_results_queue_url,
             "MAAS_SQS_DLQ_URL": self.sqs_dlq_url,
         }

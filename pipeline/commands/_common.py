@@ -26,6 +26,7 @@ def open_repository(settings: Settings) -> Repository:
     With the embedded stack, call this after the stack's endpoint is in `settings`.
     """
     try:
-        return open_model_repository(settings.model_repository, lambda: aws_client(settings, "s3"))
+        return open_model_repository(settings.model_repository, lambda: aws_client(settings, "s3"),
+                                     cache_dir=settings.model_cache_dir)
     except RepositoryError as exc:
         raise ConfigError(f"MAAS_MODEL_REPOSITORY: {exc}") from None
