@@ -29,6 +29,7 @@ from pipeline.claim_check import ClaimCheckStore  # noqa: E402
 from pipeline.commands._common import open_repository  # noqa: E402
 from pipeline.engine import InferenceEngine  # noqa: E402
 from pipeline.ratelimit import ApiKeys, RateLimiter  # noqa: E402
+from pipeline.runtime import configure_process  # noqa: E402
 from pipeline.services import answer_producer, aws_client, claim_check_store  # noqa: E402
 from pipeline.settings import ConfigError, Settings  # noqa: E402
 from pipeline.v2_api import V2Api  # noqa: E402
@@ -119,6 +120,7 @@ def _current(loop: asyncio.AbstractEventLoop) -> Runtime:
     if _runtime is None or env != _runtime_env:
         if _runtime is not None:
             loop.run_until_complete(_runtime.stop())
+        configure_process(settings)
         _runtime = loop.run_until_complete(Runtime(settings).start())
         _runtime_env = env
     return _runtime

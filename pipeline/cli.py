@@ -10,6 +10,7 @@ from models.artifact import ArtifactError
 from models.repository import ModelNotFoundError
 from pipeline.commands import MODULES
 from pipeline.observability import configure_logging
+from pipeline.runtime import configure_process
 from pipeline.settings import ConfigError, Settings
 
 
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = Settings.from_env()
         configure_logging(args.verbose, settings.log_format)
+        configure_process(settings)
         code = asyncio.run(args.run(args, settings))
     except (ConfigError, ArtifactError, ModelNotFoundError) as exc:
         print(f"maas: error: {exc}", file=sys.stderr)

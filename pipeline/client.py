@@ -50,7 +50,8 @@ class ResultCollector:
 
     async def start(self) -> ResultCollector:
         self._consumer = AIOKafkaConsumer(**self.settings.kafka_client_kwargs(), group_id=None,
-                                          enable_auto_commit=False)
+                                          enable_auto_commit=False,
+                                          fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms)
         await self._consumer.start()
         partitions = []
         for topic in self.topics:

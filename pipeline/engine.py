@@ -42,6 +42,8 @@ class InferenceEngine:
         self._batcher = DynamicBatcher(self._run_batch, max_queue=max_queue_per_model)
         self._executor: ThreadPoolExecutor | None = None
         self._listeners: list[BatchListener] = []
+        self._configs: dict[tuple[str, str | None], tuple[float, int, ModelConfig]] = {}
+        self._max_cached_configs = 4096
 
     def add_batch_listener(self, listener: BatchListener) -> None:
         self._listeners.append(listener)
@@ -69,17 +71,30 @@ class InferenceEngine:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def model_config(self, name: str, version: str | int | None) -> tuple[int, ModelConfig]:
-        """Resolve a (name, version) the way requests do; raises MODEL_NOT_FOUND with what exists."""
+        """Resolve a (name, version) the way requests do; raises MODEL_NOT_FOUND with what exists.
+
+        Answers come from a cache on the event loop: configs are immutable per version, and "latest" is
+        re-resolved at most every `latest_ttl_s`. Only a miss touches the repository (in a thread).
+        """
+        key = (name, None if version in (None, "", "latest") else str(version))
+        cached = self._configs.get(key)
+        if cached is not None and (key[1] is not None or time.monotonic() < cached[0]):
+            return cached[1], cached[2]
+
         def lookup() -> tuple[int, ModelConfig]:
             resolved = self.cache.resolve(name, version)
             return resolved, self.cache.repository.config(name, resolved)
 
         try:
-            return await asyncio.to_thread(lookup)
+            resolved, config = await asyncio.to_thread(lookup)
         except ModelNotFoundError as exc:
             raise InferenceError(ErrorCode.MODEL_NOT_FOUND, str(exc)) from None
         except ArtifactError as exc:
             raise InferenceError(ErrorCode.INTERNAL, f"model {name!r} is misconfigured: {exc}") from None
+        if len(self._configs) >= self._max_cached_configs:
+            self._configs.clear()  # bounded: names come from callers
+        self._configs[key] = (time.monotonic() + self.cache.latest_ttl_s, resolved, config)
+        return resolved, config
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         try:

@@ -88,6 +88,7 @@ class KafkaWorker:
             "client_id": f"maas-{self.settings.worker_id}",
             "session_timeout_ms": self.settings.kafka_session_timeout_ms,
             "heartbeat_interval_ms": self.settings.kafka_heartbeat_interval_ms,
+            "fetch_max_wait_ms": self.settings.kafka_fetch_max_wait_ms,
         }
         self._consumer = AIOKafkaConsumer(**kafka, **options)
         store = claim_check_store(self.settings)

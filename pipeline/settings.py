@@ -79,6 +79,9 @@ class Settings:
     commit_interval_ms: int = 1000
     kafka_session_timeout_ms: int = 10000
     kafka_heartbeat_interval_ms: int = 1000
+    kafka_fetch_max_wait_ms: int = 10
+    torch_threads: int = 0
+    gil_switch_interval_us: int = 0
     producer_max_batch_bytes: int = 256 * 1024
     kafka_idempotence: bool = False
     claim_check_buckets: frozenset[str] = frozenset()
@@ -132,6 +135,9 @@ class Settings:
             commit_interval_ms=_int(env, "MAAS_COMMIT_INTERVAL_MS", 1000, minimum=10),
             kafka_session_timeout_ms=_int(env, "MAAS_KAFKA_SESSION_TIMEOUT_MS", 10000, minimum=1000),
             kafka_heartbeat_interval_ms=_int(env, "MAAS_KAFKA_HEARTBEAT_INTERVAL_MS", 1000, minimum=100),
+            kafka_fetch_max_wait_ms=_int(env, "MAAS_KAFKA_FETCH_MAX_WAIT_MS", 10, minimum=0),
+            torch_threads=_int(env, "MAAS_TORCH_THREADS", 0, minimum=0),
+            gil_switch_interval_us=_int(env, "MAAS_GIL_SWITCH_INTERVAL_US", 0, minimum=0),
             kafka_idempotence=env.get("MAAS_KAFKA_IDEMPOTENCE", "0").lower() in {"1", "true", "yes"},
             claim_check_buckets=frozenset(b.strip() for b in env.get("MAAS_CLAIM_CHECK_BUCKETS", "").split(",")
                                           if b.strip()),
@@ -219,6 +225,9 @@ class Settings:
             "MAAS_COMMIT_INTERVAL_MS": str(self.commit_interval_ms),
             "MAAS_KAFKA_SESSION_TIMEOUT_MS": str(self.kafka_session_timeout_ms),
             "MAAS_KAFKA_HEARTBEAT_INTERVAL_MS": str(self.kafka_heartbeat_interval_ms),
+            "MAAS_KAFKA_FETCH_MAX_WAIT_MS": str(self.kafka_fetch_max_wait_ms),
+            "MAAS_TORCH_THREADS": str(self.torch_threads),
+            "MAAS_GIL_SWITCH_INTERVAL_US": str(self.gil_switch_interval_us),
             "MAAS_KAFKA_IDEMPOTENCE": "1" if self.kafka_idempotence else "0",
             "MAAS_CLAIM_CHECK_BUCKETS": ",".join(sorted(self.claim_check_buckets)),
             "MAAS_MAX_INLINE_OUTPUT_BYTES": str(self.max_inline_output_bytes),
