@@ -182,11 +182,9 @@ class InferenceEngine:
 
     async def _run_group(self, model: LoadedModel, group: list[Pending]) -> None:
         names = [s.name for s in model.config.inputs]
-        inputs = {n: np.concatenate([item.payload.inputs[n] for item in group]) if len(group) > 1
-                  else group[0].payload.inputs[n] for n in names}
         started = time.monotonic()
         try:
-            outputs = await self._in_executor(model.infer, inputs)
+            rejected, outputs = await self._in_executor(_execute, model, [i.payload.inputs for i in group], names)
         except Exception as exc:
             if len(group) > 1:  # isolate the request that breaks the batch; its batch-mates still run
                 for item in group:
@@ -194,6 +192,12 @@ class InferenceEngine:
                 return
             log.exception("model %s:%s failed on request %s", model.name, model.version, group[0].payload.id)
             group[0].future.set_exception(InferenceError(ErrorCode.INTERNAL, f"model execution failed: {exc!r}"))
+            return
+        for index, name in rejected.items():
+            group[index].future.set_exception(InferenceError(
+                ErrorCode.INVALID_INPUT, f"input {name!r}: NaN or infinite values are not allowed"))
+        group = [item for index, item in enumerate(group) if index not in rejected]
+        if not group:
             return
         finished = time.monotonic()
         offset = 0
@@ -217,3 +221,24 @@ class InferenceEngine:
                 listener(record)
             except Exception:
                 log.exception("batch listener failed")
+
+
+def _execute(model: LoadedModel, inputs: list[dict[str, np.ndarray]], names: list[str]
+             ) -> tuple[dict[int, str], dict[str, np.ndarray] | None]:
+    """On the model thread: refuse requests with NaN/Inf, concatenate the rest, run them as one batch.
+
+    The finiteness check lives here rather than in the decoder because numpy releases the GIL for it:
+    on the event loop every request would wait for the model thread to hand the GIL back.
+    """
+    rejected = {}
+    for index, tensors in enumerate(inputs):
+        for name in names:
+            array = tensors[name]
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                rejected[index] = name
+                break
+    kept = [tensors for index, tensors in enumerate(inputs) if index not in rejected]
+    if not kept:
+        return rejected, None
+    batch = {n: np.concatenate([t[n] for t in kept]) if len(kept) > 1 else kept[0][n] for n in names}
+    return rejected, model.infer(batch)

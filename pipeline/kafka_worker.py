@@ -170,6 +170,9 @@ class KafkaWorker:
                     task = asyncio.create_task(self._handle(tp, record))
                     self._handlers.add(task)
                     task.add_done_callback(self._handlers.discard)
+            # Let this fetch's handlers decode and reach the batcher before fetching more: otherwise the
+            # loop reads up to max_in_flight records before the first batch can close.
+            await asyncio.sleep(0)
 
     async def _handle(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         envelope = Envelope(

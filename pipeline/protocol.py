@@ -247,7 +247,6 @@ def _parse_tensor(raw: Any, where: str, request_id: str, budget: int, cursor: _B
             array = tensor_from_bytes(chunk, datatype, shape)
         except ValueError as exc:
             raise _fail(ErrorCode.INVALID_INPUT, f"{where}: {exc}", request_id) from None
-        _check_finite(array, where, request_id)
         return name, datatype, array
     if "data" not in raw:
         raise _fail(ErrorCode.INVALID_REQUEST, f"{where}.data: missing (or give parameters.binary_data_size)",
@@ -261,7 +260,6 @@ def _to_array(data: Any, datatype: str, shape: list[int], where: str, request_id
     fast = _flat_numbers(data, datatype)
     if fast is not None:
         array = fast
-        _check_finite(array, where, request_id)
     elif datatype == "BYTES":
         flat = _flatten(data)
         if not all(isinstance(v, str) for v in flat):
@@ -290,7 +288,6 @@ def _to_array(data: Any, datatype: str, shape: list[int], where: str, request_id
                 from None
         if dtype.kind in _INT_KINDS and kind in _INT_KINDS and not np.array_equal(array, parsed):
             raise _fail(ErrorCode.INVALID_INPUT, f"{where}: values out of range for {datatype}", request_id)
-        _check_finite(array, where, request_id)
     if array.size != math.prod(shape):
         raise _fail(ErrorCode.INVALID_INPUT, f"{where}: {array.size} values given, shape {shape} needs "
                     f"{math.prod(shape)}", request_id)
@@ -312,11 +309,6 @@ def _flat_numbers(data: Any, datatype: str) -> np.ndarray | None:
         return np.frombuffer(typed_array(code, data), dtype=NUMPY_DTYPES[datatype])
     except (TypeError, OverflowError):
         return None
-
-
-def _check_finite(array: np.ndarray, where: str, request_id: str) -> None:
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise _fail(ErrorCode.INVALID_INPUT, f"{where}: NaN or infinite values are not allowed", request_id)
 
 
 def tensor_from_bytes(chunk: memoryview, datatype: str, shape: list[int]) -> np.ndarray:

@@ -157,6 +157,7 @@ BAD_INPUT_MATRIX = [
     ("binary-truncated", "BINARY_TRUNCATED", None, "error", "INVALID_REQUEST"),
     ("binary-size-mismatch", "BINARY_MISMATCH", None, "error", "INVALID_INPUT"),
     ("binary-bad-header-length", "BINARY_BAD_LENGTH", None, "dead_letter", "INVALID_REQUEST"),
+    ("binary-nan", "BINARY_NAN", None, "error", "INVALID_INPUT"),
     ("inputs-uri-missing-object", {"inputs": None, "inputs_uri": "s3://BUCKET/missing/object.json"}, None,
      "error", "INVALID_REQUEST"),
     ("inputs-uri-other-bucket", {"inputs": None, "inputs_uri": "s3://someone-elses-bucket/x.json"}, None,
@@ -170,6 +171,11 @@ def _bad_payload(case: str, spec, base: dict, max_bytes: int, bucket: str) -> tu
     image = np.asarray(base["inputs"][0]["data"], dtype=np.float32).reshape(1, 784)
     if spec == "OVERSIZED":
         return b" " * (max_bytes + 1), []
+    if spec == "BINARY_NAN":
+        poisoned = image.copy()
+        poisoned[0, 100] = np.nan
+        framed = encode_request(case, MNIST_MLP, {"input": poisoned}, binary=True)
+        return framed.body, framed.kafka_headers()
     if isinstance(spec, str) and spec.startswith("BINARY"):
         framed = encode_request(case, MNIST_MLP, {"input": image}, binary=True)
         headers = framed.kafka_headers()
@@ -224,6 +230,7 @@ async def test_bad_input_matrix_each_case_gets_its_documented_record(live):
         assert (answer.kind, answer.body["error"]["code"]) == (kind, code), f"{case}: {answer.body}"
         assert answer.body["error"]["message"], case
     assert all(answers[i].kind == "result" for i in truth), "good requests beside bad ones still succeed"
+    assert answers["binary-nan"].body["error"]["message"] == "input 'input': NaN or infinite values are not allowed"
     oversized = answers["oversized-record"].body["headers"]
     bucket, key = oversized["maas-payload-uri"].removeprefix("s3://").split("/", 1)
     stored = aws_client(settings, "s3").get_object(Bucket=bucket, Key=key)["Body"].read()
