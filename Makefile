@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench bench-gpu install clean
 
 # Install once: the stamp records which lock file the venv was built from, so a changed lock reinstalls.
 $(STAMP): requirements.lock pyproject.toml
@@ -29,8 +29,22 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP)
+# Benchmarks draw PNGs with matplotlib, which the tests do not need: installed on first use.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP) requirements-bench.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -r requirements-bench.txt 2>&1 | grep -v "is ignored: it is neither" || true
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) bench/pipeline.py
+	$(PY) bench/http.py
+	$(PY) bench/models.py --quick
+
+bench-gpu: $(BENCH_STAMP)
+	$(PY) bench/gpu_kernels_check.py
+	$(PY) bench/kernels.py
+	$(PY) bench/gpu_models_check.py
+	$(PY) bench/models.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .maas
