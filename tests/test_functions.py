@@ -7,13 +7,12 @@ import base64
 import copy
 import json
 import shutil
-import time
 from pathlib import Path
 from urllib.parse import quote_plus
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from worker_support import read_topic
 
 import functions.http
 import functions.kafka
@@ -55,20 +54,6 @@ def broken_model(settings) -> str:
     shutil.copytree(root / MNIST_MLP, root / "broken")
     (root / "broken" / "1" / "model.safetensors").write_bytes(b"not safetensors")
     return "broken"
-
-
-async def read_topic(settings, topic: str, count: int, timeout: float = 15.0) -> list:
-    consumer = AIOKafkaConsumer(**settings.kafka_client_kwargs(), group_id=None, auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        consumer.assign([TopicPartition(topic, p) for p in range(settings.topic_partitions)])
-        records, deadline = [], time.monotonic() + timeout
-        while len(records) < count and time.monotonic() < deadline:
-            for batch in (await consumer.getmany(timeout_ms=200)).values():
-                records.extend(batch)
-        return records
-    finally:
-        await consumer.stop()
 
 
 def kafka_record(template: dict, topic: str, partition: int, offset: int, value: bytes, key: str | None,

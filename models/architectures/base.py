@@ -145,6 +145,16 @@ class Architecture(ABC):
         return TORCH_ACTIVATIONS[activation](F.linear(x, weight, bias))
 
 
+def dense_head_shapes(d_in: int, hidden: list[int], classes: int) -> dict[str, tuple[int, ...]]:
+    """Weights of the dense layers `dense.{i}` (sizes `hidden`) and the `output` layer that classifiers end with."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i, d_out in enumerate(hidden):
+        shapes[f"dense.{i}.weight"], shapes[f"dense.{i}.bias"] = (d_out, d_in), (d_out,)
+        d_in = d_out
+    shapes["output.weight"], shapes["output.bias"] = (classes, d_in), (classes,)
+    return shapes
+
+
 def check_weights(expected: dict[str, tuple[int, ...]], weights: dict[str, torch.Tensor]) -> None:
     missing = sorted(set(expected) - set(weights))
     if missing:

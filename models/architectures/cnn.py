@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from models.architectures.base import Architecture
+from models.architectures.base import Architecture, dense_head_shapes
 from models.architectures.text_classifier import parse_hidden
 from models.artifact import ArtifactError
 
@@ -76,12 +76,7 @@ class CNN(Architecture):
             h, w, c = h - kernel + 1, w - kernel + 1, filters
             if pool > 1:
                 h, w = h // pool, w // pool
-        d_in = h * w * c
-        for i, d_out in enumerate(dense):
-            shapes[f"dense.{i}.weight"], shapes[f"dense.{i}.bias"] = (d_out, d_in), (d_out,)
-            d_in = d_out
-        shapes["output.weight"], shapes["output.bias"] = (classes, d_in), (classes,)
-        return shapes
+        return {**shapes, **dense_head_shapes(h * w * c, dense, classes)}
 
     @classmethod
     def quantizable(cls, params: dict[str, Any]) -> list[str]:

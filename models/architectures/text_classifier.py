@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from models.architectures.base import Architecture, positive_int, texts_of
+from models.architectures.base import Architecture, dense_head_shapes, positive_int, texts_of
 from models.artifact import TOKENIZER_FILE, ArtifactError, TensorSpec
 from models.text import WordIndexTokenizer
 
@@ -63,13 +63,7 @@ class TextClassifier(Architecture):
     @classmethod
     def weight_shapes(cls, params: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         vocab, dim, _, hidden, classes, _ = cls._parse(params)
-        shapes: dict[str, tuple[int, ...]] = {"embedding.weight": (vocab, dim)}
-        d_in = dim
-        for i, d_out in enumerate(hidden):
-            shapes[f"dense.{i}.weight"], shapes[f"dense.{i}.bias"] = (d_out, d_in), (d_out,)
-            d_in = d_out
-        shapes["output.weight"], shapes["output.bias"] = (classes, d_in), (classes,)
-        return shapes
+        return {"embedding.weight": (vocab, dim), **dense_head_shapes(dim, hidden, classes)}
 
     @classmethod
     def quantizable(cls, params: dict[str, Any]) -> list[str]:
