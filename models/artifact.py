@@ -180,9 +180,6 @@ class ModelConfig:
             warmup_inputs=tuple(warmup),
         )
 
-    def input(self, name: str) -> TensorSpec | None:
-        return next((s for s in self.inputs if s.name == name), None)
-
     def to_json(self) -> dict[str, Any]:
         body = {
             "architecture": self.architecture,

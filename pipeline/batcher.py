@@ -60,9 +60,6 @@ class DynamicBatcher:
         self._tasks.clear()
         self._queues.clear()
 
-    def queued(self) -> int:
-        return sum(q.qsize() for q in self._queues.values())
-
     async def submit(self, key: BatchKey, policy: BatchingPolicy, payload: Any, rows: int,
                      priority: int = 0) -> asyncio.Future:
         if self._closed:

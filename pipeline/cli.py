@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs and pipes as they happen
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,6 @@ class Answer:
 
     kind: str  # "result" | "error" | "dead_letter"
     body: dict[str, Any]
-    received_at: float = field(default_factory=time.monotonic)
 
     def output(self, name: str) -> np.ndarray:
         for out in self.body.get("outputs", []):

@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 @dataclass
 class _InFlight:
     receipt: str
-    received_at: float
     extended_until: float
 
 
@@ -106,7 +105,7 @@ class SqsWorker:
             for message in response.get("Messages", []):
                 await self._slots.acquire()
                 now = time.monotonic()
-                self._in_flight[message["MessageId"]] = _InFlight(message["ReceiptHandle"], now,
+                self._in_flight[message["MessageId"]] = _InFlight(message["ReceiptHandle"],
                                                                   now + self.visibility_timeout_s)
                 IN_FLIGHT.inc()
                 task = asyncio.create_task(self._handle(message))
