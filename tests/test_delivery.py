@@ -68,7 +68,7 @@ async def test_sigterm_finishes_in_flight_batches_then_commits(live, tmp_path):
     # A long batching delay keeps requests queued when SIGTERM arrives: a graceful stop must still
     # answer them (flush the batcher), commit, and exit 0; a new worker then finds nothing to redo.
     slow_repo = ModelRepository(tmp_path / "slow")
-    slow_repo.publish(MNIST_MLP, mnist_mlp_config(max_batch_size=64, max_queue_delay_ms=2_000),
+    slow_repo.publish(MNIST_MLP, mnist_mlp_config(max_batch_size=64, max_queue_delay_ms=4_000),
                       train_mnist_mlp(steps=1))
     proc, assigned, lines = worker_process(live, repository_root=slow_repo.root, worker_id="graceful")
     try:
@@ -99,7 +99,7 @@ async def test_a_slow_model_keeps_in_flight_bounded(live, tmp_path):
     # Backpressure: with max_in_flight 32 and a model held back by a long batching delay, the worker stops
     # taking records at 32 instead of buffering the whole topic, then catches up when batches run.
     slow_repo = ModelRepository(tmp_path / "slow")
-    slow_repo.publish(MNIST_MLP, mnist_mlp_config(max_batch_size=64, max_queue_delay_ms=1_500),
+    slow_repo.publish(MNIST_MLP, mnist_mlp_config(max_batch_size=64, max_queue_delay_ms=3_000),
                       train_mnist_mlp(steps=1))
     settings = replace(live, max_in_flight=32, model_repository=str(slow_repo.root))
     requests, truth = example_requests(150, prefix="pressure")
