@@ -11,6 +11,7 @@ readable code rides in the `x-maas-error-code` header.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 import uuid
@@ -42,6 +43,9 @@ HTTP_LATENCY = Histogram(
     "maas_http_request_seconds", "HTTP API latency by route", ["route"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
 )
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -134,6 +138,9 @@ class V2Api:
             response = error_response(exc.status, exc.message, exc.code, exc.headers)
         except InferenceError as exc:
             response = error_response(exc.code.status, exc.message, str(exc.code))
+        except Exception:  # a bug: the caller gets a V2 error, the traceback stays in the server's log
+            log.exception("unexpected failure on %s %s", request.method, request.path)
+            response = error_response(500, "internal error (logged on the server)", str(ErrorCode.INTERNAL))
         HTTP_REQUESTS.labels(route, str(response.status)).inc()
         HTTP_LATENCY.labels(route).observe(time.perf_counter() - started)
         return response
