@@ -43,8 +43,7 @@ def envelopes(event: dict[str, Any]) -> list[tuple[str, int, Envelope]]:
 async def handle(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:
     report = runtime.settings.partial_batch_response
     settings, store = runtime.settings, runtime.claim_checks()
-    sink = KafkaSink(await runtime.producer(), settings.topics.results, settings.topics.dlq, store=store,
-                     max_value_bytes=settings.max_request_bytes)
+    sink = KafkaSink.for_settings(await runtime.producer(), settings, store)
     responder = Responder(settings, runtime.engine, RedeliverTransient(sink, report), store=store, max_attempts=2)
     slots = asyncio.Semaphore(settings.max_in_flight)
     failures: list[dict[str, Any]] = []

@@ -27,8 +27,7 @@ async def _sink(runtime: Runtime) -> ResultSink:
     settings = runtime.settings
     if settings.sqs_results_queue_url:
         return SqsSink(runtime.aws("sqs"), settings.sqs_results_queue_url, settings.sqs_dlq_url)
-    return KafkaSink(await runtime.producer(), settings.topics.results, settings.topics.dlq,
-                     store=runtime.claim_checks(), max_value_bytes=settings.max_request_bytes)
+    return KafkaSink.for_settings(await runtime.producer(), settings, runtime.claim_checks())
 
 
 async def handle(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:

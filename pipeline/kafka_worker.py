@@ -92,8 +92,7 @@ class KafkaWorker:
         }
         self._consumer = AIOKafkaConsumer(**kafka, **options)
         store = claim_check_store(self.settings)
-        sink = KafkaSink(self._producer, self.settings.topics.results, self.settings.topics.dlq, store=store,
-                         max_value_bytes=self.settings.max_request_bytes)
+        sink = KafkaSink.for_settings(self._producer, self.settings, store)
         self._responder = Responder(self.settings, self.engine, sink, store=store,
                                     max_attempts=self.max_attempts)
         try:

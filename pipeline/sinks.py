@@ -16,6 +16,7 @@ from pipeline.codec import Framed, to_sqs_message
 from pipeline.errors import InferenceError
 from pipeline.metrics import DEAD_LETTERS
 from pipeline.protocol import InferenceRequest
+from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,12 @@ class KafkaSink:
         self.dlq_topic = dlq_topic
         self.store = store
         self.max_value_bytes = max_value_bytes
+
+    @classmethod
+    def for_settings(cls, producer: Any, settings: Settings, store: ClaimCheckStore | None) -> KafkaSink:
+        """The configured results and dead-letter topics; dead letters over the request limit go to `store`."""
+        return cls(producer, settings.topics.results, settings.topics.dlq, store=store,
+                   max_value_bytes=settings.max_request_bytes)
 
     async def answer(self, envelope: Envelope, request: InferenceRequest | None, framed: Framed) -> None:
         topic = (request.parameters.get("reply_to") if request else None) or self.results_topic

@@ -13,10 +13,9 @@ import numpy as np
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from worker_support import running_worker, worker_process
+from worker_support import running_worker, slow_repository, worker_process
 
-from models.examples import MNIST_MLP, mnist_mlp_config, train_mnist_mlp
-from models.repository import ModelRepository
+from models.examples import MNIST_MLP
 from pipeline.client import ResultCollector, example_requests, publish_requests
 from pipeline.codec import encode_request
 from pipeline.services import aws_client, bootstrap
@@ -67,9 +66,7 @@ async def test_sigkilled_worker_in_a_group_of_three_loses_no_request(four_partit
 async def test_sigterm_finishes_in_flight_batches_then_commits(live, tmp_path):
     # A long batching delay keeps requests queued when SIGTERM arrives: a graceful stop must still
     # answer them (flush the batcher), commit, and exit 0; a new worker then finds nothing to redo.
-    slow_repo = ModelRepository(tmp_path / "slow")
-    slow_repo.publish(MNIST_MLP, mnist_mlp_config(max_batch_size=64, max_queue_delay_ms=4_000),
-                      train_mnist_mlp(steps=1))
+    slow_repo = slow_repository(tmp_path / "slow", max_queue_delay_ms=4_000)
     proc, assigned, lines = worker_process(live, repository_root=slow_repo.root, worker_id="graceful")
     try:
         assert await asyncio.to_thread(assigned.wait, 60)
@@ -98,9 +95,7 @@ async def test_sigterm_finishes_in_flight_batches_then_commits(live, tmp_path):
 async def test_a_slow_model_keeps_in_flight_bounded(live, tmp_path):
     # Backpressure: with max_in_flight 32 and a model held back by a long batching delay, the worker stops
     # taking records at 32 instead of buffering the whole topic, then catches up when batches run.
-    slow_repo = ModelRepository(tmp_path / "slow")
-    slow_repo.publish(MNIST_MLP, mnist_mlp_config(max_batch_size=64, max_queue_delay_ms=3_000),
-                      train_mnist_mlp(steps=1))
+    slow_repo = slow_repository(tmp_path / "slow", max_queue_delay_ms=3_000)
     settings = replace(live, max_in_flight=32, model_repository=str(slow_repo.root))
     requests, truth = example_requests(150, prefix="pressure")
     async with running_worker(settings) as worker, ResultCollector(settings) as collector:

@@ -8,9 +8,9 @@ from dataclasses import replace
 import numpy as np
 import orjson
 import pytest
-from worker_support import read_topic, running_worker, worker_process
+from worker_support import read_topic, running_worker, slow_repository, worker_process
 
-from models.examples import MNIST_MLP, mnist_mlp_config, train_mnist_mlp
+from models.examples import mnist_mlp_config, train_mnist_mlp
 from models.repository import ModelRepository
 from pipeline.client import ResultCollector, example_requests, publish_requests
 
@@ -105,9 +105,7 @@ async def test_a_model_that_cannot_load_is_retried_then_dead_lettered(fast):
 async def test_killed_worker_loses_nothing_consumed_but_unanswered(fast, tmp_path):
     # Worker A holds requests in its batcher for a minute (max_queue_delay_ms), so it has consumed them
     # but answered none when it is SIGKILLed. Worker B, same group, must answer every one of them.
-    slow_repo = ModelRepository(tmp_path / "slow")
-    slow_repo.publish(MNIST_MLP, mnist_mlp_config(max_batch_size=64, max_queue_delay_ms=60_000),
-                      train_mnist_mlp(steps=1))
+    slow_repo = slow_repository(tmp_path / "slow", max_queue_delay_ms=60_000)
     proc, assigned, _ = worker_process(fast, repository_root=slow_repo.root, worker_id="holder")
     try:
         assert await asyncio.to_thread(assigned.wait, 60), "worker A never joined the group"

@@ -14,9 +14,19 @@ from dataclasses import replace
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from models.cache import ModelCache
+from models.examples import MNIST_MLP, mnist_mlp_config, train_mnist_mlp
 from models.repository import ModelRepository
 from pipeline.engine import InferenceEngine
 from pipeline.kafka_worker import KafkaWorker
+
+
+def slow_repository(root, max_queue_delay_ms: float) -> ModelRepository:
+    """A repository whose mnist_mlp waits `max_queue_delay_ms` to fill a batch: a worker then holds consumed
+    requests unanswered for that long (for crash, shutdown and backpressure tests)."""
+    repository = ModelRepository(root)
+    repository.publish(MNIST_MLP, mnist_mlp_config(max_batch_size=64, max_queue_delay_ms=max_queue_delay_ms),
+                       train_mnist_mlp(steps=1))
+    return repository
 
 
 @contextlib.asynccontextmanager

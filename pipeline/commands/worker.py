@@ -71,8 +71,7 @@ async def _sqs_worker(live: Settings, engine: InferenceEngine, stack: contextlib
         producer = answer_producer(live)
         await producer.start()
         stack.push_async_callback(producer.stop)
-        sink = KafkaSink(producer, live.topics.results, live.topics.dlq, store=store,
-                         max_value_bytes=live.max_request_bytes)
+        sink = KafkaSink.for_settings(producer, live, store)
         where = f"Kafka topic {live.topics.results}"
     worker = await stack.enter_async_context(SqsWorker(live, engine, sqs, queue_url, sink, store=store))
     print(f"worker {live.worker_id} receiving from SQS {queue_url}; answers to {where}", flush=True)
