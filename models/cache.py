@@ -56,14 +56,22 @@ class ModelCache:
             self._latest[name] = (now, resolved)
         return resolved
 
-    def get(self, name: str, version: int) -> LoadedModel:
+    def peek(self, name: str, version: int) -> LoadedModel | None:
+        """The model if it is loaded (a hit), else None: never loads, so an event loop may call it."""
         key = (name, version)
         with self._lock:
             model = self._models.get(key)
             if model is not None:
                 self._models.move_to_end(key)
                 self.stats.hits += 1
-                return model
+            return model
+
+    def get(self, name: str, version: int) -> LoadedModel:
+        key = (name, version)
+        model = self.peek(name, version)
+        if model is not None:
+            return model
+        with self._lock:
             load_lock = self._load_locks.setdefault(key, threading.Lock())
         with load_lock:
             with self._lock:

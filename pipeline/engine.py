@@ -10,10 +10,12 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from models.artifact import ArtifactError, ModelConfig
 from models.cache import ModelCache
@@ -44,12 +46,17 @@ class InferenceEngine:
         self._listeners: list[BatchListener] = []
         self._configs: dict[tuple[str, str | None], tuple[float, int, ModelConfig]] = {}
         self._max_cached_configs = 4096
+        self._lookups: dict[tuple[str, str | None], asyncio.Future] = {}
 
     def add_batch_listener(self, listener: BatchListener) -> None:
         self._listeners.append(listener)
 
     async def start(self) -> InferenceEngine:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maas-model")
+        # Intra-op threads are a per-thread setting in torch's OpenMP pool: without this the model thread
+        # ignores MAAS_TORCH_THREADS (applied to the main thread) and its idle OpenMP workers spin.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maas-model",
+                                            initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
+        await self._in_executor(_warm_thread)  # start the thread and its torch state before the first batch
         await self._batcher.start()
         return self
 
@@ -74,13 +81,27 @@ class InferenceEngine:
         """Resolve a (name, version) the way requests do; raises MODEL_NOT_FOUND with what exists.
 
         Answers come from a cache on the event loop: configs are immutable per version, and "latest" is
-        re-resolved at most every `latest_ttl_s`. Only a miss touches the repository (in a thread).
+        re-resolved at most every `latest_ttl_s`. Only a miss touches the repository (in a thread), once
+        per key however many requests for it arrive together (a fetch of 500 records names one model).
         """
         key = (name, None if version in (None, "", "latest") else str(version))
+        cached = self._cached_config(key)
+        if cached is not None:
+            return cached
+        lookup = self._lookups.get(key)
+        if lookup is None:
+            lookup = self._lookups[key] = asyncio.ensure_future(self._lookup_config(key, name, version))
+            lookup.add_done_callback(lambda _: self._lookups.pop(key, None))
+        return await asyncio.shield(lookup)
+
+    def _cached_config(self, key: tuple[str, str | None]) -> tuple[int, ModelConfig] | None:
         cached = self._configs.get(key)
         if cached is not None and (key[1] is not None or time.monotonic() < cached[0]):
             return cached[1], cached[2]
+        return None
 
+    async def _lookup_config(self, key: tuple[str, str | None], name: str, version: str | int | None
+                             ) -> tuple[int, ModelConfig]:
         def lookup() -> tuple[int, ModelConfig]:
             resolved = self.cache.resolve(name, version)
             return resolved, self.cache.repository.config(name, resolved)
@@ -97,39 +118,82 @@ class InferenceEngine:
         return resolved, config
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
-        try:
-            version, config = await self.model_config(request.model_name, request.model_version)
-            self._validate(request, config)
-            if request.deadline_ms is not None and time.time() * 1000 > request.deadline_ms:
-                raise InferenceError(ErrorCode.DEADLINE_EXCEEDED, "deadline_ms passed before the request ran")
-            future = await self._batcher.submit(
-                (request.model_name, version), config.batching, request, request.batch_rows,
-                int(request.parameters.get("priority", 0)),
-            )
-            outputs: dict[str, np.ndarray] = await future
-        except InferenceError as exc:
-            exc.request_id = exc.request_id or request.id
-            raise
-        wanted = request.outputs or [s.name for s in config.outputs]
-        return InferenceResponse(
-            id=request.id,
-            model_name=request.model_name,
-            model_version=version,
-            outputs={name: outputs[name] for name in wanted},
-            datatypes={s.name: s.datatype for s in config.outputs},
-        )
+        """Run one request; raises `InferenceError` (with the request id) when it cannot be answered."""
+        (outcome,) = await self.infer_many([request])
+        if isinstance(outcome, InferenceError):
+            raise outcome
+        return outcome
+
+    async def infer_many(self, requests: Sequence[InferenceRequest]) -> list[InferenceResponse | InferenceError]:
+        """Run requests that arrived together; one outcome per request, in order, errors returned not raised.
+
+        Sources that receive records in fetches hand over the whole fetch: one await for all of it instead
+        of a task and a chain of awaits per request, and requests for the same model enter the batcher as
+        one queue item (up to the model's max_batch_size rows) instead of one each. Per request, that was
+        most of what the engine cost on the event loop.
+        """
+        outcomes: list[InferenceResponse | InferenceError | None] = [None] * len(requests)
+        groups: dict[tuple[BatchKey, int], list[tuple[int, int]]] = {}
+        configs: dict[BatchKey, ModelConfig] = {}
+        for index, request in enumerate(requests):
+            try:
+                version, config = await self.model_config(request.model_name, request.model_version)
+                rows = self._validate(request, config)
+                if request.deadline_ms is not None and time.time() * 1000 > request.deadline_ms:
+                    raise InferenceError(ErrorCode.DEADLINE_EXCEEDED, "deadline_ms passed before the request ran")
+                priority = int(request.parameters.get("priority", 0))
+            except InferenceError as exc:
+                outcomes[index] = exc.addressed_to(request.id)
+                continue
+            key = (request.model_name, version)
+            configs[key] = config
+            groups.setdefault((key, priority), []).append((index, rows))
+        waiting: list[tuple[list[int], asyncio.Future, int, ModelConfig]] = []
+        for (key, priority), members in groups.items():
+            config = configs[key]
+            for chunk, rows in _chunks(members, config.batching.max_batch_size):
+                try:
+                    future = await self._batcher.submit(key, config.batching, [(requests[i], r) for i, r in chunk],
+                                                        rows, priority)
+                except InferenceError as exc:
+                    for index, _ in chunk:
+                        outcomes[index] = exc.addressed_to(requests[index].id)
+                else:
+                    waiting.append((chunk, future, key[1], config))
+        if waiting:
+            await asyncio.wait([future for _, future, _, _ in waiting])
+        for chunk, future, version, config in waiting:
+            error = future.exception()
+            if error is not None and not isinstance(error, InferenceError):
+                error = InferenceError(ErrorCode.INTERNAL, f"model execution failed: {error!r}")
+            results = [error] * len(chunk) if error is not None else future.result()
+            datatypes = {s.name: s.datatype for s in config.outputs}
+            for (index, _), result in zip(chunk, results, strict=True):
+                request = requests[index]
+                if isinstance(result, InferenceError):
+                    outcomes[index] = result.addressed_to(request.id)
+                    continue
+                wanted = request.outputs or datatypes
+                outcomes[index] = InferenceResponse(
+                    id=request.id, model_name=request.model_name, model_version=version,
+                    outputs={name: result[name] for name in wanted}, datatypes=datatypes,
+                )
+        return outcomes  # type: ignore[return-value]  # every slot was filled above
 
     @staticmethod
-    def _validate(request: InferenceRequest, config: ModelConfig) -> None:
-        expected = {s.name for s in config.inputs}
-        unknown = sorted(set(request.inputs) - expected)
-        if unknown:
-            raise InferenceError(ErrorCode.INVALID_INPUT, f"inputs: unknown input(s) {unknown}; the model takes "
-                                 f"{sorted(expected)}")
+    def _validate(request: InferenceRequest, config: ModelConfig) -> int:
+        """Check the request against the model's signature; returns its rows (the batch dimension)."""
+        tensors = request.inputs
+        if len(tensors) != len(config.inputs) or any(s.name not in tensors for s in config.inputs):
+            expected = [s.name for s in config.inputs]
+            unknown = sorted(set(tensors) - set(expected))
+            if unknown:
+                raise InferenceError(ErrorCode.INVALID_INPUT, f"inputs: unknown input(s) {unknown}; the model "
+                                     f"takes {sorted(expected)}")
+            missing = next(name for name in expected if name not in tensors)
+            raise InferenceError(ErrorCode.INVALID_INPUT, f"inputs: input {missing!r} is missing")
         for spec in config.inputs:
-            if spec.name not in request.inputs:
-                raise InferenceError(ErrorCode.INVALID_INPUT, f"inputs: input {spec.name!r} is missing")
-            problem = spec.mismatch(request.datatypes[spec.name], request.inputs[spec.name].shape)
+            problem = spec.mismatch(request.datatypes[spec.name], tensors[spec.name].shape)
             if problem:
                 raise InferenceError(ErrorCode.INVALID_INPUT, problem)
         rows = request.batch_rows
@@ -144,8 +208,14 @@ class InferenceEngine:
             if unknown:
                 raise InferenceError(ErrorCode.INVALID_REQUEST, f"outputs: unknown output(s) {unknown}; the "
                                      f"model has {sorted(known)}")
+        return rows
 
     async def _load(self, key: BatchKey) -> LoadedModel:
+        """A loaded model without leaving the loop; only a miss loads it, on the model thread."""
+        model = self.cache.peek(*key)
+        if model is not None:
+            MODEL_CACHE.labels("hit").inc()
+            return model
         hits = self.cache.stats.hits
         try:
             model = await self._in_executor(self.cache.get, *key)
@@ -156,7 +226,12 @@ class InferenceEngine:
         return model
 
     async def _run_batch(self, key: BatchKey, items: list[Pending]) -> None:
-        """Run one closed batch; settles every item's future whatever happens."""
+        """Run one closed batch; settles every item's future whatever happens.
+
+        An item holds the requests submitted together; its future gets one outcome per request (outputs
+        or an InferenceError), so one bad request never fails its batch-mates.
+        """
+        results = {id(item): [None] * len(item.payload) for item in items}
         try:
             model = await self._load(key)
         except InferenceError as exc:
@@ -164,52 +239,55 @@ class InferenceEngine:
                 item.future.set_exception(InferenceError(exc.code, exc.message))
             return
         now_ms = time.time() * 1000
-        live = []
+        groups: dict[tuple, list[_Entry]] = defaultdict(list)
         for item in items:
-            deadline = item.payload.deadline_ms
             if item.future.done():
                 continue
-            if deadline is not None and now_ms > deadline:
-                item.future.set_exception(InferenceError(ErrorCode.DEADLINE_EXCEEDED,
-                                                         "deadline_ms passed while the request was queued"))
-            else:
-                live.append(item)
-        groups: dict[tuple, list[Pending]] = defaultdict(list)
-        for item in live:
-            groups[tuple((n, a.shape[1:]) for n, a in sorted(item.payload.inputs.items()))].append(item)
+            slots = results[id(item)]
+            for position, (request, rows) in enumerate(item.payload):
+                deadline = request.deadline_ms
+                if deadline is not None and now_ms > deadline:
+                    slots[position] = InferenceError(ErrorCode.DEADLINE_EXCEEDED,
+                                                     "deadline_ms passed while the request was queued")
+                    continue
+                signature = tuple((n, a.shape[1:]) for n, a in request.inputs.items())
+                groups[signature].append(_Entry(request, rows, slots, position, item.enqueued))
         for group in groups.values():
             await self._run_group(model, group)
+        for item in items:
+            if not item.future.done():
+                item.future.set_result(results[id(item)])
 
-    async def _run_group(self, model: LoadedModel, group: list[Pending]) -> None:
+    async def _run_group(self, model: LoadedModel, group: list[_Entry]) -> None:
+        """Run requests whose inputs concatenate (same names, same shapes past the batch dimension)."""
         names = [s.name for s in model.config.inputs]
         started = time.monotonic()
         try:
-            rejected, outputs = await self._in_executor(_execute, model, [i.payload.inputs for i in group], names)
+            rejected, outputs = await self._in_executor(_execute, model, [e.request.inputs for e in group], names)
         except Exception as exc:
             if len(group) > 1:  # isolate the request that breaks the batch; its batch-mates still run
-                for item in group:
-                    await self._run_group(model, [item])
+                for entry in group:
+                    await self._run_group(model, [entry])
                 return
-            log.exception("model %s:%s failed on request %s", model.name, model.version, group[0].payload.id)
-            group[0].future.set_exception(InferenceError(ErrorCode.INTERNAL, f"model execution failed: {exc!r}"))
+            log.exception("model %s:%s failed on request %s", model.name, model.version, group[0].request.id)
+            group[0].settle(InferenceError(ErrorCode.INTERNAL, f"model execution failed: {exc!r}"))
             return
         for index, name in rejected.items():
-            group[index].future.set_exception(InferenceError(
-                ErrorCode.INVALID_INPUT, f"input {name!r}: NaN or infinite values are not allowed"))
-        group = [item for index, item in enumerate(group) if index not in rejected]
+            group[index].settle(InferenceError(ErrorCode.INVALID_INPUT,
+                                               f"input {name!r}: NaN or infinite values are not allowed"))
+        group = [entry for index, entry in enumerate(group) if index not in rejected]
         if not group:
             return
         finished = time.monotonic()
         offset = 0
-        for item in group:
-            rows = item.rows
-            if not item.future.done():
-                item.future.set_result({k: v[offset:offset + rows] for k, v in outputs.items()})
+        for entry in group:
+            rows = entry.rows
+            entry.settle({k: v[offset:offset + rows] for k, v in outputs.items()})
             offset += rows
-        waits = [started - item.enqueued for item in group]
-        label = f"{model.name}:{model.version}"
-        for wait in waits:
-            QUEUE_WAIT.labels(label).observe(wait)
+        waits = [started - entry.enqueued for entry in group]
+        queue_wait = QUEUE_WAIT.labels(f"{model.name}:{model.version}")
+        for enqueued in {entry.enqueued for entry in group}:  # requests submitted together waited as one
+            queue_wait.observe(started - enqueued)
         record = BatchRecord(
             model=model.name, version=model.version, batch_size=offset, requests=len(group),
             queue_wait_ms_max=max(waits) * 1000, queue_wait_ms_mean=sum(waits) / len(waits) * 1000,
@@ -223,13 +301,49 @@ class InferenceEngine:
                 log.exception("batch listener failed")
 
 
+@dataclass(slots=True)
+class _Entry:
+    """One request of a closed batch, and where its outcome goes (its slot in its queue item's results)."""
+
+    request: InferenceRequest
+    rows: int
+    results: list
+    position: int
+    enqueued: float
+
+    def settle(self, outcome: dict[str, np.ndarray] | InferenceError) -> None:
+        self.results[self.position] = outcome
+
+
+def _chunks(members: list[tuple[int, int]], max_rows: int) -> Iterator[tuple[list[tuple[int, int]], int]]:
+    """Consecutive runs of (index, rows) of at most `max_rows` rows in all (each fits alone: validated)."""
+    chunk: list[tuple[int, int]] = []
+    total = 0
+    for member in members:
+        if chunk and total + member[1] > max_rows:
+            yield chunk, total
+            chunk, total = [], 0
+        chunk.append(member)
+        total += member[1]
+    if chunk:
+        yield chunk, total
+
+
+def _warm_thread() -> None:
+    torch.ones(64, 64) @ torch.ones(64, 64)
+
+
 def _execute(model: LoadedModel, inputs: list[dict[str, np.ndarray]], names: list[str]
              ) -> tuple[dict[int, str], dict[str, np.ndarray] | None]:
     """On the model thread: refuse requests with NaN/Inf, concatenate the rest, run them as one batch.
 
     The finiteness check lives here rather than in the decoder because numpy releases the GIL for it:
-    on the event loop every request would wait for the model thread to hand the GIL back.
+    on the event loop every request would wait for the model thread to hand the GIL back. It runs once
+    over the whole batch; only a batch that holds a NaN or Inf is searched for the requests at fault.
     """
+    batch = _concatenate(inputs, names)
+    if all(a.dtype.kind != "f" or np.isfinite(a).all() for a in batch.values()):
+        return {}, model.infer(batch)
     rejected = {}
     for index, tensors in enumerate(inputs):
         for name in names:
@@ -240,5 +354,8 @@ def _execute(model: LoadedModel, inputs: list[dict[str, np.ndarray]], names: lis
     kept = [tensors for index, tensors in enumerate(inputs) if index not in rejected]
     if not kept:
         return rejected, None
-    batch = {n: np.concatenate([t[n] for t in kept]) if len(kept) > 1 else kept[0][n] for n in names}
-    return rejected, model.infer(batch)
+    return rejected, model.infer(_concatenate(kept, names))
+
+
+def _concatenate(inputs: list[dict[str, np.ndarray]], names: list[str]) -> dict[str, np.ndarray]:
+    return {n: np.concatenate([t[n] for t in inputs]) if len(inputs) > 1 else inputs[0][n] for n in names}

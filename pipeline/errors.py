@@ -51,6 +51,10 @@ class InferenceError(Exception):
     def __repr__(self) -> str:
         return f"InferenceError({self.code}, {self.message!r}, request_id={self.request_id!r})"
 
+    def addressed_to(self, request_id: str) -> InferenceError:
+        """This error as one request's own: a single failure (a lookup, a batch) is often shared by many."""
+        return InferenceError(self.code, self.message, self.request_id or request_id)
+
     def to_json(self, model_name: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"id": self.request_id}
         if model_name:

@@ -31,6 +31,27 @@ log = logging.getLogger(__name__)
 
 
 
+class Slots:
+    """A counting semaphore that hands out several slots at once: a fetch takes as many as it can use."""
+
+    def __init__(self, capacity: int) -> None:
+        self.free = capacity
+        self._freed = asyncio.Event()
+
+    async def take(self, wanted: int) -> int:
+        """Wait until a slot is free, then take up to `wanted` of them; returns how many were taken."""
+        while self.free <= 0:
+            self._freed.clear()
+            await self._freed.wait()
+        taken = min(wanted, self.free)
+        self.free -= taken
+        return taken
+
+    def give(self, count: int) -> None:
+        self.free += count
+        self._freed.set()
+
+
 class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, worker: KafkaWorker) -> None:
         self.worker = worker
@@ -58,7 +79,7 @@ class KafkaWorker:
         self.max_attempts = max_attempts
         self.drain_timeout_s = drain_timeout_s
         self._tracker = OffsetTracker()
-        self._slots = asyncio.Semaphore(settings.max_in_flight)
+        self._slots = Slots(settings.max_in_flight)
         self._handlers: set[asyncio.Task] = set()
         self._side_sends: set[asyncio.Task] = set()
         self._tasks: list[asyncio.Task] = []
@@ -158,40 +179,47 @@ class KafkaWorker:
     # -- consuming ------------------------------------------------------------------------------------
 
     async def _consume_loop(self) -> None:
+        """One handler task per partition per fetch (or per part of one, when in-flight slots run short)."""
         assert self._consumer is not None
         while True:
             fetched = await self._consumer.getmany(timeout_ms=200, max_records=self.settings.max_fetch_records)
             for tp, records in fetched.items():
-                for record in records:
-                    await self._slots.acquire()  # backpressure: at most max_in_flight unanswered records
-                    self._tracker.begin(tp, record.offset)
-                    IN_FLIGHT.inc()
-                    task = asyncio.create_task(self._handle(tp, record))
+                while records:
+                    taken = await self._slots.take(len(records))  # backpressure: max_in_flight unanswered
+                    chunk, records = records[:taken], records[taken:]
+                    for record in chunk:
+                        self._tracker.begin(tp, record.offset)
+                    IN_FLIGHT.inc(taken)
+                    task = asyncio.create_task(self._handle(tp, chunk))
                     self._handlers.add(task)
                     task.add_done_callback(self._handlers.discard)
             # Let this fetch's handlers decode and reach the batcher before fetching more: otherwise the
             # loop reads up to max_in_flight records before the first batch can close.
             await asyncio.sleep(0)
 
-    async def _handle(self, tp: TopicPartition, record: ConsumerRecord) -> None:
-        envelope = Envelope(
-            payload=record.value or b"", headers=header_map(record.headers), key=record.key,
-            source=f"{record.topic}-{record.partition}@{record.offset}", raw_headers=list(record.headers or ()),
-        )
+    async def _handle(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
+        envelopes = [
+            Envelope(payload=record.value or b"", headers=header_map(record.headers), key=record.key,
+                     source=f"{record.topic}-{record.partition}@{record.offset}",
+                     raw_headers=list(record.headers or ()))
+            for record in records
+        ]
         try:
-            await self._responder.handle(envelope)
+            await self._responder.handle_many(envelopes)
         except KafkaError as exc:
-            # Neither the answer nor a dead letter could be written: leave the offset uncommitted and
-            # stop, so the record is redelivered (to this worker after a restart, or to another).
-            log.error("cannot produce the answer of %s: %r; stopping", envelope.source, exc)
+            # Some answers or dead letters could not be written: leave these offsets uncommitted and stop,
+            # so the records are redelivered (to this worker after a restart, or to another).
+            log.error("cannot produce the answers of %s..%s: %r; stopping", envelopes[0].source,
+                      envelopes[-1].source, exc)
             self._fail(exc)
             return
         else:
-            self._tracker.done(tp, record.offset)
-            self.answered += 1
+            for record in records:
+                self._tracker.done(tp, record.offset)
+            self.answered += len(records)
         finally:
-            IN_FLIGHT.dec()
-            self._slots.release()
+            IN_FLIGHT.dec(len(records))
+            self._slots.give(len(records))
 
     def _fail(self, exc: BaseException) -> None:
         if self._failure is None:

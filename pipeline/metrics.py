@@ -14,7 +14,9 @@ BATCH_SIZE = Histogram(
     "maas_batch_size", "Rows per executed batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 )
 QUEUE_WAIT = Histogram(
-    "maas_queue_wait_seconds", "Time a request waited in the batcher", ["model"],
+    "maas_queue_wait_seconds",
+    "Time requests waited in the batcher; one observation per submission (requests that arrived in one fetch "
+    "are submitted together)", ["model"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
 )
 COMPUTE = Histogram(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
+from collections.abc import Sequence
 from enum import StrEnum
 
 from pipeline.claim_check import ClaimCheckStore, outputs_reference
@@ -77,6 +79,58 @@ class Responder:
         if await self.sink.dead_letter(envelope, error, max(attempts, 1)):
             return Outcome.DEAD_LETTER
         return Outcome.RETRY
+
+    async def handle_many(self, envelopes: Sequence[Envelope]) -> list[Outcome]:
+        """Answer messages that arrived together (a Kafka fetch, an SQS receive); outcomes in order.
+
+        The common case (the message decodes, runs and is answered) takes a few microseconds per message
+        here: one engine call and one delivery for all of them, instead of a task and a chain of awaits
+        each. Everything else (undecodable messages, claim-checked inputs, transient failures that are
+        retried) goes through `handle`, so the decision tree stays in one place. Raises only when the sink
+        cannot deliver (the source must then not acknowledge any of these messages).
+        """
+        outcomes: list[Outcome | None] = [None] * len(envelopes)
+        direct: list[tuple[int, InferenceRequest]] = []
+        one_by_one: list[int] = []
+        for index, envelope in enumerate(envelopes):
+            try:
+                request = decode_request(envelope.payload, envelope.headers, max_bytes=self.settings.max_request_bytes)
+            except InferenceError:
+                one_by_one.append(index)
+                continue
+            if request.inputs_uri is None:
+                direct.append((index, request))
+            else:
+                one_by_one.append(index)
+        answers: list[tuple[Envelope, InferenceRequest, Framed]] = []
+        counts: Counter[tuple[str, str]] = Counter()
+        results = await self.engine.infer_many([request for _, request in direct])
+        for (index, request), result in zip(direct, results, strict=True):
+            if isinstance(result, InferenceResponse):
+                try:
+                    framed = await self._externalize(request, result)
+                except InferenceError as exc:
+                    result = exc.addressed_to(request.id)
+                else:
+                    answers.append((envelopes[index], request, framed))
+                    outcomes[index] = Outcome.RESULT
+                    counts[request.model_name, "ok"] += 1
+                    continue
+            if result.code.transient:
+                one_by_one.append(index)  # retried there, then dead-lettered
+                continue
+            ERRORS.labels(str(result.code)).inc()
+            answers.append((envelopes[index], request, encode_error(result, request.model_name)))
+            outcomes[index] = Outcome.ERROR
+            counts[request.model_name, "error"] += 1
+        await self.sink.answer_many(answers)
+        for (model, outcome), count in counts.items():
+            REQUESTS.labels(model, outcome).inc(count)
+        if one_by_one:
+            handled = await asyncio.gather(*(self.handle(envelopes[index]) for index in one_by_one))
+            for index, outcome in zip(one_by_one, handled, strict=True):
+                outcomes[index] = outcome
+        return outcomes  # type: ignore[return-value]  # every slot was filled above
 
     async def _infer(self, request: InferenceRequest) -> Framed:
         if request.inputs_uri is not None:

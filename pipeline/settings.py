@@ -82,6 +82,7 @@ class Settings:
     kafka_fetch_max_wait_ms: int = 10
     torch_threads: int = 0
     gil_switch_interval_us: int = 0
+    gc_gen0_threshold: int = 50_000
     producer_max_batch_bytes: int = 256 * 1024
     kafka_idempotence: bool = False
     claim_check_buckets: frozenset[str] = frozenset()
@@ -138,6 +139,7 @@ class Settings:
             kafka_fetch_max_wait_ms=_int(env, "MAAS_KAFKA_FETCH_MAX_WAIT_MS", 10, minimum=0),
             torch_threads=_int(env, "MAAS_TORCH_THREADS", 0, minimum=0),
             gil_switch_interval_us=_int(env, "MAAS_GIL_SWITCH_INTERVAL_US", 0, minimum=0),
+            gc_gen0_threshold=_int(env, "MAAS_GC_GEN0_THRESHOLD", 50_000, minimum=0),
             kafka_idempotence=env.get("MAAS_KAFKA_IDEMPOTENCE", "0").lower() in {"1", "true", "yes"},
             claim_check_buckets=frozenset(b.strip() for b in env.get("MAAS_CLAIM_CHECK_BUCKETS", "").split(",")
                                           if b.strip()),
@@ -228,6 +230,7 @@ class Settings:
             "MAAS_KAFKA_FETCH_MAX_WAIT_MS": str(self.kafka_fetch_max_wait_ms),
             "MAAS_TORCH_THREADS": str(self.torch_threads),
             "MAAS_GIL_SWITCH_INTERVAL_US": str(self.gil_switch_interval_us),
+            "MAAS_GC_GEN0_THRESHOLD": str(self.gc_gen0_threshold),
             "MAAS_KAFKA_IDEMPOTENCE": "1" if self.kafka_idempotence else "0",
             "MAAS_CLAIM_CHECK_BUCKETS": ",".join(sorted(self.claim_check_buckets)),
             "MAAS_MAX_INLINE_OUTPUT_BYTES": str(self.max_inline_output_bytes),

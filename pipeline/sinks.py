@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -47,9 +48,15 @@ def dead_letter_headers(error: InferenceError, attempts: int, source: str) -> di
     }
 
 
+Answer = tuple[Envelope, InferenceRequest | None, Framed]
+
+
 class ResultSink(Protocol):
     async def answer(self, envelope: Envelope, request: InferenceRequest | None, framed: Framed) -> None:
         """Deliver a result or error result; raise if it could not be delivered."""
+
+    async def answer_many(self, answers: Sequence[Answer]) -> None:
+        """Deliver several; returns once every one was delivered, raises if any could not be."""
 
     async def dead_letter(self, envelope: Envelope, error: InferenceError, attempts: int) -> bool:
         """Deliver a dead letter; False when this sink has no dead-letter destination (the source must then
@@ -67,6 +74,9 @@ class RedeliverTransient:
 
     async def answer(self, envelope: Envelope, request: InferenceRequest | None, framed: Framed) -> None:
         await self.sink.answer(envelope, request, framed)
+
+    async def answer_many(self, answers: Sequence[Answer]) -> None:
+        await self.sink.answer_many(answers)
 
     async def dead_letter(self, envelope: Envelope, error: InferenceError, attempts: int) -> bool:
         if self.enabled and error.code.transient:
@@ -95,10 +105,19 @@ class KafkaSink:
                    max_value_bytes=settings.max_request_bytes)
 
     async def answer(self, envelope: Envelope, request: InferenceRequest | None, framed: Framed) -> None:
-        topic = (request.parameters.get("reply_to") if request else None) or self.results_topic
-        headers = [(k, v.encode()) for k, v in envelope.passthrough().items()] + framed.kafka_headers()
-        key = request.id.encode() if request is not None else envelope.key
-        await self.producer.send_and_wait(topic, framed.body, key=key, headers=headers)
+        await self.answer_many([(envelope, request, framed)])
+
+    async def answer_many(self, answers: Sequence[Answer]) -> None:
+        """Hand every record to the producer's accumulator first, then wait for all acknowledgements: the
+        records share produce requests instead of one round trip each."""
+        acks = []
+        for envelope, request, framed in answers:
+            topic = (request.parameters.get("reply_to") if request else None) or self.results_topic
+            headers = [(k, v.encode()) for k, v in envelope.passthrough().items()] + framed.kafka_headers()
+            key = request.id.encode() if request is not None else envelope.key
+            acks.append(await self.producer.send(topic, framed.body, key=key, headers=headers))
+        if acks:
+            await asyncio.gather(*acks)
 
     async def dead_letter(self, envelope: Envelope, error: InferenceError, attempts: int) -> bool:
         log.warning("dead-lettering %s: %s %s", envelope.source, error.code, error.message,
@@ -138,6 +157,10 @@ class SqsSink:
     async def answer(self, envelope: Envelope, request: InferenceRequest | None, framed: Framed) -> None:
         message = to_sqs_message(Framed(framed.body, {**envelope.passthrough(), **framed.headers}))
         await _to_thread(self.sqs.send_message, QueueUrl=self.results_url, **message)
+
+    async def answer_many(self, answers: Sequence[Answer]) -> None:
+        for envelope, request, framed in answers:
+            await self.answer(envelope, request, framed)
 
     async def dead_letter(self, envelope: Envelope, error: InferenceError, attempts: int) -> bool:
         if self.dlq_url is None:

@@ -1,0 +1,128 @@
+"""The engine in-process: requests handed over together are validated one by one, batched together, and
+answered in order; process knobs reach the model thread."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from models.cache import ModelCache
+from models.examples import MNIST_MLP, synthetic_digits
+from pipeline.engine import InferenceEngine
+from pipeline.errors import ErrorCode, InferenceError
+from pipeline.kafka_worker import Slots
+from pipeline.metrics import BatchRecord
+from pipeline.protocol import InferenceRequest, InferenceResponse
+from pipeline.runtime import configure_process
+from pipeline.settings import Settings
+
+
+def digit_request(request_id: str, image: np.ndarray, **changes) -> InferenceRequest:
+    request = InferenceRequest(id=request_id, model_name=MNIST_MLP, model_version=None,
+                               inputs={"input": image.reshape(1, -1).astype(np.float32)}, datatypes={"input": "FP32"})
+    return replace(request, **changes)
+
+
+async def test_infer_many_answers_in_order_and_bad_requests_never_fail_their_batch_mates(repository):
+    images, _ = synthetic_digits(6, seed=3)
+    nan_image = images[0].copy()
+    nan_image[5] = np.nan
+    requests = [
+        digit_request("ok-0", images[0]),
+        digit_request("shape", images[1][:100]),
+        digit_request("ok-1", images[1]),
+        digit_request("unknown-model", images[2], model_name="no_such_model"),
+        digit_request("nan", nan_image),
+        digit_request("late", images[3], parameters={"deadline_ms": time.time() * 1000 - 1}),
+        digit_request("bad-output", images[4], outputs=["logits"]),
+        digit_request("ok-2", images[5], outputs=["class"]),
+    ]
+    async with InferenceEngine(ModelCache(repository)) as engine:
+        outcomes = await engine.infer_many(requests)
+    expected_codes = {"shape": ErrorCode.INVALID_INPUT, "unknown-model": ErrorCode.MODEL_NOT_FOUND,
+                      "nan": ErrorCode.INVALID_INPUT, "late": ErrorCode.DEADLINE_EXCEEDED,
+                      "bad-output": ErrorCode.INVALID_REQUEST}
+    model = repository.load(MNIST_MLP, 1)
+    for request, outcome in zip(requests, outcomes, strict=True):
+        if request.id in expected_codes:
+            assert isinstance(outcome, InferenceError), request.id
+            assert (outcome.code, outcome.request_id) == (expected_codes[request.id], request.id)
+            continue
+        assert isinstance(outcome, InferenceResponse) and outcome.id == request.id
+        alone = model.infer({"input": request.inputs["input"]})
+        assert set(outcome.outputs) == set(request.outputs or alone)
+        assert np.array_equal(outcome.outputs["class"], alone["class"])
+    assert "'input'" in outcomes[4].message and "NaN" in outcomes[4].message
+
+
+@pytest.mark.parametrize(("count", "batches"), [(40, [40]), (100, [64, 36])])
+async def test_requests_handed_over_together_fill_batches_up_to_max_batch_size(repository, count, batches):
+    images, _ = synthetic_digits(count, seed=4)
+    records: list[BatchRecord] = []
+    async with InferenceEngine(ModelCache(repository)) as engine:
+        engine.add_batch_listener(records.append)
+        outcomes = await engine.infer_many([digit_request(f"r{i}", image) for i, image in enumerate(images)])
+    assert [o.id for o in outcomes] == [f"r{i}" for i in range(count)]
+    assert sorted(r.batch_size for r in records) == sorted(batches)
+    assert sum(r.requests for r in records) == count
+
+
+async def test_a_model_config_is_looked_up_once_however_many_requests_name_it(repository):
+    calls = []
+    cache = ModelCache(repository)
+    resolve = cache.resolve
+
+    def counting_resolve(name, version=None):
+        calls.append((name, version))
+        time.sleep(0.05)  # a slow repository (S3): requests keep arriving meanwhile
+        return resolve(name, version)
+
+    cache.resolve = counting_resolve
+    images, _ = synthetic_digits(30, seed=5)
+    async with InferenceEngine(cache) as engine:
+        outcomes = await asyncio.gather(*(engine.infer(digit_request(f"r{i}", image))
+                                          for i, image in enumerate(images)))
+    assert len(outcomes) == 30 and calls == [(MNIST_MLP, None)]
+
+
+async def test_the_model_thread_runs_with_the_process_torch_threads(repository):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        async with InferenceEngine(ModelCache(repository)) as engine:
+            assert await engine._in_executor(torch.get_num_threads) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_configure_process_is_idempotent_and_raises_the_gc_threshold():
+    threads, thresholds = torch.get_num_threads(), gc.get_threshold()
+    try:
+        configure_process(Settings())
+        first = torch.get_num_threads()
+        configure_process(Settings())
+        assert torch.get_num_threads() == first >= 1
+        assert gc.get_threshold()[0] == Settings().gc_gen0_threshold
+        configure_process(replace(Settings(), torch_threads=1, gc_gen0_threshold=0))
+        assert torch.get_num_threads() == 1
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+        torch.set_num_threads(threads)
+
+
+async def test_slots_hand_out_what_is_free_and_wait_when_none_is():
+    slots = Slots(3)
+    assert await slots.take(5) == 3
+    waiting = asyncio.create_task(slots.take(2))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    slots.give(1)
+    assert await asyncio.wait_for(waiting, 1) == 1
+    assert slots.free == 0
