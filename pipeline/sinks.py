@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from aiokafka.partitioner import DefaultPartitioner
+
 from pipeline.claim_check import ClaimCheckStore
 from pipeline.codec import Framed, to_sqs_message
 from pipeline.errors import InferenceError
@@ -20,6 +22,8 @@ from pipeline.protocol import InferenceRequest
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
+
+_PARTITIONER = DefaultPartitioner()  # what AIOKafkaProducer uses by default: Java-compatible murmur2 of the key
 
 PASSTHROUGH_HEADERS = ("traceparent", "tracestate")
 
@@ -108,14 +112,31 @@ class KafkaSink:
         await self.answer_many([(envelope, request, framed)])
 
     async def answer_many(self, answers: Sequence[Answer]) -> None:
-        """Hand every record to the producer's accumulator first, then wait for all acknowledgements: the
-        records share produce requests instead of one round trip each."""
+        """One record batch per partition, then wait for every acknowledgement.
+
+        aiokafka's per-record `send()` costs more on the event loop than encoding the answer; filling a
+        batch directly costs a fraction of it, and the broker gets the same produce requests. Partitions
+        are chosen as the producer would (murmur2 of the key), so keyed consumers see no difference.
+        """
+        builders: dict[tuple[str, int], Any] = {}
+        partitions: dict[str, list[int]] = {}
         acks = []
         for envelope, request, framed in answers:
             topic = (request.parameters.get("reply_to") if request else None) or self.results_topic
             headers = [(k, v.encode()) for k, v in envelope.passthrough().items()] + framed.kafka_headers()
             key = request.id.encode() if request is not None else envelope.key
-            acks.append(await self.producer.send(topic, framed.body, key=key, headers=headers))
+            if topic not in partitions:
+                partitions[topic] = sorted(await self.producer.partitions_for(topic))
+            slot = (topic, _PARTITIONER(key, partitions[topic], partitions[topic]))
+            builder = builders.get(slot)
+            if builder is None:
+                builder = builders[slot] = self.producer.create_batch()
+            if builder.append(key=key, value=framed.body, timestamp=None, headers=headers) is None:
+                acks.append(await self.producer.send_batch(builder, slot[0], partition=slot[1]))
+                builder = builders[slot] = self.producer.create_batch()
+                builder.append(key=key, value=framed.body, timestamp=None, headers=headers)  # always fits an empty one
+        for (topic, partition), builder in builders.items():
+            acks.append(await self.producer.send_batch(builder, topic, partition=partition))
         if acks:
             await asyncio.gather(*acks)
 

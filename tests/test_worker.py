@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import orjson
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
 from worker_support import read_topic, running_worker, slow_repository, worker_process
 
 from models.examples import mnist_mlp_config, train_mnist_mlp
@@ -29,6 +30,10 @@ async def test_round_trip_through_kafka(fast):
     assert all(a.kind == "result" and a.body["model_version"] == "1" for a in answers.values())
     accuracy = np.mean([int(answers[i].output("class")[0]) == label for i, label in truth.items()])
     assert accuracy > 0.95
+    results = await read_topic(fast, fast.topics.results, 200)
+    partitions = list(range(fast.topic_partitions))
+    assert {r.partition for r in results} == set(partitions)  # spread by key, as a plain producer would
+    assert all(r.partition == DefaultPartitioner()(r.key, partitions, partitions) for r in results)
     metrics = [orjson.loads(r.value) for r in await read_topic(fast, fast.topics.metrics, 1)]
     assert metrics
     assert {"model", "version", "batch_size", "queue_wait_ms_max", "compute_ms", "worker"} <= metrics[0].keys()
