@@ -37,9 +37,14 @@ BatchRunner = Callable[[BatchKey, list[Pending]], Awaitable[None]]
 
 
 class DynamicBatcher:
-    def __init__(self, runner: BatchRunner, max_queue: int = 1024) -> None:
+    """`max_running` batches of one model may be handed to the runner at once: with two, the next batch is
+    already waiting in the model's executor when the current one finishes, so the model does not sit idle
+    until a busy event loop gets round to closing the next batch."""
+
+    def __init__(self, runner: BatchRunner, max_queue: int = 1024, max_running: int = 2) -> None:
         self._runner = runner
         self._max_queue = max_queue
+        self._max_running = max_running
         self._queues: dict[BatchKey, asyncio.PriorityQueue[Pending]] = {}
         self._tasks: dict[BatchKey, asyncio.Task] = {}
         self._seq = itertools.count()
@@ -75,21 +80,36 @@ class DynamicBatcher:
     async def _collect(self, key: BatchKey, queue: asyncio.PriorityQueue[Pending], policy: BatchingPolicy) -> None:
         held: Pending | None = None
         batch: list[Pending] = []
+        running: set[asyncio.Task] = set()
+        room = asyncio.Semaphore(self._max_running)
         try:
             while True:
+                await room.acquire()  # a batch closes only when it can run: until then it keeps filling
                 first = held or await queue.get()
                 held = None
                 batch = [first]
                 held = await self._fill(batch, queue, policy)
-                try:
-                    await self._runner(key, batch)
-                except Exception as exc:  # the runner should settle every future; this is the safety net
-                    _settle(batch, InferenceError(ErrorCode.INTERNAL, f"batch failed: {exc!r}"))
+                task = asyncio.create_task(self._run(key, batch), name=f"batch-{key}")
+                running.add(task)
+                task.add_done_callback(running.discard)
+                task.add_done_callback(lambda _: room.release())
                 batch = []
         except asyncio.CancelledError:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
             _settle([*batch, *([held] if held else [])],
                     InferenceError(ErrorCode.UNAVAILABLE, "the engine stopped before the request ran"))
             raise
+
+    async def _run(self, key: BatchKey, batch: list[Pending]) -> None:
+        try:
+            await self._runner(key, batch)
+        except asyncio.CancelledError:
+            _settle(batch, InferenceError(ErrorCode.UNAVAILABLE, "the engine stopped before the request ran"))
+            raise
+        except Exception as exc:  # the runner should settle every future; this is the safety net
+            _settle(batch, InferenceError(ErrorCode.INTERNAL, f"batch failed: {exc!r}"))
 
     @staticmethod
     async def _fill(batch: list[Pending], queue: asyncio.PriorityQueue[Pending], policy: BatchingPolicy

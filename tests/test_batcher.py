@@ -58,7 +58,7 @@ async def test_rows_count_towards_the_batch_size_and_oversize_items_wait_for_the
 async def test_higher_priority_runs_first_and_full_queue_blocks_submit():
     hold = asyncio.Event()
     recorder = Recorder(hold)
-    batcher = DynamicBatcher(recorder, max_queue=3)
+    batcher = DynamicBatcher(recorder, max_queue=3, max_running=1)
     policy = BatchingPolicy(max_batch_size=1, max_queue_delay_ms=0)
     first = await batcher.submit(("m", 1), policy, "first", rows=1)
     await asyncio.sleep(0.01)  # "first" is now being run (held)
@@ -71,6 +71,33 @@ async def test_higher_priority_runs_first_and_full_queue_blocks_submit():
     hold.set()
     await asyncio.wait_for(asyncio.gather(first, low, high, await blocked), 5)
     assert [b[0] for b in recorder.batches][:3] == ["first", "high", "low"]
+    await batcher.stop()
+
+
+async def test_the_next_batch_waits_at_the_runner_while_one_runs_and_then_fills_up():
+    # Two batches may be with the runner at once (the second queued behind the first in the model's
+    # executor); requests arriving meanwhile gather into one batch instead of trickling out one by one.
+    started: list[list[str]] = []
+    release = asyncio.Event()
+
+    async def runner(key, items) -> None:
+        started.append([item.payload for item in items])
+        await release.wait()
+        for item in items:
+            item.future.set_result(item.payload)
+
+    batcher = DynamicBatcher(runner, max_running=2)
+    policy = BatchingPolicy(max_batch_size=8, max_queue_delay_ms=0)
+    futures = [await batcher.submit(("m", 1), policy, "a", rows=1)]
+    await asyncio.sleep(0.01)
+    futures.append(await batcher.submit(("m", 1), policy, "b", rows=1))
+    await asyncio.sleep(0.01)
+    futures += [await batcher.submit(("m", 1), policy, f"c{i}", rows=1) for i in range(5)]
+    await asyncio.sleep(0.01)
+    assert started == [["a"], ["b"]], "a third batch must not start while two are running"
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*futures), 5)
+    assert started[2] == [f"c{i}" for i in range(5)]
     await batcher.stop()
 
 

@@ -117,12 +117,13 @@ def test_configure_process_is_idempotent_and_raises_the_gc_threshold():
         torch.set_num_threads(threads)
 
 
-async def test_slots_hand_out_what_is_free_and_wait_when_none_is():
+async def test_slots_are_taken_whole_and_never_beyond_capacity():
     slots = Slots(3)
-    assert await slots.take(5) == 3
+    assert await slots.take(5) == 3  # more than the capacity: all of it
     waiting = asyncio.create_task(slots.take(2))
-    await asyncio.sleep(0.01)
-    assert not waiting.done()
     slots.give(1)
-    assert await asyncio.wait_for(waiting, 1) == 1
+    await asyncio.sleep(0.01)
+    assert not waiting.done()  # one slot back is not enough for a fetch of two
+    slots.give(1)
+    assert await asyncio.wait_for(waiting, 1) == 2
     assert slots.free == 0
