@@ -77,7 +77,7 @@ def decode_request(payload: bytes, headers: Mapping[str, str] | None = None, *, 
         raise InferenceError(ErrorCode.INVALID_JSON, f"request is not valid UTF-8 JSON: {exc}") from None
     binary = None if header_length is None else view[header_length:]
     request = parse_request(body, max_elements=max_bytes, defaults=defaults, fallbacks=fallbacks, binary=binary)
-    if _media_type(headers.get(ACCEPT, "")) == BINARY:
+    if ACCEPT in headers and _media_type(headers[ACCEPT]) == BINARY:
         request.parameters = {**request.parameters, "binary_data_output": True}
     return request
 

@@ -23,7 +23,7 @@ _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _INT_KINDS = {"i", "u"}
 
 
-@dataclass
+@dataclass(slots=True)
 class InferenceRequest:
     id: str
     model_name: str
@@ -48,7 +48,7 @@ class InferenceRequest:
         return self.parameters.get("deadline_ms")
 
 
-@dataclass
+@dataclass(slots=True)
 class InferenceResponse:
     id: str
     model_name: str
@@ -109,12 +109,13 @@ def parse_request(body: Any, *, max_elements: int, defaults: dict[str, Any] | No
     except ValueError as exc:
         raise _fail(ErrorCode.INVALID_REQUEST, f"model_name: {exc}", request_id) from None
     version = body.get("model_version")
-    if version is not None and not isinstance(version, str | int):
+    if version is not None and not isinstance(version, (str, int)):
         raise _fail(ErrorCode.INVALID_REQUEST, "model_version: expected a string or integer", request_id)
     parameters = body.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise _fail(ErrorCode.INVALID_REQUEST, "parameters: expected an object", request_id)
-    _check_parameters(parameters, request_id)
+    if parameters:
+        _check_parameters(parameters, request_id)
     outputs, binary_outputs = _parse_outputs(body.get("outputs"), request_id)
     raw_inputs = body.get("inputs")
     inputs_uri = body.get("inputs_uri")
@@ -166,7 +167,7 @@ def _short(value: Any) -> str:
 def _check_parameters(parameters: dict[str, Any], request_id: str) -> None:
     deadline = parameters.get("deadline_ms")
     if deadline is not None and (
-        isinstance(deadline, bool) or not isinstance(deadline, int | float) or not math.isfinite(deadline)
+        isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline)
     ):
         raise _fail(ErrorCode.INVALID_REQUEST, "parameters.deadline_ms: expected a number (Unix time in ms)",
                     request_id)
@@ -303,7 +304,7 @@ _ARRAY_CODES = {"FP32": "f", "FP64": "d", "INT8": "b", "UINT8": "B", "INT16": "h
 def _flat_numbers(data: Any, datatype: str) -> np.ndarray | None:
     """The fast path for the common case; None sends the data down the validating slow path."""
     code = _ARRAY_CODES.get(datatype)
-    if code is None or not isinstance(data, list) or not data or isinstance(data[0], list | bool):
+    if code is None or not isinstance(data, list) or not data or isinstance(data[0], (list, bool)):
         return None
     try:
         return np.frombuffer(typed_array(code, data), dtype=NUMPY_DTYPES[datatype])

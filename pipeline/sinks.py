@@ -28,7 +28,7 @@ _PARTITIONER = DefaultPartitioner()  # what AIOKafkaProducer uses by default: Ja
 PASSTHROUGH_HEADERS = ("traceparent", "tracestate")
 
 
-@dataclass
+@dataclass(slots=True)
 class Envelope:
     """One request as it arrived: payload, headers (lower-case, for decoding) and where it came from."""
 
