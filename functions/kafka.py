@@ -2,8 +2,9 @@
 
 The event groups records by "topic-partition"; keys and values are base64, headers a list of
 {name: [byte, ...]} objects. Every record goes through the same `Responder` as `maas worker`: a result or
-error result on the results topic (or `reply_to`), undecodable records to the dead-letter topic. All records
-of an invocation run concurrently, so the engine batches them.
+error result on the results topic (or `reply_to`), undecodable records to the dead-letter topic. The records
+of an invocation go to the engine together (`Responder.handle_many`, up to MAAS_MAX_FETCH_RECORDS at a time),
+so they are batched.
 
 Records that failed transiently (the model, or delivery of the answer) are returned as a partial batch
 response, `{"batchItemFailures": [{"itemIdentifier": {"topic-partition": "t-0", "offset": 7}}]}`, for the
@@ -45,21 +46,21 @@ async def handle(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:
     settings, store = runtime.settings, runtime.claim_checks()
     sink = KafkaSink.for_settings(await runtime.producer(), settings, store)
     responder = Responder(settings, runtime.engine, RedeliverTransient(sink, report), store=store, max_attempts=2)
-    slots = asyncio.Semaphore(settings.max_in_flight)
-    failures: list[dict[str, Any]] = []
+    items = envelopes(event)
+    size = settings.max_fetch_records
 
-    async def one(partition: str, offset: int, envelope: Envelope) -> None:
-        async with slots:
-            try:
-                outcome = await responder.handle(envelope)
-            except KafkaError:
-                if not report:
-                    raise  # the whole batch fails and is retried
-                outcome = Outcome.RETRY
-        if outcome is Outcome.RETRY:
-            failures.append({"itemIdentifier": {"topic-partition": partition, "offset": offset}})
+    async def chunk(part: list[tuple[str, int, Envelope]]) -> list[Outcome]:
+        try:
+            return await responder.handle_many([envelope for _, _, envelope in part])
+        except KafkaError:
+            if not report:
+                raise  # the whole batch fails and is retried
+            return [Outcome.RETRY] * len(part)  # the answers could not be delivered: retry these records
 
-    await asyncio.gather(*(one(*item) for item in envelopes(event)))
+    parts = [items[start:start + size] for start in range(0, len(items), size)]
+    outcomes = [o for part in await asyncio.gather(*(chunk(p) for p in parts)) for o in part]
+    failures = [{"itemIdentifier": {"topic-partition": partition, "offset": offset}}
+                for (partition, offset, _), outcome in zip(items, outcomes, strict=True) if outcome is Outcome.RETRY]
     failures.sort(key=lambda f: (f["itemIdentifier"]["topic-partition"], f["itemIdentifier"]["offset"]))
     return {"batchItemFailures": failures}
 

@@ -10,7 +10,6 @@ DLQ). The handler returns a partial batch response listing exactly the messages 
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from aiokafka.errors import KafkaError
@@ -34,25 +33,35 @@ async def handle(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:
     sink = RedeliverTransient(await _sink(runtime))
     responder = Responder(runtime.settings, runtime.engine, sink, store=runtime.claim_checks(), max_attempts=2)
     records = event.get("Records") or []
-    slots = asyncio.Semaphore(runtime.settings.max_in_flight)
-
-    async def one(record: dict[str, Any]) -> bool:
+    delivered: dict[int, bool] = {}
+    decoded: list[tuple[int, Envelope]] = []
+    for index, record in enumerate(records):
         source = f"sqs:{record.get('eventSourceARN', '')}/{record.get('messageId', '')}"
         body = record.get("body") or ""
-        async with slots:
-            try:
-                try:
-                    payload, headers = from_sqs_message(body, record.get("messageAttributes"))
-                except InferenceError as exc:  # e.g. invalid base64: nothing to decode, dead-letter as is
-                    return await sink.dead_letter(Envelope(body.encode(), {}, source), exc, 1)
-                outcome = await responder.handle(Envelope(payload, headers, source))
-            except (KafkaError, ClientError, BotoCoreError):
-                return False  # the answer could not be delivered: let SQS redeliver the message
-        return outcome is not Outcome.RETRY
-
-    outcomes = await asyncio.gather(*(one(r) for r in records))
+        try:
+            payload, headers = from_sqs_message(body, record.get("messageAttributes"))
+        except InferenceError as exc:  # e.g. invalid base64: nothing to decode, dead-letter as is
+            delivered[index] = await _dead_letter(sink, Envelope(body.encode(), {}, source), exc)
+        else:
+            decoded.append((index, Envelope(payload, headers, source)))
+    size = runtime.settings.max_fetch_records
+    for start in range(0, len(decoded), size):
+        part = decoded[start:start + size]
+        try:
+            outcomes = await responder.handle_many([envelope for _, envelope in part])
+        except (KafkaError, ClientError, BotoCoreError):
+            outcomes = [Outcome.RETRY] * len(part)  # the answers could not be delivered: let SQS redeliver
+        delivered.update((index, outcome is not Outcome.RETRY) for (index, _), outcome in zip(part, outcomes,
+                                                                                              strict=True))
     return {"batchItemFailures": [{"itemIdentifier": r["messageId"]}
-                                  for r, ok in zip(records, outcomes, strict=True) if not ok]}
+                                  for index, r in enumerate(records) if not delivered[index]]}
+
+
+async def _dead_letter(sink: ResultSink, envelope: Envelope, error: InferenceError) -> bool:
+    try:
+        return await sink.dead_letter(envelope, error, 1)
+    except (KafkaError, ClientError, BotoCoreError):
+        return False
 
 
 def handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]:

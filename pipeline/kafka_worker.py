@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
+from pipeline.backpressure import Slots
 from pipeline.codec import header_map
 from pipeline.engine import InferenceEngine
 from pipeline.metrics import CONSUMER_LAG, IN_FLIGHT, BatchRecord
@@ -29,34 +30,6 @@ from pipeline.sinks import Envelope, KafkaSink
 
 log = logging.getLogger(__name__)
 
-
-
-class Slots:
-    """A counting semaphore that hands out several slots at once: a fetch takes as many as it can use."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.free = capacity
-        self._freed = asyncio.Event()
-
-    async def take(self, wanted: int) -> int:
-        """Wait until `wanted` slots are free (all of them, if `wanted` exceeds the capacity), take them and
-        return how many were taken.
-
-        Waiting for the whole request rather than taking what trickles back keeps a fetch in one piece:
-        at full load, slots come back a handful at a time, and fetches cut to that size cost the engine
-        per piece what they would cost per fetch.
-        """
-        needed = min(wanted, self.capacity)
-        while self.free < needed:
-            self._freed.clear()
-            await self._freed.wait()
-        self.free -= needed
-        return needed
-
-    def give(self, count: int) -> None:
-        self.free += count
-        self._freed.set()
 
 
 class _Rebalance(ConsumerRebalanceListener):

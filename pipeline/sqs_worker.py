@@ -1,4 +1,4 @@
-"""The SQS worker: long-polls a queue of V2 requests and answers each through the engine.
+"""The SQS worker: long-polls a queue of V2 requests and answers each receive's messages through the engine.
 
 A message is deleted only after its answer (result, error result or dead letter) was delivered. A request
 that keeps failing transiently is not deleted: the queue's visibility timeout redelivers it, and after the
@@ -18,6 +18,7 @@ from typing import Any
 from aiokafka.errors import KafkaError
 from botocore.exceptions import BotoCoreError, ClientError
 
+from pipeline.backpressure import Slots
 from pipeline.claim_check import ClaimCheckStore
 from pipeline.codec import from_sqs_message
 from pipeline.engine import InferenceEngine
@@ -50,7 +51,7 @@ class SqsWorker:
         self.drain_timeout_s = drain_timeout_s
         self._responder = Responder(settings, engine, RedeliverTransient(sink), store=store,
                                     max_attempts=max_attempts)
-        self._slots = asyncio.Semaphore(settings.max_in_flight)
+        self._slots = Slots(settings.max_in_flight)
         self._in_flight: dict[str, _InFlight] = {}
         self._handlers: set[asyncio.Task] = set()
         self._tasks: list[asyncio.Task] = []
@@ -88,53 +89,73 @@ class SqsWorker:
         return len(self._in_flight)
 
     async def _receive_loop(self) -> None:
+        """One handler task per received batch: its messages go through the engine together."""
         while True:
-            await self._slots.acquire()  # wait for room before asking for more (backpressure)
-            self._slots.release()
-            room = min(10, self.settings.max_in_flight - len(self._in_flight))
+            room = await self._slots.take(10)  # room before asking for more (backpressure)
             try:
                 response = await asyncio.to_thread(
-                    self.sqs.receive_message, QueueUrl=self.queue_url, MaxNumberOfMessages=max(1, room),
+                    self.sqs.receive_message, QueueUrl=self.queue_url, MaxNumberOfMessages=room,
                     WaitTimeSeconds=self.wait_time_s, VisibilityTimeout=self.visibility_timeout_s,
                     MessageAttributeNames=["All"], AttributeNames=["ApproximateReceiveCount"],
                 )
             except (ClientError, BotoCoreError) as exc:
+                self._slots.give(room)
                 log.warning("SQS receive failed, retrying: %s", exc)
                 await asyncio.sleep(1.0)
                 continue
-            for message in response.get("Messages", []):
-                await self._slots.acquire()
-                now = time.monotonic()
-                self._in_flight[message["MessageId"]] = _InFlight(message["ReceiptHandle"],
-                                                                  now + self.visibility_timeout_s)
-                IN_FLIGHT.inc()
-                task = asyncio.create_task(self._handle(message))
-                self._handlers.add(task)
-                task.add_done_callback(self._handlers.discard)
+            messages = response.get("Messages", [])
+            self._slots.give(room - len(messages))
+            if not messages:
+                continue
+            until = time.monotonic() + self.visibility_timeout_s
+            for message in messages:
+                self._in_flight[message["MessageId"]] = _InFlight(message["ReceiptHandle"], until)
+            IN_FLIGHT.inc(len(messages))
+            task = asyncio.create_task(self._handle(messages))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
 
-    async def _handle(self, message: dict[str, Any]) -> None:
-        message_id = message["MessageId"]
-        source = f"sqs:{self.queue_url.rsplit('/', 1)[-1]}/{message_id}"
+    async def _handle(self, messages: list[dict[str, Any]]) -> None:
         try:
-            try:
-                payload, headers = from_sqs_message(message.get("Body", ""), message.get("MessageAttributes"))
-                outcome = await self._responder.handle(Envelope(payload, headers, source))
-            except InferenceError as exc:  # not even decodable (bad base64): dead-letter it as it came
-                delivered = await self._responder.sink.dead_letter(
-                    Envelope(message.get("Body", "").encode(), {}, source), exc, 1)
-                outcome = Outcome.DEAD_LETTER if delivered else Outcome.RETRY
-            if outcome is Outcome.RETRY:
-                self.left_for_redelivery += 1  # visibility timeout, then the queue's redrive policy
-            else:
-                await asyncio.to_thread(self.sqs.delete_message, QueueUrl=self.queue_url,
-                                        ReceiptHandle=self._in_flight[message_id].receipt)
-                self.answered += 1
+            outcomes = await self._answer(messages)
+            done = [m for m, outcome in zip(messages, outcomes, strict=True) if outcome is not Outcome.RETRY]
+            self.left_for_redelivery += len(messages) - len(done)  # visibility timeout, then the redrive policy
+            if done:
+                self.answered += await self._delete(done)
         except (KafkaError, ClientError, BotoCoreError) as exc:
-            log.error("cannot deliver the answer of %s (%r); the message will be redelivered", source, exc)
+            log.error("cannot deliver the answers of %d messages (%r); they will be redelivered", len(messages), exc)
         finally:
-            self._in_flight.pop(message_id, None)
-            IN_FLIGHT.dec()
-            self._slots.release()
+            for message in messages:
+                self._in_flight.pop(message["MessageId"], None)
+            IN_FLIGHT.dec(len(messages))
+            self._slots.give(len(messages))
+
+    async def _answer(self, messages: list[dict[str, Any]]) -> list[Outcome]:
+        outcomes: dict[int, Outcome] = {}
+        decoded: list[tuple[int, Envelope]] = []
+        for index, message in enumerate(messages):
+            source = f"sqs:{self.queue_url.rsplit('/', 1)[-1]}/{message['MessageId']}"
+            body = message.get("Body", "")
+            try:
+                payload, headers = from_sqs_message(body, message.get("MessageAttributes"))
+            except InferenceError as exc:  # not even decodable (bad base64): dead-letter it as it came
+                delivered = await self._responder.sink.dead_letter(Envelope(body.encode(), {}, source), exc, 1)
+                outcomes[index] = Outcome.DEAD_LETTER if delivered else Outcome.RETRY
+            else:
+                decoded.append((index, Envelope(payload, headers, source)))
+        handled = await self._responder.handle_many([envelope for _, envelope in decoded])
+        outcomes.update((index, outcome) for (index, _), outcome in zip(decoded, handled, strict=True))
+        return [outcomes[index] for index in range(len(messages))]
+
+    async def _delete(self, messages: list[dict[str, Any]]) -> int:
+        """Delete answered messages (at most 10, one receive's worth); returns how many were deleted."""
+        entries = [{"Id": str(i), "ReceiptHandle": self._in_flight[m["MessageId"]].receipt}
+                   for i, m in enumerate(messages)]
+        response = await asyncio.to_thread(self.sqs.delete_message_batch, QueueUrl=self.queue_url, Entries=entries)
+        for failure in response.get("Failed", []):
+            log.warning("could not delete an answered message (it will be answered again): %s",
+                        failure.get("Message", failure.get("Code")))
+        return len(messages) - len(response.get("Failed", []))
 
     async def _extend_loop(self) -> None:
         """Keep messages invisible while they are worked on, a third of the timeout ahead of expiry."""

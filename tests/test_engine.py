@@ -14,9 +14,9 @@ import torch
 
 from models.cache import ModelCache
 from models.examples import MNIST_MLP, synthetic_digits
+from pipeline.backpressure import Slots
 from pipeline.engine import InferenceEngine
 from pipeline.errors import ErrorCode, InferenceError
-from pipeline.kafka_worker import Slots
 from pipeline.metrics import BatchRecord
 from pipeline.protocol import InferenceRequest, InferenceResponse
 from pipeline.runtime import configure_process
