@@ -97,15 +97,14 @@ def _header_length(raw: str | None, size: int) -> int | None:
 
 def encode_response(response: InferenceResponse, request: InferenceRequest | None = None) -> Framed:
     """A result in the form its request asked for: outputs it wanted binary go as raw bytes."""
-    body = response.to_json()
+    binary = {name for name in response.outputs if request is not None and request.wants_binary(name)}
+    body = response.to_json(without_data=binary)
     binary_parts: list[bytes] = []
-    if request is not None:
-        for out in body["outputs"]:
-            if request.wants_binary(out["name"]):
-                raw = tensor_to_bytes(response.outputs[out["name"]], out["datatype"])
-                del out["data"]
-                out["parameters"] = {"binary_data_size": len(raw)}
-                binary_parts.append(raw)
+    for out in body["outputs"]:
+        if out["name"] in binary:
+            raw = tensor_to_bytes(response.outputs[out["name"]], out["datatype"])
+            out["parameters"] = {"binary_data_size": len(raw)}
+            binary_parts.append(raw)
     return _frame(body, binary_parts)
 
 

@@ -1,9 +1,11 @@
 """The Kafka worker: a consumer-group member that answers every request record exactly once or more.
 
-Records are handled concurrently (bounded by `max_in_flight`) and batched per model by the engine.
-An offset is committed only after the answer of every record up to it (a result, an error result or a
-dead-letter record) was acknowledged by the broker; a worker that dies loses nothing, its partitions'
-uncommitted records are redelivered to the group.
+Records are handled a fetch at a time: each partition's share of a fetch goes through the `Responder` and
+the engine together (one task, one engine call, one record batch of answers per partition), several
+fetches overlap (bounded by `max_in_flight` records), and the engine batches them per model. An offset is
+committed only after the answer of every record up to it (a result, an error result or a dead-letter
+record) was acknowledged by the broker; a worker that dies loses nothing, its partitions' uncommitted
+records are redelivered to the group.
 """
 
 from __future__ import annotations

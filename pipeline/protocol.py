@@ -57,22 +57,20 @@ class InferenceResponse:
     datatypes: dict[str, str]
     parameters: dict[str, Any] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "model_name": self.model_name,
-            "model_version": str(self.model_version),
-            "outputs": [
-                {
-                    "name": name,
-                    "shape": list(array.shape),
-                    "datatype": self.datatypes.get(name) or datatype_of(array),
-                    "data": _to_json_data(array),
-                }
-                for name, array in self.outputs.items()
-            ],
-            **({"parameters": self.parameters} if self.parameters else {}),
-        }
+    def to_json(self, without_data: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+        """The V2 result body; outputs named in `without_data` get no "data" (they travel as binary)."""
+        outputs = []
+        for name, array in self.outputs.items():
+            tensor = {"name": name, "shape": list(array.shape),
+                      "datatype": self.datatypes.get(name) or datatype_of(array)}
+            if name not in without_data:
+                tensor["data"] = _to_json_data(array)
+            outputs.append(tensor)
+        body = {"id": self.id, "model_name": self.model_name, "model_version": str(self.model_version),
+                "outputs": outputs}
+        if self.parameters:
+            body["parameters"] = self.parameters
+        return body
 
 
 def _to_json_data(array: np.ndarray) -> list[Any]:
@@ -312,6 +310,9 @@ def _flat_numbers(data: Any, datatype: str) -> np.ndarray | None:
         return None
 
 
+_LITTLE_ENDIAN = {name: dtype.newbyteorder("<") for name, dtype in NUMPY_DTYPES.items() if name != "BYTES"}
+
+
 def tensor_from_bytes(chunk: memoryview, datatype: str, shape: list[int]) -> np.ndarray:
     """Raw little-endian tensor bytes -> array, without copying where the dtype allows (read-only view)."""
     count = math.prod(shape)
@@ -323,7 +324,7 @@ def tensor_from_bytes(chunk: memoryview, datatype: str, shape: list[int]) -> np.
     if datatype == "BF16":
         raw = np.frombuffer(chunk, dtype="<u2")
         return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
-    return np.frombuffer(chunk, dtype=NUMPY_DTYPES[datatype].newbyteorder("<")).reshape(shape)
+    return np.frombuffer(chunk, dtype=_LITTLE_ENDIAN[datatype]).reshape(shape)
 
 
 def tensor_to_bytes(array: np.ndarray, datatype: str) -> bytes:
@@ -338,7 +339,7 @@ def tensor_to_bytes(array: np.ndarray, datatype: str) -> bytes:
         bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest even
         return rounded.astype("<u2").tobytes()
-    return np.ascontiguousarray(array, dtype=NUMPY_DTYPES[datatype].newbyteorder("<")).tobytes()
+    return np.ascontiguousarray(array, dtype=_LITTLE_ENDIAN[datatype]).tobytes()
 
 
 def _bytes_elements(chunk: memoryview, count: int) -> np.ndarray:
