@@ -45,7 +45,7 @@ def plain_server(port: int, repository: str) -> None:
     from models.repository import ModelRepository
 
     repo = ModelRepository(repository)
-    model = repo.load(MODEL, repo.resolve(MODEL))
+    model = repo.load(MODEL, 1)
     model.warmup()
 
     async def infer(request: web.Request) -> web.Response:
@@ -61,6 +61,7 @@ def plain_server(port: int, repository: str) -> None:
 
     app = web.Application(client_max_size=8 << 20)
     app.router.add_post("/v2/models/{name}/infer", infer)
+    app.router.add_post("/v2/models/{name}/versions/{version}/infer", infer)
     app.router.add_get("/v2/health/ready", lambda r: web.json_response({"ready": True}))
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
@@ -111,8 +112,8 @@ def payloads(count: int, binary: bool) -> list[tuple[bytes, dict[str, str]]]:
     return out
 
 
-async def load(url: str, bodies: list[tuple[bytes, dict[str, str]]], connections: int, total: int
-               ) -> tuple[float, np.ndarray, int]:
+async def load(url: str, bodies: list[tuple[bytes, dict[str, str]]], connections: int, total: int,
+               path: str = f"/v2/models/{MODEL}/versions/1/infer") -> tuple[float, np.ndarray, int]:
     import aiohttp
 
     latencies: list[float] = []
@@ -127,7 +128,7 @@ async def load(url: str, bodies: list[tuple[bytes, dict[str, str]]], connections
                 body, headers = bodies[next_index % len(bodies)]
                 next_index += 1
                 started = time.perf_counter()
-                async with session.post(f"/v2/models/{MODEL}/infer", data=body, headers=headers) as r:
+                async with session.post(path, data=body, headers=headers) as r:
                     await r.read()
                     errors += r.status != 200
                 latencies.append(time.perf_counter() - started)
@@ -152,11 +153,20 @@ def stop_child(proc: subprocess.Popen) -> None:
 
 
 async def bench_http(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
     from models.examples import ensure_examples
     from models.repository import ModelRepository
 
     repo = tempfile.mkdtemp(prefix="maas-bench-repo-")
-    ensure_examples(ModelRepository(repo))
+    repository = ModelRepository(repo)
+    ensure_examples(repository)
+    # Version 2: the same model and weights with `close_when_idle`, served by the same `maas serve`.
+    config = repository.config(MODEL, 1)
+    idle = replace(config, batching=replace(config.batching, close_when_idle=True))
+    assert repository.publish(MODEL, idle, load_file(Path(repo) / MODEL / "1" / "model.safetensors")) == 2
     env = {**os.environ, "MAAS_MODEL_REPOSITORY": repo, "KAFKA_BOOTSTRAP_SERVERS": "unused:9092",
            "AWS_ENDPOINT_URL": "http://unused"}
     maas_port, plain_port = free_port(), free_port()
@@ -171,21 +181,25 @@ async def bench_http(args: argparse.Namespace) -> None:
         json_bodies, binary_bodies = payloads(256, binary=False), payloads(256, binary=True)
         rows = []
         for connections in args.concurrency:
-            cells = [("maas serve", "JSON", json_bodies), ("maas serve", "binary", binary_bodies),
-                     ("plain aiohttp", "JSON", json_bodies)]
-            for server, payload, bodies in cells:
-                await load(urls[server], bodies, connections, min(200, args.requests))  # warm-up
-                rate, lat, errors = await load(urls[server], bodies, connections, args.requests)
+            v1, v2 = (f"/v2/models/{MODEL}/versions/{v}/infer" for v in (1, 2))
+            cells = [("maas serve", "JSON", json_bodies, v1), ("maas serve", "binary", binary_bodies, v1),
+                     ("maas serve", "binary, idle", binary_bodies, v2), ("plain aiohttp", "JSON", json_bodies, v1)]
+            for server, payload, bodies, path in cells:
+                await load(urls[server], bodies, connections, min(200, args.requests), path)  # warm-up
+                rate, lat, errors = await load(urls[server], bodies, connections, args.requests, path)
                 rows.append((server, payload, connections, rate, np.percentile(lat, 50), np.percentile(lat, 99),
                              errors))
-                print(f"  {server:<14} {payload:<7} c={connections:<4} {rate:8.0f} req/s", file=sys.stderr)
+                print(f"  {server:<14} {payload:<12} c={connections:<4} {rate:8.0f} req/s", file=sys.stderr)
         print(f"\nHTTP V2 infer, {MODEL} (784 FP32 in, 10 FP32 + 1 INT64 out), {args.requests} requests per cell, "
               f"{os.cpu_count()} CPU cores shared by client and server\n")
-        print(f"{'server':<14} {'payload':<8} {'conns':>5} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
+        print("(binary, idle: the same model with batching.close_when_idle, published as version 2)")
+        print(f"{'server':<14} {'payload':<13} {'conns':>5} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
         for server, payload, connections, rate, p50, p99, errors in rows:
-            print(f"{server:<14} {payload:<8} {connections:>5} {rate:>9.0f} {p50:>8.2f} {p99:>8.2f} {errors:>6}")
+            print(f"{server:<14} {payload:<13} {connections:>5} {rate:>9.0f} {p50:>8.2f} {p99:>8.2f} {errors:>6}")
         print(f"\npeak RSS: maas serve {peak_rss_mb(servers['maas serve'].pid):.0f} MB, "
               f"plain {peak_rss_mb(servers['plain aiohttp'].pid):.0f} MB")
+        if any(row[-1] for row in rows):
+            raise SystemExit("some requests failed: the figures above are not comparable")
     finally:
         for proc in servers.values():
             stop_child(proc)

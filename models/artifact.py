@@ -86,9 +86,15 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class BatchingPolicy:
+    """How requests of one model are grouped: a batch closes when it holds `max_batch_size` rows, when its
+    oldest request has waited `max_queue_delay_ms`, when its size is one of `preferred_batch_sizes` and no
+    more requests are queued, or (with `close_when_idle`) as soon as the model has no batch to run, so a
+    lone caller does not wait out the delay while busy periods still fill batches."""
+
     max_batch_size: int = 64
     max_queue_delay_ms: float = 5.0
     preferred_batch_sizes: tuple[int, ...] = ()
+    close_when_idle: bool = False
 
     @classmethod
     def parse(cls, raw: Any) -> BatchingPolicy:
@@ -99,6 +105,7 @@ class BatchingPolicy:
         size = raw.get("max_batch_size", cls.max_batch_size)
         delay = raw.get("max_queue_delay_ms", cls.max_queue_delay_ms)
         preferred = raw.get("preferred_batch_sizes", [])
+        idle = raw.get("close_when_idle", False)
         if not isinstance(size, int) or size < 1:
             raise ArtifactError(f"batching.max_batch_size: expected an integer >= 1, got {size!r}")
         if not isinstance(delay, int | float) or delay < 0 or not math.isfinite(delay):
@@ -107,7 +114,10 @@ class BatchingPolicy:
             raise ArtifactError(
                 f"batching.preferred_batch_sizes: expected integers in 1..max_batch_size, got {preferred!r}"
             )
-        return cls(max_batch_size=size, max_queue_delay_ms=float(delay), preferred_batch_sizes=tuple(preferred))
+        if not isinstance(idle, bool):
+            raise ArtifactError(f"batching.close_when_idle: expected true or false, got {idle!r}")
+        return cls(max_batch_size=size, max_queue_delay_ms=float(delay), preferred_batch_sizes=tuple(preferred),
+                   close_when_idle=idle)
 
 
 @dataclass(frozen=True)

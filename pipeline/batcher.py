@@ -82,17 +82,26 @@ class DynamicBatcher:
         batch: list[Pending] = []
         running: set[asyncio.Task] = set()
         room = asyncio.Semaphore(self._max_running)
+        idle = asyncio.Event()  # no batch of this model is running
+        idle.set()
+
+        def finished(task: asyncio.Task) -> None:
+            running.discard(task)
+            room.release()
+            if not running:
+                idle.set()
+
         try:
             while True:
                 await room.acquire()  # a batch closes only when it can run: until then it keeps filling
                 first = held or await queue.get()
                 held = None
                 batch = [first]
-                held = await self._fill(batch, queue, policy)
+                held = await self._fill(batch, queue, policy, idle if policy.close_when_idle else None)
                 task = asyncio.create_task(self._run(key, batch), name=f"batch-{key}")
                 running.add(task)
-                task.add_done_callback(running.discard)
-                task.add_done_callback(lambda _: room.release())
+                idle.clear()
+                task.add_done_callback(finished)
                 batch = []
         except asyncio.CancelledError:
             for task in running:
@@ -112,9 +121,10 @@ class DynamicBatcher:
             _settle(batch, InferenceError(ErrorCode.INTERNAL, f"batch failed: {exc!r}"))
 
     @staticmethod
-    async def _fill(batch: list[Pending], queue: asyncio.PriorityQueue[Pending], policy: BatchingPolicy
-                    ) -> Pending | None:
-        """Add queued requests to `batch` until it is full or its oldest request's delay is up.
+    async def _fill(batch: list[Pending], queue: asyncio.PriorityQueue[Pending], policy: BatchingPolicy,
+                    idle: asyncio.Event | None) -> Pending | None:
+        """Add queued requests to `batch` until it is full or its oldest request's delay is up (or, given
+        `idle`, the model has nothing to run).
 
         Returns a request that did not fit, to start the next batch with.
         """
@@ -123,14 +133,13 @@ class DynamicBatcher:
         close_at = loop.time() + max(0.0, policy.max_queue_delay_ms / 1000.0 - (time.monotonic() - batch[0].enqueued))
         while rows < policy.max_batch_size:
             if queue.empty():
-                if rows in policy.preferred_batch_sizes:
+                if rows in policy.preferred_batch_sizes or (idle is not None and idle.is_set()):
                     return None
                 remaining = close_at - loop.time()
                 if remaining <= 0:
                     return None
-                try:
-                    item = await asyncio.wait_for(queue.get(), remaining)
-                except TimeoutError:
+                item = await _next(queue, remaining, idle)
+                if item is None:
                     return None
             else:
                 item = queue.get_nowait()
@@ -139,6 +148,29 @@ class DynamicBatcher:
             batch.append(item)
             rows += item.rows
         return None
+
+
+async def _next(queue: asyncio.PriorityQueue[Pending], timeout: float, idle: asyncio.Event | None) -> Pending | None:
+    """The next queued request, or None if `timeout` passes (or the model goes idle) first."""
+    if idle is None:
+        try:
+            return await asyncio.wait_for(queue.get(), timeout)
+        except TimeoutError:
+            return None
+    get = asyncio.ensure_future(queue.get())
+    woken = asyncio.ensure_future(idle.wait())
+    try:
+        await asyncio.wait({get, woken}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        if get.done() and not get.cancelled():  # taken off the queue just now: answer it, do not drop it
+            _settle([get.result()], InferenceError(ErrorCode.UNAVAILABLE, "the engine stopped before the "
+                                                   "request ran"))
+        raise
+    finally:
+        woken.cancel()
+        if not get.done():
+            get.cancel()  # a cancelled get leaves its item on the queue
+    return get.result() if get.done() and not get.cancelled() else None
 
 
 def _settle(batch: list[Pending], error: InferenceError) -> None:

@@ -101,6 +101,28 @@ async def test_the_next_batch_waits_at_the_runner_while_one_runs_and_then_fills_
     await batcher.stop()
 
 
+async def test_close_when_idle_runs_a_lone_request_at_once_and_fills_batches_while_busy():
+    hold = asyncio.Event()
+    recorder = Recorder(hold)
+    batcher = DynamicBatcher(recorder, max_running=2)
+    policy = BatchingPolicy(max_batch_size=8, max_queue_delay_ms=10_000, close_when_idle=True)
+    started = time.monotonic()
+    lone = await batcher.submit(("m", 1), policy, "lone", rows=1)
+    await asyncio.sleep(0.05)
+    hold.set()
+    assert await asyncio.wait_for(lone, 2) == "lone"  # not after the 10 s delay: nothing else was running
+    hold.clear()
+    first = await batcher.submit(("m", 1), policy, "first", rows=1)
+    await asyncio.sleep(0.05)  # "first" runs (held); what comes now waits for it, not for the delay
+    rest = [await batcher.submit(("m", 1), policy, name, rows=1) for name in ("b", "c", "d")]
+    await asyncio.sleep(0.05)
+    hold.set()
+    assert await asyncio.wait_for(asyncio.gather(first, *rest), 2) == ["first", "b", "c", "d"]
+    assert recorder.batches == [["lone"], ["first"], ["b", "c", "d"]]
+    assert time.monotonic() - started < 5
+    await batcher.stop()
+
+
 async def test_stop_fails_queued_requests_instead_of_dropping_them():
     hold = asyncio.Event()
     batcher = DynamicBatcher(Recorder(hold))

@@ -77,6 +77,10 @@ def test_unknown_architecture_and_bad_fields_are_named(repository):
         ModelConfig.parse({**raw, "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784]}]})
     with pytest.raises(ArtifactError, match=r"batching\.max_batch_size"):
         ModelConfig.parse({**raw, "batching": {"max_batch_size": 0}})
+    with pytest.raises(ArtifactError, match=r"batching\.close_when_idle: expected true or false"):
+        ModelConfig.parse({**raw, "batching": {"close_when_idle": "yes"}})
+    idle = ModelConfig.parse({**raw, "batching": {**raw["batching"], "close_when_idle": True}})
+    assert idle.batching.close_when_idle and ModelConfig.parse(idle.to_json()) == idle
 
 
 def test_pickled_weights_are_never_loaded(repository, tmp_path):
