@@ -56,7 +56,6 @@ class InferenceEngine:
         # ignores MAAS_TORCH_THREADS (applied to the main thread) and its idle OpenMP workers spin.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maas-model",
                                             initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
-        await self._in_executor(_warm_thread)  # start the thread and its torch state before the first batch
         await self._batcher.start()
         return self
 
@@ -148,7 +147,7 @@ class InferenceEngine:
             key = (request.model_name, version)
             configs[key] = config
             groups.setdefault((key, priority), []).append((index, rows))
-        waiting: list[tuple[list[int], asyncio.Future, int, ModelConfig]] = []
+        waiting: list[tuple[list[tuple[int, int]], asyncio.Future, int, ModelConfig]] = []
         for (key, priority), members in groups.items():
             config = configs[key]
             for chunk, rows in _chunks(members, config.batching.max_batch_size):
@@ -327,10 +326,6 @@ def _chunks(members: list[tuple[int, int]], max_rows: int) -> Iterator[tuple[lis
         total += member[1]
     if chunk:
         yield chunk, total
-
-
-def _warm_thread() -> None:
-    torch.ones(64, 64) @ torch.ones(64, 64)
 
 
 def _execute(model: LoadedModel, inputs: list[dict[str, np.ndarray]], names: list[str]
