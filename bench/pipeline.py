@@ -18,7 +18,12 @@ Every worker and loop runs in its own child process (`bench/_pipeline_child.py`)
 pre-produced before it starts. Drain throughput = requests / (time the child got its partitions -> time the
 broker acknowledged its last answer, acks=all); "steady" = (requests - 1) / (last - first answer CreateTime).
 
-Usage: ``python bench/pipeline.py [--quick] [--requests N] [--seconds S] [--no-plot]``. Writes
+The machine is shared and noisy (the raw loop alone has moved by 1.6x between runs), so each group of phases runs
+`--rounds` times (default 3), interleaved (raw, worker, raw, worker, ...) over the same backlog with a fresh
+consumer group each time: a phase reports its median rate and its range, and a ratio is the median of the
+per-round ratios of phases that ran next to each other.
+
+Usage: ``python bench/pipeline.py [--quick] [--rounds K] [--requests N] [--seconds S] [--no-plot]``. Writes
 ``bench/results/pipeline.json`` and, when matplotlib is installed, ``bench/results/pipeline_latency.png``.
 """
 
@@ -136,7 +141,7 @@ class Bench:
         self.run_id = uuid.uuid4().hex[:6]
         self.repos = build_repositories(workdir / "repos")
         self.stack = BenchStack().start()
-        self.phases: dict[str, dict[str, Any]] = {}
+        self.phases: dict[str, dict[str, Any]] = {}  # the median round of each phase, with every round's rate
         self.latency: list[dict[str, Any]] = []
         self.broker_rss: dict[str, float | None] = {}
 
@@ -167,11 +172,21 @@ class Bench:
             f"{seconds:.1f}s ({len(values) / seconds:,.0f}/s)")
         return topic
 
-    async def drain(self, name: str, mode: str, requests: str, n: int, *, repo: Path | None = None,
+    async def rounds(self, phases: list[dict[str, Any]]) -> None:
+        """Run the phases (`drain` keyword arguments) one after another, `--rounds` times over."""
+        for round_ in range(self.args.rounds):
+            for phase in phases:
+                await self.drain(**phase, round_=round_)
+        for phase in phases:
+            runs = self.phases.pop(phase["name"] + "#runs")
+            median = sorted(runs, key=lambda r: r["rate"])[len(runs) // 2]
+            self.phases[phase["name"]] = {**median, "rates": [r["rate"] for r in runs]}
+
+    async def drain(self, name: str, mode: str, requests: str, n: int, *, round_: int = 0, repo: Path | None = None,
                     model: str = MNIST_MLP, truth: np.ndarray | None = None, description: str = "",
                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run one child over a pre-produced backlog of `n` requests; throughput from assignment to last result."""
-        prefix = f"{name}"
+        prefix = f"{name}{round_}"
         results = self.topic(prefix, "results")
         await create_topics(self.stack.bootstrap, [results, self.topic(prefix, "metrics"), self.topic(prefix, "dlq")])
         if mode == "worker":
@@ -230,9 +245,9 @@ class Bench:
                         classes = {o["name"]: o["data"] for o in body["outputs"]}["class"]
                         right += int(classes[0] == truth[int(body["id"].rsplit("-", 1)[1])])
                 out["accuracy"] = right / max(1, len(records))
-        self.phases[name] = out
-        log(f"{name}: {out['rate']:,.0f} req/s over {seconds:.2f}s (steady {out['steady_rate']:,.0f}/s)"
-            + (f", errors {out['errors']}" if "errors" in out else ""))
+        self.phases.setdefault(name + "#runs", []).append(out)
+        log(f"{name} (round {round_ + 1}): {out['rate']:,.0f} req/s over {seconds:.2f}s "
+            f"(steady {out['steady_rate']:,.0f}/s)" + (f", errors {out['errors']}" if "errors" in out else ""))
         return out
 
     # -- latency -------------------------------------------------------------------------------------------
@@ -391,30 +406,39 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         trivial_rows = np.random.default_rng(1).random((nt, 4), dtype=np.float32)
         values, keys, headers = encode_many("t", TRIVIAL, trivial_rows)
         topic = await bench.backlog("trivial", values, keys, headers)
-        await bench.drain("raw_trivial", "raw", topic, nt, description="raw consume->produce, trivial JSON records")
-        await bench.drain("worker_trivial", "worker", topic, nt, repo=bench.repos[TRIVIAL], model=TRIVIAL,
-                          description="worker, trivial model, JSON")
+        await bench.rounds([
+            dict(name="raw_trivial", mode="raw", requests=topic, n=nt, description="raw consume->produce, trivial "
+                 "JSON records"),
+            dict(name="worker_trivial", mode="worker", requests=topic, n=nt, repo=bench.repos[TRIVIAL], model=TRIVIAL,
+                 description="worker, trivial model, JSON"),
+        ])
 
         # 3: MNIST JSON: batching gain and the plain per-message JSON loop
         await bench.restart_stack("after trivial")
         images, labels = synthetic_digits(n, seed=11)
         values, keys, headers = encode_many("m", MNIST_MLP, images)
         topic = await bench.backlog("mnist_json", values, keys, headers)
-        await bench.drain("raw_mnist_json", "raw", topic, n, description="raw consume->produce, MNIST JSON records")
-        await bench.drain("worker_b64_json", "worker", topic, n, repo=bench.repos["b64_d5"], truth=labels,
-                          description="worker, MNIST MLP, batch 64 / 5 ms, JSON")
-        await bench.drain("worker_b1_json", "worker", topic, n, repo=bench.repos["b1"], truth=labels,
-                          description="worker, MNIST MLP, batch 1, JSON")
-        await bench.drain("json_loop", "jsonloop", topic, n, repo=bench.repos["b64_d5"], truth=labels,
-                          description="plain per-message JSON loop (stdlib json, 1 row)")
+        await bench.rounds([
+            dict(name="raw_mnist_json", mode="raw", requests=topic, n=n, description="raw consume->produce, MNIST "
+                 "JSON records"),
+            dict(name="worker_b64_json", mode="worker", requests=topic, n=n, repo=bench.repos["b64_d5"], truth=labels,
+                 description="worker, MNIST MLP, batch 64 / 5 ms, JSON"),
+            dict(name="worker_b1_json", mode="worker", requests=topic, n=n, repo=bench.repos["b1"], truth=labels,
+                 description="worker, MNIST MLP, batch 1, JSON"),
+            dict(name="json_loop", mode="jsonloop", requests=topic, n=n, repo=bench.repos["b64_d5"], truth=labels,
+                 description="plain per-message JSON loop (stdlib json, 1 row)"),
+        ])
 
         # 4: MNIST binary tensor extension
         await bench.restart_stack("after MNIST JSON")
         values, keys, headers = encode_many("m", MNIST_MLP, images, binary=True)
         topic = await bench.backlog("mnist_bin", values, keys, headers)
-        await bench.drain("raw_mnist_bin", "raw", topic, n, description="raw consume->produce, MNIST binary records")
-        await bench.drain("worker_b64_bin", "worker", topic, n, repo=bench.repos["b64_d5"], truth=labels,
-                          description="worker, MNIST MLP, batch 64 / 5 ms, binary")
+        await bench.rounds([
+            dict(name="raw_mnist_bin", mode="raw", requests=topic, n=n, description="raw consume->produce, MNIST "
+                 "binary records"),
+            dict(name="worker_b64_bin", mode="worker", requests=topic, n=n, repo=bench.repos["b64_d5"], truth=labels,
+                 description="worker, MNIST MLP, batch 64 / 5 ms, binary"),
+        ])
         del values, keys, headers
 
         # 5: latency at fixed rates, relative to the JSON peak of (3)
@@ -462,42 +486,61 @@ def _numeric(cell: str) -> bool:
     return cell.endswith("x") or not cell[-1].isalpha()
 
 
-def ratios(report: dict[str, Any]) -> list[tuple[str, str, float, float | None]]:
-    p = {k: v["rate"] for k, v in report["phases"].items()}
-    return [
-        ("overhead", "worker trivial / raw trivial", p["worker_trivial"] / p["raw_trivial"], TARGETS["overhead"]),
-        ("batching_gain", "worker b64 JSON / worker b1 JSON", p["worker_b64_json"] / p["worker_b1_json"],
-         TARGETS["batching_gain"]),
-        ("json_vs_json_loop", "worker b64 JSON / plain JSON loop", p["worker_b64_json"] / p["json_loop"], None),
-        ("json_vs_raw", "worker b64 JSON / raw MNIST JSON", p["worker_b64_json"] / p["raw_mnist_json"], None),
-        ("binary_vs_json_loop", "worker b64 binary / plain JSON loop", p["worker_b64_bin"] / p["json_loop"],
-         TARGETS["binary_vs_json_loop"]),
-        ("binary_vs_raw", "worker b64 binary / raw MNIST binary", p["worker_b64_bin"] / p["raw_mnist_bin"],
-         TARGETS["binary_vs_raw"]),
-    ]
+RATIOS = [  # (key, definition, numerator phase, denominator phase, target)
+    ("overhead", "worker trivial / raw trivial", "worker_trivial", "raw_trivial", TARGETS["overhead"]),
+    ("batching_gain", "worker b64 JSON / worker b1 JSON", "worker_b64_json", "worker_b1_json",
+     TARGETS["batching_gain"]),
+    ("json_vs_json_loop", "worker b64 JSON / plain JSON loop", "worker_b64_json", "json_loop", None),
+    ("json_vs_raw", "worker b64 JSON / raw MNIST JSON", "worker_b64_json", "raw_mnist_json", None),
+    ("binary_vs_json_loop", "worker b64 binary / plain JSON loop", "worker_b64_bin", "json_loop",
+     TARGETS["binary_vs_json_loop"]),
+    ("binary_vs_raw", "worker b64 binary / raw MNIST binary", "worker_b64_bin", "raw_mnist_bin",
+     TARGETS["binary_vs_raw"]),
+]
+
+
+def ratios(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each ratio per round (phases that ran side by side), its median and range."""
+    out = []
+    phases = report["phases"]
+    for key, definition, top, bottom, target in RATIOS:
+        per_round = [a / b for a, b in zip(phases[top]["rates"], phases[bottom]["rates"], strict=True)]
+        out.append({"key": key, "definition": definition, "value": float(np.median(per_round)),
+                    "rounds": per_round, "target": target})
+    return out
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.2f}x" if value >= 2 else f"{value:.0%}"
+
+
+def _wanted(target: float) -> str:
+    return f">= {target:.0%}" if target < 2 else f">= {target:g}x"
 
 
 def print_report(report: dict[str, Any]) -> None:
     meta = report["meta"]
     print(f"\nPipeline benchmark, {meta['date']}: {meta['machine']}; Python {meta['python']}, torch {meta['torch']}")
-    print("Throughput: pre-produced backlog drained by one child process (requests / s, assignment -> last answer)")
+    print("Throughput: pre-produced backlog drained by one child process (requests / s, assignment -> last answer; "
+          f"median of {meta['args']['rounds']} interleaved rounds, the other columns from that round)")
     rows = []
     for v in report["phases"].values():
         rows.append([v["phase"], v["description"], v["requests"], f"{v['seconds']:.2f}", f"{v['rate']:,.0f}",
-                     f"{v['steady_rate']:,.0f}", f"{v['first_answer_after_s']:.2f}",
+                     f"{min(v['rates']):,.0f}-{max(v['rates']):,.0f}", f"{v['steady_rate']:,.0f}",
+                     f"{v['first_answer_after_s']:.2f}",
                      f"{v['mean_batch']:.1f}" if "mean_batch" in v else "-",
                      f"{v['compute_s_total']:.2f}" if "compute_s_total" in v else "-", v.get("errors", "-"),
                      f"{v['accuracy']:.3f}" if "accuracy" in v else "-"])
-    print(table(["phase", "what", "requests", "s", "req/s", "steady/s", "1st answer s", "mean batch",
+    print(table(["phase", "what", "requests", "s", "req/s", "range", "steady/s", "1st answer s", "mean batch",
                  "model s", "errors", "accuracy"], rows))
     print("(s: assignment -> last answer acked; steady: between first and last answer; 1st answer s: assignment -> "
           "first answer; mean batch / model s: from the worker's per-batch metrics records)")
-    print("\nRatios (same run, side by side)")
-    rows = [[key, what, f"{value:.2f}x" if value >= 2 else f"{value:.0%}",
-             "-" if target is None else (f">= {target:.0%}" if target < 2 else f">= {target:g}x"),
-             "-" if target is None else ("yes" if value >= target else "NO")]
-            for key, what, value, target in ratios(report)]
-    print(table(["ratio", "definition", "value", "target", "met"], rows))
+    print("\nRatios (same run, side by side: the median of the per-round ratios)")
+    rows = [[r["key"], r["definition"], _ratio(r["value"]), " ".join(_ratio(v) for v in r["rounds"]),
+             "-" if r["target"] is None else _wanted(r["target"]),
+             "-" if r["target"] is None else ("yes" if r["value"] >= r["target"] else "NO")]
+            for r in report["ratios"]]
+    print(table(["ratio", "definition", "value", "rounds", "target", "met"], rows))
     if report["latency"]:
         print("\nLatency: fixed-rate JSON producer, produce call -> result read (ms); MNIST MLP, max_batch_size 64")
         rows = [[f"{p['max_queue_delay_ms']:g} ms",
@@ -508,9 +551,8 @@ def print_report(report: dict[str, Any]) -> None:
         print(table(["max_queue_delay", "worker fetch_max_wait", "load", "target/s", "achieved/s", "p50", "p90",
                      "p99", "answered"], rows))
     print("\nSummary")
-    rows = [[key, what, "-" if target is None else (f">= {target:.0%}" if target < 2 else f">= {target:g}x"),
-             f"{value:.2f}x" if value >= 2 else f"{value:.0%}", "yes" if value >= target else "NO"]
-            for key, what, value, target in ratios(report) if target is not None]
+    rows = [[r["key"], r["definition"], _wanted(r["target"]), _ratio(r["value"]),
+             "yes" if r["value"] >= r["target"] else "NO"] for r in report["ratios"] if r["target"] is not None]
     print(table(["target", "definition", "wanted", "measured", "met"], rows))
     print(f"\nwall time {meta['wall_seconds']:.0f}s; broker RSS (MB) {meta['broker_rss_mb']}")
 
@@ -558,7 +600,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, help="seconds per latency point (default 6; quick 3)")
     parser.add_argument("--skip-latency", action="store_true", help="throughput phases only")
     parser.add_argument("--profile", action="store_true",
-                        help="run the workers under cProfile (slower!) and write bench/results/pipeline_profile_*")
+                        help="sample the workers with py-spy (slower!) into bench/results/pipeline_profile_*")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each group of phases")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--output", type=Path, default=RESULTS / "pipeline.json")
     args = parser.parse_args()
@@ -567,6 +610,7 @@ def main() -> None:
     args.seconds = args.seconds or (3.0 if args.quick else 6.0)
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = asyncio.run(run(args))
+    report["ratios"] = ratios(report)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     report["meta"]["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     args.output.write_text(json.dumps(report, indent=2, default=str))

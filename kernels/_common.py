@@ -101,6 +101,15 @@ def activation_reference(x: torch.Tensor, activation: str) -> torch.Tensor:
     return x
 
 
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, skipping the call when nothing would change.
+
+    On a CPU serving thread every torch call releases the GIL and must win it back from the busy event loop;
+    a no-op ``.to`` costs such a round trip like any real op.
+    """
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype a reference computes in: fp32 for half types (as the kernels accumulate), else unchanged."""
     return torch.promote_types(t.dtype, torch.float32)

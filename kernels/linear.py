@@ -17,6 +17,7 @@ from kernels._common import (
     activation_reference,
     apply_activation,
     autotune,
+    cast,
     check_activation,
     check_tensor,
     compute_dtype,
@@ -197,11 +198,11 @@ def linear_reference(
 ) -> torch.Tensor:
     """Plain torch: computed in fp32 (or fp64 for fp64 inputs), returned in ``x.dtype``."""
     dt = compute_dtype(x)
-    y = torch.nn.functional.linear(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt))
+    y = torch.nn.functional.linear(cast(x, dt), cast(weight, dt), None if bias is None else cast(bias, dt))
     y = activation_reference(y, activation)
     if residual is not None:
-        y = y + residual.to(dt)
-    return y.to(x.dtype)
+        y = y + cast(residual, dt)
+    return cast(y, x.dtype)
 
 
 def linear(

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import FLOAT_DTYPES, check_tensor, compute_dtype, into, output
+from kernels._common import FLOAT_DTYPES, cast, check_tensor, compute_dtype, into, output
 from kernels.dispatch import backend_for
 
 MAX_ROW = 65536
@@ -71,7 +71,7 @@ def softmax_triton(x: torch.Tensor, mask: torch.Tensor | None = None, *, log: bo
 
 
 def _masked_input(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    x = x.to(compute_dtype(x))
+    x = cast(x, compute_dtype(x))
     return x if mask is None else x.masked_fill(~mask, float("-inf"))
 
 
@@ -79,7 +79,7 @@ def softmax_reference(x: torch.Tensor, mask: torch.Tensor | None = None) -> torc
     y = torch.softmax(_masked_input(x, mask), dim=-1)
     if mask is not None:
         y = y.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
-    return y.to(x.dtype)
+    return cast(y, x.dtype)
 
 
 def log_softmax_reference(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -42,8 +42,14 @@ class LoadedModel:
             if array.dtype == object:  # BYTES inputs (text) are the architecture's to tokenize
                 tensors[spec.name] = array
                 continue
-            t = torch.from_numpy(np.require(array, requirements=["C", "W"])).to(self.device, non_blocking=True)
-            tensors[spec.name] = t.to(compute_dtype) if t.is_floating_point() else t
+            # Calls that would change nothing are skipped: each torch call on the model thread hands the GIL
+            # back to the event loop and waits to win it again.
+            t = torch.from_numpy(np.require(array, requirements=["C", "W"]))
+            if self.device.type != "cpu":
+                t = t.to(self.device, non_blocking=True)
+            if t.is_floating_point() and t.dtype != compute_dtype:
+                t = t.to(compute_dtype)
+            tensors[spec.name] = t
         return tensors
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -56,10 +62,12 @@ class LoadedModel:
             if isinstance(value, np.ndarray):
                 result[spec.name] = value.astype(NUMPY_DTYPES[spec.datatype], copy=False)
                 continue
-            t = value.detach()
-            if t.is_floating_point():
+            t = value.detach() if value.requires_grad else value
+            if t.is_floating_point() and t.dtype != torch.float32:
                 t = t.float()
-            result[spec.name] = t.cpu().numpy().astype(NUMPY_DTYPES[spec.datatype], copy=False)
+            if t.device.type != "cpu":
+                t = t.cpu()
+            result[spec.name] = t.numpy().astype(NUMPY_DTYPES[spec.datatype], copy=False)
         return result
 
     def example_inputs(self, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:

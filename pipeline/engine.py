@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.artifact import ArtifactError, ModelConfig
+from models.artifact import ArtifactError, ModelConfig, TensorSpec
 from models.cache import ModelCache
 from models.loaded import LoadedModel
 from models.repository import ModelNotFoundError
@@ -134,19 +134,37 @@ class InferenceEngine:
         outcomes: list[InferenceResponse | InferenceError | None] = [None] * len(requests)
         groups: dict[tuple[BatchKey, int], list[tuple[int, int]]] = {}
         configs: dict[BatchKey, ModelConfig] = {}
+        found: dict[tuple[str, str | None], tuple[int, ModelConfig] | InferenceError] = {}
         for index, request in enumerate(requests):
+            named = (request.model_name, request.model_version)
+            resolved = found.get(named)
+            if resolved is None:  # once per model named in the call: a fetch usually names one
+                try:
+                    resolved = await self.model_config(*named)
+                except InferenceError as exc:
+                    resolved = exc
+                found[named] = resolved
             try:
-                version, config = await self.model_config(request.model_name, request.model_version)
+                if isinstance(resolved, InferenceError):
+                    raise resolved
+                version, config = resolved
                 rows = self._validate(request, config)
-                if request.deadline_ms is not None and time.time() * 1000 > request.deadline_ms:
-                    raise InferenceError(ErrorCode.DEADLINE_EXCEEDED, "deadline_ms passed before the request ran")
-                priority = int(request.parameters.get("priority", 0))
+                priority = 0
+                parameters = request.parameters
+                if parameters:
+                    deadline = parameters.get("deadline_ms")
+                    if deadline is not None and time.time() * 1000 > deadline:
+                        raise InferenceError(ErrorCode.DEADLINE_EXCEEDED, "deadline_ms passed before the request ran")
+                    priority = int(parameters.get("priority", 0))
             except InferenceError as exc:
                 outcomes[index] = exc.addressed_to(request.id)
                 continue
             key = (request.model_name, version)
             configs[key] = config
-            groups.setdefault((key, priority), []).append((index, rows))
+            group = groups.get((key, priority))
+            if group is None:
+                group = groups[key, priority] = []
+            group.append((index, rows))
         waiting: list[tuple[list[tuple[int, int]], asyncio.Future, int, ModelConfig]] = []
         for (key, priority), members in groups.items():
             config = configs[key]
@@ -172,30 +190,28 @@ class InferenceEngine:
                 if isinstance(result, InferenceError):
                     outcomes[index] = result.addressed_to(request.id)
                     continue
-                wanted = request.outputs or datatypes
-                outcomes[index] = InferenceResponse(
-                    id=request.id, model_name=request.model_name, model_version=version,
-                    outputs={name: result[name] for name in wanted}, datatypes=datatypes,
-                )
+                if request.outputs is not None:  # otherwise every output, in a dict of this request's own
+                    result = {name: result[name] for name in request.outputs}
+                outcomes[index] = InferenceResponse(id=request.id, model_name=request.model_name,
+                                                    model_version=version, outputs=result, datatypes=datatypes)
         return outcomes  # type: ignore[return-value]  # every slot was filled above
 
     @staticmethod
     def _validate(request: InferenceRequest, config: ModelConfig) -> int:
         """Check the request against the model's signature; returns its rows (the batch dimension)."""
         tensors = request.inputs
-        if len(tensors) != len(config.inputs) or any(s.name not in tensors for s in config.inputs):
-            expected = [s.name for s in config.inputs]
-            unknown = sorted(set(tensors) - set(expected))
-            if unknown:
-                raise InferenceError(ErrorCode.INVALID_INPUT, f"inputs: unknown input(s) {unknown}; the model "
-                                     f"takes {sorted(expected)}")
-            missing = next(name for name in expected if name not in tensors)
-            raise InferenceError(ErrorCode.INVALID_INPUT, f"inputs: input {missing!r} is missing")
-        for spec in config.inputs:
-            problem = spec.mismatch(request.datatypes[spec.name], tensors[spec.name].shape)
+        specs = config.inputs
+        if len(tensors) != len(specs):
+            raise _names_error(tensors, specs)
+        datatypes = request.datatypes
+        for spec in specs:
+            array = tensors.get(spec.name)
+            if array is None:
+                raise _names_error(tensors, specs)
+            problem = spec.mismatch(datatypes[spec.name], array.shape)
             if problem:
                 raise InferenceError(ErrorCode.INVALID_INPUT, problem)
-        rows = request.batch_rows
+        rows = tensors[specs[0].name].shape[0]
         if rows < 1:
             raise InferenceError(ErrorCode.INVALID_INPUT, "inputs: the batch dimension is 0 (empty batch)")
         if rows > config.batching.max_batch_size:
@@ -238,18 +254,21 @@ class InferenceEngine:
                 item.future.set_exception(InferenceError(exc.code, exc.message))
             return
         now_ms = time.time() * 1000
+        # Validated requests of a model whose inputs have fixed shapes past the batch dimension all
+        # concatenate; only variable dimensions need grouping by shape.
+        fixed = all(-1 not in spec.shape[1:] for spec in model.config.inputs)
         groups: dict[tuple, list[_Entry]] = defaultdict(list)
         for item in items:
             if item.future.done():
                 continue
             slots = results[id(item)]
             for position, (request, rows) in enumerate(item.payload):
-                deadline = request.deadline_ms
+                deadline = request.parameters.get("deadline_ms") if request.parameters else None
                 if deadline is not None and now_ms > deadline:
                     slots[position] = InferenceError(ErrorCode.DEADLINE_EXCEEDED,
                                                      "deadline_ms passed while the request was queued")
                     continue
-                signature = tuple((n, a.shape[1:]) for n, a in request.inputs.items())
+                signature = () if fixed else tuple((n, a.shape[1:]) for n, a in request.inputs.items())
                 groups[signature].append(_Entry(request, rows, slots, position, item.enqueued))
         for group in groups.values():
             await self._run_group(model, group)
@@ -312,6 +331,16 @@ class _Entry:
 
     def settle(self, outcome: dict[str, np.ndarray] | InferenceError) -> None:
         self.results[self.position] = outcome
+
+
+def _names_error(tensors: dict[str, np.ndarray], specs: tuple[TensorSpec, ...]) -> InferenceError:
+    expected = [s.name for s in specs]
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        return InferenceError(ErrorCode.INVALID_INPUT, f"inputs: unknown input(s) {unknown}; the model takes "
+                              f"{sorted(expected)}")
+    missing = next(name for name in expected if name not in tensors)
+    return InferenceError(ErrorCode.INVALID_INPUT, f"inputs: input {missing!r} is missing")
 
 
 def _chunks(members: list[tuple[int, int]], max_rows: int) -> Iterator[tuple[list[tuple[int, int]], int]]:

@@ -43,10 +43,6 @@ class InferenceRequest:
     def batch_rows(self) -> int:
         return next(iter(self.inputs.values())).shape[0]
 
-    @property
-    def deadline_ms(self) -> float | None:
-        return self.parameters.get("deadline_ms")
-
 
 @dataclass(slots=True)
 class InferenceResponse:
@@ -141,7 +137,10 @@ def parse_request(body: Any, *, max_elements: int, defaults: dict[str, Any] | No
         inputs[name] = array
         datatypes[name] = datatype
     cursor.finish()
-    rows = {a.shape[0] if a.ndim else None for a in inputs.values()}
+    if len(inputs) == 1:
+        rows = {array.shape[0]} if array.ndim else {None}
+    else:
+        rows = {a.shape[0] if a.ndim else None for a in inputs.values()}
     if len(rows) != 1 or None in rows:
         raise _fail(ErrorCode.INVALID_INPUT, "inputs: every input needs the same first (batch) dimension",
                     request_id)
@@ -228,8 +227,7 @@ def _parse_tensor(raw: Any, where: str, request_id: str, budget: int, cursor: _B
     name, shape, datatype = raw.get("name"), raw.get("shape"), raw.get("datatype")
     if not isinstance(name, str) or not name:
         raise _fail(ErrorCode.INVALID_REQUEST, f"{where}.name: expected a non-empty string", request_id)
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
+    if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):  # bool is not int here
         raise _fail(ErrorCode.INVALID_REQUEST, f"{where}.shape: expected a list of non-negative integers",
                     request_id)
     if datatype not in DATATYPES:

@@ -39,6 +39,7 @@ async def test_infer_many_answers_in_order_and_bad_requests_never_fail_their_bat
         digit_request("ok-1", images[1]),
         digit_request("unknown-model", images[2], model_name="no_such_model"),
         digit_request("nan", nan_image),
+        digit_request("unknown-again", images[2], model_name="no_such_model"),  # the failed lookup, reused
         digit_request("late", images[3], parameters={"deadline_ms": time.time() * 1000 - 1}),
         digit_request("bad-output", images[4], outputs=["logits"]),
         digit_request("ok-2", images[5], outputs=["class"]),
@@ -46,8 +47,8 @@ async def test_infer_many_answers_in_order_and_bad_requests_never_fail_their_bat
     async with InferenceEngine(ModelCache(repository)) as engine:
         outcomes = await engine.infer_many(requests)
     expected_codes = {"shape": ErrorCode.INVALID_INPUT, "unknown-model": ErrorCode.MODEL_NOT_FOUND,
-                      "nan": ErrorCode.INVALID_INPUT, "late": ErrorCode.DEADLINE_EXCEEDED,
-                      "bad-output": ErrorCode.INVALID_REQUEST}
+                      "unknown-again": ErrorCode.MODEL_NOT_FOUND, "nan": ErrorCode.INVALID_INPUT,
+                      "late": ErrorCode.DEADLINE_EXCEEDED, "bad-output": ErrorCode.INVALID_REQUEST}
     model = repository.load(MNIST_MLP, 1)
     for request, outcome in zip(requests, outcomes, strict=True):
         if request.id in expected_codes:
@@ -59,6 +60,7 @@ async def test_infer_many_answers_in_order_and_bad_requests_never_fail_their_bat
         assert set(outcome.outputs) == set(request.outputs or alone)
         assert np.array_equal(outcome.outputs["class"], alone["class"])
     assert "'input'" in outcomes[4].message and "NaN" in outcomes[4].message
+    assert outcomes[0].outputs is not outcomes[2].outputs  # batch-mates never share a dict
 
 
 @pytest.mark.parametrize(("count", "batches"), [(40, [40]), (100, [64, 36])])
