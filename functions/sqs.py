@@ -16,10 +16,9 @@ from aiokafka.errors import KafkaError
 from botocore.exceptions import BotoCoreError, ClientError
 
 from functions.runtime import Runtime, invoke
-from pipeline.codec import from_sqs_message
-from pipeline.errors import InferenceError
 from pipeline.responder import Outcome, Responder
-from pipeline.sinks import Envelope, KafkaSink, RedeliverTransient, ResultSink, SqsSink
+from pipeline.sinks import KafkaSink, RedeliverTransient, ResultSink, SqsSink
+from pipeline.sqs_worker import SqsMessage, answer_sqs_messages
 
 
 async def _sink(runtime: Runtime) -> ResultSink:
@@ -33,35 +32,19 @@ async def handle(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:
     sink = RedeliverTransient(await _sink(runtime))
     responder = Responder(runtime.settings, runtime.engine, sink, store=runtime.claim_checks(), max_attempts=2)
     records = event.get("Records") or []
-    delivered: dict[int, bool] = {}
-    decoded: list[tuple[int, Envelope]] = []
-    for index, record in enumerate(records):
-        source = f"sqs:{record.get('eventSourceARN', '')}/{record.get('messageId', '')}"
-        body = record.get("body") or ""
+    messages = [SqsMessage(f"sqs:{r.get('eventSourceARN', '')}/{r.get('messageId', '')}", r.get("body") or "",
+                           r.get("messageAttributes")) for r in records]
+    failed: list[dict[str, str]] = []
+    size = runtime.settings.max_fetch_records  # a batching window can hand over up to 10,000 messages
+    for start in range(0, len(messages), size):
+        part = messages[start:start + size]
         try:
-            payload, headers = from_sqs_message(body, record.get("messageAttributes"))
-        except InferenceError as exc:  # e.g. invalid base64: nothing to decode, dead-letter as is
-            delivered[index] = await _dead_letter(sink, Envelope(body.encode(), {}, source), exc)
-        else:
-            decoded.append((index, Envelope(payload, headers, source)))
-    size = runtime.settings.max_fetch_records
-    for start in range(0, len(decoded), size):
-        part = decoded[start:start + size]
-        try:
-            outcomes = await responder.handle_many([envelope for _, envelope in part])
+            outcomes = await answer_sqs_messages(responder, part)
         except (KafkaError, ClientError, BotoCoreError):
             outcomes = [Outcome.RETRY] * len(part)  # the answers could not be delivered: let SQS redeliver
-        delivered.update((index, outcome is not Outcome.RETRY) for (index, _), outcome in zip(part, outcomes,
-                                                                                              strict=True))
-    return {"batchItemFailures": [{"itemIdentifier": r["messageId"]}
-                                  for index, r in enumerate(records) if not delivered[index]]}
-
-
-async def _dead_letter(sink: ResultSink, envelope: Envelope, error: InferenceError) -> bool:
-    try:
-        return await sink.dead_letter(envelope, error, 1)
-    except (KafkaError, ClientError, BotoCoreError):
-        return False
+        failed += [{"itemIdentifier": record["messageId"]} for record, outcome
+                   in zip(records[start:start + size], outcomes, strict=True) if outcome is Outcome.RETRY]
+    return {"batchItemFailures": failed}
 
 
 def handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]:

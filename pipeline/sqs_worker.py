@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,41 @@ from pipeline.settings import Settings
 from pipeline.sinks import Envelope, RedeliverTransient, ResultSink
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SqsMessage:
+    """An SQS message as the API (`Body`, `MessageAttributes`) or a Lambda event (`body`, ...) gives it."""
+
+    source: str
+    body: str
+    attributes: dict[str, Any] | None
+
+
+async def answer_sqs_messages(responder: Responder, messages: Sequence[SqsMessage]) -> list[Outcome]:
+    """Unwrap SQS messages and answer them together; outcomes in order.
+
+    A message that cannot even be unwrapped (bad base64) is dead-lettered as it came; if that delivery fails,
+    only that message is left for redelivery. Raises when the answers of the others cannot be delivered.
+    """
+    outcomes: dict[int, Outcome] = {}
+    decoded: list[tuple[int, Envelope]] = []
+    for index, message in enumerate(messages):
+        try:
+            payload, headers = from_sqs_message(message.body, message.attributes)
+        except InferenceError as exc:
+            envelope = Envelope(message.body.encode(), {}, message.source)
+            try:
+                delivered = await responder.sink.dead_letter(envelope, exc, 1)
+            except (KafkaError, ClientError, BotoCoreError) as failure:
+                log.error("cannot dead-letter %s (%r); it will be redelivered", message.source, failure)
+                delivered = False
+            outcomes[index] = Outcome.DEAD_LETTER if delivered else Outcome.RETRY
+        else:
+            decoded.append((index, Envelope(payload, headers, message.source)))
+    handled = await responder.handle_many([envelope for _, envelope in decoded])
+    outcomes.update((index, outcome) for (index, _), outcome in zip(decoded, handled, strict=True))
+    return [outcomes[index] for index in range(len(messages))]
 
 
 @dataclass
@@ -131,21 +167,11 @@ class SqsWorker:
             self._slots.give(len(messages))
 
     async def _answer(self, messages: list[dict[str, Any]]) -> list[Outcome]:
-        outcomes: dict[int, Outcome] = {}
-        decoded: list[tuple[int, Envelope]] = []
-        for index, message in enumerate(messages):
-            source = f"sqs:{self.queue_url.rsplit('/', 1)[-1]}/{message['MessageId']}"
-            body = message.get("Body", "")
-            try:
-                payload, headers = from_sqs_message(body, message.get("MessageAttributes"))
-            except InferenceError as exc:  # not even decodable (bad base64): dead-letter it as it came
-                delivered = await self._responder.sink.dead_letter(Envelope(body.encode(), {}, source), exc, 1)
-                outcomes[index] = Outcome.DEAD_LETTER if delivered else Outcome.RETRY
-            else:
-                decoded.append((index, Envelope(payload, headers, source)))
-        handled = await self._responder.handle_many([envelope for _, envelope in decoded])
-        outcomes.update((index, outcome) for (index, _), outcome in zip(decoded, handled, strict=True))
-        return [outcomes[index] for index in range(len(messages))]
+        queue = self.queue_url.rsplit("/", 1)[-1]
+        return await answer_sqs_messages(self._responder, [
+            SqsMessage(f"sqs:{queue}/{m['MessageId']}", m.get("Body", ""), m.get("MessageAttributes"))
+            for m in messages
+        ])
 
     async def _delete(self, messages: list[dict[str, Any]]) -> int:
         """Delete answered messages (at most 10, one receive's worth); returns how many were deleted."""

@@ -136,6 +136,8 @@ def test_sqs_trigger_partial_batch_response_and_sqs_results(env, monkeypatch):
                                                         option=orjson.OPT_SERIALIZE_NUMPY).decode(),
                             "MessageAttributes": {}}),
         record("m-garbage", {"MessageBody": "not json at all", "MessageAttributes": {}}),
+        record("m-unwrappable", {"MessageBody": "!!! not base64 !!!", "MessageAttributes": {
+            "content-transfer-encoding": {"StringValue": "base64"}}}),
     ]
 
     response = functions.sqs.handler({"Records": records}, None)
@@ -155,9 +157,15 @@ def test_sqs_trigger_partial_batch_response_and_sqs_results(env, monkeypatch):
     assert set(bodies) == {"sq-000000", "sq-000001", "sq-binary", "sq-invalid"}
     assert bodies["sq-invalid"]["error"]["code"] == "INVALID_REQUEST"
     assert next(o for o in bodies["sq-binary"]["outputs"] if o["name"] == "class")["data"] == [truth["sq-000002"]]
-    dead = sqs.receive_message(QueueUrl=dlq_url, MessageAttributeNames=["All"], WaitTimeSeconds=1)["Messages"]
-    assert from_sqs_message(dead[0]["Body"], dead[0]["MessageAttributes"])[0] == b"not json at all"
-    assert dead[0]["MessageAttributes"]["maas-error-code"]["StringValue"] == "INVALID_JSON"
+    dead = []
+    while len(dead) < 2:
+        batch = sqs.receive_message(QueueUrl=dlq_url, MaxNumberOfMessages=10, MessageAttributeNames=["All"],
+                                    WaitTimeSeconds=1).get("Messages", [])
+        assert batch, "dead letters missing"
+        dead += batch
+    dead_letters = {from_sqs_message(m["Body"], m["MessageAttributes"])[0]:
+                    m["MessageAttributes"]["maas-error-code"]["StringValue"] for m in dead}
+    assert dead_letters == {b"not json at all": "INVALID_JSON", b"!!! not base64 !!!": "INVALID_REQUEST"}
 
     # default destination: the results topic
     monkeypatch.delenv("MAAS_SQS_RESULTS_QUEUE_URL")
