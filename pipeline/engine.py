@@ -144,10 +144,11 @@ class InferenceEngine:
                 except InferenceError as exc:
                     resolved = exc
                 found[named] = resolved
+            if isinstance(resolved, InferenceError):
+                outcomes[index] = resolved.addressed_to(request.id)
+                continue
+            version, config = resolved
             try:
-                if isinstance(resolved, InferenceError):
-                    raise resolved
-                version, config = resolved
                 rows = self._validate(request, config)
                 priority = 0
                 parameters = request.parameters
@@ -281,7 +282,12 @@ class InferenceEngine:
         names = [s.name for s in model.config.inputs]
         started = time.monotonic()
         try:
-            rejected, outputs = await self._in_executor(_execute, model, [e.request.inputs for e in group], names)
+            inputs = [e.request.inputs for e in group]
+            if sum(a.nbytes for tensors in inputs for a in tensors.values()) <= _PREPARE_ON_LOOP_BYTES:
+                rejected, batch = _prepare(inputs, names)
+                outputs = None if batch is None else await self._in_executor(model.infer, batch)
+            else:
+                rejected, outputs = await self._in_executor(_execute, model, inputs, names)
         except Exception as exc:
             if len(group) > 1:  # isolate the request that breaks the batch; its batch-mates still run
                 for entry in group:
@@ -357,17 +363,29 @@ def _chunks(members: list[tuple[int, int]], max_rows: int) -> Iterator[tuple[lis
         yield chunk, total
 
 
+# A batch this small is concatenated and checked on the event loop (tens of microseconds): on the model
+# thread the same work holds the GIL while the loop waits for it, and costs it extra GIL hand-overs.
+_PREPARE_ON_LOOP_BYTES = 1 << 20
+
+
 def _execute(model: LoadedModel, inputs: list[dict[str, np.ndarray]], names: list[str]
              ) -> tuple[dict[int, str], dict[str, np.ndarray] | None]:
-    """On the model thread: refuse requests with NaN/Inf, concatenate the rest, run them as one batch.
+    """On the model thread: prepare a large batch (see `_prepare`) and run it."""
+    rejected, batch = _prepare(inputs, names)
+    return rejected, None if batch is None else model.infer(batch)
 
-    The finiteness check lives here rather than in the decoder because numpy releases the GIL for it:
-    on the event loop every request would wait for the model thread to hand the GIL back. It runs once
-    over the whole batch; only a batch that holds a NaN or Inf is searched for the requests at fault.
+
+def _prepare(inputs: list[dict[str, np.ndarray]], names: list[str]
+             ) -> tuple[dict[int, str], dict[str, np.ndarray] | None]:
+    """Refuse requests with NaN/Inf and concatenate the rest into one batch (None when none is left).
+
+    The finiteness check runs once over the whole batch, not per request in the decoder: numpy releases
+    the GIL for it, and every release is a hand-over between the event loop and the model thread. Only a
+    batch that holds a NaN or Inf is searched for the requests at fault.
     """
     batch = _concatenate(inputs, names)
     if all(a.dtype.kind != "f" or np.isfinite(a).all() for a in batch.values()):
-        return {}, model.infer(batch)
+        return {}, batch
     rejected = {}
     for index, tensors in enumerate(inputs):
         for name in names:
@@ -376,9 +394,7 @@ def _execute(model: LoadedModel, inputs: list[dict[str, np.ndarray]], names: lis
                 rejected[index] = name
                 break
     kept = [tensors for index, tensors in enumerate(inputs) if index not in rejected]
-    if not kept:
-        return rejected, None
-    return rejected, model.infer(_concatenate(kept, names))
+    return rejected, _concatenate(kept, names) if kept else None
 
 
 def _concatenate(inputs: list[dict[str, np.ndarray]], names: list[str]) -> dict[str, np.ndarray]:

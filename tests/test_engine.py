@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import pipeline.engine as engine_module
 from models.cache import ModelCache
 from models.examples import MNIST_MLP, synthetic_digits
 from pipeline.backpressure import Slots
@@ -29,7 +30,11 @@ def digit_request(request_id: str, image: np.ndarray, **changes) -> InferenceReq
     return replace(request, **changes)
 
 
-async def test_infer_many_answers_in_order_and_bad_requests_never_fail_their_batch_mates(repository):
+@pytest.mark.parametrize("prepared_on", ["loop", "model thread"])
+async def test_infer_many_answers_in_order_and_bad_requests_never_fail_their_batch_mates(repository, monkeypatch,
+                                                                                         prepared_on):
+    if prepared_on == "model thread":  # as batches over the size limit are
+        monkeypatch.setattr(engine_module, "_PREPARE_ON_LOOP_BYTES", 0)
     images, _ = synthetic_digits(6, seed=3)
     nan_image = images[0].copy()
     nan_image[5] = np.nan
