@@ -9,7 +9,7 @@ the broker's memory store never frees) and runs every phase on it:
 3. batching  the MNIST MLP on JSON requests: dynamic batching (max_batch_size 64, max_queue_delay 5 ms) vs one
              request at a time (max_batch_size 1), both through the worker; plus the issue-7 baseline, a plain
              per-message JSON inference loop (stdlib json, the model on one row, no batching)
-4. binary    the same MNIST phase with requests in the binary tensor extension, against (3)'s plain JSON loop
+4. binary    the same MNIST phase in the binary tensor extension (inputs and outputs), against (3)'s plain JSON loop
              and against the raw consume -> produce loop on the same binary records
 5. latency   p50 / p99 end-to-end latency (produce call -> result read, same process, same clock) at 25 / 50 /
              90 % of (3)'s measured peak, with a fixed-rate producer, for max_queue_delay 1 / 5 / 20 ms
@@ -68,7 +68,7 @@ from bench._stack import (  # noqa: E402
 from models.artifact import BatchingPolicy, ModelConfig, TensorSpec  # noqa: E402
 from models.examples import MNIST_MLP, mnist_mlp_config, synthetic_digits, train_mnist_mlp  # noqa: E402
 from models.repository import ModelRepository  # noqa: E402
-from pipeline.codec import encode_request  # noqa: E402
+from pipeline.codec import decode_response, encode_request, header_map  # noqa: E402
 from pipeline.settings import Settings, Topics  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -126,7 +126,8 @@ def encode_many(prefix: str, model: str, rows: np.ndarray, binary: bool = False
     values, keys, headers = [], [], []
     for i, row in enumerate(rows):
         request_id = f"{prefix}-{i:07d}"
-        framed = encode_request(request_id, model, {"input": row[None, :]}, binary=binary)
+        # binary requests ask for binary outputs, as `maas submit --binary` (`pipeline.client.as_binary`) does
+        framed = encode_request(request_id, model, {"input": row[None, :]}, binary=binary, binary_outputs=binary)
         values.append(framed.body)
         keys.append(request_id.encode())
         headers.append(framed.kafka_headers())
@@ -240,7 +241,7 @@ class Bench:
             if truth is not None:
                 right = 0
                 for r in records:
-                    body = orjson.loads(r.value)
+                    body = decode_response(r.value, header_map(r.headers))
                     if "outputs" in body:
                         classes = {o["name"]: o["data"] for o in body["outputs"]}["class"]
                         right += int(classes[0] == truth[int(body["id"].rsplit("-", 1)[1])])
@@ -439,7 +440,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             dict(name="raw_mnist_bin", mode="raw", requests=topic, n=nb, description="raw consume->produce, MNIST "
                  "binary records"),
             dict(name="worker_b64_bin", mode="worker", requests=topic, n=nb, repo=bench.repos["b64_d5"], truth=labels,
-                 description="worker, MNIST MLP, batch 64 / 5 ms, binary"),
+                 description="worker, MNIST MLP, batch 64 / 5 ms, binary in and out"),
         ])
         del values, keys, headers
 
