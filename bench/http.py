@@ -179,23 +179,38 @@ async def bench_http(args: argparse.Namespace) -> None:
         for url in urls.values():
             await wait_ready(url)
         json_bodies, binary_bodies = payloads(256, binary=False), payloads(256, binary=True)
-        rows = []
+        rows, ratios = [], []
         for connections in args.concurrency:
             v1, v2 = (f"/v2/models/{MODEL}/versions/{v}/infer" for v in (1, 2))
             cells = [("maas serve", "JSON", json_bodies, v1), ("maas serve", "binary", binary_bodies, v1),
                      ("maas serve", "binary, idle", binary_bodies, v2), ("plain aiohttp", "JSON", json_bodies, v1)]
-            for server, payload, bodies, path in cells:
-                await load(urls[server], bodies, connections, min(200, args.requests), path)  # warm-up
-                rate, lat, errors = await load(urls[server], bodies, connections, args.requests, path)
-                rows.append((server, payload, connections, rate, np.percentile(lat, 50), np.percentile(lat, 99),
-                             errors))
-                print(f"  {server:<14} {payload:<12} c={connections:<4} {rate:8.0f} req/s", file=sys.stderr)
+            runs: dict[int, list[tuple[float, np.ndarray, int]]] = {i: [] for i in range(len(cells))}
+            for round_ in range(args.rounds):  # interleaved, so that a noisy spell hits every cell of a round
+                for i, (server, payload, bodies, path) in enumerate(cells):
+                    await load(urls[server], bodies, connections, min(200, args.requests), path)  # warm-up
+                    runs[i].append(await load(urls[server], bodies, connections, args.requests, path))
+                    print(f"  round {round_ + 1} {server:<14} {payload:<12} c={connections:<4} "
+                          f"{runs[i][-1][0]:8.0f} req/s", file=sys.stderr)
+            for i, (server, payload, _, _) in enumerate(cells):
+                rates = [rate for rate, _, _ in runs[i]]
+                rate, lat, _ = sorted(runs[i], key=lambda run: run[0])[len(rates) // 2]
+                rows.append((server, payload, connections, rate, min(rates), max(rates), np.percentile(lat, 50),
+                             np.percentile(lat, 99), sum(errors for _, _, errors in runs[i])))
+            plain = [rate for rate, _, _ in runs[3]]
+            for i in (0, 1, 2):
+                per_round = [run[0] / p for run, p in zip(runs[i], plain, strict=True)]
+                ratios.append((f"{cells[i][1]} c={connections}", float(np.median(per_round)), per_round))
         print(f"\nHTTP V2 infer, {MODEL} (784 FP32 in, 10 FP32 + 1 INT64 out), {args.requests} requests per cell, "
-              f"{os.cpu_count()} CPU cores shared by client and server\n")
+              f"median of {args.rounds} interleaved rounds, {os.cpu_count()} CPU cores shared by client and server\n")
         print("(binary, idle: the same model with batching.close_when_idle, published as version 2)")
-        print(f"{'server':<14} {'payload':<13} {'conns':>5} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
-        for server, payload, connections, rate, p50, p99, errors in rows:
-            print(f"{server:<14} {payload:<13} {connections:>5} {rate:>9.0f} {p50:>8.2f} {p99:>8.2f} {errors:>6}")
+        print(f"{'server':<14} {'payload':<13} {'conns':>5} {'req/s':>9} {'range':>13} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'errors':>6}")
+        for server, payload, connections, rate, low, high, p50, p99, errors in rows:
+            print(f"{server:<14} {payload:<13} {connections:>5} {rate:>9.0f} {f'{low:.0f}-{high:.0f}':>13} "
+                  f"{p50:>8.2f} {p99:>8.2f} {errors:>6}")
+        print("\nmaas / plain server (median of the per-round ratios; target >= 2x at 64 connections)")
+        for what, value, per_round in ratios:
+            print(f"  {what:<22} {value:5.2f}x   rounds " + " ".join(f"{r:.2f}x" for r in per_round))
         print(f"\npeak RSS: maas serve {peak_rss_mb(servers['maas serve'].pid):.0f} MB, "
               f"plain {peak_rss_mb(servers['plain aiohttp'].pid):.0f} MB")
         if any(row[-1] for row in rows):
@@ -275,7 +290,8 @@ async def bench_batch(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", default="1,16,64", help="comma-separated connection counts")
-    parser.add_argument("--requests", type=int, default=3000, help="requests per table cell")
+    parser.add_argument("--requests", type=int, default=3000, help="requests per table cell and round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every cell (the table: medians)")
     parser.add_argument("--batch-job", type=int, default=0, metavar="LINES", help="run the batch-job benchmark")
     parser.add_argument("--plain-server", nargs=2, metavar=("PORT", "REPO"), help=argparse.SUPPRESS)
     args = parser.parse_args()
