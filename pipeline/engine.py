@@ -151,12 +151,11 @@ class InferenceEngine:
             try:
                 rows = self._validate(request, config)
                 priority = 0
-                parameters = request.parameters
-                if parameters:
-                    deadline = parameters.get("deadline_ms")
+                if request.parameters:  # most requests have none
+                    deadline = request.deadline_ms
                     if deadline is not None and time.time() * 1000 > deadline:
                         raise InferenceError(ErrorCode.DEADLINE_EXCEEDED, "deadline_ms passed before the request ran")
-                    priority = int(parameters.get("priority", 0))
+                    priority = int(request.parameters.get("priority", 0))
             except InferenceError as exc:
                 outcomes[index] = exc.addressed_to(request.id)
                 continue
@@ -212,7 +211,7 @@ class InferenceEngine:
             problem = spec.mismatch(datatypes[spec.name], array.shape)
             if problem:
                 raise InferenceError(ErrorCode.INVALID_INPUT, problem)
-        rows = tensors[specs[0].name].shape[0]
+        rows = request.batch_rows
         if rows < 1:
             raise InferenceError(ErrorCode.INVALID_INPUT, "inputs: the batch dimension is 0 (empty batch)")
         if rows > config.batching.max_batch_size:
@@ -264,7 +263,7 @@ class InferenceEngine:
                 continue
             slots = results[id(item)]
             for position, (request, rows) in enumerate(item.payload):
-                deadline = request.parameters.get("deadline_ms") if request.parameters else None
+                deadline = request.deadline_ms
                 if deadline is not None and now_ms > deadline:
                     slots[position] = InferenceError(ErrorCode.DEADLINE_EXCEEDED,
                                                      "deadline_ms passed while the request was queued")

@@ -43,6 +43,10 @@ class InferenceRequest:
     def batch_rows(self) -> int:
         return next(iter(self.inputs.values())).shape[0]
 
+    @property
+    def deadline_ms(self) -> float | None:
+        return self.parameters.get("deadline_ms")
+
 
 @dataclass(slots=True)
 class InferenceResponse:
