@@ -142,6 +142,7 @@ class Bench:
         self.run_id = uuid.uuid4().hex[:6]
         self.repos = build_repositories(workdir / "repos")
         self.stack = BenchStack().start()
+        self.runs: dict[str, list[dict[str, Any]]] = {}  # every round of each phase
         self.phases: dict[str, dict[str, Any]] = {}  # the median round of each phase, with every round's rate
         self.latency: list[dict[str, Any]] = []
         self.broker_rss: dict[str, float | None] = {}
@@ -179,7 +180,7 @@ class Bench:
             for phase in phases:
                 await self.drain(**phase, round_=round_)
         for phase in phases:
-            runs = self.phases.pop(phase["name"] + "#runs")
+            runs = self.runs[phase["name"]]
             median = sorted(runs, key=lambda r: r["rate"])[len(runs) // 2]
             self.phases[phase["name"]] = {**median, "rates": [r["rate"] for r in runs]}
 
@@ -246,7 +247,7 @@ class Bench:
                         classes = {o["name"]: o["data"] for o in body["outputs"]}["class"]
                         right += int(classes[0] == truth[int(body["id"].rsplit("-", 1)[1])])
                 out["accuracy"] = right / max(1, len(records))
-        self.phases.setdefault(name + "#runs", []).append(out)
+        self.runs.setdefault(name, []).append(out)
         log(f"{name} (round {round_ + 1}): {out['rate']:,.0f} req/s over {seconds:.2f}s "
             f"(steady {out['steady_rate']:,.0f}/s)" + (f", errors {out['errors']}" if "errors" in out else ""))
         return out
