@@ -32,7 +32,6 @@ BINARY = "application/octet-stream"
 HEADER_LENGTH = "inference-header-content-length"
 CONTENT_TYPE = "content-type"
 ACCEPT = "accept"
-_PLAIN_MEDIA_TYPES = frozenset((JSON, BINARY))  # as sent by our clients: no parameters, lower case
 
 
 @dataclass(frozen=True)
@@ -55,9 +54,7 @@ def header_map(headers: Iterable[tuple[str, bytes | str]] | Mapping[str, Any] | 
 
 
 def _media_type(content_type: str | None) -> str:
-    if content_type is None or content_type in _PLAIN_MEDIA_TYPES:
-        return content_type or JSON
-    return content_type.split(";")[0].strip().lower()
+    return (content_type or JSON).split(";")[0].strip().lower()
 
 
 def decode_request(payload: bytes, headers: Mapping[str, str] | None = None, *, max_bytes: int,

@@ -141,10 +141,7 @@ def parse_request(body: Any, *, max_elements: int, defaults: dict[str, Any] | No
         inputs[name] = array
         datatypes[name] = datatype
     cursor.finish()
-    if len(inputs) == 1:
-        rows = {array.shape[0]} if array.ndim else {None}
-    else:
-        rows = {a.shape[0] if a.ndim else None for a in inputs.values()}
+    rows = {a.shape[0] if a.ndim else None for a in inputs.values()}
     if len(rows) != 1 or None in rows:
         raise _fail(ErrorCode.INVALID_INPUT, "inputs: every input needs the same first (batch) dimension",
                     request_id)
