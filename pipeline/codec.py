@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -39,17 +40,24 @@ class Framed:
     """An encoded message: its bytes and the transport headers that say how to read them."""
 
     body: bytes
-    headers: dict[str, str]
+    headers: Mapping[str, str]
 
     def kafka_headers(self) -> list[tuple[str, bytes]]:
+        if self.headers is _JSON_HEADERS:  # most answers: no need to encode the same header again
+            return [(CONTENT_TYPE, _JSON_BYTES)]
         return [(k, v.encode()) for k, v in self.headers.items()]
+
+
+# The headers of every JSON result and error: one read-only mapping shared by all of them.
+_JSON_HEADERS: Mapping[str, str] = MappingProxyType({CONTENT_TYPE: JSON})
+_JSON_BYTES = JSON.encode()
 
 
 def header_map(headers: Iterable[tuple[str, bytes | str]] | Mapping[str, Any] | None) -> dict[str, str]:
     """Transport headers (Kafka list of pairs, HTTP or S3 metadata mapping) as lower-case str -> str."""
     if not headers:
         return {}
-    items = headers.items() if isinstance(headers, Mapping) else headers
+    items = headers if isinstance(headers, (tuple, list)) or not isinstance(headers, Mapping) else headers.items()
     return {k.lower(): v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for k, v in items}
 
 
@@ -64,22 +72,28 @@ def decode_request(payload: bytes, headers: Mapping[str, str] | None = None, *, 
     headers = headers or {}
     if len(payload) > max_bytes:
         raise InferenceError(ErrorCode.PAYLOAD_TOO_LARGE, f"request is {len(payload)} bytes; the limit is {max_bytes}")
-    media = _media_type(headers.get(CONTENT_TYPE))
+    content_type = headers.get(CONTENT_TYPE)
+    media = content_type if content_type in _PLAIN_MEDIA_TYPES else _media_type(content_type)
     if media not in (JSON, BINARY):
         raise InferenceError(ErrorCode.INVALID_REQUEST, f"content-type {media!r} is not supported: send {JSON}, or "
                              f"{BINARY} with an {HEADER_LENGTH} header (binary tensor extension)")
     header_length = _header_length(headers.get(HEADER_LENGTH), len(payload))
-    view = memoryview(payload)
-    json_part = view if header_length is None else view[:header_length]
+    if header_length is None:
+        json_part, binary = payload, None
+    else:
+        view = memoryview(payload)
+        json_part, binary = view[:header_length], view[header_length:]
     try:
         body = orjson.loads(json_part)
     except orjson.JSONDecodeError as exc:
         raise InferenceError(ErrorCode.INVALID_JSON, f"request is not valid UTF-8 JSON: {exc}") from None
-    binary = None if header_length is None else view[header_length:]
     request = parse_request(body, max_elements=max_bytes, defaults=defaults, fallbacks=fallbacks, binary=binary)
     if ACCEPT in headers and _media_type(headers[ACCEPT]) == BINARY:
         request.parameters = {**request.parameters, "binary_data_output": True}
     return request
+
+
+_PLAIN_MEDIA_TYPES = frozenset((JSON, BINARY))  # as every client here sends them: no parameters, lower case
 
 
 def _header_length(raw: str | None, size: int) -> int | None:
@@ -97,7 +111,9 @@ def _header_length(raw: str | None, size: int) -> int | None:
 
 def encode_response(response: InferenceResponse, request: InferenceRequest | None = None) -> Framed:
     """A result in the form its request asked for: outputs it wanted binary go as raw bytes."""
-    binary = {name for name in response.outputs if request is not None and request.wants_binary(name)}
+    if request is None or not (request.binary_outputs or request.parameters.get("binary_data_output")):
+        return Framed(orjson.dumps(response.to_json(), option=orjson.OPT_SERIALIZE_NUMPY), _JSON_HEADERS)
+    binary = {name for name in response.outputs if request.wants_binary(name)}
     body = response.to_json(without_data=binary)
     binary_parts: list[bytes] = []
     for out in body["outputs"]:
@@ -111,12 +127,12 @@ def encode_response(response: InferenceResponse, request: InferenceRequest | Non
 def _frame(body: dict[str, Any], binary_parts: list[bytes]) -> Framed:
     header = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
     if not binary_parts:
-        return Framed(header, {CONTENT_TYPE: JSON})
+        return Framed(header, _JSON_HEADERS)
     return Framed(header + b"".join(binary_parts), {CONTENT_TYPE: BINARY, HEADER_LENGTH: str(len(header))})
 
 
 def encode_error(error: InferenceError, model_name: str | None = None) -> Framed:
-    return Framed(orjson.dumps(error.to_json(model_name)), {CONTENT_TYPE: JSON})
+    return Framed(orjson.dumps(error.to_json(model_name)), _JSON_HEADERS)
 
 
 def encode_request(request_id: str, model_name: str, inputs: Mapping[str, np.ndarray], *, binary: bool = False,

@@ -192,8 +192,7 @@ class InferenceEngine:
                     continue
                 if request.outputs is not None:  # otherwise every output, in a dict of this request's own
                     result = {name: result[name] for name in request.outputs}
-                outcomes[index] = InferenceResponse(id=request.id, model_name=request.model_name,
-                                                    model_version=version, outputs=result, datatypes=datatypes)
+                outcomes[index] = InferenceResponse(request.id, request.model_name, version, result, datatypes)
         return outcomes  # type: ignore[return-value]  # every slot was filled above
 
     @staticmethod
@@ -282,7 +281,9 @@ class InferenceEngine:
         started = time.monotonic()
         try:
             inputs = [e.request.inputs for e in group]
-            if sum(a.nbytes for tensors in inputs for a in tensors.values()) <= _PREPARE_ON_LOOP_BYTES:
+            # Requests of a group share their shapes past the batch dimension (and their datatypes).
+            row_bytes = sum(a.nbytes // a.shape[0] for a in inputs[0].values())
+            if row_bytes * sum([e.rows for e in group]) <= _PREPARE_ON_LOOP_BYTES:
                 rejected, batch = _prepare(inputs, names)
                 outputs = None if batch is None else await self._in_executor(model.infer, batch)
             else:
@@ -302,11 +303,16 @@ class InferenceEngine:
         if not group:
             return
         finished = time.monotonic()
-        offset = 0
-        for entry in group:
-            rows = entry.rows
-            entry.settle({k: v[offset:offset + rows] for k, v in outputs.items()})
-            offset += rows
+        offset = sum([entry.rows for entry in group])
+        wrong = next((name for name, v in outputs.items() if v.ndim == 0 or v.shape[0] != offset), None)
+        if wrong is not None:  # a broken model: its batch-mates cannot be told apart either
+            log.error("model %s:%s returned %s of shape %s for a batch of %d rows", model.name, model.version,
+                      wrong, outputs[wrong].shape, offset)
+            for entry in group:
+                entry.settle(InferenceError(ErrorCode.INTERNAL, f"model execution failed: output {wrong!r} does "
+                                            "not have one row per input row"))
+            return
+        _split_outputs(group, outputs)
         waits = [started - entry.enqueued for entry in group]
         queue_wait = QUEUE_WAIT.labels(f"{model.name}:{model.version}")
         for enqueued in {entry.enqueued for entry in group}:  # requests submitted together waited as one
@@ -336,6 +342,20 @@ class _Entry:
 
     def settle(self, outcome: dict[str, np.ndarray] | InferenceError) -> None:
         self.results[self.position] = outcome
+
+
+def _split_outputs(group: list[_Entry], outputs: dict[str, np.ndarray]) -> None:
+    """Give each request its rows of the batch's outputs (views, no copies)."""
+    if len(outputs) == 1 and len(next(iter(outputs.values()))) == len(group):  # a row each: one numpy call
+        ((name, batch),) = outputs.items()
+        for entry, row in zip(group, batch.reshape(len(group), 1, *batch.shape[1:]), strict=True):
+            entry.settle({name: row})
+        return
+    offset = 0
+    for entry in group:
+        rows = entry.rows
+        entry.settle({k: v[offset:offset + rows] for k, v in outputs.items()})
+        offset += rows
 
 
 def _names_error(tensors: dict[str, np.ndarray], specs: tuple[TensorSpec, ...]) -> InferenceError:

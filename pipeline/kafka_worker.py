@@ -169,8 +169,7 @@ class KafkaWorker:
                 while records:
                     taken = await self._slots.take(len(records))  # backpressure: max_in_flight unanswered
                     chunk, records = records[:taken], records[taken:]
-                    for record in chunk:
-                        self._tracker.begin(tp, record.offset)
+                    self._tracker.begin(tp, [record.offset for record in chunk])
                     IN_FLIGHT.inc(taken)
                     task = asyncio.create_task(self._handle(tp, chunk))
                     self._handlers.add(task)
@@ -183,7 +182,7 @@ class KafkaWorker:
         envelopes = [
             Envelope(payload=record.value or b"", headers=header_map(record.headers), key=record.key,
                      source=f"{record.topic}-{record.partition}@{record.offset}",
-                     raw_headers=list(record.headers or ()))
+                     raw_headers=record.headers)
             for record in records
         ]
         try:
@@ -196,8 +195,7 @@ class KafkaWorker:
             self._fail(exc)
             return
         else:
-            for record in records:
-                self._tracker.done(tp, record.offset)
+            self._tracker.done(tp, [record.offset for record in records])
             self.answered += len(records)
         finally:
             IN_FLIGHT.dec(len(records))

@@ -16,14 +16,16 @@ class OffsetTracker:
         self._next: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
 
-    def begin(self, tp: TopicPartition, offset: int) -> None:
-        self._pending.setdefault(tp, set()).add(offset)
-        self._next[tp] = max(self._next.get(tp, 0), offset + 1)
+    def begin(self, tp: TopicPartition, offsets: list[int]) -> None:
+        """Records at these offsets (ascending, as fetched) are now in flight."""
+        self._pending.setdefault(tp, set()).update(offsets)
+        self._next[tp] = max(self._next.get(tp, 0), offsets[-1] + 1)
 
-    def done(self, tp: TopicPartition, offset: int) -> None:
+    def done(self, tp: TopicPartition, offsets: list[int]) -> None:
+        """Records at these offsets are answered (their answers acknowledged)."""
         pending = self._pending.get(tp)
         if pending is not None:
-            pending.discard(offset)
+            pending.difference_update(offsets)
 
     def in_flight(self, tp: TopicPartition | None = None) -> int:
         if tp is not None:

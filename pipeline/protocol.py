@@ -102,17 +102,19 @@ def parse_request(body: Any, *, max_elements: int, defaults: dict[str, Any] | No
     if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_ID_LENGTH:
         raise _fail(ErrorCode.INVALID_REQUEST, f"id: expected a non-empty string of at most {MAX_ID_LENGTH} "
                     f"characters, got {_short(request_id)}")
-    try:
-        model_name = validate_model_name(body.get("model_name"))
-    except ValueError as exc:
-        raise _fail(ErrorCode.INVALID_REQUEST, f"model_name: {exc}", request_id) from None
+    model_name = body.get("model_name")
+    if type(model_name) is not str or model_name not in _VALID_MODEL_NAMES:
+        try:
+            _remember_model_name(validate_model_name(model_name))
+        except ValueError as exc:
+            raise _fail(ErrorCode.INVALID_REQUEST, f"model_name: {exc}", request_id) from None
     version = body.get("model_version")
     if version is not None and not isinstance(version, (str, int)):
         raise _fail(ErrorCode.INVALID_REQUEST, "model_version: expected a string or integer", request_id)
     parameters = body.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise _fail(ErrorCode.INVALID_REQUEST, "parameters: expected an object", request_id)
     if parameters:
+        if not isinstance(parameters, dict):
+            raise _fail(ErrorCode.INVALID_REQUEST, "parameters: expected an object", request_id)
         _check_parameters(parameters, request_id)
     outputs, binary_outputs = _parse_outputs(body.get("outputs"), request_id)
     raw_inputs = body.get("inputs")
@@ -132,29 +134,35 @@ def parse_request(body: Any, *, max_elements: int, defaults: dict[str, Any] | No
     inputs: dict[str, np.ndarray] = {}
     datatypes: dict[str, str] = {}
     budget = max_elements
-    cursor = _BinaryCursor(binary, request_id)
+    cursor = None if binary is None else _BinaryCursor(binary, request_id)
+    rows = None
     for i, raw in enumerate(raw_inputs):
-        name, datatype, array = _parse_tensor(raw, f"inputs[{i}]", request_id, budget, cursor)
+        name, datatype, array = _parse_tensor(raw, i, request_id, budget, cursor)
         if name in inputs:
             raise _fail(ErrorCode.INVALID_REQUEST, f"inputs[{i}].name: {name!r} is given twice", request_id)
+        if not array.ndim or (rows is not None and array.shape[0] != rows):
+            raise _fail(ErrorCode.INVALID_INPUT, "inputs: every input needs the same first (batch) dimension",
+                        request_id)
+        rows = array.shape[0]
         budget -= array.size
         inputs[name] = array
         datatypes[name] = datatype
-    cursor.finish()
-    rows = {a.shape[0] if a.ndim else None for a in inputs.values()}
-    if len(rows) != 1 or None in rows:
-        raise _fail(ErrorCode.INVALID_INPUT, "inputs: every input needs the same first (batch) dimension",
-                    request_id)
-    return InferenceRequest(
-        id=request_id,
-        model_name=model_name,
-        model_version=None if version is None else str(version),
-        inputs=inputs,
-        datatypes=datatypes,
-        outputs=outputs,
-        parameters=parameters,
-        binary_outputs=binary_outputs,
-    )
+    if cursor is not None:
+        cursor.finish()
+    return InferenceRequest(request_id, model_name, None if version is None else str(version), inputs, datatypes,
+                            outputs, parameters, binary_outputs)
+
+
+# Names that passed `validate_model_name`: a fetch names the same few models thousands of times. Bounded,
+# since names come from callers.
+_VALID_MODEL_NAMES: set[str] = set()
+_MAX_VALID_MODEL_NAMES = 4096
+
+
+def _remember_model_name(name: str) -> None:
+    if len(_VALID_MODEL_NAMES) >= _MAX_VALID_MODEL_NAMES:
+        _VALID_MODEL_NAMES.clear()
+    _VALID_MODEL_NAMES.add(name)
 
 
 def _short(value: Any) -> str:
@@ -194,15 +202,12 @@ def _parse_outputs(raw: Any, request_id: str) -> tuple[list[str] | None, frozens
 class _BinaryCursor:
     """Hands out consecutive slices of the binary part of a request, and checks it is used up exactly."""
 
-    def __init__(self, view: memoryview | None, request_id: str) -> None:
+    def __init__(self, view: memoryview, request_id: str) -> None:
         self.view = view
         self.offset = 0
         self.request_id = request_id
 
     def take(self, size: Any, where: str) -> memoryview:
-        if self.view is None:
-            raise _fail(ErrorCode.INVALID_REQUEST, f"{where}.parameters.binary_data_size is set but the request "
-                        "carries no binary part (send it with an inference-header-content-length)", self.request_id)
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise _fail(ErrorCode.INVALID_REQUEST, f"{where}.parameters.binary_data_size: expected a non-negative "
                         "integer", self.request_id)
@@ -215,50 +220,64 @@ class _BinaryCursor:
         return chunk
 
     def finish(self) -> None:
-        if self.view is not None and self.offset != len(self.view):
+        if self.offset != len(self.view):
             raise _fail(ErrorCode.INVALID_REQUEST, f"{len(self.view) - self.offset} bytes follow the last binary "
                         "tensor: binary_data_size values do not add up to the payload", self.request_id)
 
 
-def _parse_tensor(raw: Any, where: str, request_id: str, budget: int, cursor: _BinaryCursor
+def _parse_tensor(raw: Any, index: int, request_id: str, budget: int, cursor: _BinaryCursor | None
                   ) -> tuple[str, str, np.ndarray]:
     if not isinstance(raw, dict):
-        raise _fail(ErrorCode.INVALID_REQUEST, f"{where}: expected an object with name, shape, datatype, data",
-                    request_id)
+        raise _fail(ErrorCode.INVALID_REQUEST, f"inputs[{index}]: expected an object with name, shape, datatype, "
+                    "data", request_id)
     name, shape, datatype = raw.get("name"), raw.get("shape"), raw.get("datatype")
     if not isinstance(name, str) or not name:
-        raise _fail(ErrorCode.INVALID_REQUEST, f"{where}.name: expected a non-empty string", request_id)
-    if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):  # bool is not int here
-        raise _fail(ErrorCode.INVALID_REQUEST, f"{where}.shape: expected a list of non-negative integers",
-                    request_id)
+        raise _fail(ErrorCode.INVALID_REQUEST, f"inputs[{index}].name: expected a non-empty string", request_id)
+    if type(shape) is not list:
+        raise _shape_error(index, request_id)
+    for d in shape:
+        if type(d) is not int or d < 0:  # bool is not int here
+            raise _shape_error(index, request_id)
     if datatype not in DATATYPES:
-        raise _fail(ErrorCode.INVALID_REQUEST, f"{where}.datatype: {_short(datatype)} is not one of "
+        raise _fail(ErrorCode.INVALID_REQUEST, f"inputs[{index}].datatype: {_short(datatype)} is not one of "
                     f"{sorted(DATATYPES)}", request_id)
     count = math.prod(shape)
     if count > budget:
-        raise _fail(ErrorCode.PAYLOAD_TOO_LARGE, f"{where}.shape {shape} declares {count} elements; the "
+        raise _fail(ErrorCode.PAYLOAD_TOO_LARGE, f"inputs[{index}].shape {shape} declares {count} elements; the "
                     f"request may hold at most {budget}", request_id)
     params = raw.get("parameters")
-    if isinstance(params, dict) and "binary_data_size" in params:
+    if params and isinstance(params, dict) and "binary_data_size" in params:
+        where = f"inputs[{index}]"
+        if cursor is None:
+            raise _fail(ErrorCode.INVALID_REQUEST, f"{where}.parameters.binary_data_size is set but the request "
+                        "carries no binary part (send it with an inference-header-content-length)", request_id)
         chunk = cursor.take(params["binary_data_size"], where)
         try:
             array = tensor_from_bytes(chunk, datatype, shape)
         except ValueError as exc:
             raise _fail(ErrorCode.INVALID_INPUT, f"{where}: {exc}", request_id) from None
         return name, datatype, array
-    if "data" not in raw:
-        raise _fail(ErrorCode.INVALID_REQUEST, f"{where}.data: missing (or give parameters.binary_data_size)",
-                    request_id)
-    array = _to_array(raw["data"], datatype, shape, f"{where}.data", request_id)
+    data = raw.get("data", _MISSING)
+    if data is _MISSING:
+        raise _fail(ErrorCode.INVALID_REQUEST, f"inputs[{index}].data: missing (or give "
+                    "parameters.binary_data_size)", request_id)
+    array = _flat_numbers(data, datatype, shape, count)
+    if array is None:  # the slow path validates and explains
+        array = _to_array(data, datatype, shape, f"inputs[{index}].data", request_id)
     return name, datatype, array
+
+
+_MISSING = object()
+
+
+def _shape_error(index: int, request_id: str) -> InferenceError:
+    return _fail(ErrorCode.INVALID_REQUEST, f"inputs[{index}].shape: expected a list of non-negative integers",
+                 request_id)
 
 
 def _to_array(data: Any, datatype: str, shape: list[int], where: str, request_id: str) -> np.ndarray:
     dtype = NUMPY_DTYPES[datatype]
-    fast = _flat_numbers(data, datatype)
-    if fast is not None:
-        array = fast
-    elif datatype == "BYTES":
+    if datatype == "BYTES":
         flat = _flatten(data)
         if not all(isinstance(v, str) for v in flat):
             raise _fail(ErrorCode.INVALID_INPUT, f"{where}: BYTES data must be strings", request_id)
@@ -298,14 +317,15 @@ _ARRAY_CODES = {"FP32": "f", "FP64": "d", "INT8": "b", "UINT8": "B", "INT16": "h
                 "INT32": "i", "UINT32": "I", "INT64": "q", "UINT64": "Q"}
 
 
-def _flat_numbers(data: Any, datatype: str) -> np.ndarray | None:
-    """The fast path for the common case; None sends the data down the validating slow path."""
+def _flat_numbers(data: Any, datatype: str, shape: list[int], count: int) -> np.ndarray | None:
+    """The fast path for the common case (a flat list of `count` numbers); None sends the data down the
+    validating slow path."""
     code = _ARRAY_CODES.get(datatype)
-    if code is None or not isinstance(data, list) or not data or isinstance(data[0], (list, bool)):
+    if code is None or type(data) is not list or len(data) != count or not data or isinstance(data[0], bool):
         return None
     try:
-        return np.frombuffer(typed_array(code, data), dtype=NUMPY_DTYPES[datatype])
-    except (TypeError, OverflowError):
+        return np.ndarray(shape, NUMPY_DTYPES[datatype], typed_array(code, data))
+    except (TypeError, OverflowError):  # nested lists, strings, fractions for integers, out-of-range values
         return None
 
 
@@ -323,7 +343,7 @@ def tensor_from_bytes(chunk: memoryview, datatype: str, shape: list[int]) -> np.
     if datatype == "BF16":
         raw = np.frombuffer(chunk, dtype="<u2")
         return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
-    return np.frombuffer(chunk, dtype=_LITTLE_ENDIAN[datatype]).reshape(shape)
+    return np.ndarray(shape, _LITTLE_ENDIAN[datatype], chunk)  # a read-only view of the payload
 
 
 def tensor_to_bytes(array: np.ndarray, datatype: str) -> bytes:

@@ -103,18 +103,21 @@ class Responder:
             else:
                 one_by_one.append(index)
         answers: list[tuple[Envelope, InferenceRequest, Framed]] = []
-        counts: Counter[tuple[str, str]] = Counter()
+        answered: Counter[str] = Counter()
+        failed: Counter[str] = Counter()
         results = await self.engine.infer_many([request for _, request in direct])
         for (index, request), result in zip(direct, results, strict=True):
             if isinstance(result, InferenceResponse):
+                framed = encode_response(result, request)
                 try:
-                    framed = await self._externalize(request, result)
+                    if not self._inline(request, framed):
+                        framed = await self._store_outputs(request, result, framed)
                 except InferenceError as exc:
                     result = exc.addressed_to(request.id)
                 else:
                     answers.append((envelopes[index], request, framed))
                     outcomes[index] = Outcome.RESULT
-                    counts[request.model_name, "ok"] += 1
+                    answered[request.model_name] += 1
                     continue
             if result.code.transient:
                 one_by_one.append(index)  # retried there, then dead-lettered
@@ -122,10 +125,12 @@ class Responder:
             ERRORS.labels(str(result.code)).inc()
             answers.append((envelopes[index], request, encode_error(result, request.model_name)))
             outcomes[index] = Outcome.ERROR
-            counts[request.model_name, "error"] += 1
+            failed[request.model_name] += 1
         await self.sink.answer_many(answers)
-        for (model, outcome), count in counts.items():
-            REQUESTS.labels(model, outcome).inc(count)
+        for model, count in answered.items():
+            REQUESTS.labels(model, "ok").inc(count)
+        for model, count in failed.items():
+            REQUESTS.labels(model, "error").inc(count)
         if one_by_one:
             handled = await asyncio.gather(*(self.handle(envelopes[index]) for index in one_by_one))
             for index, outcome in zip(one_by_one, handled, strict=True):
@@ -141,14 +146,20 @@ class Responder:
         return await self._externalize(request, response)
 
     async def _externalize(self, request: InferenceRequest, response: InferenceResponse) -> Framed:
-        """Claim check for outputs: a result too large for a message (or with an output_uri) goes to S3."""
         framed = encode_response(response, request)
-        uri = request.parameters.get("output_uri")
-        if uri is None and len(framed.body) <= self.settings.max_inline_output_bytes:
-            return framed
+        return framed if self._inline(request, framed) else await self._store_outputs(request, response, framed)
+
+    def _inline(self, request: InferenceRequest, framed: Framed) -> bool:
+        """Whether a result travels in the answer itself (else it goes to S3 and the answer points to it)."""
+        return (len(framed.body) <= self.settings.max_inline_output_bytes
+                and request.parameters.get("output_uri") is None)
+
+    async def _store_outputs(self, request: InferenceRequest, response: InferenceResponse, framed: Framed) -> Framed:
+        """Claim check for outputs: a result too large for a message (or with an output_uri) goes to S3."""
         if self.store is None:
             raise InferenceError(ErrorCode.INVALID_REQUEST, "the result is too large to send inline and this "
                                  "deployment has no object store for it")
-        uri = uri or self.store.default_uri(request.model_name, f"{request.id}.result")
+        uri = request.parameters.get("output_uri") or self.store.default_uri(request.model_name,
+                                                                            f"{request.id}.result")
         await self.store.put(uri, framed)
         return outputs_reference(response, uri)

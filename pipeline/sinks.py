@@ -9,21 +9,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
-
-from aiokafka.partitioner import DefaultPartitioner
 
 from pipeline.claim_check import ClaimCheckStore
 from pipeline.codec import Framed, to_sqs_message
 from pipeline.errors import InferenceError
 from pipeline.metrics import DEAD_LETTERS
+from pipeline.partitioning import partitions_for_keys
 from pipeline.protocol import InferenceRequest
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
-
-_PARTITIONER = DefaultPartitioner()  # what AIOKafkaProducer uses by default: Java-compatible murmur2 of the key
 
 PASSTHROUGH_HEADERS = ("traceparent", "tracestate")
 
@@ -36,7 +33,7 @@ class Envelope:
     headers: dict[str, str]
     source: str
     key: bytes | None = None
-    raw_headers: list[tuple[str, bytes]] = field(default_factory=list)  # Kafka's, kept verbatim for dead letters
+    raw_headers: Sequence[tuple[str, bytes]] = ()  # Kafka's, kept verbatim for dead letters
 
     def passthrough(self) -> dict[str, str]:
         """Tracing and CloudEvents headers that travel from a request to its answer."""
@@ -118,32 +115,40 @@ class KafkaSink:
         batch directly costs a fraction of it, and the broker gets the same produce requests. Partitions
         are chosen as the producer would (murmur2 of the key), so keyed consumers see no difference.
         """
-        builders: dict[tuple[str, int], Any] = {}
-        partitions: dict[str, list[int]] = {}
-        acks = []
+        by_topic: dict[str, list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]]] = {}
         for envelope, request, framed in answers:
             topic = (request.parameters.get("reply_to") if request else None) or self.results_topic
-            headers = [(k, v.encode()) for k, v in envelope.passthrough().items()] + framed.kafka_headers()
+            headers = framed.kafka_headers()
+            passthrough = envelope.passthrough()
+            if passthrough:
+                headers = [(k, v.encode()) for k, v in passthrough.items()] + headers
             key = request.id.encode() if request is not None else envelope.key
-            if topic not in partitions:
-                partitions[topic] = sorted(await self.producer.partitions_for(topic))
-            slot = (topic, _PARTITIONER(key, partitions[topic], partitions[topic]))
-            builder = builders.get(slot)
-            if builder is None:
-                builder = builders[slot] = self.producer.create_batch()
-            if builder.append(key=key, value=framed.body, timestamp=None, headers=headers) is None:
-                acks.append(await self.producer.send_batch(builder, slot[0], partition=slot[1]))
-                builder = builders[slot] = self.producer.create_batch()
-                builder.append(key=key, value=framed.body, timestamp=None, headers=headers)  # always fits an empty one
-        for (topic, partition), builder in builders.items():
-            acks.append(await self.producer.send_batch(builder, topic, partition=partition))
+            records = by_topic.get(topic)
+            if records is None:
+                records = by_topic[topic] = []
+            records.append((key, framed.body, headers))
+        acks = []
+        for topic, records in by_topic.items():
+            partitions = sorted(await self.producer.partitions_for(topic))
+            builders: dict[int, Any] = {}
+            for partition, (key, value, headers) in zip(
+                    partitions_for_keys([key for key, _, _ in records], partitions), records, strict=True):
+                builder = builders.get(partition)
+                if builder is None:
+                    builder = builders[partition] = self.producer.create_batch()
+                if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                    acks.append(await self.producer.send_batch(builder, topic, partition=partition))
+                    builder = builders[partition] = self.producer.create_batch()
+                    builder.append(key=key, value=value, timestamp=None, headers=headers)  # always fits an empty one
+            for partition, builder in builders.items():
+                acks.append(await self.producer.send_batch(builder, topic, partition=partition))
         if acks:
             await asyncio.gather(*acks)
 
     async def dead_letter(self, envelope: Envelope, error: InferenceError, attempts: int) -> bool:
         log.warning("dead-lettering %s: %s %s", envelope.source, error.code, error.message,
                     extra={"request_id": error.request_id, "traceparent": envelope.headers.get("traceparent")})
-        original = envelope.raw_headers or [(k, v.encode()) for k, v in envelope.headers.items()]
+        original = list(envelope.raw_headers) or [(k, v.encode()) for k, v in envelope.headers.items()]
         extra = dead_letter_headers(error, attempts, envelope.source)
         value = envelope.payload
         if len(value) > self.max_value_bytes:

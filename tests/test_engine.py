@@ -68,6 +68,38 @@ async def test_infer_many_answers_in_order_and_bad_requests_never_fail_their_bat
     assert outcomes[0].outputs is not outcomes[2].outputs  # batch-mates never share a dict
 
 
+async def test_requests_of_several_rows_get_their_own_rows_back(repository):
+    images, _ = synthetic_digits(6, seed=6)
+    sizes = [1, 3, 2]
+    starts = [0, 1, 4]
+    requests = [InferenceRequest(id=f"rows-{n}", model_name=MNIST_MLP, model_version=None,
+                                 inputs={"input": images[start:start + n].astype(np.float32)},
+                                 datatypes={"input": "FP32"}) for start, n in zip(starts, sizes, strict=True)]
+    async with InferenceEngine(ModelCache(repository)) as engine:
+        outcomes = await engine.infer_many(requests)
+    model = repository.load(MNIST_MLP, 1)
+    for request, outcome in zip(requests, outcomes, strict=True):
+        alone = model.infer(request.inputs)
+        assert outcome.outputs["class"].shape == (request.batch_rows,)
+        assert np.array_equal(outcome.outputs["class"], alone["class"])
+        assert np.allclose(outcome.outputs["probabilities"], alone["probabilities"], atol=1e-6)
+
+
+async def test_a_model_that_loses_rows_fails_its_batch_with_an_internal_error_and_the_engine_goes_on(repository):
+    images, _ = synthetic_digits(4, seed=7)
+    cache = ModelCache(repository)
+    model = cache.get(MNIST_MLP, 1)
+    healthy = model.infer
+    model.infer = lambda inputs: {k: v[:-1] for k, v in healthy(inputs).items()}
+    async with InferenceEngine(cache) as engine:
+        broken = await engine.infer_many([digit_request(f"b{i}", image) for i, image in enumerate(images[:3])])
+        model.infer = healthy
+        fine = await engine.infer(digit_request("after", images[3]))
+    assert [(o.code, o.request_id) for o in broken] == [(ErrorCode.INTERNAL, f"b{i}") for i in range(3)]
+    assert "one row per input row" in broken[0].message
+    assert fine.outputs["class"].shape == (1,)
+
+
 @pytest.mark.parametrize(("count", "batches"), [(40, [40]), (100, [64, 36])])
 async def test_requests_handed_over_together_fill_batches_up_to_max_batch_size(repository, count, batches):
     images, _ = synthetic_digits(count, seed=4)
