@@ -128,7 +128,8 @@ async def _worker(cfg: dict[str, Any]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with InferenceEngine(cache, worker_id=settings.worker_id) as engine:
+    async with InferenceEngine(cache, worker_id=settings.worker_id,
+                               max_running_batches=settings.max_running_batches) as engine:
         worker = KafkaWorker(settings, engine)
         await worker.start()
         await worker.assigned.wait()

@@ -45,7 +45,8 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.engine = InferenceEngine(ModelCache(open_repository(settings)), worker_id=settings.worker_id)
+        self.engine = InferenceEngine(ModelCache(open_repository(settings)), worker_id=settings.worker_id,
+                                      max_running_batches=settings.max_running_batches)
         self.api = V2Api(self.engine, max_request_bytes=settings.max_request_bytes,
                          api_keys=ApiKeys.from_settings(settings), rate_limiter=RateLimiter.from_settings(settings))
         self._producer: AIOKafkaProducer | None = None

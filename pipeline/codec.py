@@ -111,9 +111,9 @@ def _header_length(raw: str | None, size: int) -> int | None:
 
 def encode_response(response: InferenceResponse, request: InferenceRequest | None = None) -> Framed:
     """A result in the form its request asked for: outputs it wanted binary go as raw bytes."""
-    if request is None or not (request.binary_outputs or request.parameters.get("binary_data_output")):
+    binary = () if request is None else request.binary(response.outputs.keys())
+    if not binary:
         return Framed(orjson.dumps(response.to_json(), option=orjson.OPT_SERIALIZE_NUMPY), _JSON_HEADERS)
-    binary = {name for name in response.outputs if request.wants_binary(name)}
     body = response.to_json(without_data=binary)
     binary_parts: list[bytes] = []
     for out in body["outputs"]:
@@ -128,7 +128,7 @@ def _frame(body: dict[str, Any], binary_parts: list[bytes]) -> Framed:
     header = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
     if not binary_parts:
         return Framed(header, _JSON_HEADERS)
-    return Framed(header + b"".join(binary_parts), {CONTENT_TYPE: BINARY, HEADER_LENGTH: str(len(header))})
+    return Framed(b"".join([header, *binary_parts]), {CONTENT_TYPE: BINARY, HEADER_LENGTH: str(len(header))})
 
 
 def encode_error(error: InferenceError, model_name: str | None = None) -> Framed:

@@ -38,10 +38,12 @@ class InferenceEngine:
     computes, so decoding and producing on the event loop overlap with the model.
     """
 
-    def __init__(self, cache: ModelCache, *, worker_id: str = "local", max_queue_per_model: int = 1024) -> None:
+    def __init__(self, cache: ModelCache, *, worker_id: str = "local", max_queue_per_model: int = 1024,
+                 max_running_batches: int = 8) -> None:
         self.cache = cache
         self.worker_id = worker_id
-        self._batcher = DynamicBatcher(self._run_batch, max_queue=max_queue_per_model)
+        self._batcher = DynamicBatcher(self._run_batch, max_queue=max_queue_per_model,
+                                       max_running=max_running_batches)
         self._executor: ThreadPoolExecutor | None = None
         self._listeners: list[BatchListener] = []
         self._configs: dict[tuple[str, str | None], tuple[float, int, ModelConfig]] = {}

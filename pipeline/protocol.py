@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 from array import array as typed_array
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,9 +36,10 @@ class InferenceRequest:
     binary_outputs: frozenset[str] = frozenset()
     inputs_uri: str | None = None
 
-    def wants_binary(self, output: str) -> bool:
-        """The binary tensor extension: per output (`binary_data`) or for all (`binary_data_output`)."""
-        return output in self.binary_outputs or bool(self.parameters.get("binary_data_output"))
+    def binary(self, outputs: Collection[str]) -> Collection[str]:
+        """Which of `outputs` travel as raw bytes (the binary tensor extension): those the request named with
+        `binary_data`, or all of them with `binary_data_output`."""
+        return outputs if self.parameters.get("binary_data_output") else self.binary_outputs
 
     @property
     def batch_rows(self) -> int:
@@ -57,7 +59,7 @@ class InferenceResponse:
     datatypes: dict[str, str]
     parameters: dict[str, Any] = field(default_factory=dict)
 
-    def to_json(self, without_data: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+    def to_json(self, without_data: Collection[str] = frozenset()) -> dict[str, Any]:
         """The V2 result body; outputs named in `without_data` get no "data" (they travel as binary)."""
         outputs = []
         for name, array in self.outputs.items():
@@ -358,7 +360,8 @@ def tensor_to_bytes(array: np.ndarray, datatype: str) -> bytes:
         bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest even
         return rounded.astype("<u2").tobytes()
-    return np.ascontiguousarray(array, dtype=_LITTLE_ENDIAN[datatype]).tobytes()
+    layout = _LITTLE_ENDIAN[datatype]
+    return (array if array.dtype == layout else array.astype(layout)).tobytes()  # tobytes: C order, always
 
 
 def _bytes_elements(chunk: memoryview, count: int) -> np.ndarray:

@@ -76,6 +76,7 @@ class Settings:
     max_request_bytes: int = 4 * 1024 * 1024
     max_in_flight: int = 4096
     max_fetch_records: int = 500
+    max_running_batches: int = 8
     commit_interval_ms: int = 1000
     kafka_session_timeout_ms: int = 10000
     kafka_heartbeat_interval_ms: int = 1000
@@ -133,6 +134,7 @@ class Settings:
             max_request_bytes=_int(env, "MAAS_MAX_REQUEST_BYTES", 4 * 1024 * 1024, minimum=1024),
             max_in_flight=_int(env, "MAAS_MAX_IN_FLIGHT", 4096, minimum=1),
             max_fetch_records=_int(env, "MAAS_MAX_FETCH_RECORDS", 500, minimum=1),
+            max_running_batches=_int(env, "MAAS_MAX_RUNNING_BATCHES", 8, minimum=1),
             commit_interval_ms=_int(env, "MAAS_COMMIT_INTERVAL_MS", 1000, minimum=10),
             kafka_session_timeout_ms=_int(env, "MAAS_KAFKA_SESSION_TIMEOUT_MS", 10000, minimum=1000),
             kafka_heartbeat_interval_ms=_int(env, "MAAS_KAFKA_HEARTBEAT_INTERVAL_MS", 1000, minimum=100),

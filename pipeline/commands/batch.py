@@ -30,7 +30,8 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         config = BatchConfig.from_settings(live)
         s3, sqs = aws_client(live, "s3"), aws_client(live, "sqs")
         queue_url = await asyncio.to_thread(ensure_batch_notifications, s3, sqs, config)
-        async with InferenceEngine(ModelCache(repository), worker_id=live.worker_id) as engine:
+        async with InferenceEngine(ModelCache(repository), worker_id=live.worker_id,
+                                   max_running_batches=settings.max_running_batches) as engine:
             runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes,
                                     worker_id=live.worker_id)
             watcher = BatchJobWatcher(runner, sqs, queue_url, wait_s=args.wait)

@@ -24,7 +24,8 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         print(f"published example model {name} v{version} to {repository.root} (trained on synthetic digits)")
     async with connected(settings, use_state=False) as live:
         print(f"stack: Kafka {live.kafka_bootstrap_servers}, S3/SQS {live.aws_endpoint_url}")
-        async with InferenceEngine(ModelCache(repository), worker_id=live.worker_id) as engine:
+        async with InferenceEngine(ModelCache(repository), worker_id=live.worker_id,
+                                   max_running_batches=settings.max_running_batches) as engine:
             worker = KafkaWorker(live, engine)
             async with worker:
                 await asyncio.wait_for(worker.assigned.wait(), 30)

@@ -19,7 +19,8 @@ async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.examples:
         ensure_examples(repository)
     api_keys, limiter = ApiKeys.from_settings(settings), RateLimiter.from_settings(settings)
-    async with InferenceEngine(ModelCache(repository), worker_id=settings.worker_id) as engine:
+    async with InferenceEngine(ModelCache(repository), worker_id=settings.worker_id,
+                               max_running_batches=settings.max_running_batches) as engine:
         api = V2Api(engine, max_request_bytes=settings.max_request_bytes, api_keys=api_keys, rate_limiter=limiter)
         async with HttpServer(api, args.host, args.port) as server:
             print(f"serving the V2 API on {server.url} (models from {repository.root}; "
