@@ -226,6 +226,7 @@ class Settings:
             "MAAS_MAX_REQUEST_BYTES": str(self.max_request_bytes),
             "MAAS_MAX_IN_FLIGHT": str(self.max_in_flight),
             "MAAS_MAX_FETCH_RECORDS": str(self.max_fetch_records),
+            "MAAS_MAX_RUNNING_BATCHES": str(self.max_running_batches),
             "MAAS_COMMIT_INTERVAL_MS": str(self.commit_interval_ms),
             "MAAS_KAFKA_SESSION_TIMEOUT_MS": str(self.kafka_session_timeout_ms),
             "MAAS_KAFKA_HEARTBEAT_INTERVAL_MS": str(self.kafka_heartbeat_interval_ms),
