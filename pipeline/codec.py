@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import simdjson
 
 from models.datatypes import datatype_of
 from pipeline.errors import ErrorCode, InferenceError
@@ -84,8 +85,8 @@ def decode_request(payload: bytes, headers: Mapping[str, str] | None = None, *, 
         view = memoryview(payload)
         json_part, binary = view[:header_length], view[header_length:]
     try:
-        body = orjson.loads(json_part)
-    except orjson.JSONDecodeError as exc:
+        body = orjson.loads(json_part) if len(json_part) < _TENSOR_JSON_BYTES else _load_tensor_json(json_part)
+    except (orjson.JSONDecodeError, ValueError, RuntimeError) as exc:  # simdjson: ValueError, RuntimeError
         raise InferenceError(ErrorCode.INVALID_JSON, f"request is not valid UTF-8 JSON: {exc}") from None
     request = parse_request(body, max_elements=max_bytes, defaults=defaults, fallbacks=fallbacks, binary=binary)
     if ACCEPT in headers and _media_type(headers[ACCEPT]) == BINARY:
@@ -94,6 +95,50 @@ def decode_request(payload: bytes, headers: Mapping[str, str] | None = None, *, 
 
 
 _PLAIN_MEDIA_TYPES = frozenset((JSON, BINARY))  # as every client here sends them: no parameters, lower case
+
+# From this size on, a JSON request is read with simdjson: the floating-point `data` of its inputs goes
+# from the text straight into a float64 buffer, without a Python float per number (for an MNIST-sized
+# request 13 us instead of 29 us with orjson and array.array). Smaller requests are faster with orjson.
+_TENSOR_JSON_BYTES = 2048
+_FLOAT_DATATYPES = frozenset({"FP16", "FP32", "FP64", "BF16"})
+
+
+def _load_tensor_json(text: bytes | memoryview) -> Any:
+    """The request as Python objects, except that the `data` of floating-point inputs is a flat float64
+    array (nested lists flattened; `parse_request` checks the count against the shape)."""
+    doc = simdjson.Parser().parse(text)  # a parser per document: its views must not outlive the next parse
+    if not isinstance(doc, simdjson.Object):
+        return _plain(doc)
+    body = {}
+    for key in doc:
+        value = doc[key]
+        body[key] = [_tensor(t) for t in value] if key == "inputs" and isinstance(value, simdjson.Array) \
+            else _plain(value)
+    return body
+
+
+def _tensor(tensor: Any) -> Any:
+    if not isinstance(tensor, simdjson.Object):
+        return _plain(tensor)
+    out = {}
+    for key in tensor:
+        value = tensor[key]
+        if key == "data" and isinstance(value, simdjson.Array) and tensor.get("datatype") in _FLOAT_DATATYPES:
+            try:
+                out[key] = np.frombuffer(value.as_buffer(of_type="d"), dtype=np.float64)
+                continue
+            except (TypeError, ValueError):  # not all numbers: the validating path explains what is wrong
+                pass
+        out[key] = _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, simdjson.Object):
+        return value.as_dict()
+    if isinstance(value, simdjson.Array):
+        return value.as_list()
+    return value
 
 
 def _header_length(raw: str | None, size: int) -> int | None:

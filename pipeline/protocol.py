@@ -320,8 +320,16 @@ _ARRAY_CODES = {"FP32": "f", "FP64": "d", "INT8": "b", "UINT8": "B", "INT16": "h
 
 
 def _flat_numbers(data: Any, datatype: str, shape: list[int], count: int) -> np.ndarray | None:
-    """The fast path for the common case (a flat list of `count` numbers); None sends the data down the
-    validating slow path."""
+    """The fast path for the common cases: a flat list of `count` numbers, or the flat float64 array that the
+    codec reads large JSON requests into. None sends the data down the validating slow path."""
+    if type(data) is np.ndarray:
+        if data.size != count or not count:
+            return None
+        try:
+            with np.errstate(over="raise"):
+                return data.astype(NUMPY_DTYPES[datatype], copy=False).reshape(shape)
+        except FloatingPointError:  # out of range for FP16
+            return None
     code = _ARRAY_CODES.get(datatype)
     if code is None or type(data) is not list or len(data) != count or not data or isinstance(data[0], bool):
         return None

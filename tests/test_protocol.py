@@ -6,6 +6,7 @@ import numpy as np
 import orjson
 import pytest
 
+from pipeline import codec
 from pipeline.codec import decode_request
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.protocol import InferenceResponse
@@ -130,3 +131,48 @@ def test_settings_survive_the_environment_round_trip():
     again = Settings.from_env(settings.to_env())
     assert replace(again, worker_id=settings.worker_id, aws_credentials_configured=False) == settings
     assert "secret" not in repr(settings) and "kafka_sasl_password" not in settings.describe()
+
+
+# Past `_TENSOR_JSON_BYTES` the codec reads JSON with simdjson, floating-point data straight into numpy.
+LARGE = 600
+
+
+def _large(datatype: str, data, shape=(2, LARGE)) -> bytes:
+    body = orjson.dumps(_request(inputs=[{"name": "input", "shape": list(shape), "datatype": datatype,
+                                          "data": data}], parameters={"priority": 2}))
+    assert len(body) >= codec._TENSOR_JSON_BYTES
+    return body
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64", "BF16", "INT32", "UINT8"])
+@pytest.mark.parametrize("nested", [False, True])
+def test_large_json_requests_decode_exactly_as_small_ones(datatype, nested, monkeypatch):
+    values = np.random.default_rng(3).uniform(0, 100, size=(2, LARGE))
+    data = (values.round().astype(int) if datatype.startswith(("INT", "UINT")) else values).tolist()
+    body = _large(datatype, data if nested else [v for row in data for v in row])
+    fast = _decode(body)
+    monkeypatch.setattr(codec, "_TENSOR_JSON_BYTES", 1 << 30)  # the orjson path, for comparison
+    plain = _decode(body)
+    assert fast.inputs["input"].dtype == plain.inputs["input"].dtype
+    assert fast.inputs["input"].shape == plain.inputs["input"].shape == (2, LARGE)
+    np.testing.assert_array_equal(fast.inputs["input"], plain.inputs["input"])
+    assert (fast.id, fast.model_name, fast.parameters) == (plain.id, plain.model_name, plain.parameters)
+
+
+@pytest.mark.parametrize(
+    ("payload", "code", "fragment"),
+    [
+        (_large("FP32", ["a"] * (2 * LARGE)), ErrorCode.INVALID_INPUT, "FP32 tensor holds strings"),
+        (_large("FP32", [True] * (2 * LARGE)), ErrorCode.INVALID_INPUT, "FP32 tensor holds booleans"),
+        (_large("FP16", [1e300] * (2 * LARGE)), ErrorCode.INVALID_INPUT, "out of range for FP16"),
+        (_large("FP32", [[1.0] * LARGE, [1.0] * (LARGE - 1)]), ErrorCode.INVALID_INPUT,
+         "1199 values given, shape [2, 600] needs 1200"),
+        (_large("FP32", [0.5] * (2 * LARGE))[:-40], ErrorCode.INVALID_JSON, "not valid UTF-8 JSON"),
+        (_large("FP32", [0.5] * (2 * LARGE)).replace(b'"r1"', b'"\xff\xfe"'), ErrorCode.INVALID_JSON,
+         "not valid UTF-8 JSON"),
+    ],
+)
+def test_large_malformed_json_requests_name_the_problem(payload, code, fragment):
+    with pytest.raises(InferenceError) as caught:
+        _decode(payload)
+    assert caught.value.code == code and fragment in caught.value.message, caught.value.message
