@@ -158,7 +158,7 @@ def encode_response(response: InferenceResponse, request: InferenceRequest | Non
     """A result in the form its request asked for: outputs it wanted binary go as raw bytes."""
     binary = () if request is None else request.binary(response.outputs.keys())
     if not binary:
-        return Framed(orjson.dumps(response.to_json(), option=orjson.OPT_SERIALIZE_NUMPY), _JSON_HEADERS)
+        return _frame(response.to_json(), [])
     body = response.to_json(without_data=binary)
     binary_parts: list[bytes] = []
     for out in body["outputs"]:

@@ -280,12 +280,13 @@ class InferenceEngine:
     async def _run_group(self, model: LoadedModel, group: list[_Entry]) -> None:
         """Run requests whose inputs concatenate (same names, same shapes past the batch dimension)."""
         names = [s.name for s in model.config.inputs]
+        rows = sum([e.rows for e in group])
         started = time.monotonic()
         try:
             inputs = [e.request.inputs for e in group]
             # Requests of a group share their shapes past the batch dimension (and their datatypes).
             row_bytes = sum(a.nbytes // a.shape[0] for a in inputs[0].values())
-            if row_bytes * sum([e.rows for e in group]) <= _PREPARE_ON_LOOP_BYTES:
+            if row_bytes * rows <= _PREPARE_ON_LOOP_BYTES:
                 rejected, batch = _prepare(inputs, names)
                 outputs = None if batch is None else await self._in_executor(model.infer, batch)
             else:
@@ -298,18 +299,19 @@ class InferenceEngine:
             log.exception("model %s:%s failed on request %s", model.name, model.version, group[0].request.id)
             group[0].settle(InferenceError(ErrorCode.INTERNAL, f"model execution failed: {exc!r}"))
             return
-        for index, name in rejected.items():
-            group[index].settle(InferenceError(ErrorCode.INVALID_INPUT,
-                                               f"input {name!r}: NaN or infinite values are not allowed"))
-        group = [entry for index, entry in enumerate(group) if index not in rejected]
-        if not group:
-            return
+        if rejected:
+            for index, name in rejected.items():
+                group[index].settle(InferenceError(ErrorCode.INVALID_INPUT,
+                                                   f"input {name!r}: NaN or infinite values are not allowed"))
+            group = [entry for index, entry in enumerate(group) if index not in rejected]
+            if not group:
+                return
+            rows = sum([entry.rows for entry in group])
         finished = time.monotonic()
-        offset = sum([entry.rows for entry in group])
-        wrong = next((name for name, v in outputs.items() if v.ndim == 0 or v.shape[0] != offset), None)
+        wrong = next((name for name, v in outputs.items() if v.ndim == 0 or v.shape[0] != rows), None)
         if wrong is not None:  # a broken model: its batch-mates cannot be told apart either
             log.error("model %s:%s returned %s of shape %s for a batch of %d rows", model.name, model.version,
-                      wrong, outputs[wrong].shape, offset)
+                      wrong, outputs[wrong].shape, rows)
             for entry in group:
                 entry.settle(InferenceError(ErrorCode.INTERNAL, f"model execution failed: output {wrong!r} does "
                                             "not have one row per input row"))
@@ -320,7 +322,7 @@ class InferenceEngine:
         for enqueued in {entry.enqueued for entry in group}:  # requests submitted together waited as one
             queue_wait.observe(started - enqueued)
         record = BatchRecord(
-            model=model.name, version=model.version, batch_size=offset, requests=len(group),
+            model=model.name, version=model.version, batch_size=rows, requests=len(group),
             queue_wait_ms_max=max(waits) * 1000, queue_wait_ms_mean=sum(waits) / len(waits) * 1000,
             compute_ms=(finished - started) * 1000, worker=self.worker_id,
         )
