@@ -37,7 +37,7 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 
 bench: $(BENCH_STAMP)
 	$(PY) bench/pipeline.py
-	$(PY) bench/http.py
+	$(PY) bench/http_api.py
 	$(PY) bench/models.py --quick
 
 bench-gpu: $(BENCH_STAMP)

@@ -130,6 +130,84 @@ def _time(fn, inputs: dict, device: torch.device, budget_s: float) -> float:
     return float(np.median(times))
 
 
+def token_batch(vocab: int, batch: int, device: torch.device, seq: int = 128, short: int = 64):
+    """Random token ids ``[batch, seq]`` and their mask, the first half of the rows padded after ``short``
+    tokens: the issue's MiniLM workload (a batch of 1 is one full-length sequence)."""
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(1000, vocab, (batch, seq), generator=g)
+    lengths = torch.full((batch,), seq)
+    lengths[: batch // 2] = short
+    mask = torch.arange(seq)[None, :] < lengths[:, None]
+    return ids.masked_fill(~mask, 0).to(device), mask.to(device)
+
+
+def cuda_graph(fn, *args):
+    """``fn(*args)`` captured once in a CUDA graph (after warm-up runs that autotune and compile outside
+    it); the returned callable replays it and returns the graph's output tensors."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.inference_mode():
+        for _ in range(2):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph):
+        out = fn(*args)
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
+def token_benchmark(device: torch.device, compile_on: bool, budget: float, batches: list[int]) -> list[dict]:
+    """The MiniLM encoder on token ids (no tokenizer), bf16 and fp32: this project's kernels (eagerly and
+    replayed from a CUDA graph) against the plain-torch twin and ``torch.compile`` of it. The first call of
+    each way is timed too: for the kernels it is autotuning + compiling, for torch.compile its compile."""
+    entries = [e for e in zoo([MINILM]) if e[0] == MINILM]
+    if not entries:
+        return []
+    _, config, weights, assets = entries[0]
+    rows = []
+    print(f"\n{'MiniLM on token ids':<20} {'dtype':<5} {'batch':>6} {'way':<14} {'latency ms':>11} "
+          f"{'seq/s':>10} {'first call s':>13}")
+    for dt in ("BF16", "FP32") if device.type == "cuda" else ("FP32",):
+        model = build(config, dict(weights), assets).to(device, TORCH_DTYPES[dt])
+        compiled = torch.compile(model.reference_forward_tokens, dynamic=False) if compile_on else None
+        for batch in batches:
+            ids, mask = token_batch(config.params["vocab_size"], batch, device)
+            ways = {"kernels": model.forward_tokens, "eager": model.reference_forward_tokens}
+            if compiled is not None:
+                ways["compile"] = compiled
+            if device.type == "cuda":
+                ways["kernels+graph"] = None  # captured below, after the kernels have autotuned
+            for way, fn in ways.items():
+                try:
+                    start = time.perf_counter()
+                    if way == "kernels+graph":
+                        fn = cuda_graph(model.forward_tokens, ids, mask)
+                        call = lambda _, fn=fn: fn()  # noqa: E731
+                    else:
+                        with torch.inference_mode():
+                            fn(ids, mask)
+                        call = lambda _, fn=fn, ids=ids, mask=mask: fn(ids, mask)  # noqa: E731
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    first = time.perf_counter() - start
+                    seconds = _time(call, {}, device, budget)
+                except Exception as exc:  # report and go on
+                    print(f"{'minilm tokens':<20} {dt:<5} {batch:>6} {way:<14} failed: {type(exc).__name__}: "
+                          f"{str(exc)[:100]}")
+                    continue
+                row = {"model": "minilm_tokens", "architecture": config.architecture, "dtype": dt, "batch": batch,
+                       "way": way, "latency_ms": seconds * 1e3, "samples_per_s": batch / seconds,
+                       "first_call_s": first}
+                rows.append(row)
+                print(f"{'minilm tokens':<20} {dt:<5} {batch:>6} {way:<14} {row['latency_ms']:>11.3f} "
+                      f"{row['samples_per_s']:>10.0f} {first:>13.2f}", flush=True)
+    return rows
+
+
 def cold_start(repo_root: Path) -> dict[str, float]:
     """A fresh process: import, load + warm up mnist_mlp through the cache, answer one request."""
     code = (
@@ -163,6 +241,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=None, help="seconds of timing per cell")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
+    parser.add_argument("--tokens", action="store_true",
+                        help="only the MiniLM encoder on token ids (seq 128, half the rows padded to 64)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -179,6 +259,14 @@ def main() -> None:
     if not compile_on:
         print("note: torch.compile skipped" + ("" if cuda or args.no_compile else
                                               " on CPU (compiling each model takes minutes here; pass --compile)"))
+
+    if args.tokens:
+        rows = token_benchmark(device, compile_on, budget, [1, 64, 256] if cuda else [1, 64])
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(json.dumps({"device": str(device), "results": rows}, indent=2) + "\n")
+            print(f"wrote {args.output}")
+        return
 
     results = []
     header = f"{'model':<15} {'arch':<20} {'dtype':<5} {'batch':>6} {'way':<8} {'latency ms':>11} {'samples/s':>11}"

@@ -101,10 +101,12 @@ def _launch(x, w_ih, w_hh, bias, lengths, reverse, out) -> torch.Tensor:
     block_h = min(64, max(16, triton.next_power_of_2(hidden)))
     block_k = min(64, max(16, triton.next_power_of_2(hidden)))
     grid = (triton.cdiv(b, block_b), triton.cdiv(hidden, block_h))
+    # Two stages of (h tile + four W_hh tiles): three would need 240 KB of shared memory for fp32 64x64x64
+    # tiles, more than a Hopper SM has (227 KB), and the launch would fail with OutOfResources.
     for step in range(s):
         h_in, h_out = h[step % 2], h[(step + 1) % 2]
         _lstm_step_kernel[grid](gates, w_hh, lengths, h_in, h_out, c, y, step, b, s, hidden, REVERSE=reverse,
-                                BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k)
+                                BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, num_stages=2)
     return y
 
 

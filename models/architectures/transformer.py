@@ -129,7 +129,14 @@ class TransformerEncoder(Architecture):
         return t.view(b, s, self.p["num_heads"], -1).transpose(1, 2)
 
     def forward(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        ids, mask = self.encode(inputs["text"])
+        return self.forward_tokens(*self.encode(inputs["text"]))
+
+    def reference_forward(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.reference_forward_tokens(*self.encode(inputs["text"]))
+
+    def forward_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The encoder on token ids ``[B, S]`` and their padding mask: what the GPU runs, timed apart from the
+        tokenizer (which runs on the CPU whatever the device) by ``bench/models.py``."""
         w, eps = self.weights, self.p["layer_norm_eps"]
         b, s = ids.shape
         h = kernels.layer_norm(self._embed(ids), w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
@@ -147,8 +154,7 @@ class TransformerEncoder(Architecture):
         pooled = (h * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
         return {"embedding": kernels.l2_normalize(pooled) if self.p["normalize"] else pooled}
 
-    def reference_forward(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        ids, mask = self.encode(inputs["text"])
+    def reference_forward_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         w, eps, d = self.weights, self.p["layer_norm_eps"], self.p["hidden_size"]
         b, s = ids.shape
         h = F.layer_norm(self._embed(ids), (d,), w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"],

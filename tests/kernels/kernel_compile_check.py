@@ -86,6 +86,8 @@ def launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
         ("conv2d", lambda: conv2d_triton(img, z(4, 3, 3, 3), z(4), True)),
         ("max_pool2d", lambda: max_pool2d_triton(img, 2)),
         ("lstm", lambda: lstm_triton(z(2, 4, 8), z(64, 8), z(64, 16), z(64), torch.tensor([4, 2]), True)),
+        # The largest step tiles (64 rows x 64 units x 64): their pipeline must fit in shared memory in fp32.
+        ("lstm, 64 rows", lambda: lstm_triton(z(64, 2, 8), z(256, 8), z(256, 64), z(256))),
     ]
     for d in (64, 128):
         q = z(1, 2, 8, d)

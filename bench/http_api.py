@@ -1,9 +1,9 @@
 """HTTP API throughput (JSON vs binary tensors, N concurrent connections, vs a plain per-request server), and
 a batch-job benchmark on the local stack (lines/s and peak RSS).
 
-    .venv/bin/python bench/http.py                          # HTTP table
-    .venv/bin/python bench/http.py --concurrency 1,16,64 --requests 3000
-    .venv/bin/python bench/http.py --batch-job 100000       # maas batch worker + maas batch submit
+    .venv/bin/python bench/http_api.py                          # HTTP table
+    .venv/bin/python bench/http_api.py --concurrency 1,16,64 --requests 3000
+    .venv/bin/python bench/http_api.py --batch-job 100000       # maas batch worker + maas batch submit
 
 The servers run as child processes (`maas serve`, and `--plain-server`: aiohttp that parses JSON with the
 stdlib and runs the model once per request, no batching), so the client's CPU is not the server's; on a
@@ -13,16 +13,12 @@ small machine the client still competes for the same cores, which the table says
 # ruff: noqa: E402
 from __future__ import annotations
 
-import sys
-
-# Run as a script, this file's folder comes first on sys.path and `http.py` would shadow the stdlib's `http`.
-sys.path[:] = [p for p in sys.path if p not in ("", __file__.rpartition("/")[0])]
-
 import argparse
 import asyncio
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path

