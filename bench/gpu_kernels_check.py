@@ -5,7 +5,7 @@ only a GPU shows: real tile configs and autotuning, TF32/bf16 tensor cores, larg
 NaN-poisoned before each launch, so an element the kernel fails to write fails the check. Tolerances come
 from ``tests/kernels/kernel_checks.py`` (fp32 products through ``tl.dot`` get the TF32 budget).
 
-Usage: ``python bench/gpu_kernels_check.py [--seed N] [--only OP]``. Prints a pass/fail table; exits 1 if
+Usage: ``python bench/gpu_kernels_check.py [--seed N] [--only TEXT ...]``. Prints a pass/fail table; exits 1 if
 any check fails, 0 (after saying so) on a machine without a CUDA GPU.
 """
 
@@ -98,6 +98,16 @@ def _cases() -> list[Case]:
                     lambda: attention_reference(d(q), d(k), d(v), mask), (b, h, s, hd), s, True)
         return f"attention B{b} H{h} S{s} D{hd} padded", DTYPES, build
 
+    def fused_attention_case(b, h, s, hd):
+        def build(dt, gen):  # q, k, v as strided views of one [B, S, 3, H, D] projection, as MiniLM runs it
+            qkv = rnd(gen, b, s, 3, h, hd, dtype=dt)
+            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+            lengths = torch.randint(1, s + 1, (b,), generator=gen, device="cuda")
+            mask = torch.arange(s, device="cuda")[None, :] < lengths[:, None]
+            return (lambda out: kernels.attention(q, k, v, mask, out=out),
+                    lambda: attention_reference(d(q), d(k), d(v), mask), (b, h, s, hd), s, True)
+        return f"attention fused-qkv views B{b} H{h} S{s} D{hd}", DTYPES, build
+
     def embedding_case(b, s, v, n):
         def build(dt, gen):
             ids = torch.randint(0, v, (b, s), generator=gen, device="cuda")
@@ -149,6 +159,7 @@ def _cases() -> list[Case]:
         attention_case(8, 12, 128, 64),
         attention_case(2, 16, 1031, 128),
         attention_case(1, 4, 4096, 64),
+        fused_attention_case(64, 12, 128, 32),
         embedding_case(256, 128, 30522, 384),
         conv_case(64, 32, 28, 64, 3),
         pool_case(64, 64, 26),
@@ -161,7 +172,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(4), "little"))
-    parser.add_argument("--only", help="run only the cases whose label contains this text")
+    parser.add_argument("--only", nargs="+", help="run only the cases whose label contains one of these texts")
     opts = parser.parse_args()
     if not torch.cuda.is_available():
         print("SKIPPED: gpu_kernels_check needs a CUDA GPU and none was found.")
@@ -173,7 +184,7 @@ def main() -> int:
     print(f"{'case':<44} {'dtype':<9} {'max abs err':>12} {'allowed':>10} {'time s':>7}  result")
     failures = 0
     for label, dtypes, build in _cases():
-        if opts.only and opts.only not in label:
+        if opts.only and not any(text in label for text in opts.only):
             continue
         for dt in dtypes:
             gen = torch.Generator(device="cuda").manual_seed(opts.seed)

@@ -128,8 +128,19 @@ def _time(fn: Callable, args: tuple) -> float:
         return do_bench(lambda: fn(*args), return_mode="median")
 
 
+def _tile_config(op: str) -> str | None:
+    """The tiles the GEMM autotuner picked for the case just timed (linear and linear_int8 share the kernel)."""
+    if op not in ("linear", "linear_int8"):
+        return None
+    from kernels.linear import _linear_kernel
+
+    config = getattr(_linear_kernel, "best_config", None)
+    return None if config is None else str(config)
+
+
 def run(case: Case, compile_baseline: bool) -> dict:
     ms = _time(case.triton, case.args)
+    tiles = _tile_config(case.op)
     eager_ms = _time(case.eager, case.args)
     compiled_ms = None
     if compile_baseline:
@@ -144,7 +155,7 @@ def run(case: Case, compile_baseline: bool) -> dict:
     return {
         "op": case.op, "size": case.size, "triton_ms": ms, "eager_ms": eager_ms, "compile_ms": compiled_ms,
         "rate": rate, "unit": unit, "speedup_vs_eager": eager_ms / ms,
-        "speedup_vs_compile": compiled_ms / ms if compiled_ms else None,
+        "speedup_vs_compile": compiled_ms / ms if compiled_ms else None, "tiles": tiles,
     }
 
 
@@ -196,7 +207,7 @@ def main() -> int:
         rows.append(row)
         vs_compile = f"{row['speedup_vs_compile']:.2f}" if row["speedup_vs_compile"] else "-"
         print(f"{row['op']:<15} {row['size']:<30} {row['triton_ms']:>10.4f} {row['rate']:>8.1f} "
-              f"{row['unit']:<7} {row['speedup_vs_eager']:>8.2f} {vs_compile:>9}")
+              f"{row['unit']:<7} {row['speedup_vs_eager']:>8.2f} {vs_compile:>9}  {row['tiles'] or ''}")
     geo = math.exp(sum(math.log(r["speedup_vs_eager"]) for r in rows) / max(1, len(rows)))
     print(f"geometric mean speed-up vs eager: {geo:.2f}")
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -205,7 +205,26 @@ def token_benchmark(device: torch.device, compile_on: bool, budget: float, batch
                 rows.append(row)
                 print(f"{'minilm tokens':<20} {dt:<5} {batch:>6} {way:<14} {row['latency_ms']:>11.3f} "
                       f"{row['samples_per_s']:>10.0f} {first:>13.2f}", flush=True)
+        if device.type == "cuda" and dt == "BF16":
+            kernel_breakdown(model.forward_tokens, *token_batch(config.params["vocab_size"], batches[-1], device))
     return rows
+
+
+def kernel_breakdown(fn, *args, runs: int = 5) -> None:
+    """Where the GPU time of ``fn(*args)`` goes, per kernel (torch.profiler over a few runs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with torch.inference_mode():
+            fn(*args)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(runs):
+                    fn(*args)
+                torch.cuda.synchronize()
+        print(f"\nGPU time per kernel over {runs} runs of the batch of {args[0].shape[0]}:")
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
+    except Exception as exc:  # a diagnostic only
+        print(f"kernel breakdown failed: {type(exc).__name__}: {exc}"[:200])
 
 
 def cold_start(repo_root: Path) -> dict[str, float]:

@@ -8,10 +8,11 @@ attribute ``kernels.linear`` is the op, not the module: reach a module's extras 
 ``from kernels.linear import linear_triton``.
 
 Compilation and warm-up: the first call of an op with a new combination of dtypes and flags compiles its
-kernel (and, for ``linear``, autotunes per power-of-two bucket of rows), which takes from a second to tens
-of seconds. Run one batch of the real shapes before taking traffic, as the model warm-up inputs do.
-Compiled kernels are cached on disk under ``TRITON_CACHE_DIR`` (Triton's own setting, default
-``~/.triton/cache``): point it at a persistent volume so restarted workers skip compilation.
+kernel (and autotunes ``linear`` per power-of-two bucket of rows, ``attention`` per bucket of lengths and
+batch x heads), which takes from a second to tens of seconds. Run one batch of the real shapes before taking
+traffic, as the model warm-up inputs do. Compiled kernels, and with Triton >= 3.4 the autotuning timings, are
+cached on disk under ``TRITON_CACHE_DIR`` (Triton's own setting, default ``~/.triton/cache``): point it at a
+persistent volume so restarted workers skip compiling and tuning.
 
 Tests run the kernels on CPU under the Triton interpreter: set ``TRITON_INTERPRET=1`` before importing
 this package and ``MAAS_KERNEL_BACKEND=triton``.

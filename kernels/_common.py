@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -61,10 +62,15 @@ def into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# Triton >= 3.4 can keep autotuning timings on disk beside the compiled kernels (TRITON_CACHE_DIR), so a
+# restarted worker skips both compiling and tuning.
+_CACHE_TUNING = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
 def autotune(configs: list[triton.Config], key: list[str], prune_configs_by: dict | None = None):
     """``triton.autotune`` on a GPU; a no-op under the interpreter, where launchers pass a fixed config."""
     if USE_AUTOTUNE:
-        return triton.autotune(configs=configs, key=key, prune_configs_by=prune_configs_by)
+        return triton.autotune(configs=configs, key=key, prune_configs_by=prune_configs_by, **_CACHE_TUNING)
     return lambda fn: fn
 
 

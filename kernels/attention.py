@@ -5,6 +5,10 @@ Each program owns a block of query rows and streams over key/value tiles, keepin
 and normaliser (online softmax) and rescaling its accumulator when the maximum grows. Padded keys
 (``key_padding_mask == False``) get zero weight; padded *query* rows are computed like any other row and
 so stay finite. A batch row whose keys are all padding gets an all-zero output.
+
+q, k and v are read through their strides (only the head dimension must be contiguous), so a transformer can
+pass views of one fused QKV projection ``[B, S, 3, H, D]`` without copying them apart. The output is laid out
+``[B, S, H, D]`` in memory (returned as a ``[B, H, S, D]`` view), so merging the heads afterwards is free.
 """
 
 from __future__ import annotations
@@ -15,31 +19,68 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import FLOAT_DTYPES, check_tensor, compute_dtype, into, output
-from kernels.dispatch import INTERPRETER, backend_for
+from kernels._common import FLOAT_DTYPES, autotune, check_tensor, compute_dtype
+from kernels.dispatch import INTERPRETER, USE_AUTOTUNE, backend_for
 
 HEAD_DIMS = (16, 32, 64, 128)
 # A finite "-inf": an all-masked tile then gives exp(0) * 0 = 0 rather than exp(-inf + inf) = NaN.
 _NEG = tl.constexpr(-1.0e30)
 
 
+def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# Wide query tiles for long sequences and big batches; narrow ones so that a single short sequence (few heads,
+# S <= 128) still spreads over many SMs.
+GPU_CONFIGS = [
+    _config(128, 64, 4, 3),
+    _config(128, 64, 8, 3),
+    _config(128, 128, 8, 3),
+    _config(64, 64, 4, 3),
+    _config(64, 32, 4, 2),
+    _config(32, 32, 4, 2),
+]
+SHARED_MEMORY = 232448  # bytes one block may use on an H100 (227 KB)
+
+
+def fits_shared_memory(config: triton.Config, head_dim: int, element_size: int) -> bool:
+    """The q tile plus ``num_stages`` copies of the k and v tiles, with room for the compiler's scratch."""
+    kw = config.kwargs
+    tiles = (kw["BLOCK_M"] + 2 * kw["BLOCK_N"] * config.num_stages) * head_dim * element_size
+    return tiles <= 0.85 * SHARED_MEMORY
+
+
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    size = named_args["q_ptr"].element_size()
+    return [c for c in configs if fits_shared_memory(c, kwargs["HEAD_DIM"], size)]
+
+
+# Tuned per power-of-two bucket of the query and key lengths and of batch x heads (capped: past 1024
+# programs per query block every config fills the GPU), so new batch shapes reuse a tuned config.
+@autotune(GPU_CONFIGS, key=["SQ_BUCKET", "SK_BUCKET", "BH_BUCKET", "HEAD_DIM"],
+          prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, o_ptr,
-    H, SQ, SK, qk_scale,
+    H, SQ, SK, qk_scale, SQ_BUCKET, SK_BUCKET, BH_BUCKET,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
     HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_base = q_ptr + bh * SQ * HEAD_DIM
-    k_base = k_ptr + bh * SK * HEAD_DIM
-    v_base = v_ptr + bh * SK * HEAD_DIM
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
 
-    q = tl.load(q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < SQ, other=0.0)
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=offs_m[:, None] < SQ, other=0.0)
     if UPCAST:  # the interpreter computes bf16 wrongly: do its math in fp32
         q = q.to(tl.float32)
     m_i = tl.full((BLOCK_M,), _NEG, dtype=tl.float32)  # running row max (log2 domain)
@@ -50,9 +91,9 @@ def _attention_kernel(
         cols = start + offs_n
         valid = cols < SK
         if HAS_MASK:
-            valid &= tl.load(m_ptr + (bh // H) * SK + cols, mask=valid, other=0) != 0
-        k_t = tl.load(k_base + cols[None, :] * HEAD_DIM + offs_d[:, None], mask=valid[None, :], other=0.0)
-        v = tl.load(v_base + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None], other=0.0)
+            valid &= tl.load(m_ptr + b * SK + cols, mask=valid, other=0) != 0
+        k_t = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=valid[None, :], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
         if UPCAST:
             k_t = k_t.to(tl.float32)
             v = v.to(tl.float32)
@@ -62,11 +103,11 @@ def _attention_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.where(valid[None, :], tl.exp2(s - m_new[:, None]), 0.0)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    o_ptrs = o_ptr + bh * SQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    o_ptrs = o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < SQ)
 
 
@@ -84,22 +125,43 @@ def _validate(q, k, v, key_padding_mask) -> None:
                      device=q.device)
 
 
+def _check_head_stride(name: str, t: torch.Tensor) -> None:
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        raise ValueError(f"{name} must have a contiguous head dimension (stride 1 along the last axis), got "
+                         f"strides {t.stride()}")
+
+
+def _output(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    """``out`` checked, or a new ``[B, S_q, H, D]`` buffer seen as ``[B, H, S_q, D]``."""
+    if out is None:
+        b, h, sq, d = q.shape
+        return torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    check_tensor("out", out, shape=q.shape, dtypes=(q.dtype,), device=q.device)
+    _check_head_stride("out", out)
+    return out
+
+
 def _launch(q, k, v, key_padding_mask, scale, out) -> torch.Tensor:
-    o = output(out, q.shape, q)
+    o = _output(out, q)
     b, h, sq, d = q.shape
     sk = k.shape[2]
     if o.numel() == 0:
         return o
-    if INTERPRETER:  # few, large tiles: every tile costs Python time
+    if USE_AUTOTUNE:
+        meta = {}
+    elif INTERPRETER:  # few, large tiles: every tile costs Python time
         block_m = block_n = min(64, max(16, triton.next_power_of_2(max(sq, sk))))
         meta = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-    elif q.dtype == torch.float32:  # fp32 tiles take twice the shared memory
-        meta = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
-    else:
-        meta = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4 if d <= 64 else 8, "num_stages": 3}
+    else:  # compiled without a GPU to tune on (the sm_90 compile check): the widest tiles that fit
+        meta = GPU_CONFIGS[0].all_kwargs() if q.element_size() < 4 else GPU_CONFIGS[4].all_kwargs()
     qk_scale = (scale if scale is not None else 1.0 / math.sqrt(d)) * math.log2(math.e)
-    grid = (triton.cdiv(sq, meta["BLOCK_M"]), b * h)
-    _attention_kernel[grid](q, k, v, key_padding_mask, o, h, sq, sk, qk_scale,
+
+    def grid(config: dict) -> tuple[int, int]:  # called with the autotuner's chosen config
+        return triton.cdiv(sq, config["BLOCK_M"]), b * h
+
+    buckets = triton.next_power_of_2(sq), triton.next_power_of_2(sk), min(triton.next_power_of_2(b * h), 1024)
+    _attention_kernel[grid](q, k, v, key_padding_mask, o, h, sq, sk, qk_scale, *buckets,
+                            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
                             HAS_MASK=key_padding_mask is not None, HEAD_DIM=d, UPCAST=INTERPRETER, **meta)
     return o
 
@@ -107,11 +169,12 @@ def _launch(q, k, v, key_padding_mask, scale, out) -> torch.Tensor:
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      key_padding_mask: torch.Tensor | None = None, scale: float | None = None, *,
                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """The Triton launcher (contiguous inputs only)."""
+    """The Triton launcher: any strides but a contiguous head dimension; the mask must be contiguous."""
     _validate(q, k, v, key_padding_mask)
-    for name, t in (("q", q), ("k", k), ("v", v), ("key_padding_mask", key_padding_mask)):
-        if t is not None:
-            check_tensor(name, t, contiguous=True)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_head_stride(name, t)
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, contiguous=True)
     return _launch(q, k, v, key_padding_mask, scale, out)
 
 
@@ -137,9 +200,12 @@ def attention_reference(
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
               scale: float | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Non-causal attention. q ``[B, H, S_q, D]``, k and v ``[B, H, S_k, D]`` with D in 16/32/64/128,
-    ``key_padding_mask`` bool ``[B, S_k]`` True for real tokens; ``scale`` defaults to ``D ** -0.5``."""
+    ``key_padding_mask`` bool ``[B, S_k]`` True for real tokens; ``scale`` defaults to ``D ** -0.5``.
+    The result is ``[B, H, S_q, D]``; on the Triton path its memory is ``[B, S_q, H, D]`` (see the module)."""
     _validate(q, k, v, key_padding_mask)
     if backend_for(q, k, v, key_padding_mask) == "torch":
-        return into(out, attention_reference(q, k, v, key_padding_mask, scale))
+        result = attention_reference(q, k, v, key_padding_mask, scale)
+        return result if out is None else _output(out, q).copy_(result)
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
-    return _launch(q.contiguous(), k.contiguous(), v.contiguous(), mask, scale, out)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _launch(q, k, v, mask, scale, out)

@@ -40,9 +40,10 @@ def _validate(ids, table, mask) -> None:
     check_tensor("ids", ids, ndim=2, dtypes=(torch.int64, torch.int32))
     check_tensor("table", table, ndim=2, dtypes=FLOAT_DTYPES, device=ids.device)
     check_tensor("mask", mask, shape=ids.shape, dtypes=(torch.bool,), device=ids.device)
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]):
-        raise ValueError(f"ids must lie in [0, {table.shape[0]}) (the table's rows), got "
-                         f"[{int(ids.min())}, {int(ids.max())}]")
+    if ids.numel():
+        low, high = torch.stack(torch.aminmax(ids)).tolist()  # one reduction, one device sync
+        if low < 0 or high >= table.shape[0]:
+            raise ValueError(f"ids must lie in [0, {table.shape[0]}) (the table's rows), got [{low}, {high}]")
 
 
 def _launch(ids, table, mask, out) -> torch.Tensor:

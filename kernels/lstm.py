@@ -81,8 +81,10 @@ def _validate(x, w_ih, w_hh, bias, lengths) -> None:
     check_tensor("bias", bias, shape=(4 * hidden,), dtypes=(x.dtype,), device=x.device)
     if lengths is not None:
         check_tensor("lengths", lengths, shape=(x.shape[0],), dtypes=(torch.int64, torch.int32))
-        if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > x.shape[1]):
-            raise ValueError(f"lengths must lie in [0, {x.shape[1]}] (x's sequence length)")
+        if lengths.numel():
+            low, high = torch.stack(torch.aminmax(lengths)).tolist()  # one reduction, one device sync
+            if low < 0 or high > x.shape[1]:
+                raise ValueError(f"lengths must lie in [0, {x.shape[1]}] (x's sequence length), got [{low}, {high}]")
 
 
 def _launch(x, w_ih, w_hh, bias, lengths, reverse, out) -> torch.Tensor:

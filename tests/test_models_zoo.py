@@ -199,7 +199,7 @@ def test_minilm_int8_stays_close_to_float(minilm_root, tmp_path):
     assert result.config.quantization == "int8"
     assert result.quantization_report["embedding"]["min_cosine"] > 0.995
     model = repo.load("minilm8", result.version, torch.device("cpu"))
-    assert model.architecture.weights["encoder.layer.0.attention.self.query.weight"].dtype == torch.int8
+    assert model.architecture.weights["encoder.layer.0.attention.self.qkv.weight"].dtype == torch.int8
     assert model.nbytes < 0.7 * ModelRepository(minilm_root).load(MINILM, 1, torch.device("cpu")).nbytes
 
 

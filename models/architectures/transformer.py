@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from models.architectures.base import Architecture, positive_int, texts_of
+from models.architectures.base import SCALE_SUFFIX, Architecture, positive_int, texts_of
 from models.artifact import TOKENIZER_FILE, ArtifactError, TensorSpec
 from models.text import WordPieceTokenizer
 
@@ -105,9 +105,23 @@ class TransformerEncoder(Architecture):
                  quantization: str | None = None) -> None:
         super().__init__(params, weights, assets, quantization)
         self.p = self._parse(params)
+        self.weights = self._fuse_qkv(dict(self.weights), self.p["num_layers"])
         if self.tokenizer.size > self.p["vocab_size"]:
             raise ArtifactError(f"{TOKENIZER_FILE}: {self.tokenizer.size} tokens exceed "
                                 f"{self.name}.params.vocab_size {self.p['vocab_size']}")
+
+    @staticmethod
+    def _fuse_qkv(weights: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+        """Each layer's query, key and value projections as one ``[3d, d]`` matrix (``...attention.self.qkv``,
+        with bias and int8 scales alike): one GEMM that reads the hidden states once, whose output the
+        attention kernel reads in place, instead of three GEMMs and three copies into head-major layout."""
+        for i in range(num_layers):
+            prefix = f"encoder.layer.{i}.attention.self"
+            for suffix in ("weight", "bias", "weight" + SCALE_SUFFIX):
+                names = [f"{prefix}.{part}.{suffix}" for part in ("query", "key", "value")]
+                if names[0] in weights:
+                    weights[f"{prefix}.qkv.{suffix}"] = torch.cat([weights.pop(name) for name in names])
+        return weights
 
     @cached_property
     def tokenizer(self) -> WordPieceTokenizer:
@@ -119,14 +133,15 @@ class TransformerEncoder(Architecture):
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         w = self.weights
-        positions = torch.arange(ids.shape[1], device=ids.device)
         return (F.embedding(ids, w["embeddings.word_embeddings.weight"])
-                + w["embeddings.position_embeddings.weight"][positions]
+                + w["embeddings.position_embeddings.weight"][: ids.shape[1]]
                 + w["embeddings.token_type_embeddings.weight"][0])
 
-    def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        b, s, _ = t.shape
-        return t.view(b, s, self.p["num_heads"], -1).transpose(1, 2)
+    def _split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views ``[B, H, S, D]`` of q, k and v inside the fused projection's output ``[B, S, 3 * H * D]``."""
+        b, s, _ = qkv.shape
+        parts = qkv.view(b, s, 3, self.p["num_heads"], -1)
+        return parts[:, :, 0].transpose(1, 2), parts[:, :, 1].transpose(1, 2), parts[:, :, 2].transpose(1, 2)
 
     def forward(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self.forward_tokens(*self.encode(inputs["text"]))
@@ -142,17 +157,19 @@ class TransformerEncoder(Architecture):
         h = kernels.layer_norm(self._embed(ids), w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
         for i in range(self.p["num_layers"]):
             layer = f"encoder.layer.{i}"
-            q, k, v = (self._heads(self.dense(h, f"{layer}.attention.self.{n}")) for n in ("query", "key", "value"))
-            context = kernels.attention(q, k, v, mask).transpose(1, 2).reshape(b, s, -1)
+            q, k, v = self._split_heads(self.dense(h, f"{layer}.attention.self.qkv"))
+            context = kernels.attention(q, k, v, mask).transpose(1, 2).reshape(b, s, -1)  # a view on CUDA
             a = self.dense(context, f"{layer}.attention.output.dense")
             h = kernels.layer_norm(a, w[f"{layer}.attention.output.LayerNorm.weight"],
                                    w[f"{layer}.attention.output.LayerNorm.bias"], eps, residual=h)
             f = self.dense(self.dense(h, f"{layer}.intermediate.dense", "gelu"), f"{layer}.output.dense")
             h = kernels.layer_norm(f, w[f"{layer}.output.LayerNorm.weight"], w[f"{layer}.output.LayerNorm.bias"],
                                    eps, residual=h)
-        keep = mask[..., None].to(h.dtype)
-        pooled = (h * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
-        return {"embedding": kernels.l2_normalize(pooled) if self.p["normalize"] else pooled}
+        keep = mask[:, None, :].to(h.dtype)
+        summed = torch.bmm(keep, h).squeeze(1)  # masked sum over the sequence in one batched GEMV
+        if self.p["normalize"]:  # the mean's division by the length cancels in the normalization
+            return {"embedding": kernels.l2_normalize(summed)}
+        return {"embedding": summed / keep.sum(dim=2).clamp(min=1)}
 
     def reference_forward_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         w, eps, d = self.weights, self.p["layer_norm_eps"], self.p["hidden_size"]
@@ -162,8 +179,7 @@ class TransformerEncoder(Architecture):
         attn_mask = mask[:, None, None, :]
         for i in range(self.p["num_layers"]):
             layer = f"encoder.layer.{i}"
-            q, k, v = (self._heads(self.reference_dense(h, f"{layer}.attention.self.{n}"))
-                       for n in ("query", "key", "value"))
+            q, k, v = self._split_heads(self.reference_dense(h, f"{layer}.attention.self.qkv"))
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(b, s, d)
             a = self.reference_dense(context, f"{layer}.attention.output.dense")
             h = F.layer_norm(a + h, (d,), w[f"{layer}.attention.output.LayerNorm.weight"],

@@ -111,6 +111,24 @@ def gemm_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], o
     return found
 
 
+def attention_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], object]]]:
+    """Every autotune config of the attention kernel that its pruning keeps, for head dims 64 and 128."""
+    from kernels.attention import GPU_CONFIGS, _attention_kernel, fits_shared_memory
+
+    found = []
+    for d in (64, 128):
+        q = torch.zeros(1, 2, 8, d, dtype=dt)
+        strides = (*q.stride()[:3],) * 4
+        args = (q, q, q, torch.ones(1, 8, dtype=torch.bool), q, 2, 8, 8, 0.125, 8, 8, 2, *strides)
+        for config in GPU_CONFIGS[: 2 if quick else None]:
+            if fits_shared_memory(config, d, dt.itemsize):
+                kwargs = dict(HAS_MASK=True, HEAD_DIM=d, UPCAST=False, **config.kwargs,
+                              num_warps=config.num_warps, num_stages=config.num_stages)
+                found.append((f"attention d={d} {config}", lambda k=kwargs, a=args: compile_launch(
+                    _attention_kernel, a, k)))
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,7 +140,7 @@ def main() -> int:
     JITFunction.run = lambda self, *args, grid, warmup, **kwargs: compile_launch(self, args, kwargs)
     failed = 0
     for dt in [torch.bfloat16] if opts.quick else [torch.bfloat16, torch.float16, torch.float32]:
-        for name, thunk in launches(dt) + gemm_configs(dt, opts.quick):
+        for name, thunk in launches(dt) + gemm_configs(dt, opts.quick) + attention_configs(dt, opts.quick):
             try:
                 thunk()
             except Exception:

@@ -24,6 +24,28 @@ def test_attention_matches_reference(gen, device, dtype, b, h, sq, sk, d, masked
     assert_close(y, attention_reference(q.double(), k.double(), v.double(), mask), dtype, reduction=sk)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_reads_strided_views_of_a_fused_qkv_buffer(gen, device, dtype):
+    """q, k, v as views into one [B, S, 3, H, D] projection, as the transformer passes them (no copies)."""
+    b, s, h, d = 2, 19, 3, 32
+    qkv = randn(gen, b, s, 3, h, d, dtype=dtype)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous()
+    mask = torch.arange(s, device=device)[None, :] < torch.tensor([[s], [7]], device=device)
+    y = kernels.attention(q, k, v, mask)
+    assert y.transpose(1, 2).is_contiguous()  # [B, S, H, D] in memory: merging the heads is a view
+    want = attention_reference(q.double().contiguous(), k.double().contiguous(), v.double().contiguous(), mask)
+    assert_close(y, want, dtype, reduction=s)
+
+
+def test_attention_writes_into_a_strided_out(gen, device):
+    q, k, v = (randn(gen, 1, 2, 9, 16) for _ in range(3))
+    buffer = poisoned(1, 9, 2, 16, dtype=torch.float32, device=device)
+    y = kernels.attention(q, k, v, out=buffer.transpose(1, 2))
+    assert y.data_ptr() == buffer.data_ptr()
+    assert_close(y, attention_reference(q.double(), k.double(), v.double()), torch.float32, 9)
+
+
 def test_attention_head_dim_128_and_custom_scale(gen, device):
     q, k, v = (randn(gen, 1, 1, 20, 128) for _ in range(3))
     y = kernels.attention(q, k, v, scale=0.05)
@@ -48,6 +70,8 @@ def test_attention_all_padding_row_is_zero(device):
         ({"key_padding_mask": torch.ones(1, 5, dtype=torch.bool)}, "key_padding_mask"),
         ({"key_padding_mask": torch.ones(1, 4)}, "key_padding_mask"),
         ({"v": torch.zeros(1, 2, 16, 4).transpose(2, 3)}, "v"),
+        ({"out": torch.zeros(1, 2, 16, 4).transpose(2, 3)}, "out"),
+        ({"out": torch.zeros(1, 2, 4, 16, dtype=torch.float16)}, "out"),
     ],
 )
 def test_attention_triton_rejects_bad_arguments(kwargs, name):
