@@ -5,12 +5,14 @@ At the examples' real sizes (random weights; all-MiniLM-L6-v2 with its real weig
 >= 0.99 in bf16, where fp32 matmuls use TF32 on the GPU), class outputs on >= 97% of the rows.
 Prints one line per check and exits 1 if any fails. Without CUDA it says so and exits 0.
 
-Usage: `python bench/gpu_models_check.py [--batch 64]`.
+Usage: `python bench/gpu_models_check.py [--batch 64] [--only NAME ...]`. Each model is checked as `forward`
+(kernels launched one by one) and as `run` (what serving calls: replayed from CUDA graphs where it can).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -24,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--only", nargs="+", help="model or architecture names")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check (the CPU path is covered by tests/test_models_zoo.py)")
@@ -35,13 +38,15 @@ def main() -> int:
 
     device = torch.device("cuda")
     failures = 0
-    for name, config, weights, assets in zoo(None):
+    for name, config, weights, assets in zoo(args.only):
         for dt, min_cos in (("FP32", 0.999), ("BF16", 0.99)):
             model = build(config, dict(weights), assets).to(device, TORCH_DTYPES[dt])
             inputs = _inputs(model, config, args.batch, device, TORCH_DTYPES[dt])
             with torch.inference_mode():
-                got, want = model.forward(inputs), model.reference_forward(inputs)
-            for out, ref in want.items():
+                want = model.reference_forward(inputs)
+                ways = {"kernels": model.forward(inputs), "served": model.run(inputs)}  # served: CUDA graphs
+                ways["served again"] = model.run(inputs)  # a replay of the captured graph
+            for (way, got), (out, ref) in itertools.product(ways.items(), want.items()):
                 g = got[out]
                 if ref.is_floating_point():
                     a, b = g.float().flatten(1), ref.float().flatten(1)
@@ -53,7 +58,7 @@ def main() -> int:
                     ok = agree >= 0.97
                     detail = f"agreement {agree:.3f} (>= 0.97)"
                 failures += not ok
-                print(f"{'ok  ' if ok else 'FAIL'} {name:<15} {dt} {out:<14} {detail}", flush=True)
+                print(f"{'ok  ' if ok else 'FAIL'} {name:<15} {dt} {way:<12} {out:<14} {detail}", flush=True)
     print(f"{failures} failure(s)")
     return 1 if failures else 0
 

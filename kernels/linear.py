@@ -32,13 +32,16 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config
                          num_stages=stages)
 
 
-# Large tiles for big batches (tutorial 03's list, and its two widest tiles one pipeline stage deeper, which fits
-# Hopper's 227 KB of shared memory in bf16) plus thin-M tiles for online inference (M <= 64).
+# Large tiles for big batches (tutorial 03's list; its two widest tiles one pipeline stage deeper, which fits
+# Hopper's 227 KB of shared memory in bf16; 128-deep K tiles for the short K loops of small models, where
+# MiniLM's K = 384 takes only six 64-deep steps) plus thin-M tiles for online inference (M <= 64).
 _GPU_CONFIGS = [
     _config(128, 256, 64, 8, 3),
     _config(256, 128, 64, 8, 3),
     _config(128, 256, 64, 8, 4),
     _config(256, 128, 64, 8, 4),
+    _config(128, 128, 128, 8, 3),
+    _config(128, 256, 128, 8, 2),
     _config(128, 128, 64, 4, 4),
     _config(128, 64, 32, 4, 4),
     _config(64, 128, 32, 4, 4),

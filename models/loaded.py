@@ -55,7 +55,7 @@ class LoadedModel:
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch. Inputs are keyed by the config's input names, batch first; outputs likewise."""
         with torch.inference_mode():
-            outputs = self.architecture.forward(self._to_torch(inputs))
+            outputs = self.architecture.run(self._to_torch(inputs))
         result = {}
         for spec in self.config.outputs:
             value = outputs[spec.name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from models import cuda_graphs
 from models.artifact import ArtifactError, TensorSpec
 from models.datatypes import NUMPY_DTYPES
 
@@ -36,6 +38,10 @@ class Architecture(ABC):
     name: ClassVar[str]
     asset_files: ClassVar[tuple[str, ...]] = ()
     numpy_io: ClassVar[bool] = False  # True: forward() takes and returns numpy arrays, untouched by dtype rules
+    # The tensor inputs of a forward that a CUDA graph can replay (all of its inputs, batch-first, no host
+    # syncs inside); empty: never graphed.
+    graph_inputs: ClassVar[tuple[str, ...]] = ()
+    graph_max_batch: ClassVar[int] = 1024
 
     def __init__(self, params: dict[str, Any], weights: dict[str, torch.Tensor],
                  assets: dict[str, bytes] | None = None, quantization: str | None = None) -> None:
@@ -93,6 +99,20 @@ class Architecture(ABC):
     def reference_forward(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The same computation in plain torch.nn.functional: the twin that tests compare against."""
 
+    def run(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """What serving calls: ``forward``, replayed from a CUDA graph per batch bucket on a GPU when the
+        architecture declares ``graph_inputs`` (see :mod:`models.cuda_graphs`)."""
+        if self.graph_inputs and self.device.type == "cuda" and cuda_graphs.enabled():
+            return self.graphed(*(inputs[name] for name in self.graph_inputs))
+        return self.forward(inputs)
+
+    @cached_property
+    def graphed(self) -> cuda_graphs.GraphedForward:
+        names = self.graph_inputs
+        return cuda_graphs.GraphedForward(lambda *tensors: self.forward(dict(zip(names, tensors, strict=True))),
+                                          pad_values=(0,) * len(names), max_shape=(self.graph_max_batch,),
+                                          capture=self.device.type == "cuda")
+
     def example_inputs(self, specs: tuple[TensorSpec, ...], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
         """A batch of plausible inputs (warm-up, benchmarks, the int8 report); text models override this."""
         rng = np.random.default_rng(seed)
@@ -116,7 +136,9 @@ class Architecture(ABC):
         return next((t.dtype for t in self.weights.values() if t.is_floating_point()), torch.float32)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Architecture:
-        """Place the weights; int8 weights stay int8 and their scales fp32 (what kernels.linear_int8 takes)."""
+        """Place the weights; int8 weights stay int8 and their scales fp32 (what kernels.linear_int8 takes).
+        Graphs captured before hold the old tensors, so they go."""
+        self.__dict__.pop("graphed", None)
         self.weights = {
             k: v.to(device=device, dtype=dtype if v.is_floating_point() and not k.endswith(SCALE_SUFFIX) else v.dtype)
             for k, v in self.weights.items()

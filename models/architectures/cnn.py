@@ -29,6 +29,7 @@ class CNN(Architecture):
     """
 
     name = "cnn"
+    graph_inputs = ("input",)
 
     @classmethod
     def _parse(cls, params: dict[str, Any]) -> tuple[tuple[int, int, int], list[tuple[int, int, int]], list[int],

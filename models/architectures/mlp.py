@@ -23,6 +23,7 @@ class MLP(Architecture):
     """
 
     name = "mlp"
+    graph_inputs = ("input",)
 
     @classmethod
     def _parse(cls, params: dict[str, Any]) -> tuple[list[int], list[str], str]:

@@ -1,0 +1,143 @@
+"""CUDA graphs of a model's forward, one per shape bucket, replayed instead of launching kernel by kernel.
+
+A batch of a small model is a few dozen kernel launches, and each launch costs the serving thread tens of
+microseconds of Python (argument checks, the autotuner's lookup, the launch itself): on an H200 MiniLM's
+forward at batch 1 took 3-5 ms of launching for under 0.2 ms of GPU work (``bench/models.py --tokens``). A
+CUDA graph records the launches once and replays them with one call.
+
+Graphs need fixed shapes and addresses, so inputs are padded up to a bucket (the next power of two along
+each bucketed leading dimension) and copied into that bucket's static input tensors; the outputs are sliced
+back to the real batch and cloned out of the graph's memory before the next replay may overwrite them. The
+forward must be row-independent along the batch (padding rows must not change real rows), free of host
+syncs and data-dependent shapes; a capture that fails is logged once and that bucket runs eagerly from then
+on. ``MAAS_CUDA_GRAPHS=0`` turns graphs off.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "MAAS_CUDA_GRAPHS"
+
+
+def enabled() -> bool:
+    """Whether serving may replay CUDA graphs (read per call, like ``MAAS_KERNEL_BACKEND``)."""
+    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def bucket(n: int, low: int, high: int) -> int:
+    """The power of two >= ``n``, at least ``low`` and at most ``high`` (callers ensure ``n <= high``)."""
+    return min(max(low, 1 << max(n - 1, 0).bit_length()), high)
+
+
+Forward = Callable[..., dict[str, torch.Tensor]]
+
+
+class GraphedForward:
+    """``fn(*inputs) -> {name: tensor}``, with every input and output batch-first, replayed from graphs.
+
+    ``pad_values[i]`` fills input i's padding; ``max_shape``/``min_shape`` bound the bucketed leading
+    dimensions (inputs beyond ``max_shape`` or ``max_elements`` run eagerly: their launches are amortized
+    and their graphs would hold too much memory). At most ``max_graphs`` buckets stay captured (least
+    recently used evicted); they share one memory pool, which is safe because replays are serialized and
+    their outputs cloned at once. ``capture=False`` runs the padded inputs eagerly instead: the same
+    bucketing on a machine without CUDA, which is how the tests check that padding changes no result.
+    """
+
+    def __init__(self, fn: Forward, pad_values: Sequence[int | bool], max_shape: Sequence[int],
+                 min_shape: Sequence[int] | None = None, *, max_elements: int | None = None,
+                 max_graphs: int = 6, capture: bool = True) -> None:
+        self.fn = fn
+        self.pad_values = tuple(pad_values)
+        self.max_shape = tuple(max_shape)
+        self.min_shape = tuple(min_shape or (1,) * len(self.max_shape))
+        self.max_elements = max_elements or math.prod(self.max_shape)
+        self.max_graphs = max_graphs
+        self.capture = capture
+        self._entries: OrderedDict[tuple, tuple[list[torch.Tensor], dict[str, torch.Tensor] | None,
+                                                torch.cuda.CUDAGraph | None]] = OrderedDict()
+        self._failed: set[tuple] = set()
+        self._pool = None
+        self._lock = threading.Lock()  # one replay at a time: static inputs and outputs are shared
+
+    def _bucket(self, inputs: Sequence[torch.Tensor]) -> tuple[int, ...] | None:
+        lead = tuple(inputs[0].shape[: len(self.max_shape)])
+        if len(lead) < len(self.max_shape) or any(n < 1 or n > m for n, m in zip(lead, self.max_shape, strict=True)):
+            return None
+        shape = tuple(bucket(n, lo, hi) for n, lo, hi in zip(lead, self.min_shape, self.max_shape, strict=True))
+        return shape if math.prod(shape) <= self.max_elements else None
+
+    def __call__(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        shape = self._bucket(inputs)
+        if shape is None:
+            return self.fn(*inputs)
+        key = (shape, *((tuple(x.shape[len(shape):]), x.dtype) for x in inputs))
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                if key in self._failed:
+                    return self.fn(*inputs)
+                entry = self._build(key, shape, inputs)
+                if entry is None:
+                    return self.fn(*inputs)
+            else:
+                self._entries.move_to_end(key)
+                self._load(entry[0], inputs)
+            static_inputs, static_outputs, graph = entry
+            if graph is None:
+                outputs = self.fn(*static_inputs)
+            else:
+                graph.replay()
+                outputs = static_outputs
+            rows = inputs[0].shape[0]
+            return {name: t[:rows].clone() for name, t in outputs.items()}
+
+    def _load(self, static_inputs: list[torch.Tensor], inputs: Sequence[torch.Tensor]) -> None:
+        for static, x, pad in zip(static_inputs, inputs, self.pad_values, strict=True):
+            static.fill_(pad)
+            static[tuple(slice(0, n) for n in x.shape)].copy_(x)
+
+    def _build(self, key: tuple, shape: tuple[int, ...], inputs: Sequence[torch.Tensor]):
+        static_inputs = [torch.empty((*shape, *x.shape[len(shape):]), dtype=x.dtype, device=x.device)
+                         for x in inputs]
+        self._load(static_inputs, inputs)
+        graph, static_outputs = None, None
+        if self.capture:
+            try:
+                graph, static_outputs = self._capture(static_inputs)
+            except Exception as exc:  # a forward that cannot be captured still serves, eagerly
+                log.warning("CUDA graph capture failed for input shapes %s (%s: %s); that bucket runs eagerly",
+                            [tuple(t.shape) for t in static_inputs], type(exc).__name__, exc)
+                self._failed.add(key)
+                return None
+        self._entries[key] = (static_inputs, static_outputs, graph)
+        while len(self._entries) > self.max_graphs:
+            self._entries.popitem(last=False)
+        return self._entries[key]
+
+    def _capture(self, static_inputs: list[torch.Tensor]):
+        # Warm-up runs on a side stream compile and autotune the kernels, which must not happen inside a capture.
+        stream = torch.cuda.Stream(device=static_inputs[0].device)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.fn(*static_inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            static_outputs = self.fn(*static_inputs)
+        return graph, static_outputs
+
+    def __len__(self) -> int:
+        return len(self._entries)

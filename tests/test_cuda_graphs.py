@@ -1,0 +1,142 @@
+"""CUDA-graph serving: bucketing, padding, the LRU bound and the eager fallback.
+
+Capturing needs a GPU (``bench/gpu_models_check.py`` checks graphed models there); here ``capture=False``
+runs the same padded static inputs eagerly, which is what decides whether padding can change a result.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from models import cuda_graphs
+from models.architectures import build
+from models.cuda_graphs import GraphedForward, bucket
+from models.examples import minilm_artifact, mnist_mlp_config, train_mnist_mlp
+from models.loaded import LoadedModel
+
+
+@pytest.mark.parametrize(("n", "low", "high", "expected"),
+                         [(1, 1, 8, 1), (3, 1, 8, 4), (8, 1, 8, 8), (5, 16, 256, 16), (17, 16, 256, 32),
+                          (200, 16, 256, 256), (10, 16, 10, 10)])
+def test_bucket_is_the_next_power_of_two_within_bounds(n, low, high, expected):
+    assert bucket(n, low, high) == expected
+
+
+def _row_sums(x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"sum": (x * mask).sum(dim=1), "rows": x[:, 0]}
+
+
+def test_padding_is_filled_and_sliced_off_and_buckets_are_reused():
+    calls = []
+
+    def fn(x, mask):
+        calls.append(tuple(x.shape))
+        return _row_sums(x, mask)
+
+    graphed = GraphedForward(fn, pad_values=(7, False), max_shape=(64, 32), min_shape=(1, 8), capture=False)
+    x = torch.arange(15, dtype=torch.float32).reshape(3, 5) + 1
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    out = graphed(x, mask)
+    assert calls == [(4, 8)]  # padded to the bucket: rows to 4, columns to at least 8
+    torch.testing.assert_close(out["sum"], x.sum(dim=1))  # the 7s of the padding are masked out
+    assert out["rows"].shape == (3,)
+    x2 = x[:2] * 2
+    out2 = graphed(x2, mask[:2])
+    assert calls[-1] == (2, 8) and len(graphed) == 2
+    graphed(x + 1, mask)  # the (4, 8) bucket again: its static inputs are refilled, not reallocated
+    assert len(graphed) == 2
+    torch.testing.assert_close(graphed(x, mask)["sum"], x.sum(dim=1))
+    torch.testing.assert_close(out2["sum"], x2.sum(dim=1))
+
+
+def test_outputs_are_copies_that_the_next_call_does_not_overwrite():
+    graphed = GraphedForward(_row_sums, pad_values=(0, False), max_shape=(8, 8), capture=False)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    first = graphed(torch.ones(2, 3), mask)
+    graphed(torch.full((2, 3), 5.0), mask)
+    torch.testing.assert_close(first["sum"], torch.full((2,), 3.0))
+
+
+def test_least_recently_used_buckets_are_evicted_and_big_inputs_run_eagerly():
+    graphed = GraphedForward(_row_sums, pad_values=(0, False), max_shape=(64, 8), max_elements=256,
+                             max_graphs=2, capture=False)
+    for rows in (1, 2, 4):
+        graphed(torch.ones(rows, 8), torch.ones(rows, 8, dtype=torch.bool))
+    assert len(graphed) == 2
+    for rows in (33, 65):  # 64 x 8 buckets exceed max_elements; 65 rows exceed max_shape
+        out = graphed(torch.ones(rows, 8), torch.ones(rows, 8, dtype=torch.bool))
+        assert out["sum"].shape == (rows,)
+    assert len(graphed) == 2
+
+
+def test_a_failed_capture_is_logged_once_and_the_bucket_runs_eagerly(caplog):
+    calls = []
+
+    def fn(x, mask):
+        calls.append(tuple(x.shape))
+        return _row_sums(x, mask)
+
+    graphed = GraphedForward(fn, pad_values=(0, False), max_shape=(8, 8), capture=True)  # no CUDA here
+    x, mask = torch.ones(3, 4), torch.ones(3, 4, dtype=torch.bool)
+    with caplog.at_level(logging.WARNING, logger="models.cuda_graphs"):
+        for _ in range(2):
+            torch.testing.assert_close(graphed(x, mask)["sum"], torch.full((3,), 4.0))
+    assert sum("CUDA graph capture failed" in r.message for r in caplog.records) == 1
+    assert calls[-2:] == [(3, 4), (3, 4)] and len(graphed) == 0  # eager, on the real shapes
+
+
+def test_the_env_var_turns_graphs_off(monkeypatch):
+    monkeypatch.setenv(cuda_graphs.ENV_VAR, "0")
+    assert not cuda_graphs.enabled()
+    monkeypatch.setenv(cuda_graphs.ENV_VAR, "1")
+    assert cuda_graphs.enabled()
+
+
+def test_a_padded_mlp_batch_gives_the_rows_of_the_unpadded_one():
+    model = build(mnist_mlp_config(), train_mnist_mlp(steps=2), {})
+    x = torch.rand(5, 784)
+    with torch.inference_mode():
+        got = model.graphed(x)  # capture is off on a CPU model: the padded bucket of 8 runs eagerly
+        want = model.forward({"input": x})
+    assert len(model.graphed) == 1
+    torch.testing.assert_close(got["probabilities"], want["probabilities"])
+    assert torch.equal(got["class"], want["class"])
+
+
+def test_a_padded_minilm_batch_gives_the_embeddings_of_the_unpadded_one():
+    config, weights, assets = minilm_artifact()
+    model = build(config, weights, assets)
+    texts = np.array([b"A man is eating food.", b"Kafka topics.",
+                      b"Hi"], dtype=object)
+    ids, mask = model.encode(texts)
+    longest = int(mask.sum(dim=1).max())  # the tokenizer pads to a multiple of 16: trim to the real tokens
+    ids, mask = ids[:, :longest], mask[:, :longest]
+    with torch.inference_mode():
+        got = model.graphed(ids, mask)["embedding"]  # padded to 4 rows and 16 positions
+        want = model.forward_tokens(ids, mask)["embedding"]
+    assert ids.shape[1] < 16
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_serving_goes_through_run(monkeypatch):
+    """LoadedModel.infer calls Architecture.run, the method that graphs on a GPU."""
+    model = build(mnist_mlp_config(), train_mnist_mlp(steps=2), {})
+    seen = []
+    original = model.run
+    monkeypatch.setattr(model, "run", lambda inputs: seen.append(sorted(inputs)) or original(inputs))
+    loaded = LoadedModel("m", 1, mnist_mlp_config(), model, torch.device("cpu"))
+    out = loaded.infer({"input": np.random.rand(2, 784).astype(np.float32)})
+    assert seen == [["input"]] and out["probabilities"].shape == (2, 10)
+
+
+def test_moving_a_model_drops_its_graphs():
+    model = build(mnist_mlp_config(), train_mnist_mlp(steps=2), {})
+    with torch.inference_mode():
+        model.graphed(torch.rand(2, 784))
+    first = model.graphed
+    model.to(torch.device("cpu"), torch.float64)
+    assert model.graphed is not first and len(model.graphed) == 0
