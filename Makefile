@@ -45,6 +45,7 @@ bench-gpu: $(BENCH_STAMP)
 	$(PY) bench/kernels.py
 	$(PY) bench/gpu_models_check.py
 	$(PY) bench/models.py
+	$(PY) bench/models.py --tokens
 
 clean:
 	rm -rf $(VENV) .pytest_cache .maas

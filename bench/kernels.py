@@ -199,21 +199,21 @@ def main() -> int:
 
     torch.manual_seed(0)
     rows = []
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"{'op':<15} {'size':<30} {'triton ms':>10} {'rate':>16} {'x eager':>8} {'x compile':>9}")
     for case in cases(opts.quick):
         if opts.only and case.op != opts.only:
             continue
         row = run(case, not opts.no_compile)
-        rows.append(row)
+        rows.append(row)  # saved after every row: a run cut short by a time limit still leaves its rows
+        (RESULTS / "kernels.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
         vs_compile = f"{row['speedup_vs_compile']:.2f}" if row["speedup_vs_compile"] else "-"
         print(f"{row['op']:<15} {row['size']:<30} {row['triton_ms']:>10.4f} {row['rate']:>8.1f} "
               f"{row['unit']:<7} {row['speedup_vs_eager']:>8.2f} {vs_compile:>9}  {row['tiles'] or ''}")
     geo = math.exp(sum(math.log(r["speedup_vs_eager"]) for r in rows) / max(1, len(rows)))
     print(f"geometric mean speed-up vs eager: {geo:.2f}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (RESULTS / "kernels.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     print(f"wrote {RESULTS / 'kernels.json'}")
     plot(rows, RESULTS / "kernels.png")
     return 0

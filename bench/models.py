@@ -144,7 +144,15 @@ def token_batch(vocab: int, batch: int, device: torch.device, seq: int = 128, sh
     return ids.masked_fill(~mask, 0).to(device), mask.to(device)
 
 
-def token_benchmark(device: torch.device, compile_on: bool, budget: float, batches: list[int]) -> list[dict]:
+def _save(path: str | None, payload: dict) -> None:
+    """Write the results so far, after every row: a run cut short by a time limit still leaves its rows."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def token_benchmark(device: torch.device, compile_on: bool, budget: float, batches: list[int],
+                    output: str | None = None) -> list[dict]:
     """The MiniLM encoder on token ids (no tokenizer), bf16 and fp32: this project's kernels (launched one by
     one, and replayed from the CUDA graphs serving uses) against the plain-torch twin and ``torch.compile``
     of it. The first call of each way is timed too: for the kernels it is autotuning + compiling (+ the
@@ -184,6 +192,7 @@ def token_benchmark(device: torch.device, compile_on: bool, budget: float, batch
                        "way": way, "latency_ms": seconds * 1e3, "samples_per_s": batch / seconds,
                        "first_call_s": first}
                 rows.append(row)
+                _save(output, {"device": str(device), "results": rows})
                 print(f"{'minilm tokens':<20} {dt:<5} {batch:>6} {way:<14} {row['latency_ms']:>11.3f} "
                       f"{row['samples_per_s']:>10.0f} {first:>13.2f}", flush=True)
         if device.type == "cuda" and dt == "BF16":
@@ -261,10 +270,8 @@ def main() -> None:
                                               " on CPU (compiling each model takes minutes here; pass --compile)"))
 
     if args.tokens:
-        rows = token_benchmark(device, compile_on, budget, [1, 64, 256] if cuda else [1, 64])
+        token_benchmark(device, compile_on, budget, [1, 64, 256] if cuda else [1, 64], args.output)
         if args.output:
-            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output).write_text(json.dumps({"device": str(device), "results": rows}, indent=2) + "\n")
             print(f"wrote {args.output}")
         return
 
@@ -293,6 +300,7 @@ def main() -> None:
                     row = {"model": name, "architecture": config.architecture, "dtype": dt, "batch": batch,
                            "way": way, "latency_ms": seconds * 1e3, "samples_per_s": batch / seconds}
                     results.append(row)
+                    _save(args.output, {"device": str(device), "quick": quick, "results": results})
                     print(f"{name:<15} {config.architecture:<20} {dt:<5} {batch:>6} {way:<8} "
                           f"{row['latency_ms']:>11.3f} {row['samples_per_s']:>11.0f}", flush=True)
 
@@ -303,10 +311,8 @@ def main() -> None:
           f"{cold['process_wall_s']:.2f} s wall ({cold['imports_s']:.2f} s imports, "
           f"{cold['load_and_warmup_s']:.3f} s load + warm-up, {cold['first_request_s'] * 1e3:.2f} ms first "
           f"request; target <= 2 s)")
+    _save(args.output, {"device": str(device), "quick": quick, "results": results, "cold_start": cold})
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps({"device": str(device), "quick": quick, "results": results,
-                                                 "cold_start": cold}, indent=2) + "\n")
         print(f"wrote {args.output}")
 
 

@@ -24,6 +24,7 @@ class MLP(Architecture):
 
     name = "mlp"
     graph_inputs = ("input",)
+    graph_max_batch = 8192  # a graph of a few small GEMMs stays small even for big batches
 
     @classmethod
     def _parse(cls, params: dict[str, Any]) -> tuple[list[int], list[str], str]:
