@@ -77,10 +77,21 @@ class LoadedModel:
         return self.architecture.example_inputs(self.config.inputs, batch, seed)
 
     def warmup(self) -> None:
-        """Run one small batch so kernels compile and caches fill before the first real request."""
+        """Run the batches the model will see before it takes traffic (see :func:`warmup_batch_sizes`)."""
         start = time.perf_counter()
-        self.infer(self.example_inputs(1))
+        for batch in warmup_batch_sizes(self.config.batching.max_batch_size, self.device):
+            self.infer(self.example_inputs(batch))
         self.warmup_seconds = time.perf_counter() - start
+
+
+def warmup_batch_sizes(max_batch_size: int, device: torch.device) -> list[int]:
+    """One batch on a CPU, where nothing compiles. On a GPU every power-of-two batch up to the batching
+    limit: each is a bucket of its own (tile configs autotuned per power of two of rows, a CUDA graph per
+    bucket), and the first request of an untuned bucket would otherwise wait seconds for it."""
+    if device.type == "cpu":
+        return [1]
+    sizes = [1 << i for i in range(max(max_batch_size, 1).bit_length())]
+    return sizes if sizes[-1] == max_batch_size else [*sizes, max_batch_size]
 
 
 def v2_inputs(tensors: tuple[dict, ...] | list[dict]) -> dict[str, np.ndarray]:

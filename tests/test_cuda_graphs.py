@@ -16,7 +16,7 @@ from models import cuda_graphs
 from models.architectures import build
 from models.cuda_graphs import GraphedForward, bucket
 from models.examples import minilm_artifact, mnist_mlp_config, train_mnist_mlp
-from models.loaded import LoadedModel
+from models.loaded import LoadedModel, warmup_batch_sizes
 
 
 @pytest.mark.parametrize(("n", "low", "high", "expected"),
@@ -140,3 +140,10 @@ def test_moving_a_model_drops_its_graphs():
     first = model.graphed
     model.to(torch.device("cpu"), torch.float64)
     assert model.graphed is not first and len(model.graphed) == 0
+
+
+@pytest.mark.parametrize(("max_batch", "device", "expected"),
+                         [(64, "cpu", [1]), (64, "cuda", [1, 2, 4, 8, 16, 32, 64]),
+                          (100, "cuda", [1, 2, 4, 8, 16, 32, 64, 100]), (1, "cuda", [1])])
+def test_warm_up_covers_every_batch_bucket_on_a_gpu(max_batch, device, expected):
+    assert warmup_batch_sizes(max_batch, torch.device(device)) == expected
