@@ -2,7 +2,9 @@
 
 For each op and size it prints the Triton time (``triton.testing.do_bench``, median), the achieved TFLOP/s
 (GEMM-like ops) or GB/s (memory-bound ops), and the speed-up over torch eager and over ``torch.compile``
-of the same eager function (``> 1`` means the Triton kernel is faster). Results go to
+of the same eager function (``> 1`` means the Triton kernel is faster); then both timed again replayed from
+CUDA graphs (``do_bench_cudagraph``: GPU time alone, warm L2), which separates a slow kernel from a slow
+launch, and the tiles the GEMM autotuner picked. Results go to
 ``bench/results/kernels.json`` and, when matplotlib is installed, a bar chart ``bench/results/kernels.png``.
 
 Baselines are the natural torch code in the same dtype: ``F.linear`` + activation (cuBLAS), ``softmax``,
@@ -45,6 +47,7 @@ class Case:
     flops: float = 0.0  # > 0: report TFLOP/s
     bytes: float = 0.0  # otherwise: report GB/s of compulsory traffic
     compiled_fn: Callable | None = None  # a different function to compile (linear_int8)
+    graphable: bool = True  # False: the op checks its inputs' values on the host, which a capture forbids
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:
@@ -98,7 +101,7 @@ def cases(quick: bool) -> list[Case]:
                           kernels.embedding_pool,
                           lambda ids, table, mask: ((table[ids] * mask[..., None]).sum(1)
                                                     / mask.sum(1, keepdim=True).clamp(min=1)),
-                          bytes=_nbytes(ids, mask) + b * s * d * 2 + b * d * 2))
+                          bytes=_nbytes(ids, mask) + b * s * d * 2 + b * d * 2, graphable=False))
     for d in (64, 128):
         for s in (128, 1024) if quick else (128, 512, 1024, 4096):
             b, h = max(1, 16384 // s), 2048 // d
@@ -117,7 +120,7 @@ def cases(quick: bool) -> list[Case]:
     bias = (lstm.bias_ih_l0 + lstm.bias_hh_l0).detach()
     found.append(Case("lstm", "B64 S128 I300 H256", (x,),
                       lambda x: kernels.lstm(x, lstm.weight_ih_l0.detach(), lstm.weight_hh_l0.detach(), bias),
-                      lambda x: lstm(x)[0], flops=2.0 * 64 * 128 * 4 * 256 * (300 + 256)))
+                      lambda x: lstm(x)[0], flops=2.0 * 64 * 128 * 4 * 256 * (300 + 256), graphable=False))
     return found
 
 
@@ -126,6 +129,19 @@ def _time(fn: Callable, args: tuple) -> float:
 
     with torch.no_grad():
         return do_bench(lambda: fn(*args), return_mode="median")
+
+
+def _time_graph(fn: Callable, args: tuple) -> float | None:
+    """Milliseconds per call replayed from a CUDA graph: GPU time without the Python launch cost that a
+    microsecond kernel can hide behind (no L2 flush between calls, unlike ``_time``)."""
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        with torch.no_grad():
+            return do_bench_cudagraph(lambda: fn(*args), return_mode="median")
+    except Exception as exc:  # e.g. an op with a host sync cannot be captured
+        print(f"  no CUDA-graph timing: {type(exc).__name__}: {exc}"[:160])
+        return None
 
 
 def _tile_config(op: str) -> str | None:
@@ -142,6 +158,9 @@ def run(case: Case, compile_baseline: bool) -> dict:
     ms = _time(case.triton, case.args)
     tiles = _tile_config(case.op)
     eager_ms = _time(case.eager, case.args)
+    graph_ms = eager_graph_ms = None
+    if case.graphable:
+        graph_ms, eager_graph_ms = _time_graph(case.triton, case.args), _time_graph(case.eager, case.args)
     compiled_ms = None
     if compile_baseline:
         try:
@@ -156,6 +175,8 @@ def run(case: Case, compile_baseline: bool) -> dict:
         "op": case.op, "size": case.size, "triton_ms": ms, "eager_ms": eager_ms, "compile_ms": compiled_ms,
         "rate": rate, "unit": unit, "speedup_vs_eager": eager_ms / ms,
         "speedup_vs_compile": compiled_ms / ms if compiled_ms else None, "tiles": tiles,
+        "triton_graph_ms": graph_ms, "eager_graph_ms": eager_graph_ms,
+        "speedup_vs_eager_graphs": eager_graph_ms / graph_ms if graph_ms and eager_graph_ms else None,
     }
 
 
@@ -202,7 +223,8 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    print(f"{'op':<15} {'size':<30} {'triton ms':>10} {'rate':>16} {'x eager':>8} {'x compile':>9}")
+    print(f"{'op':<15} {'size':<30} {'triton ms':>10} {'rate':>16} {'x eager':>8} {'x compile':>9} "
+          f"{'graph ms':>9} {'x eager':>8}  tiles")
     for case in cases(opts.quick):
         if opts.only and case.op != opts.only:
             continue
@@ -210,8 +232,11 @@ def main() -> int:
         rows.append(row)  # saved after every row: a run cut short by a time limit still leaves its rows
         (RESULTS / "kernels.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
         vs_compile = f"{row['speedup_vs_compile']:.2f}" if row["speedup_vs_compile"] else "-"
+        graph = f"{row['triton_graph_ms']:>9.4f}" if row["triton_graph_ms"] else f"{'-':>9}"
+        vs_graphs = f"{row['speedup_vs_eager_graphs']:.2f}" if row["speedup_vs_eager_graphs"] else "-"
         print(f"{row['op']:<15} {row['size']:<30} {row['triton_ms']:>10.4f} {row['rate']:>8.1f} "
-              f"{row['unit']:<7} {row['speedup_vs_eager']:>8.2f} {vs_compile:>9}  {row['tiles'] or ''}")
+              f"{row['unit']:<7} {row['speedup_vs_eager']:>8.2f} {vs_compile:>9} {graph} {vs_graphs:>8}  "
+              f"{row['tiles'] or ''}")
     geo = math.exp(sum(math.log(r["speedup_vs_eager"]) for r in rows) / max(1, len(rows)))
     print(f"geometric mean speed-up vs eager: {geo:.2f}")
     print(f"wrote {RESULTS / 'kernels.json'}")
