@@ -50,14 +50,14 @@ class GraphedForward:
     and their graphs would hold too much memory). At most ``max_graphs`` buckets stay captured (least
     recently used evicted); they share one memory pool, which is safe because replays are serialized and
     their outputs cloned at once, and which makes a graph cost about its outputs beyond the largest graph's
-    intermediates: 32 cover the 7 batch buckets x 5 length buckets of a text model batching up to 64.
+    intermediates: 40 cover the 35 buckets (7 batch x 5 length) of a text model batching up to 64 rows.
     ``capture=False`` runs the padded inputs eagerly instead: the same bucketing on a machine without CUDA,
     which is how the tests check that padding changes no result.
     """
 
     def __init__(self, fn: Forward, pad_values: Sequence[int | bool], max_shape: Sequence[int],
                  min_shape: Sequence[int] | None = None, *, max_elements: int | None = None,
-                 max_graphs: int = 32, capture: bool = True) -> None:
+                 max_graphs: int = 40, capture: bool = True) -> None:
         self.fn = fn
         self.pad_values = tuple(pad_values)
         self.max_shape = tuple(max_shape)
