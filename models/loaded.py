@@ -79,8 +79,9 @@ class LoadedModel:
     def warmup(self) -> None:
         """Run the batches the model will see before it takes traffic (see :func:`warmup_batch_sizes`)."""
         start = time.perf_counter()
-        for batch in warmup_batch_sizes(self.config.batching.max_batch_size, self.device):
-            self.infer(self.example_inputs(batch))
+        self.infer(self.example_inputs(1))  # the config's own warm-up inputs when it has them
+        for batch in warmup_batch_sizes(self.config.batching.max_batch_size, self.device)[1:]:
+            self.infer(self.architecture.example_inputs(self.config.inputs, batch, seed=batch))
         self.warmup_seconds = time.perf_counter() - start
 
 
