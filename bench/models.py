@@ -8,7 +8,7 @@ For every example architecture (at its example's real sizes; MiniLM with its rea
 - `eager`: the plain-torch twin `reference_forward`;
 - `compile`: `torch.compile` of the twin (skipped on a CPU unless `--compile`: compiling takes minutes there);
 - `served` (CUDA only): the architecture's `run`, what serving calls: the kernels replayed from CUDA graphs
-  per shape bucket for the architectures that allow it (mlp, cnn, transformer_encoder), else `forward`.
+  per shape bucket (every architecture but `identity`), else `forward`.
 
 Text models are timed from raw text, tokenization included (the same for every column). On CUDA it runs
 fp32 and bf16 at batch 1, 64 and the largest useful batch; `--quick` (the default without CUDA) runs fp32 at

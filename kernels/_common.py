@@ -42,6 +42,13 @@ def check_tensor(
     return t
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being recorded on ``t``'s stream. Checks of values that need a device sync
+    (index ranges) are skipped then, as a capture forbids syncs: they ran in the warm-up calls before it,
+    and a replay trusts its inputs as the caller's graph does (the models' tokenizers keep ids in range)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def check_activation(activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")

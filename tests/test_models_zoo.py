@@ -129,6 +129,24 @@ def test_architecture_on_triton_kernels_matches_its_twin(arch, monkeypatch):
     _close(model.forward(inputs), want, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", sorted(SMALL))
+def test_a_batch_padded_into_its_graph_bucket_gives_the_unpadded_rows(arch):
+    """What CUDA-graph serving runs (``graph_arguments`` padded to a bucket, then ``forward_graph``), here
+    with capture off: padding rows and positions must change no real row."""
+    params, make_inputs, assets, _ = SMALL[arch]
+    cls = ARCHITECTURES[arch]
+    model = cls(params, _random_weights(cls, params, seed=4), assets())
+    torch.manual_seed(5)
+    inputs = make_inputs(3)
+    arguments = model.graph_arguments(inputs)
+    assert arguments is not None, f"{arch} is not served from CUDA graphs"
+    with torch.inference_mode():
+        got = model.graphed(*arguments)
+        want = model.forward(inputs)
+    assert len(model.graphed) == 1  # one bucket (4 rows) was filled and run
+    _close(got, want, atol=1e-5)
+
+
 def test_bytes_inputs_may_be_a_column_and_outputs_follow_the_config(tmp_path):
     repo = ModelRepository(tmp_path)
     params, _, assets, _ = SMALL["bilstm_classifier"]

@@ -39,7 +39,8 @@ class Architecture(ABC):
     asset_files: ClassVar[tuple[str, ...]] = ()
     numpy_io: ClassVar[bool] = False  # True: forward() takes and returns numpy arrays, untouched by dtype rules
     # The tensor inputs of a forward that a CUDA graph can replay (all of its inputs, batch-first, no host
-    # syncs inside); empty: never graphed.
+    # syncs inside); empty: never graphed, unless the architecture overrides `graph_arguments` (text models
+    # graph their forward on token ids).
     graph_inputs: ClassVar[tuple[str, ...]] = ()
     graph_max_batch: ClassVar[int] = 1024
 
@@ -100,18 +101,30 @@ class Architecture(ABC):
         """The same computation in plain torch.nn.functional: the twin that tests compare against."""
 
     def run(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """What serving calls: ``forward``, replayed from a CUDA graph per batch bucket on a GPU when the
-        architecture declares ``graph_inputs`` (see :mod:`models.cuda_graphs`)."""
-        if self.graph_inputs and self.device.type == "cuda" and cuda_graphs.enabled():
-            return self.graphed(*(inputs[name] for name in self.graph_inputs))
+        """What serving calls: on a GPU, ``forward_graph`` replayed from a CUDA graph per shape bucket for the
+        architectures that allow it (see :mod:`models.cuda_graphs`); else ``forward``."""
+        if self.device.type == "cuda" and cuda_graphs.enabled():
+            arguments = self.graph_arguments(inputs)
+            if arguments is not None:
+                return self.graphed(*arguments)
         return self.forward(inputs)
+
+    def graph_arguments(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, ...] | None:
+        """The batch-first tensors ``forward_graph`` takes, or None when this architecture is not graphed."""
+        return tuple(inputs[name] for name in self.graph_inputs) if self.graph_inputs else None
+
+    def forward_graph(self, *tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``forward`` on ``graph_arguments``: what a CUDA graph records (no host syncs allowed inside)."""
+        return self.forward(dict(zip(self.graph_inputs, tensors, strict=True)))
+
+    def graph_buckets(self) -> dict[str, Any]:
+        """How ``graph_arguments`` are padded into buckets: ``GraphedForward``'s shape arguments."""
+        return {"pad_values": (0,) * len(self.graph_inputs), "max_shape": (self.graph_max_batch,)}
 
     @cached_property
     def graphed(self) -> cuda_graphs.GraphedForward:
-        names = self.graph_inputs
-        return cuda_graphs.GraphedForward(lambda *tensors: self.forward(dict(zip(names, tensors, strict=True))),
-                                          pad_values=(0,) * len(names), max_shape=(self.graph_max_batch,),
-                                          capture=self.device.type == "cuda")
+        return cuda_graphs.GraphedForward(self.forward_graph, capture=self.device.type == "cuda",
+                                          **self.graph_buckets())
 
     def example_inputs(self, specs: tuple[TensorSpec, ...], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
         """A batch of plausible inputs (warm-up, benchmarks, the int8 report); text models override this."""

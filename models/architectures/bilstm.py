@@ -80,17 +80,26 @@ class BiLSTMClassifier(Architecture):
         return {"probabilities": probabilities, "class": probabilities.argmax(dim=-1)}
 
     def forward(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        ids, lengths = self._encode(inputs["text"])
+        return self.forward_graph(*self.graph_arguments(inputs))
+
+    def graph_arguments(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, lengths = self._encode(inputs["text"])  # a fixed length: graphs bucket the batch only
+        return ids, lengths.to(ids.device)
+
+    def graph_buckets(self) -> dict[str, Any]:
+        return {"pad_values": (0, 1), "max_shape": (self.graph_max_batch,)}  # a padding row reads one pad token
+
+    def forward_graph(self, ids: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The classifier on token ids ``[B, S]`` and lengths ``[B]``, both on the model's device."""
         x = F.embedding(ids, self.weights["embedding.weight"])
         w = self.weights
         rows = torch.arange(ids.shape[0], device=ids.device)
-        lengths_dev = lengths.to(ids.device)
         forward = kernels.lstm(x, w["lstm.weight_ih_l0"], w["lstm.weight_hh_l0"],
-                               w["lstm.bias_ih_l0"] + w["lstm.bias_hh_l0"], lengths_dev)
+                               w["lstm.bias_ih_l0"] + w["lstm.bias_hh_l0"], lengths)
         backward = kernels.lstm(x, w["lstm.weight_ih_l0_reverse"], w["lstm.weight_hh_l0_reverse"],
-                                w["lstm.bias_ih_l0_reverse"] + w["lstm.bias_hh_l0_reverse"], lengths_dev, reverse=True)
+                                w["lstm.bias_ih_l0_reverse"] + w["lstm.bias_hh_l0_reverse"], lengths, reverse=True)
         # Final states: the forward pass ends at each sequence's last token, the backward pass at position 0.
-        final = torch.cat([forward[rows, lengths_dev - 1], backward[:, 0]], dim=-1)
+        final = torch.cat([forward[rows, lengths - 1], backward[:, 0]], dim=-1)
         return self._head(final, lambda h, p, act="none": self.dense(h, p, act), kernels.softmax)
 
     def _reference_lstm(self) -> torch.nn.LSTM:

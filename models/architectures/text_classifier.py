@@ -93,7 +93,16 @@ class TextClassifier(Architecture):
         return {"scores": scores, "label": label}
 
     def forward(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        ids, mask = self.encode(inputs["text"])
+        return self.forward_graph(*self.graph_arguments(inputs))
+
+    def graph_arguments(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode(inputs["text"])  # tokenized on the CPU to a fixed length: graphs bucket the batch only
+
+    def graph_buckets(self) -> dict[str, Any]:
+        return {"pad_values": (0, False), "max_shape": (self.graph_max_batch,)}
+
+    def forward_graph(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The classifier on token ids ``[B, S]`` and their mask, both on the model's device."""
         h = kernels.embedding_pool(ids, self.weights["embedding.weight"], mask)
         for i in range(len(self.hidden)):
             h = self.dense(h, f"dense.{i}", "relu")

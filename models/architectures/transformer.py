@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from models import cuda_graphs
 from models.architectures.base import SCALE_SUFFIX, Architecture, positive_int, texts_of
 from models.artifact import TOKENIZER_FILE, ArtifactError, TensorSpec
 from models.text import WordPieceTokenizer
@@ -147,21 +146,17 @@ class TransformerEncoder(Architecture):
     def forward(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self.forward_tokens(*self.encode(inputs["text"]))
 
-    def run(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Serving: tokenize on the CPU, then the encoder replayed from a CUDA graph per (batch, length)
-        bucket on a GPU; padding rows and positions are masked out, so they change no real row."""
-        ids, mask = self.encode(inputs["text"])
-        if ids.is_cuda and cuda_graphs.enabled():
-            return self.graphed(ids, mask)
+    def graph_arguments(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode(inputs["text"])  # tokenized on the CPU; the graph runs the encoder on the ids
+
+    def forward_graph(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.forward_tokens(ids, mask)
 
-    @cached_property
-    def graphed(self) -> cuda_graphs.GraphedForward:
-        # Up to 64k tokens per graph (256 x 256, 512 x 128): past that the launches are amortized anyway.
-        return cuda_graphs.GraphedForward(self.forward_tokens, pad_values=(0, False),
-                                          max_shape=(self.graph_max_batch, self.p["max_length"]),
-                                          min_shape=(1, 16), max_elements=65536,
-                                          capture=self.device.type == "cuda")
+    def graph_buckets(self) -> dict[str, Any]:
+        # Batch x token length, padding masked out; up to 64k tokens per graph (256 x 256, 512 x 128): past
+        # that the launches are amortized anyway.
+        return {"pad_values": (0, False), "max_shape": (self.graph_max_batch, self.p["max_length"]),
+                "min_shape": (1, 16), "max_elements": 65536}
 
     def reference_forward(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self.reference_forward_tokens(*self.encode(inputs["text"]))
