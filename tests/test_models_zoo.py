@@ -85,6 +85,15 @@ def _random_weights(cls, params: dict, seed: int = 0) -> dict[str, torch.Tensor]
     return {name: torch.randn(shape, generator=g) * 0.3 for name, shape in cls.weight_shapes(params).items()}
 
 
+def _small_model(arch: str, seed: int):
+    """A SMALL architecture with random weights (``seed``) and three rows of its inputs (``seed + 1``)."""
+    params, make_inputs, assets, _ = SMALL[arch]
+    cls = ARCHITECTURES[arch]
+    model = cls(params, _random_weights(cls, params, seed=seed), assets())
+    torch.manual_seed(seed + 1)
+    return model, make_inputs(3)
+
+
 def _close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: float) -> None:
     assert set(got) == set(want)
     for name in want:
@@ -119,11 +128,7 @@ def test_architecture_matches_its_plain_torch_twin(arch, quantization):
 @pytest.mark.parametrize("arch", sorted(SMALL))
 def test_architecture_on_triton_kernels_matches_its_twin(arch, monkeypatch):
     """The same, with every op forced onto its Triton kernel (the interpreter on this CPU)."""
-    params, make_inputs, assets, _ = SMALL[arch]
-    cls = ARCHITECTURES[arch]
-    model = cls(params, _random_weights(cls, params, seed=2), assets())
-    torch.manual_seed(3)
-    inputs = make_inputs(3)
+    model, inputs = _small_model(arch, seed=2)
     want = model.reference_forward(inputs)
     monkeypatch.setenv("MAAS_KERNEL_BACKEND", "triton")
     _close(model.forward(inputs), want, atol=1e-4)
@@ -133,11 +138,7 @@ def test_architecture_on_triton_kernels_matches_its_twin(arch, monkeypatch):
 def test_a_batch_padded_into_its_graph_bucket_gives_the_unpadded_rows(arch):
     """What CUDA-graph serving runs (``graph_arguments`` padded to a bucket, then ``forward_graph``), here
     with capture off: padding rows and positions must change no real row."""
-    params, make_inputs, assets, _ = SMALL[arch]
-    cls = ARCHITECTURES[arch]
-    model = cls(params, _random_weights(cls, params, seed=4), assets())
-    torch.manual_seed(5)
-    inputs = make_inputs(3)
+    model, inputs = _small_model(arch, seed=4)
     arguments = model.graph_arguments(inputs)
     assert arguments is not None, f"{arch} is not served from CUDA graphs"
     with torch.inference_mode():
