@@ -42,11 +42,15 @@ def check_tensor(
     return t
 
 
-def capturing(t: torch.Tensor) -> bool:
-    """Whether a CUDA graph is being recorded on ``t``'s stream. Checks of values that need a device sync
-    (index ranges) are skipped then, as a capture forbids syncs: they ran in the warm-up calls before it,
-    and a replay trusts its inputs as the caller's graph does (the models' tokenizers keep ids in range)."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+def value_range(t: torch.Tensor) -> tuple[int, int] | None:
+    """``(min, max)`` of an integer tensor in one reduction and one device sync, for index-range checks;
+    None when ``t`` is empty or a CUDA graph is being recorded on its stream. A capture forbids syncs: the
+    check ran in the warm-up calls before it, and a replay trusts its inputs as the caller's graph does (the
+    models' tokenizers keep ids in range)."""
+    if t.numel() == 0 or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return None
+    low, high = torch.stack(torch.aminmax(t)).tolist()
+    return low, high
 
 
 def check_activation(activation: str) -> None:

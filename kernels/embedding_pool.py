@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import FLOAT_DTYPES, capturing, check_tensor, compute_dtype, into, output
+from kernels._common import FLOAT_DTYPES, check_tensor, compute_dtype, into, output, value_range
 from kernels.dispatch import INTERPRETER, backend_for
 
 
@@ -40,10 +40,9 @@ def _validate(ids, table, mask) -> None:
     check_tensor("ids", ids, ndim=2, dtypes=(torch.int64, torch.int32))
     check_tensor("table", table, ndim=2, dtypes=FLOAT_DTYPES, device=ids.device)
     check_tensor("mask", mask, shape=ids.shape, dtypes=(torch.bool,), device=ids.device)
-    if ids.numel() and not capturing(ids):
-        low, high = torch.stack(torch.aminmax(ids)).tolist()  # one reduction, one device sync
-        if low < 0 or high >= table.shape[0]:
-            raise ValueError(f"ids must lie in [0, {table.shape[0]}) (the table's rows), got [{low}, {high}]")
+    bounds = value_range(ids)
+    if bounds is not None and (bounds[0] < 0 or bounds[1] >= table.shape[0]):
+        raise ValueError(f"ids must lie in [0, {table.shape[0]}) (the table's rows), got [{bounds[0]}, {bounds[1]}]")
 
 
 def _launch(ids, table, mask, out) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import FLOAT_DTYPES, capturing, check_tensor, compute_dtype, into, output, tanh
+from kernels._common import FLOAT_DTYPES, check_tensor, compute_dtype, into, output, tanh, value_range
 from kernels.dispatch import INTERPRETER, backend_for
 from kernels.linear import launch_linear
 
@@ -81,10 +81,10 @@ def _validate(x, w_ih, w_hh, bias, lengths) -> None:
     check_tensor("bias", bias, shape=(4 * hidden,), dtypes=(x.dtype,), device=x.device)
     if lengths is not None:
         check_tensor("lengths", lengths, shape=(x.shape[0],), dtypes=(torch.int64, torch.int32))
-        if lengths.numel() and not capturing(lengths):
-            low, high = torch.stack(torch.aminmax(lengths)).tolist()  # one reduction, one device sync
-            if low < 0 or high > x.shape[1]:
-                raise ValueError(f"lengths must lie in [0, {x.shape[1]}] (x's sequence length), got [{low}, {high}]")
+        bounds = value_range(lengths)
+        if bounds is not None and (bounds[0] < 0 or bounds[1] > x.shape[1]):
+            raise ValueError(f"lengths must lie in [0, {x.shape[1]}] (x's sequence length), got "
+                             f"[{bounds[0]}, {bounds[1]}]")
 
 
 def _launch(x, w_ih, w_hh, bias, lengths, reverse, out) -> torch.Tensor:

@@ -149,9 +149,6 @@ class TransformerEncoder(Architecture):
     def graph_arguments(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode(inputs["text"])  # tokenized on the CPU; the graph runs the encoder on the ids
 
-    def forward_graph(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.forward_tokens(ids, mask)
-
     def graph_buckets(self) -> dict[str, Any]:
         # Batch x token length, padding masked out; up to 64k tokens per graph (256 x 256, 512 x 128): past
         # that the launches are amortized anyway.
@@ -182,6 +179,8 @@ class TransformerEncoder(Architecture):
         if self.p["normalize"]:  # the mean's division by the length cancels in the normalization
             return {"embedding": kernels.l2_normalize(summed)}
         return {"embedding": summed / keep.sum(dim=2).clamp(min=1)}
+
+    forward_graph = forward_tokens  # what a CUDA graph of this encoder records
 
     def reference_forward_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         w, eps, d = self.weights, self.p["layer_norm_eps"], self.p["hidden_size"]
