@@ -34,14 +34,14 @@ def main() -> int:
     os.environ["MAAS_KERNEL_BACKEND"] = "triton"
     from bench.models import _inputs, zoo
     from models.architectures import build
-    from models.datatypes import TORCH_DTYPES
+    from models.datatypes import torch_dtype
 
     device = torch.device("cuda")
     failures = 0
     for name, config, weights, assets in zoo(args.only):
         for dt, min_cos in (("FP32", 0.999), ("BF16", 0.99)):
-            model = build(config, dict(weights), assets).to(device, TORCH_DTYPES[dt])
-            inputs = _inputs(model, config, args.batch, device, TORCH_DTYPES[dt])
+            model = build(config, dict(weights), assets).to(device, torch_dtype(dt))
+            inputs = _inputs(model, config, args.batch, device, torch_dtype(dt))
             with torch.inference_mode():
                 want = model.reference_forward(inputs)
                 ways = {"kernels": model.forward(inputs), "served": model.run(inputs)}  # served: CUDA graphs

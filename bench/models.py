@@ -7,13 +7,15 @@ For every example architecture (at its example's real sizes; MiniLM with its rea
   a CPU, which is what a CPU worker runs);
 - `eager`: the plain-torch twin `reference_forward`;
 - `compile`: `torch.compile` of the twin (skipped on a CPU unless `--compile`: compiling takes minutes there);
-- `served` (CUDA only): the architecture's `run`, what serving calls: the kernels replayed from CUDA graphs
-  per shape bucket (every architecture but `identity`), else `forward`.
+- `served`: what serving runs. On CUDA the architecture's `run`: the kernels replayed from CUDA graphs per
+  shape bucket (every architecture but `identity`). On a CPU, for the architectures that have one (`mlp`),
+  the numpy twin of `models/numpy_models.py`, numpy arrays in and out; the others run `kernels` there.
 
 Text models are timed from raw text, tokenization included (the same for every column). On CUDA it runs
 fp32 and bf16 at batch 1, 64 and the largest useful batch; `--quick` (the default without CUDA) runs fp32 at
 batch 1 and 64 only and finishes in well under two minutes on 2 CPU cores. It also measures the cold start
-of a worker process: import, load the MNIST MLP, answer one request (target <= 2 s on a CPU).
+of a worker process: import, load the MNIST MLP, answer one request (target <= 2 s on a CPU), with the
+numpy twin (the CPU default) and with `MAAS_CPU_RUNTIME=torch`.
 
 Usage: `python bench/models.py [--quick] [--compile] [--threads N] [--only ARCH ...] [--output FILE.json]`;
 `python bench/models.py --tokens` times only MiniLM on token ids (see `token_benchmark`).
@@ -39,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.architectures import build  # noqa: E402
 from models.artifact import TOKENIZER_FILE, ModelConfig  # noqa: E402
-from models.datatypes import TORCH_DTYPES  # noqa: E402
+from models.datatypes import torch_dtype  # noqa: E402
 from models.examples import (  # noqa: E402
     CIFAR_CNN,
     FILLER_WORDS,
@@ -56,6 +58,7 @@ from models.examples import (  # noqa: E402
     sentiment_config,
     train_mnist_mlp,
 )
+from models.numpy_models import CPU_RUNTIME_ENV, numpy_twin  # noqa: E402
 from models.repository import ModelRepository  # noqa: E402
 from models.text import WordIndexTokenizer  # noqa: E402
 
@@ -165,7 +168,7 @@ def token_benchmark(device: torch.device, compile_on: bool, budget: float, batch
     print(f"\n{'MiniLM on token ids':<20} {'dtype':<5} {'batch':>6} {'way':<14} {'latency ms':>11} "
           f"{'seq/s':>10} {'first call s':>13}")
     for dt in ("BF16", "FP32") if device.type == "cuda" else ("FP32",):
-        model = build(config, dict(weights), assets).to(device, TORCH_DTYPES[dt])
+        model = build(config, dict(weights), assets).to(device, torch_dtype(dt))
         compiled = torch.compile(model.reference_forward_tokens, dynamic=False) if compile_on else None
         for batch in batches:
             ids, mask = token_batch(config.params["vocab_size"], batch, device)
@@ -200,6 +203,13 @@ def token_benchmark(device: torch.device, compile_on: bool, budget: float, batch
     return rows
 
 
+def _numpy_way(twin):
+    """A numpy twin's `run` on the benchmark's (CPU) torch inputs: the conversion is free (shared memory)."""
+    def run(inputs: dict) -> dict:
+        return twin.run({name: t.numpy() for name, t in inputs.items()})
+    return run
+
+
 def kernel_breakdown(fn, *args, runs: int = 5) -> None:
     """Where the GPU time of ``fn(*args)`` goes, per kernel (torch.profiler over a few runs)."""
     from torch.profiler import ProfilerActivity, profile
@@ -217,8 +227,9 @@ def kernel_breakdown(fn, *args, runs: int = 5) -> None:
         print(f"kernel breakdown failed: {type(exc).__name__}: {exc}"[:200])
 
 
-def cold_start(repo_root: Path) -> dict[str, float]:
-    """A fresh process: import, load + warm up mnist_mlp through the cache, answer one request."""
+def cold_start(repo_root: Path, runtime: str) -> dict[str, float]:
+    """A fresh process: import, load + warm up mnist_mlp through the cache, answer one request (on a CPU:
+    `runtime` is `MAAS_CPU_RUNTIME`)."""
     code = (
         "import time; t0 = time.perf_counter()\n"
         "import numpy as np\n"
@@ -232,7 +243,7 @@ def cold_start(repo_root: Path) -> dict[str, float]:
         "t3 = time.perf_counter()\n"
         "print(t1 - t0, t2 - t1, t3 - t2, t3 - t0)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), CPU_RUNTIME_ENV: runtime}
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     wall = time.perf_counter() - start
@@ -282,14 +293,16 @@ def main() -> None:
     for name, config, weights, assets in zoo(args.only):
         batches = [1, 64] if quick else [1, 64, BIG_BATCH.get(name, 256)]
         for dt in dtypes:
-            model = build(config, dict(weights), assets).to(device, TORCH_DTYPES[dt])
+            model = build(config, dict(weights), assets).to(device, torch_dtype(dt))
             ways = {"kernels": model.forward, "eager": model.reference_forward}
             if cuda:
                 ways["served"] = model.run  # what serving runs: the kernels replayed from CUDA graphs where it can
+            elif dt == "FP32" and (twin := numpy_twin(config, {"F32"})) is not None:
+                ways["served"] = _numpy_way(twin(config, {k: v.numpy() for k, v in model.weights.items()}))
             if compile_on:
                 ways["compile"] = torch.compile(model.reference_forward, dynamic=False)
             for batch in batches:
-                inputs = _inputs(model, config, batch, device, TORCH_DTYPES[dt])
+                inputs = _inputs(model, config, batch, device, torch_dtype(dt))
                 for way, fn in ways.items():
                     try:
                         seconds = _time(fn, inputs, device, budget)
@@ -304,13 +317,15 @@ def main() -> None:
                     print(f"{name:<15} {config.architecture:<20} {dt:<5} {batch:>6} {way:<8} "
                           f"{row['latency_ms']:>11.3f} {row['samples_per_s']:>11.0f}", flush=True)
 
+    cold = {}
     with tempfile.TemporaryDirectory() as tmp:
         ModelRepository(tmp).publish(MNIST_MLP, mnist_mlp_config(), train_mnist_mlp(steps=5))
-        cold = cold_start(Path(tmp))
-    print(f"\ncold start (new process: import, load + warm up mnist_mlp, one request): "
-          f"{cold['process_wall_s']:.2f} s wall ({cold['imports_s']:.2f} s imports, "
-          f"{cold['load_and_warmup_s']:.3f} s load + warm-up, {cold['first_request_s'] * 1e3:.2f} ms first "
-          f"request; target <= 2 s)")
+        print("\ncold start (new process: import, load + warm up mnist_mlp, one request; target <= 2 s on a CPU):")
+        for runtime in ("numpy", "torch"):
+            cold[runtime] = c = cold_start(Path(tmp), runtime)
+            print(f"  {CPU_RUNTIME_ENV}={runtime}: {c['process_wall_s']:.2f} s wall ({c['imports_s']:.2f} s imports, "
+                  f"{c['load_and_warmup_s']:.3f} s load + warm-up (torch's import included when used), "
+                  f"{c['first_request_s'] * 1e3:.2f} ms first request)")
     _save(args.output, {"device": str(device), "quick": quick, "results": results, "cold_start": cold})
     if args.output:
         print(f"wrote {args.output}")

@@ -10,14 +10,16 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any, Literal
 
 from models.datatypes import DATATYPES
+
+if TYPE_CHECKING:  # torch is imported only where torch weights are read or written (2-3 s of a cold start)
+    import numpy as np
+    import torch
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -26,6 +28,7 @@ MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 #: Files an artifact may hold besides config.json: the weights and architecture assets (tokenizers).
 ARTIFACT_FILES = (WEIGHTS_FILE, TOKENIZER_FILE)
 QUANTIZATIONS = ("int8",)
+SCALE_SUFFIX = "_scale"  # an int8 weight `<name>` has its per-output-channel fp32 scales in `<name>_scale`
 
 
 class ArtifactError(ValueError):
@@ -220,15 +223,77 @@ def read_config(directory: Path) -> ModelConfig:
     return ModelConfig.parse(raw)
 
 
-def read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """Load weights from safetensors only: a pickle can run code, a safetensors file cannot."""
+def read_weights(directory: Path, framework: Literal["pt", "np"] = "pt") -> dict[str, torch.Tensor | np.ndarray]:
+    """Load weights from safetensors only: a pickle can run code, a safetensors file cannot.
+
+    ``framework="np"`` gives numpy arrays without importing torch (see :mod:`models.numpy_models`).
+    """
     path = directory / WEIGHTS_FILE
     if not path.exists():
         raise ArtifactError(f"{path} is missing (weights must be a safetensors file; pickle is refused)")
+    if framework == "np":
+        from safetensors.numpy import load_file
+    else:
+        from safetensors.torch import load_file
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for malformed headers
         raise ArtifactError(f"{path}: not a valid safetensors file ({exc})") from None
+
+
+def weight_dtypes(directory: Path) -> set[str]:
+    """The safetensors dtype names ("F32", "BF16", "I8", ...) of a version's weights, from the header only."""
+    from safetensors import safe_open
+
+    path = directory / WEIGHTS_FILE
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return {f.get_slice(name).get_dtype() for name in f.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as exc:  # a missing file or malformed header: read_weights says which
+        raise ArtifactError(f"{path}: not a valid safetensors file ({exc})") from None
+
+
+def expected_shapes(shapes: dict[str, tuple[int, ...]], quantizable: list[str],
+                    quantization: str | None) -> dict[str, tuple[int, ...]]:
+    """The float weights' shapes plus, when quantized to int8, a scale vector beside each quantizable weight."""
+    shapes = dict(shapes)
+    if quantization == "int8":
+        for wname in quantizable:
+            shapes[wname + SCALE_SUFFIX] = (shapes[wname][0],)
+    return shapes
+
+
+def check_weights(expected: dict[str, tuple[int, ...]], weights: dict[str, Any], int8: Sequence[str] = ()) -> None:
+    """Refuse weights (torch tensors or numpy arrays) whose names or shapes differ from what the config implies,
+    or whose quantized tensors (`int8`) are not int8, naming the tensor."""
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise ArtifactError(f"weights are missing tensor(s) {missing} that the config implies")
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        raise ArtifactError(f"weights hold tensor(s) {unexpected} that the config does not use")
+    for name, shape in expected.items():
+        got = tuple(weights[name].shape)
+        if got != tuple(shape):
+            raise ArtifactError(f"tensor {name!r} has shape {list(got)}, the config implies {list(shape)}")
+    for name in int8:
+        dtype = str(weights[name].dtype).removeprefix("torch.")
+        if dtype != "int8":
+            raise ArtifactError(f"tensor {name!r} has dtype {dtype}, quantization int8 implies int8")
+
+
+def require(params: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    value = params.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ArtifactError(f"{where}.params.{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def positive_int(params: dict[str, Any], key: str, where: str, default: int | None = None) -> int:
+    value = params.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ArtifactError(f"{where}.params.{key}: expected a positive integer, got {value!r}")
+    return value
 
 
 def read_assets(directory: Path, names: tuple[str, ...]) -> dict[str, bytes]:
@@ -264,6 +329,8 @@ def write_artifact(directory: Path, config: ModelConfig, weights: dict[str, torc
 
     Returns the config as written: with the sha256 of the weights and of every asset file in `files`.
     """
+    from safetensors.torch import save_file
+
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(directory / WEIGHTS_FILE))
     for name, data in (assets or {}).items():

@@ -6,8 +6,13 @@ BYTES tensors are numpy object arrays of `bytes`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 NUMPY_DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -30,12 +35,14 @@ DATATYPES = frozenset(NUMPY_DTYPES)
 
 _FROM_NUMPY = {dt: name for name, dt in NUMPY_DTYPES.items() if name not in {"BF16", "BYTES"}}
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "FP16": torch.float16,
-    "FP32": torch.float32,
-    "FP64": torch.float64,
-    "BF16": torch.bfloat16,
-}
+FLOAT_DATATYPES = ("FP16", "FP32", "FP64", "BF16")
+
+
+def torch_dtype(datatype: str) -> torch.dtype:
+    """The torch dtype of a float datatype (a model's compute dtype). Imports torch: only torch models call it."""
+    import torch
+
+    return {"FP16": torch.float16, "FP32": torch.float32, "FP64": torch.float64, "BF16": torch.bfloat16}[datatype]
 
 
 def datatype_of(array: np.ndarray) -> str:
@@ -46,3 +53,19 @@ def datatype_of(array: np.ndarray) -> str:
         return _FROM_NUMPY[array.dtype]
     except KeyError:
         raise ValueError(f"numpy dtype {array.dtype} has no Open Inference Protocol datatype") from None
+
+
+def random_inputs(specs: Iterable[Any], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A batch of inputs fitting tensor specs (name, datatype, shape; -1 dimensions become 8): floats uniform
+    in [0, 1), integers zero, BYTES a short text. For warm-up runs and benchmarks."""
+    rng = np.random.default_rng(seed)
+    batch_inputs = {}
+    for spec in specs:
+        shape = [batch, *(8 if d == -1 else d for d in spec.shape[1:])]
+        if spec.datatype == "BYTES":
+            batch_inputs[spec.name] = np.full(shape, b"warm up", dtype=object)
+        elif spec.datatype in FLOAT_DATATYPES:
+            batch_inputs[spec.name] = rng.random(shape).astype(NUMPY_DTYPES[spec.datatype])
+        else:
+            batch_inputs[spec.name] = np.zeros(shape, dtype=NUMPY_DTYPES[spec.datatype])
+    return batch_inputs

@@ -1,21 +1,40 @@
-"""A model version in memory, ready to run batches given as numpy arrays."""
+"""A model version in memory, ready to run batches given as numpy arrays.
+
+torch is imported by the torch architectures only: a CPU process serving numpy twins
+(:mod:`models.numpy_models`) never pays for it.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from models.architectures import Architecture
 from models.artifact import ModelConfig
-from models.datatypes import NUMPY_DTYPES, TORCH_DTYPES
+from models.datatypes import NUMPY_DTYPES, torch_dtype
+
+if TYPE_CHECKING:
+    from models.architectures import Architecture
+    from models.numpy_models import NumpyMLP
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def default_device() -> str:
+    """The device to serve on: "cuda" when torch sees a GPU, else "cpu". Without an NVIDIA driver there can be
+    no GPU, and torch is not imported just to learn that."""
+    driver = os.path.isdir("/proc/driver/nvidia/gpus") and bool(os.listdir("/proc/driver/nvidia/gpus"))
+    if not (driver or os.path.exists("/dev/dxg")):  # /dev/dxg: the GPU of WSL2, which has no /proc entry
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_type(device: Any) -> str:
+    """The kind of a device given as text or torch.device: "cuda" for "cuda:1", "cpu" for "cpu"."""
+    return str(device).partition(":")[0]
 
 
 @dataclass
@@ -23,8 +42,8 @@ class LoadedModel:
     name: str
     version: int
     config: ModelConfig
-    architecture: Architecture
-    device: torch.device
+    architecture: Architecture | NumpyMLP
+    device: str  # "cpu", "cuda", "cuda:1": what torch.device() takes
     load_seconds: float = 0.0
     warmup_seconds: float = 0.0
     nbytes: int = field(init=False)
@@ -33,9 +52,9 @@ class LoadedModel:
         self.nbytes = self.architecture.nbytes
 
     def _to_torch(self, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
-        if self.architecture.numpy_io:
-            return dict(inputs)
-        compute_dtype = TORCH_DTYPES[self.config.dtype]
+        import torch
+
+        compute_dtype = torch_dtype(self.config.dtype)
         tensors = {}
         for spec in self.config.inputs:
             array = inputs[spec.name]
@@ -45,7 +64,7 @@ class LoadedModel:
             # Calls that would change nothing are skipped: each torch call on the model thread hands the GIL
             # back to the event loop and waits to win it again.
             t = torch.from_numpy(np.require(array, requirements=["C", "W"]))
-            if self.device.type != "cpu":
+            if device_type(self.device) != "cpu":
                 t = t.to(self.device, non_blocking=True)
             if t.is_floating_point() and t.dtype != compute_dtype:
                 t = t.to(compute_dtype)
@@ -54,8 +73,13 @@ class LoadedModel:
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch. Inputs are keyed by the config's input names, batch first; outputs likewise."""
-        with torch.inference_mode():
-            outputs = self.architecture.run(self._to_torch(inputs))
+        if self.architecture.numpy_io:
+            outputs = self.architecture.run(dict(inputs))
+        else:
+            import torch
+
+            with torch.inference_mode():
+                outputs = self.architecture.run(self._to_torch(inputs))
         result = {}
         for spec in self.config.outputs:
             value = outputs[spec.name]
@@ -63,7 +87,7 @@ class LoadedModel:
                 result[spec.name] = value.astype(NUMPY_DTYPES[spec.datatype], copy=False)
                 continue
             t = value.detach() if value.requires_grad else value
-            if t.is_floating_point() and t.dtype != torch.float32:
+            if t.is_floating_point() and t.element_size() != 4:  # bf16 and fp16 travel as float32
                 t = t.float()
             if t.device.type != "cpu":
                 t = t.cpu()
@@ -85,11 +109,11 @@ class LoadedModel:
         self.warmup_seconds = time.perf_counter() - start
 
 
-def warmup_batch_sizes(max_batch_size: int, device: torch.device) -> list[int]:
+def warmup_batch_sizes(max_batch_size: int, device: Any) -> list[int]:
     """One batch on a CPU, where nothing compiles. On a GPU every power-of-two batch up to the batching
     limit: each is a bucket of its own (tile configs autotuned per power of two of rows, a CUDA graph per
     bucket), and the first request of an untuned bucket would otherwise wait seconds for it."""
-    if device.type == "cpu":
+    if device_type(device) == "cpu":
         return [1]
     sizes = [1 << i for i in range(max(max_batch_size, 1).bit_length())]
     return sizes if sizes[-1] == max_batch_size else [*sizes, max_batch_size]

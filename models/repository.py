@@ -11,11 +11,8 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from models.architectures import architecture_class
 from models.artifact import (
     CONFIG_FILE,
     ArtifactError,
@@ -25,10 +22,15 @@ from models.artifact import (
     read_weights,
     validate_model_name,
     verify_files,
+    weight_dtypes,
     write_artifact,
 )
-from models.datatypes import TORCH_DTYPES
-from models.loaded import LoadedModel, default_device
+from models.datatypes import torch_dtype
+from models.loaded import LoadedModel, default_device, device_type
+from models.numpy_models import numpy_twin
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ModelNotFoundError(LookupError):
@@ -107,20 +109,31 @@ class Repository(ABC):
             self._configs[key] = self._read_config(name, int(version))
         return self._configs[key]
 
-    def load(self, name: str, version: int, device: torch.device | None = None) -> LoadedModel:
-        """Read, validate and place one version on its device. Safetensors only."""
+    def load(self, name: str, version: int, device: str | torch.device | None = None) -> LoadedModel:
+        """Read, validate and place one version on its device. Safetensors only.
+
+        On a CPU, an architecture with a numpy twin is served by it (see :mod:`models.numpy_models`).
+        """
         start = time.perf_counter()
         config = self.config(name, version)
         folder = self.local_folder(name, version)
-        cls = architecture_class(config.architecture)
-        device = device or default_device()
-        arch = cls(config.params, read_weights(folder), read_assets(folder, cls.asset_files), config.quantization)
-        arch = arch.to(device, TORCH_DTYPES[config.dtype])
+        device = str(device) if device is not None else default_device()
+        twin = numpy_twin(config, weight_dtypes(folder)) if device_type(device) == "cpu" else None
+        if twin is not None:
+            arch = twin(config, read_weights(folder, "np"))
+        else:
+            from models.architectures import architecture_class
+
+            cls = architecture_class(config.architecture)
+            arch = cls(config.params, read_weights(folder), read_assets(folder, cls.asset_files), config.quantization)
+            arch = arch.to(device, torch_dtype(config.dtype))
         return LoadedModel(name, version, config, arch, device, load_seconds=time.perf_counter() - start)
 
     def publish(self, name: str, config: ModelConfig, weights: dict[str, torch.Tensor],
                 assets: dict[str, bytes] | None = None) -> int:
         """Write a new version (newest + 1) after checking the weights and assets fit the config."""
+        from models.architectures import architecture_class
+
         validate_model_name(name)
         cls = architecture_class(config.architecture)
         weights = cls.adapt_weights(config.params, weights)

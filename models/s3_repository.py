@@ -22,9 +22,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from botocore.exceptions import BotoCoreError, ClientError
 
 from models.artifact import (
@@ -37,6 +36,9 @@ from models.artifact import (
     write_artifact,
 )
 from models.repository import ModelNotFoundError, Repository, RepositoryError
+
+if TYPE_CHECKING:
+    import torch
 
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 CLAIM_FILE = "claim.json"

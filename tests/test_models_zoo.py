@@ -15,7 +15,7 @@ import torch
 
 from kernels.dispatch import INTERPRETER
 from models.architectures import ARCHITECTURES, build
-from models.artifact import TOKENIZER_FILE, WEIGHTS_FILE, ArtifactError, ModelConfig, TensorSpec
+from models.artifact import TOKENIZER_FILE, WEIGHTS_FILE, ArtifactError, ModelConfig, TensorSpec, read_weights
 from models.cache import ModelCache
 from models.examples import (
     MINILM,
@@ -301,7 +301,7 @@ def test_s3_repository_publish_list_load_and_cache(live, s3, tmp_path, repositor
     repo = open_repository(uri, lambda: s3, cache_dir=tmp_path / "cache")
     assert isinstance(repo, S3ModelRepository) and repo.names() == []
     weights, assets = train_sentiment(steps=60)
-    mnist = repository.load(MNIST_MLP, 1).architecture.weights
+    mnist = read_weights(repository.local_folder(MNIST_MLP, 1))
     assert repo.publish(MNIST_MLP, mnist_mlp_config(), mnist) == 1
     assert repo.publish(MNIST_MLP, mnist_mlp_config(), mnist) == 2
     assert repo.publish("sentiment_text", sentiment_config(), weights, assets) == 1
@@ -352,7 +352,7 @@ def test_maas_models_cli_publishes_to_s3(live, monkeypatch, tmp_path, capsys, re
     monkeypatch.setenv("AWS_ENDPOINT_URL", live.aws_endpoint_url)
     monkeypatch.setenv("MAAS_MODEL_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "config.json").write_text(json.dumps(mnist_mlp_config().to_json()))
-    torch.save(repository.load(MNIST_MLP, 1).architecture.weights, tmp_path / "weights.pt")
+    torch.save(read_weights(repository.local_folder(MNIST_MLP, 1)), tmp_path / "weights.pt")
 
     def maas(*args: str) -> tuple[int, str]:
         with pytest.raises(SystemExit) as exit_:

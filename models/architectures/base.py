@@ -12,10 +12,8 @@ import torch.nn.functional as F
 
 import kernels
 from models import cuda_graphs
-from models.artifact import ArtifactError, TensorSpec
-from models.datatypes import NUMPY_DTYPES
-
-SCALE_SUFFIX = "_scale"
+from models.artifact import SCALE_SUFFIX, ArtifactError, TensorSpec, check_weights, expected_shapes
+from models.datatypes import random_inputs
 
 TORCH_ACTIVATIONS = {
     "none": lambda t: t,
@@ -52,12 +50,8 @@ class Architecture(ABC):
         missing = [n for n in self.asset_files if n not in self.assets]
         if missing:
             raise ArtifactError(f"{self.name}: the artifact lacks file(s) {missing}")
-        check_weights(self.expected_shapes(params, quantization), weights)
-        if quantization == "int8":
-            for wname in self.quantizable(params):
-                if weights[wname].dtype != torch.int8:
-                    raise ArtifactError(f"tensor {wname!r} has dtype {weights[wname].dtype}, quantization int8 "
-                                        "implies torch.int8")
+        check_weights(self.expected_shapes(params, quantization), weights,
+                      int8=self.quantizable(params) if quantization == "int8" else ())
         self.weights = weights
 
     @classmethod
@@ -72,11 +66,7 @@ class Architecture(ABC):
 
     @classmethod
     def expected_shapes(cls, params: dict[str, Any], quantization: str | None = None) -> dict[str, tuple[int, ...]]:
-        shapes = dict(cls.weight_shapes(params))
-        if quantization == "int8":
-            for wname in cls.quantizable(params):
-                shapes[wname + SCALE_SUFFIX] = (shapes[wname][0],)
-        return shapes
+        return expected_shapes(cls.weight_shapes(params), cls.quantizable(params), quantization)
 
     @classmethod
     def adapt_weights(cls, params: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -128,17 +118,7 @@ class Architecture(ABC):
 
     def example_inputs(self, specs: tuple[TensorSpec, ...], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
         """A batch of plausible inputs (warm-up, benchmarks, the int8 report); text models override this."""
-        rng = np.random.default_rng(seed)
-        batch_inputs = {}
-        for spec in specs:
-            shape = [batch, *(8 if d == -1 else d for d in spec.shape[1:])]
-            if spec.datatype == "BYTES":
-                batch_inputs[spec.name] = np.full(shape, b"warm up", dtype=object)
-            elif spec.datatype in ("FP16", "FP32", "FP64", "BF16"):
-                batch_inputs[spec.name] = rng.random(shape).astype(NUMPY_DTYPES[spec.datatype])
-            else:
-                batch_inputs[spec.name] = np.zeros(shape, dtype=NUMPY_DTYPES[spec.datatype])
-        return batch_inputs
+        return random_inputs(specs, batch, seed)
 
     @property
     def device(self) -> torch.device:
@@ -188,33 +168,6 @@ def dense_head_shapes(d_in: int, hidden: list[int], classes: int) -> dict[str, t
         d_in = d_out
     shapes["output.weight"], shapes["output.bias"] = (classes, d_in), (classes,)
     return shapes
-
-
-def check_weights(expected: dict[str, tuple[int, ...]], weights: dict[str, torch.Tensor]) -> None:
-    missing = sorted(set(expected) - set(weights))
-    if missing:
-        raise ArtifactError(f"weights are missing tensor(s) {missing} that the config implies")
-    unexpected = sorted(set(weights) - set(expected))
-    if unexpected:
-        raise ArtifactError(f"weights hold tensor(s) {unexpected} that the config does not use")
-    for name, shape in expected.items():
-        got = tuple(weights[name].shape)
-        if got != tuple(shape):
-            raise ArtifactError(f"tensor {name!r} has shape {list(got)}, the config implies {list(shape)}")
-
-
-def require(params: dict[str, Any], key: str, kind: type, where: str) -> Any:
-    value = params.get(key)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ArtifactError(f"{where}.params.{key}: expected {kind.__name__}, got {value!r}")
-    return value
-
-
-def positive_int(params: dict[str, Any], key: str, where: str, default: int | None = None) -> int:
-    value = params.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ArtifactError(f"{where}.params.{key}: expected a positive integer, got {value!r}")
-    return value
 
 
 def texts_of(array: Any) -> list[str]:

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from models.architectures.base import Architecture, positive_int, texts_of
+from models.architectures.base import Architecture, texts_of
 from models.architectures.text_classifier import sample_sentences
-from models.artifact import TOKENIZER_FILE, ArtifactError, TensorSpec
+from models.artifact import TOKENIZER_FILE, ArtifactError, TensorSpec, positive_int
 from models.text import WordIndexTokenizer
 
 _DIRECTIONS = ("", "_reverse")

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from models.architectures.base import Architecture, dense_head_shapes, positive_int, texts_of
-from models.artifact import TOKENIZER_FILE, ArtifactError, TensorSpec
+from models.architectures.base import Architecture, dense_head_shapes, texts_of
+from models.artifact import TOKENIZER_FILE, ArtifactError, TensorSpec, positive_int
 from models.text import WordIndexTokenizer
 
 HEADS = ("sigmoid", "softmax")

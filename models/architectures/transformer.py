@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from models.architectures.base import SCALE_SUFFIX, Architecture, positive_int, texts_of
-from models.artifact import TOKENIZER_FILE, ArtifactError, TensorSpec
+from models.architectures.base import Architecture, texts_of
+from models.artifact import SCALE_SUFFIX, TOKENIZER_FILE, ArtifactError, TensorSpec, positive_int
 from models.text import WordPieceTokenizer
 
 HEAD_DIMS = (16, 32, 64, 128)
