@@ -26,11 +26,10 @@ from aiokafka import AIOKafkaProducer  # noqa: E402
 from models.cache import ModelCache  # noqa: E402
 from pipeline.batch_jobs import BatchConfig, BatchJobRunner  # noqa: E402
 from pipeline.claim_check import ClaimCheckStore  # noqa: E402
-from pipeline.commands._common import open_repository  # noqa: E402
 from pipeline.engine import InferenceEngine  # noqa: E402
 from pipeline.ratelimit import ApiKeys, RateLimiter  # noqa: E402
 from pipeline.runtime import configure_process  # noqa: E402
-from pipeline.services import answer_producer, aws_client, claim_check_store  # noqa: E402
+from pipeline.services import answer_producer, aws_client, claim_check_store, open_repository  # noqa: E402
 from pipeline.settings import ConfigError, Settings  # noqa: E402
 from pipeline.v2_api import V2Api  # noqa: E402
 

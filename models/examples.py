@@ -25,14 +25,16 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from models.artifact import TOKENIZER_FILE, ArtifactError, BatchingPolicy, ModelConfig, TensorSpec
 from models.repository import Repository
 from models.text import WordIndexTokenizer
+
+if TYPE_CHECKING:  # torch is imported by the trainers only: serving the published examples needs none of it
+    import torch
 
 MNIST_MLP = "mnist_mlp"
 _PROTOTYPE_SEED = 20261125
@@ -64,6 +66,9 @@ def mnist_mlp_config(max_batch_size: int = 64, max_queue_delay_ms: float = 5.0) 
 
 def train_mnist_mlp(steps: int = 150, seed: int = 0) -> dict[str, torch.Tensor]:
     """A few seconds of Adam on synthetic digits; returns the state dict in the artifact's naming."""
+    import torch
+    import torch.nn.functional as F
+
     torch.manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -109,6 +114,9 @@ def regressor_config() -> ModelConfig:
 
 
 def train_regressor(steps: int = 400, seed: int = 0) -> dict[str, torch.Tensor]:
+    import torch
+    import torch.nn.functional as F
+
     torch.manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.ReLU(), torch.nn.Linear(20, 10))
     opt = torch.optim.Adam(net.parameters(), lr=2e-2)
@@ -187,6 +195,9 @@ def sentiment_config() -> ModelConfig:
 
 
 def train_sentiment(steps: int = 300, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, bytes]]:
+    import torch
+    import torch.nn.functional as F
+
     torch.manual_seed(seed)
     texts, labels = synthetic_reviews(steps * 32, seed + 1)
     tokenizer = WordIndexTokenizer.fit(texts, num_words=1000)
@@ -240,6 +251,9 @@ def bilstm_config() -> ModelConfig:
 
 
 def train_bilstm(steps: int = 120, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, bytes]]:
+    import torch
+    import torch.nn.functional as F
+
     torch.manual_seed(seed)
     texts, labels = synthetic_topics(steps * 64, seed + 1)
     tokenizer = WordIndexTokenizer.fit(texts, num_words=10000)
@@ -296,6 +310,9 @@ def cnn_config(input_shape: list[int], description: str) -> ModelConfig:
 
 def train_cnn(images: np.ndarray, labels: np.ndarray, steps: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Train the CNN_STACK on NHWC images; returns the weights in the cnn architecture's naming."""
+    import torch
+    import torch.nn.functional as F
+
     torch.manual_seed(seed)
     channels = images.shape[-1]
     convs = torch.nn.ModuleList()
@@ -377,7 +394,7 @@ def minilm_artifact() -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, b
 
 
 # --- the registry --------------------------------------------------------------------------------------------
-Artifact = tuple[ModelConfig, dict[str, torch.Tensor], dict[str, bytes]]
+Artifact = tuple[ModelConfig, dict[str, "torch.Tensor"], dict[str, bytes]]
 
 
 def _mnist_mlp() -> Artifact:
@@ -425,6 +442,8 @@ DEFAULT_EXAMPLES = (MNIST_MLP,)
 @contextmanager
 def _one_thread():
     """Train these small nets on one thread: more only adds waiting on a busy machine (CI, workers beside)."""
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -14,11 +14,12 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from models.artifact import TOKENIZER_FILE, ArtifactError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: a worker serving numpy twins never imports it
+    import torch
 
 _WORD_RE = re.compile(r"[\w']+")
 PAD_ID, OOV_ID = 0, 1
@@ -74,6 +75,8 @@ class WordIndexTokenizer:
         return [self.index.get(w, OOV_ID) for w in words]
 
     def encode(self, texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         ids = torch.zeros(len(texts), length, dtype=torch.int64)
         for row, text in enumerate(texts):
             tokens = self.tokens(text)[:length]
@@ -107,6 +110,8 @@ class WordPieceTokenizer:
         return self.tokenizer.get_vocab_size()
 
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         if not texts:
             return torch.zeros(0, 1, dtype=torch.int64), torch.zeros(0, 1, dtype=torch.bool)
         encodings = self.tokenizer.encode_batch(texts)

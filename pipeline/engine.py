@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from models.artifact import ArtifactError, ModelConfig, TensorSpec
 from models.cache import ModelCache
@@ -25,6 +24,7 @@ from pipeline.batcher import BatchKey, DynamicBatcher, Pending
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.metrics import MODEL_CACHE, QUEUE_WAIT, BatchRecord
 from pipeline.protocol import InferenceRequest, InferenceResponse
+from pipeline.runtime import configure_torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ BatchListener = Callable[[BatchRecord], None]
 class InferenceEngine:
     """Owns the batcher and the model executor. Use `async with` or `start()`/`stop()`.
 
-    Models run on one dedicated thread (one executor per device): torch releases the GIL while it
-    computes, so decoding and producing on the event loop overlap with the model.
+    Models run on one dedicated thread (one executor per device): torch and numpy release the GIL while
+    they compute, so decoding and producing on the event loop overlap with the model.
     """
 
     def __init__(self, cache: ModelCache, *, worker_id: str = "local", max_queue_per_model: int = 1024,
@@ -54,10 +54,8 @@ class InferenceEngine:
         self._listeners.append(listener)
 
     async def start(self) -> InferenceEngine:
-        # Intra-op threads are a per-thread setting in torch's OpenMP pool: without this the model thread
-        # ignores MAAS_TORCH_THREADS (applied to the main thread) and its idle OpenMP workers spin.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maas-model",
-                                            initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
+                                            initializer=configure_torch_threads)
         await self._batcher.start()
         return self
 
@@ -72,6 +70,13 @@ class InferenceEngine:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    def _load_on_model_thread(self, name: str, version: int) -> LoadedModel:
+        """On the model thread: the model's first load may be what imports torch, whose thread count is a
+        setting of the thread that runs it."""
+        model = self.cache.get(name, version)
+        configure_torch_threads()
+        return model
 
     async def _in_executor(self, fn: Callable, *args):
         if self._executor is None:
@@ -234,7 +239,7 @@ class InferenceEngine:
             return model
         hits = self.cache.stats.hits
         try:
-            model = await self._in_executor(self.cache.get, *key)
+            model = await self._in_executor(self._load_on_model_thread, *key)
         except (ArtifactError, ModelNotFoundError, OSError) as exc:
             raise InferenceError(ErrorCode.INTERNAL, f"model {key[0]!r} version {key[1]} failed to load: {exc}") \
                 from None

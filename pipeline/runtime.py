@@ -3,7 +3,9 @@
 On a CPU the model thread and the event loop share few cores. torch's intra-op threads then spin against
 the busy event-loop thread, and every return from a torch op waits for the GIL for up to Python's switch
 interval (5 ms by default) while the loop decodes: a batch that computes in 0.3 ms alone took ~20 ms.
-Fewer torch threads and a shorter switch interval give the model thread its turn.
+Fewer torch threads and a shorter switch interval give the model thread its turn. torch is not imported for
+this: a worker that serves numpy twins only (`models.numpy_models`) never imports it, and one that does
+applies the thread count on its model thread once it has (`configure_torch_threads`).
 
 Python's cyclic garbage collector is the other hidden cost: a request allocates a few dozen containers,
 so with the default threshold (700) a collection ran every ~20 requests, and every older-generation pass
@@ -17,16 +19,16 @@ from __future__ import annotations
 import gc
 import sys
 
-import torch
-
 from pipeline.settings import Settings
 
-_TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before any call below changes it
+_torch_threads: int | None = None  # None: leave torch alone (no configure_process); 0: its default less one
+_torch_default: int | None = None  # torch's own default, read once, before it is changed
 
 
 def configure_process(settings: Settings) -> None:
-    # By default torch takes every core; one is left to the event loop, which is the other busy thread.
-    torch.set_num_threads(settings.torch_threads or max(1, _TORCH_DEFAULT_THREADS - 1))
+    global _torch_threads
+    _torch_threads = settings.torch_threads
+    configure_torch_threads()
     if settings.gil_switch_interval_us:
         sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)
     if settings.gc_gen0_threshold:
@@ -34,3 +36,21 @@ def configure_process(settings: Settings) -> None:
         gc.freeze()  # modules, torch and the settings never become garbage: stop rescanning them
         _, gen1, gen2 = gc.get_threshold()
         gc.set_threshold(settings.gc_gen0_threshold, gen1, gen2)
+
+
+def configure_torch_threads() -> None:
+    """Apply the configured intra-op thread count to the calling thread, if torch is imported by now.
+
+    It is a per-thread setting of torch's OpenMP pool: the model thread must apply it itself, or it ignores
+    MAAS_TORCH_THREADS and its idle OpenMP workers spin against the event loop.
+    """
+    global _torch_default
+    torch = sys.modules.get("torch")
+    if _torch_threads is None or torch is None:
+        return
+    if _torch_default is None:
+        _torch_default = torch.get_num_threads()
+    # By default torch takes every core; one is left to the event loop, which is the other busy thread.
+    wanted = _torch_threads or max(1, _torch_default - 1)
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)

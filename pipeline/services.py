@@ -22,6 +22,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from infra.bootstrap import ensure_buckets, ensure_topics
 from infra.stack import LocalStack, StackError
+from models.repository import Repository, RepositoryError
+from models.repository import open_repository as open_model_repository
 from pipeline.claim_check import ClaimCheckStore
 from pipeline.settings import ConfigError, Settings
 
@@ -46,6 +48,18 @@ def read_state(path: Path = STATE_FILE) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return state
+
+
+def open_repository(settings: Settings) -> Repository:
+    """MAAS_MODEL_REPOSITORY as a repository: a local folder, or S3 through the configured endpoint.
+
+    With the embedded stack, call this after the stack's endpoint is in `settings`.
+    """
+    try:
+        return open_model_repository(settings.model_repository, lambda: aws_client(settings, "s3"),
+                                     cache_dir=settings.model_cache_dir)
+    except RepositoryError as exc:
+        raise ConfigError(f"MAAS_MODEL_REPOSITORY: {exc}") from None
 
 
 def aws_client(settings: Settings, service: str) -> Any:

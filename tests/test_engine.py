@@ -130,17 +130,20 @@ async def test_a_model_config_is_looked_up_once_however_many_requests_name_it(re
     assert len(outcomes) == 30 and calls == [(MNIST_MLP, None)]
 
 
-async def test_the_model_thread_runs_with_the_process_torch_threads(repository):
+async def test_the_model_thread_runs_with_the_configured_torch_threads(repository, monkeypatch):
+    """torch's thread count is per thread: the model thread applies MAAS_TORCH_THREADS itself."""
+    monkeypatch.setattr("pipeline.runtime._torch_threads", None)  # this process's setting, restored after
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
+        configure_process(replace(Settings(), torch_threads=1, gc_gen0_threshold=0))
         async with InferenceEngine(ModelCache(repository)) as engine:
             assert await engine._in_executor(torch.get_num_threads) == 1
     finally:
         torch.set_num_threads(before)
 
 
-def test_configure_process_is_idempotent_and_raises_the_gc_threshold():
+def test_configure_process_is_idempotent_and_raises_the_gc_threshold(monkeypatch):
+    monkeypatch.setattr("pipeline.runtime._torch_threads", None)
     threads, thresholds = torch.get_num_threads(), gc.get_threshold()
     try:
         configure_process(Settings())

@@ -6,7 +6,10 @@ import asyncio
 import base64
 import copy
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import quote_plus
 
@@ -206,6 +209,31 @@ def http_event(method: str, path: str, body: bytes = b"", headers: dict | None =
     sample["body"] = base64.b64encode(body).decode() if binary else body.decode()
     sample["isBase64Encoded"] = binary
     return sample
+
+
+def test_a_cold_function_process_answers_without_importing_torch(env):
+    """A CPU function serving an mlp never imports torch (2-3 s of its cold start): numpy twin, lazy imports."""
+    requests, truth = example_requests(1, prefix="cold")
+    request = orjson.dumps(requests[0], option=orjson.OPT_SERIALIZE_NUMPY)
+    code = (
+        "import json, sys\n"
+        "import functions.http\n"
+        "from functions import runtime\n"
+        "answer = functions.http.handler(json.loads(sys.stdin.read()), None)\n"
+        "print(json.dumps({'status': answer['statusCode'], 'body': json.loads(answer['body']),\n"
+        "                  'torch': 'torch' in sys.modules, 'cold': runtime.last_metrics['ColdStart']}))\n"
+        "runtime.shutdown()\n"
+    )
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    environment.pop("MAAS_CPU_RUNTIME", None)
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps(
+        http_event("POST", f"/v2/models/{MNIST_MLP}/infer", request)), capture_output=True, text=True,
+        env=environment, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    child = json.loads(done.stdout.strip().splitlines()[-1])
+    assert child["status"] == 200 and child["cold"] == 1
+    assert next(o for o in child["body"]["outputs"] if o["name"] == "class")["data"] == [truth["cold-000000"]]
+    assert child["torch"] is False
 
 
 def test_http_trigger_serves_the_v2_routes(env, monkeypatch):

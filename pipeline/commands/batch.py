@@ -16,9 +16,9 @@ from botocore.exceptions import ClientError
 from models.cache import ModelCache
 from models.examples import ensure_examples
 from pipeline.batch_jobs import SOURCE_ETAG, BatchConfig, BatchJobRunner, BatchJobWatcher, ensure_batch_notifications
-from pipeline.commands._common import open_repository, stop_event
+from pipeline.commands._common import stop_event
 from pipeline.engine import InferenceEngine
-from pipeline.services import aws_client, connected, read_state
+from pipeline.services import aws_client, connected, open_repository, read_state
 from pipeline.settings import ConfigError, Settings
 
 

@@ -9,11 +9,10 @@ import time
 from models.cache import ModelCache
 from models.examples import MNIST_MLP, ensure_examples
 from pipeline.client import example_requests
-from pipeline.commands._common import open_repository
 from pipeline.commands.submit import submit_and_wait, summary
 from pipeline.engine import InferenceEngine
 from pipeline.kafka_worker import KafkaWorker
-from pipeline.services import connected
+from pipeline.services import connected, open_repository
 from pipeline.settings import Settings
 
 

@@ -6,9 +6,8 @@ import argparse
 import json
 
 from models.examples import EXAMPLES, ensure_examples
-from models.publish import publish_model, read_source
 from models.repository import Repository, RepositoryError
-from pipeline.commands._common import open_repository
+from pipeline.services import open_repository
 from pipeline.settings import ConfigError, Settings
 
 
@@ -36,6 +35,8 @@ def _run(args: argparse.Namespace, repository: Repository) -> int:
         print(json.dumps({"name": args.name, "version": version, "versions": repository.versions(args.name),
                           **config.to_json()}, indent=2))
     elif args.models_command == "publish":
+        from models.publish import publish_model, read_source  # torch: not imported by the serving commands
+
         source = read_source(args.src, args.config, args.tokenizer)
         if source.config is None:
             raise ConfigError(f"{args.src} carries no config.json: pass --config CONFIG.json (architecture, params, "

@@ -6,10 +6,11 @@ import argparse
 
 from models.cache import ModelCache
 from models.examples import ensure_examples
-from pipeline.commands._common import open_repository, stop_event
+from pipeline.commands._common import stop_event
 from pipeline.engine import InferenceEngine
 from pipeline.http_server import HttpServer
 from pipeline.ratelimit import ApiKeys, RateLimiter
+from pipeline.services import open_repository
 from pipeline.settings import Settings
 from pipeline.v2_api import V2Api
 

@@ -6,8 +6,8 @@ import argparse
 import contextlib
 
 from models.examples import ensure_examples
-from pipeline.commands._common import open_repository, stop_event
-from pipeline.services import STATE_FILE, bootstrap, connected, write_state
+from pipeline.commands._common import stop_event
+from pipeline.services import STATE_FILE, bootstrap, connected, open_repository, write_state
 from pipeline.settings import ConfigError, Settings
 
 

@@ -9,11 +9,11 @@ import contextlib
 from infra.bootstrap import ensure_queue
 from models.cache import ModelCache
 from models.examples import ensure_examples
-from pipeline.commands._common import open_repository, stop_event
+from pipeline.commands._common import stop_event
 from pipeline.engine import InferenceEngine
 from pipeline.kafka_worker import KafkaWorker
 from pipeline.observability import HealthServer
-from pipeline.services import answer_producer, aws_client, claim_check_store, connected
+from pipeline.services import answer_producer, aws_client, claim_check_store, connected, open_repository
 from pipeline.settings import ConfigError, Settings
 from pipeline.sinks import KafkaSink, ResultSink, SqsSink
 from pipeline.sqs_worker import SqsWorker
