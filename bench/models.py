@@ -15,7 +15,8 @@ Text models are timed from raw text, tokenization included (the same for every c
 fp32 and bf16 at batch 1, 64 and the largest useful batch; `--quick` (the default without CUDA) runs fp32 at
 batch 1 and 64 only and finishes in well under two minutes on 2 CPU cores. It also measures the cold start
 of a worker process: import, load the MNIST MLP, answer one request (target <= 2 s on a CPU), with the
-numpy twin (the CPU default) and with `MAAS_CPU_RUNTIME=torch`.
+numpy twin (the CPU default) and with `MAAS_CPU_RUNTIME=torch`, and how long a fresh process takes to import
+each cloud-function handler.
 
 Usage: `python bench/models.py [--quick] [--compile] [--threads N] [--only ARCH ...] [--output FILE.json]`;
 `python bench/models.py --tokens` times only MiniLM on token ids (see `token_benchmark`).
@@ -252,6 +253,21 @@ def cold_start(repo_root: Path, runtime: str) -> dict[str, float]:
             "in_process_total_s": total}
 
 
+def function_import_seconds() -> dict[str, float]:
+    """Seconds a fresh process takes to import each cloud-function handler module (a Lambda cold start's
+    import phase), and whether that imported torch."""
+    out = {}
+    for module in ("functions.http", "functions.kafka", "functions.sqs", "functions.s3"):
+        code = (f"import sys, time; t = time.perf_counter(); import {module}; "
+                "print(time.perf_counter() - t, 'torch' in sys.modules)")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        seconds, torch_imported = done.stdout.split()
+        out[module] = float(seconds)
+        out[module + ".torch"] = torch_imported == "True"
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fp32, batch 1 and 64 (the default without CUDA)")
@@ -326,7 +342,12 @@ def main() -> None:
             print(f"  {CPU_RUNTIME_ENV}={runtime}: {c['process_wall_s']:.2f} s wall ({c['imports_s']:.2f} s imports, "
                   f"{c['load_and_warmup_s']:.3f} s load + warm-up (torch's import included when used), "
                   f"{c['first_request_s'] * 1e3:.2f} ms first request)")
-    _save(args.output, {"device": str(device), "quick": quick, "results": results, "cold_start": cold})
+    functions = function_import_seconds()
+    print("  function handler imports (fresh process): " + ", ".join(
+        f"{m} {functions[m]:.2f} s{' (imported torch)' if functions[m + '.torch'] else ''}"
+        for m in functions if not m.endswith(".torch")))
+    _save(args.output, {"device": str(device), "quick": quick, "results": results, "cold_start": cold,
+                        "function_imports": functions})
     if args.output:
         print(f"wrote {args.output}")
 

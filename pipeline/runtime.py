@@ -5,7 +5,9 @@ the busy event-loop thread, and every return from a torch op waits for the GIL f
 interval (5 ms by default) while the loop decodes: a batch that computes in 0.3 ms alone took ~20 ms.
 Fewer torch threads and a shorter switch interval give the model thread its turn. torch is not imported for
 this: a worker that serves numpy twins only (`models.numpy_models`) never imports it, and one that does
-applies the thread count on its model thread once it has (`configure_torch_threads`).
+applies the thread count on its model thread once it has (`configure_torch_threads`). numpy's BLAS gets the
+same count: OpenBLAS ran a batch-64 product on both cores of the 2-core machine and then kept its second
+thread spinning for milliseconds after every call, the very core the event loop needed.
 
 Python's cyclic garbage collector is the other hidden cost: a request allocates a few dozen containers,
 so with the default threshold (700) a collection ran every ~20 requests, and every older-generation pass
@@ -19,16 +21,23 @@ from __future__ import annotations
 import gc
 import sys
 
+import numpy  # noqa: F401 (loads numpy's BLAS library, which threadpoolctl then finds)
+from threadpoolctl import threadpool_info, threadpool_limits
+
 from pipeline.settings import Settings
 
 _torch_threads: int | None = None  # None: leave torch alone (no configure_process); 0: its default less one
 _torch_default: int | None = None  # torch's own default, read once, before it is changed
+# numpy's BLAS threads (OpenBLAS: one per core), read at import, before configure_process changes them.
+_BLAS_DEFAULT = max((pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"), default=0)
 
 
 def configure_process(settings: Settings) -> None:
     global _torch_threads
     _torch_threads = settings.torch_threads
     configure_torch_threads()
+    if _BLAS_DEFAULT:  # numpy's BLAS threads are process-wide: set here, once for every thread
+        threadpool_limits(settings.torch_threads or max(1, _BLAS_DEFAULT - 1), user_api="blas")
     if settings.gil_switch_interval_us:
         sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)
     if settings.gc_gen0_threshold:

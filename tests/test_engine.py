@@ -11,6 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from threadpoolctl import threadpool_info, threadpool_limits
 
 import pipeline.engine as engine_module
 from models.cache import ModelCache
@@ -142,21 +143,26 @@ async def test_the_model_thread_runs_with_the_configured_torch_threads(repositor
         torch.set_num_threads(before)
 
 
-def test_configure_process_is_idempotent_and_raises_the_gc_threshold(monkeypatch):
+def test_configure_process_is_idempotent_and_sets_threads_and_the_gc_threshold(monkeypatch):
     monkeypatch.setattr("pipeline.runtime._torch_threads", None)
-    threads, thresholds = torch.get_num_threads(), gc.get_threshold()
+    threads, thresholds, blas = torch.get_num_threads(), gc.get_threshold(), blas_threads()
     try:
         configure_process(Settings())
-        first = torch.get_num_threads()
+        first = torch.get_num_threads(), blas_threads()
         configure_process(Settings())
-        assert torch.get_num_threads() == first >= 1
+        assert (torch.get_num_threads(), blas_threads()) == first and min(first) >= 1
         assert gc.get_threshold()[0] == Settings().gc_gen0_threshold
-        configure_process(replace(Settings(), torch_threads=1, gc_gen0_threshold=0))
-        assert torch.get_num_threads() == 1
+        configure_process(replace(Settings(), torch_threads=3, gc_gen0_threshold=0))
+        assert torch.get_num_threads() == 3 and blas_threads() == 3  # numpy's BLAS follows the same setting
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
         torch.set_num_threads(threads)
+        threadpool_limits(blas, user_api="blas")
+
+
+def blas_threads() -> int:
+    return max(pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas")
 
 
 async def test_slots_are_taken_whole_and_never_beyond_capacity():
