@@ -20,12 +20,14 @@ if TYPE_CHECKING:
     from models.architectures import Architecture
     from models.numpy_models import NumpyMLP
 
+# CUDA on Linux opens /dev/nvidiactl (and a container given a GPU has it); WSL2's GPU is /dev/dxg.
+NVIDIA_DEVICE_FILES = ("/dev/nvidiactl", "/dev/dxg", "/proc/driver/nvidia/version")
+
 
 def default_device() -> str:
     """The device to serve on: "cuda" when torch sees a GPU, else "cpu". Without an NVIDIA driver there can be
     no GPU, and torch is not imported just to learn that."""
-    driver = os.path.isdir("/proc/driver/nvidia/gpus") and bool(os.listdir("/proc/driver/nvidia/gpus"))
-    if not (driver or os.path.exists("/dev/dxg")):  # /dev/dxg: the GPU of WSL2, which has no /proc entry
+    if not any(os.path.exists(path) for path in NVIDIA_DEVICE_FILES):
         return "cpu"
     import torch
 
