@@ -8,8 +8,9 @@ For every example architecture (at its example's real sizes; MiniLM with its rea
 - `eager`: the plain-torch twin `reference_forward`;
 - `compile`: `torch.compile` of the twin (skipped on a CPU unless `--compile`: compiling takes minutes there);
 - `served`: what serving runs. On CUDA the architecture's `run`: the kernels replayed from CUDA graphs per
-  shape bucket (every architecture but `identity`). On a CPU, for the architectures that have one (`mlp`),
-  the numpy twin of `models/numpy_models.py`, numpy arrays in and out; the others run `kernels` there.
+  shape bucket (every architecture but `identity`). On a CPU, for the architectures that have one (`mlp`,
+  `text_classifier`), the numpy twin of `models/numpy_models.py`, numpy arrays in and out; the others run
+  `kernels` there.
 
 Text models are timed from raw text, tokenization included (the same for every column). On CUDA it runs
 fp32 and bf16 at batch 1, 64 and the largest useful batch; `--quick` (the default without CUDA) runs fp32 at
@@ -205,9 +206,9 @@ def token_benchmark(device: torch.device, compile_on: bool, budget: float, batch
 
 
 def _numpy_way(twin):
-    """A numpy twin's `run` on the benchmark's (CPU) torch inputs: the conversion is free (shared memory)."""
+    """A numpy twin's `run` on the benchmark's CPU inputs (torch tensors: shared memory, free to convert)."""
     def run(inputs: dict) -> dict:
-        return twin.run({name: t.numpy() for name, t in inputs.items()})
+        return twin.run({name: t.numpy() if isinstance(t, torch.Tensor) else t for name, t in inputs.items()})
     return run
 
 
@@ -314,7 +315,7 @@ def main() -> None:
             if cuda:
                 ways["served"] = model.run  # what serving runs: the kernels replayed from CUDA graphs where it can
             elif dt == "FP32" and (twin := numpy_twin(config, {"F32"})) is not None:
-                ways["served"] = _numpy_way(twin(config, {k: v.numpy() for k, v in model.weights.items()}))
+                ways["served"] = _numpy_way(twin(config, {k: v.numpy() for k, v in model.weights.items()}, assets))
             if compile_on:
                 ways["compile"] = torch.compile(model.reference_forward, dynamic=False)
             for batch in batches:

@@ -201,7 +201,7 @@ def train_sentiment(steps: int = 300, seed: int = 0) -> tuple[dict[str, torch.Te
     torch.manual_seed(seed)
     texts, labels = synthetic_reviews(steps * 32, seed + 1)
     tokenizer = WordIndexTokenizer.fit(texts, num_words=1000)
-    ids, mask = tokenizer.encode(texts, 10)
+    ids, mask = (torch.from_numpy(a) for a in tokenizer.encode(texts, 10))
     y = torch.from_numpy(labels).float()
     emb, dense, out = torch.nn.Embedding(1000, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 1)
     params = [*emb.parameters(), *dense.parameters(), *out.parameters()]
@@ -257,7 +257,7 @@ def train_bilstm(steps: int = 120, seed: int = 0) -> tuple[dict[str, torch.Tenso
     torch.manual_seed(seed)
     texts, labels = synthetic_topics(steps * 64, seed + 1)
     tokenizer = WordIndexTokenizer.fit(texts, num_words=10000)
-    ids, mask = tokenizer.encode(texts, 32)
+    ids, mask = (torch.from_numpy(a) for a in tokenizer.encode(texts, 32))
     lengths = mask.sum(1).clamp(min=1)
     y = torch.from_numpy(labels)
     emb, lstm = torch.nn.Embedding(10000, 64), torch.nn.LSTM(64, 64, batch_first=True, bidirectional=True)

@@ -18,7 +18,7 @@ from models.datatypes import NUMPY_DTYPES, torch_dtype
 
 if TYPE_CHECKING:
     from models.architectures import Architecture
-    from models.numpy_models import NumpyMLP
+    from models.numpy_models import NumpyArchitecture
 
 # CUDA on Linux opens /dev/nvidiactl (and a container given a GPU has it); WSL2's GPU is /dev/dxg.
 NVIDIA_DEVICE_FILES = ("/dev/nvidiactl", "/dev/dxg", "/proc/driver/nvidia/version")
@@ -44,7 +44,7 @@ class LoadedModel:
     name: str
     version: int
     config: ModelConfig
-    architecture: Architecture | NumpyMLP
+    architecture: Architecture | NumpyArchitecture
     device: str  # "cpu", "cuda", "cuda:1": what torch.device() takes
     load_seconds: float = 0.0
     warmup_seconds: float = 0.0

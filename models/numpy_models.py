@@ -11,31 +11,28 @@ same messages, and is checked against the torch reference in tests.
 
 from __future__ import annotations
 
-import itertools
 import os
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
 from models.artifact import (
     SCALE_SUFFIX,
+    TOKENIZER_FILE,
     ArtifactError,
     ModelConfig,
     TensorSpec,
     check_weights,
     expected_shapes,
-    require,
 )
 from models.datatypes import random_inputs
+from models.params import MLPParams, TextClassifierParams
+from models.text import WordIndexTokenizer, check_vocabulary, sample_sentences, texts_of
 
 CPU_RUNTIME_ENV = "MAAS_CPU_RUNTIME"
 CPU_RUNTIMES = ("numpy", "torch")
 #: safetensors dtypes numpy can read (bf16 has no numpy dtype: such weights go to torch).
 NUMPY_WEIGHT_DTYPES = frozenset({"F16", "F32", "F64", "I8"})
-
-MLP_ACTIVATIONS = ("none", "relu", "gelu", "tanh", "sigmoid")
-MLP_HEADS = ("none", "softmax")
 
 
 def cpu_runtime() -> str:
@@ -45,41 +42,6 @@ def cpu_runtime() -> str:
     if value not in CPU_RUNTIMES:
         raise ValueError(f"{CPU_RUNTIME_ENV}={value!r}: expected one of {CPU_RUNTIMES}")
     return value
-
-
-@dataclass(frozen=True)
-class MLPParams:
-    """The `mlp` params: {"layers": [784, 128, 10], "activations": ["relu", "none"], "head": "softmax"}."""
-
-    layers: tuple[int, ...]
-    activations: tuple[str, ...]
-    head: str
-
-    @classmethod
-    def parse(cls, params: dict[str, Any]) -> MLPParams:
-        layers = require(params, "layers", list, "mlp")
-        if len(layers) < 2 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in layers):
-            raise ArtifactError(f"mlp.params.layers: expected >= 2 positive integers, got {layers!r}")
-        activations = params.get("activations", ["relu"] * (len(layers) - 2) + ["none"])
-        if not isinstance(activations, list) or len(activations) != len(layers) - 1:
-            raise ArtifactError(f"mlp.params.activations: expected {len(layers) - 1} names, got {activations!r}")
-        for act in activations:
-            if act not in MLP_ACTIVATIONS:
-                raise ArtifactError(f"mlp.params.activations: {act!r} is not one of {MLP_ACTIVATIONS}")
-        head = params.get("head", "none")
-        if head not in MLP_HEADS:
-            raise ArtifactError(f"mlp.params.head: {head!r} is not one of {MLP_HEADS}")
-        return cls(tuple(layers), tuple(activations), head)
-
-    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
-        shapes: dict[str, tuple[int, ...]] = {}
-        for i, (d_in, d_out) in enumerate(itertools.pairwise(self.layers)):
-            shapes[f"layers.{i}.weight"] = (d_out, d_in)
-            shapes[f"layers.{i}.bias"] = (d_out,)
-        return shapes
-
-    def quantizable(self) -> list[str]:
-        return [f"layers.{i}.weight" for i in range(len(self.layers) - 1)]
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -105,51 +67,112 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-class NumpyMLP:
-    """`models.architectures.mlp.MLP` in numpy float32. int8 weights are dequantized once, at load: on a CPU
-    the float product is what runs either way, and the memory budget counts the float copy."""
+class NumpyArchitecture:
+    """What `LoadedModel` needs of a model (`run`, `example_inputs`, `nbytes`), numpy arrays in and out.
 
-    name: ClassVar[str] = "mlp"
+    Dense layers `prefix.weight` / `prefix.bias` are kept as float32 `(W^T, b)`; int8 weights are dequantized
+    once, at load: on a CPU the float product is what runs either way, and the memory budget counts the
+    float copy.
+    """
+
+    name: ClassVar[str]
+    asset_files: ClassVar[tuple[str, ...]] = ()
     numpy_io: ClassVar[bool] = True  # LoadedModel passes numpy arrays in and out untouched
     device: ClassVar[str] = "cpu"
+    layers: list[tuple[np.ndarray, np.ndarray, str]]  # (W^T, b, activation) of each dense layer, in order
+    tables: tuple[np.ndarray, ...] = ()  # other weights it keeps (embeddings)
 
-    def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray]) -> None:
-        self.params = MLPParams.parse(config.params)
-        quantizable = self.params.quantizable()
-        int8 = quantizable if config.quantization == "int8" else []
-        check_weights(expected_shapes(self.params.weight_shapes(), quantizable, config.quantization), weights, int8)
-        self.layers: list[tuple[np.ndarray, np.ndarray, str]] = []
-        for i, activation in enumerate(self.params.activations):
-            weight = weights[f"layers.{i}.weight"].astype(np.float32)
-            if f"layers.{i}.weight{SCALE_SUFFIX}" in weights:
-                weight *= weights[f"layers.{i}.weight{SCALE_SUFFIX}"].astype(np.float32)[:, None]
-            # Stored transposed so that `h @ w` reads it row by row, as BLAS prefers.
-            self.layers.append((np.ascontiguousarray(weight.T), weights[f"layers.{i}.bias"].astype(np.float32),
-                                activation))
+    @classmethod
+    def check(cls, config: ModelConfig, shapes: dict[str, tuple[int, ...]], quantizable: list[str],
+              weights: dict[str, np.ndarray], assets: dict[str, bytes] | None = None) -> None:
+        """What `Architecture.__init__` checks, with the same messages."""
+        missing = [n for n in cls.asset_files if n not in (assets or {})]
+        if missing:
+            raise ArtifactError(f"{cls.name}: the artifact lacks file(s) {missing}")
+        check_weights(expected_shapes(shapes, quantizable, config.quantization), weights,
+                      quantizable if config.quantization == "int8" else [])
 
-    @property
-    def nbytes(self) -> int:
-        return sum(w.nbytes + b.nbytes for w, b, _ in self.layers)
+    @staticmethod
+    def dense_layer(weights: dict[str, np.ndarray], prefix: str, activation: str) -> tuple[np.ndarray, np.ndarray, str]:
+        weight = weights[f"{prefix}.weight"].astype(np.float32)
+        scales = weights.get(f"{prefix}.weight{SCALE_SUFFIX}")
+        if scales is not None:
+            weight *= scales.astype(np.float32)[:, None]
+        # Stored transposed so that `h @ w` reads it row by row, as BLAS prefers.
+        return np.ascontiguousarray(weight.T), weights[f"{prefix}.bias"].astype(np.float32), activation
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        h = np.asarray(inputs["input"], dtype=np.float32)
+    def dense_stack(self, h: np.ndarray) -> np.ndarray:
         for weight, bias, activation in self.layers:
             h = h @ weight
             h += bias
             h = NUMPY_ACTIVATIONS[activation](h)
-        if self.params.head == "none":
-            return {"output": h}
-        probabilities = softmax(h)
-        return {"probabilities": probabilities, "class": probabilities.argmax(axis=-1)}
+        return h
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes + b.nbytes for w, b, _ in self.layers) + sum(t.nbytes for t in self.tables)
 
     def example_inputs(self, specs: tuple[TensorSpec, ...], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
         return random_inputs(specs, batch, seed)
 
 
-NUMPY_ARCHITECTURES: dict[str, type[NumpyMLP]] = {NumpyMLP.name: NumpyMLP}
+class NumpyMLP(NumpyArchitecture):
+    """`models.architectures.mlp.MLP` in numpy float32."""
+
+    name = "mlp"
+
+    def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], assets: dict[str, bytes] | None = None
+                 ) -> None:
+        self.params = MLPParams.parse(config.params)
+        self.check(config, self.params.weight_shapes(), self.params.quantizable(), weights)
+        self.layers = [self.dense_layer(weights, f"layers.{i}", activation)
+                       for i, activation in enumerate(self.params.activations)]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        h = self.dense_stack(np.asarray(inputs["input"], dtype=np.float32))
+        if self.params.head == "none":
+            return {"output": h}
+        probabilities = softmax(h)
+        return {"probabilities": probabilities, "class": probabilities.argmax(axis=-1)}
 
 
-def numpy_twin(config: ModelConfig, weight_dtypes: set[str]) -> type[NumpyMLP] | None:
+class NumpyTextClassifier(NumpyArchitecture):
+    """`models.architectures.text_classifier.TextClassifier` in numpy float32: word index, masked mean of the
+    embeddings, dense layers, sigmoid or softmax."""
+
+    name = "text_classifier"
+    asset_files = (TOKENIZER_FILE,)
+
+    def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], assets: dict[str, bytes] | None = None
+                 ) -> None:
+        self.params = p = TextClassifierParams.parse(config.params)
+        self.check(config, p.weight_shapes(), p.quantizable(), weights, assets)
+        self.tokenizer = WordIndexTokenizer.from_json(assets[TOKENIZER_FILE])
+        check_vocabulary(self.tokenizer, p.vocab_size, self.name)
+        self.embedding = weights["embedding.weight"].astype(np.float32)
+        self.tables = (self.embedding,)
+        self.layers = [self.dense_layer(weights, f"dense.{i}", "relu") for i in range(len(p.hidden))]
+        self.layers.append(self.dense_layer(weights, "output", "sigmoid" if p.head == "sigmoid" else "none"))
+
+    def run(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        ids, mask = self.tokenizer.encode(texts_of(inputs["text"]), self.params.sequence_length)
+        counts = np.maximum(mask.sum(axis=1, keepdims=True), 1).astype(np.float32)
+        h = self.dense_stack(np.einsum("bsd,bs->bd", self.embedding[ids], mask.astype(np.float32)) / counts)
+        scores = h if self.params.head == "sigmoid" else softmax(h)
+        if self.params.head == "sigmoid" and self.params.num_classes == 1:
+            label = (scores[:, 0] > 0.5).astype(np.int64)
+        else:
+            label = scores.argmax(axis=-1)
+        return {"scores": scores, "label": label}
+
+    def example_inputs(self, specs: tuple[TensorSpec, ...], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+        return sample_sentences(self.tokenizer.words, specs, batch, seed, length=self.params.sequence_length)
+
+
+NUMPY_ARCHITECTURES: dict[str, type[NumpyArchitecture]] = {cls.name: cls for cls in (NumpyMLP, NumpyTextClassifier)}
+
+
+def numpy_twin(config: ModelConfig, weight_dtypes: set[str]) -> type[NumpyArchitecture] | None:
     """The numpy class that serves this model on a CPU, or None when it needs torch (another architecture,
     a half-precision compute dtype, bf16 weights, or `MAAS_CPU_RUNTIME=torch`)."""
     if config.dtype != "FP32" or not weight_dtypes <= NUMPY_WEIGHT_DTYPES or cpu_runtime() != "numpy":

@@ -120,7 +120,7 @@ class Repository(ABC):
         device = str(device) if device is not None else default_device()
         twin = numpy_twin(config, weight_dtypes(folder)) if device_type(device) == "cpu" else None
         if twin is not None:
-            arch = twin(config, read_weights(folder, "np"))
+            arch = twin(config, read_weights(folder, "np"), read_assets(folder, twin.asset_files))
         else:
             from models.architectures import architecture_class
 

@@ -5,7 +5,8 @@
 - `WordPieceTokenizer`: a Hugging Face `tokenizers` file (e.g. BERT's WordPiece), padded to the longest
   sentence of the batch and truncated at `max_length`.
 
-Both turn a list of strings into `ids` int64 `[B, S]` and `mask` bool `[B, S]` (True for real tokens).
+Both turn a list of strings into `ids` int64 `[B, S]` and `mask` bool `[B, S]` (True for real tokens): numpy
+arrays from the word index (its numpy twin serves them as they are), torch tensors from WordPiece.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from models.artifact import TOKENIZER_FILE, ArtifactError
+import numpy as np
+
+from models.artifact import TOKENIZER_FILE, ArtifactError, TensorSpec
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: a worker serving numpy twins never imports it
     import torch
@@ -74,14 +77,12 @@ class WordIndexTokenizer:
         words = _WORD_RE.findall(text.lower() if self.lowercase else text)
         return [self.index.get(w, OOV_ID) for w in words]
 
-    def encode(self, texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
-
-        ids = torch.zeros(len(texts), length, dtype=torch.int64)
+    def encode(self, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.zeros((len(texts), length), dtype=np.int64)
         for row, text in enumerate(texts):
             tokens = self.tokens(text)[:length]
             if tokens:
-                ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
+                ids[row, : len(tokens)] = tokens
         return ids, ids != PAD_ID
 
 
@@ -118,3 +119,34 @@ class WordPieceTokenizer:
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.int64)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.bool)
         return ids, mask
+
+
+def check_vocabulary(tokenizer: WordIndexTokenizer, vocab_size: int, where: str) -> None:
+    """A word index must fit the embedding table it indexes."""
+    if tokenizer.size > vocab_size:
+        raise ArtifactError(f"{TOKENIZER_FILE}: {tokenizer.size} ids (words + padding + OOV) exceed "
+                            f"{where}.params.vocab_size {vocab_size}")
+
+
+def texts_of(array: Any) -> list[str]:
+    """A V2 BYTES input ([B] or [B, 1] object array of bytes, or a list of str) as a list of B strings."""
+    if isinstance(array, np.ndarray):
+        if array.ndim == 2 and array.shape[1] == 1:
+            array = array[:, 0]
+        if array.ndim != 1:
+            raise ValueError(f"text input must have shape [B] or [B, 1], got {list(array.shape)}")
+        items = array.tolist()
+    else:
+        items = list(array)
+    return [x.decode("utf-8", errors="replace") if isinstance(x, bytes | bytearray) else str(x) for x in items]
+
+
+def sample_sentences(words: list[str], specs: tuple[TensorSpec, ...], batch: int, seed: int,
+                     length: int = 8) -> dict[str, np.ndarray]:
+    """`batch` sentences of vocabulary words (plus one unknown word each) for the "text" input (BYTES)."""
+    rng = np.random.default_rng(seed)
+    pool = words[:200] or ["hello"]
+    texts = [" ".join([*rng.choice(pool, size=max(1, length - 1)).tolist(), "zzunknownzz"]) for _ in range(batch)]
+    spec = next((s for s in specs if s.name == "text"), None)
+    shape = (batch, 1) if spec is not None and len(spec.shape) == 2 else (batch,)
+    return {"text": np.array([t.encode() for t in texts], dtype=object).reshape(shape)}

@@ -15,11 +15,14 @@ from safetensors.torch import save_file
 
 from models.architectures import build
 from models.architectures.mlp import MLP
-from models.artifact import ArtifactError, ModelConfig, weight_dtypes
+from models.architectures.text_classifier import TextClassifier
+from models.artifact import TOKENIZER_FILE, ArtifactError, ModelConfig, weight_dtypes
 from models.cache import ModelCache
 from models.examples import MNIST_MLP, synthetic_digits
-from models.numpy_models import CPU_RUNTIME_ENV, MLPParams, NumpyMLP, cpu_runtime
+from models.numpy_models import CPU_RUNTIME_ENV, NumpyMLP, NumpyTextClassifier, cpu_runtime
+from models.params import MLPParams, TextClassifierParams
 from models.repository import ModelRepository
+from models.text import WordIndexTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 # fp32 products over K terms against a float64 reference: the error grows with the reduction length.
@@ -174,3 +177,72 @@ def test_bf16_weights_saved_by_torch_are_read_by_the_header_check(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ArtifactError, match="not a valid safetensors file"):
         weight_dtypes(tmp_path)
+
+
+WORDS = ["good", "bad", "movie", "plot", "great", "awful", "acting", "fine"]
+
+
+def text_config(head: str, classes: int, quantization: str | None = None, vocab: int = 12) -> ModelConfig:
+    return ModelConfig.parse({
+        "architecture": "text_classifier", "quantization": quantization,
+        "params": {"vocab_size": vocab, "embedding_dim": 6, "sequence_length": 5, "hidden": [7],
+                   "num_classes": classes, "head": head},
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [{"name": "scores", "datatype": "FP32", "shape": [-1, classes]},
+                    {"name": "label", "datatype": "INT64", "shape": [-1]}]})
+
+
+def text_weights(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    shapes = TextClassifierParams.parse(config.params).weight_shapes()
+    weights = {name: torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) for name, shape in shapes.items()}
+    return TextClassifier.quantize_weights(config.params, weights) if config.quantization == "int8" else weights
+
+
+@pytest.mark.parametrize(("head", "classes"), [("sigmoid", 1), ("sigmoid", 3), ("softmax", 4)])
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_numpy_text_classifier_matches_the_torch_reference_in_float64(head, classes, quantization):
+    config = text_config(head, classes, quantization)
+    weights = text_weights(config, seed=classes)
+    assets = {TOKENIZER_FILE: WordIndexTokenizer(WORDS).to_json()}
+    # Unknown words, an empty text, one longer than sequence_length, and [B, 1] as well as [B] shapes.
+    texts = ["good movie", "awful acting and a boring plot", "", "GREAT great great fine fine fine", "zzz"]
+    twin = NumpyTextClassifier(config, as_numpy(weights), assets)
+    reference = build(config, {k: v if v.dtype == torch.int8 else v.double() for k, v in weights.items()}, assets)
+    want = reference.reference_forward({"text": texts})
+    for shape in [(5,), (5, 1)]:
+        got = twin.run({"text": np.array([t.encode() for t in texts], dtype=object).reshape(shape)})
+        np.testing.assert_allclose(got["scores"], want["scores"].numpy(), rtol=RTOL, atol=1e-6)
+        np.testing.assert_array_equal(got["label"], want["label"].numpy())
+        assert got["scores"].dtype == np.float32 and got["label"].dtype == np.int64
+
+
+def test_numpy_text_classifier_refuses_what_the_torch_architecture_refuses():
+    config = text_config("sigmoid", 1)
+    weights = text_weights(config, seed=0)
+    assets = {TOKENIZER_FILE: WordIndexTokenizer(WORDS).to_json()}
+    small = text_config("sigmoid", 1, vocab=5)  # 8 words + padding + OOV do not fit 5 ids
+    small_weights = {**weights, "embedding.weight": torch.zeros(5, 6)}
+    cases = {"no tokenizer": (config, weights, {}), "vocabulary too large": (small, small_weights, assets),
+             "bad shape": (config, {**weights, "dense.0.bias": torch.zeros(3)}, assets)}
+    for case, (cfg, w, a) in cases.items():
+        with pytest.raises(ArtifactError) as torch_error:
+            build(cfg, w, a)
+        with pytest.raises(ArtifactError) as numpy_error:
+            NumpyTextClassifier(cfg, as_numpy(w), a)
+        assert str(numpy_error.value) == str(torch_error.value), case
+
+
+def test_a_published_text_classifier_is_served_by_its_twin_on_a_cpu(tmp_path):
+    config = text_config("softmax", 3)
+    weights = text_weights(config, seed=9)
+    assets = {TOKENIZER_FILE: WordIndexTokenizer(WORDS).to_json()}
+    repository = ModelRepository(tmp_path)
+    repository.publish("topics", config, weights, assets)
+    model = ModelCache(repository).get("topics", 1)
+    assert isinstance(model.architecture, NumpyTextClassifier) and model.warmup_seconds > 0
+    texts = np.array([b"great plot", b"bad bad acting"], dtype=object)
+    want = build(config, weights, assets).reference_forward({"text": texts})
+    got = model.infer({"text": texts})
+    np.testing.assert_allclose(got["scores"], want["scores"].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got["label"], want["label"].numpy())

@@ -158,26 +158,3 @@ class Architecture(ABC):
         if scales is not None:
             weight = weight.to(x.dtype) * scales.to(x.dtype)[:, None]
         return TORCH_ACTIVATIONS[activation](F.linear(x, weight, bias))
-
-
-def dense_head_shapes(d_in: int, hidden: list[int], classes: int) -> dict[str, tuple[int, ...]]:
-    """Weights of the dense layers `dense.{i}` (sizes `hidden`) and the `output` layer that classifiers end with."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for i, d_out in enumerate(hidden):
-        shapes[f"dense.{i}.weight"], shapes[f"dense.{i}.bias"] = (d_out, d_in), (d_out,)
-        d_in = d_out
-    shapes["output.weight"], shapes["output.bias"] = (classes, d_in), (classes,)
-    return shapes
-
-
-def texts_of(array: Any) -> list[str]:
-    """A V2 BYTES input ([B] or [B, 1] object array of bytes, or a list of str) as a list of B strings."""
-    if isinstance(array, np.ndarray):
-        if array.ndim == 2 and array.shape[1] == 1:
-            array = array[:, 0]
-        if array.ndim != 1:
-            raise ValueError(f"text input must have shape [B] or [B, 1], got {list(array.shape)}")
-        items = array.tolist()
-    else:
-        items = list(array)
-    return [x.decode("utf-8", errors="replace") if isinstance(x, bytes | bytearray) else str(x) for x in items]

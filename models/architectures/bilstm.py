@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from models.architectures.base import Architecture, texts_of
-from models.architectures.text_classifier import sample_sentences
-from models.artifact import TOKENIZER_FILE, ArtifactError, TensorSpec, positive_int
-from models.text import WordIndexTokenizer
+from models.architectures.base import Architecture
+from models.artifact import TOKENIZER_FILE, TensorSpec, positive_int
+from models.text import WordIndexTokenizer, check_vocabulary, sample_sentences, texts_of
 
 _DIRECTIONS = ("", "_reverse")
 
@@ -61,9 +60,7 @@ class BiLSTMClassifier(Architecture):
                  quantization: str | None = None) -> None:
         super().__init__(params, weights, assets, quantization)
         self.vocab, self.emb, self.hidden, self.length, _, self.classes = self._parse(params)
-        if self.tokenizer.size > self.vocab:
-            raise ArtifactError(f"{TOKENIZER_FILE}: {self.tokenizer.size} ids (words + padding + OOV) exceed "
-                                f"{self.name}.params.vocab_size {self.vocab}")
+        check_vocabulary(self.tokenizer, self.vocab, self.name)
         self._torch_lstm: tuple[tuple, torch.nn.LSTM] | None = None
 
     @cached_property
@@ -73,7 +70,7 @@ class BiLSTMClassifier(Architecture):
     def _encode(self, text: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids [B, S] on the device and lengths [B] on the CPU (>= 1: an empty text reads one pad)."""
         ids, mask = self.tokenizer.encode(texts_of(text), self.length)
-        return ids.to(self.device), mask.sum(dim=1).clamp(min=1)
+        return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask.sum(axis=1).clip(min=1))
 
     def _head(self, final: torch.Tensor, dense, softmax) -> dict[str, torch.Tensor]:
         probabilities = softmax(dense(dense(final, "dense", "relu"), "output"))

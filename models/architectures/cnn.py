@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from models.architectures.base import Architecture, dense_head_shapes
-from models.architectures.text_classifier import parse_hidden
+from models.architectures.base import Architecture
 from models.artifact import ArtifactError
+from models.params import dense_head_shapes, parse_hidden
 
 LAYOUTS = ("NHWC", "NCHW")
 

@@ -8,7 +8,7 @@ import torch
 
 import kernels
 from models.architectures.base import Architecture
-from models.numpy_models import MLPParams
+from models.params import MLPParams
 
 
 class MLP(Architecture):

@@ -10,30 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from models.architectures.base import Architecture, dense_head_shapes, texts_of
-from models.artifact import TOKENIZER_FILE, ArtifactError, TensorSpec, positive_int
-from models.text import WordIndexTokenizer
-
-HEADS = ("sigmoid", "softmax")
-
-
-def parse_hidden(params: dict[str, Any], where: str) -> list[int]:
-    hidden = params.get("hidden", [])
-    if not isinstance(hidden, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
-                                               for d in hidden):
-        raise ArtifactError(f"{where}.params.hidden: expected a list of positive integers, got {hidden!r}")
-    return hidden
-
-
-def sample_sentences(words: list[str], specs: tuple[TensorSpec, ...], batch: int, seed: int,
-                     length: int = 8) -> dict[str, np.ndarray]:
-    """`batch` sentences of vocabulary words (plus one unknown word each) for the "text" input (BYTES)."""
-    rng = np.random.default_rng(seed)
-    pool = words[:200] or ["hello"]
-    texts = [" ".join([*rng.choice(pool, size=max(1, length - 1)).tolist(), "zzunknownzz"]) for _ in range(batch)]
-    spec = next((s for s in specs if s.name == "text"), None)
-    shape = (batch, 1) if spec is not None and len(spec.shape) == 2 else (batch,)
-    return {"text": np.array([t.encode() for t in texts], dtype=object).reshape(shape)}
+from models.architectures.base import Architecture
+from models.artifact import TOKENIZER_FILE, TensorSpec
+from models.params import TextClassifierParams
+from models.text import WordIndexTokenizer, check_vocabulary, sample_sentences, texts_of
 
 
 class TextClassifier(Architecture):
@@ -48,34 +28,20 @@ class TextClassifier(Architecture):
     asset_files = (TOKENIZER_FILE,)
 
     @classmethod
-    def _parse(cls, params: dict[str, Any]) -> tuple[int, int, int, list[int], int, str]:
-        where = cls.name
-        vocab = positive_int(params, "vocab_size", where)
-        dim = positive_int(params, "embedding_dim", where)
-        length = positive_int(params, "sequence_length", where)
-        hidden = parse_hidden(params, where)
-        classes = positive_int(params, "num_classes", where, default=1)
-        head = params.get("head", "sigmoid")
-        if head not in HEADS:
-            raise ArtifactError(f"{where}.params.head: {head!r} is not one of {HEADS}")
-        return vocab, dim, length, hidden, classes, head
-
-    @classmethod
     def weight_shapes(cls, params: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-        vocab, dim, _, hidden, classes, _ = cls._parse(params)
-        return {"embedding.weight": (vocab, dim), **dense_head_shapes(dim, hidden, classes)}
+        return TextClassifierParams.parse(params).weight_shapes()
 
     @classmethod
     def quantizable(cls, params: dict[str, Any]) -> list[str]:
-        return [n for n in cls.weight_shapes(params) if n.endswith(".weight") and n != "embedding.weight"]
+        return TextClassifierParams.parse(params).quantizable()
 
     def __init__(self, params: dict[str, Any], weights: dict[str, torch.Tensor], assets=None,
                  quantization: str | None = None) -> None:
         super().__init__(params, weights, assets, quantization)
-        self.vocab, _, self.length, self.hidden, self.classes, self.head = self._parse(params)
-        if self.tokenizer.size > self.vocab:
-            raise ArtifactError(f"{TOKENIZER_FILE}: {self.tokenizer.size} ids (words + padding + OOV) exceed "
-                                f"{self.name}.params.vocab_size {self.vocab}")
+        p = TextClassifierParams.parse(params)
+        self.vocab, self.length, self.hidden, self.classes, self.head = (
+            p.vocab_size, p.sequence_length, list(p.hidden), p.num_classes, p.head)
+        check_vocabulary(self.tokenizer, self.vocab, self.name)
 
     @cached_property
     def tokenizer(self) -> WordIndexTokenizer:
@@ -83,7 +49,7 @@ class TextClassifier(Architecture):
 
     def encode(self, text: Any) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = self.tokenizer.encode(texts_of(text), self.length)
-        return ids.to(self.device), mask.to(self.device)
+        return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
 
     def _outputs(self, scores: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.head == "sigmoid" and self.classes == 1:

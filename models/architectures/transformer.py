@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from models.architectures.base import Architecture, texts_of
+from models.architectures.base import Architecture
 from models.artifact import SCALE_SUFFIX, TOKENIZER_FILE, ArtifactError, TensorSpec, positive_int
-from models.text import WordPieceTokenizer
+from models.text import WordPieceTokenizer, texts_of
 
 HEAD_DIMS = (16, 32, 64, 128)
 _LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
