@@ -7,6 +7,7 @@ BYTES tensors are numpy object arrays of `bytes`.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -38,6 +39,7 @@ _FROM_NUMPY = {dt: name for name, dt in NUMPY_DTYPES.items() if name not in {"BF
 FLOAT_DATATYPES = ("FP16", "FP32", "FP64", "BF16")
 
 
+@cache  # called per batch by torch models
 def torch_dtype(datatype: str) -> torch.dtype:
     """The torch dtype of a float datatype (a model's compute dtype). Imports torch: only torch models call it."""
     import torch
