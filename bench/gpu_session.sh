@@ -28,7 +28,10 @@ section() { printf '\n===== %s (%s) =====\n' "$1" "$(date -u +%H:%M:%S)" | tee -
 section env
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   $py -c "import torch, triton, platform; print('python', platform.python_version(), 'torch', torch.__version__,
-'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"; } 2>&1 | tee -a "$log"
+'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+  # Serving picks its device without importing torch first (models.loaded.default_device): must say cuda.
+  $py -c "from models.loaded import default_device; print('serving device:', default_device())"; } 2>&1 \
+  | tee -a "$log"
 
 for part in $parts; do
   section "$part"
