@@ -282,6 +282,18 @@ def check_weights(expected: dict[str, tuple[int, ...]], weights: dict[str, Any],
             raise ArtifactError(f"tensor {name!r} has dtype {dtype}, quantization int8 implies int8")
 
 
+def check_artifact(architecture: str, asset_files: Sequence[str], assets: dict[str, bytes],
+                   shapes: dict[str, tuple[int, ...]], quantizable: list[str], quantization: str | None,
+                   weights: dict[str, Any]) -> None:
+    """What every architecture checks at load, torch or numpy twin, with the same messages: the asset files it
+    needs, then its weights against what the params imply (`shapes`, plus int8 scales when quantized)."""
+    missing = [n for n in asset_files if n not in assets]
+    if missing:
+        raise ArtifactError(f"{architecture}: the artifact lacks file(s) {missing}")
+    check_weights(expected_shapes(shapes, quantizable, quantization), weights,
+                  quantizable if quantization == "int8" else ())
+
+
 def require(params: dict[str, Any], key: str, kind: type, where: str) -> Any:
     value = params.get(key)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):

@@ -19,11 +19,9 @@ import numpy as np
 from models.artifact import (
     SCALE_SUFFIX,
     TOKENIZER_FILE,
-    ArtifactError,
     ModelConfig,
     TensorSpec,
-    check_weights,
-    expected_shapes,
+    check_artifact,
 )
 from models.datatypes import random_inputs
 from models.params import MLPParams, TextClassifierParams
@@ -82,16 +80,6 @@ class NumpyArchitecture:
     layers: list[tuple[np.ndarray, np.ndarray, str]]  # (W^T, b, activation) of each dense layer, in order
     tables: tuple[np.ndarray, ...] = ()  # other weights it keeps (embeddings)
 
-    @classmethod
-    def check(cls, config: ModelConfig, shapes: dict[str, tuple[int, ...]], quantizable: list[str],
-              weights: dict[str, np.ndarray], assets: dict[str, bytes] | None = None) -> None:
-        """What `Architecture.__init__` checks, with the same messages."""
-        missing = [n for n in cls.asset_files if n not in (assets or {})]
-        if missing:
-            raise ArtifactError(f"{cls.name}: the artifact lacks file(s) {missing}")
-        check_weights(expected_shapes(shapes, quantizable, config.quantization), weights,
-                      quantizable if config.quantization == "int8" else [])
-
     @staticmethod
     def dense_layer(weights: dict[str, np.ndarray], prefix: str, activation: str) -> tuple[np.ndarray, np.ndarray, str]:
         weight = weights[f"{prefix}.weight"].astype(np.float32)
@@ -124,7 +112,8 @@ class NumpyMLP(NumpyArchitecture):
     def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], assets: dict[str, bytes] | None = None
                  ) -> None:
         self.params = MLPParams.parse(config.params)
-        self.check(config, self.params.weight_shapes(), self.params.quantizable(), weights)
+        check_artifact(self.name, self.asset_files, assets or {}, self.params.weight_shapes(),
+                       self.params.quantizable(), config.quantization, weights)
         self.layers = [self.dense_layer(weights, f"layers.{i}", activation)
                        for i, activation in enumerate(self.params.activations)]
 
@@ -146,7 +135,9 @@ class NumpyTextClassifier(NumpyArchitecture):
     def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], assets: dict[str, bytes] | None = None
                  ) -> None:
         self.params = p = TextClassifierParams.parse(config.params)
-        self.check(config, p.weight_shapes(), p.quantizable(), weights, assets)
+        assets = assets or {}
+        check_artifact(self.name, self.asset_files, assets, p.weight_shapes(), p.quantizable(), config.quantization,
+                       weights)
         self.tokenizer = WordIndexTokenizer.from_json(assets[TOKENIZER_FILE])
         check_vocabulary(self.tokenizer, p.vocab_size, self.name)
         self.embedding = weights["embedding.weight"].astype(np.float32)

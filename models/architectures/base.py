@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import kernels
 from models import cuda_graphs
-from models.artifact import SCALE_SUFFIX, ArtifactError, TensorSpec, check_weights, expected_shapes
+from models.artifact import SCALE_SUFFIX, TensorSpec, check_artifact, expected_shapes
 from models.datatypes import random_inputs
 
 TORCH_ACTIVATIONS = {
@@ -47,11 +47,8 @@ class Architecture(ABC):
         self.params = params
         self.quantization = quantization
         self.assets = dict(assets or {})
-        missing = [n for n in self.asset_files if n not in self.assets]
-        if missing:
-            raise ArtifactError(f"{self.name}: the artifact lacks file(s) {missing}")
-        check_weights(self.expected_shapes(params, quantization), weights,
-                      int8=self.quantizable(params) if quantization == "int8" else ())
+        check_artifact(self.name, self.asset_files, self.assets, self.weight_shapes(params), self.quantizable(params),
+                       quantization, weights)
         self.weights = weights
 
     @classmethod
