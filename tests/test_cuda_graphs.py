@@ -14,7 +14,7 @@ import torch
 
 from models import cuda_graphs
 from models.architectures import build
-from models.cuda_graphs import GraphedForward, bucket
+from models.cuda_graphs import GraphedForward, bucket, length_groups
 from models.examples import minilm_artifact, mnist_mlp_config, train_mnist_mlp
 from models.loaded import LoadedModel, warmup_batch_sizes
 
@@ -24,6 +24,20 @@ from models.loaded import LoadedModel, warmup_batch_sizes
                           (200, 16, 256, 256), (10, 16, 10, 10)])
 def test_bucket_is_the_next_power_of_two_within_bounds(n, low, high, expected):
     assert bucket(n, low, high) == expected
+
+
+@pytest.mark.parametrize(("lengths", "min_saved", "expected"), [
+    # half short, half long, as in the MiniLM benchmark: two groups once the saving is large enough
+    ([64, 128, 64, 128], 128, [(64, [0, 2]), (128, [1, 3])]),
+    ([64, 128, 64, 128], 129, [(128, [0, 1, 2, 3])]),
+    # a small group is carried up until the rows carried save enough: 2 x (64 - 32) = 64 >= 64
+    ([20, 40, 60, 200], 64, [(64, [0, 1, 2]), (256, [3])]),
+    ([20, 40, 60, 200], 1, [(32, [0]), (64, [1, 2]), (256, [3])]),
+    ([5, 3, 16], 1, [(16, [0, 1, 2])]),  # one bucket: one group, rows in order
+    ([300], 1, [(256, [0])]),  # lengths past the top bucket stay in it
+])
+def test_length_groups_split_a_batch_only_where_it_saves_enough_padding(lengths, min_saved, expected):
+    assert length_groups(lengths, 16, 256, min_saved) == expected
 
 
 def _row_sums(x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -120,6 +134,33 @@ def test_a_padded_minilm_batch_gives_the_embeddings_of_the_unpadded_one():
         want = model.forward_tokens(ids, mask)["embedding"]
     assert ids.shape[1] < 16
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_minilm_encodes_a_batch_of_short_and_long_texts_group_by_group(monkeypatch):
+    """Serving splits the batch by token length; each row's embedding is the one of the padded batch."""
+    from models.architectures import transformer
+
+    config, weights, assets = minilm_artifact()
+    model = build(config, weights, assets)
+    long = "Events flow through Kafka topics to stateless workers that batch them per model. " * 3
+    texts = np.array([b"Hi", long.encode(), b"A man is eating food.", (long * 2).encode(), b"Kafka."], dtype=object)
+    widths = []
+    forward_tokens = model.forward_tokens
+    monkeypatch.setattr(model, "forward_tokens", lambda ids, mask: widths.append(tuple(ids.shape))
+                        or forward_tokens(ids, mask))
+    monkeypatch.setattr(transformer, "MIN_SAVED_POSITIONS", 1)
+    with torch.inference_mode():
+        got = model.run({"text": texts})["embedding"]
+        split = list(widths)
+        want = forward_tokens(*model.encode(texts))["embedding"]  # the whole batch padded to its longest text
+    # the 3 short texts, then each long one in its own bucket (the longest cut to the batch's 112 tokens)
+    assert split == [(3, 16), (1, 64), (1, 112)]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(transformer, "MIN_SAVED_POSITIONS", 10**6)  # nothing worth splitting: one forward
+    widths.clear()
+    with torch.inference_mode():
+        torch.testing.assert_close(model.run({"text": texts})["embedding"], want, rtol=1e-4, atol=1e-5)
+    assert len(widths) == 1
 
 
 def test_serving_goes_through_run(monkeypatch):
