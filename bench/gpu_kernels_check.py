@@ -35,7 +35,7 @@ def _cases() -> list[Case]:
     from kernels.embedding_pool import embedding_pool_reference
     from kernels.l2_normalize import l2_normalize_reference
     from kernels.layer_norm import layer_norm_reference
-    from kernels.linear import linear_reference
+    from kernels.linear import launch_linear, linear_reference
     from kernels.linear_int8 import linear_int8_reference
     from kernels.lstm import lstm_reference
     from kernels.max_pool2d import max_pool2d_reference
@@ -47,13 +47,15 @@ def _cases() -> list[Case]:
     def d(t):
         return None if t is None else t.double()
 
-    def linear_case(m, n, k, activation, residual):
+    def linear_case(m, n, k, activation, residual, tma=None):
+        """``tma``: force the persistent TMA kernel (True) or the tiled one (False); None: as served."""
         def build(dt, gen):
             x, w, b = rnd(gen, m, k, dtype=dt), rnd(gen, n, k, dtype=dt, scale=k**-0.5), rnd(gen, n, dtype=dt)
             r = rnd(gen, m, n, dtype=dt) if residual else None
-            return (lambda out: kernels.linear(x, w, b, activation, r, out=out),
+            return (lambda out: launch_linear(x, w, None, b, activation, r, out, tma=tma),
                     lambda: linear_reference(d(x), d(w), d(b), activation, d(r)), (m, n), k, True)
-        return f"linear {m}x{n}x{k} {activation}{' +res' if residual else ''}", DTYPES, build
+        kernel = {None: "", True: " tma", False: " tiled"}[tma]
+        return f"linear {m}x{n}x{k} {activation}{' +res' if residual else ''}{kernel}", DTYPES, build
 
     def int8_case(m, n, k):
         def build(dt, gen):
@@ -147,6 +149,9 @@ def _cases() -> list[Case]:
 
     return [
         linear_case(4096, 4096, 4096, "none", False),
+        linear_case(4096, 4096, 4096, "gelu", True, tma=True),
+        linear_case(4133, 1000, 4104, "tanh", False, tma=True),  # partial tiles along M, N and K
+        linear_case(4133, 1000, 4104, "tanh", False, tma=False),
         linear_case(1, 3072, 768, "gelu", True),
         linear_case(77, 768, 3072, "relu", True),
         linear_case(512, 1000, 4096, "tanh", False),

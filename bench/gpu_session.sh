@@ -7,7 +7,8 @@
 #         float64 references; every architecture launched kernel by kernel and served from CUDA graphs);
 # tokens: bench/models.py --tokens (MiniLM on token ids: kernels, CUDA graphs, eager, torch.compile);
 # kernels: bench/kernels.py --no-compile (every op against torch eager);
-# zoo:    bench/models.py --no-compile (every architecture: kernels, served, eager twin).
+# zoo:    bench/models.py --no-compile (every architecture: kernels, served, eager twin; ZOO_FLAGS adds flags,
+#         e.g. "--largest --no-cold-start" for the largest batches alone).
 # Each part runs under its own time limit in seconds (LIMIT_<part>, else PART_LIMIT, else 150; the checks
 # part spends up to twice it) so one slow part cannot eat the lease; the benchmarks write their JSON after
 # every row. The log and the JSON/PNG results land in OUTDIR. PY picks the interpreter (default python3).
@@ -18,6 +19,7 @@ out=${1:?usage: bench/gpu_session.sh OUTDIR [checks|tokens|kernels|zoo ...]}
 shift
 parts=${*:-checks tokens kernels zoo}
 py=${PY:-python3}
+ZOO_FLAGS=${ZOO_FLAGS:-}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 log="$out/session.log"
@@ -41,7 +43,7 @@ for part in $parts; do
     checks)  # the kernel cases in six processes at once (GEMMs autotune for seconds, the LSTM steps
       # through time), then the models alone: on 2026-11-26 one shared 85 s limit cut both short
       i=0
-      for only in "4096x4096x4096 1x3072x768" "77x768x3072 512x1000x4096" "linear_int8" \
+      for only in "4096x4096x4096 1x3072x768" "77x768x3072 512x1000x4096 4133x1000x4104" "linear_int8" \
                   "softmax layer_norm l2_normalize embedding conv2d max_pool2d" "attention" "lstm"; do
         # shellcheck disable=SC2086  # each group is several --only words on purpose
         timeout "$limit" $py bench/gpu_kernels_check.py --only $only >"$out/check$i.txt" 2>&1 &
@@ -58,7 +60,8 @@ for part in $parts; do
       timeout "$limit" $py bench/kernels.py --no-compile 2>&1 | tee -a "$log"
       cp bench/results/kernels.json bench/results/kernels.png "$out/" 2>/dev/null ;;
     zoo)
-      timeout "$limit" $py bench/models.py --no-compile --budget 0.3 --output "$out/models.json" 2>&1 \
+      # shellcheck disable=SC2086  # ZOO_FLAGS: several words on purpose
+      timeout "$limit" $py bench/models.py --no-compile --budget 0.3 $ZOO_FLAGS --output "$out/models.json" 2>&1 \
         | tee -a "$log" ;;
     *) echo "unknown part $part (expected checks, tokens, kernels or zoo)" | tee -a "$log" ;;
   esac

@@ -56,6 +56,7 @@ def _nbytes(*tensors: torch.Tensor) -> int:
 
 def cases(quick: bool) -> list[Case]:
     import kernels
+    from kernels.linear import launch_linear, use_tma
 
     dev = "cuda"
 
@@ -65,11 +66,17 @@ def cases(quick: bool) -> list[Case]:
     found: list[Case] = []
     inference = [(m, n, k) for m in (1, 16, 128, 512) for k, n in ((768, 3072), (4096, 4096))]
     gemms = [(4096, 4096, 4096), *inference]
-    for m, n, k in gemms[:3] if quick else gemms:
+    # MiniLM's four GEMMs at the benchmark batch (256 x 96 real tokens on average): QKV, output, FFN up, down.
+    minilm = [(24576, 1152, 384), (24576, 384, 384), (24576, 1536, 384), (24576, 384, 1536)]
+    for m, n, k in gemms[:3] if quick else gemms + minilm:
         x, w, b = rnd(m, k), rnd(n, k) * k**-0.5, rnd(n)
         found.append(Case("linear", f"M{m} N{n} K{k} +bias relu", (x, w, b),
                           lambda x, w, b: kernels.linear(x, w, b, "relu"),
                           lambda x, w, b: torch.relu(F.linear(x, w, b)), flops=2.0 * m * n * k))
+        if use_tma(x, w, m):  # the same problem on the tiled kernel, to see what the persistent TMA one gains
+            found.append(Case("linear tiled", f"M{m} N{n} K{k} +bias relu", (x, w, b),
+                              lambda x, w, b: launch_linear(x, w, None, b, "relu", None, None, tma=False),
+                              lambda x, w, b: torch.relu(F.linear(x, w, b)), flops=2.0 * m * n * k))
     for m in (1, 16) if quick else (1, 4, 16):
         n, k = 14336, 4096
         x, w = rnd(m, k), rnd(n, k) * k**-0.5
@@ -144,19 +151,22 @@ def _time_graph(fn: Callable, args: tuple) -> float | None:
         return None
 
 
-def _tile_config(op: str) -> str | None:
-    """The tiles the GEMM autotuner picked for the case just timed (linear and linear_int8 share the kernel)."""
-    if op not in ("linear", "linear_int8"):
+def _tile_config(case: Case) -> str | None:
+    """The tiles the GEMM autotuner picked for the case just timed (linear tiled and linear_int8 run the
+    tiled kernel, linear the persistent TMA one where it timed faster)."""
+    if case.op not in ("linear", "linear tiled", "linear_int8"):
         return None
-    from kernels.linear import _linear_kernel
+    from kernels.linear import TMA_FASTER, _linear_kernel, _linear_tma_kernel, tma_key
 
-    config = getattr(_linear_kernel, "best_config", None)
-    return None if config is None else str(config)
+    x, w, b = case.args[:3]
+    tma = case.op == "linear" and TMA_FASTER.get(tma_key(x, w, b, "relu", None), False)
+    config = getattr(_linear_tma_kernel if tma else _linear_kernel, "best_config", None)
+    return None if config is None else ("TMA " if tma else "") + str(config)
 
 
 def run(case: Case, compile_baseline: bool) -> dict:
     ms = _time(case.triton, case.args)
-    tiles = _tile_config(case.op)
+    tiles = _tile_config(case)
     eager_ms = _time(case.eager, case.args)
     graph_ms = eager_graph_ms = None
     if case.graphable:

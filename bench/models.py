@@ -19,7 +19,8 @@ of a worker process: import, load the MNIST MLP, answer one request (target <= 2
 numpy twin (the CPU default) and with `MAAS_CPU_RUNTIME=torch`, and how long a fresh process takes to import
 each cloud-function handler.
 
-Usage: `python bench/models.py [--quick] [--compile] [--threads N] [--only ARCH ...] [--output FILE.json]`;
+Usage: `python bench/models.py [--quick] [--compile] [--threads N] [--only ARCH ...] [--largest]
+[--no-cold-start] [--output FILE.json]`;
 `python bench/models.py --tokens` times only MiniLM on token ids (see `token_benchmark`): there `served` is
 `run_tokens`, the batch split by token length with each group replayed from its graph, and `kernels+graph`
 the whole batch padded to one graph bucket.
@@ -281,6 +282,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=None, help="seconds of timing per cell")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
+    parser.add_argument("--largest", action="store_true", help="only each model's largest batch (GPU)")
+    parser.add_argument("--no-cold-start", action="store_true", help="skip the cold-start and import timings")
     parser.add_argument("--tokens", action="store_true",
                         help="only the MiniLM encoder on token ids (seq 128, half the rows padded to 64)")
     args = parser.parse_args()
@@ -312,6 +315,8 @@ def main() -> None:
     print("-" * len(header))
     for name, config, weights, assets in zoo(args.only):
         batches = [1, 64] if quick else [1, 64, BIG_BATCH.get(name, 256)]
+        if args.largest:
+            batches = batches[-1:]
         for dt in dtypes:
             model = build(config, dict(weights), assets).to(device, torch_dtype(dt))
             ways = {"kernels": model.forward, "eager": model.reference_forward}
@@ -337,6 +342,8 @@ def main() -> None:
                     print(f"{name:<15} {config.architecture:<20} {dt:<5} {batch:>6} {way:<8} "
                           f"{row['latency_ms']:>11.3f} {row['samples_per_s']:>11.0f}", flush=True)
 
+    if args.no_cold_start:
+        return
     cold = {}
     with tempfile.TemporaryDirectory() as tmp:
         ModelRepository(tmp).publish(MNIST_MLP, mnist_mlp_config(), train_mnist_mlp(steps=5))

@@ -4,13 +4,24 @@ Bias, activation and residual are applied to the fp32 accumulator tile before th
 ``Linear -> GELU`` or ``Linear -> +skip`` pair costs one pass over memory instead of three. The same kernel
 serves :mod:`kernels.linear_int8`: with ``HAS_SCALE`` the weight tile is int8, converted on load and the
 per-output-channel scale is applied in the epilogue (it factors out of the sum over K).
+
+Large float problems on Hopper (and later) GPUs run a second kernel with the same epilogue: persistent (one
+program per multiprocessor walks the output tiles) and fed by the tensor memory accelerator (TMA), which
+copies whole X and W tiles into shared memory without address arithmetic or registers, as in Triton's
+persistent-matmul tutorial. ``MAAS_LINEAR_TMA`` picks: ``auto`` (default: for M >= ``TMA_MIN_M`` on compute
+capability >= 9, both kernels are timed once per shape and the faster runs from then on), ``1`` (always,
+whenever the tensors are aligned for TMA, the interpreter included) or ``0`` (never).
 """
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels._common import (
     FLOAT_DTYPES,
@@ -111,9 +122,16 @@ def _linear_kernel(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
-    n_ok = offs_n < N
     if HAS_SCALE:
-        acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        acc = acc * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    _store_tile(acc, offs_m, offs_n, M, N, b_ptr, r_ptr, y_ptr, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
+
+
+@triton.jit
+def _store_tile(acc, offs_m, offs_n, M, N, b_ptr, r_ptr, y_ptr,
+                HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr):
+    """The epilogue both kernels share: bias, activation and residual on the fp32 tile, one masked store."""
+    n_ok = offs_n < N
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     acc = apply_activation(acc, ACTIVATION)
@@ -122,6 +140,67 @@ def _linear_kernel(
     if HAS_RESIDUAL:
         acc += tl.load(r_ptr + y_offs, mask=y_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+def _set_tile_shapes(nargs: dict) -> None:
+    """A TMA descriptor carries its tile shape: set it from the config about to run (the autotuner's
+    ``pre_hook``; the interpreter's launch calls it with its fixed tiles)."""
+    nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+def _tma_config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
+                         num_stages=stages, pre_hook=_set_tile_shapes)
+
+
+# Wide tiles for big outputs, narrower ones so that MiniLM-sized N (384) still fills 132 multiprocessors.
+_TMA_CONFIGS = [
+    _tma_config(128, 256, 64, 8, 3),
+    _tma_config(256, 128, 64, 8, 3),
+    _tma_config(128, 256, 64, 8, 4),
+    _tma_config(128, 128, 64, 8, 4),
+    _tma_config(128, 128, 128, 8, 3),
+    _tma_config(128, 64, 64, 4, 4),
+    _tma_config(64, 128, 64, 4, 4),
+]
+
+
+def _prune_tma_configs(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
+    size = named_args["x_desc"].base.element_size()
+    return [c for c in configs if fits_shared_memory(c, size)]
+
+
+@autotune(_TMA_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_tma_configs})
+@triton.jit
+def _linear_tma_kernel(
+    x_desc, w_desc, b_ptr, r_ptr, y_ptr,
+    M, N, K, M_BUCKET,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, UPCAST: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Persistent: program p takes output tiles p, p + NUM_PROGRAMS, ... in the grouped order of the kernel
+    # above. TMA fills tiles past M, N or K with zeros, so the loads need no masks.
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS):
+        first_m = (tile // group_size) * GROUP_M
+        group_m = min(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % group_size) % group_m
+        pid_n = (tile % group_size) // group_m
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            a = x_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+            w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
+            if UPCAST:
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(a, w.T, acc)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _store_tile(acc, offs_m, offs_n, M, N, b_ptr, r_ptr, y_ptr, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
 
 
 def _interpreter_blocks(m: int, n: int, k: int) -> dict[str, int]:
@@ -133,23 +212,91 @@ def _interpreter_blocks(m: int, n: int, k: int) -> dict[str, int]:
     return {"BLOCK_M": block(m), "BLOCK_N": block(n), "BLOCK_K": block(k), "GROUP_M": 8}
 
 
-def launch_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    scales: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    activation: str,
-    residual: torch.Tensor | None,
-    out: torch.Tensor | None,
-) -> torch.Tensor:
-    """Run the kernel on validated contiguous tensors; ``x`` is ``[..., K]``, the output ``[..., N]``."""
-    n, k = weight.shape
-    m = x.numel() // k
-    y = output(out, (*x.shape[:-1], n), x)
-    if m == 0 or n == 0:
-        return y
-    meta = {} if USE_AUTOTUNE else _interpreter_blocks(m, n, k)
+TMA_ENV_VAR = "MAAS_LINEAR_TMA"
+TMA_MIN_M = 256  # below it the persistent TMA kernel's wide tiles are mostly padding
 
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_aligned(*tensors: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned base addresses and row strides."""
+    return all(t.data_ptr() % 16 == 0 and t.shape[-1] * t.element_size() % 16 == 0 for t in tensors)
+
+
+def use_tma(x: torch.Tensor, weight: torch.Tensor, m: int) -> bool:
+    """Whether the persistent TMA kernel may run (``MAAS_LINEAR_TMA`` above): forced with ``1``, or in
+    ``auto`` a big enough problem on a Hopper GPU, where timing both kernels once decides (``_tma_pays``)."""
+    choice = os.environ.get(TMA_ENV_VAR, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "0", "1"):
+        raise ValueError(f"{TMA_ENV_VAR}={choice!r}: expected auto, 1 or 0")
+    if choice == "0" or not weight.is_floating_point() or not _tma_aligned(x, weight):
+        return False
+    if choice == "1":
+        return x.is_cuda or INTERPRETER
+    return x.is_cuda and m >= TMA_MIN_M and _has_tma(x.device)
+
+
+# (device, dtype, M bucket, N, K, epilogue) -> whether the TMA kernel beat the tiled one there.
+TMA_FASTER: dict[tuple, bool] = {}
+
+
+def tma_key(x: torch.Tensor, weight: torch.Tensor, bias, activation: str, residual) -> tuple:
+    n, k = weight.shape
+    return (x.device, x.dtype, triton.next_power_of_2(x.numel() // k), n, k, bias is not None, activation,
+            residual is not None)
+
+
+def _tma_pays(x, weight, bias, activation, residual, y, m, n, k, meta) -> bool:
+    """Take the TMA kernel? Forced, yes; in ``auto`` each kernel (with its own autotuned tiles) is timed once
+    per shape key and the faster one kept: neither wins everywhere. Undecided inside a CUDA-graph capture
+    (no timing allowed there; warm-up runs decide first), the tiled kernel runs."""
+    if not use_tma(x, weight, m):
+        return False
+    if not x.is_cuda or os.environ.get(TMA_ENV_VAR, "").strip() == "1":
+        return True
+    key = tma_key(x, weight, bias, activation, residual)
+    if key not in TMA_FASTER:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        from triton.testing import do_bench
+
+        scratch = torch.empty_like(y)  # y may be the residual (in place): timing must not touch it
+        ms = {launch: do_bench(lambda launch=launch: launch(x, weight, None, bias, activation, residual, scratch,
+                                                             m, n, k, meta), warmup=5, rep=20)
+              for launch in (_launch_tma, _launch_tiled)}
+        TMA_FASTER[key] = ms[_launch_tma] < ms[_launch_tiled]
+    return TMA_FASTER[key]
+
+
+def _launch_tma(x, weight, scales, bias, activation, residual, y, m, n, k, meta) -> None:
+    """The persistent kernel: as many programs as multiprocessors (or tiles, when fewer). No int8 scales."""
+    num_programs = _multiprocessors(x.device) if x.is_cuda else 4
+    x_desc = TensorDescriptor.from_tensor(x.view(m, k), [1, 1])  # tile shapes: set per config (pre_hook)
+    w_desc = TensorDescriptor.from_tensor(weight, [1, 1])
+    if meta:  # the interpreter's fixed tiles
+        _set_tile_shapes({"x_desc": x_desc, "w_desc": w_desc, **meta})
+
+    def grid(config: dict) -> tuple[int]:
+        return (min(num_programs, triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"])),)
+
+    _linear_tma_kernel[grid](
+        x_desc, w_desc, bias, residual, y,
+        m, n, k, triton.next_power_of_2(m),
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=activation, UPCAST=INTERPRETER,
+        NUM_PROGRAMS=num_programs,
+        **meta,
+    )
+
+
+def _launch_tiled(x, weight, scales, bias, activation, residual, y, m, n, k, meta) -> None:
     def grid(config: dict) -> tuple[int]:  # called with the autotuner's chosen config
         return (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
 
@@ -160,6 +307,34 @@ def launch_linear(
         ACTIVATION=activation, UPCAST=INTERPRETER,
         **meta,
     )
+
+
+def launch_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    activation: str,
+    residual: torch.Tensor | None,
+    out: torch.Tensor | None,
+    *,
+    tma: bool | None = None,
+) -> torch.Tensor:
+    """Run a kernel on validated contiguous tensors; ``x`` is ``[..., K]``, the output ``[..., N]``. ``tma``
+    forces the kernel (True: persistent TMA, for aligned float weights; False: the tiled one); None lets
+    ``MAAS_LINEAR_TMA`` and the timings decide."""
+    n, k = weight.shape
+    m = x.numel() // k
+    y = output(out, (*x.shape[:-1], n), x)
+    if m == 0 or n == 0:
+        return y
+    meta = {} if USE_AUTOTUNE else _interpreter_blocks(m, n, k)
+    args = (x, weight, scales, bias, activation, residual, y, m, n, k, meta)
+    if scales is None and (_tma_pays(x, weight, bias, activation, residual, y, m, n, k, meta) if tma is None
+                           else tma):
+        _launch_tma(*args)
+    else:
+        _launch_tiled(*args)
     return y
 
 

@@ -25,6 +25,7 @@ class TextClassifier(Architecture):
     """
 
     name = "text_classifier"
+    graph_max_batch = 4096  # one embedding-pool launch and a few small GEMMs: launch-bound at any batch
     asset_files = (TOKENIZER_FILE,)
 
     @classmethod

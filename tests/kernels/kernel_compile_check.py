@@ -22,6 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.linear import SHARED_MEMORY
 
@@ -41,6 +42,9 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> None:
         value = values[param.name]
         if param.is_constexpr or value is None or isinstance(value, str | bool):
             signature[param.name], constexprs[param.name] = "constexpr", value
+        elif isinstance(value, TensorDescriptor):
+            shape = ", ".join(map(str, value.block_shape))
+            signature[param.name] = f"tensordesc<{_TYPES[value.base.dtype]}[{shape}]>"
         elif isinstance(value, torch.Tensor):
             signature[param.name] = "*" + _TYPES[value.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]  # as the launcher specializes 16-byte aligned pointers
@@ -63,7 +67,7 @@ def launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     from kernels.embedding_pool import embedding_pool_triton
     from kernels.l2_normalize import l2_normalize_triton
     from kernels.layer_norm import layer_norm_triton
-    from kernels.linear import linear_triton
+    from kernels.linear import launch_linear, linear_triton
     from kernels.linear_int8 import linear_int8_triton, quantize_int8
     from kernels.lstm import lstm_triton
     from kernels.max_pool2d import max_pool2d_triton
@@ -76,6 +80,7 @@ def launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     ids = torch.zeros(2, 5, dtype=torch.int64)
     found = [
         ("linear", lambda: linear_triton(x, w, b, "gelu", z(8, 32))),
+        ("linear, persistent TMA", lambda: launch_linear(x, w, None, b, "gelu", z(8, 32), None, tma=True)),
         ("linear_int8", lambda: linear_int8_triton(x, *quantize_int8(w), b, "relu")),
         ("softmax", lambda: softmax_triton(x, x > 0, log=True)),
         ("softmax, vocabulary-long rows", lambda: softmax_triton(z(2, 30522))),
@@ -111,6 +116,23 @@ def gemm_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], o
     return found
 
 
+def tma_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], object]]]:
+    """Every autotune config of the persistent TMA GEMM that its pruning keeps."""
+    from kernels.linear import _TMA_CONFIGS, _linear_tma_kernel, _set_tile_shapes, fits_shared_memory
+
+    x = torch.zeros(512, 256, dtype=dt)
+    found = []
+    for config in _TMA_CONFIGS[: 2 if quick else None]:
+        if fits_shared_memory(config, dt.itemsize):
+            descs = {name: TensorDescriptor.from_tensor(x, [1, 1]) for name in ("x_desc", "w_desc")}
+            _set_tile_shapes(descs | config.kwargs)
+            args = (descs["x_desc"], descs["w_desc"], x[0], None, x, 512, 512, 256, 512)
+            kwargs = dict(HAS_BIAS=True, HAS_RESIDUAL=False, ACTIVATION="gelu", UPCAST=False, NUM_PROGRAMS=132,
+                          **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+            found.append((f"linear TMA {config}", lambda k=kwargs, a=args: compile_launch(_linear_tma_kernel, a, k)))
+    return found
+
+
 def attention_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], object]]]:
     """Every autotune config of the attention kernel that its pruning keeps, for head dims 64 and 128."""
     from kernels.attention import GPU_CONFIGS, _attention_kernel, fits_shared_memory
@@ -140,7 +162,8 @@ def main() -> int:
     JITFunction.run = lambda self, *args, grid, warmup, **kwargs: compile_launch(self, args, kwargs)
     failed = 0
     for dt in [torch.bfloat16] if opts.quick else [torch.bfloat16, torch.float16, torch.float32]:
-        for name, thunk in launches(dt) + gemm_configs(dt, opts.quick) + attention_configs(dt, opts.quick):
+        for name, thunk in launches(dt) + gemm_configs(dt, opts.quick) + tma_configs(dt, opts.quick) + \
+                attention_configs(dt, opts.quick):
             try:
                 thunk()
             except Exception:

@@ -3,7 +3,7 @@ import torch
 from kernel_checks import DTYPES, assert_close, poisoned, randn
 
 import kernels
-from kernels.linear import linear_reference, linear_triton
+from kernels.linear import linear_reference, linear_triton, use_tma
 
 ACTIVATIONS = ["none", "relu", "gelu", "tanh", "sigmoid"]
 
@@ -21,6 +21,36 @@ def test_linear_matches_reference(gen, device, dtype, activation, m, n, k):
     assert y is out
     expected = linear_reference(x.double(), w.double(), b.double(), activation, r.double())
     assert_close(y, expected, dtype, reduction=k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 17, 40), (150, 130, 136)])
+def test_persistent_tma_linear_matches_reference(gen, device, dtype, m, n, k, monkeypatch):
+    """The TMA kernel forced on (row strides of K elements are 16-byte aligned): tiles past M, N and K are
+    TMA's zero fill; 150 x 130 is 9 tiles of 64 x 64 for the interpreter's 4 programs, so each walks several."""
+    monkeypatch.setenv("MAAS_LINEAR_TMA", "1")
+    x = randn(gen, m, k, dtype=dtype)
+    w = randn(gen, n, k, dtype=dtype, scale=k**-0.5)
+    assert use_tma(x, w, m)
+    b, r = randn(gen, n, dtype=dtype), randn(gen, m, n, dtype=dtype)
+    out = poisoned(m, n, dtype=dtype, device=device)
+    y = kernels.linear(x, w, b, "gelu", residual=r, out=out)
+    assert_close(y, linear_reference(x.double(), w.double(), b.double(), "gelu", r.double()), dtype, reduction=k)
+
+
+def test_linear_takes_the_tma_kernel_only_where_it_can(gen, monkeypatch):
+    x, w = randn(gen, 512, 64), randn(gen, 32, 64)
+    monkeypatch.setenv("MAAS_LINEAR_TMA", "auto")
+    assert use_tma(x, w, 512) == (x.is_cuda and torch.cuda.get_device_capability()[0] >= 9)
+    monkeypatch.setenv("MAAS_LINEAR_TMA", "1")
+    assert use_tma(x, w, 512)
+    assert not use_tma(x[:, :63].contiguous(), w[:, :63].contiguous(), 512)  # 252-byte rows: not 16-aligned
+    assert not use_tma(x, w.to(torch.int8), 512)  # int8 weights take linear_int8's dequantizing kernel
+    monkeypatch.setenv("MAAS_LINEAR_TMA", "0")
+    assert not use_tma(x, w, 512)
+    monkeypatch.setenv("MAAS_LINEAR_TMA", "sometimes")
+    with pytest.raises(ValueError, match="MAAS_LINEAR_TMA"):
+        use_tma(x, w, 512)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
