@@ -160,7 +160,7 @@ def _save(path: str | None, payload: dict) -> None:
 
 
 def token_benchmark(device: torch.device, compile_on: bool, budget: float, batches: list[int],
-                    output: str | None = None) -> list[dict]:
+                    output: str | None = None, dtypes: list[str] | None = None) -> list[dict]:
     """The MiniLM encoder on token ids (no tokenizer), bf16 and fp32: this project's kernels (launched one by
     one, and replayed from the CUDA graphs serving uses) against the plain-torch twin and ``torch.compile``
     of it. The first call of each way is timed too: for the kernels it is autotuning + compiling (+ the
@@ -172,7 +172,7 @@ def token_benchmark(device: torch.device, compile_on: bool, budget: float, batch
     rows = []
     print(f"\n{'MiniLM on token ids':<20} {'dtype':<5} {'batch':>6} {'way':<14} {'latency ms':>11} "
           f"{'seq/s':>10} {'first call s':>13}")
-    for dt in ("BF16", "FP32") if device.type == "cuda" else ("FP32",):
+    for dt in dtypes or (("BF16", "FP32") if device.type == "cuda" else ("FP32",)):
         model = build(config, dict(weights), assets).to(device, torch_dtype(dt))
         compiled = torch.compile(model.reference_forward_tokens, dynamic=False) if compile_on else None
         for batch in batches:
@@ -182,7 +182,7 @@ def token_benchmark(device: torch.device, compile_on: bool, budget: float, batch
                 ways["compile"] = compiled
             if device.type == "cuda":
                 ways["kernels+graph"] = model.graphed  # the whole batch padded to one bucket, replayed
-            ways["served"] = model.run_tokens  # what serving runs: rows grouped by length, each group replayed
+            ways["served"] = _on_cpu_tokens(model.run_tokens, ids, mask)
             for way, fn in ways.items():
                 try:
                     start = time.perf_counter()
@@ -207,6 +207,13 @@ def token_benchmark(device: torch.device, compile_on: bool, budget: float, batch
         if device.type == "cuda" and dt == "BF16":
             kernel_breakdown(model.forward_tokens, *token_batch(config.params["vocab_size"], batches[-1], device))
     return rows
+
+
+def _on_cpu_tokens(run_tokens, ids: torch.Tensor, mask: torch.Tensor):
+    """What serving runs: ``run_tokens`` on this batch's token ids on the CPU, as the tokenizer makes them
+    (rows grouped by length, each group copied over and replayed from its graph)."""
+    cpu = ids.cpu(), mask.cpu()
+    return lambda _ids, _mask: run_tokens(*cpu)
 
 
 def _numpy_way(twin):
@@ -286,6 +293,8 @@ def main() -> None:
     parser.add_argument("--no-cold-start", action="store_true", help="skip the cold-start and import timings")
     parser.add_argument("--tokens", action="store_true",
                         help="only the MiniLM encoder on token ids (seq 128, half the rows padded to 64)")
+    parser.add_argument("--token-batches", type=int, nargs="+", help="--tokens batch sizes (default 1 64 256)")
+    parser.add_argument("--dtypes", nargs="+", choices=["FP32", "BF16"], help="dtypes to run (GPU default: both)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -293,7 +302,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     quick = args.quick or not cuda
-    dtypes = ["FP32"] if quick else ["FP32", "BF16"]
+    dtypes = args.dtypes or (["FP32"] if quick else ["FP32", "BF16"])
     compile_on = not args.no_compile and (cuda or args.compile)
     budget = args.budget or (0.25 if quick else 1.0)
     print(f"device: {torch.cuda.get_device_name() if cuda else platform.processor() or 'cpu'} "
@@ -304,7 +313,8 @@ def main() -> None:
                                               " on CPU (compiling each model takes minutes here; pass --compile)"))
 
     if args.tokens:
-        token_benchmark(device, compile_on, budget, [1, 64, 256] if cuda else [1, 64], args.output)
+        token_benchmark(device, compile_on, budget, args.token_batches or ([1, 64, 256] if cuda else [1, 64]),
+                        args.output, args.dtypes)
         if args.output:
             print(f"wrote {args.output}")
         return
