@@ -42,9 +42,9 @@ from kernels.dispatch import INTERPRETER, USE_AUTOTUNE, backend_for
 log = logging.getLogger(__name__)
 
 
-def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+def _config(bm: int, bn: int, bk: int, warps: int, stages: int, pre_hook=None) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
-                         num_stages=stages)
+                         num_stages=stages, pre_hook=pre_hook)
 
 
 # Large tiles for big batches (tutorial 03's list; its two widest tiles one pipeline stage deeper, which fits
@@ -153,20 +153,11 @@ def _set_tile_shapes(nargs: dict) -> None:
     nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
-def _tma_config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
-                         num_stages=stages, pre_hook=_set_tile_shapes)
-
-
 # Wide tiles for big outputs, narrower ones so that MiniLM-sized N (384) still fills 132 multiprocessors.
 _TMA_CONFIGS = [
-    _tma_config(128, 256, 64, 8, 3),
-    _tma_config(256, 128, 64, 8, 3),
-    _tma_config(128, 256, 64, 8, 4),
-    _tma_config(128, 128, 64, 8, 4),
-    _tma_config(128, 128, 128, 8, 3),
-    _tma_config(128, 64, 64, 4, 4),
-    _tma_config(64, 128, 64, 4, 4),
+    _config(*tiles, pre_hook=_set_tile_shapes)
+    for tiles in ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4),
+                  (128, 128, 128, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4))
 ]
 
 
