@@ -8,8 +8,8 @@ per-output-channel scale is applied in the epilogue (it factors out of the sum o
 Large float problems on Hopper (and later) GPUs run a second kernel with the same epilogue: persistent (one
 program per multiprocessor walks the output tiles) and fed by the tensor memory accelerator (TMA), which
 copies whole X and W tiles into shared memory without address arithmetic or registers, as in Triton's
-persistent-matmul tutorial. ``MAAS_LINEAR_TMA`` picks: ``auto`` (default: for M >= ``TMA_MIN_M`` on compute
-capability >= 9, both kernels are timed once per shape, replayed from CUDA graphs as serving runs them, and
+persistent-matmul tutorial. ``MAAS_LINEAR_TMA`` picks: ``auto`` (default: for M x N x K >= ``TMA_MIN_MACS``
+on compute capability >= 9, both kernels are timed once per shape, replayed from CUDA graphs as serving runs them, and
 the faster runs from then on), ``1`` (always, whenever the tensors are aligned for TMA, the interpreter
 included) or ``0`` (never).
 """
@@ -208,7 +208,12 @@ def _interpreter_blocks(m: int, n: int, k: int) -> dict[str, int]:
 
 
 TMA_ENV_VAR = "MAAS_LINEAR_TMA"
-TMA_MIN_M = 256  # below it the persistent TMA kernel's wide tiles are mostly padding
+# Timing both kernels autotunes the TMA kernel's tiles on top of the tiled kernel's for every M bucket of a
+# model, which lengthens its warm-up: only problems this large (multiply-adds) are worth it. On an H200 the TMA
+# kernel was faster in graph replays from 8.6 G up (512 x 4,096 x 4,096: 25.4 against 31.3 us; MiniLM's
+# 24,576 x 1,152 x 384: 55.9 against 62.7 us); 2 G is a judgement below that, not a measured crossover. It
+# keeps MiniLM's warm-up batches (up to 64 short texts, 0.6 G at most) on the tiled kernel alone.
+TMA_MIN_MACS = 2 * 2**30
 
 
 @functools.cache
@@ -236,7 +241,7 @@ def use_tma(x: torch.Tensor, weight: torch.Tensor, m: int) -> bool:
         return False
     if choice == "1":
         return x.is_cuda or INTERPRETER
-    return x.is_cuda and m >= TMA_MIN_M and _has_tma(x.device)
+    return x.is_cuda and m * weight.shape[0] * weight.shape[1] >= TMA_MIN_MACS and _has_tma(x.device)
 
 
 # (device, dtype, M bucket, N, K, epilogue) -> whether the TMA kernel beat the tiled one there.

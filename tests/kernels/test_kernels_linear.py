@@ -41,7 +41,7 @@ def test_persistent_tma_linear_matches_reference(gen, device, dtype, m, n, k, mo
 def test_linear_takes_the_tma_kernel_only_where_it_can(gen, monkeypatch):
     x, w = randn(gen, 512, 64), randn(gen, 32, 64)
     monkeypatch.setenv("MAAS_LINEAR_TMA", "auto")
-    assert use_tma(x, w, 512) == (x.is_cuda and torch.cuda.get_device_capability()[0] >= 9)
+    assert not use_tma(x, w, 512)  # 1 M multiply-adds: far too small to time both kernels (and not on a CPU)
     monkeypatch.setenv("MAAS_LINEAR_TMA", "1")
     assert use_tma(x, w, 512)
     assert not use_tma(x[:, :63].contiguous(), w[:, :63].contiguous(), 512)  # 252-byte rows: not 16-aligned
