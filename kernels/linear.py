@@ -9,9 +9,9 @@ Large float problems on Hopper (and later) GPUs run a second kernel with the sam
 program per multiprocessor walks the output tiles) and fed by the tensor memory accelerator (TMA), which
 copies whole X and W tiles into shared memory without address arithmetic or registers, as in Triton's
 persistent-matmul tutorial. ``MAAS_LINEAR_TMA`` picks: ``auto`` (default: for M x N x K >= ``TMA_MIN_MACS``
-on compute capability >= 9, both kernels are timed once per shape, replayed from CUDA graphs as serving runs them, and
-the faster runs from then on), ``1`` (always, whenever the tensors are aligned for TMA, the interpreter
-included) or ``0`` (never).
+on compute capability >= 9, both kernels are timed once per shape, replayed from CUDA graphs as serving runs
+them, and the faster runs from then on), ``1`` (always, whenever the tensors are aligned for TMA, the
+interpreter included) or ``0`` (never).
 """
 
 from __future__ import annotations
@@ -254,11 +254,12 @@ def tma_key(x: torch.Tensor, weight: torch.Tensor, bias, activation: str, residu
             residual is not None)
 
 
-def _tma_pays(x, weight, bias, activation, residual, y, m, n, k, meta) -> bool:
-    """Take the TMA kernel? Forced, yes; in ``auto`` each kernel (with its own autotuned tiles) is timed once
-    per shape key and the faster one kept: neither wins everywhere. Undecided inside a CUDA-graph capture
-    (no timing allowed there; warm-up runs decide first), the tiled kernel runs."""
-    if not use_tma(x, weight, m):
+def _tma_pays(x, weight, scales, bias, activation, residual, y, m, n, k, meta) -> bool:
+    """Take the TMA kernel (the launchers' arguments)? Not for int8 weights; forced, yes; in ``auto`` each
+    kernel (with its own autotuned tiles) is timed once per shape key and the faster one kept: neither wins
+    everywhere. Undecided inside a CUDA-graph capture (no timing allowed there; warm-up runs decide first),
+    the tiled kernel runs."""
+    if scales is not None or not use_tma(x, weight, m):
         return False
     if not x.is_cuda or os.environ.get(TMA_ENV_VAR, "").strip() == "1":
         return True
@@ -267,9 +268,8 @@ def _tma_pays(x, weight, bias, activation, residual, y, m, n, k, meta) -> bool:
         if torch.cuda.is_current_stream_capturing():
             return False
         scratch = torch.empty_like(y)  # y may be the residual (in place): timing must not touch it
-        ms = {launch: _gpu_ms(lambda launch=launch: launch(x, weight, None, bias, activation, residual, scratch,
-                                                           m, n, k, meta))
-              for launch in (_launch_tma, _launch_tiled)}
+        timed = (x, weight, scales, bias, activation, residual, scratch, m, n, k, meta)
+        ms = {launch: _gpu_ms(lambda launch=launch: launch(*timed)) for launch in (_launch_tma, _launch_tiled)}
         TMA_FASTER[key] = ms[_launch_tma] < ms[_launch_tiled]
     return TMA_FASTER[key]
 
@@ -342,11 +342,8 @@ def launch_linear(
         return y
     meta = {} if USE_AUTOTUNE else _interpreter_blocks(m, n, k)
     args = (x, weight, scales, bias, activation, residual, y, m, n, k, meta)
-    if scales is None and (_tma_pays(x, weight, bias, activation, residual, y, m, n, k, meta) if tma is None
-                           else tma):
-        _launch_tma(*args)
-    else:
-        _launch_tiled(*args)
+    takes_tma = _tma_pays(*args) if tma is None else tma and scales is None
+    (_launch_tma if takes_tma else _launch_tiled)(*args)
     return y
 
 

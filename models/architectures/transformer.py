@@ -155,17 +155,16 @@ class TransformerEncoder(Architecture):
         return self.run_tokens(*self.tokenizer.encode(texts_of(inputs["text"])))
 
     def run_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """What serving runs on token ids (on the CPU, as the tokenizer makes them; lengths read from a GPU mask
-        cost a sync): the rows grouped by length
-        (:func:`models.cuda_graphs.length_groups`), each group padded to its own length bucket only and
-        encoded apart, replayed from its CUDA graph on a GPU, launched kernel by kernel elsewhere; the results
-        are put back in row order."""
+        """What serving runs on token ids (on the CPU, as the tokenizer makes them; lengths read from a GPU
+        mask cost a sync): the rows grouped by length (:func:`models.cuda_graphs.length_groups`), each group
+        padded to its own length bucket only and encoded apart, replayed from its CUDA graph on a GPU, launched
+        kernel by kernel elsewhere; the results are put back in row order."""
         encode = self.graphed if self.device.type == "cuda" and cuda_graphs.enabled() else self.forward_tokens
-        if mask.numel() < MIN_SAVED_POSITIONS:  # no split could save enough: skip reading the lengths
-            return encode(ids.to(self.device), mask.to(self.device))
-        groups = cuda_graphs.length_groups(mask.sum(dim=1).tolist(), PAD_MULTIPLE, self.p["max_length"],
-                                           MIN_SAVED_POSITIONS)
-        if len(groups) == 1:
+        groups = []  # a batch too small for any split to save enough: its lengths are not even read
+        if mask.numel() >= MIN_SAVED_POSITIONS:
+            groups = cuda_graphs.length_groups(mask.sum(dim=1).tolist(), PAD_MULTIPLE, self.p["max_length"],
+                                               MIN_SAVED_POSITIONS)
+        if len(groups) <= 1:
             return encode(ids.to(self.device), mask.to(self.device))
         outputs: dict[str, torch.Tensor] = {}
         for length, rows in groups:
