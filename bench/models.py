@@ -21,9 +21,10 @@ each cloud-function handler.
 
 Usage: `python bench/models.py [--quick] [--compile] [--threads N] [--only ARCH ...] [--largest]
 [--no-cold-start] [--output FILE.json]`;
-`python bench/models.py --tokens` times only MiniLM on token ids (see `token_benchmark`): there `served` is
-`run_tokens`, the batch split by token length with each group replayed from its graph, and `kernels+graph`
-the whole batch padded to one graph bucket.
+`python bench/models.py --tokens [--token-batches N ...] [--dtypes BF16 FP32]` times only MiniLM on token ids
+(see `token_benchmark`): there `served` is `run_tokens`, the batch split by token length with each group
+replayed from its graph, and `kernels+graph` the whole batch padded to one graph bucket.
+`python bench/models.py --gpu-cold-start` times only MiniLM's cold start on a GPU (see `gpu_cold_start`).
 """
 
 from __future__ import annotations
