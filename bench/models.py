@@ -46,7 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kernels._common import AUTOTUNE_TIMING_ENV  # noqa: E402
+from kernels._autotune import AUTOTUNE_TIMING_ENV, COMPILE_THREADS_ENV  # noqa: E402
 from models.architectures import build  # noqa: E402
 from models.artifact import TOKENIZER_FILE, ModelConfig  # noqa: E402
 from models.datatypes import torch_dtype  # noqa: E402
@@ -279,11 +279,16 @@ def _print_cold(label: str, c: dict[str, float]) -> None:
           flush=True)
 
 
+# (autotune timing, compile threads) of each cold start: Triton's own timing with configs compiled one by one
+# as they are timed (the autotuner alone), then with the parallel precompile, then the shorter timings.
+COLD_START_WAYS = [("full", "1"), ("full", "auto"), ("quick", "auto"), ("graph", "auto")]
+
+
 def gpu_cold_start(output: str | None) -> dict:
-    """MiniLM (bf16) served from a cold process on a GPU, what a new worker pays before its first answer:
-    with an empty Triton cache (every kernel compiled and autotuned), then again on the cache that run left
-    (a restarted worker with `TRITON_CACHE_DIR` on a persistent volume); each with both autotune timings
-    (`MAAS_AUTOTUNE_TIMING`). torch.compile's compile time is the `first call s` of `--tokens`."""
+    """MiniLM (bf16) served from a cold process on a GPU, what a new worker pays before its first answer: with
+    an empty Triton cache (every kernel compiled and autotuned) for each of `COLD_START_WAYS`, then again on
+    the cache the last one left (a restarted worker with `TRITON_CACHE_DIR` on a persistent volume).
+    torch.compile's compile time is the `first call s` of `--tokens`."""
     config, weights, assets = minilm_artifact()
     config = dataclasses.replace(config, dtype="BF16")
     results: dict[str, dict] = {}
@@ -291,12 +296,13 @@ def gpu_cold_start(output: str | None) -> dict:
           f"{config.batching.max_batch_size}, one request):")
     with tempfile.TemporaryDirectory() as repo:
         ModelRepository(repo).publish(MINILM, config, weights, assets)
-        for timing in ("full", "graph"):
+        for timing, threads in COLD_START_WAYS:
             with tempfile.TemporaryDirectory() as triton_cache:
-                for cache_state in ("empty", "warm"):
-                    label = f"autotune timing {timing}, {cache_state} Triton cache"
-                    results[label] = c = cold_start(Path(repo), MINILM, TEXT_REQUEST, {
-                        "TRITON_CACHE_DIR": triton_cache, AUTOTUNE_TIMING_ENV: timing})
+                env = {"TRITON_CACHE_DIR": triton_cache, AUTOTUNE_TIMING_ENV: timing, COMPILE_THREADS_ENV: threads}
+                states = ("empty", "warm") if (timing, threads) == COLD_START_WAYS[-1] else ("empty",)
+                for cache_state in states:
+                    label = f"autotune timing {timing}, compile threads {threads}, {cache_state} Triton cache"
+                    results[label] = c = cold_start(Path(repo), MINILM, TEXT_REQUEST, env)
                     _print_cold(label, c)
                     _save(output, {"device": torch.cuda.get_device_name(), "cold_start": results})
     return results

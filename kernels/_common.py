@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
-import os
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
-
-from kernels.dispatch import USE_AUTOTUNE
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ACTIVATIONS = ("none", "relu", "gelu", "tanh", "sigmoid")
@@ -72,39 +68,6 @@ def into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
         return result
     output(out, result.shape, result).copy_(result)
     return out
-
-
-# Triton >= 3.4 can keep autotuning timings on disk beside the compiled kernels (TRITON_CACHE_DIR), so a
-# restarted worker skips both compiling and tuning.
-_AUTOTUNE_PARAMETERS = inspect.signature(triton.autotune).parameters
-_CACHE_TUNING = {"cache_results": True} if "cache_results" in _AUTOTUNE_PARAMETERS else {}
-
-AUTOTUNE_TIMING_ENV = "MAAS_AUTOTUNE_TIMING"
-
-
-def _graph_timing(kernel_call, quantiles):
-    """A config's GPU time replayed from a CUDA graph (20 ms of replays), as serving runs kernels: Triton's
-    default times eager launches for 125 ms, where a microsecond kernel's launch cost hides its differences."""
-    from triton.testing import do_bench_cudagraph
-
-    return do_bench_cudagraph(kernel_call, rep=20, quantiles=quantiles)
-
-
-def _timing_options() -> dict:
-    """``MAAS_AUTOTUNE_TIMING`` (read when ``kernels`` is imported): ``full`` (default, Triton's own eager
-    timing) or ``graph`` (:func:`_graph_timing`: shorter tuning, configs ranked by GPU time alone)."""
-    choice = os.environ.get(AUTOTUNE_TIMING_ENV, "full").strip().lower() or "full"
-    if choice not in ("full", "graph"):
-        raise ValueError(f"{AUTOTUNE_TIMING_ENV}={choice!r}: expected full or graph")
-    return {"do_bench": _graph_timing} if choice == "graph" and "do_bench" in _AUTOTUNE_PARAMETERS else {}
-
-
-def autotune(configs: list[triton.Config], key: list[str], prune_configs_by: dict | None = None):
-    """``triton.autotune`` on a GPU; a no-op under the interpreter, where launchers pass a fixed config."""
-    if USE_AUTOTUNE:
-        return triton.autotune(configs=configs, key=key, prune_configs_by=prune_configs_by, **_CACHE_TUNING,
-                               **_timing_options())
-    return lambda fn: fn
 
 
 @triton.jit

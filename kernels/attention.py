@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import FLOAT_DTYPES, autotune, check_tensor, compute_dtype
+from kernels._autotune import autotune, within_bucket
+from kernels._common import FLOAT_DTYPES, check_tensor, compute_dtype
 from kernels.dispatch import INTERPRETER, USE_AUTOTUNE, backend_for
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -52,8 +53,12 @@ def fits_shared_memory(config: triton.Config, head_dim: int, element_size: int) 
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Before compiling and timing: drop tiles too big for shared memory, then query (key) tiles longer than
+    the query (key) length bucket."""
     size = named_args["q_ptr"].element_size()
-    return [c for c in configs if fits_shared_memory(c, kwargs["HEAD_DIM"], size)]
+    configs = [c for c in configs if fits_shared_memory(c, kwargs["HEAD_DIM"], size)]
+    return within_bucket(within_bucket(configs, "BLOCK_M", named_args["SQ_BUCKET"]), "BLOCK_N",
+                         named_args["SK_BUCKET"])
 
 
 # Tuned per power-of-two bucket of the query and key lengths and of batch x heads (capped: past 1024

@@ -25,11 +25,11 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from kernels._autotune import autotune, within_bucket
 from kernels._common import (
     FLOAT_DTYPES,
     activation_reference,
     apply_activation,
-    autotune,
     cast,
     check_activation,
     check_tensor,
@@ -79,9 +79,10 @@ def fits_shared_memory(config: triton.Config, element_size: int) -> bool:
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
-    """Drop tile configs too big for fp32 inputs (twice the bytes of bf16) before timing them."""
+    """Before compiling and timing: drop tiles too big for fp32 inputs (twice the bytes of bf16), then tiles
+    taller than the M bucket."""
     size = named_args["x_ptr"].element_size()
-    return [c for c in configs if fits_shared_memory(c, size)]
+    return within_bucket([c for c in configs if fits_shared_memory(c, size)], "BLOCK_M", named_args["M_BUCKET"])
 
 
 # M_BUCKET (M rounded up to a power of two) is the tuning key instead of M itself: a dynamic batcher sees a
@@ -163,7 +164,7 @@ _TMA_CONFIGS = [
 
 def _prune_tma_configs(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
     size = named_args["x_desc"].base.element_size()
-    return [c for c in configs if fits_shared_memory(c, size)]
+    return within_bucket([c for c in configs if fits_shared_memory(c, size)], "BLOCK_M", named_args["M_BUCKET"])
 
 
 @autotune(_TMA_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_tma_configs})

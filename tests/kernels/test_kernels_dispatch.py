@@ -37,15 +37,3 @@ def test_every_public_op_is_exported():
     assert expected <= set(kernels.__all__)
     assert all(callable(getattr(kernels, name)) for name in expected)
 
-
-def test_autotune_timing_is_triton_s_own_or_graph_replays(monkeypatch):
-    """``MAAS_AUTOTUNE_TIMING`` (read when the kernels are defined): the options given to triton.autotune."""
-    from kernels import _common
-
-    monkeypatch.setenv("MAAS_AUTOTUNE_TIMING", "graph")
-    assert _common._timing_options() == {"do_bench": _common._graph_timing}
-    monkeypatch.setenv("MAAS_AUTOTUNE_TIMING", "full")
-    assert _common._timing_options() == {}
-    monkeypatch.setenv("MAAS_AUTOTUNE_TIMING", "quick")
-    with pytest.raises(ValueError, match="MAAS_AUTOTUNE_TIMING"):
-        _common._timing_options()

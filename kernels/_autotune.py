@@ -1,0 +1,147 @@
+"""Tile-config autotuning on the GPU: Triton's autotuner, made cheaper for a worker's cold start.
+
+A model's warm-up tunes every GEMM and attention launch once per power-of-two bucket of its batch. Triton's
+autotuner then compiles each candidate config when it first times it, one after another, and the compiles
+dominate a cold start. Three things here shorten that:
+
+- :func:`within_bucket` drops tiles taller than the bucket before anything is compiled or timed;
+- :class:`PrecompilingAutotuner` compiles a tuning round's remaining configs on a thread pool before timing
+  them (``MAAS_COMPILE_THREADS``): Triton's compiler spends most of its time outside the GIL (MLIR passes,
+  ``ptxas`` in a subprocess), so the compiles overlap;
+- timings are kept on disk beside the compiled kernels (``TRITON_CACHE_DIR``, Triton >= 3.4), so a restarted
+  worker skips both compiling and timing.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import triton
+from triton.runtime.autotuner import Autotuner
+
+from kernels.dispatch import USE_AUTOTUNE
+
+try:  # Triton >= 3.4
+    from triton.runtime._async_compile import AsyncCompileMode
+except ImportError:  # pragma: no cover - older Triton: configs compile one by one as they are timed
+    AsyncCompileMode = None
+
+log = logging.getLogger(__name__)
+
+_AUTOTUNE_PARAMETERS = inspect.signature(triton.autotune).parameters
+_CACHE_TUNING = {"cache_results": True} if "cache_results" in _AUTOTUNE_PARAMETERS else {}
+
+AUTOTUNE_TIMING_ENV = "MAAS_AUTOTUNE_TIMING"
+COMPILE_THREADS_ENV = "MAAS_COMPILE_THREADS"
+
+
+def within_bucket(configs: list[triton.Config], block: str, bucket: int) -> list[triton.Config]:
+    """The configs whose ``block`` tile is no taller than ``bucket`` (the smallest tiles when all are taller).
+
+    Rows of a tile past the problem are computed and thrown away, so a taller tile only adds work that a
+    shorter one of the list avoids. On an H200 every pick measured for M of 1 to 24,576 obeyed this rule
+    (``bench/results/gpu``), and it leaves a bucket of <= 16 rows three GEMM configs to compile and time
+    instead of fourteen.
+    """
+    floor = min(c.kwargs[block] for c in configs)
+    return [c for c in configs if c.kwargs[block] <= max(bucket, floor)]
+
+
+def compile_threads(configs: int) -> int:
+    """Threads compiling one tuning round's configs: ``MAAS_COMPILE_THREADS`` (``auto``: one per CPU; ``1``:
+    none, each config compiles when first timed), never more than there are configs."""
+    choice = os.environ.get(COMPILE_THREADS_ENV, "auto").strip().lower() or "auto"
+    if choice == "auto":
+        threads = os.cpu_count() or 1
+    elif choice.isdigit() and int(choice) >= 1:
+        threads = int(choice)
+    else:
+        raise ValueError(f"{COMPILE_THREADS_ENV}={choice!r}: expected auto or a whole number >= 1")
+    return min(threads, configs)
+
+
+class PrecompilingAutotuner(Autotuner):
+    """Triton's autotuner, compiling a tuning round's configs on a thread pool before it times the first.
+
+    It hooks the two steps of ``Autotuner.run`` that happen only when a key is new and its timings are not on
+    disk: ``prune_configs`` names the round's configs, the first ``_bench`` compiles them all (Triton's
+    ``AsyncCompileMode`` runs each ``JITFunction.warmup``'s compile in the pool and files the kernels in the
+    function's own cache, where the timing launches find them). A config that fails to compile is left to the
+    sequential path, which raises its error as before (the autotuner times it as infinitely slow).
+    """
+
+    _round: list[triton.Config] | None = None
+
+    def prune_configs(self, kwargs: dict) -> list[triton.Config]:
+        configs = super().prune_configs(kwargs)
+        self._round = configs
+        return configs
+
+    def _bench(self, *args, config: triton.Config, **meta):
+        if self._round:
+            configs, self._round = self._round, None
+            self.precompile(configs, args, meta)
+        return super()._bench(*args, config=config, **meta)
+
+    def precompile(self, configs: list[triton.Config], args: tuple, meta: dict) -> None:
+        """Compile ``configs`` for the launch ``(args, meta)`` in parallel; returns when all are done."""
+        threads = compile_threads(len(configs))
+        if threads < 2 or AsyncCompileMode is None:
+            return
+        names = dict(zip(self.arg_names, args, strict=False))
+        launch = {k: v for k, v in meta.items() if k not in ("grid", "warmup")}  # the kernel's own arguments
+        try:
+            with ThreadPoolExecutor(threads, thread_name_prefix="triton-compile") as pool, \
+                    AsyncCompileMode(pool, ignore_errors=True):
+                for config in configs:
+                    current = {**launch, **config.all_kwargs()}
+                    if config.pre_hook:  # e.g. TMA tile shapes, part of the compiled signature
+                        config.pre_hook({**names, **current})
+                    self.fn.warmup(*args, grid=None, **current)
+        except Exception as exc:  # an optimisation only: timing compiles whatever is missing
+            log.warning("precompiling %s's configs failed (%s: %s); they compile one by one",
+                        self.base_fn.__name__, type(exc).__name__, exc)
+
+
+def _quick_timing(kernel_call, quantiles):
+    """Triton's eager timing (L2 flushed before each launch) on a fifth of its budget: 5 ms of warm-up and 20 ms
+    of launches a config instead of 25 and 100. torch.compile's autotuner also stops at tens of milliseconds;
+    a warm-up tunes hundreds of (config, bucket) pairs."""
+    from triton.testing import do_bench
+
+    return do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _graph_timing(kernel_call, quantiles):
+    """A config's GPU time replayed from a CUDA graph, as serving runs kernels: ten replays of a graph of
+    about 20 ms of launches. Triton's default times eager launches, where a microsecond kernel's launch cost
+    hides its differences."""
+    from triton.testing import do_bench_cudagraph
+
+    return do_bench_cudagraph(kernel_call, rep=20, quantiles=quantiles)
+
+
+_TIMINGS = {"full": None, "quick": _quick_timing, "graph": _graph_timing}
+
+
+def _timing_options() -> dict:
+    """``MAAS_AUTOTUNE_TIMING`` (read when ``kernels`` is imported): ``full`` (default: Triton's own eager
+    timing, 25 + 100 ms a config), ``quick`` (:func:`_quick_timing`) or ``graph`` (:func:`_graph_timing`)."""
+    choice = os.environ.get(AUTOTUNE_TIMING_ENV, "full").strip().lower() or "full"
+    if choice not in _TIMINGS:
+        raise ValueError(f"{AUTOTUNE_TIMING_ENV}={choice!r}: expected {', '.join(_TIMINGS)}")
+    timing = _TIMINGS[choice]
+    return {"do_bench": timing} if timing and "do_bench" in _AUTOTUNE_PARAMETERS else {}
+
+
+def autotune(configs: list[triton.Config], key: list[str], prune_configs_by: dict | None = None):
+    """``triton.autotune`` with :class:`PrecompilingAutotuner` on a GPU; a no-op under the interpreter, where
+    launchers pass a fixed config."""
+    if not USE_AUTOTUNE:
+        return lambda fn: fn
+    return lambda fn: PrecompilingAutotuner(fn, fn.arg_names, configs, key, reset_to_zero=None, restore_value=None,
+                                            prune_configs_by=prune_configs_by, **_CACHE_TUNING,
+                                            **_timing_options())

@@ -1,0 +1,135 @@
+"""The autotuner's parallel precompile against Triton's real JIT and compiler, on a CPU.
+
+Kernels compile for sm_90 through :func:`kernels.offline.compile_for`; timing is a stand-in (every config
+1 ms: nothing can run here), and the launch that follows tuning raises ``NoDevice``. What is checked is what
+the precompile must guarantee on a GPU: a new key compiles all its configs before timing, under the same
+cache keys the timing launches look up (TMA tile shapes included), a config that cannot compile does not
+stop the others, timings found on disk compile nothing ahead, and ``MAAS_COMPILE_THREADS=1`` turns it off.
+Must run *without* ``TRITON_INTERPRET``. Usage: ``python tests/kernels/autotune_check.py``; exits 1 on any
+failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="autotune-check-")
+
+import torch
+from triton.compiler import CompiledKernel
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from kernels._autotune import COMPILE_THREADS_ENV, PrecompilingAutotuner
+from kernels.linear import (
+    _GPU_CONFIGS,
+    _TMA_CONFIGS,
+    _config,
+    _linear_kernel,
+    _linear_tma_kernel,
+    _prune_configs,
+    _prune_tma_configs,
+)
+from kernels.offline import NoDevice, compile_for
+
+BF16 = torch.bfloat16
+BROKEN = _config(16, 48, 64, 4, 4)  # BLOCK_N = 48: tl.arange needs a power of two, so this cannot compile
+EPILOGUE = {"HAS_BIAS": True, "HAS_RESIDUAL": False, "ACTIVATION": "gelu", "UPCAST": False}
+
+
+def compiled(fn) -> int:
+    """Kernels in ``fn``'s in-memory JIT cache (device 0) that finished compiling."""
+    return sum(isinstance(k, CompiledKernel) for k in fn.device_caches[0][0].values())
+
+
+def tuner(fn, configs, prune) -> PrecompilingAutotuner:
+    return PrecompilingAutotuner(fn, fn.arg_names, configs, ["M_BUCKET", "N", "K"], None, None,
+                                 prune_configs_by={"early_config_prune": prune},
+                                 do_bench=lambda kernel_call, quantiles: [1.0, 1.0, 1.0], cache_results=True)
+
+
+def gemm(m: int, n: int = 1152, k: int = 384) -> tuple:
+    x, w, b, y = torch.randn(m, k, dtype=BF16), torch.randn(n, k, dtype=BF16), torch.randn(n, dtype=BF16), \
+        torch.empty(m, n, dtype=BF16)
+    return x, w, None, b, None, y, m, n, k, max(16, 1 << (m - 1).bit_length())
+
+
+def tune_and_launch(t: PrecompilingAutotuner, args: tuple, **kwargs) -> None:
+    """Tune (compiling whatever the tuner compiles), then launch the pick: that raises ``NoDevice`` here."""
+    try:
+        t[lambda meta: (1,)](*args, **kwargs)
+    except NoDevice:
+        return
+    raise AssertionError("the launch after tuning should have reached the (absent) device")
+
+
+def check(label: str, ok: bool, detail: str) -> bool:
+    print(f"{'ok  ' if ok else 'FAIL'} {label}: {detail}", flush=True)
+    return ok
+
+
+def main() -> int:
+    os.environ[COMPILE_THREADS_ENV] = "2"
+    gemm_kwargs = {"HAS_SCALE": False, **EPILOGUE}
+    results = []
+    with compile_for(90):
+        # A new key: the pruned round (BLOCK_M = 16 tiles for 16 rows, plus one broken config) compiles
+        # before timing; the timing stand-in launches nothing, so whatever is compiled came from the precompile.
+        args = gemm(16)
+        t = tuner(_linear_kernel, [*_GPU_CONFIGS, BROKEN], _prune_configs)
+        tune_and_launch(t, args, **gemm_kwargs)
+        thin = [c for c in _GPU_CONFIGS if c.kwargs["BLOCK_M"] == 16]
+        results.append(check("new key precompiles its round", compiled(_linear_kernel) == len(thin),
+                             f"{compiled(_linear_kernel)} kernels compiled for {len(thin)} valid configs + 1 broken"))
+        before = compiled(_linear_kernel)
+        for config in thin:  # the timing launches must find them: no new compile
+            _linear_kernel.warmup(*args, grid=None, **gemm_kwargs, **config.all_kwargs())
+        results.append(check("timing launches hit the precompiled kernels", compiled(_linear_kernel) == before,
+                             f"{before} kernels before warming each config, {compiled(_linear_kernel)} after"))
+
+        # A restarted worker: the same key's timings are on disk, so only the pick compiles (from disk).
+        _linear_kernel.device_caches.clear()
+        tune_and_launch(tuner(_linear_kernel, [*_GPU_CONFIGS, BROKEN], _prune_configs), args, **gemm_kwargs)
+        results.append(check("timings on disk: nothing precompiled", compiled(_linear_kernel) == 1,
+                             f"{compiled(_linear_kernel)} kernel compiled"))
+
+        # MAAS_COMPILE_THREADS=1: configs compile one by one as they are timed (here: never), the pick at launch.
+        os.environ[COMPILE_THREADS_ENV] = "1"
+        _linear_kernel.device_caches.clear()
+        tune_and_launch(tuner(_linear_kernel, _GPU_CONFIGS, _prune_configs), gemm(32), **gemm_kwargs)
+        results.append(check("MAAS_COMPILE_THREADS=1 precompiles nothing", compiled(_linear_kernel) == 1,
+                             f"{compiled(_linear_kernel)} kernel compiled"))
+        os.environ[COMPILE_THREADS_ENV] = "2"
+
+        # TMA configs carry their tile shapes in the descriptors (pre_hook): each compiles with its own.
+        x, w, _, b, _, y, m, n, k, bucket = gemm(128, 384, 384)
+        x_desc, w_desc = TensorDescriptor.from_tensor(x, [1, 1]), TensorDescriptor.from_tensor(w, [1, 1])
+        tma_args = (x_desc, w_desc, b, None, y, m, n, k, bucket)
+        tma_kwargs = {**EPILOGUE, "NUM_PROGRAMS": 132}
+        pair = [c for c in _TMA_CONFIGS if c.kwargs["BLOCK_M"] <= 128 and c.num_warps == 4]
+        tune_and_launch(tuner(_linear_tma_kernel, pair, _prune_tma_configs), tma_args, **tma_kwargs)
+        results.append(check("TMA configs precompiled", compiled(_linear_tma_kernel) == len(pair),
+                             f"{compiled(_linear_tma_kernel)} kernels for {len(pair)} configs"))
+        before = compiled(_linear_tma_kernel)
+        for config in pair:
+            config.pre_hook({"x_desc": x_desc, "w_desc": w_desc, **config.all_kwargs()})
+            _linear_tma_kernel.warmup(*tma_args, grid=None, **tma_kwargs, **config.all_kwargs())
+        results.append(check("TMA tile shapes match the timing launches", compiled(_linear_tma_kernel) == before,
+                             f"{before} kernels before warming each config, {compiled(_linear_tma_kernel)} after"))
+
+        # A failure outside the compiles (here: arguments the JIT cannot bind) is logged, never raised.
+        warnings: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: warnings.append(record.getMessage())
+        logging.getLogger("kernels._autotune").addHandler(handler)
+        t = tuner(_linear_kernel, thin, _prune_configs)
+        t.precompile(thin, ("not a tensor", *args[1:]), gemm_kwargs)
+        results.append(check("a failing precompile only warns", len(warnings) == 1 and "one by one" in warnings[0],
+                             repr(warnings)))
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Autotuning: which tile configs a launch compiles and times, how many threads compile them, how they are
+timed, and (in a process compiling for sm_90 without a GPU) the parallel precompile itself."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from kernels import _autotune
+from kernels._autotune import compile_threads, within_bucket
+from kernels.attention import GPU_CONFIGS as ATTENTION_CONFIGS
+from kernels.attention import _prune_configs as prune_attention
+from kernels.linear import _GPU_CONFIGS, _TMA_CONFIGS, _prune_configs, _prune_tma_configs, fits_shared_memory
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) the GEMM autotuner picked on an H200, by M, in bf16
+# (bench/results/gpu/2026-11-26_0444_run4_kernels.json): pruning must never take them away.
+TILED_PICKS = [(1, (16, 64, 128, 4, 4)), (1, (16, 32, 256, 2, 4)), (16, (16, 64, 128, 4, 4)),
+               (16, (16, 32, 256, 2, 4)), (128, (64, 64, 64, 4, 4)), (512, (64, 64, 64, 4, 4)),
+               (512, (128, 128, 128, 8, 3)), (4096, (256, 128, 64, 8, 4)), (24576, (256, 128, 64, 8, 3)),
+               (24576, (256, 128, 64, 8, 4)), (24576, (128, 128, 64, 4, 4))]
+TMA_PICKS = [(512, (128, 128, 128, 8, 3)), (4096, (128, 256, 64, 8, 3)), (24576, (256, 128, 64, 8, 3)),
+             (24576, (128, 256, 64, 8, 3)), (24576, (128, 128, 64, 8, 4))]
+
+
+def tiles(config: triton.Config) -> tuple[int, ...]:
+    kw = config.kwargs
+    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages
+
+
+def gemm_args(m: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    x = torch.empty(16, 16, dtype=dtype)
+    return {"x_ptr": x, "x_desc": TensorDescriptor.from_tensor(x, [16, 16]), "M_BUCKET": triton.next_power_of_2(m)}
+
+
+@pytest.mark.parametrize("m, picked", TILED_PICKS)
+def test_gemm_pruning_keeps_every_tile_measured_fastest(m, picked):
+    assert picked in [tiles(c) for c in _prune_configs(_GPU_CONFIGS, gemm_args(m))]
+
+
+@pytest.mark.parametrize("m, picked", TMA_PICKS)
+def test_tma_pruning_keeps_every_tile_measured_fastest(m, picked):
+    assert picked in [tiles(c) for c in _prune_tma_configs(_TMA_CONFIGS, gemm_args(m))]
+
+
+@pytest.mark.parametrize("m", [1, 7, 16])
+def test_a_few_rows_tune_only_the_thin_tiles(m):
+    kept = _prune_configs(_GPU_CONFIGS, gemm_args(m))
+    assert {c.kwargs["BLOCK_M"] for c in kept} == {16}
+    assert len(kept) == sum(c.kwargs["BLOCK_M"] == 16 for c in _GPU_CONFIGS) < len(_GPU_CONFIGS) / 3
+
+
+@pytest.mark.parametrize("m, block_m", [(17, 32), (33, 64), (100, 128), (129, 256), (70000, 256)])
+def test_tiles_up_to_the_bucket_are_kept(m, block_m):
+    kept = _prune_configs(_GPU_CONFIGS, gemm_args(m))
+    assert max(c.kwargs["BLOCK_M"] for c in kept) == block_m
+    assert kept == [c for c in _GPU_CONFIGS if c.kwargs["BLOCK_M"] <= block_m]
+
+
+def test_fp32_pruning_also_drops_tiles_beyond_shared_memory():
+    kept = _prune_configs(_GPU_CONFIGS, gemm_args(8192, torch.float32))
+    assert kept == [c for c in _GPU_CONFIGS if fits_shared_memory(c, 4)]
+    assert len(kept) < len(_GPU_CONFIGS)
+
+
+def test_the_smallest_tiles_stay_when_every_tile_is_taller_than_the_bucket():
+    tma_small = _prune_tma_configs(_TMA_CONFIGS, gemm_args(1))
+    assert tma_small and {c.kwargs["BLOCK_M"] for c in tma_small} == {min(c.kwargs["BLOCK_M"] for c in _TMA_CONFIGS)}
+    assert within_bucket(_GPU_CONFIGS, "BLOCK_K", 8) == [c for c in _GPU_CONFIGS if c.kwargs["BLOCK_K"] == 32]
+
+
+@pytest.mark.parametrize("sq, sk, expected", [(16, 16, {(32, 32)}), (64, 16, {(64, 32), (32, 32)}),
+                                              (16, 64, {(32, 32)}), (64, 64, {(64, 64), (64, 32), (32, 32)})])
+def test_attention_tunes_tiles_no_longer_than_the_sequences(sq, sk, expected):
+    q = torch.empty(1, dtype=torch.bfloat16)
+    kept = prune_attention(ATTENTION_CONFIGS, {"q_ptr": q, "SQ_BUCKET": sq, "SK_BUCKET": sk}, HEAD_DIM=64)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == expected
+
+
+def test_long_sequences_tune_every_attention_tile_that_fits():
+    q = torch.empty(1, dtype=torch.bfloat16)
+    kept = prune_attention(ATTENTION_CONFIGS, {"q_ptr": q, "SQ_BUCKET": 512, "SK_BUCKET": 512}, HEAD_DIM=64)
+    assert kept == ATTENTION_CONFIGS
+
+
+def test_compile_threads_follow_the_cpus_or_the_setting(monkeypatch):
+    monkeypatch.delenv("MAAS_COMPILE_THREADS", raising=False)
+    assert compile_threads(1000) == os.cpu_count()
+    assert compile_threads(1) == 1
+    monkeypatch.setenv("MAAS_COMPILE_THREADS", "3")
+    assert (compile_threads(2), compile_threads(10)) == (2, 3)
+    for bad in ("0", "-2", "many"):
+        monkeypatch.setenv("MAAS_COMPILE_THREADS", bad)
+        with pytest.raises(ValueError, match="MAAS_COMPILE_THREADS"):
+            compile_threads(4)
+
+
+def test_autotune_timing_is_triton_s_own_a_shorter_one_or_graph_replays(monkeypatch):
+    """``MAAS_AUTOTUNE_TIMING`` (read when the kernels are defined): the options given to triton.autotune."""
+    monkeypatch.setenv("MAAS_AUTOTUNE_TIMING", "graph")
+    assert _autotune._timing_options() == {"do_bench": _autotune._graph_timing}
+    monkeypatch.setenv("MAAS_AUTOTUNE_TIMING", " Quick ")
+    assert _autotune._timing_options() == {"do_bench": _autotune._quick_timing}
+    monkeypatch.setenv("MAAS_AUTOTUNE_TIMING", "full")
+    assert _autotune._timing_options() == {}
+    monkeypatch.setenv("MAAS_AUTOTUNE_TIMING", "fast")
+    with pytest.raises(ValueError, match="MAAS_AUTOTUNE_TIMING"):
+        _autotune._timing_options()
+
+
+def test_configs_precompile_in_parallel_under_the_keys_timing_looks_up():
+    """Real Triton JIT and compiler (sm_90, no GPU needed): see ``autotune_check.py`` for what it checks."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    script = ROOT / "tests" / "kernels" / "autotune_check.py"
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert done.stdout.count("ok ") == 7, done.stdout
