@@ -3,7 +3,8 @@
 Triton's JIT asks its active driver for the current device, stream and target before compiling; a machine
 without CUDA has no driver. :func:`compile_for` puts a stand-in in its place that answers for a given GPU
 architecture and refuses to launch, so ``JITFunction.warmup`` (and the autotuner's precompile) run the full
-Triton -> PTX -> cubin pipeline on a CPU. The autotuning check and ``bench/compile.py`` use it.
+Triton -> PTX -> cubin pipeline on a CPU. The sm_90 compile check, the autotuning check and
+``bench/compile.py`` use it.
 """
 
 from __future__ import annotations

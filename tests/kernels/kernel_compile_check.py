@@ -2,9 +2,11 @@
 
 The interpreter runs kernels as numpy and skips the compiler's rules (constexpr-only globals, type
 unification in loops and branches, tile shapes for ``tl.dot``, shared-memory budget). This script runs the
-real launchers on CPU tensors with ``JITFunction.run`` replaced by an ahead-of-time ``triton.compile`` for
-sm_90, so each launch's exact arguments and constexprs (the GPU tile configs included) go through the full
-Triton -> PTX -> cubin pipeline. Must run *without* ``TRITON_INTERPRET``.
+real launchers on CPU tensors through Triton's own JIT, with :func:`kernels.offline.compile_for` standing in
+for the CUDA driver and every launch turned into a compile-only warm-up, so each launch's exact arguments,
+specialization and constexprs (the GPU tile configs included) go through the full Triton -> PTX -> cubin
+pipeline. The compiles run on a thread pool (Triton's ``AsyncCompileMode``). Must run *without*
+``TRITON_INTERPRET``.
 
 Usage: ``python tests/kernels/kernel_compile_check.py [--quick]``; exits 1 on any failure.
 """
@@ -16,48 +18,31 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.runtime._async_compile import AsyncCompileMode
 from triton.runtime.jit import JITFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.linear import SHARED_MEMORY
+from kernels.offline import compile_for
 
-TARGET = GPUTarget("cuda", 90, 32)
-_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "i8",
-          torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
-results: list[tuple[str, str, int]] = []
+# (launch, kernel name, constexprs and options, compiled kernel or its future) of every compile.
+compiles: list[tuple[str, str, str, object]] = []
+current_launch = ["-"]
 
 
-def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> None:
-    """Compile ``fn`` for sm_90 with the arguments of one launch and record its shared-memory use."""
-    values = dict(zip(fn.arg_names, args, strict=False))
-    values |= {k: v for k, v in kwargs.items() if k in fn.arg_names}
-    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
-    signature, constexprs, attrs = {}, {}, {}
-    for i, param in enumerate(fn.params):
-        value = values[param.name]
-        if param.is_constexpr or value is None or isinstance(value, str | bool):
-            signature[param.name], constexprs[param.name] = "constexpr", value
-        elif isinstance(value, TensorDescriptor):
-            shape = ", ".join(map(str, value.block_shape))
-            signature[param.name] = f"tensordesc<{_TYPES[value.base.dtype]}[{shape}]>"
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = "*" + _TYPES[value.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]  # as the launcher specializes 16-byte aligned pointers
-        else:
-            signature[param.name] = "i32" if isinstance(value, int) else "fp32"
-            if isinstance(value, int) and value % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options)
-    shared = kernel.metadata.shared
-    label = ", ".join(f"{k}={v}" for k, v in constexprs.items() if v is not None) + f", {options}"
-    results.append((fn.__name__, label, shared))
-    if shared > SHARED_MEMORY:
-        raise RuntimeError(f"{fn.__name__} ({label}) needs {shared} bytes of shared memory > {SHARED_MEMORY}")
+def compile_only(run: Callable) -> Callable:
+    """``JITFunction.run`` that compiles (asynchronously, under ``AsyncCompileMode``) and never launches."""
+
+    def patched(self: JITFunction, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        label = ", ".join(f"{k}={v}" for k, v in kwargs.items() if isinstance(v, bool | int | str) and v is not None)
+        compiles.append((current_launch[0], self.__name__, label, kernel))
+        return kernel
+
+    return patched
 
 
 def launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
@@ -112,7 +97,7 @@ def gemm_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], o
         if fits_shared_memory(config, dt.itemsize):
             kwargs = dict(HAS_SCALE=False, HAS_BIAS=True, HAS_RESIDUAL=False, ACTIVATION="relu", UPCAST=False,
                           **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-            found.append((f"linear {config}", lambda k=kwargs: compile_launch(_linear_kernel, args, k)))
+            found.append((f"linear {config}", lambda k=kwargs: _linear_kernel.warmup(*args, grid=None, **k)))
     return found
 
 
@@ -129,7 +114,8 @@ def tma_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], ob
             args = (descs["x_desc"], descs["w_desc"], x[0], None, x, 512, 512, 256, 512)
             kwargs = dict(HAS_BIAS=True, HAS_RESIDUAL=False, ACTIVATION="gelu", UPCAST=False, NUM_PROGRAMS=132,
                           **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-            found.append((f"linear TMA {config}", lambda k=kwargs, a=args: compile_launch(_linear_tma_kernel, a, k)))
+            found.append((f"linear TMA {config}", lambda k=kwargs, a=args: _linear_tma_kernel.warmup(*a, grid=None,
+                                                                                                     **k)))
     return found
 
 
@@ -146,8 +132,8 @@ def attention_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[
             if fits_shared_memory(config, d, dt.itemsize):
                 kwargs = dict(HAS_MASK=True, HEAD_DIM=d, UPCAST=False, **config.kwargs,
                               num_warps=config.num_warps, num_stages=config.num_stages)
-                found.append((f"attention d={d} {config}", lambda k=kwargs, a=args: compile_launch(
-                    _attention_kernel, a, k)))
+                found.append((f"attention d={d} {config}", lambda k=kwargs, a=args: _attention_kernel.warmup(
+                    *a, grid=None, **k)))
     return found
 
 
@@ -159,19 +145,29 @@ def main() -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: this check compiles the real kernels", file=sys.stderr)
         return 2
-    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: compile_launch(self, args, kwargs)
+    JITFunction.run = compile_only(JITFunction.run)
     failed = 0
-    for dt in [torch.bfloat16] if opts.quick else [torch.bfloat16, torch.float16, torch.float32]:
-        for name, thunk in launches(dt) + gemm_configs(dt, opts.quick) + tma_configs(dt, opts.quick) + \
-                attention_configs(dt, opts.quick):
-            try:
-                thunk()
-            except Exception:
-                failed += 1
-                print(f"FAIL {name} {dt}\n{traceback.format_exc()}", file=sys.stderr)
-    for kernel, label, shared in results:
-        print(f"ok  {kernel:<24} shared={shared:>6}  {label}")
-    print(f"{len(results)} compiles for sm_90, {failed} launcher(s) failed")
+    with compile_for(90), ThreadPoolExecutor(os.cpu_count()) as pool, AsyncCompileMode(pool, ignore_errors=True):
+        for dt in [torch.bfloat16] if opts.quick else [torch.bfloat16, torch.float16, torch.float32]:
+            for name, thunk in launches(dt) + gemm_configs(dt, opts.quick) + tma_configs(dt, opts.quick) + \
+                    attention_configs(dt, opts.quick):
+                current_launch[0] = f"{name} {dt}"
+                try:
+                    thunk()
+                except Exception:
+                    failed += 1
+                    print(f"FAIL {current_launch[0]}\n{traceback.format_exc()}", file=sys.stderr)
+    for launch, kernel_name, label, kernel in compiles:  # every compile has finished here
+        try:
+            shared = (kernel.result() if hasattr(kernel, "result") else kernel).metadata.shared
+            if shared > SHARED_MEMORY:
+                raise RuntimeError(f"needs {shared} bytes of shared memory > {SHARED_MEMORY}")
+        except Exception:
+            failed += 1
+            print(f"FAIL {launch}: {kernel_name} ({label})\n{traceback.format_exc()}", file=sys.stderr)
+            continue
+        print(f"ok  {kernel_name:<24} shared={shared:>6}  {label}")
+    print(f"{len(compiles)} compiles for sm_90, {failed} failure(s)")
     return 1 if failed else 0
 
 
