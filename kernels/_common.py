@@ -70,6 +70,22 @@ def into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# Elements a program of a row-wise kernel (softmax, norms) handles at least: rows shorter than this share one.
+ROW_TILE = 2048
+
+
+def row_block(n: int) -> tuple[int, int]:
+    """``BLOCK`` (a row of ``n`` rounded up to a power of two) and ``num_warps`` of a row-wise kernel."""
+    block = triton.next_power_of_2(n)
+    return block, 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+def rows_per_program(block: int) -> int:
+    """Rows one program of a row-wise kernel normalizes: a 384-wide row is 768 bytes in bf16, too little work
+    to pay for a program (and a reduction) of its own, so short rows are taken ``ROW_TILE`` elements at a time."""
+    return max(1, ROW_TILE // block)
+
+
 @triton.jit
 def tanh(x):
     # tl.math.tanh is missing from the interpreter; tanh(x) = 2 * sigmoid(2x) - 1 is exact in real numbers.

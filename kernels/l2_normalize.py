@@ -1,6 +1,7 @@
 """L2 normalization over the last dimension (sentence-embedding output): ``x / max(||x||_2, eps)``.
 
-Same semantics as ``torch.nn.functional.normalize(x, dim=-1)``; one program per row, one read, one write.
+Same semantics as ``torch.nn.functional.normalize(x, dim=-1)``; one read, one write. A program normalizes a
+tile of whole rows: several short ones at once (``rows_per_program``), a long one alone.
 """
 
 from __future__ import annotations
@@ -9,20 +10,21 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import FLOAT_DTYPES, check_tensor, compute_dtype, into, output
+from kernels._common import FLOAT_DTYPES, check_tensor, compute_dtype, into, output, row_block, rows_per_program
 from kernels.dispatch import backend_for
 
 MAX_ROW = 65536
 
 
 @triton.jit
-def _l2_normalize_kernel(x_ptr, y_ptr, N, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _l2_normalize_kernel(x_ptr, y_ptr, M, N, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    ok = cols < N
-    x = tl.load(x_ptr + row * N + cols, mask=ok, other=0.0).to(tl.float32)
-    norm = tl.maximum(tl.sqrt(tl.sum(x * x, axis=0)), eps)
-    tl.store(y_ptr + row * N + cols, (x / norm).to(y_ptr.dtype.element_ty), mask=ok)
+    ok = (rows < M)[:, None] & (cols < N)[None, :]
+    offs = rows[:, None] * N + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    norm = tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), eps)
+    tl.store(y_ptr + offs, (x / norm[:, None]).to(y_ptr.dtype.element_ty), mask=ok)
 
 
 def _validate(x) -> None:
@@ -36,9 +38,10 @@ def _launch(x: torch.Tensor, eps: float, out: torch.Tensor | None) -> torch.Tens
     n = x.shape[-1]
     if x.numel() == 0:
         return y
-    block = triton.next_power_of_2(n)
-    num_warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
-    _l2_normalize_kernel[(x.numel() // n,)](x, y, n, eps, BLOCK=block, num_warps=num_warps)
+    m = x.numel() // n
+    block, num_warps = row_block(n)
+    rows = rows_per_program(block)
+    _l2_normalize_kernel[(triton.cdiv(m, rows),)](x, y, m, n, eps, ROWS=rows, BLOCK=block, num_warps=num_warps)
     return y
 
 

@@ -1,8 +1,9 @@
 """Layer normalization over the last dimension, optionally of ``x + residual`` (post-LN transformer blocks).
 
-One program per row holds the row in registers: mean and variance come from the same load (two-pass in
-registers, so no ``E[x^2] - E[x]^2`` cancellation), and the residual add is fused instead of a separate
-elementwise kernel writing ``x + residual`` to memory first.
+A program holds a tile of whole rows in registers (several short ones, ``rows_per_program``, loading the
+weight and bias once for them all): mean and variance come from the same load (two-pass in registers, so no
+``E[x^2] - E[x]^2`` cancellation), and the residual add is fused instead of a separate elementwise kernel
+writing ``x + residual`` to memory first.
 """
 
 from __future__ import annotations
@@ -11,27 +12,30 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import FLOAT_DTYPES, check_tensor, compute_dtype, into, output
+from kernels._common import FLOAT_DTYPES, check_tensor, compute_dtype, into, output, row_block, rows_per_program
 from kernels.dispatch import backend_for
 
 MAX_ROW = 65536
 
 
 @triton.jit
-def _layer_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, N, eps, HAS_RESIDUAL: tl.constexpr,
-                       BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _layer_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, M, N, eps, HAS_RESIDUAL: tl.constexpr,
+                       ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    ok = cols < N
-    x = tl.load(x_ptr + row * N + cols, mask=ok, other=0.0).to(tl.float32)
+    col_ok = cols < N
+    ok = (rows < M)[:, None] & col_ok[None, :]
+    offs = rows[:, None] * N + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        x += tl.load(r_ptr + row * N + cols, mask=ok, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / N
-    centered = tl.where(ok, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * N + cols, (centered * rstd * w + b).to(y_ptr.dtype.element_ty), mask=ok)
+        x += tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / N
+    centered = tl.where(ok, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / N + eps)
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = centered * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 def _validate(x, weight, bias, residual) -> None:
@@ -47,13 +51,14 @@ def _validate(x, weight, bias, residual) -> None:
 def _launch(x, weight, bias, eps, residual, out) -> torch.Tensor:
     y = output(out, x.shape, x)
     n = x.shape[-1]
-    rows = x.numel() // n
-    if rows == 0:
+    m = x.numel() // n
+    if m == 0:
         return y
-    block = triton.next_power_of_2(n)
-    num_warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
-    _layer_norm_kernel[(rows,)](x, residual, weight, bias, y, n, eps, HAS_RESIDUAL=residual is not None,
-                                BLOCK=block, num_warps=num_warps)
+    block, num_warps = row_block(n)
+    rows = rows_per_program(block)
+    _layer_norm_kernel[(triton.cdiv(m, rows),)](x, residual, weight, bias, y, m, n, eps,
+                                                HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK=block,
+                                                num_warps=num_warps)
     return y
 
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import FLOAT_DTYPES, cast, check_tensor, compute_dtype, into, output
+from kernels._common import FLOAT_DTYPES, cast, check_tensor, compute_dtype, into, output, row_block
 from kernels.dispatch import backend_for
 
 MAX_ROW = 65536
@@ -53,8 +53,7 @@ def _launch(x: torch.Tensor, mask: torch.Tensor | None, log: bool, out: torch.Te
     rows = x.numel() // n if n else 0
     if rows == 0:
         return y
-    block = triton.next_power_of_2(n)
-    num_warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    block, num_warps = row_block(n)
     _softmax_kernel[(rows,)](x, mask, y, n, HAS_MASK=mask is not None, LOG=log, BLOCK=block,
                              num_warps=num_warps)
     return y

@@ -8,7 +8,7 @@ from kernels.layer_norm import layer_norm_reference, layer_norm_triton
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1), (5, 17), (2, 3, 129)])
+@pytest.mark.parametrize("shape", [(1, 1), (5, 17), (2, 3, 129), (9, 600), (3, 2100)])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_layer_norm_matches_reference(gen, device, dtype, shape, with_residual):
     x = randn(gen, *shape, dtype=dtype, scale=2.0)
@@ -46,7 +46,7 @@ def test_layer_norm_triton_rejects_bad_arguments(kwargs, name):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1), (6, 17), (2, 3, 384)])
+@pytest.mark.parametrize("shape", [(1, 1), (6, 17), (2, 3, 384), (9, 600), (3, 2100)])
 def test_l2_normalize_matches_reference(gen, device, dtype, shape):
     x = randn(gen, *shape, dtype=dtype)
     out = poisoned(*shape, dtype=dtype, device=device)
