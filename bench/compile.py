@@ -29,7 +29,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # real compiles (the kernels below are
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from kernels._autotune import COMPILE_THREADS_ENV, PrecompilingAutotuner  # noqa: E402
+from kernels._autotune import COMPILE_THREADS_ENV, PrecompilingAutotuner, usable_cpus  # noqa: E402
 from kernels.attention import GPU_CONFIGS as ATTENTION_CONFIGS  # noqa: E402
 from kernels.attention import _attention_kernel  # noqa: E402
 from kernels.attention import _prune_configs as prune_attention  # noqa: E402
@@ -86,11 +86,11 @@ def compile_all(threads: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}))
+    parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, usable_cpus()}))
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     configs = sum(len(r[1]) for r in rounds())
-    print(f"{configs} configs in {len(GEMMS) + 1} tuning rounds, sm_90, on {os.cpu_count()} CPUs "
+    print(f"{configs} configs in {len(GEMMS) + 1} tuning rounds, sm_90, on {usable_cpus()} CPUs "
           f"({platform.processor() or platform.machine()}), triton {triton.__version__}")
     results = []
     with compile_for(90):
@@ -103,7 +103,7 @@ def main() -> None:
         ratio = f"{medians[1] / seconds:.2f}" if 1 in medians else "-"
         print(f"{threads:>8} {seconds:>9.2f} {ratio:>13}")
     if args.output:
-        Path(args.output).write_text(json.dumps({"cpus": os.cpu_count(), "triton": triton.__version__,
+        Path(args.output).write_text(json.dumps({"cpus": usable_cpus(), "triton": triton.__version__,
                                                  "configs": configs, "results": results}, indent=2))
 
 

@@ -50,12 +50,17 @@ def within_bucket(configs: list[triton.Config], block: str, bucket: int) -> list
     return [c for c in configs if c.kwargs[block] <= max(bucket, floor)]
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (a container's cpuset, not the whole host)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def compile_threads(configs: int) -> int:
-    """Threads compiling one tuning round's configs: ``MAAS_COMPILE_THREADS`` (``auto``: one per CPU; ``1``:
-    none, each config compiles when first timed), never more than there are configs."""
+    """Threads compiling one tuning round's configs: ``MAAS_COMPILE_THREADS`` (``auto``: one per usable CPU;
+    ``1``: none, each config compiles when first timed), never more than there are configs."""
     choice = os.environ.get(COMPILE_THREADS_ENV, "auto").strip().lower() or "auto"
     if choice == "auto":
-        threads = os.cpu_count() or 1
+        threads = usable_cpus()
     elif choice.isdigit() and int(choice) >= 1:
         threads = int(choice)
     else:

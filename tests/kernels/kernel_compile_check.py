@@ -25,6 +25,7 @@ from triton.runtime._async_compile import AsyncCompileMode
 from triton.runtime.jit import JITFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from kernels._autotune import usable_cpus
 from kernels.linear import SHARED_MEMORY
 from kernels.offline import compile_for
 
@@ -147,7 +148,7 @@ def main() -> int:
         return 2
     JITFunction.run = compile_only(JITFunction.run)
     failed = 0
-    with compile_for(90), ThreadPoolExecutor(os.cpu_count()) as pool, AsyncCompileMode(pool, ignore_errors=True):
+    with compile_for(90), ThreadPoolExecutor(usable_cpus()) as pool, AsyncCompileMode(pool, ignore_errors=True):
         for dt in [torch.bfloat16] if opts.quick else [torch.bfloat16, torch.float16, torch.float32]:
             for name, thunk in launches(dt) + gemm_configs(dt, opts.quick) + tma_configs(dt, opts.quick) + \
                     attention_configs(dt, opts.quick):
