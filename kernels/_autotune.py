@@ -56,11 +56,12 @@ def usable_cpus() -> int:
 
 
 def compile_threads(configs: int) -> int:
-    """Threads compiling one tuning round's configs: ``MAAS_COMPILE_THREADS`` (``auto``: one per usable CPU;
-    ``1``: none, each config compiles when first timed), never more than there are configs."""
+    """Threads compiling one tuning round's configs: ``MAAS_COMPILE_THREADS`` (``auto``: all usable CPUs but
+    one, left to the event loop, which may be serving other models meanwhile; ``1``: none, each config compiles
+    when first timed), never more than there are configs."""
     choice = os.environ.get(COMPILE_THREADS_ENV, "auto").strip().lower() or "auto"
     if choice == "auto":
-        threads = usable_cpus()
+        threads = max(1, usable_cpus() - 1)
     elif choice.isdigit() and int(choice) >= 1:
         threads = int(choice)
     else:
