@@ -70,7 +70,7 @@ def into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# Elements a program of a row-wise kernel (softmax, norms) handles at least: rows shorter than this share one.
+# Elements a program of the norms (layer_norm, l2_normalize) handles at least: shorter rows share a program.
 ROW_TILE = 2048
 
 
