@@ -6,7 +6,8 @@
 # checks: bench/gpu_kernels_check.py in parallel groups, then bench/gpu_models_check.py (the kernels against
 #         float64 references; every architecture launched kernel by kernel and served from CUDA graphs);
 # tokens: bench/models.py --tokens (MiniLM on token ids: kernels, CUDA graphs, eager, torch.compile);
-# kernels: bench/kernels.py --no-compile (every op against torch eager);
+# kernels: bench/kernels.py $KERNELS_FLAGS (default --no-compile: every op against torch eager; "--quick" adds
+#         the torch.compile column on fewer sizes);
 # zoo:    bench/models.py --no-compile (every architecture: kernels, served, eager twin; ZOO_FLAGS adds flags,
 #         e.g. "--largest --no-cold-start" for the largest batches alone);
 # cold:   bench/models.py --gpu-cold-start (MiniLM served from a new process: empty Triton cache with configs
@@ -23,6 +24,7 @@ shift
 parts=${*:-checks tokens kernels zoo cold compile}
 py=${PY:-python3}
 ZOO_FLAGS=${ZOO_FLAGS:-}
+KERNELS_FLAGS=${KERNELS_FLAGS:---no-compile}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 log="$out/session.log"
@@ -60,7 +62,8 @@ for part in $parts; do
     tokens)
       timeout "$limit" $py bench/models.py --tokens --output "$out/models_tokens.json" 2>&1 | tee -a "$log" ;;
     kernels)
-      timeout "$limit" $py bench/kernels.py --no-compile 2>&1 | tee -a "$log"
+      # shellcheck disable=SC2086  # KERNELS_FLAGS: several words on purpose
+      timeout "$limit" $py bench/kernels.py $KERNELS_FLAGS 2>&1 | tee -a "$log"
       cp bench/results/kernels.json bench/results/kernels.png "$out/" 2>/dev/null ;;
     zoo)
       # shellcheck disable=SC2086  # ZOO_FLAGS: several words on purpose
