@@ -103,11 +103,17 @@ class LoadedModel:
         return self.architecture.example_inputs(self.config.inputs, batch, seed)
 
     def warmup(self) -> None:
-        """Run the batches the model will see before it takes traffic (see :func:`warmup_batch_sizes`)."""
+        """Run the batches the model will see before it takes traffic (see :func:`warmup_batch_sizes`): at each
+        size, inputs the architecture makes up and, when the config has them, its own ``warmup_inputs`` rows
+        repeated to that size. Those are how a config warms shapes the made-up inputs miss: a transformer's
+        made-up texts are short, and long ones need GEMM and attention shapes (tuned, compiled, captured) of
+        their own, which the first long request would otherwise wait for."""
         start = time.perf_counter()
-        self.infer(self.example_inputs(1))  # the config's own warm-up inputs when it has them
-        for batch in warmup_batch_sizes(self.config.batching.max_batch_size, self.device)[1:]:
+        own = v2_inputs(self.config.warmup_inputs) if self.config.warmup_inputs else None
+        for batch in warmup_batch_sizes(self.config.batching.max_batch_size, self.device):
             self.infer(self.architecture.example_inputs(self.config.inputs, batch, seed=batch))
+            if own is not None:
+                self.infer(repeat_rows(own, batch))
         self.warmup_seconds = time.perf_counter() - start
 
 
@@ -119,6 +125,11 @@ def warmup_batch_sizes(max_batch_size: int, device: Any) -> list[int]:
         return [1]
     sizes = [1 << i for i in range(max(max_batch_size, 1).bit_length())]
     return sizes if sizes[-1] == max_batch_size else [*sizes, max_batch_size]
+
+
+def repeat_rows(arrays: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """``arrays`` with ``batch`` rows: their rows taken in turn, as many times as it takes (or the first ones)."""
+    return {name: np.take(a, np.arange(batch) % len(a), axis=0) if len(a) else a for name, a in arrays.items()}
 
 
 def v2_inputs(tensors: tuple[dict, ...] | list[dict]) -> dict[str, np.ndarray]:

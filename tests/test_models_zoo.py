@@ -32,7 +32,7 @@ from models.examples import (
     train_regressor,
     train_sentiment,
 )
-from models.loaded import LoadedModel
+from models.loaded import LoadedModel, repeat_rows
 from models.publish import publish_model, read_checkpoint, read_source
 from models.repository import ModelNotFoundError, ModelRepository, RepositoryError, open_repository
 from models.s3_repository import S3ModelRepository, parse_s3_uri
@@ -386,10 +386,24 @@ def test_warmup_uses_the_configs_warmup_inputs(repository):
     model = repository.load(MNIST_MLP, 1)
     loaded = LoadedModel("m", 1, raw, model.architecture, model.device)
     assert loaded.example_inputs()["input"].shape == (2, 784)
+    batches = []
+    infer = loaded.infer
+    loaded.infer = lambda inputs: batches.append(inputs["input"].copy()) or infer(inputs)
     loaded.warmup()
     assert loaded.warmup_seconds > 0
+    # One batch on a CPU: made-up inputs, then the config's own rows cut (or repeated) to that size.
+    assert [b.shape for b in batches] == [(1, 784), (1, 784)]
+    assert (batches[1] == 0.5).all() and not (batches[0] == 0.5).all()
     with pytest.raises(ArtifactError, match="warmup_inputs"):
         ModelConfig.parse({**config.to_json(), "warmup_inputs": [{"name": "input"}]})
+
+
+def test_warmup_rows_repeat_to_each_batch_size():
+    text = np.array([b"short", b"a much longer text"], dtype=object)
+    rows = repeat_rows({"text": text, "x": np.arange(6).reshape(2, 3)}, 5)
+    assert rows["text"].tolist() == [b"short", b"a much longer text"] * 2 + [b"short"]
+    assert rows["x"][:, 0].tolist() == [0, 3, 0, 3, 0]
+    assert repeat_rows({"x": np.zeros((0, 3))}, 4)["x"].shape == (0, 3)
 
 
 def test_bilstm_example_config_has_the_keras_sizes():
