@@ -8,8 +8,8 @@ dominate a cold start. Three things here shorten that:
 - :class:`PrecompilingAutotuner` compiles a tuning round's remaining configs on a thread pool before timing
   them (``MAAS_COMPILE_THREADS``): Triton's compiler spends most of its time outside the GIL (MLIR passes,
   ``ptxas`` in a subprocess), so the compiles overlap;
-- timings are kept on disk beside the compiled kernels (``TRITON_CACHE_DIR``, Triton >= 3.4), so a restarted
-  worker skips both compiling and timing.
+- timings are kept on disk beside the compiled kernels (``TRITON_CACHE_DIR``, Triton >= 3.4), those of the
+  TMA GEMM's configs included, so a restarted worker skips both compiling and timing.
 """
 
 from __future__ import annotations
@@ -92,6 +92,23 @@ class PrecompilingAutotuner(Autotuner):
             self.precompile(configs, args, meta)
         return super()._bench(*args, config=config, **meta)
 
+    def check_disk_cache(self, tuning_key, configs: list[triton.Config], bench_fn) -> bool:
+        """Triton's timings on disk, also for configs with a ``pre_hook`` (the TMA GEMM's), which Triton does
+        not store as it cannot serialize the hook: it is handed copies without their hooks, and the config it
+        picks gets its hook back."""
+        hooked = {_without_hook(c): c for c in configs if c.pre_hook}
+        if not hooked:
+            return super().check_disk_cache(tuning_key, configs, bench_fn)
+
+        def bench_then_unhook():
+            bench_fn()
+            self.configs_timings = {_without_hook(c): t for c, t in self.configs_timings.items()}
+
+        found = super().check_disk_cache(tuning_key, [_without_hook(c) for c in configs], bench_then_unhook)
+        if tuning_key in self.cache:
+            self.cache[tuning_key] = hooked.get(self.cache[tuning_key], self.cache[tuning_key])
+        return found
+
     def precompile(self, configs: list[triton.Config], args: tuple, meta: dict) -> None:
         """Compile ``configs`` for the launch ``(args, meta)`` in parallel; returns when all are done."""
         threads = compile_threads(len(configs))
@@ -110,6 +127,10 @@ class PrecompilingAutotuner(Autotuner):
         except Exception as exc:  # an optimisation only: timing compiles whatever is missing
             log.warning("precompiling %s's configs failed (%s: %s); they compile one by one",
                         self.base_fn.__name__, type(exc).__name__, exc)
+
+
+def _without_hook(config: triton.Config) -> triton.Config:
+    return triton.Config(**{**config.__dict__, "pre_hook": None})
 
 
 def _quick_timing(kernel_call, quantiles):

@@ -4,9 +4,9 @@ Kernels compile for sm_90 through :func:`kernels.offline.compile_for`; timing is
 1 ms: nothing can run here), and the launch that follows tuning raises ``NoDevice``. What is checked is what
 the precompile must guarantee on a GPU: a new key compiles all its configs before timing, under the same
 cache keys the timing launches look up (TMA tile shapes included), a config that cannot compile does not
-stop the others, timings found on disk compile nothing ahead, and ``MAAS_COMPILE_THREADS=1`` turns it off.
-Must run *without* ``TRITON_INTERPRET``. Usage: ``python tests/kernels/autotune_check.py``; exits 1 on any
-failure.
+stop the others, timings found on disk (the TMA configs' too) compile nothing ahead, and
+``MAAS_COMPILE_THREADS=1`` turns it off. Must run *without* ``TRITON_INTERPRET``. Usage:
+``python tests/kernels/autotune_check.py``; exits 1 on any failure.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from kernels.linear import (
     _linear_tma_kernel,
     _prune_configs,
     _prune_tma_configs,
+    _set_tile_shapes,
 )
 from kernels.offline import NoDevice, compile_for
 
@@ -118,6 +119,14 @@ def main() -> int:
             _linear_tma_kernel.warmup(*tma_args, grid=None, **tma_kwargs, **config.all_kwargs())
         results.append(check("TMA tile shapes match the timing launches", compiled(_linear_tma_kernel) == before,
                              f"{before} kernels before warming each config, {compiled(_linear_tma_kernel)} after"))
+
+        # A restarted worker again: the TMA configs' timings were stored too, their hook goes back on the pick.
+        _linear_tma_kernel.device_caches.clear()
+        t = tuner(_linear_tma_kernel, pair, _prune_tma_configs)
+        tune_and_launch(t, tma_args, **tma_kwargs)
+        results.append(check("TMA timings on disk: nothing precompiled, the pick keeps its hook",
+                             compiled(_linear_tma_kernel) == 1 and t.best_config.pre_hook is _set_tile_shapes,
+                             f"{compiled(_linear_tma_kernel)} kernel compiled, pre_hook {t.best_config.pre_hook}"))
 
         # A failure outside the compiles (here: arguments the JIT cannot bind) is logged, never raised.
         warnings: list[str] = []
