@@ -135,8 +135,9 @@ def _without_hook(config: triton.Config) -> triton.Config:
 
 def _quick_timing(kernel_call, quantiles):
     """Triton's eager timing (L2 flushed before each launch) on a fifth of its budget: 5 ms of warm-up and 20 ms
-    of launches a config instead of 25 and 100. torch.compile's autotuner also stops at tens of milliseconds;
-    a warm-up tunes hundreds of (config, bucket) pairs."""
+    of launches a config instead of 25 and 100. torch.compile's own benchmarker stops at 25 ms a config
+    (``max_benchmark_duration`` in ``torch._inductor.runtime.benchmarking``); a warm-up tunes hundreds of
+    (config, bucket) pairs."""
     from triton.testing import do_bench
 
     return do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
