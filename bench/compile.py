@@ -49,9 +49,9 @@ def rounds() -> list[tuple]:
     for n, k, activation, residual in GEMMS:
         x, w, b, y = (torch.empty(ROWS, k, dtype=BF16), torch.empty(n, k, dtype=BF16), torch.empty(n, dtype=BF16),
                       torch.empty(ROWS, n, dtype=BF16))
-        args = (x, w, None, b, y if residual else None, y, ROWS, n, k, ROWS)
-        kwargs = {"HAS_SCALE": False, "HAS_BIAS": True, "HAS_RESIDUAL": residual, "ACTIVATION": activation,
-                  "UPCAST": False}
+        args = (x, w, None, None, b, y if residual else None, y, ROWS, n, k, ROWS)
+        kwargs = {"HAS_SCALE": False, "HAS_X_SCALE": False, "HAS_BIAS": True, "HAS_RESIDUAL": residual,
+                  "ACTIVATION": activation, "UPCAST": False}
         named = dict(zip(_linear_kernel.arg_names, args, strict=False))
         out.append((_linear_kernel, _prune_configs(_GPU_CONFIGS, named), args, kwargs))
     batch = ROWS // SEQ

@@ -36,6 +36,7 @@ def _cases() -> list[Case]:
     from kernels.l2_normalize import l2_normalize_reference
     from kernels.layer_norm import layer_norm_reference
     from kernels.linear import launch_linear, linear_reference
+    from kernels.linear_fp8 import linear_fp8_reference
     from kernels.linear_int8 import linear_int8_reference
     from kernels.lstm import lstm_reference
     from kernels.max_pool2d import max_pool2d_reference
@@ -64,6 +65,16 @@ def _cases() -> list[Case]:
             return (lambda out: kernels.linear_int8(x, q, s, out=out),
                     lambda: linear_int8_reference(d(x), q, d(s)), (m, n), k, True)
         return f"linear_int8 {m}x{n}x{k}", DTYPES, build
+
+    def fp8_case(m, n, k, activation, residual):
+        def build(dt, gen):  # the reference quantizes x per row as the kernel does, then runs in float64
+            x, b = rnd(gen, m, k, dtype=dt), rnd(gen, n, dtype=dt)
+            q, s = kernels.quantize_fp8(rnd(gen, n, k, dtype=torch.float32, scale=k**-0.5))
+            r = rnd(gen, m, n, dtype=dt) if residual else None
+            return (lambda out: kernels.linear_fp8(x, q, s, b, activation, r, out=out),
+                    lambda: linear_fp8_reference(d(x), q, d(s), d(b), activation, d(r)), (m, n), k, True)
+        # fp8 inputs come from bf16/fp16 activations: fp32 ones would keep none of their precision
+        return f"linear_fp8 M{m} N{n} K{k} {activation}{' +res' if residual else ''}", DTYPES[:2], build
 
     def softmax_case(rows, n, log):
         def build(dt, gen):
@@ -157,6 +168,8 @@ def _cases() -> list[Case]:
         linear_case(512, 1000, 4096, "tanh", False),
         int8_case(1, 14336, 4096),
         int8_case(16, 4096, 14336),
+        fp8_case(4096, 4096, 4096, "gelu", True),
+        fp8_case(77, 1000, 384, "relu", False),  # partial tiles; a thin-M tile config
         softmax_case(4096, 4096, False),
         softmax_case(1000, 30522, True),
         layer_norm_case(16384, 768),

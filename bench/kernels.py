@@ -10,7 +10,9 @@ launch, and the tiles the GEMM autotuner picked. Results go to
 Baselines are the natural torch code in the same dtype: ``F.linear`` + activation (cuBLAS), ``softmax``,
 ``F.layer_norm``, ``F.normalize``, ``F.scaled_dot_product_attention`` (FlashAttention), gather + masked
 mean, ``F.conv2d``, ``F.max_pool2d``, ``torch.nn.LSTM`` (cuDNN). For ``linear_int8`` the eager baseline is
-the dense bf16 ``F.linear`` it replaces, the compiled one ``torch.compile`` of dequantize + matmul.
+the dense bf16 ``F.linear`` it replaces, the compiled one ``torch.compile`` of dequantize + matmul; for
+``linear_fp8`` (activations quantized per row on the way in, inside the timed call) both are the bf16
+``F.linear`` + bias + ReLU it would replace.
 
 Usage: ``python bench/kernels.py [--quick] [--no-compile] [--only OP]``. Without a CUDA GPU it says so and
 exits 0.
@@ -86,6 +88,12 @@ def cases(quick: bool) -> list[Case]:
                           lambda x, w, q, s: F.linear(x, w),
                           bytes=_nbytes(x, q, s) + m * n * 2,
                           compiled_fn=lambda x, w, q, s: F.linear(x, q.to(x.dtype) * s[:, None].to(x.dtype))))
+    for m, n, k in gemms[:1] if quick else [gemms[0], (512, 4096, 4096), *minilm]:
+        x, w, b = rnd(m, k), rnd(n, k) * k**-0.5, rnd(n)
+        q, s = kernels.quantize_fp8(w)
+        found.append(Case("linear_fp8", f"M{m} N{n} K{k} +bias relu", (x, w, b, q, s),
+                          lambda x, w, b, q, s: kernels.linear_fp8(x, q, s, b, "relu"),
+                          lambda x, w, b, q, s: torch.relu(F.linear(x, w, b)), flops=2.0 * m * n * k))
     for rows, n in ((4096, 4096), (16384, 1024), (1024, 32768)):
         x = rnd(rows, n)
         found.append(Case("softmax", f"{rows}x{n}", (x,), kernels.softmax, lambda x: torch.softmax(x, dim=-1),
@@ -152,9 +160,9 @@ def _time_graph(fn: Callable, args: tuple) -> float | None:
 
 
 def _tile_config(case: Case) -> str | None:
-    """The tiles the GEMM autotuner picked for the case just timed (linear tiled and linear_int8 run the
-    tiled kernel, linear the persistent TMA one where it timed faster)."""
-    if case.op not in ("linear", "linear tiled", "linear_int8"):
+    """The tiles the GEMM autotuner picked for the case just timed (linear tiled, linear_int8 and linear_fp8
+    run the tiled kernel, linear the persistent TMA one where it timed faster)."""
+    if case.op not in ("linear", "linear tiled", "linear_int8", "linear_fp8"):
         return None
     from kernels.linear import TMA_FASTER, _linear_kernel, _linear_tma_kernel, tma_key
 

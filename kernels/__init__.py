@@ -25,6 +25,7 @@ from kernels.embedding_pool import embedding_pool
 from kernels.l2_normalize import l2_normalize
 from kernels.layer_norm import layer_norm
 from kernels.linear import linear
+from kernels.linear_fp8 import linear_fp8, quantize_fp8
 from kernels.linear_int8 import linear_int8, quantize_int8
 from kernels.lstm import lstm
 from kernels.max_pool2d import max_pool2d
@@ -38,10 +39,12 @@ __all__ = [
     "l2_normalize",
     "layer_norm",
     "linear",
+    "linear_fp8",
     "linear_int8",
     "log_softmax",
     "lstm",
     "max_pool2d",
+    "quantize_fp8",
     "quantize_int8",
     "softmax",
 ]

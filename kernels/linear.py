@@ -3,7 +3,9 @@
 Bias, activation and residual are applied to the fp32 accumulator tile before the single store, so a
 ``Linear -> GELU`` or ``Linear -> +skip`` pair costs one pass over memory instead of three. The same kernel
 serves :mod:`kernels.linear_int8`: with ``HAS_SCALE`` the weight tile is int8, converted on load and the
-per-output-channel scale is applied in the epilogue (it factors out of the sum over K).
+per-output-channel scale is applied in the epilogue (it factors out of the sum over K). And
+:mod:`kernels.linear_fp8`: X and W tiles both fp8, multiplied as they are, with a per-row scale of X
+(``HAS_X_SCALE``) applied in the epilogue beside W's.
 
 Large float problems on Hopper (and later) GPUs run a second kernel with the same epilogue: persistent (one
 program per multiprocessor walks the output tiles) and fed by the tensor memory accelerator (TMA), which
@@ -90,9 +92,9 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **_) -> list[
 @autotune(_GPU_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _linear_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, y_ptr,
+    x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, r_ptr, y_ptr,
     M, N, K, M_BUCKET,
-    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -122,13 +124,15 @@ def _linear_kernel(
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         elif HAS_SCALE:
-            w = w.to(a.dtype)  # int8 -> fp16/bf16 is exact for |q| <= 127
+            w = w.to(a.dtype)  # int8 -> fp16/bf16 is exact for |q| <= 127 (fp8 with fp8: nothing to do)
         acc = tl.dot(a, w, acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
     if HAS_SCALE:
         acc = acc * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    if HAS_X_SCALE:
+        acc = acc * tl.load(xs_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
     _store_tile(acc, offs_m, offs_n, M, N, b_ptr, r_ptr, y_ptr, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
 
 
@@ -255,7 +259,7 @@ def tma_key(x: torch.Tensor, weight: torch.Tensor, bias, activation: str, residu
             residual is not None)
 
 
-def _tma_pays(x, weight, scales, bias, activation, residual, y, m, n, k, meta) -> bool:
+def _tma_pays(x, weight, scales, x_scales, bias, activation, residual, y, m, n, k, meta) -> bool:
     """Take the TMA kernel (the launchers' arguments)? Not for int8 weights; forced, yes; in ``auto`` each
     kernel (with its own autotuned tiles) is timed once per shape key and the faster one kept: neither wins
     everywhere. Undecided inside a CUDA-graph capture (no timing allowed there; warm-up runs decide first),
@@ -269,7 +273,7 @@ def _tma_pays(x, weight, scales, bias, activation, residual, y, m, n, k, meta) -
         if torch.cuda.is_current_stream_capturing():
             return False
         scratch = torch.empty_like(y)  # y may be the residual (in place): timing must not touch it
-        timed = (x, weight, scales, bias, activation, residual, scratch, m, n, k, meta)
+        timed = (x, weight, scales, x_scales, bias, activation, residual, scratch, m, n, k, meta)
         ms = {launch: _gpu_ms(lambda launch=launch: launch(*timed)) for launch in (_launch_tma, _launch_tiled)}
         TMA_FASTER[key] = ms[_launch_tma] < ms[_launch_tiled]
     return TMA_FASTER[key]
@@ -289,7 +293,7 @@ def _gpu_ms(launch) -> float:
         return do_bench(launch, warmup=5, rep=20)
 
 
-def _launch_tma(x, weight, scales, bias, activation, residual, y, m, n, k, meta) -> None:
+def _launch_tma(x, weight, scales, x_scales, bias, activation, residual, y, m, n, k, meta) -> None:
     """The persistent kernel: as many programs as multiprocessors (or tiles, when fewer). No int8 scales."""
     num_programs = _multiprocessors(x.device) if x.is_cuda else 4
     x_desc = TensorDescriptor.from_tensor(x.view(m, k), [1, 1])  # tile shapes: set per config (pre_hook)
@@ -309,14 +313,15 @@ def _launch_tma(x, weight, scales, bias, activation, residual, y, m, n, k, meta)
     )
 
 
-def _launch_tiled(x, weight, scales, bias, activation, residual, y, m, n, k, meta) -> None:
+def _launch_tiled(x, weight, scales, x_scales, bias, activation, residual, y, m, n, k, meta) -> None:
     def grid(config: dict) -> tuple[int]:  # called with the autotuner's chosen config
         return (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
 
     _linear_kernel[grid](
-        x, weight, scales, bias, residual, y,
+        x, weight, scales, x_scales, bias, residual, y,
         m, n, k, triton.next_power_of_2(m),
-        HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        HAS_SCALE=scales is not None, HAS_X_SCALE=x_scales is not None, HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None,
         ACTIVATION=activation, UPCAST=INTERPRETER,
         **meta,
     )
@@ -332,17 +337,20 @@ def launch_linear(
     out: torch.Tensor | None,
     *,
     tma: bool | None = None,
+    x_scales: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Run a kernel on validated contiguous tensors; ``x`` is ``[..., K]``, the output ``[..., N]``. ``tma``
-    forces the kernel (True: persistent TMA, for aligned float weights; False: the tiled one); None lets
-    ``MAAS_LINEAR_TMA`` and the timings decide."""
+    """Run a kernel on validated contiguous tensors; ``x`` is ``[..., K]``, the output ``[..., N]``, of
+    ``out_dtype`` (default: x's). ``tma`` forces the kernel (True: persistent TMA, for aligned float weights;
+    False: the tiled one); None lets ``MAAS_LINEAR_TMA`` and the timings decide. ``x_scales`` (fp32, one per
+    row of x) go with fp8 x and weights, whose ``scales`` are per output channel."""
     n, k = weight.shape
     m = x.numel() // k
-    y = output(out, (*x.shape[:-1], n), x)
+    y = output(out, (*x.shape[:-1], n), x if out_dtype is None else x.new_empty(0, dtype=out_dtype))
     if m == 0 or n == 0:
         return y
     meta = {} if USE_AUTOTUNE else _interpreter_blocks(m, n, k)
-    args = (x, weight, scales, bias, activation, residual, y, m, n, k, meta)
+    args = (x, weight, scales, x_scales, bias, activation, residual, y, m, n, k, meta)
     takes_tma = _tma_pays(*args) if tma is None else tma and scales is None
     (_launch_tma if takes_tma else _launch_tiled)(*args)
     return y

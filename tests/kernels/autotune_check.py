@@ -54,7 +54,7 @@ def tuner(fn, configs, prune) -> PrecompilingAutotuner:
 def gemm(m: int, n: int = 1152, k: int = 384) -> tuple:
     x, w, b, y = torch.randn(m, k, dtype=BF16), torch.randn(n, k, dtype=BF16), torch.randn(n, dtype=BF16), \
         torch.empty(m, n, dtype=BF16)
-    return x, w, None, b, None, y, m, n, k, max(16, 1 << (m - 1).bit_length())
+    return x, w, None, None, b, None, y, m, n, k, max(16, 1 << (m - 1).bit_length())
 
 
 def tune_and_launch(t: PrecompilingAutotuner, args: tuple, **kwargs) -> None:
@@ -73,7 +73,7 @@ def check(label: str, ok: bool, detail: str) -> bool:
 
 def main() -> int:
     os.environ[COMPILE_THREADS_ENV] = "2"
-    gemm_kwargs = {"HAS_SCALE": False, **EPILOGUE}
+    gemm_kwargs = {"HAS_SCALE": False, "HAS_X_SCALE": False, **EPILOGUE}
     results = []
     with compile_for(90):
         # A new key: the pruned round (BLOCK_M = 16 tiles for 16 rows, plus one broken config) compiles
@@ -105,7 +105,7 @@ def main() -> int:
         os.environ[COMPILE_THREADS_ENV] = "2"
 
         # TMA configs carry their tile shapes in the descriptors (pre_hook): each compiles with its own.
-        x, w, _, b, _, y, m, n, k, bucket = gemm(128, 384, 384)
+        x, w, _, _, b, _, y, m, n, k, bucket = gemm(128, 384, 384)
         x_desc, w_desc = TensorDescriptor.from_tensor(x, [1, 1]), TensorDescriptor.from_tensor(w, [1, 1])
         tma_args = (x_desc, w_desc, b, None, y, m, n, k, bucket)
         tma_kwargs = {**EPILOGUE, "NUM_PROGRAMS": 132}

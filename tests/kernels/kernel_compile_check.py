@@ -54,6 +54,7 @@ def launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     from kernels.l2_normalize import l2_normalize_triton
     from kernels.layer_norm import layer_norm_triton
     from kernels.linear import launch_linear, linear_triton
+    from kernels.linear_fp8 import linear_fp8_triton, quantize_fp8
     from kernels.linear_int8 import linear_int8_triton, quantize_int8
     from kernels.lstm import lstm_triton
     from kernels.max_pool2d import max_pool2d_triton
@@ -68,6 +69,7 @@ def launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
         ("linear", lambda: linear_triton(x, w, b, "gelu", z(8, 32))),
         ("linear, persistent TMA", lambda: launch_linear(x, w, None, b, "gelu", z(8, 32), None, tma=True)),
         ("linear_int8", lambda: linear_int8_triton(x, *quantize_int8(w), b, "relu")),
+        ("linear_fp8", lambda: linear_fp8_triton(x, *quantize_fp8(w), b, "gelu", z(8, 32))),
         ("softmax", lambda: softmax_triton(x, x > 0, log=True)),
         ("softmax, vocabulary-long rows", lambda: softmax_triton(z(2, 30522))),
         ("layer_norm, d=4096", lambda: layer_norm_triton(z(2, 4096), z(4096), z(4096))),
@@ -88,17 +90,24 @@ def launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
 
 
 def gemm_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], object]]]:
-    """Every autotune config of the GEMM that its pruning keeps (``launches`` used the fixed tiles)."""
+    """Every autotune config of the GEMM that its pruning keeps (``launches`` used the fixed tiles); for bf16
+    also with fp8 X and W tiles and both scales (``linear_fp8``)."""
     from kernels.linear import _GPU_CONFIGS, _linear_kernel, fits_shared_memory
+    from kernels.linear_fp8 import FP8
 
     x = torch.zeros(8, 64, dtype=dt)
-    args = (x, x, None, x[0], None, x, 8, 64, 64, 8)
+    variants = {"linear": ((x, x, None, None, x[0], None, x, 8, 64, 64, 8), False)}
+    if dt == torch.bfloat16:
+        q, s = torch.zeros(8, 64, dtype=FP8), torch.ones(8)
+        variants["linear fp8"] = ((q, q, s, s, x[0], x, x, 8, 64, 64, 8), True)
     found = []
-    for config in _GPU_CONFIGS[: 3 if quick else None]:
-        if fits_shared_memory(config, dt.itemsize):
-            kwargs = dict(HAS_SCALE=False, HAS_BIAS=True, HAS_RESIDUAL=False, ACTIVATION="relu", UPCAST=False,
-                          **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-            found.append((f"linear {config}", lambda k=kwargs: _linear_kernel.warmup(*args, grid=None, **k)))
+    for label, (args, fp8) in variants.items():
+        for config in _GPU_CONFIGS[: 3 if quick else None]:
+            if fits_shared_memory(config, args[0].element_size()):
+                kwargs = dict(HAS_SCALE=fp8, HAS_X_SCALE=fp8, HAS_BIAS=True, HAS_RESIDUAL=fp8, ACTIVATION="relu",
+                              UPCAST=False, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+                found.append((f"{label} {config}",
+                              lambda a=args, k=kwargs: _linear_kernel.warmup(*a, grid=None, **k)))
     return found
 
 
