@@ -120,11 +120,15 @@ class LoadedModel:
 def warmup_batch_sizes(max_batch_size: int, device: Any) -> list[int]:
     """One batch on a CPU, where nothing compiles. On a GPU every power-of-two batch up to the batching
     limit: each is a bucket of its own (tile configs autotuned per power of two of rows, a CUDA graph per
-    bucket), and the first request of an untuned bucket would otherwise wait seconds for it."""
+    bucket), and the first request of an untuned bucket would otherwise wait seconds for it.
+
+    Largest first: the largest bucket's tuning rounds hold every tile config a smaller one may use, so they
+    all compile at once, in parallel (``kernels._autotune``), and smaller buckets find them compiled; and the
+    graphs, which share one memory pool, are captured largest first, so the smaller ones reuse its blocks."""
     if device_type(device) == "cpu":
         return [1]
     sizes = [1 << i for i in range(max(max_batch_size, 1).bit_length())]
-    return sizes if sizes[-1] == max_batch_size else [*sizes, max_batch_size]
+    return (sizes if sizes[-1] == max_batch_size else [*sizes, max_batch_size])[::-1]
 
 
 def repeat_rows(arrays: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:

@@ -184,7 +184,7 @@ def test_moving_a_model_drops_its_graphs():
 
 
 @pytest.mark.parametrize(("max_batch", "device", "expected"),
-                         [(64, "cpu", [1]), (64, "cuda", [1, 2, 4, 8, 16, 32, 64]),
-                          (100, "cuda", [1, 2, 4, 8, 16, 32, 64, 100]), (1, "cuda", [1])])
-def test_warm_up_covers_every_batch_bucket_on_a_gpu(max_batch, device, expected):
+                         [(64, "cpu", [1]), (64, "cuda", [64, 32, 16, 8, 4, 2, 1]),
+                          (100, "cuda", [100, 64, 32, 16, 8, 4, 2, 1]), (1, "cuda", [1])])
+def test_warm_up_covers_every_batch_bucket_on_a_gpu_largest_first(max_batch, device, expected):
     assert warmup_batch_sizes(max_batch, torch.device(device)) == expected
