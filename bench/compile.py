@@ -5,7 +5,10 @@ each config when it first times it; ``kernels._autotune.PrecompilingAutotuner`` 
 ``MAAS_COMPILE_THREADS`` threads first. This script compiles MiniLM's tuning rounds at a large bucket (the
 four GEMM epilogues at 8,192 rows, and attention at sequence 128, head dim 32, bf16) both ways, each time with
 an empty Triton cache, for sm_90 through :func:`kernels.offline.compile_for`: no GPU is needed, and on a GPU
-machine it measures that machine's CPUs, which are what compile.
+machine it measures that machine's CPUs, which are what compile. Then, on the most threads given, the GEMM
+rounds of MiniLM's whole warm-up (batches 1 to 64 of 16-token texts), smallest batch first and largest
+first (``models.loaded.warmup_batch_sizes``): the largest bucket's round holds every config the smaller ones
+keep, so largest first compiles them in one parallel round per GEMM instead of a few at a time.
 
 Usage: ``python bench/compile.py [--threads 1 2 4 ...] [--output FILE.json]`` (default: 1 and every CPU).
 """
@@ -38,22 +41,29 @@ from kernels.offline import compile_for  # noqa: E402
 
 BF16 = torch.bfloat16
 ROWS, HIDDEN, HEADS, SEQ = 8192, 384, 12, 128
+WARMUP_BUCKETS = [16 << i for i in range(7)]  # rows of MiniLM's warm-up GEMMs: batches 1..64 of 16 tokens
 # MiniLM's GEMMs: (N, K, activation, residual) of the attention input and output projections and the MLP.
 GEMMS = [(3 * HIDDEN, HIDDEN, "none", False), (HIDDEN, HIDDEN, "none", True), (4 * HIDDEN, HIDDEN, "gelu", False),
          (HIDDEN, 4 * HIDDEN, "none", True)]
 
 
-def rounds() -> list[tuple]:
-    """(kernel, configs, positional args, keyword args) of each tuning round, configs pruned as the tuner does."""
+def gemm_rounds(rows: int) -> list[tuple]:
+    """(kernel, configs, positional args, keyword args) of the GEMM tuning rounds at ``rows`` rows, configs
+    pruned as the tuner prunes them."""
     out = []
     for n, k, activation, residual in GEMMS:
-        x, w, b, y = (torch.empty(ROWS, k, dtype=BF16), torch.empty(n, k, dtype=BF16), torch.empty(n, dtype=BF16),
-                      torch.empty(ROWS, n, dtype=BF16))
-        args = (x, w, None, None, b, y if residual else None, y, ROWS, n, k, ROWS)
+        x, w, b, y = (torch.empty(rows, k, dtype=BF16), torch.empty(n, k, dtype=BF16), torch.empty(n, dtype=BF16),
+                      torch.empty(rows, n, dtype=BF16))
+        args = (x, w, None, None, b, y if residual else None, y, rows, n, k, triton.next_power_of_2(rows))
         kwargs = {"HAS_SCALE": False, "HAS_X_SCALE": False, "HAS_BIAS": True, "HAS_RESIDUAL": residual,
                   "ACTIVATION": activation, "UPCAST": False}
         named = dict(zip(_linear_kernel.arg_names, args, strict=False))
         out.append((_linear_kernel, _prune_configs(_GPU_CONFIGS, named), args, kwargs))
+    return out
+
+
+def rounds() -> list[tuple]:
+    """The GEMM rounds at ``ROWS`` rows and attention's round at ``SEQ`` tokens."""
     batch = ROWS // SEQ
     q = torch.empty(batch, HEADS, SEQ, HIDDEN // HEADS, dtype=BF16)
     mask = torch.ones(batch, SEQ, dtype=torch.bool)
@@ -62,25 +72,42 @@ def rounds() -> list[tuple]:
     kwargs = {"HAS_MASK": True, "HEAD_DIM": HIDDEN // HEADS, "UPCAST": False}
     named = dict(zip(_attention_kernel.arg_names, args, strict=False))
     configs = prune_attention(ATTENTION_CONFIGS, named, **kwargs)
-    out.append((_attention_kernel, configs, args, kwargs))
-    return out
+    return [*gemm_rounds(ROWS), (_attention_kernel, configs, args, kwargs)]
+
+
+def _fresh_caches(threads: int) -> None:
+    for kernel in (_linear_kernel, _attention_kernel):
+        kernel.device_caches.clear()
+    os.environ[COMPILE_THREADS_ENV] = str(threads)
 
 
 def compile_all(threads: int) -> float:
     """Seconds to compile every round into an empty cache: one by one (1 thread) or precompiled per round."""
-    for kernel in (_linear_kernel, _attention_kernel):
-        kernel.device_caches.clear()
+    _fresh_caches(threads)
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
-        os.environ[COMPILE_THREADS_ENV] = str(threads)
         start = time.perf_counter()
         for kernel, configs, args, kwargs in rounds():
             if threads == 1:  # what timing does: each config compiles on its first launch
                 for config in configs:
                     kernel.warmup(*args, grid=None, **kwargs, **config.all_kwargs())
             else:
-                tuner = PrecompilingAutotuner(kernel, kernel.arg_names, configs, [], None, None)
-                tuner.precompile(configs, args, kwargs)
+                PrecompilingAutotuner(kernel, kernel.arg_names, configs, [], None, None).precompile(configs, args,
+                                                                                                      kwargs)
+        return time.perf_counter() - start
+
+
+def compile_warmup(buckets: list[int], threads: int) -> float:
+    """Seconds to precompile the GEMM rounds of a warm-up visiting ``buckets`` (rows) in that order, into an
+    empty cache: each round compiles the configs its bucket keeps that no earlier round compiled."""
+    _fresh_caches(threads)
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        start = time.perf_counter()
+        for rows in buckets:
+            for kernel, configs, args, kwargs in gemm_rounds(rows):
+                PrecompilingAutotuner(kernel, kernel.arg_names, configs, [], None, None).precompile(configs, args,
+                                                                                                      kwargs)
         return time.perf_counter() - start
 
 
@@ -102,9 +129,20 @@ def main() -> None:
     for threads, seconds in medians.items():
         ratio = f"{medians[1] / seconds:.2f}" if 1 in medians else "-"
         print(f"{threads:>8} {seconds:>9.2f} {ratio:>13}")
+    threads = max(t for t in args.threads)
+    orders = {}
+    if threads > 1:
+        print(f"\nMiniLM's warm-up (16-token texts, batches 1..64: {WARMUP_BUCKETS[0]}..{WARMUP_BUCKETS[-1]} rows), "
+              f"its GEMM rounds precompiled on {threads} threads, by the order of the batches:")
+        with compile_for(90):
+            for name, buckets in (("smallest first", WARMUP_BUCKETS), ("largest first", WARMUP_BUCKETS[::-1])):
+                orders[name] = compile_warmup(buckets, threads)
+                print(f"  {name}: {orders[name]:.2f} s", flush=True)
     if args.output:
         Path(args.output).write_text(json.dumps({"cpus": usable_cpus(), "triton": triton.__version__,
-                                                 "configs": configs, "results": results}, indent=2))
+                                                 "configs": configs, "results": results,
+                                                 "warmup_order_threads": threads, "warmup_order_s": orders},
+                                                indent=2))
 
 
 if __name__ == "__main__":
