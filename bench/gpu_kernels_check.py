@@ -173,6 +173,7 @@ def _cases() -> list[Case]:
         softmax_case(4096, 4096, False),
         softmax_case(1000, 30522, True),
         layer_norm_case(16384, 768),
+        layer_norm_case(4099, 384),  # MiniLM's rows, four to a program, the last program partial
         l2_case(8192, 384),
         attention_case(8, 12, 128, 64),
         attention_case(2, 16, 1031, 128),
