@@ -9,15 +9,19 @@ dominate a cold start. Three things here shorten that:
   them (``MAAS_COMPILE_THREADS``): Triton's compiler spends most of its time outside the GIL (MLIR passes,
   ``ptxas`` in a subprocess), so the compiles overlap;
 - timings are kept on disk beside the compiled kernels (``TRITON_CACHE_DIR``, Triton >= 3.4), those of the
-  TMA GEMM's configs included, so a restarted worker skips both compiling and timing.
+  TMA GEMM's configs included, and so are choices timed outside an autotuner (:class:`StoredChoices`), so a
+  restarted worker skips both compiling and timing.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import triton
 from triton.runtime.autotuner import Autotuner
@@ -127,6 +131,39 @@ class PrecompilingAutotuner(Autotuner):
         except Exception as exc:  # an optimisation only: timing compiles whatever is missing
             log.warning("precompiling %s's configs failed (%s: %s); they compile one by one",
                         self.base_fn.__name__, type(exc).__name__, exc)
+
+
+class StoredChoices:
+    """Yes/no choices timed once per shape outside an autotuner (``kernels.linear``: persistent TMA kernel or
+    tiled one), kept in ``<TRITON_CACHE_DIR>/<name>.json`` so that a restarted worker does not time them again.
+    Keys are the caller's strings (naming the GPU model and the Triton version makes them safe to share). A
+    missing or unreadable file reads as empty; writes merge with what is there and replace the file at once."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def _path(self) -> Path:
+        return Path(triton.knobs.cache.dir) / f"{self.name}.json"
+
+    def _read(self) -> dict[str, bool]:
+        try:
+            stored = json.loads(self._path().read_text())
+        except (OSError, ValueError):
+            return {}
+        return {k: v for k, v in stored.items() if isinstance(v, bool)} if isinstance(stored, dict) else {}
+
+    def get(self, key: str) -> bool | None:
+        return self._read().get(key)
+
+    def put(self, key: str, value: bool) -> None:
+        path = self._path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{self.name}.", delete=False) as f:
+                json.dump({**self._read(), key: value}, f)
+            os.replace(f.name, path)
+        except OSError as exc:  # a read-only cache only costs the next worker a timing
+            log.warning("could not store %s in %s: %s", key, path, exc)
 
 
 def _without_hook(config: triton.Config) -> triton.Config:

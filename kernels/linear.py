@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels._autotune import autotune, within_bucket
+from kernels._autotune import StoredChoices, autotune, within_bucket
 from kernels._common import (
     FLOAT_DTYPES,
     activation_reference,
@@ -249,8 +249,14 @@ def use_tma(x: torch.Tensor, weight: torch.Tensor, m: int) -> bool:
     return x.is_cuda and m * weight.shape[0] * weight.shape[1] >= TMA_MIN_MACS and _has_tma(x.device)
 
 
-# (device, dtype, M bucket, N, K, epilogue) -> whether the TMA kernel beat the tiled one there.
+# (device, dtype, M bucket, N, K, epilogue) -> whether the TMA kernel beat the tiled one there; also on disk.
 TMA_FASTER: dict[tuple, bool] = {}
+_STORED_TMA_CHOICES = StoredChoices("maas_linear_tma")
+
+
+def _stored_key(key: tuple) -> str:
+    device, *shape = key
+    return "|".join(map(str, (torch.cuda.get_device_name(device), triton.__version__, *shape)))
 
 
 def tma_key(x: torch.Tensor, weight: torch.Tensor, bias, activation: str, residual) -> tuple:
@@ -260,22 +266,27 @@ def tma_key(x: torch.Tensor, weight: torch.Tensor, bias, activation: str, residu
 
 
 def _tma_pays(x, weight, scales, x_scales, bias, activation, residual, y, m, n, k, meta) -> bool:
-    """Take the TMA kernel (the launchers' arguments)? Not for int8 weights; forced, yes; in ``auto`` each
-    kernel (with its own autotuned tiles) is timed once per shape key and the faster one kept: neither wins
-    everywhere. Undecided inside a CUDA-graph capture (no timing allowed there; warm-up runs decide first),
-    the tiled kernel runs."""
+    """Take the TMA kernel (the launchers' arguments)? Not for int8 or fp8 weights; forced, yes; in ``auto``
+    each kernel (with its own autotuned tiles) is timed once per shape key and the faster one kept (also on
+    disk, for the next worker on the same ``TRITON_CACHE_DIR``): neither wins everywhere. Undecided inside a
+    CUDA-graph capture (no timing allowed there; warm-up runs decide first), the tiled kernel runs."""
     if scales is not None or not use_tma(x, weight, m):
         return False
     if not x.is_cuda or os.environ.get(TMA_ENV_VAR, "").strip() == "1":
         return True
     key = tma_key(x, weight, bias, activation, residual)
     if key not in TMA_FASTER:
+        stored = _STORED_TMA_CHOICES.get(_stored_key(key))
+        if stored is not None:  # timed by an earlier worker with this cache
+            TMA_FASTER[key] = stored
+            return stored
         if torch.cuda.is_current_stream_capturing():
             return False
         scratch = torch.empty_like(y)  # y may be the residual (in place): timing must not touch it
         timed = (x, weight, scales, x_scales, bias, activation, residual, scratch, m, n, k, meta)
         ms = {launch: _gpu_ms(lambda launch=launch: launch(*timed)) for launch in (_launch_tma, _launch_tiled)}
         TMA_FASTER[key] = ms[_launch_tma] < ms[_launch_tiled]
+        _STORED_TMA_CHOICES.put(_stored_key(key), TMA_FASTER[key])
     return TMA_FASTER[key]
 
 

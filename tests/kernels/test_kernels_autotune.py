@@ -108,3 +108,37 @@ def test_autotune_timing_is_triton_s_own_a_shorter_one_or_graph_replays(monkeypa
     with pytest.raises(ValueError, match="MAAS_AUTOTUNE_TIMING"):
         _autotune._timing_options()
 
+
+
+def test_stored_choices_outlive_the_process_that_timed_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    first = _autotune.StoredChoices("choices")
+    assert first.get("H100|3.6.0|bf16|4096") is None
+    first.put("H100|3.6.0|bf16|4096", True)
+    first.put("H100|3.6.0|bf16|8192", False)
+    restarted = _autotune.StoredChoices("choices")  # another worker on the same cache volume
+    assert restarted.get("H100|3.6.0|bf16|4096") is True
+    assert restarted.get("H100|3.6.0|bf16|8192") is False
+    assert restarted.get("H200|3.6.0|bf16|4096") is None
+    assert list((tmp_path / "cache").iterdir()) == [tmp_path / "cache" / "choices.json"]  # no temporary left
+
+
+def test_an_unreadable_choices_file_reads_as_empty_and_is_replaced(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    (tmp_path / "choices.json").write_text("{not json")
+    choices = _autotune.StoredChoices("choices")
+    assert choices.get("k") is None
+    choices.put("k", True)
+    assert choices.get("k") is True
+    (tmp_path / "choices.json").write_text('{"k": "yes", "j": false}')  # a value that is not a choice is ignored
+    assert (choices.get("k"), choices.get("j")) == (None, False)
+
+
+def test_a_read_only_cache_costs_only_a_warning(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(blocker / "cache"))  # a directory under a file: cannot exist
+    choices = _autotune.StoredChoices("choices")
+    choices.put("k", True)
+    assert choices.get("k") is None
+    assert "could not store k" in caplog.text
