@@ -86,12 +86,16 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, FP8_MAX: tl.constexpr, ROUN
     tl.store(s_ptr + rows, scale, mask=row_ok)
 
 
-def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` ``[..., K]`` as e4m3 with one fp32 scale per row: ``(q [..., K], scales [...])``, ``x ~= q * scales``.
-    A kernel on a GPU (and under the interpreter), the same formula in torch elsewhere."""
+def _check_rows(x: torch.Tensor) -> None:
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() < 1 or not 1 <= x.shape[-1] <= MAX_ROW:
         raise ValueError(f"x must be [..., K] with 1 <= K <= {MAX_ROW}, got shape {tuple(x.shape)}")
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``[..., K]`` as e4m3 with one fp32 scale per row: ``(q [..., K], scales [...])``, ``x ~= q * scales``.
+    A kernel on a GPU (and under the interpreter), the same formula in torch elsewhere."""
+    _check_rows(x)
     if backend_for(x) == "torch":
         return _quantize(x.to(torch.float32))
     return _quantize_rows(x.contiguous())
@@ -117,9 +121,7 @@ def _has_fp8_tensor_cores(device: torch.device) -> bool:
 
 
 def _validate(x, qweight, scales, bias, activation, residual) -> None:
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
-    if x.dim() < 1 or not 1 <= x.shape[-1] <= MAX_ROW:
-        raise ValueError(f"x must be [..., K] with 1 <= K <= {MAX_ROW}, got shape {tuple(x.shape)}")
+    _check_rows(x)
     check_tensor("qweight", qweight, ndim=2, dtypes=(FP8,), device=x.device)
     if qweight.shape[1] != x.shape[-1]:
         raise ValueError(f"qweight must be [N, K={x.shape[-1]}], got {tuple(qweight.shape)}")
