@@ -96,12 +96,6 @@ class LoadedModel:
             result[spec.name] = t.numpy().astype(NUMPY_DTYPES[spec.datatype], copy=False)
         return result
 
-    def example_inputs(self, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-        """The config's `warmup_inputs` when it has them, else inputs the architecture makes up."""
-        if self.config.warmup_inputs:
-            return v2_inputs(self.config.warmup_inputs)
-        return self.architecture.example_inputs(self.config.inputs, batch, seed)
-
     def warmup(self) -> None:
         """Run the batches the model will see before it takes traffic (see :func:`warmup_batch_sizes`): at each
         size, inputs the architecture makes up and, when the config has them, its own ``warmup_inputs`` rows

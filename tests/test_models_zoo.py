@@ -385,7 +385,6 @@ def test_warmup_uses_the_configs_warmup_inputs(repository):
     assert raw.warmup_inputs == config.warmup_inputs
     model = repository.load(MNIST_MLP, 1)
     loaded = LoadedModel("m", 1, raw, model.architecture, model.device)
-    assert loaded.example_inputs()["input"].shape == (2, 784)
     batches = []
     infer = loaded.infer
     loaded.infer = lambda inputs: batches.append(inputs["input"].copy()) or infer(inputs)
