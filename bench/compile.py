@@ -1,8 +1,8 @@
 """Compile time of the tuning rounds a MiniLM warm-up runs, one config after another vs on a thread pool.
 
-A GPU worker's cold start is mostly Triton compiling the tile configs it autotunes. Triton's autotuner compiles
-each config when it first times it; ``kernels._autotune.PrecompilingAutotuner`` compiles a round's configs on
-``MAAS_COMPILE_THREADS`` threads first. This script compiles MiniLM's tuning rounds at a large bucket (the
+Most of a GPU worker's cold start is Triton compiling and timing the tile configs it autotunes. Its autotuner
+compiles each config when it first times it; ``kernels._autotune.PrecompilingAutotuner`` compiles a round's
+configs on ``MAAS_COMPILE_THREADS`` threads first. This script compiles MiniLM's tuning rounds at a large bucket (the
 four GEMM epilogues at 8,192 rows, and attention at sequence 128, head dim 32, bf16) both ways, each time with
 an empty Triton cache, for sm_90 through :func:`kernels.offline.compile_for`: no GPU is needed, and on a GPU
 machine it measures that machine's CPUs, which are what compile. Then, on the most threads given, the GEMM
