@@ -11,7 +11,8 @@
 # zoo:    bench/models.py --no-compile (every architecture: kernels, served, eager twin; ZOO_FLAGS adds flags,
 #         e.g. "--largest --no-cold-start" for the largest batches alone);
 # cold:   bench/models.py --gpu-cold-start (MiniLM served from a new process: empty Triton cache with configs
-#         compiled one by one, then in parallel, under each autotune timing; then a warm cache);
+#         compiled one by one, then in parallel, under each autotune timing; then a warm cache; and a batch of
+#         long texts after the warm-up);
 # compile: bench/compile.py (MiniLM's tuning rounds compiled on 1, 4, 8 and every CPU; needs no GPU).
 # Each part runs under its own time limit in seconds (LIMIT_<part>, else PART_LIMIT, else 150; the checks
 # part spends up to twice it) so one slow part cannot eat the lease; the benchmarks write their JSON after
