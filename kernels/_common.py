@@ -39,6 +39,14 @@ def check_tensor(
     return t
 
 
+def check_contiguous(**tensors: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` naming the first of ``tensors`` (by keyword, None skipped) that is not contiguous:
+    the launchers index their inputs as dense row-major arrays."""
+    for name, t in tensors.items():
+        if t is not None:
+            check_tensor(name, t, contiguous=True)
+
+
 def value_range(t: torch.Tensor) -> tuple[int, int] | None:
     """``(min, max)`` of an integer tensor in one reduction and one device sync, for index-range checks;
     None when ``t`` is empty or a CUDA graph is being recorded on its stream. A capture forbids syncs: the

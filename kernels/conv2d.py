@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import FLOAT_DTYPES, check_tensor, compute_dtype, into, output
+from kernels._common import FLOAT_DTYPES, check_contiguous, check_tensor, compute_dtype, into, output
 from kernels.dispatch import INTERPRETER, backend_for
 
 
@@ -90,9 +90,7 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   *, out: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton launcher (contiguous inputs only)."""
     _validate(x, weight, bias)
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if t is not None:
-            check_tensor(name, t, contiguous=True)
+    check_contiguous(x=x, weight=weight, bias=bias)
     return _launch(x, weight, bias, relu, out)
 
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import FLOAT_DTYPES, check_tensor, compute_dtype, into, output, value_range
+from kernels._common import FLOAT_DTYPES, check_contiguous, check_tensor, compute_dtype, into, output, value_range
 from kernels.dispatch import INTERPRETER, backend_for
 
 
@@ -66,8 +66,7 @@ def embedding_pool_triton(ids: torch.Tensor, table: torch.Tensor, mask: torch.Te
                           out: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton launcher (contiguous inputs only)."""
     _validate(ids, table, mask)
-    for name, t in (("ids", ids), ("table", table), ("mask", mask)):
-        check_tensor(name, t, contiguous=True)
+    check_contiguous(ids=ids, table=table, mask=mask)
     return _launch(ids, table, mask, out)
 
 

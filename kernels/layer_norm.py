@@ -12,7 +12,16 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import FLOAT_DTYPES, check_tensor, compute_dtype, into, output, row_block, rows_per_program
+from kernels._common import (
+    FLOAT_DTYPES,
+    check_contiguous,
+    check_tensor,
+    compute_dtype,
+    into,
+    output,
+    row_block,
+    rows_per_program,
+)
 from kernels.dispatch import backend_for
 
 MAX_ROW = 65536
@@ -73,9 +82,7 @@ def layer_norm_triton(
 ) -> torch.Tensor:
     """The Triton launcher (contiguous inputs only)."""
     _validate(x, weight, bias, residual)
-    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
-        if t is not None:
-            check_tensor(name, t, contiguous=True)
+    check_contiguous(x=x, weight=weight, bias=bias, residual=residual)
     return _launch(x, weight, bias, eps, residual, out)
 
 

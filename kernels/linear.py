@@ -34,6 +34,7 @@ from kernels._common import (
     apply_activation,
     cast,
     check_activation,
+    check_contiguous,
     check_tensor,
     compute_dtype,
     into,
@@ -393,9 +394,7 @@ def linear_triton(
 ) -> torch.Tensor:
     """The Triton launcher: validates (contiguity included), picks tiles and grid, runs the kernel."""
     _validate(x, weight, bias, activation, residual)
-    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
-        if t is not None:
-            check_tensor(name, t, contiguous=True)
+    check_contiguous(x=x, weight=weight, bias=bias, residual=residual)
     return launch_linear(x, weight, None, bias, activation, residual, out)
 
 

@@ -20,6 +20,7 @@ import triton.language as tl
 from kernels._common import (
     FLOAT_DTYPES,
     check_activation,
+    check_contiguous,
     check_tensor,
     compute_dtype,
     into,
@@ -155,9 +156,7 @@ def linear_fp8_triton(
 ) -> torch.Tensor:
     """The Triton launcher (contiguous inputs only)."""
     _validate(x, qweight, scales, bias, activation, residual)
-    for name, t in (("x", x), ("qweight", qweight), ("scales", scales), ("bias", bias), ("residual", residual)):
-        if t is not None:
-            check_tensor(name, t, contiguous=True)
+    check_contiguous(x=x, qweight=qweight, scales=scales, bias=bias, residual=residual)
     return _launch(x, qweight, scales, bias, activation, residual, out)
 
 

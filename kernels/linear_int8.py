@@ -13,6 +13,7 @@ from kernels._common import (
     FLOAT_DTYPES,
     activation_reference,
     check_activation,
+    check_contiguous,
     check_tensor,
     compute_dtype,
     into,
@@ -58,9 +59,7 @@ def linear_int8_triton(
 ) -> torch.Tensor:
     """The Triton launcher (contiguous inputs only)."""
     _validate(x, qweight, scales, bias, activation)
-    for name, t in (("x", x), ("qweight", qweight), ("scales", scales), ("bias", bias)):
-        if t is not None:
-            check_tensor(name, t, contiguous=True)
+    check_contiguous(x=x, qweight=qweight, scales=scales, bias=bias)
     return launch_linear(x, qweight, scales, bias, activation, None, out)
 
 

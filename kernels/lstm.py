@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from kernels._common import FLOAT_DTYPES, check_tensor, compute_dtype, into, output, tanh, value_range
+from kernels._common import FLOAT_DTYPES, check_contiguous, check_tensor, compute_dtype, into, output, tanh, value_range
 from kernels.dispatch import INTERPRETER, backend_for
 from kernels.linear import launch_linear
 
@@ -118,8 +118,7 @@ def lstm_triton(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, bias: t
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton launcher (contiguous inputs only; ``lengths`` may live on the CPU, as torch's do)."""
     _validate(x, w_ih, w_hh, bias, lengths)
-    for name, t in (("x", x), ("w_ih", w_ih), ("w_hh", w_hh), ("bias", bias)):
-        check_tensor(name, t, contiguous=True)
+    check_contiguous(x=x, w_ih=w_ih, w_hh=w_hh, bias=bias)
     return _launch(x, w_ih, w_hh, bias, lengths, reverse, out)
 
 
