@@ -48,23 +48,22 @@ def _cases() -> list[Case]:
     def d(t):
         return None if t is None else t.double()
 
-    def linear_case(m, n, k, activation, residual, tma=None):
-        """``tma``: force the persistent TMA kernel (True) or the tiled one (False); None: as served."""
+    def linear_case(m, n, k, activation, residual, kernel=None):
+        """``kernel``: force ``tiled``, ``tma`` or ``split_k``; None: as served."""
         def build(dt, gen):
             x, w, b = rnd(gen, m, k, dtype=dt), rnd(gen, n, k, dtype=dt, scale=k**-0.5), rnd(gen, n, dtype=dt)
             r = rnd(gen, m, n, dtype=dt) if residual else None
-            return (lambda out: launch_linear(x, w, None, b, activation, r, out, tma=tma),
+            return (lambda out: launch_linear(x, w, None, b, activation, r, out, kernel=kernel),
                     lambda: linear_reference(d(x), d(w), d(b), activation, d(r)), (m, n), k, True)
-        kernel = {None: "", True: " tma", False: " tiled"}[tma]
-        return f"linear {m}x{n}x{k} {activation}{' +res' if residual else ''}{kernel}", DTYPES, build
+        return f"linear {m}x{n}x{k} {activation}{' +res' if residual else ''} {kernel or ''}".rstrip(), DTYPES, build
 
-    def int8_case(m, n, k):
+    def int8_case(m, n, k, kernel=None):
         def build(dt, gen):
             x = rnd(gen, m, k, dtype=dt)
             q, s = kernels.quantize_int8(rnd(gen, n, k, dtype=torch.float32, scale=k**-0.5))
-            return (lambda out: kernels.linear_int8(x, q, s, out=out),
+            return (lambda out: launch_linear(x, q, s, None, "none", None, out, kernel=kernel),
                     lambda: linear_int8_reference(d(x), q, d(s)), (m, n), k, True)
-        return f"linear_int8 {m}x{n}x{k}", DTYPES, build
+        return f"linear_int8 {m}x{n}x{k} {kernel or ''}".rstrip(), DTYPES, build
 
     def fp8_case(m, n, k, activation, residual):
         def build(dt, gen):  # the reference quantizes x per row as the kernel does, then runs in float64
@@ -160,14 +159,17 @@ def _cases() -> list[Case]:
 
     return [
         linear_case(4096, 4096, 4096, "none", False),
-        linear_case(4096, 4096, 4096, "gelu", True, tma=True),
-        linear_case(4133, 1000, 4104, "tanh", False, tma=True),  # partial tiles along M, N and K
-        linear_case(4133, 1000, 4104, "tanh", False, tma=False),
+        linear_case(4096, 4096, 4096, "gelu", True, "tma"),
+        linear_case(4133, 1000, 4104, "tanh", False, "tma"),  # partial tiles along M, N and K
+        linear_case(4133, 1000, 4104, "tanh", False, "tiled"),
         linear_case(1, 3072, 768, "gelu", True),
+        linear_case(1, 4096, 4096, "gelu", True, "split_k"),
+        linear_case(61, 1000, 4104, "tanh", False, "split_k"),  # partial tiles along M, N and K
         linear_case(77, 768, 3072, "relu", True),
         linear_case(512, 1000, 4096, "tanh", False),
         int8_case(1, 14336, 4096),
         int8_case(16, 4096, 14336),
+        int8_case(3, 4096, 4096, "split_k"),
         fp8_case(4096, 4096, 4096, "gelu", True),
         fp8_case(77, 1000, 384, "relu", False),  # partial tiles; a thin-M tile config
         softmax_case(4096, 4096, False),

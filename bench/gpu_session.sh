@@ -49,7 +49,7 @@ for part in $parts; do
     checks)  # the kernel cases in six processes at once (GEMMs autotune for seconds, the LSTM steps
       # through time), then the models alone: on 2026-11-26 one shared 85 s limit cut both short
       i=0
-      for only in "4096x4096x4096 1x3072x768" "77x768x3072 512x1000x4096 4133x1000x4104" "linear_int8 linear_fp8" \
+      for only in "4096x4096x4096 1x3072x768" "77x768x3072 512x1000x4096 4133x1000x4104 split_k" "linear_int8 linear_fp8" \
                   "softmax layer_norm l2_normalize embedding conv2d max_pool2d" "attention" "lstm"; do
         # shellcheck disable=SC2086  # each group is several --only words on purpose
         timeout "$limit" $py bench/gpu_kernels_check.py --only $only >"$out/check$i.txt" 2>&1 &

@@ -50,6 +50,7 @@ class Case:
     bytes: float = 0.0  # otherwise: report GB/s of compulsory traffic
     compiled_fn: Callable | None = None  # a different function to compile (linear_int8)
     graphable: bool = True  # False: the op checks its inputs' values on the host, which a capture forbids
+    gemm: tuple | None = None  # a GEMM's (x, weight, bias, activation) as launched: which kernel ran it
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:
@@ -58,7 +59,8 @@ def _nbytes(*tensors: torch.Tensor) -> int:
 
 def cases(quick: bool) -> list[Case]:
     import kernels
-    from kernels.linear import launch_linear, use_tma
+    from kernels.linear import SPLIT_K_MAX_M, launch_linear, use_tma
+    from kernels.linear_fp8 import FP8
 
     dev = "cuda"
 
@@ -74,10 +76,15 @@ def cases(quick: bool) -> list[Case]:
         x, w, b = rnd(m, k), rnd(n, k) * k**-0.5, rnd(n)
         found.append(Case("linear", f"M{m} N{n} K{k} +bias relu", (x, w, b),
                           lambda x, w, b: kernels.linear(x, w, b, "relu"),
-                          lambda x, w, b: torch.relu(F.linear(x, w, b)), flops=2.0 * m * n * k))
-        if use_tma(x, w, m):  # the same problem on the tiled kernel, to see what the persistent TMA one gains
-            found.append(Case("linear tiled", f"M{m} N{n} K{k} +bias relu", (x, w, b),
-                              lambda x, w, b: launch_linear(x, w, None, b, "relu", None, None, tma=False),
+                          lambda x, w, b: torch.relu(F.linear(x, w, b)), flops=2.0 * m * n * k,
+                          gemm=(x, w, b, "relu")))
+        # Each kernel that may run the problem on its own (split-K also where its bounds rule it out of timing),
+        # to see what each gains where timing picks one, and whether those bounds are right.
+        candidates = ["tiled", *["tma"] * use_tma(x, w, m), *["split_k"] * (m <= SPLIT_K_MAX_M)]
+        for kernel in candidates * (len(candidates) > 1 and not quick):
+            found.append(Case(f"linear {kernel}", f"M{m} N{n} K{k} +bias relu", (x, w, b),
+                              lambda x, w, b, kernel=kernel: launch_linear(x, w, None, b, "relu", None, None,
+                                                                           kernel=kernel),
                               lambda x, w, b: torch.relu(F.linear(x, w, b)), flops=2.0 * m * n * k))
     for m in (1, 16) if quick else (1, 4, 16):
         n, k = 14336, 4096
@@ -87,13 +94,21 @@ def cases(quick: bool) -> list[Case]:
                           lambda x, w, q, s: kernels.linear_int8(x, q, s),
                           lambda x, w, q, s: F.linear(x, w),
                           bytes=_nbytes(x, q, s) + m * n * 2,
-                          compiled_fn=lambda x, w, q, s: F.linear(x, q.to(x.dtype) * s[:, None].to(x.dtype))))
+                          compiled_fn=lambda x, w, q, s: F.linear(x, q.to(x.dtype) * s[:, None].to(x.dtype)),
+                          gemm=(x, q, None, "none")))
+        for kernel in ("tiled", "split_k") * (not quick):
+            found.append(Case(f"linear_int8 {kernel}", f"M{m} N{n} K{k}", (x, w, q, s),
+                              lambda x, w, q, s, kernel=kernel: launch_linear(x, q, s, None, "none", None, None,
+                                                                              kernel=kernel),
+                              lambda x, w, q, s: F.linear(x, w), bytes=_nbytes(x, q, s) + m * n * 2,
+                              compiled_fn=lambda x, w, q, s: F.linear(x, q.to(x.dtype) * s[:, None].to(x.dtype))))
     for m, n, k in gemms[:1] if quick else [gemms[0], (512, 4096, 4096), *minilm]:
         x, w, b = rnd(m, k), rnd(n, k) * k**-0.5, rnd(n)
         q, s = kernels.quantize_fp8(w)
         found.append(Case("linear_fp8", f"M{m} N{n} K{k} +bias relu", (x, w, b, q, s),
                           lambda x, w, b, q, s: kernels.linear_fp8(x, q, s, b, "relu"),
-                          lambda x, w, b, q, s: torch.relu(F.linear(x, w, b)), flops=2.0 * m * n * k))
+                          lambda x, w, b, q, s: torch.relu(F.linear(x, w, b)), flops=2.0 * m * n * k,
+                          gemm=(x.to(FP8), q, b, "relu")))  # x quantized to fp8 rows, as launched
     for rows, n in ((4096, 4096), (16384, 1024), (1024, 32768)):
         x = rnd(rows, n)
         found.append(Case("softmax", f"{rows}x{n}", (x,), kernels.softmax, lambda x: torch.softmax(x, dim=-1),
@@ -160,16 +175,16 @@ def _time_graph(fn: Callable, args: tuple) -> float | None:
 
 
 def _tile_config(case: Case) -> str | None:
-    """The tiles the GEMM autotuner picked for the case just timed (linear tiled, linear_int8 and linear_fp8
-    run the tiled kernel, linear the persistent TMA one where it timed faster)."""
-    if case.op not in ("linear", "linear tiled", "linear_int8", "linear_fp8"):
+    """The kernel and tiles a GEMM ran in the case just timed: the one its op names (``linear split_k``), or
+    the one timing picked for its shape."""
+    if case.gemm is None and not case.op.startswith("linear "):
         return None
-    from kernels.linear import TMA_FASTER, _linear_kernel, _linear_tma_kernel, tma_key
+    from kernels.linear import FASTEST_KERNEL, _linear_kernel, _linear_split_k_kernel, _linear_tma_kernel, kernel_key
 
-    x, w, b = case.args[:3]
-    tma = case.op == "linear" and TMA_FASTER.get(tma_key(x, w, b, "relu", None), False)
-    config = getattr(_linear_tma_kernel if tma else _linear_kernel, "best_config", None)
-    return None if config is None else ("TMA " if tma else "") + str(config)
+    kernel = case.op.split()[-1] if case.gemm is None else FASTEST_KERNEL.get(kernel_key(*case.gemm, None), "tiled")
+    tuner = {"tiled": _linear_kernel, "tma": _linear_tma_kernel, "split_k": _linear_split_k_kernel}[kernel]
+    config = getattr(tuner, "best_config", None)
+    return None if config is None else f"{kernel} {config}"
 
 
 def run(case: Case, compile_baseline: bool) -> dict:

@@ -135,8 +135,8 @@ class PrecompilingAutotuner(Autotuner):
 
 
 class StoredChoices:
-    """Yes/no choices timed once per shape outside an autotuner (``kernels.linear``: persistent TMA kernel or
-    tiled one), kept in ``<TRITON_CACHE_DIR>/<name>.json`` so that a restarted worker does not time them again.
+    """Choices timed once per shape outside an autotuner (``kernels.linear``: which of its GEMM kernels), kept
+    as names in ``<TRITON_CACHE_DIR>/<name>.json`` so that a restarted worker does not time them again.
     Keys are the caller's strings (naming the GPU model and the Triton version makes them safe to share). A
     missing or unreadable file reads as empty; writes merge with what is there and replace the file at once."""
 
@@ -146,17 +146,17 @@ class StoredChoices:
     def _path(self) -> Path:
         return Path(triton.knobs.cache.dir) / f"{self.name}.json"
 
-    def _read(self) -> dict[str, bool]:
+    def _read(self) -> dict[str, str]:
         try:
             stored = json.loads(self._path().read_text())
         except (OSError, ValueError):
             return {}
-        return {k: v for k, v in stored.items() if isinstance(v, bool)} if isinstance(stored, dict) else {}
+        return {k: v for k, v in stored.items() if isinstance(v, str)} if isinstance(stored, dict) else {}
 
-    def get(self, key: str) -> bool | None:
+    def get(self, key: str) -> str | None:
         return self._read().get(key)
 
-    def put(self, key: str, value: bool) -> None:
+    def put(self, key: str, value: str) -> None:
         path = self._path()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,13 +7,19 @@ per-output-channel scale is applied in the epilogue (it factors out of the sum o
 :mod:`kernels.linear_fp8`: X and W tiles both fp8, multiplied as they are, with a per-row scale of X
 (``HAS_X_SCALE``) applied in the epilogue beside W's.
 
-Large float problems on Hopper (and later) GPUs run a second kernel with the same epilogue: persistent (one
-program per multiprocessor walks the output tiles) and fed by the tensor memory accelerator (TMA), which
-copies whole X and W tiles into shared memory without address arithmetic or registers, as in Triton's
-persistent-matmul tutorial. ``MAAS_LINEAR_TMA`` picks: ``auto`` (default: for M x N x K >= ``TMA_MIN_MACS``
-on compute capability >= 9, both kernels are timed once per shape, replayed from CUDA graphs as serving runs
-them, and the faster runs from then on), ``1`` (always, whenever the tensors are aligned for TMA, the
-interpreter included) or ``0`` (never).
+Two more kernels share that epilogue, each for the problems where the tiled one leaves the GPU underused:
+
+- **persistent TMA** (large float problems on Hopper and later): one program per multiprocessor walks the
+  output tiles, fed by the tensor memory accelerator (TMA), which copies whole X and W tiles into shared memory
+  without address arithmetic or registers, as in Triton's persistent-matmul tutorial;
+- **split-K** (a few rows: online inference): a thin output has too few tiles to occupy every
+  multiprocessor, so programs also split the sum over K into runs, write fp32 partial sums, and a second small
+  kernel adds them in a fixed order and applies the epilogue. Any weight dtype, int8 and fp8 included.
+
+``MAAS_LINEAR_TMA`` and ``MAAS_LINEAR_SPLIT_K`` each pick: ``auto`` (default: where one may pay, see
+``use_tma`` and ``use_split_k``, the candidate kernels are timed once per shape, replayed from CUDA graphs as
+serving runs them, and the fastest runs from then on), ``1`` (always where it can run, the interpreter
+included) or ``0`` (never).
 """
 
 from __future__ import annotations
@@ -111,13 +117,24 @@ def _linear_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    # Wrapping rows/columns keeps every load in bounds without a mask; the store below is masked.
+    acc = _dot_tiles(x_ptr, w_ptr, offs_m, offs_n, M, N, K, 0, tl.cdiv(K, BLOCK_K),
+                     HAS_SCALE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = _scale_tile(acc, offs_m, offs_n, M, N, s_ptr, xs_ptr, HAS_SCALE, HAS_X_SCALE)
+    _store_tile(acc, offs_m, offs_n, M, N, b_ptr, r_ptr, y_ptr, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
+
+
+@triton.jit
+def _dot_tiles(x_ptr, w_ptr, offs_m, offs_n, M, N, K, first_k, steps,
+               HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``X[offs_m] @ W[offs_n]^T`` over ``steps`` K tiles from tile ``first_k`` on, in fp32: all of K for the
+    tiled kernel, one run of it for a program of the split-K kernel."""
+    offs_k = first_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    # Wrapping rows/columns keeps every load in bounds without a mask; the stores are masked.
     x_ptrs = x_ptr + (offs_m % M)[:, None] * K + offs_k[None, :]
     w_ptrs = w_ptr + (offs_n % N)[None, :] * K + offs_k[:, None]  # W^T tile: [BLOCK_K, BLOCK_N]
-
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(0, steps):
         k_ok = offs_k < K - k * BLOCK_K
         a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
@@ -129,12 +146,18 @@ def _linear_kernel(
         acc = tl.dot(a, w, acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    return acc
 
+
+@triton.jit
+def _scale_tile(acc, offs_m, offs_n, M, N, s_ptr, xs_ptr, HAS_SCALE: tl.constexpr, HAS_X_SCALE: tl.constexpr):
+    """The quantized weights' per-output-channel scales (and fp8 activations' per-row ones): they factor out
+    of the sum over K, so they are applied once, to the fp32 sum."""
     if HAS_SCALE:
         acc = acc * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
     if HAS_X_SCALE:
         acc = acc * tl.load(xs_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
-    _store_tile(acc, offs_m, offs_n, M, N, b_ptr, r_ptr, y_ptr, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
+    return acc
 
 
 @triton.jit
@@ -204,6 +227,72 @@ def _linear_tma_kernel(
         _store_tile(acc, offs_m, offs_n, M, N, b_ptr, r_ptr, y_ptr, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
 
 
+def _split_config(bm: int, bn: int, bk: int, warps: int, stages: int, split: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, num_warps=warps,
+                         num_stages=stages)
+
+
+# For a few rows (M <= SPLIT_K_MAX_M) the tiled kernel has one program per 16 x 32..128 output tile: 4,096
+# outputs make 32-128 programs for 132 multiprocessors, each streaming all of K alone. Splitting K 2-8 ways
+# gives the memory system several times more loads in flight.
+_SPLIT_K_CONFIGS = [
+    _split_config(16, 64, 128, 4, 4, 4),
+    _split_config(16, 64, 128, 4, 4, 8),
+    _split_config(16, 32, 256, 4, 3, 4),
+    _split_config(16, 128, 128, 4, 3, 4),
+    _split_config(16, 64, 256, 4, 3, 8),
+    _split_config(32, 64, 128, 4, 4, 4),
+    _split_config(64, 64, 64, 4, 4, 4),
+    _split_config(64, 128, 64, 4, 4, 2),
+]
+MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in _SPLIT_K_CONFIGS)
+
+
+@autotune(_SPLIT_K_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _linear_split_k_kernel(
+    x_ptr, w_ptr, p_ptr,
+    M, N, K, M_BUCKET,
+    HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    # Program (tile, s) sums the s-th of SPLIT_K equal runs of K tiles (the last ones may be short or empty)
+    # into slab s of the fp32 partials: the reduction kernel adds the slabs in a fixed order (no atomics, so
+    # results do not depend on timing) and applies the epilogue once.
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // num_pid_n
+    pid_n = tl.program_id(0) % num_pid_n
+    split = tl.program_id(1)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    first_k = split * per_split
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _dot_tiles(x_ptr, w_ptr, offs_m, offs_n, M, N, K, first_k, tl.minimum(per_split, k_tiles - first_k),
+                     HAS_SCALE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(p_ptr + split * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _split_k_reduce_kernel(
+    p_ptr, s_ptr, xs_ptr, b_ptr, r_ptr, y_ptr,
+    M, N, SPLIT_K,
+    HAS_SCALE: tl.constexpr, HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    p_ptrs = p_ptr + offs_m[:, None] * N + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(0, SPLIT_K):
+        acc += tl.load(p_ptrs, mask=mask, other=0.0)
+        p_ptrs += M * N
+    acc = _scale_tile(acc, offs_m, offs_n, M, N, s_ptr, xs_ptr, HAS_SCALE, HAS_X_SCALE)
+    _store_tile(acc, offs_m, offs_n, M, N, b_ptr, r_ptr, y_ptr, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
+
+
 def _interpreter_blocks(m: int, n: int, k: int) -> dict[str, int]:
     """Fixed tiles for the interpreter: as large as the problem (<= 64) since each step costs Python time."""
 
@@ -214,12 +303,19 @@ def _interpreter_blocks(m: int, n: int, k: int) -> dict[str, int]:
 
 
 TMA_ENV_VAR = "MAAS_LINEAR_TMA"
+SPLIT_K_ENV_VAR = "MAAS_LINEAR_SPLIT_K"
 # Timing both kernels autotunes the TMA kernel's tiles on top of the tiled kernel's for every M bucket of a
 # model, which lengthens its warm-up: only problems this large (multiply-adds) are worth it. On an H200 the TMA
 # kernel was faster in graph replays from 8.6 G up (512 x 4,096 x 4,096: 25.4 against 31.3 us; MiniLM's
 # 24,576 x 1,152 x 384: 55.9 against 62.7 us); 2 G is a judgement below that, not a measured crossover. It
 # keeps MiniLM's warm-up batches (up to 64 short texts, 0.6 G at most) on the tiled kernel alone.
 TMA_MIN_MACS = 2 * 2**30
+# Split-K is timed against the tiled kernel for at most this many rows (its fp32 partials hold MAX_SPLIT_K
+# copies of the output), over sums this long at least, and only where the tiled kernel's thinnest tiles
+# (16 x 32) make fewer programs than the GPU has multiprocessors, so leave some idle. Judgements, not measured
+# crossovers: the timing decides from there, and the bounds keep that timing out of most warm-ups.
+SPLIT_K_MAX_M = 64
+SPLIT_K_MIN_K = 512
 
 
 @functools.cache
@@ -237,12 +333,18 @@ def _tma_aligned(*tensors: torch.Tensor) -> bool:
     return all(t.data_ptr() % 16 == 0 and t.shape[-1] * t.element_size() % 16 == 0 for t in tensors)
 
 
-def use_tma(x: torch.Tensor, weight: torch.Tensor, m: int) -> bool:
-    """Whether the persistent TMA kernel may run (``MAAS_LINEAR_TMA`` above): forced with ``1``, or in
-    ``auto`` a big enough problem on a Hopper GPU, where timing both kernels once decides (``_tma_pays``)."""
-    choice = os.environ.get(TMA_ENV_VAR, "auto").strip().lower() or "auto"
+def _setting(env_var: str) -> str:
+    """``auto``, ``1`` (force the kernel on where it can run) or ``0`` (never), from ``env_var``."""
+    choice = os.environ.get(env_var, "auto").strip().lower() or "auto"
     if choice not in ("auto", "0", "1"):
-        raise ValueError(f"{TMA_ENV_VAR}={choice!r}: expected auto, 1 or 0")
+        raise ValueError(f"{env_var}={choice!r}: expected auto, 1 or 0")
+    return choice
+
+
+def use_tma(x: torch.Tensor, weight: torch.Tensor, m: int) -> bool:
+    """Whether the persistent TMA kernel may run (``MAAS_LINEAR_TMA``): forced with ``1``, or in ``auto`` a big
+    enough problem on a Hopper GPU, where timing decides (``_choose_kernel``)."""
+    choice = _setting(TMA_ENV_VAR)
     if choice == "0" or not weight.is_floating_point() or not _tma_aligned(x, weight):
         return False
     if choice == "1":
@@ -250,9 +352,40 @@ def use_tma(x: torch.Tensor, weight: torch.Tensor, m: int) -> bool:
     return x.is_cuda and m * weight.shape[0] * weight.shape[1] >= TMA_MIN_MACS and _has_tma(x.device)
 
 
-# (device, dtype, M bucket, N, K, epilogue) -> whether the TMA kernel beat the tiled one there; also on disk.
-TMA_FASTER: dict[tuple, bool] = {}
-_STORED_TMA_CHOICES = StoredChoices("maas_linear_tma")
+def use_split_k(x: torch.Tensor, weight: torch.Tensor, m: int) -> bool:
+    """Whether the split-K kernel may run (``MAAS_LINEAR_SPLIT_K``): at most ``SPLIT_K_MAX_M`` rows, forced
+    with ``1``, or in ``auto`` a GPU problem the tiled kernel leaves multiprocessors idle on (see above), where
+    timing decides. Any weight dtype: int8 and fp8 weights at small M are what it is for."""
+    choice = _setting(SPLIT_K_ENV_VAR)
+    if choice == "0" or m > SPLIT_K_MAX_M:
+        return False
+    if choice == "1":
+        return x.is_cuda or INTERPRETER
+    return x.is_cuda and split_k_may_pay(m, *weight.shape, _multiprocessors(x.device))
+
+
+def split_k_may_pay(m: int, n: int, k: int, multiprocessors: int) -> bool:
+    """The bounds above: worth timing split-K against the tiled kernel on a GPU with ``multiprocessors``."""
+    return m <= SPLIT_K_MAX_M and k >= SPLIT_K_MIN_K and triton.cdiv(m, 16) * triton.cdiv(n, 32) < multiprocessors
+
+
+def kernel_candidates(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, m: int) -> list[str]:
+    """The kernels that may run a problem, the tiled one (which runs everything) first; TMA takes float weights
+    only."""
+    return ["tiled", *(["tma"] if scales is None and use_tma(x, weight, m) else []),
+            *(["split_k"] if use_split_k(x, weight, m) else [])]
+
+
+def kernel_key(x: torch.Tensor, weight: torch.Tensor, bias, activation: str, residual) -> tuple:
+    """What a kernel choice holds for: device, dtypes, M bucket, N, K and epilogue."""
+    n, k = weight.shape
+    return (x.device, x.dtype, weight.dtype, triton.next_power_of_2(x.numel() // k), n, k, bias is not None,
+            activation, residual is not None)
+
+
+# kernel_key -> the kernel timed fastest there, of those that may run it; also on disk (StoredChoices).
+FASTEST_KERNEL: dict[tuple, str] = {}
+_STORED_CHOICES = StoredChoices("maas_linear_kernel")
 
 
 def _stored_key(key: tuple) -> str:
@@ -260,35 +393,31 @@ def _stored_key(key: tuple) -> str:
     return "|".join(map(str, (torch.cuda.get_device_name(device), triton.__version__, *shape)))
 
 
-def tma_key(x: torch.Tensor, weight: torch.Tensor, bias, activation: str, residual) -> tuple:
-    n, k = weight.shape
-    return (x.device, x.dtype, triton.next_power_of_2(x.numel() // k), n, k, bias is not None, activation,
-            residual is not None)
-
-
-def _tma_pays(x, weight, scales, x_scales, bias, activation, residual, y, m, n, k, meta) -> bool:
-    """Take the TMA kernel (the launchers' arguments)? Not for int8 or fp8 weights; forced, yes; in ``auto``
-    each kernel (with its own autotuned tiles) is timed once per shape key and the faster one kept (also on
-    disk, for the next worker on the same ``TRITON_CACHE_DIR``): neither wins everywhere. Undecided inside a
-    CUDA-graph capture (no timing allowed there; warm-up runs decide first), the tiled kernel runs."""
-    if scales is not None or not use_tma(x, weight, m):
-        return False
-    if not x.is_cuda or os.environ.get(TMA_ENV_VAR, "").strip() == "1":
-        return True
-    key = tma_key(x, weight, bias, activation, residual)
-    if key not in TMA_FASTER:
-        stored = _STORED_TMA_CHOICES.get(_stored_key(key))
-        if stored is not None:  # timed by an earlier worker with this cache
-            TMA_FASTER[key] = stored
-            return stored
+def _choose_kernel(x, weight, scales, x_scales, bias, activation, residual, y, m, n, k, meta) -> str:
+    """The kernel that runs a problem (the launchers' arguments). One forced on (``1``) runs where it can.
+    Otherwise, where several may (``auto``, on a GPU), each (with its own autotuned tiles) is timed once per
+    ``kernel_key`` and the fastest kept, also on disk for the next worker on the same ``TRITON_CACHE_DIR``: none
+    wins everywhere. Undecided inside a CUDA-graph capture (no timing allowed there; warm-up runs decide
+    first), the tiled kernel runs."""
+    candidates = kernel_candidates(x, weight, scales, m)
+    forced = [name for name in candidates[1:] if _setting(_FORCING_ENV[name]) == "1"]
+    if forced or len(candidates) == 1:
+        return (forced or candidates)[0]
+    key = kernel_key(x, weight, bias, activation, residual)
+    chosen = FASTEST_KERNEL.get(key)
+    if chosen not in candidates:
+        chosen = _STORED_CHOICES.get(_stored_key(key))  # timed by an earlier worker with this cache
+    if chosen not in candidates:
         if torch.cuda.is_current_stream_capturing():
-            return False
+            return "tiled"
         scratch = torch.empty_like(y)  # y may be the residual (in place): timing must not touch it
         timed = (x, weight, scales, x_scales, bias, activation, residual, scratch, m, n, k, meta)
-        ms = {launch: _gpu_ms(lambda launch=launch: launch(*timed)) for launch in (_launch_tma, _launch_tiled)}
-        TMA_FASTER[key] = ms[_launch_tma] < ms[_launch_tiled]
-        _STORED_TMA_CHOICES.put(_stored_key(key), TMA_FASTER[key])
-    return TMA_FASTER[key]
+        ms = {name: _gpu_ms(lambda launch=_LAUNCHERS[name]: launch(*timed)) for name in candidates}
+        chosen = min(ms, key=ms.get)
+        log.debug("linear %s: %s kernel (graph ms: %s)", key, chosen, ms)
+        _STORED_CHOICES.put(_stored_key(key), chosen)
+    FASTEST_KERNEL[key] = chosen
+    return chosen
 
 
 def _gpu_ms(launch) -> float:
@@ -339,6 +468,41 @@ def _launch_tiled(x, weight, scales, x_scales, bias, activation, residual, y, m,
     )
 
 
+INTERPRETER_SPLIT_K = 3  # uneven runs of K, and an empty last one when K has 4 tiles or fewer
+
+
+def _launch_split_k(x, weight, scales, x_scales, bias, activation, residual, y, m, n, k, meta) -> None:
+    """Partial sums over runs of K into fp32 slabs, then one reduction applying the epilogue."""
+    if meta:  # the interpreter's fixed tiles
+        meta = {"BLOCK_M": meta["BLOCK_M"], "BLOCK_N": meta["BLOCK_N"], "BLOCK_K": meta["BLOCK_K"],
+                "SPLIT_K": INTERPRETER_SPLIT_K}
+    partials = torch.empty((meta.get("SPLIT_K", MAX_SPLIT_K), m, n), dtype=torch.float32, device=x.device)
+    splits = []  # autotuned, the split it ran with: the grid is called last with the autotuner's pick
+
+    def grid(config: dict) -> tuple[int, int]:
+        splits.append(config["SPLIT_K"])
+        return triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), config["SPLIT_K"]
+
+    _linear_split_k_kernel[grid](
+        x, weight, partials,
+        m, n, k, triton.next_power_of_2(m),
+        HAS_SCALE=scales is not None, UPCAST=INTERPRETER,
+        **meta,
+    )
+    block_m = min(16, triton.next_power_of_2(m))
+    _split_k_reduce_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, 128))](
+        partials, scales, x_scales, bias, residual, y,
+        m, n, meta.get("SPLIT_K") or splits[-1],
+        HAS_SCALE=scales is not None, HAS_X_SCALE=x_scales is not None, HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None, ACTIVATION=activation,
+        BLOCK_M=block_m, BLOCK_N=128,
+    )
+
+
+_LAUNCHERS = {"tiled": _launch_tiled, "tma": _launch_tma, "split_k": _launch_split_k}
+_FORCING_ENV = {"tma": TMA_ENV_VAR, "split_k": SPLIT_K_ENV_VAR}
+
+
 def launch_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -348,14 +512,18 @@ def launch_linear(
     residual: torch.Tensor | None,
     out: torch.Tensor | None,
     *,
-    tma: bool | None = None,
+    kernel: str | None = None,
     x_scales: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Run a kernel on validated contiguous tensors; ``x`` is ``[..., K]``, the output ``[..., N]``, of
-    ``out_dtype`` (default: x's). ``tma`` forces the kernel (True: persistent TMA, for aligned float weights;
-    False: the tiled one); None lets ``MAAS_LINEAR_TMA`` and the timings decide. ``x_scales`` (fp32, one per
-    row of x) go with fp8 x and weights, whose ``scales`` are per output channel."""
+    ``out_dtype`` (default: x's). ``kernel`` forces one (``tiled``; ``tma``, for aligned float weights;
+    ``split_k``); None lets ``MAAS_LINEAR_TMA``, ``MAAS_LINEAR_SPLIT_K`` and the timings decide. ``x_scales``
+    (fp32, one per row of x) go with fp8 x and weights, whose ``scales`` are per output channel."""
+    if kernel is not None and kernel not in _LAUNCHERS:
+        raise ValueError(f"kernel must be one of {tuple(_LAUNCHERS)} or None, got {kernel!r}")
+    if kernel == "tma" and scales is not None:
+        raise ValueError("kernel='tma' takes float weights only (no scales)")
     n, k = weight.shape
     m = x.numel() // k
     y = output(out, (*x.shape[:-1], n), x if out_dtype is None else x.new_empty(0, dtype=out_dtype))
@@ -363,8 +531,7 @@ def launch_linear(
         return y
     meta = {} if USE_AUTOTUNE else _interpreter_blocks(m, n, k)
     args = (x, weight, scales, x_scales, bias, activation, residual, y, m, n, k, meta)
-    takes_tma = _tma_pays(*args) if tma is None else tma and scales is None
-    (_launch_tma if takes_tma else _launch_tiled)(*args)
+    _LAUNCHERS[kernel or _choose_kernel(*args)](*args)
     return y
 
 

@@ -67,7 +67,9 @@ def launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     ids = torch.zeros(2, 5, dtype=torch.int64)
     found = [
         ("linear", lambda: linear_triton(x, w, b, "gelu", z(8, 32))),
-        ("linear, persistent TMA", lambda: launch_linear(x, w, None, b, "gelu", z(8, 32), None, tma=True)),
+        ("linear, persistent TMA", lambda: launch_linear(x, w, None, b, "gelu", z(8, 32), None, kernel="tma")),
+        ("linear, split-K", lambda: launch_linear(x, w, None, b, "gelu", z(8, 32), None, kernel="split_k")),
+        ("linear_int8, split-K", lambda: launch_linear(x, *quantize_int8(w), b, "relu", None, None, kernel="split_k")),
         ("linear_int8", lambda: linear_int8_triton(x, *quantize_int8(w), b, "relu")),
         ("linear_fp8", lambda: linear_fp8_triton(x, *quantize_fp8(w), b, "gelu", z(8, 32))),
         ("softmax", lambda: softmax_triton(x, x > 0, log=True)),
@@ -108,6 +110,27 @@ def gemm_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], o
                               UPCAST=False, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
                 found.append((f"{label} {config}",
                               lambda a=args, k=kwargs: _linear_kernel.warmup(*a, grid=None, **k)))
+    return found + split_k_configs(dt, quick)
+
+
+def split_k_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], object]]]:
+    """Every autotune config of the split-K GEMM: float weights, and for bf16 int8 and fp8 ones too."""
+    from kernels.linear import _SPLIT_K_CONFIGS, _linear_split_k_kernel, fits_shared_memory
+    from kernels.linear_fp8 import FP8
+
+    x, partials = torch.zeros(8, 64, dtype=dt), torch.zeros(8, 8, 64)
+    weights = {"": (x, x)}
+    if dt == torch.bfloat16:
+        weights |= {" int8": (x, torch.zeros(64, 64, dtype=torch.int8)), " fp8": (x.to(FP8), x.to(FP8))}
+    found = []
+    for label, (a, w) in weights.items():
+        for config in _SPLIT_K_CONFIGS[: 2 if quick else None]:
+            if fits_shared_memory(config, a.element_size()):
+                args = (a, w, partials, 8, 64, 64, 8)
+                kwargs = dict(HAS_SCALE=w.dtype != dt, UPCAST=False, **config.kwargs, num_warps=config.num_warps,
+                              num_stages=config.num_stages)
+                found.append((f"linear split-K{label} {config}",
+                              lambda a=args, k=kwargs: _linear_split_k_kernel.warmup(*a, grid=None, **k)))
     return found
 
 

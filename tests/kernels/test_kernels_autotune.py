@@ -114,11 +114,11 @@ def test_stored_choices_outlive_the_process_that_timed_them(tmp_path, monkeypatc
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
     first = _autotune.StoredChoices("choices")
     assert first.get("H100|3.6.0|bf16|4096") is None
-    first.put("H100|3.6.0|bf16|4096", True)
-    first.put("H100|3.6.0|bf16|8192", False)
+    first.put("H100|3.6.0|bf16|4096", "tma")
+    first.put("H100|3.6.0|bf16|8192", "tiled")
     restarted = _autotune.StoredChoices("choices")  # another worker on the same cache volume
-    assert restarted.get("H100|3.6.0|bf16|4096") is True
-    assert restarted.get("H100|3.6.0|bf16|8192") is False
+    assert restarted.get("H100|3.6.0|bf16|4096") == "tma"
+    assert restarted.get("H100|3.6.0|bf16|8192") == "tiled"
     assert restarted.get("H200|3.6.0|bf16|4096") is None
     assert list((tmp_path / "cache").iterdir()) == [tmp_path / "cache" / "choices.json"]  # no temporary left
 
@@ -128,10 +128,10 @@ def test_an_unreadable_choices_file_reads_as_empty_and_is_replaced(tmp_path, mon
     (tmp_path / "choices.json").write_text("{not json")
     choices = _autotune.StoredChoices("choices")
     assert choices.get("k") is None
-    choices.put("k", True)
-    assert choices.get("k") is True
-    (tmp_path / "choices.json").write_text('{"k": "yes", "j": false}')  # a value that is not a choice is ignored
-    assert (choices.get("k"), choices.get("j")) == (None, False)
+    choices.put("k", "split_k")
+    assert choices.get("k") == "split_k"
+    (tmp_path / "choices.json").write_text('{"k": true, "j": "tiled"}')  # a value that is not a name is ignored
+    assert (choices.get("k"), choices.get("j")) == (None, "tiled")
 
 
 def test_a_read_only_cache_costs_only_a_warning(tmp_path, monkeypatch, caplog):
@@ -139,6 +139,6 @@ def test_a_read_only_cache_costs_only_a_warning(tmp_path, monkeypatch, caplog):
     blocker.write_text("")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(blocker / "cache"))  # a directory under a file: cannot exist
     choices = _autotune.StoredChoices("choices")
-    choices.put("k", True)
+    choices.put("k", "tiled")
     assert choices.get("k") is None
     assert "could not store k" in caplog.text

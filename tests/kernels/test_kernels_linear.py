@@ -3,7 +3,17 @@ import torch
 from kernel_checks import DTYPES, assert_close, poisoned, randn
 
 import kernels
-from kernels.linear import linear_reference, linear_triton, use_tma
+from kernels.linear import (
+    _choose_kernel,
+    kernel_candidates,
+    launch_linear,
+    linear_reference,
+    linear_triton,
+    split_k_may_pay,
+    use_split_k,
+    use_tma,
+)
+from kernels.linear_int8 import linear_int8_reference, quantize_int8
 
 ACTIVATIONS = ["none", "relu", "gelu", "tanh", "sigmoid"]
 
@@ -52,6 +62,70 @@ def test_linear_takes_the_tma_kernel_only_where_it_can(gen, monkeypatch):
     with pytest.raises(ValueError, match="MAAS_LINEAR_TMA"):
         use_tma(x, w, 512)
 
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("m", "n", "k", "activation"), [(1, 17, 200, "gelu"), (33, 65, 136, "tanh")])
+def test_split_k_linear_matches_reference(gen, device, dtype, m, n, k, activation, monkeypatch):
+    """Split-K forced on: K = 200 is 4 tiles of 64 for the interpreter's 3 runs (2, 2 and none, an empty run
+    writing zeros), K = 136 is 3 (1, 1, 1 with a partial last tile); two row blocks and a partial N block."""
+    monkeypatch.setenv("MAAS_LINEAR_SPLIT_K", "1")
+    x = randn(gen, m, k, dtype=dtype)
+    w = randn(gen, n, k, dtype=dtype, scale=k**-0.5)
+    b, r = randn(gen, n, dtype=dtype), randn(gen, m, n, dtype=dtype)
+    args = (x, w, None, None, b, activation, r, None, m, n, k, {})
+    assert _choose_kernel(*args) == "split_k"
+    out = poisoned(m, n, dtype=dtype, device=device)
+    y = kernels.linear(x, w, b, activation, residual=r, out=out)
+    expected = linear_reference(x.double(), w.double(), b.double(), activation, r.double())
+    assert_close(y, expected, dtype, reduction=k)
+    # Partial sums added in a fixed order: the same inputs give the same bits.
+    assert torch.equal(kernels.linear(x, w, b, activation, residual=r), y)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_k_dequantizes_int8_weights(gen, device, dtype):
+    m, n, k = 3, 40, 300
+    x = randn(gen, m, k, dtype=dtype)
+    q, s = quantize_int8(randn(gen, n, k, scale=k**-0.5))
+    b = randn(gen, n, dtype=dtype)
+    out = poisoned(m, n, dtype=dtype, device=device)
+    y = launch_linear(x, q, s, b, "relu", None, out, kernel="split_k")
+    assert_close(y, linear_int8_reference(x.double(), q, s.double(), b.double(), "relu"), dtype, reduction=k)
+
+
+def test_linear_takes_the_split_k_kernel_only_for_a_few_rows(gen, monkeypatch):
+    x, w = randn(gen, 64, 1024), randn(gen, 32, 1024)
+    monkeypatch.setenv("MAAS_LINEAR_SPLIT_K", "auto")
+    assert not use_split_k(x, w, 16)  # timing decides on a GPU only
+    monkeypatch.setenv("MAAS_LINEAR_SPLIT_K", "1")
+    assert use_split_k(x, w, 64)
+    assert use_split_k(x, w.to(torch.int8), 64)  # quantized weights too: small batches are what they are for
+    assert not use_split_k(torch.cat([x, x[:1]]), w, 65)  # its partials hold 8 copies of the output: M <= 64
+    assert kernel_candidates(x, w, None, 64) == ["tiled", "split_k"]
+    monkeypatch.setenv("MAAS_LINEAR_SPLIT_K", "0")
+    assert not use_split_k(x, w, 1)
+    assert kernel_candidates(x, w, None, 1) == ["tiled"]
+    monkeypatch.setenv("MAAS_LINEAR_SPLIT_K", "often")
+    with pytest.raises(ValueError, match="MAAS_LINEAR_SPLIT_K"):
+        use_split_k(x, w, 1)
+
+
+def test_split_k_is_timed_only_where_the_tiled_kernel_leaves_multiprocessors_idle():
+    assert split_k_may_pay(1, 4096, 4096, multiprocessors=132)  # 128 tiles of 16 x 32
+    assert not split_k_may_pay(1, 4224, 4096, multiprocessors=132)  # 132 tiles: every multiprocessor busy
+    assert split_k_may_pay(64, 384, 1536, multiprocessors=132)  # MiniLM's FFN down-projection, 4 short texts
+    assert not split_k_may_pay(65, 384, 1536, multiprocessors=132)
+    assert not split_k_may_pay(16, 1152, 384, multiprocessors=132)  # K too short to split
+
+
+def test_launch_linear_refuses_a_kernel_it_does_not_have(gen):
+    x, w = randn(gen, 2, 16), randn(gen, 8, 16)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        launch_linear(x, w, None, None, "none", None, None, kernel="gemv")
+    q, s = quantize_int8(w)
+    with pytest.raises(ValueError, match="float weights only"):
+        launch_linear(x, q, s, None, "none", None, None, kernel="tma")
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_without_bias_with_leading_dims(gen, device, dtype):

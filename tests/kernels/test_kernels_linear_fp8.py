@@ -68,6 +68,20 @@ def test_linear_fp8_matches_the_float64_reference(gen, device, dtype, m, n, k, a
     assert_close(y, expected, dtype, reduction=k, tf32=True)
 
 
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_fp8_on_the_split_k_kernel(gen, device, dtype, monkeypatch):
+    """Both scales applied once, by the reduction, to the sum of the runs' partial sums."""
+    monkeypatch.setenv("MAAS_LINEAR_SPLIT_K", "1")
+    m, n, k = 5, 33, 300
+    x = randn(gen, m, k, dtype=dtype)
+    qw, sw = quantize_fp8(randn(gen, n, k, scale=k**-0.5))
+    b, r = randn(gen, n, dtype=dtype), randn(gen, m, n, dtype=dtype)
+    out = poisoned(m, n, dtype=dtype, device=device)
+    y = kernels.linear_fp8(x, qw, sw, b, "sigmoid", r, out=out)
+    expected = linear_fp8_reference(x.double(), qw, sw.double(), b.double(), "sigmoid", r.double())
+    assert_close(y, expected, dtype, reduction=k, tf32=True)
+
 def test_linear_fp8_keeps_leading_dimensions(gen, device):
     x = randn(gen, 2, 3, 24, dtype=torch.bfloat16)
     qw, sw = quantize_fp8(randn(gen, 8, 24))
