@@ -37,14 +37,8 @@ from kernels._autotune import COMPILE_THREADS_ENV, PrecompilingAutotuner, usable
 from kernels.attention import GPU_CONFIGS as ATTENTION_CONFIGS  # noqa: E402
 from kernels.attention import _attention_kernel as _attention_tuner  # noqa: E402
 from kernels.attention import _prune_configs as prune_attention  # noqa: E402
-from kernels.linear import (  # noqa: E402
-    _GPU_CONFIGS,
-    _SPLIT_K_CONFIGS,
-    _prune_configs,
-    split_k_may_pay,
-)
+from kernels.linear import _GPU_CONFIGS, _prune_configs  # noqa: E402
 from kernels.linear import _linear_kernel as _linear_tuner  # noqa: E402
-from kernels.linear import _linear_split_k_kernel as _split_k_tuner  # noqa: E402
 from kernels.offline import compile_for  # noqa: E402
 
 
@@ -53,7 +47,7 @@ def _jit(kernel):
     return kernel.fn if isinstance(kernel, Autotuner) else kernel
 
 
-_linear_kernel, _linear_split_k_kernel, _attention_kernel = map(_jit, (_linear_tuner, _split_k_tuner, _attention_tuner))
+_linear_kernel, _attention_kernel = _jit(_linear_tuner), _jit(_attention_tuner)
 BF16 = torch.bfloat16
 ROWS, HIDDEN, HEADS, SEQ = 8192, 384, 12, 128
 WARMUP_BUCKETS = [16 << i for i in range(7)]  # rows of MiniLM's warm-up GEMMs: batches 1..64 of 16 tokens
@@ -74,11 +68,6 @@ def gemm_rounds(rows: int) -> list[tuple]:
                   "ACTIVATION": activation, "UPCAST": False}
         named = dict(zip(_linear_kernel.arg_names, args, strict=False))
         out.append((_linear_kernel, _prune_configs(_GPU_CONFIGS, named), args, kwargs))
-        if split_k_may_pay(rows, n, k, multiprocessors=132):  # an H100's: split-K is tuned as well
-            args = (x, w, torch.empty(8, rows, n), rows, n, k, triton.next_power_of_2(rows))
-            named = dict(zip(_linear_split_k_kernel.arg_names, args, strict=False))
-            out.append((_linear_split_k_kernel, _prune_configs(_SPLIT_K_CONFIGS, named),
-                        args, {"HAS_SCALE": False, "UPCAST": False}))
     return out
 
 
@@ -96,7 +85,7 @@ def rounds() -> list[tuple]:
 
 
 def _fresh_caches(threads: int) -> None:
-    for kernel in (_linear_kernel, _linear_split_k_kernel, _attention_kernel):
+    for kernel in (_linear_kernel, _attention_kernel):
         kernel.device_caches.clear()
     os.environ[COMPILE_THREADS_ENV] = str(threads)
 

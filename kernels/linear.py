@@ -311,11 +311,14 @@ SPLIT_K_ENV_VAR = "MAAS_LINEAR_SPLIT_K"
 # keeps MiniLM's warm-up batches (up to 64 short texts, 0.6 G at most) on the tiled kernel alone.
 TMA_MIN_MACS = 2 * 2**30
 # Split-K is timed against the tiled kernel for at most this many rows (its fp32 partials hold MAX_SPLIT_K
-# copies of the output), over sums this long at least, and only where the tiled kernel's thinnest tiles
-# (16 x 32) make fewer programs than the GPU has multiprocessors, so leave some idle. Judgements, not measured
-# crossovers: the timing decides from there, and the bounds keep that timing out of most warm-ups.
+# copies of the output), for weights this large at least (elements; 8 Mi is 16 MB in bf16, over 5 us of
+# streaming at 3 TB/s, enough to repay a second launch), and only where the tiled kernel's thinnest tiles
+# (16 x 32) make fewer programs than the GPU has multiprocessors, so leave some idle. On an H200 the tiled
+# kernel took 16.3 us on M = 1, N = K = 4,096 (cuBLAS: 12.0) and matched cuBLAS on N = 3,072, K = 768 (4.7 us).
+# Judgements, not measured crossovers: the timing decides from there, and the bounds keep that timing out of
+# warm-ups where it cannot pay (MiniLM's largest weight is 0.6 Mi).
 SPLIT_K_MAX_M = 64
-SPLIT_K_MIN_K = 512
+SPLIT_K_MIN_WEIGHT = 8 * 2**20
 
 
 @functools.cache
@@ -366,7 +369,8 @@ def use_split_k(x: torch.Tensor, weight: torch.Tensor, m: int) -> bool:
 
 def split_k_may_pay(m: int, n: int, k: int, multiprocessors: int) -> bool:
     """The bounds above: worth timing split-K against the tiled kernel on a GPU with ``multiprocessors``."""
-    return m <= SPLIT_K_MAX_M and k >= SPLIT_K_MIN_K and triton.cdiv(m, 16) * triton.cdiv(n, 32) < multiprocessors
+    return (m <= SPLIT_K_MAX_M and n * k >= SPLIT_K_MIN_WEIGHT
+            and triton.cdiv(m, 16) * triton.cdiv(n, 32) < multiprocessors)
 
 
 def kernel_candidates(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, m: int) -> list[str]:

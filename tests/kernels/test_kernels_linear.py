@@ -111,12 +111,13 @@ def test_linear_takes_the_split_k_kernel_only_for_a_few_rows(gen, monkeypatch):
         use_split_k(x, w, 1)
 
 
-def test_split_k_is_timed_only_where_the_tiled_kernel_leaves_multiprocessors_idle():
+def test_split_k_is_timed_only_for_large_weights_the_tiled_kernel_leaves_multiprocessors_idle_on():
     assert split_k_may_pay(1, 4096, 4096, multiprocessors=132)  # 128 tiles of 16 x 32
+    assert split_k_may_pay(16, 2048, 8192, multiprocessors=132)
     assert not split_k_may_pay(1, 4224, 4096, multiprocessors=132)  # 132 tiles: every multiprocessor busy
-    assert split_k_may_pay(64, 384, 1536, multiprocessors=132)  # MiniLM's FFN down-projection, 4 short texts
-    assert not split_k_may_pay(65, 384, 1536, multiprocessors=132)
-    assert not split_k_may_pay(16, 1152, 384, multiprocessors=132)  # K too short to split
+    assert not split_k_may_pay(65, 2048, 8192, multiprocessors=132)  # too many rows for its partials
+    assert not split_k_may_pay(1, 3072, 768, multiprocessors=132)  # 4.5 MB of bf16 weight: a few us at most
+    assert not split_k_may_pay(16, 384, 1536, multiprocessors=132)  # MiniLM's largest GEMM: warm-ups skip it
 
 
 def test_launch_linear_refuses_a_kernel_it_does_not_have(gen):
