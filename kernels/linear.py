@@ -94,10 +94,16 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **_) -> list[
     return within_bucket([c for c in configs if fits_shared_memory(c, size)], "BLOCK_M", named_args["M_BUCKET"])
 
 
+# Triton compiles a separate binary for an int argument equal to 1 or divisible by 16. The rows (M) and their
+# bucket vary with the batch, and neither enters an address's alignment: specialized, each tile config of a
+# warm-up would compile up to three times over (1, 2..15 and 16.. rows). N and K, fixed per layer, keep it.
+BATCH_ARGS = ("M", "M_BUCKET")
+
+
 # M_BUCKET (M rounded up to a power of two) is the tuning key instead of M itself: a dynamic batcher sees a
 # new M on almost every batch and must not re-tune each time.
 @autotune(_GPU_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_configs})
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_ARGS)
 def _linear_kernel(
     x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, r_ptr, y_ptr,
     M, N, K, M_BUCKET,
@@ -196,7 +202,7 @@ def _prune_tma_configs(configs: list[triton.Config], named_args: dict, **_) -> l
 
 
 @autotune(_TMA_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_tma_configs})
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_ARGS)
 def _linear_tma_kernel(
     x_desc, w_desc, b_ptr, r_ptr, y_ptr,
     M, N, K, M_BUCKET,
@@ -249,7 +255,7 @@ MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in _SPLIT_K_CONFIGS)
 
 
 @autotune(_SPLIT_K_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_configs})
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_ARGS)
 def _linear_split_k_kernel(
     x_ptr, w_ptr, p_ptr,
     M, N, K, M_BUCKET,
@@ -274,7 +280,7 @@ def _linear_split_k_kernel(
     tl.store(p_ptr + split * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _split_k_reduce_kernel(
     p_ptr, s_ptr, xs_ptr, b_ptr, r_ptr, y_ptr,
     M, N, SPLIT_K,

@@ -23,6 +23,8 @@ from triton.compiler import CompiledKernel
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels._autotune import COMPILE_THREADS_ENV, PrecompilingAutotuner
+from kernels.attention import GPU_CONFIGS as ATTENTION_CONFIGS
+from kernels.attention import _attention_kernel
 from kernels.linear import (
     _GPU_CONFIGS,
     _TMA_CONFIGS,
@@ -127,6 +129,25 @@ def main() -> int:
         results.append(check("TMA timings on disk: nothing precompiled, the pick keeps its hook",
                              compiled(_linear_tma_kernel) == 1 and t.best_config.pre_hook is _set_tile_shapes,
                              f"{compiled(_linear_tma_kernel)} kernel compiled, pre_hook {t.best_config.pre_hook}"))
+
+        # Batch sizes: rows and their bucket are not specialized on (Triton specializes an int equal to 1 or
+        # divisible by 16), so 1, 2..15 and 16.. rows share one binary per config instead of three each.
+        one = thin[0]
+        _linear_kernel.device_caches.clear()
+        for rows in (1, 2, 3, 8, 16, 17, 64):
+            x, w, s, xs, b, r, y, m, n, k, _ = gemm(rows)
+            _linear_kernel.warmup(x, w, s, xs, b, r, y, m, n, k, 1 << (m - 1).bit_length(), grid=None,
+                                  **gemm_kwargs, **one.all_kwargs())
+        q = torch.zeros(1, 2, 16, 64, dtype=BF16)
+        strides = (*q.stride()[:3],) * 4
+        for seq_bucket, bh_bucket in ((1, 2), (8, 4), (16, 16), (128, 64)):
+            _attention_kernel.warmup(q, q, q, None, q, 2, 16, 16, 0.125, seq_bucket, seq_bucket, bh_bucket, *strides,
+                                     grid=None, HAS_MASK=False, HEAD_DIM=64, UPCAST=False,
+                                     **ATTENTION_CONFIGS[-1].all_kwargs())
+        results.append(check("one binary per config for every batch size",
+                             (compiled(_linear_kernel), compiled(_attention_kernel)) == (1, 1),
+                             f"GEMM: {compiled(_linear_kernel)} kernels for 7 row counts (1 to 64), "
+                             f"attention: {compiled(_attention_kernel)} for 4 length and batch buckets"))
 
         # A failure outside the compiles (here: arguments the JIT cannot bind) is logged, never raised.
         warnings: list[str] = []
