@@ -8,7 +8,9 @@ an empty Triton cache, for sm_90 through :func:`kernels.offline.compile_for`: no
 machine it measures that machine's CPUs, which are what compile. Then, on the most threads given, the GEMM
 rounds of MiniLM's whole warm-up (batches 1 to 64 of 16-token texts), smallest batch first and largest
 first (``models.loaded.warmup_batch_sizes``): the largest bucket's round holds every config the smaller ones
-keep, so largest first compiles them in one parallel round per GEMM instead of a few at a time.
+keep, so largest first compiles them in one parallel round per GEMM instead of a few at a time. Last, the
+MNIST MLP's warm-up (batches 1 to 8,192): how many binaries its GEMM rounds make, one per config and GEMM
+when no batch-dependent argument is specialized on.
 
 Usage: ``python bench/compile.py [--threads 1 2 4 ...] [--output FILE.json]`` (default: 1 and every CPU).
 """
@@ -31,6 +33,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # real compiles (the kernels below are
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from triton.compiler import CompiledKernel  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 
 from kernels._autotune import COMPILE_THREADS_ENV, PrecompilingAutotuner, usable_cpus  # noqa: E402
@@ -56,11 +59,16 @@ GEMMS = [(3 * HIDDEN, HIDDEN, "none", False), (HIDDEN, HIDDEN, "none", True), (4
          (HIDDEN, 4 * HIDDEN, "none", True)]
 
 
-def gemm_rounds(rows: int) -> list[tuple]:
+# The MNIST MLP's GEMMs (784 -> 128 -> 10) and its warm-up's batch buckets: rows of 1 to 8,192.
+MLP_GEMMS = [(128, 784, "relu", False), (10, 128, "none", False)]
+MLP_BUCKETS = [1 << i for i in range(14)]
+
+
+def gemm_rounds(rows: int, gemms: list[tuple] = GEMMS) -> list[tuple]:
     """(kernel, configs, positional args, keyword args) of the GEMM tuning rounds at ``rows`` rows, configs
     pruned as the tuner prunes them."""
     out = []
-    for n, k, activation, residual in GEMMS:
+    for n, k, activation, residual in gemms:
         x, w, b, y = (torch.empty(rows, k, dtype=BF16), torch.empty(n, k, dtype=BF16), torch.empty(n, dtype=BF16),
                       torch.empty(rows, n, dtype=BF16))
         args = (x, w, None, None, b, y if residual else None, y, rows, n, k, triton.next_power_of_2(rows))
@@ -106,18 +114,20 @@ def compile_all(threads: int) -> float:
         return time.perf_counter() - start
 
 
-def compile_warmup(buckets: list[int], threads: int) -> float:
+def compile_warmup(buckets: list[int], threads: int, gemms: list[tuple] = GEMMS) -> tuple[float, int]:
     """Seconds to precompile the GEMM rounds of a warm-up visiting ``buckets`` (rows) in that order, into an
-    empty cache: each round compiles the configs its bucket keeps that no earlier round compiled."""
+    empty cache, and the binaries it made: each round compiles the configs its bucket keeps that no earlier
+    round compiled (for the same specialization of the arguments)."""
     _fresh_caches(threads)
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
         start = time.perf_counter()
         for rows in buckets:
-            for kernel, configs, args, kwargs in gemm_rounds(rows):
+            for kernel, configs, args, kwargs in gemm_rounds(rows, gemms):
                 PrecompilingAutotuner(kernel, kernel.arg_names, configs, [], None, None).precompile(configs, args,
                                                                                                       kwargs)
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+    return seconds, sum(isinstance(k, CompiledKernel) for k in _linear_kernel.device_caches[0][0].values())
 
 
 def main() -> None:
@@ -145,12 +155,18 @@ def main() -> None:
               f"its GEMM rounds precompiled on {threads} threads, by the order of the batches:")
         with compile_for(90):
             for name, buckets in (("smallest first", WARMUP_BUCKETS), ("largest first", WARMUP_BUCKETS[::-1])):
-                orders[name] = compile_warmup(buckets, threads)
+                orders[name], _ = compile_warmup(buckets, threads)
                 print(f"  {name}: {orders[name]:.2f} s", flush=True)
+    print(f"\nThe MNIST MLP's warm-up (batches 1..{MLP_BUCKETS[-1]}, largest first), its two GEMMs' rounds precompiled "
+          f"on {threads} thread(s):")
+    with compile_for(90):
+        mlp_s, mlp_binaries = compile_warmup(MLP_BUCKETS[::-1], threads, MLP_GEMMS)
+    print(f"  {mlp_binaries} binaries in {mlp_s:.2f} s", flush=True)
     if args.output:
         Path(args.output).write_text(json.dumps({"cpus": usable_cpus(), "triton": triton.__version__,
                                                  "configs": configs, "results": results,
-                                                 "warmup_order_threads": threads, "warmup_order_s": orders},
+                                                 "warmup_order_threads": threads, "warmup_order_s": orders,
+                                                 "mlp_warmup": {"seconds": mlp_s, "binaries": mlp_binaries}},
                                                 indent=2))
 
 
