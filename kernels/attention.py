@@ -63,7 +63,7 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 
 # Tuned per power-of-two bucket of the query and key lengths and of batch x heads (capped: past 1024
 # programs per query block every config fills the GPU), so new batch shapes reuse a tuned config. The buckets
-# are keys only: not specialized on (kernels.linear.BATCH_ARGS says why), they do not multiply the binaries.
+# are keys only, not specialized on (see kernels._common).
 @autotune(GPU_CONFIGS, key=["SQ_BUCKET", "SK_BUCKET", "BH_BUCKET", "HEAD_DIM"],
           prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit(do_not_specialize=["SQ_BUCKET", "SK_BUCKET", "BH_BUCKET"])

@@ -16,7 +16,7 @@ from kernels._common import FLOAT_DTYPES, check_contiguous, check_tensor, comput
 from kernels.dispatch import INTERPRETER, backend_for
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # output pixels of the batch: see kernels._common
 def _conv2d_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     C, H, W, CO, OH, OW, M,

@@ -16,7 +16,7 @@ from kernels.dispatch import backend_for
 MAX_ROW = 65536
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # rows: see kernels._common
 def _l2_normalize_kernel(x_ptr, y_ptr, M, N, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)

@@ -27,7 +27,7 @@ from kernels.dispatch import backend_for
 MAX_ROW = 65536
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # rows: see kernels._common
 def _layer_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, M, N, eps, HAS_RESIDUAL: tl.constexpr,
                        ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)

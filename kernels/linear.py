@@ -94,9 +94,8 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **_) -> list[
     return within_bucket([c for c in configs if fits_shared_memory(c, size)], "BLOCK_M", named_args["M_BUCKET"])
 
 
-# Triton compiles a separate binary for an int argument equal to 1 or divisible by 16. The rows (M) and their
-# bucket vary with the batch, and neither enters an address's alignment: specialized, each tile config of a
-# warm-up would compile up to three times over (1, 2..15 and 16.. rows). N and K, fixed per layer, keep it.
+# Rows and their bucket vary with the batch: not specialized on (see kernels._common). N and K, fixed per
+# layer, are: their divisibility by 16 lets loads and stores be vectorized.
 BATCH_ARGS = ("M", "M_BUCKET")
 
 
@@ -499,13 +498,13 @@ def _launch_split_k(x, weight, scales, x_scales, bias, activation, residual, y, 
         HAS_SCALE=scales is not None, UPCAST=INTERPRETER,
         **meta,
     )
-    block_m = min(16, triton.next_power_of_2(m))
-    _split_k_reduce_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, 128))](
+    # One tile shape for every batch (one binary): rows past M are masked, and these sums are small.
+    _split_k_reduce_kernel[(triton.cdiv(m, 16), triton.cdiv(n, 128))](
         partials, scales, x_scales, bias, residual, y,
         m, n, meta.get("SPLIT_K") or splits[-1],
         HAS_SCALE=scales is not None, HAS_X_SCALE=x_scales is not None, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None, ACTIVATION=activation,
-        BLOCK_M=block_m, BLOCK_N=128,
+        BLOCK_M=16, BLOCK_N=128,
     )
 
 

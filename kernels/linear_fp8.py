@@ -69,7 +69,7 @@ def _round_to_e4m3(v):
     return tl.where(tl.abs(v) < 0.015625, subnormal, normal)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # rows: see kernels._common
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, FP8_MAX: tl.constexpr, ROUND_IN_FP32: tl.constexpr,
                           ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)

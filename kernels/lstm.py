@@ -23,7 +23,7 @@ from kernels.dispatch import INTERPRETER, backend_for
 from kernels.linear import launch_linear
 
 
-@triton.jit(do_not_specialize=["step"])  # one compiled kernel for every step, not variants for 1 and 16k
+@triton.jit(do_not_specialize=["step", "B"])  # one kernel for every step and batch: see kernels._common
 def _lstm_step_kernel(
     gx_ptr, whh_ptr, len_ptr, h_in_ptr, h_out_ptr, c_ptr, y_ptr,
     step, B, S, H,

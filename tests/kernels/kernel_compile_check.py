@@ -91,6 +91,52 @@ def launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     return found
 
 
+BATCH_SIZES = (1, 3, 16)  # an int equal to 1, one of no note, one divisible by 16: Triton's three cases
+
+
+def batch_launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
+    """Launches whose batch-dependent sizes differ (``BATCH_SIZES`` images, texts or rows), labelled ``batch
+    <op>``: each op must compile one binary for all of them (``kernels._common`` says why)."""
+    from kernels.attention import attention_triton
+    from kernels.conv2d import conv2d_triton
+    from kernels.l2_normalize import l2_normalize_triton
+    from kernels.layer_norm import layer_norm_triton
+    from kernels.linear import launch_linear
+    from kernels.linear_fp8 import _quantize_rows
+    from kernels.lstm import lstm_triton
+    from kernels.max_pool2d import max_pool2d_triton
+
+    def z(*shape):
+        return torch.zeros(shape, dtype=dt)
+
+    found = []
+    for b in BATCH_SIZES:
+        x = z(b, 64)
+        found += [
+            ("batch linear", lambda x=x: launch_linear(x, z(32, 64), None, z(32), "gelu", None, None, kernel="tiled")),
+            ("batch linear split-K", lambda x=x: launch_linear(x, z(32, 64), None, None, "none", None, None,
+                                                               kernel="split_k")),
+            ("batch layer_norm", lambda x=x: layer_norm_triton(x, z(64), z(64))),
+            ("batch l2_normalize", lambda x=x: l2_normalize_triton(x)),
+            ("batch conv2d", lambda b=b: conv2d_triton(z(b, 3, 8, 8), z(4, 3, 3, 3), z(4), True)),
+            ("batch max_pool2d", lambda b=b: max_pool2d_triton(z(b, 4, 32, 32), 2)),  # 1,024+ outputs: one tile size
+            ("batch lstm", lambda b=b: lstm_triton(z(b, 1, 8), z(64, 8), z(64, 16), z(64))),  # input GEMM: b rows
+            ("batch attention", lambda b=b: attention_triton(z(b, 2, 8, 64), z(b, 2, 8, 64), z(b, 2, 8, 64))),
+        ]
+        if dt == torch.bfloat16:
+            found.append(("batch quantize_rows_fp8", lambda x=x: _quantize_rows(x)))
+    return found
+
+
+def batch_binaries() -> dict[str, int]:
+    """Per ``batch`` launch (and dtype) and kernel it ran, how many binaries its compiles came to."""
+    found: dict[str, set[int]] = {}
+    for launch, kernel_name, _, kernel in compiles:
+        if launch.startswith("batch "):
+            found.setdefault(f"{launch}: {kernel_name}", set()).add(id(kernel))
+    return {name: len(ids) for name, ids in found.items()}
+
+
 def gemm_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], object]]]:
     """Every autotune config of the GEMM that its pruning keeps (``launches`` used the fixed tiles); for bf16
     also with fp8 X and W tiles and both scales (``linear_fp8``)."""
@@ -180,17 +226,24 @@ def main() -> int:
         return 2
     JITFunction.run = compile_only(JITFunction.run)
     failed = 0
+    batch_launched: set[str] = set()
     with compile_for(90), ThreadPoolExecutor(usable_cpus()) as pool, AsyncCompileMode(pool, ignore_errors=True):
         for dt in [torch.bfloat16] if opts.quick else [torch.bfloat16, torch.float16, torch.float32]:
-            for name, thunk in launches(dt) + gemm_configs(dt, opts.quick) + tma_configs(dt, opts.quick) + \
-                    attention_configs(dt, opts.quick):
+            for name, thunk in launches(dt) + batch_launches(dt) + gemm_configs(dt, opts.quick) + \
+                    tma_configs(dt, opts.quick) + attention_configs(dt, opts.quick):
                 current_launch[0] = f"{name} {dt}"
+                if name.startswith("batch "):
+                    batch_launched.add(current_launch[0])
                 try:
                     thunk()
                 except Exception:
                     failed += 1
                     print(f"FAIL {current_launch[0]}\n{traceback.format_exc()}", file=sys.stderr)
+    seen: set[int] = set()
     for launch, kernel_name, label, kernel in compiles:  # every compile has finished here
+        if id(kernel) in seen:  # a launch that found its binary compiled already
+            continue
+        seen.add(id(kernel))
         try:
             shared = (kernel.result() if hasattr(kernel, "result") else kernel).metadata.shared
             if shared > SHARED_MEMORY:
@@ -200,7 +253,18 @@ def main() -> int:
             print(f"FAIL {launch}: {kernel_name} ({label})\n{traceback.format_exc()}", file=sys.stderr)
             continue
         print(f"ok  {kernel_name:<24} shared={shared:>6}  {label}")
-    print(f"{len(compiles)} compiles for sm_90, {failed} failure(s)")
+    shared_binaries = batch_binaries()
+    for name, binaries in shared_binaries.items():
+        if binaries != 1:
+            failed += 1
+            print(f"FAIL {name}: {binaries} binaries for batch sizes {BATCH_SIZES}, expected one", file=sys.stderr)
+    compiled_launches = {name.split(": ")[0] for name in shared_binaries}
+    for launch in sorted(batch_launched - compiled_launches):
+        failed += 1
+        print(f"FAIL {launch}: compiled nothing", file=sys.stderr)
+    print(f"batch sizes {BATCH_SIZES}: one binary each for {sum(n == 1 for n in shared_binaries.values())} of "
+          f"{len(shared_binaries)} kernels and dtypes")
+    print(f"{len(seen)} compiles for sm_90, {failed} failure(s)")
     return 1 if failed else 0
 
 
