@@ -133,41 +133,45 @@ def compile_warmup(buckets: list[int], threads: int, gemms: list[tuple] = GEMMS)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, usable_cpus()}))
-    parser.add_argument("--output", default=None, help="write the results as JSON here")
+    parser.add_argument("--output", default=None, help="write the results as JSON here (after every step)")
     args = parser.parse_args()
     configs = sum(len(r[1]) for r in rounds())
     print(f"{configs} configs in {len(GEMMS) + 1} tuning rounds, sm_90, on {usable_cpus()} CPUs "
           f"({platform.processor() or platform.machine()}), triton {triton.__version__}")
-    results = []
+    threads = max(args.threads)
+    found = {"cpus": usable_cpus(), "triton": triton.__version__, "configs": configs, "results": [],
+             "warmup_order_threads": threads, "warmup_order_s": {}}
+
+    def save() -> None:  # a time limit may stop the run after any step
+        if args.output:
+            Path(args.output).write_text(json.dumps(found, indent=2))
+
+    results = found["results"]
     with compile_for(90):
-        for threads in args.threads:
-            results.append({"threads": threads, "seconds": compile_all(threads)})
-            print(f"  {threads} thread(s): {results[-1]['seconds']:.2f} s", flush=True)
+        for n in args.threads:
+            results.append({"threads": n, "seconds": compile_all(n)})
+            print(f"  {n} thread(s): {results[-1]['seconds']:.2f} s", flush=True)
+            save()
     medians = {t: statistics.median(r["seconds"] for r in results if r["threads"] == t) for t in args.threads}
     print(f"{'threads':>8} {'median s':>9} {'x one thread':>13}")
-    for threads, seconds in medians.items():
+    for n, seconds in medians.items():
         ratio = f"{medians[1] / seconds:.2f}" if 1 in medians else "-"
-        print(f"{threads:>8} {seconds:>9.2f} {ratio:>13}")
-    threads = max(t for t in args.threads)
-    orders = {}
+        print(f"{n:>8} {seconds:>9.2f} {ratio:>13}")
     if threads > 1:
         print(f"\nMiniLM's warm-up (16-token texts, batches 1..64: {WARMUP_BUCKETS[0]}..{WARMUP_BUCKETS[-1]} rows), "
               f"its GEMM rounds precompiled on {threads} threads, by the order of the batches:")
         with compile_for(90):
             for name, buckets in (("smallest first", WARMUP_BUCKETS), ("largest first", WARMUP_BUCKETS[::-1])):
-                orders[name], _ = compile_warmup(buckets, threads)
-                print(f"  {name}: {orders[name]:.2f} s", flush=True)
+                found["warmup_order_s"][name], _ = compile_warmup(buckets, threads)
+                print(f"  {name}: {found['warmup_order_s'][name]:.2f} s", flush=True)
+                save()
     print(f"\nThe MNIST MLP's warm-up (batches 1..{MLP_BUCKETS[-1]}, largest first), its two GEMMs' rounds precompiled "
           f"on {threads} thread(s):")
     with compile_for(90):
         mlp_s, mlp_binaries = compile_warmup(MLP_BUCKETS[::-1], threads, MLP_GEMMS)
     print(f"  {mlp_binaries} binaries in {mlp_s:.2f} s", flush=True)
-    if args.output:
-        Path(args.output).write_text(json.dumps({"cpus": usable_cpus(), "triton": triton.__version__,
-                                                 "configs": configs, "results": results,
-                                                 "warmup_order_threads": threads, "warmup_order_s": orders,
-                                                 "mlp_warmup": {"seconds": mlp_s, "binaries": mlp_binaries}},
-                                                indent=2))
+    found["mlp_warmup"] = {"seconds": mlp_s, "binaries": mlp_binaries}
+    save()
 
 
 if __name__ == "__main__":

