@@ -81,7 +81,7 @@ def into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
 # Triton compiles a separate binary for an int argument equal to 1 or divisible by 16. Counts that vary with the
 # batch (rows, output pixels, batch rows, bucket keys) enter only masks and tuning keys, never an address's
 # alignment: each kernel lists them in ``do_not_specialize``, or the batch buckets of a warm-up would compile
-# each kernel (each tile config, when autotuned) up to three times over: for 1, 2..15 and 16.. rows.
+# each kernel (each tile config, when autotuned) up to three times over: for 1 row, a multiple of 16, any other count.
 
 # Elements a program of the norms (layer_norm, l2_normalize) handles at least: shorter rows share a program.
 ROW_TILE = 2048

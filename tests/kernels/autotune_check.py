@@ -131,7 +131,7 @@ def main() -> int:
                              f"{compiled(_linear_tma_kernel)} kernel compiled, pre_hook {t.best_config.pre_hook}"))
 
         # Batch sizes: rows and their bucket are not specialized on (Triton specializes an int equal to 1 or
-        # divisible by 16), so 1, 2..15 and 16.. rows share one binary per config instead of three each.
+        # divisible by 16), so 1 row, multiples of 16 and other counts share one binary per config instead of three.
         one = thin[0]
         _linear_kernel.device_caches.clear()
         for rows in (1, 2, 3, 8, 16, 17, 64):
