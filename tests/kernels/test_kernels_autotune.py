@@ -98,6 +98,8 @@ def test_compile_threads_follow_the_cpus_or_the_setting(monkeypatch):
 
 def test_autotune_timing_is_triton_s_own_a_shorter_one_or_graph_replays(monkeypatch):
     """``MAAS_AUTOTUNE_TIMING`` (read when the kernels are defined): the options given to triton.autotune."""
+    monkeypatch.delenv("MAAS_AUTOTUNE_TIMING", raising=False)
+    assert _autotune._timing_options() == {"do_bench": _autotune._quick_timing}  # the default
     monkeypatch.setenv("MAAS_AUTOTUNE_TIMING", "graph")
     assert _autotune._timing_options() == {"do_bench": _autotune._graph_timing}
     monkeypatch.setenv("MAAS_AUTOTUNE_TIMING", " Quick ")
