@@ -47,24 +47,19 @@ for part in $parts; do
   limit_var="LIMIT_$part"
   limit=${!limit_var:-${PART_LIMIT:-150}}
   case $part in
-    checks)  # the kernel cases in nine processes at once (GEMMs autotune for seconds, the LSTM steps
-      # through time), then the models alone: on 2026-11-26 one shared 85 s limit cut both short. Groups do
-      # not overlap, and run 4's slowest (the two 4133-row GEMMs: 55 s) has one to itself. Their autotune
-      # timings, taken on a shared GPU, go to a cache of their own: the benchmarks must not reuse them.
-      i=0
-      for group in "--only 4096x4096x4096 1x3072x768" "--only 77x768x3072 512x1000x4096" \
-                   "--only 4133x1000x4104" "--only split_k" "--only 1x14336x4096 16x4096x14336" "--only linear_fp8" \
-                   "--only softmax layer_norm l2_normalize embedding conv2d max_pool2d" "--only attention" \
-                   "--only lstm"; do
-        # shellcheck disable=SC2086  # each group is several words on purpose
-        TRITON_CACHE_DIR="$out/triton_checks" timeout "$limit" $py bench/gpu_kernels_check.py $group \
+    checks)  # the kernel cases in parallel processes, one per group of bench/gpu_kernels_check.py (GEMMs
+      # autotune for seconds, the LSTM steps through time), then the models alone: on 2026-11-26 one shared
+      # 85 s limit cut both short. Their autotune timings, taken on a shared GPU, go to a cache of their own:
+      # the benchmarks must not reuse them.
+      groups=$($py bench/gpu_kernels_check.py --groups)
+      for ((i = 0; i < groups; i++)); do
+        TRITON_CACHE_DIR="$out/triton_checks" timeout "$limit" $py bench/gpu_kernels_check.py --group "$i" \
           >"$out/check$i.txt" 2>&1 &
-        i=$((i + 1))
       done
       wait
-      TRITON_CACHE_DIR="$out/triton_checks" timeout "$limit" $py bench/gpu_models_check.py >"$out/check$i.txt" 2>&1
+      TRITON_CACHE_DIR="$out/triton_checks" timeout "$limit" $py bench/gpu_models_check.py >"$out/check$groups.txt" 2>&1
       cat "$out"/check*.txt >>"$log"
-      rm -r "$out"/check*.txt "$out/triton_checks"
+      rm -rf "$out"/check*.txt "$out/triton_checks"
       grep -E "FAIL|passed|failure" "$log" | tail -40 ;;
     tokens)
       timeout "$limit" $py bench/models.py --tokens --output "$out/models_tokens.json" 2>&1 | tee -a "$log" ;;
