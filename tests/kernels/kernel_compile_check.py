@@ -5,8 +5,9 @@ unification in loops and branches, tile shapes for ``tl.dot``, shared-memory bud
 real launchers on CPU tensors through Triton's own JIT, with :func:`kernels.offline.compile_for` standing in
 for the CUDA driver and every launch turned into a compile-only warm-up, so each launch's exact arguments,
 specialization and constexprs (the GPU tile configs included) go through the full Triton -> PTX -> cubin
-pipeline. The compiles run on a thread pool (Triton's ``AsyncCompileMode``). Must run *without*
-``TRITON_INTERPRET``.
+pipeline. The compiles run on a thread pool (Triton's ``AsyncCompileMode``). It also launches every op at
+1, 3 and 16 rows and fails if any of them compiles more than one binary for those (a warm-up visits every
+batch bucket). Must run *without* ``TRITON_INTERPRET``.
 
 Usage: ``python tests/kernels/kernel_compile_check.py [--quick]``; exits 1 on any failure.
 """
