@@ -9,7 +9,7 @@ launch, and the tiles the GEMM autotuner picked. Results go to
 
 Baselines are the natural torch code in the same dtype: ``F.linear`` + activation (cuBLAS), ``softmax``,
 ``F.layer_norm``, ``F.normalize``, ``F.scaled_dot_product_attention`` on its flash backend (the baseline
-issue #3 names; left to choose, SDPA may take cuDNN's kernels on Hopper; torch.compile gets the plain call),
+issue #3 names; left to choose, SDPA's pick depends on torch version and GPU; torch.compile gets the plain call),
 gather + masked mean, ``F.conv2d``, ``F.max_pool2d``, ``torch.nn.LSTM`` (cuDNN). For ``linear_int8`` the eager
 baseline is the dense bf16 ``F.linear`` it replaces, the compiled one ``torch.compile`` of dequantize + matmul; for
 ``linear_fp8`` (activations quantized per row on the way in, inside the timed call) both are the bf16
