@@ -33,7 +33,6 @@ os.environ.pop("TRITON_INTERPRET", None)  # real compiles (the kernels below are
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.compiler import CompiledKernel  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 
 from kernels._autotune import COMPILE_THREADS_ENV, PrecompilingAutotuner, usable_cpus  # noqa: E402
@@ -42,7 +41,7 @@ from kernels.attention import _attention_kernel as _attention_tuner  # noqa: E40
 from kernels.attention import _prune_configs as prune_attention  # noqa: E402
 from kernels.linear import _GPU_CONFIGS, _prune_configs  # noqa: E402
 from kernels.linear import _linear_kernel as _linear_tuner  # noqa: E402
-from kernels.offline import compile_for  # noqa: E402
+from kernels.offline import compile_for, compiled_kernels  # noqa: E402
 
 
 def _jit(kernel):
@@ -127,7 +126,7 @@ def compile_warmup(buckets: list[int], threads: int, gemms: list[tuple] = GEMMS)
                 PrecompilingAutotuner(kernel, kernel.arg_names, configs, [], None, None).precompile(configs, args,
                                                                                                       kwargs)
         seconds = time.perf_counter() - start
-    return seconds, sum(isinstance(k, CompiledKernel) for k in _linear_kernel.device_caches[0][0].values())
+    return seconds, compiled_kernels(_linear_kernel)
 
 
 def main() -> None:

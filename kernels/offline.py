@@ -13,7 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from triton.backends.compiler import GPUTarget
+from triton.compiler import CompiledKernel
 from triton.runtime import driver
+from triton.runtime.jit import JITFunction
 
 
 class NoDevice(RuntimeError):
@@ -48,3 +50,9 @@ def compile_for(arch: int = 90, warp_size: int = 32) -> Iterator[GPUTarget]:
         yield target
     finally:
         driver._active = previous
+
+
+def compiled_kernels(fn: JITFunction) -> int:
+    """Binaries in ``fn``'s in-memory JIT cache (device 0) that finished compiling: what a compile-only run
+    made of it."""
+    return sum(isinstance(k, CompiledKernel) for k in fn.device_caches[0][0].values())

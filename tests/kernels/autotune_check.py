@@ -19,7 +19,6 @@ import tempfile
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="autotune-check-")
 
 import torch
-from triton.compiler import CompiledKernel
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels._autotune import COMPILE_THREADS_ENV, PrecompilingAutotuner
@@ -36,15 +35,11 @@ from kernels.linear import (
     _set_tile_shapes,
 )
 from kernels.offline import NoDevice, compile_for
+from kernels.offline import compiled_kernels as compiled
 
 BF16 = torch.bfloat16
 BROKEN = _config(16, 48, 64, 4, 4)  # BLOCK_N = 48: tl.arange needs a power of two, so this cannot compile
 EPILOGUE = {"HAS_BIAS": True, "HAS_RESIDUAL": False, "ACTIVATION": "gelu", "UPCAST": False}
-
-
-def compiled(fn) -> int:
-    """Kernels in ``fn``'s in-memory JIT cache (device 0) that finished compiling."""
-    return sum(isinstance(k, CompiledKernel) for k in fn.device_caches[0][0].values())
 
 
 def tuner(fn, configs, prune) -> PrecompilingAutotuner:
