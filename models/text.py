@@ -11,6 +11,7 @@ arrays from the word index (its numpy twin serves them as they are), torch tenso
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections import Counter
@@ -26,6 +27,16 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: a worker serving 
 
 _WORD_RE = re.compile(r"[\w']+")
 PAD_ID, OOV_ID = 0, 1
+# `encode` tokenizes a whole batch in one pass over its texts joined by this marker, which comes out as a word
+# of its own. NUL is no word character, so inside a text it only separates words, as a space does: a text
+# holding one gets a space instead.
+_TEXT_END = "\x00"
+_BATCH_WORD_RE = re.compile(r"[\w']+|\x00")
+# For ASCII text (lower-cased or not, as the tokenizer says) `bytes.translate` + `split` find the same words
+# as `_WORD_RE` several times faster: on ASCII, \w is [A-Za-z0-9_]; everything else but ' and NUL is a space.
+_ASCII_NON_WORD_TO_SPACE = bytes(c if chr(c).isalnum() or chr(c) in "_'" + _TEXT_END else ord(" ") for c in range(128))
+_ASCII_NON_WORD_TO_SPACE += bytes(range(128, 256))  # never met: the text is ASCII
+BATCH_PASS_MIN_TEXTS = 8  # fewer are tokenized text by text (equally fast at 8 on a 2-core VM)
 
 
 class WordIndexTokenizer:
@@ -37,6 +48,10 @@ class WordIndexTokenizer:
         self.lowercase = lowercase
         self.oov_token, self.pad_token = oov_token, pad_token
         self.index = {w: i + 2 for i, w in enumerate(self.words)}
+        # For `encode`: the marker between texts maps to -1. No real word is the marker (the regex never
+        # finds it in a text), so no vocabulary entry is lost; ASCII words also as bytes, for the fast path.
+        self._batch_index = {**self.index, _TEXT_END: -1}
+        self._ascii_index = {w.encode(): i for w, i in self._batch_index.items() if w.isascii()}
 
     @property
     def size(self) -> int:
@@ -78,11 +93,33 @@ class WordIndexTokenizer:
         return [self.index.get(w, OOV_ID) for w in words]
 
     def encode(self, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+        """``tokens`` of every text, truncated or padded to ``length``. From 8 texts on, one pass finds the
+        words of the whole batch, one looks them up and numpy lays them out, instead of a Python loop per
+        text: at batch 4,096 tokenizing was nearly all of a text classifier's serving time (about 13 of 14 ms
+        on an H100 machine), and this pass is about 3x faster."""
         ids = np.zeros((len(texts), length), dtype=np.int64)
-        for row, text in enumerate(texts):
-            tokens = self.tokens(text)[:length]
-            if tokens:
+        if len(texts) < BATCH_PASS_MIN_TEXTS or length == 0:  # the batch pass's fixed cost is some 15 us
+            for row, text in enumerate(texts):
+                tokens = self.tokens(text)[:length]
                 ids[row, : len(tokens)] = tokens
+            return ids, ids != PAD_ID
+        marker = f" {_TEXT_END} "
+        joined = marker.join(texts)
+        if joined.count(_TEXT_END) != len(texts) - 1:
+            joined = marker.join(t.replace(_TEXT_END, " ") for t in texts)
+        if self.lowercase:  # the same as lower-casing text by text: no character's case depends on the marker
+            joined = joined.lower()
+        if joined.isascii():
+            words, index = joined.encode().translate(_ASCII_NON_WORD_TO_SPACE).split(), self._ascii_index
+        else:
+            words, index = _BATCH_WORD_RE.findall(joined), self._batch_index
+        flat = np.fromiter(map(index.get, words, itertools.repeat(OOV_ID)), np.int64, len(words))
+        ends = np.flatnonzero(flat < 0)  # one after each text's last token, but the last text's
+        starts = np.concatenate(([0], ends + 1))
+        counts = np.minimum(np.append(ends, len(flat)) - starts, length)
+        rows = np.repeat(np.arange(len(texts)), counts)
+        cols = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+        ids[rows, cols] = flat[np.repeat(starts, counts) + cols]
         return ids, ids != PAD_ID
 
 

@@ -1,0 +1,59 @@
+"""The word-index tokenizer's batch `encode` (one pass over the joined batch, an ASCII fast path) must give
+exactly what tokenizing each text on its own gives."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from models.text import BATCH_PASS_MIN_TEXTS, OOV_ID, PAD_ID, WordIndexTokenizer
+
+WORDS = ["the", "cat", "sat", "don't", "snake_case", "42", "café", "straße", "οδος", "ὀδός", "k"]
+# ASCII words and separators, NUL, accents, a final sigma, the Kelvin sign (lower-cases to ASCII 'k'), a
+# dotted capital I (lower-cases to two characters), digits of other scripts, emoji.
+ALPHABET = [*"abcTHE xyz_'0123456789.,;!?-\t\n\x00", "CAFÉ", "Straße", "ΟΔΟΣ", "\u212a", "İ", "٣", "🙂"]
+
+
+def one_by_one(tokenizer: WordIndexTokenizer, texts: list[str], length: int) -> np.ndarray:
+    ids = np.full((len(texts), length), PAD_ID, dtype=np.int64)
+    for row, text in enumerate(texts):
+        tokens = tokenizer.tokens(text)[:length]
+        ids[row, : len(tokens)] = tokens
+    return ids
+
+
+def random_text(rng: random.Random) -> str:
+    parts = [rng.choice(WORDS + [w.upper() for w in WORDS]) if rng.random() < 0.5 else rng.choice(ALPHABET)
+             for _ in range(rng.randrange(0, 14))]
+    return "".join(p + (" " if rng.random() < 0.6 else "") for p in parts)
+
+
+@pytest.mark.parametrize("lowercase", [True, False])
+@pytest.mark.parametrize("ascii_only", [True, False])
+def test_encode_matches_text_by_text(lowercase: bool, ascii_only: bool) -> None:
+    tokenizer = WordIndexTokenizer(WORDS, lowercase=lowercase)
+    rng = random.Random(7)
+    for length, batch in ((1, 200), (3, 200), (10, 200), (10, BATCH_PASS_MIN_TEXTS)):
+        texts = [random_text(rng) for _ in range(batch)]
+        if ascii_only:
+            texts = [t.encode("ascii", "ignore").decode() for t in texts]
+        ids, mask = tokenizer.encode(texts, length)
+        np.testing.assert_array_equal(ids, one_by_one(tokenizer, texts, length))
+        np.testing.assert_array_equal(mask, ids != PAD_ID)
+
+
+def test_encode_edges() -> None:
+    tokenizer = WordIndexTokenizer(WORDS)
+    ids, mask = tokenizer.encode([], 4)
+    assert ids.shape == (0, 4) and mask.shape == (0, 4)
+    texts = ["", "the\x00cat", "!!!", "The CAT sat, DON'T", "don't-stop", "\x00", *[""] * BATCH_PASS_MIN_TEXTS]
+    ids, _ = tokenizer.encode(texts, 3)
+    the, cat, sat, dont = (tokenizer.index[w] for w in ("the", "cat", "sat", "don't"))
+    # NUL inside a text separates words like a space; a text of no words is all padding; long ones are cut.
+    want = [[0, 0, 0], [the, cat, 0], [0, 0, 0], [the, cat, sat], [dont, OOV_ID, 0], [0, 0, 0]]
+    np.testing.assert_array_equal(ids[:6], want)
+    assert not ids[6:].any()
+    ids, _ = tokenizer.encode(["unknown words CAFÉ straße"], 5)
+    np.testing.assert_array_equal(ids, [[OOV_ID, OOV_ID, tokenizer.index["café"], tokenizer.index["straße"], 0]])
