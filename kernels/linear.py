@@ -51,15 +51,28 @@ from kernels.dispatch import INTERPRETER, USE_AUTOTUNE, backend_for
 log = logging.getLogger(__name__)
 
 
-def _config(bm: int, bn: int, bk: int, warps: int, stages: int, pre_hook=None) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
+def _config(bm: int, bn: int, bk: int, warps: int, stages: int, pre_hook=None, **more: bool) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, **more}, num_warps=warps,
                          num_stages=stages, pre_hook=pre_hook)
+
+
+# Rows of a tile past M are wrapped onto real rows (MASK_ROWS off): the loads need no row mask. With fewer
+# rows than the tile has, each row of x is then fetched several times over, by every program at once: with
+# M = 1, 16 times. On an H100 the same binary took 34.0 us at M = 1 against 24.5 at M = 4 and 16 (int8,
+# N = 14,336, K = 4,096; bf16 N = K = 4,096: 17.9 against 12.0), so the thin tiles also come with rows past
+# M masked off (MASK_ROWS on: more instructions in the K loop, no repeated fetches). For buckets of fewer
+# rows than the tile, the autotuner times both; whether masking is what wins is for the GPU to show.
+def _with_masked_rows(configs: list[triton.Config]) -> list[triton.Config]:
+    """``configs`` with rows wrapped, then their 16-row ones again with rows masked."""
+    def variant(c: triton.Config, mask: bool) -> triton.Config:
+        return triton.Config({**c.kwargs, "MASK_ROWS": mask}, num_warps=c.num_warps, num_stages=c.num_stages)
+    return [variant(c, False) for c in configs] + [variant(c, True) for c in configs if c.kwargs["BLOCK_M"] == 16]
 
 
 # Large tiles for big batches (tutorial 03's list; its two widest tiles one pipeline stage deeper, which fits
 # Hopper's 227 KB of shared memory in bf16; 128-deep K tiles for the short K loops of small models, where
 # MiniLM's K = 384 takes only six 64-deep steps) plus thin-M tiles for online inference (M <= 64).
-_GPU_CONFIGS = [
+_GPU_CONFIGS = _with_masked_rows([
     _config(128, 256, 64, 8, 3),
     _config(256, 128, 64, 8, 3),
     _config(128, 256, 64, 8, 4),
@@ -74,7 +87,7 @@ _GPU_CONFIGS = [
     _config(16, 64, 128, 4, 4),
     _config(16, 128, 64, 4, 4),
     _config(16, 32, 256, 2, 4),
-]
+])
 
 
 SHARED_MEMORY = 232448  # bytes one block may use on an H100 (227 KB); an A100 allows 166 KB
@@ -89,9 +102,11 @@ def fits_shared_memory(config: triton.Config, element_size: int) -> bool:
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
     """Before compiling and timing: drop tiles too big for fp32 inputs (twice the bytes of bf16), then tiles
-    taller than the M bucket."""
+    taller than the M bucket, and masked-row variants of tiles the bucket fills."""
     size = named_args["x_ptr"].element_size()
-    return within_bucket([c for c in configs if fits_shared_memory(c, size)], "BLOCK_M", named_args["M_BUCKET"])
+    bucket = named_args["M_BUCKET"]
+    kept = within_bucket([c for c in configs if fits_shared_memory(c, size)], "BLOCK_M", bucket)
+    return [c for c in kept if not c.kwargs["MASK_ROWS"] or bucket < c.kwargs["BLOCK_M"]]
 
 
 # Rows and their bucket vary with the batch: not specialized on (see kernels._common). N and K, fixed per
@@ -109,6 +124,7 @@ def _linear_kernel(
     HAS_SCALE: tl.constexpr, HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    MASK_ROWS: tl.constexpr,
 ):
     # Grouped launch order: GROUP_M row-blocks share each weight column-block while it is in L2.
     pid = tl.program_id(0)
@@ -123,25 +139,30 @@ def _linear_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = _dot_tiles(x_ptr, w_ptr, offs_m, offs_n, M, N, K, 0, tl.cdiv(K, BLOCK_K),
-                     HAS_SCALE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+                     HAS_SCALE, UPCAST, MASK_ROWS, BLOCK_M, BLOCK_N, BLOCK_K)
     acc = _scale_tile(acc, offs_m, offs_n, M, N, s_ptr, xs_ptr, HAS_SCALE, HAS_X_SCALE)
     _store_tile(acc, offs_m, offs_n, M, N, b_ptr, r_ptr, y_ptr, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
 
 
 @triton.jit
 def _dot_tiles(x_ptr, w_ptr, offs_m, offs_n, M, N, K, first_k, steps,
-               HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+               HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr, MASK_ROWS: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``X[offs_m] @ W[offs_n]^T`` over ``steps`` K tiles from tile ``first_k`` on, in fp32: all of K for the
     tiled kernel, one run of it for a program of the split-K kernel."""
     offs_k = first_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    # Wrapping rows/columns keeps every load in bounds without a mask; the stores are masked.
+    # Wrapping rows/columns keeps every load in bounds without a mask; the stores are masked. MASK_ROWS: rows
+    # past M load nothing instead (see _with_masked_rows).
     x_ptrs = x_ptr + (offs_m % M)[:, None] * K + offs_k[None, :]
+    m_ok = offs_m < M
     w_ptrs = w_ptr + (offs_n % N)[None, :] * K + offs_k[:, None]  # W^T tile: [BLOCK_K, BLOCK_N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, steps):
         k_ok = offs_k < K - k * BLOCK_K
-        a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+        if MASK_ROWS:
+            a = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        else:
+            a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
         if UPCAST:  # the interpreter computes bf16 wrongly: do its math in fp32
             a = a.to(tl.float32)
@@ -246,7 +267,7 @@ def _split_config(bm: int, bn: int, bk: int, warps: int, stages: int, split: int
 # For a few rows (M <= SPLIT_K_MAX_M) the tiled kernel has one program per 16 x 32..128 output tile: 4,096
 # outputs make 32-128 programs for 132 multiprocessors, each streaming all of K alone. Splitting K 2-8 ways
 # gives the memory system several times more loads in flight.
-_SPLIT_K_CONFIGS = [
+_SPLIT_K_CONFIGS = _with_masked_rows([
     _split_config(16, 64, 128, 4, 4, 4),
     _split_config(16, 64, 128, 4, 4, 8),
     _split_config(16, 32, 256, 4, 3, 4),
@@ -255,7 +276,7 @@ _SPLIT_K_CONFIGS = [
     _split_config(32, 64, 128, 4, 4, 4),
     _split_config(64, 64, 64, 4, 4, 4),
     _split_config(64, 128, 64, 4, 4, 2),
-]
+])
 MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in _SPLIT_K_CONFIGS)
 
 
@@ -266,6 +287,7 @@ def _linear_split_k_kernel(
     M, N, K, M_BUCKET,
     HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    MASK_ROWS: tl.constexpr,
 ):
     # Program (tile, s) sums the s-th of SPLIT_K equal runs of K tiles (the last ones may be short or empty)
     # into slab s of the fp32 partials: the reduction kernel adds the slabs in a fixed order (no atomics, so
@@ -280,7 +302,7 @@ def _linear_split_k_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = _dot_tiles(x_ptr, w_ptr, offs_m, offs_n, M, N, K, first_k, tl.minimum(per_split, k_tiles - first_k),
-                     HAS_SCALE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+                     HAS_SCALE, UPCAST, MASK_ROWS, BLOCK_M, BLOCK_N, BLOCK_K)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(p_ptr + split * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
 
@@ -305,12 +327,15 @@ def _split_k_reduce_kernel(
 
 
 def _interpreter_blocks(m: int, n: int, k: int) -> dict[str, int]:
-    """Fixed tiles for the interpreter: as large as the problem (<= 64) since each step costs Python time."""
+    """Fixed tiles for the interpreter: as large as the problem (<= 64) since each step costs Python time.
+    Rows are masked in the 16-row tiles (up to 16 rows) and wrapped in taller ones, so tests run both ways
+    and every row count up to 16 shares one binary."""
 
     def block(d: int) -> int:
         return min(64, max(16, triton.next_power_of_2(d)))
 
-    return {"BLOCK_M": block(m), "BLOCK_N": block(n), "BLOCK_K": block(k), "GROUP_M": 8}
+    return {"BLOCK_M": block(m), "BLOCK_N": block(n), "BLOCK_K": block(k), "GROUP_M": 8,
+            "MASK_ROWS": block(m) == 16}
 
 
 TMA_ENV_VAR = "MAAS_LINEAR_TMA"
@@ -454,7 +479,8 @@ def _launch_tma(x, weight, scales, x_scales, bias, activation, residual, y, m, n
     num_programs = _multiprocessors(x.device) if x.is_cuda else 4
     x_desc = TensorDescriptor.from_tensor(x.view(m, k), [1, 1])  # tile shapes: set per config (pre_hook)
     w_desc = TensorDescriptor.from_tensor(weight, [1, 1])
-    if meta:  # the interpreter's fixed tiles
+    if meta:  # the interpreter's fixed tiles (its rows past M come as zeros from TMA: nothing to mask)
+        meta = {name: v for name, v in meta.items() if name != "MASK_ROWS"}
         _set_tile_shapes({"x_desc": x_desc, "w_desc": w_desc, **meta})
 
     def grid(config: dict) -> tuple[int]:
@@ -490,7 +516,7 @@ def _launch_split_k(x, weight, scales, x_scales, bias, activation, residual, y, 
     """Partial sums over runs of K into fp32 slabs, then one reduction applying the epilogue."""
     if meta:  # the interpreter's fixed tiles
         meta = {"BLOCK_M": meta["BLOCK_M"], "BLOCK_N": meta["BLOCK_N"], "BLOCK_K": meta["BLOCK_K"],
-                "SPLIT_K": INTERPRETER_SPLIT_K}
+                "SPLIT_K": INTERPRETER_SPLIT_K, "MASK_ROWS": meta["MASK_ROWS"]}
     partials = torch.empty((meta.get("SPLIT_K", MAX_SPLIT_K), m, n), dtype=torch.float32, device=x.device)
     splits = []  # autotuned, the split it ran with: the grid is called last with the autotuner's pick
 

@@ -12,7 +12,14 @@ from kernels import _autotune
 from kernels._autotune import compile_threads, within_bucket
 from kernels.attention import GPU_CONFIGS as ATTENTION_CONFIGS
 from kernels.attention import _prune_configs as prune_attention
-from kernels.linear import _GPU_CONFIGS, _TMA_CONFIGS, _prune_configs, _prune_tma_configs, fits_shared_memory
+from kernels.linear import (
+    _GPU_CONFIGS,
+    _SPLIT_K_CONFIGS,
+    _TMA_CONFIGS,
+    _prune_configs,
+    _prune_tma_configs,
+    fits_shared_memory,
+)
 
 # Tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) the GEMM autotuner picked on an H200, by M, in bf16
 # (bench/results/gpu/2026-11-26_0444_run4_kernels.json): pruning must never take them away.
@@ -44,23 +51,33 @@ def test_tma_pruning_keeps_every_tile_measured_fastest(m, picked):
     assert picked in [tiles(c) for c in _prune_tma_configs(_TMA_CONFIGS, gemm_args(m))]
 
 
-@pytest.mark.parametrize("m", [1, 7, 16])
-def test_a_few_rows_tune_only_the_thin_tiles(m):
+@pytest.mark.parametrize("m, masked", [(1, True), (7, True), (16, False)])
+def test_a_few_rows_tune_only_the_thin_tiles(m, masked):
     kept = _prune_configs(_GPU_CONFIGS, gemm_args(m))
     assert {c.kwargs["BLOCK_M"] for c in kept} == {16}
-    assert len(kept) == sum(c.kwargs["BLOCK_M"] == 16 for c in _GPU_CONFIGS) < len(_GPU_CONFIGS) / 3
+    wrapped = [tiles(c) for c in kept if not c.kwargs["MASK_ROWS"]]
+    assert len(wrapped) == len(set(wrapped)) == 3
+    # Fewer rows than the tile: each thin tile also with rows past M masked, timed against the wrapped one.
+    assert sorted(tiles(c) for c in kept if c.kwargs["MASK_ROWS"]) == (sorted(wrapped) if masked else [])
+
+
+@pytest.mark.parametrize("configs", [_GPU_CONFIGS, _SPLIT_K_CONFIGS], ids=["tiled", "split_k"])
+def test_masked_rows_only_where_rows_wrap(configs):
+    for m in (1, 8, 9, 16, 17, 64, 4096):
+        for c in _prune_configs(configs, gemm_args(m)):
+            assert not c.kwargs["MASK_ROWS"] or triton.next_power_of_2(m) < c.kwargs["BLOCK_M"], (m, c)
 
 
 @pytest.mark.parametrize("m, block_m", [(17, 32), (33, 64), (100, 128), (129, 256), (70000, 256)])
 def test_tiles_up_to_the_bucket_are_kept(m, block_m):
     kept = _prune_configs(_GPU_CONFIGS, gemm_args(m))
     assert max(c.kwargs["BLOCK_M"] for c in kept) == block_m
-    assert kept == [c for c in _GPU_CONFIGS if c.kwargs["BLOCK_M"] <= block_m]
+    assert kept == [c for c in _GPU_CONFIGS if c.kwargs["BLOCK_M"] <= block_m and not c.kwargs["MASK_ROWS"]]
 
 
 def test_fp32_pruning_also_drops_tiles_beyond_shared_memory():
     kept = _prune_configs(_GPU_CONFIGS, gemm_args(8192, torch.float32))
-    assert kept == [c for c in _GPU_CONFIGS if fits_shared_memory(c, 4)]
+    assert kept == [c for c in _GPU_CONFIGS if fits_shared_memory(c, 4) and not c.kwargs["MASK_ROWS"]]
     assert len(kept) < len(_GPU_CONFIGS)
 
 
