@@ -166,16 +166,21 @@ class TransformerEncoder(Architecture):
                                                MIN_SAVED_POSITIONS)
         if len(groups) <= 1:
             return encode(ids.to(self.device), mask.to(self.device))
-        outputs: dict[str, torch.Tensor] = {}
+        # Every group's rows go to the device before the first group runs: a copy from pageable host memory
+        # waits for all the GPU work queued before it, so copies between the groups' replays would leave the
+        # GPU idle from one replay's end until the next one is launched.
+        parts = []
         for length, rows in groups:
             index = torch.tensor(rows, device=ids.device)
             width = min(length, ids.shape[1])
-            part = encode(ids.index_select(0, index)[:, :width].to(self.device),
-                          mask.index_select(0, index)[:, :width].to(self.device))
-            for name, t in part.items():
+            parts.append((index.to(self.device), ids.index_select(0, index)[:, :width].to(self.device),
+                          mask.index_select(0, index)[:, :width].to(self.device)))
+        outputs: dict[str, torch.Tensor] = {}
+        for index, part_ids, part_mask in parts:
+            for name, t in encode(part_ids, part_mask).items():
                 if name not in outputs:
                     outputs[name] = t.new_empty((ids.shape[0], *t.shape[1:]))
-                outputs[name].index_copy_(0, index.to(t.device), t)
+                outputs[name].index_copy_(0, index, t)
         return outputs
 
     def graph_arguments(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
