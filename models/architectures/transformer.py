@@ -165,16 +165,15 @@ class TransformerEncoder(Architecture):
             groups = cuda_graphs.length_groups(mask.sum(dim=1).tolist(), PAD_MULTIPLE, self.p["max_length"],
                                                MIN_SAVED_POSITIONS)
         if len(groups) <= 1:
-            return encode(ids.to(self.device), mask.to(self.device))
-        # Every group's rows go to the device before the first group runs: a copy from pageable host memory
-        # waits for all the GPU work queued before it, so copies between the groups' replays would leave the
-        # GPU idle from one replay's end until the next one is launched.
+            return encode(self._to_device(ids), self._to_device(mask))
+        # Every group's rows go to the device before the first group runs, so the replays follow each other
+        # with nothing in between to wait for.
         parts = []
         for length, rows in groups:
             index = torch.tensor(rows, device=ids.device)
             width = min(length, ids.shape[1])
-            parts.append((index.to(self.device), ids.index_select(0, index)[:, :width].to(self.device),
-                          mask.index_select(0, index)[:, :width].to(self.device)))
+            parts.append((self._to_device(index), self._to_device(ids.index_select(0, index)[:, :width]),
+                          self._to_device(mask.index_select(0, index)[:, :width])))
         outputs: dict[str, torch.Tensor] = {}
         for index, part_ids, part_mask in parts:
             for name, t in encode(part_ids, part_mask).items():
@@ -182,6 +181,14 @@ class TransformerEncoder(Architecture):
                     outputs[name] = t.new_empty((ids.shape[0], *t.shape[1:]))
                 outputs[name].index_copy_(0, index, t)
         return outputs
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the model's device; from the CPU to a GPU through pinned memory, without waiting: a copy from
+        pageable memory first waits for all the GPU work queued before it, which leaves the GPU idle from that
+        work's end until the next launch."""
+        if self.device.type != "cuda" or t.device.type != "cpu":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def graph_arguments(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode(inputs["text"])  # one graph's inputs; `run` groups the rows first
