@@ -188,7 +188,7 @@ class TransformerEncoder(Architecture):
         work's end until the next launch."""
         if self.device.type != "cuda" or t.device.type != "cpu":
             return t.to(self.device)
-        return t.contiguous().pin_memory().to(self.device, non_blocking=True)  # a strided copy would stage again
+        return t.contiguous().pin_memory().to(self.device, non_blocking=True)  # one block for one DMA copy
 
     def graph_arguments(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode(inputs["text"])  # one graph's inputs; `run` groups the rows first
