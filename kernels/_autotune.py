@@ -48,8 +48,8 @@ def within_bucket(configs: list[triton.Config], block: str, bucket: int) -> list
 
     Rows of a tile past the problem are computed and thrown away, so a taller tile only adds work that a
     shorter one of the list avoids. On an H200 every pick measured for M of 1 to 24,576 obeyed this rule
-    (``bench/results/gpu``), and it leaves a bucket of <= 16 rows three GEMM configs to compile and time
-    instead of fourteen.
+    (``bench/results/gpu``), and it leaves a bucket of 16 rows three GEMM configs to compile and time
+    instead of fourteen (smaller buckets: those three twice, rows wrapped and masked, see ``kernels.linear``).
     """
     floor = min(c.kwargs[block] for c in configs)
     return [c for c in configs if c.kwargs[block] <= max(bucket, floor)]
