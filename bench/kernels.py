@@ -192,7 +192,21 @@ def _tile_config(case: Case) -> str | None:
     kernel = case.op.split()[-1] if case.gemm is None else FASTEST_KERNEL.get(kernel_key(*case.gemm, None), "tiled")
     tuner = {"tiled": _linear_kernel, "tma": _linear_tma_kernel, "split_k": _linear_split_k_kernel}[kernel]
     config = getattr(tuner, "best_config", None)
-    return None if config is None else f"{kernel} {config}"
+    return None if config is None else f"{kernel} {config}{masked_rows_note(getattr(tuner, 'configs_timings', {}))}"
+
+
+def masked_rows_note(timings: dict) -> str:
+    """For a tuning round that timed thin tiles both with rows past M masked and wrapped (``MASK_ROWS``, buckets
+    of fewer rows than the tile), the fastest of each, in the autotuner's own timing: whether masking pays."""
+    best: dict[bool, float] = {}
+    for config, timing in timings.items():
+        masked = config.kwargs.get("MASK_ROWS")
+        ms = timing[0] if isinstance(timing, list | tuple) else timing
+        if masked is not None:
+            best[masked] = min(ms, best.get(masked, float("inf")))
+    if len(best) < 2:
+        return ""
+    return f" (autotuning: rows masked {best[True] * 1e3:.1f} us, wrapped {best[False] * 1e3:.1f} us)"
 
 
 def run(case: Case, compile_baseline: bool) -> dict:

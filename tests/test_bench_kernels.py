@@ -1,0 +1,36 @@
+"""``bench/kernels.py`` says, for a GEMM tuning round that timed thin tiles both ways, which way of handling
+rows past M was faster: the question the masked-row configs were added to answer on a GPU."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import triton
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench_kernels():
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def config(block_m: int, masked: bool | None, block_n: int = 64) -> triton.Config:
+    mask = {} if masked is None else {"MASK_ROWS": masked}
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 64, **mask}, num_warps=4)
+
+
+def test_the_fastest_of_each_way_is_reported():
+    note = _bench_kernels().masked_rows_note({config(16, False): [0.034, 0.033, 0.035], config(16, True): [0.0245],
+                                              config(32, False): 0.030, config(16, True, 128): 0.026})
+    assert note == " (autotuning: rows masked 24.5 us, wrapped 30.0 us)"
+
+
+def test_nothing_is_said_when_only_one_way_was_timed():
+    bench = _bench_kernels()
+    assert bench.masked_rows_note({config(16, False): [0.01], config(64, False): [0.02]}) == ""
+    assert bench.masked_rows_note({config(128, None): [0.01]}) == ""  # the TMA kernel's configs: no such choice
+    assert bench.masked_rows_note({}) == ""
