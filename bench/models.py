@@ -21,7 +21,8 @@ each cloud-function handler.
 
 Usage: `python bench/models.py [--quick] [--compile] [--threads N] [--only ARCH ...] [--largest]
 [--no-cold-start] [--output FILE.json]`;
-`python bench/models.py --tokens [--token-batches N ...] [--dtypes BF16 FP32]` times only MiniLM on token ids
+`python bench/models.py --tokens [--token-batches N ...] [--dtypes BF16 FP32] [--compile-mode max-autotune]` times
+only MiniLM on token ids
 (see `token_benchmark`): there `served` is `run_tokens`, the batch split by token length with each group
 replayed from its graph, and `kernels+graph` the whole batch padded to one graph bucket.
 `python bench/models.py --gpu-cold-start` times only MiniLM's cold start on a GPU (see `gpu_cold_start`).
@@ -163,7 +164,8 @@ def _save(path: str | None, payload: dict) -> None:
 
 
 def token_benchmark(device: torch.device, compile_on: bool, budget: float, batches: list[int],
-                    output: str | None = None, dtypes: list[str] | None = None) -> list[dict]:
+                    output: str | None = None, dtypes: list[str] | None = None,
+                    compile_mode: str = "default") -> list[dict]:
     """The MiniLM encoder on token ids (no tokenizer), bf16 and fp32: this project's kernels (launched one by
     one, and replayed from the CUDA graphs serving uses) against the plain-torch twin and ``torch.compile``
     of it. The first call of each way is timed too: for the kernels it is autotuning + compiling (+ the
@@ -177,12 +179,13 @@ def token_benchmark(device: torch.device, compile_on: bool, budget: float, batch
           f"{'seq/s':>10} {'first call s':>13}")
     for dt in dtypes or (("BF16", "FP32") if device.type == "cuda" else ("FP32",)):
         model = build(config, dict(weights), assets).to(device, torch_dtype(dt))
-        compiled = torch.compile(model.reference_forward_tokens, dynamic=False) if compile_on else None
+        compiled = (torch.compile(model.reference_forward_tokens, dynamic=False, mode=compile_mode)
+                    if compile_on else None)
         for batch in batches:
             ids, mask = token_batch(config.params["vocab_size"], batch, device)
             ways = {"kernels": model.forward_tokens, "eager": model.reference_forward_tokens}
             if compiled is not None:
-                ways["compile"] = compiled
+                ways["compile" if compile_mode == "default" else f"compile:{compile_mode}"] = compiled
             if device.type == "cuda":
                 ways["kernels+graph"] = model.graphed  # the whole batch padded to one bucket, replayed
             ways["served"] = _on_cpu_tokens(model.run_tokens, ids, mask)
@@ -359,6 +362,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fp32, batch 1 and 64 (the default without CUDA)")
     parser.add_argument("--compile", action="store_true", help="also torch.compile the twin on a CPU (slow)")
     parser.add_argument("--no-compile", action="store_true", help="never torch.compile")
+    parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                        help="--tokens: torch.compile's mode for the twin (max-autotune: CUDA graphs and GEMM "
+                             "autotuning, the issue's baseline; minutes of compiling)")
     parser.add_argument("--only", nargs="+", help="model or architecture names")
     parser.add_argument("--budget", type=float, default=None, help="seconds of timing per cell")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -397,7 +403,7 @@ def main() -> None:
 
     if args.tokens:
         token_benchmark(device, compile_on, budget, args.token_batches or ([1, 64, 256] if cuda else [1, 64]),
-                        args.output, args.dtypes)
+                        args.output, args.dtypes, args.compile_mode)
         if args.output:
             print(f"wrote {args.output}")
         return
