@@ -36,7 +36,7 @@ def random_text(rng: random.Random) -> str:
 def test_encode_matches_text_by_text(lowercase: bool, ascii_only: bool) -> None:
     tokenizer = WordIndexTokenizer(WORDS, lowercase=lowercase)
     rng = random.Random(7)
-    for length, batch in ((1, 200), (3, 200), (10, 200), (10, BATCH_PASS_MIN_TEXTS)):
+    for length, batch in ((1, 200), (3, 200), (10, 200), (10, BATCH_PASS_MIN_TEXTS), (10, BATCH_PASS_MIN_TEXTS - 1)):
         texts = [random_text(rng) for _ in range(batch)]
         if ascii_only:
             texts = [t.encode("ascii", "ignore").decode() for t in texts]
