@@ -37,7 +37,34 @@ def test_bucket_is_the_next_power_of_two_within_bounds(n, low, high, expected):
     ([300], 1, [(256, [0])]),  # lengths past the top bucket stay in it
 ])
 def test_length_groups_split_a_batch_only_where_it_saves_enough_padding(lengths, min_saved, expected):
-    assert length_groups(lengths, 16, 256, min_saved) == expected
+    assert [(length, rows.tolist()) for length, rows in length_groups(lengths, 16, 256, min_saved)] == expected
+
+
+def _length_groups_one_by_one(lengths, low, high, min_saved):
+    """The rule of `length_groups`, row by row in Python (what it was before it moved to numpy)."""
+    by_bucket: dict[int, list[int]] = {}
+    for row, n in enumerate(lengths):
+        by_bucket.setdefault(bucket(n, low, high), []).append(row)
+    ordered, groups, carried = sorted(by_bucket.items()), [], []
+    for i, (length, rows) in enumerate(ordered):
+        rows = carried + rows
+        if i + 1 == len(ordered) or len(rows) * (ordered[i + 1][0] - length) >= min_saved:
+            groups.append((length, sorted(rows)))
+            carried = []
+        else:
+            carried = rows
+    return groups
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_length_groups_in_numpy_follow_the_rule_row_by_row(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(50):
+        lengths = rng.choice([0, 1, 2, 15, 16, 17, 31, 32, 33, 64, 65, 127, 128, 200, 256, 257, 512],
+                             size=int(rng.integers(0, 300)))
+        min_saved = int(rng.choice([1, 64, 4096]))
+        got = [(length, rows.tolist()) for length, rows in length_groups(lengths, 16, 256, min_saved)]
+        assert got == _length_groups_one_by_one(lengths.tolist(), 16, 256, min_saved)
 
 
 def _row_sums(x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -161,16 +161,16 @@ class TransformerEncoder(Architecture):
         kernel by kernel elsewhere; the results are put back in row order."""
         encode = self.graphed if self.device.type == "cuda" and cuda_graphs.enabled() else self.forward_tokens
         groups = []  # a batch too small for any split to save enough: its lengths are not even read
-        if mask.numel() >= MIN_SAVED_POSITIONS:
-            groups = cuda_graphs.length_groups(mask.sum(dim=1).tolist(), PAD_MULTIPLE, self.p["max_length"],
-                                               MIN_SAVED_POSITIONS)
+        if mask.numel() >= MIN_SAVED_POSITIONS:  # lengths in numpy: torch's bool sums on a CPU cost more
+            lengths = mask.numpy().sum(axis=1) if mask.device.type == "cpu" else mask.sum(dim=1).cpu().numpy()
+            groups = cuda_graphs.length_groups(lengths, PAD_MULTIPLE, self.p["max_length"], MIN_SAVED_POSITIONS)
         if len(groups) <= 1:
             return encode(self._to_device(ids), self._to_device(mask))
         # Every group's rows go to the device before the first group runs, so the replays follow each other
         # with nothing in between to wait for.
         parts = []
         for length, rows in groups:
-            index = torch.tensor(rows, device=ids.device)
+            index = torch.from_numpy(rows).to(ids.device)
             width = min(length, ids.shape[1])
             parts.append((self._to_device(index), self._to_device(ids.index_select(0, index)[:, :width]),
                           self._to_device(mask.index_select(0, index)[:, :width])))
