@@ -348,13 +348,16 @@ SPLIT_K_ENV_VAR = "MAAS_LINEAR_SPLIT_K"
 # keeps MiniLM's warm-up batches (up to 64 short texts, 0.6 G at most) on the tiled kernel alone.
 TMA_MIN_MACS = 2 * 2**30
 # Split-K is timed against the tiled kernel for at most this many rows (its fp32 partials hold MAX_SPLIT_K
-# copies of the output), for weights this large at least (elements; 8 Mi is 16 MB in bf16, over 5 us of
-# streaming at 3 TB/s, enough to repay a second launch), and only where the tiled kernel's thinnest tiles
-# (16 x 32) make fewer programs than the GPU has multiprocessors, so leave some idle. On an H200 the tiled
-# kernel took 16.3 us on M = 1, N = K = 4,096 (cuBLAS: 12.0) and matched cuBLAS on N = 3,072, K = 768 (4.7 us).
-# Judgements, not measured crossovers: the timing decides from there, and the bounds keep that timing out of
-# warm-ups where it cannot pay (MiniLM's largest weight is 0.6 Mi).
-SPLIT_K_MAX_M = 64
+# copies of the output: 16 MB at 128 x 4,096), for weights this large at least (elements; 8 Mi is 16 MB in
+# bf16, over 5 us of streaming at 3 TB/s, enough to repay a second launch), and only where the tiled kernel's
+# thinnest tiles (16 x 32) make fewer programs than the GPU has multiprocessors, so leave some idle. On an H100,
+# in graph replays: inside these bounds split-K won (M = 1 and 16, N = K = 4,096: 13.1 against 17.9 us and 11.1
+# against 12.0); outside, with 448 thin tiles (int8, N = 14,336), it won by 4% at M = 1 and lost by 16-21% at
+# M = 4 and 16, and on a small weight (N = 3,072, K = 768) it lost 7.4 against 5.2 us. The timing decides
+# within the bounds, which keep it out of warm-ups where it cannot pay (MiniLM's largest weight is 0.6 Mi).
+# Up to 128 rows it can also be forced (``MAAS_LINEAR_SPLIT_K=1``), and `bench/kernels.py` times it there:
+# at M = 128, N = K = 4,096 cuBLAS beat both other kernels (16.4 against 20.4 us).
+SPLIT_K_MAX_M = 128
 SPLIT_K_MIN_WEIGHT = 8 * 2**20
 
 

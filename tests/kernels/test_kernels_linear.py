@@ -101,7 +101,8 @@ def test_linear_takes_the_split_k_kernel_only_for_a_few_rows(gen, monkeypatch):
     monkeypatch.setenv("MAAS_LINEAR_SPLIT_K", "1")
     assert use_split_k(x, w, 64)
     assert use_split_k(x, w.to(torch.int8), 64)  # quantized weights too: small batches are what they are for
-    assert not use_split_k(torch.cat([x, x[:1]]), w, 65)  # its partials hold 8 copies of the output: M <= 64
+    assert use_split_k(torch.cat([x, x]), w, 128)
+    assert not use_split_k(torch.cat([x, x, x[:1]]), w, 129)  # its partials hold 8 copies of the output
     assert kernel_candidates(x, w, None, 64) == ["tiled", "split_k"]
     monkeypatch.setenv("MAAS_LINEAR_SPLIT_K", "0")
     assert not use_split_k(x, w, 1)
@@ -115,7 +116,9 @@ def test_split_k_is_timed_only_for_large_weights_the_tiled_kernel_leaves_multipr
     assert split_k_may_pay(1, 4096, 4096, multiprocessors=132)  # 128 tiles of 16 x 32
     assert split_k_may_pay(16, 2048, 8192, multiprocessors=132)
     assert not split_k_may_pay(1, 4224, 4096, multiprocessors=132)  # 132 tiles: every multiprocessor busy
-    assert not split_k_may_pay(65, 2048, 8192, multiprocessors=132)  # too many rows for its partials
+    assert split_k_may_pay(128, 64, 1 << 17, multiprocessors=132)
+    assert not split_k_may_pay(129, 64, 1 << 17, multiprocessors=132)  # too many rows for its partials
+    assert not split_k_may_pay(4, 14336, 4096, multiprocessors=132)  # 448 thin tiles: it lost on an H100
     assert not split_k_may_pay(1, 3072, 768, multiprocessors=132)  # 4.5 MB of bf16 weight: a few us at most
     assert not split_k_may_pay(16, 384, 1536, multiprocessors=132)  # MiniLM's largest GEMM: warm-ups skip it
 
