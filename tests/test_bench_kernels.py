@@ -1,21 +1,12 @@
 """``bench/kernels.py`` says, for a GEMM tuning round that timed thin tiles both ways, which way of handling
 rows past M was faster: the question the masked-row configs were added to answer on a GPU."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import triton
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench_support import load_bench_script
 
 
 def _bench_kernels():
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("kernels")
 
 
 def config(block_m: int, masked: bool | None, block_n: int = 64) -> triton.Config:

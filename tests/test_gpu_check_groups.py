@@ -1,19 +1,11 @@
 """The GPU session runs ``bench/gpu_kernels_check.py`` as parallel groups of cases: a case in no group would
 never be checked on a GPU, a case in two would be checked twice, side by side, for nothing."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench_support import load_bench_script
 
 
 def _gpu_kernels_check():
-    spec = importlib.util.spec_from_file_location("gpu_kernels_check", ROOT / "bench" / "gpu_kernels_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("gpu_kernels_check")
 
 
 def test_every_gpu_kernel_case_is_in_exactly_one_group():
