@@ -11,7 +11,6 @@ import torch
 
 from kernels._common import (
     FLOAT_DTYPES,
-    activation_reference,
     check_activation,
     check_contiguous,
     check_tensor,
@@ -19,7 +18,7 @@ from kernels._common import (
     into,
 )
 from kernels.dispatch import backend_for
-from kernels.linear import launch_linear
+from kernels.linear import launch_linear, linear_reference
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,9 +71,7 @@ def linear_int8_reference(
 ) -> torch.Tensor:
     """Dequantize then a plain linear, in fp32 (fp64 for fp64 inputs), returned in ``x.dtype``."""
     dt = compute_dtype(x)
-    weight = qweight.to(dt) * scales.to(dt)[:, None]
-    y = torch.nn.functional.linear(x.to(dt), weight, None if bias is None else bias.to(dt))
-    return activation_reference(y, activation).to(x.dtype)
+    return linear_reference(x, qweight.to(dt) * scales.to(dt)[:, None], bias, activation)
 
 
 def linear_int8(
