@@ -35,6 +35,7 @@ import dataclasses
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,7 +48,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kernels._autotune import AUTOTUNE_TIMING_ENV, COMPILE_THREADS_ENV  # noqa: E402
+from kernels._autotune import AUTOTUNE_TIMING_ENV, COMPILE_THREADS_ENV, UNSEEN_SHAPES_ENV  # noqa: E402
 from models.architectures import build  # noqa: E402
 from models.artifact import TOKENIZER_FILE, ArtifactError, ModelConfig  # noqa: E402
 from models.datatypes import torch_dtype  # noqa: E402
@@ -257,9 +258,10 @@ def cold_start(repo_root: Path, name: str, request: str, env: dict[str, str],
     """A fresh process: import, load + warm up model `name` through the cache (on a GPU every batch bucket
     up to its `max_batch_size`: kernels compiled and autotuned, graphs captured), answer one request (`request`:
     Python for the inputs dict). `env` adds to the environment (`MAAS_CPU_RUNTIME`, `TRITON_CACHE_DIR`, ...).
-    `later`: a request of other shapes, answered twice after that: what its first answer costs beyond the
-    second is the tuning and capture the warm-up left to serving. A child that fails gives ``{"error": ...}``
-    (the end of its stderr) instead of the timings, so one failure does not end a run of several."""
+    `later`: a request of other shapes, answered six times after that: what its first answer costs beyond the
+    median of the other five is what the warm-up left to serving (tuning or borrowing, capturing), and that
+    median is the speed of what serving then runs. A child that fails gives ``{"error": ...}`` (the end of its
+    stderr) instead of the timings, so one failure does not end a run of several."""
     code = (
         "import time; t0 = time.perf_counter()\n"
         "import numpy as np\n"
@@ -273,7 +275,7 @@ def cold_start(repo_root: Path, name: str, request: str, env: dict[str, str],
         "t3 = time.perf_counter()\n"
         f"later = {later or 'None'}\n"
         "times = [time.perf_counter()]\n"
-        "for _ in range(2 if later is not None else 0):\n"
+        f"for _ in range({LATER_ANSWERS} if later is not None else 0):\n"
         "    model.infer(later); times.append(time.perf_counter())\n"
         "print(*(b - a for a, b in zip(times, times[1:])), t1 - t0, t2 - t1, t3 - t2, t3 - t0)\n"
     )
@@ -286,11 +288,11 @@ def cold_start(repo_root: Path, name: str, request: str, env: dict[str, str],
     warnings = [line for line in out.stderr.splitlines() if "warn" in line.lower()]
     if warnings:  # e.g. a CUDA-graph capture that fell back to eager launches: it changes what was measured
         print("    child warnings: " + " | ".join(warnings[:3])[:400])
-    *laters, imports, load, first, total = (float(x) for x in out.stdout.split()[-(6 if later else 4):])
+    *laters, imports, load, first, total = (float(x) for x in out.stdout.split()[-(4 + LATER_ANSWERS if later else 4):])
     result = {"process_wall_s": wall, "imports_s": imports, "load_and_warmup_s": load, "first_request_s": first,
               "in_process_total_s": total}
     if later:
-        result |= {"later_first_s": laters[0], "later_second_s": laters[1]}
+        result |= {"later_first_s": laters[0], "later_again_s": statistics.median(laters[1:])}
     return result
 
 
@@ -298,25 +300,29 @@ def _print_cold(label: str, c: dict) -> None:
     if "error" in c:
         print(f"  {label}: FAILED, {c['error'][:600]}", flush=True)
         return
-    later = (f"; then a request of other shapes: {c['later_first_s']:.2f} s, {c['later_second_s'] * 1e3:.1f} ms "
-             "again" if "later_first_s" in c else "")
+    later = (f"; then a request of other shapes: {c['later_first_s']:.2f} s, {c['later_again_s'] * 1e3:.1f} ms "
+             "again (median)" if "later_first_s" in c else "")
     print(f"  {label}: {c['process_wall_s']:.2f} s wall ({c['imports_s']:.2f} s imports, "
           f"{c['load_and_warmup_s']:.3f} s load + warm-up, {c['first_request_s'] * 1e3:.2f} ms first request"
           f"{later})", flush=True)
 
 
-# (autotune timing, compile threads) of each cold start, most telling first (a time limit may cut the list):
-# the defaults, then configs compiled one by one as they are timed, then Triton's full timing budget, then
+# (autotune timing, compile threads, what a warm model does with shapes its warm-up missed) of each cold start,
+# most telling first (a time limit may cut the list): the defaults; tuning those shapes while the request waits
+# instead of borrowing configs; configs compiled one by one as they are timed; Triton's full timing budget;
 # graph timing.
-COLD_START_WAYS = [("quick", "auto"), ("quick", "1"), ("full", "auto"), ("graph", "auto")]
+COLD_START_WAYS = [("quick", "auto", "borrow"), ("quick", "auto", "tune"), ("quick", "1", "borrow"),
+                   ("full", "auto", "borrow"), ("graph", "auto", "borrow")]
+LATER_ANSWERS = 6  # answers to the request of other shapes: the first, then five for a median
 
 
 def gpu_cold_start(output: str | None) -> dict:
     """MiniLM (bf16) served from a cold process on a GPU, what a new worker pays before its first answer: with
     an empty Triton cache (every kernel compiled and autotuned) for each of `COLD_START_WAYS`, the first one
     also again on the cache it left (a restarted worker with `TRITON_CACHE_DIR` on a persistent volume). With
-    the defaults, 64 texts of 200 tokens follow (twice): shapes the warm-up's short texts do not visit, so the
-    first answer pays the tuning left to serving, on the empty cache and then on the warm one.
+    quick timing on all CPUs, 64 texts of 200 tokens follow: shapes the warm-up's short texts do not visit, so
+    their first answer pays what the warm-up left to serving (borrowing configs, or tuning with
+    `MAAS_AUTOTUNE_UNSEEN=tune`) and the answers after it show what each way then runs at.
     torch.compile's compile time is the `first call s` of `--tokens`."""
     try:
         config, weights, assets = minilm_artifact()
@@ -329,14 +335,17 @@ def gpu_cold_start(output: str | None) -> dict:
           f"{config.batching.max_batch_size}, one request):")
     with tempfile.TemporaryDirectory() as repo:
         ModelRepository(repo).publish(MINILM, config, weights, assets)
-        for timing, threads in COLD_START_WAYS:
+        for timing, threads, unseen in COLD_START_WAYS:
             with tempfile.TemporaryDirectory() as triton_cache:
-                env = {"TRITON_CACHE_DIR": triton_cache, AUTOTUNE_TIMING_ENV: timing, COMPILE_THREADS_ENV: threads}
-                defaults = (timing, threads) == COLD_START_WAYS[0]  # also: long texts after, and a warm cache
+                env = {"TRITON_CACHE_DIR": triton_cache, AUTOTUNE_TIMING_ENV: timing, COMPILE_THREADS_ENV: threads,
+                       UNSEEN_SHAPES_ENV: unseen}
+                long_texts = (timing, threads) == COLD_START_WAYS[0][:2]
+                defaults = (timing, threads, unseen) == COLD_START_WAYS[0]  # also again on a warm cache
                 for cache_state in ("empty", "warm") if defaults else ("empty",):
-                    label = f"autotune timing {timing}, compile threads {threads}, {cache_state} Triton cache"
+                    label = (f"autotune timing {timing}, compile threads {threads}, unseen shapes {unseen}, "
+                             f"{cache_state} Triton cache")
                     results[label] = c = cold_start(Path(repo), MINILM, TEXT_REQUEST, env,
-                                                    LONG_TEXT_REQUEST if defaults else None)
+                                                    LONG_TEXT_REQUEST if long_texts else None)
                     _print_cold(label, c)
                     _save(output, {"device": torch.cuda.get_device_name(), "cold_start": results})
     return results

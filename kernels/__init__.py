@@ -12,12 +12,14 @@ kernel (and autotunes ``linear`` per power-of-two bucket of rows, ``attention`` 
 batch x heads), which takes from a second to tens of seconds. Run one batch of the real shapes before taking
 traffic, as the model warm-up inputs do. Compiled kernels, and with Triton >= 3.4 the autotuning timings, are
 cached on disk under ``TRITON_CACHE_DIR`` (Triton's own setting, default ``~/.triton/cache``): point it at a
-persistent volume so restarted workers skip compiling and tuning.
+persistent volume so restarted workers skip compiling and tuning. Inside :func:`tuned_shapes_only` (a warm
+model's batches) a bucket that was not tuned borrows the nearest tuned bucket's config instead.
 
 Tests run the kernels on CPU under the Triton interpreter: set ``TRITON_INTERPRET=1`` before importing
 this package and ``MAAS_KERNEL_BACKEND=triton``.
 """
 
+from kernels._autotune import tuned_shapes_only
 from kernels.attention import attention
 from kernels.conv2d import conv2d
 from kernels.dispatch import backend_for
@@ -47,4 +49,5 @@ __all__ = [
     "quantize_fp8",
     "quantize_int8",
     "softmax",
+    "tuned_shapes_only",
 ]

@@ -12,6 +12,10 @@ that:
 - timings are kept on disk beside the compiled kernels (``TRITON_CACHE_DIR``, Triton >= 3.4), those of the
   TMA GEMM's configs included, and so are choices timed outside an autotuner (:class:`StoredChoices`), so a
   restarted worker skips both compiling and timing.
+
+A model that has finished its warm-up serves :func:`tuned_shapes_only`: a bucket the warm-up did not visit
+borrows the config of the nearest tuned one instead of tuning while a request waits (on an H100, 64 texts of
+200 tokens after MiniLM's short-text warm-up waited 7.05 s for it on an empty cache).
 """
 
 from __future__ import annotations
@@ -19,9 +23,13 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import os
 import tempfile
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import triton
@@ -41,6 +49,58 @@ _CACHE_TUNING = {"cache_results": True} if "cache_results" in _AUTOTUNE_PARAMETE
 
 AUTOTUNE_TIMING_ENV = "MAAS_AUTOTUNE_TIMING"
 COMPILE_THREADS_ENV = "MAAS_COMPILE_THREADS"
+UNSEEN_SHAPES_ENV = "MAAS_AUTOTUNE_UNSEEN"
+UNSEEN_SHAPES_CHOICES = ("borrow", "tune")
+
+_serving = threading.local()
+
+
+@contextmanager
+def tuned_shapes_only() -> Iterator[None]:
+    """Launches on this thread (a model's batches once it is warm) tune no new bucket: with
+    ``MAAS_AUTOTUNE_UNSEEN=borrow`` (the default) a kernel meeting a bucket it has neither tuned nor found on disk
+    runs the config of the nearest bucket it has tuned (:func:`nearest_key`), where tuning would compile and
+    time a round of configs, seconds, while the batch waits; ``tune`` keeps Triton's tune-on-first-sight.
+
+    Thread-local, because a process may warm one model (which must tune) while serving another. The price is
+    a config tuned for another size for the rest of the process; a config's ``warmup_inputs`` are how to have
+    shapes that matter tuned instead."""
+    outer = getattr(_serving, "active", False)
+    _serving.active = True
+    try:
+        yield
+    finally:
+        _serving.active = outer
+
+
+def borrowing() -> bool:
+    """Whether a launch on this thread borrows instead of tuning (see :func:`tuned_shapes_only`)."""
+    if not getattr(_serving, "active", False):
+        return False
+    choice = os.environ.get(UNSEEN_SHAPES_ENV, "borrow").strip().lower() or "borrow"
+    if choice not in UNSEEN_SHAPES_CHOICES:
+        raise ValueError(f"{UNSEEN_SHAPES_ENV}={choice!r}: expected {' or '.join(UNSEEN_SHAPES_CHOICES)}")
+    return choice == "borrow"
+
+
+def nearest_key(key: tuple, known: Iterable[tuple], buckets: Sequence[int]) -> tuple | None:
+    """The key of ``known`` equal to ``key`` except at the positions ``buckets`` (powers of two: rows, lengths)
+    and nearest to it there, in the sum of the buckets' log2 distances; a tie goes to the smaller buckets, whose
+    tiles never exceed the problem's. None when no key matches outside the buckets.
+
+    Any tuned config is correct for any bucket (tiles mask what lies past the problem); only its speed was
+    measured at another size (``bench/models.py --gpu-cold-start`` times a long request both ways)."""
+    def fixed(k: tuple) -> tuple:
+        return tuple(v for i, v in enumerate(k) if i not in buckets)
+
+    def log2(v) -> float:
+        return math.log2(max(v, 1))
+
+    same = [k for k in known if len(k) == len(key) and fixed(k) == fixed(key)]
+    if not same or not buckets:
+        return None
+    return min(same, key=lambda k: (sum(abs(log2(k[i]) - log2(key[i])) for i in buckets),
+                                    sum(log2(k[i]) for i in buckets)))
 
 
 def within_bucket(configs: list[triton.Config], block: str, bucket: int) -> list[triton.Config]:
@@ -85,6 +145,9 @@ class PrecompilingAutotuner(Autotuner):
     """
 
     _round: list[triton.Config] | None = None
+    #: positions in the tuning key of the bucket arguments (``autotune(buckets=...)``), for borrowing
+    bucket_positions: tuple[int, ...] = ()
+    _borrowed: frozenset[tuple] = frozenset()  # keys that borrowed: they lend nothing on
 
     def prune_configs(self, kwargs: dict) -> list[triton.Config]:
         configs = super().prune_configs(kwargs)
@@ -98,6 +161,26 @@ class PrecompilingAutotuner(Autotuner):
         return super()._bench(*args, config=config, **meta)
 
     def check_disk_cache(self, tuning_key, configs: list[triton.Config], bench_fn) -> bool:
+        """Where Triton looks for a new key's timings on disk before timing its round (``bench_fn``): while
+        :func:`borrowing`, a key with no timings on disk takes the config of the nearest tuned key instead
+        (nothing is compiled, timed or written to disk)."""
+        lender = None
+        if borrowing():
+            tuned = [k for k in list(self.cache) if k not in self._borrowed]
+            lender = nearest_key(tuning_key, tuned, self.bucket_positions)
+        if lender is None:
+            return self._disk_or_bench(tuning_key, configs, bench_fn)
+        try:
+            return self._disk_or_bench(tuning_key, configs, _raise_not_on_disk)
+        except _NotOnDisk:
+            self._round = None
+            self._borrowed |= {tuning_key}
+            self.cache[tuning_key] = self.cache[lender]
+            log.info("%s: bucket %s not tuned while serving: it runs the config tuned for %s (%s)",
+                     self.base_fn.__name__, tuning_key, lender, self.cache[lender])
+            return True  # what Triton's `run` takes for "found": no tuning report
+
+    def _disk_or_bench(self, tuning_key, configs: list[triton.Config], bench_fn) -> bool:
         """Triton's timings on disk, also for configs with a ``pre_hook`` (the TMA GEMM's), which Triton does
         not store as it cannot serialize the hook: it is handed copies without their hooks, and the config it
         picks gets its hook back."""
@@ -167,6 +250,14 @@ class StoredChoices:
             log.warning("could not store %s in %s: %s", key, path, exc)
 
 
+class _NotOnDisk(Exception):
+    """Raised in place of timing a round: it leaves Triton's ``check_disk_cache`` before it writes timings."""
+
+
+def _raise_not_on_disk() -> None:
+    raise _NotOnDisk
+
+
 def _without_hook(config: triton.Config) -> triton.Config:
     return triton.Config(**{**config.__dict__, "pre_hook": None})
 
@@ -205,11 +296,27 @@ def _timing_options() -> dict:
     return {"do_bench": timing} if timing and "do_bench" in _AUTOTUNE_PARAMETERS else {}
 
 
-def autotune(configs: list[triton.Config], key: list[str], prune_configs_by: dict | None = None):
+def autotune(configs: list[triton.Config], key: list[str], prune_configs_by: dict | None = None,
+             buckets: Sequence[str] = ()):
     """``triton.autotune`` with :class:`PrecompilingAutotuner` on a GPU; a no-op under the interpreter, where
-    launchers pass a fixed config."""
+    launchers pass a fixed config. ``buckets``: the arguments of ``key`` that round a size up to a power of two
+    (what a bucket the warm-up missed may borrow across, see :func:`tuned_shapes_only`)."""
     if not USE_AUTOTUNE:
         return lambda fn: fn
-    return lambda fn: PrecompilingAutotuner(fn, fn.arg_names, configs, key, reset_to_zero=None, restore_value=None,
-                                            prune_configs_by=prune_configs_by, **_CACHE_TUNING,
-                                            **_timing_options())
+
+    def wrap(fn) -> PrecompilingAutotuner:
+        tuner = PrecompilingAutotuner(fn, fn.arg_names, configs, key, reset_to_zero=None, restore_value=None,
+                                      prune_configs_by=prune_configs_by, **_CACHE_TUNING, **_timing_options())
+        tuner.bucket_positions = bucket_positions(key, buckets)
+        return tuner
+
+    return wrap
+
+
+def bucket_positions(key: Sequence[str], buckets: Sequence[str]) -> tuple[int, ...]:
+    """Where the ``buckets`` arguments sit in an autotuner's tuning key (its ``key`` arguments in order, then
+    dtypes): all must be key arguments."""
+    missing = [name for name in buckets if name not in key]
+    if missing:
+        raise ValueError(f"buckets {missing} are not autotune key arguments {list(key)}")
+    return tuple(i for i, name in enumerate(key) if name in buckets)

@@ -65,7 +65,7 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 # programs per query block every config fills the GPU), so new batch shapes reuse a tuned config. The buckets
 # are keys only, not specialized on (see kernels._common).
 @autotune(GPU_CONFIGS, key=["SQ_BUCKET", "SK_BUCKET", "BH_BUCKET", "HEAD_DIM"],
-          prune_configs_by={"early_config_prune": _prune_configs})
+          prune_configs_by={"early_config_prune": _prune_configs}, buckets=["SQ_BUCKET", "SK_BUCKET", "BH_BUCKET"])
 @triton.jit(do_not_specialize=["SQ_BUCKET", "SK_BUCKET", "BH_BUCKET"])
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, o_ptr,

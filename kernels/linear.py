@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels._autotune import StoredChoices, autotune, within_bucket
+from kernels._autotune import StoredChoices, autotune, borrowing, nearest_key, within_bucket
 from kernels._common import (
     FLOAT_DTYPES,
     activation_reference,
@@ -116,7 +116,8 @@ BATCH_ARGS = ("M", "M_BUCKET")
 
 # M_BUCKET (M rounded up to a power of two) is the tuning key instead of M itself: a dynamic batcher sees a
 # new M on almost every batch and must not re-tune each time.
-@autotune(_GPU_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_configs})
+@autotune(_GPU_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_configs},
+          buckets=["M_BUCKET"])
 @triton.jit(do_not_specialize=BATCH_ARGS)
 def _linear_kernel(
     x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, r_ptr, y_ptr,
@@ -228,7 +229,8 @@ def _prune_tma_configs(configs: list[triton.Config], named_args: dict, **_) -> l
     return within_bucket([c for c in configs if fits_shared_memory(c, size)], "BLOCK_M", named_args["M_BUCKET"])
 
 
-@autotune(_TMA_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_tma_configs})
+@autotune(_TMA_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_tma_configs},
+          buckets=["M_BUCKET"])
 @triton.jit(do_not_specialize=BATCH_ARGS)
 def _linear_tma_kernel(
     x_desc, w_desc, b_ptr, r_ptr, y_ptr,
@@ -281,7 +283,8 @@ _SPLIT_K_CONFIGS = _with_masked_rows([
 MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in _SPLIT_K_CONFIGS)
 
 
-@autotune(_SPLIT_K_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_configs})
+@autotune(_SPLIT_K_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_configs},
+          buckets=["M_BUCKET"])
 @triton.jit(do_not_specialize=BATCH_ARGS)
 def _linear_split_k_kernel(
     x_ptr, w_ptr, p_ptr,
@@ -429,6 +432,8 @@ def kernel_key(x: torch.Tensor, weight: torch.Tensor, bias, activation: str, res
 
 # kernel_key -> the kernel timed fastest there, of those that may run it; also on disk (StoredChoices).
 FASTEST_KERNEL: dict[tuple, str] = {}
+M_BUCKET_AT = 3  # the M bucket's place in a kernel_key: what a key the warm-up missed may borrow across
+_BORROWED_CHOICES: set[tuple] = set()  # keys whose choice was borrowed, not timed: they lend nothing on
 _STORED_CHOICES = StoredChoices("maas_linear_kernel")
 
 
@@ -441,8 +446,9 @@ def _choose_kernel(x, weight, scales, x_scales, bias, activation, residual, y, m
     """The kernel that runs a problem (the launchers' arguments). One forced on (``1``) runs where it can.
     Otherwise, where several may (``auto``, on a GPU), each (with its own autotuned tiles) is timed once per
     ``kernel_key`` and the fastest kept, also on disk for the next worker on the same ``TRITON_CACHE_DIR``: none
-    wins everywhere. Undecided inside a CUDA-graph capture (no timing allowed there; warm-up runs decide
-    first), the tiled kernel runs."""
+    wins everywhere. A warm model's bucket its warm-up missed takes the choice of the nearest bucket instead
+    (``kernels._autotune.tuned_shapes_only``). Undecided inside a CUDA-graph capture (no timing allowed there;
+    warm-up runs decide first), the tiled kernel runs."""
     candidates = kernel_candidates(x, weight, scales, m)
     forced = [name for name in candidates[1:] if _setting(_FORCING_ENV[name]) == "1"]
     if forced or len(candidates) == 1:
@@ -451,6 +457,8 @@ def _choose_kernel(x, weight, scales, x_scales, bias, activation, residual, y, m
     chosen = FASTEST_KERNEL.get(key)
     if chosen not in candidates:
         chosen = _STORED_CHOICES.get(_stored_key(key))  # timed by an earlier worker with this cache
+    if chosen not in candidates and borrowing():
+        chosen = _borrowed_choice(key, candidates)
     if chosen not in candidates:
         if torch.cuda.is_current_stream_capturing():
             return "tiled"
@@ -462,6 +470,17 @@ def _choose_kernel(x, weight, scales, x_scales, bias, activation, residual, y, m
         _STORED_CHOICES.put(_stored_key(key), chosen)
     FASTEST_KERNEL[key] = chosen
     return chosen
+
+
+def _borrowed_choice(key: tuple, candidates: list[str]) -> str | None:
+    """The choice timed for the nearest M bucket of the same problem otherwise, if that kernel may run this
+    bucket too; None leaves the choice to timing (then only a few graph replays: the tiles borrow too)."""
+    lender = nearest_key(key, [k for k in list(FASTEST_KERNEL) if k not in _BORROWED_CHOICES], [M_BUCKET_AT])
+    if lender is None or FASTEST_KERNEL[lender] not in candidates:
+        return None
+    _BORROWED_CHOICES.add(key)
+    log.info("linear %s: not timed while serving: the %s kernel, chosen for %s", key, FASTEST_KERNEL[lender], lender)
+    return FASTEST_KERNEL[lender]
 
 
 def _gpu_ms(launch) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,7 @@ class LoadedModel:
     device: str  # "cpu", "cuda", "cuda:1": what torch.device() takes
     load_seconds: float = 0.0
     warmup_seconds: float = 0.0
+    warm: bool = field(default=False, init=False)  # warmed up: from now on its batches tune nothing new
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -80,7 +82,9 @@ class LoadedModel:
         else:
             import torch
 
-            with torch.inference_mode():
+            from kernels import tuned_shapes_only
+
+            with torch.inference_mode(), tuned_shapes_only() if self.warm else nullcontext():
                 outputs = self.architecture.run(self._to_torch(inputs))
         result = {}
         for spec in self.config.outputs:
@@ -101,7 +105,9 @@ class LoadedModel:
         size, inputs the architecture makes up and, when the config has them, its own ``warmup_inputs`` rows
         repeated to that size. Those are how a config warms shapes the made-up inputs miss: a transformer's
         made-up texts are short, and long ones need GEMM and attention shapes (tuned, compiled, captured) of
-        their own, which the first long request would otherwise wait for."""
+        their own. Once warm, the model's batches tune nothing (``kernels.tuned_shapes_only``): a shape the
+        warm-up missed runs the configs tuned for the nearest one, where tuning would keep a request waiting
+        for seconds."""
         start = time.perf_counter()
         own = v2_inputs(self.config.warmup_inputs) if self.config.warmup_inputs else None
         for batch in warmup_batch_sizes(self.config.batching.max_batch_size, self.device):
@@ -109,6 +115,7 @@ class LoadedModel:
             if own is not None:
                 self.infer(repeat_rows(own, batch))
         self.warmup_seconds = time.perf_counter() - start
+        self.warm = True
 
 
 def warmup_batch_sizes(max_batch_size: int, device: Any) -> list[int]:

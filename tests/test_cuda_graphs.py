@@ -201,6 +201,25 @@ def test_serving_goes_through_run(monkeypatch):
     assert seen == [["input"]] and out["probabilities"].shape == (2, 10)
 
 
+def test_a_warm_model_serves_without_tuning_new_shapes(monkeypatch):
+    """Its warm-up batches may tune (they are what tunes); once warm, its batches run under
+    ``kernels.tuned_shapes_only``, where a GPU kernel borrows a tuned config instead (``autotune_check.py``)."""
+    from kernels._autotune import borrowing
+
+    model = build(mnist_mlp_config(), train_mnist_mlp(steps=2), {})
+    seen = []
+    original = model.run
+    monkeypatch.setattr(model, "run", lambda inputs: seen.append(borrowing()) or original(inputs))
+    loaded = LoadedModel("m", 1, mnist_mlp_config(), model, torch.device("cpu"))
+    loaded.warmup()
+    assert seen == [False] and loaded.warm
+    loaded.infer({"input": np.random.rand(2, 784).astype(np.float32)})
+    assert seen == [False, True] and not borrowing()  # only inside the batch, and only on its thread
+    monkeypatch.setenv("MAAS_AUTOTUNE_UNSEEN", "tune")
+    loaded.infer({"input": np.random.rand(2, 784).astype(np.float32)})
+    assert seen == [False, True, False]
+
+
 def test_moving_a_model_drops_its_graphs():
     model = build(mnist_mlp_config(), train_mnist_mlp(steps=2), {})
     with torch.inference_mode():

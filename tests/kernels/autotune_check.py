@@ -5,12 +5,14 @@ Kernels compile for sm_90 through :func:`kernels.offline.compile_for`; timing is
 the precompile must guarantee on a GPU: a new key compiles all its configs before timing, under the same
 cache keys the timing launches look up (TMA tile shapes included), a config that cannot compile does not
 stop the others, timings found on disk (the TMA configs' too) compile nothing ahead, and
-``MAAS_COMPILE_THREADS=1`` turns it off. Must run *without* ``TRITON_INTERPRET``. Usage:
+``MAAS_COMPILE_THREADS=1`` turns it off; and that a warm model's launches borrow a tuned config instead of
+tuning (:func:`check_serving_borrows`). Must run *without* ``TRITON_INTERPRET``. Usage:
 ``python tests/kernels/autotune_check.py``; exits 1 on any failure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -21,9 +23,10 @@ os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="autotune-check-")
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels._autotune import COMPILE_THREADS_ENV, PrecompilingAutotuner
+from kernels._autotune import COMPILE_THREADS_ENV, PrecompilingAutotuner, bucket_positions, tuned_shapes_only
 from kernels.attention import GPU_CONFIGS as ATTENTION_CONFIGS
 from kernels.attention import _attention_kernel
+from kernels.attention import _prune_configs as prune_attention
 from kernels.linear import (
     _GPU_CONFIGS,
     _TMA_CONFIGS,
@@ -42,10 +45,18 @@ BROKEN = _config(16, 48, 64, 4, 4, MASK_ROWS=False)  # BLOCK_N = 48: not a power
 EPILOGUE = {"HAS_BIAS": True, "HAS_RESIDUAL": False, "ACTIVATION": "gelu", "UPCAST": False}
 
 
-def tuner(fn, configs, prune) -> PrecompilingAutotuner:
-    return PrecompilingAutotuner(fn, fn.arg_names, configs, ["M_BUCKET", "N", "K"], None, None,
-                                 prune_configs_by={"early_config_prune": prune},
-                                 do_bench=lambda kernel_call, quantiles: [1.0, 1.0, 1.0], cache_results=True)
+def tuner(fn, configs, prune, key=("M_BUCKET", "N", "K"), buckets=("M_BUCKET",),
+          timed: list | None = None) -> PrecompilingAutotuner:
+    """An autotuner as ``kernels._autotune.autotune`` makes one; ``timed`` collects a 1 per config timed."""
+    def do_bench(kernel_call, quantiles):
+        if timed is not None:
+            timed.append(1)
+        return [1.0, 1.0, 1.0]
+
+    t = PrecompilingAutotuner(fn, fn.arg_names, configs, list(key), None, None,
+                              prune_configs_by={"early_config_prune": prune}, do_bench=do_bench, cache_results=True)
+    t.bucket_positions = bucket_positions(key, buckets)
+    return t
 
 
 def gemm(m: int, n: int = 1152, k: int = 384) -> tuple:
@@ -144,6 +155,8 @@ def main() -> int:
                              f"GEMM: {compiled(_linear_kernel)} kernels for 7 row counts (1 to 64), "
                              f"attention: {compiled(_attention_kernel)} for 4 length and batch buckets"))
 
+        results += check_serving_borrows(gemm_kwargs)
+
         # A failure outside the compiles (here: arguments the JIT cannot bind) is logged, never raised.
         warnings: list[str] = []
         handler = logging.Handler()
@@ -154,6 +167,78 @@ def main() -> int:
         results.append(check("a failing precompile only warns", len(warnings) == 1 and "one by one" in warnings[0],
                              repr(warnings)))
     return 0 if all(results) else 1
+
+
+def check_serving_borrows(gemm_kwargs: dict) -> list[bool]:
+    """A warm model's batches (``tuned_shapes_only``): a bucket neither tuned nor on disk runs the nearest tuned
+    bucket's config, with nothing timed, compiled ahead or stored; timings on disk still count; a kernel with no
+    tuned bucket of the problem still tunes. Shapes here are their own, so nothing earlier is on disk."""
+    borrowed: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: borrowed.append(record.getMessage())
+    log = logging.getLogger("kernels._autotune")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    results, timed = [], []
+    small, large = gemm(64, 768, 256), gemm(1000, 768, 256)  # buckets 64 and 1024
+    t = tuner(_linear_kernel, _GPU_CONFIGS, _prune_configs, timed=timed)
+    tune_and_launch(t, small, **gemm_kwargs)
+    tuned_small = len(timed)
+    _linear_kernel.device_caches.clear()
+    timed.clear()
+    with tuned_shapes_only():
+        tune_and_launch(t, large, **gemm_kwargs)
+    keys = list(t.cache)
+    results.append(check("serving: a new bucket borrows the nearest tuned config",
+                         tuned_small > 1 and len(keys) == 2 and t.cache[keys[1]] is t.cache[keys[0]]
+                         and (len(timed), compiled(_linear_kernel), len(borrowed)) == (0, 1, 1),
+                         f"{tuned_small} configs timed for bucket 64; then for 1024 {len(timed)} timed, "
+                         f"{compiled(_linear_kernel)} compiled, {len(borrowed)} borrow logged: {borrowed}"))
+
+    # Outside serving (a warm-up) a new tuner tunes bucket 1024: the borrow left nothing on disk.
+    timed.clear()
+    fresh = tuner(_linear_kernel, _GPU_CONFIGS, _prune_configs, timed=timed)
+    tune_and_launch(fresh, large, **gemm_kwargs)
+    large_round = len(_prune_configs(_GPU_CONFIGS, {"x_ptr": large[0], "M_BUCKET": 1024}))
+    results.append(check("a borrowed config is not stored: outside serving the bucket tunes",
+                         len(timed) == large_round > tuned_small, f"{len(timed)} of {large_round} configs timed"))
+
+    # Now bucket 1024's timings are on disk: a restarted worker serving it reads them instead of borrowing.
+    timed.clear()
+    borrowed.clear()
+    restarted = tuner(_linear_kernel, _GPU_CONFIGS, _prune_configs, timed=timed)
+    tune_and_launch(restarted, small, **gemm_kwargs)
+    with tuned_shapes_only():
+        tune_and_launch(restarted, large, **gemm_kwargs)
+    picks = [restarted.cache[k] for k in fresh.cache]
+    results.append(check("serving reads timings on disk before it borrows",
+                         (len(timed), len(borrowed), len(restarted.configs_timings)) == (0, 0, large_round)
+                         and picks == list(fresh.cache.values()),
+                         f"{len(timed)} timed, {len(borrowed)} borrowed, "
+                         f"{len(restarted.configs_timings)} timings read"))
+
+    # Attention borrows across its three buckets (lengths, batch x heads); with no tuned key of the same head
+    # dim it tunes, serving or not.
+    q = torch.zeros(2, 2, 128, 64, dtype=BF16)
+    strides = (*q.stride()[:3],) * 4
+    flags = {"HAS_MASK": False, "UPCAST": False}
+    timed.clear()
+    borrowed.clear()
+    a = tuner(_attention_kernel, ATTENTION_CONFIGS, prune_attention, key=("SQ_BUCKET", "SK_BUCKET", "BH_BUCKET",
+              "HEAD_DIM"), buckets=("SQ_BUCKET", "SK_BUCKET", "BH_BUCKET"), timed=timed)
+    for sq, bh, head_dim, serving in ((16, 2, 64, False), (128, 4, 64, True), (128, 4, 32, True)):
+        with tuned_shapes_only() if serving else contextlib.nullcontext():
+            tune_and_launch(a, (q, q, q, None, q, 2, sq, sq, 0.125, sq, sq, bh, *strides), HEAD_DIM=head_dim,
+                            **flags)
+    keys = list(a.cache)
+    rounds = [len(prune_attention(ATTENTION_CONFIGS, {"q_ptr": q, "SQ_BUCKET": sq, "SK_BUCKET": sq}, HEAD_DIM=d))
+              for sq, d in ((16, 64), (128, 32))]
+    results.append(check("attention borrows across length and batch buckets, tunes a new head dim",
+                         len(keys) == 3 and a.cache[keys[1]] is a.cache[keys[0]] and len(borrowed) == 1
+                         and len(timed) == sum(rounds), f"{len(timed)} configs timed (rounds of {rounds}), "
+                         f"borrowed: {borrowed}"))
+    log.removeHandler(handler)
+    return results
 
 
 if __name__ == "__main__":

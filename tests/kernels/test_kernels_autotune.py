@@ -1,7 +1,9 @@
 """Autotuning: which tile configs a launch compiles and times, how many threads compile them, how they are
 timed (the precompile itself: ``test_kernels_compile.py``)."""
 
+import importlib
 import os
+import threading
 
 import pytest
 import torch
@@ -9,7 +11,14 @@ import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import _autotune
-from kernels._autotune import compile_threads, within_bucket
+from kernels._autotune import (
+    borrowing,
+    bucket_positions,
+    compile_threads,
+    nearest_key,
+    tuned_shapes_only,
+    within_bucket,
+)
 from kernels.attention import GPU_CONFIGS as ATTENTION_CONFIGS
 from kernels.attention import _prune_configs as prune_attention
 from kernels.linear import (
@@ -161,3 +170,73 @@ def test_a_read_only_cache_costs_only_a_warning(tmp_path, monkeypatch, caplog):
     choices.put("k", "tiled")
     assert choices.get("k") is None
     assert "could not store k" in caplog.text
+
+
+# Tuning keys as Triton's autotuner builds them: the key arguments (a bucket first here), then dtypes.
+KNOWN = [(16, 768, 256, "bf16"), (64, 768, 256, "bf16"), (1024, 768, 256, "bf16"), (4096, 768, 256, "fp16"),
+         (2048, 384, 256, "bf16")]
+
+
+@pytest.mark.parametrize("key, lender", [((128, 768, 256, "bf16"), (64, 768, 256, "bf16")),
+                                         ((256, 768, 256, "bf16"), (64, 768, 256, "bf16")),  # a tie: the smaller
+                                         ((16384, 768, 256, "bf16"), (1024, 768, 256, "bf16")),
+                                         ((1, 768, 256, "bf16"), (16, 768, 256, "bf16")),
+                                         ((4096, 768, 256, "bf16"), (1024, 768, 256, "bf16")),
+                                         ((4096, 768, 128, "bf16"), None), ((16, 768, 256, "fp32"), None)])
+def test_an_untuned_bucket_borrows_from_the_nearest_tuned_one_of_the_same_problem(key, lender):
+    assert nearest_key(key, KNOWN, [0]) == lender
+
+
+def test_borrowing_across_several_buckets_sums_their_distances():
+    known = [(16, 16, 2, 64), (128, 128, 64, 64), (16, 16, 64, 64), (128, 128, 64, 128)]
+    assert nearest_key((128, 128, 32, 64), known, [0, 1, 2]) == (128, 128, 64, 64)
+    assert nearest_key((32, 32, 2, 64), known, [0, 1, 2]) == (16, 16, 2, 64)
+    assert nearest_key((32, 32, 2, 64), known, []) is None  # no bucket: only the very key would do
+
+
+def test_bucket_positions_are_those_of_key_arguments():
+    assert bucket_positions(["SQ_BUCKET", "SK_BUCKET", "BH_BUCKET", "HEAD_DIM"], ["BH_BUCKET", "SQ_BUCKET"]) == (0, 2)
+    with pytest.raises(ValueError, match="M_BUCKET"):
+        bucket_positions(["N", "K"], ["M_BUCKET"])
+
+
+def test_only_a_serving_thread_borrows_and_only_by_default(monkeypatch):
+    monkeypatch.delenv("MAAS_AUTOTUNE_UNSEEN", raising=False)
+    assert not borrowing()
+    seen = []
+    with tuned_shapes_only():
+        seen.append(borrowing())
+        with tuned_shapes_only():
+            seen.append(borrowing())
+        seen.append(borrowing())  # the inner block leaves the outer one's state
+        other = threading.Thread(target=lambda: seen.append(borrowing()))
+        other.start()
+        other.join()
+        monkeypatch.setenv("MAAS_AUTOTUNE_UNSEEN", " Tune ")
+        seen.append(borrowing())
+        monkeypatch.setenv("MAAS_AUTOTUNE_UNSEEN", "guess")
+        with pytest.raises(ValueError, match="MAAS_AUTOTUNE_UNSEEN='guess': expected borrow or tune"):
+            borrowing()
+    assert seen == [True, True, True, False, False]
+    assert not borrowing()
+
+
+def test_a_gemm_kernel_choice_is_borrowed_where_that_kernel_may_run(monkeypatch):
+    """The choice between tiled, TMA and split-K kernels (timed once per kernel_key), borrowed like tiles."""
+    linear_module = importlib.import_module("kernels.linear")  # `kernels.linear` is the op
+
+    def key(rows: int, bias: bool = True) -> tuple:
+        return "cuda:0", "bf16", "bf16", rows, 768, 256, bias, "gelu", False
+
+    monkeypatch.setattr(linear_module, "FASTEST_KERNEL", {key(64): "split_k", key(1024): "tma"})
+    monkeypatch.setattr(linear_module, "_BORROWED_CHOICES", set())
+    borrow = linear_module._borrowed_choice
+    assert borrow(key(32), ["tiled", "split_k"]) == "split_k"
+    assert borrow(key(8192), ["tiled", "split_k"]) is None  # TMA's pick, and TMA may not run it: timed instead
+    assert borrow(key(8192, bias=False), ["tiled", "tma"]) is None  # another epilogue: another problem
+    assert borrow(key(8192), ["tiled", "tma"]) == "tma"
+    borrowed = linear_module._BORROWED_CHOICES
+    assert borrowed == {key(32), key(8192)}
+    # A borrowed choice lends nothing on: 16,384 rows borrow from 1,024 rows, not from 8,192.
+    linear_module.FASTEST_KERNEL |= {key(8192): "tma", key(1024): "tiled"}
+    assert borrow(key(16384), ["tiled", "tma"]) == "tiled"
