@@ -82,10 +82,10 @@ def rounds() -> list[tuple]:
     """The GEMM rounds at ``ROWS`` rows and attention's round at ``SEQ`` tokens."""
     batch = ROWS // SEQ
     q = torch.empty(batch, HEADS, SEQ, HIDDEN // HEADS, dtype=BF16)
-    mask = torch.ones(batch, SEQ, dtype=torch.bool)
-    args = (q, q, q, mask, q, HEADS, SEQ, SEQ, 0.25, SEQ, SEQ, 1024, *q.stride()[:3], *q.stride()[:3],
+    lengths = torch.full((batch,), SEQ, dtype=torch.int32)  # the transformer's key padding
+    args = (q, q, q, lengths, q, HEADS, SEQ, SEQ, 0.25, SEQ, SEQ, 1024, *q.stride()[:3], *q.stride()[:3],
             *q.stride()[:3], *q.stride()[:3])
-    kwargs = {"HAS_MASK": True, "HEAD_DIM": HIDDEN // HEADS, "UPCAST": False}
+    kwargs = {"HAS_MASK": False, "HAS_LENGTHS": True, "HEAD_DIM": HIDDEN // HEADS, "UPCAST": False}
     named = dict(zip(_attention_kernel.arg_names, args, strict=False))
     configs = prune_attention(ATTENTION_CONFIGS, named, **kwargs)
     return [*gemm_rounds(ROWS), (_attention_kernel, configs, args, kwargs)]

@@ -116,24 +116,29 @@ def _cases() -> list[Case]:
                     (rows, n), n, False)
         return f"l2_normalize {rows}x{n}", DTYPES, build
 
-    def attention_case(b, h, s, hd):
+    def padded(gen, b, s, padding):
+        """(key_padding_mask, key_lengths) for ``padding``: "mask", "lengths" (as MiniLM runs) or "none"."""
+        lengths = torch.randint(1, s + 1, (b,), generator=gen, device="cuda", dtype=torch.int32)
+        mask = torch.arange(s, device="cuda")[None, :] < lengths[:, None]
+        return {"mask": (mask, None), "lengths": (None, lengths), "none": (None, None)}[padding]
+
+    def attention_case(b, h, s, hd, padding):
         def build(dt, gen):
             q, k, v = (rnd(gen, b, h, s, hd, dtype=dt) for _ in range(3))
-            lengths = torch.randint(1, s + 1, (b,), generator=gen, device="cuda")
-            mask = torch.arange(s, device="cuda")[None, :] < lengths[:, None]
-            return (lambda out: kernels.attention(q, k, v, mask, out=out),
-                    lambda: attention_reference(d(q), d(k), d(v), mask), (b, h, s, hd), s, True)
-        return f"attention B{b} H{h} S{s} D{hd} padded", DTYPES, build
+            mask, lengths = padded(gen, b, s, padding)
+            return (lambda out: kernels.attention(q, k, v, mask, key_lengths=lengths, out=out),
+                    lambda: attention_reference(d(q), d(k), d(v), mask, key_lengths=lengths), (b, h, s, hd), s,
+                    True)
+        return f"attention B{b} H{h} S{s} D{hd} padding {padding}", DTYPES, build
 
     def fused_attention_case(b, h, s, hd):
         def build(dt, gen):  # q, k, v as strided views of one [B, S, 3, H, D] projection, as MiniLM runs it
             qkv = rnd(gen, b, s, 3, h, hd, dtype=dt)
             q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-            lengths = torch.randint(1, s + 1, (b,), generator=gen, device="cuda")
-            mask = torch.arange(s, device="cuda")[None, :] < lengths[:, None]
-            return (lambda out: kernels.attention(q, k, v, mask, out=out),
-                    lambda: attention_reference(d(q), d(k), d(v), mask), (b, h, s, hd), s, True)
-        return f"attention fused-qkv views B{b} H{h} S{s} D{hd}", DTYPES, build
+            _, lengths = padded(gen, b, s, "lengths")
+            return (lambda out: kernels.attention(q, k, v, key_lengths=lengths, out=out),
+                    lambda: attention_reference(d(q), d(k), d(v), key_lengths=lengths), (b, h, s, hd), s, True)
+        return f"attention fused-qkv views B{b} H{h} S{s} D{hd} padding lengths", DTYPES, build
 
     def embedding_case(b, s, v, n):
         def build(dt, gen):
@@ -192,9 +197,10 @@ def _cases() -> list[Case]:
         layer_norm_case(16384, 768),
         layer_norm_case(4099, 384),  # MiniLM's rows, four to a program, the last program partial
         l2_case(8192, 384),
-        attention_case(8, 12, 128, 64),
-        attention_case(2, 16, 1031, 128),
-        attention_case(1, 4, 4096, 64),
+        attention_case(8, 12, 128, 64, "mask"),
+        attention_case(2, 16, 1031, 128, "lengths"),
+        attention_case(1, 4, 4096, 64, "none"),
+        attention_case(3, 8, 1000, 64, "none"),  # an unchecked loop, then a part tile
         fused_attention_case(64, 12, 128, 32),
         embedding_case(256, 128, 30522, 384),
         conv_case(64, 32, 28, 64, 3),

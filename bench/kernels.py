@@ -10,7 +10,9 @@ launch, and the tiles the GEMM autotuner picked. Results go to
 Baselines are the natural torch code in the same dtype: ``F.linear`` + activation (cuBLAS), ``softmax``,
 ``F.layer_norm``, ``F.normalize``, ``F.scaled_dot_product_attention`` on its flash backend (the baseline
 issue #3 names; left to choose, SDPA's pick depends on torch version and GPU; torch.compile gets the plain call),
-gather + masked mean, ``F.conv2d``, ``F.max_pool2d``, ``torch.nn.LSTM`` (cuDNN). For ``linear_int8`` the eager
+gather + masked mean, ``F.conv2d``, ``F.max_pool2d``, ``torch.nn.LSTM`` (cuDNN). Rows ``attention mask`` and
+``attention lengths`` run MiniLM's attention with padded keys given either way, against SDPA with a boolean
+mask (whichever backend SDPA picks: flash takes no mask). For ``linear_int8`` the eager
 baseline is the dense bf16 ``F.linear`` it replaces, the compiled one ``torch.compile`` of dequantize + matmul; for
 ``linear_fp8`` (activations quantized per row on the way in, inside the timed call) both are the bf16
 ``F.linear`` + bias + ReLU it would replace.
@@ -146,6 +148,17 @@ def cases(quick: bool) -> list[Case]:
             q, k, v = rnd(b, h, s, d), rnd(b, h, s, d), rnd(b, h, s, d)
             found.append(Case("attention", f"B{b} H{h} S{s} D{d}", (q, k, v), kernels.attention, _sdpa_flash,
                               flops=4.0 * b * h * s * s * d, compiled_fn=F.scaled_dot_product_attention))
+    if not quick:  # MiniLM's attention at the benchmark batch, keys padded (lengths 64-128), both ways
+        b, h, s, d = 256, 12, 128, 32
+        q, k, v = rnd(b, h, s, d), rnd(b, h, s, d), rnd(b, h, s, d)
+        lengths = torch.randint(64, s + 1, (b,), device=dev, dtype=torch.int32)
+        mask = torch.arange(s, device=dev)[None, :] < lengths[:, None]
+        real = 4.0 * h * d * s * lengths.sum().item()  # flops on real keys only
+        for padding, kwargs in (("mask", {"key_padding_mask": mask}), ("lengths", {"key_lengths": lengths})):
+            found.append(Case(f"attention {padding}", f"B{b} H{h} S{s} D{d} keys 64-{s}", (q, k, v),
+                              lambda q, k, v, kwargs=kwargs: kernels.attention(q, k, v, **kwargs),
+                              lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None]),
+                              flops=real))
     x, w, bias = rnd(256, 32, 28, 28), rnd(64, 32, 3, 3) * (32 * 9) ** -0.5, rnd(64)
     found.append(Case("conv2d", "N256 C32 28x28 -> 64 k3 relu", (x, w, bias),
                       lambda x, w, b: kernels.conv2d(x, w, b, relu=True),

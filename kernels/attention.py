@@ -3,8 +3,10 @@ writing the ``[S, S]`` score matrix to memory.
 
 Each program owns a block of query rows and streams over key/value tiles, keeping a running row maximum
 and normaliser (online softmax) and rescaling its accumulator when the maximum grows. Padded keys
-(``key_padding_mask == False``) get zero weight; padded *query* rows are computed like any other row and
-so stay finite. A batch row whose keys are all padding gets an all-zero output.
+(``key_padding_mask == False``, or at and past the row's ``key_lengths`` entry) get zero weight; padded
+*query* rows are computed like any other row and so stay finite. A batch row whose keys are all padding gets
+an all-zero output. Key tiles that lie wholly within the real keys (with no mask: all but the last) run
+without bounds checks or selects.
 
 q, k and v are read through their strides (only the head dimension must be contiguous), so a transformer can
 pass views of one fused QKV projection ``[B, S, 3, H, D]`` without copying them apart. The output is laid out
@@ -73,8 +75,11 @@ def _attention_kernel(
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
     HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LENGTHS: tl.constexpr = False,
 ):
+    # m_ptr: the key-padding mask [B, SK] (HAS_MASK), or each batch row's number of real keys [B] (HAS_LENGTHS),
+    # its padding all at the end: then, as with no mask, the key tiles before the row's last one are full and
+    # take no bounds checks or selects, and tiles of padding only are not visited at all.
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -93,31 +98,53 @@ def _attention_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running sum of exp
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
 
-    for start in range(0, SK, BLOCK_N):
-        cols = start + offs_n
-        valid = cols < SK
-        if HAS_MASK:
-            valid &= tl.load(m_ptr + b * SK + cols, mask=valid, other=0) != 0
-        k_t = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=valid[None, :], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
-        if UPCAST:
-            k_t = k_t.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, k_t) * qk_scale
-        s = tl.where(valid[None, :], s, _NEG)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.where(valid[None, :], tl.exp2(s - m_new[:, None]), 0.0)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+    kv_len = SK
+    if HAS_LENGTHS:
+        kv_len = tl.maximum(tl.minimum(tl.load(m_ptr + b).to(tl.int32), SK), 0)
+    full = 0 if HAS_MASK else kv_len - kv_len % BLOCK_N  # HAS_MASK: any key of any tile may be padding
+    for start in range(0, full, BLOCK_N):
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, m_ptr, b * SK, start + offs_n, offs_d, kv_len,
+                                stride_ks, stride_vs, qk_scale, False, False, UPCAST)
+    for start in range(full, kv_len, BLOCK_N):
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, m_ptr, b * SK, start + offs_n, offs_d, kv_len,
+                                stride_ks, stride_vs, qk_scale, True, HAS_MASK, UPCAST)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptrs = o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < SQ)
 
 
-def _validate(q, k, v, key_padding_mask) -> None:
+@triton.jit
+def _attend(acc, m_i, l_i, q, k_base, v_base, m_ptr, mask_row, cols, offs_d, kv_len, stride_ks, stride_vs,
+            qk_scale, CHECKED: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr):
+    """One key/value tile into the online softmax. ``CHECKED``: keys at or past ``kv_len`` (and with
+    ``HAS_MASK`` the masked ones) get zero weight; unchecked, every key of the tile is real."""
+    if CHECKED:
+        valid = cols < kv_len
+        if HAS_MASK:
+            valid &= tl.load(m_ptr + mask_row + cols, mask=valid, other=0) != 0
+        k_t = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=valid[None, :], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
+    else:
+        k_t = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None])
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :])
+    if UPCAST:
+        k_t = k_t.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, k_t) * qk_scale
+    if CHECKED:
+        s = tl.where(valid[None, :], s, _NEG)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    if CHECKED:  # a row with no real key yet has m_new = _NEG, where exp2 of a masked score would give 1
+        p = tl.where(valid[None, :], p, 0.0)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, m_new, l_i
+
+
+def _validate(q, k, v, key_padding_mask, key_lengths=None) -> None:
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     b, h, _, d = q.shape
     if d not in HEAD_DIMS:
@@ -129,6 +156,10 @@ def _validate(q, k, v, key_padding_mask) -> None:
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, shape=(b, k.shape[2]), dtypes=(torch.bool,),
                      device=q.device)
+    if key_lengths is not None:
+        if key_padding_mask is not None:
+            raise ValueError("key_padding_mask and key_lengths: pass one of them, not both")
+        check_tensor("key_lengths", key_lengths, shape=(b,), dtypes=(torch.int32, torch.int64), device=q.device)
 
 
 def _check_head_stride(name: str, t: torch.Tensor) -> None:
@@ -147,7 +178,7 @@ def _output(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _launch(q, k, v, key_padding_mask, scale, out) -> torch.Tensor:
+def _launch(q, k, v, key_padding_mask, scale, out, key_lengths=None) -> torch.Tensor:
     o = _output(out, q)
     b, h, sq, d = q.shape
     sk = k.shape[2]
@@ -166,22 +197,25 @@ def _launch(q, k, v, key_padding_mask, scale, out) -> torch.Tensor:
         return triton.cdiv(sq, config["BLOCK_M"]), b * h
 
     buckets = triton.next_power_of_2(sq), triton.next_power_of_2(sk), min(triton.next_power_of_2(b * h), 1024)
-    _attention_kernel[grid](q, k, v, key_padding_mask, o, h, sq, sk, qk_scale, *buckets,
-                            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-                            HAS_MASK=key_padding_mask is not None, HEAD_DIM=d, UPCAST=INTERPRETER, **meta)
+    _attention_kernel[grid](q, k, v, key_padding_mask if key_lengths is None else key_lengths, o, h, sq, sk,
+                            qk_scale, *buckets, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+                            HAS_MASK=key_padding_mask is not None, HEAD_DIM=d, UPCAST=INTERPRETER,
+                            HAS_LENGTHS=key_lengths is not None, **meta)
     return o
 
 
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      key_padding_mask: torch.Tensor | None = None, scale: float | None = None, *,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     key_lengths: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton launcher: any strides but a contiguous head dimension; the mask must be contiguous."""
-    _validate(q, k, v, key_padding_mask)
+    _validate(q, k, v, key_padding_mask, key_lengths)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_head_stride(name, t)
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, contiguous=True)
-    return _launch(q, k, v, key_padding_mask, scale, out)
+    if key_lengths is not None:
+        check_tensor("key_lengths", key_lengths, contiguous=True)
+    return _launch(q, k, v, key_padding_mask, scale, out, key_lengths)
 
 
 def attention_reference(
@@ -190,10 +224,14 @@ def attention_reference(
     v: torch.Tensor,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    *,
+    key_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     dt = compute_dtype(q)
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     scores = q.to(dt) @ k.to(dt).transpose(-1, -2) * scale
+    if key_lengths is not None:
+        key_padding_mask = lengths_mask(key_lengths, k.shape[2])
     if key_padding_mask is not None:
         keep = key_padding_mask[:, None, None, :]
         probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
@@ -203,15 +241,25 @@ def attention_reference(
     return (probs @ v.to(dt)).to(q.dtype)
 
 
+def lengths_mask(key_lengths: torch.Tensor, sk: int) -> torch.Tensor:
+    """The key-padding mask ``[B, sk]`` that ``key_lengths`` stands for: the first ``length`` keys are real."""
+    return torch.arange(sk, device=key_lengths.device)[None, :] < key_lengths[:, None]
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-              scale: float | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+              scale: float | None = None, *, key_lengths: torch.Tensor | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """Non-causal attention. q ``[B, H, S_q, D]``, k and v ``[B, H, S_k, D]`` with D in 16/32/64/128,
-    ``key_padding_mask`` bool ``[B, S_k]`` True for real tokens; ``scale`` defaults to ``D ** -0.5``.
-    The result is ``[B, H, S_q, D]``; on the Triton path its memory is ``[B, S_q, H, D]`` (see the module)."""
-    _validate(q, k, v, key_padding_mask)
-    if backend_for(q, k, v, key_padding_mask) == "torch":
-        result = attention_reference(q, k, v, key_padding_mask, scale)
+    ``key_padding_mask`` bool ``[B, S_k]`` True for real tokens, or instead ``key_lengths`` (int32/int64
+    ``[B]``) when each row's padding is all at the end: its first ``length`` keys are real (a length past S_k
+    counts as S_k, below 0 as 0). Lengths leave the kernel less to do: full key tiles skip every check, and
+    tiles of padding only are skipped. ``scale`` defaults to ``D ** -0.5``. The result is ``[B, H, S_q, D]``; on the
+    Triton path its memory is ``[B, S_q, H, D]`` (see the module)."""
+    _validate(q, k, v, key_padding_mask, key_lengths)
+    if backend_for(q, k, v, key_padding_mask, key_lengths) == "torch":
+        result = attention_reference(q, k, v, key_padding_mask, scale, key_lengths=key_lengths)
         return result if out is None else _output(out, q).copy_(result)
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
+    lengths = None if key_lengths is None else key_lengths.contiguous()
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return _launch(q, k, v, mask, scale, out)
+    return _launch(q, k, v, mask, scale, out, lengths)

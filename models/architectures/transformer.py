@@ -203,15 +203,17 @@ class TransformerEncoder(Architecture):
         return self.reference_forward_tokens(*self.encode(inputs["text"]))
 
     def forward_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The encoder on token ids ``[B, S]`` and their padding mask: what the GPU runs, timed apart from the
-        tokenizer (which runs on the CPU whatever the device) by ``bench/models.py``."""
+        """The encoder on token ids ``[B, S]`` and their padding mask, right-padded as the tokenizer makes it
+        (attention reads it as each row's length): what the GPU runs, timed apart from the tokenizer (which runs
+        on the CPU whatever the device) by ``bench/models.py``."""
         w, eps = self.weights, self.p["layer_norm_eps"]
         b, s = ids.shape
+        lengths = mask.sum(dim=1, dtype=torch.int32)  # attention then skips checks on full key tiles
         h = kernels.layer_norm(self._embed(ids), w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
         for i in range(self.p["num_layers"]):
             layer = f"encoder.layer.{i}"
             q, k, v = self._split_heads(self.dense(h, f"{layer}.attention.self.qkv"))
-            context = kernels.attention(q, k, v, mask).transpose(1, 2).reshape(b, s, -1)  # a view on CUDA
+            context = kernels.attention(q, k, v, key_lengths=lengths).transpose(1, 2).reshape(b, s, -1)  # a view
             a = self.dense(context, f"{layer}.attention.output.dense")
             h = kernels.layer_norm(a, w[f"{layer}.attention.output.LayerNorm.weight"],
                                    w[f"{layer}.attention.output.LayerNorm.bias"], eps, residual=h)

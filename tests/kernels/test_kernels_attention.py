@@ -3,25 +3,48 @@ import torch
 from kernel_checks import DTYPES, assert_close, poisoned, randn
 
 import kernels
-from kernels.attention import attention_reference, attention_triton
+from kernels.attention import attention_reference, attention_triton, lengths_mask
 
 
+# Key lengths of 64 and 128 are whole tiles of the interpreter's 64 keys (no checked tail), 70 and 129 end in
+# a part tile, 1 and 17 are a part tile only.
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("b", "h", "sq", "sk", "d"),
-    [(1, 1, 1, 1, 16), (2, 3, 17, 17, 32), (1, 2, 5, 70, 64), (2, 1, 129, 129, 16)],
+    [(1, 1, 1, 1, 16), (2, 3, 17, 17, 32), (1, 2, 5, 70, 64), (2, 1, 129, 129, 16), (2, 2, 9, 64, 32),
+     (1, 1, 4, 128, 16)],
 )
-@pytest.mark.parametrize("masked", [False, True])
-def test_attention_matches_reference(gen, device, dtype, b, h, sq, sk, d, masked):
+@pytest.mark.parametrize("padding", ["none", "mask", "lengths"])
+def test_attention_matches_reference(gen, device, dtype, b, h, sq, sk, d, padding):
     q, k, v = (randn(gen, b, h, s, d, dtype=dtype) for s in (sq, sk, sk))
-    mask = None
-    if masked:
-        lengths = torch.randint(1, sk + 1, (b,), generator=gen, device=device)
-        mask = torch.arange(sk, device=device)[None, :] < lengths[:, None]
+    lengths = torch.randint(1, sk + 1, (b,), generator=gen, device=device)
+    mask = lengths_mask(lengths, sk) if padding == "mask" else None
+    key_lengths = lengths if padding == "lengths" else None
     out = poisoned(b, h, sq, d, dtype=dtype, device=device)
-    y = kernels.attention(q, k, v, mask, out=out)
+    y = kernels.attention(q, k, v, mask, key_lengths=key_lengths, out=out)
     assert y is out
-    assert_close(y, attention_reference(q.double(), k.double(), v.double(), mask), dtype, reduction=sk)
+    want = attention_reference(q.double(), k.double(), v.double(), mask, key_lengths=key_lengths)
+    assert_close(y, want, dtype, reduction=sk)
+
+
+def test_key_lengths_are_clamped_to_the_keys_and_a_row_without_keys_is_zero(gen, device):
+    """A length of 0 (or below) leaves no real key: zeros, as for an all-padding mask; past S_k it is S_k."""
+    q, k, v = (randn(gen, 4, 2, 6, 16) for _ in range(3))
+    lengths = torch.tensor([0, -3, 64, 65], dtype=torch.int32, device=device)
+    y = kernels.attention(q, k[:, :, :5].repeat(1, 1, 13, 1)[:, :, :64], v.repeat(1, 1, 11, 1)[:, :, :64],
+                          key_lengths=lengths)
+    assert torch.equal(y[:2], torch.zeros_like(y[:2]))
+    whole = kernels.attention(q, k[:, :, :5].repeat(1, 1, 13, 1)[:, :, :64], v.repeat(1, 1, 11, 1)[:, :, :64])
+    assert_close(y[2:], whole[2:].double(), torch.float32, reduction=64)
+
+
+def test_key_lengths_give_what_the_mask_they_stand_for_gives(gen, device):
+    """The transformer passes lengths where it has a right-padded mask: the same attention, less work."""
+    q, k, v = (randn(gen, 3, 2, 40, 32) for _ in range(3))
+    lengths = torch.tensor([40, 1, 23], device=device)
+    by_lengths = kernels.attention(q, k, v, key_lengths=lengths)
+    by_mask = kernels.attention(q, k, v, lengths_mask(lengths, 40))
+    assert_close(by_lengths, by_mask.double(), torch.float32, reduction=40)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -72,6 +95,10 @@ def test_attention_all_padding_row_is_zero(device):
         ({"v": torch.zeros(1, 2, 16, 4).transpose(2, 3)}, "v"),
         ({"out": torch.zeros(1, 2, 16, 4).transpose(2, 3)}, "out"),
         ({"out": torch.zeros(1, 2, 4, 16, dtype=torch.float16)}, "out"),
+        ({"key_lengths": torch.ones(2, dtype=torch.int32)}, "key_lengths"),
+        ({"key_lengths": torch.ones(1)}, "key_lengths"),
+        ({"key_lengths": torch.ones(1, dtype=torch.int32), "key_padding_mask": torch.ones(1, 4, dtype=torch.bool)},
+         "key_padding_mask and key_lengths"),
     ],
 )
 def test_attention_triton_rejects_bad_arguments(kwargs, name):
