@@ -185,6 +185,7 @@ def _cases() -> list[Case]:
         linear_case(1, 3072, 768, "gelu", True),
         linear_case(1, 4096, 4096, "gelu", True, "split_k"),
         linear_case(61, 1000, 4104, "tanh", False, "split_k"),  # partial tiles along M, N and K
+        linear_case(128, 4096, 4096, "relu", True, "split_k"),  # the 128-row tiles may be picked
         linear_case(77, 768, 3072, "relu", True),
         linear_case(512, 1000, 4096, "tanh", False),
         int8_case(1, 14336, 4096),

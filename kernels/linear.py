@@ -269,7 +269,8 @@ def _split_config(bm: int, bn: int, bk: int, warps: int, stages: int, split: int
 
 # For a few rows (M <= SPLIT_K_MAX_M) the tiled kernel has one program per 16 x 32..128 output tile: 4,096
 # outputs make 32-128 programs for 132 multiprocessors, each streaming all of K alone. Splitting K 2-8 ways
-# gives the memory system several times more loads in flight.
+# gives the memory system several times more loads in flight. The 128-row tiles are for 65-128 rows, where
+# 64 x 64 tiles of a 4,096-wide output leave idle only 4 of 132 multiprocessors but each runs all of K.
 _SPLIT_K_CONFIGS = _with_masked_rows([
     _split_config(16, 64, 128, 4, 4, 4),
     _split_config(16, 64, 128, 4, 4, 8),
@@ -279,6 +280,8 @@ _SPLIT_K_CONFIGS = _with_masked_rows([
     _split_config(32, 64, 128, 4, 4, 4),
     _split_config(64, 64, 64, 4, 4, 4),
     _split_config(64, 128, 64, 4, 4, 2),
+    _split_config(64, 128, 128, 4, 3, 4),
+    _split_config(128, 128, 64, 8, 3, 4),
 ])
 MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in _SPLIT_K_CONFIGS)
 
@@ -353,7 +356,8 @@ TMA_MIN_MACS = 2 * 2**30
 # Split-K is timed against the tiled kernel for at most this many rows (its fp32 partials hold MAX_SPLIT_K
 # copies of the output: 16 MB at 128 x 4,096), for weights this large at least (elements; 8 Mi is 16 MB in
 # bf16, over 5 us of streaming at 3 TB/s, enough to repay a second launch), and only where the tiled kernel's
-# thinnest tiles (16 x 32) make fewer programs than the GPU has multiprocessors, so leave some idle. On an H100,
+# tiles (16 x 32 for up to 16 rows, SPLIT_K_TILE above) make fewer programs than the GPU has multiprocessors,
+# so leave some idle. On an H100,
 # in graph replays: inside these bounds split-K won (M = 1 and 16, N = K = 4,096: 13.1 against 17.9 us and 11.1
 # against 12.0); outside, with 448 thin tiles (int8, N = 14,336), it won by 4% at M = 1 and lost by 16-21% at
 # M = 4 and 16, and on a small weight (N = 3,072, K = 768) it lost 7.4 against 5.2 us. The timing decides
@@ -362,6 +366,9 @@ TMA_MIN_MACS = 2 * 2**30
 # at M = 128, N = K = 4,096 cuBLAS beat both other kernels (16.4 against 20.4 us).
 SPLIT_K_MAX_M = 128
 SPLIT_K_MIN_WEIGHT = 8 * 2**20
+# Past 16 rows the tiles counted are 64 x 64, what the H200 picked at 128 rows (bench/results/gpu, run 4): at
+# M = 128, N = K = 4,096 they make 128 programs for 132 multiprocessors, where cuBLAS beat both other kernels.
+SPLIT_K_TILE = (64, 64)
 
 
 @functools.cache
@@ -412,8 +419,9 @@ def use_split_k(x: torch.Tensor, weight: torch.Tensor, m: int) -> bool:
 
 def split_k_may_pay(m: int, n: int, k: int, multiprocessors: int) -> bool:
     """The bounds above: worth timing split-K against the tiled kernel on a GPU with ``multiprocessors``."""
+    rows, cols = SPLIT_K_TILE if m > 16 else (16, 32)
     return (m <= SPLIT_K_MAX_M and n * k >= SPLIT_K_MIN_WEIGHT
-            and triton.cdiv(m, 16) * triton.cdiv(n, 32) < multiprocessors)
+            and triton.cdiv(m, rows) * triton.cdiv(n, cols) < multiprocessors)
 
 
 def kernel_candidates(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, m: int) -> list[str]:

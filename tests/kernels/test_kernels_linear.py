@@ -116,6 +116,9 @@ def test_split_k_is_timed_only_for_large_weights_the_tiled_kernel_leaves_multipr
     assert split_k_may_pay(1, 4096, 4096, multiprocessors=132)  # 128 tiles of 16 x 32
     assert split_k_may_pay(16, 2048, 8192, multiprocessors=132)
     assert not split_k_may_pay(1, 4224, 4096, multiprocessors=132)  # 132 tiles: every multiprocessor busy
+    assert split_k_may_pay(128, 4096, 4096, multiprocessors=132)  # 128 tiles of 64 x 64: cuBLAS won there
+    assert split_k_may_pay(17, 8192, 4096, multiprocessors=132)
+    assert not split_k_may_pay(128, 8192, 4096, multiprocessors=132)  # 256 tiles of 64 x 64
     assert split_k_may_pay(128, 64, 1 << 17, multiprocessors=132)
     assert not split_k_may_pay(129, 64, 1 << 17, multiprocessors=132)  # too many rows for its partials
     assert not split_k_may_pay(4, 14336, 4096, multiprocessors=132)  # 448 thin tiles: it lost on an H100
