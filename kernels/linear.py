@@ -454,8 +454,8 @@ def _choose_kernel(x, weight, scales, x_scales, bias, activation, residual, y, m
     """The kernel that runs a problem (the launchers' arguments). One forced on (``1``) runs where it can.
     Otherwise, where several may (``auto``, on a GPU), each (with its own autotuned tiles) is timed once per
     ``kernel_key`` and the fastest kept, also on disk for the next worker on the same ``TRITON_CACHE_DIR``: none
-    wins everywhere. A warm model's bucket its warm-up missed takes the choice of the nearest bucket instead
-    (``kernels._autotune.tuned_shapes_only``). Undecided inside a CUDA-graph capture (no timing allowed there;
+    wins everywhere. A warm model's bucket its warm-up missed is not timed (``kernels._autotune.tuned_shapes_only``,
+    :func:`_borrowed_choice`). Undecided inside a CUDA-graph capture (no timing allowed there;
     warm-up runs decide first), the tiled kernel runs."""
     candidates = kernel_candidates(x, weight, scales, m)
     forced = [name for name in candidates[1:] if _setting(_FORCING_ENV[name]) == "1"]
@@ -480,15 +480,14 @@ def _choose_kernel(x, weight, scales, x_scales, bias, activation, residual, y, m
     return chosen
 
 
-def _borrowed_choice(key: tuple, candidates: list[str]) -> str | None:
-    """The choice timed for the nearest M bucket of the same problem otherwise, if that kernel may run this
-    bucket too; None leaves the choice to timing (then only a few graph replays: the tiles borrow too)."""
+def _borrowed_choice(key: tuple, candidates: list[str]) -> str:
+    """Without timing: the choice timed for the nearest M bucket of the same problem, if that kernel may run
+    this bucket too, else the tiled kernel (which the warm-up ran wherever it timed no choice)."""
     lender = nearest_key(key, [k for k in list(FASTEST_KERNEL) if k not in _BORROWED_CHOICES], [M_BUCKET_AT])
-    if lender is None or FASTEST_KERNEL[lender] not in candidates:
-        return None
+    chosen = FASTEST_KERNEL[lender] if lender is not None and FASTEST_KERNEL[lender] in candidates else "tiled"
     _BORROWED_CHOICES.add(key)
-    log.info("linear %s: not timed while serving: the %s kernel, chosen for %s", key, FASTEST_KERNEL[lender], lender)
-    return FASTEST_KERNEL[lender]
+    log.info("linear %s: not timed while serving: the %s kernel (chosen for %s)", key, chosen, lender)
+    return chosen
 
 
 def _gpu_ms(launch) -> float:
