@@ -23,7 +23,10 @@ def _embedding_pool_kernel(ids_ptr, table_ptr, mask_ptr, y_ptr, S, D, BLOCK_S: t
     b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    # Summed per token slot and reduced over the slots once, after the loop: a reduction across the tile's rows
+    # (threads, then warps through shared memory behind a barrier) in every step would hold each warp's next
+    # gather until all warps had finished this one.
+    acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
     count = tl.zeros((BLOCK_S,), dtype=tl.float32)
     for start in range(0, S, BLOCK_S):
         offs_s = start + tl.arange(0, BLOCK_S)
@@ -33,9 +36,9 @@ def _embedding_pool_kernel(ids_ptr, table_ptr, mask_ptr, y_ptr, S, D, BLOCK_S: t
         keep = s_ok & (tl.load(mask_ptr + b * S + offs_s, mask=s_ok, other=0) != 0)
         rows = tl.load(table_ptr + ids[:, None] * D + offs_d[None, :], mask=keep[:, None] & d_ok[None, :],
                        other=0.0)
-        acc += tl.sum(rows.to(tl.float32), axis=0)
+        acc += rows.to(tl.float32)
         count += keep.to(tl.float32)
-    mean = acc / tl.maximum(tl.sum(count, axis=0), 1.0)  # no real token: 0 / 1 = 0
+    mean = tl.sum(acc, axis=0) / tl.maximum(tl.sum(count, axis=0), 1.0)  # no real token: 0 / 1 = 0
     tl.store(y_ptr + b * D + offs_d, mean.to(y_ptr.dtype.element_ty), mask=d_ok)
 
 
