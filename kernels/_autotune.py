@@ -30,6 +30,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import triton
@@ -55,22 +56,40 @@ UNSEEN_SHAPES_CHOICES = ("borrow", "tune")
 _serving = threading.local()
 
 
+@dataclass
+class Borrowed:
+    """How many tunings the launches inside one :func:`tuned_shapes_only` block borrowed."""
+
+    count: int = 0
+
+
 @contextmanager
-def tuned_shapes_only() -> Iterator[None]:
+def tuned_shapes_only() -> Iterator[Borrowed]:
     """Launches on this thread (a model's batches once it is warm) tune no new bucket: with
     ``MAAS_AUTOTUNE_UNSEEN=borrow`` (the default) a kernel meeting a bucket it has neither tuned nor found on disk
     runs the config of the nearest bucket it has tuned (:func:`nearest_key`), where tuning would compile and
     time a round of configs, seconds, while the batch waits; ``tune`` keeps Triton's tune-on-first-sight.
+    The block's :class:`Borrowed` counts what it borrowed (the serving metrics report it per model).
 
     Thread-local, because a process may warm one model (which must tune) while serving another. The price is
     a config tuned for another size for the rest of the process; a config's ``warmup_inputs`` are how to have
     shapes that matter tuned instead."""
-    outer = getattr(_serving, "active", False)
-    _serving.active = True
+    outer_active, outer = getattr(_serving, "active", False), getattr(_serving, "borrowed", None)
+    _serving.active, _serving.borrowed = True, Borrowed()
     try:
-        yield
+        yield _serving.borrowed
     finally:
-        _serving.active = outer
+        inner = _serving.borrowed
+        _serving.active, _serving.borrowed = outer_active, outer
+        if outer is not None:
+            outer.count += inner.count
+
+
+def note_borrowed() -> None:
+    """Count one borrowed tuning in the enclosing :func:`tuned_shapes_only` block."""
+    borrowed = getattr(_serving, "borrowed", None)
+    if borrowed is not None:
+        borrowed.count += 1
 
 
 def borrowing() -> bool:
@@ -176,6 +195,7 @@ class PrecompilingAutotuner(Autotuner):
             self._round = None
             self._borrowed |= {tuning_key}
             self.cache[tuning_key] = self.cache[lender]
+            note_borrowed()
             log.info("%s: bucket %s not tuned while serving: it runs the config tuned for %s (%s)",
                      self.base_fn.__name__, tuning_key, lender, self.cache[lender])
             return True  # what Triton's `run` takes for "found": no tuning report

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels._autotune import StoredChoices, autotune, borrowing, nearest_key, within_bucket
+from kernels._autotune import StoredChoices, autotune, borrowing, nearest_key, note_borrowed, within_bucket
 from kernels._common import (
     FLOAT_DTYPES,
     activation_reference,
@@ -486,6 +486,7 @@ def _borrowed_choice(key: tuple, candidates: list[str]) -> str:
     lender = nearest_key(key, [k for k in list(FASTEST_KERNEL) if k not in _BORROWED_CHOICES], [M_BUCKET_AT])
     chosen = FASTEST_KERNEL[lender] if lender is not None and FASTEST_KERNEL[lender] in candidates else "tiled"
     _BORROWED_CHOICES.add(key)
+    note_borrowed()
     log.info("linear %s: not timed while serving: the %s kernel (chosen for %s)", key, chosen, lender)
     return chosen
 

@@ -50,6 +50,7 @@ class LoadedModel:
     load_seconds: float = 0.0
     warmup_seconds: float = 0.0
     warm: bool = field(default=False, init=False)  # warmed up: from now on its batches tune nothing new
+    borrowed_tunings: int = field(default=0, init=False)  # tunings its batches borrowed since (metrics)
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -84,8 +85,10 @@ class LoadedModel:
 
             from kernels import tuned_shapes_only
 
-            with torch.inference_mode(), tuned_shapes_only() if self.warm else nullcontext():
+            with torch.inference_mode(), tuned_shapes_only() if self.warm else nullcontext() as borrowed:
                 outputs = self.architecture.run(self._to_torch(inputs))
+            if borrowed is not None:
+                self.borrowed_tunings += borrowed.count
         result = {}
         for spec in self.config.outputs:
             value = outputs[spec.name]

@@ -22,7 +22,7 @@ from models.loaded import LoadedModel
 from models.repository import ModelNotFoundError
 from pipeline.batcher import BatchKey, DynamicBatcher, Pending
 from pipeline.errors import ErrorCode, InferenceError
-from pipeline.metrics import MODEL_CACHE, QUEUE_WAIT, BatchRecord
+from pipeline.metrics import BORROWED_TUNINGS, MODEL_CACHE, QUEUE_WAIT, BatchRecord
 from pipeline.protocol import InferenceRequest, InferenceResponse
 from pipeline.runtime import configure_torch_threads
 
@@ -286,6 +286,7 @@ class InferenceEngine:
         """Run requests whose inputs concatenate (same names, same shapes past the batch dimension)."""
         names = [s.name for s in model.config.inputs]
         rows = sum([e.rows for e in group])
+        borrowed = model.borrowed_tunings
         started = time.monotonic()
         try:
             inputs = [e.request.inputs for e in group]
@@ -313,6 +314,8 @@ class InferenceEngine:
                 return
             rows = sum([entry.rows for entry in group])
         finished = time.monotonic()
+        if model.borrowed_tunings > borrowed:
+            BORROWED_TUNINGS.labels(f"{model.name}:{model.version}").inc(model.borrowed_tunings - borrowed)
         wrong = next((name for name, v in outputs.items() if v.ndim == 0 or v.shape[0] != rows), None)
         if wrong is not None:  # a broken model: its batch-mates cannot be told apart either
             log.error("model %s:%s returned %s of shape %s for a batch of %d rows", model.name, model.version,

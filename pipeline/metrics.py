@@ -27,6 +27,11 @@ IN_FLIGHT = Gauge("maas_in_flight_requests", "Requests received and not yet answ
 CONSUMER_LAG = Gauge("maas_consumer_lag", "Records behind the partition's end, per owned partition",
                      ["topic", "partition"])
 MODEL_CACHE = Counter("maas_model_cache_total", "Model cache lookups by result", ["result"])
+BORROWED_TUNINGS = Counter(
+    "maas_borrowed_tunings_total",
+    "GPU kernel tunings a warm model's batches borrowed from the nearest tuned shape instead of tuning while they "
+    "waited (shapes its warm-up missed: the config's warmup_inputs can cover them)", ["model"],
+)
 
 
 @dataclass

@@ -204,17 +204,24 @@ def test_serving_goes_through_run(monkeypatch):
 def test_a_warm_model_serves_without_tuning_new_shapes(monkeypatch):
     """Its warm-up batches may tune (they are what tunes); once warm, its batches run under
     ``kernels.tuned_shapes_only``, where a GPU kernel borrows a tuned config instead (``autotune_check.py``)."""
-    from kernels._autotune import borrowing
+    from kernels._autotune import borrowing, note_borrowed
 
     model = build(mnist_mlp_config(), train_mnist_mlp(steps=2), {})
     seen = []
     original = model.run
-    monkeypatch.setattr(model, "run", lambda inputs: seen.append(borrowing()) or original(inputs))
+
+    def run(inputs):
+        seen.append(borrowing())
+        note_borrowed()  # what a GPU kernel does when it borrows: counted only inside a warm model's batch
+        return original(inputs)
+
+    monkeypatch.setattr(model, "run", run)
     loaded = LoadedModel("m", 1, mnist_mlp_config(), model, torch.device("cpu"))
     loaded.warmup()
-    assert seen == [False] and loaded.warm
+    assert seen == [False] and loaded.warm and loaded.borrowed_tunings == 0
     loaded.infer({"input": np.random.rand(2, 784).astype(np.float32)})
     assert seen == [False, True] and not borrowing()  # only inside the batch, and only on its thread
+    assert loaded.borrowed_tunings == 1
     monkeypatch.setenv("MAAS_AUTOTUNE_UNSEEN", "tune")
     loaded.infer({"input": np.random.rand(2, 784).astype(np.float32)})
     assert seen == [False, True, False]

@@ -11,6 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from prometheus_client import REGISTRY
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import pipeline.engine as engine_module
@@ -99,6 +100,27 @@ async def test_a_model_that_loses_rows_fails_its_batch_with_an_internal_error_an
     assert [(o.code, o.request_id) for o in broken] == [(ErrorCode.INTERNAL, f"b{i}") for i in range(3)]
     assert "one row per input row" in broken[0].message
     assert fine.outputs["class"].shape == (1,)
+
+
+async def test_tunings_a_batch_borrowed_are_counted_per_model(repository):
+    """``maas_borrowed_tunings_total``: shapes a warm model's warm-up missed, served on borrowed GPU configs
+    (``LoadedModel.borrowed_tunings``, counted by the kernels: see test_cuda_graphs)."""
+    images, _ = synthetic_digits(2, seed=3)
+    cache = ModelCache(repository)
+    model = cache.get(MNIST_MLP, 1)
+    healthy = model.infer
+
+    def borrowing_infer(inputs):
+        model.borrowed_tunings += 3  # as if the batch met three untuned kernel shapes
+        return healthy(inputs)
+
+    counted = REGISTRY.get_sample_value("maas_borrowed_tunings_total", {"model": f"{MNIST_MLP}:1"}) or 0.0
+    async with InferenceEngine(cache) as engine:
+        assert (await engine.infer(digit_request("plain", images[0]))).outputs is not None
+        assert REGISTRY.get_sample_value("maas_borrowed_tunings_total", {"model": f"{MNIST_MLP}:1"}) in (None, counted)
+        model.infer = borrowing_infer
+        assert (await engine.infer(digit_request("borrowed", images[1]))).outputs is not None
+    assert REGISTRY.get_sample_value("maas_borrowed_tunings_total", {"model": f"{MNIST_MLP}:1"}) == counted + 3
 
 
 @pytest.mark.parametrize(("count", "batches"), [(40, [40]), (100, [64, 36])])

@@ -186,14 +186,15 @@ def check_serving_borrows(gemm_kwargs: dict) -> list[bool]:
     tuned_small = len(timed)
     _linear_kernel.device_caches.clear()
     timed.clear()
-    with tuned_shapes_only():
+    with tuned_shapes_only() as counted:
         tune_and_launch(t, large, **gemm_kwargs)
     keys = list(t.cache)
     results.append(check("serving: a new bucket borrows the nearest tuned config",
                          tuned_small > 1 and len(keys) == 2 and t.cache[keys[1]] is t.cache[keys[0]]
-                         and (len(timed), compiled(_linear_kernel), len(borrowed)) == (0, 1, 1),
+                         and (len(timed), compiled(_linear_kernel), len(borrowed), counted.count) == (0, 1, 1, 1),
                          f"{tuned_small} configs timed for bucket 64; then for 1024 {len(timed)} timed, "
-                         f"{compiled(_linear_kernel)} compiled, {len(borrowed)} borrow logged: {borrowed}"))
+                         f"{compiled(_linear_kernel)} compiled, {counted.count} counted, {len(borrowed)} borrow "
+                         f"logged: {borrowed}"))
 
     # Outside serving (a warm-up) a new tuner tunes bucket 1024: the borrow left nothing on disk.
     timed.clear()

@@ -221,6 +221,17 @@ def test_only_a_serving_thread_borrows_and_only_by_default(monkeypatch):
     assert not borrowing()
 
 
+def test_a_serving_block_counts_its_borrows_and_hands_them_to_the_block_around_it():
+    _autotune.note_borrowed()  # outside any block: counted nowhere
+    with tuned_shapes_only() as outer:
+        _autotune.note_borrowed()
+        with tuned_shapes_only() as inner:
+            _autotune.note_borrowed()
+            _autotune.note_borrowed()
+        assert inner.count == 2
+    assert outer.count == 3
+
+
 def test_a_gemm_kernel_choice_is_borrowed_where_that_kernel_may_run(monkeypatch):
     """The choice between tiled, TMA and split-K kernels (timed once per kernel_key), borrowed like tiles."""
     linear_module = importlib.import_module("kernels.linear")  # `kernels.linear` is the op
