@@ -19,8 +19,35 @@ _AWS_CREDENTIAL_VARS = (
 )
 
 
+# Knobs read where they act, by kernels/ and models/, each time they are used (those modules import torch, which
+# a CPU worker serving numpy twins never does, so their lists are not imported here). Checked once at start,
+# so that a typo stops the worker with a message instead of failing its GPU batches one by one; a test holds
+# these lists to what those modules accept.
+ENGINE_KNOB_CHOICES: dict[str, tuple[str, ...]] = {
+    "MAAS_KERNEL_BACKEND": ("auto", "triton", "torch"),
+    "MAAS_AUTOTUNE_TIMING": ("quick", "full", "graph"),
+    "MAAS_AUTOTUNE_UNSEEN": ("borrow", "tune"),
+    "MAAS_LINEAR_TMA": ("auto", "1", "0"),
+    "MAAS_LINEAR_SPLIT_K": ("auto", "1", "0"),
+    "MAAS_CPU_RUNTIME": ("numpy", "torch"),
+}
+
+
 class ConfigError(ValueError):
     """A setting is missing or malformed; the message names the variable and what to fix."""
+
+
+def check_engine_knobs(env: Mapping[str, str]) -> None:
+    """Raise ConfigError for a value of one of ``ENGINE_KNOB_CHOICES`` (or ``MAAS_COMPILE_THREADS``: auto or a
+    whole number >= 1) that the module reading it would refuse; unset or empty means the default."""
+    for name, choices in ENGINE_KNOB_CHOICES.items():
+        value = env.get(name, "").strip().lower()
+        if value and value not in choices:
+            raise ConfigError(f"{name}={env[name]!r}: expected one of {', '.join(choices)}")
+    threads = env.get("MAAS_COMPILE_THREADS", "").strip().lower()
+    if threads and threads != "auto" and not (threads.isdigit() and int(threads) >= 1):
+        raise ConfigError(f"MAAS_COMPILE_THREADS={env['MAAS_COMPILE_THREADS']!r}: expected auto or a whole "
+                          "number >= 1")
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
@@ -105,6 +132,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
+        check_engine_knobs(env)
         topics = Topics(
             requests=env.get("MAAS_TOPIC_REQUESTS", Topics.requests),
             results=env.get("MAAS_TOPIC_RESULTS", Topics.results),

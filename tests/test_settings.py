@@ -1,0 +1,58 @@
+"""The engine knobs that kernels/ and models/ read for themselves are checked at start by Settings.from_env:
+the lists there must be what those modules accept."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from kernels import _autotune, dispatch
+from models import numpy_models
+from pipeline.settings import ENGINE_KNOB_CHOICES, ConfigError, Settings
+
+linear_module = importlib.import_module("kernels.linear")  # `kernels.linear` is the op
+
+
+def _accepts(reader, name: str, value: str, monkeypatch) -> bool:
+    monkeypatch.setenv(name, value)
+    try:
+        reader()
+    except ValueError:
+        return False
+    return True
+
+
+def _unseen_shapes() -> bool:
+    with _autotune.tuned_shapes_only():  # read only inside a warm model's batch
+        return _autotune.borrowing()
+
+
+READERS = {
+    "MAAS_KERNEL_BACKEND": lambda: dispatch.backend_for(),
+    "MAAS_AUTOTUNE_TIMING": _autotune._timing_options,
+    "MAAS_AUTOTUNE_UNSEEN": _unseen_shapes,
+    "MAAS_LINEAR_TMA": lambda: linear_module._setting("MAAS_LINEAR_TMA"),
+    "MAAS_LINEAR_SPLIT_K": lambda: linear_module._setting("MAAS_LINEAR_SPLIT_K"),
+    "MAAS_CPU_RUNTIME": numpy_models.cpu_runtime,
+    "MAAS_COMPILE_THREADS": lambda: _autotune.compile_threads(4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(READERS))
+def test_the_start_check_accepts_what_the_module_accepts(name, monkeypatch):
+    values = [*ENGINE_KNOB_CHOICES.get(name, ("auto", "1", "12")), " Mixed ", "", "0", "-1", "guess", "2.5"]
+    for value in values:
+        module_ok = _accepts(READERS[name], name, value, monkeypatch)
+        try:
+            Settings.from_env({name: value})
+            start_ok = True
+        except ConfigError as exc:
+            start_ok = False
+            assert name in str(exc) and "expected" in str(exc)
+        assert start_ok == module_ok, (name, value, start_ok, module_ok)
+
+
+def test_a_typo_stops_the_worker_at_start_with_what_was_expected():
+    with pytest.raises(ConfigError, match="MAAS_AUTOTUNE_UNSEEN='borow': expected one of borrow, tune"):
+        Settings.from_env({"MAAS_AUTOTUNE_UNSEEN": "borow"})
