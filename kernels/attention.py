@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -227,18 +228,18 @@ def attention_reference(
     *,
     key_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """torch's ``scaled_dot_product_attention`` in the compute dtype (float64 for the tests' references), and
+    zeros for a batch row without a real key, where its softmax over nothing gives NaN. CPU tensors are served
+    with it: on this project's 2-core VM its fused kernel took 18-26 ms where matmul, softmax, matmul took
+    117-134 ms (B 64, H 12, S 128, D 32, fp32, keys masked)."""
     dt = compute_dtype(q)
-    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    scores = q.to(dt) @ k.to(dt).transpose(-1, -2) * scale
     if key_lengths is not None:
         key_padding_mask = lengths_mask(key_lengths, k.shape[2])
-    if key_padding_mask is not None:
-        keep = key_padding_mask[:, None, None, :]
-        probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
-        probs = probs.masked_fill(~keep.any(dim=-1, keepdim=True), 0.0)  # all-padding row: zeros, not NaN
-    else:
-        probs = torch.softmax(scores, dim=-1)
-    return (probs @ v.to(dt)).to(q.dtype)
+    keep = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), attn_mask=keep, scale=scale)
+    if keep is not None:
+        out = torch.where(keep.any(dim=-1, keepdim=True), out, 0.0)
+    return out.to(q.dtype)
 
 
 def lengths_mask(key_lengths: torch.Tensor, sk: int) -> torch.Tensor:

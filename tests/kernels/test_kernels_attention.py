@@ -38,6 +38,16 @@ def test_key_lengths_are_clamped_to_the_keys_and_a_row_without_keys_is_zero(gen,
     assert_close(y[2:], whole[2:].double(), torch.float32, reduction=64)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_reference_gives_zeros_for_a_row_without_keys_and_softmax_elsewhere(gen, dtype):
+    """The reference (what CPU tensors run) is torch's SDPA, which gives NaN where a row has no real key."""
+    q, k, v = (randn(gen, 2, 3, 5, 16, dtype=dtype) for _ in range(3))
+    y = attention_reference(q, k, v, key_lengths=torch.tensor([0, 3], device=q.device))
+    assert y.dtype == dtype and torch.equal(y[0], torch.zeros_like(y[0]))
+    scores = q[1].double() @ k[1, :, :3].double().transpose(-1, -2) / 4.0  # D ** -0.5
+    assert_close(y[1], torch.softmax(scores, dim=-1) @ v[1, :, :3].double(), dtype, reduction=3)
+
+
 def test_key_lengths_give_what_the_mask_they_stand_for_gives(gen, device):
     """The transformer passes lengths where it has a right-padded mask: the same attention, less work."""
     q, k, v = (randn(gen, 3, 2, 40, 32) for _ in range(3))
