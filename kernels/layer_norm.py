@@ -14,6 +14,7 @@ import triton.language as tl
 
 from kernels._common import (
     FLOAT_DTYPES,
+    cast,
     check_contiguous,
     check_tensor,
     compute_dtype,
@@ -89,9 +90,9 @@ def layer_norm_triton(
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
                          residual: torch.Tensor | None = None) -> torch.Tensor:
     dt = compute_dtype(x)
-    h = x.to(dt) if residual is None else x.to(dt) + residual.to(dt)
-    y = torch.nn.functional.layer_norm(h, h.shape[-1:], weight.to(dt), bias.to(dt), eps)
-    return y.to(x.dtype)
+    h = cast(x, dt) if residual is None else cast(x, dt) + cast(residual, dt)
+    y = torch.nn.functional.layer_norm(h, h.shape[-1:], cast(weight, dt), cast(bias, dt), eps)
+    return cast(y, x.dtype)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,

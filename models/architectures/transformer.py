@@ -208,12 +208,15 @@ class TransformerEncoder(Architecture):
         on the CPU whatever the device) by ``bench/models.py``."""
         w, eps = self.weights, self.p["layer_norm_eps"]
         b, s = ids.shape
-        lengths = mask.sum(dim=1, dtype=torch.int32)  # attention then skips checks on full key tiles
+        # The Triton kernel takes the padding as lengths, with which it skips checks on full key tiles; torch's
+        # attention wants the mask, which lengths would only be turned back into, layer by layer.
+        padding = ({"key_lengths": mask.sum(dim=1, dtype=torch.int32)} if kernels.backend_for(mask) == "triton"
+                   else {"key_padding_mask": mask})
         h = kernels.layer_norm(self._embed(ids), w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
         for i in range(self.p["num_layers"]):
             layer = f"encoder.layer.{i}"
             q, k, v = self._split_heads(self.dense(h, f"{layer}.attention.self.qkv"))
-            context = kernels.attention(q, k, v, key_lengths=lengths).transpose(1, 2).reshape(b, s, -1)  # a view
+            context = kernels.attention(q, k, v, **padding).transpose(1, 2).reshape(b, s, -1)  # a view on CUDA
             a = self.dense(context, f"{layer}.attention.output.dense")
             h = kernels.layer_norm(a, w[f"{layer}.attention.output.LayerNorm.weight"],
                                    w[f"{layer}.attention.output.LayerNorm.bias"], eps, residual=h)
