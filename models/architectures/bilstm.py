@@ -87,8 +87,13 @@ class BiLSTMClassifier(Architecture):
         return {"pad_values": (0, 1), "max_shape": (self.graph_max_batch,)}  # a padding row reads one pad token
 
     def forward_graph(self, ids: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The classifier on token ids ``[B, S]`` and lengths ``[B]``, both on the model's device."""
+        """The classifier on token ids ``[B, S]`` and lengths ``[B]``, both on the model's device. Where
+        ``kernels.lstm`` would run its torch path (a CPU), torch's fused bidirectional LSTM gives the final
+        states at once: two one-way passes that return every state took 1.5-3x as long on this project's VM."""
         x = F.embedding(ids, self.weights["embedding.weight"])
+        if kernels.backend_for(x) == "torch":
+            return self._head(self._fused_final_states(x, lengths), lambda h, p, act="none": self.dense(h, p, act),
+                              kernels.softmax)
         w = self.weights
         rows = torch.arange(ids.shape[0], device=ids.device)
         forward = kernels.lstm(x, w["lstm.weight_ih_l0"], w["lstm.weight_hh_l0"],
@@ -98,6 +103,12 @@ class BiLSTMClassifier(Architecture):
         # Final states: the forward pass ends at each sequence's last token, the backward pass at position 0.
         final = torch.cat([forward[rows, lengths - 1], backward[:, 0]], dim=-1)
         return self._head(final, lambda h, p, act="none": self.dense(h, p, act), kernels.softmax)
+
+    def _fused_final_states(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Both directions' final states ``[B, 2H]`` from torch's fused bidirectional LSTM over the packed batch."""
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, (h_n, _) = self._reference_lstm()(packed)
+        return torch.cat([h_n[0], h_n[1]], dim=-1)
 
     def _reference_lstm(self) -> torch.nn.LSTM:
         key = (self.device, self.dtype)
@@ -111,9 +122,7 @@ class BiLSTMClassifier(Architecture):
     def reference_forward(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         ids, lengths = self._encode(inputs["text"])
         x = F.embedding(ids, self.weights["embedding.weight"])
-        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        _, (h_n, _) = self._reference_lstm()(packed)
-        final = torch.cat([h_n[0], h_n[1]], dim=-1)
+        final = self._fused_final_states(x, lengths)
         return self._head(final, lambda h, p, act="none": self.reference_dense(h, p, act),
                           lambda t: torch.softmax(t, dim=-1))
 
