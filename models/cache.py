@@ -89,6 +89,12 @@ class ModelCache:
                 self._evict_over_budget(keep=key)
             return model
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weights of the versions loaded now."""
+        with self._lock:
+            return sum(m.nbytes for m in self._models.values())
+
     def loaded(self) -> list[tuple[str, int]]:
         with self._lock:
             return list(self._models)

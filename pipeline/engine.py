@@ -22,7 +22,15 @@ from models.loaded import LoadedModel
 from models.repository import ModelNotFoundError
 from pipeline.batcher import BatchKey, DynamicBatcher, Pending
 from pipeline.errors import ErrorCode, InferenceError
-from pipeline.metrics import BORROWED_TUNINGS, MODEL_CACHE, QUEUE_WAIT, BatchRecord
+from pipeline.metrics import (
+    BORROWED_TUNINGS,
+    MODEL_CACHE,
+    MODEL_CACHE_BYTES,
+    MODEL_EVICTIONS,
+    MODEL_LOAD,
+    QUEUE_WAIT,
+    BatchRecord,
+)
 from pipeline.protocol import InferenceRequest, InferenceResponse
 from pipeline.runtime import configure_torch_threads
 
@@ -237,13 +245,19 @@ class InferenceEngine:
         if model is not None:
             MODEL_CACHE.labels("hit").inc()
             return model
-        hits = self.cache.stats.hits
+        hits, evictions = self.cache.stats.hits, self.cache.stats.evictions
         try:
             model = await self._in_executor(self._load_on_model_thread, *key)
         except (ArtifactError, ModelNotFoundError, OSError) as exc:
             raise InferenceError(ErrorCode.INTERNAL, f"model {key[0]!r} version {key[1]} failed to load: {exc}") \
                 from None
-        MODEL_CACHE.labels("hit" if self.cache.stats.hits > hits else "miss").inc()
+        if self.cache.stats.hits > hits:  # another request loaded it meanwhile
+            MODEL_CACHE.labels("hit").inc()
+            return model
+        MODEL_CACHE.labels("miss").inc()
+        MODEL_LOAD.labels(f"{model.name}:{model.version}").observe(model.load_seconds + model.warmup_seconds)
+        MODEL_EVICTIONS.inc(self.cache.stats.evictions - evictions)
+        MODEL_CACHE_BYTES.set(self.cache.nbytes)
         return model
 
     async def _run_batch(self, key: BatchKey, items: list[Pending]) -> None:

@@ -27,6 +27,14 @@ IN_FLIGHT = Gauge("maas_in_flight_requests", "Requests received and not yet answ
 CONSUMER_LAG = Gauge("maas_consumer_lag", "Records behind the partition's end, per owned partition",
                      ["topic", "partition"])
 MODEL_CACHE = Counter("maas_model_cache_total", "Model cache lookups by result", ["result"])
+MODEL_LOAD = Histogram(
+    "maas_model_load_seconds", "Seconds a model version took to load and warm up (kernels compiled and tuned, "
+    "graphs captured) before it served", ["model"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
+)
+MODEL_EVICTIONS = Counter("maas_model_cache_evictions_total",
+                          "Loaded model versions dropped from the warm cache to stay within its memory budget")
+MODEL_CACHE_BYTES = Gauge("maas_model_cache_bytes", "Bytes of weights held by the warm model cache")
 BORROWED_TUNINGS = Counter(
     "maas_borrowed_tunings_total",
     "GPU kernel tunings a warm model's batches borrowed from the nearest tuned shape instead of tuning while they "

@@ -16,7 +16,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 import pipeline.engine as engine_module
 from models.cache import ModelCache
-from models.examples import MNIST_MLP, synthetic_digits
+from models.examples import MNIST_MLP, mnist_mlp_config, synthetic_digits, train_mnist_mlp
 from pipeline.backpressure import Slots
 from pipeline.engine import InferenceEngine
 from pipeline.errors import ErrorCode, InferenceError
@@ -100,6 +100,30 @@ async def test_a_model_that_loses_rows_fails_its_batch_with_an_internal_error_an
     assert [(o.code, o.request_id) for o in broken] == [(ErrorCode.INTERNAL, f"b{i}") for i in range(3)]
     assert "one row per input row" in broken[0].message
     assert fine.outputs["class"].shape == (1,)
+
+
+async def test_loads_evictions_and_cache_bytes_reach_the_metrics(repository):
+    """Issue #6's cache counters on /metrics: hit/miss (maas_model_cache_total), load + warm-up time per load,
+    evictions past the memory budget, and the bytes held."""
+    repository.publish("other", mnist_mlp_config(), train_mnist_mlp(steps=2))
+    one_model = repository.load(MNIST_MLP, 1).nbytes
+    cache = ModelCache(repository, max_bytes=int(one_model * 1.5))  # room for one version at a time
+    image = synthetic_digits(1, seed=5)[0][0]
+
+    def sample(name: str, labels: dict | None = None) -> float:
+        return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+    before = {"loads": sample("maas_model_load_seconds_count", {"model": "other:1"}),
+              "evictions": sample("maas_model_cache_evictions_total")}
+    async with InferenceEngine(cache) as engine:
+        await engine.infer(digit_request("first", image))
+        await engine.infer(digit_request("second", image, model_name="other"))  # evicts mnist_mlp
+        await engine.infer(digit_request("again", image, model_name="other"))  # a hit
+    assert sample("maas_model_load_seconds_count", {"model": "other:1"}) == before["loads"] + 1
+    assert sample("maas_model_load_seconds_sum", {"model": "other:1"}) > 0
+    assert sample("maas_model_cache_evictions_total") == before["evictions"] + 1
+    assert sample("maas_model_cache_bytes") == cache.nbytes == one_model
+    assert cache.loaded() == [("other", 1)]
 
 
 async def test_tunings_a_batch_borrowed_are_counted_per_model(repository):
