@@ -8,7 +8,10 @@ an empty Triton cache, for sm_90 through :func:`kernels.offline.compile_for`: no
 machine it measures that machine's CPUs, which are what compile. Then, on the most threads given, the GEMM
 rounds of MiniLM's whole warm-up (batches 1 to 64 of 16-token texts), smallest batch first and largest
 first (``models.loaded.warmup_batch_sizes``): the largest bucket's round holds every config the smaller ones
-keep, so largest first compiles them in one parallel round per GEMM instead of a few at a time. Last, the
+keep, so largest first compiles them in one parallel round per GEMM instead of a few at a time. (The example
+MiniLM's config also warms 256-token texts, up to 8,192 rows: their tiled rounds hold no config the 1,024-row
+one lacks, but their TMA GEMM rounds, from 2 G multiply-adds, and attention's longer tiles come on top and are
+not compiled here.) Last, the
 MNIST MLP's warm-up (batches 1 to 8,192): how many binaries its GEMM rounds make, one per config and GEMM
 when no batch-dependent argument is specialized on.
 
