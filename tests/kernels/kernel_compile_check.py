@@ -200,19 +200,20 @@ def tma_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], ob
 
 
 def attention_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], object]]]:
-    """Every autotune config of the attention kernel that its pruning keeps, for head dims 64 and 128, with key
-    lengths (the transformer's); the first two configs also with a key-padding mask and with neither."""
+    """Every autotune config of the attention kernel that its pruning keeps, for head dims 32 (MiniLM's), 64 and
+    128, with key lengths (the transformer's); at 64 and 128 the first two configs also with a key-padding mask
+    and with neither."""
     from kernels.attention import GPU_CONFIGS, _attention_kernel, fits_shared_memory
 
     found = []
     paddings = {"lengths": torch.ones(1, dtype=torch.int32), "mask": torch.ones(1, 8, dtype=torch.bool), "none": None}
-    for d in (64, 128):
+    for d in (32, 64, 128):
         q = torch.zeros(1, 2, 8, d, dtype=dt)
         strides = (*q.stride()[:3],) * 4
         for i, config in enumerate(GPU_CONFIGS[: 2 if quick else None]):
             if not fits_shared_memory(config, d, dt.itemsize):
                 continue
-            for padding, m in list(paddings.items())[: 3 if i < 2 else 1]:
+            for padding, m in list(paddings.items())[: 3 if i < 2 and d > 32 else 1]:
                 args = (q, q, q, m, q, 2, 8, 8, 0.125, 8, 8, 2, *strides)
                 kwargs = dict(HAS_MASK=padding == "mask", HAS_LENGTHS=padding == "lengths", HEAD_DIM=d,
                               UPCAST=False, **config.kwargs, num_warps=config.num_warps,
