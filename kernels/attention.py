@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels._autotune import autotune, within_bucket
-from kernels._common import FLOAT_DTYPES, check_tensor, compute_dtype
+from kernels._common import FLOAT_DTYPES, cast, check_tensor, compute_dtype
 from kernels.dispatch import INTERPRETER, USE_AUTOTUNE, backend_for
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -239,10 +239,10 @@ def attention_reference(
     if key_lengths is not None:
         key_padding_mask = lengths_mask(key_lengths, k.shape[2])
     keep = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), attn_mask=keep, scale=scale)
+    out = F.scaled_dot_product_attention(cast(q, dt), cast(k, dt), cast(v, dt), attn_mask=keep, scale=scale)
     if keep is not None:
         out = torch.where(keep.any(dim=-1, keepdim=True), out, 0.0)
-    return out.to(q.dtype)
+    return cast(out, q.dtype)
 
 
 def lengths_mask(key_lengths: torch.Tensor, sk: int) -> torch.Tensor:

@@ -93,7 +93,10 @@ class ModelCache:
     def nbytes(self) -> int:
         """Bytes of weights of the versions loaded now."""
         with self._lock:
-            return sum(m.nbytes for m in self._models.values())
+            return self._bytes_held()
+
+    def _bytes_held(self) -> int:  # under self._lock
+        return sum(m.nbytes for m in self._models.values())
 
     def loaded(self) -> list[tuple[str, int]]:
         with self._lock:
@@ -107,7 +110,7 @@ class ModelCache:
             return len(keys)
 
     def _evict_over_budget(self, keep: tuple[str, int]) -> None:
-        total = sum(m.nbytes for m in self._models.values())
+        total = self._bytes_held()
         for key in list(self._models):
             if total <= self.max_bytes:
                 break
