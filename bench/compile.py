@@ -2,18 +2,16 @@
 
 Most of a GPU worker's cold start is Triton compiling and timing the tile configs it autotunes. Its autotuner
 compiles each config when it first times it; ``kernels._autotune.PrecompilingAutotuner`` compiles a round's
-configs on ``MAAS_COMPILE_THREADS`` threads first. This script compiles MiniLM's tuning rounds at a large bucket (the
-four GEMM epilogues at 8,192 rows, and attention at sequence 128, head dim 32, bf16) both ways, each time with
-an empty Triton cache, for sm_90 through :func:`kernels.offline.compile_for`: no GPU is needed, and on a GPU
-machine it measures that machine's CPUs, which are what compile. Then, on the most threads given, the GEMM
-rounds of MiniLM's whole warm-up (batches 1 to 64 of 16-token texts), smallest batch first and largest
-first (``models.loaded.warmup_batch_sizes``): the largest bucket's round holds every config the smaller ones
-keep, so largest first compiles them in one parallel round per GEMM instead of a few at a time. (The example
-MiniLM's config also warms 256-token texts, up to 8,192 rows: their tiled rounds hold no config the 1,024-row
-one lacks, but their TMA GEMM rounds, from 2 G multiply-adds, and attention's longer tiles come on top and are
-not compiled here.) Last, the
-MNIST MLP's warm-up (batches 1 to 8,192): how many binaries its GEMM rounds make, one per config and GEMM
-when no batch-dependent argument is specialized on.
+configs on ``MAAS_COMPILE_THREADS`` threads first. This script compiles MiniLM's tuning rounds at its warm-up's
+largest bucket (32 of its 256-token warm-up texts: the four GEMM epilogues at 8,192 rows on the tiled kernel,
+the three of them past 2 G multiply-adds also on the TMA kernel, and attention at sequence 256, head dim 32,
+bf16) both ways, each time with an empty Triton cache, for sm_90 through :func:`kernels.offline.compile_for`:
+no GPU is needed, and on a GPU machine it measures that machine's CPUs, which are what compile. Then, on the
+most threads given, the tiled GEMM rounds of MiniLM's short-text warm-up (batches 1 to 64 of 16-token texts),
+smallest batch first and largest first (``models.loaded.warmup_batch_sizes``): the largest bucket's round
+holds every config the smaller ones keep, so largest first compiles them in one parallel round per GEMM
+instead of a few at a time. Last, the MNIST MLP's warm-up (batches 1 to 8,192): how many binaries its GEMM
+rounds make, one per config and GEMM when no batch-dependent argument is specialized on.
 
 Usage: ``python bench/compile.py [--threads 1 2 4 ...] [--output FILE.json]`` (default: 1 and every CPU).
 """
@@ -37,13 +35,15 @@ os.environ.pop("TRITON_INTERPRET", None)  # real compiles (the kernels below are
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from kernels._autotune import COMPILE_THREADS_ENV, PrecompilingAutotuner, usable_cpus  # noqa: E402
 from kernels.attention import GPU_CONFIGS as ATTENTION_CONFIGS  # noqa: E402
 from kernels.attention import _attention_kernel as _attention_tuner  # noqa: E402
 from kernels.attention import _prune_configs as prune_attention  # noqa: E402
-from kernels.linear import _GPU_CONFIGS, _prune_configs  # noqa: E402
+from kernels.linear import _GPU_CONFIGS, _TMA_CONFIGS, TMA_MIN_MACS, _prune_configs, _prune_tma_configs  # noqa: E402
 from kernels.linear import _linear_kernel as _linear_tuner  # noqa: E402
+from kernels.linear import _linear_tma_kernel as _linear_tma_tuner  # noqa: E402
 from kernels.offline import compile_for, compiled_kernels  # noqa: E402
 
 
@@ -52,9 +52,10 @@ def _jit(kernel):
     return kernel.fn if isinstance(kernel, Autotuner) else kernel
 
 
-_linear_kernel, _attention_kernel = _jit(_linear_tuner), _jit(_attention_tuner)
+_linear_kernel, _linear_tma_kernel = _jit(_linear_tuner), _jit(_linear_tma_tuner)
+_attention_kernel = _jit(_attention_tuner)
 BF16 = torch.bfloat16
-ROWS, HIDDEN, HEADS, SEQ = 8192, 384, 12, 128
+ROWS, HIDDEN, HEADS, SEQ = 8192, 384, 12, 256
 WARMUP_BUCKETS = [16 << i for i in range(7)]  # rows of MiniLM's warm-up GEMMs: batches 1..64 of 16 tokens
 # MiniLM's GEMMs: (N, K, activation, residual) of the attention input and output projections and the MLP.
 GEMMS = [(3 * HIDDEN, HIDDEN, "none", False), (HIDDEN, HIDDEN, "none", True), (4 * HIDDEN, HIDDEN, "gelu", False),
@@ -81,8 +82,25 @@ def gemm_rounds(rows: int, gemms: list[tuple] = GEMMS) -> list[tuple]:
     return out
 
 
+def tma_rounds(rows: int, gemms: list[tuple] = GEMMS) -> list[tuple]:
+    """The TMA GEMM's tuning rounds at ``rows`` rows, for the GEMMs large enough to time it (``TMA_MIN_MACS``)."""
+    out = []
+    for n, k, activation, residual in gemms:
+        if rows * n * k < TMA_MIN_MACS:
+            continue
+        x, w, b, y = (torch.empty(rows, k, dtype=BF16), torch.empty(n, k, dtype=BF16), torch.empty(n, dtype=BF16),
+                      torch.empty(rows, n, dtype=BF16))
+        x_desc, w_desc = TensorDescriptor.from_tensor(x, [1, 1]), TensorDescriptor.from_tensor(w, [1, 1])
+        args = (x_desc, w_desc, b, y if residual else None, y, rows, n, k, triton.next_power_of_2(rows))
+        kwargs = {"HAS_BIAS": True, "HAS_RESIDUAL": residual, "ACTIVATION": activation, "UPCAST": False,
+                  "NUM_PROGRAMS": 132}
+        named = dict(zip(_linear_tma_kernel.arg_names, args, strict=False))
+        out.append((_linear_tma_kernel, _prune_tma_configs(_TMA_CONFIGS, named), args, kwargs))
+    return out
+
+
 def rounds() -> list[tuple]:
-    """The GEMM rounds at ``ROWS`` rows and attention's round at ``SEQ`` tokens."""
+    """The GEMM rounds (tiled, and TMA where timed) at ``ROWS`` rows and attention's round at ``SEQ`` tokens."""
     batch = ROWS // SEQ
     q = torch.empty(batch, HEADS, SEQ, HIDDEN // HEADS, dtype=BF16)
     lengths = torch.full((batch,), SEQ, dtype=torch.int32)  # the transformer's key padding
@@ -91,11 +109,11 @@ def rounds() -> list[tuple]:
     kwargs = {"HAS_MASK": False, "HAS_LENGTHS": True, "HEAD_DIM": HIDDEN // HEADS, "UPCAST": False}
     named = dict(zip(_attention_kernel.arg_names, args, strict=False))
     configs = prune_attention(ATTENTION_CONFIGS, named, **kwargs)
-    return [*gemm_rounds(ROWS), (_attention_kernel, configs, args, kwargs)]
+    return [*gemm_rounds(ROWS), *tma_rounds(ROWS), (_attention_kernel, configs, args, kwargs)]
 
 
 def _fresh_caches(threads: int) -> None:
-    for kernel in (_linear_kernel, _attention_kernel):
+    for kernel in (_linear_kernel, _linear_tma_kernel, _attention_kernel):
         kernel.device_caches.clear()
     os.environ[COMPILE_THREADS_ENV] = str(threads)
 
@@ -109,6 +127,8 @@ def compile_all(threads: int) -> float:
         for kernel, configs, args, kwargs in rounds():
             if threads == 1:  # what timing does: each config compiles on its first launch
                 for config in configs:
+                    if config.pre_hook:  # TMA tile shapes, part of the compiled signature
+                        config.pre_hook({**dict(zip(kernel.arg_names, args, strict=False)), **config.all_kwargs()})
                     kernel.warmup(*args, grid=None, **kwargs, **config.all_kwargs())
             else:
                 PrecompilingAutotuner(kernel, kernel.arg_names, configs, [], None, None).precompile(configs, args,
@@ -138,7 +158,7 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="write the results as JSON here (after every step)")
     args = parser.parse_args()
     configs = sum(len(r[1]) for r in rounds())
-    print(f"{configs} configs in {len(GEMMS) + 1} tuning rounds, sm_90, on {usable_cpus()} CPUs "
+    print(f"{configs} configs in {len(rounds())} tuning rounds, sm_90, on {usable_cpus()} CPUs "
           f"({platform.processor() or platform.machine()}), triton {triton.__version__}")
     threads = max(args.threads)
     found = {"cpus": usable_cpus(), "triton": triton.__version__, "configs": configs, "results": [],
