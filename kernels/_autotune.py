@@ -36,7 +36,7 @@ from pathlib import Path
 import triton
 from triton.runtime.autotuner import Autotuner
 
-from kernels.dispatch import USE_AUTOTUNE
+from kernels.dispatch import USE_AUTOTUNE, env_choice
 
 try:  # Triton >= 3.4
     from triton.runtime._async_compile import AsyncCompileMode
@@ -96,10 +96,7 @@ def borrowing() -> bool:
     """Whether a launch on this thread borrows instead of tuning (see :func:`tuned_shapes_only`)."""
     if not getattr(_serving, "active", False):
         return False
-    choice = os.environ.get(UNSEEN_SHAPES_ENV, "borrow").strip().lower() or "borrow"
-    if choice not in UNSEEN_SHAPES_CHOICES:
-        raise ValueError(f"{UNSEEN_SHAPES_ENV}={choice!r}: expected {' or '.join(UNSEEN_SHAPES_CHOICES)}")
-    return choice == "borrow"
+    return env_choice(UNSEEN_SHAPES_ENV, "borrow", UNSEEN_SHAPES_CHOICES) == "borrow"
 
 
 def nearest_key(key: tuple, known: Iterable[tuple], buckets: Sequence[int]) -> tuple | None:
@@ -309,10 +306,7 @@ _TIMINGS = {"full": None, "quick": _quick_timing, "graph": _graph_timing}
 def _timing_options() -> dict:
     """``MAAS_AUTOTUNE_TIMING`` (read when ``kernels`` is imported): ``quick`` (default, :func:`_quick_timing`),
     ``full`` (Triton's own eager timing, 25 + 100 ms a config) or ``graph`` (:func:`_graph_timing`)."""
-    choice = os.environ.get(AUTOTUNE_TIMING_ENV, "quick").strip().lower() or "quick"
-    if choice not in _TIMINGS:
-        raise ValueError(f"{AUTOTUNE_TIMING_ENV}={choice!r}: expected {', '.join(_TIMINGS)}")
-    timing = _TIMINGS[choice]
+    timing = _TIMINGS[env_choice(AUTOTUNE_TIMING_ENV, "quick", tuple(_TIMINGS))]
     return {"do_bench": timing} if timing and "do_bench" in _AUTOTUNE_PARAMETERS else {}
 
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -25,11 +26,19 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "
 USE_AUTOTUNE = not INTERPRETER and torch.cuda.is_available()
 
 
+def env_choice(name: str, default: str, choices: Sequence[str]) -> str:
+    """The environment variable ``name`` as one of ``choices`` (trimmed, lower-cased; unset or empty:
+    ``default``); any other value raises ``ValueError`` naming the variable and what it takes. The kernels' knobs
+    are read each time they act, so tests can flip them with ``monkeypatch``."""
+    choice = os.environ.get(name, default).strip().lower() or default
+    if choice not in choices:
+        raise ValueError(f"{name}={choice!r}: expected {', '.join(choices[:-1])} or {choices[-1]}")
+    return choice
+
+
 def backend_for(*tensors: torch.Tensor | None) -> str:
     """Return ``"triton"`` or ``"torch"`` for an op on ``tensors`` (``None`` entries are ignored)."""
-    choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if choice not in BACKENDS:
-        raise ValueError(f"{ENV_VAR}={choice!r}: expected one of {', '.join(BACKENDS)}")
+    choice = env_choice(ENV_VAR, "auto", BACKENDS)
     on_cuda = any(t is not None and t.is_cuda for t in tensors)
     if choice == "torch" or (choice == "auto" and not on_cuda):
         return "torch"

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import torch
 import triton
@@ -46,7 +45,7 @@ from kernels._common import (
     into,
     output,
 )
-from kernels.dispatch import INTERPRETER, USE_AUTOTUNE, backend_for
+from kernels.dispatch import INTERPRETER, USE_AUTOTUNE, backend_for, env_choice
 
 log = logging.getLogger(__name__)
 
@@ -388,10 +387,7 @@ def _tma_aligned(*tensors: torch.Tensor) -> bool:
 
 def _setting(env_var: str) -> str:
     """``auto``, ``1`` (force the kernel on where it can run) or ``0`` (never), from ``env_var``."""
-    choice = os.environ.get(env_var, "auto").strip().lower() or "auto"
-    if choice not in ("auto", "0", "1"):
-        raise ValueError(f"{env_var}={choice!r}: expected auto, 1 or 0")
-    return choice
+    return env_choice(env_var, "auto", ("auto", "1", "0"))
 
 
 def use_tma(x: torch.Tensor, weight: torch.Tensor, m: int) -> bool:
