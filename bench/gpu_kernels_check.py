@@ -34,9 +34,9 @@ GROUPS = [
     ("4096x4096x4096", "1x3072x768"),
     ("77x768x3072", "512x1000x4096"),
     ("4133x1000x4104",),
-    ("split_k",),
+    ("split_k", "gemv"),
     ("1x14336x4096", "16x4096x14336"),
-    ("linear_fp8",),
+    ("linear_fp8 M4096", "linear_fp8 M77"),  # its one-row case runs with the GEMV ones
     ("softmax", "layer_norm", "l2_normalize", "embedding", "conv2d", "max_pool2d"),
     ("attention",),
     ("lstm",),
@@ -51,7 +51,7 @@ def _cases() -> list[Case]:
     from kernels.l2_normalize import l2_normalize_reference
     from kernels.layer_norm import layer_norm_reference
     from kernels.linear import launch_linear, linear_reference
-    from kernels.linear_fp8 import linear_fp8_reference
+    from kernels.linear_fp8 import _quantize_rows, linear_fp8_reference
     from kernels.linear_int8 import linear_int8_reference
     from kernels.lstm import lstm_reference
     from kernels.max_pool2d import max_pool2d_reference
@@ -64,7 +64,7 @@ def _cases() -> list[Case]:
         return None if t is None else t.double()
 
     def linear_case(m, n, k, activation, residual, kernel=None):
-        """``kernel``: force ``tiled``, ``tma`` or ``split_k``; None: as served."""
+        """``kernel``: force ``tiled``, ``tma``, ``split_k`` or ``gemv``; None: as served."""
         def build(dt, gen):
             x, w, b = rnd(gen, m, k, dtype=dt), rnd(gen, n, k, dtype=dt, scale=k**-0.5), rnd(gen, n, dtype=dt)
             r = rnd(gen, m, n, dtype=dt) if residual else None
@@ -80,15 +80,22 @@ def _cases() -> list[Case]:
                     lambda: linear_int8_reference(d(x), q, d(s)), (m, n), k, True)
         return f"linear_int8 {m}x{n}x{k} {kernel or ''}".rstrip(), DTYPES, build
 
-    def fp8_case(m, n, k, activation, residual):
+    def fp8_case(m, n, k, activation, residual, kernel=None):
         def build(dt, gen):  # the reference quantizes x per row as the kernel does, then runs in float64
             x, b = rnd(gen, m, k, dtype=dt), rnd(gen, n, dtype=dt)
             q, s = kernels.quantize_fp8(rnd(gen, n, k, dtype=torch.float32, scale=k**-0.5))
             r = rnd(gen, m, n, dtype=dt) if residual else None
-            return (lambda out: kernels.linear_fp8(x, q, s, b, activation, r, out=out),
-                    lambda: linear_fp8_reference(d(x), q, d(s), d(b), activation, d(r)), (m, n), k, True)
+
+            def run(out):
+                if kernel is None:
+                    return kernels.linear_fp8(x, q, s, b, activation, r, out=out)
+                qx, x_scales = _quantize_rows(x)  # what linear_fp8 launches, with the kernel forced
+                return launch_linear(qx, q, s, b, activation, r, out, kernel=kernel, x_scales=x_scales,
+                                     out_dtype=dt)
+            return run, lambda: linear_fp8_reference(d(x), q, d(s), d(b), activation, d(r)), (m, n), k, True
         # fp8 inputs come from bf16/fp16 activations: fp32 ones would keep none of their precision
-        return f"linear_fp8 M{m} N{n} K{k} {activation}{' +res' if residual else ''}", DTYPES[:2], build
+        label = f"linear_fp8 M{m} N{n} K{k} {activation}{' +res' if residual else ''} {kernel or ''}".rstrip()
+        return label, DTYPES[:2], build
 
     def softmax_case(rows, n, log):
         def build(dt, gen):
@@ -186,6 +193,10 @@ def _cases() -> list[Case]:
         linear_case(1, 4096, 4096, "gelu", True, "split_k"),
         linear_case(61, 1000, 4104, "tanh", False, "split_k"),  # partial tiles along M, N and K
         linear_case(128, 4096, 4096, "relu", True, "split_k"),  # the 128-row tiles may be picked
+        linear_case(1, 4096, 4096, "gelu", True, "gemv"),
+        linear_case(1, 1000, 4104, "tanh", False, "gemv"),  # a partial column block and K tile
+        int8_case(1, 14336, 4104, "gemv"),
+        fp8_case(1, 1000, 4104, "relu", True, "gemv"),
         linear_case(77, 768, 3072, "relu", True),
         linear_case(512, 1000, 4096, "tanh", False),
         int8_case(1, 14336, 4096),

@@ -4,7 +4,7 @@ For each op and size it prints the Triton time (``triton.testing.do_bench``, med
 (GEMM-like ops) or GB/s (memory-bound ops), and the speed-up over torch eager and over ``torch.compile``
 of the same eager function (``> 1`` means the Triton kernel is faster); then both timed again replayed from
 CUDA graphs (``do_bench_cudagraph``: GPU time alone, warm L2), which separates a slow kernel from a slow
-launch, and the tiles the GEMM autotuner picked. Results go to
+launch (the JSON also has the rate from it, ``graph_rate``), and the tiles the GEMM autotuner picked. Results go to
 ``bench/results/kernels.json`` and, when matplotlib is installed, a bar chart ``bench/results/kernels.png``.
 
 Baselines are the natural torch code in the same dtype: ``F.linear`` + activation (cuBLAS), ``softmax``,
@@ -52,7 +52,9 @@ class Case:
     flops: float = 0.0  # > 0: report TFLOP/s
     bytes: float = 0.0  # otherwise: report GB/s of compulsory traffic
     compiled_fn: Callable | None = None  # a different function to compile (linear_int8)
-    graphable: bool = True  # False: the op checks its inputs' values on the host, which a capture forbids
+    # False: the op syncs with the host (a capture forbids it). embedding_pool's id range check is skipped while
+    # capturing (kernels._common.value_range), so its graph time is the kernel's alone, its do_bench time with it.
+    graphable: bool = True
     gemm: tuple | None = None  # a GEMM's (x, weight, bias, activation) as launched: which kernel ran it
 
 
@@ -69,7 +71,7 @@ def _nbytes(*tensors: torch.Tensor) -> int:
 
 def cases(quick: bool) -> list[Case]:
     import kernels
-    from kernels.linear import SPLIT_K_MAX_M, launch_linear, use_tma
+    from kernels.linear import GEMV_MAX_M, SPLIT_K_MAX_M, launch_linear, use_tma
     from kernels.linear_fp8 import FP8
 
     dev = "cuda"
@@ -90,7 +92,8 @@ def cases(quick: bool) -> list[Case]:
                           gemm=(x, w, b, "relu")))
         # Each kernel that may run the problem on its own (split-K also where its bounds rule it out of timing),
         # to see what each gains where timing picks one, and whether those bounds are right.
-        candidates = ["tiled", *["tma"] * use_tma(x, w, m), *["split_k"] * (m <= SPLIT_K_MAX_M)]
+        candidates = ["tiled", *["tma"] * use_tma(x, w, m), *["split_k"] * (m <= SPLIT_K_MAX_M),
+                      *["gemv"] * (m <= GEMV_MAX_M)]
         for kernel in candidates * (len(candidates) > 1 and not quick):
             found.append(Case(f"linear {kernel}", f"M{m} N{n} K{k} +bias relu", (x, w, b),
                               lambda x, w, b, kernel=kernel: launch_linear(x, w, None, b, "relu", None, None,
@@ -106,7 +109,7 @@ def cases(quick: bool) -> list[Case]:
                           bytes=_nbytes(x, q, s) + m * n * 2,
                           compiled_fn=lambda x, w, q, s: F.linear(x, q.to(x.dtype) * s[:, None].to(x.dtype)),
                           gemm=(x, q, None, "none")))
-        for kernel in ("tiled", "split_k") * (not quick):
+        for kernel in ("tiled", "split_k", *["gemv"] * (m <= GEMV_MAX_M)) * (not quick):
             found.append(Case(f"linear_int8 {kernel}", f"M{m} N{n} K{k}", (x, w, q, s),
                               lambda x, w, q, s, kernel=kernel: launch_linear(x, q, s, None, "none", None, None,
                                                                               kernel=kernel),
@@ -119,17 +122,20 @@ def cases(quick: bool) -> list[Case]:
                           lambda x, w, b, q, s: kernels.linear_fp8(x, q, s, b, "relu"),
                           lambda x, w, b, q, s: torch.relu(F.linear(x, w, b)), flops=2.0 * m * n * k,
                           gemm=(x.to(FP8), q, b, "relu")))  # x quantized to fp8 rows, as launched
-    for rows, n in ((4096, 4096), (16384, 1024), (1024, 32768)):
+    # The last size of each memory-bound op moves 1 GB or more: ten times the H100's 50 MB of L2 and more, so that
+    # neither the warm L2 of graph replays nor the dirty lines do_bench's flush leaves behind sway its GB/s.
+    large = () if quick else ((65536, 4096),)
+    for rows, n in ((4096, 4096), (16384, 1024), (1024, 32768), *large):
         x = rnd(rows, n)
         found.append(Case("softmax", f"{rows}x{n}", (x,), kernels.softmax, lambda x: torch.softmax(x, dim=-1),
                           bytes=2 * _nbytes(x)))
-    for rows, n in ((16384, 768), (8192, 4096)):
+    for rows, n in ((16384, 768), (8192, 4096), *large):
         x, r, w, b = rnd(rows, n), rnd(rows, n), rnd(n), rnd(n)
         found.append(Case("layer_norm", f"{rows}x{n} +residual", (x, r, w, b),
                           lambda x, r, w, b: kernels.layer_norm(x, w, b, 1e-5, r),
                           lambda x, r, w, b: F.layer_norm(x + r, (x.shape[-1],), w, b, 1e-5),
                           bytes=3 * _nbytes(x)))
-    for rows, n in ((65536, 384), (16384, 1024)):
+    for rows, n in ((65536, 384), (16384, 1024), *[(rows * 4, n // 4) for rows, n in large]):
         x = rnd(rows, n)
         found.append(Case("l2_normalize", f"{rows}x{n}", (x,), kernels.l2_normalize,
                           lambda x: F.normalize(x, dim=-1), bytes=2 * _nbytes(x)))
@@ -141,7 +147,7 @@ def cases(quick: bool) -> list[Case]:
                           kernels.embedding_pool,
                           lambda ids, table, mask: ((table[ids] * mask[..., None]).sum(1)
                                                     / mask.sum(1, keepdim=True).clamp(min=1)),
-                          bytes=_nbytes(ids, mask) + b * s * d * 2 + b * d * 2, graphable=False))
+                          bytes=_nbytes(ids, mask) + b * s * d * 2 + b * d * 2))
     for d in (64, 128):
         for s in (128, 1024) if quick else (128, 512, 1024, 4096):
             b, h = max(1, 16384 // s), 2048 // d
@@ -200,10 +206,18 @@ def _tile_config(case: Case) -> str | None:
     the one timing picked for its shape."""
     if case.gemm is None and not case.op.startswith("linear "):
         return None
-    from kernels.linear import FASTEST_KERNEL, _linear_kernel, _linear_split_k_kernel, _linear_tma_kernel, kernel_key
+    from kernels.linear import (
+        FASTEST_KERNEL,
+        _linear_gemv_kernel,
+        _linear_kernel,
+        _linear_split_k_kernel,
+        _linear_tma_kernel,
+        kernel_key,
+    )
 
     kernel = case.op.split()[-1] if case.gemm is None else FASTEST_KERNEL.get(kernel_key(*case.gemm, None), "tiled")
-    tuner = {"tiled": _linear_kernel, "tma": _linear_tma_kernel, "split_k": _linear_split_k_kernel}[kernel]
+    tuner = {"tiled": _linear_kernel, "tma": _linear_tma_kernel, "split_k": _linear_split_k_kernel,
+             "gemv": _linear_gemv_kernel}[kernel]
     config = getattr(tuner, "best_config", None)
     return None if config is None else f"{kernel} {config}{masked_rows_note(getattr(tuner, 'configs_timings', {}))}"
 
@@ -235,13 +249,11 @@ def run(case: Case, compile_baseline: bool) -> dict:
             compiled_ms = _time(torch.compile(case.compiled_fn or case.eager), case.args)
         except Exception as exc:  # a baseline that does not compile is reported, not fatal
             print(f"  torch.compile failed for {case.op} {case.size}: {type(exc).__name__}: {exc}"[:200])
-    if case.flops:
-        rate, unit = case.flops / ms / 1e9, "TFLOP/s"
-    else:
-        rate, unit = case.bytes / ms / 1e6, "GB/s"
+    work, unit = (case.flops / 1e9, "TFLOP/s") if case.flops else (case.bytes / 1e6, "GB/s")
     return {
         "op": case.op, "size": case.size, "triton_ms": ms, "eager_ms": eager_ms, "compile_ms": compiled_ms,
-        "rate": rate, "unit": unit, "speedup_vs_eager": eager_ms / ms,
+        "rate": work / ms, "graph_rate": work / graph_ms if graph_ms else None, "unit": unit,
+        "speedup_vs_eager": eager_ms / ms,
         "speedup_vs_compile": compiled_ms / ms if compiled_ms else None, "tiles": tiles,
         "triton_graph_ms": graph_ms, "eager_graph_ms": eager_graph_ms,
         "speedup_vs_eager_graphs": eager_graph_ms / graph_ms if graph_ms and eager_graph_ms else None,

@@ -7,19 +7,21 @@ per-output-channel scale is applied in the epilogue (it factors out of the sum o
 :mod:`kernels.linear_fp8`: X and W tiles both fp8, multiplied as they are, with a per-row scale of X
 (``HAS_X_SCALE``) applied in the epilogue beside W's.
 
-Two more kernels share that epilogue, each for the problems where the tiled one leaves the GPU underused:
+Three more kernels share that epilogue, each for the problems where the tiled one leaves the GPU underused:
 
 - **persistent TMA** (large float problems on Hopper and later): one program per multiprocessor walks the
   output tiles, fed by the tensor memory accelerator (TMA), which copies whole X and W tiles into shared memory
   without address arithmetic or registers, as in Triton's persistent-matmul tutorial;
 - **split-K** (a few rows: online inference): a thin output has too few tiles to occupy every
   multiprocessor, so programs also split the sum over K into runs, write fp32 partial sums, and a second small
-  kernel adds them in a fixed order and applies the epilogue. Any weight dtype, int8 and fp8 included.
+  kernel adds them in a fixed order and applies the epilogue. Any weight dtype, int8 and fp8 included;
+- **GEMV** (a single row): no tensor-core tiles, whose 16 rows would be 15 of padding; products on the CUDA
+  cores, with narrow column blocks for parallelism instead of a split of K. Any weight dtype too.
 
-``MAAS_LINEAR_TMA`` and ``MAAS_LINEAR_SPLIT_K`` each pick: ``auto`` (default: where one may pay, see
-``use_tma`` and ``use_split_k``, the candidate kernels are timed once per shape, replayed from CUDA graphs as
-serving runs them, and the fastest runs from then on), ``1`` (always where it can run, the interpreter
-included) or ``0`` (never).
+``MAAS_LINEAR_TMA``, ``MAAS_LINEAR_SPLIT_K`` and ``MAAS_LINEAR_GEMV`` each pick: ``auto`` (default: where one
+may pay, see ``use_tma``, ``use_split_k`` and ``use_gemv``, the candidate kernels are timed once per shape,
+replayed from CUDA graphs as serving runs them, and the fastest runs from then on), ``1`` (always where it can
+run, the interpreter included) or ``0`` (never).
 """
 
 from __future__ import annotations
@@ -332,6 +334,64 @@ def _split_k_reduce_kernel(
     _store_tile(acc, offs_m, offs_n, M, N, b_ptr, r_ptr, y_ptr, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
 
 
+def _gemv_config(bn: int, bk: int, warps: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=1)
+
+
+# With one row the work is a matrix-vector product: all the time goes into streaming the weight, and a
+# tensor-core tile pads the row to 16 (15 of 16 rows computed for nothing, x fetched 16 times over by every
+# program). The GEMV kernel multiplies on the CUDA cores instead, in fp32, keeping a product per (column, k)
+# slot that is summed over K once, after the loop (as embedding_pool does), so the loop is loads, converts and
+# fused multiply-adds with no barrier (sm_90 PTX). Narrow column blocks make many programs of a thin output
+# (N = 3,072 in blocks of 8: 384 programs for 132 multiprocessors) without splitting K, so no second launch.
+# Triton does not software-pipeline these loads (no cp.async at any num_stages): occupancy hides the latency.
+# Tiles of 16, 32 and 64 elements a thread (as many fp32 accumulators) trade bytes in flight per thread
+# against threads per multiprocessor. Two rows or more would need a 3-D accumulator, whose broadcasts Triton
+# lays out through shared memory (six barriers in every step of the loop): they stay on the tensor-core tiles.
+_GEMV_CONFIGS = [
+    _gemv_config(4, 512, 4),
+    _gemv_config(8, 256, 4),
+    _gemv_config(8, 512, 4),
+    _gemv_config(16, 256, 4),
+    _gemv_config(16, 512, 4),
+    _gemv_config(16, 512, 8),
+    _gemv_config(32, 128, 4),
+    _gemv_config(32, 256, 4),
+    _gemv_config(64, 128, 8),
+]
+GEMV_MAX_M = 1
+
+
+@autotune(_GEMV_CONFIGS, key=["N", "K"])
+@triton.jit
+def _linear_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, r_ptr, y_ptr,
+    N, K,
+    HAS_SCALE: tl.constexpr, HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    ACTIVATION: tl.constexpr, X_VECTOR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Columns past N wrap onto real ones (no mask on the weight's rows); the store is masked.
+    # x is read as a [BLOCK_N, BLOCK_K] tile of repeated rows, in the weight tile's own layout (the repeats come
+    # from L1): a [BLOCK_K] vector broadcast over the columns went through shared memory, behind two barriers
+    # in every step of the loop. For that the two loads must be vectorized alike: a weight narrower than x
+    # (int8 under bf16) is read in runs of as many elements as one 16-byte load of x holds.
+    w_ptrs = w_ptr + (offs_n % N).to(tl.int64)[:, None] * K + tl.max_contiguous(offs_k, X_VECTOR)[None, :]
+    x_ptrs = x_ptr + offs_k[None, :] + 0 * offs_n[:, None]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = (offs_k < K - k * BLOCK_K)[None, :]
+        w = tl.load(w_ptrs, mask=k_ok, other=0.0).to(tl.float32)  # int8 and fp8 are exact in fp32
+        a = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+        acc += w * a
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    offs_m = tl.arange(0, 1)
+    out = _scale_tile(tl.sum(acc, axis=1)[None, :], offs_m, offs_n, 1, N, s_ptr, xs_ptr, HAS_SCALE, HAS_X_SCALE)
+    _store_tile(out, offs_m, offs_n, 1, N, b_ptr, r_ptr, y_ptr, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
+
+
 def _interpreter_blocks(m: int, n: int, k: int) -> dict[str, int]:
     """Fixed tiles for the interpreter: as large as the problem (<= 64) since each step costs Python time.
     Rows are masked in the 16-row tiles (up to 16 rows) and wrapped in taller ones, so tests run both ways
@@ -346,6 +406,7 @@ def _interpreter_blocks(m: int, n: int, k: int) -> dict[str, int]:
 
 TMA_ENV_VAR = "MAAS_LINEAR_TMA"
 SPLIT_K_ENV_VAR = "MAAS_LINEAR_SPLIT_K"
+GEMV_ENV_VAR = "MAAS_LINEAR_GEMV"
 # Timing both kernels autotunes the TMA kernel's tiles on top of the tiled kernel's for every M bucket of a
 # model, which lengthens its warm-up: only problems this large (multiply-adds) are worth it. On an H200 the TMA
 # kernel was faster in graph replays from 8.6 G up (512 x 4,096 x 4,096: 25.4 against 31.3 us; MiniLM's
@@ -420,11 +481,29 @@ def split_k_may_pay(m: int, n: int, k: int, multiprocessors: int) -> bool:
             and triton.cdiv(m, rows) * triton.cdiv(n, cols) < multiprocessors)
 
 
+# The GEMV kernel is timed against the others for a single row, on weights this large at least
+# (elements; 1 Mi is 2 MB in bf16, under a microsecond of streaming at 3 TB/s: below that every kernel waits on
+# its launch and the warm-up would time it for nothing). A judgement, not a measured crossover.
+GEMV_MIN_WEIGHT = 2**20
+
+
+def use_gemv(x: torch.Tensor, weight: torch.Tensor, m: int) -> bool:
+    """Whether the GEMV kernel may run (``MAAS_LINEAR_GEMV``): one row (``GEMV_MAX_M``), forced with ``1``,
+    or in ``auto`` a GPU problem with a weight of ``GEMV_MIN_WEIGHT`` elements or more, where timing decides.
+    Any weight dtype."""
+    choice = _setting(GEMV_ENV_VAR)
+    if choice == "0" or m > GEMV_MAX_M:
+        return False
+    if choice == "1":
+        return x.is_cuda or INTERPRETER
+    return x.is_cuda and weight.numel() >= GEMV_MIN_WEIGHT
+
+
 def kernel_candidates(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, m: int) -> list[str]:
     """The kernels that may run a problem, the tiled one (which runs everything) first; TMA takes float weights
     only."""
     return ["tiled", *(["tma"] if scales is None and use_tma(x, weight, m) else []),
-            *(["split_k"] if use_split_k(x, weight, m) else [])]
+            *(["split_k"] if use_split_k(x, weight, m) else []), *(["gemv"] if use_gemv(x, weight, m) else [])]
 
 
 def kernel_key(x: torch.Tensor, weight: torch.Tensor, bias, activation: str, residual) -> tuple:
@@ -567,8 +646,28 @@ def _launch_split_k(x, weight, scales, x_scales, bias, activation, residual, y, 
     )
 
 
-_LAUNCHERS = {"tiled": _launch_tiled, "tma": _launch_tma, "split_k": _launch_split_k}
-_FORCING_ENV = {"tma": TMA_ENV_VAR, "split_k": SPLIT_K_ENV_VAR}
+INTERPRETER_GEMV_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 64}
+
+
+def _launch_gemv(x, weight, scales, x_scales, bias, activation, residual, y, m, n, k, meta) -> None:
+    """A CUDA-core matrix-vector product for a single row of x (any weight dtype)."""
+    if meta:  # the interpreter's fixed tiles
+        meta = INTERPRETER_GEMV_BLOCKS
+
+    def grid(config: dict) -> tuple[int]:
+        return (triton.cdiv(n, config["BLOCK_N"]),)
+
+    _linear_gemv_kernel[grid](
+        x, weight, scales, x_scales, bias, residual, y,
+        n, k,
+        HAS_SCALE=scales is not None, HAS_X_SCALE=x_scales is not None, HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None, ACTIVATION=activation, X_VECTOR=16 // x.element_size(),
+        **meta,
+    )
+
+
+_LAUNCHERS = {"tiled": _launch_tiled, "tma": _launch_tma, "split_k": _launch_split_k, "gemv": _launch_gemv}
+_FORCING_ENV = {"tma": TMA_ENV_VAR, "split_k": SPLIT_K_ENV_VAR, "gemv": GEMV_ENV_VAR}
 
 
 def launch_linear(
@@ -586,14 +685,17 @@ def launch_linear(
 ) -> torch.Tensor:
     """Run a kernel on validated contiguous tensors; ``x`` is ``[..., K]``, the output ``[..., N]``, of
     ``out_dtype`` (default: x's). ``kernel`` forces one (``tiled``; ``tma``, for aligned float weights;
-    ``split_k``); None lets ``MAAS_LINEAR_TMA``, ``MAAS_LINEAR_SPLIT_K`` and the timings decide. ``x_scales``
-    (fp32, one per row of x) go with fp8 x and weights, whose ``scales`` are per output channel."""
+    ``split_k``; ``gemv``, for one row); None lets ``MAAS_LINEAR_TMA``, ``MAAS_LINEAR_SPLIT_K``,
+    ``MAAS_LINEAR_GEMV`` and the timings decide. ``x_scales`` (fp32, one per row of x) go with fp8 x and
+    weights, whose ``scales`` are per output channel."""
     if kernel is not None and kernel not in _LAUNCHERS:
         raise ValueError(f"kernel must be one of {tuple(_LAUNCHERS)} or None, got {kernel!r}")
     if kernel == "tma" and scales is not None:
         raise ValueError("kernel='tma' takes float weights only (no scales)")
     n, k = weight.shape
     m = x.numel() // k
+    if kernel == "gemv" and m > GEMV_MAX_M:
+        raise ValueError(f"kernel='gemv' takes a single row of x, got {m} rows")
     y = output(out, (*x.shape[:-1], n), x if out_dtype is None else x.new_empty(0, dtype=out_dtype))
     if m == 0 or n == 0:
         return y

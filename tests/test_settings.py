@@ -34,6 +34,7 @@ READERS = {
     "MAAS_AUTOTUNE_UNSEEN": _unseen_shapes,
     "MAAS_LINEAR_TMA": lambda: linear_module._setting("MAAS_LINEAR_TMA"),
     "MAAS_LINEAR_SPLIT_K": lambda: linear_module._setting("MAAS_LINEAR_SPLIT_K"),
+    "MAAS_LINEAR_GEMV": lambda: linear_module._setting("MAAS_LINEAR_GEMV"),
     "MAAS_CPU_RUNTIME": numpy_models.cpu_runtime,
     "MAAS_COMPILE_THREADS": lambda: _autotune.compile_threads(4),
 }

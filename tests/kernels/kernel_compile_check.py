@@ -72,6 +72,8 @@ def launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
         ("linear, split-K", lambda: launch_linear(x, w, None, b, "gelu", z(8, 32), None, kernel="split_k")),
         ("linear_int8, split-K", lambda: launch_linear(x, *quantize_int8(w), b, "relu", None, None, kernel="split_k")),
         ("linear_int8", lambda: linear_int8_triton(x, *quantize_int8(w), b, "relu")),
+        ("linear, GEMV", lambda: launch_linear(x[:1], w, None, b, "gelu", z(1, 32), None, kernel="gemv")),
+        ("linear_int8, GEMV", lambda: launch_linear(x[:1], *quantize_int8(w), b, "relu", None, None, kernel="gemv")),
         ("linear_fp8", lambda: linear_fp8_triton(x, *quantize_fp8(w), b, "gelu", z(8, 32))),
         ("softmax", lambda: softmax_triton(x, x > 0, log=True)),
         ("softmax, vocabulary-long rows", lambda: softmax_triton(z(2, 30522))),
@@ -157,7 +159,7 @@ def gemm_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], o
                               UPCAST=False, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
                 found.append((f"{label} {config}",
                               lambda a=args, k=kwargs: _linear_kernel.warmup(*a, grid=None, **k)))
-    return found + split_k_configs(dt, quick)
+    return found + split_k_configs(dt, quick) + gemv_configs(dt, quick)
 
 
 def split_k_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], object]]]:
@@ -178,6 +180,28 @@ def split_k_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[]
                               num_stages=config.num_stages)
                 found.append((f"linear split-K{label} {config}",
                               lambda a=args, k=kwargs: _linear_split_k_kernel.warmup(*a, grid=None, **k)))
+    return found
+
+
+def gemv_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], object]]]:
+    """Every autotune config of the GEMV kernel: float weights, and for bf16 int8 and fp8 ones too (fp8 with fp8
+    x and both scales)."""
+    from kernels.linear import _GEMV_CONFIGS, _linear_gemv_kernel
+    from kernels.linear_fp8 import FP8
+
+    x, s = torch.zeros(1, 64, dtype=dt), torch.ones(64)
+    weights = {"": (x, x, False)}
+    if dt == torch.bfloat16:
+        weights |= {" int8": (x, torch.zeros(64, 64, dtype=torch.int8), False), " fp8": (x.to(FP8), x.to(FP8), True)}
+    found = []
+    for label, (a, w, fp8) in weights.items():
+        for config in _GEMV_CONFIGS[: 2 if quick else None]:
+            args = (a, w, s, s, x[0], x, x, 64, 64)
+            kwargs = dict(HAS_SCALE=w.dtype != dt, HAS_X_SCALE=fp8, HAS_BIAS=True, HAS_RESIDUAL=True,
+                          ACTIVATION="gelu", X_VECTOR=16 // a.element_size(), **config.kwargs,
+                          num_warps=config.num_warps, num_stages=config.num_stages)
+            found.append((f"linear GEMV{label} {config}",
+                          lambda a=args, k=kwargs: _linear_gemv_kernel.warmup(*a, grid=None, **k)))
     return found
 
 

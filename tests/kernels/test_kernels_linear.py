@@ -4,12 +4,14 @@ from kernel_checks import DTYPES, assert_close, poisoned, randn
 
 import kernels
 from kernels.linear import (
+    GEMV_MAX_M,
     _choose_kernel,
     kernel_candidates,
     launch_linear,
     linear_reference,
     linear_triton,
     split_k_may_pay,
+    use_gemv,
     use_split_k,
     use_tma,
 )
@@ -126,10 +128,55 @@ def test_split_k_is_timed_only_for_large_weights_the_tiled_kernel_leaves_multipr
     assert not split_k_may_pay(16, 384, 1536, multiprocessors=132)  # MiniLM's largest GEMM: warm-ups skip it
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "k", "activation"), [(17, 200, "gelu"), (40, 136, "tanh"), (16, 64, "sigmoid")])
+def test_gemv_linear_matches_reference(gen, device, dtype, n, k, activation, monkeypatch):
+    """The GEMV kernel forced on for one row: 17 and 40 columns end in a partial block of 16 (wrapped loads,
+    masked stores), K = 200 and 136 in a partial K tile of 64."""
+    monkeypatch.setenv("MAAS_LINEAR_GEMV", "1")
+    x = randn(gen, 1, k, dtype=dtype)
+    w = randn(gen, n, k, dtype=dtype, scale=k**-0.5)
+    b, r = randn(gen, n, dtype=dtype), randn(gen, 1, n, dtype=dtype)
+    assert _choose_kernel(x, w, None, None, b, activation, r, None, 1, n, k, {}) == "gemv"
+    out = poisoned(1, n, dtype=dtype, device=device)
+    y = kernels.linear(x, w, b, activation, residual=r, out=out)
+    expected = linear_reference(x.double(), w.double(), b.double(), activation, r.double())
+    assert_close(y, expected, dtype, reduction=k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_dequantizes_int8_weights(gen, device, dtype):
+    n, k = 40, 300
+    x = randn(gen, 1, k, dtype=dtype)
+    q, s = quantize_int8(randn(gen, n, k, scale=k**-0.5))
+    b = randn(gen, n, dtype=dtype)
+    out = poisoned(1, n, dtype=dtype, device=device)
+    y = launch_linear(x, q, s, b, "relu", None, out, kernel="gemv")
+    assert_close(y, linear_int8_reference(x.double(), q, s.double(), b.double(), "relu"), dtype, reduction=k)
+
+
+def test_linear_takes_the_gemv_kernel_only_for_one_row(gen, monkeypatch):
+    x, w = randn(gen, 5, 64), randn(gen, 32, 64)
+    monkeypatch.setenv("MAAS_LINEAR_GEMV", "auto")
+    assert not use_gemv(x, w, 1)  # timing decides on a GPU only
+    monkeypatch.setenv("MAAS_LINEAR_GEMV", "1")
+    assert use_gemv(x, w, 1)
+    assert use_gemv(x, w.to(torch.int8), 1)
+    assert not use_gemv(x, w, GEMV_MAX_M + 1)
+    assert kernel_candidates(x, w, None, 1) == ["tiled", "gemv"]
+    with pytest.raises(ValueError, match="single row of x, got 5 rows"):
+        launch_linear(x, w, None, None, "none", None, None, kernel="gemv")
+    monkeypatch.setenv("MAAS_LINEAR_GEMV", "0")
+    assert kernel_candidates(x, w, None, 1) == ["tiled"]
+    monkeypatch.setenv("MAAS_LINEAR_GEMV", "yes")
+    with pytest.raises(ValueError, match="MAAS_LINEAR_GEMV"):
+        use_gemv(x, w, 1)
+
+
 def test_launch_linear_refuses_a_kernel_it_does_not_have(gen):
     x, w = randn(gen, 2, 16), randn(gen, 8, 16)
     with pytest.raises(ValueError, match="kernel must be one of"):
-        launch_linear(x, w, None, None, "none", None, None, kernel="gemv")
+        launch_linear(x, w, None, None, "none", None, None, kernel="cutlass")
     q, s = quantize_int8(w)
     with pytest.raises(ValueError, match="float weights only"):
         launch_linear(x, q, s, None, "none", None, None, kernel="tma")

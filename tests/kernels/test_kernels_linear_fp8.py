@@ -82,6 +82,20 @@ def test_linear_fp8_on_the_split_k_kernel(gen, device, dtype, monkeypatch):
     expected = linear_fp8_reference(x.double(), qw, sw.double(), b.double(), "sigmoid", r.double())
     assert_close(y, expected, dtype, reduction=k, tf32=True)
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_fp8_on_the_gemv_kernel(gen, device, dtype, monkeypatch):
+    """fp8 x and weights converted to fp32 on the CUDA cores, both scales applied to the sum."""
+    monkeypatch.setenv("MAAS_LINEAR_GEMV", "1")
+    m, n, k = 1, 33, 300
+    x = randn(gen, m, k, dtype=dtype)
+    qw, sw = quantize_fp8(randn(gen, n, k, scale=k**-0.5))
+    b, r = randn(gen, n, dtype=dtype), randn(gen, m, n, dtype=dtype)
+    out = poisoned(m, n, dtype=dtype, device=device)
+    y = kernels.linear_fp8(x, qw, sw, b, "gelu", r, out=out)
+    expected = linear_fp8_reference(x.double(), qw, sw.double(), b.double(), "gelu", r.double())
+    assert_close(y, expected, dtype, reduction=k)
+
+
 def test_linear_fp8_keeps_leading_dimensions(gen, device):
     x = randn(gen, 2, 3, 24, dtype=torch.bfloat16)
     qw, sw = quantize_fp8(randn(gen, 8, 24))
