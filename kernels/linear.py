@@ -101,12 +101,25 @@ def fits_shared_memory(config: triton.Config, element_size: int) -> bool:
     return tiles * config.num_stages <= SHARED_MEMORY
 
 
+# fp8 products are summed per K tile into the fp32 accumulator (see _dot_tiles), which keeps two accumulator
+# tiles live. Past this many registers a thread for the pair, ptxas spilled inside the K loop (sm_90, Triton
+# 3.7: 128 x 256 and 256 x 128 tiles on 8 warps, 128 x 128 on 4: 200-530 bytes a thread), so fp8 skips them.
+FP8_ACCUMULATOR_REGISTERS = 128
+
+
+def fits_registers(config: triton.Config, element_size: int) -> bool:
+    """Whether a tile's accumulators fit in registers: a concern for fp8 x (one byte; float x is 2 or 4)."""
+    kw = config.kwargs
+    return element_size != 1 or 2 * kw["BLOCK_M"] * kw["BLOCK_N"] <= FP8_ACCUMULATOR_REGISTERS * 32 * config.num_warps
+
+
 def _prune_configs(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
-    """Before compiling and timing: drop tiles too big for fp32 inputs (twice the bytes of bf16), then tiles
-    taller than the M bucket, and masked-row variants of tiles the bucket fills."""
+    """Before compiling and timing: drop tiles too big for fp32 inputs (twice the bytes of bf16) or, with fp8
+    ones, for registers; then tiles taller than the M bucket, and masked-row variants of tiles the bucket fills."""
     size = named_args["x_ptr"].element_size()
     bucket = named_args["M_BUCKET"]
-    kept = within_bucket([c for c in configs if fits_shared_memory(c, size)], "BLOCK_M", bucket)
+    fitting = [c for c in configs if fits_shared_memory(c, size) and fits_registers(c, size)]
+    kept = within_bucket(fitting, "BLOCK_M", bucket)
     return [c for c in kept if not c.kwargs["MASK_ROWS"] or bucket < c.kwargs["BLOCK_M"]]
 
 

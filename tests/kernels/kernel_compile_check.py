@@ -9,14 +9,21 @@ pipeline. The compiles run on a thread pool (Triton's ``AsyncCompileMode``). It 
 1, 3 and 16 rows and fails if any of them compiles more than one binary for those (a warm-up visits every
 batch bucket). Must run *without* ``TRITON_INTERPRET``.
 
-Usage: ``python tests/kernels/kernel_compile_check.py [--quick]``; exits 1 on any failure.
+With ``--registers`` each compile's line also says what ``ptxas -v`` reports for it: registers a thread and
+bytes spilled to local memory (stores/loads), an occupancy and spill check a CPU can make. A spill is not a
+failure: where it sits (hot loop or epilogue) is for ``nvdisasm`` to say.
+
+Usage: ``python tests/kernels/kernel_compile_check.py [--quick] [--registers]``; exits 1 on any failure.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -143,7 +150,7 @@ def batch_binaries() -> dict[str, int]:
 def gemm_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], object]]]:
     """Every autotune config of the GEMM that its pruning keeps (``launches`` used the fixed tiles); for bf16
     also with fp8 X and W tiles and both scales (``linear_fp8``)."""
-    from kernels.linear import _GPU_CONFIGS, _linear_kernel, fits_shared_memory
+    from kernels.linear import _GPU_CONFIGS, _linear_kernel, fits_registers, fits_shared_memory
     from kernels.linear_fp8 import FP8
 
     x = torch.zeros(8, 64, dtype=dt)
@@ -154,7 +161,7 @@ def gemm_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], o
     found = []
     for label, (args, fp8) in variants.items():
         for config in _GPU_CONFIGS[: 3 if quick else None]:
-            if fits_shared_memory(config, args[0].element_size()):
+            if fits_shared_memory(config, args[0].element_size()) and fits_registers(config, args[0].element_size()):
                 kwargs = dict(HAS_SCALE=fp8, HAS_X_SCALE=fp8, HAS_BIAS=True, HAS_RESIDUAL=fp8, ACTIVATION="relu",
                               UPCAST=False, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
                 found.append((f"{label} {config}",
@@ -164,7 +171,7 @@ def gemm_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], o
 
 def split_k_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], object]]]:
     """Every autotune config of the split-K GEMM: float weights, and for bf16 int8 and fp8 ones too."""
-    from kernels.linear import _SPLIT_K_CONFIGS, _linear_split_k_kernel, fits_shared_memory
+    from kernels.linear import _SPLIT_K_CONFIGS, _linear_split_k_kernel, fits_registers, fits_shared_memory
     from kernels.linear_fp8 import FP8
 
     x, partials = torch.zeros(8, 64, dtype=dt), torch.zeros(8, 8, 64)
@@ -174,7 +181,7 @@ def split_k_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[]
     found = []
     for label, (a, w) in weights.items():
         for config in _SPLIT_K_CONFIGS[: 2 if quick else None]:
-            if fits_shared_memory(config, a.element_size()):
+            if fits_shared_memory(config, a.element_size()) and fits_registers(config, a.element_size()):
                 args = (a, w, partials, 8, 64, 64, 8)
                 kwargs = dict(HAS_SCALE=w.dtype != dt, UPCAST=False, **config.kwargs, num_warps=config.num_warps,
                               num_stages=config.num_stages)
@@ -247,10 +254,26 @@ def attention_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[
     return found
 
 
+def register_use(kernel) -> str:
+    """``regs=<per thread> spill=<store bytes>/<load bytes>`` from ``ptxas -v`` on a compiled kernel's PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as folder:
+        ptx = os.path.join(folder, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        report = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", ptx, "-o", os.devnull],
+                                capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", report)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    return f"regs={regs.group(1) if regs else '?'} spill={'/'.join(spill.groups()) if spill else '?'}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="bf16 only and two GEMM configs")
+    parser.add_argument("--registers", action="store_true", help="report registers and spills (ptxas -v)")
     opts = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: this check compiles the real kernels", file=sys.stderr)
@@ -276,14 +299,16 @@ def main() -> int:
             continue
         seen.add(id(kernel))
         try:
-            shared = (kernel.result() if hasattr(kernel, "result") else kernel).metadata.shared
+            kernel = kernel.result() if hasattr(kernel, "result") else kernel
+            shared = kernel.metadata.shared
             if shared > SHARED_MEMORY:
                 raise RuntimeError(f"needs {shared} bytes of shared memory > {SHARED_MEMORY}")
+            registers = f"  {register_use(kernel)}" if opts.registers else ""
         except Exception:
             failed += 1
             print(f"FAIL {launch}: {kernel_name} ({label})\n{traceback.format_exc()}", file=sys.stderr)
             continue
-        print(f"ok  {kernel_name:<24} shared={shared:>6}  {label}")
+        print(f"ok  {kernel_name:<24} shared={shared:>6}{registers}  {label}")
     shared_binaries = batch_binaries()
     for name, binaries in shared_binaries.items():
         if binaries != 1:

@@ -25,6 +25,7 @@ from kernels.linear import (
     _GPU_CONFIGS,
     _SPLIT_K_CONFIGS,
     _TMA_CONFIGS,
+    FP8_ACCUMULATOR_REGISTERS,
     _prune_configs,
     _prune_tma_configs,
     fits_shared_memory,
@@ -88,6 +89,19 @@ def test_fp32_pruning_also_drops_tiles_beyond_shared_memory():
     kept = _prune_configs(_GPU_CONFIGS, gemm_args(8192, torch.float32))
     assert kept == [c for c in _GPU_CONFIGS if fits_shared_memory(c, 4) and not c.kwargs["MASK_ROWS"]]
     assert len(kept) < len(_GPU_CONFIGS)
+
+
+def test_fp8_pruning_drops_tiles_whose_two_accumulators_would_spill():
+    """Per thread, 128 x 256 fp32 on 8 warps is 128 registers, twice that for fp8's pair: ptxas spilled them."""
+    def tiles(dtype: torch.dtype) -> set[tuple[int, int, int]]:
+        kept = _prune_configs(_GPU_CONFIGS, gemm_args(8192, dtype))
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in kept}
+
+    spilled = {(128, 256, 8), (256, 128, 8), (128, 128, 4)}
+    fp8 = tiles(torch.float8_e4m3fn)
+    assert (128, 128, 8) in fp8 and not fp8 & spilled
+    assert all(2 * m * n <= FP8_ACCUMULATOR_REGISTERS * 32 * warps for m, n, warps in fp8)
+    assert spilled <= tiles(torch.bfloat16)
 
 
 def test_the_smallest_tiles_stay_when_every_tile_is_taller_than_the_bucket():
