@@ -86,13 +86,14 @@ def test_split_k_linear_matches_reference(gen, device, dtype, m, n, k, activatio
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_split_k_dequantizes_int8_weights(gen, device, dtype):
-    m, n, k = 3, 40, 300
+@pytest.mark.parametrize(("kernel", "m"), [("split_k", 3), ("gemv", 1)])
+def test_split_k_and_gemv_dequantize_int8_weights(gen, device, dtype, kernel, m):
+    n, k = 40, 300
     x = randn(gen, m, k, dtype=dtype)
     q, s = quantize_int8(randn(gen, n, k, scale=k**-0.5))
     b = randn(gen, n, dtype=dtype)
     out = poisoned(m, n, dtype=dtype, device=device)
-    y = launch_linear(x, q, s, b, "relu", None, out, kernel="split_k")
+    y = launch_linear(x, q, s, b, "relu", None, out, kernel=kernel)
     assert_close(y, linear_int8_reference(x.double(), q, s.double(), b.double(), "relu"), dtype, reduction=k)
 
 
@@ -142,17 +143,6 @@ def test_gemv_linear_matches_reference(gen, device, dtype, n, k, activation, mon
     y = kernels.linear(x, w, b, activation, residual=r, out=out)
     expected = linear_reference(x.double(), w.double(), b.double(), activation, r.double())
     assert_close(y, expected, dtype, reduction=k)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_gemv_dequantizes_int8_weights(gen, device, dtype):
-    n, k = 40, 300
-    x = randn(gen, 1, k, dtype=dtype)
-    q, s = quantize_int8(randn(gen, n, k, scale=k**-0.5))
-    b = randn(gen, n, dtype=dtype)
-    out = poisoned(1, n, dtype=dtype, device=device)
-    y = launch_linear(x, q, s, b, "relu", None, out, kernel="gemv")
-    assert_close(y, linear_int8_reference(x.double(), q, s.double(), b.double(), "relu"), dtype, reduction=k)
 
 
 def test_linear_takes_the_gemv_kernel_only_for_one_row(gen, monkeypatch):

@@ -70,10 +70,12 @@ def test_linear_fp8_matches_the_float64_reference(gen, device, dtype, m, n, k, a
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_linear_fp8_on_the_split_k_kernel(gen, device, dtype, monkeypatch):
-    """Both scales applied once, by the reduction, to the sum of the runs' partial sums."""
-    monkeypatch.setenv("MAAS_LINEAR_SPLIT_K", "1")
-    m, n, k = 5, 33, 300
+@pytest.mark.parametrize(("forcing", "m"), [("MAAS_LINEAR_SPLIT_K", 5), ("MAAS_LINEAR_GEMV", 1)])
+def test_linear_fp8_on_the_split_k_and_gemv_kernels(gen, device, dtype, forcing, m, monkeypatch):
+    """Both scales applied once: split-K's by the reduction to the sum of the runs' partial sums, GEMV's to
+    its fp32 sum of products."""
+    monkeypatch.setenv(forcing, "1")
+    n, k = 33, 300
     x = randn(gen, m, k, dtype=dtype)
     qw, sw = quantize_fp8(randn(gen, n, k, scale=k**-0.5))
     b, r = randn(gen, n, dtype=dtype), randn(gen, m, n, dtype=dtype)
@@ -81,19 +83,6 @@ def test_linear_fp8_on_the_split_k_kernel(gen, device, dtype, monkeypatch):
     y = kernels.linear_fp8(x, qw, sw, b, "sigmoid", r, out=out)
     expected = linear_fp8_reference(x.double(), qw, sw.double(), b.double(), "sigmoid", r.double())
     assert_close(y, expected, dtype, reduction=k, tf32=True)
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_linear_fp8_on_the_gemv_kernel(gen, device, dtype, monkeypatch):
-    """fp8 x and weights converted to fp32 on the CUDA cores, both scales applied to the sum."""
-    monkeypatch.setenv("MAAS_LINEAR_GEMV", "1")
-    m, n, k = 1, 33, 300
-    x = randn(gen, m, k, dtype=dtype)
-    qw, sw = quantize_fp8(randn(gen, n, k, scale=k**-0.5))
-    b, r = randn(gen, n, dtype=dtype), randn(gen, m, n, dtype=dtype)
-    out = poisoned(m, n, dtype=dtype, device=device)
-    y = kernels.linear_fp8(x, qw, sw, b, "gelu", r, out=out)
-    expected = linear_fp8_reference(x.double(), qw, sw.double(), b.double(), "gelu", r.double())
-    assert_close(y, expected, dtype, reduction=k)
 
 
 def test_linear_fp8_keeps_leading_dimensions(gen, device):
