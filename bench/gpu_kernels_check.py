@@ -47,6 +47,7 @@ def _cases() -> list[Case]:
     import kernels
     from kernels.attention import attention_reference
     from kernels.conv2d import conv2d_reference
+    from kernels.embedding_norm import embedding_norm_reference
     from kernels.embedding_pool import embedding_pool_reference
     from kernels.l2_normalize import l2_normalize_reference
     from kernels.layer_norm import layer_norm_reference
@@ -156,6 +157,16 @@ def _cases() -> list[Case]:
                     lambda: embedding_pool_reference(ids, d(table), mask), (b, n), s, False)
         return f"embedding_pool B{b} S{s} V{v} D{n}", DTYPES, build
 
+    def embedding_norm_case(b, s, v, n):
+        def build(dt, gen):
+            ids = torch.randint(0, v, (b, s), generator=gen, device="cuda")
+            table, positions = rnd(gen, v, n, dtype=dt), rnd(gen, s + 1, n, dtype=dt)
+            w, bias = rnd(gen, n, dtype=dt), rnd(gen, n, dtype=dt)
+            return (lambda out: kernels.embedding_norm(ids, table, positions, w, bias, 1e-12, out=out),
+                    lambda: embedding_norm_reference(ids, d(table), d(positions), d(w), d(bias), 1e-12), (b, s, n),
+                    n, False)
+        return f"embedding_norm B{b} S{s} V{v} D{n}", DTYPES, build
+
     def conv_case(n, c, hw, co, k):
         def build(dt, gen):
             x = rnd(gen, n, c, hw, hw, dtype=dt)
@@ -215,6 +226,8 @@ def _cases() -> list[Case]:
         attention_case(3, 8, 1000, 64, "none"),  # an unchecked loop, then a part tile
         fused_attention_case(64, 12, 128, 32),
         embedding_case(256, 128, 30522, 384),
+        embedding_norm_case(256, 128, 30522, 384),  # MiniLM's embedding block at the benchmark batch
+        embedding_norm_case(3, 77, 1000, 768),  # the last program's rows partial
         conv_case(64, 32, 28, 64, 3),
         pool_case(64, 64, 26),
         lstm_case(32, 50, 300, 256, False),

@@ -148,6 +148,13 @@ def cases(quick: bool) -> list[Case]:
                           lambda ids, table, mask: ((table[ids] * mask[..., None]).sum(1)
                                                     / mask.sum(1, keepdim=True).clamp(min=1)),
                           bytes=_nbytes(ids, mask) + b * s * d * 2 + b * d * 2))
+    b, s, v, d = 256, 128, 30522, 384  # MiniLM's embedding block at the benchmark batch
+    ids, table, positions, w, bias = torch.randint(0, v, (b, s), device=dev), rnd(v, d), rnd(512, d), rnd(d), rnd(d)
+    found.append(Case("embedding_norm", f"B{b} S{s} V{v} D{d}", (ids, table, positions, w, bias),
+                      lambda ids, table, positions, w, bias: kernels.embedding_norm(ids, table, positions, w, bias),
+                      lambda ids, table, positions, w, bias: F.layer_norm(F.embedding(ids, table) + positions[:s],
+                                                                          (d,), w, bias, 1e-12),
+                      bytes=_nbytes(ids) + 2 * b * s * d * 2))
     for d in (64, 128):
         for s in (128, 1024) if quick else (128, 512, 1024, 4096):
             b, h = max(1, 16384 // s), 2048 // d

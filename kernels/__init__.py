@@ -23,6 +23,7 @@ from kernels._autotune import tuned_shapes_only
 from kernels.attention import attention
 from kernels.conv2d import conv2d
 from kernels.dispatch import backend_for
+from kernels.embedding_norm import embedding_norm
 from kernels.embedding_pool import embedding_pool
 from kernels.l2_normalize import l2_normalize
 from kernels.layer_norm import layer_norm
@@ -37,6 +38,7 @@ __all__ = [
     "attention",
     "backend_for",
     "conv2d",
+    "embedding_norm",
     "embedding_pool",
     "l2_normalize",
     "layer_norm",

@@ -39,13 +39,21 @@ def _layer_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, M, N, eps, HAS_RESIDUA
     x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         x += tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    y = normalize_rows(x, ok, cols, col_ok, w_ptr, b_ptr, N, eps)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def normalize_rows(x, ok, cols, col_ok, w_ptr, b_ptr, N, eps):
+    """LayerNorm of a ``[ROWS, BLOCK]`` fp32 tile whose entries outside ``ok`` are 0, scaled by the weight and
+    shifted by the bias at ``cols``: mean and variance from the same registers (two passes, so no
+    ``E[x^2] - E[x]^2`` cancellation). Shared with :mod:`kernels.embedding_norm`."""
     mean = tl.sum(x, axis=1) / N
     centered = tl.where(ok, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / N + eps)
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    y = centered * rstd[:, None] * w[None, :] + b[None, :]
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
+    return centered * rstd[:, None] * w[None, :] + b[None, :]
 
 
 def _validate(x, weight, bias, residual) -> None:

@@ -27,6 +27,7 @@ HEAD_DIMS = (16, 32, 64, 128)
 # (64 rows x 64 tokens, say: half of a batch of 256 whose short texts are 64 tokens shorter); smaller savings
 # do not pay for the extra, less efficient forward.
 MIN_SAVED_POSITIONS = 4096
+POSITIONS = "embeddings.positions"  # derived at load: position rows + the token-type-0 row
 _LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
             "intermediate.dense", "output.dense")
 SAMPLE_SENTENCES = (
@@ -111,6 +112,9 @@ class TransformerEncoder(Architecture):
         super().__init__(params, weights, assets, quantization)
         self.p = self._parse(params)
         self.weights = self._fuse_qkv(dict(self.weights), self.p["num_layers"])
+        # Token type 0 for every token (single-segment input): its row joins the position rows once, here.
+        self.weights[POSITIONS] = (self.weights["embeddings.position_embeddings.weight"]
+                                   + self.weights["embeddings.token_type_embeddings.weight"][0])
         if self.tokenizer.size > self.p["vocab_size"]:
             raise ArtifactError(f"{TOKENIZER_FILE}: {self.tokenizer.size} tokens exceed "
                                 f"{self.name}.params.vocab_size {self.p['vocab_size']}")
@@ -137,6 +141,7 @@ class TransformerEncoder(Architecture):
         return ids.to(self.device), mask.to(self.device)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The reference's embedding sum (the kernels path fuses it into its LayerNorm: kernels.embedding_norm)."""
         w = self.weights
         return (F.embedding(ids, w["embeddings.word_embeddings.weight"])
                 + w["embeddings.position_embeddings.weight"][: ids.shape[1]]
@@ -212,7 +217,8 @@ class TransformerEncoder(Architecture):
         # attention wants the mask, which lengths would only be turned back into, layer by layer.
         padding = ({"key_lengths": mask.sum(dim=1, dtype=torch.int32)} if kernels.backend_for(mask) == "triton"
                    else {"key_padding_mask": mask})
-        h = kernels.layer_norm(self._embed(ids), w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
+        h = kernels.embedding_norm(ids, w["embeddings.word_embeddings.weight"], w[POSITIONS],
+                                   w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
         for i in range(self.p["num_layers"]):
             layer = f"encoder.layer.{i}"
             q, k, v = self._split_heads(self.dense(h, f"{layer}.attention.self.qkv"))

@@ -58,6 +58,7 @@ def launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     """(name, thunk) pairs: each thunk calls one launcher on small CPU tensors of ``dt``."""
     from kernels.attention import attention_triton
     from kernels.conv2d import conv2d_triton
+    from kernels.embedding_norm import embedding_norm_triton
     from kernels.embedding_pool import embedding_pool_triton
     from kernels.l2_normalize import l2_normalize_triton
     from kernels.layer_norm import layer_norm_triton
@@ -88,6 +89,7 @@ def launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
         ("layer_norm", lambda: layer_norm_triton(x, z(64), z(64), residual=x)),
         ("l2_normalize", lambda: l2_normalize_triton(x)),
         ("embedding_pool", lambda: embedding_pool_triton(ids, x, ids == 0)),
+        ("embedding_norm", lambda: embedding_norm_triton(ids, x, x, z(64), z(64))),
         ("conv2d", lambda: conv2d_triton(img, z(4, 3, 3, 3), z(4), True)),
         ("max_pool2d", lambda: max_pool2d_triton(img, 2)),
         ("lstm", lambda: lstm_triton(z(2, 4, 8), z(64, 8), z(64, 16), z(64), torch.tensor([4, 2]), True)),
@@ -109,6 +111,7 @@ def batch_launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     <op>``: each op must compile one binary for all of them (``kernels._common`` says why)."""
     from kernels.attention import attention_triton
     from kernels.conv2d import conv2d_triton
+    from kernels.embedding_norm import embedding_norm_triton
     from kernels.l2_normalize import l2_normalize_triton
     from kernels.layer_norm import layer_norm_triton
     from kernels.linear import launch_linear
@@ -127,6 +130,8 @@ def batch_launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
             ("batch linear split-K", lambda x=x: launch_linear(x, z(32, 64), None, None, "none", None, None,
                                                                kernel="split_k")),
             ("batch layer_norm", lambda x=x: layer_norm_triton(x, z(64), z(64))),
+            ("batch embedding_norm", lambda b=b: embedding_norm_triton(torch.zeros(b, b + 2, dtype=torch.int64),
+                                                                       z(8, 64), z(32, 64), z(64), z(64))),
             ("batch l2_normalize", lambda x=x: l2_normalize_triton(x)),
             ("batch conv2d", lambda b=b: conv2d_triton(z(b, 3, 8, 8), z(4, 3, 3, 3), z(4), True)),
             ("batch max_pool2d", lambda b=b: max_pool2d_triton(z(b, 4, 32, 32), 2)),  # 1,024+ outputs: one tile size
