@@ -55,11 +55,21 @@ def fits_shared_memory(config: triton.Config, head_dim: int, element_size: int) 
     return tiles <= 0.85 * SHARED_MEMORY
 
 
+# fp32 accumulator registers a thread may give the [BLOCK_M, HEAD_DIM] output tile: past this, ptxas spilled
+# inside the key loop (sm_90, 128-row tiles of head dim 128 on 4 warps: 40-52 bytes a thread), so those tiles
+# are not tried (bench/results/kernel_registers_sm90.txt).
+ACCUMULATOR_REGISTERS = 64
+
+
+def fits_registers(config: triton.Config, head_dim: int) -> bool:
+    return config.kwargs["BLOCK_M"] * head_dim <= ACCUMULATOR_REGISTERS * 32 * config.num_warps
+
+
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Before compiling and timing: drop tiles too big for shared memory, then query (key) tiles longer than
-    the query (key) length bucket."""
-    size = named_args["q_ptr"].element_size()
-    configs = [c for c in configs if fits_shared_memory(c, kwargs["HEAD_DIM"], size)]
+    """Before compiling and timing: drop tiles too big for shared memory or registers, then query (key) tiles
+    longer than the query (key) length bucket."""
+    size, head_dim = named_args["q_ptr"].element_size(), kwargs["HEAD_DIM"]
+    configs = [c for c in configs if fits_shared_memory(c, head_dim, size) and fits_registers(c, head_dim)]
     return within_bucket(within_bucket(configs, "BLOCK_M", named_args["SQ_BUCKET"]), "BLOCK_N",
                          named_args["SK_BUCKET"])
 

@@ -239,7 +239,7 @@ def attention_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[
     """Every autotune config of the attention kernel that its pruning keeps, for head dims 32 (MiniLM's), 64 and
     128, with key lengths (the transformer's); at 64 and 128 the first two configs also with a key-padding mask
     and with neither."""
-    from kernels.attention import GPU_CONFIGS, _attention_kernel, fits_shared_memory
+    from kernels.attention import GPU_CONFIGS, _attention_kernel, fits_registers, fits_shared_memory
 
     found = []
     paddings = {"lengths": torch.ones(1, dtype=torch.int32), "mask": torch.ones(1, 8, dtype=torch.bool), "none": None}
@@ -247,7 +247,7 @@ def attention_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[
         q = torch.zeros(1, 2, 8, d, dtype=dt)
         strides = (*q.stride()[:3],) * 4
         for i, config in enumerate(GPU_CONFIGS[: 2 if quick else None]):
-            if not fits_shared_memory(config, d, dt.itemsize):
+            if not (fits_shared_memory(config, d, dt.itemsize) and fits_registers(config, d)):
                 continue
             for padding, m in list(paddings.items())[: 3 if i < 2 and d > 32 else 1]:
                 args = (q, q, q, m, q, 2, 8, 8, 0.125, 8, 8, 2, *strides)

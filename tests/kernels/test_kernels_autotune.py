@@ -118,6 +118,14 @@ def test_attention_tunes_tiles_no_longer_than_the_sequences(sq, sk, expected):
     assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == expected
 
 
+def test_head_dim_128_skips_the_tile_whose_accumulator_spills():
+    """128 x 128 fp32 on 4 warps is 128 registers a thread: ptxas spilled it inside the key loop."""
+    q = torch.empty(1, dtype=torch.bfloat16)
+    kept = prune_attention(ATTENTION_CONFIGS, {"q_ptr": q, "SQ_BUCKET": 512, "SK_BUCKET": 512}, HEAD_DIM=128)
+    tiles = {(c.kwargs["BLOCK_M"], c.num_warps) for c in kept}
+    assert (128, 8) in tiles and (128, 4) not in tiles
+
+
 def test_long_sequences_tune_every_attention_tile_that_fits():
     q = torch.empty(1, dtype=torch.bfloat16)
     kept = prune_attention(ATTENTION_CONFIGS, {"q_ptr": q, "SQ_BUCKET": 512, "SK_BUCKET": 512}, HEAD_DIM=64)
