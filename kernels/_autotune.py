@@ -27,7 +27,7 @@ import math
 import os
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -265,6 +265,66 @@ class StoredChoices:
             os.replace(f.name, path)
         except OSError as exc:  # a read-only cache only costs the next worker a timing
             log.warning("could not store %s in %s: %s", key, path, exc)
+
+
+class TimedChoice:
+    """Which of several launchers runs a problem, where none wins everywhere (``kernels.linear``'s GEMM kernels;
+    fused or separate ops): each candidate is timed once per key, replayed from CUDA graphs as serving runs it
+    (:func:`gpu_ms`), and the fastest kept, in memory and on disk (:class:`StoredChoices`, for the next worker
+    on the same ``TRITON_CACHE_DIR``). While :func:`borrowing`, a key not timed yet takes the choice of the
+    nearest key differing only at ``bucket_at`` (a power-of-two size) if that candidate may run it, else the
+    first candidate (the one that runs everything); a borrowed choice lends nothing on. Undecided inside a
+    CUDA-graph capture (no timing there; warm-ups decide first), the first candidate runs."""
+
+    def __init__(self, name: str, bucket_at: int):
+        self.name = name
+        self.bucket_at = bucket_at
+        self.fastest: dict[tuple, str] = {}
+        self.borrowed: set[tuple] = set()
+        self._stored = StoredChoices(name)
+
+    def choose(self, key: tuple, stored_key: str, candidates: Sequence[str], time: Callable[[str], float]) -> str:
+        """The choice for ``key`` among ``candidates``; ``time(candidate)`` gives its milliseconds when timing is
+        needed. ``stored_key``: the key on disk (naming the GPU model and the Triton version)."""
+        chosen = self.fastest.get(key)
+        if chosen not in candidates:
+            chosen = self._stored.get(stored_key)
+        if chosen not in candidates and borrowing():
+            chosen = self.borrow(key, candidates)
+        if chosen not in candidates:
+            import torch
+
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                return candidates[0]
+            ms = {name: time(name) for name in candidates}
+            chosen = min(ms, key=ms.get)
+            log.debug("%s %s: %s (graph ms: %s)", self.name, key, chosen, ms)
+            self._stored.put(stored_key, chosen)
+        self.fastest[key] = chosen
+        return chosen
+
+    def borrow(self, key: tuple, candidates: Sequence[str]) -> str:
+        """Without timing: the nearest timed key's choice if it is a candidate here, else the first candidate."""
+        lender = nearest_key(key, [k for k in list(self.fastest) if k not in self.borrowed], [self.bucket_at])
+        chosen = self.fastest[lender] if lender is not None and self.fastest[lender] in candidates else candidates[0]
+        self.borrowed.add(key)
+        note_borrowed()
+        log.info("%s %s: not timed while serving: %s (chosen for %s)", self.name, key, chosen, lender)
+        return chosen
+
+
+def gpu_ms(launch: Callable[[], object]) -> float:
+    """GPU milliseconds of ``launch`` replayed from a CUDA graph, as serving runs it: on an H200 a host-side
+    TMA descriptor costs the launching thread more than the tiled GEMM's launch (tens of microseconds), which
+    timing eager launches would count against a kernel that is faster on the GPU."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    launch()  # autotune (and compile) outside the capture
+    try:
+        return do_bench_cudagraph(launch, rep=20)
+    except RuntimeError as exc:  # a driver that cannot capture here: time eager launches instead
+        log.warning("CUDA-graph timing failed (%s); timing eager launches", exc)
+        return do_bench(launch, warmup=5, rep=20)
 
 
 class _NotOnDisk(Exception):

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels._autotune import StoredChoices, autotune, borrowing, nearest_key, note_borrowed, within_bucket
+from kernels._autotune import TimedChoice, autotune, gpu_ms, within_bucket
 from kernels._common import (
     FLOAT_DTYPES,
     activation_reference,
@@ -526,14 +526,12 @@ def kernel_key(x: torch.Tensor, weight: torch.Tensor, bias, activation: str, res
             activation, residual is not None)
 
 
-# kernel_key -> the kernel timed fastest there, of those that may run it; also on disk (StoredChoices).
-FASTEST_KERNEL: dict[tuple, str] = {}
-M_BUCKET_AT = 3  # the M bucket's place in a kernel_key: what a key the warm-up missed may borrow across
-_BORROWED_CHOICES: set[tuple] = set()  # keys whose choice was borrowed, not timed: they lend nothing on
-_STORED_CHOICES = StoredChoices("maas_linear_kernel")
+_KERNEL_CHOICE = TimedChoice("maas_linear_kernel", bucket_at=3)  # kernel_key's M bucket
+FASTEST_KERNEL = _KERNEL_CHOICE.fastest  # kernel_key -> the kernel timed fastest there, of those that may run it
 
 
-def _stored_key(key: tuple) -> str:
+def stored_key(key: tuple) -> str:
+    """A choice's key on disk: the GPU model and the Triton version in place of the device."""
     device, *shape = key
     return "|".join(map(str, (torch.cuda.get_device_name(device), triton.__version__, *shape)))
 
@@ -541,56 +539,22 @@ def _stored_key(key: tuple) -> str:
 def _choose_kernel(x, weight, scales, x_scales, bias, activation, residual, y, m, n, k, meta) -> str:
     """The kernel that runs a problem (the launchers' arguments). One forced on (``1``) runs where it can.
     Otherwise, where several may (``auto``, on a GPU), each (with its own autotuned tiles) is timed once per
-    ``kernel_key`` and the fastest kept, also on disk for the next worker on the same ``TRITON_CACHE_DIR``: none
-    wins everywhere. A warm model's bucket its warm-up missed is not timed (``kernels._autotune.tuned_shapes_only``,
-    :func:`_borrowed_choice`). Undecided inside a CUDA-graph capture (no timing allowed there;
-    warm-up runs decide first), the tiled kernel runs."""
+    ``kernel_key`` and the fastest kept (:class:`kernels._autotune.TimedChoice`): none wins everywhere. A warm
+    model's bucket its warm-up missed is not timed but borrows the nearest bucket's choice where that kernel may
+    run it, else takes the tiled kernel (which the warm-up ran wherever it timed no choice)."""
     candidates = kernel_candidates(x, weight, scales, m)
     forced = [name for name in candidates[1:] if _setting(_FORCING_ENV[name]) == "1"]
     if forced or len(candidates) == 1:
         return (forced or candidates)[0]
     key = kernel_key(x, weight, bias, activation, residual)
-    chosen = FASTEST_KERNEL.get(key)
-    if chosen not in candidates:
-        chosen = _STORED_CHOICES.get(_stored_key(key))  # timed by an earlier worker with this cache
-    if chosen not in candidates and borrowing():
-        chosen = _borrowed_choice(key, candidates)
-    if chosen not in candidates:
-        if torch.cuda.is_current_stream_capturing():
-            return "tiled"
-        scratch = torch.empty_like(y)  # y may be the residual (in place): timing must not touch it
-        timed = (x, weight, scales, x_scales, bias, activation, residual, scratch, m, n, k, meta)
-        ms = {name: _gpu_ms(lambda launch=_LAUNCHERS[name]: launch(*timed)) for name in candidates}
-        chosen = min(ms, key=ms.get)
-        log.debug("linear %s: %s kernel (graph ms: %s)", key, chosen, ms)
-        _STORED_CHOICES.put(_stored_key(key), chosen)
-    FASTEST_KERNEL[key] = chosen
-    return chosen
+    scratch: list[torch.Tensor] = []  # y may be the residual (in place): timing must not touch it
 
+    def time(name: str) -> float:
+        scratch[:] = scratch or [torch.empty_like(y)]
+        timed = (x, weight, scales, x_scales, bias, activation, residual, scratch[0], m, n, k, meta)
+        return gpu_ms(lambda: _LAUNCHERS[name](*timed))
 
-def _borrowed_choice(key: tuple, candidates: list[str]) -> str:
-    """Without timing: the choice timed for the nearest M bucket of the same problem, if that kernel may run
-    this bucket too, else the tiled kernel (which the warm-up ran wherever it timed no choice)."""
-    lender = nearest_key(key, [k for k in list(FASTEST_KERNEL) if k not in _BORROWED_CHOICES], [M_BUCKET_AT])
-    chosen = FASTEST_KERNEL[lender] if lender is not None and FASTEST_KERNEL[lender] in candidates else "tiled"
-    _BORROWED_CHOICES.add(key)
-    note_borrowed()
-    log.info("linear %s: not timed while serving: the %s kernel (chosen for %s)", key, chosen, lender)
-    return chosen
-
-
-def _gpu_ms(launch) -> float:
-    """GPU milliseconds of ``launch`` replayed from a CUDA graph, as serving runs it: on an H200 a host-side
-    TMA descriptor costs the launching thread more than the tiled kernel's launch (tens of microseconds), which
-    timing eager launches would count against a kernel that is faster on the GPU."""
-    from triton.testing import do_bench, do_bench_cudagraph
-
-    launch()  # autotune (and compile) outside the capture
-    try:
-        return do_bench_cudagraph(launch, rep=20)
-    except RuntimeError as exc:  # a driver that cannot capture here: time eager launches instead
-        log.warning("linear: CUDA-graph timing failed (%s); timing eager launches", exc)
-        return do_bench(launch, warmup=5, rep=20)
+    return _KERNEL_CHOICE.choose(key, stored_key(key), candidates, time)
 
 
 def _launch_tma(x, weight, scales, x_scales, bias, activation, residual, y, m, n, k, meta) -> None:

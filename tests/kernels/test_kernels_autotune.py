@@ -1,7 +1,6 @@
 """Autotuning: which tile configs a launch compiles and times, how many threads compile them, how they are
 timed (the precompile itself: ``test_kernels_compile.py``)."""
 
-import importlib
 import os
 import threading
 
@@ -12,6 +11,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import _autotune
 from kernels._autotune import (
+    TimedChoice,
     borrowing,
     bucket_positions,
     compile_threads,
@@ -254,23 +254,40 @@ def test_a_serving_block_counts_its_borrows_and_hands_them_to_the_block_around_i
     assert outer.count == 3
 
 
-def test_a_gemm_kernel_choice_is_borrowed_where_that_kernel_may_run(monkeypatch):
+def test_a_gemm_kernel_choice_is_borrowed_where_that_kernel_may_run():
     """The choice between tiled, TMA and split-K kernels (timed once per kernel_key), borrowed like tiles."""
-    linear_module = importlib.import_module("kernels.linear")  # `kernels.linear` is the op
-
     def key(rows: int, bias: bool = True) -> tuple:
         return "cuda:0", "bf16", "bf16", rows, 768, 256, bias, "gelu", False
 
-    monkeypatch.setattr(linear_module, "FASTEST_KERNEL", {key(64): "split_k", key(1024): "tma"})
-    monkeypatch.setattr(linear_module, "_BORROWED_CHOICES", set())
-    borrow = linear_module._borrowed_choice
-    assert borrow(key(32), ["tiled", "split_k"]) == "split_k"
-    assert borrow(key(8192), ["tiled", "tma"]) == "tma"
-    # Nothing is timed while serving: where the nearest choice may not run, or there is none, the tiled kernel.
-    assert borrow(key(4096), ["tiled", "split_k"]) == "tiled"  # TMA's pick, and TMA may not run it
-    assert borrow(key(8192, bias=False), ["tiled", "tma"]) == "tiled"  # another epilogue: another problem
-    borrowed = linear_module._BORROWED_CHOICES
-    assert borrowed == {key(32), key(8192), key(4096), key(8192, bias=False)}
+    choice = TimedChoice("test_choice", bucket_at=3)
+    choice.fastest |= {key(64): "split_k", key(1024): "tma"}
+    assert choice.borrow(key(32), ["tiled", "split_k"]) == "split_k"
+    assert choice.borrow(key(8192), ["tiled", "tma"]) == "tma"
+    # Nothing is timed while serving: where the nearest choice may not run, or there is none, the first candidate.
+    assert choice.borrow(key(4096), ["tiled", "split_k"]) == "tiled"  # TMA's pick, and TMA may not run it
+    assert choice.borrow(key(8192, bias=False), ["tiled", "tma"]) == "tiled"  # another epilogue: another problem
+    assert choice.borrowed == {key(32), key(8192), key(4096), key(8192, bias=False)}
     # A borrowed choice lends nothing on: 16,384 rows borrow from 1,024 rows, not from 8,192.
-    linear_module.FASTEST_KERNEL |= {key(8192): "split_k", key(1024): "tma"}
-    assert borrow(key(16384), ["tiled", "tma", "split_k"]) == "tma"
+    choice.fastest |= {key(8192): "split_k", key(1024): "tma"}
+    assert choice.borrow(key(16384), ["tiled", "tma", "split_k"]) == "tma"
+
+
+def test_a_choice_is_timed_once_then_kept_and_borrowed_only_while_serving(tmp_path, monkeypatch):
+    """Timing picks the fastest and stores it; a second choice for the key times nothing; inside
+    tuned_shapes_only a new key borrows instead of timing."""
+    monkeypatch.setattr(triton.knobs.cache, "dir", str(tmp_path))
+    timed = []
+
+    def time(name: str) -> float:
+        timed.append(name)
+        return {"tiled": 2.0, "fused": 1.0}[name]
+
+    choice = TimedChoice("test_timed_choice", bucket_at=0)
+    assert choice.choose((64, 384), "k64", ["tiled", "fused"], time) == "fused"
+    assert timed == ["tiled", "fused"]
+    assert choice.choose((64, 384), "k64", ["tiled", "fused"], time) == "fused"
+    assert TimedChoice("test_timed_choice", bucket_at=0).choose((64, 384), "k64", ["tiled", "fused"], time) == "fused"
+    assert timed == ["tiled", "fused"]  # the second worker found it on disk
+    with tuned_shapes_only() as borrowed:
+        assert choice.choose((128, 384), "k128", ["tiled", "fused"], time) == "fused"
+    assert timed == ["tiled", "fused"] and borrowed.count == 1
