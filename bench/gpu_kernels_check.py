@@ -37,8 +37,8 @@ GROUPS = [
     ("split_k", "gemv"),
     ("1x14336x4096", "16x4096x14336"),
     ("linear_fp8 M4096", "linear_fp8 M77"),  # its one-row case runs with the GEMV ones
-    ("softmax", "layer_norm", "l2_normalize", "embedding", "conv2d", "max_pool2d"),
-    ("attention",),
+    ("softmax", "x768 +res", "x384 +res", "l2_normalize", "embedding", "conv2d", "max_pool2d"),  # layer_norm: +res
+    ("attention", "linear_layer_norm"),
     ("lstm",),
 ]
 
@@ -54,6 +54,8 @@ def _cases() -> list[Case]:
     from kernels.linear import launch_linear, linear_reference
     from kernels.linear_fp8 import _quantize_rows, linear_fp8_reference
     from kernels.linear_int8 import linear_int8_reference
+    from kernels.linear_layer_norm import _LAUNCHERS as LINEAR_LAYER_NORM
+    from kernels.linear_layer_norm import linear_layer_norm_reference
     from kernels.lstm import lstm_reference
     from kernels.max_pool2d import max_pool2d_reference
     from kernels.softmax import log_softmax_reference, softmax_reference
@@ -97,6 +99,19 @@ def _cases() -> list[Case]:
         # fp8 inputs come from bf16/fp16 activations: fp32 ones would keep none of their precision
         label = f"linear_fp8 M{m} N{n} K{k} {activation}{' +res' if residual else ''} {kernel or ''}".rstrip()
         return label, DTYPES[:2], build
+
+    def linear_layer_norm_case(m, n, k, way, int8=False):
+        """``way``: ``fused`` or ``separate``, forced (each autotunes its own tiles)."""
+        def build(dt, gen):
+            x, r = rnd(gen, m, k, dtype=dt), rnd(gen, m, n, dtype=dt)
+            w, s = rnd(gen, n, k, dtype=dt, scale=k**-0.5), None
+            if int8:
+                w, s = kernels.quantize_int8(w.float())
+            b, nw, nb = rnd(gen, n, dtype=dt), rnd(gen, n, dtype=dt), rnd(gen, n, dtype=dt)
+            return (lambda out: LINEAR_LAYER_NORM[way](x, w, s, b, r, nw, nb, 1e-12, out, m, n, k),
+                    lambda: linear_layer_norm_reference(d(x), w if int8 else d(w), d(b), d(r), d(nw), d(nb), 1e-12,
+                                                        scales=d(s)), (m, n), k, True)
+        return f"linear_layer_norm {m}x{n}x{k} {way}{' int8' if int8 else ''}", DTYPES, build
 
     def softmax_case(rows, n, log):
         def build(dt, gen):
@@ -213,6 +228,10 @@ def _cases() -> list[Case]:
         int8_case(1, 14336, 4096),
         int8_case(16, 4096, 14336),
         int8_case(3, 4096, 4096, "split_k"),
+        linear_layer_norm_case(4099, 384, 384, "fused"),  # MiniLM's output projection; the last tile partial
+        linear_layer_norm_case(4099, 384, 1536, "separate"),
+        linear_layer_norm_case(777, 384, 1536, "fused", int8=True),
+        linear_layer_norm_case(5, 256, 1024, "fused"),  # a few rows: the masked 16-row tiles
         fp8_case(4096, 4096, 4096, "gelu", True),
         fp8_case(77, 1000, 384, "relu", False),  # partial tiles; a thin-M tile config
         softmax_case(4096, 4096, False),

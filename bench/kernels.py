@@ -148,6 +148,22 @@ def cases(quick: bool) -> list[Case]:
                           lambda ids, table, mask: ((table[ids] * mask[..., None]).sum(1)
                                                     / mask.sum(1, keepdim=True).clamp(min=1)),
                           bytes=_nbytes(ids, mask) + b * s * d * 2 + b * d * 2))
+    # MiniLM's two projections that end in a residual add and a LayerNorm, at the benchmark batch: as served (the
+    # faster of fused and separate, timed), then each way forced.
+    from kernels.linear_layer_norm import _LAUNCHERS as LINEAR_LAYER_NORM
+
+    for m, n, k in [(24576, 384, 384), (24576, 384, 1536)][: 1 if quick else None]:
+        x, r, w, bias, nw, nb = rnd(m, k), rnd(m, n), rnd(n, k) * k**-0.5, rnd(n), rnd(n), rnd(n)
+        out = torch.empty_like(r)
+        ways = {"": lambda x, r, w, b, nw, nb: kernels.linear_layer_norm(x, w, b, r, nw, nb, 1e-12)}
+        for way in LINEAR_LAYER_NORM if not quick else ():
+            ways[f" {way}"] = lambda x, r, w, b, nw, nb, way=way, out=out: LINEAR_LAYER_NORM[way](
+                x, w, None, b, r, nw, nb, 1e-12, out, x.shape[0], w.shape[0], x.shape[1])
+        for label, fn in ways.items():
+            found.append(Case(f"linear_layer_norm{label}", f"M{m} N{n} K{k}", (x, r, w, bias, nw, nb), fn,
+                              lambda x, r, w, b, nw, nb: F.layer_norm(F.linear(x, w, b) + r, (r.shape[-1],), nw, nb,
+                                                                      1e-12),
+                              flops=2.0 * m * n * k))
     b, s, v, d = 256, 128, 30522, 384  # MiniLM's embedding block at the benchmark batch
     ids, table, positions, w, bias = torch.randint(0, v, (b, s), device=dev), rnd(v, d), rnd(512, d), rnd(d), rnd(d)
     found.append(Case("embedding_norm", f"B{b} S{s} V{v} D{d}", (ids, table, positions, w, bias),

@@ -30,6 +30,7 @@ from kernels.layer_norm import layer_norm
 from kernels.linear import linear
 from kernels.linear_fp8 import linear_fp8, quantize_fp8
 from kernels.linear_int8 import linear_int8, quantize_int8
+from kernels.linear_layer_norm import linear_layer_norm
 from kernels.lstm import lstm
 from kernels.max_pool2d import max_pool2d
 from kernels.softmax import log_softmax, softmax
@@ -45,6 +46,7 @@ __all__ = [
     "linear",
     "linear_fp8",
     "linear_int8",
+    "linear_layer_norm",
     "log_softmax",
     "lstm",
     "max_pool2d",

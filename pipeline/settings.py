@@ -30,6 +30,7 @@ ENGINE_KNOB_CHOICES: dict[str, tuple[str, ...]] = {
     "MAAS_LINEAR_TMA": ("auto", "1", "0"),
     "MAAS_LINEAR_SPLIT_K": ("auto", "1", "0"),
     "MAAS_LINEAR_GEMV": ("auto", "1", "0"),
+    "MAAS_LINEAR_LAYER_NORM": ("auto", "1", "0"),
     "MAAS_CPU_RUNTIME": ("numpy", "torch"),
 }
 

@@ -134,6 +134,17 @@ def test_architecture_on_triton_kernels_matches_its_twin(arch, monkeypatch):
     _close(model.forward(inputs), want, atol=1e-4)
 
 
+@pytest.mark.skipif(not INTERPRETER, reason="needs TRITON_INTERPRET=1 before kernels is imported")
+def test_encoder_with_its_projections_and_norms_fused_matches_its_twin(monkeypatch):
+    """The transformer's block ends on kernels.linear_layer_norm's fused kernel (timed against the separate
+    ops on a GPU, forced here)."""
+    model, inputs = _small_model("transformer_encoder", seed=3)
+    want = model.reference_forward(inputs)
+    monkeypatch.setenv("MAAS_KERNEL_BACKEND", "triton")
+    monkeypatch.setenv("MAAS_LINEAR_LAYER_NORM", "1")
+    _close(model.forward(inputs), want, atol=1e-4)
+
+
 @pytest.mark.parametrize("arch", sorted(SMALL))
 def test_a_batch_padded_into_its_graph_bucket_gives_the_unpadded_rows(arch):
     """What CUDA-graph serving runs (``graph_arguments`` padded to a bucket, then ``forward_graph``), here

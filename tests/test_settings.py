@@ -6,12 +6,14 @@ from __future__ import annotations
 import importlib
 
 import pytest
+import torch
 
 from kernels import _autotune, dispatch
 from models import numpy_models
 from pipeline.settings import ENGINE_KNOB_CHOICES, ConfigError, Settings
 
 linear_module = importlib.import_module("kernels.linear")  # `kernels.linear` is the op
+layer_norm_module = importlib.import_module("kernels.linear_layer_norm")  # so is `kernels.linear_layer_norm`
 
 
 def _accepts(reader, name: str, value: str, monkeypatch) -> bool:
@@ -35,6 +37,7 @@ READERS = {
     "MAAS_LINEAR_TMA": lambda: linear_module._setting("MAAS_LINEAR_TMA"),
     "MAAS_LINEAR_SPLIT_K": lambda: linear_module._setting("MAAS_LINEAR_SPLIT_K"),
     "MAAS_LINEAR_GEMV": lambda: linear_module._setting("MAAS_LINEAR_GEMV"),
+    "MAAS_LINEAR_LAYER_NORM": lambda: layer_norm_module.use_fused(torch.zeros(1, 8), torch.zeros(8, 8)),
     "MAAS_CPU_RUNTIME": numpy_models.cpu_runtime,
     "MAAS_COMPILE_THREADS": lambda: _autotune.compile_threads(4),
 }

@@ -147,6 +147,14 @@ class TransformerEncoder(Architecture):
                 + w["embeddings.position_embeddings.weight"][: ids.shape[1]]
                 + w["embeddings.token_type_embeddings.weight"][0])
 
+    def _dense_norm(self, x: torch.Tensor, block: str, residual: torch.Tensor) -> torch.Tensor:
+        """``block.LayerNorm(block.dense(x) + residual)``, the end of each half of a post-LN block: one kernel
+        where it pays (kernels.linear_layer_norm), float or int8 weights."""
+        w = self.weights
+        return kernels.linear_layer_norm(x, w[f"{block}.dense.weight"], w.get(f"{block}.dense.bias"), residual,
+                                         w[f"{block}.LayerNorm.weight"], w[f"{block}.LayerNorm.bias"],
+                                         self.p["layer_norm_eps"], scales=w.get(f"{block}.dense.weight{SCALE_SUFFIX}"))
+
     def _split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Views ``[B, H, S, D]`` of q, k and v inside the fused projection's output ``[B, S, 3 * H * D]``."""
         b, s, _ = qkv.shape
@@ -223,12 +231,8 @@ class TransformerEncoder(Architecture):
             layer = f"encoder.layer.{i}"
             q, k, v = self._split_heads(self.dense(h, f"{layer}.attention.self.qkv"))
             context = kernels.attention(q, k, v, **padding).transpose(1, 2).reshape(b, s, -1)  # a view on CUDA
-            a = self.dense(context, f"{layer}.attention.output.dense")
-            h = kernels.layer_norm(a, w[f"{layer}.attention.output.LayerNorm.weight"],
-                                   w[f"{layer}.attention.output.LayerNorm.bias"], eps, residual=h)
-            f = self.dense(self.dense(h, f"{layer}.intermediate.dense", "gelu"), f"{layer}.output.dense")
-            h = kernels.layer_norm(f, w[f"{layer}.output.LayerNorm.weight"], w[f"{layer}.output.LayerNorm.bias"],
-                                   eps, residual=h)
+            h = self._dense_norm(context, f"{layer}.attention.output", h)
+            h = self._dense_norm(self.dense(h, f"{layer}.intermediate.dense", "gelu"), f"{layer}.output", h)
         keep = mask[:, None, :].to(h.dtype)
         summed = torch.bmm(keep, h).squeeze(1)  # masked sum over the sequence in one batched GEMV
         if self.p["normalize"]:  # the mean's division by the length cancels in the normalization

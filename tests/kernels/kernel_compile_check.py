@@ -29,6 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import triton
 from triton.runtime._async_compile import AsyncCompileMode
 from triton.runtime.jit import JITFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -65,6 +66,7 @@ def launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     from kernels.linear import launch_linear, linear_triton
     from kernels.linear_fp8 import linear_fp8_triton, quantize_fp8
     from kernels.linear_int8 import linear_int8_triton, quantize_int8
+    from kernels.linear_layer_norm import _launch_fused
     from kernels.lstm import lstm_triton
     from kernels.max_pool2d import max_pool2d_triton
     from kernels.softmax import softmax_triton
@@ -83,6 +85,9 @@ def launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
         ("linear, GEMV", lambda: launch_linear(x[:1], w, None, b, "gelu", z(1, 32), None, kernel="gemv")),
         ("linear_int8, GEMV", lambda: launch_linear(x[:1], *quantize_int8(w), b, "relu", None, None, kernel="gemv")),
         ("linear_fp8", lambda: linear_fp8_triton(x, *quantize_fp8(w), b, "gelu", z(8, 32))),
+        ("linear_layer_norm, fused", lambda: _launch_fused(x, w, None, b, z(8, 32), b, b, 1e-5, z(8, 32), 8, 32, 64)),
+        ("linear_layer_norm int8, fused", lambda: _launch_fused(x, *quantize_int8(w), b, z(8, 32), b, b, 1e-5,
+                                                                z(8, 32), 8, 32, 64)),
         ("softmax", lambda: softmax_triton(x, x > 0, log=True)),
         ("softmax, vocabulary-long rows", lambda: softmax_triton(z(2, 30522))),
         ("layer_norm, d=4096", lambda: layer_norm_triton(z(2, 4096), z(4096), z(4096))),
@@ -116,6 +121,7 @@ def batch_launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     from kernels.layer_norm import layer_norm_triton
     from kernels.linear import launch_linear
     from kernels.linear_fp8 import _quantize_rows
+    from kernels.linear_layer_norm import _launch_fused
     from kernels.lstm import lstm_triton
     from kernels.max_pool2d import max_pool2d_triton
 
@@ -130,6 +136,8 @@ def batch_launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
             ("batch linear split-K", lambda x=x: launch_linear(x, z(32, 64), None, None, "none", None, None,
                                                                kernel="split_k")),
             ("batch layer_norm", lambda x=x: layer_norm_triton(x, z(64), z(64))),
+            ("batch linear_layer_norm", lambda b=b, x=x: _launch_fused(x, z(32, 64), None, z(32), z(b, 32), z(32),
+                                                                       z(32), 1e-5, z(b, 32), b, 32, 64)),
             ("batch embedding_norm", lambda b=b: embedding_norm_triton(torch.zeros(b, b + 2, dtype=torch.int64),
                                                                        z(8, 64), z(32, 64), z(64), z(64))),
             ("batch l2_normalize", lambda x=x: l2_normalize_triton(x)),
@@ -217,6 +225,29 @@ def gemv_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], o
     return found
 
 
+def linear_layer_norm_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], object]]]:
+    """Every autotune config of the fused linear + LayerNorm that fits MiniLM's rows (384 columns in a tile of
+    512; K 384 and 1,536) and a 256-wide one, float weights, and for bf16 int8 ones too."""
+    from kernels.linear_layer_norm import _GPU_CONFIGS, _linear_layer_norm_kernel, fits
+
+    found = []
+    for n, k in [(384, 384), (384, 1536), (256, 1024)][: 1 if quick else None]:
+        block_n = triton.next_power_of_2(n)
+        x, v, r = torch.zeros(64, k, dtype=dt), torch.zeros(n, dtype=dt), torch.zeros(64, n, dtype=dt)
+        weights = {"": (torch.zeros(n, k, dtype=dt), None)}
+        if dt == torch.bfloat16:
+            weights[" int8"] = (torch.zeros(n, k, dtype=torch.int8), torch.ones(n))
+        for label, (w, s) in weights.items():
+            for config in _GPU_CONFIGS:
+                if fits(config, block_n, dt.itemsize):
+                    args = (x, w, s, v, r, v, v, r, 64, n, k, 64, 1e-12)
+                    kwargs = dict(HAS_SCALE=s is not None, HAS_BIAS=True, UPCAST=False, BLOCK_N=block_n,
+                                  **config.all_kwargs())
+                    found.append((f"linear_layer_norm{label} N{n} K{k} {config}",
+                                  lambda a=args, kw=kwargs: _linear_layer_norm_kernel.warmup(*a, grid=None, **kw)))
+    return found
+
+
 def tma_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], object]]]:
     """Every autotune config of the persistent TMA GEMM that its pruning keeps."""
     from kernels.linear import _TMA_CONFIGS, _linear_tma_kernel, _set_tile_shapes, fits_shared_memory
@@ -289,7 +320,8 @@ def main() -> int:
     with compile_for(90), ThreadPoolExecutor(usable_cpus()) as pool, AsyncCompileMode(pool, ignore_errors=True):
         for dt in [torch.bfloat16] if opts.quick else [torch.bfloat16, torch.float16, torch.float32]:
             for name, thunk in launches(dt) + batch_launches(dt) + gemm_configs(dt, opts.quick) + \
-                    tma_configs(dt, opts.quick) + attention_configs(dt, opts.quick):
+                    tma_configs(dt, opts.quick) + attention_configs(dt, opts.quick) + \
+                    linear_layer_norm_configs(dt, opts.quick):
                 current_launch[0] = f"{name} {dt}"
                 if name.startswith("batch "):
                     batch_launched.add(current_launch[0])

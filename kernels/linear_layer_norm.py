@@ -1,0 +1,218 @@
+"""``LayerNorm(x @ W^T + b + residual)``: a post-LN transformer block's projection, residual add and norm in
+one kernel.
+
+Each half of a BERT block ends with a projection, a residual add and a LayerNorm. Run apart, the projection
+writes its output and the LayerNorm reads it back beside the residual: for MiniLM at 24,576 tokens, 19 MB
+each way, twice a layer. Here a program owns whole output rows (``BLOCK_N``: N rounded up to a power of two,
+at most ``MAX_N``), so its epilogue holds every column of its rows: bias, residual, then
+:func:`kernels.layer_norm.normalize_rows` on the fp32 accumulator (the sum is not rounded before the norm)
+and one store. The price: the row padded to a power of two (MiniLM's 384 to 512, a third more tensor-core
+work) and tiles of at most 64 rows, to keep the whole-row accumulator in registers. Whether that pays depends
+on the shape, so on a GPU both ways are timed once per shape and M bucket (:class:`kernels._autotune.TimedChoice`,
+stored and borrowed as the GEMM kernel choice is); ``MAAS_LINEAR_LAYER_NORM`` can force either (``1``: fused
+wherever N fits, the interpreter included; ``0``: never).
+
+Weights may be int8 with per-output-channel scales (``scales``), as in :mod:`kernels.linear_int8`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._autotune import TimedChoice, autotune, gpu_ms, within_bucket
+from kernels._common import FLOAT_DTYPES, cast, check_contiguous, check_tensor, compute_dtype, into, output
+from kernels.dispatch import INTERPRETER, USE_AUTOTUNE, backend_for, env_choice
+from kernels.layer_norm import layer_norm_reference, layer_norm_triton, normalize_rows
+from kernels.linear import (
+    BATCH_ARGS,
+    SHARED_MEMORY,
+    _dot_tiles,
+    _scale_tile,
+    launch_linear,
+    linear_reference,
+    stored_key,
+)
+
+MAX_N = 512
+ENV_VAR = "MAAS_LINEAR_LAYER_NORM"
+# fp32 registers a thread may give the [BLOCK_M, BLOCK_N] accumulator: 64 x 512 on 8 warps (128 a thread)
+# spills only in the epilogue, 40-72 bytes a thread (sm_90 ptxas; bench/results/kernel_registers_sm90.txt).
+ACCUMULATOR_REGISTERS = 128
+
+
+def _config(bm: int, bk: int, warps: int, stages: int, mask_rows: bool = False) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "MASK_ROWS": mask_rows}, num_warps=warps, num_stages=stages)
+
+
+# 64-row tiles for large batches (the most rows a 512-wide accumulator allows in registers on 8 warps), 128 for
+# narrower rows, 32 and 16 (rows past M masked) for a few. 32 rows on 8 warps only: on 4, with 512 columns,
+# ptxas spilled 336 bytes a thread.
+_GPU_CONFIGS = [
+    _config(128, 64, 8, 3),
+    _config(64, 64, 8, 3),
+    _config(64, 64, 8, 2),
+    _config(64, 32, 8, 4),
+    _config(32, 64, 8, 3),
+    _config(16, 64, 4, 3, mask_rows=True),
+    _config(16, 128, 4, 3, mask_rows=True),
+]
+
+
+def fits(config: triton.Config, block_n: int, element_size: int) -> bool:
+    """Whether a config's accumulator fits in registers and its pipelined x and W tiles in shared memory."""
+    kw = config.kwargs
+    registers = kw["BLOCK_M"] * block_n <= ACCUMULATOR_REGISTERS * 32 * config.num_warps
+    tiles = (kw["BLOCK_M"] + block_n) * kw["BLOCK_K"] * element_size * config.num_stages
+    return registers and tiles <= SHARED_MEMORY
+
+
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Before compiling and timing: drop configs that do not fit (:func:`fits`), then tiles taller than the M
+    bucket (masked-row tiles only for buckets they do not fill)."""
+    size, bucket = named_args["x_ptr"].element_size(), named_args["M_BUCKET"]
+    kept = within_bucket([c for c in configs if fits(c, kwargs["BLOCK_N"], size)], "BLOCK_M", bucket)
+    return [c for c in kept if not c.kwargs["MASK_ROWS"] or bucket < c.kwargs["BLOCK_M"]]
+
+
+@autotune(_GPU_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_configs},
+          buckets=["M_BUCKET"])
+@triton.jit(do_not_specialize=BATCH_ARGS)
+def _linear_layer_norm_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, nw_ptr, nb_ptr, y_ptr,
+    M, N, K, M_BUCKET, eps,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, MASK_ROWS: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)  # the whole row: columns past N wrap onto real ones in _dot_tiles
+    acc = _dot_tiles(x_ptr, w_ptr, offs_m, offs_n, M, N, K, 0, tl.cdiv(K, BLOCK_K),
+                     HAS_SCALE, UPCAST, MASK_ROWS, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = _scale_tile(acc, offs_m, offs_n, M, N, s_ptr, s_ptr, HAS_SCALE, False)
+    n_ok = offs_n < N
+    ok = (offs_m < M)[:, None] & n_ok[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    offs = offs_m[:, None] * N + offs_n[None, :]
+    acc += tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    y = normalize_rows(tl.where(ok, acc, 0.0), ok, offs_n, n_ok, nw_ptr, nb_ptr, N, eps)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def _validate(x, weight, scales, bias, residual, norm_weight, norm_bias) -> None:
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must be [..., K] with K >= 1, got shape {tuple(x.shape)}")
+    if scales is None:
+        check_tensor("weight", weight, ndim=2, dtypes=(x.dtype,), device=x.device)
+    else:
+        check_tensor("weight", weight, ndim=2, dtypes=(torch.int8,), device=x.device)
+        check_tensor("scales", scales, shape=weight.shape[:1], dtypes=(torch.float32,), device=x.device)
+    n, k = weight.shape
+    if k != x.shape[-1]:
+        raise ValueError(f"weight must be [N, K={x.shape[-1]}] (Linear layout), got {tuple(weight.shape)}")
+    for name, t in (("bias", bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if t is not None or name != "bias":
+            check_tensor(name, t, shape=(n,), dtypes=(x.dtype,), device=x.device)
+    check_tensor("residual", residual, shape=(*x.shape[:-1], n), dtypes=(x.dtype,), device=x.device)
+
+
+def use_fused(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the fused kernel may run (``MAAS_LINEAR_LAYER_NORM``): rows of at most ``MAX_N``; forced with
+    ``1``, or in ``auto`` on a GPU, where timing decides."""
+    choice = env_choice(ENV_VAR, "auto", ("auto", "1", "0"))
+    if choice == "0" or weight.shape[0] > MAX_N:
+        return False
+    return x.is_cuda or (choice == "1" and INTERPRETER)
+
+
+def _launch_fused(x, weight, scales, bias, residual, norm_weight, norm_bias, eps, y, m, n, k) -> None:
+    block_n = max(16, triton.next_power_of_2(n))
+    meta = {}
+    if not USE_AUTOTUNE:  # fixed tiles: the interpreter's (each step costs Python time), or an offline compile's
+        block_m = min(64, max(16, triton.next_power_of_2(m)))
+        meta = {"BLOCK_M": block_m, "BLOCK_K": min(64, max(16, triton.next_power_of_2(k))), "MASK_ROWS": block_m == 16}
+
+    def grid(config: dict) -> tuple[int]:
+        return (triton.cdiv(m, config["BLOCK_M"]),)
+
+    _linear_layer_norm_kernel[grid](
+        x, weight, scales, bias, residual, norm_weight, norm_bias, y,
+        m, n, k, triton.next_power_of_2(m), eps,
+        HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, UPCAST=INTERPRETER, BLOCK_N=block_n, **meta,
+    )
+
+
+def _launch_separate(x, weight, scales, bias, residual, norm_weight, norm_bias, eps, y, m, n, k) -> None:
+    projected = launch_linear(x, weight, scales, bias, "none", None, None)
+    layer_norm_triton(projected, norm_weight, norm_bias, eps, residual, out=y)
+
+
+_LAUNCHERS = {"separate": _launch_separate, "fused": _launch_fused}
+_CHOICE = TimedChoice("maas_linear_layer_norm", bucket_at=3)  # the key's M bucket
+
+
+def _choose(x, weight, scales, bias, residual, norm_weight, norm_bias, eps, y, m, n, k) -> str:
+    if not use_fused(x, weight):
+        return "separate"
+    if env_choice(ENV_VAR, "auto", ("auto", "1", "0")) == "1":
+        return "fused"
+    key = (x.device, x.dtype, weight.dtype, triton.next_power_of_2(m), n, k, bias is not None)
+
+    def time(name: str) -> float:
+        scratch = torch.empty_like(y)  # y may be the residual (in place): timing must not touch it
+        return gpu_ms(lambda: _LAUNCHERS[name](x, weight, scales, bias, residual, norm_weight, norm_bias, eps,
+                                               scratch, m, n, k))
+
+    return _CHOICE.choose(key, stored_key(key), list(_LAUNCHERS), time)
+
+
+def _launch(x, weight, scales, bias, residual, norm_weight, norm_bias, eps, out) -> torch.Tensor:
+    n, k = weight.shape
+    m = x.numel() // k
+    y = output(out, residual.shape, residual)
+    if m == 0:
+        return y
+    args = (x, weight, scales, bias, residual, norm_weight, norm_bias, eps, y, m, n, k)
+    _LAUNCHERS[_choose(*args)](*args)
+    return y
+
+
+def linear_layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             residual: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+                             eps: float = 1e-5, *, scales: torch.Tensor | None = None,
+                             out: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton launcher (contiguous inputs only)."""
+    _validate(x, weight, scales, bias, residual, norm_weight, norm_bias)
+    check_contiguous(x=x, weight=weight, scales=scales, bias=bias, residual=residual, norm_weight=norm_weight,
+                     norm_bias=norm_bias)
+    return _launch(x, weight, scales, bias, residual, norm_weight, norm_bias, eps, out)
+
+
+def linear_layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                residual: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+                                eps: float = 1e-5, *, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain torch: the linear layer plus the residual (int8 weights dequantized first), then the LayerNorm."""
+    if scales is not None:
+        dt = compute_dtype(x)
+        weight = cast(weight, dt) * cast(scales, dt)[:, None]
+    return layer_norm_reference(linear_reference(x, weight, bias, "none", residual), norm_weight, norm_bias, eps)
+
+
+def linear_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
+                      norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float = 1e-5, *,
+                      scales: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``LayerNorm(x @ weight^T + bias + residual)`` over the last dim: x ``[..., K]``, weight ``[N, K]`` (float
+    in x's dtype, or int8 with fp32 ``scales [N]``), bias, norm_weight and norm_bias ``[N]``, residual
+    ``[..., N]``; the result has x's dtype."""
+    _validate(x, weight, scales, bias, residual, norm_weight, norm_bias)
+    if backend_for(x, weight, bias, residual, norm_weight, norm_bias) == "torch":
+        return into(out, linear_layer_norm_reference(x, weight, bias, residual, norm_weight, norm_bias, eps,
+                                                     scales=scales))
+
+    def dense(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.contiguous()
+
+    return _launch(dense(x), dense(weight), dense(scales), dense(bias), dense(residual), dense(norm_weight),
+                   dense(norm_bias), eps, out)

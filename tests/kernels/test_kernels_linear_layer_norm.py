@@ -1,0 +1,92 @@
+import pytest
+import torch
+from kernel_checks import DTYPES, assert_close, poisoned, randn
+
+import kernels
+from kernels.linear_int8 import quantize_int8
+from kernels.linear_layer_norm import (
+    MAX_N,
+    _choose,
+    linear_layer_norm_reference,
+    linear_layer_norm_triton,
+    use_fused,
+)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("way", ["1", "0"])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 17, 40), (5, 40, 136), (33, 24, 64)])
+def test_linear_layer_norm_matches_reference(gen, device, dtype, way, m, n, k, monkeypatch):
+    """Fused (``1``) and separate (``0``): 17 and 40 columns in a row tile of 32 and 64 (columns past N wrapped
+    and left out of the norm), K = 136 ending in a partial tile, 33 rows in tiles of 64 and 5 in a masked 16."""
+    monkeypatch.setenv("MAAS_LINEAR_LAYER_NORM", way)
+    x, w = randn(gen, m, k, dtype=dtype), randn(gen, n, k, dtype=dtype, scale=k**-0.5)
+    b, r = randn(gen, n, dtype=dtype), randn(gen, m, n, dtype=dtype)
+    nw, nb = randn(gen, n, dtype=dtype), randn(gen, n, dtype=dtype)
+    out = poisoned(m, n, dtype=dtype, device=device)
+    y = kernels.linear_layer_norm(x, w, b, r, nw, nb, 1e-5, out=out)
+    assert y is out
+    expected = linear_layer_norm_reference(x.double(), w.double(), b.double(), r.double(), nw.double(), nb.double(),
+                                           1e-5)
+    # Separate, the sum is rounded to the dtype before the norm, which divides it by the row's spread (24
+    # columns can spread little): that rounding gets the budget of a reduction over the whole weight.
+    assert_close(y, expected, dtype, reduction=k if way == "1" else k * n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_linear_layer_norm_dequantizes_int8_weights(gen, device, dtype, monkeypatch):
+    monkeypatch.setenv("MAAS_LINEAR_LAYER_NORM", "1")
+    m, n, k = 3, 40, 300
+    x = randn(gen, m, k, dtype=dtype)
+    q, s = quantize_int8(randn(gen, n, k, scale=k**-0.5))
+    r, nw, nb = randn(gen, m, n, dtype=dtype), randn(gen, n, dtype=dtype), randn(gen, n, dtype=dtype)
+    y = kernels.linear_layer_norm(x, q, None, r, nw, nb, 1e-5, scales=s)
+    expected = linear_layer_norm_reference(x.double(), q, None, r.double(), nw.double(), nb.double(), 1e-5,
+                                           scales=s.double())
+    assert_close(y, expected, dtype, reduction=k)
+
+
+def test_the_fused_kernel_runs_only_where_a_row_fits_its_tile(gen, monkeypatch):
+    x, r = randn(gen, 4, 32), randn(gen, 4, 8)
+    narrow, wide = randn(gen, 8, 32), randn(gen, MAX_N + 1, 32)
+    args = (x, narrow, None, None, r, torch.ones(8), torch.zeros(8), 1e-5, torch.empty(4, 8), 4, 8, 32)
+    monkeypatch.setenv("MAAS_LINEAR_LAYER_NORM", "auto")
+    assert not use_fused(x, narrow)  # timing decides, on a GPU only
+    assert _choose(*args) == "separate"
+    monkeypatch.setenv("MAAS_LINEAR_LAYER_NORM", "1")
+    assert use_fused(x, narrow) and not use_fused(x, wide)
+    assert _choose(*args) == "fused"
+    monkeypatch.setenv("MAAS_LINEAR_LAYER_NORM", "0")
+    assert _choose(*args) == "separate"
+    monkeypatch.setenv("MAAS_LINEAR_LAYER_NORM", "sometimes")
+    with pytest.raises(ValueError, match="MAAS_LINEAR_LAYER_NORM"):
+        use_fused(x, narrow)
+
+
+def test_linear_layer_norm_torch_backend_is_the_reference(gen, monkeypatch):
+    monkeypatch.setenv("MAAS_KERNEL_BACKEND", "torch")
+    x, w, b, r = randn(gen, 3, 8), randn(gen, 5, 8), randn(gen, 5), randn(gen, 3, 5)
+    nw, nb = randn(gen, 5), randn(gen, 5)
+    torch.testing.assert_close(kernels.linear_layer_norm(x, w, b, r, nw, nb),
+                               kernels.layer_norm(kernels.linear(x, w, b), nw, nb, 1e-5, residual=r))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"weight": torch.zeros(4, 7)}, "weight"),
+        ({"weight": torch.zeros(4, 8, dtype=torch.int8)}, "weight"),  # int8 without scales
+        ({"scales": torch.ones(4)}, "weight"),  # scales with a float weight
+        ({"bias": torch.zeros(5)}, "bias"),
+        ({"residual": torch.zeros(3, 5)}, "residual"),
+        ({"norm_weight": torch.ones(5)}, "norm_weight"),
+        ({"norm_bias": torch.zeros(4, dtype=torch.float16)}, "norm_bias"),
+        ({"x": torch.zeros(8, 3).t()}, "x"),
+    ],
+)
+def test_linear_layer_norm_triton_rejects_bad_arguments(kwargs, name):
+    args = {"x": torch.zeros(3, 8), "weight": torch.zeros(4, 8), "bias": torch.zeros(4), "residual": torch.zeros(3, 4),
+            "norm_weight": torch.ones(4), "norm_bias": torch.zeros(4), "scales": None} | kwargs
+    with pytest.raises(ValueError, match=name):
+        linear_layer_norm_triton(**args)
+
