@@ -7,10 +7,11 @@ each way, twice a layer. Here a program owns whole output rows (``BLOCK_N``: N r
 at most ``MAX_N``), so its epilogue holds every column of its rows: bias, residual, then
 :func:`kernels.layer_norm.normalize_rows` on the fp32 accumulator (the sum is not rounded before the norm)
 and one store. The price: the row padded to a power of two (MiniLM's 384 to 512, a third more tensor-core
-work) and tiles of at most 64 rows, to keep the whole-row accumulator in registers. Whether that pays depends
-on the shape, so on a GPU both ways are timed once per shape and M bucket (:class:`kernels._autotune.TimedChoice`,
-stored and borrowed as the GEMM kernel choice is); ``MAAS_LINEAR_LAYER_NORM`` can force either (``1``: fused
-wherever N fits, the interpreter included; ``0``: never).
+work) and tiles of at most 64 rows, to keep the whole-row accumulator in registers (:func:`tiles`). Whether
+that pays depends on the shape, so on a GPU both ways are timed once per shape and M bucket
+(:class:`kernels._autotune.TimedChoice`, stored and borrowed as the GEMM kernel choice is);
+``MAAS_LINEAR_LAYER_NORM`` can force either (``1``: fused wherever N fits, the interpreter included; ``0``:
+never).
 
 Weights may be int8 with per-output-channel scales (``scales``), as in :mod:`kernels.linear_int8`.
 """
@@ -21,12 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._autotune import TimedChoice, autotune, gpu_ms, within_bucket
+from kernels._autotune import TimedChoice, gpu_ms
 from kernels._common import FLOAT_DTYPES, cast, check_contiguous, check_tensor, compute_dtype, into, output
-from kernels.dispatch import INTERPRETER, USE_AUTOTUNE, backend_for, env_choice
+from kernels.dispatch import INTERPRETER, backend_for, env_choice
 from kernels.layer_norm import layer_norm_reference, layer_norm_triton, normalize_rows
 from kernels.linear import (
-    BATCH_ARGS,
     SHARED_MEMORY,
     _dot_tiles,
     _scale_tile,
@@ -40,48 +40,33 @@ ENV_VAR = "MAAS_LINEAR_LAYER_NORM"
 # fp32 registers a thread may give the [BLOCK_M, BLOCK_N] accumulator: 64 x 512 on 8 warps (128 a thread)
 # spills only in the epilogue, 40-72 bytes a thread (sm_90 ptxas; bench/results/kernel_registers_sm90.txt).
 ACCUMULATOR_REGISTERS = 128
+SMALL_M = 32  # up to this many rows: 16-row tiles, rows past M masked
 
 
-def _config(bm: int, bk: int, warps: int, stages: int, mask_rows: bool = False) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "MASK_ROWS": mask_rows}, num_warps=warps, num_stages=stages)
+def tiles(m: int, n: int, element_size: int) -> dict:
+    """The fused kernel's tiles on a GPU, by rule rather than autotuned: whether it runs at all is timed per M
+    bucket against the separate ops, and tuning its tiles per bucket too would add a tuning round to every
+    bucket of every warm-up. Rows: 16 (masked) for a few, else as many as a whole-row accumulator of
+    ``ACCUMULATOR_REGISTERS`` a thread allows on 8 warps (64 for 512 columns, 128 for 256; half that in fp32,
+    whose operands take more registers: ptxas spilled 276-724 bytes a thread otherwise); then the deepest K tile
+    and pipeline that fit in shared memory."""
+    block_n = max(16, triton.next_power_of_2(n))
+    registers = ACCUMULATOR_REGISTERS if element_size <= 2 else ACCUMULATOR_REGISTERS // 2  # fp32 (TF32) operands
+    if m <= SMALL_M:
+        block_m, warps = 16, 4
+    else:
+        block_m, warps = min(128, registers * 32 * 8 // block_n), 8
+    for block_k, stages in ((64, 3), (64, 2), (32, 3), (32, 2), (16, 2)):
+        if (block_m + block_n) * block_k * element_size * stages <= SHARED_MEMORY:
+            break
+    return {"BLOCK_M": block_m, "BLOCK_K": block_k, "MASK_ROWS": block_m == 16, "num_warps": warps,
+            "num_stages": stages}
 
 
-# 64-row tiles for large batches (the most rows a 512-wide accumulator allows in registers on 8 warps), 128 for
-# narrower rows, 32 and 16 (rows past M masked) for a few. 32 rows on 8 warps only: on 4, with 512 columns,
-# ptxas spilled 336 bytes a thread.
-_GPU_CONFIGS = [
-    _config(128, 64, 8, 3),
-    _config(64, 64, 8, 3),
-    _config(64, 64, 8, 2),
-    _config(64, 32, 8, 4),
-    _config(32, 64, 8, 3),
-    _config(16, 64, 4, 3, mask_rows=True),
-    _config(16, 128, 4, 3, mask_rows=True),
-]
-
-
-def fits(config: triton.Config, block_n: int, element_size: int) -> bool:
-    """Whether a config's accumulator fits in registers and its pipelined x and W tiles in shared memory."""
-    kw = config.kwargs
-    registers = kw["BLOCK_M"] * block_n <= ACCUMULATOR_REGISTERS * 32 * config.num_warps
-    tiles = (kw["BLOCK_M"] + block_n) * kw["BLOCK_K"] * element_size * config.num_stages
-    return registers and tiles <= SHARED_MEMORY
-
-
-def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Before compiling and timing: drop configs that do not fit (:func:`fits`), then tiles taller than the M
-    bucket (masked-row tiles only for buckets they do not fill)."""
-    size, bucket = named_args["x_ptr"].element_size(), named_args["M_BUCKET"]
-    kept = within_bucket([c for c in configs if fits(c, kwargs["BLOCK_N"], size)], "BLOCK_M", bucket)
-    return [c for c in kept if not c.kwargs["MASK_ROWS"] or bucket < c.kwargs["BLOCK_M"]]
-
-
-@autotune(_GPU_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_configs},
-          buckets=["M_BUCKET"])
-@triton.jit(do_not_specialize=BATCH_ARGS)
+@triton.jit(do_not_specialize=["M"])  # rows: see kernels._common
 def _linear_layer_norm_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, nw_ptr, nb_ptr, y_ptr,
-    M, N, K, M_BUCKET, eps,
+    M, N, K, eps,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, MASK_ROWS: tl.constexpr,
 ):
@@ -128,19 +113,15 @@ def use_fused(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _launch_fused(x, weight, scales, bias, residual, norm_weight, norm_bias, eps, y, m, n, k) -> None:
-    block_n = max(16, triton.next_power_of_2(n))
-    meta = {}
-    if not USE_AUTOTUNE:  # fixed tiles: the interpreter's (each step costs Python time), or an offline compile's
+    if INTERPRETER:  # few, large tiles: each step costs Python time
         block_m = min(64, max(16, triton.next_power_of_2(m)))
         meta = {"BLOCK_M": block_m, "BLOCK_K": min(64, max(16, triton.next_power_of_2(k))), "MASK_ROWS": block_m == 16}
-
-    def grid(config: dict) -> tuple[int]:
-        return (triton.cdiv(m, config["BLOCK_M"]),)
-
-    _linear_layer_norm_kernel[grid](
-        x, weight, scales, bias, residual, norm_weight, norm_bias, y,
-        m, n, k, triton.next_power_of_2(m), eps,
-        HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, UPCAST=INTERPRETER, BLOCK_N=block_n, **meta,
+    else:
+        meta = tiles(m, n, x.element_size())
+    _linear_layer_norm_kernel[(triton.cdiv(m, meta["BLOCK_M"]),)](
+        x, weight, scales, bias, residual, norm_weight, norm_bias, y, m, n, k, eps,
+        HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, UPCAST=INTERPRETER,
+        BLOCK_N=max(16, triton.next_power_of_2(n)), **meta,
     )
 
 

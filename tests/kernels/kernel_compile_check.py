@@ -226,25 +226,24 @@ def gemv_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], o
 
 
 def linear_layer_norm_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], object]]]:
-    """Every autotune config of the fused linear + LayerNorm that fits MiniLM's rows (384 columns in a tile of
-    512; K 384 and 1,536) and a 256-wide one, float weights, and for bf16 int8 ones too."""
-    from kernels.linear_layer_norm import _GPU_CONFIGS, _linear_layer_norm_kernel, fits
+    """The fused linear + LayerNorm's GPU tiles (:func:`kernels.linear_layer_norm.tiles`) for a few rows and for
+    many, at MiniLM's rows (384 columns in a tile of 512; K 384 and 1,536) and a 256-wide one: float weights,
+    and for bf16 int8 ones too."""
+    from kernels.linear_layer_norm import _linear_layer_norm_kernel, tiles
 
     found = []
     for n, k in [(384, 384), (384, 1536), (256, 1024)][: 1 if quick else None]:
-        block_n = triton.next_power_of_2(n)
         x, v, r = torch.zeros(64, k, dtype=dt), torch.zeros(n, dtype=dt), torch.zeros(64, n, dtype=dt)
         weights = {"": (torch.zeros(n, k, dtype=dt), None)}
         if dt == torch.bfloat16:
             weights[" int8"] = (torch.zeros(n, k, dtype=torch.int8), torch.ones(n))
         for label, (w, s) in weights.items():
-            for config in _GPU_CONFIGS:
-                if fits(config, block_n, dt.itemsize):
-                    args = (x, w, s, v, r, v, v, r, 64, n, k, 64, 1e-12)
-                    kwargs = dict(HAS_SCALE=s is not None, HAS_BIAS=True, UPCAST=False, BLOCK_N=block_n,
-                                  **config.all_kwargs())
-                    found.append((f"linear_layer_norm{label} N{n} K{k} {config}",
-                                  lambda a=args, kw=kwargs: _linear_layer_norm_kernel.warmup(*a, grid=None, **kw)))
+            for m in (16, 4096):
+                kwargs = dict(HAS_SCALE=s is not None, HAS_BIAS=True, UPCAST=False,
+                              BLOCK_N=triton.next_power_of_2(n), **tiles(m, n, dt.itemsize))
+                args = (x, w, s, v, r, v, v, r, m, n, k, 1e-12)
+                found.append((f"linear_layer_norm{label} M{m} N{n} K{k}",
+                              lambda a=args, kw=kwargs: _linear_layer_norm_kernel.warmup(*a, grid=None, **kw)))
     return found
 
 

@@ -3,12 +3,15 @@ import torch
 from kernel_checks import DTYPES, assert_close, poisoned, randn
 
 import kernels
+from kernels.linear import SHARED_MEMORY
 from kernels.linear_int8 import quantize_int8
 from kernels.linear_layer_norm import (
+    ACCUMULATOR_REGISTERS,
     MAX_N,
     _choose,
     linear_layer_norm_reference,
     linear_layer_norm_triton,
+    tiles,
     use_fused,
 )
 
@@ -61,6 +64,20 @@ def test_the_fused_kernel_runs_only_where_a_row_fits_its_tile(gen, monkeypatch):
     monkeypatch.setenv("MAAS_LINEAR_LAYER_NORM", "sometimes")
     with pytest.raises(ValueError, match="MAAS_LINEAR_LAYER_NORM"):
         use_fused(x, narrow)
+
+
+@pytest.mark.parametrize("element_size", [1, 2, 4])
+@pytest.mark.parametrize("n", [16, 100, 256, 384, 512])
+@pytest.mark.parametrize("m", [1, 32, 33, 24576])
+def test_gpu_tiles_fit_registers_and_shared_memory(m, n, element_size):
+    t = tiles(m, n, element_size)
+    block_n = max(16, 1 << (n - 1).bit_length())
+    registers = ACCUMULATOR_REGISTERS // (2 if element_size == 4 else 1)
+    assert t["BLOCK_M"] * block_n <= registers * 32 * t["num_warps"]
+    assert (t["BLOCK_M"] + block_n) * t["BLOCK_K"] * element_size * t["num_stages"] <= SHARED_MEMORY
+    assert t["MASK_ROWS"] == (m <= 32) == (t["BLOCK_M"] == 16)
+    if m > 32 and n == 384 and element_size == 2:  # MiniLM's rows in bf16: the tiles the sm_90 checks compiled
+        assert (t["BLOCK_M"], t["BLOCK_K"], t["num_warps"], t["num_stages"]) == (64, 64, 8, 3)
 
 
 def test_linear_layer_norm_torch_backend_is_the_reference(gen, monkeypatch):
