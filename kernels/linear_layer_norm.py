@@ -40,7 +40,7 @@ ENV_VAR = "MAAS_LINEAR_LAYER_NORM"
 # fp32 registers a thread may give the [BLOCK_M, BLOCK_N] accumulator: 64 x 512 on 8 warps (128 a thread)
 # spills only in the epilogue, 40-72 bytes a thread (sm_90 ptxas; bench/results/kernel_registers_sm90.txt).
 ACCUMULATOR_REGISTERS = 128
-SMALL_M = 32  # up to this many rows: 16-row tiles, rows past M masked
+SMALL_M = 32  # up to this many rows: 16-row tiles, rows past M masked (forced only, see _choose)
 
 
 def tiles(m: int, n: int, element_size: int) -> dict:
@@ -135,10 +135,14 @@ _CHOICE = TimedChoice("maas_linear_layer_norm", bucket_at=3)  # the key's M buck
 
 
 def _choose(x, weight, scales, bias, residual, norm_weight, norm_bias, eps, y, m, n, k) -> str:
+    """Fused or separate: forced, or timed (``auto``). Up to ``SMALL_M`` rows the fused kernel is one program
+    streaming the whole weight alone, while the GEMM spreads it over many: the separate ops run untimed."""
     if not use_fused(x, weight):
         return "separate"
     if env_choice(ENV_VAR, "auto", ("auto", "1", "0")) == "1":
         return "fused"
+    if m <= SMALL_M:
+        return "separate"
     key = (x.device, x.dtype, weight.dtype, triton.next_power_of_2(m), n, k, bias is not None)
 
     def time(name: str) -> float:
