@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import triton
 from triton.runtime.autotuner import Autotuner
 
@@ -292,8 +293,6 @@ class TimedChoice:
         if chosen not in candidates and borrowing():
             chosen = self.borrow(key, candidates)
         if chosen not in candidates:
-            import torch
-
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 return candidates[0]
             ms = {name: time(name) for name in candidates}

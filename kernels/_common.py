@@ -58,6 +58,14 @@ def value_range(t: torch.Tensor) -> tuple[int, int] | None:
     return low, high
 
 
+def check_ids(ids: torch.Tensor, table: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless every id indexes a row of ``table`` (one sync, see :func:`value_range`): a
+    lookup out of range would read past the table."""
+    bounds = value_range(ids)
+    if bounds is not None and (bounds[0] < 0 or bounds[1] >= table.shape[0]):
+        raise ValueError(f"ids must lie in [0, {table.shape[0]}) (the table's rows), got [{bounds[0]}, {bounds[1]}]")
+
+
 def check_activation(activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")

@@ -17,13 +17,13 @@ from kernels._common import (
     FLOAT_DTYPES,
     cast,
     check_contiguous,
+    check_ids,
     check_tensor,
     compute_dtype,
     into,
     output,
     row_block,
     rows_per_program,
-    value_range,
 )
 from kernels.dispatch import backend_for
 from kernels.layer_norm import MAX_ROW, normalize_rows
@@ -56,9 +56,7 @@ def _validate(ids, table, positions, weight, bias) -> None:
                          f"{tuple(positions.shape)}")
     check_tensor("weight", weight, shape=(d,), dtypes=(table.dtype,), device=ids.device)
     check_tensor("bias", bias, shape=(d,), dtypes=(table.dtype,), device=ids.device)
-    bounds = value_range(ids)
-    if bounds is not None and (bounds[0] < 0 or bounds[1] >= table.shape[0]):
-        raise ValueError(f"ids must lie in [0, {table.shape[0]}) (the table's rows), got [{bounds[0]}, {bounds[1]}]")
+    check_ids(ids, table)
 
 
 def _launch(ids, table, positions, weight, bias, eps, out) -> torch.Tensor:

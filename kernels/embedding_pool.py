@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import FLOAT_DTYPES, check_contiguous, check_tensor, compute_dtype, into, output, value_range
+from kernels._common import FLOAT_DTYPES, check_contiguous, check_ids, check_tensor, compute_dtype, into, output
 from kernels.dispatch import INTERPRETER, backend_for
 
 
@@ -46,9 +46,7 @@ def _validate(ids, table, mask) -> None:
     check_tensor("ids", ids, ndim=2, dtypes=(torch.int64, torch.int32))
     check_tensor("table", table, ndim=2, dtypes=FLOAT_DTYPES, device=ids.device)
     check_tensor("mask", mask, shape=ids.shape, dtypes=(torch.bool,), device=ids.device)
-    bounds = value_range(ids)
-    if bounds is not None and (bounds[0] < 0 or bounds[1] >= table.shape[0]):
-        raise ValueError(f"ids must lie in [0, {table.shape[0]}) (the table's rows), got [{bounds[0]}, {bounds[1]}]")
+    check_ids(ids, table)
 
 
 def _launch(ids, table, mask, out) -> torch.Tensor:

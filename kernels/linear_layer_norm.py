@@ -97,9 +97,10 @@ def _validate(x, weight, scales, bias, residual, norm_weight, norm_bias) -> None
     n, k = weight.shape
     if k != x.shape[-1]:
         raise ValueError(f"weight must be [N, K={x.shape[-1]}] (Linear layout), got {tuple(weight.shape)}")
-    for name, t in (("bias", bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
-        if t is not None or name != "bias":
-            check_tensor(name, t, shape=(n,), dtypes=(x.dtype,), device=x.device)
+    if bias is not None:
+        check_tensor("bias", bias, shape=(n,), dtypes=(x.dtype,), device=x.device)
+    check_tensor("norm_weight", norm_weight, shape=(n,), dtypes=(x.dtype,), device=x.device)
+    check_tensor("norm_bias", norm_bias, shape=(n,), dtypes=(x.dtype,), device=x.device)
     check_tensor("residual", residual, shape=(*x.shape[:-1], n), dtypes=(x.dtype,), device=x.device)
 
 
