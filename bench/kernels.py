@@ -168,8 +168,8 @@ def cases(quick: bool) -> list[Case]:
     ids, table, positions, w, bias = torch.randint(0, v, (b, s), device=dev), rnd(v, d), rnd(512, d), rnd(d), rnd(d)
     found.append(Case("embedding_norm", f"B{b} S{s} V{v} D{d}", (ids, table, positions, w, bias),
                       lambda ids, table, positions, w, bias: kernels.embedding_norm(ids, table, positions, w, bias),
-                      lambda ids, table, positions, w, bias: F.layer_norm(F.embedding(ids, table) + positions[:s],
-                                                                          (d,), w, bias, 1e-12),
+                      lambda ids, table, positions, w, bias: F.layer_norm(
+                          F.embedding(ids, table) + positions[: ids.shape[1]], table.shape[1:], w, bias, 1e-12),
                       bytes=_nbytes(ids) + 2 * b * s * d * 2))
     for d in (64, 128):
         for s in (128, 1024) if quick else (128, 512, 1024, 4096):
