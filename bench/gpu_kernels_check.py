@@ -34,7 +34,8 @@ GROUPS = [
     ("4096x4096x4096", "1x3072x768"),
     ("77x768x3072", "512x1000x4096"),
     ("4133x1000x4104",),
-    ("split_k", "gemv"),
+    ("split_k",),
+    ("gemv",),  # nine configs to tune for each of its shapes and dtypes: a process of its own
     ("1x14336x4096", "16x4096x14336"),
     ("linear_fp8 M4096", "linear_fp8 M77"),  # its one-row case runs with the GEMV ones
     ("softmax", "x768 +res", "x384 +res", "l2_normalize", "embedding", "conv2d", "max_pool2d"),  # layer_norm: +res
