@@ -69,12 +69,12 @@ def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def cases(quick: bool) -> list[Case]:
+def cases(quick: bool, dev: str = "cuda") -> list[Case]:
+    """The benchmark's cases on ``dev`` (the tests build them on ``meta``, where the torch baselines run too)."""
     import kernels
     from kernels.linear import GEMV_MAX_M, SPLIT_K_MAX_M, launch_linear, use_tma
     from kernels.linear_fp8 import FP8
 
-    dev = "cuda"
 
     def rnd(*shape, dtype=BF16):
         return torch.randn(shape, device=dev).to(dtype)
@@ -180,9 +180,10 @@ def cases(quick: bool) -> list[Case]:
     if not quick:  # MiniLM's attention at the benchmark batch, keys padded (lengths 64-128), both ways
         b, h, s, d = 256, 12, 128, 32
         q, k, v = rnd(b, h, s, d), rnd(b, h, s, d), rnd(b, h, s, d)
-        lengths = torch.randint(64, s + 1, (b,), device=dev, dtype=torch.int32)
-        mask = torch.arange(s, device=dev)[None, :] < lengths[:, None]
+        lengths = torch.randint(64, s + 1, (b,), dtype=torch.int32)
         real = 4.0 * h * d * s * lengths.sum().item()  # flops on real keys only
+        lengths = lengths.to(dev)
+        mask = torch.arange(s, device=dev)[None, :] < lengths[:, None]
         for padding, kwargs in (("mask", {"key_padding_mask": mask}), ("lengths", {"key_lengths": lengths})):
             found.append(Case(f"attention {padding}", f"B{b} H{h} S{s} D{d} keys 64-{s}", (q, k, v),
                               lambda q, k, v, kwargs=kwargs: kernels.attention(q, k, v, **kwargs),

@@ -1,6 +1,9 @@
-"""``bench/kernels.py`` says, for a GEMM tuning round that timed thin tiles both ways, which way of handling
-rows past M was faster: the question the masked-row configs were added to answer on a GPU."""
+"""``bench/kernels.py``: its cases build, and their torch baselines run, on the ``meta`` device (a GPU session
+is too short to find a broken case on it); and for a GEMM tuning round that timed thin tiles both ways, it says
+which way of handling rows past M was faster: the question the masked-row configs were added to answer."""
 
+import pytest
+import torch
 import triton
 from bench_support import load_bench_script
 
@@ -25,3 +28,13 @@ def test_nothing_is_said_when_only_one_way_was_timed():
     assert bench.masked_rows_note({config(16, False): [0.01], config(64, False): [0.02]}) == ""
     assert bench.masked_rows_note({config(128, None): [0.01]}) == ""  # the TMA kernel's configs: no such choice
     assert bench.masked_rows_note({}) == ""
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_every_case_builds_and_its_baseline_runs_on_the_meta_device(quick):
+    """Shapes only: a baseline that reads a size from a variable the later cases rebind fails here."""
+    found = _bench_kernels().cases(quick, dev="meta")
+    assert len({(c.op, c.size) for c in found}) == len(found)
+    with torch.no_grad():
+        for case in found:
+            assert case.eager(*case.args).device.type == "meta", case.op
