@@ -102,14 +102,18 @@ def _cases() -> list[Case]:
         return label, DTYPES[:2], build
 
     def linear_layer_norm_case(m, n, k, way, int8=False):
-        """``way``: ``fused`` or ``separate``, forced (each autotunes its own tiles)."""
+        """``way``: ``fused`` or ``separate``, forced."""
         def build(dt, gen):
             x, r = rnd(gen, m, k, dtype=dt), rnd(gen, m, n, dtype=dt)
             w, s = rnd(gen, n, k, dtype=dt, scale=k**-0.5), None
             if int8:
                 w, s = kernels.quantize_int8(w.float())
             b, nw, nb = rnd(gen, n, dtype=dt), rnd(gen, n, dtype=dt), rnd(gen, n, dtype=dt)
-            return (lambda out: LINEAR_LAYER_NORM[way](x, w, s, b, r, nw, nb, 1e-12, out, m, n, k),
+
+            def run(out):
+                LINEAR_LAYER_NORM[way](x, w, s, b, r, nw, nb, 1e-12, out, m, n, k)  # launchers write into out
+                return out
+            return (run,
                     lambda: linear_layer_norm_reference(d(x), w if int8 else d(w), d(b), d(r), d(nw), d(nb), 1e-12,
                                                         scales=d(s)), (m, n), k, True)
         return f"linear_layer_norm {m}x{n}x{k} {way}{' int8' if int8 else ''}", DTYPES, build
