@@ -149,6 +149,12 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A quantized ``[N, K]`` weight (int8 or fp8) times its per-output-channel ``scales``, in ``dtype``: what the
+    references of the quantized kernels multiply by."""
+    return cast(qweight, dtype) * cast(scales, dtype)[:, None]
+
+
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype a reference computes in: fp32 for half types (as the kernels accumulate), else unchanged."""
     return torch.promote_types(t.dtype, torch.float32)

@@ -23,6 +23,7 @@ from kernels._common import (
     check_contiguous,
     check_tensor,
     compute_dtype,
+    dequantize,
     into,
     row_block,
     rows_per_program,
@@ -172,7 +173,7 @@ def linear_fp8_reference(
     fp64 inputs), returned in ``x.dtype``."""
     dt = compute_dtype(x)
     qx, x_scales = _quantize(x.to(torch.float32))
-    xd, wd = qx.to(dt) * x_scales.to(dt)[..., None], qweight.to(dt) * scales.to(dt)[:, None]
+    xd, wd = qx.to(dt) * x_scales.to(dt)[..., None], dequantize(qweight, scales, dt)
     return linear_reference(xd, wd, bias, activation, residual).to(x.dtype)
 
 

@@ -15,6 +15,7 @@ from kernels._common import (
     check_contiguous,
     check_tensor,
     compute_dtype,
+    dequantize,
     into,
 )
 from kernels.dispatch import backend_for
@@ -71,7 +72,7 @@ def linear_int8_reference(
 ) -> torch.Tensor:
     """Dequantize then a plain linear, in fp32 (fp64 for fp64 inputs), returned in ``x.dtype``."""
     dt = compute_dtype(x)
-    return linear_reference(x, qweight.to(dt) * scales.to(dt)[:, None], bias, activation)
+    return linear_reference(x, dequantize(qweight, scales, dt), bias, activation)
 
 
 def linear_int8(

@@ -23,12 +23,14 @@ import triton
 import triton.language as tl
 
 from kernels._autotune import TimedChoice, gpu_ms
-from kernels._common import FLOAT_DTYPES, cast, check_contiguous, check_tensor, compute_dtype, into, output
+from kernels._common import FLOAT_DTYPES, check_contiguous, check_tensor, compute_dtype, dequantize, into, output
 from kernels.dispatch import INTERPRETER, backend_for, env_choice
-from kernels.layer_norm import layer_norm_reference, layer_norm_triton, normalize_rows
+from kernels.layer_norm import _launch as launch_layer_norm
+from kernels.layer_norm import layer_norm_reference, normalize_rows
 from kernels.linear import (
     SHARED_MEMORY,
     _dot_tiles,
+    _interpreter_blocks,
     _scale_tile,
     launch_linear,
     linear_reference,
@@ -114,9 +116,9 @@ def use_fused(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _launch_fused(x, weight, scales, bias, residual, norm_weight, norm_bias, eps, y, m, n, k) -> None:
-    if INTERPRETER:  # few, large tiles: each step costs Python time
-        block_m = min(64, max(16, triton.next_power_of_2(m)))
-        meta = {"BLOCK_M": block_m, "BLOCK_K": min(64, max(16, triton.next_power_of_2(k))), "MASK_ROWS": block_m == 16}
+    if INTERPRETER:  # the GEMM's fixed interpreter tiles, but for N: the whole row is the tile here
+        blocks = _interpreter_blocks(m, n, k)
+        meta = {name: blocks[name] for name in ("BLOCK_M", "BLOCK_K", "MASK_ROWS")}
     else:
         meta = tiles(m, n, x.element_size())
     _linear_layer_norm_kernel[(triton.cdiv(m, meta["BLOCK_M"]),)](
@@ -128,7 +130,7 @@ def _launch_fused(x, weight, scales, bias, residual, norm_weight, norm_bias, eps
 
 def _launch_separate(x, weight, scales, bias, residual, norm_weight, norm_bias, eps, y, m, n, k) -> None:
     projected = launch_linear(x, weight, scales, bias, "none", None, None)
-    layer_norm_triton(projected, norm_weight, norm_bias, eps, residual, out=y)
+    launch_layer_norm(projected, norm_weight, norm_bias, eps, residual, y)  # inputs validated by the caller
 
 
 _LAUNCHERS = {"separate": _launch_separate, "fused": _launch_fused}
@@ -181,8 +183,7 @@ def linear_layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: tor
                                 eps: float = 1e-5, *, scales: torch.Tensor | None = None) -> torch.Tensor:
     """Plain torch: the linear layer plus the residual (int8 weights dequantized first), then the LayerNorm."""
     if scales is not None:
-        dt = compute_dtype(x)
-        weight = cast(weight, dt) * cast(scales, dt)[:, None]
+        weight = dequantize(weight, scales, compute_dtype(x))
     return layer_norm_reference(linear_reference(x, weight, bias, "none", residual), norm_weight, norm_bias, eps)
 
 
