@@ -163,7 +163,7 @@ def batch_binaries() -> dict[str, int]:
 def gemm_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], object]]]:
     """Every autotune config of the GEMM that its pruning keeps (``launches`` used the fixed tiles); for bf16
     also with fp8 X and W tiles and both scales (``linear_fp8``)."""
-    from kernels.linear import _GPU_CONFIGS, _linear_kernel, fits_registers, fits_shared_memory
+    from kernels.linear import _GPU_CONFIGS, _linear_kernel, fits_shared_memory
     from kernels.linear_fp8 import FP8
 
     x = torch.zeros(8, 64, dtype=dt)
@@ -174,7 +174,7 @@ def gemm_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], o
     found = []
     for label, (args, fp8) in variants.items():
         for config in _GPU_CONFIGS[: 3 if quick else None]:
-            if fits_shared_memory(config, args[0].element_size()) and fits_registers(config, args[0].element_size()):
+            if fits_shared_memory(config, args[0].element_size()):
                 kwargs = dict(HAS_SCALE=fp8, HAS_X_SCALE=fp8, HAS_BIAS=True, HAS_RESIDUAL=fp8, ACTIVATION="relu",
                               UPCAST=False, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
                 found.append((f"{label} {config}",
@@ -184,7 +184,7 @@ def gemm_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], o
 
 def split_k_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], object]]]:
     """Every autotune config of the split-K GEMM: float weights, and for bf16 int8 and fp8 ones too."""
-    from kernels.linear import _SPLIT_K_CONFIGS, _linear_split_k_kernel, fits_registers, fits_shared_memory
+    from kernels.linear import _SPLIT_K_CONFIGS, _linear_split_k_kernel, fits_shared_memory
     from kernels.linear_fp8 import FP8
 
     x, partials = torch.zeros(8, 64, dtype=dt), torch.zeros(8, 8, 64)
@@ -194,7 +194,7 @@ def split_k_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[]
     found = []
     for label, (a, w) in weights.items():
         for config in _SPLIT_K_CONFIGS[: 2 if quick else None]:
-            if fits_shared_memory(config, a.element_size()) and fits_registers(config, a.element_size()):
+            if fits_shared_memory(config, a.element_size()):
                 args = (a, w, partials, 8, 64, 64, 8)
                 kwargs = dict(HAS_SCALE=w.dtype != dt, UPCAST=False, **config.kwargs, num_warps=config.num_warps,
                               num_stages=config.num_stages)
