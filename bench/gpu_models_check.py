@@ -6,7 +6,9 @@ At the examples' real sizes (random weights; all-MiniLM-L6-v2 with its real weig
 Prints one line per check and exits 1 if any fails. Without CUDA it says so and exits 0.
 
 Usage: `python bench/gpu_models_check.py [--batch 64] [--only NAME ...]`. Each model is checked as `forward`
-(kernels launched one by one) and as `run` (what serving calls: replayed from CUDA graphs where it can).
+(kernels launched one by one) and as `run` (what serving calls: replayed from CUDA graphs where it can), both
+after a pass of `run` under `kernels.compile_only`, as a GPU warm-up starts: that pass must leave nothing
+behind (a graph, a timed choice) that changes what the model then computes.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def main() -> int:
         return 0
     os.environ["MAAS_KERNEL_BACKEND"] = "triton"
     from bench.models import MINILM, _inputs, token_batch, zoo
+    from kernels import compile_only
     from models.architectures import build
     from models.datatypes import torch_dtype
 
@@ -43,6 +46,8 @@ def main() -> int:
             model = build(config, dict(weights), assets).to(device, torch_dtype(dt))
             inputs = _inputs(model, config, args.batch, device, torch_dtype(dt))
             with torch.inference_mode():
+                with compile_only():
+                    model.run(inputs)
                 want = model.reference_forward(inputs)
                 ways = {"kernels": model.forward(inputs), "served": model.run(inputs)}  # served: CUDA graphs
                 ways["served again"] = model.run(inputs)  # a replay of the captured graph

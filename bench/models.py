@@ -24,7 +24,8 @@ Usage: `python bench/models.py [--quick] [--compile] [--threads N] [--only ARCH 
 `python bench/models.py --tokens [--token-batches N ...] [--dtypes BF16 FP32] [--compile-mode max-autotune]` times
 only MiniLM on token ids
 (see `token_benchmark`): there `served` is `run_tokens`, the batch split by token length with each group
-replayed from its graph, and `kernels+graph` the whole batch padded to one graph bucket.
+replayed from its graph, `served whole` the same with the batch kept in one group (what the split saves or
+costs), and `kernels+graph` the whole batch padded to one graph bucket, its inputs already on the GPU.
 `python bench/models.py --gpu-cold-start` times only MiniLM's cold start on a GPU (see `gpu_cold_start`).
 """
 
@@ -190,6 +191,8 @@ def token_benchmark(device: torch.device, compile_on: bool, budget: float, batch
             if device.type == "cuda":
                 ways["kernels+graph"] = model.graphed  # the whole batch padded to one bucket, replayed
             ways["served"] = _on_cpu_tokens(model.run_tokens, ids, mask)
+            if device.type == "cuda":
+                ways["served whole"] = _unsplit(ways["served"])
             for way, fn in ways.items():
                 try:
                     start = time.perf_counter()
@@ -212,7 +215,9 @@ def token_benchmark(device: torch.device, compile_on: bool, budget: float, batch
                 print(f"{'minilm tokens':<20} {dt:<5} {batch:>6} {way:<14} {row['latency_ms']:>11.3f} "
                       f"{row['samples_per_s']:>10.0f} {first:>13.2f}", flush=True)
         if device.type == "cuda" and dt == "BF16":
-            kernel_breakdown(model.forward_tokens, *token_batch(config.params["vocab_size"], batches[-1], device))
+            ids, mask = token_batch(config.params["vocab_size"], batches[-1], device)
+            kernel_breakdown(model.forward_tokens, ids, mask)
+            kernel_breakdown(_on_cpu_tokens(model.run_tokens, ids, mask), ids, mask, label="served")
     return rows
 
 
@@ -223,6 +228,19 @@ def _on_cpu_tokens(run_tokens, ids: torch.Tensor, mask: torch.Tensor):
     return lambda _ids, _mask: run_tokens(*cpu)
 
 
+def _unsplit(served):
+    """``served`` with MiniLM's batch kept in one length group (``MIN_SAVED_POSITIONS`` out of reach)."""
+    from models.architectures import transformer
+
+    def run(ids, mask):
+        saved, transformer.MIN_SAVED_POSITIONS = transformer.MIN_SAVED_POSITIONS, 1 << 62
+        try:
+            return served(ids, mask)
+        finally:
+            transformer.MIN_SAVED_POSITIONS = saved
+    return run
+
+
 def _numpy_way(twin):
     """A numpy twin's `run` on the benchmark's CPU inputs (torch tensors: shared memory, free to convert)."""
     def run(inputs: dict) -> dict:
@@ -230,19 +248,26 @@ def _numpy_way(twin):
     return run
 
 
-def kernel_breakdown(fn, *args, runs: int = 5) -> None:
-    """Where the GPU time of ``fn(*args)`` goes, per kernel (torch.profiler over a few runs)."""
+def kernel_breakdown(fn, *args, runs: int = 5, label: str = "kernels") -> None:
+    """Where the GPU time of ``fn(*args)`` goes, per kernel (torch.profiler over a few runs), and how much of
+    the wall time the GPU was busy at all (the rest: host work, copies and launches it waited for)."""
     from torch.profiler import ProfilerActivity, profile
 
     try:
         with torch.inference_mode():
             fn(*args)
+            torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                start = time.perf_counter()
                 for _ in range(runs):
                     fn(*args)
                 torch.cuda.synchronize()
-        print(f"\nGPU time per kernel over {runs} runs of the batch of {args[0].shape[0]}:")
-        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
+                wall = (time.perf_counter() - start) / runs
+        events = prof.key_averages()
+        busy = sum(e.self_device_time_total for e in events) / runs / 1e3  # us -> ms
+        print(f"\nGPU time per kernel over {runs} runs of the batch of {args[0].shape[0]} ({label}): GPU busy "
+              f"{busy:.3f} ms of {wall * 1e3:.3f} ms a run (profiled)")
+        print(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
     except Exception as exc:  # a diagnostic only
         print(f"kernel breakdown failed: {type(exc).__name__}: {exc}"[:200])
 

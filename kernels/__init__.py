@@ -13,13 +13,15 @@ batch x heads), which takes from a second to tens of seconds. Run one batch of t
 traffic, as the model warm-up inputs do. Compiled kernels, and with Triton >= 3.4 the autotuning timings, are
 cached on disk under ``TRITON_CACHE_DIR`` (Triton's own setting, default ``~/.triton/cache``): point it at a
 persistent volume so restarted workers skip compiling and tuning. Inside :func:`tuned_shapes_only` (a warm
-model's batches) a bucket that was not tuned borrows the nearest tuned bucket's config instead.
+model's batches) a bucket that was not tuned borrows the nearest tuned bucket's config instead. Inside
+:func:`compile_only`, launches compile (all on one thread pool) and run nothing: a warm-up runs its batches
+that way first, so its binaries compile together rather than round after round.
 
 Tests run the kernels on CPU under the Triton interpreter: set ``TRITON_INTERPRET=1`` before importing
 this package and ``MAAS_KERNEL_BACKEND=triton``.
 """
 
-from kernels._autotune import tuned_shapes_only
+from kernels._autotune import compile_only, compiling_only, tuned_shapes_only
 from kernels.attention import attention
 from kernels.conv2d import conv2d
 from kernels.dispatch import backend_for
@@ -38,6 +40,8 @@ from kernels.softmax import log_softmax, softmax
 __all__ = [
     "attention",
     "backend_for",
+    "compile_only",
+    "compiling_only",
     "conv2d",
     "embedding_norm",
     "embedding_pool",

@@ -9,6 +9,9 @@ that:
 - :class:`PrecompilingAutotuner` compiles a tuning round's remaining configs on a thread pool before timing
   them (``MAAS_COMPILE_THREADS``): Triton's compiler spends most of its time outside the GIL (MLIR passes,
   ``ptxas`` in a subprocess), so the compiles overlap;
+- :func:`compile_only` runs a warm-up's batches once without running anything, so that every binary they
+  need (each autotuned launch's whole round, each fixed kernel) compiles on one thread pool at once, where
+  the rounds would compile one after another, each waiting for its slowest config;
 - timings are kept on disk beside the compiled kernels (``TRITON_CACHE_DIR``, Triton >= 3.4), those of the
   TMA GEMM's configs included, and so are choices timed outside an autotuner (:class:`StoredChoices`), so a
   restarted worker skips both compiling and timing.
@@ -36,6 +39,7 @@ from pathlib import Path
 import torch
 import triton
 from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
 
 from kernels.dispatch import USE_AUTOTUNE, env_choice
 
@@ -55,6 +59,7 @@ UNSEEN_SHAPES_ENV = "MAAS_AUTOTUNE_UNSEEN"
 UNSEEN_SHAPES_CHOICES = ("borrow", "tune")
 
 _serving = threading.local()
+_compiling = threading.local()
 
 
 @dataclass
@@ -98,6 +103,47 @@ def borrowing() -> bool:
     if not getattr(_serving, "active", False):
         return False
     return env_choice(UNSEEN_SHAPES_ENV, "borrow", UNSEEN_SHAPES_CHOICES) == "borrow"
+
+
+def compiling_only() -> bool:
+    """Whether launches on this thread compile and run nothing (see :func:`compile_only`)."""
+    return getattr(_compiling, "pool", None) is not None
+
+
+@contextmanager
+def compile_only(threads: int | None = None) -> Iterator[bool]:
+    """Within the block, this thread's kernel launches compile on a pool of ``threads`` (default: as for a
+    tuning round, :func:`compile_threads`) and run nothing; autotuned launches compile their whole tuning
+    round and time nothing, and :class:`TimedChoice` launches every candidate and keeps no choice. The block
+    ends once all have compiled. What the launches would have written is left as it was: the batches run here
+    only to say which binaries they need, and run again afterwards. Yields whether it compiles in parallel
+    (with one thread, or before Triton 3.4, it does nothing: launches run as usual)."""
+    threads = threads or compile_threads(1 << 10)
+    if threads < 2 or AsyncCompileMode is None or compiling_only():
+        yield False
+        return
+    _hook_launches()
+    with ThreadPoolExecutor(threads, thread_name_prefix="triton-compile") as pool, \
+            AsyncCompileMode(pool, ignore_errors=True):  # a config that fails compiles (and fails) when timed
+        _compiling.pool = pool
+        try:
+            yield True
+        finally:
+            _compiling.pool = None
+
+
+def _hook_launches() -> None:
+    """Make every ``kernel[grid](...)`` launch a compile-only warm-up while :func:`compiling_only` (this thread
+    only: other threads keep launching). Installed once; Triton's ``JITFunction.run`` is what launches call."""
+    if getattr(JITFunction.run, "_maas_compile_only", False):
+        return
+    launch = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        return launch(self, *args, grid=grid, warmup=warmup or compiling_only(), **kwargs)
+
+    run._maas_compile_only = True
+    JITFunction.run = run
 
 
 def nearest_key(key: tuple, known: Iterable[tuple], buckets: Sequence[int]) -> tuple | None:
@@ -171,6 +217,24 @@ class PrecompilingAutotuner(Autotuner):
         self._round = configs
         return configs
 
+    def run(self, *args, **kwargs):
+        if not compiling_only():
+            return super().run(*args, **kwargs)
+        # Compile what a real launch would: the tuned config of a known key, else the key's whole round.
+        self.nargs = dict(zip(self.arg_names, args, strict=False))
+        try:
+            config = self.cache.get(self._tuning_key(kwargs)) if len(self.configs) > 1 else self.configs[0]
+            configs = [config] if config is not None else super().prune_configs(kwargs)
+            self._compile(configs, args, kwargs)
+        finally:
+            self.nargs = None
+
+    def _tuning_key(self, kwargs: dict) -> tuple:
+        """The key ``Autotuner.run`` files a launch's timings under."""
+        named = {k: v for k, v in {**self.nargs, **kwargs}.items() if k in self.arg_names}
+        key = [named[k] for k in self.keys if k in named]
+        return (*key, *(str(v.dtype) for v in named.values() if hasattr(v, "dtype")))
+
     def _bench(self, *args, config: triton.Config, **meta):
         if self._round:
             configs, self._round = self._round, None
@@ -220,19 +284,23 @@ class PrecompilingAutotuner(Autotuner):
         threads = compile_threads(len(configs))
         if threads < 2 or AsyncCompileMode is None:
             return
-        names = dict(zip(self.arg_names, args, strict=False))
-        launch = {k: v for k, v in meta.items() if k not in ("grid", "warmup")}  # the kernel's own arguments
         try:
             with ThreadPoolExecutor(threads, thread_name_prefix="triton-compile") as pool, \
                     AsyncCompileMode(pool, ignore_errors=True):
-                for config in configs:
-                    current = {**launch, **config.all_kwargs()}
-                    if config.pre_hook:  # e.g. TMA tile shapes, part of the compiled signature
-                        config.pre_hook({**names, **current})
-                    self.fn.warmup(*args, grid=None, **current)
+                self._compile(configs, args, meta)
         except Exception as exc:  # an optimisation only: timing compiles whatever is missing
             log.warning("precompiling %s's configs failed (%s: %s); they compile one by one",
                         self.base_fn.__name__, type(exc).__name__, exc)
+
+    def _compile(self, configs: list[triton.Config], args: tuple, meta: dict) -> None:
+        """Start compiling ``configs`` for the launch ``(args, meta)`` on the active ``AsyncCompileMode``."""
+        names = dict(zip(self.arg_names, args, strict=False))
+        launch = {k: v for k, v in meta.items() if k not in ("grid", "warmup")}  # the kernel's own arguments
+        for config in configs:
+            current = {**launch, **config.all_kwargs()}
+            if config.pre_hook:  # e.g. TMA tile shapes, part of the compiled signature
+                config.pre_hook({**names, **current})
+            self.fn.warmup(*args, grid=None, **current)
 
 
 class StoredChoices:
@@ -287,6 +355,10 @@ class TimedChoice:
     def choose(self, key: tuple, stored_key: str, candidates: Sequence[str], time: Callable[[str], float]) -> str:
         """The choice for ``key`` among ``candidates``; ``time(candidate)`` gives its milliseconds when timing is
         needed. ``stored_key``: the key on disk (naming the GPU model and the Triton version)."""
+        if compiling_only():  # every candidate compiles; nothing is timed or kept
+            for name in candidates:
+                time(name)
+            return candidates[0]
         chosen = self.fastest.get(key)
         if chosen not in candidates:
             chosen = self._stored.get(stored_key)
@@ -319,6 +391,8 @@ def gpu_ms(launch: Callable[[], object]) -> float:
     from triton.testing import do_bench, do_bench_cudagraph
 
     launch()  # autotune (and compile) outside the capture
+    if compiling_only():
+        return 0.0
     try:
         return do_bench_cudagraph(launch, rep=20)
     except RuntimeError as exc:  # a driver that cannot capture here: time eager launches instead

@@ -6,6 +6,7 @@ torch is imported by the torch architectures only: a CPU process serving numpy t
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from contextlib import nullcontext
@@ -20,6 +21,8 @@ from models.datatypes import NUMPY_DTYPES, torch_dtype
 if TYPE_CHECKING:
     from models.architectures import Architecture
     from models.numpy_models import NumpyArchitecture
+
+log = logging.getLogger(__name__)
 
 # CUDA on Linux opens /dev/nvidiactl (and a container given a GPU has it); WSL2's GPU is /dev/dxg.
 NVIDIA_DEVICE_FILES = ("/dev/nvidiactl", "/dev/dxg", "/proc/driver/nvidia/version")
@@ -113,12 +116,34 @@ class LoadedModel:
         for seconds."""
         start = time.perf_counter()
         own = v2_inputs(self.config.warmup_inputs) if self.config.warmup_inputs else None
-        for batch in warmup_batch_sizes(self.config.batching.max_batch_size, self.device):
-            self.infer(self.architecture.example_inputs(self.config.inputs, batch, seed=batch))
-            if own is not None:
-                self.infer(repeat_rows(own, batch))
+        batches = [(self.architecture.example_inputs(self.config.inputs, batch, seed=batch),
+                    None if own is None else repeat_rows(own, batch))
+                   for batch in warmup_batch_sizes(self.config.batching.max_batch_size, self.device)]
+        if device_type(self.device) == "cuda" and not self.architecture.numpy_io:
+            self._compile_ahead(batches)
+        for made_up, own_rows in batches:
+            self.infer(made_up)
+            if own_rows is not None:
+                self.infer(own_rows)
         self.warmup_seconds = time.perf_counter() - start
         self.warm = True
+
+    def _compile_ahead(self, batches: list[tuple[dict, dict | None]]) -> None:
+        """The warm-up's batches once through ``kernels.compile_only``: every binary they need (each tuning
+        round's configs, each fixed kernel) compiles on one thread pool, instead of round after round as the
+        warm-up reaches them, each round waiting for its slowest compile. An optimisation only: should it
+        fail, the warm-up compiles as it goes."""
+        from kernels import compile_only
+
+        try:
+            with compile_only() as parallel:
+                for made_up, own_rows in batches if parallel else ():
+                    self.infer(made_up)
+                    if own_rows is not None:
+                        self.infer(own_rows)
+        except Exception as exc:
+            log.warning("%s: compiling the warm-up's kernels ahead failed (%s: %s); they compile as it runs",
+                        self.config.name, type(exc).__name__, exc)
 
 
 def warmup_batch_sizes(max_batch_size: int, device: Any) -> list[int]:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from kernels import compile_only
 from models import cuda_graphs
 from models.architectures import build
 from models.cuda_graphs import GraphedForward, bucket, length_groups
@@ -112,6 +113,23 @@ def test_least_recently_used_buckets_are_evicted_and_big_inputs_run_eagerly():
         out = graphed(torch.ones(rows, 8), torch.ones(rows, 8, dtype=torch.bool))
         assert out["sum"].shape == (rows,)
     assert len(graphed) == 2
+
+
+def test_a_compile_only_pass_runs_the_padded_bucket_and_captures_nothing():
+    """A GPU warm-up's first pass (``kernels.compile_only``) must see the bucket's padded shapes, which are what
+    its kernels compile for, and leave no graph behind: one captured there would hold no kernel."""
+    calls = []
+
+    def fn(x, mask):
+        calls.append(tuple(x.shape))
+        return _row_sums(x, mask)
+
+    graphed = GraphedForward(fn, pad_values=(0, False), max_shape=(64, 32), min_shape=(1, 8), capture=True)
+    x, mask = torch.ones(3, 5), torch.ones(3, 5, dtype=torch.bool)
+    with compile_only(2) as parallel:
+        out = graphed(x, mask)
+    assert parallel and calls == [(4, 8)] and len(graphed) == 0
+    torch.testing.assert_close(out["sum"], torch.full((3,), 5.0))
 
 
 def test_a_failed_capture_is_logged_once_and_the_bucket_runs_eagerly(caplog):

@@ -5,8 +5,9 @@ Kernels compile for sm_90 through :func:`kernels.offline.compile_for`; timing is
 the precompile must guarantee on a GPU: a new key compiles all its configs before timing, under the same
 cache keys the timing launches look up (TMA tile shapes included), a config that cannot compile does not
 stop the others, timings found on disk (the TMA configs' too) compile nothing ahead, and
-``MAAS_COMPILE_THREADS=1`` turns it off; and that a warm model's launches borrow a tuned config instead of
-tuning (:func:`check_serving_borrows`). Must run *without* ``TRITON_INTERPRET``. Usage:
+``MAAS_COMPILE_THREADS=1`` turns it off; that a warm model's launches borrow a tuned config instead of
+tuning (:func:`check_serving_borrows`); and that inside ``compile_only`` launches compile and run nothing
+(:func:`check_compile_only`). Must run *without* ``TRITON_INTERPRET``. Usage:
 ``python tests/kernels/autotune_check.py``; exits 1 on any failure.
 """
 
@@ -17,13 +18,22 @@ import logging
 import os
 import sys
 import tempfile
+import threading
+from pathlib import Path
 
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="autotune-check-")
 
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels._autotune import COMPILE_THREADS_ENV, PrecompilingAutotuner, bucket_positions, tuned_shapes_only
+from kernels._autotune import (
+    COMPILE_THREADS_ENV,
+    PrecompilingAutotuner,
+    TimedChoice,
+    bucket_positions,
+    compile_only,
+    tuned_shapes_only,
+)
 from kernels.attention import GPU_CONFIGS as ATTENTION_CONFIGS
 from kernels.attention import _attention_kernel
 from kernels.attention import _prune_configs as prune_attention
@@ -156,6 +166,7 @@ def main() -> int:
                              f"attention: {compiled(_attention_kernel)} for 4 length and batch buckets"))
 
         results += check_serving_borrows(gemm_kwargs)
+        results += check_compile_only(gemm_kwargs)
 
         # A failure outside the compiles (here: arguments the JIT cannot bind) is logged, never raised.
         warnings: list[str] = []
@@ -240,6 +251,87 @@ def check_serving_borrows(gemm_kwargs: dict) -> list[bool]:
                          f"borrowed: {borrowed}"))
     log.removeHandler(handler)
     return results
+
+
+def check_compile_only(gemm_kwargs: dict) -> list[bool]:
+    """Inside ``compile_only`` (a warm-up's first pass): an autotuned launch of a new key compiles its whole round
+    and times, keeps and launches nothing; one of a tuned key compiles its pick; a plain launch compiles without
+    launching, on this thread only; a timed choice launches every candidate and keeps nothing."""
+    results, timed = [], []
+    args = gemm(48, 640, 256)  # a shape no other check uses: nothing of it on disk
+    t = tuner(_linear_kernel, _GPU_CONFIGS, _prune_configs, timed=timed)
+    _linear_kernel.device_caches.clear()
+    with compile_only(2):
+        t[lambda meta: (1,)](*args, **gemm_kwargs)  # would raise NoDevice if it launched
+    round_ = _prune_configs(_GPU_CONFIGS, {"x_ptr": args[0], "M_BUCKET": args[-1]})
+    results.append(check("compile only: a new key compiles its round, times and launches nothing",
+                         (compiled(_linear_kernel), len(timed), len(t.cache)) == (len(round_), 0, 0),
+                         f"{compiled(_linear_kernel)} compiled of a round of {len(round_)}, {len(timed)} timed, "
+                         f"{len(t.cache)} keys tuned"))
+
+    tune_and_launch(t, args, **gemm_kwargs)  # now tuned (its timings stand-ins)
+    _linear_kernel.device_caches.clear()
+    with compile_only(2):
+        t[lambda meta: (1,)](*args, **gemm_kwargs)
+    results.append(check("compile only: a tuned key compiles its pick alone", compiled(_linear_kernel) == 1,
+                         f"{compiled(_linear_kernel)} compiled"))
+
+    pick = {**gemm_kwargs, **_GPU_CONFIGS[0].all_kwargs()}
+    elsewhere: list[str] = []
+
+    def launch_elsewhere() -> None:
+        try:
+            _linear_kernel[(1,)](*args, **pick)
+        except NoDevice:
+            elsewhere.append("launched")
+
+    _linear_kernel.device_caches.clear()
+    with compile_only(2):
+        _linear_kernel[(1,)](*args, **pick)
+        thread = threading.Thread(target=launch_elsewhere)
+        thread.start()
+        thread.join()
+    results.append(check("compile only: a plain launch compiles, another thread's still launches",
+                         compiled(_linear_kernel) == 1 and elsewhere == ["launched"],
+                         f"{compiled(_linear_kernel)} compiled; the other thread: {elsewhere}"))
+
+    choice, visited = TimedChoice("compile_only_check", bucket_at=1), []
+    with compile_only(2):
+        chosen = choice.choose(("cpu", 16), "compile_only_check|16", ["tiled", "tma"],
+                               lambda name: visited.append(name) or {"tiled": 2.0, "tma": 1.0}[name])
+    results.append(check("compile only: a timed choice launches every candidate, keeps none",
+                         (chosen, visited, choice.fastest, choice._stored.get("compile_only_check|16"))
+                         == ("tiled", ["tiled", "tma"], {}, None),
+                         f"chose {chosen}, visited {visited}, kept {choice.fastest}"))
+    results.append(check_model_compiles_only())
+    return results
+
+
+def check_model_compiles_only() -> bool:
+    """A whole model's batch under ``compile_only`` (as a GPU warm-up's first pass runs it): every launch of its
+    forward compiles and none reaches the (absent) device. CPU tensors stand in for CUDA ones, whose kernels
+    compile just the same; ``kernels.dispatch`` is told they may take the Triton path."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from test_models_zoo import ARCHITECTURES, SMALL, _random_weights
+
+    import kernels.dispatch
+
+    params, make_inputs, assets, _ = SMALL["transformer_encoder"]
+    cls = ARCHITECTURES["transformer_encoder"]
+    model = cls(params, _random_weights(cls, params), assets())
+    kernels_of = {name: sys.modules[f"kernels.{name}"] for name in ("linear", "attention", "embedding_norm",
+                                                                     "l2_normalize")}
+    kernels.dispatch.INTERPRETER, os.environ["MAAS_KERNEL_BACKEND"] = True, "triton"
+    try:
+        with compile_only(2):
+            out = model.run(make_inputs(3))
+    finally:
+        kernels.dispatch.INTERPRETER = False
+        del os.environ["MAAS_KERNEL_BACKEND"]
+    counts = {name: compiled(getattr(module, f"_{name}_kernel")) for name, module in kernels_of.items()}
+    return check("compile only: a transformer's batch compiles every kernel it launches, launches none",
+                 min(counts.values()) >= 1 and tuple(out["embedding"].shape) == (3, params["hidden_size"]),
+                 f"binaries compiled: {counts}")
 
 
 if __name__ == "__main__":
