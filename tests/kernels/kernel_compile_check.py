@@ -29,7 +29,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-import triton
 from triton.runtime._async_compile import AsyncCompileMode
 from triton.runtime.jit import JITFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -227,9 +226,9 @@ def gemv_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], o
 
 def linear_layer_norm_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], object]]]:
     """The fused linear + LayerNorm's GPU tiles (:func:`kernels.linear_layer_norm.tiles`) for a few rows and for
-    many, at MiniLM's rows (384 columns in a tile of 512; K 384 and 1,536) and a 256-wide one: float weights,
-    and for bf16 int8 ones too."""
-    from kernels.linear_layer_norm import _linear_layer_norm_kernel, tiles
+    many, at MiniLM's rows (384 columns: three blocks of 128; K 384 and 1,536) and a 256-wide one: float
+    weights, and for bf16 int8 ones too."""
+    from kernels.linear_layer_norm import _linear_layer_norm_kernel, row_chunks, tiles
 
     found = []
     for n, k in [(384, 384), (384, 1536), (256, 1024)][: 1 if quick else None]:
@@ -239,8 +238,9 @@ def linear_layer_norm_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, C
             weights[" int8"] = (torch.zeros(n, k, dtype=torch.int8), torch.ones(n))
         for label, (w, s) in weights.items():
             for m in (16, 4096):
-                kwargs = dict(HAS_SCALE=s is not None, HAS_BIAS=True, UPCAST=False,
-                              BLOCK_N=triton.next_power_of_2(n), **tiles(m, n, dt.itemsize))
+                chunks, block_n = row_chunks(n)
+                kwargs = dict(HAS_SCALE=s is not None, HAS_BIAS=True, UPCAST=False, CHUNKS=chunks, BLOCK_N=block_n,
+                              **tiles(m, n, dt.itemsize))
                 args = (x, w, s, v, r, v, v, r, m, n, k, 1e-12)
                 found.append((f"linear_layer_norm{label} M{m} N{n} K{k}",
                               lambda a=args, kw=kwargs: _linear_layer_norm_kernel.warmup(*a, grid=None, **kw)))

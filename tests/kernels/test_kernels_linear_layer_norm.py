@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 from kernel_checks import DTYPES, assert_close, poisoned, randn
@@ -11,6 +13,7 @@ from kernels.linear_layer_norm import (
     _choose,
     linear_layer_norm_reference,
     linear_layer_norm_triton,
+    row_chunks,
     tiles,
     use_fused,
 )
@@ -34,6 +37,30 @@ def test_linear_layer_norm_matches_reference(gen, device, dtype, way, m, n, k, m
     # Separate, the sum is rounded to the dtype before the norm, which divides it by the row's spread (24
     # columns can spread little): that rounding gets the budget of a reduction over the whole weight.
     assert_close(y, expected, dtype, reduction=k if way == "1" else k * n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("m", "n", "k"), [(3, 33, 24), (5, 40, 72), (33, 64, 40)])
+def test_fused_rows_in_column_blocks_match_the_reference(gen, device, dtype, m, n, k, monkeypatch):
+    """Rows as several accumulator blocks (16 columns each here, 128 on a GPU): 33 columns as 3 blocks (the
+    third all but one column past N), 40 as 3, 64 as 4 whole ones; the norm spans every block of a row."""
+    monkeypatch.setenv("MAAS_LINEAR_LAYER_NORM", "1")
+    monkeypatch.setattr(sys.modules["kernels.linear_layer_norm"], "CHUNK_N", 16)  # the package's name is the op
+    assert row_chunks(n) == (-(-n // 16), 16)
+    x, w = randn(gen, m, k, dtype=dtype), randn(gen, n, k, dtype=dtype, scale=k**-0.5)
+    b, r = randn(gen, n, dtype=dtype), randn(gen, m, n, dtype=dtype)
+    nw, nb = randn(gen, n, dtype=dtype), randn(gen, n, dtype=dtype)
+    out = poisoned(m, n, dtype=dtype, device=device)
+    kernels.linear_layer_norm(x, w, b, r, nw, nb, 1e-5, out=out)
+    expected = linear_layer_norm_reference(x.double(), w.double(), b.double(), r.double(), nw.double(), nb.double(),
+                                           1e-5)
+    assert_close(out, expected, dtype, reduction=k)
+
+
+@pytest.mark.parametrize(("n", "expected"), [(17, (1, 32)), (129, (1, 256)), (256, (1, 256)), (257, (3, 128)),
+                                             (300, (3, 128)), (384, (3, 128)), (512, (4, 128))])
+def test_a_row_is_one_block_up_to_256_columns_else_blocks_of_128(n, expected):
+    assert row_chunks(n) == expected
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -71,10 +98,10 @@ def test_the_fused_kernel_runs_only_where_a_row_fits_its_tile(gen, monkeypatch):
 @pytest.mark.parametrize("m", [1, 32, 33, 24576])
 def test_gpu_tiles_fit_registers_and_shared_memory(m, n, element_size):
     t = tiles(m, n, element_size)
-    block_n = max(16, 1 << (n - 1).bit_length())
+    chunks, block_n = row_chunks(n)
     registers = ACCUMULATOR_REGISTERS // (2 if element_size == 4 else 1)
-    assert t["BLOCK_M"] * block_n <= registers * 32 * t["num_warps"]
-    assert (t["BLOCK_M"] + block_n) * t["BLOCK_K"] * element_size * t["num_stages"] <= SHARED_MEMORY
+    assert t["BLOCK_M"] * chunks * block_n <= registers * 32 * t["num_warps"]
+    assert (t["BLOCK_M"] + chunks * block_n) * t["BLOCK_K"] * element_size * t["num_stages"] <= SHARED_MEMORY
     assert t["MASK_ROWS"] == (m <= 32) == (t["BLOCK_M"] == 16)
     if m > 32 and n == 384 and element_size == 2:  # MiniLM's rows in bf16: the tiles the sm_90 checks compiled
         assert (t["BLOCK_M"], t["BLOCK_K"], t["num_warps"], t["num_stages"]) == (64, 64, 8, 3)
