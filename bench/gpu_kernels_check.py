@@ -40,7 +40,7 @@ GROUPS = [
     ("4096x4096x4096", "1x3072x768"),
     ("77x768x3072", "512x1000x4096"),
     ("4133x1000x4104",),
-    ("split_k",),
+    ("split_k", "128x4096x4096 gelu +res tma"),  # the thin-M kernels' group
     ("gemv",),  # nine configs to tune for each of its shapes and dtypes: a process of its own
     ("1x14336x4096", "16x4096x14336"),
     ("linear_fp8 M4096", "linear_fp8 M77"),  # its one-row case runs with the GEMV ones
@@ -259,6 +259,7 @@ def _cases() -> list[Case]:
         linear_case(1, 4096, 4096, "gelu", True, "split_k"),
         linear_case(61, 1000, 4104, "tanh", False, "split_k"),  # partial tiles along M, N and K
         linear_case(128, 4096, 4096, "relu", True, "split_k"),  # the 128-row tiles may be picked
+        linear_case(128, 4096, 4096, "gelu", True, "tma"),  # the 64 x 64 tiles may be picked
         linear_case(1, 4096, 4096, "gelu", True, "gemv"),
         linear_case(1, 1000, 4104, "tanh", False, "gemv"),  # a partial column block and K tile
         int8_case(1, 14336, 4104, "gemv"),

@@ -133,14 +133,15 @@ class LoadedModel:
         round's configs, each fixed kernel) compiles on one thread pool, instead of round after round as the
         warm-up reaches them, each round waiting for its slowest compile. An optimisation only: should it
         fail, the warm-up compiles as it goes."""
+        import torch
+
         from kernels import compile_only
 
         try:
-            with compile_only() as parallel:
+            with compile_only() as parallel, torch.inference_mode():
                 for made_up, own_rows in batches if parallel else ():
-                    self.infer(made_up)
-                    if own_rows is not None:
-                        self.infer(own_rows)
+                    for inputs in (made_up,) if own_rows is None else (made_up, own_rows):
+                        self.architecture.run(self._to_torch(inputs))  # its outputs are garbage: not converted
         except Exception as exc:
             log.warning("%s: compiling the warm-up's kernels ahead failed (%s: %s); they compile as it runs",
                         self.config.name, type(exc).__name__, exc)

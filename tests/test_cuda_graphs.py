@@ -245,6 +245,23 @@ def test_a_warm_model_serves_without_tuning_new_shapes(monkeypatch):
     assert seen == [False, True, False]
 
 
+def test_compiling_ahead_runs_each_warm_up_batch_once_with_compile_only_launches(monkeypatch):
+    """A GPU warm-up's first pass (here called directly: on a CPU the warm-up skips it): each batch once, every
+    launch inside ``kernels.compile_only``; its outputs are not converted, and the model is not marked warm."""
+    from kernels import compiling_only
+
+    monkeypatch.setenv("MAAS_COMPILE_THREADS", "2")  # auto leaves one of this VM's two CPUs: no pool, no pass
+    model = build(mnist_mlp_config(), train_mnist_mlp(steps=2), {})
+    seen = []
+    original = model.run
+    monkeypatch.setattr(model, "run", lambda inputs: seen.append((len(inputs["input"]), compiling_only()))
+                        or original(inputs))
+    loaded = LoadedModel("m", 1, mnist_mlp_config(), model, torch.device("cpu"))
+    batches = [({"input": np.random.rand(rows, 784).astype(np.float32)}, None) for rows in (4, 1)]
+    loaded._compile_ahead(batches)
+    assert seen == [(4, True), (1, True)] and not compiling_only() and not loaded.warm
+
+
 def test_moving_a_model_drops_its_graphs():
     model = build(mnist_mlp_config(), train_mnist_mlp(steps=2), {})
     with torch.inference_mode():
