@@ -23,6 +23,7 @@ borrows the config of the nearest tuned one instead of tuning while a request wa
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -220,11 +221,20 @@ class PrecompilingAutotuner(Autotuner):
     def run(self, *args, **kwargs):
         if not compiling_only():
             return super().run(*args, **kwargs)
-        # Compile what a real launch would: the tuned config of a known key, else the key's whole round.
+        # Compile what a real launch would: the tuned config of a known key or of timings on disk (a warm
+        # TRITON_CACHE_DIR: loading every config's binary there would only slow a restart), else the whole round.
         self.nargs = dict(zip(self.arg_names, args, strict=False))
         try:
-            config = self.cache.get(self._tuning_key(kwargs)) if len(self.configs) > 1 else self.configs[0]
-            configs = [config] if config is not None else super().prune_configs(kwargs)
+            if len(self.configs) == 1:
+                configs = self.configs
+            else:
+                key = self._tuning_key(kwargs)
+                configs = super().prune_configs(kwargs)
+                if key not in self.cache and getattr(self, "cache_results", False):
+                    with contextlib.suppress(_NotOnDisk):  # found: the pick is filed in the cache
+                        self._disk_or_bench(key, configs, _raise_not_on_disk)
+                if key in self.cache:
+                    configs = [self.cache[key]]
             self._compile(configs, args, kwargs)
         finally:
             self.nargs = None
@@ -355,13 +365,13 @@ class TimedChoice:
     def choose(self, key: tuple, stored_key: str, candidates: Sequence[str], time: Callable[[str], float]) -> str:
         """The choice for ``key`` among ``candidates``; ``time(candidate)`` gives its milliseconds when timing is
         needed. ``stored_key``: the key on disk (naming the GPU model and the Triton version)."""
-        if compiling_only():  # every candidate compiles; nothing is timed or kept
-            for name in candidates:
-                time(name)
-            return candidates[0]
         chosen = self.fastest.get(key)
         if chosen not in candidates:
             chosen = self._stored.get(stored_key)
+        if compiling_only():  # the known choice compiles, else every candidate; nothing is timed or kept
+            for name in [chosen] if chosen in candidates else candidates:
+                time(name)
+            return chosen if chosen in candidates else candidates[0]
         if chosen not in candidates and borrowing():
             chosen = self.borrow(key, candidates)
         if chosen not in candidates:

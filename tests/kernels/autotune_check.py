@@ -276,6 +276,12 @@ def check_compile_only(gemm_kwargs: dict) -> list[bool]:
     results.append(check("compile only: a tuned key compiles its pick alone", compiled(_linear_kernel) == 1,
                          f"{compiled(_linear_kernel)} compiled"))
 
+    _linear_kernel.device_caches.clear()  # a restarted worker: the key's timings are on disk, not in memory
+    with compile_only(2):
+        tuner(_linear_kernel, _GPU_CONFIGS, _prune_configs, timed=timed)[lambda meta: (1,)](*args, **gemm_kwargs)
+    results.append(check("compile only: timings on disk compile their pick alone", compiled(_linear_kernel) == 1,
+                         f"{compiled(_linear_kernel)} compiled"))
+
     pick = {**gemm_kwargs, **_GPU_CONFIGS[0].all_kwargs()}
     elsewhere: list[str] = []
 
@@ -296,13 +302,24 @@ def check_compile_only(gemm_kwargs: dict) -> list[bool]:
                          f"{compiled(_linear_kernel)} compiled; the other thread: {elsewhere}"))
 
     choice, visited = TimedChoice("compile_only_check", bucket_at=1), []
+
+    def time(name: str) -> float:
+        visited.append(name)
+        return {"tiled": 2.0, "tma": 1.0}[name]
+
     with compile_only(2):
-        chosen = choice.choose(("cpu", 16), "compile_only_check|16", ["tiled", "tma"],
-                               lambda name: visited.append(name) or {"tiled": 2.0, "tma": 1.0}[name])
+        chosen = choice.choose(("cpu", 16), "compile_only_check|16", ["tiled", "tma"], time)
     results.append(check("compile only: a timed choice launches every candidate, keeps none",
                          (chosen, visited, choice.fastest, choice._stored.get("compile_only_check|16"))
                          == ("tiled", ["tiled", "tma"], {}, None),
                          f"chose {chosen}, visited {visited}, kept {choice.fastest}"))
+    choice.choose(("cpu", 16), "compile_only_check|16", ["tiled", "tma"], time)  # timed for real: kept on disk
+    visited.clear()
+    restarted = TimedChoice("compile_only_check", bucket_at=1)
+    with compile_only(2):
+        chosen = restarted.choose(("cpu", 16), "compile_only_check|16", ["tiled", "tma"], time)
+    results.append(check("compile only: a choice kept on disk launches alone", (chosen, visited) == ("tma", ["tma"]),
+                         f"chose {chosen}, visited {visited}"))
     results.append(check_model_compiles_only())
     return results
 
