@@ -116,19 +116,19 @@ class LoadedModel:
         for seconds."""
         start = time.perf_counter()
         own = v2_inputs(self.config.warmup_inputs) if self.config.warmup_inputs else None
-        batches = [(self.architecture.example_inputs(self.config.inputs, batch, seed=batch),
-                    None if own is None else repeat_rows(own, batch))
-                   for batch in warmup_batch_sizes(self.config.batching.max_batch_size, self.device)]
+        batches = []
+        for batch in warmup_batch_sizes(self.config.batching.max_batch_size, self.device):
+            batches.append(self.architecture.example_inputs(self.config.inputs, batch, seed=batch))
+            if own is not None:
+                batches.append(repeat_rows(own, batch))
         if device_type(self.device) == "cuda" and not self.architecture.numpy_io:
             self._compile_ahead(batches)
-        for made_up, own_rows in batches:
-            self.infer(made_up)
-            if own_rows is not None:
-                self.infer(own_rows)
+        for inputs in batches:
+            self.infer(inputs)
         self.warmup_seconds = time.perf_counter() - start
         self.warm = True
 
-    def _compile_ahead(self, batches: list[tuple[dict, dict | None]]) -> None:
+    def _compile_ahead(self, batches: list[dict[str, np.ndarray]]) -> None:
         """The warm-up's batches once through ``kernels.compile_only``: every binary they need (each tuning
         round's configs, each fixed kernel) compiles on one thread pool, instead of round after round as the
         warm-up reaches them, each round waiting for its slowest compile. An optimisation only: should it
@@ -139,9 +139,8 @@ class LoadedModel:
 
         try:
             with compile_only() as parallel, torch.inference_mode():
-                for made_up, own_rows in batches if parallel else ():
-                    for inputs in (made_up,) if own_rows is None else (made_up, own_rows):
-                        self.architecture.run(self._to_torch(inputs))  # its outputs are garbage: not converted
+                for inputs in batches if parallel else ():
+                    self.architecture.run(self._to_torch(inputs))  # its outputs are garbage: not converted
         except Exception as exc:
             log.warning("%s: compiling the warm-up's kernels ahead failed (%s: %s); they compile as it runs",
                         self.config.name, type(exc).__name__, exc)

@@ -257,7 +257,7 @@ def test_compiling_ahead_runs_each_warm_up_batch_once_with_compile_only_launches
     monkeypatch.setattr(model, "run", lambda inputs: seen.append((len(inputs["input"]), compiling_only()))
                         or original(inputs))
     loaded = LoadedModel("m", 1, mnist_mlp_config(), model, torch.device("cpu"))
-    batches = [({"input": np.random.rand(rows, 784).astype(np.float32)}, None) for rows in (4, 1)]
+    batches = [{"input": np.random.rand(rows, 784).astype(np.float32)} for rows in (4, 1)]
     loaded._compile_ahead(batches)
     assert seen == [(4, True), (1, True)] and not compiling_only() and not loaded.warm
 
