@@ -51,6 +51,13 @@ def normalize_rows(x, ok, cols, col_ok, w_ptr, b_ptr, N, eps):
     mean = tl.sum(x, axis=1) / N
     centered = tl.where(ok, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / N + eps)
+    return scale_shift(centered, rstd, cols, col_ok, w_ptr, b_ptr)
+
+
+@triton.jit
+def scale_shift(centered, rstd, cols, col_ok, w_ptr, b_ptr):
+    """The end of a LayerNorm: ``centered * rstd`` (one per row), scaled by the weight and shifted by the bias
+    at ``cols``. Shared with :mod:`kernels.linear_layer_norm`, which normalizes a row block by block."""
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     return centered * rstd[:, None] * w[None, :] + b[None, :]

@@ -27,7 +27,7 @@ from kernels._autotune import TimedChoice, gpu_ms
 from kernels._common import FLOAT_DTYPES, check_contiguous, check_tensor, compute_dtype, dequantize, into, output
 from kernels.dispatch import INTERPRETER, backend_for, env_choice
 from kernels.layer_norm import _launch as launch_layer_norm
-from kernels.layer_norm import layer_norm_reference
+from kernels.layer_norm import layer_norm_reference, scale_shift
 from kernels.linear import (
     SHARED_MEMORY,
     _interpreter_blocks,
@@ -113,9 +113,7 @@ def _squares(z, mean, offs_m, cols, M, N):
 @triton.jit
 def _store_normalized(z, mean, rstd, offs_m, cols, M, N, nw_ptr, nb_ptr, y_ptr):
     col_ok = cols < N
-    w = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    b = tl.load(nb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    y = (z - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
+    y = scale_shift(z - mean[:, None], rstd, cols, col_ok, nw_ptr, nb_ptr)
     ok = (offs_m < M)[:, None] & col_ok[None, :]
     tl.store(y_ptr + offs_m[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
 
