@@ -21,7 +21,7 @@ Tests run the kernels on CPU under the Triton interpreter: set ``TRITON_INTERPRE
 this package and ``MAAS_KERNEL_BACKEND=triton``.
 """
 
-from kernels._autotune import compile_only, compiling_only, tuned_shapes_only
+from kernels._autotune import CompilePass, compile_only, compiling_only, tuned_shapes_only
 from kernels.attention import attention
 from kernels.conv2d import conv2d
 from kernels.dispatch import backend_for
@@ -38,6 +38,7 @@ from kernels.max_pool2d import max_pool2d
 from kernels.softmax import log_softmax, softmax
 
 __all__ = [
+    "CompilePass",
     "attention",
     "backend_for",
     "compile_only",

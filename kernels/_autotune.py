@@ -33,6 +33,7 @@ import math
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -113,27 +114,43 @@ def compiling_only() -> bool:
     return getattr(_compiling, "pool", None) is not None
 
 
+@dataclass
+class CompilePass:
+    """What a :func:`compile_only` block did: whether it compiled on a pool, and once it has ended, how many
+    binaries it compiled or loaded from the Triton cache, in how many seconds (the block's whole time)."""
+
+    parallel: bool = False
+    binaries: int = 0
+    seconds: float = 0.0
+
+
 @contextmanager
-def compile_only(threads: int | None = None) -> Iterator[bool]:
+def compile_only(threads: int | None = None) -> Iterator[CompilePass]:
     """Within the block, this thread's kernel launches compile on a pool of ``threads`` (default: as for a
     tuning round, :func:`compile_threads`) and run nothing. An autotuned launch compiles its key's tuned config
     (in memory or on disk) or else its whole tuning round, and times nothing; :class:`TimedChoice` launches its
     known choice or else every candidate, and keeps nothing. The block ends once all have compiled. What the
     launches would have written is left as it was: the batches run here only to say which binaries they need,
-    and run again afterwards. Yields whether it compiles in parallel (with one thread, or before Triton 3.4, it
-    does nothing: launches run as usual)."""
+    and run again afterwards. Yields a :class:`CompilePass`, not ``parallel`` with one thread or before Triton
+    3.4: then the block does nothing, and launches run as usual."""
     threads = threads or compile_threads(1 << 10)
+    done = CompilePass()
     if threads < 2 or AsyncCompileMode is None or compiling_only():
-        yield False
+        yield done
         return
     _hook_launches()
-    with ThreadPoolExecutor(threads, thread_name_prefix="triton-compile") as pool, \
-            AsyncCompileMode(pool, ignore_errors=True):  # a config that fails compiles (and fails) when timed
-        _compiling.pool = pool
+    done.parallel, start = True, time.perf_counter()
+    with ThreadPoolExecutor(threads, thread_name_prefix="triton-compile") as pool:
+        mode = AsyncCompileMode(pool, ignore_errors=True)  # a config that fails compiles (and fails) when timed
         try:
-            yield True
+            with mode:
+                _compiling.pool = pool
+                try:
+                    yield done
+                finally:
+                    _compiling.pool = None
         finally:
-            _compiling.pool = None
+            done.binaries, done.seconds = len(mode.raw_futures), time.perf_counter() - start
 
 
 def _hook_launches() -> None:

@@ -19,6 +19,7 @@ from models.artifact import ModelConfig
 from models.datatypes import NUMPY_DTYPES, torch_dtype
 
 if TYPE_CHECKING:
+    from kernels import CompilePass
     from models.architectures import Architecture
     from models.numpy_models import NumpyArchitecture
 
@@ -54,6 +55,7 @@ class LoadedModel:
     warmup_seconds: float = 0.0
     warm: bool = field(default=False, init=False)  # warmed up: from now on its batches tune nothing new
     borrowed_tunings: int = field(default=0, init=False)  # tunings its batches borrowed since (metrics)
+    compile_ahead: CompilePass | None = field(default=None, init=False)  # its warm-up's compile-only pass (GPU)
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -138,12 +140,16 @@ class LoadedModel:
         from kernels import compile_only
 
         try:
-            with compile_only() as parallel, torch.inference_mode():
-                for inputs in batches if parallel else ():
+            with compile_only() as compiled, torch.inference_mode():
+                for inputs in batches if compiled.parallel else ():
                     self.architecture.run(self._to_torch(inputs))  # its outputs are garbage: not converted
+            self.compile_ahead = compiled
+            if compiled.parallel:
+                log.info("%s: compiled or loaded %d kernel binaries ahead of its warm-up in %.2f s", self.name,
+                         compiled.binaries, compiled.seconds)
         except Exception as exc:
             log.warning("%s: compiling the warm-up's kernels ahead failed (%s: %s); they compile as it runs",
-                        self.config.name, type(exc).__name__, exc)
+                        self.name, type(exc).__name__, exc)
 
 
 def warmup_batch_sizes(max_batch_size: int, device: Any) -> list[int]:

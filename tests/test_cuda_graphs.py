@@ -126,9 +126,9 @@ def test_a_compile_only_pass_runs_the_padded_bucket_and_captures_nothing():
 
     graphed = GraphedForward(fn, pad_values=(0, False), max_shape=(64, 32), min_shape=(1, 8), capture=True)
     x, mask = torch.ones(3, 5), torch.ones(3, 5, dtype=torch.bool)
-    with compile_only(2) as parallel:
+    with compile_only(2) as compiled:
         out = graphed(x, mask)
-    assert parallel and calls == [(4, 8)] and len(graphed) == 0
+    assert compiled.parallel and calls == [(4, 8)] and len(graphed) == 0
     torch.testing.assert_close(out["sum"], torch.full((3,), 5.0))
 
 
@@ -260,6 +260,18 @@ def test_compiling_ahead_runs_each_warm_up_batch_once_with_compile_only_launches
     batches = [{"input": np.random.rand(rows, 784).astype(np.float32)} for rows in (4, 1)]
     loaded._compile_ahead(batches)
     assert seen == [(4, True), (1, True)] and not compiling_only() and not loaded.warm
+    assert loaded.compile_ahead.parallel and loaded.compile_ahead.seconds > 0  # no kernel launches: a CPU model
+
+
+def test_a_failing_compile_only_pass_warns_and_leaves_the_warm_up_to_compile(monkeypatch, caplog):
+    monkeypatch.setenv("MAAS_COMPILE_THREADS", "2")
+    model = build(mnist_mlp_config(), train_mnist_mlp(steps=2), {})
+    monkeypatch.setattr(model, "run", lambda inputs: (_ for _ in ()).throw(RuntimeError("no such kernel")))
+    loaded = LoadedModel("m", 1, mnist_mlp_config(), model, torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="models.loaded"):
+        loaded._compile_ahead([{"input": np.random.rand(2, 784).astype(np.float32)}])
+    assert [r.getMessage() for r in caplog.records] == [
+        "m: compiling the warm-up's kernels ahead failed (RuntimeError: no such kernel); they compile as it runs"]
 
 
 def test_moving_a_model_drops_its_graphs():

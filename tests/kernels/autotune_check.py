@@ -261,13 +261,14 @@ def check_compile_only(gemm_kwargs: dict) -> list[bool]:
     args = gemm(48, 640, 256)  # a shape no other check uses: nothing of it on disk
     t = tuner(_linear_kernel, _GPU_CONFIGS, _prune_configs, timed=timed)
     _linear_kernel.device_caches.clear()
-    with compile_only(2):
+    with compile_only(2) as done:
         t[lambda meta: (1,)](*args, **gemm_kwargs)  # would raise NoDevice if it launched
     round_ = _prune_configs(_GPU_CONFIGS, {"x_ptr": args[0], "M_BUCKET": args[-1]})
     results.append(check("compile only: a new key compiles its round, times and launches nothing",
-                         (compiled(_linear_kernel), len(timed), len(t.cache)) == (len(round_), 0, 0),
-                         f"{compiled(_linear_kernel)} compiled of a round of {len(round_)}, {len(timed)} timed, "
-                         f"{len(t.cache)} keys tuned"))
+                         (compiled(_linear_kernel), done.binaries, len(timed), len(t.cache))
+                         == (len(round_), len(round_), 0, 0) and done.seconds > 0,
+                         f"{compiled(_linear_kernel)} compiled ({done.binaries} counted, {done.seconds:.1f} s) of a "
+                         f"round of {len(round_)}, {len(timed)} timed, {len(t.cache)} keys tuned"))
 
     tune_and_launch(t, args, **gemm_kwargs)  # now tuned (its timings stand-ins)
     _linear_kernel.device_caches.clear()
