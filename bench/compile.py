@@ -1,19 +1,25 @@
-"""Compile time of the tuning rounds a MiniLM warm-up runs, one config after another vs on a thread pool.
+"""Compile time of the tuning rounds a MiniLM warm-up runs: one config after another, on threads, in processes.
 
 Most of a GPU worker's cold start is Triton compiling and timing the tile configs it autotunes. Its autotuner
-compiles each config when it first times it; ``kernels._autotune.PrecompilingAutotuner`` compiles a round's
-configs on ``MAAS_COMPILE_THREADS`` threads first. This script compiles MiniLM's tuning rounds at its warm-up's
-largest bucket (32 of its 256-token warm-up texts: the four GEMM epilogues at 8,192 rows on the tiled kernel,
-the three of them past 2 G multiply-adds also on the TMA kernel, and attention at sequence 256, head dim 32,
-bf16) both ways, each time with an empty Triton cache, for sm_90 through :func:`kernels.offline.compile_for`:
-no GPU is needed, and on a GPU machine it measures that machine's CPUs, which are what compile. Then, on the
-most threads given, the tiled GEMM rounds of MiniLM's short-text warm-up (batches 1 to 64 of 16-token texts),
+compiles each config when it first times it; a GPU warm-up's first pass (``kernels.compile_only``) compiles
+every round's configs at once instead, on ``MAAS_COMPILE_THREADS`` workers: threads, or worker processes
+(``MAAS_COMPILE_WORKERS``, :mod:`kernels._compile_workers`). First, how much of a compile holds the GIL (what
+caps threads): a pure-Python counting thread runs alone, then beside compiles, and what it loses is what they
+held (an upper bound on a machine with few CPUs, where it also loses CPU time to them). Then this script
+compiles MiniLM's tuning rounds at its warm-up's largest bucket (32 of its 256-token warm-up texts: the four
+GEMM epilogues at 8,192 rows on the tiled kernel, the three of them past 2 G multiply-adds also on the TMA
+kernel, and attention at sequence 256, head dim 32, bf16) one config after another and on each count of
+workers given, threads and processes, each time with an empty Triton cache, for sm_90 through
+:func:`kernels.offline.compile_for`: no GPU is needed, and on a GPU machine it measures that machine's CPUs,
+which are what compile. Then, on the most threads given, the tiled GEMM rounds of MiniLM's short-text warm-up
+(batches 1 to 64 of 16-token texts), each round precompiled on its own as ``PrecompilingAutotuner`` does,
 smallest batch first and largest first (``models.loaded.warmup_batch_sizes``): the largest bucket's round
 holds every config the smaller ones keep, so largest first compiles them in one parallel round per GEMM
 instead of a few at a time. Last, the MNIST MLP's warm-up (batches 1 to 8,192): how many binaries its GEMM
 rounds make, one per config and GEMM when no batch-dependent argument is specialized on.
 
-Usage: ``python bench/compile.py [--threads 1 2 4 ...] [--output FILE.json]`` (default: 1 and every CPU).
+Usage: ``python bench/compile.py [--threads 1 2 4 ...] [--workers threads processes] [--output FILE.json]``
+(default: 1 and every CPU, threads and processes).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -37,7 +44,13 @@ import triton  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
-from kernels._autotune import COMPILE_THREADS_ENV, PrecompilingAutotuner, usable_cpus  # noqa: E402
+from kernels._autotune import (  # noqa: E402
+    COMPILE_THREADS_ENV,
+    COMPILE_WORKERS_ENV,
+    PrecompilingAutotuner,
+    compile_only,
+    usable_cpus,
+)
 from kernels.attention import GPU_CONFIGS as ATTENTION_CONFIGS  # noqa: E402
 from kernels.attention import _attention_kernel as _attention_tuner  # noqa: E402
 from kernels.attention import _prune_configs as prune_attention  # noqa: E402
@@ -118,22 +131,79 @@ def _fresh_caches(threads: int) -> None:
     os.environ[COMPILE_THREADS_ENV] = str(threads)
 
 
-def compile_all(threads: int) -> float:
-    """Seconds to compile every round into an empty cache: one by one (1 thread) or precompiled per round."""
+def _compile_one_by_one(kernel, configs: list, args: tuple, kwargs: dict) -> None:
+    """What timing does without a precompile: each config compiles on its first launch."""
+    for config in configs:
+        if config.pre_hook:  # TMA tile shapes, part of the compiled signature
+            config.pre_hook({**dict(zip(kernel.arg_names, args, strict=False)), **config.all_kwargs()})
+        kernel.warmup(*args, grid=None, **kwargs, **config.all_kwargs())
+
+
+def compile_all(threads: int, workers: str = "threads") -> float:
+    """Seconds to compile every round into an empty cache: one by one (1 thread), or all rounds at once on
+    ``threads`` threads or processes, as a GPU warm-up's compile-only pass does (``kernels.compile_only``)."""
     _fresh_caches(threads)
+    os.environ[COMPILE_WORKERS_ENV] = workers
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
         start = time.perf_counter()
-        for kernel, configs, args, kwargs in rounds():
-            if threads == 1:  # what timing does: each config compiles on its first launch
-                for config in configs:
-                    if config.pre_hook:  # TMA tile shapes, part of the compiled signature
-                        config.pre_hook({**dict(zip(kernel.arg_names, args, strict=False)), **config.all_kwargs()})
-                    kernel.warmup(*args, grid=None, **kwargs, **config.all_kwargs())
-            else:
-                PrecompilingAutotuner(kernel, kernel.arg_names, configs, [], None, None).precompile(configs, args,
-                                                                                                      kwargs)
+        if threads == 1:
+            for kernel, configs, args, kwargs in rounds():
+                _compile_one_by_one(kernel, configs, args, kwargs)
+        else:
+            with compile_only(threads) as done:
+                for kernel, configs, args, kwargs in rounds():
+                    PrecompilingAutotuner(kernel, kernel.arg_names, configs, [], None, None)._compile(configs, args,
+                                                                                                     kwargs)
+            if done.workers != workers:
+                raise RuntimeError(f"compiled on {done.workers}, not {workers} (see the log)")
         return time.perf_counter() - start
+
+
+def gil_share(configs: int = 6) -> tuple[float, float]:
+    """The share of its time a compile holds the GIL, and how much a busy Python thread slows it: a thread
+    counting in pure Python runs alone, then beside ``configs`` compiles one after another on this thread, with
+    the interpreter switching threads every 50 us (so that the counter gets the GIL whenever the compiles let
+    go: what it loses is what they held), then at Python's default 5 ms (the slowdown: a compile thread that
+    lets go of the GIL waits up to that long to get it back)."""
+    def count(stop: threading.Event, counted: list[int]) -> None:
+        n = 0
+        while not stop.is_set():
+            for _ in range(10_000):
+                n += 1
+        counted.append(n)
+
+    kernel, round_configs, args, kwargs = rounds()[0]
+    chosen = round_configs[:configs]
+
+    def compile_seconds(configs: list, counting: bool = False) -> tuple[float, float]:
+        """Seconds to compile ``configs`` into an empty cache, and the counter's rate meanwhile (if counting)."""
+        _fresh_caches(1)
+        stop, counted = threading.Event(), []
+        counter = threading.Thread(target=count, args=(stop, counted))
+        with tempfile.TemporaryDirectory() as cache:
+            os.environ["TRITON_CACHE_DIR"] = cache
+            if counting:
+                counter.start()
+            start = time.perf_counter()
+            _compile_one_by_one(kernel, configs, args, kwargs) if configs else time.sleep(2)
+            seconds = time.perf_counter() - start
+        if counting:
+            stop.set()
+            counter.join()
+        return seconds, counted[0] / seconds if counting else 0.0
+
+    compile_seconds(chosen[:1])  # the process's first compile loads what later ones reuse: not timed
+    alone, _ = compile_seconds(chosen)
+    default = sys.getswitchinterval()
+    sys.setswitchinterval(50e-6)
+    try:
+        _, idle_rate = compile_seconds([], counting=True)
+        _, busy_rate = compile_seconds(chosen, counting=True)
+    finally:
+        sys.setswitchinterval(default)
+    beside, _ = compile_seconds(chosen, counting=True)
+    return 1 - busy_rate / idle_rate, beside / alone
 
 
 def compile_warmup(buckets: list[int], threads: int, gemms: list[tuple] = GEMMS) -> tuple[float, int]:
@@ -155,6 +225,8 @@ def compile_warmup(buckets: list[int], threads: int, gemms: list[tuple] = GEMMS)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, usable_cpus()}))
+    parser.add_argument("--workers", nargs="+", choices=["threads", "processes"], default=["threads", "processes"],
+                        help="what compiles the rounds at once where there is more than one worker")
     parser.add_argument("--output", default=None, help="write the results as JSON here (after every step)")
     args = parser.parse_args()
     configs = sum(len(r[1]) for r in rounds())
@@ -170,15 +242,20 @@ def main() -> None:
 
     results = found["results"]
     with compile_for(90):
+        share, slowdown = gil_share()
+        found["gil"] = {"share": share, "slowdown_beside_busy_thread": slowdown}
+        print(f"a compile holds the GIL {share:.0%} of its time; beside a busy Python thread it takes {slowdown:.2f}x "
+              f"as long (threads switching every {sys.getswitchinterval() * 1e3:g} ms)", flush=True)
         for n in args.threads:
-            results.append({"threads": n, "seconds": compile_all(n)})
-            print(f"  {n} thread(s): {results[-1]['seconds']:.2f} s", flush=True)
-            save()
-    medians = {t: statistics.median(r["seconds"] for r in results if r["threads"] == t) for t in args.threads}
-    print(f"{'threads':>8} {'median s':>9} {'x one thread':>13}")
-    for n, seconds in medians.items():
-        ratio = f"{medians[1] / seconds:.2f}" if 1 in medians else "-"
-        print(f"{n:>8} {seconds:>9.2f} {ratio:>13}")
+            for workers in args.workers if n > 1 else ["threads"]:
+                results.append({"threads": n, "workers": workers, "seconds": compile_all(n, workers)})
+                print(f"  {n} {workers if n > 1 else 'thread'}: {results[-1]['seconds']:.2f} s", flush=True)
+                save()
+    one = statistics.median(r["seconds"] for r in results if r["threads"] == 1) if 1 in args.threads else None
+    print(f"{'workers':>8} {'kind':>10} {'median s':>9} {'x one thread':>13}")
+    for n, workers in dict.fromkeys((r["threads"], r["workers"]) for r in results):
+        seconds = statistics.median(r["seconds"] for r in results if (r["threads"], r["workers"]) == (n, workers))
+        print(f"{n:>8} {workers:>10} {seconds:>9.2f} {f'{one / seconds:.2f}' if one else '-':>13}")
     if threads > 1:
         print(f"\nMiniLM's warm-up (16-token texts, batches 1..64: {WARMUP_BUCKETS[0]}..{WARMUP_BUCKETS[-1]} rows), "
               f"its GEMM rounds precompiled on {threads} threads, by the order of the batches:")

@@ -13,7 +13,8 @@
 # cold:   bench/models.py --gpu-cold-start (MiniLM served from a new process: empty Triton cache with configs
 #         compiled one by one, then in parallel, under each autotune timing; then a warm cache; and a batch of
 #         long texts after the warm-up);
-# compile: bench/compile.py (MiniLM's tuning rounds compiled on 1, 4, 8 and every CPU; needs no GPU).
+# compile: bench/compile.py (MiniLM's tuning rounds compiled on 1 thread, then on 8 and on every CPU, threads
+#          against processes; needs no GPU).
 # Each part runs under its own time limit in seconds (LIMIT_<part>, else PART_LIMIT, else 150; the checks
 # part spends up to twice it) so one slow part cannot eat the lease; the benchmarks write their JSON after
 # every row. The log and the JSON/PNG results land in OUTDIR. PY picks the interpreter (default python3).
@@ -74,7 +75,7 @@ for part in $parts; do
     cold)
       timeout "$limit" $py bench/models.py --gpu-cold-start --output "$out/cold_start.json" 2>&1 | tee -a "$log" ;;
     compile)
-      timeout "$limit" $py bench/compile.py --threads 1 "$(nproc)" 8 4 --output "$out/compile.json" 2>&1 \
+      timeout "$limit" $py bench/compile.py --threads 1 "$(nproc)" 8 --output "$out/compile.json" 2>&1 \
         | tee -a "$log" ;;
     *) echo "unknown part $part (expected checks, tokens, kernels, zoo, cold or compile)" | tee -a "$log" ;;
   esac

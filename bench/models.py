@@ -50,7 +50,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kernels._autotune import AUTOTUNE_TIMING_ENV, COMPILE_THREADS_ENV, UNSEEN_SHAPES_ENV  # noqa: E402
+from kernels._autotune import (  # noqa: E402
+    AUTOTUNE_TIMING_ENV,
+    COMPILE_THREADS_ENV,
+    COMPILE_WORKERS_ENV,
+    UNSEEN_SHAPES_ENV,
+)
 from models.architectures import build  # noqa: E402
 from models.artifact import TOKENIZER_FILE, ArtifactError, ModelConfig  # noqa: E402
 from models.datatypes import torch_dtype  # noqa: E402
@@ -299,7 +304,8 @@ def cold_start(repo_root: Path, name: str, request: str, env: dict[str, str],
         f"model = cache.get({name!r}, cache.resolve({name!r}))\n"
         "t2 = time.perf_counter()\n"
         "ahead = model.compile_ahead\n"
-        "if ahead is not None and ahead.parallel: print('compile-ahead', ahead.binaries, ahead.seconds)\n"
+        "if ahead is not None and ahead.parallel: print('compile-ahead', ahead.binaries, ahead.seconds, "
+        "ahead.workers, ahead.in_processes)\n"
         f"out = model.infer({request})\n"
         "t3 = time.perf_counter()\n"
         f"later = {later or 'None'}\n"
@@ -320,9 +326,10 @@ def cold_start(repo_root: Path, name: str, request: str, env: dict[str, str],
     *laters, imports, load, first, total = (float(x) for x in out.stdout.split()[-(4 + LATER_ANSWERS if later else 4):])
     result = {"process_wall_s": wall, "imports_s": imports, "load_and_warmup_s": load, "first_request_s": first,
               "in_process_total_s": total}
-    ahead = re.search(r"^compile-ahead (\d+) ([\d.e+-]+)$", out.stdout, re.MULTILINE)
-    if ahead:  # the warm-up's compile-only pass (GPU): binaries compiled or loaded, and its seconds
-        result |= {"compile_ahead_binaries": int(ahead.group(1)), "compile_ahead_s": float(ahead.group(2))}
+    ahead = re.search(r"^compile-ahead (\d+) ([\d.e+-]+) (\w+) (\d+)$", out.stdout, re.MULTILINE)
+    if ahead:  # the warm-up's compile-only pass (GPU): binaries compiled or loaded, its seconds, on what
+        result |= {"compile_ahead_binaries": int(ahead.group(1)), "compile_ahead_s": float(ahead.group(2)),
+                   "compile_ahead_workers": ahead.group(3), "compile_ahead_in_processes": int(ahead.group(4))}
     if later:
         result |= {"later_first_s": laters[0], "later_again_s": statistics.median(laters[1:])}
     return result
@@ -334,19 +341,21 @@ def _print_cold(label: str, c: dict) -> None:
         return
     later = (f"; then a request of other shapes: {c['later_first_s']:.2f} s, {c['later_again_s'] * 1e3:.1f} ms "
              "again (median)" if "later_first_s" in c else "")
-    ahead = (f", {c['compile_ahead_binaries']} binaries compiled or loaded ahead in {c['compile_ahead_s']:.2f} s"
+    ahead = (f", {c['compile_ahead_binaries']} binaries compiled or loaded ahead in {c['compile_ahead_s']:.2f} s "
+             f"on {c['compile_ahead_workers']} ({c['compile_ahead_in_processes']} compiled in worker processes)"
              if "compile_ahead_s" in c else "")
     print(f"  {label}: {c['process_wall_s']:.2f} s wall ({c['imports_s']:.2f} s imports, "
           f"{c['load_and_warmup_s']:.3f} s load + warm-up{ahead}, {c['first_request_s'] * 1e3:.2f} ms first request"
           f"{later})", flush=True)
 
 
-# (autotune timing, compile threads, what a warm model does with shapes its warm-up missed) of each cold start,
-# most telling first (a time limit may cut the list): the defaults; tuning those shapes while the request waits
-# instead of borrowing configs; configs compiled one by one as they are timed; Triton's full timing budget;
-# graph timing.
-COLD_START_WAYS = [("quick", "auto", "borrow"), ("quick", "auto", "tune"), ("quick", "1", "borrow"),
-                   ("full", "auto", "borrow"), ("graph", "auto", "borrow")]
+# (autotune timing, compile threads, compile workers, what a warm model does with shapes its warm-up missed) of
+# each cold start, most telling first (a time limit may cut the list): the defaults; the compile-only pass on
+# threads instead of processes; tuning those shapes while the request waits instead of borrowing configs;
+# configs compiled one by one as they are timed; Triton's full timing budget; graph timing.
+COLD_START_WAYS = [("quick", "auto", "processes", "borrow"), ("quick", "auto", "threads", "borrow"),
+                   ("quick", "auto", "processes", "tune"), ("quick", "1", "processes", "borrow"),
+                   ("full", "auto", "processes", "borrow"), ("graph", "auto", "processes", "borrow")]
 LATER_ANSWERS = 6  # answers to the request of other shapes: the first, then five for a median
 
 
@@ -369,15 +378,15 @@ def gpu_cold_start(output: str | None) -> dict:
           f"{config.batching.max_batch_size}, one request):")
     with tempfile.TemporaryDirectory() as repo:
         ModelRepository(repo).publish(MINILM, config, weights, assets)
-        for timing, threads, unseen in COLD_START_WAYS:
+        for timing, threads, workers, unseen in COLD_START_WAYS:
             with tempfile.TemporaryDirectory() as triton_cache:
                 env = {"TRITON_CACHE_DIR": triton_cache, AUTOTUNE_TIMING_ENV: timing, COMPILE_THREADS_ENV: threads,
-                       UNSEEN_SHAPES_ENV: unseen}
-                long_texts = (timing, threads) == COLD_START_WAYS[0][:2]
-                defaults = (timing, threads, unseen) == COLD_START_WAYS[0]  # also again on a warm cache
+                       COMPILE_WORKERS_ENV: workers, UNSEEN_SHAPES_ENV: unseen}
+                long_texts = (timing, threads, workers) == COLD_START_WAYS[0][:3]
+                defaults = (timing, threads, workers, unseen) == COLD_START_WAYS[0]  # also again on a warm cache
                 for cache_state in ("empty", "warm") if defaults else ("empty",):
-                    label = (f"autotune timing {timing}, compile threads {threads}, unseen shapes {unseen}, "
-                             f"{cache_state} Triton cache")
+                    label = (f"autotune timing {timing}, compile threads {threads} ({workers}), unseen shapes "
+                             f"{unseen}, {cache_state} Triton cache")
                     results[label] = c = cold_start(Path(repo), MINILM, TEXT_REQUEST, env,
                                                     LONG_TEXT_REQUEST if long_texts else None)
                     _print_cold(label, c)

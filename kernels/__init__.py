@@ -14,8 +14,8 @@ traffic, as the model warm-up inputs do. Compiled kernels, and with Triton >= 3.
 cached on disk under ``TRITON_CACHE_DIR`` (Triton's own setting, default ``~/.triton/cache``): point it at a
 persistent volume so restarted workers skip compiling and tuning. Inside :func:`tuned_shapes_only` (a warm
 model's batches) a bucket that was not tuned borrows the nearest tuned bucket's config instead. Inside
-:func:`compile_only`, launches compile (all on one thread pool) and run nothing: a warm-up runs its batches
-that way first, so its binaries compile together rather than round after round.
+:func:`compile_only`, launches compile (all on one pool of worker processes, or threads) and run nothing: a
+warm-up runs its batches that way first, so its binaries compile together rather than round after round.
 
 Tests run the kernels on CPU under the Triton interpreter: set ``TRITON_INTERPRET=1`` before importing
 this package and ``MAAS_KERNEL_BACKEND=triton``.

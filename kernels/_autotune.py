@@ -8,12 +8,13 @@ that:
 - :func:`within_bucket` drops tiles taller than the bucket before anything is compiled or timed;
 - :class:`PrecompilingAutotuner` compiles a tuning round's remaining configs on a thread pool before timing
   them (``MAAS_COMPILE_THREADS``): Triton's compiler spends most of its time outside the GIL (MLIR passes,
-  ``ptxas`` in a subprocess), so the compiles overlap;
+  ``ptxas`` in a subprocess), so a round's few compiles overlap;
 - :func:`compile_only` runs a warm-up's batches once without running anything, so that every binary they
   need (each autotuned launch's whole round, or its pick where timings are on disk; each fixed kernel)
-  compiles on one thread pool at once, where the rounds would compile one after another, each waiting for its
-  slowest config (on an H100 this took MiniLM's empty-cache cold start from 32.6 to 30.3 s: most of the
-  compiling was already overlapped);
+  compiles on one pool at once, where the rounds would compile one after another, each waiting for its
+  slowest config (on an H100, on threads, this took MiniLM's empty-cache cold start from 32.6 to 30.3 s: most
+  of the compiling was already overlapped). The pool is of processes (:mod:`kernels._compile_workers`): a
+  compile holds the GIL for part of its time, which caps what threads overlap;
 - timings are kept on disk beside the compiled kernels (``TRITON_CACHE_DIR``, Triton >= 3.4), those of the
   TMA GEMM's configs included, and so are choices timed outside an autotuner (:class:`StoredChoices`), so a
   restarted worker skips both compiling and timing.
@@ -59,6 +60,8 @@ _CACHE_TUNING = {"cache_results": True} if "cache_results" in _AUTOTUNE_PARAMETE
 
 AUTOTUNE_TIMING_ENV = "MAAS_AUTOTUNE_TIMING"
 COMPILE_THREADS_ENV = "MAAS_COMPILE_THREADS"
+COMPILE_WORKERS_ENV = "MAAS_COMPILE_WORKERS"
+COMPILE_WORKERS_CHOICES = ("processes", "threads")
 UNSEEN_SHAPES_ENV = "MAAS_AUTOTUNE_UNSEEN"
 UNSEEN_SHAPES_CHOICES = ("borrow", "tune")
 
@@ -116,23 +119,29 @@ def compiling_only() -> bool:
 
 @dataclass
 class CompilePass:
-    """What a :func:`compile_only` block did: whether it compiled on a pool, and once it has ended, how many
-    binaries it compiled or loaded from the Triton cache, in how many seconds (the block's whole time)."""
+    """What a :func:`compile_only` block did: whether it compiled on a pool, on which ``workers``
+    (``processes`` or ``threads``), and once it has ended, how many binaries it compiled or loaded from the
+    Triton cache, how many of them compiled in worker processes, in how many seconds (the block's whole time)."""
 
     parallel: bool = False
+    workers: str = ""
     binaries: int = 0
+    in_processes: int = 0
     seconds: float = 0.0
 
 
 @contextmanager
 def compile_only(threads: int | None = None) -> Iterator[CompilePass]:
-    """Within the block, this thread's kernel launches compile on a pool of ``threads`` (default: as for a
-    tuning round, :func:`compile_threads`) and run nothing. An autotuned launch compiles its key's tuned config
+    """Within the block, this thread's kernel launches compile on a pool of ``threads`` workers (default: as for
+    a tuning round, :func:`compile_threads`) and run nothing. An autotuned launch compiles its key's tuned config
     (in memory or on disk) or else its whole tuning round, and times nothing; :class:`TimedChoice` launches its
     known choice or else every candidate, and keeps nothing. The block ends once all have compiled. What the
     launches would have written is left as it was: the batches run here only to say which binaries they need,
-    and run again afterwards. Yields a :class:`CompilePass`, not ``parallel`` with one thread or before Triton
-    3.4: then the block does nothing, and launches run as usual."""
+    and run again afterwards. Yields a :class:`CompilePass`, not ``parallel`` with one worker or before Triton
+    3.4: then the block does nothing, and launches run as usual.
+
+    For CUDA, under ``MAAS_COMPILE_WORKERS=processes`` (the default), a binary missing from the Triton cache
+    compiles in a worker process before a thread loads it (:mod:`kernels._compile_workers`)."""
     threads = threads or compile_threads(1 << 10)
     done = CompilePass()
     if threads < 2 or AsyncCompileMode is None or compiling_only():
@@ -140,17 +149,33 @@ def compile_only(threads: int | None = None) -> Iterator[CompilePass]:
         return
     _hook_launches()
     done.parallel, start = True, time.perf_counter()
-    with ThreadPoolExecutor(threads, thread_name_prefix="triton-compile") as pool:
-        mode = AsyncCompileMode(pool, ignore_errors=True)  # a config that fails compiles (and fails) when timed
-        try:
-            with mode:
-                _compiling.pool = pool
-                try:
-                    yield done
-                finally:
-                    _compiling.pool = None
-        finally:
-            done.binaries, done.seconds = len(mode.raw_futures), time.perf_counter() - start
+    try:
+        with ThreadPoolExecutor(threads, thread_name_prefix="triton-compile") as pool:
+            mode = _compile_mode(pool, threads)
+            done.workers = "threads" if type(mode) is AsyncCompileMode else "processes"
+            try:
+                with mode:
+                    _compiling.pool = pool
+                    try:
+                        yield done
+                    finally:
+                        _compiling.pool = None
+            finally:
+                done.binaries, done.in_processes = len(mode.raw_futures), getattr(mode, "in_processes", 0)
+                if done.workers == "processes":
+                    mode.close()
+    finally:
+        done.seconds = time.perf_counter() - start
+
+
+def _compile_mode(pool: ThreadPoolExecutor, processes: int):
+    """Triton's ``AsyncCompileMode`` on ``pool``; under ``MAAS_COMPILE_WORKERS=processes`` the one that compiles a
+    CUDA binary missing from the cache in one of ``processes`` worker processes first."""
+    if compile_workers() == "processes":
+        from kernels._compile_workers import WorkerCompileMode
+
+        return WorkerCompileMode(pool, processes)
+    return AsyncCompileMode(pool, ignore_errors=True)  # a config that fails compiles (and fails) when timed
 
 
 def _hook_launches() -> None:
@@ -216,6 +241,11 @@ def compile_threads(configs: int) -> int:
     else:
         raise ValueError(f"{COMPILE_THREADS_ENV}={choice!r}: expected auto or a whole number >= 1")
     return min(threads, configs)
+
+
+def compile_workers() -> str:
+    """``MAAS_COMPILE_WORKERS``: ``processes`` (default) or ``threads`` compile a warm-up's compile-only pass."""
+    return env_choice(COMPILE_WORKERS_ENV, "processes", COMPILE_WORKERS_CHOICES)
 
 
 class PrecompilingAutotuner(Autotuner):

@@ -132,7 +132,7 @@ class LoadedModel:
 
     def _compile_ahead(self, batches: list[dict[str, np.ndarray]]) -> None:
         """The warm-up's batches once through ``kernels.compile_only``: every binary they need (each tuning
-        round's configs, each fixed kernel) compiles on one thread pool, instead of round after round as the
+        round's configs, each fixed kernel) compiles on one pool of workers, instead of round after round as the
         warm-up reaches them, each round waiting for its slowest compile. An optimisation only: should it
         fail, the warm-up compiles as it goes."""
         import torch
@@ -145,8 +145,9 @@ class LoadedModel:
                     self.architecture.run(self._to_torch(inputs))  # its outputs are garbage: not converted
             self.compile_ahead = compiled
             if compiled.parallel:
-                log.info("%s: compiled or loaded %d kernel binaries ahead of its warm-up in %.2f s", self.name,
-                         compiled.binaries, compiled.seconds)
+                log.info("%s: compiled or loaded %d kernel binaries ahead of its warm-up in %.2f s on %s (%d "
+                         "compiled in worker processes)", self.name, compiled.binaries, compiled.seconds,
+                         compiled.workers, compiled.in_processes)
         except Exception as exc:
             log.warning("%s: compiling the warm-up's kernels ahead failed (%s: %s); they compile as it runs",
                         self.name, type(exc).__name__, exc)

@@ -40,6 +40,7 @@ READERS = {
     "MAAS_LINEAR_LAYER_NORM": lambda: layer_norm_module.use_fused(torch.zeros(1, 8), torch.zeros(8, 8)),
     "MAAS_CPU_RUNTIME": numpy_models.cpu_runtime,
     "MAAS_COMPILE_THREADS": lambda: _autotune.compile_threads(4),
+    "MAAS_COMPILE_WORKERS": _autotune.compile_workers,
 }
 
 

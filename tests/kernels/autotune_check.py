@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -24,10 +25,14 @@ from pathlib import Path
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="autotune-check-")
 
 import torch
+import triton
+import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from kernels import _compile_workers
 from kernels._autotune import (
     COMPILE_THREADS_ENV,
+    COMPILE_WORKERS_ENV,
     PrecompilingAutotuner,
     TimedChoice,
     bucket_positions,
@@ -82,6 +87,35 @@ def tune_and_launch(t: PrecompilingAutotuner, args: tuple, **kwargs) -> None:
     except NoDevice:
         return
     raise AssertionError("the launch after tuning should have reached the (absent) device")
+
+
+@contextlib.contextmanager
+def logged(logger: str):
+    """The messages ``logger`` logs at WARNING or above within the block."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger(logger).addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logging.getLogger(logger).removeHandler(handler)
+
+
+@contextlib.contextmanager
+def patched(owner, name: str, value):
+    """``owner.name`` replaced by ``value`` within the block."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def cubins() -> set[Path]:
+    """The binaries in the Triton cache."""
+    return set(Path(os.environ["TRITON_CACHE_DIR"]).glob("*/*.cubin"))
 
 
 def check(label: str, ok: bool, detail: str) -> bool:
@@ -169,12 +203,9 @@ def main() -> int:
         results += check_compile_only(gemm_kwargs)
 
         # A failure outside the compiles (here: arguments the JIT cannot bind) is logged, never raised.
-        warnings: list[str] = []
-        handler = logging.Handler()
-        handler.emit = lambda record: warnings.append(record.getMessage())
-        logging.getLogger("kernels._autotune").addHandler(handler)
-        t = tuner(_linear_kernel, thin, _prune_configs)
-        t.precompile(thin, ("not a tensor", *args[1:]), gemm_kwargs)
+        with logged("kernels._autotune") as warnings:
+            t = tuner(_linear_kernel, thin, _prune_configs)
+            t.precompile(thin, ("not a tensor", *args[1:]), gemm_kwargs)
         results.append(check("a failing precompile only warns", len(warnings) == 1 and "one by one" in warnings[0],
                              repr(warnings)))
     return 0 if all(results) else 1
@@ -261,14 +292,67 @@ def check_compile_only(gemm_kwargs: dict) -> list[bool]:
     args = gemm(48, 640, 256)  # a shape no other check uses: nothing of it on disk
     t = tuner(_linear_kernel, _GPU_CONFIGS, _prune_configs, timed=timed)
     _linear_kernel.device_caches.clear()
-    with compile_only(2) as done:
-        t[lambda meta: (1,)](*args, **gemm_kwargs)  # would raise NoDevice if it launched
+    fresh = {**gemm_kwargs, "ACTIVATION": "tanh"}  # binaries of no other check: new in the cache
+    before = cubins()
+    with logged("kernels") as warnings, compile_only(2) as done:
+        t[lambda meta: (1,)](*args, **fresh)  # would raise NoDevice if it launched
     round_ = _prune_configs(_GPU_CONFIGS, {"x_ptr": args[0], "M_BUCKET": args[-1]})
-    results.append(check("compile only: a new key compiles its round, times and launches nothing",
-                         (compiled(_linear_kernel), done.binaries, len(timed), len(t.cache))
-                         == (len(round_), len(round_), 0, 0) and done.seconds > 0,
-                         f"{compiled(_linear_kernel)} compiled ({done.binaries} counted, {done.seconds:.1f} s) of a "
-                         f"round of {len(round_)}, {len(timed)} timed, {len(t.cache)} keys tuned"))
+    # The workers' binaries are the ones loaded here: compiled under another key, each would be there twice.
+    results.append(check("compile only: a new key compiles its round in worker processes, times and launches "
+                         "nothing", (done.workers, done.in_processes, compiled(_linear_kernel), done.binaries,
+                                     len(cubins() - before), len(timed), len(t.cache), warnings)
+                         == ("processes", len(round_), len(round_), len(round_), len(round_), 0, 0, [])
+                         and done.seconds > 0,
+                         f"{compiled(_linear_kernel)} compiled, {done.in_processes} by {done.workers} "
+                         f"({done.binaries} counted, {len(cubins() - before)} new in the cache, {done.seconds:.1f} s) "
+                         f"of a round of {len(round_)}, {len(timed)} timed, {len(t.cache)} keys tuned, warnings "
+                         f"{warnings}"))
+
+    _linear_kernel.device_caches.clear()  # a restarted worker: its binaries are in the cache
+    with compile_only(2) as done:
+        t[lambda meta: (1,)](*args, **fresh)
+    results.append(check("compile only: binaries in the cache load without worker processes",
+                         (compiled(_linear_kernel), done.binaries, done.in_processes) == (len(round_), len(round_), 0),
+                         f"{compiled(_linear_kernel)} loaded, {done.in_processes} handed to processes"))
+
+    _linear_kernel.device_caches.clear()
+    before = cubins()
+    os.environ[COMPILE_WORKERS_ENV] = "threads"
+    try:
+        with compile_only(2) as done:
+            t[lambda meta: (1,)](*args, **{**fresh, "ACTIVATION": "sigmoid"})
+    finally:
+        del os.environ[COMPILE_WORKERS_ENV]
+    results.append(check("compile only: MAAS_COMPILE_WORKERS=threads compiles the round on threads",
+                         (done.workers, done.in_processes, compiled(_linear_kernel), len(cubins() - before))
+                         == ("threads", 0, len(round_), len(round_)),
+                         f"{compiled(_linear_kernel)} compiled by {done.workers}, {len(cubins() - before)} new in "
+                         "the cache"))
+
+    def no_shared_memory(*args, **kwargs):
+        raise OSError(38, "Function not implemented")  # what multiprocessing meets without /dev/shm (AWS Lambda)
+
+    _linear_kernel.device_caches.clear()
+    before = cubins()
+    with logged("kernels") as warnings, patched(_compile_workers, "ProcessPoolExecutor", no_shared_memory), \
+            compile_only(2) as done:
+        t[lambda meta: (1,)](*args, **{**fresh, "ACTIVATION": "relu", "HAS_BIAS": False})
+    results.append(check("compile only: processes that cannot start leave the round to the threads",
+                         (compiled(_linear_kernel), len(cubins() - before), done.in_processes, len(warnings))
+                         == (len(round_), len(round_), 0, 1) and "OSError" in warnings[0],
+                         f"{compiled(_linear_kernel)} compiled, {len(cubins() - before)} new in the cache, "
+                         f"{done.in_processes} in processes, warnings {warnings}"))
+
+    @triton.jit
+    def local_kernel(out_ptr, BLOCK: tl.constexpr):  # a worker cannot import it: the caller compiles it
+        tl.store(out_ptr + tl.arange(0, BLOCK), tl.zeros((BLOCK,), tl.float32))
+
+    with logged("kernels") as warnings, compile_only(2) as done:
+        local_kernel[(1,)](torch.empty(16), BLOCK=16)
+    results.append(check("compile only: a compile failing in a worker runs on the caller's threads",
+                         (compiled(local_kernel), done.binaries, done.in_processes, len(warnings)) == (1, 1, 1, 1)
+                         and "1 of 1 kernel binaries failed to compile in worker processes" in warnings[0],
+                         f"{compiled(local_kernel)} compiled, {done.binaries} counted, warnings {warnings}"))
 
     tune_and_launch(t, args, **gemm_kwargs)  # now tuned (its timings stand-ins)
     _linear_kernel.device_caches.clear()
@@ -353,4 +437,8 @@ def check_model_compiles_only() -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        status = main()
+    finally:
+        shutil.rmtree(os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
+    sys.exit(status)
