@@ -9,13 +9,14 @@ attribute ``kernels.linear`` is the op, not the module: reach a module's extras 
 
 Compilation and warm-up: the first call of an op with a new combination of dtypes and flags compiles its
 kernel (and autotunes ``linear`` per power-of-two bucket of rows, ``attention`` per bucket of lengths and
-batch x heads), which takes from a second to tens of seconds. Run one batch of the real shapes before taking
-traffic, as the model warm-up inputs do. Compiled kernels, and with Triton >= 3.4 the autotuning timings, are
-cached on disk under ``TRITON_CACHE_DIR`` (Triton's own setting, default ``~/.triton/cache``): point it at a
-persistent volume so restarted workers skip compiling and tuning. Inside :func:`tuned_shapes_only` (a warm
-model's batches) a bucket that was not tuned borrows the nearest tuned bucket's config instead. Inside
-:func:`compile_only`, launches compile (all on one pool of worker processes, or threads) and run nothing: a
-warm-up runs its batches that way first, so its binaries compile together rather than round after round.
+batch x heads, ``embedding_pool`` per bucket of batch and length), which takes from a second to tens of
+seconds. Run one batch of the real shapes before taking traffic, as the model warm-up inputs do. Compiled
+kernels, and with Triton >= 3.4 the autotuning timings, are cached on disk under ``TRITON_CACHE_DIR``
+(Triton's own setting, default ``~/.triton/cache``): point it at a persistent volume so restarted workers skip
+compiling and tuning. Inside :func:`tuned_shapes_only` (a warm model's batches) a bucket that was not tuned
+borrows the nearest tuned bucket's config instead. Inside :func:`compile_only`, launches compile (all on one
+pool of worker processes, or threads) and run nothing: a warm-up runs its batches that way first, so its
+binaries compile together rather than round after round.
 
 Tests run the kernels on CPU under the Triton interpreter: set ``TRITON_INTERPRET=1`` before importing
 this package and ``MAAS_KERNEL_BACKEND=triton``.

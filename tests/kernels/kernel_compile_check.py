@@ -116,6 +116,7 @@ def batch_launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     from kernels.attention import attention_triton
     from kernels.conv2d import conv2d_triton
     from kernels.embedding_norm import embedding_norm_triton
+    from kernels.embedding_pool import embedding_pool_triton
     from kernels.l2_normalize import l2_normalize_triton
     from kernels.layer_norm import layer_norm_triton
     from kernels.linear import launch_linear
@@ -144,6 +145,8 @@ def batch_launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
             ("batch max_pool2d", lambda b=b: max_pool2d_triton(z(b, 4, 32, 32), 2)),  # 1,024+ outputs: one tile size
             ("batch lstm", lambda b=b: lstm_triton(z(b, 1, 8), z(64, 8), z(64, 16), z(64))),  # input GEMM: b rows
             ("batch attention", lambda b=b: attention_triton(z(b, 2, 8, 64), z(b, 2, 8, 64), z(b, 2, 8, 64))),
+            ("batch embedding_pool", lambda b=b, x=x: embedding_pool_triton(torch.zeros(b, 5, dtype=torch.int64), x,
+                                                                            torch.ones(b, 5, dtype=torch.bool))),
         ]
         if dt == torch.bfloat16:
             found.append(("batch quantize_rows_fp8", lambda x=x: _quantize_rows(x)))
@@ -289,6 +292,20 @@ def attention_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[
     return found
 
 
+def embedding_pool_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], object]]]:
+    """Every autotune config of the embedding-pool kernel that its register bound keeps."""
+    from kernels.embedding_pool import GPU_CONFIGS, _embedding_pool_kernel, fits_registers
+
+    ids, table, mask = torch.zeros(2, 8, dtype=torch.int64), torch.zeros(16, 384, dtype=dt), torch.ones(2, 8) > 0
+    found = []
+    for config in [c for c in GPU_CONFIGS if fits_registers(c)][: 2 if quick else None]:
+        y = torch.zeros(2, 384, dtype=dt)
+        kwargs = dict(**config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        found.append((f"embedding_pool {config}", lambda k=kwargs, y=y: _embedding_pool_kernel.warmup(
+            ids, table, mask, y, 8, 384, 2, 8, grid=None, **k)))
+    return found
+
+
 def register_use(kernel) -> str:
     """``regs=<per thread> spill=<store bytes>/<load bytes>`` from ``ptxas -v`` on a compiled kernel's PTX."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -320,7 +337,7 @@ def main() -> int:
         for dt in [torch.bfloat16] if opts.quick else [torch.bfloat16, torch.float16, torch.float32]:
             for name, thunk in launches(dt) + batch_launches(dt) + gemm_configs(dt, opts.quick) + \
                     tma_configs(dt, opts.quick) + attention_configs(dt, opts.quick) + \
-                    linear_layer_norm_configs(dt, opts.quick):
+                    linear_layer_norm_configs(dt, opts.quick) + embedding_pool_configs(dt, opts.quick):
                 current_launch[0] = f"{name} {dt}"
                 if name.startswith("batch "):
                     batch_launched.add(current_launch[0])

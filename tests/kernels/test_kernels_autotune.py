@@ -21,6 +21,9 @@ from kernels._autotune import (
 )
 from kernels.attention import GPU_CONFIGS as ATTENTION_CONFIGS
 from kernels.attention import _prune_configs as prune_attention
+from kernels.embedding_pool import GPU_CONFIGS as EMBEDDING_POOL_CONFIGS
+from kernels.embedding_pool import _prune_configs as prune_embedding_pool
+from kernels.embedding_pool import fits_registers as embedding_pool_fits_registers
 from kernels.linear import (
     _GPU_CONFIGS,
     _SPLIT_K_CONFIGS,
@@ -124,6 +127,26 @@ def test_long_sequences_tune_every_attention_tile_that_fits():
     q = torch.empty(1, dtype=torch.bfloat16)
     kept = prune_attention(ATTENTION_CONFIGS, {"q_ptr": q, "SQ_BUCKET": 512, "SK_BUCKET": 512}, HEAD_DIM=64)
     assert kept == ATTENTION_CONFIGS
+
+
+@pytest.mark.parametrize("s, d, expected", [
+    (10, 16, {(16, 16)}),  # short texts of a narrow table: the smallest tiles only
+    (128, 32, {(32, 32)}),
+    (64, 384, {(64, 128), (64, 256), (32, 256), (64, 64), (32, 128), (16, 128)}),
+    (128, 384, {(64, 128), (128, 128), (64, 256), (32, 256), (128, 64), (32, 128), (64, 64), (16, 128)}),
+    (128, 64, {(128, 64), (64, 64)}),
+])
+def test_embedding_pool_tunes_tiles_no_longer_than_the_sequences_nor_wider_than_the_rows(s, d, expected):
+    kept = prune_embedding_pool(EMBEDDING_POOL_CONFIGS, {"S_BUCKET": s if s & (s - 1) == 0 else 16, "D": d})
+    assert {(c.kwargs["BLOCK_S"], c.kwargs["BLOCK_D"]) for c in kept} == expected
+    assert all(embedding_pool_fits_registers(c) for c in kept)
+
+
+def test_embedding_pool_skips_tiles_past_64_accumulator_registers_a_thread():
+    """128 x 128 fp32 on 4 warps would be 128 registers a thread for the accumulator alone."""
+    kept = prune_embedding_pool(EMBEDDING_POOL_CONFIGS, {"S_BUCKET": 128, "D": 128})
+    assert (128, 128, 8) in {(c.kwargs["BLOCK_S"], c.kwargs["BLOCK_D"], c.num_warps) for c in kept}
+    assert all(c.kwargs["BLOCK_S"] * c.kwargs["BLOCK_D"] <= 64 * 32 * c.num_warps for c in kept)
 
 
 def test_compile_threads_follow_the_cpus_or_the_setting(monkeypatch):
