@@ -179,17 +179,16 @@ class TransformerEncoder(Architecture):
             groups = cuda_graphs.length_groups(lengths, PAD_MULTIPLE, self.p["max_length"], MIN_SAVED_POSITIONS)
         if len(groups) <= 1:
             return encode(self._to_device(ids), self._to_device(mask))
-        # Every group's rows go to the device before the first group runs, so the replays follow each other
-        # with nothing in between to wait for.
-        parts = []
+        # Each group's rows go to the device just before it runs, without waiting (pinned copies, `_to_device`):
+        # on a GPU the host gathers the next group while the previous one's replay runs.
+        outputs: dict[str, torch.Tensor] = {}
         for length, rows in groups:
             index = torch.from_numpy(rows).to(ids.device)
             width = min(length, ids.shape[1])
-            parts.append((self._to_device(index), self._to_device(ids.index_select(0, index)[:, :width]),
-                          self._to_device(mask.index_select(0, index)[:, :width])))
-        outputs: dict[str, torch.Tensor] = {}
-        for index, part_ids, part_mask in parts:
-            for name, t in encode(part_ids, part_mask).items():
+            part = encode(self._to_device(ids.index_select(0, index)[:, :width]),
+                          self._to_device(mask.index_select(0, index)[:, :width]))
+            index = self._to_device(index)
+            for name, t in part.items():
                 if name not in outputs:
                     outputs[name] = t.new_empty((ids.shape[0], *t.shape[1:]))
                 outputs[name].index_copy_(0, index, t)
