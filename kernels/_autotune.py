@@ -1,10 +1,9 @@
 """Tile-config autotuning on the GPU: Triton's autotuner, made cheaper for a worker's cold start.
 
 A model's warm-up tunes every GEMM, attention and embedding-pool launch once per power-of-two bucket of its
-batch. Triton's
-autotuner then compiles each candidate config when it first times it, one after another: on an H200, MiniLM's
-first call took 32.5 s with an empty Triton cache and 6.6-7.7 s with a warm one. Three things here shorten
-that:
+batch. Triton's autotuner then compiles each candidate config when it first times it, one after another: on an
+H200, MiniLM's first call took 32.5 s with an empty Triton cache and 6.6-7.7 s with a warm one. Four things
+here shorten that:
 
 - :func:`within_bucket` drops tiles taller than the bucket before anything is compiled or timed;
 - :class:`PrecompilingAutotuner` compiles a tuning round's remaining configs on a thread pool before timing
