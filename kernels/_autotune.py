@@ -2,7 +2,7 @@
 
 A model's warm-up tunes every GEMM, attention and embedding-pool launch once per power-of-two bucket of its
 batch. Triton's autotuner then compiles each candidate config when it first times it, one after another: on an
-H200, MiniLM's first call took 32.5 s with an empty Triton cache and 6.6-7.7 s with a warm one. Four things
+H200, MiniLM's first call took 32.5 s with an empty Triton cache and 6.6-7.7 s with a warm one. Five things
 here shorten that:
 
 - :func:`within_bucket` drops tiles taller than the bucket before anything is compiled or timed;
@@ -17,7 +17,10 @@ here shorten that:
   compile holds the GIL for part of its time, which caps what threads overlap;
 - timings are kept on disk beside the compiled kernels (``TRITON_CACHE_DIR``, Triton >= 3.4), those of the
   TMA GEMM's configs included, and so are choices timed outside an autotuner (:class:`StoredChoices`), so a
-  restarted worker skips both compiling and timing.
+  restarted worker skips both compiling and timing;
+- a tuning table of the GPU model (:mod:`kernels._tuning_table`, exported by :func:`tuning_table` from a
+  warm-up on that model) hands a key with no timings on disk its pick: only the picks compile, nothing is
+  timed.
 
 A model that has finished its warm-up serves :func:`tuned_shapes_only`: a bucket the warm-up did not visit
 borrows the config of the nearest tuned one instead of tuning while a request waits (on an H100, 64 texts of
@@ -35,6 +38,7 @@ import os
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -46,6 +50,7 @@ import triton
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
+from kernels._tuning_table import config_text, key_text, shipped_choice, shipped_config
 from kernels.dispatch import USE_AUTOTUNE, env_choice
 
 try:  # Triton >= 3.4
@@ -283,7 +288,10 @@ class PrecompilingAutotuner(Autotuner):
                 if key not in self.cache and getattr(self, "cache_results", False):
                     with contextlib.suppress(_NotOnDisk):  # found: the pick is filed in the cache
                         self._disk_or_bench(key, configs, _raise_not_on_disk)
-                if key in self.cache:
+                shipped = shipped_config(self.base_fn.__name__, key, configs) if key not in self.cache else None
+                if shipped is not None:
+                    configs = [shipped]
+                elif key in self.cache:
                     configs = [self.cache[key]]
             self._compile(configs, args, kwargs)
         finally:
@@ -302,25 +310,32 @@ class PrecompilingAutotuner(Autotuner):
         return super()._bench(*args, config=config, **meta)
 
     def check_disk_cache(self, tuning_key, configs: list[triton.Config], bench_fn) -> bool:
-        """Where Triton looks for a new key's timings on disk before timing its round (``bench_fn``): while
-        :func:`borrowing`, a key with no timings on disk takes the config of the nearest tuned key instead
-        (nothing is compiled, timed or written to disk)."""
+        """Where Triton looks for a new key's timings on disk before timing its round (``bench_fn``): without
+        them, a key takes the pick of the GPU model's tuning table (:mod:`kernels._tuning_table`), and while
+        :func:`borrowing`, the config of the nearest tuned key; in both cases nothing is compiled, timed or
+        written to disk but the config itself."""
+        try:
+            return self._disk_or_bench(tuning_key, configs, _raise_not_on_disk)
+        except _NotOnDisk:
+            pass
+        shipped = shipped_config(self.base_fn.__name__, tuning_key, configs)
+        if shipped is not None:
+            self._round = None
+            self.cache[tuning_key] = shipped
+            return True  # what Triton's `run` takes for "found": no tuning report
         lender = None
         if borrowing():
             tuned = [k for k in list(self.cache) if k not in self._borrowed]
             lender = nearest_key(tuning_key, tuned, self.bucket_positions)
         if lender is None:
             return self._disk_or_bench(tuning_key, configs, bench_fn)
-        try:
-            return self._disk_or_bench(tuning_key, configs, _raise_not_on_disk)
-        except _NotOnDisk:
-            self._round = None
-            self._borrowed |= {tuning_key}
-            self.cache[tuning_key] = self.cache[lender]
-            note_borrowed()
-            log.info("%s: bucket %s not tuned while serving: it runs the config tuned for %s (%s)",
-                     self.base_fn.__name__, tuning_key, lender, self.cache[lender])
-            return True  # what Triton's `run` takes for "found": no tuning report
+        self._round = None
+        self._borrowed |= {tuning_key}
+        self.cache[tuning_key] = self.cache[lender]
+        note_borrowed()
+        log.info("%s: bucket %s not tuned while serving: it runs the config tuned for %s (%s)",
+                 self.base_fn.__name__, tuning_key, lender, self.cache[lender])
+        return True
 
     def _disk_or_bench(self, tuning_key, configs: list[triton.Config], bench_fn) -> bool:
         """Triton's timings on disk, also for configs with a ``pre_hook`` (the TMA GEMM's), which Triton does
@@ -411,6 +426,7 @@ class TimedChoice:
         self.fastest: dict[tuple, str] = {}
         self.borrowed: set[tuple] = set()
         self._stored = StoredChoices(name)
+        _CHOICES.add(self)
 
     def choose(self, key: tuple, stored_key: str, candidates: Sequence[str], time: Callable[[str], float]) -> str:
         """The choice for ``key`` among ``candidates``; ``time(candidate)`` gives its milliseconds when timing is
@@ -418,6 +434,8 @@ class TimedChoice:
         chosen = self.fastest.get(key)
         if chosen not in candidates:
             chosen = self._stored.get(stored_key)
+        if chosen not in candidates:
+            chosen = shipped_choice(self.name, stored_key)
         if compiling_only():  # the known choice compiles, else every candidate; nothing is timed or kept
             for name in [chosen] if chosen in candidates else candidates:
                 time(name)
@@ -515,9 +533,33 @@ def autotune(configs: list[triton.Config], key: list[str], prune_configs_by: dic
         tuner = PrecompilingAutotuner(fn, fn.arg_names, configs, key, reset_to_zero=None, restore_value=None,
                                       prune_configs_by=prune_configs_by, **_CACHE_TUNING, **_timing_options())
         tuner.bucket_positions = bucket_positions(key, buckets)
+        _TUNERS.add(tuner)
         return tuner
 
     return wrap
+
+
+_TUNERS: weakref.WeakSet[PrecompilingAutotuner] = weakref.WeakSet()  # every kernel's autotuner (autotune)
+_CHOICES: weakref.WeakSet[TimedChoice] = weakref.WeakSet()
+
+
+def tuning_table(device_name: str) -> dict:
+    """What this process has tuned, as a tuning table for the GPU model ``device_name``
+    (:mod:`kernels._tuning_table`): every autotuner's picks but those it borrowed, and every timed choice kept in
+    ``TRITON_CACHE_DIR`` for that model."""
+    autotuners: dict[str, dict[str, str]] = {}
+    for tuner in list(_TUNERS):
+        picks = {key_text(k): config_text(c) for k, c in list(tuner.cache.items()) if k not in tuner._borrowed}
+        if picks:
+            autotuners.setdefault(tuner.base_fn.__name__, {}).update(picks)
+    choices = {}
+    for choice in list(_CHOICES):
+        stored = {k: v for k, v in choice._stored._read().items() if k.startswith(f"{device_name}|")}
+        if stored:
+            choices.setdefault(choice.name, {}).update(stored)
+    return {"device": device_name, "triton": triton.__version__,
+            "autotuners": {name: dict(sorted(picks.items())) for name, picks in sorted(autotuners.items())},
+            "choices": {name: dict(sorted(kept.items())) for name, kept in sorted(choices.items())}}
 
 
 def bucket_positions(key: Sequence[str], buckets: Sequence[str]) -> tuple[int, ...]:

@@ -14,6 +14,7 @@ tuning (:func:`check_serving_borrows`); and that inside ``compile_only`` launche
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -39,6 +40,7 @@ from kernels._autotune import (
     compile_only,
     tuned_shapes_only,
 )
+from kernels._tuning_table import TABLE_ENV, config_text, key_text
 from kernels.attention import GPU_CONFIGS as ATTENTION_CONFIGS
 from kernels.attention import _attention_kernel
 from kernels.attention import _prune_configs as prune_attention
@@ -201,6 +203,7 @@ def main() -> int:
 
         results += check_serving_borrows(gemm_kwargs)
         results += check_compile_only(gemm_kwargs)
+        results += check_tuning_table(gemm_kwargs)
 
         # A failure outside the compiles (here: arguments the JIT cannot bind) is logged, never raised.
         with logged("kernels._autotune") as warnings:
@@ -406,6 +409,43 @@ def check_compile_only(gemm_kwargs: dict) -> list[bool]:
     results.append(check("compile only: a choice kept on disk launches alone", (chosen, visited) == ("tma", ["tma"]),
                          f"chose {chosen}, visited {visited}"))
     results.append(check_model_compiles_only())
+    return results
+
+
+def check_tuning_table(gemm_kwargs: dict) -> list[bool]:
+    """A key the GPU model's tuning table holds: its pick alone compiles and nothing is timed, inside
+    ``compile_only`` too; a pick the configs no longer hold is ignored, and the key's round is tuned."""
+    results, timed = [], []
+    args = gemm(32, 896, 320)  # a shape of no other check: no timings on disk
+    round_ = _prune_configs(_GPU_CONFIGS, {"x_ptr": args[0], "M_BUCKET": args[-1]})
+    t = tuner(_linear_kernel, _GPU_CONFIGS, _prune_configs, timed=timed)
+    t.nargs = dict(zip(t.arg_names, args, strict=False))
+    key, t.nargs = t._tuning_key(gemm_kwargs), None
+    pick = round_[-1]
+    table = Path(os.environ["TRITON_CACHE_DIR"]) / "table-check.json"
+    table.write_text(json.dumps({"autotuners": {"_linear_kernel": {
+        key_text(key): config_text(pick), key_text((64, *key[1:])): "BLOCK_M: 48, num_warps: 4"}}}))
+    os.environ[TABLE_ENV] = str(table)
+    try:
+        _linear_kernel.device_caches.clear()
+        with compile_only(2) as done:
+            t[lambda meta: (1,)](*args, **gemm_kwargs)
+        results.append(check("tuning table: inside compile only, a key it holds compiles its pick alone",
+                             (compiled(_linear_kernel), done.binaries, len(timed)) == (1, 1, 0),
+                             f"{compiled(_linear_kernel)} compiled, {len(timed)} timed"))
+        _linear_kernel.device_caches.clear()
+        tune_and_launch(t, args, **gemm_kwargs)
+        results.append(check("tuning table: a key it holds takes its pick, times nothing, compiles the pick",
+                             (t.cache.get(key) is pick, len(timed), compiled(_linear_kernel)) == (True, 0, 1),
+                             f"pick taken: {t.cache.get(key) is pick}, {len(timed)} timed, "
+                             f"{compiled(_linear_kernel)} compiled"))
+        stale = gemm(64, 896, 320)  # the table's config for this key is none of the round's
+        tune_and_launch(t, stale, **gemm_kwargs)
+        stale_round = _prune_configs(_GPU_CONFIGS, {"x_ptr": stale[0], "M_BUCKET": stale[-1]})
+        results.append(check("tuning table: a pick the configs no longer hold is ignored, the round tuned",
+                             len(timed) == len(stale_round), f"{len(timed)} timed of a round of {len(stale_round)}"))
+    finally:
+        del os.environ[TABLE_ENV]
     return results
 
 

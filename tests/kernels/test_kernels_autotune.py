@@ -1,6 +1,7 @@
 """Autotuning: which tile configs a launch compiles and times, how many threads compile them, how they are
 timed (the precompile itself: ``test_kernels_compile.py``)."""
 
+import json
 import os
 import threading
 
@@ -9,7 +10,7 @@ import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels import _autotune
+from kernels import _autotune, _tuning_table
 from kernels._autotune import (
     TimedChoice,
     borrowing,
@@ -308,3 +309,89 @@ def test_a_choice_is_timed_once_then_kept_and_borrowed_only_while_serving(tmp_pa
     with tuned_shapes_only() as borrowed:
         assert choice.choose((128, 384), "k128", ["tiled", "fused"], time) == "fused"
     assert timed == ["tiled", "fused"] and borrowed.count == 1
+
+
+def _write_table(path, autotuners=None, choices=None):
+    path.write_text(json.dumps({"device": "stand-in", "autotuners": autotuners or {}, "choices": choices or {}}))
+    return path
+
+
+def test_a_tuning_table_hands_a_key_the_candidate_config_it_names(tmp_path, monkeypatch):
+    """The table names configs as Triton prints them; the pick is the candidate itself (a TMA config keeps
+    its descriptor hook), and a key or a config the table does not hold gives nothing."""
+    candidates = _prune_tma_configs(_TMA_CONFIGS, gemm_args(4096))
+    key = (4096, 1536, 384, "torch.bfloat16")
+    picked = candidates[1]
+    table = _write_table(tmp_path / "t.json", {"_linear_tma_kernel": {
+        _tuning_table.key_text(key): _tuning_table.config_text(picked),
+        _tuning_table.key_text((8192, 1536, 384, "torch.bfloat16")): "BLOCK_M: 48, num_warps: 4"}})
+    monkeypatch.setenv("MAAS_TUNING_TABLE", str(table))
+    assert _tuning_table.shipped_config("_linear_tma_kernel", key, candidates) is picked
+    assert picked.pre_hook is not None
+    assert _tuning_table.shipped_config("_linear_tma_kernel", (2048, 1536, 384, "torch.bfloat16"), candidates) is None
+    assert _tuning_table.shipped_config("_linear_tma_kernel", (8192, 1536, 384, "torch.bfloat16"), candidates) is None
+    assert _tuning_table.shipped_config("_linear_kernel", key, candidates) is None
+
+
+def test_the_tuning_table_setting(tmp_path, monkeypatch, caplog):
+    """MAAS_TUNING_TABLE: a file, or none; unset on a machine without a GPU, no table. An unreadable table
+    warns and tunes as usual."""
+    table = _write_table(tmp_path / "t.json", choices={"c": {"k": "tma"}})
+    monkeypatch.delenv("MAAS_TUNING_TABLE", raising=False)
+    assert _tuning_table.current() == {}  # this machine has no GPU: no shipped table applies
+    monkeypatch.setenv("MAAS_TUNING_TABLE", str(table))
+    assert _tuning_table.shipped_choice("c", "k") == "tma"
+    monkeypatch.setenv("MAAS_TUNING_TABLE", "None")
+    assert _tuning_table.shipped_choice("c", "k") is None
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    monkeypatch.setenv("MAAS_TUNING_TABLE", str(broken))
+    assert _tuning_table.current() == {}
+    assert "tuning table" in caplog.text and "unreadable" in caplog.text
+    monkeypatch.setenv("MAAS_TUNING_TABLE", str(tmp_path / "missing.json"))
+    assert _tuning_table.current() == {} and "missing.json: no such file" in caplog.text
+    assert _tuning_table.device_file("NVIDIA H100 80GB HBM3").name == "nvidia-h100-80gb-hbm3.json"
+
+
+def test_a_timed_choice_takes_the_table_s_choice_after_its_own_timings(tmp_path, monkeypatch):
+    """No timing where the table has the key; a choice this worker timed (on disk) comes first; inside
+    compile_only only the table's choice compiles."""
+    monkeypatch.setattr(triton.knobs.cache, "dir", str(tmp_path))
+    monkeypatch.setenv("MAAS_TUNING_TABLE", str(_write_table(
+        tmp_path / "t.json", choices={"test_table_choice": {"gpu|k16": "tma", "gpu|k32": "tma"}})))
+    timed = []
+
+    def time(name: str) -> float:
+        timed.append(name)
+        return {"tiled": 1.0, "tma": 2.0}[name]
+
+    choice = TimedChoice("test_table_choice", bucket_at=0)
+    assert choice.choose((16,), "gpu|k16", ["tiled", "tma"], time) == "tma" and timed == []
+    _autotune.StoredChoices("test_table_choice").put("gpu|k32", "tiled")  # timed here before: it wins
+    assert choice.choose((32,), "gpu|k32", ["tiled", "tma"], time) == "tiled" and timed == []
+    fresh = TimedChoice("test_table_choice", bucket_at=0)
+    monkeypatch.setattr(_autotune, "compiling_only", lambda: True)
+    assert fresh.choose((16,), "gpu|k16", ["tiled", "tma"], time) == "tma" and timed == ["tma"]
+
+
+def test_a_tuning_table_holds_what_this_process_tuned_but_not_what_it_borrowed(tmp_path, monkeypatch):
+    monkeypatch.setattr(triton.knobs.cache, "dir", str(tmp_path))
+    def _test_table_kernel():
+        pass
+
+    tuner = _autotune.PrecompilingAutotuner(_test_table_kernel, [], _GPU_CONFIGS, ["M_BUCKET"], reset_to_zero=None,
+                                            restore_value=None)
+    tuner.cache = {(16, "torch.bfloat16"): _GPU_CONFIGS[0], (64, "torch.bfloat16"): _GPU_CONFIGS[1],
+                   (128, "torch.bfloat16"): _GPU_CONFIGS[1]}
+    tuner._borrowed = frozenset({(128, "torch.bfloat16")})
+    monkeypatch.setattr(_autotune, "_TUNERS", {tuner})
+    _autotune.StoredChoices("test_export_choice").put("GPU X|3.6.0|64", "tma")
+    _autotune.StoredChoices("test_export_choice").put("GPU Y|3.6.0|64", "tiled")  # another GPU model's
+    choice = TimedChoice("test_export_choice", bucket_at=0)
+    monkeypatch.setattr(_autotune, "_CHOICES", {choice})
+    table = _autotune.tuning_table("GPU X")
+    assert table["autotuners"] == {"_test_table_kernel": {
+        '[16, "torch.bfloat16"]': _tuning_table.config_text(_GPU_CONFIGS[0]),
+        '[64, "torch.bfloat16"]': _tuning_table.config_text(_GPU_CONFIGS[1])}}
+    assert table["choices"] == {"test_export_choice": {"GPU X|3.6.0|64": "tma"}}
+    assert table["device"] == "GPU X" and table["triton"] == triton.__version__
