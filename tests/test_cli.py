@@ -58,6 +58,14 @@ def test_models_examples_list_and_describe(tmp_path):
     assert out.returncode == 2 and "model 'nope' is not in the repository" in out.stderr
 
 
+def test_models_tune_on_a_machine_without_a_gpu_says_why_it_cannot(tmp_path):
+    out = maas("models", "tune", "mnist_mlp", "--output", str(tmp_path / "table.json"),
+               env={"MAAS_MODEL_REPOSITORY": str(tmp_path / "repo")})
+    assert out.returncode == 2 and not (tmp_path / "table.json").exists()
+    assert out.stderr.strip() == ("maas: error: no CUDA GPU here: `models tune` times kernels on the GPU model the "
+                                  "workers will run on")
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_the_embedded_stack(tmp_path):
     out = maas("demo", "--requests", "60", "--show", "3", cwd=tmp_path, timeout=240)

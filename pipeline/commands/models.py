@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from models.examples import EXAMPLES, ensure_examples
 from models.repository import Repository, RepositoryError
@@ -34,6 +35,8 @@ def _run(args: argparse.Namespace, repository: Repository) -> int:
         config = repository.config(args.name, version)
         print(json.dumps({"name": args.name, "version": version, "versions": repository.versions(args.name),
                           **config.to_json()}, indent=2))
+    elif args.models_command == "tune":
+        _tune(args.names, Path(args.output), repository)
     elif args.models_command == "publish":
         from models.publish import publish_model, read_source  # torch: not imported by the serving commands
 
@@ -48,6 +51,25 @@ def _run(args: argparse.Namespace, repository: Repository) -> int:
             numbers = ", ".join(f"{k} {v:.4g}" for k, v in stats.items())
             print(f"int8 vs float on the warm-up inputs, output {output!r}: {numbers}")
     return 0
+
+
+def _tune(names: list[str], output: Path, repository: Repository) -> None:
+    import torch  # not imported by the serving commands
+
+    from kernels._autotune import tuning_table
+    from models.cache import ModelCache
+
+    if not torch.cuda.is_available():
+        raise ConfigError("no CUDA GPU here: `models tune` times kernels on the GPU model the workers will run on")
+    cache = ModelCache(repository)
+    for name in names:
+        loaded = cache.get(name, cache.resolve(name))  # the warm-up tunes its kernels
+        print(f"{name} v{loaded.version}: warmed up in {loaded.warmup_seconds:.1f} s")
+    device = torch.cuda.get_device_name()
+    table = tuning_table(device)
+    output.write_text(json.dumps(table, indent=1))
+    print(f"wrote {output}: {sum(map(len, table['autotuners'].values()))} autotuner picks and "
+          f"{sum(map(len, table['choices'].values()))} kernel choices for {device}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -73,4 +95,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     publish.add_argument("--tokenizer", default=None, help="tokenizer.json for text models")
     publish.add_argument("--quantize", choices=["int8"], default=None,
                          help="weight-only int8 dense layers; prints the output difference to the float model")
+    tune = msub.add_parser("tune", help="warm models up on this GPU and write what they tuned as a tuning table",
+                           description="Load and warm up each model (latest version) on this machine's GPU, which "
+                                       "autotunes its kernels, and write the picks as a tuning table: point "
+                                       "MAAS_TUNING_TABLE at it, or ship it as kernels/tuned/<device>.json, and "
+                                       "workers on the same GPU model with an empty TRITON_CACHE_DIR compile only "
+                                       "the picks and time nothing. Run it with MAAS_TUNING_TABLE=none and an empty "
+                                       "TRITON_CACHE_DIR to time everything afresh.")
+    tune.add_argument("names", nargs="+", help="model names in the repository")
+    tune.add_argument("--output", required=True, help="where to write the table (JSON)")
     models.set_defaults(run=cmd_models)
