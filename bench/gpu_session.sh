@@ -5,7 +5,8 @@
 #
 # checks: bench/gpu_kernels_check.py in parallel groups, then bench/gpu_models_check.py (the kernels against
 #         float64 references; every architecture launched kernel by kernel and served from CUDA graphs);
-# tokens: bench/models.py --tokens (MiniLM on token ids: kernels, CUDA graphs, eager, torch.compile);
+# tokens: bench/models.py --tokens $TOKENS_FLAGS (MiniLM on token ids: kernels, CUDA graphs, eager, torch.compile;
+#         e.g. TOKENS_FLAGS="--token-batches 256 --dtypes BF16 --no-compile" for the served batch alone);
 # kernels: bench/kernels.py $KERNELS_FLAGS (default --no-compile: every op against torch eager; "--quick" adds
 #         the torch.compile column on fewer sizes);
 # zoo:    bench/models.py --no-compile (every architecture: kernels, served, eager twin; ZOO_FLAGS adds flags,
@@ -26,6 +27,7 @@ shift
 parts=${*:-checks tokens kernels zoo cold compile}
 py=${PY:-python3}
 ZOO_FLAGS=${ZOO_FLAGS:-}
+TOKENS_FLAGS=${TOKENS_FLAGS:-}
 KERNELS_FLAGS=${KERNELS_FLAGS:---no-compile}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the script moves to the repository root below
@@ -63,7 +65,9 @@ for part in $parts; do
       rm -rf "$out"/check*.txt "$out/triton_checks"
       grep -E "FAIL|passed|failure" "$log" | tail -40 ;;
     tokens)
-      timeout "$limit" $py bench/models.py --tokens --output "$out/models_tokens.json" 2>&1 | tee -a "$log" ;;
+      # shellcheck disable=SC2086  # TOKENS_FLAGS: several words on purpose
+      timeout "$limit" $py bench/models.py --tokens $TOKENS_FLAGS --output "$out/models_tokens.json" 2>&1 \
+        | tee -a "$log" ;;
     kernels)
       # shellcheck disable=SC2086  # KERNELS_FLAGS: several words on purpose
       timeout "$limit" $py bench/kernels.py $KERNELS_FLAGS 2>&1 | tee -a "$log"
