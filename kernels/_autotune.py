@@ -13,8 +13,9 @@ here shorten that:
   need (each autotuned launch's whole round, or its pick where timings are on disk; each fixed kernel)
   compiles on one pool at once, where the rounds would compile one after another, each waiting for its
   slowest config (on an H100, on threads, this took MiniLM's empty-cache cold start from 32.6 to 30.3 s: most
-  of the compiling was already overlapped). The pool is of processes (:mod:`kernels._compile_workers`): a
-  compile holds the GIL for part of its time, which caps what threads overlap;
+  of the compiling was already overlapped). From 8 workers the pool is of processes
+  (:mod:`kernels._compile_workers`): a compile holds the GIL for part of its time, which caps what threads
+  overlap;
 - timings are kept on disk beside the compiled kernels (``TRITON_CACHE_DIR``, Triton >= 3.4), those of the
   TMA GEMM's configs included, and so are choices timed outside an autotuner (:class:`StoredChoices`), so a
   restarted worker skips both compiling and timing;
@@ -66,7 +67,11 @@ _CACHE_TUNING = {"cache_results": True} if "cache_results" in _AUTOTUNE_PARAMETE
 AUTOTUNE_TIMING_ENV = "MAAS_AUTOTUNE_TIMING"
 COMPILE_THREADS_ENV = "MAAS_COMPILE_THREADS"
 COMPILE_WORKERS_ENV = "MAAS_COMPILE_WORKERS"
-COMPILE_WORKERS_CHOICES = ("processes", "threads")
+COMPILE_WORKERS_CHOICES = ("auto", "processes", "threads")
+# Workers from which `auto` compiles in processes: two worker processes took 1.2-1.4x as long as two threads on
+# a 2-CPU machine (each imports torch before its first compile), while a compile holding the GIL 12-24% of its
+# time caps threads at 4-8x whatever their number (bench/compile.py; not yet measured on a GPU machine).
+PROCESSES_FROM = 8
 UNSEEN_SHAPES_ENV = "MAAS_AUTOTUNE_UNSEEN"
 UNSEEN_SHAPES_CHOICES = ("borrow", "tune")
 
@@ -145,8 +150,9 @@ def compile_only(threads: int | None = None) -> Iterator[CompilePass]:
     and run again afterwards. Yields a :class:`CompilePass`, not ``parallel`` with one worker or before Triton
     3.4: then the block does nothing, and launches run as usual.
 
-    For CUDA, under ``MAAS_COMPILE_WORKERS=processes`` (the default), a binary missing from the Triton cache
-    compiles in a worker process before a thread loads it (:mod:`kernels._compile_workers`)."""
+    For CUDA, with ``MAAS_COMPILE_WORKERS=processes`` (the default from 8 workers: :func:`compile_workers`), a
+    binary missing from the Triton cache compiles in a worker process before a thread loads it
+    (:mod:`kernels._compile_workers`)."""
     threads = threads or compile_threads(1 << 10)
     done = CompilePass()
     if threads < 2 or AsyncCompileMode is None or compiling_only():
@@ -174,9 +180,9 @@ def compile_only(threads: int | None = None) -> Iterator[CompilePass]:
 
 
 def _compile_mode(pool: ThreadPoolExecutor, processes: int):
-    """Triton's ``AsyncCompileMode`` on ``pool``; under ``MAAS_COMPILE_WORKERS=processes`` the one that compiles a
-    CUDA binary missing from the cache in one of ``processes`` worker processes first."""
-    if compile_workers() == "processes":
+    """Triton's ``AsyncCompileMode`` on ``pool``; where :func:`compile_workers` says processes, the one that
+    compiles a CUDA binary missing from the cache in one of ``processes`` worker processes first."""
+    if compile_workers(processes) == "processes":
         from kernels._compile_workers import WorkerCompileMode
 
         return WorkerCompileMode(pool, processes)
@@ -248,9 +254,13 @@ def compile_threads(configs: int) -> int:
     return min(threads, configs)
 
 
-def compile_workers() -> str:
-    """``MAAS_COMPILE_WORKERS``: ``processes`` (default) or ``threads`` compile a warm-up's compile-only pass."""
-    return env_choice(COMPILE_WORKERS_ENV, "processes", COMPILE_WORKERS_CHOICES)
+def compile_workers(workers: int = PROCESSES_FROM) -> str:
+    """What compiles a warm-up's compile-only pass of ``workers`` workers: ``processes`` or ``threads``, as
+    ``MAAS_COMPILE_WORKERS`` says (``auto``, the default: processes from ``PROCESSES_FROM`` workers)."""
+    choice = env_choice(COMPILE_WORKERS_ENV, "auto", COMPILE_WORKERS_CHOICES)
+    if choice == "auto":
+        return "processes" if workers >= PROCESSES_FROM else "threads"
+    return choice
 
 
 class PrecompilingAutotuner(Autotuner):

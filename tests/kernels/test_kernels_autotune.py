@@ -150,6 +150,15 @@ def test_embedding_pool_skips_tiles_past_64_accumulator_registers_a_thread():
     assert all(c.kwargs["BLOCK_S"] * c.kwargs["BLOCK_D"] <= 64 * 32 * c.num_warps for c in kept)
 
 
+def test_worker_processes_compile_from_eight_workers_unless_the_setting_says(monkeypatch):
+    monkeypatch.delenv("MAAS_COMPILE_WORKERS", raising=False)
+    assert [_autotune.compile_workers(n) for n in (2, 7, 8, 15)] == ["threads", "threads", "processes", "processes"]
+    monkeypatch.setenv("MAAS_COMPILE_WORKERS", "processes")
+    assert _autotune.compile_workers(2) == "processes"
+    monkeypatch.setenv("MAAS_COMPILE_WORKERS", "threads")
+    assert _autotune.compile_workers(15) == "threads"
+
+
 def test_compile_threads_follow_the_cpus_or_the_setting(monkeypatch):
     monkeypatch.delenv("MAAS_COMPILE_THREADS", raising=False)
     assert compile_threads(1000) == max(1, len(os.sched_getaffinity(0)) - 1)

@@ -27,3 +27,12 @@ def test_configs_precompile_in_parallel_under_the_keys_timing_looks_up():
     """The autotuner's precompile through Triton's real JIT: see ``autotune_check.py`` for what it checks."""
     done = run_offline("autotune_check.py")
     assert [line[:4] for line in done.stdout.splitlines()] == ["ok  "] * 27, done.stdout
+
+
+def test_worker_processes_do_not_run_the_callers_script_again():
+    """A script without a main guard compiles ahead in worker processes once: its line printed once, by itself,
+    every binary compiled in a worker."""
+    lines = run_offline("unguarded_compile_check.py").stdout.splitlines()
+    assert len(lines) == 1, lines
+    binaries, in_processes = int(lines[0].split()[1]), int(lines[0].split()[3])
+    assert binaries >= 1 and in_processes == binaries, lines
