@@ -325,27 +325,31 @@ class PrecompilingAutotuner(Autotuner):
         :func:`borrowing`, the config of the nearest tuned key; in both cases nothing is compiled, timed or
         written to disk but the config itself."""
         try:
-            return self._disk_or_bench(tuning_key, configs, _raise_not_on_disk)
-        except _NotOnDisk:
-            pass
-        shipped = shipped_config(self.base_fn.__name__, tuning_key, configs)
-        if shipped is not None:
-            self._round = None
-            self.cache[tuning_key] = shipped
+            return self._disk_or_bench(tuning_key, configs, lambda: self._untimed_or(tuning_key, configs, bench_fn))
+        except _Untimed:
             return True  # what Triton's `run` takes for "found": no tuning report
+
+    def _untimed_or(self, tuning_key, configs: list[triton.Config], bench_fn) -> None:
+        """A key with no timings on disk: file the table's pick or a borrowed config and raise :class:`_Untimed`
+        (Triton then writes no timings), else time the round."""
+        shipped = shipped_config(self.base_fn.__name__, tuning_key, configs)
         lender = None
-        if borrowing():
+        if shipped is None and borrowing():
             tuned = [k for k in list(self.cache) if k not in self._borrowed]
             lender = nearest_key(tuning_key, tuned, self.bucket_positions)
-        if lender is None:
-            return self._disk_or_bench(tuning_key, configs, bench_fn)
+        if shipped is None and lender is None:
+            bench_fn()
+            return
         self._round = None
-        self._borrowed |= {tuning_key}
-        self.cache[tuning_key] = self.cache[lender]
-        note_borrowed()
-        log.info("%s: bucket %s not tuned while serving: it runs the config tuned for %s (%s)",
-                 self.base_fn.__name__, tuning_key, lender, self.cache[lender])
-        return True
+        if shipped is not None:
+            self.cache[tuning_key] = shipped
+        else:
+            self._borrowed |= {tuning_key}
+            self.cache[tuning_key] = self.cache[lender]
+            note_borrowed()
+            log.info("%s: bucket %s not tuned while serving: it runs the config tuned for %s (%s)",
+                     self.base_fn.__name__, tuning_key, lender, self.cache[lender])
+        raise _Untimed
 
     def _disk_or_bench(self, tuning_key, configs: list[triton.Config], bench_fn) -> bool:
         """Triton's timings on disk, also for configs with a ``pre_hook`` (the TMA GEMM's), which Triton does
@@ -490,6 +494,11 @@ def gpu_ms(launch: Callable[[], object]) -> float:
 
 class _NotOnDisk(Exception):
     """Raised in place of timing a round: it leaves Triton's ``check_disk_cache`` before it writes timings."""
+
+
+class _Untimed(Exception):
+    """Raised once a key without timings on disk has a config that needed none (a table's pick, a borrowed one):
+    it leaves Triton's ``check_disk_cache`` before it writes timings."""
 
 
 def _raise_not_on_disk() -> None:
