@@ -56,7 +56,7 @@ from kernels._autotune import (  # noqa: E402
     COMPILE_WORKERS_ENV,
     UNSEEN_SHAPES_ENV,
 )
-from kernels._tuning_table import TABLE_ENV  # noqa: E402
+from kernels._tuning_table import TABLE_ENV, summary  # noqa: E402
 from models.architectures import build  # noqa: E402
 from models.artifact import TOKENIZER_FILE, ArtifactError, ModelConfig  # noqa: E402
 from models.datatypes import torch_dtype  # noqa: E402
@@ -315,8 +315,7 @@ def cold_start(repo_root: Path, name: str, request: str, env: dict[str, str],
         f"for _ in range({LATER_ANSWERS} if later is not None else 0):\n"
         "    model.infer(later); times.append(time.perf_counter())\n"
         "print(*(b - a for a, b in zip(times, times[1:])), t1 - t0, t2 - t1, t3 - t2, t3 - t0)\n"
-        + (f"import json, torch; from kernels._autotune import tuning_table; "
-           f"open({str(export)!r}, 'w').write(json.dumps(tuning_table(torch.cuda.get_device_name()), indent=1))\n"
+        + (f"from kernels._autotune import write_tuning_table; write_tuning_table({str(export)!r})\n"
            if export else "")
     )
     start = time.perf_counter()
@@ -404,9 +403,7 @@ def gpu_cold_start(output: str | None) -> dict:
                     _print_cold(label, c)
                     _save(output, {"device": torch.cuda.get_device_name(), "cold_start": results})
                     if state == "warm" and table.is_file():
-                        tuned = json.loads(table.read_text())
-                        print(f"    tuning table {table}: {sum(map(len, tuned['autotuners'].values()))} autotuner "
-                              f"picks, {sum(map(len, tuned['choices'].values()))} kernel choices", flush=True)
+                        print(f"    tuning table {table}: {summary(json.loads(table.read_text()))}", flush=True)
     return results
 
 

@@ -581,6 +581,13 @@ def tuning_table(device_name: str) -> dict:
             "choices": {name: dict(sorted(kept.items())) for name, kept in sorted(choices.items())}}
 
 
+def write_tuning_table(path: str | Path) -> dict:
+    """What this process has tuned on its CUDA device (:func:`tuning_table`), written to ``path`` as JSON."""
+    table = tuning_table(torch.cuda.get_device_name())
+    Path(path).write_text(json.dumps(table, indent=1))
+    return table
+
+
 def bucket_positions(key: Sequence[str], buckets: Sequence[str]) -> tuple[int, ...]:
     """Where the ``buckets`` arguments sit in an autotuner's tuning key (its ``key`` arguments in order, then
     dtypes): all must be key arguments."""

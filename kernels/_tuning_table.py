@@ -3,8 +3,8 @@
 With an empty Triton cache a worker's first warm-up compiles and times every tile config of every tuning
 round, and times every kernel choice: most of MiniLM's empty-cache cold start on an H100 (30.3 s against 7.0 s
 with a warm cache, run 11). A warm-up on the same GPU model has already made every one of those decisions; a
-table of them (:func:`tuning_table`, written by ``bench/tuning_table.py``) hands each tuning key its pick, so
-that only the picks compile and nothing is timed. vLLM ships its fused-MoE tile configs per GPU model the same
+table of them (:func:`kernels._autotune.tuning_table`, written by ``maas models tune``) hands each tuning key its
+pick, so that only the picks compile and nothing is timed. vLLM ships its fused-MoE tile configs per GPU model the same
 way.
 
 Tables are JSON files: ``kernels/tuned/<device>.json`` for the GPU model named ``<device>`` (its CUDA name,
@@ -88,6 +88,12 @@ def shipped_choice(name: str, stored_key: str) -> str | None:
     """The choice the table holds for ``stored_key`` of the :class:`kernels._autotune.TimedChoice` ``name``."""
     choice = current().get("choices", {}).get(name, {}).get(stored_key)
     return choice if isinstance(choice, str) else None
+
+
+def summary(table: dict) -> str:
+    """What ``table`` holds, in words."""
+    return (f"{sum(map(len, table.get('autotuners', {}).values()))} autotuner picks and "
+            f"{sum(map(len, table.get('choices', {}).values()))} kernel choices")
 
 
 def config_text(config) -> str:

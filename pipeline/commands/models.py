@@ -56,7 +56,8 @@ def _run(args: argparse.Namespace, repository: Repository) -> int:
 def _tune(names: list[str], output: Path, repository: Repository) -> None:
     import torch  # not imported by the serving commands
 
-    from kernels._autotune import tuning_table
+    from kernels._autotune import write_tuning_table
+    from kernels._tuning_table import summary
     from models.cache import ModelCache
 
     if not torch.cuda.is_available():
@@ -65,11 +66,8 @@ def _tune(names: list[str], output: Path, repository: Repository) -> None:
     for name in names:
         loaded = cache.get(name, cache.resolve(name))  # the warm-up tunes its kernels
         print(f"{name} v{loaded.version}: warmed up in {loaded.warmup_seconds:.1f} s")
-    device = torch.cuda.get_device_name()
-    table = tuning_table(device)
-    output.write_text(json.dumps(table, indent=1))
-    print(f"wrote {output}: {sum(map(len, table['autotuners'].values()))} autotuner picks and "
-          f"{sum(map(len, table['choices'].values()))} kernel choices for {device}")
+    table = write_tuning_table(output)
+    print(f"wrote {output}: {summary(table)} for {table['device']}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

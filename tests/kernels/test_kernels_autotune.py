@@ -404,3 +404,4 @@ def test_a_tuning_table_holds_what_this_process_tuned_but_not_what_it_borrowed(t
         '[64, "torch.bfloat16"]': _tuning_table.config_text(_GPU_CONFIGS[1])}}
     assert table["choices"] == {"test_export_choice": {"GPU X|3.6.0|64": "tma"}}
     assert table["device"] == "GPU X" and table["triton"] == triton.__version__
+    assert _tuning_table.summary(table) == "2 autotuner picks and 1 kernel choices"
