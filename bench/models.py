@@ -354,12 +354,12 @@ def _print_cold(label: str, c: dict) -> None:
 
 
 # (autotune timing, compile threads, compile workers, what a warm model does with shapes its warm-up missed) of
-# each cold start, most telling first (a time limit may cut the list): the defaults; the compile-only pass on
-# threads instead of processes; tuning those shapes while the request waits instead of borrowing configs;
+# each cold start, most telling first (a time limit may cut the list): the defaults; the compile-only pass in
+# worker processes instead of threads; tuning those shapes while the request waits instead of borrowing configs;
 # configs compiled one by one as they are timed; Triton's full timing budget; graph timing.
-COLD_START_WAYS = [("quick", "auto", "processes", "borrow"), ("quick", "auto", "threads", "borrow"),
-                   ("quick", "auto", "processes", "tune"), ("quick", "1", "processes", "borrow"),
-                   ("full", "auto", "processes", "borrow"), ("graph", "auto", "processes", "borrow")]
+COLD_START_WAYS = [("quick", "auto", "threads", "borrow"), ("quick", "auto", "processes", "borrow"),
+                   ("quick", "auto", "threads", "tune"), ("quick", "1", "threads", "borrow"),
+                   ("full", "auto", "threads", "borrow"), ("graph", "auto", "threads", "borrow")]
 LATER_ANSWERS = 6  # answers to the request of other shapes: the first, then five for a median
 
 

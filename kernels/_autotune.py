@@ -67,11 +67,11 @@ _CACHE_TUNING = {"cache_results": True} if "cache_results" in _AUTOTUNE_PARAMETE
 AUTOTUNE_TIMING_ENV = "MAAS_AUTOTUNE_TIMING"
 COMPILE_THREADS_ENV = "MAAS_COMPILE_THREADS"
 COMPILE_WORKERS_ENV = "MAAS_COMPILE_WORKERS"
-COMPILE_WORKERS_CHOICES = ("auto", "processes", "threads")
-# Workers from which `auto` compiles in processes: two worker processes took 1.2-1.4x as long as two threads on
-# a 2-CPU machine (each imports torch before its first compile), while a compile holding the GIL 12-24% of its
-# time caps threads at 4-8x whatever their number (bench/compile.py; not yet measured on a GPU machine).
-PROCESSES_FROM = 8
+# Threads by default: on an H100 machine's 16 CPUs MiniLM's empty-cache warm-up compiled its 54 binaries in
+# 12.4 s on 15 threads and in 22.5 s in 15 worker processes (each imports torch before its first compile), though
+# a compile holds the GIL 24% of its time there (bench/results/gpu, run 12). Processes keep the GIL free for an
+# event loop serving other models meanwhile.
+COMPILE_WORKERS_CHOICES = ("threads", "processes")
 UNSEEN_SHAPES_ENV = "MAAS_AUTOTUNE_UNSEEN"
 UNSEEN_SHAPES_CHOICES = ("borrow", "tune")
 
@@ -150,8 +150,8 @@ def compile_only(threads: int | None = None) -> Iterator[CompilePass]:
     and run again afterwards. Yields a :class:`CompilePass`, not ``parallel`` with one worker or before Triton
     3.4: then the block does nothing, and launches run as usual.
 
-    For CUDA, with ``MAAS_COMPILE_WORKERS=processes`` (the default from 8 workers: :func:`compile_workers`), a
-    binary missing from the Triton cache compiles in a worker process before a thread loads it
+    For CUDA, with ``MAAS_COMPILE_WORKERS=processes`` (:func:`compile_workers`; default threads), a binary
+    missing from the Triton cache compiles in a worker process before a thread loads it
     (:mod:`kernels._compile_workers`)."""
     threads = threads or compile_threads(1 << 10)
     done = CompilePass()
@@ -182,7 +182,7 @@ def compile_only(threads: int | None = None) -> Iterator[CompilePass]:
 def _compile_mode(pool: ThreadPoolExecutor, processes: int):
     """Triton's ``AsyncCompileMode`` on ``pool``; where :func:`compile_workers` says processes, the one that
     compiles a CUDA binary missing from the cache in one of ``processes`` worker processes first."""
-    if compile_workers(processes) == "processes":
+    if compile_workers() == "processes":
         from kernels._compile_workers import WorkerCompileMode
 
         return WorkerCompileMode(pool, processes)
@@ -254,13 +254,10 @@ def compile_threads(configs: int) -> int:
     return min(threads, configs)
 
 
-def compile_workers(workers: int = PROCESSES_FROM) -> str:
-    """What compiles a warm-up's compile-only pass of ``workers`` workers: ``processes`` or ``threads``, as
-    ``MAAS_COMPILE_WORKERS`` says (``auto``, the default: processes from ``PROCESSES_FROM`` workers)."""
-    choice = env_choice(COMPILE_WORKERS_ENV, "auto", COMPILE_WORKERS_CHOICES)
-    if choice == "auto":
-        return "processes" if workers >= PROCESSES_FROM else "threads"
-    return choice
+def compile_workers() -> str:
+    """What compiles a warm-up's compile-only pass: ``threads`` (the default) or ``processes``, as
+    ``MAAS_COMPILE_WORKERS`` says."""
+    return env_choice(COMPILE_WORKERS_ENV, "threads", COMPILE_WORKERS_CHOICES)
 
 
 class PrecompilingAutotuner(Autotuner):

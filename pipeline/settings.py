@@ -31,7 +31,7 @@ ENGINE_KNOB_CHOICES: dict[str, tuple[str, ...]] = {
     "MAAS_LINEAR_SPLIT_K": ("auto", "1", "0"),
     "MAAS_LINEAR_GEMV": ("auto", "1", "0"),
     "MAAS_LINEAR_LAYER_NORM": ("auto", "1", "0"),
-    "MAAS_COMPILE_WORKERS": ("auto", "processes", "threads"),
+    "MAAS_COMPILE_WORKERS": ("threads", "processes"),
     "MAAS_CPU_RUNTIME": ("numpy", "torch"),
 }
 

@@ -26,6 +26,7 @@ from kernels.embedding_pool import GPU_CONFIGS as EMBEDDING_POOL_CONFIGS
 from kernels.embedding_pool import _prune_configs as prune_embedding_pool
 from kernels.embedding_pool import fits_registers as embedding_pool_fits_registers
 from kernels.linear import (
+    _GEMV_CONFIGS,
     _GPU_CONFIGS,
     _SPLIT_K_CONFIGS,
     _TMA_CONFIGS,
@@ -150,13 +151,14 @@ def test_embedding_pool_skips_tiles_past_64_accumulator_registers_a_thread():
     assert all(c.kwargs["BLOCK_S"] * c.kwargs["BLOCK_D"] <= 64 * 32 * c.num_warps for c in kept)
 
 
-def test_worker_processes_compile_from_eight_workers_unless_the_setting_says(monkeypatch):
+def test_threads_compile_unless_the_setting_says_processes(monkeypatch):
     monkeypatch.delenv("MAAS_COMPILE_WORKERS", raising=False)
-    assert [_autotune.compile_workers(n) for n in (2, 7, 8, 15)] == ["threads", "threads", "processes", "processes"]
+    assert _autotune.compile_workers() == "threads"
     monkeypatch.setenv("MAAS_COMPILE_WORKERS", "processes")
-    assert _autotune.compile_workers(2) == "processes"
-    monkeypatch.setenv("MAAS_COMPILE_WORKERS", "threads")
-    assert _autotune.compile_workers(15) == "threads"
+    assert _autotune.compile_workers() == "processes"
+    monkeypatch.setenv("MAAS_COMPILE_WORKERS", "auto")
+    with pytest.raises(ValueError, match="MAAS_COMPILE_WORKERS"):
+        _autotune.compile_workers()
 
 
 def test_compile_threads_follow_the_cpus_or_the_setting(monkeypatch):
@@ -405,3 +407,27 @@ def test_a_tuning_table_holds_what_this_process_tuned_but_not_what_it_borrowed(t
     assert table["choices"] == {"test_export_choice": {"GPU X|3.6.0|64": "tma"}}
     assert table["device"] == "GPU X" and table["triton"] == triton.__version__
     assert _tuning_table.summary(table) == "2 autotuner picks and 1 kernel choices"
+
+
+# Every autotuned kernel's full config list, by the name a tuning table files its picks under.
+SHIPPED_KERNEL_CONFIGS = {"_attention_kernel": ATTENTION_CONFIGS, "_embedding_pool_kernel": EMBEDDING_POOL_CONFIGS,
+                          "_linear_kernel": _GPU_CONFIGS, "_linear_tma_kernel": _TMA_CONFIGS,
+                          "_linear_split_k_kernel": _SPLIT_K_CONFIGS, "_linear_gemv_kernel": _GEMV_CONFIGS}
+SHIPPED_CHOICES = {"maas_linear_kernel": {"tiled", "tma", "split_k", "gemv"},
+                   "maas_linear_layer_norm": {"fused", "separate"}}
+
+
+@pytest.mark.parametrize("path", sorted(_tuning_table.TABLE_DIR.glob("*.json")), ids=lambda p: p.name)
+def test_a_shipped_tuning_table_names_only_configs_and_choices_the_kernels_still_have(path):
+    """A pick the configs no longer hold is ignored at run time, silently slower: a config list changed since
+    the table's export must fail here, so that the table is exported again on its GPU model."""
+    table = json.loads(path.read_text())
+    assert _tuning_table.device_file(table["device"]) == path
+    for kernel, picks in table["autotuners"].items():
+        have = {_tuning_table.config_text(c) for c in SHIPPED_KERNEL_CONFIGS[kernel]}
+        stale = {key: pick for key, pick in picks.items() if pick not in have}
+        assert not stale, f"{path.name}: {kernel} picks configs it no longer has: {stale}"
+        assert all(isinstance(json.loads(key), list) for key in picks)
+    for name, choices in table["choices"].items():
+        assert set(choices.values()) <= SHIPPED_CHOICES[name], (name, set(choices.values()))
+        assert all(key.startswith(f"{table['device']}|") for key in choices)
