@@ -17,7 +17,8 @@ baseline is the dense bf16 ``F.linear`` it replaces, the compiled one ``torch.co
 ``linear_fp8`` (activations quantized per row on the way in, inside the timed call) both are the bf16
 ``F.linear`` + bias + ReLU it would replace.
 
-Usage: ``python bench/kernels.py [--quick] [--no-compile] [--only OP]``. Without a CUDA GPU it says so and
+Usage: ``python bench/kernels.py [--quick] [--no-compile] [--only OP]``; ``--plot RESULTS.json`` only redraws
+a saved run's chart beside it (no GPU needed). Without a CUDA GPU it says so and
 exits 0.
 """
 
@@ -284,7 +285,10 @@ def run(case: Case, compile_baseline: bool) -> dict:
     }
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str = "") -> None:
+    """Bars of each row's speed-ups on a log scale: against torch eager replayed from CUDA graphs (GPU time
+    alone, the figure the README reports), with launches timed by ``do_bench`` (the host included, which
+    decides small ops), and against torch.compile where it ran."""
     try:
         import matplotlib
 
@@ -293,30 +297,52 @@ def plot(rows: list[dict], path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: skipping the plot (pip install matplotlib to get it)")
         return
+    series = [("vs torch eager, CUDA-graph replay", "speedup_vs_eager_graphs"),
+              ("vs torch eager, launches timed (do_bench)", "speedup_vs_eager"),
+              ("vs torch.compile (do_bench)", "speedup_vs_compile")]
+    series = [(label, field) for label, field in series if any(r.get(field) for r in rows)]
     labels = [f"{r['op']} {r['size']}" for r in rows]
-    ys = range(len(rows))
-    fig, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.5))
-    ax.barh([y - 0.2 for y in ys], [r["speedup_vs_eager"] for r in rows], height=0.4, label="vs torch eager")
-    ax.barh([y + 0.2 for y in ys], [r["speedup_vs_compile"] or 0 for r in rows], height=0.4,
-            label="vs torch.compile")
+    height = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(10, 0.4 * len(rows) + 1.5))
+    for i, (label, field) in enumerate(series):
+        offset = (i - (len(series) - 1) / 2) * height
+        ax.barh([y + offset for y in range(len(rows))], [r.get(field) or 0 for r in rows], height=height,
+                label=label)
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_yticks(list(ys), labels, fontsize=7)
-    ax.invert_yaxis()
+    ax.set_yticks(list(range(len(rows))), labels, fontsize=7)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xscale("log")
     ax.set_xlabel("speed-up of the Triton kernel (torch time / Triton time)")
-    ax.legend()
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"wrote {path}")
 
 
-def main() -> int:
+def replot(results: Path) -> int:
+    """Redraw the chart of a saved ``kernels.json`` beside it (``.png``): no GPU needed."""
+    saved = json.loads(results.read_text())
+    plot(saved["results"], results.with_suffix(".png"), chart_title(saved.get("meta", {})))
+    return 0
+
+
+def chart_title(meta: dict) -> str:
+    return ", ".join(f"{k} {meta[k]}" for k in ("device", "torch", "triton", "date") if k in meta)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer sizes")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--only", help="benchmark only this op")
-    opts = parser.parse_args()
+    parser.add_argument("--plot", type=Path, metavar="JSON", help="only redraw the chart of a saved kernels.json")
+    opts = parser.parse_args(argv)
+    if opts.plot:
+        return replot(opts.plot)
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU (none found): nothing to measure.")
         return 0
@@ -344,7 +370,7 @@ def main() -> int:
     geo = math.exp(sum(math.log(r["speedup_vs_eager"]) for r in rows) / max(1, len(rows)))
     print(f"geometric mean speed-up vs eager: {geo:.2f}")
     print(f"wrote {RESULTS / 'kernels.json'}")
-    plot(rows, RESULTS / "kernels.png")
+    plot(rows, RESULTS / "kernels.png", chart_title(meta))
     return 0
 
 

@@ -2,6 +2,8 @@
 is too short to find a broken case on it); and for a GEMM tuning round that timed thin tiles both ways, it says
 which way of handling rows past M was faster: the question the masked-row configs were added to answer."""
 
+import json
+
 import pytest
 import torch
 import triton
@@ -38,3 +40,16 @@ def test_every_case_builds_and_its_baseline_runs_on_the_meta_device(quick):
     with torch.no_grad():
         for case in found:
             assert case.eager(*case.args).device.type == "meta", case.op
+
+
+def test_a_saved_run_s_chart_is_redrawn_without_a_gpu(tmp_path):
+    """Rows without CUDA-graph figures (the LSTM's) or a torch.compile column still draw."""
+    pytest.importorskip("matplotlib")
+    saved = tmp_path / "run_kernels.json"
+    rows = [{"op": "softmax", "size": "4096x4096", "speedup_vs_eager": 2.09, "speedup_vs_compile": None,
+             "speedup_vs_eager_graphs": 2.26},
+            {"op": "lstm", "size": "B64 S128", "speedup_vs_eager": 0.71, "speedup_vs_compile": None,
+             "speedup_vs_eager_graphs": None}]
+    saved.write_text(json.dumps({"meta": {"device": "NVIDIA H100 80GB HBM3", "triton": "3.6.0"}, "results": rows}))
+    assert _bench_kernels().main(["--plot", str(saved)]) == 0
+    assert (tmp_path / "run_kernels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
