@@ -79,9 +79,22 @@ def current() -> dict:
 
 
 def shipped_config(kernel: str, key: tuple, candidates: list):
-    """The candidate config the table picked for ``kernel`` at ``key``, or None."""
+    """The candidate config the table picked for ``kernel`` at ``key``, or None. A pick that is none of the
+    candidates (the kernel's configs changed since the export, or another Triton prints them otherwise) is
+    ignored, with a warning once per kernel: that key is tuned as usual, which only costs time."""
     pick = current().get("autotuners", {}).get(kernel, {}).get(key_text(key))
-    return next((c for c in candidates if config_text(c) == pick), None) if pick else None
+    if not pick:
+        return None
+    found = next((c for c in candidates if config_text(c) == pick), None)
+    if found is None and kernel not in _warned_stale:
+        _warned_stale.add(kernel)
+        log.warning("tuning table %s: %s's pick %r at %s is none of its configs (exported before they changed?); "
+                    "tuning such keys as usual: export the table again", _table_path()[0], kernel, pick,
+                    key_text(key))
+    return found
+
+
+_warned_stale: set[str] = set()
 
 
 def shipped_choice(name: str, stored_key: str) -> str | None:

@@ -340,8 +340,21 @@ def test_a_tuning_table_hands_a_key_the_candidate_config_it_names(tmp_path, monk
     assert _tuning_table.shipped_config("_linear_tma_kernel", key, candidates) is picked
     assert picked.pre_hook is not None
     assert _tuning_table.shipped_config("_linear_tma_kernel", (2048, 1536, 384, "torch.bfloat16"), candidates) is None
-    assert _tuning_table.shipped_config("_linear_tma_kernel", (8192, 1536, 384, "torch.bfloat16"), candidates) is None
     assert _tuning_table.shipped_config("_linear_kernel", key, candidates) is None
+
+
+def test_a_stale_pick_is_ignored_with_one_warning_naming_the_kernel(tmp_path, monkeypatch, caplog):
+    candidates = _prune_tma_configs(_TMA_CONFIGS, gemm_args(4096))
+    stale = {_tuning_table.key_text((m, 1536, 384, "torch.bfloat16")): "BLOCK_M: 48, num_warps: 4"
+             for m in (8192, 4096)}
+    monkeypatch.setenv("MAAS_TUNING_TABLE", str(_write_table(tmp_path / "t.json", {"_linear_tma_kernel": stale})))
+    monkeypatch.setattr(_tuning_table, "_warned_stale", set())
+    with caplog.at_level("WARNING", logger="kernels._tuning_table"):
+        for m in (8192, 4096, 8192):
+            assert _tuning_table.shipped_config("_linear_tma_kernel", (m, 1536, 384, "torch.bfloat16"),
+                                                candidates) is None
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "_linear_tma_kernel" in warnings[0] and "BLOCK_M: 48" in warnings[0], warnings
 
 
 def test_the_tuning_table_setting(tmp_path, monkeypatch, caplog):
