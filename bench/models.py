@@ -320,6 +320,7 @@ def cold_start(repo_root: Path, name: str, request: str, env: dict[str, str],
         f"cache = ModelCache(ModelRepository({str(repo_root)!r}))\n"
         f"model = cache.get({name!r}, cache.resolve({name!r}))\n"
         "t2 = time.perf_counter()\n"
+        "print('warmup', model.load_seconds, model.warmup_seconds, *(f'{r}:{s}' for r, s in model.warmup_batches))\n"
         "ahead = model.compile_ahead\n"
         "if ahead is not None and ahead.parallel: print('compile-ahead', ahead.binaries, ahead.seconds, "
         "ahead.workers, ahead.in_processes)\n"
@@ -345,6 +346,11 @@ def cold_start(repo_root: Path, name: str, request: str, env: dict[str, str],
     *laters, imports, load, first, total = (float(x) for x in out.stdout.split()[-(4 + LATER_ANSWERS if later else 4):])
     result = {"process_wall_s": wall, "imports_s": imports, "load_and_warmup_s": load, "first_request_s": first,
               "in_process_total_s": total}
+    warmup = re.search(r"^warmup (\S+) (\S+)((?: \d+:\S+)*)$", out.stdout, re.MULTILINE)
+    if warmup:  # the weights' load, the warm-up, and each warm-up batch (rows, seconds) in order
+        result |= {"load_s": float(warmup.group(1)), "warmup_s": float(warmup.group(2)),
+                   "warmup_batches": [[int(rows), float(sec)] for rows, sec in
+                                      (pair.split(":") for pair in warmup.group(3).split())]}
     ahead = re.search(r"^compile-ahead (\d+) ([\d.e+-]+) (\w+) (\d+)$", out.stdout, re.MULTILINE)
     if ahead:  # the warm-up's compile-only pass (GPU): binaries compiled or loaded, its seconds, on what
         result |= {"compile_ahead_binaries": int(ahead.group(1)), "compile_ahead_s": float(ahead.group(2)),
@@ -366,6 +372,10 @@ def _print_cold(label: str, c: dict) -> None:
     print(f"  {label}: {c['process_wall_s']:.2f} s wall ({c['imports_s']:.2f} s imports, "
           f"{c['load_and_warmup_s']:.3f} s load + warm-up{ahead}, {c['first_request_s'] * 1e3:.2f} ms first request"
           f"{later})", flush=True)
+    if c.get("warmup_batches"):
+        batches = ", ".join(f"{rows} {seconds:.2f}" for rows, seconds in c["warmup_batches"])
+        print(f"    {c['load_s']:.2f} s loading weights, {c['warmup_s']:.2f} s warm-up (any compile-only pass "
+              f"included); each warm-up batch (rows s): {batches}", flush=True)
 
 
 # (autotune timing, compile threads, compile workers, what a warm model does with shapes its warm-up missed) of

@@ -56,6 +56,9 @@ class LoadedModel:
     warm: bool = field(default=False, init=False)  # warmed up: from now on its batches tune nothing new
     borrowed_tunings: int = field(default=0, init=False)  # tunings its batches borrowed since (metrics)
     compile_ahead: CompilePass | None = field(default=None, init=False)  # its warm-up's compile-only pass (GPU)
+    # (rows, seconds) of each warm-up batch, in order: on a GPU the first of a bucket tunes, times kernel choices
+    # and captures its graph, which is where a warm-up's time goes besides compiling.
+    warmup_batches: list[tuple[int, float]] = field(default_factory=list, init=False)
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -126,7 +129,9 @@ class LoadedModel:
         if device_type(self.device) == "cuda" and not self.architecture.numpy_io:
             self._compile_ahead(batches)
         for inputs in batches:
+            began = time.perf_counter()
             self.infer(inputs)
+            self.warmup_batches.append((len(next(iter(inputs.values()))), time.perf_counter() - began))
         self.warmup_seconds = time.perf_counter() - start
         self.warm = True
 

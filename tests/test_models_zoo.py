@@ -403,6 +403,8 @@ def test_warmup_uses_the_configs_warmup_inputs(repository):
     assert loaded.warmup_seconds > 0
     # One batch on a CPU: made-up inputs, then the config's own rows cut (or repeated) to that size.
     assert [b.shape for b in batches] == [(1, 784), (1, 784)]
+    assert [rows for rows, _ in loaded.warmup_batches] == [1, 1]  # each timed, in order
+    assert 0 < sum(seconds for _, seconds in loaded.warmup_batches) <= loaded.warmup_seconds
     assert (batches[1] == 0.5).all() and not (batches[0] == 0.5).all()
     with pytest.raises(ArtifactError, match="warmup_inputs"):
         ModelConfig.parse({**config.to_json(), "warmup_inputs": [{"name": "input"}]})
