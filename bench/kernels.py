@@ -285,6 +285,18 @@ def run(case: Case, compile_baseline: bool) -> dict:
     }
 
 
+CHART_SERIES = [("vs torch eager, CUDA-graph replay", "speedup_vs_eager_graphs"),
+                ("vs torch eager, launches timed (do_bench)", "speedup_vs_eager"),
+                ("vs torch.compile (do_bench)", "speedup_vs_compile")]
+
+
+def chart_series(rows: list[dict]) -> list[tuple[str, list[float]]]:
+    """(label, one speed-up a row) of each of ``CHART_SERIES`` that some row has; 0 (no bar) where a row has
+    none (the LSTM has no graph replay, a run without torch.compile no compile column)."""
+    return [(label, [r.get(field) or 0 for r in rows]) for label, field in CHART_SERIES
+            if any(r.get(field) for r in rows)]
+
+
 def plot(rows: list[dict], path: Path, title: str = "") -> None:
     """Bars of each row's speed-ups on a log scale: against torch eager replayed from CUDA graphs (GPU time
     alone, the figure the README reports), with launches timed by ``do_bench`` (the host included, which
@@ -297,17 +309,13 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
     except ImportError:
         print("matplotlib is not installed: skipping the plot (pip install matplotlib to get it)")
         return
-    series = [("vs torch eager, CUDA-graph replay", "speedup_vs_eager_graphs"),
-              ("vs torch eager, launches timed (do_bench)", "speedup_vs_eager"),
-              ("vs torch.compile (do_bench)", "speedup_vs_compile")]
-    series = [(label, field) for label, field in series if any(r.get(field) for r in rows)]
+    series = chart_series(rows)
     labels = [f"{r['op']} {r['size']}" for r in rows]
     height = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(10, 0.4 * len(rows) + 1.5))
-    for i, (label, field) in enumerate(series):
+    for i, (label, values) in enumerate(series):
         offset = (i - (len(series) - 1) / 2) * height
-        ax.barh([y + offset for y in range(len(rows))], [r.get(field) or 0 for r in rows], height=height,
-                label=label)
+        ax.barh([y + offset for y in range(len(rows))], values, height=height, label=label)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_yticks(list(range(len(rows))), labels, fontsize=7)
     ax.set_ylim(len(rows) - 0.5, -0.5)

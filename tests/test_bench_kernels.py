@@ -42,6 +42,13 @@ def test_every_case_builds_and_its_baseline_runs_on_the_meta_device(quick):
             assert case.eager(*case.args).device.type == "meta", case.op
 
 
+def test_the_chart_has_a_series_per_ratio_some_row_has_and_no_bar_where_a_row_lacks_it():
+    rows = [{"speedup_vs_eager": 2.09, "speedup_vs_compile": None, "speedup_vs_eager_graphs": 2.26},
+            {"speedup_vs_eager": 0.71, "speedup_vs_compile": None, "speedup_vs_eager_graphs": None}]
+    assert _bench_kernels().chart_series(rows) == [("vs torch eager, CUDA-graph replay", [2.26, 0]),
+                                                  ("vs torch eager, launches timed (do_bench)", [2.09, 0.71])]
+
+
 def test_a_saved_run_s_chart_is_redrawn_without_a_gpu(tmp_path):
     """Rows without CUDA-graph figures (the LSTM's) or a torch.compile column still draw."""
     pytest.importorskip("matplotlib")
