@@ -128,6 +128,7 @@ class LoadedModel:
                 batches.append(repeat_rows(own, batch))
         if device_type(self.device) == "cuda" and not self.architecture.numpy_io:
             self._compile_ahead(batches)
+        self.warmup_batches = []
         for inputs in batches:
             began = time.perf_counter()
             self.infer(inputs)
