@@ -303,17 +303,19 @@ LONG_TEXT_REQUEST = "{'text': np.array([b'the quick brown fox jumps over the laz
 
 def cold_start(repo_root: Path, name: str, request: str, env: dict[str, str],
                later: str | None = None, export: Path | None = None) -> dict[str, float]:
-    """A fresh process: import, load + warm up model `name` through the cache (on a GPU every batch bucket
-    up to its `max_batch_size`: kernels compiled and autotuned, graphs captured), answer one request (`request`:
-    Python for the inputs dict). `env` adds to the environment (`MAAS_CPU_RUNTIME`, `TRITON_CACHE_DIR`, ...).
-    `later`: a request of other shapes, answered six times after that: what its first answer costs beyond the
-    median of the other five is what the warm-up left to serving (tuning or borrowing, capturing), and that
-    median is the speed of what serving then runs. `export`: where the child writes what it tuned, as a tuning
-    table (`kernels._tuning_table`), once loaded. A child that fails gives ``{"error": ...}`` (the end of its
-    stderr) instead of the timings, so one failure does not end a run of several."""
+    """A fresh process: import, load + warm up model `name` through the cache (on a GPU every batch bucket up to its
+    `max_batch_size`: kernels compiled and autotuned, graphs captured), answer one request (`request`: Python for
+    the inputs dict). `env` adds to the environment (`MAAS_CPU_RUNTIME`, `TRITON_CACHE_DIR`, ...). `later`: a
+    request of other shapes, answered six times after that: what its first answer costs beyond the median of the
+    other five is what the warm-up left to serving (tuning or borrowing, capturing), and that median is the speed of
+    what serving then runs. `export`: where the child writes what it tuned, as a tuning table
+    (`kernels._tuning_table`) with the binaries it compiled or loaded (`kernels.precompile`), once loaded. A child
+    that fails gives ``{"error": ...}`` (the end of its stderr) instead of the timings, so one failure does not end
+    a run of several."""
     code = (
         "import time; t0 = time.perf_counter()\n"
-        "import numpy as np\n"
+        + ("from kernels.precompile import record_binaries; record_binaries()\n" if export else "")
+        + "import numpy as np\n"
         "from models.cache import ModelCache\n"
         "from models.repository import ModelRepository\n"
         "t1 = time.perf_counter()\n"
@@ -386,17 +388,44 @@ COLD_START_WAYS = [("quick", "auto", "threads", "borrow"), ("quick", "auto", "pr
                    ("quick", "auto", "threads", "tune"), ("quick", "1", "threads", "borrow"),
                    ("full", "auto", "threads", "borrow"), ("graph", "auto", "threads", "borrow")]
 LATER_ANSWERS = 6  # answers to the request of other shapes: the first, then five for a median
+COLD_START_STATES = {"empty": "empty Triton cache", "warm": "warm Triton cache",
+                     "table": "empty Triton cache and the tuning table",
+                     "precompiled": "the tuning table and its binaries precompiled without a GPU"}
+
+
+def precompile_without_gpu(table: Path, cache: str, results: dict) -> bool:
+    """The binaries `table` lists compiled into the empty folder `cache` by what `maas models precompile` runs
+    (`kernels.precompile.precompile`), in a process that sees no GPU (as in a `docker build`; not the CLI itself,
+    whose other commands need packages a GPU image may lack), timed into ``results``; False (said) if it failed."""
+    code = ("import json, sys\n"
+            "from kernels._autotune import usable_cpus\n"
+            "from kernels.precompile import precompile\n"
+            f"done = precompile(json.load(open({str(table)!r}))['binaries'], usable_cpus())\n"
+            "print(f'compiled {done.compiled} of {done.binaries} binaries in {done.seconds:.2f} s, "
+            "{len(done.failed)} failed', *done.failed[:3], sep=' | ')\n"
+            "sys.exit(1 if done.failed else 0)\n")
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+                               "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "TRITON_CACHE_DIR": cache})
+    wall = time.perf_counter() - start
+    said = (done.stdout.strip().splitlines() or [""])[-1]
+    said += f" | {done.stderr.strip()[-600:]}" if done.returncode else ""
+    results["precompile without a GPU"] = {"process_wall_s": wall, "returncode": done.returncode, "said": said}
+    print(f"  binaries precompiled without a GPU: {wall:.2f} s wall, exit status {done.returncode}: {said}", flush=True)
+    return done.returncode == 0
 
 
 def gpu_cold_start(output: str | None) -> dict:
-    """MiniLM (bf16) served from a cold process on a GPU, what a new worker pays before its first answer: with
-    an empty Triton cache (every kernel compiled and autotuned) for each of `COLD_START_WAYS`, the first one
-    also again on the cache it left (a restarted worker with `TRITON_CACHE_DIR` on a persistent volume), which
-    writes what it tuned as a tuning table (`kernels._tuning_table`: `tuning_table.json` beside `output`, else
-    in a temporary folder), and then with an empty cache and that table (a new worker on the same GPU model with
-    a shipped table). With quick timing on all CPUs, 64 texts of 100 tokens follow: a length the warm-up's
-    texts (16 and 256 tokens) do not visit, so their first answer pays what the warm-up left to serving
-    (borrowing configs, or tuning with `MAAS_AUTOTUNE_UNSEEN=tune`) and the answers after it show what each
+    """MiniLM (bf16) served from a cold process on a GPU, what a new worker pays before its first answer: with an
+    empty Triton cache (every kernel compiled and autotuned) for each of `COLD_START_WAYS`, the first one also again
+    on the cache it left (a restarted worker with `TRITON_CACHE_DIR` on a persistent volume), which writes what it
+    tuned as a tuning table (`kernels._tuning_table`: `tuning_table.json` beside `output`, else in a temporary
+    folder), then with an empty cache and that table (a new worker on the same GPU model with a shipped table), and
+    last with that table and a cache `maas models precompile` filled from it in a process that sees no GPU (a worker
+    whose image was built with its binaries). With quick timing on all CPUs, 64 texts of 100 tokens follow: a length
+    the warm-up's texts (16 and 256 tokens) do not visit, so their first answer pays what the warm-up left to
+    serving (borrowing configs, or tuning with `MAAS_AUTOTUNE_UNSEEN=tune`) and the answers after it show what each
     way then runs at. torch.compile's compile time is the `first call s` of `--tokens`."""
     try:
         config, weights, assets = minilm_artifact()
@@ -415,13 +444,16 @@ def gpu_cold_start(output: str | None) -> dict:
                    UNSEEN_SHAPES_ENV: unseen}
             long_texts = (timing, threads, workers) == COLD_START_WAYS[0][:3]
             defaults = (timing, threads, workers, unseen) == COLD_START_WAYS[0]  # also warm, then with a table
-            with tempfile.TemporaryDirectory() as triton_cache, tempfile.TemporaryDirectory() as other_cache:
-                for state in ("empty", "warm", "table") if defaults else ("empty",):
+            with tempfile.TemporaryDirectory() as triton_cache, tempfile.TemporaryDirectory() as other_cache, \
+                    tempfile.TemporaryDirectory() as precompiled_cache:
+                for state in ("empty", "warm", "table", "precompiled") if defaults else ("empty",):
                     label = (f"autotune timing {timing}, compile threads {threads} ({workers}), unseen shapes "
-                             f"{unseen}, " + {"empty": "empty Triton cache", "warm": "warm Triton cache",
-                                              "table": "empty Triton cache and the tuning table"}[state])
-                    run_env = {**env, "TRITON_CACHE_DIR": other_cache if state == "table" else triton_cache,
-                               TABLE_ENV: str(table) if state == "table" else "none"}
+                             f"{unseen}, " + COLD_START_STATES[state])
+                    cache = {"table": other_cache, "precompiled": precompiled_cache}.get(state, triton_cache)
+                    run_env = {**env, "TRITON_CACHE_DIR": cache,
+                               TABLE_ENV: str(table) if state in ("table", "precompiled") else "none"}
+                    if state == "precompiled" and not precompile_without_gpu(table, precompiled_cache, results):
+                        continue
                     results[label] = c = cold_start(Path(repo), MINILM, TEXT_REQUEST, run_env,
                                                     LONG_TEXT_REQUEST if long_texts else None,
                                                     export=table if state == "warm" else None)

@@ -16,7 +16,9 @@ kernels, and with Triton >= 3.4 the autotuning timings, are cached on disk under
 compiling and tuning. Inside :func:`tuned_shapes_only` (a warm model's batches) a bucket that was not tuned
 borrows the nearest tuned bucket's config instead. Inside :func:`compile_only`, launches compile (all on one
 pool of worker processes, or threads) and run nothing: a warm-up runs its batches that way first, so its
-binaries compile together rather than round after round.
+binaries compile together rather than round after round. :mod:`kernels.precompile` records the binaries a
+process compiled and compiles them again on a machine without a GPU (``maas models precompile``), to ship
+them in a worker's image.
 
 Tests run the kernels on CPU under the Triton interpreter: set ``TRITON_INTERPRET=1`` before importing
 this package and ``MAAS_KERNEL_BACKEND=triton``.

@@ -53,6 +53,7 @@ from triton.runtime.jit import JITFunction
 
 from kernels._tuning_table import config_text, key_text, shipped_choice, shipped_config
 from kernels.dispatch import USE_AUTOTUNE, env_choice
+from kernels.precompile import Binary, recorded_binaries
 
 try:  # Triton >= 3.4
     from triton.runtime._async_compile import AsyncCompileMode
@@ -561,13 +562,16 @@ _CHOICES: weakref.WeakSet[TimedChoice] = weakref.WeakSet()
 
 def tuning_table(device_name: str) -> dict:
     """What this process has tuned, as a tuning table for the GPU model ``device_name``
-    (:mod:`kernels._tuning_table`): every autotuner's picks but those it borrowed, and every timed choice kept in
-    ``TRITON_CACHE_DIR`` for that model."""
+    (:mod:`kernels._tuning_table`): every autotuner's picks but those it borrowed, every timed choice kept in
+    ``TRITON_CACHE_DIR`` for that model, and the binaries a worker reading the table compiles
+    (:func:`needed_binaries`; recorded since :func:`kernels.precompile.record_binaries`, none otherwise)."""
     autotuners: dict[str, dict[str, str]] = {}
+    picked: dict[JITFunction, list[triton.Config]] = {}
     for tuner in list(_TUNERS):
-        picks = {key_text(k): config_text(c) for k, c in list(tuner.cache.items()) if k not in tuner._borrowed}
-        if picks:
-            autotuners.setdefault(tuner.base_fn.__name__, {}).update(picks)
+        kept = [(k, c) for k, c in list(tuner.cache.items()) if k not in tuner._borrowed]
+        if kept:
+            autotuners.setdefault(tuner.base_fn.__name__, {}).update({key_text(k): config_text(c) for k, c in kept})
+        picked.setdefault(tuner.base_fn, []).extend(c for _, c in kept)
     choices = {}
     for choice in list(_CHOICES):
         stored = {k: v for k, v in choice._stored._read().items() if k.startswith(f"{device_name}|")}
@@ -575,7 +579,17 @@ def tuning_table(device_name: str) -> dict:
             choices.setdefault(choice.name, {}).update(stored)
     return {"device": device_name, "triton": triton.__version__,
             "autotuners": {name: dict(sorted(picks.items())) for name, picks in sorted(autotuners.items())},
-            "choices": {name: dict(sorted(kept.items())) for name, kept in sorted(choices.items())}}
+            "choices": {name: dict(sorted(kept.items())) for name, kept in sorted(choices.items())},
+            "binaries": [b.to_json() for b in needed_binaries(recorded_binaries(), picked)]}
+
+
+def needed_binaries(binaries: Iterable[Binary], picked: dict[JITFunction, list[triton.Config]]) -> list[Binary]:
+    """Of ``binaries``, those a worker given the picks ``picked`` (each autotuned kernel's picked configs) may
+    compile: every binary of a kernel no autotuner tunes, and of an autotuned kernel those of a picked config.
+    The configs a tuning round timed and passed over are left out: such a worker never compiles them. (A config
+    picked at one key keeps its binaries at every key, and a kernel a timed choice passed over keeps its picks:
+    a few more than needed.)"""
+    return [b for b in binaries if b.fn not in picked or any(b.compiled_with(c) for c in picked[b.fn])]
 
 
 def write_tuning_table(path: str | Path) -> dict:

@@ -55,8 +55,9 @@ def _table_path() -> tuple[Path | None, bool]:
 @functools.cache
 def _read(path: Path, named: bool) -> dict:
     """The table at ``path``: ``{"autotuners": {kernel: {key_text: str(config)}}, "choices": {name: {stored key:
-    choice}}}``; empty when there is none (with a warning where ``MAAS_TUNING_TABLE`` named it) or when it
-    cannot be read (with a warning: tuning as usual is slower, never wrong). Read once per process."""
+    choice}}, "binaries": [what ``maas models precompile`` compiles, see :mod:`kernels.precompile`]}``; empty when
+    there is none (with a warning where ``MAAS_TUNING_TABLE`` named it) or when it cannot be read (with a warning:
+    tuning as usual is slower, never wrong). Read once per process."""
     if not path.is_file():
         if named:
             log.warning("%s=%s: no such file; tuning as usual", TABLE_ENV, path)
@@ -105,8 +106,9 @@ def shipped_choice(name: str, stored_key: str) -> str | None:
 
 def summary(table: dict) -> str:
     """What ``table`` holds, in words."""
-    return (f"{sum(map(len, table.get('autotuners', {}).values()))} autotuner picks and "
-            f"{sum(map(len, table.get('choices', {}).values()))} kernel choices")
+    return (f"{sum(map(len, table.get('autotuners', {}).values()))} autotuner picks, "
+            f"{sum(map(len, table.get('choices', {}).values()))} kernel choices and "
+            f"{len(table.get('binaries', []))} kernel binaries to precompile")
 
 
 def config_text(config) -> str:

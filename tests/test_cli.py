@@ -66,6 +66,23 @@ def test_models_tune_on_a_machine_without_a_gpu_says_why_it_cannot(tmp_path):
                                   "workers will run on")
 
 
+def test_models_precompile_says_what_is_missing(tmp_path):
+    """Each refusal in one line: a GPU model without a table (naming those shipped), a table recording no binaries,
+    the Triton interpreter switched on. (Precompiling itself: ``tests/kernels/test_kernels_compile.py``.)"""
+    compiler = {"TRITON_INTERPRET": "0"}
+    out = maas("models", "precompile", "--gpu", "NVIDIA Z100", env=compiler)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("maas: error: no tuning table at ") and "nvidia-z100.json" in out.stderr
+    assert "tables shipped for: nvidia-h100-80gb-hbm3" in out.stderr
+    picks_only = tmp_path / "picks.json"
+    picks_only.write_text(json.dumps({"device": "NVIDIA Z100", "autotuners": {}, "choices": {}}))
+    out = maas("models", "precompile", "--table", str(picks_only), env=compiler)
+    assert out.returncode == 2 and f"tuning table {picks_only} lists no kernel binaries" in out.stderr, out.stderr
+    out = maas("models", "precompile", "--table", str(picks_only), env={"TRITON_INTERPRET": "1"})
+    assert out.returncode == 2 and "TRITON_INTERPRET is set" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_the_embedded_stack(tmp_path):
     out = maas("demo", "--requests", "60", "--show", "3", cwd=tmp_path, timeout=240)

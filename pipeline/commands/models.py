@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 from models.examples import EXAMPLES, ensure_examples
@@ -13,6 +15,8 @@ from pipeline.settings import ConfigError, Settings
 
 
 async def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    if args.models_command == "precompile":  # no repository: it compiles what a tuning table recorded
+        return _precompile(args)
     repository = open_repository(settings)
     try:
         return _run(args, repository)
@@ -58,16 +62,68 @@ def _tune(names: list[str], output: Path, repository: Repository) -> None:
 
     from kernels._autotune import write_tuning_table
     from kernels._tuning_table import summary
+    from kernels.precompile import record_binaries
     from models.cache import ModelCache
 
     if not torch.cuda.is_available():
         raise ConfigError("no CUDA GPU here: `models tune` times kernels on the GPU model the workers will run on")
+    record_binaries()  # the table lists the binaries its workers need, for `models precompile`
     cache = ModelCache(repository)
     for name in names:
         loaded = cache.get(name, cache.resolve(name))  # the warm-up tunes its kernels
         print(f"{name} v{loaded.version}: warmed up in {loaded.warmup_seconds:.1f} s")
     table = write_tuning_table(output)
     print(f"wrote {output}: {summary(table)} for {table['device']}")
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _precompile(args: argparse.Namespace) -> int:
+    import triton  # not imported by the serving commands
+
+    from kernels import dispatch
+    from kernels._autotune import usable_cpus
+    from kernels._tuning_table import TABLE_DIR, device_file
+    from kernels.precompile import precompile
+
+    if dispatch.INTERPRETER:
+        raise ConfigError("TRITON_INTERPRET is set: `models precompile` needs Triton's real compiler; unset it")
+    path = Path(args.table) if args.table else device_file(args.gpu)
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in TABLE_DIR.glob("*.json"))) or "none"
+        raise ConfigError(f"no tuning table at {path} (tables shipped for: {shipped}; `maas models tune` writes one "
+                          "on a GPU)")
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"tuning table {path} unreadable: {exc}") from None
+    binaries = table.get("binaries") if isinstance(table, dict) else None
+    if not isinstance(binaries, list) or not binaries:
+        raise ConfigError(f"tuning table {path} lists no kernel binaries under \"binaries\": export it again with "
+                          "`maas models tune` on its GPU model (tables exported before that command recorded them "
+                          "hold only picks)")
+    if args.cache_dir:
+        Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
+        os.environ["TRITON_CACHE_DIR"] = str(Path(args.cache_dir).resolve())
+    threads = args.threads or usable_cpus()
+    targets = sorted({f"sm_{b['target'].get('arch')}" for b in binaries
+                      if isinstance(b, dict) and isinstance(b.get("target"), dict)})
+    print(f"precompiling {len(binaries)} kernel binaries for {table.get('device', path.stem)} "
+          f"({', '.join(targets)}) with Triton {triton.__version__} into {triton.knobs.cache.dir} on {threads} "
+          "threads")
+    if table.get("triton") != triton.__version__:
+        print(f"note: the table was recorded with Triton {table.get('triton')}: workers find these binaries only if "
+              f"they run Triton {triton.__version__} and these kernel sources")
+    done = precompile(binaries, threads)
+    print(f"compiled {done.compiled} binaries in {done.seconds:.1f} s; "
+          f"{done.binaries - done.compiled - len(done.failed)} were in the cache already; {len(done.failed)} failed")
+    for failure in done.failed:
+        print(f"maas: failed: {failure}", file=sys.stderr)
+    return 1 if done.failed else 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -98,8 +154,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                                        "autotunes its kernels, and write the picks as a tuning table: point "
                                        "MAAS_TUNING_TABLE at it, or ship it as kernels/tuned/<device>.json, and "
                                        "workers on the same GPU model with an empty TRITON_CACHE_DIR compile only "
-                                       "the picks and time nothing. Run it with MAAS_TUNING_TABLE=none and an empty "
-                                       "TRITON_CACHE_DIR to time everything afresh.")
+                                       "the picks and time nothing. The table also lists those binaries, which "
+                                       "`maas models precompile` compiles on a machine without a GPU. Run it "
+                                       "with MAAS_TUNING_TABLE=none and an empty TRITON_CACHE_DIR to time "
+                                       "everything afresh.")
     tune.add_argument("names", nargs="+", help="model names in the repository")
     tune.add_argument("--output", required=True, help="where to write the table (JSON)")
+    precompile = msub.add_parser(
+        "precompile", help="compile the kernel binaries a tuning table lists, no GPU needed (e.g. in a docker build)",
+        description="Compile every kernel binary a tuning table lists (the binaries the warm-ups of `maas models "
+                    "tune` needed, for its GPU model) into TRITON_CACHE_DIR, on this machine's CPUs: a worker on "
+                    "that GPU model finding them there compiles nothing before its first batch. The workers must "
+                    "run the same Triton and the same kernels/ sources as this command. Exits 1 if a binary fails.")
+    which = precompile.add_mutually_exclusive_group(required=True)
+    which.add_argument("--gpu", help="the GPU model, as CUDA names it (\"NVIDIA H100 80GB HBM3\"): its table "
+                                     "shipped in kernels/tuned/")
+    which.add_argument("--table", help="a tuning table file (JSON)")
+    precompile.add_argument("--cache-dir", default=None,
+                            help="where to put the binaries (default: TRITON_CACHE_DIR, else ~/.triton/cache)")
+    precompile.add_argument("--threads", type=_positive, default=None,
+                            help="compiles at once (default: every CPU this process may use)")
     models.set_defaults(run=cmd_models)

@@ -1,6 +1,7 @@
 """Autotuning: which tile configs a launch compiles and times, how many threads compile them, how they are
 timed (the precompile itself: ``test_kernels_compile.py``)."""
 
+import importlib
 import json
 import os
 import threading
@@ -419,7 +420,9 @@ def test_a_tuning_table_holds_what_this_process_tuned_but_not_what_it_borrowed(t
         '[64, "torch.bfloat16"]': _tuning_table.config_text(_GPU_CONFIGS[1])}}
     assert table["choices"] == {"test_export_choice": {"GPU X|3.6.0|64": "tma"}}
     assert table["device"] == "GPU X" and table["triton"] == triton.__version__
-    assert _tuning_table.summary(table) == "2 autotuner picks and 1 kernel choices"
+    assert table["binaries"] == []  # nothing recorded in this process (kernels.precompile.record_binaries)
+    assert _tuning_table.summary(table) == ("2 autotuner picks, 1 kernel choices and 0 kernel binaries to "
+                                            "precompile")
 
 
 # Every autotuned kernel's full config list, by the name a tuning table files its picks under.
@@ -444,3 +447,7 @@ def test_a_shipped_tuning_table_names_only_configs_and_choices_the_kernels_still
     for name, choices in table["choices"].items():
         assert set(choices.values()) <= SHIPPED_CHOICES[name], (name, set(choices.values()))
         assert all(key.startswith(f"{table['device']}|") for key in choices)
+    for binary in table.get("binaries", []):  # what `maas models precompile` compiles: kernels still defined
+        module, _, name = binary["kernel"].partition(":")
+        assert hasattr(importlib.import_module(module), name), f"{path.name}: no kernel {binary['kernel']}"
+        assert binary["target"]["backend"] == "cuda" and json.loads(binary["specialization"])["name"]

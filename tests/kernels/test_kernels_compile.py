@@ -1,6 +1,7 @@
 """Checks that compile the real kernels for an H100 (sm_90) on this CPU, each in a process without the
 interpreter (``kernels.offline`` stands in for the CUDA driver)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,11 +10,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_offline(script: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "kernels" / script)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=240)
+def offline(*command: str, **env: str) -> subprocess.CompletedProcess:
+    """``python COMMAND...`` from the repository root, without ``TRITON_INTERPRET``, with ``env`` added."""
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, *command], cwd=ROOT, env={**environment, **env}, capture_output=True,
+                          text=True, timeout=240)
+
+
+def run_offline(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """One of this folder's check scripts, which must succeed."""
+    done = offline(str(ROOT / "tests" / "kernels" / script), *args, **env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
 
@@ -36,3 +43,46 @@ def test_worker_processes_do_not_run_the_callers_script_again():
     assert len(lines) == 1, lines
     binaries, in_processes = int(lines[0].split()[1]), int(lines[0].split()[3])
     assert binaries >= 1 and in_processes == binaries, lines
+
+
+def cubins(cache: Path) -> dict[str, bytes]:
+    """The binaries in a Triton cache, by path under it (the folder is the cache key)."""
+    return {str(p.relative_to(cache)): p.read_bytes() for p in cache.glob("*/*.cubin")}
+
+
+def test_recorded_binaries_precompile_elsewhere_into_the_same_cache_entries(tmp_path):
+    """What ``maas models tune`` records, ``maas models precompile`` compiles in another process and cache: the same
+    binaries under the same cache keys, which is what a GPU worker looks up. See ``precompile_check.py``."""
+    table, recorded, precompiled = tmp_path / "table.json", tmp_path / "recorded", tmp_path / "precompiled"
+    done = run_offline("precompile_check.py", str(table), TRITON_CACHE_DIR=str(recorded))
+    assert [line[:4] for line in done.stdout.splitlines()] == ["ok  "] * 6, done.stdout
+    assert len(cubins(recorded)) == 3
+
+    def precompile(table: Path, cache: Path) -> subprocess.CompletedProcess:
+        return offline("-m", "pipeline", "models", "precompile", "--table", str(table), "--cache-dir", str(cache),
+                       "--threads", "2")
+
+    first = precompile(table, precompiled)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "compiled 3 binaries" in first.stdout and "0 failed" in first.stdout, first.stdout
+    assert cubins(precompiled) == cubins(recorded)
+    again = precompile(table, precompiled)
+    assert "compiled 0 binaries" in again.stdout and "3 were in the cache already" in again.stdout, again.stdout
+
+    entries = json.loads(table.read_text())
+    target = entries["binaries"][0]["target"]
+    entries["binaries"][1:1] = [{"kernel": "kernels.linear:_gone", "target": target, "specialization": "{}"},
+                                "not a binary"]
+    untargeted = json.loads(entries["binaries"][0]["specialization"])
+    del untargeted["target"]  # as Tritons before 3.7 write it: the entry's target stands in, same binary
+    entries["binaries"].append({**entries["binaries"][0], "specialization": json.dumps(untargeted)})
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(entries))
+    partial = precompile(broken, tmp_path / "partial")
+    assert partial.returncode == 1, partial.stdout + partial.stderr
+    assert "compiled 3 binaries" in partial.stdout and "2 failed" in partial.stdout, partial.stdout
+    failures = partial.stderr.strip().splitlines()
+    assert len(failures) == 2, partial.stderr
+    assert failures[0].startswith("maas: failed: binary 1 (kernels.linear:_gone): AttributeError"), failures
+    assert failures[1].startswith("maas: failed: binary 2: expected {'kernel', 'target'"), failures
+    assert cubins(tmp_path / "partial") == cubins(recorded)

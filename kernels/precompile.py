@@ -1,0 +1,173 @@
+"""Kernel binaries compiled ahead of time, on a machine without a GPU, for a GPU model's workers.
+
+A GPU worker with an empty Triton cache spends most of its cold start compiling (MiniLM bf16 on an H100: 37.3 s
+with an empty cache, 29.3 s with the GPU model's tuning table, 8.1 s with a warm cache; ``bench/results/gpu``,
+run 12). A persistent ``TRITON_CACHE_DIR`` volume saves every start after the first; an image baked with the
+binaries saves the first too, and so serves platforms whose containers start with empty disks.
+
+What a binary needs is a launch's specialization (signature, constexprs, compile options, target): Triton hands
+it, as JSON, to its ``jit_cache_hook`` before each compile, and ``JITFunction.preload`` compiles the same binary
+from it, under the same cache key, on any machine with the same Triton and kernel sources
+(:func:`kernels.offline.compile_for` stands in for the absent GPU). So ``maas models tune`` records the binaries
+its warm-ups compile (:func:`record_binaries`; the tuning table keeps those a worker reading the table needs:
+:func:`kernels._autotune.tuning_table`), and ``maas models precompile`` (:func:`precompile`) compiles them into
+a cache directory, e.g. during a ``docker build``: a worker on that GPU model then compiles nothing and, with
+the table's picks, times nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import triton
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+from kernels._compile_workers import jit_function
+from kernels.offline import compile_for
+
+log = logging.getLogger(__name__)
+
+#: Binaries one process records at most: a worker serving many models for days must not grow without bound.
+MAX_RECORDED = 10_000
+
+_lock = threading.Lock()
+_recorded: dict[tuple[str, str], Binary] = {}
+_recording = False
+_unrecorded = 0  # binaries not recorded: past MAX_RECORDED, or whose specialization could not be read
+
+
+@dataclass(frozen=True)
+class Binary:
+    """One compiled kernel binary: the kernel (``module:qualname``), the GPU target it was compiled for
+    (``{"backend", "arch", "warp_size"}``) and Triton's ``specialization_data``. ``params``: its constexprs by
+    argument name and its compile options, what an autotuner's config sets (see :meth:`compiled_with`)."""
+
+    kernel: str
+    target: dict
+    specialization: str
+    fn: JITFunction = field(compare=False, repr=False)
+    params: dict = field(compare=False, repr=False)
+
+    def compiled_with(self, config: triton.Config) -> bool:
+        """Whether this binary is ``config``'s: every kwarg and compile option the config sets has its value."""
+        return all(self.params.get(name, object()) == value for name, value in config.all_kwargs().items())
+
+    def to_json(self) -> dict:
+        return {"kernel": self.kernel, "target": self.target, "specialization": self.specialization}
+
+
+def record_binaries() -> None:
+    """From now on, note every kernel binary this process compiles or loads from the Triton cache (for the
+    GPU it runs on, or the one :func:`kernels.offline.compile_for` names): :func:`recorded_binaries`. Installed
+    once, in front of whatever ``jit_cache_hook`` was set (a hook set later, like the compile workers', calls
+    the one it replaced)."""
+    global _recording
+    with _lock:
+        if _recording:
+            return
+        _recording = True
+        previous = triton.knobs.runtime.jit_cache_hook
+
+        def hook(**launch):
+            try:
+                _note(launch["fn"].jit_function, launch["compile"]["specialization_data"])
+            except Exception as exc:  # a record is worth less than the compile it would break
+                _skip(f"{type(exc).__name__}: {exc}")
+            return previous(**launch) if previous else None
+
+        triton.knobs.runtime.jit_cache_hook = hook
+
+
+def _note(fn: JITFunction, specialization: str) -> None:
+    kernel = f"{fn.fn.__module__}:{fn.fn.__qualname__}"
+    if (kernel, specialization) in _recorded:
+        return
+    data = json.loads(specialization)
+    target = data.get("target") or driver.active.get_current_target().__dict__
+    params = {fn.arg_names[path[0]]: value["constexpr"] if isinstance(value, dict) and "constexpr" in value else value
+              for path, value in zip(data["constant_keys"], data["constant_vals"], strict=True) if len(path) == 1}
+    params.update({k: data["options"].get(k) for k in ("num_warps", "num_ctas", "num_stages", "maxnreg")})
+    with _lock:
+        if len(_recorded) >= MAX_RECORDED:
+            _skip(f"{MAX_RECORDED} binaries recorded already")
+        else:
+            _recorded[(kernel, specialization)] = Binary(kernel, dict(target), specialization, fn, params)
+
+
+def _skip(why: str) -> None:
+    """Count a binary left unrecorded; say why the first time."""
+    global _unrecorded
+    _unrecorded += 1
+    if _unrecorded == 1:
+        log.warning("a compiled kernel binary was not recorded (%s): a table exported from this process misses "
+                    "it, and workers compile it themselves", why)
+
+
+def recorded_binaries() -> list[Binary]:
+    """The binaries noted since :func:`record_binaries`, in the order they were first compiled or loaded."""
+    with _lock:
+        return list(_recorded.values())
+
+
+@dataclass
+class Precompiled:
+    """What :func:`precompile` did: ``binaries`` asked for; ``compiled`` of them new in the cache (the rest
+    were there already, or failed); ``failed``: one line each, the kernel and why; ``seconds``: its time."""
+
+    binaries: int = 0
+    compiled: int = 0
+    failed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def precompile(binaries: Iterable[dict], threads: int) -> Precompiled:
+    """Compile ``binaries`` (a tuning table's ``"binaries"``: :meth:`Binary.to_json` entries) into the Triton
+    cache (``TRITON_CACHE_DIR``) on ``threads`` threads, each for its own target, with no GPU needed. A binary
+    already in the cache is only read; one that cannot compile (a kernel no longer in the sources, an entry
+    that is not one) is reported in ``failed`` and the others compile all the same. Call it in a process
+    without ``TRITON_INTERPRET`` (the kernels must be defined for the real compiler)."""
+    entries = list(binaries)
+    done = Precompiled(binaries=len(entries))
+    cache = Path(triton.knobs.cache.dir)
+    before = set(cache.glob("*/*.cubin"))
+    start = time.perf_counter()
+    failed: dict[int, str] = {}
+    by_target: dict[tuple[int, int], list[tuple[int, dict]]] = {}
+    for i, entry in enumerate(entries):
+        target = entry.get("target") if isinstance(entry, dict) else None
+        if not isinstance(target, dict) or target.get("backend") != "cuda":
+            failed[i] = (f"binary {i}: expected {{'kernel', 'target': {{'backend': 'cuda', 'arch', 'warp_size'}}, "
+                         f"'specialization'}}, got {str(entry)[:120]}")
+            continue
+        by_target.setdefault((int(target.get("arch", 0)), int(target.get("warp_size", 32))), []).append((i, entry))
+    for (arch, warp_size), group in sorted(by_target.items()):
+        with compile_for(arch, warp_size), ThreadPoolExecutor(max(1, threads), "precompile") as pool:
+            for (i, _), error in zip(group, pool.map(_compile, group), strict=True):
+                if error:
+                    failed[i] = error
+    done.seconds = time.perf_counter() - start
+    done.compiled = len(set(cache.glob("*/*.cubin")) - before)
+    done.failed = [failed[i] for i in sorted(failed)]
+    return done
+
+
+def _compile(numbered: tuple[int, dict]) -> str | None:
+    """Compile one entry; None, or what went wrong."""
+    i, entry = numbered
+    kernel = entry.get("kernel", "?")
+    try:
+        module, _, qualname = str(kernel).partition(":")
+        specialization = json.loads(entry["specialization"])
+        specialization.setdefault("target", entry["target"])  # Tritons before 3.7 do not write it; 3.7 needs it
+        jit_function(module, qualname).preload(json.dumps(specialization))
+    except Exception as exc:  # reported, and the other binaries compile
+        return f"binary {i} ({kernel}): {type(exc).__name__}: {str(exc)[:300]}"
+    return None
