@@ -566,7 +566,7 @@ def tuning_table(device_name: str) -> dict:
     ``TRITON_CACHE_DIR`` for that model, and the binaries a worker reading the table compiles
     (:func:`needed_binaries`; recorded since :func:`kernels.precompile.record_binaries`, none otherwise)."""
     autotuners: dict[str, dict[str, str]] = {}
-    picked: dict[JITFunction, list[triton.Config]] = {}
+    picked: dict[Callable, list[triton.Config]] = {}  # by the kernel's Python function (Triton's base_fn)
     for tuner in list(_TUNERS):
         kept = [(k, c) for k, c in list(tuner.cache.items()) if k not in tuner._borrowed]
         if kept:
@@ -583,13 +583,14 @@ def tuning_table(device_name: str) -> dict:
             "binaries": [b.to_json() for b in needed_binaries(recorded_binaries(), picked)]}
 
 
-def needed_binaries(binaries: Iterable[Binary], picked: dict[JITFunction, list[triton.Config]]) -> list[Binary]:
-    """Of ``binaries``, those a worker given the picks ``picked`` (each autotuned kernel's picked configs) may
-    compile: every binary of a kernel no autotuner tunes, and of an autotuned kernel those of a picked config.
+def needed_binaries(binaries: Iterable[Binary], picked: dict[Callable, list[triton.Config]]) -> list[Binary]:
+    """Of ``binaries``, those a worker given the picks ``picked`` (each autotuned kernel's picked configs, by its
+    Python function) may compile: every binary of a kernel no autotuner tunes, and of an autotuned kernel those
+    of a picked config.
     The configs a tuning round timed and passed over are left out: such a worker never compiles them. (A config
     picked at one key keeps its binaries at every key, and a kernel a timed choice passed over keeps its picks:
     a few more than needed.)"""
-    return [b for b in binaries if b.fn not in picked or any(b.compiled_with(c) for c in picked[b.fn])]
+    return [b for b in binaries if b.fn.fn not in picked or any(b.compiled_with(c) for c in picked[b.fn.fn])]
 
 
 def write_tuning_table(path: str | Path) -> dict:

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels import _compile_workers
+from kernels import _autotune, _compile_workers
 from kernels._autotune import (
     COMPILE_THREADS_ENV,
     COMPILE_WORKERS_ENV,
@@ -56,6 +56,7 @@ from kernels.linear import (
 )
 from kernels.offline import NoDevice, compile_for
 from kernels.offline import compiled_kernels as compiled
+from kernels.precompile import record_binaries, recorded_binaries
 
 BF16 = torch.bfloat16
 BROKEN = _config(16, 48, 64, 4, 4, MASK_ROWS=False)  # BLOCK_N = 48: not a power of two, so it cannot compile
@@ -127,6 +128,7 @@ def check(label: str, ok: bool, detail: str) -> bool:
 
 def main() -> int:
     os.environ[COMPILE_THREADS_ENV] = "2"
+    record_binaries()  # as `maas models tune` does: every binary below is recorded (check_table_binaries)
     gemm_kwargs = {"HAS_SCALE": False, "HAS_X_SCALE": False, **EPILOGUE}
     results = []
     with compile_for(90):
@@ -204,6 +206,7 @@ def main() -> int:
         results += check_serving_borrows(gemm_kwargs)
         results += check_compile_only(gemm_kwargs)
         results += check_tuning_table(gemm_kwargs)
+        results.append(check_table_binaries(gemm_kwargs))
 
         # A failure outside the compiles (here: arguments the JIT cannot bind) is logged, never raised.
         with logged("kernels._autotune") as warnings:
@@ -456,6 +459,25 @@ def check_tuning_table(gemm_kwargs: dict) -> list[bool]:
     finally:
         del os.environ[TABLE_ENV]
     return results
+
+
+def check_table_binaries(gemm_kwargs: dict) -> bool:
+    """A tuning table lists, of the binaries recorded (every one compiled above), those of an autotuned kernel
+    compiled with a config it picked, and all of the kernels no autotuner of the table tunes."""
+    thin = [c for c in _GPU_CONFIGS if c.kwargs["BLOCK_M"] == 16 and not c.kwargs["MASK_ROWS"]]
+    t = tuner(_linear_kernel, thin, _prune_configs)
+    tune_and_launch(t, gemm(9, 640, 192), **gemm_kwargs)
+    pick = next(iter(t.cache.values()))
+    recorded = recorded_binaries()
+    gemms = [b for b in recorded if b.fn is _linear_kernel]
+    with patched(_autotune, "_TUNERS", {t}), patched(_autotune, "_CHOICES", set()):
+        listed = _autotune.tuning_table("GPU X")["binaries"]
+    expected = [b.to_json() for b in recorded if b.fn is not _linear_kernel or b.compiled_with(pick)]
+    return check("tuning table: of a tuned kernel only its picks' binaries, of the others every one",
+                 listed == expected and 1 <= sum(b.compiled_with(pick) for b in gemms) < len(gemms)
+                 and len(recorded) > len(gemms),
+                 f"{len(listed)} listed of {len(recorded)} recorded ({len(gemms)} of the tuned GEMM, "
+                 f"{sum(b.compiled_with(pick) for b in gemms)} of them its pick's)")
 
 
 def check_model_compiles_only() -> bool:

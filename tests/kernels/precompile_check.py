@@ -52,9 +52,10 @@ def main(table_path: str) -> int:
         results += [
             check("the launch's config found in its binary", linear.compiled_with(launched), linear.params),
             check("another config not found in it", not any(linear.compiled_with(c) for c in others), linear.params),
-            check("a picked config keeps its binary", needed_binaries(binaries, {linear.fn: [launched]}) == binaries),
+            check("a picked config keeps its binary",
+                  needed_binaries(binaries, {linear.fn.fn: [launched]}) == binaries),
             check("configs passed over leave theirs out (other kernels' stay)",
-                  [b.kernel for b in needed_binaries(binaries, {linear.fn: others})]
+                  [b.kernel for b in needed_binaries(binaries, {linear.fn.fn: others})]
                   == [b.kernel for b in binaries if b is not linear]),
         ]
     with open(table_path, "w") as f:
