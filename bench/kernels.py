@@ -228,7 +228,14 @@ def _time_graph(fn: Callable, args: tuple) -> float | None:
 
 def _tile_config(case: Case) -> str | None:
     """The kernel and tiles a GEMM ran in the case just timed: the one its op names (``linear split_k``), or
-    the one timing picked for its shape."""
+    the one timing picked for its shape; for attention and embedding_pool, the tiles their autotuner picked."""
+    if case.op.startswith(("attention", "embedding_pool")):
+        from kernels.attention import _attention_kernel
+        from kernels.embedding_pool import _embedding_pool_kernel
+
+        tuner = _attention_kernel if case.op.startswith("attention") else _embedding_pool_kernel
+        config = getattr(tuner, "best_config", None)
+        return None if config is None else f"{config}{runner_up_note(getattr(tuner, 'configs_timings', {}))}"
     if case.gemm is None and not case.op.startswith("linear "):
         return None
     from kernels.linear import (
@@ -245,6 +252,13 @@ def _tile_config(case: Case) -> str | None:
              "gemv": _linear_gemv_kernel}[kernel]
     config = getattr(tuner, "best_config", None)
     return None if config is None else f"{kernel} {config}{masked_rows_note(getattr(tuner, 'configs_timings', {}))}"
+
+
+def runner_up_note(timings: dict) -> str:
+    """For the tuning round just timed, how much slower its second-best config ran, in the autotuner's own
+    timing: how close another tile came."""
+    ms = sorted(t[0] if isinstance(t, list | tuple) else t for t in timings.values())
+    return f" (autotuning: {len(ms)} configs, the next {ms[1] / ms[0]:.2f}x slower)" if len(ms) > 1 and ms[0] else ""
 
 
 def masked_rows_note(timings: dict) -> str:

@@ -32,6 +32,13 @@ def test_nothing_is_said_when_only_one_way_was_timed():
     assert bench.masked_rows_note({}) == ""
 
 
+def test_the_runner_up_of_an_attention_round_is_reported_as_a_ratio():
+    bench = _bench_kernels()
+    note = bench.runner_up_note({config(128, None): [0.25, 0.2, 0.3], config(64, None): 0.2, config(32, None): [0.22]})
+    assert note == " (autotuning: 3 configs, the next 1.10x slower)"
+    assert bench.runner_up_note({config(128, None): [0.25]}) == "" and bench.runner_up_note({}) == ""
+
+
 @pytest.mark.parametrize("quick", [True, False])
 def test_every_case_builds_and_its_baseline_runs_on_the_meta_device(quick):
     """Shapes only: a baseline that reads a size from a variable the later cases rebind fails here."""
