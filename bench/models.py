@@ -325,7 +325,7 @@ def cold_start(repo_root: Path, name: str, request: str, env: dict[str, str],
         "print('warmup', model.load_seconds, model.warmup_seconds, *(f'{r}:{s}' for r, s in model.warmup_batches))\n"
         "ahead = model.compile_ahead\n"
         "if ahead is not None and ahead.parallel: print('compile-ahead', ahead.binaries, ahead.seconds, "
-        "ahead.workers, ahead.in_processes)\n"
+        "ahead.workers, ahead.in_processes, ahead.compiled)\n"
         f"out = model.infer({request})\n"
         "t3 = time.perf_counter()\n"
         f"later = {later or 'None'}\n"
@@ -353,10 +353,11 @@ def cold_start(repo_root: Path, name: str, request: str, env: dict[str, str],
         result |= {"load_s": float(warmup.group(1)), "warmup_s": float(warmup.group(2)),
                    "warmup_batches": [[int(rows), float(sec)] for rows, sec in
                                       (pair.split(":") for pair in warmup.group(3).split())]}
-    ahead = re.search(r"^compile-ahead (\d+) ([\d.e+-]+) (\w+) (\d+)$", out.stdout, re.MULTILINE)
+    ahead = re.search(r"^compile-ahead (\d+) ([\d.e+-]+) (\w+) (\d+) (\d+)$", out.stdout, re.MULTILINE)
     if ahead:  # the warm-up's compile-only pass (GPU): binaries compiled or loaded, its seconds, on what
         result |= {"compile_ahead_binaries": int(ahead.group(1)), "compile_ahead_s": float(ahead.group(2)),
-                   "compile_ahead_workers": ahead.group(3), "compile_ahead_in_processes": int(ahead.group(4))}
+                   "compile_ahead_workers": ahead.group(3), "compile_ahead_in_processes": int(ahead.group(4)),
+                   "compile_ahead_compiled": int(ahead.group(5))}
     if later:
         result |= {"later_first_s": laters[0], "later_again_s": statistics.median(laters[1:])}
     return result
@@ -368,9 +369,9 @@ def _print_cold(label: str, c: dict) -> None:
         return
     later = (f"; then a request of other shapes: {c['later_first_s']:.2f} s, {c['later_again_s'] * 1e3:.1f} ms "
              "again (median)" if "later_first_s" in c else "")
-    ahead = (f", {c['compile_ahead_binaries']} binaries compiled or loaded ahead in {c['compile_ahead_s']:.2f} s "
-             f"on {c['compile_ahead_workers']} ({c['compile_ahead_in_processes']} compiled in worker processes)"
-             if "compile_ahead_s" in c else "")
+    ahead = (f", {c['compile_ahead_binaries']} binaries ahead in {c['compile_ahead_s']:.2f} s on "
+             f"{c['compile_ahead_workers']}: {c['compile_ahead_compiled']} compiled ({c['compile_ahead_in_processes']} "
+             "in worker processes), the others loaded from the cache" if "compile_ahead_s" in c else "")
     print(f"  {label}: {c['process_wall_s']:.2f} s wall ({c['imports_s']:.2f} s imports, "
           f"{c['load_and_warmup_s']:.3f} s load + warm-up{ahead}, {c['first_request_s'] * 1e3:.2f} ms first request"
           f"{later})", flush=True)

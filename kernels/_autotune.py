@@ -51,6 +51,7 @@ import triton
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
+from kernels._triton_cache import cached_binaries
 from kernels._tuning_table import config_text, key_text, shipped_choice, shipped_config
 from kernels.dispatch import USE_AUTOTUNE, env_choice
 from kernels.precompile import Binary, recorded_binaries
@@ -132,11 +133,13 @@ def compiling_only() -> bool:
 class CompilePass:
     """What a :func:`compile_only` block did: whether it compiled on a pool, on which ``workers``
     (``processes`` or ``threads``), and once it has ended, how many binaries it compiled or loaded from the
-    Triton cache, how many of them compiled in worker processes, in how many seconds (the block's whole time)."""
+    Triton cache, how many it ``compiled`` (CUDA binaries new in the cache: 0 where a persistent or precompiled
+    cache held them all), how many of those in worker processes, in how many seconds (the block's whole time)."""
 
     parallel: bool = False
     workers: str = ""
     binaries: int = 0
+    compiled: int = 0
     in_processes: int = 0
     seconds: float = 0.0
 
@@ -160,7 +163,7 @@ def compile_only(threads: int | None = None) -> Iterator[CompilePass]:
         yield done
         return
     _hook_launches()
-    done.parallel, start = True, time.perf_counter()
+    done.parallel, start, cached = True, time.perf_counter(), cached_binaries()
     try:
         with ThreadPoolExecutor(threads, thread_name_prefix="triton-compile") as pool:
             mode = _compile_mode(pool, threads)
@@ -178,6 +181,7 @@ def compile_only(threads: int | None = None) -> Iterator[CompilePass]:
                     mode.close()
     finally:
         done.seconds = time.perf_counter() - start
+        done.compiled = len(cached_binaries() - cached)
 
 
 def _compile_mode(pool: ThreadPoolExecutor, processes: int):

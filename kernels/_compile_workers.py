@@ -24,8 +24,6 @@ need ``/dev/shm``, which AWS Lambda lacks.
 
 from __future__ import annotations
 
-import hashlib
-import importlib
 import json
 import logging
 import os
@@ -38,8 +36,9 @@ from concurrent.futures import Executor
 import triton
 from triton.runtime import driver
 from triton.runtime._async_compile import AsyncCompileMode
-from triton.runtime.cache import get_cache_manager
 from triton.runtime.jit import JITFunction
+
+from kernels._triton_cache import in_cache, jit_function
 
 try:
     from triton._C.libtriton import get_cache_invalidating_env_vars
@@ -190,25 +189,6 @@ def _start_worker() -> subprocess.Popen:
     env.update(PYTHONPATH=os.pathsep.join(p for p in sys.path if p), CUDA_VISIBLE_DEVICES="")
     return subprocess.Popen([sys.executable, "-m", "kernels._compile_workers"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
-
-
-def in_cache(key: str, fn: JITFunction) -> bool:
-    """Whether ``triton.compile`` would find the binary of cache key ``key`` (what Triton's ``AsyncCompileMode``
-    is handed) in the Triton cache: the lookup it makes before compiling."""
-    manager = get_cache_manager(hashlib.sha256(key.encode("utf-8")).hexdigest())
-    return manager.get_group(f"{fn.__name__[:150]}.json") is not None
-
-
-def jit_function(module: str, qualname: str) -> JITFunction:
-    """The JIT function defined as ``module.qualname``, unwrapped from its autotuner or heuristics."""
-    found = importlib.import_module(module)
-    for name in qualname.split("."):
-        found = getattr(found, name)
-    while not isinstance(found, JITFunction):
-        if not hasattr(found, "fn"):
-            raise LookupError(f"{module}.{qualname} is not a Triton JIT function")
-        found = found.fn
-    return found
 
 
 def serve(jobs, answers) -> None:

@@ -24,13 +24,12 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import triton
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
-from kernels._compile_workers import jit_function
+from kernels._triton_cache import cached_binaries, jit_function
 from kernels.offline import compile_for
 
 log = logging.getLogger(__name__)
@@ -136,8 +135,7 @@ def precompile(binaries: Iterable[dict], threads: int) -> Precompiled:
     without ``TRITON_INTERPRET`` (the kernels must be defined for the real compiler)."""
     entries = list(binaries)
     done = Precompiled(binaries=len(entries))
-    cache = Path(triton.knobs.cache.dir)
-    before = set(cache.glob("*/*.cubin"))
+    before = cached_binaries()
     start = time.perf_counter()
     failed: dict[int, str] = {}
     by_target: dict[tuple[int, int], list[tuple[int, dict]]] = {}
@@ -154,7 +152,7 @@ def precompile(binaries: Iterable[dict], threads: int) -> Precompiled:
                 if error:
                     failed[i] = error
     done.seconds = time.perf_counter() - start
-    done.compiled = len(set(cache.glob("*/*.cubin")) - before)
+    done.compiled = len(cached_binaries() - before)
     done.failed = [failed[i] for i in sorted(failed)]
     return done
 

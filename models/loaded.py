@@ -151,9 +151,9 @@ class LoadedModel:
                     self.architecture.run(self._to_torch(inputs))  # its outputs are garbage: not converted
             self.compile_ahead = compiled
             if compiled.parallel:
-                log.info("%s: compiled or loaded %d kernel binaries ahead of its warm-up in %.2f s on %s (%d "
-                         "compiled in worker processes)", self.name, compiled.binaries, compiled.seconds,
-                         compiled.workers, compiled.in_processes)
+                log.info("%s: %d kernel binaries ahead of its warm-up in %.2f s on %s: %d compiled (%d in worker "
+                         "processes), the others loaded from the Triton cache", self.name, compiled.binaries,
+                         compiled.seconds, compiled.workers, compiled.compiled, compiled.in_processes)
         except Exception as exc:
             log.warning("%s: compiling the warm-up's kernels ahead failed (%s: %s); they compile as it runs",
                         self.name, type(exc).__name__, exc)

@@ -315,8 +315,8 @@ def _check_compile_only(gemm_kwargs: dict) -> list[bool]:
     # The workers' binaries are the ones loaded here: compiled under another key, each would be there twice.
     results.append(check("compile only: a new key compiles its round in worker processes, times and launches "
                          "nothing", (done.workers, done.in_processes, compiled(_linear_kernel), done.binaries,
-                                     len(cubins() - before), len(timed), len(t.cache), warnings)
-                         == ("processes", len(round_), len(round_), len(round_), len(round_), 0, 0, [])
+                                     len(cubins() - before), done.compiled, len(timed), len(t.cache), warnings)
+                         == ("processes", len(round_), len(round_), len(round_), len(round_), len(round_), 0, 0, [])
                          and done.seconds > 0,
                          f"{compiled(_linear_kernel)} compiled, {done.in_processes} by {done.workers} "
                          f"({done.binaries} counted, {len(cubins() - before)} new in the cache, {done.seconds:.1f} s) "
@@ -326,9 +326,11 @@ def _check_compile_only(gemm_kwargs: dict) -> list[bool]:
     _linear_kernel.device_caches.clear()  # a restarted worker: its binaries are in the cache
     with compile_only(2) as done:
         t[lambda meta: (1,)](*args, **fresh)
-    results.append(check("compile only: binaries in the cache load without worker processes",
-                         (compiled(_linear_kernel), done.binaries, done.in_processes) == (len(round_), len(round_), 0),
-                         f"{compiled(_linear_kernel)} loaded, {done.in_processes} handed to processes"))
+    results.append(check("compile only: binaries in the cache load without worker processes, none compiled",
+                         (compiled(_linear_kernel), done.binaries, done.in_processes, done.compiled)
+                         == (len(round_), len(round_), 0, 0),
+                         f"{compiled(_linear_kernel)} loaded, {done.in_processes} handed to processes, "
+                         f"{done.compiled} compiled"))
 
     _linear_kernel.device_caches.clear()
     before = cubins()
@@ -339,8 +341,8 @@ def _check_compile_only(gemm_kwargs: dict) -> list[bool]:
     finally:
         os.environ[COMPILE_WORKERS_ENV] = "processes"
     results.append(check("compile only: MAAS_COMPILE_WORKERS=threads compiles the round on threads",
-                         (done.workers, done.in_processes, compiled(_linear_kernel), len(cubins() - before))
-                         == ("threads", 0, len(round_), len(round_)),
+                         (done.workers, done.in_processes, compiled(_linear_kernel), len(cubins() - before),
+                          done.compiled) == ("threads", 0, len(round_), len(round_), len(round_)),
                          f"{compiled(_linear_kernel)} compiled by {done.workers}, {len(cubins() - before)} new in "
                          "the cache"))
 

@@ -39,8 +39,12 @@ def test_configs_precompile_in_parallel_under_the_keys_timing_looks_up():
 def test_worker_processes_do_not_run_the_callers_script_again():
     """A script without a main guard compiles ahead in worker processes once: its line printed once, by itself,
     every binary compiled in a worker."""
-    lines = run_offline("unguarded_compile_check.py").stdout.splitlines()
+    done = run_offline("unguarded_compile_check.py")
+    lines = done.stdout.splitlines()
     assert len(lines) == 1, lines
+    # A worker runs ``python -m kernels._compile_workers``: the package must not import that module first, or
+    # it runs twice in every worker (runpy warns).
+    assert "found in sys.modules" not in done.stderr, done.stderr[-2000:]
     binaries, in_processes = int(lines[0].split()[1]), int(lines[0].split()[3])
     assert binaries >= 1 and in_processes == binaries, lines
 
