@@ -24,6 +24,7 @@ from pipeline.batcher import BatchKey, DynamicBatcher, Pending
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.metrics import (
     BORROWED_TUNINGS,
+    KERNEL_BINARIES,
     MODEL_CACHE,
     MODEL_CACHE_BYTES,
     MODEL_EVICTIONS,
@@ -255,7 +256,12 @@ class InferenceEngine:
             MODEL_CACHE.labels("hit").inc()
             return model
         MODEL_CACHE.labels("miss").inc()
-        MODEL_LOAD.labels(f"{model.name}:{model.version}").observe(model.load_seconds + model.warmup_seconds)
+        label = f"{model.name}:{model.version}"
+        MODEL_LOAD.labels(label).observe(model.load_seconds + model.warmup_seconds)
+        ahead = model.compile_ahead  # a GPU warm-up's compile-only pass: what a cold start compiled
+        if ahead is not None and ahead.parallel:
+            KERNEL_BINARIES.labels(label, "compiled").inc(ahead.compiled)
+            KERNEL_BINARIES.labels(label, "cache").inc(max(ahead.binaries - ahead.compiled, 0))
         MODEL_EVICTIONS.inc(self.cache.stats.evictions - evictions)
         MODEL_CACHE_BYTES.set(self.cache.nbytes)
         return model

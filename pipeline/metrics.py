@@ -35,6 +35,12 @@ MODEL_LOAD = Histogram(
 MODEL_EVICTIONS = Counter("maas_model_cache_evictions_total",
                           "Loaded model versions dropped from the warm cache to stay within its memory budget")
 MODEL_CACHE_BYTES = Gauge("maas_model_cache_bytes", "Bytes of weights held by the warm model cache")
+KERNEL_BINARIES = Counter(
+    "maas_kernel_binaries_total",
+    "GPU kernel binaries model warm-ups needed, by where they came from: compiled, or loaded from the Triton cache "
+    "(a persistent TRITON_CACHE_DIR, or binaries precompiled into the image by `maas models precompile`)",
+    ["model", "source"],
+)
 BORROWED_TUNINGS = Counter(
     "maas_borrowed_tunings_total",
     "GPU kernel tunings a warm model's batches borrowed from the nearest tuned shape instead of tuning while they "

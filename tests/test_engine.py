@@ -126,6 +126,33 @@ async def test_loads_evictions_and_cache_bytes_reach_the_metrics(repository):
     assert cache.loaded() == [("other", 1)]
 
 
+async def test_kernel_binaries_a_warm_up_compiled_or_loaded_are_counted_per_model(repository, monkeypatch):
+    """``maas_kernel_binaries_total{source}``: a GPU warm-up's compile-only pass (``LoadedModel.compile_ahead``)
+    compiled some binaries and loaded the others from the Triton cache (counted by the kernels: see
+    autotune_check.py); a CPU model, with no such pass, adds nothing."""
+    from kernels import CompilePass
+    from models.loaded import LoadedModel
+
+    def sample(source: str) -> float:
+        return REGISTRY.get_sample_value("maas_kernel_binaries_total", {"model": f"{MNIST_MLP}:1",
+                                                                       "source": source}) or 0.0
+
+    before = {source: sample(source) for source in ("compiled", "cache")}
+    warmup = LoadedModel.warmup
+
+    def warmup_with_a_compile_pass(self):
+        warmup(self)
+        self.compile_ahead = CompilePass(parallel=True, workers="threads", binaries=7, compiled=2)
+
+    async with InferenceEngine(ModelCache(repository)) as engine:
+        assert (await engine.infer(digit_request("cpu", synthetic_digits(1, seed=4)[0][0]))).outputs is not None
+        assert {source: sample(source) for source in before} == before
+    monkeypatch.setattr(LoadedModel, "warmup", warmup_with_a_compile_pass)
+    async with InferenceEngine(ModelCache(repository)) as engine:
+        assert (await engine.infer(digit_request("gpu", synthetic_digits(1, seed=5)[0][0]))).outputs is not None
+    assert (sample("compiled"), sample("cache")) == (before["compiled"] + 2, before["cache"] + 5)
+
+
 async def test_tunings_a_batch_borrowed_are_counted_per_model(repository):
     """``maas_borrowed_tunings_total``: shapes a warm model's warm-up missed, served on borrowed GPU configs
     (``LoadedModel.borrowed_tunings``, counted by the kernels: see test_cuda_graphs)."""
