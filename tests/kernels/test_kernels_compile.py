@@ -56,11 +56,14 @@ def cubins(cache: Path) -> dict[str, bytes]:
 
 def test_recorded_binaries_precompile_elsewhere_into_the_same_cache_entries(tmp_path):
     """What ``maas models tune`` records, ``maas models precompile`` compiles in another process and cache: the same
-    binaries under the same cache keys, which is what a GPU worker looks up. See ``precompile_check.py``."""
+    binaries under the same cache keys, which is what a GPU worker looks up; every kind of kernel launch, TMA
+    descriptors included. See ``precompile_check.py``."""
     table, recorded, precompiled = tmp_path / "table.json", tmp_path / "recorded", tmp_path / "precompiled"
     done = run_offline("precompile_check.py", str(table), TRITON_CACHE_DIR=str(recorded))
-    assert [line[:4] for line in done.stdout.splitlines()] == ["ok  "] * 6, done.stdout
-    assert len(cubins(recorded)) == 3
+    *checks, last = done.stdout.splitlines()
+    assert [line[:4] for line in checks] == ["ok  "] * 7, done.stdout
+    binaries = int(last.removeprefix("binaries "))
+    assert binaries > 20 and len(cubins(recorded)) == binaries
 
     def precompile(table: Path, cache: Path) -> subprocess.CompletedProcess:
         return offline("-m", "pipeline", "models", "precompile", "--table", str(table), "--cache-dir", str(cache),
@@ -68,18 +71,19 @@ def test_recorded_binaries_precompile_elsewhere_into_the_same_cache_entries(tmp_
 
     first = precompile(table, precompiled)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "compiled 3 binaries" in first.stdout and "0 failed" in first.stdout, first.stdout
+    assert f"compiled {binaries} binaries" in first.stdout and "0 failed" in first.stdout, first.stdout
     assert cubins(precompiled) == cubins(recorded)
     again = precompile(table, precompiled)
-    assert "compiled 0 binaries" in again.stdout and "3 were in the cache already" in again.stdout, again.stdout
+    assert "compiled 0 binaries" in again.stdout and f"{binaries} were in the cache already" in again.stdout, \
+        again.stdout
 
     entries = json.loads(table.read_text())
-    target = entries["binaries"][0]["target"]
-    entries["binaries"][1:1] = [{"kernel": "kernels.linear:_gone", "target": target, "specialization": "{}"},
-                                "not a binary"]
-    untargeted = json.loads(entries["binaries"][0]["specialization"])
+    first_three, target = entries["binaries"][:3], entries["binaries"][0]["target"]
+    untargeted = json.loads(first_three[0]["specialization"])
     del untargeted["target"]  # as Tritons before 3.7 write it: the entry's target stands in, same binary
-    entries["binaries"].append({**entries["binaries"][0], "specialization": json.dumps(untargeted)})
+    gone = {"kernel": "kernels.linear:_gone", "target": target, "specialization": "{}"}
+    entries["binaries"] = [first_three[0], gone, "not a binary", *first_three[1:],
+                           {**first_three[0], "specialization": json.dumps(untargeted)}]
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps(entries))
     partial = precompile(broken, tmp_path / "partial")
@@ -89,4 +93,4 @@ def test_recorded_binaries_precompile_elsewhere_into_the_same_cache_entries(tmp_
     assert len(failures) == 2, partial.stderr
     assert failures[0].startswith("maas: failed: binary 1 (kernels.linear:_gone): AttributeError"), failures
     assert failures[1].startswith("maas: failed: binary 2: expected {'kernel', 'target'"), failures
-    assert cubins(tmp_path / "partial") == cubins(recorded)
+    assert cubins(tmp_path / "partial").items() <= cubins(recorded).items()
