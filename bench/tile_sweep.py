@@ -66,17 +66,19 @@ def attention_grid() -> list:
             for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4, 5))]
 
 
-def cases() -> list[tuple[str, str, object, list, Callable, Callable]]:
-    """(op, shape, autotuner, grid, the kernel's launch, the torch baseline) of every row."""
+def cases(dev: str = "cuda") -> list[tuple[str, str, object, list, Callable, Callable]]:
+    """(op, shape, autotuner, grid, the kernel's launch, the torch baseline) of every row, on ``dev`` (the tests
+    build them on ``meta``, where the baselines run too)."""
     import kernels
+    from bench.kernels import _sdpa_flash  # the benchmark's baseline: SDPA on its flash backend
     from kernels.attention import _attention_kernel
     from kernels.linear import _linear_kernel, _linear_split_k_kernel, _linear_tma_kernel, launch_linear
 
     grids = linear_grids()
     found = []
     for m, n, k in ((16, 4096, 4096), (512, 3072, 768), (512, 4096, 4096)):
-        x, w, b = torch.randn(m, k, device="cuda", dtype=BF16), \
-            torch.randn(n, k, device="cuda", dtype=BF16) * k**-0.5, torch.randn(n, device="cuda", dtype=BF16)
+        x, w, b = torch.randn(m, k, device=dev, dtype=BF16), \
+            torch.randn(n, k, device=dev, dtype=BF16) * k**-0.5, torch.randn(n, device=dev, dtype=BF16)
         kernels_here = ([("tiled", _linear_kernel, grids["thin"]), ("split_k", _linear_split_k_kernel, grids["split"]),
                          ("tma", _linear_tma_kernel, grids["thin_tma"])] if m == 16 else
                         [("tiled", _linear_kernel, grids["wide"]), ("tma", _linear_tma_kernel, grids["wide_tma"])])
@@ -88,18 +90,11 @@ def cases() -> list[tuple[str, str, object, list, Callable, Callable]]:
     for d in (64, 128):
         for s in (128, 512):
             bsz, h = 16384 // s, 2048 // d
-            q, k, v = (torch.randn(bsz, h, s, d, device="cuda", dtype=BF16) for _ in range(3))
+            q, k, v = (torch.randn(bsz, h, s, d, device=dev, dtype=BF16) for _ in range(3))
             found.append(("attention", f"B{bsz} H{h} S{s} D{d}", _attention_kernel, attention_grid(),
                           lambda q=q, k=k, v=v: kernels.attention(q, k, v),
                           lambda q=q, k=k, v=v: _sdpa_flash(q, k, v)))
     return found
-
-
-def _sdpa_flash(q, k, v):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        return F.scaled_dot_product_attention(q, k, v)
 
 
 def tuned(tuner, configs: list, launch: Callable) -> dict[str, float]:

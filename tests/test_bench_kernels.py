@@ -63,6 +63,11 @@ def test_the_tile_sweep_grids_survive_their_kernels_pruning():
     q = torch.empty(1, 1, 512, 64, dtype=torch.bfloat16, device="meta")
     for d in (64, 128):
         assert prune_attention(sweep.attention_grid(), {"q_ptr": q, "SQ_BUCKET": 512, "SK_BUCKET": 512}, HEAD_DIM=d)
+    rows = sweep.cases(dev="meta")  # shapes only: each row's baseline runs there
+    assert len({(op, shape) for op, shape, *_ in rows}) == len(rows) == 11
+    with torch.no_grad():
+        for op, shape, _, grid, _, baseline in rows:
+            assert grid and baseline().device.type == "meta", (op, shape)
 
 
 @pytest.mark.parametrize("quick", [True, False])
