@@ -52,8 +52,8 @@ class Binary:
     kernel: str
     target: dict
     specialization: str
-    fn: JITFunction = field(compare=False, repr=False)
-    params: dict = field(compare=False, repr=False)
+    fn: JITFunction = field(repr=False)
+    params: dict = field(repr=False)
 
     def compiled_with(self, config: triton.Config) -> bool:
         """Whether this binary is ``config``'s: every kwarg and compile option the config sets has its value."""
