@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 from typing import Any
+from urllib.parse import unquote
 
 from functions.runtime import Runtime, invoke
 from pipeline.codec import CONTENT_TYPE
@@ -19,7 +20,8 @@ _TEXT_TYPES = ("application/json", "text/")
 def api_request(event: dict[str, Any]) -> ApiRequest:
     context = event.get("requestContext") or {}
     if "http" in context:  # payload format 2.0 (HTTP API, function URL)
-        method, path = context["http"]["method"], event.get("rawPath") or context["http"].get("path", "/")
+        # rawPath keeps the caller's percent-escapes; `maas serve` routes on the decoded path, so decode it too.
+        method, path = context["http"]["method"], unquote(event.get("rawPath") or context["http"].get("path", "/"))
     else:  # 1.0 (REST API)
         method, path = event.get("httpMethod", "GET"), event.get("path", "/")
     stage = context.get("stage")

@@ -33,7 +33,9 @@ def envelopes(event: dict[str, Any]) -> list[tuple[str, int, Envelope]]:
         for r in records:
             key = base64.b64decode(r["key"]) if r.get("key") else None
             value = base64.b64decode(r["value"]) if r.get("value") is not None else b""
-            raw = [(name, bytes(data)) for header in r.get("headers") or [] for name, data in header.items()]
+            # Header values come as Java bytes, signed: -61 is 0xC3.
+            raw = [(name, bytes(b & 0xFF for b in data)) for header in r.get("headers") or []
+                   for name, data in header.items()]
             partition = f"{r['topic']}-{int(r['partition'])}"
             envelope = Envelope(payload=value, headers=header_map(raw), key=key, raw_headers=raw,
                                 source=f"{partition}@{int(r['offset'])}")

@@ -23,13 +23,12 @@ from typing import Any, TypeVar  # noqa: E402
 
 from aiokafka import AIOKafkaProducer  # noqa: E402
 
-from models.cache import ModelCache  # noqa: E402
 from pipeline.batch_jobs import BatchConfig, BatchJobRunner  # noqa: E402
 from pipeline.claim_check import ClaimCheckStore  # noqa: E402
 from pipeline.engine import InferenceEngine  # noqa: E402
 from pipeline.ratelimit import ApiKeys, RateLimiter  # noqa: E402
 from pipeline.runtime import configure_process  # noqa: E402
-from pipeline.services import answer_producer, aws_client, claim_check_store, open_repository  # noqa: E402
+from pipeline.services import answer_producer, aws_client, claim_check_store, model_cache  # noqa: E402
 from pipeline.settings import ConfigError, Settings  # noqa: E402
 from pipeline.v2_api import V2Api  # noqa: E402
 
@@ -44,7 +43,7 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.engine = InferenceEngine(ModelCache(open_repository(settings)), worker_id=settings.worker_id,
+        self.engine = InferenceEngine(model_cache(settings), worker_id=settings.worker_id,
                                       max_running_batches=settings.max_running_batches)
         self.api = V2Api(self.engine, max_request_bytes=settings.max_request_bytes,
                          api_keys=ApiKeys.from_settings(settings), rate_limiter=RateLimiter.from_settings(settings))

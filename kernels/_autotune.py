@@ -252,7 +252,7 @@ def compile_threads(configs: int) -> int:
     choice = os.environ.get(COMPILE_THREADS_ENV, "auto").strip().lower() or "auto"
     if choice == "auto":
         threads = max(1, usable_cpus() - 1)
-    elif choice.isdigit() and int(choice) >= 1:
+    elif choice.isascii() and choice.isdigit() and int(choice) >= 1:
         threads = int(choice)
     else:
         raise ValueError(f"{COMPILE_THREADS_ENV}={choice!r}: expected auto or a whole number >= 1")

@@ -24,10 +24,18 @@ if TYPE_CHECKING:  # torch is imported only where torch weights are read or writ
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
-MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# Version folders and model_version strings: a positive integer in ASCII digits, no sign, no leading zero, so
+# that one version has one spelling ("01" beside "1" would list it twice) and int() always succeeds.
+VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")
 #: Files an artifact may hold besides config.json: the weights and architecture assets (tokenizers).
 ARTIFACT_FILES = (WEIGHTS_FILE, TOKENIZER_FILE)
 QUANTIZATIONS = ("int8",)
+MAX_DIMS, MAX_DIM = 16, 1 << 31  # a tensor spec's rank and any one of its dimensions
+MAX_BATCH_SIZE = 65536  # rows of one batch: a GPU warm-up runs every power of two up to it
+MAX_QUEUE_DELAY_MS = 60_000
+# config.json holds hyper-parameters, tensor specs and a few warm-up inputs: kilobytes. Reading one is bounded.
+MAX_CONFIG_BYTES = 1 << 20
 SCALE_SUFFIX = "_scale"  # an int8 weight `<name>` has its per-output-channel fp32 scales in `<name>_scale`
 
 
@@ -37,12 +45,17 @@ class ArtifactError(ValueError):
 
 def validate_model_name(name: object) -> str:
     """Model names become path components and S3 keys: allow a safe alphabet only."""
-    if not isinstance(name, str) or not MODEL_NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name) or ".." in name:
         raise ArtifactError(
             f"model name {name!r} is invalid: expected 1-128 characters of letters, digits, '_', '-', '.', "
             "starting with a letter or digit"
         )
     return name
+
+
+def version_number(text: str) -> int | None:
+    """The version a folder name, key segment or model_version string names; None if it names none."""
+    return int(text) if VERSION_RE.fullmatch(text) else None
 
 
 @dataclass(frozen=True)
@@ -65,12 +78,12 @@ class TensorSpec:
             raise ArtifactError(f"{where}.name: expected a non-empty string")
         if datatype not in DATATYPES:
             raise ArtifactError(f"{where}.datatype: {datatype!r} is not one of {sorted(DATATYPES)}")
-        if not isinstance(shape, list) or not shape or not all(isinstance(d, int) for d in shape):
-            raise ArtifactError(f"{where}.shape: expected a non-empty list of integers")
+        if not isinstance(shape, list) or not 0 < len(shape) <= MAX_DIMS or not all(type(d) is int for d in shape):
+            raise ArtifactError(f"{where}.shape: expected a list of 1 to {MAX_DIMS} integers")
         if shape[0] != -1:
             raise ArtifactError(f"{where}.shape: the first (batch) dimension must be -1, got {shape[0]}")
-        if any(d < -1 or d == 0 for d in shape):
-            raise ArtifactError(f"{where}.shape: dimensions must be positive or -1, got {shape}")
+        if any(d < -1 or d == 0 or d > MAX_DIM for d in shape):
+            raise ArtifactError(f"{where}.shape: dimensions must be -1 or in 1..{MAX_DIM:,}, got {shape}")
         return cls(name=name, datatype=datatype, shape=tuple(shape))
 
     def mismatch(self, datatype: str, shape: list[int] | tuple[int, ...]) -> str | None:
@@ -109,11 +122,12 @@ class BatchingPolicy:
         delay = raw.get("max_queue_delay_ms", cls.max_queue_delay_ms)
         preferred = raw.get("preferred_batch_sizes", [])
         idle = raw.get("close_when_idle", False)
-        if not isinstance(size, int) or size < 1:
-            raise ArtifactError(f"batching.max_batch_size: expected an integer >= 1, got {size!r}")
-        if not isinstance(delay, int | float) or delay < 0 or not math.isfinite(delay):
-            raise ArtifactError(f"batching.max_queue_delay_ms: expected a number >= 0, got {delay!r}")
-        if not isinstance(preferred, list) or not all(isinstance(p, int) and 0 < p <= size for p in preferred):
+        if type(size) is not int or not 1 <= size <= MAX_BATCH_SIZE:
+            raise ArtifactError(f"batching.max_batch_size: expected an integer in 1..{MAX_BATCH_SIZE:,}, got {size!r}")
+        if type(delay) not in (int, float) or not 0 <= delay <= MAX_QUEUE_DELAY_MS:
+            raise ArtifactError(f"batching.max_queue_delay_ms: expected a number in 0..{MAX_QUEUE_DELAY_MS:,}, "
+                                f"got {delay!r}")
+        if not isinstance(preferred, list) or not all(type(p) is int and 0 < p <= size for p in preferred):
             raise ArtifactError(
                 f"batching.preferred_batch_sizes: expected integers in 1..max_batch_size, got {preferred!r}"
             )
@@ -179,10 +193,13 @@ class ModelConfig:
                                 "({name, shape, datatype, data})")
         known = {"architecture", "params", "inputs", "outputs", "batching", "dtype", "description", "quantization",
                  "files", "warmup_inputs"}
+        input_specs = tuple(TensorSpec.parse(s, f"inputs[{i}]") for i, s in enumerate(inputs))
+        for i, tensor in enumerate(warmup):
+            _check_warmup_tensor(tensor, input_specs, f"{CONFIG_FILE}.warmup_inputs[{i}]")
         return cls(
             architecture=arch,
             params=params,
-            inputs=tuple(TensorSpec.parse(s, f"inputs[{i}]") for i, s in enumerate(inputs)),
+            inputs=input_specs,
             outputs=tuple(TensorSpec.parse(s, f"outputs[{i}]") for i, s in enumerate(outputs)),
             batching=BatchingPolicy.parse(raw.get("batching")),
             dtype=dtype,
@@ -212,15 +229,52 @@ class ModelConfig:
         return {**body, **self.extra}
 
 
+def _check_warmup_tensor(tensor: dict[str, Any], specs: tuple[TensorSpec, ...], where: str) -> None:
+    """A warm-up tensor must be one the model takes, as a request would send it: the warm-up builds arrays from
+    it at every load, where a bad one would fail the load with a message naming nothing."""
+    spec = next((s for s in specs if s.name == tensor["name"]), None)
+    if spec is None:
+        raise ArtifactError(f"{where}.name: {tensor['name']!r:.60} is not one of the inputs "
+                            f"{[s.name for s in specs]}")
+    shape, data = tensor["shape"], tensor["data"]
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 1 for d in shape):
+        raise ArtifactError(f"{where}.shape: expected a list of positive integers, got {shape!r:.60}")
+    problem = spec.mismatch(tensor["datatype"], shape)
+    if problem is not None:
+        raise ArtifactError(f"{where}: {problem}")
+    if not isinstance(data, list) or len(data) != math.prod(shape):
+        raise ArtifactError(f"{where}.data: expected a flat list of {math.prod(shape)} elements (the shape's "
+                            f"product), got {len(data) if isinstance(data, list) else type(data).__name__}")
+    if spec.datatype == "BYTES":
+        valid = all(isinstance(v, str) for v in data)
+    elif spec.datatype == "BOOL":
+        valid = all(isinstance(v, bool) for v in data)
+    else:
+        valid = all(type(v) in (int, float) for v in data)
+    if not valid:
+        kind = {"BYTES": "strings", "BOOL": "true or false"}.get(spec.datatype, "numbers")
+        raise ArtifactError(f"{where}.data: expected {kind} for datatype {spec.datatype}")
+
+
+def parse_config_bytes(raw: bytes, where: str) -> ModelConfig:
+    """config.json's bytes, bounded and parsed; `where` names the file in errors."""
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ArtifactError(f"{where}: {len(raw):,} bytes, over the {MAX_CONFIG_BYTES:,} a config may have")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{where}: invalid JSON ({exc})") from None
+    return ModelConfig.parse(body)
+
+
 def read_config(directory: Path) -> ModelConfig:
     path = directory / CONFIG_FILE
     try:
-        raw = json.loads(path.read_text())
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ArtifactError(f"{path} is missing") from None
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path}: invalid JSON ({exc})") from None
-    return ModelConfig.parse(raw)
+    return parse_config_bytes(raw, str(path))
 
 
 def read_weights(directory: Path, framework: Literal["pt", "np"] = "pt") -> dict[str, torch.Tensor | np.ndarray]:
@@ -263,9 +317,12 @@ def expected_shapes(shapes: dict[str, tuple[int, ...]], quantizable: list[str],
     return shapes
 
 
+FLOAT_WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
 def check_weights(expected: dict[str, tuple[int, ...]], weights: dict[str, Any], int8: Sequence[str] = ()) -> None:
     """Refuse weights (torch tensors or numpy arrays) whose names or shapes differ from what the config implies,
-    or whose quantized tensors (`int8`) are not int8, naming the tensor."""
+    whose quantized tensors (`int8`) are not int8, or whose other tensors are not floats, naming the tensor."""
     missing = sorted(set(expected) - set(weights))
     if missing:
         raise ArtifactError(f"weights are missing tensor(s) {missing} that the config implies")
@@ -276,10 +333,16 @@ def check_weights(expected: dict[str, tuple[int, ...]], weights: dict[str, Any],
         got = tuple(weights[name].shape)
         if got != tuple(shape):
             raise ArtifactError(f"tensor {name!r} has shape {list(got)}, the config implies {list(shape)}")
-    for name in int8:
+    quantized = set(int8)
+    for name in expected:
         dtype = str(weights[name].dtype).removeprefix("torch.")
-        if dtype != "int8":
-            raise ArtifactError(f"tensor {name!r} has dtype {dtype}, quantization int8 implies int8")
+        if name in quantized:
+            if dtype != "int8":
+                raise ArtifactError(f"tensor {name!r} has dtype {dtype}, quantization int8 implies int8")
+        elif dtype not in FLOAT_WEIGHT_DTYPES:  # an int tensor would be cast and served as nonsense
+            raise ArtifactError(f"tensor {name!r} has dtype {dtype}, expected a float dtype "
+                                f"({', '.join(FLOAT_WEIGHT_DTYPES)})" + ("" if int8 or dtype != "int8" else
+                                "; int8 weights need \"quantization\": \"int8\" and their scales"))
 
 
 def check_artifact(architecture: str, asset_files: Sequence[str], assets: dict[str, bytes],

@@ -7,13 +7,17 @@ local cache folder (checking its sha256 sums), and later loads, in this process 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from models.artifact import ArtifactError
 from models.loaded import LoadedModel
 from models.repository import Repository
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,14 +32,18 @@ class CacheStats:
 class ModelCache:
     """(name, version) -> LoadedModel, least recently used evicted past `max_bytes`.
 
-    Concurrent first requests for one version load it once: the others wait on a per-key lock.
+    Concurrent first requests for one version load it once: the others wait on a per-key lock. A version that
+    failed to load (or to warm up) is not tried again for `load_retry_s`: the requests meanwhile get its error.
     "latest" is resolved against the repository at most every `latest_ttl_s` seconds.
     """
 
-    def __init__(self, repository: Repository, max_bytes: int = 4 << 30, latest_ttl_s: float = 5.0):
+    def __init__(self, repository: Repository, max_bytes: int = 4 << 30, latest_ttl_s: float = 5.0,
+                 load_retry_s: float = 10.0):
         self.repository = repository
         self.max_bytes = max_bytes
         self.latest_ttl_s = latest_ttl_s
+        self.load_retry_s = load_retry_s
+        self._failures: dict[tuple[str, int], tuple[float, str]] = {}  # under the key's load lock
         self.stats = CacheStats()
         self._models: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
@@ -80,8 +88,24 @@ class ModelCache:
                     self.stats.hits += 1
                     return model
                 self.stats.misses += 1
-            model = self.repository.load(name, version)
-            model.warmup()
+            failed = self._failures.get(key)
+            if failed is not None and time.monotonic() < failed[0]:
+                raise ArtifactError(f"{failed[1]} (not retried for {self.load_retry_s:g} s after a failed load)")
+            try:
+                model = self.repository.load(name, version)
+                try:
+                    model.warmup()
+                except Exception as exc:
+                    raise ArtifactError(f"model {name!r} version {version} failed its warm-up: "
+                                        f"{type(exc).__name__}: {exc}") from exc
+            except ArtifactError as exc:  # every request would load it again: let it rest a while
+                self._failures[key] = (time.monotonic() + self.load_retry_s, str(exc))
+                raise
+            self._failures.pop(key, None)
+            if model.nbytes > self.max_bytes:
+                log.warning("%s version %d holds %d bytes of weights, more than the whole cache budget (%d, "
+                            "MAAS_MODEL_CACHE_BYTES): every other model is evicted", name, version, model.nbytes,
+                            self.max_bytes)
             with self._lock:
                 self.stats.loads += 1
                 self.stats.load_seconds += model.load_seconds + model.warmup_seconds

@@ -366,6 +366,11 @@ def transformer_config_from_hf(hf_config: dict, max_length: int = 256, descripti
     if hf_config.get("model_type") != "bert" or hf_config.get("hidden_act", "gelu") != "gelu":
         raise ArtifactError("config.json: expected a Hugging Face BERT config (model_type 'bert', hidden_act "
                             f"'gelu'), got model_type {hf_config.get('model_type')!r}")
+    required = ("hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings")
+    missing = [key for key in required if type(hf_config.get(key)) is not int]
+    if missing:
+        raise ArtifactError(f"config.json: a Hugging Face BERT config needs integer {', '.join(missing)}")
     d = hf_config["hidden_size"]
     return ModelConfig(
         architecture="transformer_encoder",

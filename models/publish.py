@@ -85,7 +85,7 @@ def read_source(src: str | Path, config_path: str | Path | None = None,
     if config_path is not None:
         try:
             config_raw = json.loads(Path(config_path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ArtifactError(f"{config_path}: cannot read the config ({exc})") from None
         if isinstance(config_raw, dict) and "architecture" not in config_raw and config_raw.get("model_type"):
             config = transformer_config_from_hf(config_raw)
@@ -137,6 +137,34 @@ def quantization_report(config: ModelConfig, float_weights: dict[str, torch.Tens
     return _compare(float_model.infer(inputs), quant_model.infer(inputs), config.outputs)
 
 
+def check_runs(config: ModelConfig, weights: dict[str, torch.Tensor], assets: dict[str, bytes]) -> None:
+    """One batch through the model on the CPU, on its warm-up inputs, before anything is written: inputs or
+    outputs that config.json names differently from what the architecture reads and writes would otherwise
+    pass every check and fail only at a worker's first load, with a message that names no field."""
+    cls = architecture_class(config.architecture)
+    cpu = torch.device("cpu")
+    try:
+        model = LoadedModel("publish-check", 0, config,
+                            cls(config.params, dict(weights), assets, config.quantization).to(cpu, torch.float32), cpu)
+        inputs = (v2_inputs(config.warmup_inputs) if config.warmup_inputs
+                  else model.architecture.example_inputs(config.inputs, 2, seed=1))
+        outputs = model.infer(inputs)
+    except ArtifactError:
+        raise
+    except KeyError as exc:
+        raise ArtifactError(f"architecture {config.architecture!r} reads or writes tensor {exc.args[0]!r}, which "
+                            f"config.json's inputs {[s.name for s in config.inputs]} and outputs "
+                            f"{[s.name for s in config.outputs]} do not name") from None
+    except Exception as exc:
+        raise ArtifactError(f"the model fails on its config's inputs {[s.to_json() for s in config.inputs]}: "
+                            f"{type(exc).__name__}: {exc}") from None
+    for spec in config.outputs:
+        got = outputs[spec.name].shape
+        if len(got) != len(spec.shape) or any(w != -1 and g != w for g, w in zip(got, spec.shape, strict=False)):
+            raise ArtifactError(f"outputs: {spec.name!r} comes out with shape {list(got)} on a batch of "
+                                f"{len(got) and got[0]}, config.json says {list(spec.shape)} (-1 = any)")
+
+
 def publish_model(repository: Repository, name: str, config: ModelConfig, weights: dict[str, torch.Tensor],
                   assets: dict[str, bytes] | None = None, quantize: str | None = None) -> PublishResult:
     """Check, convert, optionally quantize (`"int8"`), and publish as the next version of `name`."""
@@ -155,5 +183,6 @@ def publish_model(repository: Repository, name: str, config: ModelConfig, weight
         quant_weights = cls.quantize_weights(config.params, weights)
         report = quantization_report(config, weights, quant_weights, assets)
         config, weights = replace(config, quantization="int8"), quant_weights
+    check_runs(config, weights, assets)
     version = repository.publish(name, config, weights, assets)
     return PublishResult(name, version, repository.config(name, version), report)

@@ -22,6 +22,7 @@ from models.artifact import (
     read_weights,
     validate_model_name,
     verify_files,
+    version_number,
     weight_dtypes,
     write_artifact,
 )
@@ -37,6 +38,10 @@ class ModelNotFoundError(LookupError):
     """The requested model or version does not exist in the repository."""
 
 
+class VersionError(ModelNotFoundError):
+    """A model_version that names no version at all ("-1", "1.0", "²"): the caller's mistake to fix."""
+
+
 class RepositoryError(OSError):
     """The repository cannot be read or written (S3 unreachable, access denied, ...)."""
 
@@ -45,14 +50,14 @@ def parse_version(version: str | int | None) -> int | None:
     """`None`, "" and "latest" mean the newest version; anything else must be a positive integer."""
     if version is None or version == "" or version == "latest":
         return None
+    number = None
     if isinstance(version, int) and not isinstance(version, bool):
-        number = version
-    elif isinstance(version, str) and version.isdigit():
-        number = int(version)
-    else:
-        raise ModelNotFoundError(f"model_version {version!r} is invalid: expected a positive integer")
-    if number < 1:
-        raise ModelNotFoundError(f"model_version {version!r} is invalid: expected a positive integer")
+        number = version_number(str(version))
+    elif isinstance(version, str):
+        number = version_number(version)
+    if number is None:
+        raise VersionError(f"model_version {str(version)!r:.40} is invalid: expected a positive integer such as "
+                           '"3" (ASCII digits, no sign or leading zero) or "latest"')
     return number
 
 
@@ -162,9 +167,8 @@ class ModelRepository(Repository):
         folder = self.root / validate_model_name(name)
         if not folder.is_dir():
             return []
-        return sorted(
-            int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / CONFIG_FILE).exists()
-        )
+        numbered = ((version_number(p.name), p) for p in folder.iterdir())
+        return sorted(number for number, p in numbered if number is not None and (p / CONFIG_FILE).is_file())
 
     def _read_config(self, name: str, version: int) -> ModelConfig:
         return read_config(self.root / name / str(version))

@@ -4,7 +4,7 @@ Publishing claims the version number with a conditional put (`If-None-Match: *`)
 uploads the weights and assets, and writes config.json (holding their sha256 sums) last, so a reader never
 sees half a version. Loading streams every file into a local cache folder while hashing it, refuses a file
 whose sha256 differs from the one recorded at publish time, and only then makes the folder visible; later
-loads of that version (this process or the next) read the cached folder.
+loads of that version (this process or the next) read the cached folder once its files hash to the same sums.
 
 Every key is built from validated parts only: the prefix's segments and model names use the safe alphabet
 of `models.artifact.validate_model_name` (no `..`), versions are integers, file names come from a fixed set.
@@ -12,8 +12,10 @@ of `models.artifact.validate_model_name` (no `..`), versions are integers, file 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,10 +31,14 @@ from botocore.exceptions import BotoCoreError, ClientError
 from models.artifact import (
     ARTIFACT_FILES,
     CONFIG_FILE,
+    MAX_CONFIG_BYTES,
     MODEL_NAME_RE,
     ArtifactError,
     ModelConfig,
+    parse_config_bytes,
     validate_model_name,
+    verify_files,
+    version_number,
     write_artifact,
 )
 from models.repository import ModelNotFoundError, Repository, RepositoryError
@@ -40,7 +46,8 @@ from models.repository import ModelNotFoundError, Repository, RepositoryError
 if TYPE_CHECKING:
     import torch
 
-BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+log = logging.getLogger(__name__)
+BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 CLAIM_FILE = "claim.json"
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _TAKEN = {"PreconditionFailed", "ConditionalRequestConflict"}
@@ -51,11 +58,11 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     if not uri.startswith("s3://"):
         raise RepositoryError(f"model repository {uri!r}: expected s3://bucket/prefix")
     bucket, _, prefix = uri[len("s3://"):].partition("/")
-    if not BUCKET_RE.match(bucket) or ".." in bucket:
+    if not BUCKET_RE.fullmatch(bucket) or ".." in bucket:
         raise RepositoryError(f"model repository {uri!r}: {bucket!r} is not a valid bucket name")
     segments = [s for s in prefix.split("/") if s]
     for segment in segments:
-        if not MODEL_NAME_RE.match(segment) or ".." in segment:
+        if not MODEL_NAME_RE.fullmatch(segment) or ".." in segment:
             raise RepositoryError(f"model repository {uri!r}: prefix segment {segment!r} is invalid (letters, "
                                   "digits, '_', '-', '.', no '..')")
     return bucket, "/".join(segments)
@@ -101,9 +108,11 @@ class S3ModelRepository(Repository):
         for key in self._list(root + name + "/" if name else root):
             rest = key[len(self.prefix) + 1:] if self.prefix else key
             parts = rest.split("/")
-            if len(parts) == 3 and parts[2] == CONFIG_FILE and parts[1].isdigit() and MODEL_NAME_RE.match(parts[0]) \
-                    and ".." not in parts[0]:
-                index.setdefault(parts[0], []).append(int(parts[1]))
+            if len(parts) != 3 or parts[2] != CONFIG_FILE or not MODEL_NAME_RE.fullmatch(parts[0]) or ".." in parts[0]:
+                continue
+            number = version_number(parts[1])
+            if number is not None:
+                index.setdefault(parts[0], []).append(number)
         return {n: sorted(v) for n, v in index.items()}
 
     def names(self) -> list[str]:
@@ -113,30 +122,37 @@ class S3ModelRepository(Repository):
         validate_model_name(name)
         return self._index(name).get(name, [])
 
-    def _get(self, key: str, what: str) -> bytes:
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-        except (BotoCoreError, ClientError) as exc:
-            raise self._fail(exc, what) from None
-
     def _read_config(self, name: str, version: int) -> ModelConfig:
-        raw = self._get(self._key(name, version, CONFIG_FILE), f"model {name!r} version {version}")
-        try:
-            body = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ArtifactError(f"{self.root}/{name}/{version}/{CONFIG_FILE}: invalid JSON ({exc})") from None
-        return ModelConfig.parse(body)
+        try:  # bounded: read one byte past the limit, so that an oversized config is refused, not buffered
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(name, version, CONFIG_FILE))["Body"]
+            raw = body.read(MAX_CONFIG_BYTES + 1)
+            body.close()
+        except (BotoCoreError, ClientError) as exc:
+            raise self._fail(exc, f"model {name!r} version {version}") from None
+        return parse_config_bytes(raw, f"{self.root}/{name}/{version}/{CONFIG_FILE}")
 
     def local_folder(self, name: str, version: int) -> Path:
+        """The version's files in the local cache folder, downloaded first unless a copy is there whose files
+        all match the sha256 sums the store's config.json records: a copy from another store or an earlier
+        publish sharing the cache folder, or one tampered with, is replaced."""
         validate_model_name(name)
         version = int(version)
         folder = self.cache_dir / name / str(version)
-        if (folder / CONFIG_FILE).exists():
-            return folder
         config = self.config(name, version)
         if not config.files:
             raise ArtifactError(f"{self.root}/{name}/{version}/{CONFIG_FILE}.files: no sha256 sums recorded; "
                                 "republish with `maas models publish`")
+        if (folder / CONFIG_FILE).exists():
+            try:
+                verify_files(folder, config)
+                return folder
+            except (ArtifactError, OSError) as exc:
+                log.warning("cached copy of %s/%s/%d does not match the store (%s); downloading it again",
+                            self.root, name, version, exc)
+                stale = folder.parent / f".{version}.stale.{uuid.uuid4().hex}"
+                with contextlib.suppress(OSError):  # another process may have moved it first
+                    folder.rename(stale)
+                shutil.rmtree(stale, ignore_errors=True)
         staging = folder.parent / f".{version}.{uuid.uuid4().hex}"
         staging.mkdir(parents=True)
         try:

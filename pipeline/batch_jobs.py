@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 import orjson
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from infra.bootstrap import ensure_buckets, ensure_queue
 from models.artifact import ModelConfig
@@ -76,11 +76,18 @@ class BatchConfig:
         return cls(**{**values, **overrides})
 
     def job_name(self, key: str) -> str | None:
-        """The job a key starts, or None when the key is not a job file (outside the inbox, not .jsonl)."""
+        """The job a key starts, or None when the key is not a job file (outside the inbox, not .jsonl).
+
+        Raises ValueError for a job file whose name could not be used in the outbox's keys: empty, ".", ".."
+        or empty path segments (a tool that normalizes them would write outside the outbox), control
+        characters."""
         if not key.startswith(self.inbox_prefix) or not key.endswith(".jsonl"):
             return None
         name = key[len(self.inbox_prefix):-len(".jsonl")]
-        return name or None
+        if any(part in ("", ".", "..") for part in name.split("/")) or any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise ValueError(f"job file {key!r:.200} names no usable job: its name must not be empty or have empty, "
+                             "'.' or '..' path segments or control characters")
+        return name
 
     def inbox_key(self, job: str) -> str:
         return f"{self.inbox_prefix}{job}.jsonl"
@@ -162,7 +169,7 @@ async def iter_lines(read: Callable[[int], bytes], chunk_bytes: int, max_line: i
         data = buffer + chunk if buffer else chunk
         start = 0
         while (end := data.find(b"\n", start)) >= 0:
-            if skipping:
+            if skipping or end - start > max_line:
                 skipping = False
                 yield None
             else:
@@ -262,7 +269,14 @@ class BatchJobRunner:
     async def run(self, bucket: str, key: str) -> dict[str, Any] | None:
         """Process one uploaded object; returns its summary (the existing one for a duplicate event), or None
         when the key is not a job file or the object is gone."""
-        job = self.config.job_name(key)
+        if bucket != self.config.bucket:
+            log.warning("s3://%s/%s: not in the batch bucket %s; ignored", bucket, key, self.config.bucket)
+            return None
+        try:
+            job = self.config.job_name(key)
+        except ValueError as exc:  # nowhere safe to write its results: said in the log, the object left as it is
+            log.warning("%s; ignored", exc)
+            return None
         if job is None:
             return None
         lock = self._locks.setdefault((bucket, key), asyncio.Lock())
@@ -338,7 +352,7 @@ class BatchJobRunner:
             try:
                 await asyncio.to_thread(self.s3.put_object, Bucket=bucket, Key=key,
                                         Body=orjson.dumps(state.progress()), ContentType="application/json")
-            except ClientError as exc:  # progress is best effort; the job goes on
+            except (ClientError, BotoCoreError) as exc:  # progress is best effort; the job goes on
                 log.warning("job %s: cannot write progress: %s", state.job, exc)
 
     async def _line(self, lineno: int, line: bytes | None, state: _JobState) -> bytes:
@@ -355,7 +369,11 @@ class BatchJobRunner:
             state.ok += 1
             versions = state.model_versions.setdefault(response.model_name, {})
             versions[str(response.model_version)] = versions.get(str(response.model_version), 0) + 1
-        except InferenceError as exc:
+        except Exception as exc:  # a bug on one line must not lose the job's other lines: an INTERNAL error line
+            if not isinstance(exc, InferenceError):
+                log.exception("job %s line %d: unexpected failure", state.job, lineno)
+                exc = InferenceError(ErrorCode.INTERNAL, f"unexpected failure: {exc!r:.200}",
+                                     request.id if request else None)
             body = exc.to_json(request.model_name if request else None)
             body["line"] = lineno
             out = orjson.dumps(body) + b"\n"
@@ -517,7 +535,7 @@ class BatchJobWatcher:
                 received = await asyncio.to_thread(
                     self.sqs.receive_message, QueueUrl=self.queue_url, MaxNumberOfMessages=10,
                     WaitTimeSeconds=self.wait_s, VisibilityTimeout=self.visibility_s)
-            except ClientError as exc:
+            except (ClientError, BotoCoreError) as exc:  # throttled, or the endpoint unreachable for a while
                 log.warning("cannot receive from %s: %s; retrying", self.queue_url, exc)
                 await asyncio.sleep(1.0)
                 continue
@@ -542,12 +560,15 @@ class BatchJobWatcher:
         finally:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
-        await asyncio.to_thread(self.sqs.delete_message, QueueUrl=self.queue_url,
-                                ReceiptHandle=message["ReceiptHandle"])
+        try:
+            await asyncio.to_thread(self.sqs.delete_message, QueueUrl=self.queue_url,
+                                    ReceiptHandle=message["ReceiptHandle"])
+        except (ClientError, BotoCoreError) as exc:  # the job is done; its redelivery will find it done
+            log.warning("cannot delete batch job message %s: %s", message.get("MessageId"), exc)
 
     async def _keep_invisible(self, receipt: str) -> None:
         while True:
             await asyncio.sleep(self.visibility_s / 3)
-            with contextlib.suppress(ClientError):
+            with contextlib.suppress(ClientError, BotoCoreError):
                 await asyncio.to_thread(self.sqs.change_message_visibility, QueueUrl=self.queue_url,
                                         ReceiptHandle=receipt, VisibilityTimeout=self.visibility_s)

@@ -20,8 +20,8 @@ from pipeline.codec import CONTENT_TYPE, HEADER_LENGTH, JSON, Framed, decode_req
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.protocol import InferenceRequest, InferenceResponse
 
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_KEY_RE = re.compile(r"^[A-Za-z0-9!_.*'()/=+,@-]{1,1024}$")
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_KEY_RE = re.compile(r"[A-Za-z0-9!_.*'()/=+,@-]{1,1024}")
 
 
 def parse_s3_uri(uri: str, *, field: str) -> tuple[str, str]:
@@ -29,10 +29,10 @@ def parse_s3_uri(uri: str, *, field: str) -> tuple[str, str]:
     if not isinstance(uri, str) or not uri.startswith("s3://"):
         raise InferenceError(ErrorCode.INVALID_REQUEST, f"{field}: expected s3://bucket/key, got {uri!r:.80}")
     bucket, _, key = uri[5:].partition("/")
-    if not _BUCKET_RE.match(bucket):
+    if not _BUCKET_RE.fullmatch(bucket):
         raise InferenceError(ErrorCode.INVALID_REQUEST, f"{field}: {bucket!r:.70} is not a valid bucket name")
     parts = key.split("/")
-    if not _KEY_RE.match(key) or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+    if not _KEY_RE.fullmatch(key) or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise InferenceError(ErrorCode.INVALID_REQUEST, f"{field}: {key!r:.70} is not a plain object key "
                              "(letters, digits, and !_.*'()/=+,@- ; no empty, '.' or '..' segments)")
     return bucket, key

@@ -19,7 +19,7 @@ import numpy as np
 from models.artifact import ArtifactError, ModelConfig, TensorSpec
 from models.cache import ModelCache
 from models.loaded import LoadedModel
-from models.repository import ModelNotFoundError
+from models.repository import ModelNotFoundError, VersionError
 from pipeline.batcher import BatchKey, DynamicBatcher, Pending
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.metrics import (
@@ -123,6 +123,8 @@ class InferenceEngine:
 
         try:
             resolved, config = await asyncio.to_thread(lookup)
+        except VersionError as exc:
+            raise InferenceError(ErrorCode.INVALID_REQUEST, str(exc)) from None
         except ModelNotFoundError as exc:
             raise InferenceError(ErrorCode.MODEL_NOT_FOUND, str(exc)) from None
         except ArtifactError as exc:

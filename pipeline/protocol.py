@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from models.artifact import validate_model_name
+from models.artifact import validate_model_name, version_number
 from models.datatypes import DATATYPES, NUMPY_DTYPES, datatype_of
 from pipeline.errors import ErrorCode, InferenceError
 
 MAX_ID_LENGTH = 256
-_TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_TOPIC_RE = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _INT_KINDS = {"i", "u"}
 
 
@@ -111,8 +111,10 @@ def parse_request(body: Any, *, max_elements: int, defaults: dict[str, Any] | No
         except ValueError as exc:
             raise _fail(ErrorCode.INVALID_REQUEST, f"model_name: {exc}", request_id) from None
     version = body.get("model_version")
-    if version is not None and not isinstance(version, (str, int)):
-        raise _fail(ErrorCode.INVALID_REQUEST, "model_version: expected a string or integer", request_id)
+    if version is not None and version not in ("", "latest") and (
+            type(version) not in (str, int) or version_number(str(version)) is None):
+        raise _fail(ErrorCode.INVALID_REQUEST, 'model_version: expected a positive integer such as "3" (ASCII digits, '
+                    f'no sign or leading zero) or "latest", got {_short(version)}', request_id)
     parameters = body.get("parameters") or {}
     if parameters:
         if not isinstance(parameters, dict):
@@ -183,7 +185,7 @@ def _check_parameters(parameters: dict[str, Any], request_id: str) -> None:
     if output_uri is not None and not isinstance(output_uri, str):
         raise _fail(ErrorCode.INVALID_REQUEST, "parameters.output_uri: expected an s3:// URI string", request_id)
     reply_to = parameters.get("reply_to")
-    if reply_to is not None and (not isinstance(reply_to, str) or not _TOPIC_RE.match(reply_to)):
+    if reply_to is not None and (not isinstance(reply_to, str) or not _TOPIC_RE.fullmatch(reply_to)):
         raise _fail(ErrorCode.INVALID_REQUEST, "parameters.reply_to: expected a Kafka topic name "
                     "(letters, digits, '.', '_', '-')", request_id)
     priority = parameters.get("priority")

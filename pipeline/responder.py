@@ -105,15 +105,24 @@ class Responder:
         answers: list[tuple[Envelope, InferenceRequest, Framed]] = []
         answered: Counter[str] = Counter()
         failed: Counter[str] = Counter()
-        results = await self.engine.infer_many([request for _, request in direct])
+        try:
+            results = await self.engine.infer_many([request for _, request in direct])
+        except Exception:  # a bug must not fail the messages beside the one that hit it: each goes alone
+            log.exception("unexpected failure on a group of %d requests; answering them one by one", len(direct))
+            one_by_one.extend(index for index, _ in direct)
+            direct = results = []
         for (index, request), result in zip(direct, results, strict=True):
             if isinstance(result, InferenceResponse):
-                framed = encode_response(result, request)
                 try:
+                    framed = encode_response(result, request)
                     if not self._inline(request, framed):
                         framed = await self._store_outputs(request, result, framed)
                 except InferenceError as exc:
                     result = exc.addressed_to(request.id)
+                except Exception:
+                    log.exception("unexpected failure encoding the answer to request %s", request.id)
+                    one_by_one.append(index)
+                    continue
                 else:
                     answers.append((envelopes[index], request, framed))
                     outcomes[index] = Outcome.RESULT

@@ -22,6 +22,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from infra.bootstrap import ensure_buckets, ensure_topics
 from infra.stack import LocalStack, StackError
+from models.cache import ModelCache
 from models.repository import Repository, RepositoryError
 from models.repository import open_repository as open_model_repository
 from pipeline.claim_check import ClaimCheckStore
@@ -60,6 +61,12 @@ def open_repository(settings: Settings) -> Repository:
                                      cache_dir=settings.model_cache_dir)
     except RepositoryError as exc:
         raise ConfigError(f"MAAS_MODEL_REPOSITORY: {exc}") from None
+
+
+def model_cache(settings: Settings, repository: Repository | None = None) -> ModelCache:
+    """The warm model cache over MAAS_MODEL_REPOSITORY (or `repository`), within MAAS_MODEL_CACHE_BYTES."""
+    return ModelCache(repository if repository is not None else open_repository(settings),
+                      max_bytes=settings.model_cache_bytes)
 
 
 def aws_client(settings: Settings, service: str) -> Any:

@@ -48,7 +48,7 @@ def check_engine_knobs(env: Mapping[str, str]) -> None:
         if value and value not in choices:
             raise ConfigError(f"{name}={env[name]!r}: expected one of {', '.join(choices)}")
     threads = env.get("MAAS_COMPILE_THREADS", "").strip().lower()
-    if threads and threads != "auto" and not (threads.isdigit() and int(threads) >= 1):
+    if threads and threads != "auto" and not (threads.isascii() and threads.isdigit() and int(threads) >= 1):
         raise ConfigError(f"MAAS_COMPILE_THREADS={env['MAAS_COMPILE_THREADS']!r}: expected auto or a whole "
                           "number >= 1")
 
@@ -98,6 +98,7 @@ class Settings:
     aws_credentials_configured: bool = False
     model_repository: str = "model_repository"
     model_cache_dir: str | None = None
+    model_cache_bytes: int = 4 << 30
     batch_bucket: str = "maas-batch"
     topics: Topics = field(default_factory=Topics)
     topic_partitions: int = 4
@@ -158,6 +159,7 @@ class Settings:
             aws_credentials_configured=any(env.get(name) for name in _AWS_CREDENTIAL_VARS),
             model_repository=env.get("MAAS_MODEL_REPOSITORY") or "model_repository",
             model_cache_dir=env.get("MAAS_MODEL_CACHE_DIR") or None,
+            model_cache_bytes=_int(env, "MAAS_MODEL_CACHE_BYTES", 4 << 30, minimum=1 << 20),
             batch_bucket=env.get("MAAS_BATCH_BUCKET") or "maas-batch",
             topics=topics,
             topic_partitions=_int(env, "MAAS_TOPIC_PARTITIONS", 4, minimum=1),
@@ -247,6 +249,7 @@ class Settings:
             "KAFKA_SECURITY_PROTOCOL": self.kafka_security_protocol,
             "AWS_REGION": self.aws_region,
             "MAAS_MODEL_REPOSITORY": self.model_repository,
+            "MAAS_MODEL_CACHE_BYTES": str(self.model_cache_bytes),
             "MAAS_BATCH_BUCKET": self.batch_bucket,
             "MAAS_TOPIC_REQUESTS": self.topics.requests,
             "MAAS_TOPIC_RESULTS": self.topics.results,

@@ -243,7 +243,12 @@ class V2Api:
                 body = orjson.loads(request.body)
             except orjson.JSONDecodeError as exc:
                 raise InferenceError(ErrorCode.INVALID_JSON, f"request is not valid JSON: {exc}") from None
-            only_ready = bool(isinstance(body, dict) and body.get("ready"))
+            if not isinstance(body, dict):
+                raise InferenceError(ErrorCode.INVALID_REQUEST, "request must be a JSON object")
+            only_ready = body.get("ready", False)
+            if not isinstance(only_ready, bool):
+                raise InferenceError(ErrorCode.INVALID_REQUEST,
+                                     f"ready: expected true or false, got {only_ready!r:.40}")
         repository = self.engine.cache.repository
 
         def listing() -> list[dict[str, str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import socket
 import time
 
 import numpy as np
@@ -133,6 +134,54 @@ async def test_iter_lines_bounds_long_lines():
     stream = io.BytesIO(b"a\n" + b"x" * 100 + b"\nbb\r\n\nlast")
     lines = [line async for line in iter_lines(stream.read, 7, max_line=20)]
     assert lines == [b"a", None, b"bb\r", b"", b"last"]
+    # A long line that ends within one chunk is refused too, not only one that spills over the chunk
+    stream = io.BytesIO(b"a\n" + b"y" * 30 + b"\nb\n")
+    assert [line async for line in iter_lines(stream.read, 1 << 20, max_line=20)] == [b"a", None, b"b"]
+
+
+async def test_unsafe_job_names_and_other_buckets_are_ignored(live, repository, caplog):
+    """A job name with '.', '..' or empty segments would put its outputs outside the outbox for any tool that
+    normalizes keys: such a file is left alone, with a warning saying why; so is an object of another bucket."""
+    config = BatchConfig(bucket=live.batch_bucket, queue=f"{live.batch_bucket}-events")
+    for key in ("inbox/../../escape.jsonl", "inbox/.jsonl", "inbox/a//b.jsonl", "inbox/./a.jsonl", "inbox/a\x01.jsonl"):
+        with pytest.raises(ValueError, match="names no usable job"):
+            config.job_name(key)
+    assert config.job_name("inbox/team a/job+1.jsonl") == "team a/job+1"
+    requests, _ = example_requests(2, prefix="unsafe")
+    s3 = aws_client(live, "s3")
+    async with InferenceEngine(ModelCache(repository), worker_id="batch-test") as engine:
+        runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes, worker_id="bt")
+        s3.put_object(Bucket=config.bucket, Key="inbox/../escape.jsonl", Body=jsonl(requests))
+        assert await runner.run(config.bucket, "inbox/../escape.jsonl") is None
+        assert await runner.run("some-other-bucket", "inbox/fine.jsonl") is None
+    listed = s3.list_objects_v2(Bucket=config.bucket).get("Contents", [])
+    assert [o["Key"] for o in listed] == ["inbox/../escape.jsonl"]  # no outputs written anywhere
+    assert "names no usable job" in caplog.text and "not in the batch bucket" in caplog.text
+
+
+class _EngineWithABug(InferenceEngine):
+    """The real engine, but one request id trips an unexpected exception, as a bug would."""
+
+    async def infer(self, request):
+        if request.id == "trips-a-bug":
+            raise RuntimeError("a bug")
+        return await super().infer(request)
+
+
+async def test_a_bug_on_one_line_becomes_that_lines_internal_error(live, repository):
+    config = BatchConfig(bucket=live.batch_bucket, queue=f"{live.batch_bucket}-events")
+    requests, _ = example_requests(3, prefix="bug")
+    requests[1] = {**requests[1], "id": "trips-a-bug"}
+    s3 = aws_client(live, "s3")
+    async with _EngineWithABug(ModelCache(repository), worker_id="batch-test") as engine:
+        runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes, worker_id="bt")
+        s3.put_object(Bucket=config.bucket, Key="inbox/bug.jsonl", Body=jsonl(requests))
+        summary = await runner.run(config.bucket, "inbox/bug.jsonl")
+    assert summary["lines"] == 3 and summary["ok"] == 2 and summary["errors_by_code"] == {"INTERNAL": 1}
+    body = s3.get_object(Bucket=config.bucket, Key=config.results_key("bug"))["Body"].read()
+    lines = [orjson.loads(line) for line in body.splitlines()]
+    assert [line["id"] for line in lines] == [requests[0]["id"], "trips-a-bug", requests[2]["id"]]
+    assert lines[1]["error"]["code"] == "INTERNAL" and "a bug" in lines[1]["error"]["message"]
 
 
 def test_latency_histogram_and_event_parsing():
@@ -151,3 +200,23 @@ def test_latency_histogram_and_event_parsing():
     config = BatchConfig(bucket="b")
     assert config.job_name("inbox/x.jsonl") == "x" and config.job_name("outbox/x.jsonl") is None
     assert config.job_name("inbox/x.json") is None
+
+
+async def test_the_watcher_outlives_an_unreachable_queue_endpoint(live, repository, caplog):
+    """A network error (botocore's EndpointConnectionError, not a ClientError) is retried like a throttle: the
+    batch worker must not die of an endpoint that is down for a while."""
+    import boto3
+    from botocore.config import Config
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sqs = boto3.client("sqs", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                       aws_access_key_id="x", aws_secret_access_key="x",
+                       config=Config(connect_timeout=0.2, retries={"max_attempts": 1}))
+    config = BatchConfig(bucket=live.batch_bucket)
+    async with InferenceEngine(ModelCache(repository), worker_id="batch-test") as engine:
+        runner = BatchJobRunner(engine, aws_client(live, "s3"), config, max_request_bytes=1 << 20, worker_id="bt")
+        async with BatchJobWatcher(runner, sqs, f"http://127.0.0.1:{port}/000000000000/q", wait_s=1) as watcher:
+            await wait_for(lambda: caplog.text.count("cannot receive from") >= 2, timeout=20)
+            assert not watcher._task.done()

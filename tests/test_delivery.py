@@ -13,13 +13,17 @@ import numpy as np
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from worker_support import running_worker, slow_repository, worker_process
+from worker_support import read_topic, running_worker, slow_repository, worker_process
 
+from models.cache import ModelCache
 from models.examples import MNIST_MLP
 from pipeline.client import ResultCollector, example_requests, publish_requests
 from pipeline.codec import encode_request
-from pipeline.services import aws_client, bootstrap
+from pipeline.engine import InferenceEngine
+from pipeline.responder import Outcome, Responder
+from pipeline.services import answer_producer, aws_client, bootstrap
 from pipeline.settings import Topics
+from pipeline.sinks import Envelope, KafkaSink
 
 
 @pytest.fixture
@@ -118,7 +122,8 @@ BAD_INPUT_MATRIX = [
     ("path-in-model-name", {"model_name": "../../etc/passwd"}, None, "error", "INVALID_REQUEST"),
     ("unknown-model", {"model_name": "nope"}, None, "error", "MODEL_NOT_FOUND"),
     ("unknown-version", {"model_version": "42"}, None, "error", "MODEL_NOT_FOUND"),
-    ("bad-version", {"model_version": "v1"}, None, "error", "MODEL_NOT_FOUND"),
+    ("bad-version", {"model_version": "v1"}, None, "error", "INVALID_REQUEST"),
+    ("superscript-version", {"model_version": "\u00b2"}, None, "error", "INVALID_REQUEST"),  # "²".isdigit()
     ("missing-inputs", {"inputs": None}, None, "error", "INVALID_REQUEST"),
     ("empty-inputs", {"inputs": []}, None, "error", "INVALID_REQUEST"),
     ("wrong-input-name", {"inputs": [{"name": "x", "shape": [1, 784], "datatype": "FP32", "data": [0.0] * 784}]},
@@ -230,3 +235,36 @@ async def test_bad_input_matrix_each_case_gets_its_documented_record(live):
     bucket, key = oversized["maas-payload-uri"].removeprefix("s3://").split("/", 1)
     stored = aws_client(settings, "s3").get_object(Bucket=bucket, Key=key)["Body"].read()
     assert stored == b" " * (settings.max_request_bytes + 1), "an oversized dead letter keeps its payload in S3"
+
+
+class _EngineWithABug(InferenceEngine):
+    """The real engine, except that a group holding one request id trips an unexpected exception, as a bug would."""
+
+    async def infer_many(self, requests):
+        if any(r.id == "trips-a-bug" for r in requests):
+            raise RuntimeError("a bug")
+        return await super().infer_many(requests)
+
+
+async def test_a_bug_in_a_group_of_requests_answers_the_others_and_dead_letters_its_own(live, repository):
+    """`Responder.handle_many` sends a fetch's requests to the engine together; an unexpected exception there
+    must not fail the whole fetch: each request goes through alone, and only the one that trips the bug is
+    dead-lettered (after its retries), the source going on."""
+    requests, _ = example_requests(4, prefix="grp")
+    requests[2] = {**requests[2], "id": "trips-a-bug"}
+    envelopes = [Envelope(payload=orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY), headers={}, source=f"t@{i}",
+                          key=r["id"].encode()) for i, r in enumerate(requests)]
+    producer = answer_producer(live)
+    await producer.start()
+    try:
+        async with _EngineWithABug(ModelCache(repository), worker_id="grp") as engine:
+            responder = Responder(live, engine, KafkaSink.for_settings(producer, live, None), retry_delay_s=0.01)
+            outcomes = await responder.handle_many(envelopes)
+    finally:
+        await producer.stop()
+    assert outcomes == [Outcome.RESULT, Outcome.RESULT, Outcome.DEAD_LETTER, Outcome.RESULT]
+    results = await read_topic(live, live.topics.results, 3)
+    assert sorted(r.key.decode() for r in results) == sorted(r["id"] for r in requests if r["id"] != "trips-a-bug")
+    (dead,) = await read_topic(live, live.topics.dlq, 1)
+    assert dead.key == b"trips-a-bug" and dict(dead.headers)["maas-error-code"] == b"INTERNAL"
+    assert b"a bug" in dict(dead.headers)["maas-error-message"]

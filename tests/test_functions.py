@@ -80,10 +80,13 @@ def test_kafka_trigger_answers_and_reports_transient_failures(env, sample, capsy
     bad_input = {**requests[0], "id": "kf-bad", "inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32",
                                                             "data": [1.0, 2.0, 3.0]}]}
     values = [orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY) for r in requests]
-    values += [dumps(bad_input), b"\xff not json", dumps({**requests[1], "id": "kf-broken", "model_name": broken})]
+    values += [dumps(bad_input), b"\xff not json", dumps({**requests[1], "id": "kf-broken", "model_name": broken}),
+               dumps({**requests[2], "id": "kf-version", "model_version": "\u00b2"})]  # "²".isdigit() is True
     records = [kafka_record(first, topic, i % 2, 100 + i, value, f"k{i}") for i, value in enumerate(values)]
     # traceparent as a list of byte values, as the event source mapping sends headers
     records[0]["headers"] = next(iter(event("kafka_msk.json")["records"].values()))[0]["headers"]
+    # Java bytes are signed: "été" arrives as [-61, -87, 116, -61, -87]
+    records[1]["headers"] = [{"ce_source": [b - 256 if b > 127 else b for b in "été".encode()]}]
     test_event = {**template, "records": {}}
     for record in records:
         test_event["records"].setdefault(f"{topic}-{record['partition']}", []).append(record)
@@ -91,9 +94,12 @@ def test_kafka_trigger_answers_and_reports_transient_failures(env, sample, capsy
     response = functions.kafka.handler(test_event, None)
 
     assert response == {"batchItemFailures": [{"itemIdentifier": {"topic-partition": f"{topic}-0", "offset": 108}}]}
-    results = asyncio.run(read_topic(settings, settings.topics.results, 7))
+    results = asyncio.run(read_topic(settings, settings.topics.results, 8))
     answers = {r.key.decode(): (decode_response(r.value, {}), dict(r.headers)) for r in results}
-    assert set(answers) == {*truth, "kf-bad"}
+    assert set(answers) == {*truth, "kf-bad", "k9"}  # refused while decoding: answered under the record's key
+    assert answers["k9"][0]["id"] == "kf-version" and answers["k9"][0]["error"]["code"] == "INVALID_REQUEST"
+    assert "model_version" in answers["k9"][0]["error"]["message"]
+    assert answers["kf-000001"][1]["ce_source"] == "été".encode()
     for request_id, label in truth.items():
         body = answers[request_id][0]
         assert next(o for o in body["outputs"] if o["name"] == "class")["data"] == [label]
@@ -104,7 +110,7 @@ def test_kafka_trigger_answers_and_reports_transient_failures(env, sample, capsy
     assert dict(dead[0].headers)["maas-error-code"] == b"INVALID_JSON"
     assert dict(dead[0].headers)["maas-source"] == f"{topic}-1@107".encode()
     metrics = json.loads([line for line in capsys.readouterr().out.splitlines() if '"_aws"' in line][-1])
-    assert metrics["function"] == "kafka" and metrics["ColdStart"] == 1 and metrics["Records"] == 9
+    assert metrics["function"] == "kafka" and metrics["ColdStart"] == 1 and metrics["Records"] == 10
     assert {"ImportMs", "InitMs", "ModelLoadMs", "DurationMs"} <= metrics.keys()
 
 
@@ -263,6 +269,14 @@ def test_http_trigger_serves_the_v2_routes(env, monkeypatch):
     assert missing["statusCode"] == 404 and "nope" in json.loads(missing["body"])["error"]
     garbage = functions.http.handler(http_event("POST", f"/v2/models/{MNIST_MLP}/infer", b"{oops"), None)
     assert garbage["statusCode"] == 400
+    # rawPath keeps percent-escapes, which `maas serve` decodes before routing: so does the function
+    escaped = functions.http.handler(http_event("GET", "/v2/models/mnist%5Fmlp"), None)
+    assert escaped["statusCode"] == 200 and json.loads(escaped["body"])["name"] == MNIST_MLP
+    for version in ("%C2%B2", "-1", "01"):  # not a version at all: the caller's mistake (400), not a 404
+        bad = functions.http.handler(http_event("GET", f"/v2/models/{MNIST_MLP}/versions/{version}"), None)
+        assert bad["statusCode"] == 400 and "model_version" in json.loads(bad["body"])["error"], version
+    index = functions.http.handler(http_event("POST", "/v2/repository/index", b'{"ready": "false"}'), None)
+    assert index["statusCode"] == 400 and "ready: expected true or false" in json.loads(index["body"])["error"]
 
     monkeypatch.setenv("MAAS_API_KEYS", "team:k1")
     denied = functions.http.handler(http_event("GET", f"/v2/models/{MNIST_MLP}"), None)

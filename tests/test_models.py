@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from models.architectures.mlp import MLP
-from models.artifact import WEIGHTS_FILE, ArtifactError, ModelConfig
+from models.artifact import MAX_CONFIG_BYTES, WEIGHTS_FILE, ArtifactError, ModelConfig, read_config
 from models.cache import ModelCache
-from models.examples import MNIST_MLP, mnist_mlp_config, synthetic_digits
-from models.repository import ModelNotFoundError
+from models.examples import MNIST_MLP, mnist_mlp_config, sentiment_config, synthetic_digits
+from models.publish import publish_model
+from models.repository import ModelNotFoundError, VersionError
 
 
 def _random_mlp_weights(layers=(784, 128, 10)) -> dict[str, torch.Tensor]:
@@ -119,3 +120,118 @@ def test_cache_resolves_latest_at_most_every_ttl(repository):
     repository.publish(MNIST_MLP, mnist_mlp_config(), _random_mlp_weights())
     assert cache.resolve(MNIST_MLP) == 1  # cached
     assert ModelCache(repository, latest_ttl_s=0).resolve(MNIST_MLP) == 2
+
+
+def test_version_folders_with_other_spellings_are_not_versions(repository):
+    """A stray folder ("²", "01", "0", Arabic-Indic "٣") must neither break listing nor count as a version."""
+    folder = repository.root / MNIST_MLP
+    config = (folder / "1" / "config.json").read_text()
+    for stray in ("²", "01", "0", "٣", "1.0", "-2"):
+        (folder / stray).mkdir()
+        (folder / stray / "config.json").write_text(config)
+    assert repository.versions(MNIST_MLP) == [1] and MNIST_MLP in repository.names()
+    assert repository.resolve(MNIST_MLP) == 1
+    for version in ("²", "01", "0", "-1", "1.0", "9" * 5000):
+        with pytest.raises(VersionError, match=r"model_version .* is invalid: expected a positive integer"):
+            repository.resolve(MNIST_MLP, version)
+
+
+def test_names_ending_in_a_newline_are_refused(repository):
+    with pytest.raises(ArtifactError, match="is invalid"):
+        repository.publish("digits\n", mnist_mlp_config(), _random_mlp_weights())
+    assert not (repository.root / "digits\n").exists()
+
+
+@pytest.mark.parametrize(("dtype", "fragment"), [
+    (torch.int8, "tensor 'layers.0.weight' has dtype int8, expected a float dtype .*quantization"),
+    (torch.int32, "tensor 'layers.0.weight' has dtype int32, expected a float dtype"),
+    (torch.bool, "tensor 'layers.0.weight' has dtype bool, expected a float dtype"),
+])
+def test_weights_of_a_non_float_dtype_are_refused_by_name(repository, dtype, fragment):
+    weights = _random_mlp_weights()
+    weights["layers.0.weight"] = weights["layers.0.weight"].mul(10).to(dtype)
+    with pytest.raises(ArtifactError, match=fragment):
+        repository.publish("ints", mnist_mlp_config(), weights)
+    folder = repository.root / "ints" / "1"  # written by hand: the load refuses it too, on the CPU's numpy twin
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True)
+    save_file(weights, str(folder / WEIGHTS_FILE))
+    (folder / "config.json").write_text(json.dumps(mnist_mlp_config().to_json()))
+    with pytest.raises(ArtifactError, match=fragment):
+        repository.load("ints", 1)
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    ({"batching": {"max_batch_size": True}}, r"batching\.max_batch_size: expected an integer in 1\.\.65,536"),
+    ({"batching": {"max_batch_size": 10**9}}, r"batching\.max_batch_size"),
+    ({"batching": {"max_queue_delay_ms": 1e300}}, r"batching\.max_queue_delay_ms: expected a number in 0\.\.60,000"),
+    ({"batching": {"max_queue_delay_ms": True}}, r"batching\.max_queue_delay_ms"),
+    ({"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, True]}]}, r"inputs\[0\]\.shape"),
+    ({"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 10**12]}]}, r"inputs\[0\]\.shape: dimensions"),
+    ({"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1] * 17}]}, r"inputs\[0\]\.shape: expected a list"),
+    ({"warmup_inputs": [{"name": "x", "shape": [1, 784], "datatype": "FP32", "data": [0] * 784}]},
+     r"warmup_inputs\[0\]\.name: 'x' is not one of the inputs \['input'\]"),
+    ({"warmup_inputs": [{"name": "input", "shape": [1, 784], "datatype": "NOPE", "data": [0] * 784}]},
+     r"warmup_inputs\[0\]: input 'input': datatype NOPE given, expected FP32"),
+    ({"warmup_inputs": [{"name": "input", "shape": [1, 783], "datatype": "FP32", "data": [0] * 783}]},
+     r"warmup_inputs\[0\]: input 'input': shape \[1, 783\] given"),
+    ({"warmup_inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": [0] * 3}]},
+     r"warmup_inputs\[0\]\.data: expected a flat list of 784 elements"),
+    ({"warmup_inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": ["a"] * 784}]},
+     r"warmup_inputs\[0\]\.data: expected numbers for datatype FP32"),
+])
+def test_config_values_out_of_bounds_are_named(change, fragment):
+    with pytest.raises(ArtifactError, match=fragment):
+        ModelConfig.parse({**mnist_mlp_config().to_json(), **change})
+
+
+def test_bytes_warmup_inputs_must_be_strings():
+    raw = sentiment_config().to_json()
+    ModelConfig.parse({**raw, "warmup_inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["ok"]}]})
+    with pytest.raises(ArtifactError, match=r"warmup_inputs\[0\]\.data: expected strings for datatype BYTES"):
+        ModelConfig.parse({**raw, "warmup_inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
+                                                     "data": [300000000]}]})
+
+
+def test_unreadable_and_oversized_configs_are_artifact_errors(repository):
+    folder = repository.root / "odd" / "1"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_bytes(b'{"architecture": "mlp\xff"}')
+    with pytest.raises(ArtifactError, match="invalid JSON"):
+        repository.config("odd", 1)
+    (folder / "config.json").write_bytes(b'{"description": "' + b"x" * (MAX_CONFIG_BYTES + 1) + b'"}')
+    with pytest.raises(ArtifactError, match="over the 1,048,576 a config may have"):
+        read_config(folder)
+
+
+def test_publish_runs_the_model_once_so_misnamed_tensors_are_refused(repository):
+    raw = mnist_mlp_config().to_json()
+    renamed_input = ModelConfig.parse({**raw, "inputs": [{**raw["inputs"][0], "name": "x"}]})
+    with pytest.raises(ArtifactError, match=r"reads or writes tensor 'input', which config.json's inputs \['x'\]"):
+        publish_model(repository, "renamed", renamed_input, _random_mlp_weights())
+    renamed_output = ModelConfig.parse({**raw, "outputs": [{**raw["outputs"][0], "name": "y"}, raw["outputs"][1]]})
+    with pytest.raises(ArtifactError, match="tensor 'y'"):
+        publish_model(repository, "renamed", renamed_output, _random_mlp_weights())
+    wrong_width = ModelConfig.parse({**raw, "outputs": [{**raw["outputs"][0], "shape": [-1, 11]}, raw["outputs"][1]]})
+    with pytest.raises(ArtifactError, match=r"comes out with shape \[2, 10\] .* config.json says \[-1, 11\]"):
+        publish_model(repository, "renamed", wrong_width, _random_mlp_weights())
+    assert repository.versions("renamed") == []
+    assert publish_model(repository, "renamed", mnist_mlp_config(), _random_mlp_weights()).version == 1
+
+
+def test_a_failed_load_is_not_retried_until_its_backoff_ends(repository):
+    folder = repository.root / "broken" / "1"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(mnist_mlp_config().to_json()))  # no weights file
+    cache = ModelCache(repository, load_retry_s=3600)
+    with pytest.raises(ArtifactError, match=r"model\.safetensors") as first:
+        cache.get("broken", 1)
+    assert "not retried" not in str(first.value)
+    for _ in range(2):  # answered from the remembered failure, without loading again
+        with pytest.raises(ArtifactError, match=r"model\.safetensors.*\(not retried for 3600 s after a failed load\)"):
+            cache.get("broken", 1)
+    retrying = ModelCache(repository, load_retry_s=0)
+    for _ in range(2):
+        with pytest.raises(ArtifactError, match=r"model\.safetensors") as again:
+            retrying.get("broken", 1)
+        assert "not retried" not in str(again.value)

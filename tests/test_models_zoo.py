@@ -349,6 +349,30 @@ def test_s3_repository_publish_list_load_and_cache(live, s3, tmp_path, repositor
     assert warm.load(MNIST_MLP, 2).nbytes > 0
 
 
+def test_s3_cache_folder_is_used_only_while_it_matches_the_store(live, s3, tmp_path, repository):
+    """A cached copy is the store's only if its files hash to the sums the store's config.json records: a bucket
+    reset and republished, another store sharing the cache folder, or a tampered file is downloaded again."""
+    uri, cache_dir = f"s3://{live.batch_bucket}/reset", tmp_path / "cache"
+    mnist = read_weights(repository.local_folder(MNIST_MLP, 1))
+    zeros = {name: torch.zeros_like(w) for name, w in mnist.items()}
+    image = {"input": np.random.default_rng(0).random((1, 784), dtype=np.float32)}
+    assert open_repository(uri, lambda: s3, cache_dir=cache_dir).publish(MNIST_MLP, mnist_mlp_config(), mnist) == 1
+    first = open_repository(uri, lambda: s3, cache_dir=cache_dir).load(MNIST_MLP, 1).infer(image)
+    assert first["probabilities"].max() > 0.2
+    for obj in s3.list_objects_v2(Bucket=live.batch_bucket, Prefix="reset/")["Contents"]:
+        s3.delete_object(Bucket=live.batch_bucket, Key=obj["Key"])
+    assert open_repository(uri, lambda: s3, cache_dir=cache_dir).publish(MNIST_MLP, mnist_mlp_config(), zeros) == 1
+    again = open_repository(uri, lambda: s3, cache_dir=cache_dir).load(MNIST_MLP, 1).infer(image)
+    np.testing.assert_allclose(again["probabilities"], 0.1, rtol=1e-6)  # zero weights: a uniform softmax
+
+    cached = cache_dir / live.batch_bucket / "reset" / MNIST_MLP / "1" / WEIGHTS_FILE
+    from safetensors.torch import save_file
+    save_file(mnist, str(cached))  # a planted file in the cache folder
+    served = open_repository(uri, lambda: s3, cache_dir=cache_dir).load(MNIST_MLP, 1).infer(image)
+    np.testing.assert_allclose(served["probabilities"], 0.1, rtol=1e-6)
+    assert not any(p.name.startswith(".") for p in cached.parent.parent.iterdir())  # no staging or stale left
+
+
 def test_s3_version_claims_never_collide(live, s3, tmp_path):
     repo = S3ModelRepository(f"s3://{live.batch_bucket}/claims", s3, cache_dir=tmp_path)
     assert [repo._claim("m", 1), repo._claim("m", 1), repo._claim("m", 2)] == [1, 2, 3]

@@ -57,6 +57,11 @@ def test_nested_data_and_bytes_and_ints():
         (_request(model_name=["mnist_mlp"]), ErrorCode.INVALID_REQUEST, "model_name"),
         (_request(model_name=None), ErrorCode.INVALID_REQUEST, "model_name"),
         (_request(model_version=[1]), ErrorCode.INVALID_REQUEST, "model_version"),
+        # One spelling per version: no sign, fraction, leading zero or non-ASCII digit ("²".isdigit() is True).
+        *[(_request(model_version=v), ErrorCode.INVALID_REQUEST, "model_version: expected a positive integer")
+          for v in ("²", "٣", "01", "-1", "1.0", " 1", "1\n", "0", 0, -2, True, 10**18)],
+        (_request(model_name="mnist_mlp\n"), ErrorCode.INVALID_REQUEST, "model_name"),
+        (_request(parameters={"reply_to": "maas.results\n"}), ErrorCode.INVALID_REQUEST, "parameters.reply_to"),
         (_request(inputs=[]), ErrorCode.INVALID_REQUEST, "inputs: expected a non-empty list"),
         (_request(inputs=[{"name": "input", "shape": [3], "datatype": "FP99", "data": [1, 2, 3]}]),
          ErrorCode.INVALID_REQUEST, "inputs[0].datatype"),
@@ -94,6 +99,12 @@ def test_malformed_requests_name_the_field(payload, code, fragment):
         _decode(payload)
     assert caught.value.code == code
     assert fragment in caught.value.message
+
+
+@pytest.mark.parametrize("version", [None, "", "latest", "1", "42", 7])
+def test_version_spellings_that_name_a_version_or_the_newest(version):
+    request = _decode(_request(model_version=version))
+    assert request.model_version == (None if version is None else str(version))
 
 
 def test_errors_keep_the_request_id_once_known():

@@ -13,12 +13,11 @@ import orjson
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
-from models.cache import ModelCache
 from models.examples import ensure_examples
 from pipeline.batch_jobs import SOURCE_ETAG, BatchConfig, BatchJobRunner, BatchJobWatcher, ensure_batch_notifications
 from pipeline.commands._common import stop_event
 from pipeline.engine import InferenceEngine
-from pipeline.services import aws_client, connected, open_repository, read_state
+from pipeline.services import aws_client, connected, model_cache, open_repository, read_state
 from pipeline.settings import ConfigError, Settings
 
 
@@ -30,7 +29,7 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         config = BatchConfig.from_settings(live)
         s3, sqs = aws_client(live, "s3"), aws_client(live, "sqs")
         queue_url = await asyncio.to_thread(ensure_batch_notifications, s3, sqs, config)
-        async with InferenceEngine(ModelCache(repository), worker_id=live.worker_id,
+        async with InferenceEngine(model_cache(settings, repository), worker_id=live.worker_id,
                                    max_running_batches=settings.max_running_batches) as engine:
             runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes,
                                     worker_id=live.worker_id)
@@ -80,7 +79,13 @@ async def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(f"{path}: no such file")
     config = BatchConfig.from_settings(settings)
     job = args.job or path.name.removesuffix(".jsonl")
-    key, out = config.inbox_key(job), Path(args.output or path.with_name(f"{job}.results.jsonl"))
+    key = config.inbox_key(job)
+    try:
+        config.job_name(key)
+    except ValueError as exc:
+        raise ConfigError(f"--job {job!r}: {exc}") from None
+    # A job may name a folder ("team-a/run-3"); its results land beside FILE as one file.
+    out = Path(args.output or path.with_name(f"{job.replace('/', '_')}.results.jsonl"))
     s3 = aws_client(settings, "s3")
     total = await asyncio.to_thread(_count_lines, path)
     print(f"uploading {path} ({path.stat().st_size:,} bytes, {total:,} lines) to s3://{config.bucket}/{key}",

@@ -6,13 +6,12 @@ import argparse
 import asyncio
 import time
 
-from models.cache import ModelCache
 from models.examples import MNIST_MLP, ensure_examples
 from pipeline.client import example_requests
 from pipeline.commands.submit import submit_and_wait, summary
 from pipeline.engine import InferenceEngine
 from pipeline.kafka_worker import KafkaWorker
-from pipeline.services import connected, open_repository
+from pipeline.services import connected, model_cache, open_repository
 from pipeline.settings import Settings
 
 
@@ -23,7 +22,7 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         print(f"published example model {name} v{version} to {repository.root} (trained on synthetic digits)")
     async with connected(settings, use_state=False) as live:
         print(f"stack: Kafka {live.kafka_bootstrap_servers}, S3/SQS {live.aws_endpoint_url}")
-        async with InferenceEngine(ModelCache(repository), worker_id=live.worker_id,
+        async with InferenceEngine(model_cache(settings, repository), worker_id=live.worker_id,
                                    max_running_batches=settings.max_running_batches) as engine:
             worker = KafkaWorker(live, engine)
             async with worker:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from models.cache import ModelCache
 from models.examples import ensure_examples
 from pipeline.commands._common import stop_event
 from pipeline.engine import InferenceEngine
 from pipeline.http_server import HttpServer
 from pipeline.ratelimit import ApiKeys, RateLimiter
-from pipeline.services import open_repository
+from pipeline.services import model_cache, open_repository
 from pipeline.settings import Settings
 from pipeline.v2_api import V2Api
 
@@ -20,7 +19,7 @@ async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.examples:
         ensure_examples(repository)
     api_keys, limiter = ApiKeys.from_settings(settings), RateLimiter.from_settings(settings)
-    async with InferenceEngine(ModelCache(repository), worker_id=settings.worker_id,
+    async with InferenceEngine(model_cache(settings, repository), worker_id=settings.worker_id,
                                max_running_batches=settings.max_running_batches) as engine:
         api = V2Api(engine, max_request_bytes=settings.max_request_bytes, api_keys=api_keys, rate_limiter=limiter)
         async with HttpServer(api, args.host, args.port) as server:

@@ -7,13 +7,12 @@ import asyncio
 import contextlib
 
 from infra.bootstrap import ensure_queue
-from models.cache import ModelCache
 from models.examples import ensure_examples
 from pipeline.commands._common import stop_event
 from pipeline.engine import InferenceEngine
 from pipeline.kafka_worker import KafkaWorker
 from pipeline.observability import HealthServer
-from pipeline.services import answer_producer, aws_client, claim_check_store, connected, open_repository
+from pipeline.services import answer_producer, aws_client, claim_check_store, connected, model_cache, open_repository
 from pipeline.settings import ConfigError, Settings
 from pipeline.sinks import KafkaSink, ResultSink, SqsSink
 from pipeline.sqs_worker import SqsWorker
@@ -24,7 +23,7 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         repository = open_repository(live)  # after connecting: an s3:// repository needs the live endpoint
         if args.examples:
             ensure_examples(repository)
-        async with InferenceEngine(ModelCache(repository), worker_id=live.worker_id,
+        async with InferenceEngine(model_cache(settings, repository), worker_id=live.worker_id,
                                    max_running_batches=settings.max_running_batches) as engine, \
                 contextlib.AsyncExitStack() as stack:
             if args.source == "sqs":
