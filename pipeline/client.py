@@ -100,7 +100,7 @@ class ResultCollector:
 
     def _add(self, topic: str, record: Any) -> None:
         if topic == self.settings.topics.dlq:
-            headers = {k: v.decode("utf-8", "replace") for k, v in record.headers or ()}
+            headers = {k: (v or b"").decode("utf-8", "replace") for k, v in record.headers or ()}  # Kafka allows null
             key = record.key.decode("utf-8", "replace") if record.key else None
             body = {"id": key, "error": {"code": headers.get("maas-error-code"),
                                          "message": headers.get("maas-error-message")}, "headers": headers}

@@ -23,6 +23,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from pipeline.backpressure import Slots
 from pipeline.codec import header_map
 from pipeline.engine import InferenceEngine
+from pipeline.errors import ErrorCode, InferenceError
 from pipeline.metrics import CONSUMER_LAG, IN_FLIGHT, BatchRecord
 from pipeline.offsets import OffsetTracker
 from pipeline.responder import Responder
@@ -112,6 +113,8 @@ class KafkaWorker:
             asyncio.create_task(self._consume_loop(), name="maas-consume"),
             asyncio.create_task(self._commit_loop(), name="maas-commit"),
         ]
+        for task in self._tasks:  # a loop that dies of an error stops the worker: never ready yet idle
+            task.add_done_callback(self._loop_ended)
         log.info("worker %s consuming %s as group %s", self.settings.worker_id, self.settings.topics.requests,
                  self.settings.consumer_group)
         return self
@@ -194,12 +197,28 @@ class KafkaWorker:
                       envelopes[-1].source, exc)
             self._fail(exc)
             return
+        except Exception as exc:  # a bug: dead-letter the records, so that neither they nor the partition stall
+            log.exception("unexpected failure answering %s..%s; dead-lettering them", envelopes[0].source,
+                          envelopes[-1].source)
+            error = InferenceError(ErrorCode.INTERNAL, f"unexpected failure: {exc!r:.200}")
+            try:
+                for envelope in envelopes:
+                    await self._responder.sink.dead_letter(envelope, error, 1)
+            except Exception as undeliverable:
+                self._fail(undeliverable)
+                return
+            self._tracker.done(tp, [record.offset for record in records])
         else:
             self._tracker.done(tp, [record.offset for record in records])
             self.answered += len(records)
         finally:
             IN_FLIGHT.dec(len(records))
             self._slots.give(len(records))
+
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s ended: %r; stopping", task.get_name(), task.exception())
+            self._fail(task.exception())
 
     def _fail(self, exc: BaseException) -> None:
         if self._failure is None:

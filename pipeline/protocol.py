@@ -20,6 +20,9 @@ from models.datatypes import DATATYPES, NUMPY_DTYPES, datatype_of
 from pipeline.errors import ErrorCode, InferenceError
 
 MAX_ID_LENGTH = 256
+# A tensor's rank and each dimension: numpy refuses more than 64 dimensions or one of 2**63 (a zero-size
+# shape passes every element-count check), with a ValueError that would name no field.
+MAX_DIMS, MAX_DIM = 16, 1 << 31
 _TOPIC_RE = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _INT_KINDS = {"i", "u"}
 
@@ -185,9 +188,10 @@ def _check_parameters(parameters: dict[str, Any], request_id: str) -> None:
     if output_uri is not None and not isinstance(output_uri, str):
         raise _fail(ErrorCode.INVALID_REQUEST, "parameters.output_uri: expected an s3:// URI string", request_id)
     reply_to = parameters.get("reply_to")
-    if reply_to is not None and (not isinstance(reply_to, str) or not _TOPIC_RE.fullmatch(reply_to)):
-        raise _fail(ErrorCode.INVALID_REQUEST, "parameters.reply_to: expected a Kafka topic name "
-                    "(letters, digits, '.', '_', '-')", request_id)
+    if reply_to is not None and (not isinstance(reply_to, str) or not _TOPIC_RE.fullmatch(reply_to)
+                                 or reply_to in (".", "..") or reply_to.startswith("__")):
+        raise _fail(ErrorCode.INVALID_REQUEST, "parameters.reply_to: expected a Kafka topic name (letters, digits, "
+                    "'.', '_', '-'; not '.', '..' or an internal '__' topic)", request_id)
     priority = parameters.get("priority")
     if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
         raise _fail(ErrorCode.INVALID_REQUEST, "parameters.priority: expected an integer", request_id)
@@ -237,10 +241,10 @@ def _parse_tensor(raw: Any, index: int, request_id: str, budget: int, cursor: _B
     name, shape, datatype = raw.get("name"), raw.get("shape"), raw.get("datatype")
     if not isinstance(name, str) or not name:
         raise _fail(ErrorCode.INVALID_REQUEST, f"inputs[{index}].name: expected a non-empty string", request_id)
-    if type(shape) is not list:
+    if type(shape) is not list or len(shape) > MAX_DIMS:
         raise _shape_error(index, request_id)
     for d in shape:
-        if type(d) is not int or d < 0:  # bool is not int here
+        if type(d) is not int or not 0 <= d <= MAX_DIM:  # bool is not int here; numpy takes dims below 2**63
             raise _shape_error(index, request_id)
     if datatype not in DATATYPES:
         raise _fail(ErrorCode.INVALID_REQUEST, f"inputs[{index}].datatype: {_short(datatype)} is not one of "
@@ -275,8 +279,8 @@ _MISSING = object()
 
 
 def _shape_error(index: int, request_id: str) -> InferenceError:
-    return _fail(ErrorCode.INVALID_REQUEST, f"inputs[{index}].shape: expected a list of non-negative integers",
-                 request_id)
+    return _fail(ErrorCode.INVALID_REQUEST, f"inputs[{index}].shape: expected a list of at most {MAX_DIMS} "
+                 f"integers in 0..{MAX_DIM:,}", request_id)
 
 
 def _to_array(data: Any, datatype: str, shape: list[int], where: str, request_id: str) -> np.ndarray:

@@ -48,7 +48,7 @@ class Responder:
         error: InferenceError | None = None
         attempts = 0
         try:
-            request = decode_request(envelope.payload, envelope.headers, max_bytes=self.settings.max_request_bytes)
+            request = self._decode(envelope)
         except InferenceError as exc:
             error = exc
         while request is not None and attempts < self.max_attempts:
@@ -94,7 +94,7 @@ class Responder:
         one_by_one: list[int] = []
         for index, envelope in enumerate(envelopes):
             try:
-                request = decode_request(envelope.payload, envelope.headers, max_bytes=self.settings.max_request_bytes)
+                request = self._decode(envelope)
             except InferenceError:
                 one_by_one.append(index)
                 continue
@@ -146,6 +146,17 @@ class Responder:
                 outcomes[index] = outcome
         return outcomes  # type: ignore[return-value]  # every slot was filled above
 
+    def _decode(self, envelope: Envelope) -> InferenceRequest:
+        """The request, or an InferenceError: a decoder bug on one message is that message's dead letter."""
+        try:
+            return decode_request(envelope.payload, envelope.headers, max_bytes=self.settings.max_request_bytes)
+        except InferenceError:
+            raise
+        except Exception as exc:
+            log.exception("unexpected failure decoding %s", envelope.source)
+            raise InferenceError(ErrorCode.INVALID_REQUEST, f"the request could not be decoded: {exc!r:.200}") \
+                from None
+
     async def _infer(self, request: InferenceRequest) -> Framed:
         if request.inputs_uri is not None:
             if self.store is None:
@@ -160,8 +171,10 @@ class Responder:
 
     def _inline(self, request: InferenceRequest, framed: Framed) -> bool:
         """Whether a result travels in the answer itself (else it goes to S3 and the answer points to it)."""
-        return (len(framed.body) <= self.settings.max_inline_output_bytes
-                and request.parameters.get("output_uri") is None)
+        limit = self.settings.max_inline_output_bytes
+        if self.sink.max_inline_bytes is not None:
+            limit = min(limit, self.sink.max_inline_bytes)
+        return len(framed.body) <= limit and request.parameters.get("output_uri") is None
 
     async def _store_outputs(self, request: InferenceRequest, response: InferenceResponse, framed: Framed) -> Framed:
         """Claim check for outputs: a result too large for a message (or with an output_uri) goes to S3."""

@@ -226,11 +226,17 @@ class Settings:
             "bootstrap_servers": self.kafka_bootstrap_servers,
             "security_protocol": self.kafka_security_protocol,
         }
-        if self.kafka_security_protocol.startswith("SASL"):
+        if self.kafka_security_protocol.startswith("SASL") and self.kafka_sasl_mechanism == "AWS_MSK_IAM":
+            if self.kafka_security_protocol != "SASL_SSL":
+                raise ConfigError("KAFKA_SASL_MECHANISM=AWS_MSK_IAM needs KAFKA_SECURITY_PROTOCOL=SASL_SSL")
+            from pipeline.msk_iam import MskIamTokenProvider
+
+            kwargs.update(sasl_mechanism="OAUTHBEARER", sasl_oauth_token_provider=MskIamTokenProvider(self.aws_region))
+        elif self.kafka_security_protocol.startswith("SASL"):
             if not (self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password):
                 raise ConfigError(
                     "KAFKA_SECURITY_PROTOCOL is SASL_*: set KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME "
-                    "and KAFKA_SASL_PASSWORD"
+                    "and KAFKA_SASL_PASSWORD (or KAFKA_SASL_MECHANISM=AWS_MSK_IAM for MSK's IAM listener)"
                 )
             kwargs.update(
                 sasl_mechanism=self.kafka_sasl_mechanism,

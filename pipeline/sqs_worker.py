@@ -160,6 +160,8 @@ class SqsWorker:
                 self.answered += await self._delete(done)
         except (KafkaError, ClientError, BotoCoreError) as exc:
             log.error("cannot deliver the answers of %d messages (%r); they will be redelivered", len(messages), exc)
+        except Exception:  # a bug: left to the visibility timeout and the queue's redrive policy, and said so
+            log.exception("unexpected failure answering %d messages; they will be redelivered", len(messages))
         finally:
             for message in messages:
                 self._in_flight.pop(message["MessageId"], None)

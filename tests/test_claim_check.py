@@ -10,7 +10,7 @@ import pytest
 from worker_support import running_worker
 
 from models.examples import MNIST_MLP, synthetic_digits
-from pipeline.claim_check import parse_s3_uri
+from pipeline.claim_check import ClaimCheckStore, parse_s3_uri
 from pipeline.client import ResultCollector, publish_requests
 from pipeline.codec import decode_response, encode_request
 from pipeline.errors import InferenceError
@@ -23,6 +23,19 @@ def test_unsafe_uris_are_refused(uri):
     with pytest.raises(InferenceError) as caught:
         parse_s3_uri(uri, field="inputs_uri")
     assert caught.value.message.startswith("inputs_uri: ")
+
+
+def test_default_result_keys_are_one_per_request_id():
+    """Request ids the key alphabet cannot spell as they are must not share (and overwrite) one result object:
+    "team/a" and "team a" both spell "team_a"; nor may a caller pick an id that spells another's key."""
+    store = ClaimCheckStore(None, frozenset(), output_bucket="results-bucket")
+    ids = ["team/a", "team a", "team_a", "..", ".", "", "ünï", "unI"]
+    ids.append(store.default_uri("m", "team/a").rsplit("/", 1)[1])  # an id spelled like another's key
+    uris = [store.default_uri("m", request_id) for request_id in ids]
+    assert len(set(uris)) == len(ids)
+    assert uris[2] == "s3://results-bucket/results/m/team_a"  # a plain id keeps its own spelling
+    for uri in uris:
+        parse_s3_uri(uri, field="outputs_uri")  # every key is one the store accepts
 
 
 async def test_inputs_by_reference_and_outputs_to_s3(live):

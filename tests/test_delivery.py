@@ -15,6 +15,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from worker_support import read_topic, running_worker, slow_repository, worker_process
 
+from infra.bootstrap import ensure_topics
 from models.cache import ModelCache
 from models.examples import MNIST_MLP
 from pipeline.client import ResultCollector, example_requests, publish_requests
@@ -116,6 +117,7 @@ BAD_INPUT_MATRIX = [
     ("invalid-json", b"{nope", None, "dead_letter", "INVALID_JSON"),
     ("non-utf8", b"\xc3\x28\xa0\xa1", None, "dead_letter", "INVALID_JSON"),
     ("empty-record", b"", None, "dead_letter", "INVALID_JSON"),
+    ("null-header", b"{nope", [("x-null", None)], "dead_letter", "INVALID_JSON"),  # Kafka allows a null value
     ("json-array", b"[]", None, "dead_letter", "INVALID_REQUEST"),
     ("missing-id", {"id": None}, None, "dead_letter", "INVALID_REQUEST"),
     ("missing-model", {"model_name": None}, None, "error", "INVALID_REQUEST"),
@@ -152,6 +154,11 @@ BAD_INPUT_MATRIX = [
     ("deadline-passed", {"parameters": {"deadline_ms": 1000}}, None, "error", "DEADLINE_EXCEEDED"),
     ("bad-deadline", {"parameters": {"deadline_ms": "tomorrow"}}, None, "error", "INVALID_REQUEST"),
     ("bad-reply-to", {"parameters": {"reply_to": "no spaces allowed"}}, None, "error", "INVALID_REQUEST"),
+    ("reply-to-own-topic", "REPLY_TO_REQUESTS", None, "error", "INVALID_REQUEST"),
+    ("rank-65", {"inputs": [{"name": "input", "shape": [1] * 65, "datatype": "FP32", "data": [0.0]}]},
+     None, "error", "INVALID_REQUEST"),
+    ("zero-size-2-63", {"inputs": [{"name": "input", "shape": [0, 2**63], "datatype": "FP32", "data": []}]},
+     None, "error", "INVALID_REQUEST"),
     ("unknown-output", {"outputs": [{"name": "logits"}]}, None, "error", "INVALID_REQUEST"),
     ("unsupported-content-type", {}, [("content-type", b"text/csv")], "dead_letter", "INVALID_REQUEST"),
     ("binary-truncated", "BINARY_TRUNCATED", None, "error", "INVALID_REQUEST"),
@@ -167,10 +174,13 @@ BAD_INPUT_MATRIX = [
 ]
 
 
-def _bad_payload(case: str, spec, base: dict, max_bytes: int, bucket: str) -> tuple[bytes, list[tuple[str, bytes]]]:
+def _bad_payload(case: str, spec, base: dict, max_bytes: int, bucket: str,
+                 requests_topic: str) -> tuple[bytes, list[tuple[str, bytes]]]:
     image = np.asarray(base["inputs"][0]["data"], dtype=np.float32).reshape(1, 784)
     if spec == "OVERSIZED":
         return b" " * (max_bytes + 1), []
+    if spec == "REPLY_TO_REQUESTS":  # answering there would feed the answer back as a request
+        spec = {"parameters": {"reply_to": requests_topic}}
     if spec == "BINARY_NAN":
         poisoned = image.copy()
         poisoned[0, 100] = np.nan
@@ -204,7 +214,8 @@ async def test_bad_input_matrix_each_case_gets_its_documented_record(live):
     good, truth = example_requests(4, prefix="matrix-good")
     records = []
     for case, spec, headers, _, _ in BAD_INPUT_MATRIX:
-        payload, extra = _bad_payload(case, spec, good[0], settings.max_request_bytes, settings.batch_bucket)
+        payload, extra = _bad_payload(case, spec, good[0], settings.max_request_bytes, settings.batch_bucket,
+                                      settings.topics.requests)
         records.append((case, payload, (headers or []) + extra))
     from aiokafka import AIOKafkaProducer
 
@@ -268,3 +279,37 @@ async def test_a_bug_in_a_group_of_requests_answers_the_others_and_dead_letters_
     (dead,) = await read_topic(live, live.topics.dlq, 1)
     assert dead.key == b"trips-a-bug" and dict(dead.headers)["maas-error-code"] == b"INTERNAL"
     assert b"a bug" in dict(dead.headers)["maas-error-message"]
+
+
+async def test_reply_to_topics_get_answers_and_refused_ones_become_errors_on_the_results_topic(live, repository):
+    """`reply_to` routes an answer; a topic of the platform's own, or one the cluster does not serve in time,
+    gets an INVALID_REQUEST error on the results topic instead of stopping the source (which would stop again
+    on the same record after a restart)."""
+    requests, _ = example_requests(4, prefix="rt")
+    team = f"{live.topics.results}.team-a"
+    await ensure_topics(live.kafka_client_kwargs(), [team], partitions=live.topic_partitions)
+    routes = [team, live.topics.requests, None, f"{live.topics.results}.team-b"]
+    for request, reply_to in zip(requests, routes, strict=True):
+        if reply_to:
+            request["parameters"] = {"reply_to": reply_to}
+    envelopes = [Envelope(payload=orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY), headers={}, source=f"t@{i}")
+                 for i, r in enumerate(requests)]
+    producer = answer_producer(live)
+    await producer.start()
+    try:
+        async with InferenceEngine(ModelCache(repository), worker_id="rt") as engine:
+            sink = KafkaSink.for_settings(producer, live, None)
+            assert await Responder(live, engine, sink).handle_many(envelopes[:3]) == [Outcome.RESULT] * 3
+            sink.reply_to_timeout_s = 0  # the cluster "does not answer in time" for team-b
+            assert await Responder(live, engine, sink).handle_many(envelopes[3:]) == [Outcome.RESULT]
+    finally:
+        await producer.stop()
+    (routed,) = await read_topic(live, team, 1)
+    assert routed.key == b"rt-000000" and "outputs" in orjson.loads(routed.value)
+    on_results = {r.key.decode(): orjson.loads(r.value) for r in await read_topic(live, live.topics.results, 3)}
+    assert set(on_results) == {"rt-000001", "rt-000002", "rt-000003"} and "outputs" in on_results["rt-000002"]
+    for request_id, reason in (("rt-000001", "one of the platform's own topics"),
+                               ("rt-000003", "the cluster does not serve it")):
+        error = on_results[request_id]["error"]
+        assert error["code"] == "INVALID_REQUEST" and error["message"].startswith("parameters.reply_to: cannot")
+        assert reason in error["message"]

@@ -67,6 +67,13 @@ def test_nested_data_and_bytes_and_ints():
          ErrorCode.INVALID_REQUEST, "inputs[0].datatype"),
         (_request(inputs=[{"name": "input", "shape": [-1], "datatype": "FP32", "data": [1]}]),
          ErrorCode.INVALID_REQUEST, "inputs[0].shape"),
+        # numpy refuses these with a ValueError that names nothing: 65 dimensions, a zero-size shape of 2**63
+        (_request(inputs=[{"name": "input", "shape": [1] * 65, "datatype": "FP32", "data": [1]}]),
+         ErrorCode.INVALID_REQUEST, "inputs[0].shape: expected a list of at most 16 integers"),
+        (_request(inputs=[{"name": "input", "shape": [0, 2**63], "datatype": "FP32", "data": []}]),
+         ErrorCode.INVALID_REQUEST, "inputs[0].shape"),
+        (_request(parameters={"reply_to": ".."}), ErrorCode.INVALID_REQUEST, "parameters.reply_to"),
+        (_request(parameters={"reply_to": "__consumer_offsets"}), ErrorCode.INVALID_REQUEST, "parameters.reply_to"),
         (_request(inputs=[{"name": "input", "shape": [2], "datatype": "FP32"}]),
          ErrorCode.INVALID_REQUEST, "inputs[0].data: missing"),
         (_request(inputs=[{"name": "input", "shape": [2, 2], "datatype": "FP32", "data": [1, 2, 3]}]),

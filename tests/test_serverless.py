@@ -60,7 +60,9 @@ def test_every_referenced_resource_exists():
     resources_doc = yaml.safe_load((ROOT / "infra/serverless/resources.yml").read_text())
     named = references(service) | references(resources_doc)
     assert named, "expected Ref / Fn::GetAtt references"
-    missing = named - set(resources)
+    # The framework names each function's resource <Name>LambdaFunction.
+    generated = {f"{name[0].upper()}{name[1:]}LambdaFunction" for name in service["functions"]}
+    missing = named - set(resources) - generated
     assert not missing, f"referenced but not defined: {sorted(missing)}"
     for logical_id, resource in resources.items():
         assert resource["Type"].startswith("AWS::"), logical_id
@@ -70,16 +72,32 @@ def test_every_referenced_resource_exists():
 
 def test_triggers_are_configured_as_the_handlers_expect():
     service, resources = load_service()
-    events = {name: f["events"] for name, f in service["functions"].items()}
-    msk = events["kafka"][0]["msk"]
-    assert msk["functionResponseTypes"] == ["ReportBatchItemFailures"]
-    assert msk["topic"] == service["provider"]["environment"]["MAAS_TOPIC_REQUESTS"]
+    events = {name: f.get("events", []) for name, f in service["functions"].items()}
+    assert "events" not in service["functions"]["kafka"], "the MSK trigger is a resource of its own"
+    mapping = resources["KafkaEventSourceMapping"]["Properties"]
+    environment = service["provider"]["environment"]
+    assert mapping["FunctionName"] == {"Fn::GetAtt": ["KafkaLambdaFunction", "Arn"]}
+    assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]  # functions/kafka.py reports these
+    assert mapping["ProvisionedPollerConfig"]["MinimumPollers"] >= 1  # which partial responses need
+    assert 0 < mapping["MaximumRetryAttempts"] <= 10
+    assert mapping["DestinationConfig"]["OnFailure"]["Destination"] == f"kafka://{environment['MAAS_TOPIC_DLQ']}"
+    assert mapping["Topics"] == [environment["MAAS_TOPIC_REQUESTS"]]
+    assert environment["MAAS_PARTIAL_BATCH_RESPONSE"] == "1"
+    # MSK's IAM listener (9098) signs in with the function's role: the deployed settings must accept that
+    from pipeline.settings import Settings
+
+    deployed = Settings.from_env({**{k: v for k, v in environment.items() if isinstance(v, str)},
+                                  "KAFKA_BOOTSTRAP_SERVERS": "b-1.maas.example:9098"})
+    assert deployed.kafka_client_kwargs()["sasl_mechanism"] == "OAUTHBEARER"
+    assert service["functions"]["s3"]["destinations"]["onFailure"]["arn"] == {
+        "Fn::GetAtt": ["BatchJobsFailedQueue", "Arn"]}
     sqs = events["sqs"][0]["sqs"]
     assert sqs["functionResponseType"] == "ReportBatchItemFailures"
     s3 = events["s3"][0]["s3"]
     assert s3["event"] == "s3:ObjectCreated:*"
     assert {"prefix", "suffix"} == {k for rule in s3["rules"] for k in rule}
-    assert any("httpApi" in e for e in events["http"])
+    routes = {(e["httpApi"]["method"], e["httpApi"]["path"]) for e in events["http"] if "httpApi" in e}
+    assert {("GET", "/v2"), ("*", "/v2/{proxy+}"), ("GET", "/metrics")} <= routes
     queue = resources["RequestsQueue"]["Properties"]
     assert queue["RedrivePolicy"]["deadLetterTargetArn"] == {"Fn::GetAtt": ["RequestsDeadLetterQueue", "Arn"]}
     assert queue["VisibilityTimeout"] >= 6 * service["provider"]["timeout"]

@@ -61,3 +61,26 @@ def test_the_start_check_accepts_what_the_module_accepts(name, monkeypatch):
 def test_a_typo_stops_the_worker_at_start_with_what_was_expected():
     with pytest.raises(ConfigError, match="MAAS_AUTOTUNE_UNSEEN='borow': expected one of borrow, tune"):
         Settings.from_env({"MAAS_AUTOTUNE_UNSEEN": "borow"})
+
+
+async def test_msk_iam_signs_a_token_from_the_aws_credential_chain(monkeypatch):
+    """MSK's IAM listener takes an OAUTHBEARER token: a SigV4-signed kafka-cluster:Connect URL made from the
+    process's AWS credentials (here from the environment, signed locally) by AWS's signer library."""
+    import base64
+    from urllib.parse import parse_qs, urlparse
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY")
+    settings = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": "b-1.msk.example:9098", "AWS_REGION": "eu-west-1",
+                                  "KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_MECHANISM": "AWS_MSK_IAM"})
+    kwargs = settings.kafka_client_kwargs()
+    assert kwargs["sasl_mechanism"] == "OAUTHBEARER" and "sasl_plain_password" not in kwargs
+    token = await kwargs["sasl_oauth_token_provider"].token()
+    url = urlparse(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode())
+    query = parse_qs(url.query)
+    assert url.hostname == "kafka.eu-west-1.amazonaws.com" and query["Action"] == ["kafka-cluster:Connect"]
+    assert query["X-Amz-Credential"][0].startswith("AKIDEXAMPLE/") and query["X-Amz-Signature"][0]
+    plain = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": "b:9098", "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+                               "KAFKA_SASL_MECHANISM": "AWS_MSK_IAM"})
+    with pytest.raises(ConfigError, match="AWS_MSK_IAM needs KAFKA_SECURITY_PROTOCOL=SASL_SSL"):
+        plain.kafka_client_kwargs()

@@ -12,10 +12,12 @@ from infra.bootstrap import ensure_queue
 from models.cache import ModelCache
 from models.examples import MNIST_MLP, mnist_mlp_config, synthetic_digits, train_mnist_mlp
 from models.repository import ModelRepository
-from pipeline.codec import decode_response, encode_request, from_sqs_message, to_sqs_message
+from pipeline.codec import Framed, decode_request, decode_response, encode_request, from_sqs_message, to_sqs_message
 from pipeline.engine import InferenceEngine
+from pipeline.errors import ErrorCode, InferenceError
+from pipeline.responder import Responder
 from pipeline.services import aws_client
-from pipeline.sinks import SqsSink
+from pipeline.sinks import MAX_PASSTHROUGH_BYTES, Envelope, KafkaSink, SqsSink
 from pipeline.sqs_worker import SqsWorker
 
 
@@ -80,3 +82,39 @@ async def test_sqs_worker_answers_extends_visibility_and_leaves_failures_to_redr
     assert "!!! not base64 !!!" in dead_bodies
     assert any(orjson.loads(b).get("id") == "doomed" for b in dead_bodies if b.startswith("{"))
     assert worker.answered == 12 and worker.left_for_redelivery >= 2
+
+
+async def test_sqs_answers_and_dead_letters_fit_ten_attributes_and_large_results_go_to_s3(live):
+    """SQS refuses a message of more than 10 attributes (moto does not): framing and dead-letter attributes
+    come first, then tracing ones, then as many CloudEvents ones as fit. A result too large for a queue's
+    default 256 KiB goes to S3 from an SQS sink, while a Kafka one still carries it inline."""
+    sqs = aws_client(live, "sqs")
+    results_url = ensure_queue(sqs, f"{live.batch_bucket}-attrs")
+    headers = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+               **{f"ce_x{i:02d}": f"v{i}" for i in range(12)}}
+    envelope = Envelope(payload=b"\x00" * 10, headers={**headers, "inference-header-content-length": "3"},
+                        source="sqs:q/1")
+    sink = SqsSink(sqs, results_url, dlq_url=results_url)
+    framed = encode_request("attrs", MNIST_MLP, {"input": synthetic_digits(1, seed=1)[0]}, binary=True)
+    await sink.answer(envelope, None, framed)
+    assert await sink.dead_letter(envelope, InferenceError(ErrorCode.INVALID_REQUEST, "bad"), 1)
+    answer, dead = await asyncio.to_thread(_drain, sqs, results_url, 2)
+    for message in (answer, dead):
+        names = set(message["MessageAttributes"])
+        assert len(names) == 10 and {"traceparent", "content-type", "content-transfer-encoding"} <= names
+    assert "inference-header-content-length" in answer["MessageAttributes"]
+    assert {"maas-error-code", "maas-error-message", "maas-attempts", "maas-source",
+            "inference-header-content-length"} <= set(dead["MessageAttributes"])
+
+    big = Framed(b"x" * (200 * 1024), {"content-type": "application/json"})
+    request = decode_request(orjson.dumps({"id": "big", "model_name": MNIST_MLP, "inputs": [
+        {"name": "input", "shape": [1, 1], "datatype": "FP32", "data": [0]}]}), max_bytes=1 << 20)
+    assert not Responder(live, None, sink)._inline(request, big)
+    assert Responder(live, None, KafkaSink.for_settings(None, live, None))._inline(request, big)
+
+
+def test_passthrough_headers_are_bounded_tracing_first():
+    headers = {**{f"ce_big{i}": "v" * 6000 for i in range(5)}, "traceparent": "00-abc-01", "x-other": "no"}
+    kept = Envelope(payload=b"", headers=headers, source="s").passthrough()
+    assert kept["traceparent"] == "00-abc-01" and "x-other" not in kept
+    assert sum(len(k) + len(v) for k, v in kept.items()) <= MAX_PASSTHROUGH_BYTES and len(kept) == 3
