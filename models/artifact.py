@@ -118,6 +118,10 @@ class BatchingPolicy:
             return cls()
         if not isinstance(raw, dict):
             raise ArtifactError("batching: expected an object")
+        known = ("max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes", "close_when_idle")
+        unknown = sorted(set(raw) - set(known))
+        if unknown:  # a misspelt key would silently leave its default in force
+            raise ArtifactError(f"batching: unknown key(s) {unknown}; expected {', '.join(known)}")
         size = raw.get("max_batch_size", cls.max_batch_size)
         delay = raw.get("max_queue_delay_ms", cls.max_queue_delay_ms)
         preferred = raw.get("preferred_batch_sizes", [])

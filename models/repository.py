@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.artifact import (
+    ARTIFACT_FILES,
     CONFIG_FILE,
     ArtifactError,
     ModelConfig,
@@ -175,6 +176,10 @@ class ModelRepository(Repository):
 
     def local_folder(self, name: str, version: int) -> Path:
         folder = self.root / validate_model_name(name) / str(int(version))
+        root = self.root.resolve()
+        for path in (folder, *(folder / f for f in (CONFIG_FILE, *ARTIFACT_FILES))):
+            if path.exists() and not path.resolve().is_relative_to(root):  # a link out of the repository
+                raise ArtifactError(f"{path} leads outside the repository {root}; refusing to load it")
         if self.verify:
             verify_files(folder, self.config(name, version))
         return folder

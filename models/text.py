@@ -79,7 +79,10 @@ class WordIndexTokenizer:
             raise ArtifactError(f"{TOKENIZER_FILE}.words: expected a list of non-empty strings")
         if len(set(words)) != len(words):
             raise ArtifactError(f"{TOKENIZER_FILE}.words: duplicate words")
-        return cls(words, bool(body.get("lowercase", True)), str(body.get("oov_token", "<OOV>")),
+        lowercase = body.get("lowercase", True)
+        if not isinstance(lowercase, bool):
+            raise ArtifactError(f"{TOKENIZER_FILE}.lowercase: expected true or false, got {lowercase!r:.40}")
+        return cls(words, lowercase, str(body.get("oov_token", "<OOV>")),
                    str(body.get("pad_token", "<PAD>")))
 
     def to_json(self) -> bytes:

@@ -50,6 +50,11 @@ class ClaimCheckStore:
     output_prefix: str = "results"
     max_object_bytes: int = 64 * 1024 * 1024
 
+    def check_uri(self, uri: str, field: str) -> None:
+        """Refuse a URI this store would refuse to read or write, before any work is done for it."""
+        bucket, _ = parse_s3_uri(uri, field=field)
+        self._allowed(bucket, field)
+
     def _allowed(self, bucket: str, field: str) -> None:
         if bucket not in self.allowed_buckets:
             raise InferenceError(ErrorCode.INVALID_REQUEST, f"{field}: bucket {bucket!r} is not allowed here "

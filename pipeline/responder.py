@@ -98,9 +98,9 @@ class Responder:
             except InferenceError:
                 one_by_one.append(index)
                 continue
-            if request.inputs_uri is None:
+            if request.inputs_uri is None and request.parameters.get("output_uri") is None:
                 direct.append((index, request))
-            else:
+            else:  # object-store URIs are checked before the model runs, in handle()
                 one_by_one.append(index)
         answers: list[tuple[Envelope, InferenceRequest, Framed]] = []
         answered: Counter[str] = Counter()
@@ -158,6 +158,12 @@ class Responder:
                 from None
 
     async def _infer(self, request: InferenceRequest) -> Framed:
+        output_uri = request.parameters.get("output_uri")
+        if output_uri is not None:  # a URI it could not write to would waste the model's run
+            if self.store is None:
+                raise InferenceError(ErrorCode.INVALID_REQUEST, "parameters.output_uri: this deployment has no "
+                                     "object store")
+            self.store.check_uri(output_uri, "parameters.output_uri")
         if request.inputs_uri is not None:
             if self.store is None:
                 raise InferenceError(ErrorCode.INVALID_REQUEST, "inputs_uri: this deployment has no object store")

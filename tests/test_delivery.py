@@ -22,7 +22,7 @@ from pipeline.client import ResultCollector, example_requests, publish_requests
 from pipeline.codec import encode_request
 from pipeline.engine import InferenceEngine
 from pipeline.responder import Outcome, Responder
-from pipeline.services import answer_producer, aws_client, bootstrap
+from pipeline.services import answer_producer, aws_client, bootstrap, claim_check_store
 from pipeline.settings import Topics
 from pipeline.sinks import Envelope, KafkaSink
 
@@ -313,3 +313,32 @@ async def test_reply_to_topics_get_answers_and_refused_ones_become_errors_on_the
         error = on_results[request_id]["error"]
         assert error["code"] == "INVALID_REQUEST" and error["message"].startswith("parameters.reply_to: cannot")
         assert reason in error["message"]
+
+
+class _CountingEngine(InferenceEngine):
+    requests_run = 0
+
+    async def infer_many(self, requests):
+        self.requests_run += len(requests)
+        return await super().infer_many(requests)
+
+
+async def test_an_output_uri_the_store_would_refuse_is_refused_before_the_model_runs(live, repository):
+    requests, _ = example_requests(1, prefix="ou")
+    requests[0]["parameters"] = {"output_uri": "s3://some-other-bucket/out/x.result"}
+    envelope = Envelope(payload=orjson.dumps(requests[0], option=orjson.OPT_SERIALIZE_NUMPY), headers={},
+                        source="t@0")
+    producer = answer_producer(live)
+    await producer.start()
+    try:
+        async with _CountingEngine(ModelCache(repository), worker_id="ou") as engine:
+            store = claim_check_store(live)
+            responder = Responder(live, engine, KafkaSink.for_settings(producer, live, store), store=store)
+            assert await responder.handle_many([envelope]) == [Outcome.ERROR]
+            assert engine.requests_run == 0
+    finally:
+        await producer.stop()
+    (answer,) = await read_topic(live, live.topics.results, 1)
+    error = orjson.loads(answer.value)["error"]
+    assert error["code"] == "INVALID_REQUEST"
+    assert error["message"].startswith("parameters.output_uri: bucket 'some-other-bucket' is not allowed")

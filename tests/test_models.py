@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import threading
 
 import numpy as np
@@ -235,3 +236,28 @@ def test_a_failed_load_is_not_retried_until_its_backoff_ends(repository):
         with pytest.raises(ArtifactError, match=r"model\.safetensors") as again:
             retrying.get("broken", 1)
         assert "not retried" not in str(again.value)
+
+
+def test_a_version_linked_from_outside_the_repository_is_refused(repository, tmp_path):
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(repository.root / MNIST_MLP / "1", outside)
+    (repository.root / "linked").mkdir()
+    (repository.root / "linked" / "1").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ArtifactError, match="leads outside the repository"):
+        repository.load("linked", 1)
+    (repository.root / "half").mkdir()
+    shutil.copytree(repository.root / MNIST_MLP / "1", repository.root / "half" / "1")
+    (repository.root / "half" / "1" / WEIGHTS_FILE).unlink()
+    (repository.root / "half" / "1" / WEIGHTS_FILE).symlink_to(outside / WEIGHTS_FILE)
+    with pytest.raises(ArtifactError, match=r"model\.safetensors leads outside the repository"):
+        repository.load("half", 1)
+
+
+def test_misspelt_batching_keys_and_non_boolean_tokenizer_flags_are_refused():
+    raw = mnist_mlp_config().to_json()
+    with pytest.raises(ArtifactError, match=r"batching: unknown key\(s\) \['max_batch_sise'\]"):
+        ModelConfig.parse({**raw, "batching": {"max_batch_sise": 8}})
+    from models.text import WordIndexTokenizer
+
+    with pytest.raises(ArtifactError, match="lowercase: expected true or false"):
+        WordIndexTokenizer.from_json(json.dumps({"type": "word_index", "words": ["a"], "lowercase": "false"}))
