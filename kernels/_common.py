@@ -71,11 +71,40 @@ def check_activation(activation: str) -> None:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-def output(out: torch.Tensor | None, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    """``out`` checked against ``shape`` and ``like``'s dtype and device, or a new tensor."""
+# The GEMM and conv kernels compute offsets in 32 bits (row * K and the like): a tensor of more elements than
+# this would wrap around, so their launchers refuse it.
+MAX_ELEMENTS = 2**31 - 1
+
+
+def output(out: torch.Tensor | None, shape: Sequence[int], like: torch.Tensor, **reads: torch.Tensor | None
+           ) -> torch.Tensor:
+    """``out`` checked against ``shape`` and ``like``'s dtype and device, or a new tensor. ``reads`` name the
+    tensors the kernel reads while it writes ``out``: sharing memory with one of them, ``out`` would feed the
+    kernel its own partial results (the torch path, which copies at the end, would not)."""
     if out is None:
         return torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
-    return check_tensor("out", out, shape=shape, dtypes=(like.dtype,), device=like.device, contiguous=True)
+    check_tensor("out", out, shape=shape, dtypes=(like.dtype,), device=like.device, contiguous=True)
+    for name, tensor in reads.items():
+        if tensor is not None and overlaps(out, tensor):
+            raise ValueError(f"out must not share memory with {name}: the kernel reads {name} while it writes out")
+    return out
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' bytes may overlap (their extents in one storage intersect)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    (a0, a1), (b0, b1) = _extent(a), _extent(b)
+    return a0 < b1 and b0 < a1
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True)) + 1
+    start = t.data_ptr() - sum((size - 1) * -stride for size, stride in zip(t.shape, t.stride(), strict=True)
+                               if stride < 0) * t.element_size()
+    return start, start + span * t.element_size()
 
 
 def into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels._autotune import autotune, within_bucket
-from kernels._common import FLOAT_DTYPES, cast, check_tensor, compute_dtype
+from kernels._common import FLOAT_DTYPES, cast, check_tensor, compute_dtype, overlaps
 from kernels.dispatch import INTERPRETER, USE_AUTOTUNE, backend_for
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -92,8 +92,11 @@ def _attention_kernel(
     # m_ptr: the key-padding mask [B, SK] (HAS_MASK), or each batch row's number of real keys [B] (HAS_LENGTHS),
     # its padding all at the end: then, as with no mask, the key tiles before the row's last one are full and
     # take no bounds checks or selects, and tiles of padding only are not visited at all.
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    # One grid axis over (batch x head, query block), query blocks fastest, so a head's programs run together and
+    # share its keys in L2; the second axis would cap batch x heads at 65,535.
+    blocks_m = tl.cdiv(SQ, BLOCK_M)
+    pid_m = tl.program_id(0) % blocks_m
+    bh = tl.program_id(0) // blocks_m
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -183,18 +186,24 @@ def _check_head_stride(name: str, t: torch.Tensor) -> None:
                          f"strides {t.stride()}")
 
 
-def _output(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
-    """``out`` checked, or a new ``[B, S_q, H, D]`` buffer seen as ``[B, H, S_q, D]``."""
+def _output(out: torch.Tensor | None, like: torch.Tensor, **reads: torch.Tensor) -> torch.Tensor:
+    """``out`` checked against q (``like``) and against the tensors the kernel reads while writing it,
+    ``reads``; or a new ``[B, S_q, H, D]`` buffer seen as ``[B, H, S_q, D]``."""
     if out is None:
-        b, h, sq, d = q.shape
-        return torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
-    check_tensor("out", out, shape=q.shape, dtypes=(q.dtype,), device=q.device)
+        b, h, sq, d = like.shape
+        return torch.empty((b, sq, h, d), dtype=like.dtype, device=like.device).transpose(1, 2)
+    check_tensor("out", out, shape=like.shape, dtypes=(like.dtype,), device=like.device)
     _check_head_stride("out", out)
+    if any(stride == 0 and size > 1 for size, stride in zip(out.shape, out.stride(), strict=True)):
+        raise ValueError(f"out must not be an expanded view (strides {out.stride()}): its rows would overlap")
+    for name, read in reads.items():
+        if overlaps(out, read):
+            raise ValueError(f"out must not share memory with {name}: the kernel reads {name} while it writes out")
     return out
 
 
 def _launch(q, k, v, key_padding_mask, scale, out, key_lengths=None) -> torch.Tensor:
-    o = _output(out, q)
+    o = _output(out, q, q=q, k=k, v=v)
     b, h, sq, d = q.shape
     sk = k.shape[2]
     if o.numel() == 0:
@@ -209,8 +218,8 @@ def _launch(q, k, v, key_padding_mask, scale, out, key_lengths=None) -> torch.Te
                     if fits_shared_memory(c, d, q.element_size()) and fits_registers(c, d)).all_kwargs()
     qk_scale = (scale if scale is not None else 1.0 / math.sqrt(d)) * math.log2(math.e)
 
-    def grid(config: dict) -> tuple[int, int]:  # called with the autotuner's chosen config
-        return triton.cdiv(sq, config["BLOCK_M"]), b * h
+    def grid(config: dict) -> tuple[int]:  # called with the autotuner's chosen config
+        return (triton.cdiv(sq, config["BLOCK_M"]) * b * h,)
 
     buckets = triton.next_power_of_2(sq), triton.next_power_of_2(sk), min(triton.next_power_of_2(b * h), 1024)
     _attention_kernel[grid](q, k, v, key_padding_mask if key_lengths is None else key_lengths, o, h, sq, sk,

@@ -12,7 +12,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import FLOAT_DTYPES, check_contiguous, check_tensor, compute_dtype, into, output
+from kernels._common import (
+    FLOAT_DTYPES,
+    MAX_ELEMENTS,
+    check_contiguous,
+    check_tensor,
+    compute_dtype,
+    into,
+    output,
+)
 from kernels.dispatch import INTERPRETER, backend_for
 
 
@@ -58,6 +66,8 @@ def _validate(x, weight, bias) -> None:
     check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, ndim=4, dtypes=(x.dtype,), device=x.device)
     co, ci, kh, kw = weight.shape
+    if min(co, ci, kh, kw) < 1:
+        raise ValueError(f"weight must be [C_out, C_in, KH, KW] with every size >= 1, got {tuple(weight.shape)}")
     if ci != x.shape[1]:
         raise ValueError(f"weight must be [C_out, C_in={x.shape[1]}, KH, KW], got {tuple(weight.shape)}")
     if kh > x.shape[2] or kw > x.shape[3]:
@@ -70,7 +80,10 @@ def _launch(x, weight, bias, relu, out) -> torch.Tensor:
     n, c, h, w = x.shape
     co, _, kh, kw = weight.shape
     oh, ow = h - kh + 1, w - kw + 1
-    y = output(out, (n, co, oh, ow), x)
+    y = output(out, (n, co, oh, ow), x, x=x, weight=weight, bias=bias)
+    if max(x.numel(), y.numel()) > MAX_ELEMENTS:
+        raise ValueError(f"x and the output must each hold at most {MAX_ELEMENTS:,} elements (the kernel indexes "
+                         f"in 32 bits), got {x.numel():,} and {y.numel():,}")
     m = n * oh * ow
     if y.numel() == 0:
         return y

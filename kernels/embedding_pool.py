@@ -123,7 +123,7 @@ def embedding_pool_triton(ids: torch.Tensor, table: torch.Tensor, mask: torch.Te
 
 
 def embedding_pool_reference(ids: torch.Tensor, table: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    rows = table.to(compute_dtype(table))[ids] * mask[..., None]
+    rows = torch.where(mask[..., None], table.to(compute_dtype(table))[ids], 0.0)  # padding's inf/NaN stay out
     return (rows.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1)).to(table.dtype)
 
 

@@ -37,6 +37,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from kernels._autotune import TimedChoice, autotune, gpu_ms, within_bucket
 from kernels._common import (
     FLOAT_DTYPES,
+    MAX_ELEMENTS,
     activation_reference,
     apply_activation,
     cast,
@@ -660,7 +661,11 @@ def launch_linear(
     m = x.numel() // k
     if kernel == "gemv" and m > GEMV_MAX_M:
         raise ValueError(f"kernel='gemv' takes a single row of x, got {m} rows")
-    y = output(out, (*x.shape[:-1], n), x if out_dtype is None else x.new_empty(0, dtype=out_dtype))
+    y = output(out, (*x.shape[:-1], n), x if out_dtype is None else x.new_empty(0, dtype=out_dtype), x=x,
+               weight=weight, bias=bias)  # out=residual is fine: each element is read once, then written
+    if max(x.numel(), weight.numel(), y.numel()) > MAX_ELEMENTS:
+        raise ValueError(f"x, weight and the output must each hold at most {MAX_ELEMENTS:,} elements (the kernels "
+                         f"index in 32 bits), got {x.numel():,}, {weight.numel():,} and {y.numel():,}")
     if m == 0 or n == 0:
         return y
     meta = {} if USE_AUTOTUNE else _interpreter_blocks(m, n, k)

@@ -43,6 +43,8 @@ def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale 1).
     """
     check_tensor("weight", weight, ndim=2, dtypes=(*FLOAT_DTYPES, torch.float64))
+    if weight.shape[1] < 1:
+        raise ValueError(f"weight must be [N, K] with K >= 1, got {tuple(weight.shape)}")
     return _quantize(weight.to(torch.float32))
 
 
@@ -79,11 +81,16 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, FP8_MAX: tl.constexpr, ROUN
     ok = row_ok[:, None] & (cols < K)[None, :]
     offs = rows[:, None] * K + cols[None, :]
     x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    # A row holding NaN or inf has no finite scale: NaN throughout, as torch's amax would make it (max and the
+    # clamp below drop NaNs on a GPU, which would turn such a row into finite numbers).
+    bad = tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1) > 0
     scale = tl.math.div_rn(tl.max(tl.abs(x), axis=1), FP8_MAX)  # rounded as torch rounds, bit for bit
     scale = tl.where(scale == 0.0, 1.0, scale)
     q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale[:, None]), -FP8_MAX), FP8_MAX)
     if ROUND_IN_FP32:
         q = _round_to_e4m3(q)
+    q = tl.where(bad[:, None], float("nan"), q)
+    scale = tl.where(bad, float("nan"), scale)
     tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
     tl.store(s_ptr + rows, scale, mask=row_ok)
 

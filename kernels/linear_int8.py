@@ -28,6 +28,8 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``weight ~= qweight * scales[:, None]``, with ``|qweight| <= 127`` (all-zero rows get scale 1).
     """
     check_tensor("weight", weight, ndim=2, dtypes=(*FLOAT_DTYPES, torch.float64))
+    if weight.shape[1] < 1:
+        raise ValueError(f"weight must be [N, K] with K >= 1, got {tuple(weight.shape)}")
     w = weight.to(torch.float32)
     scales = w.abs().amax(dim=1) / 127.0
     scales = torch.where(scales == 0, torch.ones_like(scales), scales)

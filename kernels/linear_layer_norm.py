@@ -202,8 +202,8 @@ def _validate(x, weight, scales, bias, residual, norm_weight, norm_bias) -> None
         check_tensor("weight", weight, ndim=2, dtypes=(torch.int8,), device=x.device)
         check_tensor("scales", scales, shape=weight.shape[:1], dtypes=(torch.float32,), device=x.device)
     n, k = weight.shape
-    if k != x.shape[-1]:
-        raise ValueError(f"weight must be [N, K={x.shape[-1]}] (Linear layout), got {tuple(weight.shape)}")
+    if k != x.shape[-1] or n < 1:
+        raise ValueError(f"weight must be [N >= 1, K={x.shape[-1]}] (Linear layout), got {tuple(weight.shape)}")
     if bias is not None:
         check_tensor("bias", bias, shape=(n,), dtypes=(x.dtype,), device=x.device)
     check_tensor("norm_weight", norm_weight, shape=(n,), dtypes=(x.dtype,), device=x.device)

@@ -76,8 +76,10 @@ def _validate(x, w_ih, w_hh, bias, lengths) -> None:
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("w_hh", w_hh, ndim=2, dtypes=(x.dtype,), device=x.device)
     hidden = w_hh.shape[1]
-    if w_hh.shape[0] != 4 * hidden:
-        raise ValueError(f"w_hh must be [4H, H], got {tuple(w_hh.shape)}")
+    if w_hh.shape[0] != 4 * hidden or hidden < 1:
+        raise ValueError(f"w_hh must be [4H, H] with H >= 1, got {tuple(w_hh.shape)}")
+    if x.shape[2] < 1:
+        raise ValueError(f"x must be [B, S, I] with I >= 1, got {tuple(x.shape)}")
     check_tensor("w_ih", w_ih, shape=(4 * hidden, x.shape[2]), dtypes=(x.dtype,), device=x.device)
     check_tensor("bias", bias, shape=(4 * hidden,), dtypes=(x.dtype,), device=x.device)
     if lengths is not None:
@@ -91,13 +93,13 @@ def _validate(x, w_ih, w_hh, bias, lengths) -> None:
 def _launch(x, w_ih, w_hh, bias, lengths, reverse, out) -> torch.Tensor:
     b, s, _ = x.shape
     hidden = w_hh.shape[1]
-    y = output(out, (b, s, hidden), x)
+    y = output(out, (b, s, hidden), x, x=x, w_ih=w_ih, w_hh=w_hh, bias=bias)
     if y.numel() == 0:
         return y
     gates = launch_linear(x, w_ih, None, bias, "none", None, None)  # [B, S, 4H] for all steps at once
     if lengths is None:
         lengths = torch.full((b,), s, dtype=torch.int64, device=x.device)
-    lengths = lengths.to(device=x.device, dtype=torch.int64)
+    lengths = lengths.to(device=x.device, dtype=torch.int64).contiguous()  # the kernel reads it densely
     h = [torch.zeros(b, hidden, dtype=torch.float32, device=x.device) for _ in range(2)]
     c = torch.zeros(b, hidden, dtype=torch.float32, device=x.device)
     block_b = 16 if INTERPRETER else min(64, max(16, triton.next_power_of_2(b)))
@@ -132,6 +134,8 @@ def lstm_reference(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, bias
     dt, out_dtype = compute_dtype(x), x.dtype
     b, s, _ = x.shape
     hidden = w_hh.shape[1]
+    if b == 0 or s == 0:  # nothing to pack: what the kernel returns too
+        return x.new_zeros(b, s, hidden)
     lengths = torch.full((b,), s) if lengths is None else lengths.to("cpu", torch.int64)
     steps = torch.arange(s)
     real = steps[None, :] < lengths[:, None]  # [B, S]: positions < len

@@ -31,14 +31,14 @@ def _max_pool2d_kernel(x_ptr, y_ptr, TOTAL, H, W, OH, OW, KERNEL: tl.constexpr, 
 
 def _validate(x, kernel) -> None:
     check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES)
-    if not isinstance(kernel, int) or not 1 <= kernel <= min(x.shape[2], x.shape[3]):
+    if type(kernel) is not int or not 1 <= kernel <= min(x.shape[2], x.shape[3]):  # not a bool either
         raise ValueError(f"kernel must be an int in [1, min(H, W)] for x {tuple(x.shape)}, got {kernel!r}")
 
 
 def _launch(x, kernel, out) -> torch.Tensor:
     n, c, h, w = x.shape
     oh, ow = h // kernel, w // kernel
-    y = output(out, (n, c, oh, ow), x)
+    y = output(out, (n, c, oh, ow), x, x=x)
     if y.numel() == 0:
         return y
     block = min(triton.next_power_of_2(y.numel()), 4096 if INTERPRETER else 1024)

@@ -5,8 +5,8 @@ write, and the max-subtraction makes it stable. Rows longer than ``MAX_ROW`` are
 its own fused kernel; nothing in this project needs longer rows).
 
 Masked-out entries (``mask == False``) get probability 0 (``-inf`` for log-softmax). A row with every entry
-masked out has no distribution: softmax returns 0 for the whole row and log-softmax ``-inf``, rather than
-the NaNs torch gives for an all ``-inf`` row.
+masked out (or ``-inf``) has no distribution: softmax returns 0 for the whole row and log-softmax ``-inf``,
+rather than the NaNs torch gives for an all ``-inf`` row, on the torch path as on the kernel's.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _softmax_kernel(x_ptr, m_ptr, y_ptr, N, HAS_MASK: tl.constexpr, LOG: tl.cons
 def _validate(x, mask) -> None:
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() < 1 or x.shape[-1] > MAX_ROW:
-        raise ValueError(f"x must be [..., N] with 1 <= N <= {MAX_ROW}, got shape {tuple(x.shape)}")
+        raise ValueError(f"x must be [..., N] with N <= {MAX_ROW}, got shape {tuple(x.shape)}")
     if mask is not None:
         check_tensor("mask", mask, shape=x.shape, dtypes=(torch.bool,), device=x.device)
 
@@ -75,17 +75,20 @@ def _masked_input(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def softmax_reference(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    y = torch.softmax(_masked_input(x, mask), dim=-1)
-    if mask is not None:
-        y = y.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    masked = _masked_input(x, mask)
+    y = torch.softmax(masked, dim=-1).masked_fill(_no_distribution(masked), 0.0)
     return cast(y, x.dtype)
 
 
 def log_softmax_reference(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    y = torch.log_softmax(_masked_input(x, mask), dim=-1)
-    if mask is not None:
-        y = y.masked_fill(~mask.any(dim=-1, keepdim=True), float("-inf"))
+    masked = _masked_input(x, mask)
+    y = torch.log_softmax(masked, dim=-1).masked_fill(_no_distribution(masked), float("-inf"))
     return y.to(x.dtype)
+
+
+def _no_distribution(masked: torch.Tensor) -> torch.Tensor:
+    """Rows with nothing left once masked (every entry masked out or -inf): the kernel's 0 / -inf rows."""
+    return (masked == float("-inf")).all(dim=-1, keepdim=True)
 
 
 def softmax(x: torch.Tensor, mask: torch.Tensor | None = None, *,

@@ -75,10 +75,14 @@ class ModelCache:
             return model
 
     def get(self, name: str, version: int) -> LoadedModel:
+        return self.fetch(name, version)[0]
+
+    def fetch(self, name: str, version: int) -> tuple[LoadedModel, bool]:
+        """The model, and whether this call loaded it (False: it was loaded already, or by a concurrent call)."""
         key = (name, version)
         model = self.peek(name, version)
         if model is not None:
-            return model
+            return model, False
         with self._lock:
             load_lock = self._load_locks.setdefault(key, threading.Lock())
         with load_lock:
@@ -86,7 +90,7 @@ class ModelCache:
                 model = self._models.get(key)
                 if model is not None:
                     self.stats.hits += 1
-                    return model
+                    return model, False
                 self.stats.misses += 1
             failed = self._failures.get(key)
             if failed is not None and time.monotonic() < failed[0]:
@@ -111,7 +115,7 @@ class ModelCache:
                 self.stats.load_seconds += model.load_seconds + model.warmup_seconds
                 self._models[key] = model
                 self._evict_over_budget(keep=key)
-            return model
+            return model, True
 
     @property
     def nbytes(self) -> int:

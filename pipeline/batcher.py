@@ -75,7 +75,10 @@ class DynamicBatcher:
             queue = self._queues[key] = asyncio.PriorityQueue(self._max_queue)
             self._tasks[key] = asyncio.create_task(self._collect(key, queue, policy), name=f"batcher-{key}")
         future = asyncio.get_running_loop().create_future()
-        await queue.put(Pending((-priority, next(self._seq)), payload, rows, future))
+        pending = Pending((-priority, next(self._seq)), payload, rows, future)
+        await queue.put(pending)
+        if self._closed or self._queues.get(key) is not queue:  # put after stop() drained the queue: no one reads
+            _settle([pending], InferenceError(ErrorCode.UNAVAILABLE, "the engine is shutting down"))
         return future
 
     async def _collect(self, key: BatchKey, queue: asyncio.PriorityQueue[Pending], policy: BatchingPolicy) -> None:
@@ -154,8 +157,11 @@ class DynamicBatcher:
 async def _next(queue: asyncio.PriorityQueue[Pending], timeout: float, idle: asyncio.Event | None) -> Pending | None:
     """The next queued request, or None if `timeout` passes (or the model goes idle) first."""
     if idle is None:
+        # Not wait_for: in Python 3.11 it returns an item that arrived in the tick its caller was cancelled and
+        # drops the cancellation, and the collector would then outlive stop(). A cancelled get leaves the item.
         try:
-            return await asyncio.wait_for(queue.get(), timeout)
+            async with asyncio.timeout(timeout):
+                return await queue.get()
         except TimeoutError:
             return None
     get = asyncio.ensure_future(queue.get())

@@ -107,8 +107,8 @@ def _load_tensor_json(text: bytes | memoryview) -> Any:
     """The request as Python objects, except that the `data` of floating-point inputs is a flat float64
     array (nested lists flattened; `parse_request` checks the count against the shape)."""
     doc = simdjson.Parser().parse(text)  # a parser per document: its views must not outlive the next parse
-    if not isinstance(doc, simdjson.Object):
-        return _plain(doc)
+    if not isinstance(doc, simdjson.Object) or _duplicate_keys(doc):
+        return _plain(doc)  # duplicate keys: the last one wins, as orjson (the small-body path) decides
     body = {}
     for key in doc:
         value = doc[key]
@@ -117,8 +117,14 @@ def _load_tensor_json(text: bytes | memoryview) -> Any:
     return body
 
 
+def _duplicate_keys(obj: Any) -> bool:
+    """simdjson's ``obj[key]`` finds a key's first value, orjson keeps its last: such a body goes the slow way."""
+    keys = list(obj.keys())
+    return len(set(keys)) != len(keys)
+
+
 def _tensor(tensor: Any) -> Any:
-    if not isinstance(tensor, simdjson.Object):
+    if not isinstance(tensor, simdjson.Object) or _duplicate_keys(tensor):
         return _plain(tensor)
     out = {}
     for key in tensor:
@@ -144,10 +150,10 @@ def _plain(value: Any) -> Any:
 def _header_length(raw: str | None, size: int) -> int | None:
     if raw is None or raw == "":
         return None  # as the extension says: no length header means the whole body is JSON
-    try:
-        length = int(raw)
-    except ValueError:
-        raise InferenceError(ErrorCode.INVALID_REQUEST, f"{HEADER_LENGTH}: {raw!r} is not an integer") from None
+    if not (raw.isascii() and raw.isdigit()):  # int() would take " 12", "+12", "1_2" and non-ASCII digits
+        raise InferenceError(ErrorCode.INVALID_REQUEST, f"{HEADER_LENGTH}: {raw!r:.40} is not a whole number of "
+                             "bytes")
+    length = int(raw)
     if not 0 < length <= size:
         raise InferenceError(ErrorCode.INVALID_REQUEST, f"{HEADER_LENGTH}: {length} is outside the payload's "
                              f"{size} bytes")

@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -70,9 +71,9 @@ class InferenceEngine:
 
     async def stop(self) -> None:
         await self._batcher.stop()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+        if self._executor is not None:  # the batch on the model thread finishes there, off the event loop
+            executor, self._executor = self._executor, None
+            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
 
     async def __aenter__(self) -> InferenceEngine:
         return await self.start()
@@ -80,12 +81,12 @@ class InferenceEngine:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def _load_on_model_thread(self, name: str, version: int) -> LoadedModel:
+    def _load_on_model_thread(self, name: str, version: int) -> tuple[LoadedModel, bool]:
         """On the model thread: the model's first load may be what imports torch, whose thread count is a
         setting of the thread that runs it."""
-        model = self.cache.get(name, version)
+        fetched = self.cache.fetch(name, version)
         configure_torch_threads()
-        return model
+        return fetched
 
     async def _in_executor(self, fn: Callable, *args):
         if self._executor is None:
@@ -196,7 +197,12 @@ class InferenceEngine:
                 else:
                     waiting.append((chunk, future, key[1], config))
         if waiting:
-            await asyncio.wait([future for _, future, _, _ in waiting])
+            try:
+                await asyncio.wait([future for _, future, _, _ in waiting])
+            except asyncio.CancelledError:  # the caller gave up: its requests give up their rows in the batches
+                for _, future, _, _ in waiting:
+                    future.cancel()
+                raise
         for chunk, future, version, config in waiting:
             error = future.exception()
             if error is not None and not isinstance(error, InferenceError):
@@ -248,13 +254,13 @@ class InferenceEngine:
         if model is not None:
             MODEL_CACHE.labels("hit").inc()
             return model
-        hits, evictions = self.cache.stats.hits, self.cache.stats.evictions
+        evictions = self.cache.stats.evictions
         try:
-            model = await self._in_executor(self._load_on_model_thread, *key)
+            model, loaded = await self._in_executor(self._load_on_model_thread, *key)
         except (ArtifactError, ModelNotFoundError, OSError) as exc:
             raise InferenceError(ErrorCode.INTERNAL, f"model {key[0]!r} version {key[1]} failed to load: {exc}") \
                 from None
-        if self.cache.stats.hits > hits:  # another request loaded it meanwhile
+        if not loaded:  # another request loaded it meanwhile
             MODEL_CACHE.labels("hit").inc()
             return model
         MODEL_CACHE.labels("miss").inc()
@@ -279,7 +285,8 @@ class InferenceEngine:
             model = await self._load(key)
         except InferenceError as exc:
             for item in items:
-                item.future.set_exception(InferenceError(exc.code, exc.message))
+                if not item.future.done():  # a cancelled caller's is done
+                    item.future.set_exception(InferenceError(exc.code, exc.message))
             return
         now_ms = time.time() * 1000
         # Validated requests of a model whose inputs have fixed shapes past the batch dimension all
@@ -297,7 +304,7 @@ class InferenceEngine:
                                                      "deadline_ms passed while the request was queued")
                     continue
                 signature = () if fixed else tuple((n, a.shape[1:]) for n, a in request.inputs.items())
-                groups[signature].append(_Entry(request, rows, slots, position, item.enqueued))
+                groups[signature].append(_Entry(request, rows, slots, position, item.enqueued, item.future))
         for group in groups.values():
             await self._run_group(model, group)
         for item in items:
@@ -308,17 +315,21 @@ class InferenceEngine:
         """Run requests whose inputs concatenate (same names, same shapes past the batch dimension)."""
         names = [s.name for s in model.config.inputs]
         rows = sum([e.rows for e in group])
-        borrowed = model.borrowed_tunings
-        started = time.monotonic()
+        wanted = [(e.request.deadline_ms, e.future) for e in group]
         try:
             inputs = [e.request.inputs for e in group]
             # Requests of a group share their shapes past the batch dimension (and their datatypes).
             row_bytes = sum(a.nbytes // a.shape[0] for a in inputs[0].values())
             if row_bytes * rows <= _PREPARE_ON_LOOP_BYTES:
                 rejected, batch = _prepare(inputs, names)
-                outputs = None if batch is None else await self._in_executor(model.infer, batch)
+                if batch is None:  # every request of the group had NaN or Inf: nothing to run
+                    ran = _Ran(None, time.monotonic(), time.monotonic(), 0)
+                else:
+                    ran = await self._in_executor(_on_model_thread, model, wanted, model.infer, batch)
+                if isinstance(ran, _Ran):
+                    ran.value = rejected, ran.value
             else:
-                rejected, outputs = await self._in_executor(_execute, model, inputs, names)
+                ran = await self._in_executor(_on_model_thread, model, wanted, _execute, model, inputs, names)
         except Exception as exc:
             if len(group) > 1:  # isolate the request that breaks the batch; its batch-mates still run
                 for entry in group:
@@ -327,6 +338,18 @@ class InferenceEngine:
             log.exception("model %s:%s failed on request %s", model.name, model.version, group[0].request.id)
             group[0].settle(InferenceError(ErrorCode.INTERNAL, f"model execution failed: {exc!r}"))
             return
+        if isinstance(ran, list):  # requests dropped while the batch waited for the model thread: run the rest
+            for index in ran:
+                group[index].settle(InferenceError(ErrorCode.DEADLINE_EXCEEDED,
+                                                   "deadline_ms passed while the request was queued"))
+            remaining = [entry for index, entry in enumerate(group) if index not in set(ran)
+                         and not entry.future.done()]
+            if remaining:
+                await self._run_group(model, remaining)
+            return
+        (rejected, outputs), started, finished = ran.value, ran.started, ran.finished
+        if ran.borrowed:
+            BORROWED_TUNINGS.labels(f"{model.name}:{model.version}").inc(ran.borrowed)
         if rejected:
             for index, name in rejected.items():
                 group[index].settle(InferenceError(ErrorCode.INVALID_INPUT,
@@ -335,9 +358,6 @@ class InferenceEngine:
             if not group:
                 return
             rows = sum([entry.rows for entry in group])
-        finished = time.monotonic()
-        if model.borrowed_tunings > borrowed:
-            BORROWED_TUNINGS.labels(f"{model.name}:{model.version}").inc(model.borrowed_tunings - borrowed)
         wrong = next((name for name, v in outputs.items() if v.ndim == 0 or v.shape[0] != rows), None)
         if wrong is not None:  # a broken model: its batch-mates cannot be told apart either
             log.error("model %s:%s returned %s of shape %s for a batch of %d rows", model.name, model.version,
@@ -373,6 +393,7 @@ class _Entry:
     results: list
     position: int
     enqueued: float
+    future: asyncio.Future  # its queue item's: cancelled when its caller gave up
 
     def settle(self, outcome: dict[str, np.ndarray] | InferenceError) -> None:
         self.results[self.position] = outcome
@@ -419,6 +440,32 @@ def _chunks(members: list[tuple[int, int]], max_rows: int) -> Iterator[tuple[lis
 # A batch this small is concatenated and checked on the event loop (tens of microseconds): on the model
 # thread the same work holds the GIL while the loop waits for it, and costs it extra GIL hand-overs.
 _PREPARE_ON_LOOP_BYTES = 1 << 20
+
+
+@dataclass(slots=True)
+class _Ran:
+    """What a call on the model thread returned, when the thread took it up and finished it (queue wait ends
+    and compute starts there, not when the batch was handed to the executor), and the tunings it borrowed."""
+
+    value: Any
+    started: float
+    finished: float
+    borrowed: int
+
+
+def _on_model_thread(model: LoadedModel, wanted: list[tuple[float | None, asyncio.Future]], fn: Callable,
+                     *args: Any) -> _Ran | list[int]:
+    """Run `fn` for a group, unless some of its requests were dropped while it waited behind other batches for
+    the thread (a deadline passed, a caller gave up): then the positions of the expired ones, for the group to
+    run again without them and without the abandoned ones. (A future's state is only read here.)"""
+    now_ms = time.time() * 1000
+    expired = [i for i, (deadline, _) in enumerate(wanted) if deadline is not None and now_ms > deadline]
+    if expired or any(future.cancelled() for _, future in wanted):
+        return expired
+    borrowed = model.borrowed_tunings
+    started = time.monotonic()
+    value = fn(*args)
+    return _Ran(value, started, time.monotonic(), model.borrowed_tunings - borrowed)
 
 
 def _execute(model: LoadedModel, inputs: list[dict[str, np.ndarray]], names: list[str]

@@ -1,63 +1,131 @@
 """The HTTP server: aiohttp in front of `V2Api` (Open Inference Protocol REST endpoints and /metrics).
 
 Concurrent HTTP clients share the engine's dynamic batcher, so requests from many connections are run
-in one model batch. Auth and a declared oversize body are refused before the body is read.
+in one model batch. What can be refused before the body is read is refused then (auth, a declared
+oversize or compressed body), including on `Expect: 100-continue`, before the client sends the body. The
+server holds at most `max_in_flight` requests (503 past it), gives a body `body_timeout_s` to arrive (408),
+and on `stop()` stops listening, lets the requests in flight finish (up to `drain_timeout_s`), then closes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from pipeline.errors import ErrorCode
-from pipeline.v2_api import ApiRequest, V2Api, error_response
+from pipeline.v2_api import ApiRequest, ApiResponse, V2Api, error_response
 
 log = logging.getLogger(__name__)
 
 
-def _to_web(response) -> web.Response:
+def _to_web(response: ApiResponse, *, close: bool = False) -> web.Response:
     headers = dict(response.headers)
     content_type = headers.pop("content-type", None)
     resp = web.Response(status=response.status, body=response.body, headers=headers)
     if content_type:
         resp.headers["Content-Type"] = content_type
+    if close:  # a refused request's body may still be on its way: do not read it to keep the connection
+        resp.force_close()
     return resp
 
 
-def build_app(api: V2Api) -> web.Application:
+@dataclass
+class Traffic:
+    """The requests a server holds now, and its bounds."""
+
+    max_in_flight: int = 4096
+    body_timeout_s: float = 30.0
+    in_flight: int = 0
+
+
+def build_app(api: V2Api, traffic: Traffic | None = None) -> web.Application:
     """One catch-all route: `V2Api` does the routing, so the Lambda adapter serves exactly the same paths."""
+    traffic = traffic or Traffic()
     app = web.Application(client_max_size=api.max_request_bytes + 1)
 
-    async def dispatch(request: web.Request) -> web.StreamResponse:
+    def precheck(request: web.Request) -> web.Response | None:
         headers = {k.lower(): v for k, v in request.headers.items()}
         refused = api.precheck(request.method, request.path, headers, request.content_length)
-        if refused is not None:
-            return _to_web(refused)
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:  # chunked bodies have no Content-Length to check up front
-            return _to_web(error_response(413, f"request body exceeds the limit of {api.max_request_bytes} bytes",
-                                          ErrorCode.PAYLOAD_TOO_LARGE))
-        response = await api.handle(ApiRequest(request.method, request.path, headers, body))
-        return _to_web(response)
+        return None if refused is None else _to_web(refused, close=True)
 
-    app.router.add_route("*", "/{tail:.*}", dispatch)
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        """`Expect: 100-continue`: refuse now, or invite the body."""
+        refused = precheck(request)
+        if refused is not None:
+            return refused
+        if request.headers.get("expect", "").lower() != "100-continue":
+            return _to_web(error_response(417, "only Expect: 100-continue is understood", "EXPECTATION_FAILED"),
+                           close=True)
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+        return None
+
+    async def dispatch(request: web.Request) -> web.StreamResponse:
+        if traffic.in_flight >= traffic.max_in_flight:
+            return _to_web(error_response(503, f"the server holds {traffic.max_in_flight} requests "
+                                          "(MAAS_MAX_IN_FLIGHT); retry shortly", str(ErrorCode.UNAVAILABLE),
+                                          {"retry-after": "1"}), close=True)
+        traffic.in_flight += 1
+        try:
+            refused = precheck(request)
+            if refused is not None:
+                return refused
+            try:
+                async with asyncio.timeout(traffic.body_timeout_s):
+                    body = await request.read()
+            except web.HTTPRequestEntityTooLarge:  # chunked bodies have no Content-Length to check up front
+                return _to_web(error_response(413, f"request body exceeds the limit of {api.max_request_bytes} "
+                                              "bytes", ErrorCode.PAYLOAD_TOO_LARGE), close=True)
+            except TimeoutError:
+                return _to_web(error_response(408, f"the request body did not arrive within "
+                                              f"{traffic.body_timeout_s:g} s", "REQUEST_TIMEOUT"), close=True)
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            return _to_web(await api.handle(ApiRequest(request.method, request.path, headers, body)))
+        finally:
+            traffic.in_flight -= 1
+
+    app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=expect)
     return app
+
+
+class _WithholdRequestText(logging.Filter):
+    """aiohttp logs a request it cannot parse with the offending bytes, which may be an API key's header:
+    the record keeps what went wrong and drops the text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args = "refused a malformed HTTP request (%s %s; its text withheld)", (
+                type(exc).__name__, getattr(exc, "code", ""))
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_FILTER = _WithholdRequestText()
 
 
 class HttpServer:
     """Serve `V2Api` on host:port. `async with HttpServer(...)` or `start()` / `stop()`; port 0 picks one."""
 
-    def __init__(self, api: V2Api, host: str = "127.0.0.1", port: int = 8000, *, backlog: int = 1024) -> None:
+    def __init__(self, api: V2Api, host: str = "127.0.0.1", port: int = 8000, *, backlog: int = 1024,
+                 max_in_flight: int = 4096, body_timeout_s: float = 30.0, drain_timeout_s: float = 25.0) -> None:
         self.api = api
         self.host = host
         self.port = port
         self.backlog = backlog
+        self.traffic = Traffic(max_in_flight=max_in_flight, body_timeout_s=body_timeout_s)
+        self.drain_timeout_s = drain_timeout_s
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> HttpServer:
-        self._runner = web.AppRunner(build_app(self.api), access_log=None, handle_signals=False)
+        logging.getLogger("aiohttp.server").addFilter(_FILTER)  # the same object: added once however often
+        self._runner = web.AppRunner(build_app(self.api, self.traffic), access_log=None, handle_signals=False,
+                                     shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, backlog=self.backlog)
         await site.start()
@@ -68,11 +136,20 @@ class HttpServer:
         return self
 
     async def stop(self) -> None:
-        """Refuse readiness first (load balancers drain), then close connections after in-flight requests."""
+        """Refuse readiness, stop listening, let the requests in flight finish (up to `drain_timeout_s`), close."""
         self.api.ready = False
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._runner is None:
+            return
+        for site in list(self._runner.sites):
+            await site.stop()
+        deadline = time.monotonic() + self.drain_timeout_s
+        while self.traffic.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self.traffic.in_flight:
+            log.warning("closing with %d requests still in flight after %.0f s", self.traffic.in_flight,
+                        self.drain_timeout_s)
+        await self._runner.cleanup()
+        self._runner = None
 
     async def __aenter__(self) -> HttpServer:
         return await self.start()

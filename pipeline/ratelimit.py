@@ -6,7 +6,9 @@ number of replicas, which is the usual trade-off of local limiters (no shared st
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -98,28 +100,31 @@ def _parse_limit(spec: str, name: str) -> Limit:
         burst = float(burst_text) if burst_text else max(1.0, rate)
     except ValueError:
         raise ConfigError(f"{name}={spec!r}: expected RATE[:BURST] in requests per second") from None
-    if rate < 0 or burst < 1:
-        raise ConfigError(f"{name}={spec!r}: RATE must be >= 0 and BURST >= 1")
+    # nan compares false with everything and inf never runs out: both would switch the limit off
+    if not (math.isfinite(rate) and math.isfinite(burst) and rate > 0 and burst >= 1):
+        raise ConfigError(f"{name}={spec!r}: RATE must be a number > 0 and BURST a number >= 1")
     return Limit(rate, burst)
 
 
 class ApiKeys:
-    """API keys -> tenant names. Keys are compared in constant time; they are never logged."""
+    """API keys -> tenant names. Keys are never logged. A presented key is compared with every key, as digests
+    of one length, so neither how long a key is nor which one matched shows in the time it takes."""
 
     def __init__(self, keys: Mapping[str, str]) -> None:
-        self._keys = dict(keys)  # key -> tenant
+        self._digests = [(_digest(key), tenant) for key, tenant in keys.items()]
 
     @property
     def enabled(self) -> bool:
-        return bool(self._keys)
+        return bool(self._digests)
 
     def tenant(self, presented: str | None) -> str | None:
         if not presented:
             return None
-        for key, tenant in self._keys.items():
-            if hmac.compare_digest(key.encode(), presented.encode()):
-                return tenant
-        return None
+        digest, found = _digest(presented), None
+        for key, tenant in self._digests:
+            if hmac.compare_digest(key, digest) and found is None:
+                found = tenant
+        return found
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ApiKeys:
@@ -138,3 +143,8 @@ class ApiKeys:
                 raise ConfigError(f"MAAS_API_KEYS item {i} has an empty key")
             keys[key] = tenant
         return cls(keys)
+
+
+def _digest(key: str) -> bytes:
+    # HTTP headers may carry any byte: surrogateescape keeps them instead of failing to encode
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()

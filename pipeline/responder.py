@@ -25,6 +25,14 @@ from pipeline.sinks import Envelope, ResultSink
 log = logging.getLogger(__name__)
 
 
+def _model_label(request: InferenceRequest | None, error: InferenceError) -> str:
+    """A metrics label: the model's name once it named a model that exists; callers' made-up names would each
+    become a time series of their own."""
+    if request is None or error.code in (ErrorCode.MODEL_NOT_FOUND, ErrorCode.INVALID_REQUEST):
+        return "-"
+    return request.model_name
+
+
 class Outcome(StrEnum):
     RESULT = "result"
     ERROR = "error"  # an error result was delivered: the caller's request was at fault
@@ -74,7 +82,7 @@ class Responder:
         ERRORS.labels(str(error.code)).inc()
         if error.request_id is not None and not error.code.transient:
             await self.sink.answer(envelope, request, encode_error(error, request.model_name if request else None))
-            REQUESTS.labels(request.model_name if request else "-", "error").inc()
+            REQUESTS.labels(_model_label(request, error), "error").inc()
             return Outcome.ERROR
         if await self.sink.dead_letter(envelope, error, max(attempts, 1)):
             return Outcome.DEAD_LETTER
@@ -134,7 +142,7 @@ class Responder:
             ERRORS.labels(str(result.code)).inc()
             answers.append((envelopes[index], request, encode_error(result, request.model_name)))
             outcomes[index] = Outcome.ERROR
-            failed[request.model_name] += 1
+            failed[_model_label(request, result)] += 1
         await self.sink.answer_many(answers)
         for model, count in answered.items():
             REQUESTS.labels(model, "ok").inc(count)

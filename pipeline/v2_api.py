@@ -34,7 +34,6 @@ SERVER_NAME = "maas"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 ERROR_CODE_HEADER = "x-maas-error-code"
-TENANT_HEADER = "x-tenant-id"
 #: Paths that answer without an API key: probes and scrapes must not need secrets.
 PUBLIC_PATHS = ("/v2/health/live", "/v2/health/ready", "/metrics")
 
@@ -112,12 +111,17 @@ class V2Api:
 
     def precheck(self, method: str, path: str, headers: Mapping[str, str], content_length: int | None
                  ) -> ApiResponse | None:
-        """What can be refused before the body is read: auth (401) and a declared oversize body (413)."""
+        """What can be refused before the body is read: auth (401), a declared oversize body (413) and a
+        compressed one (415: inflating it would cost the event loop time the 413 cannot bound)."""
         try:
             self._authenticate(path, headers)
             if content_length is not None and content_length > self.max_request_bytes:
                 raise ApiError(413, f"request body is {content_length} bytes; the limit is "
                                f"{self.max_request_bytes}", ErrorCode.PAYLOAD_TOO_LARGE)
+            encoding = headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                raise ApiError(415, f"content-encoding {encoding!r:.40} is not accepted: send the body uncompressed",
+                               "UNSUPPORTED_MEDIA_TYPE")
         except ApiError as exc:
             HTTP_REQUESTS.labels("-", str(exc.status)).inc()
             return error_response(exc.status, exc.message, exc.code, exc.headers)
@@ -159,8 +163,8 @@ class V2Api:
         raise ApiError(404, f"no such endpoint: {method} {path}", "NOT_FOUND")
 
     def _authenticate(self, path: str, headers: Mapping[str, str]) -> str:
-        if not self.api_keys.enabled:
-            return headers.get(TENANT_HEADER) or "anonymous"
+        if not self.api_keys.enabled:  # no keys, no tenants: rate limits are per model, for every caller at once
+            return "anonymous"
         if path in PUBLIC_PATHS:
             return "public"
         presented = headers.get("x-api-key")
@@ -217,6 +221,7 @@ class V2Api:
         if name in self.unloaded:
             raise ApiError(503, f"model {name!r} is unloaded; POST /v2/repository/models/{name}/load",
                            ErrorCode.UNAVAILABLE)
+        await self._config(name, params.get("version"))  # 404 first: no rate-limit bucket for a made-up name
         retry_after = self.rate_limiter.check(params["tenant"], name)
         if retry_after > 0:
             raise ApiError(429, f"rate limit for model {name!r} exceeded; retry in {retry_after:.2f}s",

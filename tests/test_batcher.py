@@ -132,3 +132,31 @@ async def test_stop_fails_queued_requests_instead_of_dropping_them():
     await batcher.stop()
     results = await asyncio.gather(*futures, return_exceptions=True)
     assert all(getattr(r, "code", None) == "UNAVAILABLE" for r in results)
+
+
+async def test_stop_while_a_request_arrives_in_the_same_tick_does_not_hang():
+    """Python 3.11's wait_for returns an item that arrived in the tick its caller was cancelled and drops the
+    cancellation: a collector waiting that way for more rows would outlive stop(), which would never return."""
+    batcher = DynamicBatcher(Recorder())
+    policy = BatchingPolicy(max_batch_size=4, max_queue_delay_ms=2000)
+    first = await batcher.submit(("m", 1), policy, "r0", rows=1)
+    await asyncio.sleep(0.01)  # the collector now waits for a second row
+    second = await batcher.submit(("m", 1), policy, "r1", rows=1)  # resolves that wait ...
+    await asyncio.wait_for(batcher.stop(), 5)  # ... in the tick stop() cancels the collector
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    assert all(getattr(r, "code", None) == "UNAVAILABLE" for r in results)
+
+
+async def test_a_submit_blocked_on_a_full_queue_during_stop_is_answered():
+    hold = asyncio.Event()
+    batcher = DynamicBatcher(Recorder(hold), max_queue=2, max_running=1)
+    policy = BatchingPolicy(max_batch_size=1, max_queue_delay_ms=0)
+    futures = [await batcher.submit(("m", 1), policy, f"r{i}", rows=1) for i in range(3)]
+    await asyncio.sleep(0.01)  # r0 runs (held), r1 waits for room, r2 fills the queue
+    late = asyncio.create_task(batcher.submit(("m", 1), policy, "late", rows=1))
+    await asyncio.sleep(0.01)
+    assert not late.done()  # blocked on the full queue
+    await asyncio.wait_for(batcher.stop(), 5)
+    future = await asyncio.wait_for(late, 2)
+    results = await asyncio.wait_for(asyncio.gather(future, *futures, return_exceptions=True), 2)
+    assert all(getattr(r, "code", None) == "UNAVAILABLE" for r in results)

@@ -342,3 +342,25 @@ async def test_an_output_uri_the_store_would_refuse_is_refused_before_the_model_
     error = orjson.loads(answer.value)["error"]
     assert error["code"] == "INVALID_REQUEST"
     assert error["message"].startswith("parameters.output_uri: bucket 'some-other-bucket' is not allowed")
+
+
+async def test_made_up_model_names_do_not_become_metric_labels(live, repository):
+    from prometheus_client import REGISTRY
+
+    def errors(model: str) -> float:
+        return REGISTRY.get_sample_value("maas_requests_total", {"model": model, "outcome": "error"}) or 0.0
+
+    requests, _ = example_requests(2, prefix="lbl")
+    requests[0]["model_name"], requests[1]["model_name"] = "made-up-1f3a", "made-up-9c2e"
+    envelopes = [Envelope(payload=orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY), headers={}, source=f"t@{i}")
+                 for i, r in enumerate(requests)]
+    before = errors("-")
+    producer = answer_producer(live)
+    await producer.start()
+    try:
+        async with InferenceEngine(ModelCache(repository), worker_id="lbl") as engine:
+            responder = Responder(live, engine, KafkaSink.for_settings(producer, live, None))
+            assert await responder.handle_many(envelopes) == [Outcome.ERROR, Outcome.ERROR]
+    finally:
+        await producer.stop()
+    assert errors("-") == before + 2 and errors("made-up-1f3a") == 0 and errors("made-up-9c2e") == 0

@@ -248,3 +248,100 @@ async def test_slots_are_taken_whole_and_never_beyond_capacity():
     slots.give(1)
     assert await asyncio.wait_for(waiting, 1) == 2
     assert slots.free == 0
+
+
+def rows_request(request_id: str, images: np.ndarray, **changes) -> InferenceRequest:
+    return replace(digit_request(request_id, images[0]), inputs={"input": images}, **changes)
+
+
+def _slow(model, seconds: float, seen: list) -> None:
+    """The loaded model, made slow: each batch records its rows (and the wall time it started) first."""
+    infer = model.infer
+
+    def slow(inputs):
+        seen.append((len(next(iter(inputs.values()))), time.time() * 1000))
+        time.sleep(seconds)
+        return infer(inputs)
+
+    model.infer = slow
+
+
+async def test_a_deadline_that_passes_while_the_batch_waits_for_the_model_thread_is_kept(repository):
+    """Batches wait on the one model thread (up to max_running_batches handed over): a request whose deadline
+    passes there is answered DEADLINE_EXCEEDED and not run, and its batch-mates still run."""
+    cache = ModelCache(repository)
+    seen: list = []
+    _slow(cache.get(MNIST_MLP, 1), 0.4, seen)
+    images = np.random.default_rng(0).random((64, 784), dtype=np.float32)
+    async with InferenceEngine(cache) as engine:
+        deadline = time.time() * 1000 + 600
+        requests = [rows_request(f"d{i}", images, parameters={"deadline_ms": deadline}) for i in range(4)]
+        requests.append(rows_request("no-deadline", images[:1]))
+        outcomes = await asyncio.gather(*(engine.infer_many([r]) for r in requests))
+    codes = [getattr(o, "code", "ok") for (o,) in outcomes]
+    assert codes[:2] == ["ok", "ok"] and codes[2:4] == [ErrorCode.DEADLINE_EXCEEDED] * 2 and codes[4] == "ok"
+    assert all(started <= deadline for rows, started in seen if rows == 64) and len(seen) == 3
+
+
+async def test_stop_waits_for_the_running_batch_off_the_event_loop(repository):
+    cache = ModelCache(repository)
+    seen: list = []
+    _slow(cache.get(MNIST_MLP, 1), 1.0, seen)
+    gaps, ticking = [], True
+
+    async def ticker():
+        last = time.monotonic()
+        while ticking:
+            await asyncio.sleep(0.01)
+            gaps.append(time.monotonic() - last)
+            last = time.monotonic()
+
+    engine = await InferenceEngine(cache).start()
+    running = asyncio.create_task(engine.infer(digit_request("slow", synthetic_digits(1, seed=1)[0][0])))
+    while not seen:
+        await asyncio.sleep(0.01)
+    ticks = asyncio.create_task(ticker())
+    await engine.stop()
+    ticking = False
+    await ticks
+    assert max(gaps) < 0.5  # the loop kept running while the model thread finished its second of work
+    with pytest.raises(InferenceError):
+        await running
+
+
+async def test_a_cancelled_caller_gives_up_its_rows(repository):
+    cache = ModelCache(repository)
+    seen: list = []
+    _slow(cache.get(MNIST_MLP, 1), 0.3, seen)
+    image = synthetic_digits(1, seed=2)[0][0]
+    async with InferenceEngine(cache) as engine:
+        first = asyncio.create_task(engine.infer(digit_request("first", image)))
+        while not seen:
+            await asyncio.sleep(0.01)
+        quitters = [asyncio.create_task(engine.infer(digit_request(f"q{i}", image))) for i in range(10)]
+        await asyncio.sleep(0.05)  # queued behind the running batch
+        for task in quitters:
+            task.cancel()
+        last = await engine.infer(digit_request("last", image))
+        await first
+    assert last.id == "last" and [rows for rows, _ in seen] == [1, 1]  # nobody ran the quitters' rows
+
+
+async def test_compute_time_excludes_the_wait_for_the_model_thread(repository):
+    cache = ModelCache(repository)
+    seen: list = []
+    _slow(cache.get(MNIST_MLP, 1), 0.1, seen)
+    images = np.random.default_rng(0).random((64, 784), dtype=np.float32)
+    records: list[BatchRecord] = []
+    async with InferenceEngine(cache) as engine:
+        engine.add_batch_listener(records.append)
+        await asyncio.gather(*(engine.infer(rows_request(f"c{i}", images)) for i in range(4)))
+    assert len(records) == 4 and all(r.compute_ms < 250 for r in records)  # each 100 ms, not 100 x its place
+    assert max(r.queue_wait_ms_max for r in records) > 200  # the last batch's wait shows as waiting
+
+
+def test_fetch_says_whether_this_call_loaded_the_model(repository):
+    cache = ModelCache(repository)
+    first, loaded = cache.fetch(MNIST_MLP, 1)
+    again, loaded_again = cache.fetch(MNIST_MLP, 1)
+    assert loaded and not loaded_again and again is first

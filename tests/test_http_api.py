@@ -218,3 +218,127 @@ async def test_tritonclient_talks_to_the_server(repository):
         assert (classes == labels).mean() >= 0.75
     assert missing and "no_such_model" in missing
     assert index[0]["name"] == MNIST_MLP
+
+
+async def _raw(port: int, request: bytes, *, read_until_close: bool = True, timeout: float = 10.0) -> bytes:
+    """Send raw bytes on a fresh connection; what came back (until the server closed it, or `timeout`)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        if not read_until_close:
+            return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        return await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+
+
+async def test_refusals_before_the_body_compressed_bodies_and_continue(repository):
+    keys = ApiKeys.parse("team-a:secret-a")
+    async with serving(repository, api_keys=keys) as (http, _, server):
+        path = f"/v2/models/{MNIST_MLP}/infer"
+        # Expect: 100-continue is answered with the refusal itself, before the client sends the body
+        head = await _raw(server.port, f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n"
+                          "Expect: 100-continue\r\nx-api-key: secret-a\r\n\r\n".encode(), read_until_close=False)
+        assert head.startswith(b"HTTP/1.1 413"), head
+        head = await _raw(server.port, f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
+                          "Expect: 100-continue\r\n\r\n".encode(), read_until_close=False)
+        assert head.startswith(b"HTTP/1.1 401"), head
+        head = await _raw(server.port, f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
+                          "Expect: 100-continue\r\nx-api-key: secret-a\r\n\r\n".encode(), read_until_close=False)
+        assert head.startswith(b"HTTP/1.1 100 Continue"), head
+        # a gzip body would be inflated on the event loop whatever its size: refused
+        async with http.post(path, data=b"\x1f\x8b" + b"\x00" * 64, headers={
+                "Content-Encoding": "gzip", "x-api-key": "secret-a"}) as r:
+            assert r.status == 415 and "content-encoding" in (await r.json())["error"]
+        # a key that is not UTF-8 is just a wrong key
+        head = await _raw(server.port, "GET /v2 HTTP/1.1\r\nHost: x\r\nx-api-key: \xff\xfe\r\n\r\n".encode("latin-1"),
+                          read_until_close=False)
+        assert head.startswith(b"HTTP/1.1 401"), head
+
+
+async def test_a_slow_body_gets_408_and_a_full_server_503(repository):
+    async with InferenceEngine(ModelCache(repository), worker_id="http-test") as engine:
+        api = V2Api(engine, max_request_bytes=64 * 1024)
+        async with HttpServer(api, "127.0.0.1", 0, body_timeout_s=0.5, max_in_flight=1) as server:
+            reply = await _raw(server.port, f"POST /v2/models/{MNIST_MLP}/infer HTTP/1.1\r\nHost: x\r\n"
+                               "Content-Length: 100\r\n\r\n{".encode(), read_until_close=False)  # 99 never come
+            assert reply.startswith(b"HTTP/1.1 408") and b"Connection: close" in reply
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"POST /v2/repository/index HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n{")
+            await writer.drain()
+            await asyncio.sleep(0.1)  # the first request now holds the only slot, waiting for its body
+            async with aiohttp.ClientSession(server.url) as http, http.get("/v2/health/live") as r:
+                assert r.status == 503 and r.headers["Retry-After"] == "1"
+            writer.write(b"}   ")
+            await writer.drain()
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
+            writer.close()
+
+
+async def test_stop_lets_requests_in_flight_finish(repository):
+    async with InferenceEngine(ModelCache(repository), worker_id="http-test") as engine:
+        api = V2Api(engine, max_request_bytes=64 * 1024)
+        server = await HttpServer(api, "127.0.0.1", 0, drain_timeout_s=10).start()
+        body = orjson.dumps(json_request(id="late"))
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(f"POST /v2/models/{MNIST_MLP}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:100])
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        stopping = asyncio.create_task(server.stop())
+        await asyncio.sleep(0.3)
+        assert not api.ready and not stopping.done()
+        with pytest.raises(OSError):  # no new connections once stopping
+            await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(body[100:])  # the rest of the body arrives while the server drains
+        await writer.drain()
+        reply = await asyncio.wait_for(reader.read(), 10)
+        await asyncio.wait_for(stopping, 10)
+        writer.close()
+    assert reply.startswith(b"HTTP/1.1 200") and b'"id":"late"' in reply
+
+
+async def test_rate_limits_cannot_be_dodged_by_header_or_by_made_up_models(repository):
+    limiter = RateLimiter(None, {MNIST_MLP: Limit(rate=0.001, burst=2)}, max_buckets=2)
+    async with serving(repository, rate_limiter=limiter) as (http, _, _):
+        statuses = []
+        for i in range(3):  # no API keys: one bucket per model for everyone, whatever x-tenant-id says
+            async with http.post(f"/v2/models/{MNIST_MLP}/infer", json=json_request(),
+                                 headers={"x-tenant-id": f"t{i}"}) as r:
+                statuses.append(r.status)
+        assert statuses == [200, 200, 429]
+        for i in range(5):  # unknown models are 404s that make no bucket, so they cannot push ours out
+            async with http.post(f"/v2/models/made-up-{i}/infer", json=json_request()) as r:
+                assert r.status == 404
+        async with http.post(f"/v2/models/{MNIST_MLP}/infer", json=json_request()) as r:
+            assert r.status == 429
+
+
+@pytest.mark.parametrize("spec", ["0", "0:5", "nan", "5:nan", "inf", "2:inf", "-1"])
+def test_rate_limits_that_would_break_or_switch_off_limiting_are_refused(spec):
+    from pipeline.settings import ConfigError
+
+    with pytest.raises(ConfigError, match="RATE must be a number > 0"):
+        RateLimiter.parse(spec)
+
+
+def test_malformed_requests_are_logged_without_their_text(caplog):
+    import logging
+
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    from pipeline.http_server import _FILTER
+
+    logger = logging.getLogger("aiohttp.server")
+    logger.addFilter(_FILTER)
+    try:
+        exc = BadHttpMessage("Invalid header value char", headers=None)
+        exc.args = ("Invalid header value char: b'x-api-key: SECRET-KEY\\x01'",)
+        try:
+            raise exc
+        except BadHttpMessage:
+            logger.exception("Error handling request from %s", "127.0.0.1")
+    finally:
+        logger.removeFilter(_FILTER)
+    assert "SECRET-KEY" not in caplog.text and "malformed HTTP request" in caplog.text

@@ -194,3 +194,20 @@ def test_large_malformed_json_requests_name_the_problem(payload, code, fragment)
     with pytest.raises(InferenceError) as caught:
         _decode(payload)
     assert caught.value.code == code and fragment in caught.value.message, caught.value.message
+
+
+@pytest.mark.parametrize("size", [1, 900])  # under and over the size where decoding moves from orjson to simdjson
+def test_duplicate_keys_mean_the_same_whichever_parser_reads_the_body(size):
+    body = orjson.dumps(_request(inputs=[{"name": "input", "shape": [1, size], "datatype": "FP32",
+                                          "data": [0.5] * size}]))
+    body = body[:-1] + b',"outputs":[{"name":"a"}],"outputs":[{"name":"b"}],"id":"second"}'
+    request = _decode(body)
+    assert request.outputs == ["b"] and request.id == "second"  # the last one, as orjson decides
+
+
+@pytest.mark.parametrize("length", [" 12", "+12", "1_2", "\u0661\u0662", "12.0", "-12"])
+def test_binary_header_length_must_be_ascii_digits(length):
+    with pytest.raises(InferenceError, match="inference-header-content-length") as caught:
+        decode_request(b"{}" + b"\0" * 20, {"content-type": "application/octet-stream",
+                                            "inference-header-content-length": length}, max_bytes=LIMIT)
+    assert caught.value.code == ErrorCode.INVALID_REQUEST
