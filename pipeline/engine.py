@@ -119,7 +119,9 @@ class InferenceEngine:
     async def _lookup_config(self, key: tuple[str, str | None], name: str, version: str | int | None
                              ) -> tuple[int, ModelConfig]:
         def lookup() -> tuple[int, ModelConfig]:
-            resolved = self.cache.resolve(name, version)
+            # The repository itself, not the cache's resolve(): its answer for "latest" may be latest_ttl_s old
+            # already, and this one is kept for latest_ttl_s more.
+            resolved = self.cache.repository.resolve(name, version)
             return resolved, self.cache.repository.config(name, resolved)
 
         try:

@@ -189,19 +189,30 @@ async def test_requests_handed_over_together_fill_batches_up_to_max_batch_size(r
 async def test_a_model_config_is_looked_up_once_however_many_requests_name_it(repository):
     calls = []
     cache = ModelCache(repository)
-    resolve = cache.resolve
+    resolve = repository.resolve
 
     def counting_resolve(name, version=None):
         calls.append((name, version))
         time.sleep(0.05)  # a slow repository (S3): requests keep arriving meanwhile
         return resolve(name, version)
 
-    cache.resolve = counting_resolve
+    repository.resolve = counting_resolve
     images, _ = synthetic_digits(30, seed=5)
     async with InferenceEngine(cache) as engine:
         outcomes = await asyncio.gather(*(engine.infer(digit_request(f"r{i}", image))
                                           for i, image in enumerate(images)))
     assert len(outcomes) == 30 and calls == [(MNIST_MLP, None)]
+
+
+async def test_latest_is_at_most_latest_ttl_s_old(repository):
+    """The engine keeps its answer for "latest" for latest_ttl_s, so it asks the repository, not the cache's
+    resolve(), whose answer may already be that old: staleness adds up to one TTL, not two."""
+    cache = ModelCache(repository, latest_ttl_s=3600)
+    image = synthetic_digits(1, seed=4)[0][0]
+    async with InferenceEngine(cache) as engine:
+        assert cache.resolve(MNIST_MLP) == 1  # the cache keeps this answer for an hour
+        repository.publish(MNIST_MLP, mnist_mlp_config(), train_mnist_mlp(steps=2))
+        assert (await engine.infer(digit_request("a", image))).model_version == 2  # not the cache's hour-old 1
 
 
 async def test_the_model_thread_runs_with_the_configured_torch_threads(repository, monkeypatch):
