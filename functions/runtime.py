@@ -46,7 +46,8 @@ class Runtime:
         self.engine = InferenceEngine(model_cache(settings), worker_id=settings.worker_id,
                                       max_running_batches=settings.max_running_batches)
         self.api = V2Api(self.engine, max_request_bytes=settings.max_request_bytes,
-                         api_keys=ApiKeys.from_settings(settings), rate_limiter=RateLimiter.from_settings(settings))
+                         api_keys=ApiKeys.from_settings(settings), rate_limiter=RateLimiter.from_settings(settings),
+                         admin_tenants=settings.admin_tenants)
         self._producer: AIOKafkaProducer | None = None
         self._clients: dict[str, Any] = {}
         self._batch: BatchJobRunner | None = None

@@ -125,6 +125,7 @@ class Settings:
     api_keys: str = field(default="", repr=False)
     rate_limit: str = ""
     rate_limit_models: str = ""
+    admin_tenants: frozenset[str] = frozenset()
     batch_inbox_prefix: str = "inbox/"
     batch_outbox_prefix: str = "outbox/"
     batch_queue: str = "maas-batch-events"
@@ -185,6 +186,7 @@ class Settings:
             api_keys=env.get("MAAS_API_KEYS", ""),
             rate_limit=env.get("MAAS_RATE_LIMIT", ""),
             rate_limit_models=env.get("MAAS_RATE_LIMIT_MODELS", ""),
+            admin_tenants=frozenset(s.strip() for s in env.get("MAAS_ADMIN_TENANTS", "").split(",") if s.strip()),
             batch_inbox_prefix=env.get("MAAS_BATCH_INBOX_PREFIX") or "inbox/",
             batch_outbox_prefix=env.get("MAAS_BATCH_OUTBOX_PREFIX") or "outbox/",
             batch_queue=env.get("MAAS_BATCH_QUEUE") or "maas-batch-events",
@@ -282,6 +284,7 @@ class Settings:
             "MAAS_LOG_FORMAT": self.log_format,
             "MAAS_RATE_LIMIT": self.rate_limit,
             "MAAS_RATE_LIMIT_MODELS": self.rate_limit_models,
+            "MAAS_ADMIN_TENANTS": ",".join(sorted(self.admin_tenants)),
             "MAAS_BATCH_INBOX_PREFIX": self.batch_inbox_prefix,
             "MAAS_BATCH_OUTBOX_PREFIX": self.batch_outbox_prefix,
             "MAAS_BATCH_QUEUE": self.batch_queue,

@@ -87,8 +87,9 @@ class V2Api:
     """The V2 endpoints over one engine. Optional API keys, request size limit, per-tenant/model rate limits."""
 
     def __init__(self, engine: InferenceEngine, *, max_request_bytes: int, api_keys: ApiKeys | None = None,
-                 rate_limiter: RateLimiter | None = None) -> None:
+                 rate_limiter: RateLimiter | None = None, admin_tenants: frozenset[str] = frozenset()) -> None:
         self.engine = engine
+        self.admin_tenants = admin_tenants
         self.max_request_bytes = max_request_bytes
         self.api_keys = api_keys or ApiKeys({})
         self.rate_limiter = rate_limiter or RateLimiter(None)
@@ -272,7 +273,14 @@ class V2Api:
 
         return json_response(await asyncio.to_thread(listing))
 
+    def _require_admin(self, params: dict[str, str]) -> None:
+        """Loading and unloading act for every caller: with API keys, only the admin tenants may."""
+        if self.api_keys.enabled and params["tenant"] not in self.admin_tenants:
+            raise ApiError(403, "loading and unloading models needs an admin tenant's key (MAAS_ADMIN_TENANTS)",
+                           "FORBIDDEN")
+
     async def _load(self, request: ApiRequest, params: dict[str, str]) -> ApiResponse:
+        self._require_admin(params)
         name = params["name"]
         version, _ = await self._config(name, None)
         try:
@@ -283,6 +291,7 @@ class V2Api:
         return json_response({})
 
     async def _unload(self, request: ApiRequest, params: dict[str, str]) -> ApiResponse:
+        self._require_admin(params)
         name = params["name"]
         await self._config(name, None)
         self.unloaded.add(name)

@@ -342,3 +342,16 @@ def test_malformed_requests_are_logged_without_their_text(caplog):
     finally:
         logger.removeFilter(_FILTER)
     assert "SECRET-KEY" not in caplog.text and "malformed HTTP request" in caplog.text
+
+
+async def test_with_api_keys_only_admin_tenants_load_and_unload(repository):
+    keys = ApiKeys.parse("team-a:secret-a,ops:secret-ops")
+    async with serving(repository, api_keys=keys, admin_tenants=frozenset({"ops"})) as (http, api, _):
+        async with http.post(f"/v2/repository/models/{MNIST_MLP}/unload", headers={"x-api-key": "secret-a"}) as r:
+            assert r.status == 403 and "MAAS_ADMIN_TENANTS" in (await r.json())["error"]
+        assert MNIST_MLP not in api.unloaded
+        async with http.post(f"/v2/repository/models/{MNIST_MLP}/unload", headers={"x-api-key": "secret-ops"}) as r:
+            assert r.status == 200
+        async with http.post(f"/v2/repository/models/{MNIST_MLP}/load", headers={"x-api-key": "secret-a"}) as r:
+            assert r.status == 403
+        assert MNIST_MLP in api.unloaded

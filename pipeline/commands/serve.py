@@ -21,7 +21,8 @@ async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     api_keys, limiter = ApiKeys.from_settings(settings), RateLimiter.from_settings(settings)
     async with InferenceEngine(model_cache(settings, repository), worker_id=settings.worker_id,
                                max_running_batches=settings.max_running_batches) as engine:
-        api = V2Api(engine, max_request_bytes=settings.max_request_bytes, api_keys=api_keys, rate_limiter=limiter)
+        api = V2Api(engine, max_request_bytes=settings.max_request_bytes, api_keys=api_keys, rate_limiter=limiter,
+                    admin_tenants=settings.admin_tenants)
         async with HttpServer(api, args.host, args.port, max_in_flight=settings.max_in_flight) as server:
             print(f"serving the V2 API on {server.url} (models from {repository.root}; "
                   f"auth {'on' if api_keys.enabled else 'off'}, rate limits {'on' if limiter.enabled else 'off'})",
