@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
+
+from aiokafka.errors import KafkaError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from models.artifact import ArtifactError
 from models.repository import ModelNotFoundError
@@ -34,6 +38,16 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, ArtifactError, ModelNotFoundError) as exc:
         print(f"maas: error: {exc}", file=sys.stderr)
         code = 2
+    except (OSError, KafkaError, BotoCoreError, ClientError) as exc:  # a broker, an endpoint, a port, a file
+        message = _without_credentials(str(exc))
+        kind = type(exc).__name__
+        print(f"maas: error: {message if message.startswith(kind) else f'{kind}: {message}'}", file=sys.stderr)
+        code = 2
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
+
+
+def _without_credentials(text: str) -> str:
+    """An endpoint URL may carry user:password@: not on the terminal."""
+    return re.sub(r"://[^/@\s]+@", "://***@", text)

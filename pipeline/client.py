@@ -51,14 +51,19 @@ class ResultCollector:
         self._consumer = AIOKafkaConsumer(**self.settings.kafka_client_kwargs(), group_id=None,
                                           enable_auto_commit=False,
                                           fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms)
-        await self._consumer.start()
-        partitions = []
-        for topic in self.topics:
-            ids = await self._partitions(topic)
-            partitions += [TopicPartition(topic, p) for p in ids]
-        self._consumer.assign(partitions)
-        for tp, offset in (await self._consumer.end_offsets(partitions)).items():
-            self._consumer.seek(tp, offset)
+        try:
+            await self._consumer.start()
+            partitions = []
+            for topic in self.topics:
+                ids = await self._partitions(topic)
+                partitions += [TopicPartition(topic, p) for p in ids]
+            self._consumer.assign(partitions)
+            for tp, offset in (await self._consumer.end_offsets(partitions)).items():
+                self._consumer.seek(tp, offset)
+        except BaseException:  # an unreachable broker: close what was opened, then say so
+            await self._consumer.stop()
+            self._consumer = None
+            raise
         self._task = asyncio.create_task(self._run(), name="maas-result-collector")
         return self
 
@@ -143,7 +148,8 @@ async def publish_requests(settings: Settings, requests: Iterable[dict[str, Any]
     (JSON or the binary tensor extension, with its framing headers).
     """
     producer = AIOKafkaProducer(**settings.kafka_client_kwargs(), acks="all", linger_ms=5,
-                                max_batch_size=settings.producer_max_batch_bytes)
+                                max_batch_size=settings.producer_max_batch_bytes,
+                                max_request_size=max(1 << 20, settings.max_request_bytes + 65536))
     await producer.start()
     try:
         futures = []

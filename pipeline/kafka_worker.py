@@ -125,23 +125,24 @@ class KafkaWorker:
             await self._stopped.wait()
             return
         self._stopping = True
-        consume = self._tasks[0]
-        consume.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await consume
-        if self._handlers:
-            _, pending = await asyncio.wait(list(self._handlers), timeout=self.drain_timeout_s)
-            for task in pending:
+        try:
+            consume = self._tasks[0]
+            consume.cancel()
+            await asyncio.gather(consume, return_exceptions=True)  # it may have ended with the error that stops us
+            if self._handlers:
+                _, pending = await asyncio.wait(list(self._handlers), timeout=self.drain_timeout_s)
+                for task in pending:
+                    task.cancel()
+            if self._side_sends:
+                await asyncio.wait(list(self._side_sends), timeout=5)
+            with contextlib.suppress(KafkaError, CommitFailedError):
+                await self._commit()
+            for task in self._tasks[1:]:
                 task.cancel()
-        if self._side_sends:
-            await asyncio.wait(list(self._side_sends), timeout=5)
-        with contextlib.suppress(KafkaError, CommitFailedError):
-            await self._commit()
-        for task in self._tasks[1:]:
-            task.cancel()
-        await asyncio.gather(*self._tasks[1:], return_exceptions=True)
-        await self._close_clients()
-        self._stopped.set()
+            await asyncio.gather(*self._tasks[1:], return_exceptions=True)
+            await self._close_clients()
+        finally:  # whatever failed on the way, wait() and every later stop() return
+            self._stopped.set()
 
     async def _close_clients(self) -> None:
         if self._consumer is not None:

@@ -53,16 +53,32 @@ def check_engine_knobs(env: Mapping[str, str]) -> None:
                           "number >= 1")
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+# What aiokafka signs in with by username and password, and AWS_MSK_IAM (pipeline/msk_iam.py).
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "AWS_MSK_IAM")
+
+
+def _check_bootstrap_servers(servers: str) -> None:
+    for entry in (s.strip() for s in servers.split(",")):
+        host, colon, port = entry.rpartition(":")
+        if not colon:
+            host, port = entry, "9092"
+        if not (host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(f"KAFKA_BOOTSTRAP_SERVERS={servers!r}: expected host[:port] entries separated by "
+                              f"commas, got {entry!r}")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int = 2**31 - 1) -> int:
+    """A whole number in ASCII digits (int() would take "1_000" and "١٢٣" too) within [minimum, maximum]: the
+    default maximum is what Kafka's and the C libraries' 32-bit fields take."""
     raw = env.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer") from None
-    if value < minimum:
-        raise ConfigError(f"{name}={value} must be >= {minimum}")
+    text = raw.strip()
+    if not (text.isascii() and text.lstrip("-").isdigit()):
+        raise ConfigError(f"{name}={raw!r} is not a whole number")
+    value = int(text)
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name}={value} must be in {minimum}..{maximum:,}")
     return value
 
 
@@ -149,10 +165,16 @@ class Settings:
             raise ConfigError(
                 f"KAFKA_SECURITY_PROTOCOL={protocol!r}: expected PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
             )
+        mechanism = env.get("KAFKA_SASL_MECHANISM") or None
+        if mechanism is not None and mechanism not in SASL_MECHANISMS:
+            raise ConfigError(f"KAFKA_SASL_MECHANISM={mechanism!r}: expected one of {', '.join(SASL_MECHANISMS)}")
+        servers = env.get("KAFKA_BOOTSTRAP_SERVERS") or None
+        if servers is not None:
+            _check_bootstrap_servers(servers)
         settings = cls(
-            kafka_bootstrap_servers=env.get("KAFKA_BOOTSTRAP_SERVERS") or None,
+            kafka_bootstrap_servers=servers,
             kafka_security_protocol=protocol,
-            kafka_sasl_mechanism=env.get("KAFKA_SASL_MECHANISM") or None,
+            kafka_sasl_mechanism=mechanism,
             kafka_sasl_username=env.get("KAFKA_SASL_USERNAME") or None,
             kafka_sasl_password=env.get("KAFKA_SASL_PASSWORD") or None,
             aws_endpoint_url=env.get("AWS_ENDPOINT_URL") or None,
@@ -160,28 +182,28 @@ class Settings:
             aws_credentials_configured=any(env.get(name) for name in _AWS_CREDENTIAL_VARS),
             model_repository=env.get("MAAS_MODEL_REPOSITORY") or "model_repository",
             model_cache_dir=env.get("MAAS_MODEL_CACHE_DIR") or None,
-            model_cache_bytes=_int(env, "MAAS_MODEL_CACHE_BYTES", 4 << 30, minimum=1 << 20),
+            model_cache_bytes=_int(env, "MAAS_MODEL_CACHE_BYTES", 4 << 30, minimum=1 << 20, maximum=1 << 50),
             batch_bucket=env.get("MAAS_BATCH_BUCKET") or "maas-batch",
             topics=topics,
-            topic_partitions=_int(env, "MAAS_TOPIC_PARTITIONS", 4, minimum=1),
+            topic_partitions=_int(env, "MAAS_TOPIC_PARTITIONS", 4, minimum=1, maximum=10_000),
             consumer_group=env.get("MAAS_CONSUMER_GROUP") or "maas-workers",
             max_request_bytes=_int(env, "MAAS_MAX_REQUEST_BYTES", 4 * 1024 * 1024, minimum=1024),
-            max_in_flight=_int(env, "MAAS_MAX_IN_FLIGHT", 4096, minimum=1),
-            max_fetch_records=_int(env, "MAAS_MAX_FETCH_RECORDS", 500, minimum=1),
-            max_running_batches=_int(env, "MAAS_MAX_RUNNING_BATCHES", 8, minimum=1),
+            max_in_flight=_int(env, "MAAS_MAX_IN_FLIGHT", 4096, minimum=1, maximum=1_000_000),
+            max_fetch_records=_int(env, "MAAS_MAX_FETCH_RECORDS", 500, minimum=1, maximum=100_000),
+            max_running_batches=_int(env, "MAAS_MAX_RUNNING_BATCHES", 8, minimum=1, maximum=1024),
             commit_interval_ms=_int(env, "MAAS_COMMIT_INTERVAL_MS", 1000, minimum=10),
             kafka_session_timeout_ms=_int(env, "MAAS_KAFKA_SESSION_TIMEOUT_MS", 10000, minimum=1000),
             kafka_heartbeat_interval_ms=_int(env, "MAAS_KAFKA_HEARTBEAT_INTERVAL_MS", 1000, minimum=100),
             kafka_fetch_max_wait_ms=_int(env, "MAAS_KAFKA_FETCH_MAX_WAIT_MS", 10, minimum=0),
-            torch_threads=_int(env, "MAAS_TORCH_THREADS", 0, minimum=0),
-            gil_switch_interval_us=_int(env, "MAAS_GIL_SWITCH_INTERVAL_US", 0, minimum=0),
+            torch_threads=_int(env, "MAAS_TORCH_THREADS", 0, minimum=0, maximum=4096),
+            gil_switch_interval_us=_int(env, "MAAS_GIL_SWITCH_INTERVAL_US", 0, minimum=0, maximum=1_000_000),
             gc_gen0_threshold=_int(env, "MAAS_GC_GEN0_THRESHOLD", 50_000, minimum=0),
             kafka_idempotence=env.get("MAAS_KAFKA_IDEMPOTENCE", "0").lower() in {"1", "true", "yes"},
             claim_check_buckets=frozenset(b.strip() for b in env.get("MAAS_CLAIM_CHECK_BUCKETS", "").split(",")
                                           if b.strip()),
             max_inline_output_bytes=_int(env, "MAAS_MAX_INLINE_OUTPUT_BYTES", 1024 * 1024, minimum=1024),
             max_claim_check_bytes=_int(env, "MAAS_MAX_CLAIM_CHECK_BYTES", 64 * 1024 * 1024, minimum=1024),
-            health_port=_int(env, "MAAS_HEALTH_PORT", 0, minimum=0),
+            health_port=_int(env, "MAAS_HEALTH_PORT", 0, minimum=0, maximum=65535),
             log_format=_choice(env, "MAAS_LOG_FORMAT", "text", ("text", "json")),
             api_keys=env.get("MAAS_API_KEYS", ""),
             rate_limit=env.get("MAAS_RATE_LIMIT", ""),

@@ -45,7 +45,7 @@ def test_worker_with_an_unreachable_broker_names_the_address_and_setting(tmp_pat
 
 def test_bad_setting_is_named(tmp_path):
     out = maas("models", "list", env={"MAAS_MAX_IN_FLIGHT": "lots"}, cwd=tmp_path)
-    assert out.returncode == 2 and "MAAS_MAX_IN_FLIGHT='lots' is not an integer" in out.stderr
+    assert out.returncode == 2 and "MAAS_MAX_IN_FLIGHT='lots' is not a whole number" in out.stderr
 
 
 def test_models_examples_list_and_describe(tmp_path):
@@ -106,3 +106,37 @@ async def test_submit_prints_answers_in_either_encoding(live, encoding, tmp_path
     lines = [line for line in out.stdout.splitlines() if line.startswith("submit-")]
     assert len(lines) == 5 and all('result v1 {"probabilities": [' in line for line in lines)
     assert "5/5 answered" in out.stdout
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (("submit", "--count", "0"), "argument --count: expected a whole number >= 1, got '0'"),
+    (("submit", "--timeout", "nan"), "argument --timeout: expected a number of seconds > 0"),
+    (("demo", "--requests", "-3"), "argument --requests: expected a whole number >= 1"),
+    (("serve", "--port", "70000"), "argument --port: expected a port in 0..65535"),
+    (("worker", "--health-port", "-1"), "argument --health-port: expected a port in 0..65535"),
+])
+def test_bad_arguments_are_one_line_errors(args, fragment, tmp_path):
+    out = maas(*args, cwd=tmp_path, timeout=60)
+    assert out.returncode == 2 and fragment in out.stderr and "Traceback" not in out.stderr
+
+
+def test_submit_of_an_unreadable_file_and_against_an_unreachable_broker_is_one_line(tmp_path):
+    env = {"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
+    (tmp_path / "latin1.json").write_bytes(b'{"id": "caf\xe9"}')
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "ok.json").write_text('{"id": "r1", "model_name": "mnist_mlp", "inputs": []}')
+    for name, fragment in (("missing.json", "cannot read it"), (".", "cannot read it"),
+                           ("latin1.json", "cannot read it"), ("empty.jsonl", "holds no request"),
+                           ("ok.json", "KafkaConnectionError")):
+        out = maas("submit", name, env=env, cwd=tmp_path, timeout=90)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and fragment in lines[0], (name, out.stderr[-2000:])
+
+
+def test_a_second_maas_up_in_one_folder_is_refused(tmp_path):
+    (tmp_path / ".maas").mkdir()
+    (tmp_path / ".maas" / "stack.json").write_text(json.dumps(
+        {"pid": os.getpid(), "kafka_bootstrap_servers": "127.0.0.1:1", "aws_endpoint_url": "http://127.0.0.1:1"}))
+    out = maas("up", cwd=tmp_path, timeout=60)
+    assert out.returncode == 2 and "a local stack is already up here" in out.stderr
+    assert (tmp_path / ".maas" / "stack.json").exists()  # the running stack's file stays

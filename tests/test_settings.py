@@ -84,3 +84,26 @@ async def test_msk_iam_signs_a_token_from_the_aws_credential_chain(monkeypatch):
                                "KAFKA_SASL_MECHANISM": "AWS_MSK_IAM"})
     with pytest.raises(ConfigError, match="AWS_MSK_IAM needs KAFKA_SECURITY_PROTOCOL=SASL_SSL"):
         plain.kafka_client_kwargs()
+
+
+@pytest.mark.parametrize(("env", "fragment"), [
+    ({"MAAS_MAX_IN_FLIGHT": "1_000"}, "MAAS_MAX_IN_FLIGHT='1_000' is not a whole number"),
+    ({"MAAS_MAX_IN_FLIGHT": "\u0661\u0662"}, "is not a whole number"),
+    ({"MAAS_TORCH_THREADS": "99999999999"}, r"MAAS_TORCH_THREADS=99999999999 must be in 0\.\.4,096"),
+    ({"MAAS_GC_GEN0_THRESHOLD": "99999999999"}, "must be in 0..2,147,483,647"),
+    ({"MAAS_HEALTH_PORT": "99999"}, "MAAS_HEALTH_PORT=99999 must be in 0..65,535"),
+    ({"MAAS_KAFKA_SESSION_TIMEOUT_MS": "99999999999"}, "MAAS_KAFKA_SESSION_TIMEOUT_MS"),
+    ({"KAFKA_BOOTSTRAP_SERVERS": "host:abc"}, "expected host\\[:port\\] entries"),
+    ({"KAFKA_BOOTSTRAP_SERVERS": "a:9092,,b:9092"}, "got ''"),
+    ({"KAFKA_BOOTSTRAP_SERVERS": ":9092"}, "got ':9092'"),
+    ({"KAFKA_SASL_MECHANISM": "BOGUS"}, "KAFKA_SASL_MECHANISM='BOGUS': expected one of PLAIN"),
+])
+def test_environment_values_out_of_bounds_are_named(env, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        Settings.from_env(env)
+
+
+def test_environment_values_within_bounds_are_taken():
+    settings = Settings.from_env({"MAAS_MAX_IN_FLIGHT": " 12 ", "KAFKA_BOOTSTRAP_SERVERS": "a:9092,b,[::1]:9093",
+                                  "MAAS_MODEL_CACHE_BYTES": str(8 << 30)})
+    assert settings.max_in_flight == 12 and settings.model_cache_bytes == 8 << 30

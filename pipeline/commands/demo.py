@@ -8,6 +8,7 @@ import time
 
 from models.examples import MNIST_MLP, ensure_examples
 from pipeline.client import example_requests
+from pipeline.commands._common import positive_int, seconds
 from pipeline.commands.submit import submit_and_wait, summary
 from pipeline.engine import InferenceEngine
 from pipeline.kafka_worker import KafkaWorker
@@ -56,7 +57,7 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="the whole path on the embedded stack: publish, infer, read results")
-    demo.add_argument("--requests", type=int, default=500, help="requests to publish (default 500)")
-    demo.add_argument("--show", type=int, default=10, help="results to print (default 10)")
-    demo.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for answers (default 120)")
+    demo.add_argument("--requests", type=positive_int, default=500, help="requests to publish (default 500)")
+    demo.add_argument("--show", type=positive_int, default=10, help="results to print (default 10)")
+    demo.add_argument("--timeout", type=seconds, default=120.0, help="seconds to wait for answers (default 120)")
     demo.set_defaults(run=cmd_demo)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from models.examples import EXAMPLES, ensure_examples
 from models.repository import Repository, RepositoryError
+from pipeline.commands._common import positive_int
 from pipeline.services import open_repository
 from pipeline.settings import ConfigError, Settings
 
@@ -74,12 +75,6 @@ def _tune(names: list[str], output: Path, repository: Repository) -> None:
         print(f"{name} v{loaded.version}: warmed up in {loaded.warmup_seconds:.1f} s")
     table = write_tuning_table(output)
     print(f"wrote {output}: {summary(table)} for {table['device']}")
-
-
-def _positive(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
 
 
 def _precompile(args: argparse.Namespace) -> int:
@@ -172,6 +167,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--table", help="a tuning table file (JSON)")
     precompile.add_argument("--cache-dir", default=None,
                             help="where to put the binaries (default: TRITON_CACHE_DIR, else ~/.triton/cache)")
-    precompile.add_argument("--threads", type=_positive, default=None,
+    precompile.add_argument("--threads", type=positive_int, default=None,
                             help="compiles at once (default: every CPU this process may use)")
     models.set_defaults(run=cmd_models)

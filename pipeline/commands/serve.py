@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from models.examples import ensure_examples
-from pipeline.commands._common import stop_event
+from pipeline.commands._common import port, stop_event
 from pipeline.engine import InferenceEngine
 from pipeline.http_server import HttpServer
 from pipeline.ratelimit import ApiKeys, RateLimiter
@@ -35,6 +35,6 @@ async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="serve the Open Inference Protocol (KServe V2) HTTP API")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument("--port", type=port, default=8000, help="port (default 8000; 0 picks a free one)")
     serve.add_argument("--examples", action="store_true", help="publish the example models first if missing")
     serve.set_defaults(run=cmd_serve)

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 
 from models.examples import ensure_examples
 from pipeline.commands._common import stop_event
-from pipeline.services import STATE_FILE, bootstrap, connected, open_repository, write_state
+from pipeline.services import STATE_FILE, bootstrap, connected, open_repository, read_state, write_state
 from pipeline.settings import ConfigError, Settings
 
 
 async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    running = read_state()
+    if running is not None:  # a second stack would take over the state file, and its stop would remove it
+        raise ConfigError(f"a local stack is already up here (pid {running['pid']}, Kafka "
+                          f"{running['kafka_bootstrap_servers']}); stop it first, or run `maas up` in another folder")
     repository = open_repository(settings)
     for name, version in ensure_examples(repository):
         print(f"published example model {name} v{version} to {repository.root}")
@@ -26,8 +31,10 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         try:
             await stop.wait()
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                STATE_FILE.unlink()
+            mine = read_state()
+            if mine is not None and mine["pid"] == os.getpid():  # not another stack's file
+                with contextlib.suppress(FileNotFoundError):
+                    STATE_FILE.unlink()
     print("local stack stopped")
     return 0
 

@@ -14,12 +14,16 @@ import orjson
 from models.examples import MNIST_MLP
 from pipeline.client import Answer, ResultCollector, as_binary, example_requests, publish_requests
 from pipeline.codec import Framed
+from pipeline.commands._common import positive_int, seconds
 from pipeline.services import read_state
 from pipeline.settings import ConfigError, Settings
 
 
 def _load_requests(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc})") from None
     try:
         if path.suffix == ".jsonl":
             requests = [orjson.loads(line) for line in text.splitlines() if line.strip()]
@@ -30,6 +34,8 @@ def _load_requests(path: Path) -> list[dict[str, Any]]:
         raise ConfigError(f"{path}: not valid JSON / JSON Lines ({exc})") from None
     if not all(isinstance(r, dict) and isinstance(r.get("id"), str) for r in requests):
         raise ConfigError(f"{path}: every request must be a JSON object with a string id")
+    if not requests:
+        raise ConfigError(f"{path}: holds no request")
     return requests
 
 
@@ -76,9 +82,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     submit = sub.add_parser("submit", help="publish requests and print their answers")
     submit.add_argument("file", nargs="?", help="a .json (object or list) or .jsonl file of V2 requests; "
                                                 "without it, generated MNIST-style requests are sent")
-    submit.add_argument("--count", type=int, default=10, help="how many requests to generate (default 10)")
+    submit.add_argument("--count", type=positive_int, default=10, help="how many requests to generate (default 10)")
     submit.add_argument("--model", default=MNIST_MLP, help=f"model for generated requests (default {MNIST_MLP})")
-    submit.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for answers (default 60)")
+    submit.add_argument("--timeout", type=seconds, default=60.0, help="seconds to wait for answers (default 60)")
     submit.add_argument("--binary", action="store_true",
                         help="send tensors with the binary tensor extension (and ask for binary outputs)")
     submit.set_defaults(run=cmd_submit)

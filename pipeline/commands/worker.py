@@ -8,7 +8,7 @@ import contextlib
 
 from infra.bootstrap import ensure_queue
 from models.examples import ensure_examples
-from pipeline.commands._common import stop_event
+from pipeline.commands._common import port, stop_event
 from pipeline.engine import InferenceEngine
 from pipeline.kafka_worker import KafkaWorker
 from pipeline.observability import HealthServer
@@ -84,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="where requests come from: the Kafka requests topic (default) or the SQS queue "
                              "MAAS_SQS_REQUESTS_QUEUE (answers to Kafka, or to MAAS_SQS_RESULTS_QUEUE_URL)")
     worker.add_argument("--examples", action="store_true", help="publish the example models first if missing")
-    worker.add_argument("--health-port", type=int, default=None,
+    worker.add_argument("--health-port", type=port, default=None,
                         help="serve /health/live, /health/ready and /metrics on this port (default: MAAS_HEALTH_PORT, "
                              "0 = off)")
     worker.add_argument("--health-host", default="0.0.0.0", help="address for the health server (default 0.0.0.0)")
