@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -324,14 +325,10 @@ class InferenceEngine:
             row_bytes = sum(a.nbytes // a.shape[0] for a in inputs[0].values())
             if row_bytes * rows <= _PREPARE_ON_LOOP_BYTES:
                 rejected, batch = _prepare(inputs, names)
-                if batch is None:  # every request of the group had NaN or Inf: nothing to run
-                    ran = _Ran(None, time.monotonic(), time.monotonic(), 0)
-                else:
-                    ran = await self._in_executor(_on_model_thread, model, wanted, model.infer, batch)
-                if isinstance(ran, _Ran):
-                    ran.value = rejected, ran.value
+                work = partial(_infer_prepared, model, rejected, batch)
             else:
-                ran = await self._in_executor(_on_model_thread, model, wanted, _execute, model, inputs, names)
+                work = partial(_execute, model, inputs, names)
+            ran = await self._in_executor(_on_model_thread, model, wanted, work)
         except Exception as exc:
             if len(group) > 1:  # isolate the request that breaks the batch; its batch-mates still run
                 for entry in group:
@@ -344,8 +341,8 @@ class InferenceEngine:
             for index in ran:
                 group[index].settle(InferenceError(ErrorCode.DEADLINE_EXCEEDED,
                                                    "deadline_ms passed while the request was queued"))
-            remaining = [entry for index, entry in enumerate(group) if index not in set(ran)
-                         and not entry.future.done()]
+            dropped = set(ran)
+            remaining = [entry for index, entry in enumerate(group) if index not in dropped and not entry.future.done()]
             if remaining:
                 await self._run_group(model, remaining)
             return
@@ -455,9 +452,9 @@ class _Ran:
     borrowed: int
 
 
-def _on_model_thread(model: LoadedModel, wanted: list[tuple[float | None, asyncio.Future]], fn: Callable,
-                     *args: Any) -> _Ran | list[int]:
-    """Run `fn` for a group, unless some of its requests were dropped while it waited behind other batches for
+def _on_model_thread(model: LoadedModel, wanted: list[tuple[float | None, asyncio.Future]],
+                     work: Callable[[], Any]) -> _Ran | list[int]:
+    """Run a group's `work`, unless some of its requests were dropped while it waited behind other batches for
     the thread (a deadline passed, a caller gave up): then the positions of the expired ones, for the group to
     run again without them and without the abandoned ones. (A future's state is only read here.)"""
     now_ms = time.time() * 1000
@@ -466,8 +463,14 @@ def _on_model_thread(model: LoadedModel, wanted: list[tuple[float | None, asynci
         return expired
     borrowed = model.borrowed_tunings
     started = time.monotonic()
-    value = fn(*args)
+    value = work()
     return _Ran(value, started, time.monotonic(), model.borrowed_tunings - borrowed)
+
+
+def _infer_prepared(model: LoadedModel, rejected: dict[int, str], batch: dict[str, np.ndarray] | None
+                    ) -> tuple[dict[int, str], dict[str, np.ndarray] | None]:
+    """On the model thread: run a batch prepared on the event loop (None: every request had NaN or Inf)."""
+    return rejected, None if batch is None else model.infer(batch)
 
 
 def _execute(model: LoadedModel, inputs: list[dict[str, np.ndarray]], names: list[str]

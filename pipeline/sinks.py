@@ -42,13 +42,14 @@ class Envelope:
     def passthrough(self) -> dict[str, str]:
         """Tracing and CloudEvents headers that travel from a request to its answer, up to
         MAX_PASSTHROUGH_BYTES: a request that is mostly headers must not make an answer the broker refuses."""
+        wanted = {k: v for k, v in self.headers.items() if k in PASSTHROUGH_HEADERS or k.startswith("ce_")}
+        if sum(len(k) + len(v) for k, v in wanted.items()) <= MAX_PASSTHROUGH_BYTES:
+            return wanted
         kept, size = {}, 0
-        for k in sorted(self.headers, key=lambda k: k not in PASSTHROUGH_HEADERS):  # tracing first
-            if k in PASSTHROUGH_HEADERS or k.startswith("ce_"):
-                v = self.headers[k]
-                if size + len(k) + len(v) <= MAX_PASSTHROUGH_BYTES:
-                    kept[k] = v
-                    size += len(k) + len(v)
+        for k in sorted(wanted, key=lambda k: k not in PASSTHROUGH_HEADERS):  # tracing first
+            if size + len(k) + len(wanted[k]) <= MAX_PASSTHROUGH_BYTES:
+                kept[k] = wanted[k]
+                size += len(k) + len(wanted[k])
         return kept
 
 
