@@ -28,6 +28,7 @@ MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # Version folders and model_version strings: a positive integer in ASCII digits, no sign, no leading zero, so
 # that one version has one spelling ("01" beside "1" would list it twice) and int() always succeeds.
 VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")
+VERSION_EXPECTED = 'a positive integer such as "3" (ASCII digits, no sign or leading zero) or "latest"'
 #: Files an artifact may hold besides config.json: the weights and architecture assets (tokenizers).
 ARTIFACT_FILES = (WEIGHTS_FILE, TOKENIZER_FILE)
 QUANTIZATIONS = ("int8",)

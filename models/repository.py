@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from models.artifact import (
     ARTIFACT_FILES,
     CONFIG_FILE,
+    VERSION_EXPECTED,
     ArtifactError,
     ModelConfig,
     read_assets,
@@ -57,8 +58,7 @@ def parse_version(version: str | int | None) -> int | None:
     elif isinstance(version, str):
         number = version_number(version)
     if number is None:
-        raise VersionError(f"model_version {str(version)!r:.40} is invalid: expected a positive integer such as "
-                           '"3" (ASCII digits, no sign or leading zero) or "latest"')
+        raise VersionError(f"model_version {str(version)!r:.40} is invalid: expected {VERSION_EXPECTED}")
     return number
 
 

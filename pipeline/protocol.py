@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from models.artifact import validate_model_name, version_number
+from models.artifact import VERSION_EXPECTED, validate_model_name, version_number
 from models.datatypes import DATATYPES, NUMPY_DTYPES, datatype_of
 from pipeline.errors import ErrorCode, InferenceError
 
@@ -116,8 +116,8 @@ def parse_request(body: Any, *, max_elements: int, defaults: dict[str, Any] | No
     version = body.get("model_version")
     if version is not None and version not in ("", "latest") and (
             type(version) not in (str, int) or version_number(str(version)) is None):
-        raise _fail(ErrorCode.INVALID_REQUEST, 'model_version: expected a positive integer such as "3" (ASCII digits, '
-                    f'no sign or leading zero) or "latest", got {_short(version)}', request_id)
+        raise _fail(ErrorCode.INVALID_REQUEST, f"model_version: expected {VERSION_EXPECTED}, got {_short(version)}",
+                    request_id)
     parameters = body.get("parameters") or {}
     if parameters:
         if not isinstance(parameters, dict):
