@@ -10,6 +10,7 @@ is full, which is the backpressure that reaches the sources.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections.abc import Awaitable, Callable
@@ -98,6 +99,10 @@ class DynamicBatcher:
         try:
             while True:
                 await room.acquire()  # a batch closes only when it can run: until then it keeps filling
+                if held is not None:  # held back for size: back in line, in its place, in case a request of
+                    with contextlib.suppress(asyncio.QueueFull):  # higher priority came meanwhile
+                        queue.put_nowait(held)
+                        held = None
                 first = held or await queue.get()
                 held = None
                 batch = [first]

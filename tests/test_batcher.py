@@ -160,3 +160,22 @@ async def test_a_submit_blocked_on_a_full_queue_during_stop_is_answered():
     future = await asyncio.wait_for(late, 2)
     results = await asyncio.wait_for(asyncio.gather(future, *futures, return_exceptions=True), 2)
     assert all(getattr(r, "code", None) == "UNAVAILABLE" for r in results)
+
+
+async def test_a_request_held_back_for_size_yields_to_a_higher_priority_one():
+    """A request that did not fit its batch starts the next one, unless one of higher priority came meanwhile."""
+    hold = asyncio.Event()
+    recorder = Recorder(hold)
+    batcher = DynamicBatcher(recorder, max_running=2)
+    policy = BatchingPolicy(max_batch_size=2, max_queue_delay_ms=200)
+    futures = [await batcher.submit(("m", 1), policy, "first", rows=1)]
+    await asyncio.sleep(0.3)  # "first" closed after its delay and runs (held)
+    futures.append(await batcher.submit(("m", 1), policy, "small", rows=1))  # a batch fills around it
+    await asyncio.sleep(0.05)
+    futures.append(await batcher.submit(("m", 1), policy, "big", rows=2))  # does not fit beside "small": held
+    await asyncio.sleep(0.3)  # ["small"] runs too: the next batch waits for room, "big" held for it
+    futures.append(await batcher.submit(("m", 1), policy, "urgent", rows=1, priority=9))
+    hold.set()
+    await asyncio.wait_for(asyncio.gather(*futures), 5)
+    await batcher.stop()
+    assert recorder.batches == [["first"], ["small"], ["urgent"], ["big"]]
