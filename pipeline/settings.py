@@ -74,7 +74,7 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maxi
     if raw is None or raw == "":
         return default
     text = raw.strip()
-    if not (text.isascii() and text.lstrip("-").isdigit()):
+    if not (text.isascii() and text.removeprefix("-").isdigit()):
         raise ConfigError(f"{name}={raw!r} is not a whole number")
     value = int(text)
     if not minimum <= value <= maximum:

@@ -89,6 +89,7 @@ async def test_msk_iam_signs_a_token_from_the_aws_credential_chain(monkeypatch):
 @pytest.mark.parametrize(("env", "fragment"), [
     ({"MAAS_MAX_IN_FLIGHT": "1_000"}, "MAAS_MAX_IN_FLIGHT='1_000' is not a whole number"),
     ({"MAAS_MAX_IN_FLIGHT": "\u0661\u0662"}, "is not a whole number"),
+    ({"MAAS_MAX_IN_FLIGHT": "--5"}, "MAAS_MAX_IN_FLIGHT='--5' is not a whole number"),
     ({"MAAS_TORCH_THREADS": "99999999999"}, r"MAAS_TORCH_THREADS=99999999999 must be in 0\.\.4,096"),
     ({"MAAS_GC_GEN0_THRESHOLD": "99999999999"}, "must be in 0..2,147,483,647"),
     ({"MAAS_HEALTH_PORT": "99999"}, "MAAS_HEALTH_PORT=99999 must be in 0..65,535"),
