@@ -84,10 +84,16 @@ def output(out: torch.Tensor | None, shape: Sequence[int], like: torch.Tensor, *
     if out is None:
         return torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
     check_tensor("out", out, shape=shape, dtypes=(like.dtype,), device=like.device, contiguous=True)
+    check_apart(out, **reads)
+    return out
+
+
+def check_apart(out: torch.Tensor, **reads: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` if ``out`` shares memory with one of ``reads``, the tensors a kernel reads while it
+    writes ``out``."""
     for name, tensor in reads.items():
         if tensor is not None and overlaps(out, tensor):
             raise ValueError(f"out must not share memory with {name}: the kernel reads {name} while it writes out")
-    return out
 
 
 def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:

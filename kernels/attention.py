@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels._autotune import autotune, within_bucket
-from kernels._common import FLOAT_DTYPES, cast, check_tensor, compute_dtype, overlaps
+from kernels._common import FLOAT_DTYPES, cast, check_apart, check_tensor, compute_dtype
 from kernels.dispatch import INTERPRETER, USE_AUTOTUNE, backend_for
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -196,9 +196,7 @@ def _output(out: torch.Tensor | None, like: torch.Tensor, **reads: torch.Tensor)
     _check_head_stride("out", out)
     if any(stride == 0 and size > 1 for size, stride in zip(out.shape, out.stride(), strict=True)):
         raise ValueError(f"out must not be an expanded view (strides {out.stride()}): its rows would overlap")
-    for name, read in reads.items():
-        if overlaps(out, read):
-            raise ValueError(f"out must not share memory with {name}: the kernel reads {name} while it writes out")
+    check_apart(out, **reads)
     return out
 
 

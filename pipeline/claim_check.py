@@ -17,11 +17,11 @@ from typing import Any
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
+from models.s3_repository import BUCKET_RE
 from pipeline.codec import CONTENT_TYPE, HEADER_LENGTH, JSON, Framed, decode_request
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.protocol import InferenceRequest, InferenceResponse
 
-_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _DIGEST_END = re.compile(r"-[0-9a-f]{16}$")
 _KEY_RE = re.compile(r"[A-Za-z0-9!_.*'()/=+,@-]{1,1024}")
 
@@ -31,7 +31,7 @@ def parse_s3_uri(uri: str, *, field: str) -> tuple[str, str]:
     if not isinstance(uri, str) or not uri.startswith("s3://"):
         raise InferenceError(ErrorCode.INVALID_REQUEST, f"{field}: expected s3://bucket/key, got {uri!r:.80}")
     bucket, _, key = uri[5:].partition("/")
-    if not _BUCKET_RE.fullmatch(bucket):
+    if not BUCKET_RE.fullmatch(bucket):
         raise InferenceError(ErrorCode.INVALID_REQUEST, f"{field}: {bucket!r:.70} is not a valid bucket name")
     parts = key.split("/")
     if not _KEY_RE.fullmatch(key) or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
