@@ -122,18 +122,26 @@ def _compare(float_out: dict[str, np.ndarray], quant_out: dict[str, np.ndarray],
     return report
 
 
+def _on_cpu(config: ModelConfig, weights: dict[str, torch.Tensor], assets: dict[str, bytes]) -> LoadedModel:
+    """The model in fp32 on the CPU, as publishing runs it to check it."""
+    cpu = torch.device("cpu")
+    architecture = architecture_class(config.architecture)(config.params, dict(weights), assets, config.quantization)
+    return LoadedModel(config.architecture, 0, config, architecture.to(cpu, torch.float32), cpu)
+
+
+def _check_inputs(config: ModelConfig, model: LoadedModel, batch: int) -> dict[str, np.ndarray]:
+    """The config's warm-up inputs, else ``batch`` rows the architecture makes up."""
+    return (v2_inputs(config.warmup_inputs) if config.warmup_inputs
+            else model.architecture.example_inputs(config.inputs, batch, seed=1))
+
+
 def quantization_report(config: ModelConfig, float_weights: dict[str, torch.Tensor],
                         quant_weights: dict[str, torch.Tensor], assets: dict[str, bytes],
                         batch: int = 16) -> dict[str, dict[str, float]]:
     """Run the float and the int8 model on the warm-up inputs (config's, else generated) on the CPU."""
-    cls = architecture_class(config.architecture)
-    cpu = torch.device("cpu")
-    float_model = LoadedModel("float", 0, replace(config, quantization=None),
-                              cls(config.params, dict(float_weights), assets).to(cpu, torch.float32), cpu)
-    quant_model = LoadedModel("int8", 0, replace(config, quantization="int8"),
-                              cls(config.params, dict(quant_weights), assets, "int8").to(cpu, torch.float32), cpu)
-    inputs = (v2_inputs(config.warmup_inputs) if config.warmup_inputs
-              else float_model.architecture.example_inputs(config.inputs, batch, seed=1))
+    float_model = _on_cpu(replace(config, quantization=None), float_weights, assets)
+    quant_model = _on_cpu(replace(config, quantization="int8"), quant_weights, assets)
+    inputs = _check_inputs(config, float_model, batch)
     return _compare(float_model.infer(inputs), quant_model.infer(inputs), config.outputs)
 
 
@@ -141,14 +149,9 @@ def check_runs(config: ModelConfig, weights: dict[str, torch.Tensor], assets: di
     """One batch through the model on the CPU, on its warm-up inputs, before anything is written: inputs or
     outputs that config.json names differently from what the architecture reads and writes would otherwise
     pass every check and fail only at a worker's first load, with a message that names no field."""
-    cls = architecture_class(config.architecture)
-    cpu = torch.device("cpu")
     try:
-        model = LoadedModel("publish-check", 0, config,
-                            cls(config.params, dict(weights), assets, config.quantization).to(cpu, torch.float32), cpu)
-        inputs = (v2_inputs(config.warmup_inputs) if config.warmup_inputs
-                  else model.architecture.example_inputs(config.inputs, 2, seed=1))
-        outputs = model.infer(inputs)
+        model = _on_cpu(config, weights, assets)
+        outputs = model.infer(_check_inputs(config, model, 2))
     except ArtifactError:
         raise
     except KeyError as exc:
