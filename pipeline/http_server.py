@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -34,6 +35,10 @@ def _to_web(response: ApiResponse, *, close: bool = False) -> web.Response:
     return resp
 
 
+def _lower(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
+
+
 @dataclass
 class Traffic:
     """The requests a server holds now, and its bounds."""
@@ -48,14 +53,13 @@ def build_app(api: V2Api, traffic: Traffic | None = None) -> web.Application:
     traffic = traffic or Traffic()
     app = web.Application(client_max_size=api.max_request_bytes + 1)
 
-    def precheck(request: web.Request) -> web.Response | None:
-        headers = {k.lower(): v for k, v in request.headers.items()}
+    def precheck(request: web.Request, headers: dict[str, str]) -> web.Response | None:
         refused = api.precheck(request.method, request.path, headers, request.content_length)
         return None if refused is None else _to_web(refused, close=True)
 
     async def expect(request: web.Request) -> web.StreamResponse | None:
         """`Expect: 100-continue`: refuse now, or invite the body."""
-        refused = precheck(request)
+        refused = precheck(request, _lower(request.headers))
         if refused is not None:
             return refused
         if request.headers.get("expect", "").lower() != "100-continue":
@@ -72,7 +76,8 @@ def build_app(api: V2Api, traffic: Traffic | None = None) -> web.Application:
                                           {"retry-after": "1"}), close=True)
         traffic.in_flight += 1
         try:
-            refused = precheck(request)
+            headers = _lower(request.headers)
+            refused = precheck(request, headers)
             if refused is not None:
                 return refused
             try:
@@ -84,7 +89,6 @@ def build_app(api: V2Api, traffic: Traffic | None = None) -> web.Application:
             except TimeoutError:
                 return _to_web(error_response(408, f"the request body did not arrive within "
                                               f"{traffic.body_timeout_s:g} s", "REQUEST_TIMEOUT"), close=True)
-            headers = {k.lower(): v for k, v in request.headers.items()}
             return _to_web(await api.handle(ApiRequest(request.method, request.path, headers, body)))
         finally:
             traffic.in_flight -= 1
