@@ -10,37 +10,77 @@ Records that failed transiently (the model, or delivery of the answer) are retur
 response, `{"batchItemFailures": [{"itemIdentifier": {"topic-partition": "t-0", "offset": 7}}]}`, for the
 event source mapping to retry (FunctionResponseTypes: [ReportBatchItemFailures]). With
 MAAS_PARTIAL_BATCH_RESPONSE=0 they are dead-lettered instead, as the worker does.
+
+A record the event itself gets wrong (a value that is not base64, a header that is not a list of bytes) is
+dead-lettered as it came, JSON, and does not fail the records beside it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
+from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from aiokafka.errors import KafkaError
 
 from functions.runtime import Runtime, invoke
 from pipeline.codec import header_map
+from pipeline.errors import ErrorCode, InferenceError
 from pipeline.responder import Outcome, Responder
 from pipeline.sinks import Envelope, KafkaSink, RedeliverTransient
 
 
-def envelopes(event: dict[str, Any]) -> list[tuple[str, int, Envelope]]:
-    """(topic-partition, offset, envelope) for each record of an MSK / self-managed Kafka event."""
-    out = []
-    for records in (event.get("records") or {}).values():
-        for r in records:
-            key = base64.b64decode(r["key"]) if r.get("key") else None
-            value = base64.b64decode(r["value"]) if r.get("value") is not None else b""
-            # Header values come as Java bytes, signed: -61 is 0xC3.
-            raw = [(name, bytes(b & 0xFF for b in data)) for header in r.get("headers") or []
-                   for name, data in header.items()]
-            partition = f"{r['topic']}-{int(r['partition'])}"
-            envelope = Envelope(payload=value, headers=header_map(raw), key=key, raw_headers=raw,
-                                source=f"{partition}@{int(r['offset'])}")
-            out.append((partition, int(r["offset"]), envelope))
-    return out
+@dataclass(frozen=True, slots=True)
+class KafkaRecord:
+    """One record of the event: where it came from, and its envelope, or why it has none."""
+
+    partition: str | None  # "topic-partition"; None when the record does not say, so it cannot be retried alone
+    offset: int | None
+    envelope: Envelope
+    defect: InferenceError | None = None
+
+    @property
+    def identifier(self) -> dict[str, Any] | None:
+        if self.partition is None or self.offset is None:
+            return None
+        return {"topic-partition": self.partition, "offset": self.offset}
+
+
+def _java_bytes(values: Any) -> bytes:
+    """Header values come as Java bytes, signed: -61 is 0xC3."""
+    if not isinstance(values, list) or not all(isinstance(b, int) and -128 <= b <= 255 for b in values):
+        raise ValueError("a header value is not a list of bytes")
+    return bytes(b & 0xFF for b in values)
+
+
+def _record(record: Any) -> KafkaRecord:
+    try:
+        partition = f"{record['topic']}-{int(record['partition'])}"
+        offset = int(record["offset"])
+    except (TypeError, KeyError, ValueError):
+        partition = offset = None
+    source = f"{partition}@{offset}" if partition is not None else "kafka-event"
+    try:
+        key = base64.b64decode(record["key"], validate=True) if record.get("key") else None
+        value = base64.b64decode(record["value"], validate=True) if record.get("value") is not None else b""
+        raw = [(str(name), _java_bytes(data)) for header in record.get("headers") or []
+               for name, data in header.items()]
+        if partition is None:
+            raise ValueError("the record names no topic, partition and offset")
+    except (AttributeError, TypeError, ValueError, binascii.Error) as exc:
+        defect = InferenceError(ErrorCode.INVALID_REQUEST, f"the event's record could not be read: {exc}")
+        payload = orjson.dumps(record, default=repr)  # the record as it came, for whoever reads the dead letters
+        return KafkaRecord(partition, offset, Envelope(payload=payload, headers={}, source=source), defect)
+    envelope = Envelope(payload=value, headers=header_map(raw), key=key, raw_headers=raw, source=source)
+    return KafkaRecord(partition, offset, envelope)
+
+
+def records(event: dict[str, Any]) -> list[KafkaRecord]:
+    """The records of an MSK / self-managed Kafka event, in the event's order."""
+    return [_record(r) for batch in (event.get("records") or {}).values() for r in batch]
 
 
 async def handle(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:
@@ -48,21 +88,38 @@ async def handle(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:
     settings, store = runtime.settings, runtime.claim_checks()
     sink = KafkaSink.for_settings(await runtime.producer(), settings, store)
     responder = Responder(settings, runtime.engine, RedeliverTransient(sink, report), store=store, max_attempts=2)
-    items = envelopes(event)
+    items = records(event)
     size = settings.max_fetch_records
 
-    async def chunk(part: list[tuple[str, int, Envelope]]) -> list[Outcome]:
+    async def dead_letter(item: KafkaRecord) -> Outcome:
+        assert item.defect is not None
         try:
-            return await responder.handle_many([envelope for _, _, envelope in part])
+            await sink.dead_letter(item.envelope, item.defect, 1)
+        except KafkaError:
+            if not report or item.identifier is None:
+                raise  # the whole batch fails and is retried
+            return Outcome.RETRY
+        return Outcome.DEAD_LETTER
+
+    async def chunk(part: list[KafkaRecord]) -> list[Outcome]:
+        try:
+            return await responder.handle_many([item.envelope for item in part])
         except KafkaError:
             if not report:
                 raise  # the whole batch fails and is retried
             return [Outcome.RETRY] * len(part)  # the answers could not be delivered: retry these records
 
-    parts = [items[start:start + size] for start in range(0, len(items), size)]
-    outcomes = [o for part in await asyncio.gather(*(chunk(p) for p in parts)) for o in part]
-    failures = [{"itemIdentifier": {"topic-partition": partition, "offset": offset}}
-                for (partition, offset, _), outcome in zip(items, outcomes, strict=True) if outcome is Outcome.RETRY]
+    readable = [index for index, item in enumerate(items) if item.defect is None]
+    unreadable = [index for index, item in enumerate(items) if item.defect is not None]
+    parts = [readable[start:start + size] for start in range(0, len(readable), size)]
+    done = await asyncio.gather(*(chunk([items[index] for index in part]) for part in parts),
+                                *(dead_letter(items[index]) for index in unreadable))
+    outcomes: dict[int, Outcome] = {}
+    for part, part_outcomes in zip(parts, done[:len(parts)], strict=True):
+        outcomes.update(zip(part, part_outcomes, strict=True))
+    outcomes.update(zip(unreadable, done[len(parts):], strict=True))
+    failures = [{"itemIdentifier": items[index].identifier} for index, outcome in sorted(outcomes.items())
+                if outcome is Outcome.RETRY]
     failures.sort(key=lambda f: (f["itemIdentifier"]["topic-partition"], f["itemIdentifier"]["offset"]))
     return {"batchItemFailures": failures}
 

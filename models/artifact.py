@@ -398,7 +398,11 @@ def sha256_file(path: Path) -> str:
 def verify_files(directory: Path, config: ModelConfig) -> None:
     """Check every file against the sha256 recorded at publish time."""
     for name, want in config.files.items():
-        got = sha256_file(directory / name)
+        try:
+            got = sha256_file(directory / name)
+        except OSError as exc:
+            raise ArtifactError(f"{directory / name} cannot be read ({exc.strerror or exc}); {CONFIG_FILE} "
+                                f"records its sha256") from None
         if got != want:
             raise ArtifactError(f"{directory / name}: sha256 {got} differs from {want} recorded in {CONFIG_FILE}")
 

@@ -7,7 +7,6 @@ local cache folder (checking its sha256 sums), and later loads, in this process 
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import OrderedDict
@@ -16,8 +15,6 @@ from dataclasses import dataclass
 from models.artifact import ArtifactError
 from models.loaded import LoadedModel
 from models.repository import Repository
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,26 +93,39 @@ class ModelCache:
             if failed is not None and time.monotonic() < failed[0]:
                 raise ArtifactError(f"{failed[1]} (not retried for {self.load_retry_s:g} s after a failed load)")
             try:
-                model = self.repository.load(name, version)
-                try:
-                    model.warmup()
-                except Exception as exc:
-                    raise ArtifactError(f"model {name!r} version {version} failed its warm-up: "
-                                        f"{type(exc).__name__}: {exc}") from exc
+                model = self._load(name, version)
             except ArtifactError as exc:  # every request would load it again: let it rest a while
                 self._failures[key] = (time.monotonic() + self.load_retry_s, str(exc))
                 raise
             self._failures.pop(key, None)
-            if model.nbytes > self.max_bytes:
-                log.warning("%s version %d holds %d bytes of weights, more than the whole cache budget (%d, "
-                            "MAAS_MODEL_CACHE_BYTES): every other model is evicted", name, version, model.nbytes,
-                            self.max_bytes)
             with self._lock:
                 self.stats.loads += 1
                 self.stats.load_seconds += model.load_seconds + model.warmup_seconds
                 self._models[key] = model
-                self._evict_over_budget(keep=key)
+                self._evict(keep=key)
             return model, True
+
+    def _load(self, name: str, version: int) -> LoadedModel:
+        """Load and warm up one version, within the budget: the least recently used versions are evicted
+        before its weights are read, so the process never holds more than the budget plus one model's load."""
+        stored = self.repository.weights_nbytes(name, version)
+        if stored is not None:
+            self._check_fits(name, version, stored)
+            with self._lock:
+                self._evict(room=stored)
+        model = self.repository.load(name, version)
+        self._check_fits(name, version, model.nbytes)  # placed in another dtype, it may have grown
+        try:
+            model.warmup()
+        except Exception as exc:
+            raise ArtifactError(f"model {name!r} version {version} failed its warm-up: "
+                                f"{type(exc).__name__}: {exc}") from exc
+        return model
+
+    def _check_fits(self, name: str, version: int, nbytes: int) -> None:
+        if nbytes > self.max_bytes:
+            raise ArtifactError(f"model {name!r} version {version} holds {nbytes} bytes of weights, more than the "
+                                f"whole model cache's budget of {self.max_bytes} bytes (MAAS_MODEL_CACHE_BYTES)")
 
     @property
     def nbytes(self) -> int:
@@ -137,8 +147,9 @@ class ModelCache:
                 del self._models[key]
             return len(keys)
 
-    def _evict_over_budget(self, keep: tuple[str, int]) -> None:
-        total = self._bytes_held()
+    def _evict(self, room: int = 0, keep: tuple[str, int] | None = None) -> None:  # under self._lock
+        """Evict least recently used versions until `room` more bytes fit in the budget."""
+        total = self._bytes_held() + room
         for key in list(self._models):
             if total <= self.max_bytes:
                 break

@@ -33,6 +33,7 @@ from models.artifact import (
     CONFIG_FILE,
     MAX_CONFIG_BYTES,
     MODEL_NAME_RE,
+    WEIGHTS_FILE,
     ArtifactError,
     ModelConfig,
     parse_config_bytes,
@@ -197,6 +198,14 @@ class S3ModelRepository(Repository):
             except BotoCoreError as exc:
                 raise RepositoryError(f"cannot publish to {self.root}: {exc}") from None
         raise RepositoryError(f"cannot claim a version of {name!r} in {self.root} after 100 tries")
+
+    def weights_nbytes(self, name: str, version: int) -> int | None:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(validate_model_name(name), int(version),
+                                                                              WEIGHTS_FILE))
+        except (BotoCoreError, ClientError):
+            return None
+        return int(head["ContentLength"])
 
     def _write(self, name: str, config: ModelConfig, weights: dict[str, torch.Tensor],
                assets: dict[str, bytes]) -> int:

@@ -114,6 +114,36 @@ def test_kafka_trigger_answers_and_reports_transient_failures(env, sample, capsy
     assert {"ImportMs", "InitMs", "ModelLoadMs", "DurationMs"} <= metrics.keys()
 
 
+def test_kafka_trigger_dead_letters_a_record_the_event_gets_wrong_and_answers_the_others(env):
+    settings = env
+    topic = settings.topics.requests
+    first = next(iter(event("kafka_msk.json")["records"].values()))[0]
+    requests, truth = example_requests(2, prefix="kr")
+    good = [kafka_record(first, topic, 0, 10 + i, dumps(r), r["id"]) for i, r in enumerate(requests)]
+    not_base64 = {**good[0], "offset": 20, "value": "!!! not base64 !!!"}
+    bad_header = {**good[0], "offset": 21, "headers": [{"traceparent": "00-not-a-byte-list"}]}
+    out_of_range = {**good[0], "offset": 22, "headers": [{"h": [1, 2, 4096]}]}
+    no_partition = {k: v for k, v in good[0].items() if k != "partition"}
+    test_event = {"eventSource": "aws:kafka",
+                  "records": {f"{topic}-0": [good[0], not_base64, bad_header, out_of_range, no_partition, good[1]]}}
+
+    response = functions.kafka.handler(test_event, None)
+
+    assert response == {"batchItemFailures": []}
+    results = asyncio.run(read_topic(settings, settings.topics.results, 2))
+    answers = {r.key.decode(): decode_response(r.value, {}) for r in results}
+    assert set(answers) == set(truth)
+    dead = asyncio.run(read_topic(settings, settings.topics.dlq, 4))
+    by_source = {dict(d.headers)["maas-source"].decode(): d for d in dead}
+    assert set(by_source) == {f"{topic}-0@20", f"{topic}-0@21", f"{topic}-0@22", "kafka-event"}
+    for record in dead:
+        headers = dict(record.headers)
+        assert headers["maas-error-code"] == b"INVALID_REQUEST"
+        assert headers["maas-error-message"].startswith(b"the event's record could not be read")
+    assert orjson.loads(by_source[f"{topic}-0@20"].value) == not_base64  # the record as it came
+    assert b"partition" in dict(by_source["kafka-event"].headers)["maas-error-message"]
+
+
 def test_sqs_trigger_partial_batch_response_and_sqs_results(env, monkeypatch):
     settings = env
     sqs = aws_client(settings, "sqs")

@@ -16,7 +16,7 @@ from models.artifact import MAX_CONFIG_BYTES, WEIGHTS_FILE, ArtifactError, Model
 from models.cache import ModelCache
 from models.examples import MNIST_MLP, mnist_mlp_config, sentiment_config, synthetic_digits
 from models.publish import publish_model
-from models.repository import ModelNotFoundError, VersionError
+from models.repository import ModelNotFoundError, ModelRepository, VersionError
 
 
 def _random_mlp_weights(layers=(784, 128, 10)) -> dict[str, torch.Tensor]:
@@ -113,6 +113,36 @@ def test_cache_loads_once_under_concurrency_and_evicts_lru(repository):
     cache.get("b", 1)
     assert cache.loaded() == [("b", 1)] and cache.stats.evictions == 1
     assert loaded[0].warmup_seconds > 0
+
+
+class _WatchedRepository(ModelRepository):
+    """Notes what its cache held each time it read a version's weights."""
+
+    cache: ModelCache
+    held_at_load: list
+
+    def load(self, name, version, device=None):
+        self.held_at_load.append((name, self.cache.loaded()))
+        return super().load(name, version, device)
+
+
+def test_cache_makes_room_before_loading_and_refuses_a_model_over_its_whole_budget(repository):
+    for name in ("a", "b"):
+        repository.publish(name, mnist_mlp_config(), _random_mlp_weights())
+    one_model = repository.load("a", 1).nbytes
+    watched = _WatchedRepository(repository.root)
+    watched.held_at_load = []
+    watched.cache = cache = ModelCache(watched, max_bytes=int(one_model * 1.5))
+    cache.get("a", 1)
+    cache.get("b", 1)
+    assert watched.held_at_load == [("a", []), ("b", [])]  # "a" went before "b" was read, not after
+    assert cache.loaded() == [("b", 1)] and cache.stats.evictions == 1
+
+    watched.cache = small = ModelCache(watched, max_bytes=one_model // 2)
+    with pytest.raises(ArtifactError, match=rf"model 'a' version 1 holds \d+ bytes of weights, more than the "
+                                            rf"whole model cache's budget of {one_model // 2} bytes"):
+        small.get("a", 1)
+    assert len(watched.held_at_load) == 2 and small.loaded() == []  # refused without reading the weights
 
 
 def test_cache_resolves_latest_at_most_every_ttl(repository):
@@ -251,6 +281,22 @@ def test_a_version_linked_from_outside_the_repository_is_refused(repository, tmp
     (repository.root / "half" / "1" / WEIGHTS_FILE).symlink_to(outside / WEIGHTS_FILE)
     with pytest.raises(ArtifactError, match=r"model\.safetensors leads outside the repository"):
         repository.load("half", 1)
+
+
+def test_a_local_version_whose_files_changed_since_publishing_is_refused(repository):
+    for name in ("changed", "missing"):
+        shutil.copytree(repository.root / MNIST_MLP / "1", repository.root / name / "1")
+    assert WEIGHTS_FILE in repository.config("changed", 1).files
+    weights = repository.root / "changed" / "1" / WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight: still a valid safetensors file
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"model\.safetensors: sha256 [0-9a-f]{64} differs from [0-9a-f]{64}"):
+        repository.load("changed", 1)
+    (repository.root / "missing" / "1" / WEIGHTS_FILE).unlink()
+    with pytest.raises(ArtifactError, match=r"model\.safetensors cannot be read"):
+        ModelCache(repository).get("missing", 1)
+    assert repository.load(MNIST_MLP, 1).version == 1
 
 
 def test_misspelt_batching_keys_and_non_boolean_tokenizer_flags_are_refused():

@@ -318,6 +318,8 @@ def test_s3_repository_publish_list_load_and_cache(live, s3, tmp_path, repositor
     assert repo.publish("sentiment_text", sentiment_config(), weights, assets) == 1
     assert repo.names() == [MNIST_MLP, "sentiment_text"] and repo.versions(MNIST_MLP) == [1, 2]
     assert repo.resolve(MNIST_MLP) == 2 and repo.config(MNIST_MLP, 1).files[WEIGHTS_FILE]
+    stored = (repository.local_folder(MNIST_MLP, 1) / WEIGHTS_FILE).stat().st_size
+    assert repo.weights_nbytes(MNIST_MLP, 2) == stored and repo.weights_nbytes(MNIST_MLP, 3) is None
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=live.batch_bucket, Prefix="zoo/")["Contents"])
     assert "zoo/prod/sentiment_text/1/tokenizer.json" in keys and "zoo/prod/mnist_mlp/2/config.json" in keys
     with pytest.raises(ModelNotFoundError, match="has no version 3"):
