@@ -41,12 +41,17 @@ class DynamicBatcher:
     """`max_running` batches of one model may be handed to the runner at once, so the next batches already
     wait in the model's executor when the current one finishes: the model does not sit idle until a busy
     event loop (a fetch of 500 records is milliseconds of decoding) gets round to closing the next batch.
-    Priority orders requests that are still queued; a batch handed to the runner keeps its place."""
+    Priority orders requests that are still queued; a batch handed to the runner keeps its place.
 
-    def __init__(self, runner: BatchRunner, max_queue: int = 1024, max_running: int = 8) -> None:
+    A collector with nothing queued or running for `retire_after_s` ends, and its queue goes with it: the
+    versions a long-lived worker has served, superseded ones included, do not each keep a task forever."""
+
+    def __init__(self, runner: BatchRunner, max_queue: int = 1024, max_running: int = 8,
+                 retire_after_s: float = 60.0) -> None:
         self._runner = runner
         self._max_queue = max_queue
         self._max_running = max_running
+        self._retire_after_s = retire_after_s
         self._queues: dict[BatchKey, asyncio.PriorityQueue[Pending]] = {}
         self._tasks: dict[BatchKey, asyncio.Task] = {}
         self._seq = itertools.count()
@@ -67,20 +72,29 @@ class DynamicBatcher:
         self._tasks.clear()
         self._queues.clear()
 
+    @property
+    def collecting(self) -> list[BatchKey]:
+        """The (model, version) keys that have a collector now."""
+        return list(self._tasks)
+
     async def submit(self, key: BatchKey, policy: BatchingPolicy, payload: Any, rows: int,
                      priority: int = 0) -> asyncio.Future:
         if self._closed:
             raise InferenceError(ErrorCode.UNAVAILABLE, "the engine is shutting down")
-        queue = self._queues.get(key)
-        if queue is None:
-            queue = self._queues[key] = asyncio.PriorityQueue(self._max_queue)
-            self._tasks[key] = asyncio.create_task(self._collect(key, queue, policy), name=f"batcher-{key}")
         future = asyncio.get_running_loop().create_future()
         pending = Pending((-priority, next(self._seq)), payload, rows, future)
-        await queue.put(pending)
-        if self._closed or self._queues.get(key) is not queue:  # put after stop() drained the queue: no one reads
-            _settle([pending], InferenceError(ErrorCode.UNAVAILABLE, "the engine is shutting down"))
-        return future
+        while True:
+            queue = self._queues.get(key)
+            if queue is None:
+                queue = self._queues[key] = asyncio.PriorityQueue(self._max_queue)
+                self._tasks[key] = asyncio.create_task(self._collect(key, queue, policy), name=f"batcher-{key}")
+            await queue.put(pending)
+            if self._queues.get(key) is queue:
+                return future
+            if self._closed:  # put after stop() drained the queue: no one reads it
+                _settle([pending], InferenceError(ErrorCode.UNAVAILABLE, "the engine is shutting down"))
+                return future
+            # Its collector retired while this waited for room: no one reads that queue; take a new one.
 
     async def _collect(self, key: BatchKey, queue: asyncio.PriorityQueue[Pending], policy: BatchingPolicy) -> None:
         held: Pending | None = None
@@ -103,7 +117,9 @@ class DynamicBatcher:
                     with contextlib.suppress(asyncio.QueueFull):  # higher priority came meanwhile
                         queue.put_nowait(held)
                         held = None
-                first = held or await queue.get()
+                first = held or await self._get_or_retire(key, queue, running)
+                if first is None:
+                    return
                 held = None
                 batch = [first]
                 held = await self._fill(batch, queue, policy, idle if policy.close_when_idle else None)
@@ -119,6 +135,19 @@ class DynamicBatcher:
             _settle([*batch, *([held] if held else [])],
                     InferenceError(ErrorCode.UNAVAILABLE, "the engine stopped before the request ran"))
             raise
+
+    async def _get_or_retire(self, key: BatchKey, queue: asyncio.PriorityQueue[Pending],
+                             running: set[asyncio.Task]) -> Pending | None:
+        """The next request; None once the collector has retired (nothing queued or running for a while)."""
+        while True:
+            try:
+                async with asyncio.timeout(self._retire_after_s):
+                    return await queue.get()
+            except TimeoutError:
+                if running or not queue.empty():
+                    continue
+                del self._queues[key], self._tasks[key]  # no await since the check: a submit sees it gone
+                return None
 
     async def _run(self, key: BatchKey, batch: list[Pending]) -> None:
         try:

@@ -179,3 +179,23 @@ async def test_a_request_held_back_for_size_yields_to_a_higher_priority_one():
     await asyncio.wait_for(asyncio.gather(*futures), 5)
     await batcher.stop()
     assert recorder.batches == [["first"], ["small"], ["urgent"], ["big"]]
+
+
+async def test_an_idle_collector_retires_and_a_later_request_starts_a_new_one():
+    hold = asyncio.Event()
+    recorder = Recorder(hold)
+    batcher = DynamicBatcher(recorder, max_running=1, retire_after_s=0.05)
+    policy = BatchingPolicy(max_batch_size=1, max_queue_delay_ms=0)
+    running = await batcher.submit(("old", 1), policy, "slow", rows=1)
+    await batcher.submit(("m", 1), policy, "r0", rows=1)
+    await asyncio.sleep(0.2)
+    assert batcher.collecting == [("old", 1), ("m", 1)]  # a batch runs for both: nothing retires
+    hold.set()
+    assert await asyncio.wait_for(running, 2) == "slow"
+    await asyncio.sleep(0.2)
+    assert batcher.collecting == []  # idle for longer than retire_after_s: the tasks and queues are gone
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("batcher-")]
+    future = await batcher.submit(("m", 1), policy, "r1", rows=1)
+    assert await asyncio.wait_for(future, 2) == "r1" and batcher.collecting == [("m", 1)]
+    await batcher.stop()
+    assert recorder.batches == [["slow"], ["r0"], ["r1"]]
