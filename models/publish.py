@@ -9,6 +9,8 @@ and reports how far the quantized outputs are from the float model's on the warm
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -123,10 +125,28 @@ def _compare(float_out: dict[str, np.ndarray], quant_out: dict[str, np.ndarray],
 
 
 def _on_cpu(config: ModelConfig, weights: dict[str, torch.Tensor], assets: dict[str, bytes]) -> LoadedModel:
-    """The model in fp32 on the CPU, as publishing runs it to check it."""
+    """The model in fp32 on the CPU, as publishing runs it to check it (its inputs in fp32 too, whatever
+    dtype the config serves it in)."""
     cpu = torch.device("cpu")
     architecture = architecture_class(config.architecture)(config.params, dict(weights), assets, config.quantization)
-    return LoadedModel(config.architecture, 0, config, architecture.to(cpu, torch.float32), cpu)
+    return LoadedModel(config.architecture, 0, replace(config, dtype="FP32"), architecture.to(cpu, torch.float32),
+                       cpu)
+
+
+@contextmanager
+def _running(config: ModelConfig) -> Iterator[None]:
+    """A failure of the model on its check inputs as an `ArtifactError` that says which field to fix."""
+    try:
+        yield
+    except ArtifactError:
+        raise
+    except KeyError as exc:
+        raise ArtifactError(f"architecture {config.architecture!r} reads or writes tensor {exc.args[0]!r}, which "
+                            f"config.json's inputs {[s.name for s in config.inputs]} and outputs "
+                            f"{[s.name for s in config.outputs]} do not name") from None
+    except Exception as exc:
+        raise ArtifactError(f"the model fails on its config's inputs {[s.to_json() for s in config.inputs]}: "
+                            f"{type(exc).__name__}: {exc}") from None
 
 
 def _check_inputs(config: ModelConfig, model: LoadedModel, batch: int) -> dict[str, np.ndarray]:
@@ -139,28 +159,20 @@ def quantization_report(config: ModelConfig, float_weights: dict[str, torch.Tens
                         quant_weights: dict[str, torch.Tensor], assets: dict[str, bytes],
                         batch: int = 16) -> dict[str, dict[str, float]]:
     """Run the float and the int8 model on the warm-up inputs (config's, else generated) on the CPU."""
-    float_model = _on_cpu(replace(config, quantization=None), float_weights, assets)
-    quant_model = _on_cpu(replace(config, quantization="int8"), quant_weights, assets)
-    inputs = _check_inputs(config, float_model, batch)
-    return _compare(float_model.infer(inputs), quant_model.infer(inputs), config.outputs)
+    with _running(config):
+        float_model = _on_cpu(replace(config, quantization=None), float_weights, assets)
+        quant_model = _on_cpu(replace(config, quantization="int8"), quant_weights, assets)
+        inputs = _check_inputs(config, float_model, batch)
+        return _compare(float_model.infer(inputs), quant_model.infer(inputs), config.outputs)
 
 
 def check_runs(config: ModelConfig, weights: dict[str, torch.Tensor], assets: dict[str, bytes]) -> None:
     """One batch through the model on the CPU, on its warm-up inputs, before anything is written: inputs or
     outputs that config.json names differently from what the architecture reads and writes would otherwise
     pass every check and fail only at a worker's first load, with a message that names no field."""
-    try:
+    with _running(config):
         model = _on_cpu(config, weights, assets)
         outputs = model.infer(_check_inputs(config, model, 2))
-    except ArtifactError:
-        raise
-    except KeyError as exc:
-        raise ArtifactError(f"architecture {config.architecture!r} reads or writes tensor {exc.args[0]!r}, which "
-                            f"config.json's inputs {[s.name for s in config.inputs]} and outputs "
-                            f"{[s.name for s in config.outputs]} do not name") from None
-    except Exception as exc:
-        raise ArtifactError(f"the model fails on its config's inputs {[s.to_json() for s in config.inputs]}: "
-                            f"{type(exc).__name__}: {exc}") from None
     for spec in config.outputs:
         got = outputs[spec.name].shape
         if len(got) != len(spec.shape) or any(w != -1 and g != w for g, w in zip(got, spec.shape, strict=False)):

@@ -250,6 +250,20 @@ def test_regressor_example_learns_its_known_function(tmp_path):
     assert np.abs(quantized - out).max() < 0.1
 
 
+@pytest.mark.parametrize("dtype", ["BF16", "FP16"])
+def test_a_half_precision_model_publishes_with_and_without_int8(tmp_path, dtype):
+    repo = ModelRepository(tmp_path)
+    config = replace(regressor_config(), dtype=dtype)
+    assert publish_model(repo, "half", config, train_regressor()).version == 1
+    result = publish_model(repo, "half", config, train_regressor(), quantize="int8")
+    assert result.version == 2 and result.quantization_report["output"]["min_cosine"] > 0.99
+    served = repo.load("half", 1, torch.device("cpu"))
+    assert served.architecture.weights["layers.0.weight"].dtype == getattr(torch, {"BF16": "bfloat16",
+                                                                                 "FP16": "float16"}[dtype])
+    x = regression_inputs(8, seed=5)
+    assert np.abs(served.infer({"input": x})["output"] - regression_target(x)).max() < 0.5
+
+
 def test_sentiment_example_classifies_raw_text_through_the_cache(tmp_path):
     repo = ModelRepository(tmp_path)
     weights, assets = train_sentiment()
