@@ -87,7 +87,10 @@ class LoadedModel:
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch. Inputs are keyed by the config's input names, batch first; outputs likewise."""
         if self.architecture.numpy_io:
-            outputs = self.architecture.run(dict(inputs))
+            # An overflow is the engine's to report, per request (it refuses NaN and infinite outputs), not a
+            # RuntimeWarning in the worker's log.
+            with np.errstate(over="ignore", invalid="ignore"):
+                outputs = self.architecture.run(dict(inputs))
         else:
             import torch
 

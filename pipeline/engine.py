@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -323,11 +323,12 @@ class InferenceEngine:
             inputs = [e.request.inputs for e in group]
             # Requests of a group share their shapes past the batch dimension (and their datatypes).
             row_bytes = sum(a.nbytes // a.shape[0] for a in inputs[0].values())
+            limit = _INPUT_LIMITS.get(model.config.dtype)
             if row_bytes * rows <= _PREPARE_ON_LOOP_BYTES:
-                rejected, batch = _prepare(inputs, names)
+                rejected, batch = _prepare(inputs, names, limit)
                 work = partial(_infer_prepared, model, rejected, batch)
             else:
-                work = partial(_execute, model, inputs, names)
+                work = partial(_execute, model, inputs, names, limit)
             ran = await self._in_executor(_on_model_thread, model, wanted, work)
         except Exception as exc:
             if len(group) > 1:  # isolate the request that breaks the batch; its batch-mates still run
@@ -350,9 +351,8 @@ class InferenceEngine:
         if ran.borrowed:
             BORROWED_TUNINGS.labels(f"{model.name}:{model.version}").inc(ran.borrowed)
         if rejected:
-            for index, name in rejected.items():
-                group[index].settle(InferenceError(ErrorCode.INVALID_INPUT,
-                                                   f"input {name!r}: NaN or infinite values are not allowed"))
+            for index, message in rejected.items():
+                group[index].settle(InferenceError(ErrorCode.INVALID_INPUT, message))
             group = [entry for index, entry in enumerate(group) if index not in rejected]
             if not group:
                 return
@@ -366,6 +366,8 @@ class InferenceEngine:
                                             "not have one row per input row"))
             return
         _split_outputs(group, outputs)
+        if not _finite(outputs.values()):
+            _refuse_non_finite_outputs(model, group)
         waits = [started - entry.enqueued for entry in group]
         queue_wait = QUEUE_WAIT.labels(f"{model.name}:{model.version}")
         for enqueued in {entry.enqueued for entry in group}:  # requests submitted together waited as one
@@ -467,37 +469,63 @@ def _on_model_thread(model: LoadedModel, wanted: list[tuple[float | None, asynci
     return _Ran(value, started, time.monotonic(), model.borrowed_tunings - borrowed)
 
 
+def _refuse_non_finite_outputs(model: LoadedModel, group: list[_Entry]) -> None:
+    """A NaN or infinity out of finite inputs (an overflow inside the model) is no answer: as JSON it reads
+    `null`, and a class taken from it is made up."""
+    for entry in group:
+        outcome = entry.results[entry.position]
+        if isinstance(outcome, dict) and not _finite(outcome.values()):
+            name = next(name for name, value in outcome.items() if not _finite([value]))
+            entry.settle(InferenceError(ErrorCode.INVALID_INPUT, f"output {name!r} came out NaN or infinite for "
+                                        f"these inputs (an overflow inside {model.config.dtype} model "
+                                        f"{model.name!r}): they lie outside the range it computes"))
+
+
+def _finite(arrays: Iterable[np.ndarray], limit: float | None = None) -> bool:
+    """Whether every float array holds only finite values (within +-limit, when given)."""
+    if limit is None:
+        return all(a.dtype.kind != "f" or np.isfinite(a).all() for a in arrays)
+    return all(a.dtype.kind != "f" or ((a >= -limit) & (a <= limit)).all() for a in arrays)
+
+
+#: Inputs arrive in FP32; a model computing in FP16 would turn larger ones into infinities.
+_INPUT_LIMITS = {"FP16": float(np.finfo(np.float16).max)}
+
+
 def _infer_prepared(model: LoadedModel, rejected: dict[int, str], batch: dict[str, np.ndarray] | None
                     ) -> tuple[dict[int, str], dict[str, np.ndarray] | None]:
     """On the model thread: run a batch prepared on the event loop (None: every request had NaN or Inf)."""
     return rejected, None if batch is None else model.infer(batch)
 
 
-def _execute(model: LoadedModel, inputs: list[dict[str, np.ndarray]], names: list[str]
+def _execute(model: LoadedModel, inputs: list[dict[str, np.ndarray]], names: list[str], limit: float | None
              ) -> tuple[dict[int, str], dict[str, np.ndarray] | None]:
     """On the model thread: prepare a large batch (see `_prepare`) and run it."""
-    rejected, batch = _prepare(inputs, names)
+    rejected, batch = _prepare(inputs, names, limit)
     return rejected, None if batch is None else model.infer(batch)
 
 
-def _prepare(inputs: list[dict[str, np.ndarray]], names: list[str]
+def _prepare(inputs: list[dict[str, np.ndarray]], names: list[str], limit: float | None = None
              ) -> tuple[dict[int, str], dict[str, np.ndarray] | None]:
-    """Refuse requests with NaN/Inf and concatenate the rest into one batch (None when none is left).
+    """Refuse requests with NaN/Inf (or, given `limit`, values beyond +-limit) and concatenate the rest into
+    one batch (None when none is left); the refused ones map to their error messages.
 
-    The finiteness check runs once over the whole batch, not per request in the decoder: numpy releases
-    the GIL for it, and every release is a hand-over between the event loop and the model thread. Only a
-    batch that holds a NaN or Inf is searched for the requests at fault.
+    The check runs once over the whole batch, not per request in the decoder: numpy releases the GIL for
+    it, and every release is a hand-over between the event loop and the model thread. Only a batch that
+    holds a value at fault is searched for the requests that sent it.
     """
     batch = _concatenate(inputs, names)
-    if all(a.dtype.kind != "f" or np.isfinite(a).all() for a in batch.values()):
+    if _finite(batch.values(), limit):
         return {}, batch
     rejected = {}
     for index, tensors in enumerate(inputs):
-        for name in names:
-            array = tensors[name]
-            if array.dtype.kind == "f" and not np.isfinite(array).all():
-                rejected[index] = name
-                break
+        name = next((name for name in names if not _finite([tensors[name]], limit)), None)
+        if name is None:
+            continue
+        if limit is None or not _finite([tensors[name]]):
+            rejected[index] = f"input {name!r}: NaN or infinite values are not allowed"
+        else:
+            rejected[index] = f"input {name!r}: values beyond +-{limit:g} do not fit the model's FP16 computation"
     kept = [tensors for index, tensors in enumerate(inputs) if index not in rejected]
     return rejected, _concatenate(kept, names) if kept else None
 

@@ -70,6 +70,28 @@ async def test_infer_many_answers_in_order_and_bad_requests_never_fail_their_bat
     assert outcomes[0].outputs is not outcomes[2].outputs  # batch-mates never share a dict
 
 
+@pytest.mark.parametrize("prepared_on", ["loop", "model thread"])
+async def test_inputs_a_model_overflows_on_get_an_error_not_null_outputs(repository, monkeypatch, prepared_on):
+    if prepared_on == "model thread":
+        monkeypatch.setattr(engine_module, "_PREPARE_ON_LOOP_BYTES", 0)
+    repository.publish("half", replace(mnist_mlp_config(), dtype="FP16"), train_mnist_mlp(steps=5))
+    images, _ = synthetic_digits(3, seed=8)
+    huge = np.full(784, 1e38, np.float32)  # finite in FP32; the first layer's sums are not
+    requests = [digit_request("ok", images[0]), digit_request("overflow", huge), digit_request("ok-1", images[1]),
+                digit_request("half-ok", images[2], model_name="half"),
+                digit_request("half-range", np.full(784, 7e4, np.float32), model_name="half")]
+    async with InferenceEngine(ModelCache(repository)) as engine:
+        outcomes = dict(zip([r.id for r in requests], await engine.infer_many(requests), strict=True))
+    for ok in ("ok", "ok-1", "half-ok"):
+        assert isinstance(outcomes[ok], InferenceResponse)
+        assert np.isfinite(outcomes[ok].outputs["probabilities"]).all()
+    assert (outcomes["overflow"].code, outcomes["overflow"].request_id) == (ErrorCode.INVALID_INPUT, "overflow")
+    assert outcomes["overflow"].message.startswith("output 'probabilities' came out NaN or infinite")
+    assert outcomes["half-range"].code == ErrorCode.INVALID_INPUT
+    assert outcomes["half-range"].message == ("input 'input': values beyond +-65504 do not fit the model's FP16 "
+                                              "computation")
+
+
 async def test_requests_of_several_rows_get_their_own_rows_back(repository):
     images, _ = synthetic_digits(6, seed=6)
     sizes = [1, 3, 2]
