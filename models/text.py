@@ -145,6 +145,7 @@ class WordPieceTokenizer:
         self.tokenizer.enable_padding(pad_id=pad_id or 0, pad_token="[PAD]" if pad_id is not None else "<pad>",
                                       pad_to_multiple_of=PAD_MULTIPLE)
         self.tokenizer.enable_truncation(max_length=max_length)
+        self.max_length = max_length
 
     @property
     def size(self) -> int:
@@ -162,7 +163,9 @@ class WordPieceTokenizer:
         encodings = encode_batch(texts)
         ids = torch.from_numpy(np.array([e.ids for e in encodings], dtype=np.int64))
         mask = torch.from_numpy(np.array([e.attention_mask for e in encodings], dtype=np.bool_))
-        return ids, mask
+        # Rounding up to the multiple of 16 may pass a max_length that is not one, and with it the model's
+        # position table: the columns past max_length are padding only (truncation saw to that).
+        return ids[:, :self.max_length], mask[:, :self.max_length]
 
 
 def check_vocabulary(tokenizer: WordIndexTokenizer, vocab_size: int, where: str) -> None:

@@ -296,6 +296,8 @@ def _to_array(data: Any, datatype: str, shape: list[int], where: str, request_id
         except ValueError:
             raise _fail(ErrorCode.INVALID_INPUT, f"{where}: ragged nested lists", request_id) from None
         kind = parsed.dtype.kind
+        if datatype != "BOOL" and kind != "b" and any(type(v) is bool for v in _flatten(data)):
+            kind = "O"  # numbers and booleans mixed: numpy would read the booleans as 1 and 0
         ok = (
             (datatype == "BOOL" and kind == "b")
             or (dtype.kind in _INT_KINDS and kind in _INT_KINDS)
@@ -337,12 +339,15 @@ def _flat_numbers(data: Any, datatype: str, shape: list[int], count: int) -> np.
         except FloatingPointError:  # out of range for FP16
             return None
     code = _ARRAY_CODES.get(datatype)
-    if code is None or type(data) is not list or len(data) != count or not data or isinstance(data[0], bool):
-        return None
+    if code is None or type(data) is not list or len(data) != count or not data or bool in map(type, data):
+        return None  # array.array would take true and false for 1 and 0
     try:
-        return np.ndarray(shape, NUMPY_DTYPES[datatype], typed_array(code, data))
+        array = np.ndarray(shape, NUMPY_DTYPES[datatype], typed_array(code, data))
     except (TypeError, OverflowError):  # nested lists, strings, fractions for integers, out-of-range values
         return None
+    if code == "f" and not np.isfinite(array).all():  # JSON has no NaN or inf: a number past FP32's range
+        return None
+    return array
 
 
 _LITTLE_ENDIAN = {name: dtype.newbyteorder("<") for name, dtype in NUMPY_DTYPES.items() if name != "BYTES"}

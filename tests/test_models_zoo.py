@@ -103,6 +103,20 @@ def _close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: fl
             assert torch.equal(got[name], want[name]), name
 
 
+def test_an_encoder_whose_max_length_is_no_multiple_of_16_takes_texts_longer_than_it():
+    params = {**SMALL["transformer_encoder"][0], "max_position_embeddings": 40, "max_length": 40}
+    cls = ARCHITECTURES["transformer_encoder"]
+    model = cls(params, _random_weights(cls, params), {TOKENIZER_FILE: _minilm_tokenizer()})
+    texts = np.array([b"word " * 30, b"word " * 38, b"word " * 100, b"short"], dtype=object)
+    ids, mask = model.encode(texts)
+    assert ids.shape == (4, 40)  # padded up to 48 by the tokenizer, then cut to max_length
+    assert mask[1:3].all() and mask[0].sum() == 32
+    with torch.inference_mode():
+        got = model.run({"text": texts})["embedding"]
+        want = model.reference_forward({"text": texts})["embedding"]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_every_architecture_is_registered():
     # `identity` has no weights and no twin: tests/test_codec_roundtrip.py covers it.
     assert set(SMALL) == set(ARCHITECTURES) - {"identity"}

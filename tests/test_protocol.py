@@ -182,6 +182,8 @@ def test_large_json_requests_decode_exactly_as_small_ones(datatype, nested, monk
     [
         (_large("FP32", ["a"] * (2 * LARGE)), ErrorCode.INVALID_INPUT, "FP32 tensor holds strings"),
         (_large("FP32", [True] * (2 * LARGE)), ErrorCode.INVALID_INPUT, "FP32 tensor holds booleans"),
+        (_large("FP32", [0.5, True] + [0.5] * (2 * LARGE - 2)), ErrorCode.INVALID_INPUT, "FP32 tensor holds mixed"),
+        (_large("FP32", [1e39] + [0.5] * (2 * LARGE - 1)), ErrorCode.INVALID_INPUT, "out of range for FP32"),
         (_large("FP16", [1e300] * (2 * LARGE)), ErrorCode.INVALID_INPUT, "out of range for FP16"),
         (_large("FP32", [[1.0] * LARGE, [1.0] * (LARGE - 1)]), ErrorCode.INVALID_INPUT,
          "1199 values given, shape [2, 600] needs 1200"),
@@ -194,6 +196,23 @@ def test_large_malformed_json_requests_name_the_problem(payload, code, fragment)
     with pytest.raises(InferenceError) as caught:
         _decode(payload)
     assert caught.value.code == code and fragment in caught.value.message, caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ([0.5, True, False, 0.25], "FP32 tensor holds mixed values"),  # the fast path's array.array took these
+        ([True, 0.5, False, 0.25], "FP32 tensor holds mixed values"),  # numpy read them as 1.0 and 0.0
+        ([[0.5, 1.0], [False, 0.25]], "FP32 tensor holds mixed values"),
+        ([1e39, 0.5, 0.5, 0.5], "values out of range for FP32"),
+    ],
+)
+def test_small_requests_refuse_booleans_among_numbers_and_numbers_past_fp32(data, fragment):
+    payload = orjson.dumps(_request(inputs=[{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": data}]))
+    assert len(payload) < codec._TENSOR_JSON_BYTES
+    with pytest.raises(InferenceError) as caught:
+        _decode(payload)
+    assert caught.value.code == ErrorCode.INVALID_INPUT and fragment in caught.value.message, caught.value.message
 
 
 @pytest.mark.parametrize("size", [1, 900])  # under and over the size where decoding moves from orjson to simdjson
