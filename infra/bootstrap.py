@@ -26,11 +26,18 @@ async def ensure_topics(kafka: dict[str, Any], names: list[str], partitions: int
 
 
 def ensure_buckets(s3: Any, names: list[str]) -> list[str]:
+    """Create the buckets that are missing, in the client's region (S3 refuses a bucket outside us-east-1
+    that does not name its region)."""
     existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
+    region = s3.meta.region_name
+    where = {} if region in (None, "us-east-1") else {"CreateBucketConfiguration": {"LocationConstraint": region}}
     created = []
     for name in names:
         if name not in existing:
-            s3.create_bucket(Bucket=name)
+            try:
+                s3.create_bucket(Bucket=name, **where)
+            except s3.exceptions.BucketAlreadyOwnedByYou:  # another process created it first
+                continue
             created.append(name)
     return created
 

@@ -179,7 +179,8 @@ class Settings:
             kafka_sasl_password=env.get("KAFKA_SASL_PASSWORD") or None,
             aws_endpoint_url=env.get("AWS_ENDPOINT_URL") or None,
             aws_region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
-            aws_credentials_configured=any(env.get(name) for name in _AWS_CREDENTIAL_VARS),
+            aws_credentials_configured=_choice(env, "MAAS_AWS", "auto", ("auto", "aws")) == "aws"
+            or any(env.get(name) for name in _AWS_CREDENTIAL_VARS),
             model_repository=env.get("MAAS_MODEL_REPOSITORY") or "model_repository",
             model_cache_dir=env.get("MAAS_MODEL_CACHE_DIR") or None,
             model_cache_bytes=_int(env, "MAAS_MODEL_CACHE_BYTES", 4 << 30, minimum=1 << 20, maximum=1 << 50),
@@ -227,7 +228,9 @@ class Settings:
 
     @property
     def embedded_aws(self) -> bool:
-        """Real AWS is used when an endpoint or any credential source is configured."""
+        """Real AWS is used when an endpoint, a credential variable or MAAS_AWS=aws says so. Not a profile
+        file alone: a developer's ~/.aws/credentials must not send `make demo` to their account; nor an EC2
+        instance role, which only a network call would find (MAAS_AWS=aws hands over to boto3's chain)."""
         return self.aws_endpoint_url is None and not self.aws_credentials_configured
 
     @property
@@ -278,6 +281,7 @@ class Settings:
         env = {
             "KAFKA_SECURITY_PROTOCOL": self.kafka_security_protocol,
             "AWS_REGION": self.aws_region,
+            "MAAS_AWS": "aws" if self.aws_credentials_configured else "auto",
             "MAAS_MODEL_REPOSITORY": self.model_repository,
             "MAAS_MODEL_CACHE_BYTES": str(self.model_cache_bytes),
             "MAAS_BATCH_BUCKET": self.batch_bucket,

@@ -147,7 +147,9 @@ def test_settings_survive_the_environment_round_trip():
                        topics=Topics("a", "b", "c", "d"), max_in_flight=7, max_running_batches=3,
                        kafka_idempotence=True, kafka_sasl_password="secret")
     again = Settings.from_env(settings.to_env())
-    assert replace(again, worker_id=settings.worker_id, aws_credentials_configured=False) == settings
+    assert replace(again, worker_id=settings.worker_id) == settings
+    on_aws = replace(settings, aws_credentials_configured=True)
+    assert Settings.from_env(on_aws.to_env()).aws_credentials_configured
     assert "secret" not in repr(settings) and "kafka_sasl_password" not in settings.describe()
 
 

@@ -108,3 +108,26 @@ def test_environment_values_within_bounds_are_taken():
     settings = Settings.from_env({"MAAS_MAX_IN_FLIGHT": " 12 ", "KAFKA_BOOTSTRAP_SERVERS": "a:9092,b,[::1]:9093",
                                   "MAAS_MODEL_CACHE_BYTES": str(8 << 30)})
     assert settings.max_in_flight == 12 and settings.model_cache_bytes == 8 << 30
+
+
+def test_real_aws_is_chosen_by_a_variable_not_by_a_profile_file(tmp_path):
+    credentials = tmp_path / "credentials"
+    credentials.write_text("[default]\naws_access_key_id = AKIAEXAMPLE\naws_secret_access_key = x\n")
+    home = {"HOME": str(tmp_path), "AWS_SHARED_CREDENTIALS_FILE": str(credentials)}
+    assert Settings.from_env(home).embedded_aws  # `make demo` on a developer's machine stays local
+    assert not Settings.from_env({**home, "AWS_PROFILE": "default"}).embedded_aws
+    assert not Settings.from_env({"MAAS_AWS": "aws"}).embedded_aws  # an EC2 instance role: boto3's chain
+    with pytest.raises(ConfigError, match="MAAS_AWS='yes'"):
+        Settings.from_env({"MAAS_AWS": "yes"})
+
+
+async def test_bootstrap_creates_the_bucket_in_a_region_other_than_us_east_1(live):
+    from dataclasses import replace
+
+    from pipeline.services import aws_client, bootstrap
+
+    elsewhere = replace(live, aws_region="eu-west-1", batch_bucket=f"{live.batch_bucket}-eu")
+    await bootstrap(elsewhere)
+    await bootstrap(elsewhere)  # already there: nothing to do
+    location = aws_client(elsewhere, "s3").get_bucket_location(Bucket=elsewhere.batch_bucket)
+    assert location["LocationConstraint"] == "eu-west-1"
