@@ -57,13 +57,13 @@ def datatype_of(array: np.ndarray) -> str:
         raise ValueError(f"numpy dtype {array.dtype} has no Open Inference Protocol datatype") from None
 
 
-def random_inputs(specs: Iterable[Any], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A batch of inputs fitting tensor specs (name, datatype, shape; -1 dimensions become 8): floats uniform
-    in [0, 1), integers zero, BYTES a short text. For warm-up runs and benchmarks."""
+def random_inputs(specs: Iterable[Any], batch: int, seed: int = 0, free: int = 8) -> dict[str, np.ndarray]:
+    """A batch of inputs fitting tensor specs (name, datatype, shape; -1 dimensions become `free`): floats
+    uniform in [0, 1), integers zero, BYTES a short text. For warm-up runs, benchmarks and publishing's check."""
     rng = np.random.default_rng(seed)
     batch_inputs = {}
     for spec in specs:
-        shape = [batch, *(8 if d == -1 else d for d in spec.shape[1:])]
+        shape = [batch, *(free if d == -1 else d for d in spec.shape[1:])]
         if spec.datatype == "BYTES":
             batch_inputs[spec.name] = np.full(shape, b"warm up", dtype=object)
         elif spec.datatype in FLOAT_DATATYPES:

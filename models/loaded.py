@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.artifact import ModelConfig
-from models.datatypes import NUMPY_DTYPES, torch_dtype
+from models.artifact import ArtifactError, ModelConfig
+from models.datatypes import FLOAT_DATATYPES, NUMPY_DTYPES, torch_dtype
 
 if TYPE_CHECKING:
     from kernels import CompilePass
@@ -103,6 +103,10 @@ class LoadedModel:
         result = {}
         for spec in self.config.outputs:
             value = outputs[spec.name]
+            floating = value.dtype.kind == "f" if isinstance(value, np.ndarray) else value.is_floating_point()
+            if floating and spec.datatype not in FLOAT_DATATYPES:
+                raise ArtifactError(f"outputs: {spec.name!r} comes out as floating-point numbers, config.json "
+                                    f"declares {spec.datatype}, which would truncate them")
             if isinstance(value, np.ndarray):
                 result[spec.name] = value.astype(NUMPY_DTYPES[spec.datatype], copy=False)
                 continue

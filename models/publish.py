@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from models.architectures import architecture_class
 from models.artifact import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, ArtifactError, ModelConfig, TensorSpec
+from models.datatypes import random_inputs
 from models.loaded import LoadedModel, v2_inputs
 from models.repository import Repository
 
@@ -173,6 +174,15 @@ def check_runs(config: ModelConfig, weights: dict[str, torch.Tensor], assets: di
     with _running(config):
         model = _on_cpu(config, weights, assets)
         outputs = model.infer(_check_inputs(config, model, 2))
+    for batch, free in ((1, 3), (3, 8)):  # what requests may send: config.json's shapes, free sizes at two values
+        inputs = random_inputs(config.inputs, batch, seed=2, free=free)
+        try:
+            model.infer(inputs)
+        except Exception as exc:
+            shapes = {name: list(value.shape) for name, value in inputs.items()}
+            raise ArtifactError(f"inputs: config.json lets a request send {shapes} (its -1 dimensions at {free}), "
+                                f"and the model fails on that: {type(exc).__name__}: {exc}; declare the sizes "
+                                "it takes") from None
     for spec in config.outputs:
         got = outputs[spec.name].shape
         if len(got) != len(spec.shape) or any(w != -1 and g != w for g, w in zip(got, spec.shape, strict=False)):

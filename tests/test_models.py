@@ -14,7 +14,7 @@ import torch
 from models.architectures.mlp import MLP
 from models.artifact import MAX_CONFIG_BYTES, WEIGHTS_FILE, ArtifactError, ModelConfig, read_config
 from models.cache import ModelCache
-from models.examples import MNIST_MLP, mnist_mlp_config, sentiment_config, synthetic_digits
+from models.examples import MNIST_MLP, mnist_mlp_config, sentiment_config, synthetic_digits, train_sentiment
 from models.publish import publish_model
 from models.repository import ModelNotFoundError, ModelRepository, VersionError
 
@@ -248,6 +248,26 @@ def test_publish_runs_the_model_once_so_misnamed_tensors_are_refused(repository)
         publish_model(repository, "renamed", wrong_width, _random_mlp_weights())
     assert repository.versions("renamed") == []
     assert publish_model(repository, "renamed", mnist_mlp_config(), _random_mlp_weights()).version == 1
+
+
+def test_publish_refuses_shapes_and_datatypes_the_model_cannot_honour(repository):
+    """Requests that match config.json must run: otherwise each fails as INTERNAL and ends dead-lettered."""
+    raw = mnist_mlp_config().to_json()
+    narrow = {**raw["params"], "layers": [8, 16, 10]}  # 8 wide: what the made-up inputs' -1 becomes
+    any_width = ModelConfig.parse({**raw, "params": narrow, "inputs": [{**raw["inputs"][0], "shape": [-1, -1]}]})
+    with pytest.raises(ArtifactError, match=r"inputs: config.json lets a request send \{'input': \[1, 3\]\} "
+                                            r"\(its -1 dimensions at 3\), and the model fails on that"):
+        publish_model(repository, "loose", any_width, _random_mlp_weights((8, 16, 10)))
+    text = sentiment_config().to_json()
+    two_texts = ModelConfig.parse({**text, "inputs": [{**text["inputs"][0], "shape": [-1, 2]}]})
+    weights, assets = train_sentiment(steps=1)
+    with pytest.raises(ArtifactError, match=r"inputs: config.json lets a request send \{'text': \[1, 2\]\}"):
+        publish_model(repository, "loose", two_texts, weights, assets)
+    integer = ModelConfig.parse({**raw, "outputs": [{**raw["outputs"][0], "datatype": "INT64"}, raw["outputs"][1]]})
+    with pytest.raises(ArtifactError, match=r"outputs: 'probabilities' comes out as floating-point numbers, "
+                                            r"config.json declares INT64, which would truncate them"):
+        publish_model(repository, "loose", integer, _random_mlp_weights())
+    assert repository.versions("loose") == []
 
 
 def test_a_failed_load_is_not_retried_until_its_backoff_ends(repository):
