@@ -118,10 +118,12 @@ def parse_request(body: Any, *, max_elements: int, defaults: dict[str, Any] | No
             type(version) not in (str, int) or version_number(str(version)) is None):
         raise _fail(ErrorCode.INVALID_REQUEST, f"model_version: expected {VERSION_EXPECTED}, got {_short(version)}",
                     request_id)
-    parameters = body.get("parameters") or {}
-    if parameters:
-        if not isinstance(parameters, dict):
-            raise _fail(ErrorCode.INVALID_REQUEST, "parameters: expected an object", request_id)
+    parameters = body.get("parameters")
+    if parameters is None:
+        parameters = {}
+    elif not isinstance(parameters, dict):
+        raise _fail(ErrorCode.INVALID_REQUEST, "parameters: expected an object", request_id)
+    elif parameters:
         _check_parameters(parameters, request_id)
     outputs, binary_outputs = _parse_outputs(body.get("outputs"), request_id)
     raw_inputs = body.get("inputs")
@@ -195,16 +197,34 @@ def _check_parameters(parameters: dict[str, Any], request_id: str) -> None:
     priority = parameters.get("priority")
     if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
         raise _fail(ErrorCode.INVALID_REQUEST, "parameters.priority: expected an integer", request_id)
+    binary = parameters.get("binary_data_output")
+    if binary is not None and not isinstance(binary, bool):
+        raise _fail(ErrorCode.INVALID_REQUEST, "parameters.binary_data_output: expected true or false", request_id)
 
 
 def _parse_outputs(raw: Any, request_id: str) -> tuple[list[str] | None, frozenset[str]]:
-    if raw is None:
+    """The outputs asked for (None, as for an empty list: all of them) and those to send as raw bytes."""
+    if raw is None or raw == []:
         return None, frozenset()
     if not isinstance(raw, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in raw):
         raise _fail(ErrorCode.INVALID_REQUEST, "outputs: expected a list of objects with a name", request_id)
-    binary = frozenset(o["name"] for o in raw if isinstance(o.get("parameters"), dict)
-                       and o["parameters"].get("binary_data"))
-    return [o["name"] for o in raw], binary
+    binary = set()
+    for index, output in enumerate(raw):
+        parameters = output.get("parameters")
+        if parameters is None:
+            continue
+        where = f"outputs[{index}].parameters"
+        if not isinstance(parameters, dict):
+            raise _fail(ErrorCode.INVALID_REQUEST, f"{where}: expected an object", request_id)
+        unknown = sorted(set(parameters) - {"binary_data"})
+        if unknown:  # Triton's classification, for one, would change what comes back: not silently ignored
+            raise _fail(ErrorCode.INVALID_REQUEST, f"{where}.{unknown[0]}: not supported (an output takes "
+                        "binary_data only)", request_id)
+        if not isinstance(parameters.get("binary_data", False), bool):
+            raise _fail(ErrorCode.INVALID_REQUEST, f"{where}.binary_data: expected true or false", request_id)
+        if parameters.get("binary_data"):
+            binary.add(output["name"])
+    return [o["name"] for o in raw], frozenset(binary)
 
 
 class _BinaryCursor:
@@ -254,7 +274,9 @@ def _parse_tensor(raw: Any, index: int, request_id: str, budget: int, cursor: _B
         raise _fail(ErrorCode.PAYLOAD_TOO_LARGE, f"inputs[{index}].shape {shape} declares {count} elements; the "
                     f"request may hold at most {budget}", request_id)
     params = raw.get("parameters")
-    if params and isinstance(params, dict) and "binary_data_size" in params:
+    if params is not None and not isinstance(params, dict):
+        raise _fail(ErrorCode.INVALID_REQUEST, f"inputs[{index}].parameters: expected an object", request_id)
+    if params and "binary_data_size" in params:
         where = f"inputs[{index}]"
         if cursor is None:
             raise _fail(ErrorCode.INVALID_REQUEST, f"{where}.parameters.binary_data_size is set but the request "

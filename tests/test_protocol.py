@@ -97,6 +97,18 @@ def test_nested_data_and_bytes_and_ints():
         (_request(inputs=[{"name": "input", "shape": [1000000, 1000000], "datatype": "FP32", "data": [1]}]),
          ErrorCode.PAYLOAD_TOO_LARGE, "declares 1000000000000 elements"),
         (_request(parameters={"deadline_ms": "soon"}), ErrorCode.INVALID_REQUEST, "parameters.deadline_ms"),
+        (_request(parameters=0), ErrorCode.INVALID_REQUEST, "parameters: expected an object"),
+        (_request(parameters=[]), ErrorCode.INVALID_REQUEST, "parameters: expected an object"),
+        (_request(parameters={"binary_data_output": "false"}), ErrorCode.INVALID_REQUEST,
+         "parameters.binary_data_output: expected true or false"),
+        (_request(outputs=[{"name": "class", "parameters": {"classification": 3}}]), ErrorCode.INVALID_REQUEST,
+         "outputs[0].parameters.classification: not supported"),
+        (_request(outputs=[{"name": "class", "parameters": {"binary_data": 1}}]), ErrorCode.INVALID_REQUEST,
+         "outputs[0].parameters.binary_data: expected true or false"),
+        (_request(outputs=[{"name": "class", "parameters": "binary"}]), ErrorCode.INVALID_REQUEST,
+         "outputs[0].parameters: expected an object"),
+        (_request(inputs=[{"name": "input", "shape": [1], "datatype": "FP32", "data": [1], "parameters": 5}]),
+         ErrorCode.INVALID_REQUEST, "inputs[0].parameters: expected an object"),
         (_request(parameters={"reply_to": "bad topic!"}), ErrorCode.INVALID_REQUEST, "parameters.reply_to"),
         (_request(outputs=[{"nom": "x"}]), ErrorCode.INVALID_REQUEST, "outputs: expected"),
     ],
@@ -106,6 +118,12 @@ def test_malformed_requests_name_the_field(payload, code, fragment):
         _decode(payload)
     assert caught.value.code == code
     assert fragment in caught.value.message
+
+
+def test_an_empty_outputs_list_asks_for_every_output_as_a_missing_one_does():
+    assert _decode(_request(outputs=[])).outputs is None
+    request = _decode(_request(outputs=[{"name": "a", "parameters": {"binary_data": True}}, {"name": "b"}]))
+    assert request.outputs == ["a", "b"] and request.binary_outputs == {"a"}
 
 
 @pytest.mark.parametrize("version", [None, "", "latest", "1", "42", 7])
