@@ -86,8 +86,11 @@ def decode_request(payload: bytes, headers: Mapping[str, str] | None = None, *, 
         json_part, binary = view[:header_length], view[header_length:]
     try:
         body = orjson.loads(json_part) if len(json_part) < _TENSOR_JSON_BYTES else _load_tensor_json(json_part)
-    except (orjson.JSONDecodeError, ValueError, RuntimeError) as exc:  # simdjson: ValueError, RuntimeError
-        raise InferenceError(ErrorCode.INVALID_JSON, f"request is not valid UTF-8 JSON: {exc}") from None
+    except (orjson.JSONDecodeError, ValueError, RuntimeError):  # simdjson: ValueError, RuntimeError
+        try:  # orjson says where the problem is (simdjson: "STRING_ERROR"), or reads what simdjson would not
+            body = orjson.loads(json_part)
+        except orjson.JSONDecodeError as exc:
+            raise InferenceError(ErrorCode.INVALID_JSON, f"request is not valid UTF-8 JSON: {exc}") from None
     request = parse_request(body, max_elements=max_bytes, defaults=defaults, fallbacks=fallbacks, binary=binary)
     if ACCEPT in headers and _media_type(headers[ACCEPT]) == BINARY:
         request.parameters = {**request.parameters, "binary_data_output": True}

@@ -208,6 +208,8 @@ def test_large_json_requests_decode_exactly_as_small_ones(datatype, nested, monk
         (_large("FP32", [[1.0] * LARGE, [1.0] * (LARGE - 1)]), ErrorCode.INVALID_INPUT,
          "1199 values given, shape [2, 600] needs 1200"),
         (_large("FP32", [0.5] * (2 * LARGE))[:-40], ErrorCode.INVALID_JSON, "not valid UTF-8 JSON"),
+        (_large("FP32", [0.5] * (2 * LARGE)).replace(b'"r1"', b'"\\ud800"'), ErrorCode.INVALID_JSON,
+         "not valid UTF-8 JSON: no low surrogate in string: line 1 column 8"),
         (_large("FP32", [0.5] * (2 * LARGE)).replace(b'"r1"', b'"\xff\xfe"'), ErrorCode.INVALID_JSON,
          "not valid UTF-8 JSON"),
     ],
