@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import sys
 
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError
 from botocore.exceptions import BotoCoreError, ClientError
 
 from models.artifact import ArtifactError
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs and pipes as they happen
     args = build_parser().parse_args(argv)
+    settings: Settings | None = None
     try:
         settings = Settings.from_env()
         configure_logging(args.verbose, settings.log_format)
@@ -37,6 +39,13 @@ def main(argv: list[str] | None = None) -> None:
         code = asyncio.run(args.run(args, settings))
     except (ConfigError, ArtifactError, ModelNotFoundError) as exc:
         print(f"maas: error: {exc}", file=sys.stderr)
+        code = 2
+    except BrokenPipeError:  # `maas models describe m | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        code = 0
+    except KafkaConnectionError as exc:
+        where = settings.kafka_bootstrap_servers if settings and settings.kafka_bootstrap_servers else "the broker"
+        print(f"maas: error: cannot reach Kafka at {where} (KAFKA_BOOTSTRAP_SERVERS): {exc}", file=sys.stderr)
         code = 2
     except (OSError, KafkaError, BotoCoreError, ClientError) as exc:  # a broker, an endpoint, a port, a file
         message = _without_credentials(str(exc))

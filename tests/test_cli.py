@@ -33,14 +33,26 @@ def test_submit_without_a_broker_says_what_to_set(tmp_path):
     ]
 
 
-def test_worker_with_an_unreachable_broker_names_the_address_and_setting(tmp_path):
+@pytest.mark.parametrize("command", [["worker"], ["submit", "--count", "1"]])
+def test_an_unreachable_broker_names_the_address_and_setting(tmp_path, command):
     address = f"127.0.0.1:{free_port()}"
-    out = maas("worker", env={"KAFKA_BOOTSTRAP_SERVERS": address, "AWS_ENDPOINT_URL": "http://127.0.0.1:1"},
+    out = maas(*command, env={"KAFKA_BOOTSTRAP_SERVERS": address, "AWS_ENDPOINT_URL": "http://127.0.0.1:1"},
                cwd=tmp_path)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"maas: error: cannot reach Kafka at {address} "
                                                    "(KAFKA_BOOTSTRAP_SERVERS)")
+
+
+def test_a_reader_that_stops_early_ends_the_output_quietly(tmp_path):
+    repo = str(tmp_path / "repo")
+    assert maas("models", "examples", env={"MAAS_MODEL_REPOSITORY": repo}).returncode == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "MAAS_", "AWS_"))}
+    # `true` has exited before maas writes a byte: every write meets a closed pipe
+    done = subprocess.run(f"{sys.executable} -m pipeline models describe mnist_mlp | true; echo ${{PIPESTATUS[0]}}",
+                          shell=True, executable="/bin/bash", env={**env, "MAAS_MODEL_REPOSITORY": repo},
+                          capture_output=True, text=True, timeout=120)
+    assert done.stderr == "" and done.stdout.strip() == "0"
 
 
 def test_bad_setting_is_named(tmp_path):
