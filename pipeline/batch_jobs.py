@@ -34,7 +34,7 @@ from models.artifact import ModelConfig
 from pipeline.engine import InferenceEngine
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.protocol import InferenceRequest, InferenceResponse, parse_request
-from pipeline.settings import Settings
+from pipeline.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,19 @@ class BatchConfig:
     def __post_init__(self) -> None:
         if self.part_bytes < MIN_PART_BYTES:
             raise ValueError(f"part_bytes must be >= {MIN_PART_BYTES} (S3 multipart minimum)")
+        self._check_prefixes()
+
+    def _check_prefixes(self) -> None:
+        """Refuse prefixes under which a job's outputs would start jobs: results (`<outbox><job>.results.jsonl`)
+        written inside the inbox, or an inbox inside the outbox, or an empty prefix (every key is under it),
+        would each start another job, without end. S3 filters by string prefix, so that is what is compared."""
+        inbox, outbox = self.inbox_prefix, self.outbox_prefix
+        names = f"MAAS_BATCH_INBOX_PREFIX={inbox!r} and MAAS_BATCH_OUTBOX_PREFIX={outbox!r}"
+        if not inbox or not outbox:
+            raise ConfigError(f"{names}: neither may be empty (an empty prefix takes in every key of the bucket)")
+        if inbox.startswith(outbox) or outbox.startswith(inbox):
+            raise ConfigError(f"{names} overlap: a job's results would land in the inbox and start another job; "
+                              "give two prefixes neither of which starts the other (e.g. inbox/ and outbox/)")
 
     @property
     def dlq(self) -> str:

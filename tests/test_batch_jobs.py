@@ -7,6 +7,7 @@ import contextlib
 import io
 import socket
 import time
+from dataclasses import replace
 
 import numpy as np
 import orjson
@@ -27,6 +28,7 @@ from pipeline.batch_jobs import (
 from pipeline.client import example_requests
 from pipeline.engine import InferenceEngine
 from pipeline.services import aws_client
+from pipeline.settings import ConfigError, Settings
 
 
 @contextlib.asynccontextmanager
@@ -220,3 +222,15 @@ async def test_the_watcher_outlives_an_unreachable_queue_endpoint(live, reposito
         async with BatchJobWatcher(runner, sqs, f"http://127.0.0.1:{port}/000000000000/q", wait_s=1) as watcher:
             await wait_for(lambda: caplog.text.count("cannot receive from") >= 2, timeout=20)
             assert not watcher._task.done()
+
+
+@pytest.mark.parametrize(("inbox", "outbox"), [("inbox/", "inbox/results/"), ("jobs/", "jobs/"), ("out/in/", "out/"),
+                                               ("jobs", "jobs-out/"), ("", "outbox/"), ("inbox/", "")])
+def test_prefixes_under_which_results_would_start_jobs_are_refused(inbox, outbox):
+    """Results written under the inbox (or an inbox under the outbox, or an empty prefix) would each start another
+    job, without end: refused when the configuration is built, with a message naming both settings."""
+    with pytest.raises(ConfigError, match=r"MAAS_BATCH_INBOX_PREFIX=.* and MAAS_BATCH_OUTBOX_PREFIX="):
+        BatchConfig(bucket="b", inbox_prefix=inbox, outbox_prefix=outbox)
+    with pytest.raises(ConfigError):
+        BatchConfig.from_settings(replace(Settings(), batch_inbox_prefix=inbox, batch_outbox_prefix=outbox))
+    assert BatchConfig(bucket="b", inbox_prefix="jobs/in/", outbox_prefix="jobs/out/").outbox_prefix == "jobs/out/"

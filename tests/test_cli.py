@@ -48,6 +48,17 @@ def test_bad_setting_is_named(tmp_path):
     assert out.returncode == 2 and "MAAS_MAX_IN_FLIGHT='lots' is not a whole number" in out.stderr
 
 
+def test_batch_worker_refuses_an_outbox_inside_the_inbox_at_once(tmp_path):
+    """Checked before any broker, bucket or model is touched (both are unreachable here), in one line."""
+    env = {"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}", "AWS_ENDPOINT_URL": "http://127.0.0.1:1",
+           "MAAS_BATCH_INBOX_PREFIX": "jobs/", "MAAS_BATCH_OUTBOX_PREFIX": "jobs/results/"}
+    out = maas("batch", "worker", env=env, cwd=tmp_path, timeout=60)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("maas: error: MAAS_BATCH_INBOX_PREFIX='jobs/' and "
+                               "MAAS_BATCH_OUTBOX_PREFIX='jobs/results/' overlap")
+
+
 def test_models_examples_list_and_describe(tmp_path):
     env = {"MAAS_MODEL_REPOSITORY": str(tmp_path / "repo")}
     assert "published mnist_mlp v1" in maas("models", "examples", env=env).stdout
