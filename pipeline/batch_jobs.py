@@ -39,6 +39,7 @@ from pipeline.settings import ConfigError, Settings
 log = logging.getLogger(__name__)
 
 MIN_PART_BYTES = 5 * 1024 * 1024
+MAX_KEY_BYTES = 1024  # S3's limit on a key, in UTF-8 bytes
 SOURCE_ETAG = "source-etag"  # object metadata key on results and summary
 NOTIFICATION_ID = "maas-batch-jobs"
 
@@ -93,13 +94,20 @@ class BatchConfig:
 
         Raises ValueError for a job file whose name could not be used in the outbox's keys: empty, ".", ".."
         or empty path segments (a tool that normalizes them would write outside the outbox), control
-        characters."""
+        characters, or so long that an output key would pass S3's 1,024 bytes (its results could never be
+        written, after the whole file had been run)."""
         if not key.startswith(self.inbox_prefix) or not key.endswith(".jsonl"):
             return None
         name = key[len(self.inbox_prefix):-len(".jsonl")]
         if any(part in ("", ".", "..") for part in name.split("/")) or any(ord(c) < 32 or ord(c) == 127 for c in name):
             raise ValueError(f"job file {key!r:.200} names no usable job: its name must not be empty or have empty, "
                              "'.' or '..' path segments or control characters")
+        longest = max(len(k.encode()) for k in (self.results_key(name), self.summary_key(name),
+                                                self.progress_key(name)))
+        if longest > MAX_KEY_BYTES:
+            raise ValueError(f"job file {key!r:.200} names no usable job: its longest output key would be "
+                             f"{longest:,} UTF-8 bytes, over S3's {MAX_KEY_BYTES:,}; shorten the name by "
+                             f"{longest - MAX_KEY_BYTES:,} bytes")
         return name
 
     def inbox_key(self, job: str) -> str:

@@ -234,3 +234,21 @@ def test_prefixes_under_which_results_would_start_jobs_are_refused(inbox, outbox
     with pytest.raises(ConfigError):
         BatchConfig.from_settings(replace(Settings(), batch_inbox_prefix=inbox, batch_outbox_prefix=outbox))
     assert BatchConfig(bucket="b", inbox_prefix="jobs/in/", outbox_prefix="jobs/out/").outbox_prefix == "jobs/out/"
+
+
+async def test_a_job_whose_output_keys_would_pass_s3s_1024_bytes_is_ignored(live, repository, caplog):
+    """The results key is the inbox key plus a few bytes: a long name would run the whole file and then fail to
+    write its results. Refused up front, in UTF-8 bytes (S3's measure), with a warning saying why."""
+    config = BatchConfig(bucket=live.batch_bucket)
+    assert config.job_name(f"inbox/{'é' * 501}.jsonl") == "é" * 501  # results key: 1,023 bytes
+    long_key = f"inbox/{'é' * 502}.jsonl"  # results key: 1,025 bytes (the job file's own key: 1,016)
+    with pytest.raises(ValueError, match="over S3's 1,024"):
+        config.job_name(long_key)
+    requests, _ = example_requests(2, prefix="long")
+    s3 = aws_client(live, "s3")
+    s3.put_object(Bucket=config.bucket, Key=long_key, Body=jsonl(requests))
+    async with InferenceEngine(ModelCache(repository), worker_id="batch-test") as engine:
+        runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes, worker_id="bt")
+        assert await runner.run(config.bucket, long_key) is None
+    assert [o["Key"] for o in s3.list_objects_v2(Bucket=config.bucket)["Contents"]] == [long_key]
+    assert "longest output key would be 1,025 UTF-8 bytes" in caplog.text
