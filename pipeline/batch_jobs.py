@@ -255,6 +255,36 @@ class MultipartWriter:
             self._upload_id = None
 
 
+class KeyLocks:
+    """One asyncio.Lock per key, kept only while someone holds or waits on it.
+
+    Keys come from uploads: a map that kept a lock per key ever seen would grow for as long as the process
+    lives. The count of holders and waiters says when the last one has gone and the entry can go too."""
+
+    @dataclass
+    class _Entry:
+        lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+        users: int = 0  # holding or waiting
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], KeyLocks._Entry] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: tuple[str, str]) -> AsyncIterator[None]:
+        entry = self._entries.setdefault(key, KeyLocks._Entry())
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._entries[key]
+
+
 @dataclass
 class _JobState:
     job: str
@@ -284,7 +314,7 @@ class BatchJobRunner:
         self.config = config
         self.max_request_bytes = max_request_bytes
         self.worker_id = worker_id
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._locks = KeyLocks()
         self._configs: dict[tuple[str, str | None], tuple[int, ModelConfig]] = {}
 
     async def run(self, bucket: str, key: str) -> dict[str, Any] | None:
@@ -300,8 +330,7 @@ class BatchJobRunner:
             return None
         if job is None:
             return None
-        lock = self._locks.setdefault((bucket, key), asyncio.Lock())
-        async with lock:
+        async with self._locks.hold((bucket, key)):
             try:
                 head = await asyncio.to_thread(self.s3.head_object, Bucket=bucket, Key=key)
             except ClientError as exc:

@@ -19,6 +19,7 @@ from pipeline.batch_jobs import (
     BatchConfig,
     BatchJobRunner,
     BatchJobWatcher,
+    KeyLocks,
     LatencyHistogram,
     MultipartWriter,
     ensure_batch_notifications,
@@ -252,3 +253,41 @@ async def test_a_job_whose_output_keys_would_pass_s3s_1024_bytes_is_ignored(live
         assert await runner.run(config.bucket, long_key) is None
     assert [o["Key"] for o in s3.list_objects_v2(Bucket=config.bucket)["Contents"]] == [long_key]
     assert "longest output key would be 1,025 UTF-8 bytes" in caplog.text
+
+
+async def test_job_locks_last_only_while_held_or_awaited(live, repository):
+    """Keys come from uploads: a lock kept per key ever seen grows without bound. A lock goes when its last holder
+    or waiter has gone, and not before: a job arriving while another waits must queue behind the same lock."""
+    locks, order = KeyLocks(), []
+    first_in, release_first = asyncio.Event(), asyncio.Event()
+
+    async def job(name: str, entered: asyncio.Event | None = None, release: asyncio.Event | None = None) -> None:
+        async with locks.hold(("b", "k")):
+            order.append(f"{name} in")
+            if entered is not None:
+                entered.set()
+            if release is not None:
+                await release.wait()
+            order.append(f"{name} out")
+
+    first = asyncio.create_task(job("first", first_in, release_first))
+    await first_in.wait()
+    second = asyncio.create_task(job("second"))
+    await asyncio.sleep(0)  # second now waits on the lock
+    release_first.set()
+    await first
+    third = asyncio.create_task(job("third"))  # the entry still exists for second: third queues behind it
+    await asyncio.gather(second, third)
+    assert order == ["first in", "first out", "second in", "second out", "third in", "third out"]
+    assert len(locks) == 0
+
+    config = BatchConfig(bucket=live.batch_bucket)
+    requests, _ = example_requests(2, prefix="locks")
+    s3 = aws_client(live, "s3")
+    for name in ("a", "b"):
+        s3.put_object(Bucket=config.bucket, Key=f"inbox/{name}.jsonl", Body=jsonl(requests))
+    async with InferenceEngine(ModelCache(repository), worker_id="batch-test") as engine:
+        runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes, worker_id="bt")
+        summaries = await asyncio.gather(*(runner.run(config.bucket, f"inbox/{n}.jsonl") for n in "aab"))
+        assert sorted(bool(s.get("duplicate")) for s in summaries) == [False, False, True]
+        assert len(runner._locks) == 0
