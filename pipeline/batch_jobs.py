@@ -30,7 +30,6 @@ import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
 from infra.bootstrap import ensure_buckets, ensure_queue
-from models.artifact import ModelConfig
 from pipeline.engine import InferenceEngine
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.protocol import InferenceRequest, InferenceResponse, parse_request
@@ -315,7 +314,6 @@ class BatchJobRunner:
         self.max_request_bytes = max_request_bytes
         self.worker_id = worker_id
         self._locks = KeyLocks()
-        self._configs: dict[tuple[str, str | None], tuple[int, ModelConfig]] = {}
 
     async def run(self, bucket: str, key: str) -> dict[str, Any] | None:
         """Process one uploaded object; returns its summary (the existing one for a duplicate event), or None
@@ -457,18 +455,19 @@ class BatchJobRunner:
         return parse_request(body, max_elements=self.max_request_bytes)
 
     async def _expand_shorthand(self, body: dict[str, Any]) -> dict[str, Any]:
-        """{"id", "model_name", "data": [...]} or {"text": "..."} -> a V2 request for a one-input model."""
+        """{"id", "model_name", "data": [...]} or {"text": "..."} -> a V2 request for a one-input model.
+
+        The config comes from the engine on every line (its cache answers; "latest" is re-resolved after its
+        TTL, so a newly published version is seen), and the request is pinned to the version whose input it
+        was shaped for: "latest" must not move between the shaping and the run."""
         name, version = body.get("model_name"), body.get("model_version")
         if not isinstance(name, str):
             raise InferenceError(ErrorCode.INVALID_REQUEST, "model_name: expected a string", str(body["id"]))
-        cache_key = (name, None if version is None else str(version))
-        if cache_key not in self._configs:
-            try:
-                self._configs[cache_key] = await self.engine.model_config(name, version)
-            except InferenceError as exc:
-                exc.request_id = str(body["id"])
-                raise
-        _, config = self._configs[cache_key]
+        try:
+            resolved, config = await self.engine.model_config(name, version)
+        except InferenceError as exc:
+            exc.request_id = str(body["id"])
+            raise
         if len(config.inputs) != 1:
             raise InferenceError(ErrorCode.INVALID_REQUEST, f"model {name!r} takes {len(config.inputs)} inputs: "
                                  "the data/text shorthand needs a one-input model; send a V2 request", str(body["id"]))
@@ -489,7 +488,7 @@ class BatchJobRunner:
                 dims = [per_row // fixed if d == -1 else d for d in dims]
             tensor = {"name": spec.name, "datatype": spec.datatype, "shape": [rows, *dims], "data": data}
         out = {k: v for k, v in body.items() if k not in ("data", "text")}
-        out["inputs"] = [tensor]
+        out["inputs"], out["model_version"] = [tensor], str(resolved)
         return out
 
     def _summary(self, bucket: str, key: str, job: str, etag: str, head: dict[str, Any], state: _JobState,

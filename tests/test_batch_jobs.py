@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from models.cache import ModelCache
-from models.examples import MNIST_MLP
+from models.examples import MNIST_MLP, mnist_mlp_config, regressor_config, train_mnist_mlp, train_regressor
 from pipeline.batch_jobs import (
     BatchConfig,
     BatchJobRunner,
@@ -291,3 +291,23 @@ async def test_job_locks_last_only_while_held_or_awaited(live, repository):
         summaries = await asyncio.gather(*(runner.run(config.bucket, f"inbox/{n}.jsonl") for n in "aab"))
         assert sorted(bool(s.get("duplicate")) for s in summaries) == [False, False, True]
         assert len(runner._locks) == 0
+
+
+async def test_shorthand_lines_follow_a_newly_published_version(live, repository):
+    """The shorthand's tensor is shaped from the model's config: it must be the config of the version that runs.
+    A config cached for the life of the runner kept shaping lines for the old version after a new one (here
+    with another input size) was published."""
+    repository.publish("swap", mnist_mlp_config(), train_mnist_mlp(steps=1))
+    config = BatchConfig(bucket=live.batch_bucket)
+    s3 = aws_client(live, "s3")
+    async with InferenceEngine(ModelCache(repository, latest_ttl_s=0.0), worker_id="batch-test") as engine:
+        runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes, worker_id="bt")
+        s3.put_object(Bucket=config.bucket, Key="inbox/v1.jsonl", Body=jsonl([
+            {"id": "a", "model_name": "swap", "data": [0.1] * 784}]))
+        assert (await runner.run(config.bucket, "inbox/v1.jsonl"))["model_versions"] == {"swap": {"1": 1}}
+        assert repository.publish("swap", regressor_config(), train_regressor(steps=1)) == 2  # takes 10 values
+        s3.put_object(Bucket=config.bucket, Key="inbox/v2.jsonl", Body=jsonl([
+            {"id": "b", "model_name": "swap", "data": [0.1] * 10},
+            {"id": "c", "model_name": "swap", "model_version": 1, "data": [0.1] * 784}]))
+        summary = await runner.run(config.bucket, "inbox/v2.jsonl")
+    assert summary["errors_by_code"] == {} and summary["model_versions"] == {"swap": {"2": 1, "1": 1}}
