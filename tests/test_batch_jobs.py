@@ -311,3 +311,34 @@ async def test_shorthand_lines_follow_a_newly_published_version(live, repository
             {"id": "c", "model_name": "swap", "model_version": 1, "data": [0.1] * 784}]))
         summary = await runner.run(config.bucket, "inbox/v2.jsonl")
     assert summary["errors_by_code"] == {} and summary["model_versions"] == {"swap": {"2": 1, "1": 1}}
+
+
+async def test_claim_check_fields_in_a_line_are_refused_by_name(live, repository):
+    """Batch lines are not claim checks: `inputs_uri` was answered "input 'input' is missing" and
+    `parameters.output_uri` was silently not written. Each is now an INVALID_REQUEST naming the field."""
+    config = BatchConfig(bucket=live.batch_bucket)
+    requests, _ = example_requests(2, prefix="cc")
+    image = requests[0]["inputs"][0]["data"]
+    s3 = aws_client(live, "s3")
+    s3.put_object(Bucket=config.bucket, Key="cc/in.json", Body=orjson.dumps(
+        {"inputs": requests[0]["inputs"]}, option=orjson.OPT_SERIALIZE_NUMPY))
+    output_uri = f"s3://{config.bucket}/cc/out.json"
+    s3.put_object(Bucket=config.bucket, Key="inbox/cc.jsonl", Body=jsonl([
+        {"id": "in-uri", "model_name": MNIST_MLP, "inputs_uri": f"s3://{config.bucket}/cc/in.json"},
+        {"id": "in-uri-short", "model_name": MNIST_MLP, "data": image, "inputs_uri": "s3://elsewhere/x.json"},
+        {"id": "out-uri", "model_name": MNIST_MLP, "data": image, "parameters": {"output_uri": output_uri}},
+        {**requests[1], "parameters": {"output_uri": output_uri}},
+        requests[1]]))
+    async with InferenceEngine(ModelCache(repository), worker_id="batch-test") as engine:
+        runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes, worker_id="bt")
+        summary = await runner.run(config.bucket, "inbox/cc.jsonl")
+    assert summary["ok"] == 1 and summary["errors_by_code"] == {"INVALID_REQUEST": 4}
+    body = s3.get_object(Bucket=config.bucket, Key=config.results_key("cc"))["Body"].read()
+    lines = [orjson.loads(line) for line in body.splitlines()]
+    assert [line["id"] for line in lines] == ["in-uri", "in-uri-short", "out-uri", requests[1]["id"], requests[1]["id"]]
+    for line in lines[:2]:
+        assert line["error"]["message"] == "inputs_uri: not supported in batch files: put the inputs in the line"
+    for line in lines[2:4]:
+        assert line["error"]["message"] == ("parameters.output_uri: not supported in batch files: results go to the "
+                                            "job's results file")
+    assert "outputs" in lines[4]
