@@ -4,9 +4,9 @@ Uploading `s3://<bucket>/<inbox>/<job>.jsonl` starts a job. Locally an S3 -> SQS
 (`ensure_batch_notifications`) feeds `BatchJobWatcher` (`maas batch worker`); in the cloud the S3 trigger
 (`functions.s3`) calls the same `BatchJobRunner.run()`.
 
-- Streaming: the object is read in chunks and split into lines; at most `window` lines are in flight; results
-  go out through a multipart upload in parts of `part_bytes` (>= 5 MiB). Memory stays bounded whatever the
-  file size.
+- Streaming: the object is read in chunks and split into lines; at most `window` lines, and at most
+  `window_bytes` of them (but always one), are in flight; results go out through a multipart upload in parts
+  of `part_bytes` (>= 5 MiB). Memory stays bounded whatever the file size or its lines' sizes.
 - Order: results are written in input order, one line per non-blank input line, errors inline (with "line").
 - Idempotence: the summary is written last and carries the source object's ETag; a re-delivered event for
   an object whose summary has that ETag is skipped, so duplicates (moto emits two ObjectCreated events for a
@@ -52,6 +52,7 @@ class BatchConfig:
     outbox_prefix: str = "outbox/"
     queue: str = "maas-batch-events"
     window: int = 512
+    window_bytes: int = 128 * 1024 * 1024  # 512 lines of up to MAAS_MAX_REQUEST_BYTES each could be far more
     part_bytes: int = 8 * 1024 * 1024
     read_bytes: int = 1024 * 1024
     progress_interval_s: float = 2.0
@@ -60,6 +61,8 @@ class BatchConfig:
     def __post_init__(self) -> None:
         if self.part_bytes < MIN_PART_BYTES:
             raise ValueError(f"part_bytes must be >= {MIN_PART_BYTES} (S3 multipart minimum)")
+        if self.window < 1 or self.window_bytes < 1:
+            raise ValueError("window and window_bytes must be >= 1")
         self._check_prefixes()
 
     def _check_prefixes(self) -> None:
@@ -361,23 +364,31 @@ class BatchJobRunner:
         writer = MultipartWriter(self.s3, bucket, self.config.results_key(job), self.config.part_bytes,
                                  {SOURCE_ETAG: etag})
         progress = asyncio.create_task(self._report_progress(bucket, state), name=f"maas-batch-progress-{job}")
-        window: deque[asyncio.Task] = deque()
+        window: deque[tuple[asyncio.Task[bytes], int]] = deque()  # (line's task, line's bytes), in input order
+        in_flight = 0
         try:
             lineno = 0
             async for line in iter_lines(obj["Body"].read, self.config.read_bytes, self.max_request_bytes):
                 lineno += 1
                 if line is not None and not line.strip():
                     continue
-                window.append(asyncio.create_task(self._line(lineno, line, state)))
-                if len(window) >= self.config.window:
-                    await writer.write(await window.popleft())
+                size = 0 if line is None else len(line)
+                # Bounded by bytes too: the oldest lines are written out until this one fits (an empty window
+                # always admits it, however large, so no line waits forever).
+                while window and (len(window) >= self.config.window or in_flight + size > self.config.window_bytes):
+                    await writer.write(await window[0][0])  # popped once written: a cancel here still reaches it
+                    in_flight -= window.popleft()[1]
+                window.append((asyncio.create_task(self._line(lineno, line, state)), size))
+                in_flight += size
             while window:
-                await writer.write(await window.popleft())
+                await writer.write(await window[0][0])
+                window.popleft()
             await writer.close()
         except BaseException:
-            for task in window:
+            tasks = [task for task, _ in window]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*window, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             await writer.abort()
             raise
         finally:

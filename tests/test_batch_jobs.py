@@ -342,3 +342,34 @@ async def test_claim_check_fields_in_a_line_are_refused_by_name(live, repository
         assert line["error"]["message"] == ("parameters.output_uri: not supported in batch files: results go to the "
                                             "job's results file")
     assert "outputs" in lines[4]
+
+
+class _CountingEngine(InferenceEngine):
+    """The real engine, counting the requests it holds at once."""
+
+    held = peak = 0
+
+    async def infer(self, request):
+        self.held += 1
+        self.peak = max(self.peak, self.held)
+        try:
+            return await super().infer(request)
+        finally:
+            self.held -= 1
+
+
+@pytest.mark.parametrize("lines_in_budget", [2, 0])
+async def test_lines_in_flight_are_bounded_by_bytes_and_a_line_is_always_admitted(live, repository, lines_in_budget):
+    """512 lines of up to MAAS_MAX_REQUEST_BYTES each would be far more memory than "bounded" means: the window is
+    bounded by the bytes of its lines too. A budget smaller than one line still admits one at a time."""
+    requests, _ = example_requests(12, prefix="bytes")
+    data = jsonl(requests)
+    smallest = min(len(line) for line in data.splitlines())
+    config = BatchConfig(bucket=live.batch_bucket, window_bytes=max(1, lines_in_budget * smallest))
+    s3 = aws_client(live, "s3")
+    s3.put_object(Bucket=config.bucket, Key="inbox/bytes.jsonl", Body=data)
+    async with _CountingEngine(ModelCache(repository), worker_id="batch-test") as engine:
+        runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes, worker_id="bt")
+        summary = await runner.run(config.bucket, "inbox/bytes.jsonl")
+    assert summary["ok"] == 12
+    assert 1 <= engine.peak <= max(1, lines_in_budget)
