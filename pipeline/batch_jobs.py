@@ -320,7 +320,7 @@ class BatchJobRunner:
 
     async def run(self, bucket: str, key: str) -> dict[str, Any] | None:
         """Process one uploaded object; returns its summary (the existing one for a duplicate event), or None
-        when the key is not a job file or the object is gone."""
+        when the key is not a job file, the object is gone, or it was replaced by a newer upload while it ran."""
         if bucket != self.config.bucket:
             log.warning("s3://%s/%s: not in the batch bucket %s; ignored", bucket, key, self.config.bucket)
             return None
@@ -332,19 +332,38 @@ class BatchJobRunner:
         if job is None:
             return None
         async with self._locks.hold((bucket, key)):
-            try:
-                head = await asyncio.to_thread(self.s3.head_object, Bucket=bucket, Key=key)
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                    log.info("job object s3://%s/%s is gone; nothing to do", bucket, key)
-                    return None
-                raise
+            head = await self._head(bucket, key)
+            if head is None:
+                log.info("job object s3://%s/%s is gone; nothing to do", bucket, key)
+                return None
             etag = head["ETag"].strip('"')
             existing = await self._existing_summary(bucket, job, etag)
             if existing is not None:
                 log.info("job %s (etag %s) already has a summary; skipping the duplicate event", job, etag)
                 return {**existing, "duplicate": True}
             return await self._run(bucket, key, job, etag, head)
+
+    async def _head(self, bucket: str, key: str) -> dict[str, Any] | None:
+        """The job object's HEAD, or None when it is gone."""
+        try:
+            return await asyncio.to_thread(self.s3.head_object, Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    async def _superseded(self, bucket: str, key: str, job: str, etag: str, dropped: str) -> bool:
+        """True, and logged, when the job file now holds another upload than the one this run read.
+
+        That upload's own event runs it (another process may be running it now): this run's outputs, older,
+        must not overwrite its results or summary, whichever finishes last. A deleted file supersedes nothing."""
+        head = await self._head(bucket, key)
+        now = None if head is None else head["ETag"].strip('"')
+        if now is None or now == etag:
+            return False
+        log.warning("job %s: s3://%s/%s was replaced while the job ran (etag %s, now %s); %s: the new upload's "
+                    "own event runs it", job, bucket, key, etag, now, dropped)
+        return True
 
     async def _existing_summary(self, bucket: str, job: str, etag: str) -> dict[str, Any] | None:
         try:
@@ -357,7 +376,8 @@ class BatchJobRunner:
             return None
         return orjson.loads(await asyncio.to_thread(obj["Body"].read))
 
-    async def _run(self, bucket: str, key: str, job: str, etag: str, head: dict[str, Any]) -> dict[str, Any]:
+    async def _run(self, bucket: str, key: str, job: str, etag: str, head: dict[str, Any]
+                   ) -> dict[str, Any] | None:
         state = _JobState(job, etag)
         log.info("job %s: s3://%s/%s (%d bytes, etag %s)", job, bucket, key, head.get("ContentLength", 0), etag)
         obj = await asyncio.to_thread(self.s3.get_object, Bucket=bucket, Key=key, IfMatch=f'"{etag}"')
@@ -383,6 +403,9 @@ class BatchJobRunner:
             while window:
                 await writer.write(await window[0][0])
                 window.popleft()
+            if await self._superseded(bucket, key, job, etag, "its results are dropped"):
+                await writer.abort()
+                return None
             await writer.close()
         except BaseException:
             tasks = [task for task, _ in window]
@@ -396,6 +419,9 @@ class BatchJobRunner:
             progress.cancel()
             await asyncio.gather(progress, return_exceptions=True)
         summary = self._summary(bucket, key, job, etag, head, state, writer.bytes_written)
+        if await self._superseded(bucket, key, job, etag, "its summary is not written (its results, just written, "
+                                  "carry the old source-etag)"):
+            return None
         await asyncio.to_thread(self.s3.put_object, Bucket=bucket, Key=self.config.summary_key(job),
                                 Body=orjson.dumps(summary, option=orjson.OPT_INDENT_2),
                                 ContentType="application/json", Metadata={SOURCE_ETAG: etag})

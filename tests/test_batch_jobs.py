@@ -373,3 +373,42 @@ async def test_lines_in_flight_are_bounded_by_bytes_and_a_line_is_always_admitte
         summary = await runner.run(config.bucket, "inbox/bytes.jsonl")
     assert summary["ok"] == 12
     assert 1 <= engine.peak <= max(1, lines_in_budget)
+
+
+class _GatedEngine(InferenceEngine):
+    """The real engine, holding every request until `gate` is set; `entered` is set once one is held."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.entered, self.gate = asyncio.Event(), asyncio.Event()
+
+    async def infer(self, request):
+        self.entered.set()
+        await self.gate.wait()
+        return await super().infer(request)
+
+
+async def test_a_run_of_a_replaced_upload_does_not_overwrite_the_newer_ones_outputs(live, repository, caplog):
+    """The job file is uploaded again while a run of the first upload is still going; the second upload's run
+    finishes first. The older run, finishing last, used to overwrite the newer results and summary."""
+    config = BatchConfig(bucket=live.batch_bucket)
+    requests, _ = example_requests(4, prefix="race")
+    newer = [{**r, "id": f"new-{r['id']}"} for r in requests[2:]]
+    s3 = aws_client(live, "s3")
+    s3.put_object(Bucket=config.bucket, Key="inbox/race.jsonl", Body=jsonl(requests[:2]))
+    async with (_GatedEngine(ModelCache(repository), worker_id="slow") as slow,
+                InferenceEngine(ModelCache(repository), worker_id="fast") as fast):
+        older_run = asyncio.create_task(BatchJobRunner(slow, s3, config, max_request_bytes=live.max_request_bytes,
+                                                       worker_id="slow").run(config.bucket, "inbox/race.jsonl"))
+        await slow.entered.wait()
+        etag = s3.put_object(Bucket=config.bucket, Key="inbox/race.jsonl", Body=jsonl(newer))["ETag"].strip('"')
+        runner = BatchJobRunner(fast, s3, config, max_request_bytes=live.max_request_bytes, worker_id="fast")
+        assert (await runner.run(config.bucket, "inbox/race.jsonl"))["source"]["etag"] == etag
+        slow.gate.set()
+        assert await older_run is None
+    summary = s3.get_object(Bucket=config.bucket, Key=config.summary_key("race"))
+    results = s3.get_object(Bucket=config.bucket, Key=config.results_key("race"))
+    assert orjson.loads(summary["Body"].read())["source"]["etag"] == etag
+    assert results["Metadata"]["source-etag"] == etag
+    assert [orjson.loads(line)["id"] for line in results["Body"].read().splitlines()] == [r["id"] for r in newer]
+    assert "was replaced while the job ran" in caplog.text and "its results are dropped" in caplog.text
