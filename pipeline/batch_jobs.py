@@ -594,6 +594,8 @@ class BatchJobWatcher:
 
     While a job runs, the message's visibility is extended, so a long job is not handed to another watcher;
     a watcher that dies leaves the message to reappear (and, after maxReceiveCount, to go to the DLQ).
+    Messages are received one at a time: a message received but not yet started would become visible again
+    behind a long job and be run by a second watcher too; left in the queue, it goes to an idle watcher.
     """
 
     def __init__(self, runner: BatchJobRunner, sqs: Any, queue_url: str, *, wait_s: int = 10,
@@ -634,7 +636,7 @@ class BatchJobWatcher:
         while not self._stopping:
             try:
                 received = await asyncio.to_thread(
-                    self.sqs.receive_message, QueueUrl=self.queue_url, MaxNumberOfMessages=10,
+                    self.sqs.receive_message, QueueUrl=self.queue_url, MaxNumberOfMessages=1,
                     WaitTimeSeconds=self.wait_s, VisibilityTimeout=self.visibility_s)
             except (ClientError, BotoCoreError) as exc:  # throttled, or the endpoint unreachable for a while
                 log.warning("cannot receive from %s: %s; retrying", self.queue_url, exc)

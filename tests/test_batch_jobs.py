@@ -412,3 +412,34 @@ async def test_a_run_of_a_replaced_upload_does_not_overwrite_the_newer_ones_outp
     assert results["Metadata"]["source-etag"] == etag
     assert [orjson.loads(line)["id"] for line in results["Body"].read().splitlines()] == [r["id"] for r in newer]
     assert "was replaced while the job ran" in caplog.text and "its results are dropped" in caplog.text
+
+
+def _visible(sqs, queue_url: str) -> int:
+    attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["ApproximateNumberOfMessages"])
+    return int(attributes["Attributes"]["ApproximateNumberOfMessages"])
+
+
+async def test_jobs_queued_behind_a_long_one_run_once_on_another_watcher(live, repository):
+    """A watcher received up to 10 messages but kept only the one it worked on invisible: behind a long job the
+    others came back into view, a second watcher ran them, and the first ran them again afterwards."""
+    config = BatchConfig(bucket=live.batch_bucket, queue=f"{live.batch_bucket}-events")
+    s3, sqs = aws_client(live, "s3"), aws_client(live, "sqs")
+    queue_url = await asyncio.to_thread(ensure_batch_notifications, s3, sqs, config)
+    requests, _ = example_requests(1, prefix="vis")
+    for job in ("j1", "j2", "j3"):
+        s3.put_object(Bucket=config.bucket, Key=f"inbox/{job}.jsonl", Body=jsonl(requests))
+    await wait_for(lambda: _visible(sqs, queue_url) >= 3)  # and the s3:TestEvent of the notification set-up
+    async with (_GatedEngine(ModelCache(repository), worker_id="slow") as slow,
+                InferenceEngine(ModelCache(repository), worker_id="fast") as fast):
+        watchers = [BatchJobWatcher(BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes,
+                                                   worker_id=engine.worker_id), sqs, queue_url, wait_s=1,
+                                    visibility_s=2) for engine in (slow, fast)]
+        async with watchers[0]:
+            await slow.entered.wait()  # the first watcher is in a long job
+            async with watchers[1]:
+                await wait_for(lambda: len(watchers[1].completed) == 2)
+            slow.gate.set()
+            await wait_for(lambda: watchers[0].completed)
+    runs = [(s["job"], s["worker"], bool(s.get("duplicate"))) for w in watchers for s in w.completed]
+    assert sorted(job for job, _, duplicate in runs if not duplicate) == ["j1", "j2", "j3"]
+    assert len(runs) == 3, runs
