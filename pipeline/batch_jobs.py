@@ -589,6 +589,26 @@ def ensure_batch_notifications(s3: Any, sqs: Any, config: BatchConfig) -> str:
     return queue_url
 
 
+def _s3_event(message: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The S3 event notification an SQS message carries, or {} for one that carries none.
+
+    Such a message is deleted (it would only come back), so a warning is the one trace left of it: its id and
+    a short excerpt, never its values (a JSON object shows only its keys; anything else its first 40
+    characters), since a stray message may carry anything."""
+    body = message.get("Body") or ""
+    try:
+        event = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        event = None
+    if isinstance(event, dict) and (isinstance(event.get("Records"), list) or event.get("Event") == "s3:TestEvent"):
+        return event
+    excerpt = (f"a JSON object with keys {[str(k)[:20] for k in list(event)[:5]]}" if isinstance(event, dict)
+               else f"{body[:40]!r}")
+    log.warning("batch queue message %s is not an S3 event notification (%d characters: %s); deleted",
+                message.get("MessageId"), len(body), excerpt)
+    return {}
+
+
 class BatchJobWatcher:
     """Long-polls the notification queue and runs each job; a message is deleted only after its jobs finished.
 
@@ -648,11 +668,7 @@ class BatchJobWatcher:
     async def _handle(self, message: dict[str, Any]) -> None:
         heartbeat = asyncio.create_task(self._keep_invisible(message["ReceiptHandle"]))
         try:
-            try:
-                event = orjson.loads(message.get("Body") or "{}")
-            except orjson.JSONDecodeError:
-                event = {}
-            refs = list(dict.fromkeys(object_refs(event) if isinstance(event, dict) else []))
+            refs = list(dict.fromkeys(object_refs(_s3_event(message))))
             for ref in refs:
                 summary = await self.runner.run(ref.bucket, ref.key)
                 if summary is not None:

@@ -414,9 +414,11 @@ async def test_a_run_of_a_replaced_upload_does_not_overwrite_the_newer_ones_outp
     assert "was replaced while the job ran" in caplog.text and "its results are dropped" in caplog.text
 
 
-def _visible(sqs, queue_url: str) -> int:
-    attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["ApproximateNumberOfMessages"])
-    return int(attributes["Attributes"]["ApproximateNumberOfMessages"])
+def _in_queue(sqs, queue_url: str) -> int:
+    """Messages in the queue, in flight included."""
+    names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=names)["Attributes"]
+    return sum(int(attributes[name]) for name in names)
 
 
 async def test_jobs_queued_behind_a_long_one_run_once_on_another_watcher(live, repository):
@@ -428,7 +430,7 @@ async def test_jobs_queued_behind_a_long_one_run_once_on_another_watcher(live, r
     requests, _ = example_requests(1, prefix="vis")
     for job in ("j1", "j2", "j3"):
         s3.put_object(Bucket=config.bucket, Key=f"inbox/{job}.jsonl", Body=jsonl(requests))
-    await wait_for(lambda: _visible(sqs, queue_url) >= 3)  # and the s3:TestEvent of the notification set-up
+    await wait_for(lambda: _in_queue(sqs, queue_url) >= 3)  # and the s3:TestEvent of the notification set-up
     async with (_GatedEngine(ModelCache(repository), worker_id="slow") as slow,
                 InferenceEngine(ModelCache(repository), worker_id="fast") as fast):
         watchers = [BatchJobWatcher(BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes,
@@ -443,3 +445,25 @@ async def test_jobs_queued_behind_a_long_one_run_once_on_another_watcher(live, r
     runs = [(s["job"], s["worker"], bool(s.get("duplicate"))) for w in watchers for s in w.completed]
     assert sorted(job for job, _, duplicate in runs if not duplicate) == ["j1", "j2", "j3"]
     assert len(runs) == 3, runs
+
+
+async def test_messages_that_are_not_s3_events_are_deleted_with_a_warning(live, repository, caplog):
+    """Such a message would only come back, so it is deleted; the warning is the one trace left of it: its id and
+    an excerpt that never shows a value (a stray message may carry anything). S3's own test event is no stray."""
+    config = BatchConfig(bucket=live.batch_bucket, queue=f"{live.batch_bucket}-events")
+    s3, sqs = aws_client(live, "s3"), aws_client(live, "sqs")
+    queue_url = await asyncio.to_thread(ensure_batch_notifications, s3, sqs, config)
+    sqs.send_message(QueueUrl=queue_url, MessageBody=orjson.dumps({"Event": "s3:TestEvent"}).decode())
+    ids = [sqs.send_message(QueueUrl=queue_url, MessageBody=body)["MessageId"]
+           for body in ("not an S3 event at all", '{"password": "hunter2"}')]
+    async with InferenceEngine(ModelCache(repository), worker_id="batch-test") as engine:
+        runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes, worker_id="bt")
+        async with BatchJobWatcher(runner, sqs, queue_url, wait_s=1, visibility_s=30):
+            await wait_for(lambda: _in_queue(sqs, queue_url) == 0)
+    warnings = [r.getMessage() for r in caplog.records if "is not an S3 event notification" in r.getMessage()]
+    assert sorted(warnings) == sorted([
+        f"batch queue message {ids[0]} is not an S3 event notification (22 characters: 'not an S3 event at all'); "
+        "deleted",
+        f"batch queue message {ids[1]} is not an S3 event notification (23 characters: a JSON object with keys "
+        "['password']); deleted"])
+    assert "hunter2" not in caplog.text
