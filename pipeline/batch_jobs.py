@@ -4,9 +4,9 @@ Uploading `s3://<bucket>/<inbox>/<job>.jsonl` starts a job. Locally an S3 -> SQS
 (`ensure_batch_notifications`) feeds `BatchJobWatcher` (`maas batch worker`); in the cloud the S3 trigger
 (`functions.s3`) calls the same `BatchJobRunner.run()`.
 
-- Streaming: the object is read in chunks and split into lines; at most `window` lines are in flight; results
-  go out through a multipart upload in parts of `part_bytes` (>= 5 MiB). Memory stays bounded whatever the
-  file size.
+- Streaming: the object is read in chunks and split into lines; at most `window` lines, and at most
+  `window_bytes` of them (but always one), are in flight; results go out through a multipart upload in parts
+  of `part_bytes` (>= 5 MiB). Memory stays bounded whatever the file size or its lines' sizes.
 - Order: results are written in input order, one line per non-blank input line, errors inline (with "line").
 - Idempotence: the summary is written last and carries the source object's ETag; a re-delivered event for
   an object whose summary has that ETag is skipped, so duplicates (moto emits two ObjectCreated events for a
@@ -30,15 +30,15 @@ import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
 from infra.bootstrap import ensure_buckets, ensure_queue
-from models.artifact import ModelConfig
 from pipeline.engine import InferenceEngine
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.protocol import InferenceRequest, InferenceResponse, parse_request
-from pipeline.settings import Settings
+from pipeline.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
 MIN_PART_BYTES = 5 * 1024 * 1024
+MAX_KEY_BYTES = 1024  # S3's limit on a key, in UTF-8 bytes
 SOURCE_ETAG = "source-etag"  # object metadata key on results and summary
 NOTIFICATION_ID = "maas-batch-jobs"
 
@@ -52,6 +52,7 @@ class BatchConfig:
     outbox_prefix: str = "outbox/"
     queue: str = "maas-batch-events"
     window: int = 512
+    window_bytes: int = 128 * 1024 * 1024  # 512 lines of up to MAAS_MAX_REQUEST_BYTES each could be far more
     part_bytes: int = 8 * 1024 * 1024
     read_bytes: int = 1024 * 1024
     progress_interval_s: float = 2.0
@@ -60,6 +61,21 @@ class BatchConfig:
     def __post_init__(self) -> None:
         if self.part_bytes < MIN_PART_BYTES:
             raise ValueError(f"part_bytes must be >= {MIN_PART_BYTES} (S3 multipart minimum)")
+        if self.window < 1 or self.window_bytes < 1:
+            raise ValueError("window and window_bytes must be >= 1")
+        self._check_prefixes()
+
+    def _check_prefixes(self) -> None:
+        """Refuse prefixes under which a job's outputs would start jobs: results (`<outbox><job>.results.jsonl`)
+        written inside the inbox, or an inbox inside the outbox, or an empty prefix (every key is under it),
+        would each start another job, without end. S3 filters by string prefix, so that is what is compared."""
+        inbox, outbox = self.inbox_prefix, self.outbox_prefix
+        names = f"MAAS_BATCH_INBOX_PREFIX={inbox!r} and MAAS_BATCH_OUTBOX_PREFIX={outbox!r}"
+        if not inbox or not outbox:
+            raise ConfigError(f"{names}: neither may be empty (an empty prefix takes in every key of the bucket)")
+        if inbox.startswith(outbox) or outbox.startswith(inbox):
+            raise ConfigError(f"{names} overlap: a job's results would land in the inbox and start another job; "
+                              "give two prefixes neither of which starts the other (e.g. inbox/ and outbox/)")
 
     @property
     def dlq(self) -> str:
@@ -80,13 +96,20 @@ class BatchConfig:
 
         Raises ValueError for a job file whose name could not be used in the outbox's keys: empty, ".", ".."
         or empty path segments (a tool that normalizes them would write outside the outbox), control
-        characters."""
+        characters, or so long that an output key would pass S3's 1,024 bytes (its results could never be
+        written, after the whole file had been run)."""
         if not key.startswith(self.inbox_prefix) or not key.endswith(".jsonl"):
             return None
         name = key[len(self.inbox_prefix):-len(".jsonl")]
         if any(part in ("", ".", "..") for part in name.split("/")) or any(ord(c) < 32 or ord(c) == 127 for c in name):
             raise ValueError(f"job file {key!r:.200} names no usable job: its name must not be empty or have empty, "
                              "'.' or '..' path segments or control characters")
+        longest = max(len(k.encode()) for k in (self.results_key(name), self.summary_key(name),
+                                                self.progress_key(name)))
+        if longest > MAX_KEY_BYTES:
+            raise ValueError(f"job file {key!r:.200} names no usable job: its longest output key would be "
+                             f"{longest:,} UTF-8 bytes, over S3's {MAX_KEY_BYTES:,}; shorten the name by "
+                             f"{longest - MAX_KEY_BYTES:,} bytes")
         return name
 
     def inbox_key(self, job: str) -> str:
@@ -234,6 +257,36 @@ class MultipartWriter:
             self._upload_id = None
 
 
+class KeyLocks:
+    """One asyncio.Lock per key, kept only while someone holds or waits on it.
+
+    Keys come from uploads: a map that kept a lock per key ever seen would grow for as long as the process
+    lives. The count of holders and waiters says when the last one has gone and the entry can go too."""
+
+    @dataclass
+    class _Entry:
+        lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+        users: int = 0  # holding or waiting
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], KeyLocks._Entry] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: tuple[str, str]) -> AsyncIterator[None]:
+        entry = self._entries.setdefault(key, KeyLocks._Entry())
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._entries[key]
+
+
 @dataclass
 class _JobState:
     job: str
@@ -263,12 +316,11 @@ class BatchJobRunner:
         self.config = config
         self.max_request_bytes = max_request_bytes
         self.worker_id = worker_id
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self._configs: dict[tuple[str, str | None], tuple[int, ModelConfig]] = {}
+        self._locks = KeyLocks()
 
     async def run(self, bucket: str, key: str) -> dict[str, Any] | None:
         """Process one uploaded object; returns its summary (the existing one for a duplicate event), or None
-        when the key is not a job file or the object is gone."""
+        when the key is not a job file, the object is gone, or it was replaced by a newer upload while it ran."""
         if bucket != self.config.bucket:
             log.warning("s3://%s/%s: not in the batch bucket %s; ignored", bucket, key, self.config.bucket)
             return None
@@ -279,21 +331,39 @@ class BatchJobRunner:
             return None
         if job is None:
             return None
-        lock = self._locks.setdefault((bucket, key), asyncio.Lock())
-        async with lock:
-            try:
-                head = await asyncio.to_thread(self.s3.head_object, Bucket=bucket, Key=key)
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                    log.info("job object s3://%s/%s is gone; nothing to do", bucket, key)
-                    return None
-                raise
+        async with self._locks.hold((bucket, key)):
+            head = await self._head(bucket, key)
+            if head is None:
+                log.info("job object s3://%s/%s is gone; nothing to do", bucket, key)
+                return None
             etag = head["ETag"].strip('"')
             existing = await self._existing_summary(bucket, job, etag)
             if existing is not None:
                 log.info("job %s (etag %s) already has a summary; skipping the duplicate event", job, etag)
                 return {**existing, "duplicate": True}
             return await self._run(bucket, key, job, etag, head)
+
+    async def _head(self, bucket: str, key: str) -> dict[str, Any] | None:
+        """The job object's HEAD, or None when it is gone."""
+        try:
+            return await asyncio.to_thread(self.s3.head_object, Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    async def _superseded(self, bucket: str, key: str, job: str, etag: str, dropped: str) -> bool:
+        """True, and logged, when the job file now holds another upload than the one this run read.
+
+        That upload's own event runs it (another process may be running it now): this run's outputs, older,
+        must not overwrite its results or summary, whichever finishes last. A deleted file supersedes nothing."""
+        head = await self._head(bucket, key)
+        now = None if head is None else head["ETag"].strip('"')
+        if now is None or now == etag:
+            return False
+        log.warning("job %s: s3://%s/%s was replaced while the job ran (etag %s, now %s); %s: the new upload's "
+                    "own event runs it", job, bucket, key, etag, now, dropped)
+        return True
 
     async def _existing_summary(self, bucket: str, job: str, etag: str) -> dict[str, Any] | None:
         try:
@@ -306,30 +376,42 @@ class BatchJobRunner:
             return None
         return orjson.loads(await asyncio.to_thread(obj["Body"].read))
 
-    async def _run(self, bucket: str, key: str, job: str, etag: str, head: dict[str, Any]) -> dict[str, Any]:
+    async def _run(self, bucket: str, key: str, job: str, etag: str, head: dict[str, Any]
+                   ) -> dict[str, Any] | None:
         state = _JobState(job, etag)
         log.info("job %s: s3://%s/%s (%d bytes, etag %s)", job, bucket, key, head.get("ContentLength", 0), etag)
         obj = await asyncio.to_thread(self.s3.get_object, Bucket=bucket, Key=key, IfMatch=f'"{etag}"')
         writer = MultipartWriter(self.s3, bucket, self.config.results_key(job), self.config.part_bytes,
                                  {SOURCE_ETAG: etag})
         progress = asyncio.create_task(self._report_progress(bucket, state), name=f"maas-batch-progress-{job}")
-        window: deque[asyncio.Task] = deque()
+        window: deque[tuple[asyncio.Task[bytes], int]] = deque()  # (line's task, line's bytes), in input order
+        in_flight = 0
         try:
             lineno = 0
             async for line in iter_lines(obj["Body"].read, self.config.read_bytes, self.max_request_bytes):
                 lineno += 1
                 if line is not None and not line.strip():
                     continue
-                window.append(asyncio.create_task(self._line(lineno, line, state)))
-                if len(window) >= self.config.window:
-                    await writer.write(await window.popleft())
+                size = 0 if line is None else len(line)
+                # Bounded by bytes too: the oldest lines are written out until this one fits (an empty window
+                # always admits it, however large, so no line waits forever).
+                while window and (len(window) >= self.config.window or in_flight + size > self.config.window_bytes):
+                    await writer.write(await window[0][0])  # popped once written: a cancel here still reaches it
+                    in_flight -= window.popleft()[1]
+                window.append((asyncio.create_task(self._line(lineno, line, state)), size))
+                in_flight += size
             while window:
-                await writer.write(await window.popleft())
+                await writer.write(await window[0][0])
+                window.popleft()
+            if await self._superseded(bucket, key, job, etag, "its results are dropped"):
+                await writer.abort()
+                return None
             await writer.close()
         except BaseException:
-            for task in window:
+            tasks = [task for task, _ in window]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*window, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             await writer.abort()
             raise
         finally:
@@ -337,6 +419,9 @@ class BatchJobRunner:
             progress.cancel()
             await asyncio.gather(progress, return_exceptions=True)
         summary = self._summary(bucket, key, job, etag, head, state, writer.bytes_written)
+        if await self._superseded(bucket, key, job, etag, "its summary is not written (its results, just written, "
+                                  "carry the old source-etag)"):
+            return None
         await asyncio.to_thread(self.s3.put_object, Bucket=bucket, Key=self.config.summary_key(job),
                                 Body=orjson.dumps(summary, option=orjson.OPT_INDENT_2),
                                 ContentType="application/json", Metadata={SOURCE_ETAG: etag})
@@ -402,23 +487,25 @@ class BatchJobRunner:
             raise InferenceError(ErrorCode.INVALID_REQUEST, "line must be a JSON object (a V2 request, or "
                                  '{"id", "model_name", "data" | "text"})')
         body.setdefault("id", f"line-{lineno}")
+        _refuse_claim_checks(body)
         if "inputs" not in body and ("data" in body or "text" in body):
             body = await self._expand_shorthand(body)
         return parse_request(body, max_elements=self.max_request_bytes)
 
     async def _expand_shorthand(self, body: dict[str, Any]) -> dict[str, Any]:
-        """{"id", "model_name", "data": [...]} or {"text": "..."} -> a V2 request for a one-input model."""
+        """{"id", "model_name", "data": [...]} or {"text": "..."} -> a V2 request for a one-input model.
+
+        The config comes from the engine on every line (its cache answers; "latest" is re-resolved after its
+        TTL, so a newly published version is seen), and the request is pinned to the version whose input it
+        was shaped for: "latest" must not move between the shaping and the run."""
         name, version = body.get("model_name"), body.get("model_version")
         if not isinstance(name, str):
             raise InferenceError(ErrorCode.INVALID_REQUEST, "model_name: expected a string", str(body["id"]))
-        cache_key = (name, None if version is None else str(version))
-        if cache_key not in self._configs:
-            try:
-                self._configs[cache_key] = await self.engine.model_config(name, version)
-            except InferenceError as exc:
-                exc.request_id = str(body["id"])
-                raise
-        _, config = self._configs[cache_key]
+        try:
+            resolved, config = await self.engine.model_config(name, version)
+        except InferenceError as exc:
+            exc.request_id = str(body["id"])
+            raise
         if len(config.inputs) != 1:
             raise InferenceError(ErrorCode.INVALID_REQUEST, f"model {name!r} takes {len(config.inputs)} inputs: "
                                  "the data/text shorthand needs a one-input model; send a V2 request", str(body["id"]))
@@ -439,7 +526,7 @@ class BatchJobRunner:
                 dims = [per_row // fixed if d == -1 else d for d in dims]
             tensor = {"name": spec.name, "datatype": spec.datatype, "shape": [rows, *dims], "data": data}
         out = {k: v for k, v in body.items() if k not in ("data", "text")}
-        out["inputs"] = [tensor]
+        out["inputs"], out["model_version"] = [tensor], str(resolved)
         return out
 
     def _summary(self, bucket: str, key: str, job: str, etag: str, head: dict[str, Any], state: _JobState,
@@ -465,6 +552,20 @@ class BatchJobRunner:
         }
 
 
+def _refuse_claim_checks(body: dict[str, Any]) -> None:
+    """A batch line's inputs and outputs travel in the job's own files. Nothing here reads `inputs_uri` (the
+    line failed as if its input were missing) or writes `parameters.output_uri` (silently not written): a line
+    naming either is refused, naming the field, rather than answered with something it did not ask for."""
+    request_id = body["id"] if isinstance(body["id"], str) else None
+    if body.get("inputs_uri") is not None:
+        raise InferenceError(ErrorCode.INVALID_REQUEST, "inputs_uri: not supported in batch files: put the inputs "
+                             "in the line", request_id)
+    parameters = body.get("parameters")
+    if isinstance(parameters, dict) and parameters.get("output_uri") is not None:
+        raise InferenceError(ErrorCode.INVALID_REQUEST, "parameters.output_uri: not supported in batch files: "
+                             "results go to the job's results file", request_id)
+
+
 def ensure_batch_notifications(s3: Any, sqs: Any, config: BatchConfig) -> str:
     """Bucket, queue (+ DLQ) and the bucket notification ObjectCreated(inbox/*.jsonl) -> queue. Idempotent."""
     ensure_buckets(s3, [config.bucket])
@@ -488,11 +589,33 @@ def ensure_batch_notifications(s3: Any, sqs: Any, config: BatchConfig) -> str:
     return queue_url
 
 
+def _s3_event(message: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The S3 event notification an SQS message carries, or {} for one that carries none.
+
+    Such a message is deleted (it would only come back), so a warning is the one trace left of it: its id and
+    a short excerpt, never its values (a JSON object shows only its keys; anything else its first 40
+    characters), since a stray message may carry anything."""
+    body = message.get("Body") or ""
+    try:
+        event = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        event = None
+    if isinstance(event, dict) and (isinstance(event.get("Records"), list) or event.get("Event") == "s3:TestEvent"):
+        return event
+    excerpt = (f"a JSON object with keys {[str(k)[:20] for k in list(event)[:5]]}" if isinstance(event, dict)
+               else f"{body[:40]!r}")
+    log.warning("batch queue message %s is not an S3 event notification (%d characters: %s); deleted",
+                message.get("MessageId"), len(body), excerpt)
+    return {}
+
+
 class BatchJobWatcher:
     """Long-polls the notification queue and runs each job; a message is deleted only after its jobs finished.
 
     While a job runs, the message's visibility is extended, so a long job is not handed to another watcher;
     a watcher that dies leaves the message to reappear (and, after maxReceiveCount, to go to the DLQ).
+    Messages are received one at a time: a message received but not yet started would become visible again
+    behind a long job and be run by a second watcher too; left in the queue, it goes to an idle watcher.
     """
 
     def __init__(self, runner: BatchJobRunner, sqs: Any, queue_url: str, *, wait_s: int = 10,
@@ -533,7 +656,7 @@ class BatchJobWatcher:
         while not self._stopping:
             try:
                 received = await asyncio.to_thread(
-                    self.sqs.receive_message, QueueUrl=self.queue_url, MaxNumberOfMessages=10,
+                    self.sqs.receive_message, QueueUrl=self.queue_url, MaxNumberOfMessages=1,
                     WaitTimeSeconds=self.wait_s, VisibilityTimeout=self.visibility_s)
             except (ClientError, BotoCoreError) as exc:  # throttled, or the endpoint unreachable for a while
                 log.warning("cannot receive from %s: %s; retrying", self.queue_url, exc)
@@ -545,11 +668,7 @@ class BatchJobWatcher:
     async def _handle(self, message: dict[str, Any]) -> None:
         heartbeat = asyncio.create_task(self._keep_invisible(message["ReceiptHandle"]))
         try:
-            try:
-                event = orjson.loads(message.get("Body") or "{}")
-            except orjson.JSONDecodeError:
-                event = {}
-            refs = list(dict.fromkeys(object_refs(event) if isinstance(event, dict) else []))
+            refs = list(dict.fromkeys(object_refs(_s3_event(message))))
             for ref in refs:
                 summary = await self.runner.run(ref.bucket, ref.key)
                 if summary is not None:

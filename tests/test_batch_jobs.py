@@ -7,17 +7,19 @@ import contextlib
 import io
 import socket
 import time
+from dataclasses import replace
 
 import numpy as np
 import orjson
 import pytest
 
 from models.cache import ModelCache
-from models.examples import MNIST_MLP
+from models.examples import MNIST_MLP, mnist_mlp_config, regressor_config, train_mnist_mlp, train_regressor
 from pipeline.batch_jobs import (
     BatchConfig,
     BatchJobRunner,
     BatchJobWatcher,
+    KeyLocks,
     LatencyHistogram,
     MultipartWriter,
     ensure_batch_notifications,
@@ -27,6 +29,7 @@ from pipeline.batch_jobs import (
 from pipeline.client import example_requests
 from pipeline.engine import InferenceEngine
 from pipeline.services import aws_client
+from pipeline.settings import ConfigError, Settings
 
 
 @contextlib.asynccontextmanager
@@ -220,3 +223,247 @@ async def test_the_watcher_outlives_an_unreachable_queue_endpoint(live, reposito
         async with BatchJobWatcher(runner, sqs, f"http://127.0.0.1:{port}/000000000000/q", wait_s=1) as watcher:
             await wait_for(lambda: caplog.text.count("cannot receive from") >= 2, timeout=20)
             assert not watcher._task.done()
+
+
+@pytest.mark.parametrize(("inbox", "outbox"), [("inbox/", "inbox/results/"), ("jobs/", "jobs/"), ("out/in/", "out/"),
+                                               ("jobs", "jobs-out/"), ("", "outbox/"), ("inbox/", "")])
+def test_prefixes_under_which_results_would_start_jobs_are_refused(inbox, outbox):
+    """Results written under the inbox (or an inbox under the outbox, or an empty prefix) would each start another
+    job, without end: refused when the configuration is built, with a message naming both settings."""
+    with pytest.raises(ConfigError, match=r"MAAS_BATCH_INBOX_PREFIX=.* and MAAS_BATCH_OUTBOX_PREFIX="):
+        BatchConfig(bucket="b", inbox_prefix=inbox, outbox_prefix=outbox)
+    with pytest.raises(ConfigError):
+        BatchConfig.from_settings(replace(Settings(), batch_inbox_prefix=inbox, batch_outbox_prefix=outbox))
+    assert BatchConfig(bucket="b", inbox_prefix="jobs/in/", outbox_prefix="jobs/out/").outbox_prefix == "jobs/out/"
+
+
+async def test_a_job_whose_output_keys_would_pass_s3s_1024_bytes_is_ignored(live, repository, caplog):
+    """The results key is the inbox key plus a few bytes: a long name would run the whole file and then fail to
+    write its results. Refused up front, in UTF-8 bytes (S3's measure), with a warning saying why."""
+    config = BatchConfig(bucket=live.batch_bucket)
+    assert config.job_name(f"inbox/{'é' * 501}.jsonl") == "é" * 501  # results key: 1,023 bytes
+    long_key = f"inbox/{'é' * 502}.jsonl"  # results key: 1,025 bytes (the job file's own key: 1,016)
+    with pytest.raises(ValueError, match="over S3's 1,024"):
+        config.job_name(long_key)
+    requests, _ = example_requests(2, prefix="long")
+    s3 = aws_client(live, "s3")
+    s3.put_object(Bucket=config.bucket, Key=long_key, Body=jsonl(requests))
+    async with InferenceEngine(ModelCache(repository), worker_id="batch-test") as engine:
+        runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes, worker_id="bt")
+        assert await runner.run(config.bucket, long_key) is None
+    assert [o["Key"] for o in s3.list_objects_v2(Bucket=config.bucket)["Contents"]] == [long_key]
+    assert "longest output key would be 1,025 UTF-8 bytes" in caplog.text
+
+
+async def test_job_locks_last_only_while_held_or_awaited(live, repository):
+    """Keys come from uploads: a lock kept per key ever seen grows without bound. A lock goes when its last holder
+    or waiter has gone, and not before: a job arriving while another waits must queue behind the same lock."""
+    locks, order = KeyLocks(), []
+    first_in, release_first = asyncio.Event(), asyncio.Event()
+
+    async def job(name: str, entered: asyncio.Event | None = None, release: asyncio.Event | None = None) -> None:
+        async with locks.hold(("b", "k")):
+            order.append(f"{name} in")
+            if entered is not None:
+                entered.set()
+            if release is not None:
+                await release.wait()
+            order.append(f"{name} out")
+
+    first = asyncio.create_task(job("first", first_in, release_first))
+    await first_in.wait()
+    second = asyncio.create_task(job("second"))
+    await asyncio.sleep(0)  # second now waits on the lock
+    release_first.set()
+    await first
+    third = asyncio.create_task(job("third"))  # the entry still exists for second: third queues behind it
+    await asyncio.gather(second, third)
+    assert order == ["first in", "first out", "second in", "second out", "third in", "third out"]
+    assert len(locks) == 0
+
+    config = BatchConfig(bucket=live.batch_bucket)
+    requests, _ = example_requests(2, prefix="locks")
+    s3 = aws_client(live, "s3")
+    for name in ("a", "b"):
+        s3.put_object(Bucket=config.bucket, Key=f"inbox/{name}.jsonl", Body=jsonl(requests))
+    async with InferenceEngine(ModelCache(repository), worker_id="batch-test") as engine:
+        runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes, worker_id="bt")
+        summaries = await asyncio.gather(*(runner.run(config.bucket, f"inbox/{n}.jsonl") for n in "aab"))
+        assert sorted(bool(s.get("duplicate")) for s in summaries) == [False, False, True]
+        assert len(runner._locks) == 0
+
+
+async def test_shorthand_lines_follow_a_newly_published_version(live, repository):
+    """The shorthand's tensor is shaped from the model's config: it must be the config of the version that runs.
+    A config cached for the life of the runner kept shaping lines for the old version after a new one (here
+    with another input size) was published."""
+    repository.publish("swap", mnist_mlp_config(), train_mnist_mlp(steps=1))
+    config = BatchConfig(bucket=live.batch_bucket)
+    s3 = aws_client(live, "s3")
+    async with InferenceEngine(ModelCache(repository, latest_ttl_s=0.0), worker_id="batch-test") as engine:
+        runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes, worker_id="bt")
+        s3.put_object(Bucket=config.bucket, Key="inbox/v1.jsonl", Body=jsonl([
+            {"id": "a", "model_name": "swap", "data": [0.1] * 784}]))
+        assert (await runner.run(config.bucket, "inbox/v1.jsonl"))["model_versions"] == {"swap": {"1": 1}}
+        assert repository.publish("swap", regressor_config(), train_regressor(steps=1)) == 2  # takes 10 values
+        s3.put_object(Bucket=config.bucket, Key="inbox/v2.jsonl", Body=jsonl([
+            {"id": "b", "model_name": "swap", "data": [0.1] * 10},
+            {"id": "c", "model_name": "swap", "model_version": 1, "data": [0.1] * 784}]))
+        summary = await runner.run(config.bucket, "inbox/v2.jsonl")
+    assert summary["errors_by_code"] == {} and summary["model_versions"] == {"swap": {"2": 1, "1": 1}}
+
+
+async def test_claim_check_fields_in_a_line_are_refused_by_name(live, repository):
+    """Batch lines are not claim checks: `inputs_uri` was answered "input 'input' is missing" and
+    `parameters.output_uri` was silently not written. Each is now an INVALID_REQUEST naming the field."""
+    config = BatchConfig(bucket=live.batch_bucket)
+    requests, _ = example_requests(2, prefix="cc")
+    image = requests[0]["inputs"][0]["data"]
+    s3 = aws_client(live, "s3")
+    s3.put_object(Bucket=config.bucket, Key="cc/in.json", Body=orjson.dumps(
+        {"inputs": requests[0]["inputs"]}, option=orjson.OPT_SERIALIZE_NUMPY))
+    output_uri = f"s3://{config.bucket}/cc/out.json"
+    s3.put_object(Bucket=config.bucket, Key="inbox/cc.jsonl", Body=jsonl([
+        {"id": "in-uri", "model_name": MNIST_MLP, "inputs_uri": f"s3://{config.bucket}/cc/in.json"},
+        {"id": "in-uri-short", "model_name": MNIST_MLP, "data": image, "inputs_uri": "s3://elsewhere/x.json"},
+        {"id": "out-uri", "model_name": MNIST_MLP, "data": image, "parameters": {"output_uri": output_uri}},
+        {**requests[1], "parameters": {"output_uri": output_uri}},
+        requests[1]]))
+    async with InferenceEngine(ModelCache(repository), worker_id="batch-test") as engine:
+        runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes, worker_id="bt")
+        summary = await runner.run(config.bucket, "inbox/cc.jsonl")
+    assert summary["ok"] == 1 and summary["errors_by_code"] == {"INVALID_REQUEST": 4}
+    body = s3.get_object(Bucket=config.bucket, Key=config.results_key("cc"))["Body"].read()
+    lines = [orjson.loads(line) for line in body.splitlines()]
+    assert [line["id"] for line in lines] == ["in-uri", "in-uri-short", "out-uri", requests[1]["id"], requests[1]["id"]]
+    for line in lines[:2]:
+        assert line["error"]["message"] == "inputs_uri: not supported in batch files: put the inputs in the line"
+    for line in lines[2:4]:
+        assert line["error"]["message"] == ("parameters.output_uri: not supported in batch files: results go to the "
+                                            "job's results file")
+    assert "outputs" in lines[4]
+
+
+class _CountingEngine(InferenceEngine):
+    """The real engine, counting the requests it holds at once."""
+
+    held = peak = 0
+
+    async def infer(self, request):
+        self.held += 1
+        self.peak = max(self.peak, self.held)
+        try:
+            return await super().infer(request)
+        finally:
+            self.held -= 1
+
+
+@pytest.mark.parametrize("lines_in_budget", [2, 0])
+async def test_lines_in_flight_are_bounded_by_bytes_and_a_line_is_always_admitted(live, repository, lines_in_budget):
+    """512 lines of up to MAAS_MAX_REQUEST_BYTES each would be far more memory than "bounded" means: the window is
+    bounded by the bytes of its lines too. A budget smaller than one line still admits one at a time."""
+    requests, _ = example_requests(12, prefix="bytes")
+    data = jsonl(requests)
+    smallest = min(len(line) for line in data.splitlines())
+    config = BatchConfig(bucket=live.batch_bucket, window_bytes=max(1, lines_in_budget * smallest))
+    s3 = aws_client(live, "s3")
+    s3.put_object(Bucket=config.bucket, Key="inbox/bytes.jsonl", Body=data)
+    async with _CountingEngine(ModelCache(repository), worker_id="batch-test") as engine:
+        runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes, worker_id="bt")
+        summary = await runner.run(config.bucket, "inbox/bytes.jsonl")
+    assert summary["ok"] == 12
+    assert 1 <= engine.peak <= max(1, lines_in_budget)
+
+
+class _GatedEngine(InferenceEngine):
+    """The real engine, holding every request until `gate` is set; `entered` is set once one is held."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.entered, self.gate = asyncio.Event(), asyncio.Event()
+
+    async def infer(self, request):
+        self.entered.set()
+        await self.gate.wait()
+        return await super().infer(request)
+
+
+async def test_a_run_of_a_replaced_upload_does_not_overwrite_the_newer_ones_outputs(live, repository, caplog):
+    """The job file is uploaded again while a run of the first upload is still going; the second upload's run
+    finishes first. The older run, finishing last, used to overwrite the newer results and summary."""
+    config = BatchConfig(bucket=live.batch_bucket)
+    requests, _ = example_requests(4, prefix="race")
+    newer = [{**r, "id": f"new-{r['id']}"} for r in requests[2:]]
+    s3 = aws_client(live, "s3")
+    s3.put_object(Bucket=config.bucket, Key="inbox/race.jsonl", Body=jsonl(requests[:2]))
+    async with (_GatedEngine(ModelCache(repository), worker_id="slow") as slow,
+                InferenceEngine(ModelCache(repository), worker_id="fast") as fast):
+        older_run = asyncio.create_task(BatchJobRunner(slow, s3, config, max_request_bytes=live.max_request_bytes,
+                                                       worker_id="slow").run(config.bucket, "inbox/race.jsonl"))
+        await slow.entered.wait()
+        etag = s3.put_object(Bucket=config.bucket, Key="inbox/race.jsonl", Body=jsonl(newer))["ETag"].strip('"')
+        runner = BatchJobRunner(fast, s3, config, max_request_bytes=live.max_request_bytes, worker_id="fast")
+        assert (await runner.run(config.bucket, "inbox/race.jsonl"))["source"]["etag"] == etag
+        slow.gate.set()
+        assert await older_run is None
+    summary = s3.get_object(Bucket=config.bucket, Key=config.summary_key("race"))
+    results = s3.get_object(Bucket=config.bucket, Key=config.results_key("race"))
+    assert orjson.loads(summary["Body"].read())["source"]["etag"] == etag
+    assert results["Metadata"]["source-etag"] == etag
+    assert [orjson.loads(line)["id"] for line in results["Body"].read().splitlines()] == [r["id"] for r in newer]
+    assert "was replaced while the job ran" in caplog.text and "its results are dropped" in caplog.text
+
+
+def _in_queue(sqs, queue_url: str) -> int:
+    """Messages in the queue, in flight included."""
+    names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=names)["Attributes"]
+    return sum(int(attributes[name]) for name in names)
+
+
+async def test_jobs_queued_behind_a_long_one_run_once_on_another_watcher(live, repository):
+    """A watcher received up to 10 messages but kept only the one it worked on invisible: behind a long job the
+    others came back into view, a second watcher ran them, and the first ran them again afterwards."""
+    config = BatchConfig(bucket=live.batch_bucket, queue=f"{live.batch_bucket}-events")
+    s3, sqs = aws_client(live, "s3"), aws_client(live, "sqs")
+    queue_url = await asyncio.to_thread(ensure_batch_notifications, s3, sqs, config)
+    requests, _ = example_requests(1, prefix="vis")
+    for job in ("j1", "j2", "j3"):
+        s3.put_object(Bucket=config.bucket, Key=f"inbox/{job}.jsonl", Body=jsonl(requests))
+    await wait_for(lambda: _in_queue(sqs, queue_url) >= 3)  # and the s3:TestEvent of the notification set-up
+    async with (_GatedEngine(ModelCache(repository), worker_id="slow") as slow,
+                InferenceEngine(ModelCache(repository), worker_id="fast") as fast):
+        watchers = [BatchJobWatcher(BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes,
+                                                   worker_id=engine.worker_id), sqs, queue_url, wait_s=1,
+                                    visibility_s=2) for engine in (slow, fast)]
+        async with watchers[0]:
+            await slow.entered.wait()  # the first watcher is in a long job
+            async with watchers[1]:
+                await wait_for(lambda: len(watchers[1].completed) == 2)
+            slow.gate.set()
+            await wait_for(lambda: watchers[0].completed)
+    runs = [(s["job"], s["worker"], bool(s.get("duplicate"))) for w in watchers for s in w.completed]
+    assert sorted(job for job, _, duplicate in runs if not duplicate) == ["j1", "j2", "j3"]
+    assert len(runs) == 3, runs
+
+
+async def test_messages_that_are_not_s3_events_are_deleted_with_a_warning(live, repository, caplog):
+    """Such a message would only come back, so it is deleted; the warning is the one trace left of it: its id and
+    an excerpt that never shows a value (a stray message may carry anything). S3's own test event is no stray."""
+    config = BatchConfig(bucket=live.batch_bucket, queue=f"{live.batch_bucket}-events")
+    s3, sqs = aws_client(live, "s3"), aws_client(live, "sqs")
+    queue_url = await asyncio.to_thread(ensure_batch_notifications, s3, sqs, config)
+    sqs.send_message(QueueUrl=queue_url, MessageBody=orjson.dumps({"Event": "s3:TestEvent"}).decode())
+    ids = [sqs.send_message(QueueUrl=queue_url, MessageBody=body)["MessageId"]
+           for body in ("not an S3 event at all", '{"password": "hunter2"}')]
+    async with InferenceEngine(ModelCache(repository), worker_id="batch-test") as engine:
+        runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes, worker_id="bt")
+        async with BatchJobWatcher(runner, sqs, queue_url, wait_s=1, visibility_s=30):
+            await wait_for(lambda: _in_queue(sqs, queue_url) == 0)
+    warnings = [r.getMessage() for r in caplog.records if "is not an S3 event notification" in r.getMessage()]
+    assert sorted(warnings) == sorted([
+        f"batch queue message {ids[0]} is not an S3 event notification (22 characters: 'not an S3 event at all'); "
+        "deleted",
+        f"batch queue message {ids[1]} is not an S3 event notification (23 characters: a JSON object with keys "
+        "['password']); deleted"])
+    assert "hunter2" not in caplog.text

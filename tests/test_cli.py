@@ -7,9 +7,16 @@ import os
 import subprocess
 import sys
 
+import orjson
 import pytest
+from botocore.exceptions import ClientError
 
 from infra.stack import free_port
+from models.cache import ModelCache
+from pipeline.batch_jobs import SOURCE_ETAG, BatchConfig, BatchJobRunner
+from pipeline.client import example_requests
+from pipeline.engine import InferenceEngine
+from pipeline.services import aws_client
 
 
 def maas(*args: str, env: dict[str, str] | None = None, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -58,6 +65,17 @@ def test_a_reader_that_stops_early_ends_the_output_quietly(tmp_path):
 def test_bad_setting_is_named(tmp_path):
     out = maas("models", "list", env={"MAAS_MAX_IN_FLIGHT": "lots"}, cwd=tmp_path)
     assert out.returncode == 2 and "MAAS_MAX_IN_FLIGHT='lots' is not a whole number" in out.stderr
+
+
+def test_batch_worker_refuses_an_outbox_inside_the_inbox_at_once(tmp_path):
+    """Checked before any broker, bucket or model is touched (both are unreachable here), in one line."""
+    env = {"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}", "AWS_ENDPOINT_URL": "http://127.0.0.1:1",
+           "MAAS_BATCH_INBOX_PREFIX": "jobs/", "MAAS_BATCH_OUTBOX_PREFIX": "jobs/results/"}
+    out = maas("batch", "worker", env=env, cwd=tmp_path, timeout=60)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("maas: error: MAAS_BATCH_INBOX_PREFIX='jobs/' and "
+                               "MAAS_BATCH_OUTBOX_PREFIX='jobs/results/' overlap")
 
 
 def test_models_examples_list_and_describe(tmp_path):
@@ -152,3 +170,47 @@ def test_a_second_maas_up_in_one_folder_is_refused(tmp_path):
     out = maas("up", cwd=tmp_path, timeout=60)
     assert out.returncode == 2 and "a local stack is already up here" in out.stderr
     assert (tmp_path / ".maas" / "stack.json").exists()  # the running stack's file stays
+
+
+async def test_batch_submit_downloads_only_the_results_of_its_own_upload(live, repository, tmp_path):
+    """The results object says which upload it comes from (source-etag). A run of another upload of the same job
+    may have written it after the summary `submit` waited for: then nothing is downloaded, and the exit is 1."""
+    import asyncio
+
+    config = BatchConfig.from_settings(live)
+    s3 = aws_client(live, "s3")
+    requests, _ = example_requests(3, prefix="submit")
+    path = tmp_path / "jobs" / "mine.jsonl"
+    path.parent.mkdir()
+    path.write_bytes(b"".join(orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n" for r in requests))
+    env = {**live.to_env(), "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"}
+
+    async def submitted(job: str) -> tuple[asyncio.Task, str]:
+        """`maas batch submit` under way, and the ETag of its upload once it is there."""
+        submitting = asyncio.create_task(asyncio.to_thread(
+            maas, "batch", "submit", str(path), "--job", job, "--poll", "0.1", "--timeout", "120", env=env,
+            cwd=tmp_path))
+        while not submitting.done():
+            try:
+                head = await asyncio.to_thread(s3.head_object, Bucket=config.bucket, Key=config.inbox_key(job))
+                return submitting, head["ETag"].strip('"')
+            except ClientError:
+                await asyncio.sleep(0.1)
+        raise AssertionError(submitting.result().stderr)
+
+    submitting, etag = await submitted("own")
+    async with InferenceEngine(ModelCache(repository), worker_id="cli-test") as engine:
+        runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes)
+        assert (await runner.run(config.bucket, config.inbox_key("own")))["source"]["etag"] == etag
+    out = await submitting
+    assert out.returncode == 0, out.stderr
+    assert len((path.parent / "own.results.jsonl").read_bytes().splitlines()) == 3
+
+    submitting, etag = await submitted("foreign")
+    s3.put_object(Bucket=config.bucket, Key=config.results_key("foreign"), Body=b'{"id": "not yours"}\n',
+                  Metadata={SOURCE_ETAG: "0" * 32})
+    s3.put_object(Bucket=config.bucket, Key=config.summary_key("foreign"), Metadata={SOURCE_ETAG: etag},
+                  Body=orjson.dumps({"lines": 3, "throughput_lines_per_s": 1.0}))
+    out = await submitting
+    assert out.returncode == 1 and "holds the results of another upload of job 'foreign'" in out.stderr, out.stderr
+    assert sorted(p.name for p in path.parent.iterdir()) == ["mine.jsonl", "own.results.jsonl"]

@@ -22,11 +22,11 @@ from pipeline.settings import ConfigError, Settings
 
 
 async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    config = BatchConfig.from_settings(settings)  # a bad prefix stops here, before any stack or model is touched
     repository = open_repository(settings)
     if args.examples:
         ensure_examples(repository)
     async with connected(settings) as live:
-        config = BatchConfig.from_settings(live)
         s3, sqs = aws_client(live, "s3"), aws_client(live, "sqs")
         queue_url = await asyncio.to_thread(ensure_batch_notifications, s3, sqs, config)
         async with InferenceEngine(model_cache(settings, repository), worker_id=live.worker_id,
@@ -66,6 +66,26 @@ def _get_json(s3: Any, bucket: str, key: str) -> tuple[dict[str, Any], dict[str,
             return None
         raise
     return orjson.loads(obj["Body"].read()), obj.get("Metadata", {})
+
+
+def _download_results(s3: Any, bucket: str, key: str, etag: str, out: Path) -> str | None:
+    """Write the results to `out` only if they are the results of the upload whose ETag is `etag`; returns the
+    source-etag they carry. A run of an older (or newer) upload of the same job may have written them: one GET
+    gives metadata and body together, so the check and the bytes cannot come from two different writes."""
+    obj = s3.get_object(Bucket=bucket, Key=key)
+    body, partial = obj["Body"], out.with_name(f"{out.name}.part")
+    try:
+        source = obj.get("Metadata", {}).get(SOURCE_ETAG)
+        if source != etag:
+            return source
+        with partial.open("wb") as f:
+            for chunk in body.iter_chunks(1 << 20):
+                f.write(chunk)
+        partial.replace(out)
+        return source
+    finally:
+        body.close()
+        partial.unlink(missing_ok=True)  # only there when writing failed
 
 
 async def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
@@ -109,8 +129,13 @@ async def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
         print(f"\nno summary within {args.timeout:.0f}s: is `maas batch worker` running?", file=sys.stderr)
         return 1
     print(_bar(summary["lines"], total, summary["throughput_lines_per_s"]), file=sys.stderr, flush=True)
-    await asyncio.to_thread(s3.download_file, config.bucket, config.results_key(job), str(out))
-    print(f"results: {out} (s3://{config.bucket}/{config.results_key(job)})")
+    results = f"s3://{config.bucket}/{config.results_key(job)}"
+    source = await asyncio.to_thread(_download_results, s3, config.bucket, config.results_key(job), etag, out)
+    if source != etag:
+        print(f"{results} holds the results of another upload of job {job!r} (source-etag {source}, not {etag}): "
+              "the job file was replaced meanwhile; nothing downloaded", file=sys.stderr)
+        return 1
+    print(f"results: {out} ({results})")
     print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
     return 0 if summary["lines"] == total else 1
 
