@@ -619,12 +619,13 @@ class BatchJobWatcher:
     """
 
     def __init__(self, runner: BatchJobRunner, sqs: Any, queue_url: str, *, wait_s: int = 10,
-                 visibility_s: int = 60) -> None:
+                 visibility_s: int = 60, drain_timeout_s: float = 20.0) -> None:
         self.runner = runner
         self.sqs = sqs
         self.queue_url = queue_url
         self.wait_s = wait_s
         self.visibility_s = visibility_s
+        self.drain_timeout_s = drain_timeout_s
         self.completed: list[dict[str, Any]] = []
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -635,12 +636,17 @@ class BatchJobWatcher:
         return self
 
     async def stop(self) -> None:
-        """Finish the job under way (its message is then deleted), then stop polling."""
+        """Stop polling; let the job under way finish for up to `drain_timeout_s` (its message is then deleted),
+        else cancel it: its upload is aborted and its message made visible at once, so that another watcher
+        runs the job from the start. A job may take hours; a pod is killed some 30 s after its SIGTERM."""
         self._stopping = True
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        if task is None:
+            return
+        await asyncio.wait({task}, timeout=self.drain_timeout_s)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     async def __aenter__(self) -> BatchJobWatcher:
         return await self.start()
@@ -663,6 +669,9 @@ class BatchJobWatcher:
                 await asyncio.sleep(1.0)
                 continue
             for message in received.get("Messages", []):
+                if self._stopping:  # received while stop() waited for the poll: for another watcher
+                    await self._release(message)
+                    continue
                 await self._handle(message)
 
     async def _handle(self, message: dict[str, Any]) -> None:
@@ -673,6 +682,11 @@ class BatchJobWatcher:
                 summary = await self.runner.run(ref.bucket, ref.key)
                 if summary is not None:
                     self.completed.append(summary)
+        except asyncio.CancelledError:
+            log.warning("batch job message %s: stopped before its job finished; released for another watcher",
+                        message.get("MessageId"))
+            await self._release(message)
+            raise
         except Exception:
             log.exception("batch job message %s failed; it will be redelivered", message.get("MessageId"))
             return
@@ -684,6 +698,12 @@ class BatchJobWatcher:
                                     ReceiptHandle=message["ReceiptHandle"])
         except (ClientError, BotoCoreError) as exc:  # the job is done; its redelivery will find it done
             log.warning("cannot delete batch job message %s: %s", message.get("MessageId"), exc)
+
+    async def _release(self, message: dict[str, Any]) -> None:
+        """Make a message visible again now, rather than when its visibility timeout runs out."""
+        with contextlib.suppress(ClientError, BotoCoreError):
+            await asyncio.to_thread(self.sqs.change_message_visibility, QueueUrl=self.queue_url,
+                                    ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0)
 
     async def _keep_invisible(self, receipt: str) -> None:
         while True:

@@ -467,3 +467,27 @@ async def test_messages_that_are_not_s3_events_are_deleted_with_a_warning(live, 
         f"batch queue message {ids[1]} is not an S3 event notification (23 characters: a JSON object with keys "
         "['password']); deleted"])
     assert "hunter2" not in caplog.text
+
+
+async def test_stop_cancels_a_job_past_the_drain_timeout_and_releases_its_message(live, repository, caplog):
+    """stop() used to run the job under way to its end, however long; a pod is killed soon after its SIGTERM."""
+    config = BatchConfig(bucket=live.batch_bucket, queue=f"{live.batch_bucket}-events")
+    s3, sqs = aws_client(live, "s3"), aws_client(live, "sqs")
+    queue_url = await asyncio.to_thread(ensure_batch_notifications, s3, sqs, config)
+    requests, _ = example_requests(2, prefix="stop")
+    s3.put_object(Bucket=config.bucket, Key="inbox/long.jsonl", Body=jsonl(requests))
+    await wait_for(lambda: _in_queue(sqs, queue_url) >= 1)
+    async with _GatedEngine(ModelCache(repository), worker_id="slow") as slow:  # the gate never opens
+        runner = BatchJobRunner(slow, s3, config, max_request_bytes=live.max_request_bytes, worker_id="slow")
+        watcher = BatchJobWatcher(runner, sqs, queue_url, wait_s=1, visibility_s=600, drain_timeout_s=0.5)
+        await watcher.start()
+        await slow.entered.wait()
+        await asyncio.wait_for(watcher.stop(), 30)
+    assert watcher.completed == [] and "released for another watcher" in caplog.text
+    assert s3.list_multipart_uploads(Bucket=config.bucket).get("Uploads", []) == []  # the upload was aborted
+    assert "Contents" not in s3.list_objects_v2(Bucket=config.bucket, Prefix=config.outbox_prefix)
+    # visible again at once, not in 600 s: a fresh watcher runs the job
+    async with InferenceEngine(ModelCache(repository), worker_id="fast") as fast:
+        runner = BatchJobRunner(fast, s3, config, max_request_bytes=live.max_request_bytes, worker_id="fast")
+        async with BatchJobWatcher(runner, sqs, queue_url, wait_s=1, visibility_s=30) as again:
+            await wait_for(lambda: any(s["job"] == "long" for s in again.completed))
