@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,10 +114,14 @@ class ClaimCheckStore:
         except (ClientError, BotoCoreError) as exc:
             raise InferenceError(ErrorCode.UNAVAILABLE, f"{field}: S3 error writing {uri}: {exc}") from None
 
-    def default_uri(self, *parts: str) -> str:
-        """Where an object named by `parts` (a model, a request id) goes: one key per distinct `parts`. A part
-        the key alphabet cannot spell as it is ("team/a" and "team a" both read "team_a") gets a digest of
-        its own spelling appended, so two requests never share (and overwrite) one result object."""
+    def default_uri(self, *parts: str, suffix: str = "") -> str:
+        """A new object for `parts` (a model, a request id): `<output_prefix>/<part>/.../<uuid4><suffix>`.
+
+        The parts keep the key readable; the last segment makes it unique per call, because callers choose
+        request ids: two teams' "r-1" (or one request delivered twice) must never share an object, where one
+        would overwrite the other and be handed the other's data. A part the key alphabet cannot spell as it
+        is ("team/a" and "team a" both read "team_a") gets a digest of its own spelling appended, so the
+        readable prefix stays one per distinct part too."""
         safe = []
         for part in parts:
             spelled = re.sub(r"[^A-Za-z0-9!_.*'()=+,@-]", "_", part)
@@ -124,7 +129,13 @@ class ClaimCheckStore:
             if spelled != part or part in ("", ".", "..") or _DIGEST_END.search(part):
                 spelled = f"{spelled}-{hashlib.sha256(part.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"
             safe.append(spelled)
-        return f"s3://{self.output_bucket}/{self.output_prefix}/" + "/".join(safe)
+        return f"s3://{self.output_bucket}/{self.output_prefix}/" + "/".join([*safe, uuid.uuid4().hex + suffix])
+
+    async def put_new(self, framed: Framed, *parts: str, suffix: str = "", field: str = "result") -> str:
+        """Store `framed` as a new object of this store's own (see `default_uri`); returns its URI."""
+        uri = self.default_uri(*parts, suffix=suffix)
+        await self.put(uri, framed, field=field)
+        return uri
 
 
 def outputs_reference(response: InferenceResponse, uri: str) -> Framed:

@@ -195,7 +195,9 @@ class Responder:
         if self.store is None:
             raise InferenceError(ErrorCode.INVALID_REQUEST, "the result is too large to send inline and this "
                                  "deployment has no object store for it")
-        uri = request.parameters.get("output_uri") or self.store.default_uri(request.model_name,
-                                                                            f"{request.id}.result")
-        await self.store.put(uri, framed)
+        uri = request.parameters.get("output_uri")
+        if uri is None:
+            uri = await self.store.put_new(framed, request.model_name, request.id, suffix=".result")
+        else:
+            await self.store.put(uri, framed)
         return outputs_reference(response, uri)

@@ -230,11 +230,10 @@ class KafkaSink:
 
     async def _offload(self, envelope: Envelope, extra: dict[str, str]) -> bytes:
         if self.store is not None:
-            uri = self.store.default_uri("dead-letters", envelope.source)
             try:
-                await self.store.put(uri, Framed(envelope.payload, {"content-type": "application/octet-stream"}),
-                                     field="dead letter")
-                extra["maas-payload-uri"] = uri
+                extra["maas-payload-uri"] = await self.store.put_new(
+                    Framed(envelope.payload, {"content-type": "application/octet-stream"}), "dead-letters",
+                    envelope.source, field="dead letter")
                 return b""
             except InferenceError as exc:
                 log.error("cannot store an oversized dead letter in S3 (%s)", exc.message)

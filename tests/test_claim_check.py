@@ -7,14 +7,18 @@ from dataclasses import replace
 import numpy as np
 import orjson
 import pytest
-from worker_support import running_worker
+from worker_support import read_topic, running_worker
 
+from models.cache import ModelCache
 from models.examples import MNIST_MLP, synthetic_digits
 from pipeline.claim_check import ClaimCheckStore, parse_s3_uri
 from pipeline.client import ResultCollector, publish_requests
 from pipeline.codec import decode_response, encode_request
+from pipeline.engine import InferenceEngine
 from pipeline.errors import InferenceError
-from pipeline.services import aws_client
+from pipeline.responder import Outcome, Responder
+from pipeline.services import answer_producer, aws_client, claim_check_store
+from pipeline.sinks import Envelope, KafkaSink
 
 
 @pytest.mark.parametrize("uri", ["http://x/y", "s3://", "s3://Bad_Bucket/k", "s3://bucket/", "s3://bucket/a//b",
@@ -25,17 +29,46 @@ def test_unsafe_uris_are_refused(uri):
     assert caught.value.message.startswith("inputs_uri: ")
 
 
-def test_default_result_keys_are_one_per_request_id():
-    """Request ids the key alphabet cannot spell as they are must not share (and overwrite) one result object:
-    "team/a" and "team a" both spell "team_a"; nor may a caller pick an id that spells another's key."""
+def test_default_result_keys_are_new_per_result_and_readable_per_request_id():
+    """Request ids the key alphabet cannot spell as they are must not share a readable prefix: "team/a" and
+    "team a" both spell "team_a"; nor may a caller pick an id that spells another's. Every key is new besides."""
     store = ClaimCheckStore(None, frozenset(), output_bucket="results-bucket")
     ids = ["team/a", "team a", "team_a", "..", ".", "", "ünï", "unI"]
-    ids.append(store.default_uri("m", "team/a").rsplit("/", 1)[1])  # an id spelled like another's key
-    uris = [store.default_uri("m", request_id) for request_id in ids]
-    assert len(set(uris)) == len(ids)
-    assert uris[2] == "s3://results-bucket/results/m/team_a"  # a plain id keeps its own spelling
+    ids.append(store.default_uri("m", "team/a").rsplit("/", 2)[1])  # an id spelled like another's key
+    uris = [store.default_uri("m", request_id, suffix=".result") for request_id in ids]
+    assert len({uri.rsplit("/", 1)[0] for uri in uris}) == len(ids)
+    assert uris[2].startswith("s3://results-bucket/results/m/team_a/")  # a plain id keeps its own spelling
+    assert uris[2].endswith(".result") and store.default_uri("m", "team_a") != store.default_uri("m", "team_a")
     for uri in uris:
         parse_s3_uri(uri, field="outputs_uri")  # every key is one the store accepts
+
+
+async def test_two_callers_with_one_request_id_get_their_own_result_objects(live, repository):
+    """Callers choose request ids: two teams' "r-1", both with results too large to send inline, must not
+    share one object, where the second would overwrite the first and both would be handed its data."""
+    settings = replace(live, max_inline_output_bytes=1024)
+    images, labels = synthetic_digits(64, seed=7)
+    envelopes = [Envelope(encode_request("r-1", MNIST_MLP, {"input": images[i * 32:(i + 1) * 32]}).body, {},
+                          f"team-{i}@0") for i in range(2)]
+    producer = answer_producer(settings)
+    await producer.start()
+    try:
+        async with InferenceEngine(ModelCache(repository)) as engine:
+            store = claim_check_store(settings)
+            responder = Responder(settings, engine, KafkaSink.for_settings(producer, settings, store), store=store)
+            assert await responder.handle_many(envelopes) == [Outcome.RESULT] * 2
+    finally:
+        await producer.stop()
+    uris = [orjson.loads(record.value)["outputs_uri"] for record in
+            await read_topic(settings, settings.topics.results, 2)]
+    assert len(set(uris)) == 2
+    s3, stored = aws_client(settings, "s3"), set()
+    for uri in uris:
+        bucket, key = parse_s3_uri(uri, field="outputs_uri")
+        assert key.startswith("results/mnist_mlp/r-1/")
+        body = orjson.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        stored.add(tuple(next(o for o in body["outputs"] if o["name"] == "class")["data"]))
+    assert stored == {tuple(labels[:32].tolist()), tuple(labels[32:].tolist())}
 
 
 async def test_inputs_by_reference_and_outputs_to_s3(live):
