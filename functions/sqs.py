@@ -2,9 +2,10 @@
 
 Messages go through the same `Responder` as every other source. Answers go to the results topic (or
 `reply_to`), or to an SQS results queue when MAAS_SQS_RESULTS_QUEUE_URL is set (undecodable messages then
-to MAAS_SQS_DLQ_URL; without it they are reported failed and the queue's redrive policy moves them to its
-DLQ). The handler returns a partial batch response listing exactly the messages that failed transiently,
-`{"batchItemFailures": [{"itemIdentifier": "<messageId>"}]}`, so SQS redelivers only those
+to MAAS_SQS_DLQ_URL, or to S3 with a `maas-payload-uri` pointing to them when too large for it; without it they
+are reported failed and the queue's redrive policy moves them to its DLQ). The handler returns a partial batch
+response listing exactly the messages that failed transiently or whose answer or dead letter could not be
+delivered, `{"batchItemFailures": [{"itemIdentifier": "<messageId>"}]}`, so SQS redelivers only those
 (FunctionResponseTypes: [ReportBatchItemFailures]); after maxReceiveCount they move to the queue's DLQ.
 """
 
@@ -12,19 +13,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiokafka.errors import KafkaError
-from botocore.exceptions import BotoCoreError, ClientError
-
 from functions.runtime import Runtime, invoke
 from pipeline.responder import Outcome, Responder
-from pipeline.sinks import KafkaSink, RedeliverTransient, ResultSink, SqsSink
+from pipeline.sinks import DELIVERY_ERRORS, KafkaSink, RedeliverTransient, ResultSink, SqsSink
 from pipeline.sqs_worker import SqsMessage, answer_sqs_messages
 
 
 async def _sink(runtime: Runtime) -> ResultSink:
     settings = runtime.settings
     if settings.sqs_results_queue_url:
-        return SqsSink(runtime.aws("sqs"), settings.sqs_results_queue_url, settings.sqs_dlq_url)
+        return SqsSink(runtime.aws("sqs"), settings.sqs_results_queue_url, settings.sqs_dlq_url,
+                       store=runtime.claim_checks())
     return KafkaSink.for_settings(await runtime.producer(), settings, runtime.claim_checks())
 
 
@@ -40,7 +39,7 @@ async def handle(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:
         part = messages[start:start + size]
         try:
             outcomes = await answer_sqs_messages(responder, part)
-        except (KafkaError, ClientError, BotoCoreError):
+        except DELIVERY_ERRORS:
             outcomes = [Outcome.RETRY] * len(part)  # the answers could not be delivered: let SQS redeliver
         failed += [{"itemIdentifier": record["messageId"]} for record, outcome
                    in zip(records[start:start + size], outcomes, strict=True) if outcome is Outcome.RETRY]

@@ -20,7 +20,7 @@ from pipeline.errors import ErrorCode, InferenceError
 from pipeline.metrics import ERRORS, REQUESTS
 from pipeline.protocol import InferenceRequest, InferenceResponse
 from pipeline.settings import Settings
-from pipeline.sinks import Envelope, ResultSink
+from pipeline.sinks import Answer, Envelope, ResultSink, Undelivered
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class Outcome(StrEnum):
     RESULT = "result"
     ERROR = "error"  # an error result was delivered: the caller's request was at fault
     DEAD_LETTER = "dead_letter"
-    RETRY = "retry"  # transient failure and no dead-letter destination: the source must redeliver
+    RETRY = "retry"  # transient failure, no dead-letter destination, or undelivered: the source must redeliver
 
 
 class Responder:
@@ -51,7 +51,8 @@ class Responder:
         self.retry_delay_s = retry_delay_s
 
     async def handle(self, envelope: Envelope) -> Outcome:
-        """Raises only when the sink cannot deliver (the source must then not acknowledge the message)."""
+        """Raises only when the sink cannot deliver and cannot say so for this message alone (the source must
+        then not acknowledge the message); a sink that can makes it Outcome.RETRY."""
         request: InferenceRequest | None = None
         error: InferenceError | None = None
         attempts = 0
@@ -75,13 +76,16 @@ class Responder:
                 error = InferenceError(ErrorCode.INTERNAL, f"unexpected failure: {exc!r}", request.id)
                 break
             else:
-                await self.sink.answer(envelope, request, framed)
+                if await self._undelivered([(envelope, request, framed)]):
+                    return Outcome.RETRY
                 REQUESTS.labels(request.model_name, "ok").inc()
                 return Outcome.RESULT
         assert error is not None
         ERRORS.labels(str(error.code)).inc()
         if error.request_id is not None and not error.code.transient:
-            await self.sink.answer(envelope, request, encode_error(error, request.model_name if request else None))
+            answer = encode_error(error, request.model_name if request else None)
+            if await self._undelivered([(envelope, request, answer)]):
+                return Outcome.RETRY
             REQUESTS.labels(_model_label(request, error), "error").inc()
             return Outcome.ERROR
         if await self.sink.dead_letter(envelope, error, max(attempts, 1)):
@@ -94,8 +98,9 @@ class Responder:
         The common case (the message decodes, runs and is answered) takes a few microseconds per message
         here: one engine call and one delivery for all of them, instead of a task and a chain of awaits
         each. Everything else (undecodable messages, claim-checked inputs, transient failures that are
-        retried) goes through `handle`, so the decision tree stays in one place. Raises only when the sink
-        cannot deliver (the source must then not acknowledge any of these messages).
+        retried) goes through `handle`, so the decision tree stays in one place. An answer the sink reports
+        `Undelivered` makes its message Outcome.RETRY alone; raises only when the sink cannot deliver and cannot
+        say which answers went out (the source must then not acknowledge any of these messages).
         """
         outcomes: list[Outcome | None] = [None] * len(envelopes)
         direct: list[tuple[int, InferenceRequest]] = []
@@ -110,9 +115,8 @@ class Responder:
                 direct.append((index, request))
             else:  # object-store URIs are checked before the model runs, in handle()
                 one_by_one.append(index)
-        answers: list[tuple[Envelope, InferenceRequest, Framed]] = []
-        answered: Counter[str] = Counter()
-        failed: Counter[str] = Counter()
+        answers: list[Answer] = []
+        answered: list[tuple[int, Outcome, str]] = []  # per answer: its message, outcome and metrics label
         try:
             results = await self.engine.infer_many([request for _, request in direct])
         except Exception:  # a bug must not fail the messages beside the one that hit it: each goes alone
@@ -133,26 +137,37 @@ class Responder:
                     continue
                 else:
                     answers.append((envelopes[index], request, framed))
-                    outcomes[index] = Outcome.RESULT
-                    answered[request.model_name] += 1
+                    answered.append((index, Outcome.RESULT, request.model_name))
                     continue
             if result.code.transient:
                 one_by_one.append(index)  # retried there, then dead-lettered
                 continue
             ERRORS.labels(str(result.code)).inc()
             answers.append((envelopes[index], request, encode_error(result, request.model_name)))
-            outcomes[index] = Outcome.ERROR
-            failed[_model_label(request, result)] += 1
-        await self.sink.answer_many(answers)
-        for model, count in answered.items():
-            REQUESTS.labels(model, "ok").inc(count)
-        for model, count in failed.items():
-            REQUESTS.labels(model, "error").inc(count)
+            answered.append((index, Outcome.ERROR, _model_label(request, result)))
+        undelivered = await self._undelivered(answers)
+        counts: Counter[tuple[str, str]] = Counter()
+        for position, (index, outcome, label) in enumerate(answered):
+            outcomes[index] = Outcome.RETRY if position in undelivered else outcome
+            if position not in undelivered:
+                counts[label, "ok" if outcome is Outcome.RESULT else "error"] += 1
+        for (model, kind), count in counts.items():
+            REQUESTS.labels(model, kind).inc(count)
         if one_by_one:
             handled = await asyncio.gather(*(self.handle(envelopes[index]) for index in one_by_one))
             for index, outcome in zip(one_by_one, handled, strict=True):
                 outcomes[index] = outcome
         return outcomes  # type: ignore[return-value]  # every slot was filled above
+
+    async def _undelivered(self, answers: Sequence[Answer]) -> set[int]:
+        """Deliver `answers`; the positions of those the sink reports `Undelivered` (the others went out)."""
+        if not answers:
+            return set()
+        try:
+            await self.sink.answer_many(answers)
+        except Undelivered as exc:
+            return set(exc.failed)
+        return set()
 
     def _decode(self, envelope: Envelope) -> InferenceRequest:
         """The request, or an InferenceError: a decoder bug on one message is that message's dead letter."""
@@ -195,7 +210,9 @@ class Responder:
         if self.store is None:
             raise InferenceError(ErrorCode.INVALID_REQUEST, "the result is too large to send inline and this "
                                  "deployment has no object store for it")
-        uri = request.parameters.get("output_uri") or self.store.default_uri(request.model_name,
-                                                                            f"{request.id}.result")
-        await self.store.put(uri, framed)
+        uri = request.parameters.get("output_uri")
+        if uri is None:
+            uri = await self.store.put_new(framed, request.model_name, request.id, suffix=".result")
+        else:
+            await self.store.put(uri, framed)
         return outputs_reference(response, uri)

@@ -134,6 +134,9 @@ def answer_producer(settings: Settings) -> AIOKafkaProducer:
 
 
 def claim_check_store(settings: Settings, s3: Any | None = None) -> ClaimCheckStore:
-    """Claim checks in the allowed buckets; results and oversized dead letters go to the batch bucket."""
+    """Claim checks under MAAS_CLAIM_CHECK_PREFIX in the allowed buckets, never in the batch jobs' inbox or outbox;
+    results and oversized dead letters go to the batch bucket."""
     return ClaimCheckStore(s3 or aws_client(settings, "s3"), settings.allowed_buckets,
-                           output_bucket=settings.batch_bucket, max_object_bytes=settings.max_claim_check_bytes)
+                           output_bucket=settings.batch_bucket, max_object_bytes=settings.max_claim_check_bytes,
+                           claim_prefix=settings.claim_check_prefix,
+                           reserved_prefixes=(settings.batch_inbox_prefix, settings.batch_outbox_prefix))

@@ -134,6 +134,7 @@ class Settings:
     producer_max_batch_bytes: int = 256 * 1024
     kafka_idempotence: bool = False
     claim_check_buckets: frozenset[str] = frozenset()
+    claim_check_prefix: str = "claims/"
     max_inline_output_bytes: int = 1024 * 1024
     max_claim_check_bytes: int = 64 * 1024 * 1024
     health_port: int = 0
@@ -202,6 +203,7 @@ class Settings:
             kafka_idempotence=env.get("MAAS_KAFKA_IDEMPOTENCE", "0").lower() in {"1", "true", "yes"},
             claim_check_buckets=frozenset(b.strip() for b in env.get("MAAS_CLAIM_CHECK_BUCKETS", "").split(",")
                                           if b.strip()),
+            claim_check_prefix=env.get("MAAS_CLAIM_CHECK_PREFIX") or "claims/",
             max_inline_output_bytes=_int(env, "MAAS_MAX_INLINE_OUTPUT_BYTES", 1024 * 1024, minimum=1024),
             max_claim_check_bytes=_int(env, "MAAS_MAX_CLAIM_CHECK_BYTES", 64 * 1024 * 1024, minimum=1024),
             health_port=_int(env, "MAAS_HEALTH_PORT", 0, minimum=0, maximum=65535),
@@ -304,6 +306,7 @@ class Settings:
             "MAAS_GC_GEN0_THRESHOLD": str(self.gc_gen0_threshold),
             "MAAS_KAFKA_IDEMPOTENCE": "1" if self.kafka_idempotence else "0",
             "MAAS_CLAIM_CHECK_BUCKETS": ",".join(sorted(self.claim_check_buckets)),
+            "MAAS_CLAIM_CHECK_PREFIX": self.claim_check_prefix,
             "MAAS_MAX_INLINE_OUTPUT_BYTES": str(self.max_inline_output_bytes),
             "MAAS_MAX_CLAIM_CHECK_BYTES": str(self.max_claim_check_bytes),
             "MAAS_HEALTH_PORT": str(self.health_port),

@@ -7,15 +7,27 @@ every source; an SQS results queue serves SQS-only deployments.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from aiokafka.errors import KafkaError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.claim_check import ClaimCheckStore
-from pipeline.codec import HEADER_LENGTH, Framed, encode_error, to_sqs_message
+from pipeline.codec import (
+    BINARY,
+    CONTENT_TYPE,
+    HEADER_LENGTH,
+    JSON,
+    TRANSFER_ENCODING,
+    Framed,
+    encode_error,
+    sqs_text,
+    to_sqs_message,
+)
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.metrics import DEAD_LETTERS
 from pipeline.partitioning import partitions_for_keys
@@ -27,6 +39,9 @@ log = logging.getLogger(__name__)
 PASSTHROUGH_HEADERS = ("traceparent", "tracestate")
 MAX_PASSTHROUGH_BYTES = 16 * 1024
 _SQS_FIRST = (*PASSTHROUGH_HEADERS, HEADER_LENGTH)  # attributes kept first when SQS's 10 run short
+PAYLOAD_URI = "maas-payload-uri"  # a dead letter too large for its destination: where its payload is stored
+#: What a failed delivery raises: the broker's or the AWS client's errors (anything else is a bug).
+DELIVERY_ERRORS: tuple[type[Exception], ...] = (KafkaError, ClientError, BotoCoreError)
 
 
 @dataclass(slots=True)
@@ -65,6 +80,16 @@ def dead_letter_headers(error: InferenceError, attempts: int, source: str) -> di
 Answer = tuple[Envelope, InferenceRequest | None, Framed]
 
 
+class Undelivered(Exception):
+    """Some answers of an `answer_many` were not delivered and the others were: only the messages of `failed`
+    (positions in the answers given -> why) must be redelivered, so that a message the destination refuses
+    neither fails the messages beside it nor makes their answers go out again."""
+
+    def __init__(self, failed: dict[int, BaseException]) -> None:
+        super().__init__(f"{len(failed)} answer(s) not delivered, e.g. {next(iter(failed.values()))!r:.300}")
+        self.failed = failed
+
+
 class ResultSink(Protocol):
     #: The largest result body this sink carries inline (None: the settings' MAAS_MAX_INLINE_OUTPUT_BYTES alone);
     #: a larger one goes to S3 and the answer points to it.
@@ -74,17 +99,23 @@ class ResultSink(Protocol):
         """Deliver a result or error result; raise if it could not be delivered."""
 
     async def answer_many(self, answers: Sequence[Answer]) -> None:
-        """Deliver several; returns once every one was delivered, raises if any could not be."""
+        """Deliver several; returns once every one was delivered. Raises `Undelivered` when it knows which
+        ones were not (the others were), anything else when none can be assumed delivered."""
 
     async def dead_letter(self, envelope: Envelope, error: InferenceError, attempts: int) -> bool:
-        """Deliver a dead letter; False when this sink has no dead-letter destination (the source must then
-        leave the message to its own redrive, e.g. an SQS queue's DLQ)."""
+        """Deliver a dead letter; False when this sink has no dead-letter destination that can take it (the
+        source must then leave the message to its own redrive, e.g. an SQS queue's DLQ)."""
 
 
 class RedeliverTransient:
     """A sink wrapper for sources that redeliver on their own (SQS visibility timeout, Lambda event source
     mappings): a request that failed transiently on every attempt is left to the source's retry and redrive
-    policy instead of being dead-lettered here. Undecodable requests are still dead-lettered."""
+    policy instead of being dead-lettered here. Undecodable requests are still dead-lettered.
+
+    Since such a source can redeliver one message alone, a failed delivery is that message's alone too: a
+    dead letter that cannot be delivered leaves its message to redelivery, and answers that cannot be are
+    reported `Undelivered`, so the source acknowledges every other message of the receive or invocation.
+    """
 
     def __init__(self, sink: ResultSink, enabled: bool = True) -> None:
         self.sink = sink
@@ -95,12 +126,23 @@ class RedeliverTransient:
         await self.sink.answer(envelope, request, framed)
 
     async def answer_many(self, answers: Sequence[Answer]) -> None:
-        await self.sink.answer_many(answers)
+        try:
+            await self.sink.answer_many(answers)
+        except DELIVERY_ERRORS as exc:
+            if not self.enabled:
+                raise
+            raise Undelivered(dict.fromkeys(range(len(answers)), exc)) from exc
 
     async def dead_letter(self, envelope: Envelope, error: InferenceError, attempts: int) -> bool:
         if self.enabled and error.code.transient:
             return False  # the Responder then reports Outcome.RETRY
-        return await self.sink.dead_letter(envelope, error, attempts)
+        try:
+            return await self.sink.dead_letter(envelope, error, attempts)
+        except DELIVERY_ERRORS as exc:
+            if not self.enabled:
+                raise
+            log.error("cannot dead-letter %s (%r); it is left to redelivery", envelope.source, exc)
+            return False
 
 
 class KafkaSink:
@@ -230,11 +272,10 @@ class KafkaSink:
 
     async def _offload(self, envelope: Envelope, extra: dict[str, str]) -> bytes:
         if self.store is not None:
-            uri = self.store.default_uri("dead-letters", envelope.source)
             try:
-                await self.store.put(uri, Framed(envelope.payload, {"content-type": "application/octet-stream"}),
-                                     field="dead letter")
-                extra["maas-payload-uri"] = uri
+                extra[PAYLOAD_URI] = await self.store.put_new(
+                    Framed(envelope.payload, {"content-type": "application/octet-stream"}), "dead-letters",
+                    envelope.source, field="dead letter")
                 return b""
             except InferenceError as exc:
                 log.error("cannot store an oversized dead letter in S3 (%s)", exc.message)
@@ -247,16 +288,25 @@ class SqsSink:
 
     SQS takes at most 10 message attributes and, on a queue's default settings, 256 KiB per message: the
     framing and dead-letter attributes come first, the request's tracing and CloudEvents ones fill what is
-    left, and results over `max_inline_bytes` (binary ones grow by a third in base64) go to S3.
+    left, and results over `max_inline_bytes` (binary ones grow by a third in base64) go to S3. Each message
+    is sent on its own, so one that SQS refuses fails only itself (`Undelivered`).
+
+    A dead letter keeps the original body and attributes: text as it came (base64 only for bytes SQS does not
+    take as text), and a body too large for the dead-letter queue's MaximumMessageSize is stored in S3 while
+    the message carries its URI (`maas-payload-uri`), as KafkaSink does for the dead-letter topic.
     """
 
     max_inline_bytes = 160 * 1024
     MAX_ATTRIBUTES = 10
+    FALLBACK_MAX_MESSAGE_BYTES = 256 * 1024  # SQS's default before 2025: when the DLQ's own cannot be read
 
-    def __init__(self, sqs: Any, results_url: str, dlq_url: str | None = None) -> None:
+    def __init__(self, sqs: Any, results_url: str, dlq_url: str | None = None, *,
+                 store: ClaimCheckStore | None = None) -> None:
         self.sqs = sqs
         self.results_url = results_url
         self.dlq_url = dlq_url
+        self.store = store
+        self._dlq_max_bytes: int | None = None
 
     async def answer(self, envelope: Envelope, request: InferenceRequest | None, framed: Framed) -> None:
         message = self._with_attributes(to_sqs_message(framed), envelope.passthrough())
@@ -279,17 +329,78 @@ class SqsSink:
         return message
 
     async def answer_many(self, answers: Sequence[Answer]) -> None:
-        for envelope, request, framed in answers:
-            await self.answer(envelope, request, framed)
+        failed: dict[int, BaseException] = {}
+        for position, (envelope, request, framed) in enumerate(answers):
+            try:
+                await self.answer(envelope, request, framed)
+            except (ClientError, BotoCoreError) as exc:
+                log.error("cannot answer %s on SQS (%r); it is left to redelivery", envelope.source, exc)
+                failed[position] = exc
+        if failed:
+            raise Undelivered(failed)
 
     async def dead_letter(self, envelope: Envelope, error: InferenceError, attempts: int) -> bool:
         if self.dlq_url is None:
             return False
-        framing = {"content-type": "application/octet-stream", **dead_letter_headers(error, attempts, envelope.source)}
-        message = self._with_attributes(to_sqs_message(Framed(envelope.payload, framing)), envelope.headers)
+        framing = {CONTENT_TYPE: envelope.headers.get(CONTENT_TYPE, JSON),
+                   **dead_letter_headers(error, attempts, envelope.source)}
+        message = self._dead_letter_message(envelope, framing)
+        if _sqs_bytes(message) > await self._dlq_limit():
+            uri = await self._offload(envelope)
+            if uri is None:
+                return False  # left whole to the source queue's redrive policy rather than cut short
+            message = self._dead_letter_message(envelope, {**framing, PAYLOAD_URI: uri}, stored_at=uri)
         await _to_thread(self.sqs.send_message, QueueUrl=self.dlq_url, **message)
         DEAD_LETTERS.labels(str(error.code)).inc()
         return True
+
+    def _dead_letter_message(self, envelope: Envelope, framing: dict[str, str],
+                             stored_at: str | None = None) -> dict[str, Any]:
+        """The body as it came (or, once stored, the object's URI: SQS takes no empty body), then the
+        original attributes; whether the body is base64 is this message's own attribute, never the original's."""
+        body = stored_at or sqs_text(envelope.payload)
+        attributes = {name: {"DataType": "String", "StringValue": value} for name, value in framing.items() if value}
+        if body is None:
+            body = base64.b64encode(envelope.payload).decode()
+            attributes[TRANSFER_ENCODING] = {"DataType": "String", "StringValue": "base64"}
+        original = {name: value for name, value in envelope.headers.items() if name != TRANSFER_ENCODING}
+        return self._with_attributes({"MessageBody": body, "MessageAttributes": attributes}, original)
+
+    async def _dlq_limit(self) -> int:
+        """The dead-letter queue's MaximumMessageSize, read once."""
+        if self._dlq_max_bytes is None:
+            try:
+                response = await _to_thread(self.sqs.get_queue_attributes, QueueUrl=self.dlq_url,
+                                            AttributeNames=["MaximumMessageSize"])
+                self._dlq_max_bytes = int(response["Attributes"]["MaximumMessageSize"])
+            except (ClientError, BotoCoreError, KeyError, ValueError) as exc:
+                log.warning("cannot read the MaximumMessageSize of %s (%r); assuming %d bytes", self.dlq_url, exc,
+                            self.FALLBACK_MAX_MESSAGE_BYTES)
+                self._dlq_max_bytes = self.FALLBACK_MAX_MESSAGE_BYTES
+        return self._dlq_max_bytes
+
+    async def _offload(self, envelope: Envelope) -> str | None:
+        """The payload stored in S3, or None when there is no store or it fails (said in the log)."""
+        if self.store is None:
+            log.error("dead letter of %s is too large for %s and there is no object store for it; it is left to "
+                      "redelivery", envelope.source, self.dlq_url)
+            return None
+        try:
+            return await self.store.put_new(Framed(envelope.payload, {CONTENT_TYPE: BINARY}), "dead-letters",
+                                            envelope.source, field="dead letter")
+        except InferenceError as exc:
+            log.error("cannot store the dead letter of %s in S3 (%s); it is left to redelivery", envelope.source,
+                      exc.message)
+            return None
+
+
+def _sqs_bytes(message: dict[str, Any]) -> int:
+    """A message's size as SQS counts it against MaximumMessageSize: the body and each attribute's name, data
+    type and value, in UTF-8 bytes."""
+    size = len(message["MessageBody"].encode())
+    for name, value in message["MessageAttributes"].items():
+        size += len(name.encode()) + len(value["DataType"].encode()) + len(value["StringValue"].encode())
+    return size
 
 
 def _reason(exc: BaseException) -> str:

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka.errors import KafkaError
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.backpressure import Slots
@@ -27,7 +26,7 @@ from pipeline.errors import InferenceError
 from pipeline.metrics import IN_FLIGHT
 from pipeline.responder import Outcome, Responder
 from pipeline.settings import Settings
-from pipeline.sinks import Envelope, RedeliverTransient, ResultSink
+from pipeline.sinks import DELIVERY_ERRORS, Envelope, RedeliverTransient, ResultSink
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +44,9 @@ async def answer_sqs_messages(responder: Responder, messages: Sequence[SqsMessag
     """Unwrap SQS messages and answer them together; outcomes in order.
 
     A message that cannot even be unwrapped (bad base64) is dead-lettered as it came; if that delivery fails,
-    only that message is left for redelivery. Raises when the answers of the others cannot be delivered.
+    only that message is left for redelivery, as is any other message whose answer or dead letter the
+    responder's sink (`RedeliverTransient`) could not deliver. Raises only when a sink cannot say which
+    answers went out.
     """
     outcomes: dict[int, Outcome] = {}
     decoded: list[tuple[int, Envelope]] = []
@@ -56,7 +57,7 @@ async def answer_sqs_messages(responder: Responder, messages: Sequence[SqsMessag
             envelope = Envelope(message.body.encode(), {}, message.source)
             try:
                 delivered = await responder.sink.dead_letter(envelope, exc, 1)
-            except (KafkaError, ClientError, BotoCoreError) as failure:
+            except DELIVERY_ERRORS as failure:
                 log.error("cannot dead-letter %s (%r); it will be redelivered", message.source, failure)
                 delivered = False
             outcomes[index] = Outcome.DEAD_LETTER if delivered else Outcome.RETRY
@@ -158,7 +159,7 @@ class SqsWorker:
             self.left_for_redelivery += len(messages) - len(done)  # visibility timeout, then the redrive policy
             if done:
                 self.answered += await self._delete(done)
-        except (KafkaError, ClientError, BotoCoreError) as exc:
+        except DELIVERY_ERRORS as exc:
             log.error("cannot deliver the answers of %d messages (%r); they will be redelivered", len(messages), exc)
         except Exception:  # a bug: left to the visibility timeout and the queue's redrive policy, and said so
             log.exception("unexpected failure answering %d messages; they will be redelivered", len(messages))

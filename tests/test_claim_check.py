@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import numpy as np
 import orjson
 import pytest
-from worker_support import running_worker
+from worker_support import read_topic, running_worker
 
+from models.cache import ModelCache
 from models.examples import MNIST_MLP, synthetic_digits
 from pipeline.claim_check import ClaimCheckStore, parse_s3_uri
 from pipeline.client import ResultCollector, publish_requests
 from pipeline.codec import decode_response, encode_request
+from pipeline.engine import InferenceEngine
 from pipeline.errors import InferenceError
-from pipeline.services import aws_client
+from pipeline.responder import Outcome, Responder
+from pipeline.services import answer_producer, aws_client, claim_check_store
+from pipeline.settings import ConfigError, Settings
+from pipeline.sinks import Envelope, KafkaSink
 
 
 @pytest.mark.parametrize("uri", ["http://x/y", "s3://", "s3://Bad_Bucket/k", "s3://bucket/", "s3://bucket/a//b",
@@ -25,17 +31,112 @@ def test_unsafe_uris_are_refused(uri):
     assert caught.value.message.startswith("inputs_uri: ")
 
 
-def test_default_result_keys_are_one_per_request_id():
-    """Request ids the key alphabet cannot spell as they are must not share (and overwrite) one result object:
-    "team/a" and "team a" both spell "team_a"; nor may a caller pick an id that spells another's key."""
+def test_default_result_keys_are_new_per_result_and_readable_per_request_id():
+    """Request ids the key alphabet cannot spell as they are must not share a readable prefix: "team/a" and
+    "team a" both spell "team_a"; nor may a caller pick an id that spells another's. Every key is new besides."""
     store = ClaimCheckStore(None, frozenset(), output_bucket="results-bucket")
     ids = ["team/a", "team a", "team_a", "..", ".", "", "ünï", "unI"]
-    ids.append(store.default_uri("m", "team/a").rsplit("/", 1)[1])  # an id spelled like another's key
-    uris = [store.default_uri("m", request_id) for request_id in ids]
-    assert len(set(uris)) == len(ids)
-    assert uris[2] == "s3://results-bucket/results/m/team_a"  # a plain id keeps its own spelling
+    ids.append(store.default_uri("m", "team/a").rsplit("/", 2)[1])  # an id spelled like another's key
+    uris = [store.default_uri("m", request_id, suffix=".result") for request_id in ids]
+    assert len({uri.rsplit("/", 1)[0] for uri in uris}) == len(ids)
+    assert uris[2].startswith("s3://results-bucket/results/m/team_a/")  # a plain id keeps its own spelling
+    assert uris[2].endswith(".result") and store.default_uri("m", "team_a") != store.default_uri("m", "team_a")
     for uri in uris:
         parse_s3_uri(uri, field="outputs_uri")  # every key is one the store accepts
+
+
+async def test_two_callers_with_one_request_id_get_their_own_result_objects(live, repository):
+    """Callers choose request ids: two teams' "r-1", both with results too large to send inline, must not
+    share one object, where the second would overwrite the first and both would be handed its data."""
+    settings = replace(live, max_inline_output_bytes=1024)
+    images, labels = synthetic_digits(64, seed=7)
+    envelopes = [Envelope(encode_request("r-1", MNIST_MLP, {"input": images[i * 32:(i + 1) * 32]}).body, {},
+                          f"team-{i}@0") for i in range(2)]
+    producer = answer_producer(settings)
+    await producer.start()
+    try:
+        async with InferenceEngine(ModelCache(repository)) as engine:
+            store = claim_check_store(settings)
+            responder = Responder(settings, engine, KafkaSink.for_settings(producer, settings, store), store=store)
+            assert await responder.handle_many(envelopes) == [Outcome.RESULT] * 2
+    finally:
+        await producer.stop()
+    uris = [orjson.loads(record.value)["outputs_uri"] for record in
+            await read_topic(settings, settings.topics.results, 2)]
+    assert len(set(uris)) == 2
+    s3, stored = aws_client(settings, "s3"), set()
+    for uri in uris:
+        bucket, key = parse_s3_uri(uri, field="outputs_uri")
+        assert key.startswith("results/mnist_mlp/r-1/")
+        body = orjson.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        stored.add(tuple(next(o for o in body["outputs"] if o["name"] == "class")["data"]))
+    assert stored == {tuple(labels[:32].tolist()), tuple(labels[32:].tolist())}
+
+
+async def test_claim_checks_reach_only_keys_under_the_claim_check_prefix(live, repository):
+    """A caller's output_uri must neither overwrite the batch jobs' results (outbox) or the store's own nor plant
+    a job file in the inbox, and its inputs_uri must not read from them: each is an INVALID_REQUEST naming the
+    field and the prefix that is allowed, before the model runs. Under the claim-check prefix both work."""
+    s3, bucket = aws_client(live, "s3"), live.batch_bucket
+    victim = b'{"line": 1, "id": "victim"}\n'
+    s3.put_object(Bucket=bucket, Key="outbox/victim.results.jsonl", Body=victim)
+    image = synthetic_digits(1, seed=3)[0]
+    for key in ("inbox/in.json", "outbox/in.json", "results/in.json", "claims/in.json"):
+        s3.put_object(Bucket=bucket, Key=key, Body=encode_request("ignored", MNIST_MLP, {"input": image}).body,
+                      ContentType="application/json")
+    cases = {  # id -> (what the request says, the field refused; None: allowed)
+        "to-outbox": ({"parameters": {"output_uri": f"s3://{bucket}/outbox/victim.results.jsonl"}},
+                      "parameters.output_uri"),
+        "to-inbox": ({"parameters": {"output_uri": f"s3://{bucket}/inbox/planted.jsonl"}}, "parameters.output_uri"),
+        "to-results": ({"parameters": {"output_uri": f"s3://{bucket}/results/mnist_mlp/r-1/x.result"}},
+                       "parameters.output_uri"),
+        "from-inbox": ({"inputs_uri": f"s3://{bucket}/inbox/in.json"}, "inputs_uri"),
+        "from-outbox": ({"inputs_uri": f"s3://{bucket}/outbox/in.json"}, "inputs_uri"),
+        "from-results": ({"inputs_uri": f"s3://{bucket}/results/in.json"}, "inputs_uri"),
+        "claimed": ({"inputs_uri": f"s3://{bucket}/claims/in.json",
+                     "parameters": {"output_uri": f"s3://{bucket}/claims/out.result"}}, None),
+    }
+    envelopes = []
+    for request_id, (fields, _) in cases.items():
+        body = {**orjson.loads(encode_request(request_id, MNIST_MLP, {"input": image}).body), **fields}
+        if "inputs_uri" in body:
+            del body["inputs"]
+        envelopes.append(Envelope(orjson.dumps(body), {}, f"{request_id}@0"))
+    producer = answer_producer(live)
+    await producer.start()
+    try:
+        async with InferenceEngine(ModelCache(repository)) as engine:
+            store = claim_check_store(live)
+            responder = Responder(live, engine, KafkaSink.for_settings(producer, live, store), store=store)
+            assert await responder.handle_many(envelopes) == [Outcome.ERROR] * 6 + [Outcome.RESULT]
+    finally:
+        await producer.stop()
+    answers = {r.key.decode(): orjson.loads(r.value) for r in await read_topic(live, live.topics.results, 7)}
+    for request_id, (_, field) in cases.items():
+        if field is None:
+            assert answers[request_id]["outputs_uri"] == f"s3://{bucket}/claims/out.result"
+            continue
+        error = answers[request_id]["error"]
+        assert error["code"] == "INVALID_REQUEST" and error["message"].startswith(f"{field}: key ")
+        assert f"s3://{bucket}/claims/..." in error["message"] and "MAAS_CLAIM_CHECK_PREFIX" in error["message"]
+    assert s3.get_object(Bucket=bucket, Key="outbox/victim.results.jsonl")["Body"].read() == victim
+    assert [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="inbox/")["Contents"]] == ["inbox/in.json"]
+
+
+@pytest.mark.parametrize(("changes", "fragment"), [
+    ({"claim_check_prefix": "inbox/"}, "MAAS_CLAIM_CHECK_PREFIX='inbox/' overlaps 'inbox/'"),
+    ({"claim_check_prefix": "outbox/claims/"}, "overlaps 'outbox/'"),
+    ({"claim_check_prefix": "results/"}, "overlaps 'results/'"),
+    ({"claim_check_prefix": "re"}, "expected a plain key prefix ending in '/'"),
+    ({"claim_check_prefix": "a//b/"}, "expected a plain key prefix"),
+    ({"claim_check_prefix": "../claims/"}, "expected a plain key prefix"),
+    ({"batch_inbox_prefix": "claims/jobs/"}, "MAAS_CLAIM_CHECK_PREFIX='claims/' overlaps 'claims/jobs/'"),
+])
+def test_a_claim_check_prefix_that_reaches_what_callers_must_not_is_a_config_error(changes, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        claim_check_store(replace(Settings(), **changes))
+    prefix = "team-a/claims/"
+    assert claim_check_store(Settings.from_env({"MAAS_CLAIM_CHECK_PREFIX": prefix})).claim_prefix == prefix
 
 
 async def test_inputs_by_reference_and_outputs_to_s3(live):
@@ -44,15 +145,16 @@ async def test_inputs_by_reference_and_outputs_to_s3(live):
     images, labels = synthetic_digits(40, seed=99)
     json_obj = encode_request("ignored", MNIST_MLP, {"input": images[:20]})
     binary_obj = encode_request("ignored", MNIST_MLP, {"input": images[20:]}, binary=True)
-    s3.put_object(Bucket=settings.batch_bucket, Key="in/a.json", Body=json_obj.body, ContentType="application/json")
-    s3.put_object(Bucket=settings.batch_bucket, Key="in/b.bin", Body=binary_obj.body,
+    s3.put_object(Bucket=settings.batch_bucket, Key="claims/in/a.json", Body=json_obj.body,
+                  ContentType="application/json")
+    s3.put_object(Bucket=settings.batch_bucket, Key="claims/in/b.bin", Body=binary_obj.body,
                   ContentType="application/octet-stream",
                   Metadata={"inference-header-content-length": binary_obj.headers["inference-header-content-length"]})
     requests = [
-        {"id": "by-ref-json", "model_name": MNIST_MLP, "inputs_uri": f"s3://{settings.batch_bucket}/in/a.json",
+        {"id": "by-ref-json", "model_name": MNIST_MLP, "inputs_uri": f"s3://{settings.batch_bucket}/claims/in/a.json",
          "outputs": [{"name": "class"}]},
-        {"id": "by-ref-binary", "model_name": MNIST_MLP, "inputs_uri": f"s3://{settings.batch_bucket}/in/b.bin",
-         "parameters": {"output_uri": f"s3://{settings.batch_bucket}/out/b.result"}},
+        {"id": "by-ref-binary", "model_name": MNIST_MLP, "inputs_uri": f"s3://{settings.batch_bucket}/claims/in/b.bin",
+         "parameters": {"output_uri": f"s3://{settings.batch_bucket}/claims/out/b.result"}},
     ]
     async with running_worker(settings), ResultCollector(settings) as collector:
         await publish_requests(settings, requests)
@@ -61,9 +163,9 @@ async def test_inputs_by_reference_and_outputs_to_s3(live):
     assert "outputs_uri" not in small, "a small result stays inline"
     np.testing.assert_array_equal(np.asarray(small["outputs"][0]["data"]), labels[:20])
     ref = answers["by-ref-binary"].body
-    assert ref["outputs_uri"] == f"s3://{settings.batch_bucket}/out/b.result"
+    assert ref["outputs_uri"] == f"s3://{settings.batch_bucket}/claims/out/b.result"
     assert {o["name"]: o["shape"] for o in ref["outputs"]} == {"probabilities": [20, 10], "class": [20]}
-    stored = s3.get_object(Bucket=settings.batch_bucket, Key="out/b.result")
+    stored = s3.get_object(Bucket=settings.batch_bucket, Key="claims/out/b.result")
     full = decode_response(stored["Body"].read(), {"content-type": stored["ContentType"]})
     outputs = {o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in full["outputs"]}
     np.testing.assert_array_equal(outputs["class"], labels[20:])

@@ -164,17 +164,17 @@ async def test_s3_claim_check(live, tmp_path):
         framed = request("ignored", binary)
         metadata = {"inference-header-content-length": framed.headers["inference-header-content-length"]} \
             if binary else {}
-        s3.put_object(Bucket=settings.batch_bucket, Key=f"rt/in-{binary}", Body=framed.body,
+        s3.put_object(Bucket=settings.batch_bucket, Key=f"claims/rt/in-{binary}", Body=framed.body,
                       ContentType=framed.headers["content-type"], Metadata=metadata)
         requests.append({"id": f"s3-{binary}", "model_name": ECHO,
-                         "inputs_uri": f"s3://{settings.batch_bucket}/rt/in-{binary}",
-                         "parameters": {"output_uri": f"s3://{settings.batch_bucket}/rt/out-{binary}",
+                         "inputs_uri": f"s3://{settings.batch_bucket}/claims/rt/in-{binary}",
+                         "parameters": {"output_uri": f"s3://{settings.batch_bucket}/claims/rt/out-{binary}",
                                         "binary_data_output": binary}})
     async with running_worker(settings), ResultCollector(settings) as collector:
         await publish_requests(settings, requests)
         answers = await collector.wait_for([r["id"] for r in requests], timeout=30)
     for binary in (False, True):
-        assert answers[f"s3-{binary}"].body["outputs_uri"] == f"s3://{settings.batch_bucket}/rt/out-{binary}"
-        stored = s3.get_object(Bucket=settings.batch_bucket, Key=f"rt/out-{binary}")
+        assert answers[f"s3-{binary}"].body["outputs_uri"] == f"s3://{settings.batch_bucket}/claims/rt/out-{binary}"
+        stored = s3.get_object(Bucket=settings.batch_bucket, Key=f"claims/rt/out-{binary}")
         headers = {"content-type": stored["ContentType"], **stored.get("Metadata", {})}
         assert_echoed(decode_response(stored["Body"].read(), headers), binary)

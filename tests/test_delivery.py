@@ -165,7 +165,7 @@ BAD_INPUT_MATRIX = [
     ("binary-size-mismatch", "BINARY_MISMATCH", None, "error", "INVALID_INPUT"),
     ("binary-bad-header-length", "BINARY_BAD_LENGTH", None, "dead_letter", "INVALID_REQUEST"),
     ("binary-nan", "BINARY_NAN", None, "error", "INVALID_INPUT"),
-    ("inputs-uri-missing-object", {"inputs": None, "inputs_uri": "s3://BUCKET/missing/object.json"}, None,
+    ("inputs-uri-missing-object", {"inputs": None, "inputs_uri": "s3://BUCKET/claims/missing/object.json"}, None,
      "error", "INVALID_REQUEST"),
     ("inputs-uri-other-bucket", {"inputs": None, "inputs_uri": "s3://someone-elses-bucket/x.json"}, None,
      "error", "INVALID_REQUEST"),

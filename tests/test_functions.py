@@ -213,6 +213,36 @@ def test_sqs_trigger_partial_batch_response_and_sqs_results(env, monkeypatch):
     assert [r.key for r in results] == [b"sq-000000"]
 
 
+def test_sqs_trigger_reports_only_the_message_whose_answer_sqs_refuses(env, monkeypatch):
+    """An answer the results queue refuses fails its own message, not the invocation: the others are answered
+    once and not reported; an undecodable body too large for the dead-letter queue goes to S3."""
+    settings = env
+    sqs, s3 = aws_client(settings, "sqs"), aws_client(settings, "s3")
+    small = {"MaximumMessageSize": "1024"}
+    results_url = sqs.create_queue(QueueName=f"{settings.batch_bucket}-results", Attributes=small)["QueueUrl"]
+    dlq_url = sqs.create_queue(QueueName=f"{settings.batch_bucket}-dlq", Attributes=small)["QueueUrl"]
+    monkeypatch.setenv("MAAS_SQS_RESULTS_QUEUE_URL", results_url)
+    monkeypatch.setenv("MAAS_SQS_DLQ_URL", dlq_url)
+    template = event("sqs.json")["Records"][0]
+    requests, _ = example_requests(5, prefix="sz")
+    ok = {**requests[0], "outputs": [{"name": "class"}]}
+    big = {**requests[1], "inputs": [{**requests[1]["inputs"][0], "shape": [4, 784],
+                                      "data": [r["inputs"][0]["data"] for r in requests[1:]]}]}
+    long_text = "{not json " + "z" * 4000
+    records = [{**template, "messageId": message_id, "body": body, "messageAttributes": {}}
+               for message_id, body in (("m-ok", dumps(ok).decode()), ("m-big", dumps(big).decode()),
+                                        ("m-long", long_text))]
+
+    assert functions.sqs.handler({"Records": records}, None) == {"batchItemFailures": [{"itemIdentifier": "m-big"}]}
+    answers = sqs.receive_message(QueueUrl=results_url, MaxNumberOfMessages=10, WaitTimeSeconds=1)["Messages"]
+    assert [orjson.loads(m["Body"])["id"] for m in answers] == ["sz-000000"]
+    (dead,) = sqs.receive_message(QueueUrl=dlq_url, MaxNumberOfMessages=10, WaitTimeSeconds=1,
+                                  MessageAttributeNames=["All"])["Messages"]
+    uri = dead["MessageAttributes"]["maas-payload-uri"]["StringValue"]
+    bucket, key = uri.removeprefix("s3://").split("/", 1)
+    assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == long_text.encode()
+
+
 def test_s3_trigger_runs_a_batch_job_once(env):
     settings = env
     s3 = aws_client(settings, "s3")

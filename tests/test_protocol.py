@@ -163,7 +163,7 @@ def test_settings_survive_the_environment_round_trip():
 
     settings = replace(Settings(), kafka_bootstrap_servers="k:9092", aws_endpoint_url="http://s3",
                        topics=Topics("a", "b", "c", "d"), max_in_flight=7, max_running_batches=3,
-                       kafka_idempotence=True, kafka_sasl_password="secret")
+                       kafka_idempotence=True, kafka_sasl_password="secret", claim_check_prefix="team/claims/")
     again = Settings.from_env(settings.to_env())
     assert replace(again, worker_id=settings.worker_id) == settings
     on_aws = replace(settings, aws_credentials_configured=True)

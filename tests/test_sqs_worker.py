@@ -16,7 +16,7 @@ from pipeline.codec import Framed, decode_request, decode_response, encode_reque
 from pipeline.engine import InferenceEngine
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.responder import Responder
-from pipeline.services import aws_client
+from pipeline.services import aws_client, claim_check_store
 from pipeline.sinks import MAX_PASSTHROUGH_BYTES, Envelope, KafkaSink, SqsSink
 from pipeline.sqs_worker import SqsWorker
 
@@ -82,6 +82,61 @@ async def test_sqs_worker_answers_extends_visibility_and_leaves_failures_to_redr
     assert "!!! not base64 !!!" in dead_bodies
     assert any(orjson.loads(b).get("id") == "doomed" for b in dead_bodies if b.startswith("{"))
     assert worker.answered == 12 and worker.left_for_redelivery >= 2
+
+
+async def test_a_message_whose_answer_or_dead_letter_sqs_refuses_fails_alone(live, repository):
+    """One message SQS will not take the answer of is left to redelivery alone: the others of its receive are
+    answered once and deleted, not redelivered with it into the queue's DLQ. Dead letters keep text as text
+    (base64 would make it a third larger), binary as base64, and one too large for the dead-letter queue is
+    stored in S3 with `maas-payload-uri` pointing to it."""
+    sqs, s3 = aws_client(live, "sqs"), aws_client(live, "s3")
+    suffix = live.batch_bucket
+    requests_url = ensure_queue(sqs, f"{suffix}-requests", dlq_name=f"{suffix}-requests-dlq", max_receive_count=2)
+    redrive_url = sqs.get_queue_url(QueueName=f"{suffix}-requests-dlq")["QueueUrl"]
+    small = {"MaximumMessageSize": "1024"}
+    results_url = sqs.create_queue(QueueName=f"{suffix}-results", Attributes=small)["QueueUrl"]
+    dead_url = sqs.create_queue(QueueName=f"{suffix}-dead", Attributes=small)["QueueUrl"]
+    images, _ = synthetic_digits(4, seed=5)
+    messages = [to_sqs_message(encode_request(f"ok-{i}", MNIST_MLP, {"input": images[i][None]}, outputs=["class"]))
+                for i in range(3)]
+    messages.append(to_sqs_message(encode_request("too-big", MNIST_MLP, {"input": images})))  # answer: ~1.5 KB
+    text, long_text, garbage = "{not json: ünï " + "x" * 300, "{not json " + "y" * 4000, b"\xff\xfe\x00 not text"
+    messages += [{"MessageBody": text, "MessageAttributes": {}},
+                 {"MessageBody": long_text, "MessageAttributes": {"traceparent": {
+                     "DataType": "String", "StringValue": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}}},
+                 to_sqs_message(Framed(garbage, {"content-type": "application/octet-stream"}))]
+    sqs.send_message_batch(QueueUrl=requests_url, Entries=[{"Id": str(i), **m} for i, m in enumerate(messages)])
+
+    async with InferenceEngine(ModelCache(repository)) as engine:
+        sink = SqsSink(sqs, results_url, dead_url, store=claim_check_store(live, s3))
+        worker = SqsWorker(live, engine, sqs, requests_url, sink, wait_time_s=1, visibility_timeout_s=1,
+                           max_attempts=1)
+        async with worker:
+            answers = await asyncio.to_thread(_drain, sqs, results_url, 3)
+            dead = await asyncio.to_thread(_drain, sqs, dead_url, 3)
+            redriven = await asyncio.to_thread(_drain, sqs, redrive_url, 1, 40)
+            await asyncio.sleep(1.5)  # anything received again would be answered by now
+            answers += await asyncio.to_thread(_drain, sqs, results_url, 1, 2)
+            dead += await asyncio.to_thread(_drain, sqs, dead_url, 1, 2)
+
+    ids = sorted(orjson.loads(m["Body"])["id"] for m in answers)
+    assert ids == ["ok-0", "ok-1", "ok-2"], "each answered once, none redelivered with the refused one"
+    assert [orjson.loads(m["Body"])["id"] for m in redriven] == ["too-big"]
+    assert worker.answered == 6
+    kinds = {}
+    for message in dead:
+        attributes = {k: v["StringValue"] for k, v in message["MessageAttributes"].items()}
+        assert attributes["maas-error-code"] == "INVALID_JSON"
+        kind = "stored" if "maas-payload-uri" in attributes else attributes.get("content-transfer-encoding", "text")
+        assert kind not in kinds, f"two {kind} dead letters: one was sent twice"
+        kinds[kind] = message["Body"], attributes
+    assert set(kinds) == {"text", "base64", "stored"}
+    assert kinds["text"][0] == text
+    assert from_sqs_message(*kinds["base64"])[0] == garbage
+    body, attributes = kinds["stored"]
+    assert body == attributes["maas-payload-uri"] and "traceparent" in attributes
+    bucket, key = body.removeprefix("s3://").split("/", 1)
+    assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == long_text.encode()
 
 
 async def test_sqs_answers_and_dead_letters_fit_ten_attributes_and_large_results_go_to_s3(live):

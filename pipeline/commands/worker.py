@@ -65,7 +65,7 @@ async def _sqs_worker(live: Settings, engine: InferenceEngine, stack: contextlib
     queue_url = await asyncio.to_thread(ensure_queue, sqs, live.sqs_requests_queue, f"{live.sqs_requests_queue}-dlq")
     store = claim_check_store(live)
     if live.sqs_results_queue_url:
-        sink: ResultSink = SqsSink(sqs, live.sqs_results_queue_url, live.sqs_dlq_url)
+        sink: ResultSink = SqsSink(sqs, live.sqs_results_queue_url, live.sqs_dlq_url, store=store)
         where = live.sqs_results_queue_url
     else:
         producer = answer_producer(live)
