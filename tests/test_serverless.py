@@ -121,3 +121,17 @@ def test_gpu_deployment_scales_on_consumer_lag():
     assert ("TriggerAuthentication", trigger["authenticationRef"]["name"]) in by_kind
     dockerfile = (ROOT / "infra/docker/Dockerfile").read_text()
     assert " AS lambda" in dockerfile and " AS gpu" in dockerfile
+
+
+def test_large_results_expire_under_the_store_prefix_the_code_writes():
+    from pipeline.claim_check import ClaimCheckStore
+
+    service, resources = load_service()
+    rules = {r["Id"]: r for r in resources["BatchBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]}
+    expire = rules["expire-large-results"]
+    days = service["params"]["default"]["resultsRetentionDays"]
+    assert expire["Status"] == "Enabled" and expire["ExpirationInDays"] == "${param:resultsRetentionDays}"
+    assert isinstance(days, int) and days >= 1
+    store = ClaimCheckStore(None, frozenset({"b"}), output_bucket="b")
+    key = store.default_uri("mnist_mlp", "r-1", suffix=".result").removeprefix("s3://b/")
+    assert key.startswith(expire["Prefix"]) and expire["Prefix"] == f"{store.output_prefix}/"
