@@ -1,4 +1,5 @@
-"""HTTP trigger: API Gateway HTTP API (payload format 2.0) and Lambda function URLs; REST API (1.0) too.
+"""HTTP trigger: API Gateway HTTP API (payload format 2.0) and Lambda function URLs; REST API (1.0) and ALB
+targets (headers single- or multi-value) too.
 
 The event becomes an `ApiRequest` for the same `V2Api` that `maas serve` runs, so the routes, errors, auth
 and limits are the server's own. Binary bodies (binary tensor extension) travel base64-encoded both ways.
@@ -27,7 +28,10 @@ def api_request(event: dict[str, Any]) -> ApiRequest:
     stage = context.get("stage")
     if stage and stage != "$default" and path.startswith(f"/{stage}/"):
         path = path[len(stage) + 1:]
-    headers = {k.lower(): v for k, v in (event.get("headers") or {}).items()}
+    if "headers" not in event and "multiValueHeaders" in event:  # an ALB target with multi-value headers on
+        headers = {k.lower(): v[-1] for k, v in (event.get("multiValueHeaders") or {}).items() if v}
+    else:
+        headers = {k.lower(): v for k, v in (event.get("headers") or {}).items()}
     raw = event.get("body") or ""
     body = base64.b64decode(raw) if event.get("isBase64Encoded") else raw.encode("utf-8")
     return ApiRequest(method.upper(), path, headers, body)
@@ -43,12 +47,14 @@ async def handle(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:
         response = refused or await runtime.api.handle(request)
     content_type = response.headers.get(CONTENT_TYPE, "")
     text = content_type.startswith(_TEXT_TYPES)
-    return {
-        "statusCode": response.status,
-        "headers": response.headers,
-        "body": response.body.decode("utf-8") if text else base64.b64encode(response.body).decode(),
-        "isBase64Encoded": not text,
-    }
+    answer: dict[str, Any] = {"statusCode": response.status}
+    if "headers" not in event and "multiValueHeaders" in event:  # ALB reads the form it sent
+        answer["multiValueHeaders"] = {k: [v] for k, v in response.headers.items()}
+    else:
+        answer["headers"] = response.headers
+    answer["body"] = response.body.decode("utf-8") if text else base64.b64encode(response.body).decode()
+    answer["isBase64Encoded"] = not text
+    return answer
 
 
 def handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]:

@@ -87,9 +87,11 @@ class V2Api:
     """The V2 endpoints over one engine. Optional API keys, request size limit, per-tenant/model rate limits."""
 
     def __init__(self, engine: InferenceEngine, *, max_request_bytes: int, api_keys: ApiKeys | None = None,
-                 rate_limiter: RateLimiter | None = None, admin_tenants: frozenset[str] = frozenset()) -> None:
+                 rate_limiter: RateLimiter | None = None, admin_tenants: frozenset[str] = frozenset(),
+                 repository_control: bool = True) -> None:
         self.engine = engine
         self.admin_tenants = admin_tenants
+        self.repository_control = repository_control
         self.max_request_bytes = max_request_bytes
         self.api_keys = api_keys or ApiKeys({})
         self.rate_limiter = rate_limiter or RateLimiter(None)
@@ -274,7 +276,12 @@ class V2Api:
         return json_response(await asyncio.to_thread(listing))
 
     def _require_admin(self, params: dict[str, str]) -> None:
-        """Loading and unloading act for every caller: with API keys, only the admin tenants may."""
+        """Loading and unloading act for every caller: with API keys, only the admin tenants may; and only
+        where one process serves every caller (`repository_control`): an unload would reach one of a cloud
+        function's instances and leave the others serving."""
+        if not self.repository_control:
+            raise ApiError(403, "loading and unloading models is not served here: each instance of the function "
+                           "keeps its own cache, and models load on their first request", "FORBIDDEN")
         if self.api_keys.enabled and params["tenant"] not in self.admin_tenants:
             raise ApiError(403, "loading and unloading models needs an admin tenant's key (MAAS_ADMIN_TENANTS)",
                            "FORBIDDEN")

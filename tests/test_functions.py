@@ -343,3 +343,24 @@ def test_http_trigger_serves_the_v2_routes(env, monkeypatch):
     assert denied["statusCode"] == 401
     allowed = functions.http.handler(http_event("GET", f"/v2/models/{MNIST_MLP}", headers={"x-api-key": "k1"}), None)
     assert allowed["statusCode"] == 200 and json.loads(allowed["body"])["name"] == MNIST_MLP
+
+
+def test_http_trigger_refuses_unloads_and_speaks_alb_multi_value_headers(env):
+    """An unload reached one warm instance of the function and left the others serving (anyone could send it);
+    an ALB target with multi-value headers sends and reads `multiValueHeaders` only."""
+    for action in ("unload", "load"):
+        refused = functions.http.handler(http_event("POST", f"/v2/repository/models/{MNIST_MLP}/{action}"), None)
+        assert refused["statusCode"] == 403 and "not served here" in json.loads(refused["body"])["error"]
+    assert functions.http.handler(http_event("GET", f"/v2/models/{MNIST_MLP}/ready"), None)["statusCode"] == 200
+
+    requests, truth = example_requests(1, prefix="alb")
+    alb = {"requestContext": {"elb": {"targetGroupArn": "arn:aws:elasticloadbalancing:us-east-1:1:targetgroup/t/1"}},
+           "httpMethod": "POST", "path": f"/v2/models/{MNIST_MLP}/infer", "queryStringParameters": {},
+           "multiValueHeaders": {"Content-Type": ["application/json"], "X-Forwarded-For": ["10.0.0.1"]},
+           "body": dumps(requests[0]).decode(), "isBase64Encoded": False}
+    answer = functions.http.handler(alb, None)
+    assert answer["statusCode"] == 200 and "headers" not in answer
+    assert answer["multiValueHeaders"]["content-type"] == ["application/json"]
+    body = json.loads(answer["body"])
+    assert next(o for o in body["outputs"] if o["name"] == "class")["data"] == [truth["alb-000000"]]
+

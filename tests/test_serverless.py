@@ -135,3 +135,16 @@ def test_large_results_expire_under_the_store_prefix_the_code_writes():
     store = ClaimCheckStore(None, frozenset({"b"}), output_bucket="b")
     key = store.default_uri("mnist_mlp", "r-1", suffix=".result").removeprefix("s3://b/")
     assert key.startswith(expire["Prefix"]) and expire["Prefix"] == f"{store.output_prefix}/"
+
+
+def test_the_function_that_answers_on_kafka_runs_in_the_clusters_vpc_and_the_http_api_needs_keys():
+    service, _ = load_service()
+    functions = service["functions"]
+    # MSK's IAM listener is private: a function outside the cluster's VPC cannot answer on it
+    assert functions["kafka"]["vpc"] == {"subnetIds": "${param:mskSubnetIds}",
+                                         "securityGroupIds": "${param:mskSecurityGroupIds}"}
+    params = service["params"]["default"]
+    assert params["mskSubnetIds"] and params["mskSecurityGroupIds"]
+    assert "MAAS_SQS_RESULTS_QUEUE_URL" in functions["sqs"]["environment"]  # so it needs no Kafka, nor the VPC
+    assert not {"vpc"} & (functions["sqs"].keys() | functions["s3"].keys() | functions["http"].keys())
+    assert functions["http"]["environment"]["MAAS_API_KEYS"] == "${ssm:${param:apiKeysParameter}}"
