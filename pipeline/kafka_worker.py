@@ -34,7 +34,6 @@ from pipeline.sinks import Envelope, KafkaSink
 log = logging.getLogger(__name__)
 
 
-
 class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, worker: KafkaWorker) -> None:
         self.worker = worker
@@ -69,6 +68,7 @@ class KafkaWorker:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._stopped = asyncio.Event()
+        self._stopped.set()  # not running: stop() and wait() before start() (or after a failed one) return
         self._failure: BaseException | None = None
         self._stopping = False
         self.assigned = asyncio.Event()
@@ -120,8 +120,12 @@ class KafkaWorker:
         return self
 
     async def stop(self) -> None:
-        """Graceful: stop consuming, finish and publish what is in flight, commit, close."""
-        if self._consumer is None or self._stopping:
+        """Graceful: stop consuming, finish and publish what is in flight, commit, close.
+
+        Returns at once when the worker is not running (never started, its start failed, stopped already);
+        a stop() called while another one runs returns when that one is done.
+        """
+        if self._stopping or self._stopped.is_set():
             await self._stopped.wait()
             return
         self._stopping = True

@@ -8,12 +8,17 @@ from dataclasses import replace
 import numpy as np
 import orjson
 import pytest
+from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from worker_support import read_topic, running_worker, slow_repository, worker_process
 
+from infra.stack import free_port
+from models.cache import ModelCache
 from models.examples import mnist_mlp_config, train_mnist_mlp
 from models.repository import ModelRepository
 from pipeline.client import ResultCollector, example_requests, publish_requests
+from pipeline.engine import InferenceEngine
+from pipeline.kafka_worker import KafkaWorker
 
 
 @pytest.fixture
@@ -127,3 +132,16 @@ async def test_killed_worker_loses_nothing_consumed_but_unanswered(fast, tmp_pat
         assert all(a.kind == "result" for a in answers.values())
     finally:
         proc.kill()
+
+
+async def test_stop_returns_before_start_and_after_a_failed_start(settings):
+    engine = InferenceEngine(ModelCache(ModelRepository(settings.model_repository)))
+    async with engine:
+        never_started = KafkaWorker(settings, engine)
+        await asyncio.wait_for(never_started.stop(), 10)  # hang guard: it waited for a stop that never came
+        unreachable = KafkaWorker(replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}"), engine)
+        with pytest.raises(KafkaError):
+            await unreachable.start()
+        await asyncio.wait_for(unreachable.stop(), 10)
+        await asyncio.wait_for(unreachable.wait(), 10)
+
