@@ -7,6 +7,7 @@ differs between them is only how requests arrive and where answers go.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -63,6 +64,12 @@ class InferenceEngine:
 
     def add_batch_listener(self, listener: BatchListener) -> None:
         self._listeners.append(listener)
+
+    def remove_batch_listener(self, listener: BatchListener) -> None:
+        """Undo `add_batch_listener` (a listener not added is ignored): a source that stops while the engine
+        it shares keeps running must not be called, nor kept alive, by every later batch."""
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
 
     async def start(self) -> InferenceEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maas-model",

@@ -44,6 +44,8 @@ class _Rebalance(ConsumerRebalanceListener):
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         if assigned:
             self.worker.assigned.set()
+        else:  # more workers than partitions: this one serves nothing now, and its readiness says so
+            self.worker.assigned.clear()
         log.info("assigned partitions %s", sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
 
 
@@ -80,6 +82,12 @@ class KafkaWorker:
         return self._tracker.in_flight()
 
     async def start(self) -> KafkaWorker:
+        """Connect, join the group and consume. A stopped worker may be started again: what the previous run
+        knew (its failure, its partitions, its offsets in flight) is dropped, since the group may have moved
+        them to other workers meanwhile."""
+        self._failure = None
+        self.assigned.clear()
+        self._tracker = OffsetTracker()
         kafka = self.settings.kafka_client_kwargs()
         self._producer = answer_producer(self.settings)
         options = {
@@ -137,6 +145,9 @@ class KafkaWorker:
                 _, pending = await asyncio.wait(list(self._handlers), timeout=self.drain_timeout_s)
                 for task in pending:
                     task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+            # The engine outlives this worker (and may serve its next start): its batches are no longer ours.
+            self.engine.remove_batch_listener(self._publish_batch_record)
             if self._side_sends:
                 await asyncio.wait(list(self._side_sends), timeout=5)
             with contextlib.suppress(KafkaError, CommitFailedError):

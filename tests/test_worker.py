@@ -18,7 +18,7 @@ from models.examples import mnist_mlp_config, train_mnist_mlp
 from models.repository import ModelRepository
 from pipeline.client import ResultCollector, example_requests, publish_requests
 from pipeline.engine import InferenceEngine
-from pipeline.kafka_worker import KafkaWorker
+from pipeline.kafka_worker import KafkaWorker, _Rebalance
 
 
 @pytest.fixture
@@ -144,4 +144,33 @@ async def test_stop_returns_before_start_and_after_a_failed_start(settings):
             await unreachable.start()
         await asyncio.wait_for(unreachable.stop(), 10)
         await asyncio.wait_for(unreachable.wait(), 10)
+
+
+async def test_a_restarted_worker_starts_afresh(fast):
+    """Stale state of a previous run: the batch listener was added again at each start (one metrics record per
+    batch per start), and the previous run's partitions and failure made a restarted worker ready at once."""
+    engine = InferenceEngine(ModelCache(ModelRepository(fast.model_repository)), worker_id=fast.worker_id)
+    async with engine:
+        worker = KafkaWorker(fast, engine)
+        for _ in range(2):
+            await worker.start()
+            await asyncio.wait_for(worker.assigned.wait(), 30)
+            worker._fail(KafkaError("a produce that failed"))  # the worker stops itself, as on a broker outage
+            with pytest.raises(KafkaError):
+                await asyncio.wait_for(worker.wait(), 30)
+        await worker.start()
+        try:
+            assert not worker.ready, "ready before owning any partition, on the previous run's assignment"
+            await asyncio.wait_for(worker.assigned.wait(), 30)
+            assert worker.ready, "the previous run's failure outlived the restart"
+            requests, truth = example_requests(1, prefix="restarted")
+            async with ResultCollector(fast) as collector:
+                await publish_requests(fast, requests)
+                assert len(await collector.wait_for(truth, timeout=30)) == 1
+        finally:
+            await worker.stop()
+        await _Rebalance(worker).on_partitions_assigned(set())  # a rebalance that leaves this worker nothing
+        assert not worker.assigned.is_set()
+    metrics = await read_topic(fast, fast.topics.metrics, 2, timeout=5)  # stop() awaited every send
+    assert len(metrics) == 1, f"{len(metrics)} metrics records for one batch"
 
