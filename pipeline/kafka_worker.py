@@ -11,7 +11,6 @@ records are redelivered to the group.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -33,6 +32,9 @@ from pipeline.sinks import Envelope, KafkaSink
 
 log = logging.getLogger(__name__)
 
+#: How long stop() tries to commit: aiokafka's commit waits for a group coordinator as long as none answers.
+FINAL_COMMIT_TIMEOUT_S = 10.0
+
 
 class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, worker: KafkaWorker) -> None:
@@ -47,6 +49,26 @@ class _Rebalance(ConsumerRebalanceListener):
         else:  # more workers than partitions: this one serves nothing now, and its readiness says so
             self.worker.assigned.clear()
         log.info("assigned partitions %s", sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
+
+
+async def _stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """`consumer.stop()`, minus the CancelledError it may raise when the broker is unreachable.
+
+    aiokafka's Fetcher.close() cancels its fetch requests in flight and awaits them without suppressing
+    their CancelledError. That error is not a cancellation of ours: passed on, it aborted the worker's
+    stop() and a SIGTERM ended the process with a traceback. It is passed on only when the calling task is
+    being cancelled itself; otherwise what stop() did not reach is done here: closing the consumer's client
+    (its connections and its metadata task, which would otherwise retry the broker for as long as the
+    process lives).
+    """
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        log.warning("closing the consumer: aiokafka raised the CancelledError of a fetch it cancelled; ignored")
+        await consumer._client.close()
 
 
 class KafkaWorker:
@@ -150,8 +172,7 @@ class KafkaWorker:
             self.engine.remove_batch_listener(self._publish_batch_record)
             if self._side_sends:
                 await asyncio.wait(list(self._side_sends), timeout=5)
-            with contextlib.suppress(KafkaError, CommitFailedError):
-                await self._commit()
+            await self._final_commit()
             for task in self._tasks[1:]:
                 task.cancel()
             await asyncio.gather(*self._tasks[1:], return_exceptions=True)
@@ -159,12 +180,26 @@ class KafkaWorker:
         finally:  # whatever failed on the way, wait() and every later stop() return
             self._stopped.set()
 
+    async def _final_commit(self) -> None:
+        """Commit what was answered, within `FINAL_COMMIT_TIMEOUT_S`: with the broker gone, commit() waits for a
+        coordinator forever and stop() never closed anything. What is left uncommitted is redelivered."""
+        try:
+            async with asyncio.timeout(FINAL_COMMIT_TIMEOUT_S):
+                await self._commit()
+        except (KafkaError, CommitFailedError, TimeoutError) as exc:
+            log.warning("final commit failed (the uncommitted records will be redelivered): %r", exc)
+
     async def _close_clients(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
-        if self._producer is not None:
-            await self._producer.stop()
+        """Close the consumer, then the producer, whatever closing the consumer did: an open producer holds
+        connections and a sender task, and the process would exit warning of it."""
+        consumer, producer = self._consumer, self._producer
         self._consumer = self._producer = None
+        try:
+            if consumer is not None:
+                await _stop_consumer(consumer)
+        finally:
+            if producer is not None:
+                await producer.stop()
 
     async def __aenter__(self) -> KafkaWorker:
         return await self.start()

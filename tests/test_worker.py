@@ -12,13 +12,15 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from worker_support import read_topic, running_worker, slow_repository, worker_process
 
-from infra.stack import free_port
+from infra.stack import LocalStack, free_port
 from models.cache import ModelCache
 from models.examples import mnist_mlp_config, train_mnist_mlp
 from models.repository import ModelRepository
 from pipeline.client import ResultCollector, example_requests, publish_requests
 from pipeline.engine import InferenceEngine
 from pipeline.kafka_worker import KafkaWorker, _Rebalance
+from pipeline.services import bootstrap
+from pipeline.settings import Settings
 
 
 @pytest.fixture
@@ -174,3 +176,28 @@ async def test_a_restarted_worker_starts_afresh(fast):
     metrics = await read_topic(fast, fast.topics.metrics, 2, timeout=5)  # stop() awaited every send
     assert len(metrics) == 1, f"{len(metrics)} metrics records for one batch"
 
+
+async def test_stop_closes_both_clients_when_the_broker_is_gone(tmp_path):
+    """With the broker gone, stop() waited forever for its final commit; bounded, it then met the CancelledError
+    aiokafka's consumer.stop() raises for a fetch it cancelled, and passed it on (a SIGTERM ended the process
+    with a traceback) leaving the producer open."""
+    slow = slow_repository(tmp_path / "slow", max_queue_delay_ms=60_000)  # requests stay in flight
+    with LocalStack(tmp_path / "stack") as private:
+        settings = replace(Settings(), kafka_bootstrap_servers=private.bootstrap_servers,
+                           aws_endpoint_url=private.endpoint_url, model_repository=str(slow.root),
+                           topic_partitions=2, kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=300)
+        await bootstrap(settings)
+        async with InferenceEngine(ModelCache(slow)) as engine:
+            worker = KafkaWorker(settings, engine, drain_timeout_s=0.5)
+            await worker.start()
+            await asyncio.wait_for(worker.assigned.wait(), 30)
+            await publish_requests(settings, example_requests(50, prefix="held")[0])
+            while worker.in_flight < 50:
+                await asyncio.sleep(0.05)
+            producer, consumer = worker._producer, worker._consumer
+            private._broker.kill()
+            private._broker.wait()
+            await asyncio.wait_for(worker.stop(), 60)  # hang guard
+            assert producer._closed and consumer._closed
+            clients = [t for t in asyncio.all_tasks() if "AIOKafkaClient" in t.get_coro().__qualname__]
+            assert not clients, "a client's metadata task outlived stop(), retrying a broker that is gone"
