@@ -110,7 +110,8 @@ class SqsWorker:
 
     async def stop(self) -> None:
         """Stop receiving (after the poll under way, whose messages are made visible again), let the handlers
-        finish for up to `drain_timeout_s`. A stop() called while another runs returns when that one is done."""
+        finish for up to `drain_timeout_s`, then cancel the rest: their messages, undeleted, are redelivered
+        once their visibility timeout passes. A stop() called while another runs returns when that one is done."""
         if self._stopped is not None:
             await self._stopped.wait()
             return
@@ -122,7 +123,13 @@ class SqsWorker:
             receive.cancel()
             await asyncio.gather(receive, return_exceptions=True)
             if self._handlers:
-                await asyncio.wait(list(self._handlers), timeout=self.drain_timeout_s)
+                _, pending = await asyncio.wait(list(self._handlers), timeout=self.drain_timeout_s)
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                if pending:
+                    log.warning("stopped %d handlers still running after %.0f s; their messages will be redelivered",
+                                len(pending), self.drain_timeout_s)
             for task in self._tasks[1:]:
                 task.cancel()
             await asyncio.gather(*self._tasks[1:], return_exceptions=True)

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import orjson
 import pytest
-from worker_support import worker_process
+from worker_support import slow_repository, worker_process
 
 from infra.bootstrap import ensure_queue
 from models.cache import ModelCache
@@ -213,6 +213,26 @@ async def test_stop_waits_for_the_poll_under_way_and_a_restarted_worker_receives
             assert len(await asyncio.to_thread(_drain, sqs, results_url, 2, 30)) == 2
             while worker.answered < 2:  # deleted after its answer was delivered
                 await asyncio.sleep(0.05)
+
+
+async def test_stop_cancels_the_handlers_still_running_after_the_drain_timeout(live, tmp_path):
+    """They kept running (and answering, deleting) after stop() returned, on an engine about to stop."""
+    sqs = aws_client(live, "sqs")
+    url = ensure_queue(sqs, f"{live.batch_bucket}-drain")
+    slow = slow_repository(tmp_path / "slow", max_queue_delay_ms=60_000)  # every request waits a minute
+    async with InferenceEngine(ModelCache(slow)) as engine:
+        sink = SqsSink(sqs, ensure_queue(sqs, f"{live.batch_bucket}-drain-results"))
+        worker = SqsWorker(live, engine, sqs, url, sink, wait_time_s=1, drain_timeout_s=0.2)
+        for request_id in ("held-0", "held-1", "held-2"):
+            await asyncio.to_thread(sqs.send_message, QueueUrl=url, MessageBody=_request_body(request_id))
+        await worker.start()
+        while worker.in_flight < 3:
+            await asyncio.sleep(0.05)
+        await asyncio.wait_for(worker.stop(), 30)  # hang guard
+        assert worker.in_flight == 0 and not worker._handlers, "handlers outlived stop()"
+        assert worker._slots.free == worker._slots.capacity
+    assert worker.answered == 0
+    assert await asyncio.to_thread(_queue_counts, sqs, url) == (0, 3), "left to the visibility timeout"
 
 
 @pytest.mark.slow
