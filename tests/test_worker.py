@@ -201,3 +201,19 @@ async def test_stop_closes_both_clients_when_the_broker_is_gone(tmp_path):
             assert producer._closed and consumer._closed
             clients = [t for t in asyncio.all_tasks() if "AIOKafkaClient" in t.get_coro().__qualname__]
             assert not clients, "a client's metadata task outlived stop(), retrying a broker that is gone"
+
+
+async def test_the_collector_keeps_awaited_answers_and_only_the_latest_others(fast):
+    """It kept every answer seen on the shared topics, forever: a long-lived client grew without bound."""
+    requests, truth = example_requests(6, prefix="kept")
+    ids = list(truth)
+    async with running_worker(fast), ResultCollector(fast, max_unclaimed=2) as collector:
+        collector.expect(ids[:2])
+        await publish_requests(fast, requests)
+        async with asyncio.timeout(30):  # hang guard
+            while collector.received < 6:
+                await asyncio.sleep(0.05)
+        assert len(collector.answers) == 4, "the two awaited answers and the latest two of the other four"
+        assert (await collector.wait_for(ids[:2], timeout=30)).keys() == set(ids[:2])
+        assert len(await collector.wait_for(ids[2:], timeout=0.1)) == 2
+        assert collector.answers == {}, "answers returned are forgotten"
