@@ -17,10 +17,12 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 class StackError(RuntimeError):
@@ -48,19 +50,37 @@ def tansu_binary() -> Path:
     return path
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: ask the kernel to SIGTERM this child when the parent dies."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+@contextlib.contextmanager
+def _stop_signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while a child is spawned and recorded; they are handled right after.
+
+    Handled during the fork, a signal's exception (KeyboardInterrupt, or the SystemExit of maas's SIGTERM
+    handler) is raised inside the fork hooks, which print it and drop it: the process went on as if never
+    signalled. Handled before the child is recorded, it left stop() unaware of the child.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _child_setup() -> None:
+    """preexec_fn: take SIGINT/SIGTERM again (held back by `_stop_signals_deferred`; exec keeps the mask) and,
+    on Linux, ask the kernel to SIGTERM this child when the parent dies."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _spawn(args: list[str], env: dict[str, str] | None, log: Path) -> subprocess.Popen:
+    """Start a child (call it under `_stop_signals_deferred`, recording what it returns)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     out = log.open("wb")
-    preexec = _die_with_parent if sys.platform.startswith("linux") else None
     try:
         return subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=preexec
+            args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=_child_setup
         )
     finally:
         out.close()
@@ -137,7 +157,8 @@ class LocalStack:
         self.s3_port = self.s3_port or free_port()
         log = self.workdir / "moto.log"
         args = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)]
-        self._moto = _spawn(args, None, log)
+        with _stop_signals_deferred():
+            self._moto = _spawn(args, None, log)
         _wait_http(f"{self.endpoint_url}/moto-api/", self._moto, "moto S3/SQS server", log, timeout)
 
     def _start_broker(self, timeout: float) -> None:
@@ -152,7 +173,8 @@ class LocalStack:
             "--storage-engine", "memory://tansu/",
         ]  # fmt: skip
         env = {"PATH": os.environ.get("PATH", ""), "RUST_LOG": os.environ.get("MAAS_BROKER_LOG", "warn")}
-        self._broker = _spawn(args, env, log)
+        with _stop_signals_deferred():
+            self._broker = _spawn(args, env, log)
         _wait_tcp("127.0.0.1", self.kafka_port, self._broker, "Tansu broker", log, timeout)
 
     def stop(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from models.artifact import ArtifactError
 from models.loaded import LoadedModel
@@ -24,6 +24,15 @@ class CacheStats:
     evictions: int = 0
     loads: int = 0
     load_seconds: float = 0.0
+
+
+@dataclass
+class _LoadLock:
+    """One key's load lock, and how many threads hold or wait on it: it is dropped when none does, or the
+    cache would keep a lock for every version ever asked for."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0  # under the cache's lock
 
 
 class ModelCache:
@@ -44,7 +53,7 @@ class ModelCache:
         self.stats = CacheStats()
         self._models: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
-        self._load_locks: dict[tuple[str, int], threading.Lock] = {}
+        self._load_locks: dict[tuple[str, int], _LoadLock] = {}  # only those held or waited on
         self._latest: dict[str, tuple[float, int]] = {}
 
     def resolve(self, name: str, version: str | int | None = None) -> int:
@@ -81,29 +90,41 @@ class ModelCache:
         if model is not None:
             return model, False
         with self._lock:
-            load_lock = self._load_locks.setdefault(key, threading.Lock())
-        with load_lock:
+            load_lock = self._load_locks.setdefault(key, _LoadLock())
+            load_lock.users += 1
+        try:
+            with load_lock.lock:
+                return self._fetch_locked(key)
+        finally:
             with self._lock:
-                model = self._models.get(key)
-                if model is not None:
-                    self.stats.hits += 1
-                    return model, False
-                self.stats.misses += 1
-            failed = self._failures.get(key)
-            if failed is not None and time.monotonic() < failed[0]:
-                raise ArtifactError(f"{failed[1]} (not retried for {self.load_retry_s:g} s after a failed load)")
-            try:
-                model = self._load(name, version)
-            except ArtifactError as exc:  # every request would load it again: let it rest a while
-                self._failures[key] = (time.monotonic() + self.load_retry_s, str(exc))
-                raise
-            self._failures.pop(key, None)
-            with self._lock:
-                self.stats.loads += 1
-                self.stats.load_seconds += model.load_seconds + model.warmup_seconds
-                self._models[key] = model
-                self._evict(keep=key)
-            return model, True
+                load_lock.users -= 1
+                if not load_lock.users:  # a thread coming later makes a new one: no one can hold this one
+                    del self._load_locks[key]
+
+    def _fetch_locked(self, key: tuple[str, int]) -> tuple[LoadedModel, bool]:
+        """`fetch` under the key's load lock."""
+        name, version = key
+        with self._lock:
+            model = self._models.get(key)
+            if model is not None:
+                self.stats.hits += 1
+                return model, False
+            self.stats.misses += 1
+        failed = self._failures.get(key)
+        if failed is not None and time.monotonic() < failed[0]:
+            raise ArtifactError(f"{failed[1]} (not retried for {self.load_retry_s:g} s after a failed load)")
+        try:
+            model = self._load(name, version)
+        except ArtifactError as exc:  # every request would load it again: let it rest a while
+            self._failures[key] = (time.monotonic() + self.load_retry_s, str(exc))
+            raise
+        self._failures.pop(key, None)
+        with self._lock:
+            self.stats.loads += 1
+            self.stats.load_seconds += model.load_seconds + model.warmup_seconds
+            self._models[key] = model
+            self._evict(keep=key)
+        return model, True
 
     def _load(self, name: str, version: int) -> LoadedModel:
         """Load and warm up one version, within the budget: the least recently used versions are evicted

@@ -14,6 +14,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from models.artifact import ArtifactError
 from models.repository import ModelNotFoundError
 from pipeline.commands import MODULES
+from pipeline.commands._common import exit_on_sigterm
 from pipeline.observability import configure_logging
 from pipeline.runtime import configure_process
 from pipeline.settings import ConfigError, Settings
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    exit_on_sigterm()  # first: the imports and argument parsing before it start nothing to clean up
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs and pipes as they happen
     args = build_parser().parse_args(argv)
     settings: Settings | None = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -36,13 +37,23 @@ class Answer:
 
 
 class ResultCollector:
-    """Tails the results and dead-letter topics from their current end, keeping answers by request id."""
+    """Tails the results and dead-letter topics from their current end, keeping answers by request id.
 
-    def __init__(self, settings: Settings, topics: Iterable[str] | None = None) -> None:
+    The topics are shared: most answers on them are other clients'. An answer is kept until `wait_for` returns
+    it when its id is awaited (`expect`, or a `wait_for` under way); of the others, which may be this client's
+    answers that came before it waited for them, only the latest `max_unclaimed` are kept.
+    """
+
+    def __init__(self, settings: Settings, topics: Iterable[str] | None = None, *, max_unclaimed: int = 10_000
+                 ) -> None:
         self.settings = settings
         self.topics = list(topics or (settings.topics.results, settings.topics.dlq))
-        self.answers: dict[str, Answer] = {}
-        self.duplicates = 0
+        self.max_unclaimed = max_unclaimed
+        self.answers: dict[str, Answer] = {}  # held now: awaited, and (at most max_unclaimed) unclaimed
+        self.received = 0  # answers read, kept or not
+        self.duplicates = 0  # answers to an id whose first answer is held still (at-least-once delivery)
+        self._awaited: set[str] = set()
+        self._unclaimed: OrderedDict[str, None] = OrderedDict()  # ids of held answers no one awaits, oldest first
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task | None = None
         self._changed = asyncio.Event()
@@ -119,25 +130,43 @@ class ResultCollector:
             kind = "error" if "error" in body else "result"
         if key is None:
             return
+        self.received += 1
         if key in self.answers:
             self.duplicates += 1  # at-least-once: keep the first answer, count the rest
             return
         self.answers[key] = Answer(kind, body)
+        if key not in self._awaited:
+            self._unclaimed[key] = None
+            if len(self._unclaimed) > self.max_unclaimed:
+                del self.answers[self._unclaimed.popitem(last=False)[0]]
+
+    def expect(self, ids: Iterable[str]) -> None:
+        """Await these ids from now on (call it before publishing their requests): their answers are kept until
+        `wait_for` returns them, however many others arrive meanwhile."""
+        for request_id in ids:
+            self._awaited.add(request_id)
+            self._unclaimed.pop(request_id, None)
 
     async def wait_for(self, ids: Iterable[str], timeout: float) -> dict[str, Answer]:
-        """Wait until every id has an answer or `timeout` passes; returns what arrived."""
+        """Wait until every id has an answer or `timeout` passes; returns what arrived, and forgets it (and the
+        ids: an answer arriving later is an unclaimed one)."""
         wanted = set(ids)
+        self.expect(wanted)
         deadline = time.monotonic() + timeout
-        while not wanted <= self.answers.keys():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                break
-        return {i: self.answers[i] for i in wanted if i in self.answers}
+        try:
+            while not wanted <= self.answers.keys():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._changed.clear()
+                try:
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+                except TimeoutError:
+                    break
+        finally:  # returned, or given up on by a cancelled caller: no longer held either way
+            self._awaited.difference_update(wanted)
+            found = {i: self.answers.pop(i) for i in wanted if i in self.answers}
+        return found
 
 
 async def publish_requests(settings: Settings, requests: Iterable[dict[str, Any] | bytes | Framed],

@@ -7,6 +7,7 @@ differs between them is only how requests arrive and where answers go.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -20,8 +21,9 @@ import numpy as np
 
 from models.artifact import ArtifactError, ModelConfig, TensorSpec
 from models.cache import ModelCache
-from models.loaded import LoadedModel
-from models.repository import ModelNotFoundError, VersionError
+from models.loaded import LoadedModel, default_device, device_type
+from models.numpy_models import NUMPY_WEIGHT_DTYPES, numpy_twin
+from models.repository import ModelNotFoundError, Repository, VersionError
 from pipeline.batcher import BatchKey, DynamicBatcher, Pending
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.metrics import (
@@ -64,10 +66,18 @@ class InferenceEngine:
     def add_batch_listener(self, listener: BatchListener) -> None:
         self._listeners.append(listener)
 
+    def remove_batch_listener(self, listener: BatchListener) -> None:
+        """Undo `add_batch_listener` (a listener not added is ignored): a source that stops while the engine
+        it shares keeps running must not be called, nor kept alive, by every later batch."""
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
     async def start(self) -> InferenceEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maas-model",
                                             initializer=configure_torch_threads)
         await self._batcher.start()
+        if await asyncio.to_thread(_serves_torch_models, self.cache.repository):
+            await self._in_executor(_import_torch)
         return self
 
     async def stop(self) -> None:
@@ -398,6 +408,29 @@ class _Entry:
 
     def settle(self, outcome: dict[str, np.ndarray] | InferenceError) -> None:
         self.results[self.position] = outcome
+
+
+def _serves_torch_models(repository: Repository) -> bool:
+    """Whether this process will need torch: it serves on a GPU, or the latest version of some model has no
+    numpy twin (judged on its config alone: bf16 weights are only found out when they load)."""
+    try:
+        if device_type(default_device()) != "cpu":
+            return True
+        for name in repository.names():
+            versions = repository.versions(name)
+            if versions and numpy_twin(repository.config(name, versions[-1]), NUMPY_WEIGHT_DTYPES) is None:
+                return True
+    except (ArtifactError, OSError, LookupError, ValueError) as exc:  # a request will say what is wrong
+        log.warning("cannot tell whether the models need torch (%s); it is imported when one does", exc)
+    return False
+
+
+def _import_torch() -> None:
+    """On the model thread, before the engine serves. Importing torch holds the GIL for most of a second: when a
+    first request's load did it on the model thread, the event loop stalled ~0.26 s behind it."""
+    import torch  # noqa: F401
+
+    configure_torch_threads()
 
 
 def _split_outputs(group: list[_Entry], outputs: dict[str, np.ndarray]) -> None:

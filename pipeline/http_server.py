@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from pipeline.errors import ErrorCode
+from pipeline.observability import listen
 from pipeline.v2_api import ApiRequest, ApiResponse, V2Api, error_response
 
 log = logging.getLogger(__name__)
@@ -125,35 +126,41 @@ class HttpServer:
         self.traffic = Traffic(max_in_flight=max_in_flight, body_timeout_s=body_timeout_s)
         self.drain_timeout_s = drain_timeout_s
         self._runner: web.AppRunner | None = None
+        self._stop_lock = asyncio.Lock()  # a second stop() waits for the first, then finds nothing to close
 
     async def start(self) -> HttpServer:
+        """Listen; the API reports ready only once it does (a port in use fails start() not ready)."""
         logging.getLogger("aiohttp.server").addFilter(_FILTER)  # the same object: added once however often
-        self._runner = web.AppRunner(build_app(self.api, self.traffic), access_log=None, handle_signals=False,
-                                     shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, backlog=self.backlog)
-        await site.start()
-        if self._runner.addresses:
-            self.port = self._runner.addresses[0][1]
+        self.api.ready = False
+        runner = web.AppRunner(build_app(self.api, self.traffic), access_log=None, handle_signals=False,
+                               shutdown_timeout=1.0)
+        await listen(runner, self.host, self.port, backlog=self.backlog)
+        self._runner = runner
+        if runner.addresses:
+            self.port = runner.addresses[0][1]
         self.api.ready = True
         log.info("serving the V2 API on http://%s:%s", self.host, self.port)
         return self
 
     async def stop(self) -> None:
-        """Refuse readiness, stop listening, let the requests in flight finish (up to `drain_timeout_s`), close."""
+        """Refuse readiness, stop listening, let the requests in flight finish (up to `drain_timeout_s`), close.
+
+        A stop() called while another runs returns once that one has closed the server.
+        """
         self.api.ready = False
-        if self._runner is None:
-            return
-        for site in list(self._runner.sites):
-            await site.stop()
-        deadline = time.monotonic() + self.drain_timeout_s
-        while self.traffic.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        if self.traffic.in_flight:
-            log.warning("closing with %d requests still in flight after %.0f s", self.traffic.in_flight,
-                        self.drain_timeout_s)
-        await self._runner.cleanup()
-        self._runner = None
+        async with self._stop_lock:
+            runner, self._runner = self._runner, None
+            if runner is None:
+                return
+            for site in list(runner.sites):
+                await site.stop()
+            deadline = time.monotonic() + self.drain_timeout_s
+            while self.traffic.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            if self.traffic.in_flight:
+                log.warning("closing with %d requests still in flight after %.0f s", self.traffic.in_flight,
+                            self.drain_timeout_s)
+            await runner.cleanup()
 
     async def __aenter__(self) -> HttpServer:
         return await self.start()

@@ -11,7 +11,6 @@ records are redelivered to the group.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -33,6 +32,8 @@ from pipeline.sinks import Envelope, KafkaSink
 
 log = logging.getLogger(__name__)
 
+#: How long stop() tries to commit: aiokafka's commit waits for a group coordinator as long as none answers.
+FINAL_COMMIT_TIMEOUT_S = 10.0
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -45,7 +46,29 @@ class _Rebalance(ConsumerRebalanceListener):
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         if assigned:
             self.worker.assigned.set()
+        else:  # more workers than partitions: this one serves nothing now, and its readiness says so
+            self.worker.assigned.clear()
         log.info("assigned partitions %s", sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
+
+
+async def _stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """`consumer.stop()`, minus the CancelledError it may raise when the broker is unreachable.
+
+    aiokafka's Fetcher.close() cancels its fetch requests in flight and awaits them without suppressing
+    their CancelledError. That error is not a cancellation of ours: passed on, it aborted the worker's
+    stop() and a SIGTERM ended the process with a traceback. It is passed on only when the calling task is
+    being cancelled itself; otherwise what stop() did not reach is done here: closing the consumer's client
+    (its connections and its metadata task, which would otherwise retry the broker for as long as the
+    process lives).
+    """
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        log.warning("closing the consumer: aiokafka raised the CancelledError of a fetch it cancelled; ignored")
+        await consumer._client.close()
 
 
 class KafkaWorker:
@@ -69,6 +92,7 @@ class KafkaWorker:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._stopped = asyncio.Event()
+        self._stopped.set()  # not running: stop() and wait() before start() (or after a failed one) return
         self._failure: BaseException | None = None
         self._stopping = False
         self.assigned = asyncio.Event()
@@ -80,6 +104,12 @@ class KafkaWorker:
         return self._tracker.in_flight()
 
     async def start(self) -> KafkaWorker:
+        """Connect, join the group and consume. A stopped worker may be started again: what the previous run
+        knew (its failure, its partitions, its offsets in flight) is dropped, since the group may have moved
+        them to other workers meanwhile."""
+        self._failure = None
+        self.assigned.clear()
+        self._tracker = OffsetTracker()
         kafka = self.settings.kafka_client_kwargs()
         self._producer = answer_producer(self.settings)
         options = {
@@ -120,8 +150,12 @@ class KafkaWorker:
         return self
 
     async def stop(self) -> None:
-        """Graceful: stop consuming, finish and publish what is in flight, commit, close."""
-        if self._consumer is None or self._stopping:
+        """Graceful: stop consuming, finish and publish what is in flight, commit, close.
+
+        Returns at once when the worker is not running (never started, its start failed, stopped already);
+        a stop() called while another one runs returns when that one is done.
+        """
+        if self._stopping or self._stopped.is_set():
             await self._stopped.wait()
             return
         self._stopping = True
@@ -133,10 +167,12 @@ class KafkaWorker:
                 _, pending = await asyncio.wait(list(self._handlers), timeout=self.drain_timeout_s)
                 for task in pending:
                     task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+            # The engine outlives this worker (and may serve its next start): its batches are no longer ours.
+            self.engine.remove_batch_listener(self._publish_batch_record)
             if self._side_sends:
                 await asyncio.wait(list(self._side_sends), timeout=5)
-            with contextlib.suppress(KafkaError, CommitFailedError):
-                await self._commit()
+            await self._final_commit()
             for task in self._tasks[1:]:
                 task.cancel()
             await asyncio.gather(*self._tasks[1:], return_exceptions=True)
@@ -144,12 +180,26 @@ class KafkaWorker:
         finally:  # whatever failed on the way, wait() and every later stop() return
             self._stopped.set()
 
+    async def _final_commit(self) -> None:
+        """Commit what was answered, within `FINAL_COMMIT_TIMEOUT_S`: with the broker gone, commit() waits for a
+        coordinator forever and stop() never closed anything. What is left uncommitted is redelivered."""
+        try:
+            async with asyncio.timeout(FINAL_COMMIT_TIMEOUT_S):
+                await self._commit()
+        except (KafkaError, CommitFailedError, TimeoutError) as exc:
+            log.warning("final commit failed (the uncommitted records will be redelivered): %r", exc)
+
     async def _close_clients(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
-        if self._producer is not None:
-            await self._producer.stop()
+        """Close the consumer, then the producer, whatever closing the consumer did: an open producer holds
+        connections and a sender task, and the process would exit warning of it."""
+        consumer, producer = self._consumer, self._producer
         self._consumer = self._producer = None
+        try:
+            if consumer is not None:
+                await _stop_consumer(consumer)
+        finally:
+            if producer is not None:
+                await producer.stop()
 
     async def __aenter__(self) -> KafkaWorker:
         return await self.start()

@@ -6,10 +6,12 @@ the worker's event loop, so a live answer also proves the loop is not blocked.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -45,6 +47,19 @@ def configure_logging(verbose: bool, fmt: str = "text") -> None:
     logging.getLogger("aiokafka").setLevel(logging.WARNING if verbose else logging.CRITICAL)
 
 
+async def listen(runner: web.AppRunner, host: str, port: int, **site_options: Any) -> web.TCPSite:
+    """Set `runner` up and listen on host:port. When that fails (the port is taken), the runner is cleaned up
+    again: a failed start() leaves nothing running, and nothing for stop() to close."""
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, **site_options)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return site
+
+
 class HealthServer:
     """`/health/live`, `/health/ready` and `/metrics`. `ready()` decides readiness (e.g. partitions owned)."""
 
@@ -54,23 +69,24 @@ class HealthServer:
         self._ready = ready
         self._started = time.monotonic()
         self._runner: web.AppRunner | None = None
+        self._stop_lock = asyncio.Lock()  # a second stop() waits for the first, then finds nothing to close
 
     async def start(self) -> HealthServer:
         app = web.Application()
         app.router.add_get("/health/live", self._live)
         app.router.add_get("/health/ready", self._readiness)
         app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
+        runner = web.AppRunner(app, access_log=None)
+        site = await listen(runner, self.host, self.port)
+        self._runner = runner
         self.port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked for
         return self
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        async with self._stop_lock:
+            runner, self._runner = self._runner, None
+            if runner is not None:
+                await runner.cleanup()
 
     async def __aenter__(self) -> HealthServer:
         return await self.start()

@@ -106,16 +106,17 @@ async def connected(settings: Settings, *, use_state: bool = True) -> AsyncItera
     if state and settings.embedded_kafka:
         settings = settings.with_endpoints(state["kafka_bootstrap_servers"],
                                            None if not settings.embedded_aws else state["aws_endpoint_url"])
-    if settings.embedded_kafka or settings.embedded_aws:
-        try:
-            stack = LocalStack(Path(tempfile.mkdtemp(prefix="maas-stack-"))).start()
-        except StackError as exc:
-            raise ConfigError(str(exc)) from None
-        settings = settings.with_endpoints(
-            stack.bootstrap_servers if settings.embedded_kafka else None,
-            stack.endpoint_url if settings.embedded_aws else None,
-        )
-    try:
+    try:  # the stack is stopped and its folder removed whatever ends this, a SIGTERM's SystemExit included
+        if settings.embedded_kafka or settings.embedded_aws:
+            stack = LocalStack(Path(tempfile.mkdtemp(prefix="maas-stack-")))
+            try:
+                stack.start()
+            except StackError as exc:
+                raise ConfigError(str(exc)) from None
+            settings = settings.with_endpoints(
+                stack.bootstrap_servers if settings.embedded_kafka else None,
+                stack.endpoint_url if settings.embedded_aws else None,
+            )
         await bootstrap(settings)
         yield settings
     finally:

@@ -75,10 +75,16 @@ class _InFlight:
 
 
 class SqsWorker:
-    """Use `async with SqsWorker(...)` or `start()` / `stop()`; `stop()` drains what is in flight."""
+    """Use `async with SqsWorker(...)` or `start()` / `stop()`; `stop()` drains what is in flight.
+
+    Each receive long-polls for `wait_time_s`, and `stop()` waits for the one under way: a boto3 call cannot
+    be interrupted, and one left running in its thread would receive messages no one answers (they stay
+    invisible for the visibility timeout, one receive closer to the DLQ) and hold the process's exit until
+    it returns. Hence a short poll: stop() waits at most that long for it.
+    """
 
     def __init__(self, settings: Settings, engine: InferenceEngine, sqs: Any, queue_url: str, sink: ResultSink, *,
-                 store: ClaimCheckStore | None = None, wait_time_s: int = 20, visibility_timeout_s: int = 30,
+                 store: ClaimCheckStore | None = None, wait_time_s: int = 2, visibility_timeout_s: int = 30,
                  max_attempts: int = 3, drain_timeout_s: float = 30.0) -> None:
         self.settings = settings
         self.sqs = sqs
@@ -92,6 +98,7 @@ class SqsWorker:
         self._in_flight: dict[str, _InFlight] = {}
         self._handlers: set[asyncio.Task] = set()
         self._tasks: list[asyncio.Task] = []
+        self._stopped: asyncio.Event | None = None  # set by the stop() under way, when it is done
         self.answered = 0
         self.left_for_redelivery = 0
 
@@ -102,18 +109,34 @@ class SqsWorker:
         return self
 
     async def stop(self) -> None:
+        """Stop receiving (after the poll under way, whose messages are made visible again), let the handlers
+        finish for up to `drain_timeout_s`, then cancel the rest: their messages, undeleted, are redelivered
+        once their visibility timeout passes. A stop() called while another runs returns when that one is done."""
+        if self._stopped is not None:
+            await self._stopped.wait()
+            return
         if not self._tasks:
             return
-        receive = self._tasks[0]
-        receive.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await receive
-        if self._handlers:
-            await asyncio.wait(list(self._handlers), timeout=self.drain_timeout_s)
-        for task in self._tasks[1:]:
-            task.cancel()
-        await asyncio.gather(*self._tasks[1:], return_exceptions=True)
-        self._tasks = []
+        self._stopped = asyncio.Event()
+        try:
+            receive = self._tasks[0]
+            receive.cancel()
+            await asyncio.gather(receive, return_exceptions=True)
+            if self._handlers:
+                _, pending = await asyncio.wait(list(self._handlers), timeout=self.drain_timeout_s)
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                if pending:
+                    log.warning("stopped %d handlers still running after %.0f s; their messages will be redelivered",
+                                len(pending), self.drain_timeout_s)
+            for task in self._tasks[1:]:
+                task.cancel()
+            await asyncio.gather(*self._tasks[1:], return_exceptions=True)
+        finally:
+            self._tasks = []
+            self._stopped.set()
+            self._stopped = None
 
     async def __aenter__(self) -> SqsWorker:
         return await self.start()
@@ -129,28 +152,53 @@ class SqsWorker:
         """One handler task per received batch: its messages go through the engine together."""
         while True:
             room = await self._slots.take(10)  # room before asking for more (backpressure)
-            try:
-                response = await asyncio.to_thread(
-                    self.sqs.receive_message, QueueUrl=self.queue_url, MaxNumberOfMessages=room,
-                    WaitTimeSeconds=self.wait_time_s, VisibilityTimeout=self.visibility_timeout_s,
-                    MessageAttributeNames=["All"], AttributeNames=["ApproximateReceiveCount"],
-                )
-            except (ClientError, BotoCoreError) as exc:
-                self._slots.give(room)
-                log.warning("SQS receive failed, retrying: %s", exc)
-                await asyncio.sleep(1.0)
-                continue
-            messages = response.get("Messages", [])
-            self._slots.give(room - len(messages))
-            if not messages:
-                continue
-            until = time.monotonic() + self.visibility_timeout_s
-            for message in messages:
-                self._in_flight[message["MessageId"]] = _InFlight(message["ReceiptHandle"], until)
-            IN_FLIGHT.inc(len(messages))
-            task = asyncio.create_task(self._handle(messages))
-            self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
+            handed = 0
+            try:  # the slots not handed to a handler come back, however the receive ends (stop() included)
+                messages = await self._receive(room)
+                if not messages:
+                    continue
+                until = time.monotonic() + self.visibility_timeout_s
+                for message in messages:
+                    self._in_flight[message["MessageId"]] = _InFlight(message["ReceiptHandle"], until)
+                IN_FLIGHT.inc(len(messages))
+                task = asyncio.create_task(self._handle(messages))
+                handed = len(messages)  # the handler gives them back
+                self._handlers.add(task)
+                task.add_done_callback(self._handlers.discard)
+            finally:
+                self._slots.give(room - handed)
+
+    async def _receive(self, room: int) -> list[dict[str, Any]]:
+        """One receive of up to `room` messages ([] after a failed one).
+
+        Cancelled (by stop()), it still waits for the poll under way, at most `wait_time_s`, and makes what
+        that poll received visible again at once: no handler will answer those messages.
+        """
+        poll = asyncio.ensure_future(asyncio.to_thread(
+            self.sqs.receive_message, QueueUrl=self.queue_url, MaxNumberOfMessages=room,
+            WaitTimeSeconds=self.wait_time_s, VisibilityTimeout=self.visibility_timeout_s,
+            MessageAttributeNames=["All"], AttributeNames=["ApproximateReceiveCount"],
+        ))
+        try:
+            response = await asyncio.shield(poll)
+        except asyncio.CancelledError:
+            with contextlib.suppress(ClientError, BotoCoreError):
+                await self._release((await poll).get("Messages", []))
+            raise
+        except (ClientError, BotoCoreError) as exc:
+            log.warning("SQS receive failed, retrying: %s", exc)
+            await asyncio.sleep(1.0)
+            return []
+        return response.get("Messages", [])
+
+    async def _release(self, messages: list[dict[str, Any]]) -> None:
+        """Make messages received during stop() visible again now, for another worker (at most 10: one receive)."""
+        if not messages:
+            return
+        entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": 0}
+                   for i, m in enumerate(messages)]
+        await asyncio.to_thread(self.sqs.change_message_visibility_batch, QueueUrl=self.queue_url, Entries=entries)
+        log.info("released %d messages received while stopping", len(messages))
 
     async def _handle(self, messages: list[dict[str, Any]]) -> None:
         try:

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import subprocess
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -378,3 +382,24 @@ def test_fetch_says_whether_this_call_loaded_the_model(repository):
     first, loaded = cache.fetch(MNIST_MLP, 1)
     again, loaded_again = cache.fetch(MNIST_MLP, 1)
     assert loaded and not loaded_again and again is first
+
+
+@pytest.mark.parametrize("runtime", ["numpy", "torch"])
+def test_torch_is_imported_at_start_only_when_a_model_needs_it(repository, runtime):
+    """Imported by a first request's load instead, on the model thread, torch held the GIL long enough to stall
+    the event loop ~0.26 s; a process serving numpy twins only must still never import it."""
+    code = (
+        "import asyncio, sys\n"
+        "from models.cache import ModelCache\n"
+        "from models.repository import ModelRepository\n"
+        "from pipeline.engine import InferenceEngine\n"
+        "async def main():\n"
+        "    async with InferenceEngine(ModelCache(ModelRepository(sys.argv[1]))):\n"
+        "        print('torch' in sys.modules)\n"
+        "asyncio.run(main())\n"
+    )
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "MAAS_CPU_RUNTIME": runtime}
+    done = subprocess.run([sys.executable, "-c", code, str(repository.root)], capture_output=True, text=True,
+                          env=environment, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(runtime == "torch")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 import aiohttp
 import numpy as np
@@ -355,3 +356,21 @@ async def test_with_api_keys_only_admin_tenants_load_and_unload(repository):
         async with http.post(f"/v2/repository/models/{MNIST_MLP}/load", headers={"x-api-key": "secret-a"}) as r:
             assert r.status == 403
         assert MNIST_MLP in api.unloaded
+
+
+async def test_a_failed_start_leaves_nothing_up_and_concurrent_stops_both_return(repository):
+    """A port in use left the runner set up and the API ready; a second stop() while the first was draining
+    raised AttributeError (the first had cleared the runner under it)."""
+    async with InferenceEngine(ModelCache(repository), worker_id="http-test") as engine:
+        api = V2Api(engine, max_request_bytes=64 * 1024)
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            server = HttpServer(api, "127.0.0.1", taken.getsockname()[1])
+            with pytest.raises(OSError):
+                await server.start()
+        assert not api.ready and server._runner is None
+        server = await HttpServer(api, "127.0.0.1", 0).start()
+        assert api.ready
+        await asyncio.gather(server.stop(), server.stop())
+        assert not api.ready and server._runner is None

@@ -110,9 +110,14 @@ def test_cache_loads_once_under_concurrency_and_evicts_lru(repository):
         t.join()
     assert cache.stats.loads == 1 and cache.stats.misses == 1 and cache.stats.hits == 7
     assert all(m is loaded[0] for m in loaded)
+    assert not cache._load_locks, "a load lock outlived the loads (one per version ever asked for, forever)"
     cache.get("b", 1)
     assert cache.loaded() == [("b", 1)] and cache.stats.evictions == 1
     assert loaded[0].warmup_seconds > 0
+    (repository.root / "a" / "1" / WEIGHTS_FILE).write_bytes(b"corrupted")  # evicted: loaded again, and fails
+    with pytest.raises(ArtifactError):
+        cache.get("a", 1)
+    assert not cache._load_locks
 
 
 class _WatchedRepository(ModelRepository):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 
 import aiohttp
+import pytest
 from worker_support import running_worker
 
 from pipeline.client import ResultCollector, example_requests, publish_requests
@@ -46,3 +48,16 @@ def test_json_logs_carry_request_id_and_traceparent():
     line = json.loads(JsonFormatter().format(record))
     assert line["message"] == "dead-lettering x" and line["level"] == "WARNING"
     assert line["request_id"] == "r-9" and line["traceparent"].startswith("00-0af7")
+
+
+async def test_health_server_failed_start_leaves_nothing_up_and_concurrent_stops_both_return():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        health = HealthServer("127.0.0.1", taken.getsockname()[1], lambda: True)
+        with pytest.raises(OSError):
+            await health.start()
+    assert health._runner is None, "a failed start left the runner set up"
+    health = await HealthServer("127.0.0.1", 0, lambda: True).start()
+    await asyncio.gather(health.stop(), health.stop())
+    assert health._runner is None

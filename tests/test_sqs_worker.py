@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from dataclasses import replace
 
 import orjson
+import pytest
+from worker_support import slow_repository, worker_process
 
 from infra.bootstrap import ensure_queue
 from models.cache import ModelCache
 from models.examples import MNIST_MLP, mnist_mlp_config, synthetic_digits, train_mnist_mlp
 from models.repository import ModelRepository
+from pipeline.client import example_requests
 from pipeline.codec import Framed, decode_request, decode_response, encode_request, from_sqs_message, to_sqs_message
 from pipeline.engine import InferenceEngine
 from pipeline.errors import ErrorCode, InferenceError
@@ -173,3 +177,76 @@ def test_passthrough_headers_are_bounded_tracing_first():
     kept = Envelope(payload=b"", headers=headers, source="s").passthrough()
     assert kept["traceparent"] == "00-abc-01" and "x-other" not in kept
     assert sum(len(k) + len(v) for k, v in kept.items()) <= MAX_PASSTHROUGH_BYTES and len(kept) == 3
+
+
+def _queue_counts(sqs, url: str) -> tuple[int, int]:
+    """(visible, invisible) messages of a queue."""
+    attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
+        "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+    return int(attributes["ApproximateNumberOfMessages"]), int(attributes["ApproximateNumberOfMessagesNotVisible"])
+
+
+def _request_body(request_id: str) -> str:
+    return orjson.dumps(example_requests(1, prefix=request_id)[0][0], option=orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
+async def test_stop_waits_for_the_poll_under_way_and_a_restarted_worker_receives_again(live):
+    """stop() abandoned the poll in its thread: what that poll received after stop began stayed invisible for the
+    visibility timeout (one receive closer to the DLQ), and the slots it had taken were never given back, so a
+    restarted worker of max_in_flight 10 never received again."""
+    sqs = aws_client(live, "sqs")
+    url = ensure_queue(sqs, f"{live.batch_bucket}-stop")
+    results_url = ensure_queue(sqs, f"{live.batch_bucket}-stop-results")
+    async with InferenceEngine(ModelCache(ModelRepository(live.model_repository))) as engine:
+        worker = SqsWorker(replace(live, max_in_flight=10), engine, sqs, url, SqsSink(sqs, results_url))
+        await worker.start()
+        await asyncio.to_thread(sqs.send_message, QueueUrl=url, MessageBody=_request_body("first"))
+        while worker.answered < 1:  # answered: the receive loop is polling again, and stays so while idle
+            await asyncio.sleep(0.05)
+        stopping = asyncio.create_task(worker.stop())
+        await asyncio.sleep(0)  # stop() has begun: the poll under way may yet receive what is sent now
+        await asyncio.to_thread(sqs.send_message, QueueUrl=url, MessageBody=_request_body("late"))
+        await asyncio.wait_for(stopping, 30)  # hang guard
+        assert await asyncio.to_thread(_queue_counts, sqs, url) == (1, 0), "the late message was left invisible"
+        assert worker._slots.free == worker._slots.capacity
+        async with worker:  # a restart answers it
+            assert len(await asyncio.to_thread(_drain, sqs, results_url, 2, 30)) == 2
+            while worker.answered < 2:  # deleted after its answer was delivered
+                await asyncio.sleep(0.05)
+
+
+async def test_stop_cancels_the_handlers_still_running_after_the_drain_timeout(live, tmp_path):
+    """They kept running (and answering, deleting) after stop() returned, on an engine about to stop."""
+    sqs = aws_client(live, "sqs")
+    url = ensure_queue(sqs, f"{live.batch_bucket}-drain")
+    slow = slow_repository(tmp_path / "slow", max_queue_delay_ms=60_000)  # every request waits a minute
+    async with InferenceEngine(ModelCache(slow)) as engine:
+        sink = SqsSink(sqs, ensure_queue(sqs, f"{live.batch_bucket}-drain-results"))
+        worker = SqsWorker(live, engine, sqs, url, sink, wait_time_s=1, drain_timeout_s=0.2)
+        for request_id in ("held-0", "held-1", "held-2"):
+            await asyncio.to_thread(sqs.send_message, QueueUrl=url, MessageBody=_request_body(request_id))
+        await worker.start()
+        while worker.in_flight < 3:
+            await asyncio.sleep(0.05)
+        await asyncio.wait_for(worker.stop(), 30)  # hang guard
+        assert worker.in_flight == 0 and not worker._handlers, "handlers outlived stop()"
+        assert worker._slots.free == worker._slots.capacity
+    assert worker.answered == 0
+    assert await asyncio.to_thread(_queue_counts, sqs, url) == (0, 3), "left to the visibility timeout"
+
+
+@pytest.mark.slow
+def test_an_idle_sqs_worker_process_exits_promptly_on_sigterm(live):
+    """It waited for its 20 s long poll to return before exiting."""
+    settings = replace(live, sqs_requests_queue=f"{live.batch_bucket}-idle")
+    proc, _, lines = worker_process(settings, worker_id="sqs-idle", args=("--source", "sqs"))
+    try:
+        deadline = time.monotonic() + 60
+        while not any("receiving from SQS" in line for line in lines) and time.monotonic() < deadline:
+            assert proc.poll() is None, "".join(lines)
+            time.sleep(0.1)
+        time.sleep(0.5)  # into its first poll
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0, "".join(lines)  # hang guard: the poll is 2 s
+    finally:
+        proc.kill()

@@ -8,12 +8,19 @@ from dataclasses import replace
 import numpy as np
 import orjson
 import pytest
+from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from worker_support import read_topic, running_worker, slow_repository, worker_process
 
+from infra.stack import LocalStack, free_port
+from models.cache import ModelCache
 from models.examples import mnist_mlp_config, train_mnist_mlp
 from models.repository import ModelRepository
 from pipeline.client import ResultCollector, example_requests, publish_requests
+from pipeline.engine import InferenceEngine
+from pipeline.kafka_worker import KafkaWorker, _Rebalance
+from pipeline.services import bootstrap
+from pipeline.settings import Settings
 
 
 @pytest.fixture
@@ -127,3 +134,86 @@ async def test_killed_worker_loses_nothing_consumed_but_unanswered(fast, tmp_pat
         assert all(a.kind == "result" for a in answers.values())
     finally:
         proc.kill()
+
+
+async def test_stop_returns_before_start_and_after_a_failed_start(settings):
+    engine = InferenceEngine(ModelCache(ModelRepository(settings.model_repository)))
+    async with engine:
+        never_started = KafkaWorker(settings, engine)
+        await asyncio.wait_for(never_started.stop(), 10)  # hang guard: it waited for a stop that never came
+        unreachable = KafkaWorker(replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}"), engine)
+        with pytest.raises(KafkaError):
+            await unreachable.start()
+        await asyncio.wait_for(unreachable.stop(), 10)
+        await asyncio.wait_for(unreachable.wait(), 10)
+
+
+async def test_a_restarted_worker_starts_afresh(fast):
+    """Stale state of a previous run: the batch listener was added again at each start (one metrics record per
+    batch per start), and the previous run's partitions and failure made a restarted worker ready at once."""
+    engine = InferenceEngine(ModelCache(ModelRepository(fast.model_repository)), worker_id=fast.worker_id)
+    async with engine:
+        worker = KafkaWorker(fast, engine)
+        for _ in range(2):
+            await worker.start()
+            await asyncio.wait_for(worker.assigned.wait(), 30)
+            worker._fail(KafkaError("a produce that failed"))  # the worker stops itself, as on a broker outage
+            with pytest.raises(KafkaError):
+                await asyncio.wait_for(worker.wait(), 30)
+        await worker.start()
+        try:
+            assert not worker.ready, "ready before owning any partition, on the previous run's assignment"
+            await asyncio.wait_for(worker.assigned.wait(), 30)
+            assert worker.ready, "the previous run's failure outlived the restart"
+            requests, truth = example_requests(1, prefix="restarted")
+            async with ResultCollector(fast) as collector:
+                await publish_requests(fast, requests)
+                assert len(await collector.wait_for(truth, timeout=30)) == 1
+        finally:
+            await worker.stop()
+        await _Rebalance(worker).on_partitions_assigned(set())  # a rebalance that leaves this worker nothing
+        assert not worker.assigned.is_set()
+    metrics = await read_topic(fast, fast.topics.metrics, 2, timeout=5)  # stop() awaited every send
+    assert len(metrics) == 1, f"{len(metrics)} metrics records for one batch"
+
+
+async def test_stop_closes_both_clients_when_the_broker_is_gone(tmp_path):
+    """With the broker gone, stop() waited forever for its final commit; bounded, it then met the CancelledError
+    aiokafka's consumer.stop() raises for a fetch it cancelled, and passed it on (a SIGTERM ended the process
+    with a traceback) leaving the producer open."""
+    slow = slow_repository(tmp_path / "slow", max_queue_delay_ms=60_000)  # requests stay in flight
+    with LocalStack(tmp_path / "stack") as private:
+        settings = replace(Settings(), kafka_bootstrap_servers=private.bootstrap_servers,
+                           aws_endpoint_url=private.endpoint_url, model_repository=str(slow.root),
+                           topic_partitions=2, kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=300)
+        await bootstrap(settings)
+        async with InferenceEngine(ModelCache(slow)) as engine:
+            worker = KafkaWorker(settings, engine, drain_timeout_s=0.5)
+            await worker.start()
+            await asyncio.wait_for(worker.assigned.wait(), 30)
+            await publish_requests(settings, example_requests(50, prefix="held")[0])
+            while worker.in_flight < 50:
+                await asyncio.sleep(0.05)
+            producer, consumer = worker._producer, worker._consumer
+            private._broker.kill()
+            private._broker.wait()
+            await asyncio.wait_for(worker.stop(), 60)  # hang guard
+            assert producer._closed and consumer._closed
+            clients = [t for t in asyncio.all_tasks() if "AIOKafkaClient" in t.get_coro().__qualname__]
+            assert not clients, "a client's metadata task outlived stop(), retrying a broker that is gone"
+
+
+async def test_the_collector_keeps_awaited_answers_and_only_the_latest_others(fast):
+    """It kept every answer seen on the shared topics, forever: a long-lived client grew without bound."""
+    requests, truth = example_requests(6, prefix="kept")
+    ids = list(truth)
+    async with running_worker(fast), ResultCollector(fast, max_unclaimed=2) as collector:
+        collector.expect(ids[:2])
+        await publish_requests(fast, requests)
+        async with asyncio.timeout(30):  # hang guard
+            while collector.received < 6:
+                await asyncio.sleep(0.05)
+        assert len(collector.answers) == 4, "the two awaited answers and the latest two of the other four"
+        assert (await collector.wait_for(ids[:2], timeout=30)).keys() == set(ids[:2])
+        assert len(await collector.wait_for(ids[2:], timeout=0.1)) == 2
+        assert collector.answers == {}, "answers returned are forgotten"

@@ -53,15 +53,15 @@ async def read_topic(settings, topic: str, count: int, timeout: float = 20.0) ->
         await consumer.stop()
 
 
-def worker_process(settings, *, repository_root=None, worker_id: str) -> tuple[subprocess.Popen, threading.Event,
-                                                                               list[str]]:
-    """`maas -v worker` in a child process; the event is set once it owns partitions."""
+def worker_process(settings, *, repository_root=None, worker_id: str, args: tuple[str, ...] = ()
+                   ) -> tuple[subprocess.Popen, threading.Event, list[str]]:
+    """`maas -v worker [args]` in a child process; the event is set once it owns partitions."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "MAAS_", "AWS_"))}
     root = str(repository_root) if repository_root else settings.model_repository
     env.update(replace(settings, model_repository=root).to_env(), MAAS_WORKER_ID=worker_id,
                MAAS_KAFKA_SESSION_TIMEOUT_MS="6000", MAAS_KAFKA_HEARTBEAT_INTERVAL_MS="300",
                AWS_ACCESS_KEY_ID="maas-local", AWS_SECRET_ACCESS_KEY="maas-local", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "-v", "worker"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "-v", "worker", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assigned = threading.Event()
     lines: list[str] = []

@@ -6,15 +6,39 @@ import argparse
 import asyncio
 import math
 import signal
+import sys
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def stop_event() -> asyncio.Event:
-    """An event set by SIGINT or SIGTERM, so long-running commands shut down gracefully."""
+    """An event set by the first SIGINT or SIGTERM, so long-running commands shut down gracefully.
+
+    The first signal also gives both back to their default handlers: a graceful shutdown may take a while
+    (requests drain for up to 30 s), and a second Ctrl-C or SIGTERM must then end the process, not wait.
+    """
     event = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, event.set)
+
+    def first_signal() -> None:
+        event.set()
+        for sig in _STOP_SIGNALS:
+            loop.remove_signal_handler(sig)  # SIGINT: KeyboardInterrupt again; SIGTERM: its default action
+
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, first_signal)
     return event
+
+
+def exit_on_sigterm() -> None:
+    """Until a command installs its graceful handler (`stop_event`), SIGTERM raises SystemExit instead of
+    killing the process outright: `finally` blocks and error paths run, so an embedded stack that is being
+    started is stopped and its temporary folder removed (a SIGTERM during `maas up`'s startup left both)."""
+    signal.signal(signal.SIGTERM, _exit)
+
+
+def _exit(signum: int, frame: object) -> None:
+    sys.exit(128 + signum)
 
 
 def positive_int(text: str) -> int:

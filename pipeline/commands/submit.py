@@ -53,6 +53,7 @@ async def submit_and_wait(settings: Settings, requests: list[dict[str, Any]] | l
     """Publish requests (dicts, or Framed with `ids`) and wait for their answers; returns them and the time."""
     ids = ids if ids is not None else [r["id"] for r in requests]
     async with ResultCollector(settings) as collector:
+        collector.expect(ids)  # answers that arrive while the rest are published are kept, however many
         started = time.perf_counter()
         await publish_requests(settings, requests, keys=ids)
         answers = await collector.wait_for(ids, timeout)
