@@ -45,6 +45,19 @@ def test_default_result_keys_are_new_per_result_and_readable_per_request_id():
         parse_s3_uri(uri, field="outputs_uri")  # every key is one the store accepts
 
 
+async def _answer(settings, repository, envelopes: list[Envelope]) -> list[Outcome]:
+    """The envelopes through a worker's responder: the engine, claim checks and the Kafka sink."""
+    producer = answer_producer(settings)
+    await producer.start()
+    try:
+        async with InferenceEngine(ModelCache(repository)) as engine:
+            store = claim_check_store(settings)
+            sink = KafkaSink.for_settings(producer, settings, store)
+            return await Responder(settings, engine, sink, store=store).handle_many(envelopes)
+    finally:
+        await producer.stop()
+
+
 async def test_two_callers_with_one_request_id_get_their_own_result_objects(live, repository):
     """Callers choose request ids: two teams' "r-1", both with results too large to send inline, must not
     share one object, where the second would overwrite the first and both would be handed its data."""
@@ -52,15 +65,7 @@ async def test_two_callers_with_one_request_id_get_their_own_result_objects(live
     images, labels = synthetic_digits(64, seed=7)
     envelopes = [Envelope(encode_request("r-1", MNIST_MLP, {"input": images[i * 32:(i + 1) * 32]}).body, {},
                           f"team-{i}@0") for i in range(2)]
-    producer = answer_producer(settings)
-    await producer.start()
-    try:
-        async with InferenceEngine(ModelCache(repository)) as engine:
-            store = claim_check_store(settings)
-            responder = Responder(settings, engine, KafkaSink.for_settings(producer, settings, store), store=store)
-            assert await responder.handle_many(envelopes) == [Outcome.RESULT] * 2
-    finally:
-        await producer.stop()
+    assert await _answer(settings, repository, envelopes) == [Outcome.RESULT] * 2
     uris = [orjson.loads(record.value)["outputs_uri"] for record in
             await read_topic(settings, settings.topics.results, 2)]
     assert len(set(uris)) == 2
@@ -102,15 +107,7 @@ async def test_claim_checks_reach_only_keys_under_the_claim_check_prefix(live, r
         if "inputs_uri" in body:
             del body["inputs"]
         envelopes.append(Envelope(orjson.dumps(body), {}, f"{request_id}@0"))
-    producer = answer_producer(live)
-    await producer.start()
-    try:
-        async with InferenceEngine(ModelCache(repository)) as engine:
-            store = claim_check_store(live)
-            responder = Responder(live, engine, KafkaSink.for_settings(producer, live, store), store=store)
-            assert await responder.handle_many(envelopes) == [Outcome.ERROR] * 6 + [Outcome.RESULT]
-    finally:
-        await producer.stop()
+    assert await _answer(live, repository, envelopes) == [Outcome.ERROR] * 6 + [Outcome.RESULT]
     answers = {r.key.decode(): orjson.loads(r.value) for r in await read_topic(live, live.topics.results, 7)}
     for request_id, (_, field) in cases.items():
         if field is None:
