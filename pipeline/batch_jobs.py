@@ -34,6 +34,7 @@ from pipeline.engine import InferenceEngine
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.protocol import InferenceRequest, InferenceResponse, parse_request
 from pipeline.settings import ConfigError, Settings
+from pipeline.sqs_worker import release_messages
 
 log = logging.getLogger(__name__)
 
@@ -700,10 +701,8 @@ class BatchJobWatcher:
             log.warning("cannot delete batch job message %s: %s", message.get("MessageId"), exc)
 
     async def _release(self, message: dict[str, Any]) -> None:
-        """Make a message visible again now, rather than when its visibility timeout runs out."""
-        with contextlib.suppress(ClientError, BotoCoreError):
-            await asyncio.to_thread(self.sqs.change_message_visibility, QueueUrl=self.queue_url,
-                                    ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0)
+        with contextlib.suppress(ClientError, BotoCoreError):  # else it comes back when its visibility runs out
+            await release_messages(self.sqs, self.queue_url, [message])
 
     async def _keep_invisible(self, receipt: str) -> None:
         while True:

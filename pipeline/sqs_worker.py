@@ -68,6 +68,17 @@ async def answer_sqs_messages(responder: Responder, messages: Sequence[SqsMessag
     return [outcomes[index] for index in range(len(messages))]
 
 
+async def release_messages(sqs: Any, queue_url: str, messages: Sequence[dict[str, Any]]) -> None:
+    """Make received messages (at most 10: one receive) visible again now, for another consumer, rather than
+    when their visibility timeout runs out: what a consumer received while stopping, or could not finish."""
+    if not messages:
+        return
+    entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": 0}
+               for i, m in enumerate(messages)]
+    await asyncio.to_thread(sqs.change_message_visibility_batch, QueueUrl=queue_url, Entries=entries)
+    log.info("released %d messages of %s", len(messages), queue_url)
+
+
 @dataclass
 class _InFlight:
     receipt: str
@@ -183,22 +194,13 @@ class SqsWorker:
             response = await asyncio.shield(poll)
         except asyncio.CancelledError:
             with contextlib.suppress(ClientError, BotoCoreError):
-                await self._release((await poll).get("Messages", []))
+                await release_messages(self.sqs, self.queue_url, (await poll).get("Messages", []))
             raise
         except (ClientError, BotoCoreError) as exc:
             log.warning("SQS receive failed, retrying: %s", exc)
             await asyncio.sleep(1.0)
             return []
         return response.get("Messages", [])
-
-    async def _release(self, messages: list[dict[str, Any]]) -> None:
-        """Make messages received during stop() visible again now, for another worker (at most 10: one receive)."""
-        if not messages:
-            return
-        entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": 0}
-                   for i, m in enumerate(messages)]
-        await asyncio.to_thread(self.sqs.change_message_visibility_batch, QueueUrl=self.queue_url, Entries=entries)
-        log.info("released %d messages received while stopping", len(messages))
 
     async def _handle(self, messages: list[dict[str, Any]]) -> None:
         try:
