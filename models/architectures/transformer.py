@@ -170,23 +170,27 @@ class TransformerEncoder(Architecture):
     def run_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """What serving runs on token ids (on the CPU, as the tokenizer makes them; lengths read from a GPU
         mask cost a sync): the rows grouped by length (:func:`models.cuda_graphs.length_groups`), each group
-        padded to its own length bucket only and encoded apart, replayed from its CUDA graph on a GPU, launched
-        kernel by kernel elsewhere; the results are put back in row order."""
-        encode = self.graphed if self.device.type == "cuda" and cuda_graphs.enabled() else self.forward_tokens
+        padded to its own length bucket only and encoded apart, replayed from its CUDA graph on a GPU (which
+        takes the group's token ids from the CPU itself, through its pinned copies), launched kernel by kernel
+        elsewhere; the results are put back in row order."""
+        if self.device.type == "cuda" and cuda_graphs.enabled():
+            encode = self.graphed
+        else:
+            def encode(ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+                return self.forward_tokens(self._to_device(ids), self._to_device(mask))
         groups = []  # a batch too small for any split to save enough: its lengths are not even read
         if mask.numel() >= MIN_SAVED_POSITIONS:  # lengths in numpy: torch's bool sums on a CPU cost more
             lengths = mask.numpy().sum(axis=1) if mask.device.type == "cpu" else mask.sum(dim=1).cpu().numpy()
             groups = cuda_graphs.length_groups(lengths, PAD_MULTIPLE, self.p["max_length"], MIN_SAVED_POSITIONS)
         if len(groups) <= 1:
-            return encode(self._to_device(ids), self._to_device(mask))
-        # Each group's rows go to the device just before it runs, without waiting (pinned copies, `_to_device`):
-        # on a GPU the host gathers the next group while the previous one's replay runs.
+            return encode(ids, mask)
+        # Each group's rows go to the device just before it runs, without waiting (pinned copies): on a GPU the
+        # host gathers the next group while the previous one's replay runs.
         outputs: dict[str, torch.Tensor] = {}
         for length, rows in groups:
             index = torch.from_numpy(rows).to(ids.device)
             width = min(length, ids.shape[1])
-            part = encode(self._to_device(ids.index_select(0, index)[:, :width]),
-                          self._to_device(mask.index_select(0, index)[:, :width]))
+            part = encode(ids.index_select(0, index)[:, :width], mask.index_select(0, index)[:, :width])
             index = self._to_device(index)
             for name, t in part.items():
                 if name not in outputs:

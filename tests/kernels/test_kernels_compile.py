@@ -1,6 +1,7 @@
 """Checks that compile the real kernels for an H100 (sm_90) on this CPU, each in a process without the
 interpreter (``kernels.offline`` stands in for the CUDA driver)."""
 
+import ctypes.util
 import json
 import os
 import subprocess
@@ -73,6 +74,13 @@ def test_recorded_binaries_precompile_elsewhere_into_the_same_cache_entries(tmp_
     assert first.returncode == 0, first.stdout + first.stderr
     assert f"compiled {binaries} binaries" in first.stdout and "0 failed" in first.stdout, first.stdout
     assert cubins(precompiled) == cubins(recorded)
+    # The launchers and launch helpers link against the driver's libcuda.so.1: built where it is, else said why not.
+    if ctypes.util.find_library("cuda"):
+        assert "launchers: " in first.stdout and list(precompiled.glob("*/*.so")), first.stdout
+    else:
+        assert "launchers not built (AssertionError: libcuda.so cannot found!): workers build them" in first.stdout, \
+            first.stdout
+        assert not list(precompiled.glob("*/*.so"))
     again = precompile(table, precompiled)
     assert "compiled 0 binaries" in again.stdout and f"{binaries} were in the cache already" in again.stdout, \
         again.stdout
