@@ -127,8 +127,8 @@ def recorded_binaries() -> list[Binary]:
 class Precompiled:
     """What :func:`precompile` did: ``binaries`` asked for; ``compiled`` of them new in the cache (the rest
     were there already, or failed); ``failed``: one line each, the kernel and why; ``seconds``: its time;
-    ``host_modules``: the launchers and launch helpers built or found in the cache, or why none could be
-    (``host_modules_skipped``: workers then build them on their first launches)."""
+    ``host_modules``: the launchers and launch helpers built or found in the cache; ``host_modules_skipped``:
+    why some (or all, with ``host_modules`` 0) could not be: workers build those on their first launches."""
 
     binaries: int = 0
     compiled: int = 0
@@ -180,9 +180,13 @@ def _compile(numbered: tuple[int, dict]) -> tuple[CompiledKernel | None, str | N
         module, _, qualname = str(kernel).partition(":")
         specialization = json.loads(entry["specialization"])
         specialization.setdefault("target", entry["target"])  # Tritons before 3.7 do not write it; 3.7 needs it
-        return jit_function(module, qualname).preload(json.dumps(specialization)), None
+        compiled = jit_function(module, qualname).preload(json.dumps(specialization))
+        compiled = compiled.result() if hasattr(compiled, "result") else compiled  # under an async compile mode
     except Exception as exc:  # reported, and the other binaries compile
         return None, f"binary {i} ({kernel}): {type(exc).__name__}: {str(exc)[:300]}"
+    if compiled is None:  # a jit_cache_hook that returns true skips the compile
+        return None, f"binary {i} ({kernel}): not compiled: Triton's jit_cache_hook skipped it"
+    return compiled, None
 
 
 def _build_host_modules(kernels: list[CompiledKernel], threads: int) -> tuple[int, str]:
@@ -198,9 +202,9 @@ def _build_host_modules(kernels: list[CompiledKernel], threads: int) -> tuple[in
         return 0, f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
     if not hasattr(cuda, "make_launcher"):  # Triton 3.7+: one generic launcher, inside the helpers
         return 1, ""
-    by_signature = {(k.name, repr(sorted(k.src.signature.items())), repr(sorted(k.src.constants.items()))): k
-                    for k in kernels}
 
+    # One per binary: binaries sharing a launcher find it in the cache (its key is a hash of its source), and
+    # keying on what that source depends on would copy Triton's launcher generator.
     def build(kernel: CompiledKernel) -> str | None:
         try:
             cuda.CudaLauncher(kernel.src, kernel.metadata)
@@ -209,5 +213,5 @@ def _build_host_modules(kernels: list[CompiledKernel], threads: int) -> tuple[in
         return None
 
     with ThreadPoolExecutor(max(1, threads), "precompile-launchers") as pool:
-        errors = [error for error in pool.map(build, by_signature.values()) if error]
-    return 1 + len(by_signature) - len(errors), errors[0] if errors else ""
+        errors = [error for error in pool.map(build, kernels) if error]
+    return 1 + len(kernels) - len(errors), errors[0] if errors else ""

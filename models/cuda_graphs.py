@@ -89,6 +89,15 @@ def _bucket_table(low: int, high: int) -> np.ndarray:
 Forward = Callable[..., dict[str, torch.Tensor]]
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; from the CPU to a GPU through pinned memory, without waiting: a copy from pageable
+    memory first waits for all the GPU work queued before it, which leaves the GPU idle from that work's end
+    until the next launch."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.contiguous().pin_memory().to(device, non_blocking=True)  # one block for one DMA copy
+
+
 # What a bucket pads on the host, in numpy (a few times cheaper than torch's CPU ops on small tensors): token
 # ids, masks, lengths, and the float types numpy has.
 _HOST_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool, torch.float32,
@@ -176,9 +185,7 @@ class GraphedForward:
 
     def _moved(self, inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         """``inputs`` on ``device``, for the calls that run ``fn`` on them directly."""
-        if self.device is None:
-            return inputs
-        return [x.to(self.device) for x in inputs]
+        return inputs if self.device is None else [to_device(x, self.device) for x in inputs]
 
     def _load_bucket(self, entry: _Bucket, inputs: Sequence[torch.Tensor]) -> None:
         if not all(x.device.type == "cpu" and x.dtype in _HOST_DTYPES and static.is_cuda
@@ -197,7 +204,7 @@ class GraphedForward:
             staged[tuple(slice(0, n) for n in x.shape)] = x
         for staged, static in zip(entry.staged, entry.inputs, strict=True):
             static.copy_(staged, non_blocking=True)
-        entry.transferred.record()
+        entry.transferred.record(torch.cuda.current_stream(entry.inputs[0].device))  # the copies' stream
 
     def _load(self, static_inputs: list[torch.Tensor], inputs: Sequence[torch.Tensor]) -> None:
         for static, x, pad in zip(static_inputs, inputs, self.pad_values, strict=True):

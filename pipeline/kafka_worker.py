@@ -94,6 +94,7 @@ class KafkaWorker:
         self._stopped = asyncio.Event()
         self._stopped.set()  # not running: stop() and wait() before start() (or after a failed one) return
         self._failure: BaseException | None = None
+        self._stop_on_failure: asyncio.Task | None = None
         self._stopping = False
         self.assigned = asyncio.Event()
         self.answered = 0
@@ -274,7 +275,9 @@ class KafkaWorker:
     def _fail(self, exc: BaseException) -> None:
         if self._failure is None:
             self._failure = exc
-            asyncio.get_running_loop().create_task(self.stop())
+            # Held: the loop keeps only a weak reference to a task, and a stop collected half way never sets
+            # `_stopped`, so wait() would hang.
+            self._stop_on_failure = asyncio.get_running_loop().create_task(self.stop(), name="stop-on-failure")
 
     def _publish_batch_record(self, record: BatchRecord) -> None:
         if self._producer is None:

@@ -199,12 +199,7 @@ class TransformerEncoder(Architecture):
         return outputs
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` on the model's device; from the CPU to a GPU through pinned memory, without waiting: a copy from
-        pageable memory first waits for all the GPU work queued before it, which leaves the GPU idle from that
-        work's end until the next launch."""
-        if self.device.type != "cuda" or t.device.type != "cpu":
-            return t.to(self.device)
-        return t.contiguous().pin_memory().to(self.device, non_blocking=True)  # one block for one DMA copy
+        return cuda_graphs.to_device(t, self.device)
 
     def graph_arguments(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode(inputs["text"])  # one graph's inputs; `run` groups the rows first

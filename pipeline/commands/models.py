@@ -117,7 +117,9 @@ def _precompile(args: argparse.Namespace) -> int:
     print(f"compiled {done.compiled} binaries in {done.seconds:.1f} s; "
           f"{done.binaries - done.compiled - len(done.failed)} were in the cache already; {len(done.failed)} failed")
     if done.host_modules_skipped:
-        print(f"launchers not built ({done.host_modules_skipped}): workers build them on their first launches, "
+        some = f"launchers: {done.host_modules} host modules built or in the cache, others" if done.host_modules \
+            else "launchers"
+        print(f"{some} not built ({done.host_modules_skipped}): workers build them on their first launches, "
               "about a second in all; build on a machine with the NVIDIA driver's libcuda.so.1 to include them")
     else:
         print(f"launchers: {done.host_modules} host modules built or in the cache")
