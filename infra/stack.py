@@ -143,11 +143,15 @@ class LocalStack:
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self.s3_port}"
 
-    def start(self, timeout: float = 30.0) -> LocalStack:
+    def start(self, timeout: float = 30.0, *, kafka: bool = True, aws: bool = True) -> LocalStack:
+        """Start the broker (``kafka``) and the S3/SQS server (``aws``): a process pointed at real Kafka or
+        real AWS needs only the other one."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            self._start_moto(timeout)
-            self._start_broker(timeout)
+            if aws:
+                self._start_moto(timeout)
+            if kafka:
+                self._start_broker(timeout)
         except BaseException:
             self.stop()
             raise

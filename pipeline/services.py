@@ -110,7 +110,7 @@ async def connected(settings: Settings, *, use_state: bool = True) -> AsyncItera
         if settings.embedded_kafka or settings.embedded_aws:
             stack = LocalStack(Path(tempfile.mkdtemp(prefix="maas-stack-")))
             try:
-                stack.start()
+                stack.start(kafka=settings.embedded_kafka, aws=settings.embedded_aws)
             except StackError as exc:
                 raise ConfigError(str(exc)) from None
             settings = settings.with_endpoints(

@@ -53,6 +53,38 @@ def test_stack_stop_ends_both_processes(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def _children(name: str) -> set[int]:
+    """This process's children whose command line mentions ``name``."""
+    found = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:  # ended meanwhile
+            continue
+        if parent == os.getpid() and name.encode() in cmdline:
+            found.add(int(entry))
+    return found
+
+
+async def test_a_process_on_real_kafka_starts_only_the_embedded_s3_and_sqs(settings):
+    from dataclasses import replace
+
+    from pipeline.services import connected
+
+    kafka_only = replace(settings, aws_endpoint_url=None)  # Kafka configured (the session's broker), AWS not
+    assert not kafka_only.embedded_kafka and kafka_only.embedded_aws
+    brokers, servers = _children("tansu"), _children("moto.server")
+    async with connected(kafka_only, use_state=False) as ready:
+        assert ready.kafka_bootstrap_servers == settings.kafka_bootstrap_servers
+        assert ready.aws_endpoint_url not in (None, settings.aws_endpoint_url)
+        assert _children("tansu") == brokers  # no broker nobody would use
+        assert len(_children("moto.server") - servers) == 1
+    assert _children("moto.server") == servers
+
+
 def test_children_die_with_a_killed_parent(tmp_path):
     script = (
         "import sys, time; from pathlib import Path; from infra.stack import LocalStack\n"
