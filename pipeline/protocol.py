@@ -36,13 +36,15 @@ class InferenceRequest:
     datatypes: dict[str, str]
     outputs: list[str] | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
-    binary_outputs: frozenset[str] = frozenset()
+    binary_data: dict[str, bool] = field(default_factory=dict)  # outputs[i].parameters.binary_data, where given
     inputs_uri: str | None = None
 
     def binary(self, outputs: Collection[str]) -> Collection[str]:
-        """Which of `outputs` travel as raw bytes (the binary tensor extension): those the request named with
-        `binary_data`, or all of them with `binary_data_output`."""
-        return outputs if self.parameters.get("binary_data_output") else self.binary_outputs
+        """Which of `outputs` travel as raw bytes (the binary tensor extension): an output's own `binary_data`
+        decides for it, as the extension says ("it overrides this setting"); the others follow
+        `binary_data_output` (set by `accept: application/octet-stream` too)."""
+        default = bool(self.parameters.get("binary_data_output"))
+        return [name for name in outputs if self.binary_data.get(name, default)]
 
     @property
     def batch_rows(self) -> int:
@@ -125,7 +127,7 @@ def parse_request(body: Any, *, max_elements: int, defaults: dict[str, Any] | No
         raise _fail(ErrorCode.INVALID_REQUEST, "parameters: expected an object", request_id)
     elif parameters:
         _check_parameters(parameters, request_id)
-    outputs, binary_outputs = _parse_outputs(body.get("outputs"), request_id)
+    outputs, binary_data = _parse_outputs(body.get("outputs"), request_id)
     raw_inputs = body.get("inputs")
     inputs_uri = body.get("inputs_uri")
     if inputs_uri is not None:
@@ -135,7 +137,7 @@ def parse_request(body: Any, *, max_elements: int, defaults: dict[str, Any] | No
             raise _fail(ErrorCode.INVALID_REQUEST, "inputs_uri: expected an s3:// URI string", request_id)
         return InferenceRequest(
             id=request_id, model_name=model_name, model_version=None if version is None else str(version),
-            inputs={}, datatypes={}, outputs=outputs, parameters=parameters, binary_outputs=binary_outputs,
+            inputs={}, datatypes={}, outputs=outputs, parameters=parameters, binary_data=binary_data,
             inputs_uri=inputs_uri,
         )
     if not isinstance(raw_inputs, list) or not raw_inputs:
@@ -159,7 +161,7 @@ def parse_request(body: Any, *, max_elements: int, defaults: dict[str, Any] | No
     if cursor is not None:
         cursor.finish()
     return InferenceRequest(request_id, model_name, None if version is None else str(version), inputs, datatypes,
-                            outputs, parameters, binary_outputs)
+                            outputs, parameters, binary_data)
 
 
 # Names that passed `validate_model_name`: a fetch names the same few models thousands of times. Bounded,
@@ -202,13 +204,13 @@ def _check_parameters(parameters: dict[str, Any], request_id: str) -> None:
         raise _fail(ErrorCode.INVALID_REQUEST, "parameters.binary_data_output: expected true or false", request_id)
 
 
-def _parse_outputs(raw: Any, request_id: str) -> tuple[list[str] | None, frozenset[str]]:
-    """The outputs asked for (None, as for an empty list: all of them) and those to send as raw bytes."""
+def _parse_outputs(raw: Any, request_id: str) -> tuple[list[str] | None, dict[str, bool]]:
+    """The outputs asked for (None, as for an empty list: all of them) and the `binary_data` each one sets."""
     if raw is None or raw == []:
-        return None, frozenset()
+        return None, {}
     if not isinstance(raw, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in raw):
         raise _fail(ErrorCode.INVALID_REQUEST, "outputs: expected a list of objects with a name", request_id)
-    binary = set()
+    binary = {}
     for index, output in enumerate(raw):
         parameters = output.get("parameters")
         if parameters is None:
@@ -220,11 +222,11 @@ def _parse_outputs(raw: Any, request_id: str) -> tuple[list[str] | None, frozens
         if unknown:  # Triton's classification, for one, would change what comes back: not silently ignored
             raise _fail(ErrorCode.INVALID_REQUEST, f"{where}.{unknown[0]}: not supported (an output takes "
                         "binary_data only)", request_id)
-        if not isinstance(parameters.get("binary_data", False), bool):
-            raise _fail(ErrorCode.INVALID_REQUEST, f"{where}.binary_data: expected true or false", request_id)
-        if parameters.get("binary_data"):
-            binary.add(output["name"])
-    return [o["name"] for o in raw], frozenset(binary)
+        if "binary_data" in parameters:
+            if not isinstance(parameters["binary_data"], bool):
+                raise _fail(ErrorCode.INVALID_REQUEST, f"{where}.binary_data: expected true or false", request_id)
+            binary[output["name"]] = parameters["binary_data"]
+    return [o["name"] for o in raw], binary
 
 
 class _BinaryCursor:

@@ -128,6 +128,25 @@ async def test_infer_binary_tensor_extension(repository):
             assert r.status == 400 and r.headers["x-maas-error-code"] == "INVALID_REQUEST"
 
 
+async def test_an_outputs_own_binary_data_overrides_the_requests(repository):
+    """The extension: "If binary_data is specified on an output it overrides" binary_data_output, and the binary
+    answer an accept header asks for; such an output came back as raw bytes all the same."""
+    keep_json = {"name": "class", "parameters": {"binary_data": False}}
+    async with serving(repository) as (http, _, _):
+        body = json_request(2, outputs=[keep_json, {"name": "probabilities"}],
+                            parameters={"binary_data_output": True})
+        async with http.post(f"/v2/models/{MNIST_MLP}/infer", json=body) as r:
+            assert r.status == 200 and r.headers["Content-Type"] == "application/octet-stream"
+            answer = decode_response(await r.read(), {k.lower(): v for k, v in r.headers.items()})
+        outputs = {o["name"]: o for o in answer["outputs"]}
+        assert isinstance(outputs["class"]["data"], list) and "parameters" not in outputs["class"]
+        assert isinstance(outputs["probabilities"]["data"], np.ndarray)
+        async with http.post(f"/v2/models/{MNIST_MLP}/infer", json=json_request(outputs=[keep_json]),
+                             headers={"Accept": "application/octet-stream"}) as r:
+            assert r.status == 200 and r.headers["Content-Type"] == "application/json"
+            assert isinstance((await r.json())["outputs"][0]["data"], list)
+
+
 async def test_bad_requests_get_v2_errors(repository):
     async with serving(repository, max_request_bytes=16 * 1024) as (http, _, _):
         cases = [

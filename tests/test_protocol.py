@@ -123,7 +123,7 @@ def test_malformed_requests_name_the_field(payload, code, fragment):
 def test_an_empty_outputs_list_asks_for_every_output_as_a_missing_one_does():
     assert _decode(_request(outputs=[])).outputs is None
     request = _decode(_request(outputs=[{"name": "a", "parameters": {"binary_data": True}}, {"name": "b"}]))
-    assert request.outputs == ["a", "b"] and request.binary_outputs == {"a"}
+    assert request.outputs == ["a", "b"] and request.binary(["a", "b"]) == ["a"]
 
 
 @pytest.mark.parametrize("version", [None, "", "latest", "1", "42", 7])
