@@ -126,6 +126,13 @@ class ModelCache:
             self._evict(keep=key)
         return model, True
 
+    def load_failure(self, name: str, version: int) -> str | None:
+        """Why the version's last load failed, until a load of it succeeds: readiness must say it is not ready,
+        also once `load_retry_s` has passed and before anything asks for it again. (A read of one entry needs
+        no lock: the entry is replaced whole.)"""
+        failed = self._failures.get((name, version))
+        return None if failed is None else failed[1]
+
     def _load(self, name: str, version: int) -> LoadedModel:
         """Load and warm up one version, within the budget: the least recently used versions are evicted
         before its weights are read, so the process never holds more than the budget plus one model's load."""

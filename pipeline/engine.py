@@ -261,8 +261,10 @@ class InferenceEngine:
                                      f"model has {sorted(known)}")
         return rows
 
-    async def _load(self, key: BatchKey) -> LoadedModel:
-        """A loaded model without leaving the loop; only a miss loads it, on the model thread."""
+    async def load(self, name: str, version: int) -> LoadedModel:
+        """A loaded model without leaving the loop; only a miss loads it, on the model thread (batches and the
+        repository extension's load request alike). A failure is an INTERNAL error that says what is wrong."""
+        key = (name, version)
         model = self.cache.peek(*key)
         if model is not None:
             MODEL_CACHE.labels("hit").inc()
@@ -271,8 +273,7 @@ class InferenceEngine:
         try:
             model, loaded = await self._in_executor(self._load_on_model_thread, *key)
         except (ArtifactError, ModelNotFoundError, OSError) as exc:
-            raise InferenceError(ErrorCode.INTERNAL, f"model {key[0]!r} version {key[1]} failed to load: {exc}") \
-                from None
+            raise load_failed(name, version, str(exc)) from None
         if not loaded:  # another request loaded it meanwhile
             MODEL_CACHE.labels("hit").inc()
             return model
@@ -295,7 +296,7 @@ class InferenceEngine:
         """
         results = {id(item): [None] * len(item.payload) for item in items}
         try:
-            model = await self._load(key)
+            model = await self.load(*key)
         except InferenceError as exc:
             for item in items:
                 if not item.future.done():  # a cancelled caller's is done
@@ -408,6 +409,11 @@ class _Entry:
 
     def settle(self, outcome: dict[str, np.ndarray] | InferenceError) -> None:
         self.results[self.position] = outcome
+
+
+def load_failed(name: str, version: int, reason: str) -> InferenceError:
+    """The error of a version that cannot be loaded: its requests get it, its readiness reports it."""
+    return InferenceError(ErrorCode.INTERNAL, f"model {name!r} version {version} failed to load: {reason}")
 
 
 def _serves_torch_models(repository: Repository) -> bool:

@@ -23,9 +23,8 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from models.artifact import ModelConfig
-from models.repository import ModelNotFoundError
 from pipeline.codec import CONTENT_TYPE, JSON, decode_request, encode_response
-from pipeline.engine import InferenceEngine
+from pipeline.engine import InferenceEngine, load_failed
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.protocol import InferenceRequest
 from pipeline.ratelimit import ApiKeys, RateLimiter
@@ -210,11 +209,16 @@ class V2Api:
         })
 
     async def _model_ready(self, request: ApiRequest, params: dict[str, str]) -> ApiResponse:
+        """Ready unless unloaded or its last load failed: a version that has not loaded yet is ready, since it
+        loads on its first request."""
         name = params["name"]
-        await self._config(name, params.get("version"))  # 404 when unknown
+        version, _ = await self._config(name, params.get("version"))  # 404 when unknown
         if name in self.unloaded:
             raise ApiError(503, f"model {name!r} is unloaded; POST /v2/repository/models/{name}/load",
                            ErrorCode.UNAVAILABLE)
+        failure = self.engine.cache.load_failure(name, version)
+        if failure is not None:
+            raise ApiError(503, load_failed(name, version, failure).message, ErrorCode.UNAVAILABLE)
         return json_response({"name": name, "ready": True})
 
     # -- inference ------------------------------------------------------------------------------------
@@ -264,8 +268,11 @@ class V2Api:
             rows = []
             for name in repository.names():
                 for version in repository.versions(name):
+                    failure = self.engine.cache.load_failure(name, version)
                     if name in self.unloaded:
                         state, reason = "UNAVAILABLE", "unloaded"
+                    elif failure is not None:
+                        state, reason = "UNAVAILABLE", f"failed to load: {failure}"
                     else:
                         state = "READY"
                         reason = "" if (name, version) in loaded else "loads on first request"
@@ -290,10 +297,7 @@ class V2Api:
         self._require_admin(params)
         name = params["name"]
         version, _ = await self._config(name, None)
-        try:
-            await asyncio.to_thread(self.engine.cache.get, name, version)
-        except ModelNotFoundError as exc:
-            raise InferenceError(ErrorCode.MODEL_NOT_FOUND, str(exc)) from None
+        await self.engine.load(name, version)  # a broken artifact: 500 INTERNAL saying what is wrong
         self.unloaded.discard(name)
         return json_response({})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import socket
 
 import aiohttp
@@ -22,9 +23,9 @@ from pipeline.v2_api import V2Api
 
 
 @contextlib.asynccontextmanager
-async def serving(repository, **api_kwargs):
+async def serving(repository, load_retry_s: float = 10.0, **api_kwargs):
     api_kwargs.setdefault("max_request_bytes", 64 * 1024)
-    async with InferenceEngine(ModelCache(repository), worker_id="http-test") as engine:
+    async with InferenceEngine(ModelCache(repository, load_retry_s=load_retry_s), worker_id="http-test") as engine:
         api = V2Api(engine, **api_kwargs)
         async with HttpServer(api, "127.0.0.1", 0) as server, aiohttp.ClientSession(server.url) as session:
             yield session, api, server
@@ -74,6 +75,40 @@ async def test_health_metadata_and_repository(repository):
             assert r.status == 404 and "error" in await r.json()
         async with http.delete("/v2/health/live") as r:
             assert r.status == 405
+
+
+async def test_a_model_that_failed_to_load_is_not_ready_until_a_load_succeeds(repository, caplog):
+    """A truncated weights file failed every infer with 500, yet ready said 200 and the index READY; the load
+    endpoint answered an opaque 500 and logged the ArtifactError's traceback as an unexpected failure."""
+    shutil.copytree(repository.root / MNIST_MLP / "1", repository.root / "broken" / "1")
+    weights = repository.root / "broken" / "1" / "model.safetensors"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[:100])
+    async with serving(repository, load_retry_s=0) as (http, _, _):  # readiness does not wait for a retry
+        async with http.post("/v2/models/broken/infer", json=json_request()) as r:
+            assert r.status == 500 and "failed to load" in (await r.json())["error"]
+        for path in ("/v2/models/broken/ready", "/v2/models/broken/versions/1/ready"):
+            async with http.get(path) as r:
+                assert r.status == 503 and r.headers["x-maas-error-code"] == "UNAVAILABLE"
+                assert "model 'broken' version 1 failed to load" in (await r.json())["error"]
+        async with http.post("/v2/repository/index") as r:
+            row = next(row for row in await r.json() if row["name"] == "broken")
+        assert row["state"] == "UNAVAILABLE" and row["reason"].startswith("failed to load: ")
+        assert "sha256" in row["reason"]
+        async with http.post("/v2/repository/index", json={"ready": True}) as r:
+            assert [row["name"] for row in await r.json()] == [MNIST_MLP]
+        async with http.post("/v2/repository/models/broken/load") as r:
+            message = (await r.json())["error"]
+            assert r.status == 500 and r.headers["x-maas-error-code"] == "INTERNAL"
+        assert "model 'broken' version 1 failed to load" in message and "sha256" in message
+        assert not [r for r in caplog.records if "unexpected failure" in r.getMessage()]
+        weights.write_bytes(intact)  # repaired: the next load succeeds
+        async with http.post("/v2/repository/models/broken/load") as r:
+            assert r.status == 200
+        async with http.get("/v2/models/broken/ready") as r:
+            assert r.status == 200 and await r.json() == {"name": "broken", "ready": True}
+        async with http.post("/v2/repository/index") as r:
+            assert {"name": "broken", "version": "1", "state": "READY", "reason": ""} in await r.json()
 
 
 async def test_infer_json_concurrent_clients_are_batched(repository):
