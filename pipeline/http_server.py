@@ -3,7 +3,8 @@
 Concurrent HTTP clients share the engine's dynamic batcher, so requests from many connections are run
 in one model batch. What can be refused before the body is read is refused then (auth, a declared
 oversize or compressed body), including on `Expect: 100-continue`, before the client sends the body. The
-server holds at most `max_in_flight` requests (503 past it), gives a body `body_timeout_s` to arrive (408),
+server holds at most `max_in_flight` requests (503 past it; health probes and metrics scrapes are not
+counted, nor refused), gives a body `body_timeout_s` to arrive (408),
 and on `stop()` stops listening, lets the requests in flight finish (up to `drain_timeout_s`), then closes.
 """
 
@@ -21,7 +22,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from pipeline.errors import ErrorCode
 from pipeline.observability import listen
-from pipeline.v2_api import ApiRequest, ApiResponse, V2Api, error_response
+from pipeline.v2_api import PUBLIC_PATHS, ApiRequest, ApiResponse, V2Api, error_response
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,10 @@ def build_app(api: V2Api, traffic: Traffic | None = None) -> web.Application:
         return None
 
     async def dispatch(request: web.Request) -> web.StreamResponse:
+        if request.path in PUBLIC_PATHS:  # a probe refused for load gets a busy server restarted or taken out
+            # of service: they answer however busy it is, and hold no slot, since their bodies are not read
+            probe = ApiRequest(request.method, request.path, _lower(request.headers))
+            return _to_web(await api.handle(probe), close=request.body_exists)
         if traffic.in_flight >= traffic.max_in_flight:
             return _to_web(error_response(503, f"the server holds {traffic.max_in_flight} requests "
                                           "(MAAS_MAX_IN_FLIGHT); retry shortly", str(ErrorCode.UNAVAILABLE),

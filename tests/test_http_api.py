@@ -316,7 +316,9 @@ async def test_refusals_before_the_body_compressed_bodies_and_continue(repositor
         assert head.startswith(b"HTTP/1.1 401"), head
 
 
-async def test_a_slow_body_gets_408_and_a_full_server_503(repository):
+async def test_a_slow_body_gets_408_and_a_full_server_503_but_for_probes_and_scrapes(repository):
+    """Health probes and /metrics counted against MAAS_MAX_IN_FLIGHT: a server busy with slow bodies failed its
+    liveness probe, which restarts it."""
     async with InferenceEngine(ModelCache(repository), worker_id="http-test") as engine:
         api = V2Api(engine, max_request_bytes=64 * 1024)
         async with HttpServer(api, "127.0.0.1", 0, body_timeout_s=0.5, max_in_flight=1) as server:
@@ -327,8 +329,12 @@ async def test_a_slow_body_gets_408_and_a_full_server_503(repository):
             writer.write(b"POST /v2/repository/index HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n{")
             await writer.drain()
             await asyncio.sleep(0.1)  # the first request now holds the only slot, waiting for its body
-            async with aiohttp.ClientSession(server.url) as http, http.get("/v2/health/live") as r:
-                assert r.status == 503 and r.headers["Retry-After"] == "1"
+            async with aiohttp.ClientSession(server.url) as http:
+                async with http.get("/v2") as r:
+                    assert r.status == 503 and r.headers["Retry-After"] == "1"
+                for path in ("/v2/health/live", "/v2/health/ready", "/metrics"):
+                    async with http.get(path) as r:
+                        assert r.status == 200, path
             writer.write(b"}   ")
             await writer.drain()
             assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
