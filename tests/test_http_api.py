@@ -209,6 +209,38 @@ async def test_bad_requests_get_v2_errors(repository):
             assert r.status == 413
 
 
+def _nested(rows: list[list]) -> dict:
+    return {"inputs": [{"name": "input", "shape": [2, 784], "datatype": "FP32", "data": rows}]}
+
+
+_ROW = [0.25] * 784
+
+
+@pytest.mark.parametrize("body", [
+    {"inputs": [{"name": "input", "shape": [2, 3], "datatype": "FP32", "data": [[1, 2, 3, 4], [5, 6]]}]},
+    _nested([[*_ROW, 0.5], _ROW[1:]]),  # the same, 2 KB and more: simdjson's as_buffer flattened it
+    _nested([_ROW, [*_ROW[:5], [0.5], *_ROW[6:]]]),  # rows of one length, one holding a list among its numbers
+    _nested([_ROW, [*_ROW[:5], [0.5, 0.5], [], *_ROW[7:]]]),
+], ids=["small", "large", "large-list-among-numbers", "large-lists-that-add-up"])
+async def test_ragged_nested_data_is_refused_whatever_the_bodys_size(repository, body):
+    async with serving(repository) as (http, _, _), http.post(f"/v2/models/{MNIST_MLP}/infer", json=body) as r:
+        assert r.status == 400 and r.headers["x-maas-error-code"] == "INVALID_INPUT"
+        assert (await r.json())["error"] == "inputs[0].data: ragged nested lists"
+
+
+async def test_large_nested_data_of_one_row_length_is_read(repository):
+    images, _ = synthetic_digits(2, seed=4)
+    flat = {"id": "flat", **json_request(2, seed=4), "outputs": [{"name": "probabilities"}]}
+    async with serving(repository) as (http, _, _):
+        async with http.post(f"/v2/models/{MNIST_MLP}/infer", json=flat) as r:
+            expected = (await r.json())["outputs"]
+        for request_id in ("nested", "a [bracket] in a string"):  # the second is read by orjson instead
+            body = {"id": request_id, **_nested(images.tolist()), "outputs": [{"name": "probabilities"}]}
+            async with http.post(f"/v2/models/{MNIST_MLP}/infer", json=body) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["outputs"] == expected
+
+
 async def test_api_keys_and_rate_limits(repository):
     keys = ApiKeys.parse("team-a:secret-a,team-b:secret-b")
     limiter = RateLimiter(None, {MNIST_MLP: Limit(rate=0.001, burst=2)})
