@@ -28,8 +28,10 @@ def api_request(event: dict[str, Any]) -> ApiRequest:
     stage = context.get("stage")
     if stage and stage != "$default" and path.startswith(f"/{stage}/"):
         path = path[len(stage) + 1:]
-    if "headers" not in event and "multiValueHeaders" in event:  # an ALB target with multi-value headers on
-        headers = {k.lower(): v[-1] for k, v in (event.get("multiValueHeaders") or {}).items() if v}
+    if "headers" not in event and "multiValueHeaders" in event:  # an ALB target with multi-value headers on:
+        # a repeated header keeps every value, comma-joined, as `maas serve` reads it (the last alone would let
+        # `Content-Encoding: gzip` then `identity` pass)
+        headers = {k.lower(): ", ".join(v) for k, v in (event.get("multiValueHeaders") or {}).items() if v}
     else:
         headers = {k.lower(): v for k, v in (event.get("headers") or {}).items()}
     raw = event.get("body") or ""

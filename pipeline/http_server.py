@@ -39,7 +39,13 @@ def _to_web(response: ApiResponse, *, close: bool = False) -> web.Response:
 
 
 def _lower(headers: Mapping[str, str]) -> dict[str, str]:
-    return {k.lower(): v for k, v in headers.items()}
+    """Lower-case names; a header sent more than once keeps all its values, comma-joined as RFC 9110 §5.3
+    combines them (keeping the last let `Content-Encoding: gzip` then `identity` pass as uncompressed)."""
+    lowered: dict[str, str] = {}
+    for name, value in headers.items():  # a multidict: every value of a repeated header
+        key = name.lower()
+        lowered[key] = f"{lowered[key]}, {value}" if key in lowered else value
+    return lowered
 
 
 @dataclass

@@ -78,6 +78,11 @@ def json_response(body: Any, status: int = 200) -> ApiResponse:
     return ApiResponse(status, orjson.dumps(body))
 
 
+def _codings(header: str) -> set[str]:
+    """The codings a Content-Encoding or Transfer-Encoding header lists (its values comma-joined)."""
+    return {coding.strip().lower() for coding in header.split(",")}
+
+
 _MODEL = r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"
 Handler = Callable[["V2Api", ApiRequest, dict[str, str]], Awaitable[ApiResponse]]
 
@@ -113,17 +118,22 @@ class V2Api:
 
     def precheck(self, method: str, path: str, headers: Mapping[str, str], content_length: int | None
                  ) -> ApiResponse | None:
-        """What can be refused before the body is read: auth (401), a declared oversize body (413) and a
-        compressed one (415: inflating it would cost the event loop time the 413 cannot bound)."""
+        """What can be refused before the body is read: auth (401), a declared oversize body (413), a
+        compressed one (415: inflating it would cost the event loop time the 413 cannot bound) and a transfer
+        coding other than chunked (501, as RFC 9112 §6.1 says: reading it as if plain would misread it)."""
         try:
             self._authenticate(path, headers)
             if content_length is not None and content_length > self.max_request_bytes:
                 raise ApiError(413, f"request body is {content_length} bytes; the limit is "
                                f"{self.max_request_bytes}", ErrorCode.PAYLOAD_TOO_LARGE)
-            encoding = headers.get("content-encoding", "identity").strip().lower()
-            if encoding not in ("", "identity"):
+            encoding = headers.get("content-encoding", "")
+            if _codings(encoding) - {"", "identity"}:
                 raise ApiError(415, f"content-encoding {encoding!r:.40} is not accepted: send the body uncompressed",
                                "UNSUPPORTED_MEDIA_TYPE")
+            transfer = headers.get("transfer-encoding", "")
+            if _codings(transfer) - {"", "chunked"}:
+                raise ApiError(501, f"transfer-encoding {transfer!r:.40} is not implemented: send the body plain "
+                               "or chunked", "NOT_IMPLEMENTED")
         except ApiError as exc:
             HTTP_REQUESTS.labels("-", str(exc.status)).inc()
             return error_response(exc.status, exc.message, exc.code, exc.headers)

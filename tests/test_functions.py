@@ -363,4 +363,6 @@ def test_http_trigger_refuses_unloads_and_speaks_alb_multi_value_headers(env):
     assert answer["multiValueHeaders"]["content-type"] == ["application/json"]
     body = json.loads(answer["body"])
     assert next(o for o in body["outputs"] if o["name"] == "class")["data"] == [truth["alb-000000"]]
+    alb["multiValueHeaders"]["Content-Encoding"] = ["gzip", "identity"]  # every value counts, not the last
+    assert functions.http.handler(alb, None)["statusCode"] == 415
 

@@ -348,6 +348,28 @@ async def test_refusals_before_the_body_compressed_bodies_and_continue(repositor
         assert head.startswith(b"HTTP/1.1 401"), head
 
 
+@pytest.mark.parametrize(("headers", "status", "code"), [
+    ("Content-Encoding: gzip\r\nContent-Encoding: identity\r\n", 415, "UNSUPPORTED_MEDIA_TYPE"),
+    ("Content-Encoding: identity, gzip\r\n", 415, "UNSUPPORTED_MEDIA_TYPE"),
+    ("Transfer-Encoding: gzip, chunked\r\n", 501, "NOT_IMPLEMENTED"),
+], ids=["two-content-encodings", "content-encoding-list", "transfer-coding-list"])
+async def test_every_coding_a_request_declares_is_checked(repository, headers, status, code):
+    """Only the last Content-Encoding header was checked, so gzip then identity passed as uncompressed, and a
+    transfer coding before chunked was read as if the body were plain."""
+    async with serving(repository) as (_, _, server):
+        body = orjson.dumps(json_request())
+        chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+        framing = "" if "Transfer-Encoding" in headers else "Transfer-Encoding: chunked\r\n"
+        reply = await _raw(server.port, f"POST /v2/models/{MNIST_MLP}/infer HTTP/1.1\r\nHost: x\r\n"
+                           f"Content-Type: application/json\r\n{framing}{headers}\r\n".encode() + chunked)
+        head, _, answer = reply.partition(b"\r\n\r\n")
+        assert head.startswith(f"HTTP/1.1 {status}".encode()), reply
+        assert f"x-maas-error-code: {code}".encode() in head and "error" in orjson.loads(answer)
+        assert (await _raw(server.port, f"POST /v2/models/{MNIST_MLP}/infer HTTP/1.1\r\nHost: x\r\n"
+                           "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
+                           "Content-Encoding: identity\r\n\r\n".encode() + chunked)).startswith(b"HTTP/1.1 200")
+
+
 async def test_a_slow_body_gets_408_and_a_full_server_503_but_for_probes_and_scrapes(repository):
     """Health probes and /metrics counted against MAAS_MAX_IN_FLIGHT: a server busy with slow bodies failed its
     liveness probe, which restarts it."""
