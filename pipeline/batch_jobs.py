@@ -32,7 +32,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from infra.bootstrap import ensure_buckets, ensure_queue
 from pipeline.engine import InferenceEngine
 from pipeline.errors import ErrorCode, InferenceError
-from pipeline.protocol import InferenceRequest, InferenceResponse, parse_request
+from pipeline.protocol import InferenceRequest, InferenceResponse, parse_request, refuse_claim_checks
 from pipeline.settings import ConfigError, Settings
 from pipeline.sqs_worker import release_messages
 
@@ -488,7 +488,9 @@ class BatchJobRunner:
             raise InferenceError(ErrorCode.INVALID_REQUEST, "line must be a JSON object (a V2 request, or "
                                  '{"id", "model_name", "data" | "text"})')
         body.setdefault("id", f"line-{lineno}")
-        _refuse_claim_checks(body)
+        refuse_claim_checks(body.get("inputs_uri"), body.get("parameters"),
+                            body["id"] if isinstance(body["id"], str) else None, "in batch files",
+                            "put the inputs in the line", "results go to the job's results file")
         if "inputs" not in body and ("data" in body or "text" in body):
             body = await self._expand_shorthand(body)
         return parse_request(body, max_elements=self.max_request_bytes)
@@ -551,20 +553,6 @@ class BatchJobRunner:
             "finished_at": time.time(),
             "worker": self.worker_id,
         }
-
-
-def _refuse_claim_checks(body: dict[str, Any]) -> None:
-    """A batch line's inputs and outputs travel in the job's own files. Nothing here reads `inputs_uri` (the
-    line failed as if its input were missing) or writes `parameters.output_uri` (silently not written): a line
-    naming either is refused, naming the field, rather than answered with something it did not ask for."""
-    request_id = body["id"] if isinstance(body["id"], str) else None
-    if body.get("inputs_uri") is not None:
-        raise InferenceError(ErrorCode.INVALID_REQUEST, "inputs_uri: not supported in batch files: put the inputs "
-                             "in the line", request_id)
-    parameters = body.get("parameters")
-    if isinstance(parameters, dict) and parameters.get("output_uri") is not None:
-        raise InferenceError(ErrorCode.INVALID_REQUEST, "parameters.output_uri: not supported in batch files: "
-                             "results go to the job's results file", request_id)
 
 
 def ensure_batch_notifications(s3: Any, sqs: Any, config: BatchConfig) -> str:

@@ -164,6 +164,19 @@ def parse_request(body: Any, *, max_elements: int, defaults: dict[str, Any] | No
                             outputs, parameters, binary_data)
 
 
+def refuse_claim_checks(inputs_uri: Any, parameters: Any, request_id: str | None, where: str, inputs_instead: str,
+                        output_instead: str) -> None:
+    """Claim checks are read and written by the `Responder` of Kafka and SQS messages. Where nothing reads
+    `inputs_uri` (the request failed as if its input were missing) or writes `parameters.output_uri` (silently
+    not written), a request naming either is refused, naming the field, rather than answered with something it
+    did not ask for."""
+    if inputs_uri is not None:
+        raise _fail(ErrorCode.INVALID_REQUEST, f"inputs_uri: not supported {where}: {inputs_instead}", request_id)
+    if isinstance(parameters, dict) and parameters.get("output_uri") is not None:
+        raise _fail(ErrorCode.INVALID_REQUEST, f"parameters.output_uri: not supported {where}: {output_instead}",
+                    request_id)
+
+
 # Names that passed `validate_model_name`: a fetch names the same few models thousands of times. Bounded,
 # since names come from callers.
 _VALID_MODEL_NAMES: set[str] = set()

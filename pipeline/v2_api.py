@@ -26,7 +26,7 @@ from models.artifact import ModelConfig
 from pipeline.codec import CONTENT_TYPE, JSON, decode_request, encode_response
 from pipeline.engine import InferenceEngine, load_failed
 from pipeline.errors import ErrorCode, InferenceError
-from pipeline.protocol import InferenceRequest
+from pipeline.protocol import InferenceRequest, refuse_claim_checks
 from pipeline.ratelimit import ApiKeys, RateLimiter
 
 SERVER_NAME = "maas"
@@ -249,12 +249,19 @@ class V2Api:
         return ApiResponse(200, framed.body, dict(framed.headers))
 
     def _decode(self, request: ApiRequest, name: str, version: str | None) -> InferenceRequest:
-        """V2 over HTTP makes `id` optional; the event contract needs one, so one is made up when absent."""
+        """V2 over HTTP makes `id` optional; the event contract needs one, so one is made up when absent.
+
+        Claim checks are refused: an HTTP body has no message size limit to get around, and the answer comes
+        back on the connection."""
         defaults: dict[str, Any] = {"model_name": name}
         if version is not None:
             defaults["model_version"] = version
-        return decode_request(request.body, request.headers, max_bytes=self.max_request_bytes, defaults=defaults,
-                              fallbacks={"id": uuid.uuid4().hex})
+        inference = decode_request(request.body, request.headers, max_bytes=self.max_request_bytes,
+                                   defaults=defaults, fallbacks={"id": uuid.uuid4().hex})
+        refuse_claim_checks(inference.inputs_uri, inference.parameters, inference.id,
+                            "over HTTP (claim checks are for Kafka and SQS messages)", "send the inputs in the body",
+                            "the result comes back in the answer")
+        return inference
 
     # -- model repository extension -------------------------------------------------------------------
 

@@ -209,6 +209,18 @@ async def test_bad_requests_get_v2_errors(repository):
             assert r.status == 413
 
 
+@pytest.mark.parametrize(("body", "field"), [
+    ({"inputs_uri": "s3://bucket/claims/in.json"}, "inputs_uri"),
+    (json_request(parameters={"output_uri": "s3://bucket/claims/out.json"}), "parameters.output_uri"),
+], ids=["inputs_uri", "output_uri"])
+async def test_claim_checks_are_refused_over_http_naming_the_field(repository, body, field):
+    """inputs_uri got "input 'input' is missing" and output_uri was silently not written."""
+    async with serving(repository) as (http, _, _), http.post(f"/v2/models/{MNIST_MLP}/infer", json=body) as r:
+        assert r.status == 400 and r.headers["x-maas-error-code"] == "INVALID_REQUEST"
+        assert (await r.json())["error"].startswith(f"{field}: not supported over HTTP (claim checks are for "
+                                                    "Kafka and SQS messages)")
+
+
 def _nested(rows: list[list]) -> dict:
     return {"inputs": [{"name": "input", "shape": [2, 784], "datatype": "FP32", "data": rows}]}
 
