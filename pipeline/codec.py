@@ -74,11 +74,9 @@ def decode_request(payload: bytes, headers: Mapping[str, str] | None = None, *, 
     headers = headers or {}
     if len(payload) > max_bytes:
         raise InferenceError(ErrorCode.PAYLOAD_TOO_LARGE, f"request is {len(payload)} bytes; the limit is {max_bytes}")
-    content_type = headers.get(CONTENT_TYPE)
-    media = content_type if content_type in _PLAIN_MEDIA_TYPES else _media_type(content_type)
-    if media not in (JSON, BINARY):
-        raise InferenceError(ErrorCode.INVALID_REQUEST, f"content-type {media!r} is not supported: send {JSON}, or "
-                             f"{BINARY} with an {HEADER_LENGTH} header (binary tensor extension)")
+    unsupported = unsupported_media_type(headers.get(CONTENT_TYPE))
+    if unsupported is not None:
+        raise InferenceError(ErrorCode.INVALID_REQUEST, unsupported)
     header_length = _header_length(headers.get(HEADER_LENGTH), len(payload))
     if header_length is None:
         json_part, binary = payload, None
@@ -99,6 +97,15 @@ def decode_request(payload: bytes, headers: Mapping[str, str] | None = None, *, 
 
 
 _PLAIN_MEDIA_TYPES = frozenset((JSON, BINARY))  # as every client here sends them: no parameters, lower case
+
+
+def unsupported_media_type(content_type: str | None) -> str | None:
+    """Why a request of this content-type cannot be read, naming the ones that can; None when it can (no
+    content-type reads as JSON). Messages get INVALID_REQUEST, HTTP callers 415 with the same words."""
+    if content_type in _PLAIN_MEDIA_TYPES or _media_type(content_type) in _PLAIN_MEDIA_TYPES:
+        return None
+    return (f"content-type {_media_type(content_type)!r:.60} is not supported: send {JSON}, or {BINARY} with an "
+            f"{HEADER_LENGTH} header (binary tensor extension)")
 
 # From this size on, a JSON request is read with simdjson: the floating-point `data` of its inputs goes
 # from the text straight into a float64 buffer, without a Python float per number (for an MNIST-sized

@@ -23,7 +23,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from models.artifact import ModelConfig
-from pipeline.codec import CONTENT_TYPE, JSON, decode_request, encode_response
+from pipeline.codec import CONTENT_TYPE, JSON, decode_request, encode_response, unsupported_media_type
 from pipeline.engine import InferenceEngine, load_failed
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.protocol import InferenceRequest, refuse_claim_checks
@@ -253,6 +253,9 @@ class V2Api:
 
         Claim checks are refused: an HTTP body has no message size limit to get around, and the answer comes
         back on the connection."""
+        unsupported = unsupported_media_type(request.headers.get(CONTENT_TYPE))
+        if unsupported is not None:
+            raise ApiError(415, unsupported, "UNSUPPORTED_MEDIA_TYPE")
         defaults: dict[str, Any] = {"model_name": name}
         if version is not None:
             defaults["model_version"] = version

@@ -253,6 +253,17 @@ async def test_large_nested_data_of_one_row_length_is_read(repository):
                 assert (await r.json())["outputs"] == expected
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "Text/Plain; q=1"])
+async def test_an_unsupported_content_type_gets_415_naming_the_accepted_ones(repository, content_type):
+    async with serving(repository) as (http, _, _):
+        async with http.post(f"/v2/models/{MNIST_MLP}/infer", data=orjson.dumps(json_request()),
+                             headers={"Content-Type": content_type}) as r:
+            assert r.status == 415 and r.headers["x-maas-error-code"] == "UNSUPPORTED_MEDIA_TYPE"
+            message = (await r.json())["error"]
+        assert repr(content_type.split(";")[0].lower()) in message
+        assert "application/json" in message and "application/octet-stream" in message
+
+
 async def test_api_keys_and_rate_limits(repository):
     keys = ApiKeys.parse("team-a:secret-a,team-b:secret-b")
     limiter = RateLimiter(None, {MNIST_MLP: Limit(rate=0.001, burst=2)})
