@@ -44,12 +44,19 @@ class ArtifactError(ValueError):
     """A model artifact is malformed; the message names the file and the field or tensor."""
 
 
+def short_repr(value: Any, limit: int = 60) -> str:
+    """`value`'s repr for an error message, cut to `limit` characters: what a caller sent comes back in the
+    answer (and goes to logs), and must not set how long they are."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def validate_model_name(name: object) -> str:
     """Model names become path components and S3 keys: allow a safe alphabet only."""
     if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name) or ".." in name:
         raise ArtifactError(
-            f"model name {name!r} is invalid: expected 1-128 characters of letters, digits, '_', '-', '.', "
-            "starting with a letter or digit"
+            f"model name {short_repr(name)} is invalid: expected 1-128 characters of letters, digits, '_', '-', "
+            "'.', starting with a letter or digit"
         )
     return name
 

@@ -38,7 +38,18 @@ if TYPE_CHECKING:
 
 
 class ModelNotFoundError(LookupError):
-    """The requested model or version does not exist in the repository."""
+    """The requested model or version does not exist in the repository.
+
+    `message` is what a served API's callers get; str() adds `where` (the repository's folder or URI) for the
+    command line and logs: where a server keeps its models is none of its callers' business.
+    """
+
+    def __init__(self, message: str, where: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.where = message, where
+
+    def __str__(self) -> str:
+        return self.message if self.where is None else f"{self.message} ({self.where})"
 
 
 class VersionError(ModelNotFoundError):
@@ -107,7 +118,7 @@ class Repository(ABC):
         wanted = parse_version(version)
         available = self.versions(name)
         if not available:
-            raise ModelNotFoundError(f"model {name!r} is not in the repository ({self.root})")
+            raise ModelNotFoundError(f"model {name!r} is not in the repository", str(self.root))
         if wanted is None:
             return available[-1]
         if wanted not in available:

@@ -90,7 +90,7 @@ class S3ModelRepository(Repository):
 
     def _fail(self, exc: Exception, what: str) -> Exception:
         if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in _NOT_FOUND:
-            return ModelNotFoundError(f"{what}: not found in {self.root}")
+            return ModelNotFoundError(f"{what}: not found", self.root)
         return RepositoryError(f"{what} in {self.root}: {exc}")
 
     def _list(self, prefix: str) -> list[str]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from models.artifact import ArtifactError, ModelConfig, TensorSpec
+from models.artifact import ArtifactError, ModelConfig, TensorSpec, short_repr
 from models.cache import ModelCache
 from models.loaded import LoadedModel, default_device, device_type
 from models.numpy_models import NUMPY_WEIGHT_DTYPES, numpy_twin
@@ -140,7 +140,7 @@ class InferenceEngine:
         except VersionError as exc:
             raise InferenceError(ErrorCode.INVALID_REQUEST, str(exc)) from None
         except ModelNotFoundError as exc:
-            raise InferenceError(ErrorCode.MODEL_NOT_FOUND, str(exc)) from None
+            raise InferenceError(ErrorCode.MODEL_NOT_FOUND, exc.message) from None
         except ArtifactError as exc:
             raise InferenceError(ErrorCode.INTERNAL, f"model {name!r} is misconfigured: {exc}") from None
         if len(self._configs) >= self._max_cached_configs:
@@ -257,8 +257,8 @@ class InferenceEngine:
             known = {s.name for s in config.outputs}
             unknown = sorted(set(request.outputs) - known)
             if unknown:
-                raise InferenceError(ErrorCode.INVALID_REQUEST, f"outputs: unknown output(s) {unknown}; the "
-                                     f"model has {sorted(known)}")
+                raise InferenceError(ErrorCode.INVALID_REQUEST, f"outputs: unknown output(s) "
+                                     f"{short_repr(unknown)}; the model has {sorted(known)}")
         return rows
 
     async def load(self, name: str, version: int) -> LoadedModel:
@@ -457,8 +457,8 @@ def _names_error(tensors: dict[str, np.ndarray], specs: tuple[TensorSpec, ...]) 
     expected = [s.name for s in specs]
     unknown = sorted(set(tensors) - set(expected))
     if unknown:
-        return InferenceError(ErrorCode.INVALID_INPUT, f"inputs: unknown input(s) {unknown}; the model takes "
-                              f"{sorted(expected)}")
+        return InferenceError(ErrorCode.INVALID_INPUT, f"inputs: unknown input(s) {short_repr(unknown)}; the model "
+                              f"takes {sorted(expected)}")
     missing = next(name for name in expected if name not in tensors)
     return InferenceError(ErrorCode.INVALID_INPUT, f"inputs: input {missing!r} is missing")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from models.artifact import VERSION_EXPECTED, validate_model_name, version_number
+from models.artifact import VERSION_EXPECTED, short_repr, validate_model_name, version_number
 from models.datatypes import DATATYPES, NUMPY_DTYPES, datatype_of
 from pipeline.errors import ErrorCode, InferenceError
 
@@ -108,7 +108,7 @@ def parse_request(body: Any, *, max_elements: int, defaults: dict[str, Any] | No
     request_id = body.get("id")
     if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_ID_LENGTH:
         raise _fail(ErrorCode.INVALID_REQUEST, f"id: expected a non-empty string of at most {MAX_ID_LENGTH} "
-                    f"characters, got {_short(request_id)}")
+                    f"characters, got {short_repr(request_id)}")
     model_name = body.get("model_name")
     if type(model_name) is not str or model_name not in _VALID_MODEL_NAMES:
         try:
@@ -118,7 +118,7 @@ def parse_request(body: Any, *, max_elements: int, defaults: dict[str, Any] | No
     version = body.get("model_version")
     if version is not None and version not in ("", "latest") and (
             type(version) not in (str, int) or version_number(str(version)) is None):
-        raise _fail(ErrorCode.INVALID_REQUEST, f"model_version: expected {VERSION_EXPECTED}, got {_short(version)}",
+        raise _fail(ErrorCode.INVALID_REQUEST, f"model_version: expected {VERSION_EXPECTED}, got {short_repr(version)}",
                     request_id)
     parameters = body.get("parameters")
     if parameters is None:
@@ -150,7 +150,7 @@ def parse_request(body: Any, *, max_elements: int, defaults: dict[str, Any] | No
     for i, raw in enumerate(raw_inputs):
         name, datatype, array = _parse_tensor(raw, i, request_id, budget, cursor)
         if name in inputs:
-            raise _fail(ErrorCode.INVALID_REQUEST, f"inputs[{i}].name: {name!r} is given twice", request_id)
+            raise _fail(ErrorCode.INVALID_REQUEST, f"inputs[{i}].name: {short_repr(name)} is given twice", request_id)
         if not array.ndim or (rows is not None and array.shape[0] != rows):
             raise _fail(ErrorCode.INVALID_INPUT, "inputs: every input needs the same first (batch) dimension",
                         request_id)
@@ -187,11 +187,6 @@ def _remember_model_name(name: str) -> None:
     if len(_VALID_MODEL_NAMES) >= _MAX_VALID_MODEL_NAMES:
         _VALID_MODEL_NAMES.clear()
     _VALID_MODEL_NAMES.add(name)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_parameters(parameters: dict[str, Any], request_id: str) -> None:
@@ -233,7 +228,7 @@ def _parse_outputs(raw: Any, request_id: str) -> tuple[list[str] | None, dict[st
             raise _fail(ErrorCode.INVALID_REQUEST, f"{where}: expected an object", request_id)
         unknown = sorted(set(parameters) - {"binary_data"})
         if unknown:  # Triton's classification, for one, would change what comes back: not silently ignored
-            raise _fail(ErrorCode.INVALID_REQUEST, f"{where}.{unknown[0]}: not supported (an output takes "
+            raise _fail(ErrorCode.INVALID_REQUEST, f"{where}.{unknown[0]:.60}: not supported (an output takes "
                         "binary_data only)", request_id)
         if "binary_data" in parameters:
             if not isinstance(parameters["binary_data"], bool):
@@ -282,7 +277,7 @@ def _parse_tensor(raw: Any, index: int, request_id: str, budget: int, cursor: _B
         if type(d) is not int or not 0 <= d <= MAX_DIM:  # bool is not int here; numpy takes dims below 2**63
             raise _shape_error(index, request_id)
     if datatype not in DATATYPES:
-        raise _fail(ErrorCode.INVALID_REQUEST, f"inputs[{index}].datatype: {_short(datatype)} is not one of "
+        raise _fail(ErrorCode.INVALID_REQUEST, f"inputs[{index}].datatype: {short_repr(datatype)} is not one of "
                     f"{sorted(DATATYPES)}", request_id)
     count = math.prod(shape)
     if count > budget:

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
-from models.artifact import ModelConfig
+from models.artifact import ModelConfig, short_repr
 from pipeline.codec import CONTENT_TYPE, JSON, decode_request, encode_response, unsupported_media_type
 from pipeline.engine import InferenceEngine, load_failed
 from pipeline.errors import ErrorCode, InferenceError
@@ -170,9 +170,10 @@ class V2Api:
                     return name, handler, {k: v for k, v in match.groupdict().items() if v is not None}
                 allowed.append(verb)
         if allowed:
-            raise ApiError(405, f"{method} is not allowed on {path}; use {' or '.join(allowed)}", "METHOD_NOT_ALLOWED",
+            raise ApiError(405, f"{short_repr(method)} is not allowed on {short_repr(path)}; use "
+                           f"{' or '.join(allowed)}", "METHOD_NOT_ALLOWED",
                            {"allow": ", ".join(allowed)})
-        raise ApiError(404, f"no such endpoint: {method} {path}", "NOT_FOUND")
+        raise ApiError(404, f"no such endpoint: {short_repr(method)} {short_repr(path)}", "NOT_FOUND")
 
     def _authenticate(self, path: str, headers: Mapping[str, str]) -> str:
         if not self.api_keys.enabled:  # no keys, no tenants: rate limits are per model, for every caller at once

@@ -264,6 +264,29 @@ async def test_an_unsupported_content_type_gets_415_naming_the_accepted_ones(rep
         assert "application/json" in message and "application/octet-stream" in message
 
 
+async def test_errors_keep_the_repository_path_to_the_server_and_echo_a_bounded_part_of_the_input(repository):
+    """A 404 said "is not in the repository (/path/on/the/server)"; a 5,000-character model name, path or list of
+    output names came back whole."""
+    async with serving(repository, max_request_bytes=1 << 20) as (http, _, _):
+        async with http.post("/v2/models/no_such_model/infer", json=json_request()) as r:
+            assert r.status == 404 and (await r.json())["error"] == "model 'no_such_model' is not in the repository"
+        async with http.get("/v2/models/no_such_model/ready") as r:
+            assert r.status == 404 and str(repository.root) not in await r.text()
+        outputs = [{"name": f"out-{i}"} for i in range(1000)]
+        for method, path, body, status in [
+            ("POST", f"/v2/models/{'m' * 5000}/infer", json_request(), 404),
+            ("GET", f"/v2/{'x' * 5000}", None, 404),
+            ("DELETE", f"/v2/models/{'m' * 5000}", None, 405),
+            ("POST", f"/v2/models/{MNIST_MLP}/infer", json_request(outputs=outputs), 400),
+            ("POST", f"/v2/models/{MNIST_MLP}/infer",
+             {"inputs": [{"name": "n" * 5000, "shape": [1], "datatype": "FP32", "data": [1]}] * 2}, 400),
+        ]:
+            async with http.request(method, path, json=body) as r:
+                message = (await r.json())["error"]
+            assert r.status == status and len(message) < 300, (path[:40], message[:400])
+            assert "..." in message
+
+
 async def test_api_keys_and_rate_limits(repository):
     keys = ApiKeys.parse("team-a:secret-a,team-b:secret-b")
     limiter = RateLimiter(None, {MNIST_MLP: Limit(rate=0.001, burst=2)})
