@@ -78,6 +78,12 @@ def json_response(body: Any, status: int = 200) -> ApiResponse:
     return ApiResponse(status, orjson.dumps(body))
 
 
+def _not_ready(message: str) -> ApiError:
+    """The ready endpoints' "false": a 4xx, as the V2 protocol's health API says (400, as Triton answers). An
+    infer request for a model that is not ready gets 503 instead, which invites a retry."""
+    return ApiError(400, message, "NOT_READY")
+
+
 def _codings(header: str) -> set[str]:
     """The codings a Content-Encoding or Transfer-Encoding header lists (its values comma-joined)."""
     return {coding.strip().lower() for coding in header.split(",")}
@@ -197,7 +203,7 @@ class V2Api:
 
     async def _server_ready(self, request: ApiRequest, params: dict[str, str]) -> ApiResponse:
         if not self.ready:
-            raise ApiError(503, "the server is not ready", ErrorCode.UNAVAILABLE)
+            raise _not_ready("the server is not ready (starting or stopping)")
         return json_response({"ready": True})
 
     async def _server_metadata(self, request: ApiRequest, params: dict[str, str]) -> ApiResponse:
@@ -225,11 +231,10 @@ class V2Api:
         name = params["name"]
         version, _ = await self._config(name, params.get("version"))  # 404 when unknown
         if name in self.unloaded:
-            raise ApiError(503, f"model {name!r} is unloaded; POST /v2/repository/models/{name}/load",
-                           ErrorCode.UNAVAILABLE)
+            raise _not_ready(f"model {name!r} is unloaded; POST /v2/repository/models/{name}/load")
         failure = self.engine.cache.load_failure(name, version)
         if failure is not None:
-            raise ApiError(503, load_failed(name, version, failure).message, ErrorCode.UNAVAILABLE)
+            raise _not_ready(load_failed(name, version, failure).message)
         return json_response({"name": name, "ready": True})
 
     # -- inference ------------------------------------------------------------------------------------

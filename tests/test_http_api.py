@@ -38,7 +38,7 @@ def json_request(n: int = 1, seed: int = 3, **extra) -> dict:
 
 
 async def test_health_metadata_and_repository(repository):
-    async with serving(repository) as (http, _, _):
+    async with serving(repository) as (http, api, _):
         for path, expected in [("/v2/health/live", {"live": True}), ("/v2/health/ready", {"ready": True})]:
             async with http.get(path) as r:
                 assert r.status == 200 and await r.json() == expected
@@ -59,8 +59,8 @@ async def test_health_metadata_and_repository(repository):
                                        "reason": "loads on first request"}]
         async with http.post(f"/v2/repository/models/{MNIST_MLP}/unload") as r:
             assert r.status == 200
-        async with http.get(f"/v2/models/{MNIST_MLP}/ready") as r:
-            assert r.status == 503
+        async with http.get(f"/v2/models/{MNIST_MLP}/ready") as r:  # the V2 health API's "4xx for false"
+            assert r.status == 400 and r.headers["x-maas-error-code"] == "NOT_READY"
         async with http.post(f"/v2/models/{MNIST_MLP}/infer", json=json_request()) as r:
             assert r.status == 503 and "unloaded" in (await r.json())["error"]
         async with http.post("/v2/repository/index", json={"ready": True}) as r:
@@ -71,6 +71,10 @@ async def test_health_metadata_and_repository(repository):
             assert (await r.json())[0]["state"] == "READY" and (await r.json())[0]["reason"] == ""
         async with http.post("/v2/repository/models/nope/load") as r:
             assert r.status == 404
+        api.ready = False  # starting or stopping
+        async with http.get("/v2/health/ready") as r:
+            assert r.status == 400 and r.headers["x-maas-error-code"] == "NOT_READY"
+        api.ready = True
         async with http.get("/v2/health/nothing") as r:
             assert r.status == 404 and "error" in await r.json()
         async with http.delete("/v2/health/live") as r:
@@ -89,7 +93,7 @@ async def test_a_model_that_failed_to_load_is_not_ready_until_a_load_succeeds(re
             assert r.status == 500 and "failed to load" in (await r.json())["error"]
         for path in ("/v2/models/broken/ready", "/v2/models/broken/versions/1/ready"):
             async with http.get(path) as r:
-                assert r.status == 503 and r.headers["x-maas-error-code"] == "UNAVAILABLE"
+                assert r.status == 400 and r.headers["x-maas-error-code"] == "NOT_READY"
                 assert "model 'broken' version 1 failed to load" in (await r.json())["error"]
         async with http.post("/v2/repository/index") as r:
             row = next(row for row in await r.json() if row["name"] == "broken")
