@@ -363,7 +363,7 @@ def stop_pyspy(spy: subprocess.Popen | None) -> None:
 PROFILE_CATEGORIES = [
     ("decode (decode_request / parse_request)", ("decode_request",)),
     ("encode answer (encode_response)", ("encode_response", "_externalize")),
-    ("claim-check input resolve", ("resolve_inputs",)),
+    ("claim-check input resolve", ("resolved_inputs",)),
     ("engine.infer: model_config (to_thread) + validate + submit", ("infer (pipeline/engine.py",)),
     ("engine: batch collect / run (event loop side)", ("_collect (pipeline/batcher.py", "_run_batch", "_run_group")),
     ("model compute (executor thread)", ("infer (models/loaded.py",)),

@@ -10,11 +10,15 @@ or this store's own results, nor make a worker download more than the payload li
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import dataclasses
 import hashlib
 import re
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
@@ -25,6 +29,7 @@ from pipeline.errors import ErrorCode, InferenceError
 from pipeline.protocol import InferenceRequest, InferenceResponse
 from pipeline.settings import ConfigError
 
+T = TypeVar("T")
 _DIGEST_END = re.compile(r"-[0-9a-f]{16}$")
 _KEY_RE = re.compile(r"[A-Za-z0-9!_.*'()/=+,@-]{1,1024}")
 
@@ -43,6 +48,57 @@ def parse_s3_uri(uri: str, *, field: str) -> tuple[str, str]:
     return bucket, key
 
 
+class ByteBudget:
+    """Bytes that claim-checked inputs may hold at once: `hold(n)` waits, first come first served, until `n`
+    more fit under `capacity`. Requests wait for room rather than fail: the budget bounds memory, not work.
+
+    Plain futures rather than an asyncio.Condition: a store may outlive one event loop (a cloud function's
+    runtime runs each invocation in a new one), and a Condition stays bound to the first loop it waited on."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.held = 0
+        self.peak = 0  # the most bytes held at once, for metrics-free checks (tests, benchmarks)
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator[None]:
+        size = min(size, self.capacity)  # callers refuse larger objects first; a smaller capacity must not hang
+        if self._waiters or self.held + size > self.capacity:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append((size, waiter))
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if not waiter.cancelled():  # granted just before the cancel: give it back
+                    self._release(size)
+                elif (size, waiter) in self._waiters:
+                    self._waiters.remove((size, waiter))
+                    self._grant()  # the first in line may have been the one blocking the others
+                raise
+        else:
+            self._take(size)
+        try:
+            yield
+        finally:
+            self._release(size)
+
+    def _take(self, size: int) -> None:
+        self.held += size
+        self.peak = max(self.peak, self.held)
+
+    def _release(self, size: int) -> None:
+        self.held -= size
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters and self.held + self._waiters[0][0] <= self.capacity:
+            size, waiter = self._waiters.popleft()
+            if not waiter.done():  # a cancelled waiter leaves the line itself, unless it is granted first here
+                self._take(size)
+                waiter.set_result(None)
+
+
 @dataclass
 class ClaimCheckStore:
     """S3 access for claim checks. `s3` is a boto3 client; its blocking calls run in threads.
@@ -58,8 +114,15 @@ class ClaimCheckStore:
     max_object_bytes: int = 64 * 1024 * 1024
     claim_prefix: str = "claims/"
     reserved_prefixes: tuple[str, ...] = ()
+    bytes_in_flight: int = 4 * 64 * 1024 * 1024
+    budget: ByteBudget = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.bytes_in_flight < self.max_object_bytes:
+            raise ConfigError(f"MAAS_CLAIM_CHECK_BYTES_IN_FLIGHT={self.bytes_in_flight} is below "
+                              f"MAAS_MAX_CLAIM_CHECK_BYTES={self.max_object_bytes}: the largest object allowed could "
+                              "never be read")
+        self.budget = ByteBudget(self.bytes_in_flight)
         name = f"MAAS_CLAIM_CHECK_PREFIX={self.claim_prefix!r}"
         parts = self.claim_prefix.split("/")
         if not (_KEY_RE.fullmatch(self.claim_prefix) and self.claim_prefix.endswith("/")
@@ -86,24 +149,58 @@ class ClaimCheckStore:
                                  "MAAS_CLAIM_CHECK_PREFIX)")
         return bucket, key
 
-    async def fetch(self, uri: str, field: str = "inputs_uri") -> tuple[bytes, dict[str, str]]:
-        bucket, key = self.check_uri(uri, field)
+    @contextlib.asynccontextmanager
+    async def resolved_inputs(self, request: InferenceRequest, max_bytes: int) -> AsyncIterator[None]:
+        """Fill `request.inputs` from the object its `inputs_uri` names (a V2 request, JSON or binary) for the
+        duration of the block (nothing to do without one).
 
-        def get() -> tuple[bytes, dict[str, str]]:
-            head = self.s3.head_object(Bucket=bucket, Key=key)
-            size = head["ContentLength"]
-            if size > self.max_object_bytes:
-                raise InferenceError(ErrorCode.PAYLOAD_TOO_LARGE, f"{field}: object is {size} bytes; the limit is "
-                                     f"{self.max_object_bytes}")
-            body = self.s3.get_object(Bucket=bucket, Key=key)["Body"].read(self.max_object_bytes + 1)
-            headers = {CONTENT_TYPE: head.get("ContentType", "application/json")}
-            length = head.get("Metadata", {}).get(HEADER_LENGTH)
-            if length:
-                headers[HEADER_LENGTH] = length
-            return body, headers
+        The object's size counts against `budget` from before it is downloaded until the block ends (the
+        caller runs the model inside it: the decoded inputs live that long), so that a fetch of many small
+        records naming one large object waits for room instead of downloading it once per record at once.
+        The decode runs in a thread: a large JSON object takes the event loop for seconds otherwise."""
+        if request.inputs_uri is None:
+            yield
+            return
+        field = "inputs_uri"
+        bucket, key = self.check_uri(request.inputs_uri, field)
+        size, headers = await self._s3_read(request.inputs_uri, field, self._head, bucket, key, field)
+        async with self.budget.hold(size):
+            payload = await self._s3_read(request.inputs_uri, field, self._get, bucket, key, size)
+            inner = await asyncio.to_thread(decode_request, payload, headers, max_bytes=max_bytes,
+                                            defaults={"id": request.id, "model_name": request.model_name})
+            del payload  # the decoded inputs stay in the budget's count; the bytes need not stay in memory
+            if inner.inputs_uri is not None:
+                raise InferenceError(ErrorCode.INVALID_REQUEST, "inputs_uri: the object may not refer to another "
+                                     "object", request.id)
+            request.inputs, request.datatypes = inner.inputs, inner.datatypes
+            yield
 
+    def _head(self, bucket: str, key: str, field: str) -> tuple[int, dict[str, str]]:
+        """The object's size, refused past the limit before anything is downloaded, and its transport headers."""
+        head = self.s3.head_object(Bucket=bucket, Key=key)
+        size = head["ContentLength"]
+        if size > self.max_object_bytes:
+            raise InferenceError(ErrorCode.PAYLOAD_TOO_LARGE, f"{field}: object is {size} bytes; the limit is "
+                                 f"{self.max_object_bytes} (setting MAAS_MAX_CLAIM_CHECK_BYTES)")
+        headers = {CONTENT_TYPE: head.get("ContentType", "application/json")}
+        length = head.get("Metadata", {}).get(HEADER_LENGTH)
+        if length:
+            headers[HEADER_LENGTH] = length
+        return size, headers
+
+    def _get(self, bucket: str, key: str, size: int) -> bytes:
+        """The object's bytes, no more than the `size` its HEAD reported (and budgeted for): one replaced by a
+        larger object in between is refused rather than read past what was reserved for it."""
+        body = self.s3.get_object(Bucket=bucket, Key=key)["Body"].read(size + 1)
+        if len(body) > size:
+            raise InferenceError(ErrorCode.INVALID_REQUEST, f"inputs_uri: the object grew past the {size} bytes it "
+                                 "had when it was sized; do not replace it while requests name it")
+        return body
+
+    async def _s3_read(self, uri: str, field: str, call: Callable[..., T], *args: Any) -> T:
+        """`call(*args)` in a thread, its S3 failures as InferenceErrors naming `field`."""
         try:
-            return await asyncio.to_thread(get)
+            return await asyncio.to_thread(call, *args)
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("404", "NoSuchKey", "NoSuchBucket", "403", "AccessDenied"):
@@ -111,18 +208,6 @@ class ClaimCheckStore:
             raise InferenceError(ErrorCode.UNAVAILABLE, f"{field}: S3 error reading {uri}: {code}") from None
         except BotoCoreError as exc:
             raise InferenceError(ErrorCode.UNAVAILABLE, f"{field}: S3 unreachable: {exc}") from None
-
-    async def resolve_inputs(self, request: InferenceRequest, max_bytes: int) -> None:
-        """Fill `request.inputs` from the object its `inputs_uri` names (a V2 request, JSON or binary)."""
-        if request.inputs_uri is None:
-            return
-        payload, headers = await self.fetch(request.inputs_uri)
-        inner = decode_request(payload, headers, max_bytes=max_bytes,
-                               defaults={"id": request.id, "model_name": request.model_name})
-        if inner.inputs_uri is not None:
-            raise InferenceError(ErrorCode.INVALID_REQUEST, "inputs_uri: the object may not refer to another object",
-                                 request.id)
-        request.inputs, request.datatypes = inner.inputs, inner.datatypes
 
     async def put(self, uri: str, framed: Framed, field: str = "parameters.output_uri") -> None:
         """Write the object a caller named, checked as every URI a caller gives."""

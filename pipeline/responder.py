@@ -187,11 +187,13 @@ class Responder:
                 raise InferenceError(ErrorCode.INVALID_REQUEST, "parameters.output_uri: this deployment has no "
                                      "object store")
             self.store.check_uri(output_uri, "parameters.output_uri")
-        if request.inputs_uri is not None:
-            if self.store is None:
-                raise InferenceError(ErrorCode.INVALID_REQUEST, "inputs_uri: this deployment has no object store")
-            await self.store.resolve_inputs(request, self.settings.max_claim_check_bytes)
-        response = await self.engine.infer(request)
+        if request.inputs_uri is None:
+            response = await self.engine.infer(request)
+        elif self.store is None:
+            raise InferenceError(ErrorCode.INVALID_REQUEST, "inputs_uri: this deployment has no object store")
+        else:  # the inputs count against the store's byte budget until the model has run on them
+            async with self.store.resolved_inputs(request, self.settings.max_claim_check_bytes):
+                response = await self.engine.infer(request)
         return await self._externalize(request, response)
 
     async def _externalize(self, request: InferenceRequest, response: InferenceResponse) -> Framed:

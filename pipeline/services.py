@@ -139,5 +139,6 @@ def claim_check_store(settings: Settings, s3: Any | None = None) -> ClaimCheckSt
     results and oversized dead letters go to the batch bucket."""
     return ClaimCheckStore(s3 or aws_client(settings, "s3"), settings.allowed_buckets,
                            output_bucket=settings.batch_bucket, max_object_bytes=settings.max_claim_check_bytes,
+                           bytes_in_flight=settings.claim_check_bytes_in_flight,
                            claim_prefix=settings.claim_check_prefix,
                            reserved_prefixes=(settings.batch_inbox_prefix, settings.batch_outbox_prefix))

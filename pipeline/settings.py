@@ -137,6 +137,7 @@ class Settings:
     claim_check_prefix: str = "claims/"
     max_inline_output_bytes: int = 1024 * 1024
     max_claim_check_bytes: int = 64 * 1024 * 1024
+    claim_check_bytes_in_flight: int = 4 * 64 * 1024 * 1024
     health_port: int = 0
     log_format: str = "text"
     api_keys: str = field(default="", repr=False)
@@ -172,6 +173,7 @@ class Settings:
         servers = env.get("KAFKA_BOOTSTRAP_SERVERS") or None
         if servers is not None:
             _check_bootstrap_servers(servers)
+        max_claim_check = _int(env, "MAAS_MAX_CLAIM_CHECK_BYTES", 64 * 1024 * 1024, minimum=1024)
         settings = cls(
             kafka_bootstrap_servers=servers,
             kafka_security_protocol=protocol,
@@ -205,7 +207,9 @@ class Settings:
                                           if b.strip()),
             claim_check_prefix=env.get("MAAS_CLAIM_CHECK_PREFIX") or "claims/",
             max_inline_output_bytes=_int(env, "MAAS_MAX_INLINE_OUTPUT_BYTES", 1024 * 1024, minimum=1024),
-            max_claim_check_bytes=_int(env, "MAAS_MAX_CLAIM_CHECK_BYTES", 64 * 1024 * 1024, minimum=1024),
+            max_claim_check_bytes=max_claim_check,
+            claim_check_bytes_in_flight=_int(env, "MAAS_CLAIM_CHECK_BYTES_IN_FLIGHT", 4 * max_claim_check,
+                                             minimum=max_claim_check, maximum=1 << 50),
             health_port=_int(env, "MAAS_HEALTH_PORT", 0, minimum=0, maximum=65535),
             log_format=_choice(env, "MAAS_LOG_FORMAT", "text", ("text", "json")),
             api_keys=env.get("MAAS_API_KEYS", ""),
@@ -309,6 +313,7 @@ class Settings:
             "MAAS_CLAIM_CHECK_PREFIX": self.claim_check_prefix,
             "MAAS_MAX_INLINE_OUTPUT_BYTES": str(self.max_inline_output_bytes),
             "MAAS_MAX_CLAIM_CHECK_BYTES": str(self.max_claim_check_bytes),
+            "MAAS_CLAIM_CHECK_BYTES_IN_FLIGHT": str(self.claim_check_bytes_in_flight),
             "MAAS_HEALTH_PORT": str(self.health_port),
             "MAAS_LOG_FORMAT": self.log_format,
             "MAAS_RATE_LIMIT": self.rate_limit,

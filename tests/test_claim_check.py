@@ -181,3 +181,40 @@ async def test_a_result_over_the_inline_limit_goes_to_s3(live):
     stored = aws_client(settings, "s3").get_object(Bucket=bucket, Key=key)["Body"].read()
     classes = next(o for o in orjson.loads(stored)["outputs"] if o["name"] == "class")
     assert classes["data"] == labels.tolist()
+
+
+async def test_records_naming_one_large_object_wait_for_the_claim_check_byte_budget(live, repository):
+    """Small records can each name a large object: a fetch of them must not download it once per record at
+    once (30 records of 87 bytes naming a 60 MB object took a worker to 2 GB). The objects' bytes in flight stay
+    within MAAS_CLAIM_CHECK_BYTES_IN_FLIGHT; the other records wait for room and are answered all the same."""
+    s3, bucket = aws_client(live, "s3"), live.batch_bucket
+    images, labels = synthetic_digits(64, seed=11)
+    body = encode_request("ignored", MNIST_MLP, {"input": images}).body
+    s3.put_object(Bucket=bucket, Key="claims/large.json", Body=body, ContentType="application/json")
+    settings = replace(live, max_claim_check_bytes=len(body), claim_check_bytes_in_flight=2 * len(body))
+    envelopes = [Envelope(orjson.dumps({"id": f"c-{i}", "model_name": MNIST_MLP,
+                                        "inputs_uri": f"s3://{bucket}/claims/large.json"}), {}, f"c-{i}@0")
+                 for i in range(12)]
+    producer = answer_producer(settings)
+    await producer.start()
+    try:
+        async with InferenceEngine(ModelCache(repository)) as engine:
+            store = claim_check_store(settings)
+            responder = Responder(settings, engine, KafkaSink.for_settings(producer, settings, store), store=store)
+            assert await responder.handle_many(envelopes) == [Outcome.RESULT] * 12
+    finally:
+        await producer.stop()
+    assert store.budget.peak == 2 * len(body) and store.budget.held == 0
+    answers = [orjson.loads(r.value) for r in await read_topic(settings, settings.topics.results, 12)]
+    assert len(answers) == 12
+    for answer in answers:
+        np.testing.assert_array_equal(next(o for o in answer["outputs"] if o["name"] == "class")["data"], labels)
+
+
+def test_the_claim_check_byte_budget_must_hold_the_largest_object():
+    with pytest.raises(ConfigError, match=r"MAAS_CLAIM_CHECK_BYTES_IN_FLIGHT=1024 is below "
+                                          r"MAAS_MAX_CLAIM_CHECK_BYTES=2048"):
+        claim_check_store(replace(Settings(), max_claim_check_bytes=2048, claim_check_bytes_in_flight=1024))
+    with pytest.raises(ConfigError, match=r"MAAS_CLAIM_CHECK_BYTES_IN_FLIGHT=1024 must be in 2048\.\."):
+        Settings.from_env({"MAAS_MAX_CLAIM_CHECK_BYTES": "2048", "MAAS_CLAIM_CHECK_BYTES_IN_FLIGHT": "1024"})
+    assert Settings.from_env({"MAAS_MAX_CLAIM_CHECK_BYTES": "2048"}).claim_check_bytes_in_flight == 4 * 2048
