@@ -32,7 +32,15 @@ VERSION_EXPECTED = 'a positive integer such as "3" (ASCII digits, no sign or lea
 #: Files an artifact may hold besides config.json: the weights and architecture assets (tokenizers).
 ARTIFACT_FILES = (WEIGHTS_FILE, TOKENIZER_FILE)
 QUANTIZATIONS = ("int8",)
-MAX_DIMS, MAX_DIM = 16, 1 << 31  # a tensor spec's rank and any one of its dimensions
+# Upper bounds on the sizes a config may give, generous for real models (GPT-3: 96 layers, 12,288 wide; Gemma:
+# a 256,000-word vocabulary). A config is a few hundred bytes: without them a load builds a name per layer,
+# or a warm-up allocates a batch of the declared shape, gigabytes before any weight is compared.
+MAX_LAYERS = 1024  # layers, and the entries of a list of layer sizes
+MAX_WIDTH = 65536  # hidden, embedding, intermediate and dense sizes, heads, classes, kernels, image sides
+MAX_SEQUENCE = 1 << 20  # sequence_length, max_length, max_position_embeddings
+MAX_VOCAB = 1 << 24  # vocab_size
+MAX_DIMS, MAX_DIM = 16, MAX_SEQUENCE  # a tensor spec's rank and any one of its dimensions
+MAX_ROW_ELEMENTS = 1 << 26  # elements of one row of a tensor spec (its fixed dimensions, -1 counted as 1)
 MAX_BATCH_SIZE = 65536  # rows of one batch: a GPU warm-up runs every power of two up to it
 MAX_QUEUE_DELAY_MS = 60_000
 # config.json holds hyper-parameters, tensor specs and a few warm-up inputs: kilobytes. Reading one is bounded.
@@ -92,6 +100,8 @@ class TensorSpec:
             raise ArtifactError(f"{where}.shape: the first (batch) dimension must be -1, got {shape[0]}")
         if any(d < -1 or d == 0 or d > MAX_DIM for d in shape):
             raise ArtifactError(f"{where}.shape: dimensions must be -1 or in 1..{MAX_DIM:,}, got {shape}")
+        if math.prod(max(d, 1) for d in shape) > MAX_ROW_ELEMENTS:
+            raise ArtifactError(f"{where}.shape: one row holds more than {MAX_ROW_ELEMENTS:,} elements, got {shape}")
         return cls(name=name, datatype=datatype, shape=tuple(shape))
 
     def mismatch(self, datatype: str, shape: list[int] | tuple[int, ...]) -> str | None:
@@ -376,10 +386,16 @@ def require(params: dict[str, Any], key: str, kind: type, where: str) -> Any:
     return value
 
 
-def positive_int(params: dict[str, Any], key: str, where: str, default: int | None = None) -> int:
-    value = params.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ArtifactError(f"{where}.params.{key}: expected a positive integer, got {value!r}")
+def positive_int(params: dict[str, Any], key: str, where: str, default: int | None = None,
+                 maximum: int = MAX_WIDTH) -> int:
+    """A size from the params, at most `maximum` (see MAX_WIDTH and the other bounds above)."""
+    return size_in(params.get(key, default), f"{where}.params.{key}", maximum)
+
+
+def size_in(value: Any, field: str, maximum: int) -> int:
+    """`value` if it is an integer in 1..maximum, else an ArtifactError naming `field` and the bound."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= maximum:
+        raise ArtifactError(f"{field}: expected an integer in 1..{maximum:,}, got {short_repr(value)}")
     return value
 
 

@@ -39,7 +39,9 @@ class ModelCache:
     """(name, version) -> LoadedModel, least recently used evicted past `max_bytes`.
 
     Concurrent first requests for one version load it once: the others wait on a per-key lock. A version that
-    failed to load (or to warm up) is not tried again for `load_retry_s`: the requests meanwhile get its error.
+    failed to load for its own sake (an ArtifactError: a malformed artifact, a failed warm-up, more memory than
+    the process has) is not tried again for `load_retry_s`: the requests meanwhile get its error, and readiness
+    reports it (`load_failure`). A repository that cannot be reached is not remembered: the next request retries.
     "latest" is resolved against the repository at most every `latest_ttl_s` seconds.
     """
 
@@ -141,7 +143,10 @@ class ModelCache:
             self._check_fits(name, version, stored)
             with self._lock:
                 self._evict(room=stored)
-        model = self.repository.load(name, version)
+        try:
+            model = self.repository.load(name, version)
+        except MemoryError:  # as a failed warm-up: the artifact asks for more than this process has, every time
+            raise ArtifactError(f"model {name!r} version {version} does not fit in memory while it loads") from None
         self._check_fits(name, version, model.nbytes)  # placed in another dtype, it may have grown
         try:
             model.warmup()

@@ -7,7 +7,17 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from models.artifact import ArtifactError, positive_int, require
+from models.artifact import (
+    MAX_LAYERS,
+    MAX_SEQUENCE,
+    MAX_VOCAB,
+    MAX_WIDTH,
+    ArtifactError,
+    positive_int,
+    require,
+    short_repr,
+    size_in,
+)
 
 MLP_ACTIVATIONS = ("none", "relu", "gelu", "tanh", "sigmoid")
 MLP_HEADS = ("none", "softmax")
@@ -25,8 +35,10 @@ class MLPParams:
     @classmethod
     def parse(cls, params: dict[str, Any]) -> MLPParams:
         layers = require(params, "layers", list, "mlp")
-        if len(layers) < 2 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in layers):
-            raise ArtifactError(f"mlp.params.layers: expected >= 2 positive integers, got {layers!r}")
+        if not 2 <= len(layers) <= MAX_LAYERS + 1:
+            raise ArtifactError(f"mlp.params.layers: expected 2 to {MAX_LAYERS + 1:,} sizes, got {len(layers)}")
+        for i, size in enumerate(layers):
+            size_in(size, f"mlp.params.layers[{i}]", MAX_WIDTH)
         activations = params.get("activations", ["relu"] * (len(layers) - 2) + ["none"])
         if not isinstance(activations, list) or len(activations) != len(layers) - 1:
             raise ArtifactError(f"mlp.params.activations: expected {len(layers) - 1} names, got {activations!r}")
@@ -64,9 +76,9 @@ class TextClassifierParams:
     @classmethod
     def parse(cls, params: dict[str, Any]) -> TextClassifierParams:
         where = "text_classifier"
-        vocab = positive_int(params, "vocab_size", where)
+        vocab = positive_int(params, "vocab_size", where, maximum=MAX_VOCAB)
         dim = positive_int(params, "embedding_dim", where)
-        length = positive_int(params, "sequence_length", where)
+        length = positive_int(params, "sequence_length", where, maximum=MAX_SEQUENCE)
         hidden = parse_hidden(params, where)
         classes = positive_int(params, "num_classes", where, default=1)
         head = params.get("head", "sigmoid")
@@ -82,11 +94,14 @@ class TextClassifierParams:
         return [n for n in self.weight_shapes() if n.endswith(".weight") and n != "embedding.weight"]
 
 
-def parse_hidden(params: dict[str, Any], where: str) -> list[int]:
-    hidden = params.get("hidden", [])
-    if not isinstance(hidden, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
-                                               for d in hidden):
-        raise ArtifactError(f"{where}.params.hidden: expected a list of positive integers, got {hidden!r}")
+def parse_hidden(params: dict[str, Any], where: str, key: str = "hidden") -> list[int]:
+    """A list of dense layer sizes: at most MAX_LAYERS of them, each at most MAX_WIDTH."""
+    hidden = params.get(key, [])
+    if not isinstance(hidden, list) or len(hidden) > MAX_LAYERS:
+        raise ArtifactError(f"{where}.params.{key}: expected a list of up to {MAX_LAYERS:,} sizes, "
+                            f"got {short_repr(hidden)}")
+    for i, size in enumerate(hidden):
+        size_in(size, f"{where}.params.{key}[{i}]", MAX_WIDTH)
     return hidden
 
 

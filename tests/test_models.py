@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import shutil
 import threading
 
@@ -11,8 +12,16 @@ import numpy as np
 import pytest
 import torch
 
+from models.architectures import architecture_class
 from models.architectures.mlp import MLP
-from models.artifact import MAX_CONFIG_BYTES, WEIGHTS_FILE, ArtifactError, ModelConfig, read_config
+from models.artifact import (
+    MAX_CONFIG_BYTES,
+    WEIGHTS_FILE,
+    ArtifactError,
+    ModelConfig,
+    TensorSpec,
+    read_config,
+)
 from models.cache import ModelCache
 from models.examples import MNIST_MLP, mnist_mlp_config, sentiment_config, synthetic_digits, train_sentiment
 from models.publish import publish_model
@@ -332,3 +341,57 @@ def test_misspelt_batching_keys_and_non_boolean_tokenizer_flags_are_refused():
 
     with pytest.raises(ArtifactError, match="lowercase: expected true or false"):
         WordIndexTokenizer.from_json(json.dumps({"type": "word_index", "words": ["a"], "lowercase": "false"}))
+
+
+_TRANSFORMER = {"vocab_size": 8, "hidden_size": 16, "num_layers": 1, "num_heads": 1, "intermediate_size": 16,
+                "max_position_embeddings": 8, "max_length": 8}
+_TEXT = {"vocab_size": 8, "embedding_dim": 4, "sequence_length": 8, "hidden": [], "num_classes": 1}
+
+
+@pytest.mark.parametrize(("architecture", "params", "message"), [
+    ("transformer_encoder", {**_TRANSFORMER, "num_layers": 10**9},
+     "transformer_encoder.params.num_layers: expected an integer in 1..1,024, got 1000000000"),
+    ("transformer_encoder", {**_TRANSFORMER, "hidden_size": 1 << 17, "num_heads": 1 << 11},
+     "transformer_encoder.params.hidden_size: expected an integer in 1..65,536"),
+    ("transformer_encoder", {**_TRANSFORMER, "max_position_embeddings": 1 << 21, "max_length": 1 << 21},
+     "transformer_encoder.params.max_position_embeddings: expected an integer in 1..1,048,576"),
+    ("text_classifier", {**_TEXT, "sequence_length": 400_000_000},
+     "text_classifier.params.sequence_length: expected an integer in 1..1,048,576, got 400000000"),
+    ("text_classifier", {**_TEXT, "hidden": [16] * 1025}, "text_classifier.params.hidden: expected a list of up to "
+                                                          "1,024 sizes"),
+    ("mlp", {"layers": [784, 10**6, 10]}, "mlp.params.layers[1]: expected an integer in 1..65,536"),
+    ("cnn", {"input_shape": [32, 32, 3], "conv": [{"filters": 1 << 20}]},
+     "cnn.params.conv[0].filters: expected an integer in 1..65,536"),
+])
+def test_sizes_in_params_have_upper_bounds(architecture, params, message):
+    """A config of a few hundred bytes must not make a load build or allocate gigabytes before any weight is
+    compared: num_layers 10**9 built 16 names per layer, a sequence_length of 4e8 a warm-up batch of that width."""
+    with pytest.raises(ArtifactError, match=re.escape(message)):
+        architecture_class(architecture).weight_shapes(params)
+
+
+@pytest.mark.parametrize(("shape", "message"), [
+    ([-1, 1 << 31], "dimensions must be -1 or in 1..1,048,576"),
+    ([-1, 1 << 14, 1 << 14], "one row holds more than 67,108,864 elements"),
+])
+def test_tensor_specs_have_upper_bounds(shape, message):
+    """Warm-ups allocate batches of the declared shapes."""
+    with pytest.raises(ArtifactError, match=re.escape(f"inputs[0].shape: {message}")):
+        TensorSpec.parse({"name": "x", "datatype": "FP32", "shape": shape}, "inputs[0]")
+
+
+class _OutOfMemory(ModelRepository):
+    """A repository whose loads run out of memory, as a load of a config too large for the process does."""
+
+    def load(self, name, version, **kwargs):
+        raise MemoryError
+
+
+def test_a_load_that_runs_out_of_memory_is_remembered_as_a_failed_load(repository):
+    """Otherwise every batch would try the load again, and readiness would not say why the model is not ready."""
+    cache = ModelCache(_OutOfMemory(repository.root), load_retry_s=3600)
+    with pytest.raises(ArtifactError, match=r"model 'mnist_mlp' version 1 does not fit in memory while it loads$"):
+        cache.get(MNIST_MLP, 1)
+    with pytest.raises(ArtifactError, match=r"does not fit in memory while it loads \(not retried for 3600 s"):
+        cache.get(MNIST_MLP, 1)
+    assert "does not fit in memory" in cache.load_failure(MNIST_MLP, 1)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import kernels
 from models.architectures.base import Architecture
-from models.artifact import TOKENIZER_FILE, TensorSpec, positive_int
+from models.artifact import MAX_SEQUENCE, MAX_VOCAB, TOKENIZER_FILE, TensorSpec, positive_int
 from models.text import WordIndexTokenizer, check_vocabulary, sample_sentences, texts_of
 
 _DIRECTIONS = ("", "_reverse")
@@ -35,8 +35,10 @@ class BiLSTMClassifier(Architecture):
     @classmethod
     def _parse(cls, params: dict[str, Any]) -> tuple[int, int, int, int, int, int]:
         where = cls.name
-        return (positive_int(params, "vocab_size", where), positive_int(params, "embedding_dim", where),
-                positive_int(params, "hidden_size", where), positive_int(params, "sequence_length", where),
+        return (positive_int(params, "vocab_size", where, maximum=MAX_VOCAB),
+                positive_int(params, "embedding_dim", where),
+                positive_int(params, "hidden_size", where),
+                positive_int(params, "sequence_length", where, maximum=MAX_SEQUENCE),
                 positive_int(params, "dense", where), positive_int(params, "num_classes", where))
 
     @classmethod

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import kernels
 from models.architectures.base import Architecture
-from models.artifact import ArtifactError
+from models.artifact import MAX_LAYERS, MAX_WIDTH, ArtifactError, size_in
 from models.params import dense_head_shapes, parse_hidden
 
 LAYOUTS = ("NHWC", "NCHW")
@@ -36,14 +36,17 @@ class CNN(Architecture):
                                                       int, str]:
         where = cls.name
         shape = params.get("input_shape")
-        if not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
+        if not isinstance(shape, list) or len(shape) != 3:
             raise ArtifactError(f"{where}.params.input_shape: expected [H, W, C] positive integers, got {shape!r}")
+        for i, side in enumerate(shape):
+            size_in(side, f"{where}.params.input_shape[{i}]", MAX_WIDTH)
         layout = params.get("layout", "NHWC")
         if layout not in LAYOUTS:
             raise ArtifactError(f"{where}.params.layout: {layout!r} is not one of {LAYOUTS}")
         raw_convs = params.get("conv")
-        if not isinstance(raw_convs, list) or not raw_convs:
-            raise ArtifactError(f"{where}.params.conv: expected a non-empty list of {{filters, kernel, pool}}")
+        if not isinstance(raw_convs, list) or not 1 <= len(raw_convs) <= MAX_LAYERS:
+            raise ArtifactError(f"{where}.params.conv: expected a list of 1 to {MAX_LAYERS:,} "
+                                "{filters, kernel, pool}")
         convs = []
         h, w, _ = shape
         for i, conv in enumerate(raw_convs):
@@ -51,8 +54,7 @@ class CNN(Architecture):
                 raise ArtifactError(f"{where}.params.conv[{i}]: expected an object {{filters, kernel, pool}}")
             filters, kernel, pool = conv.get("filters"), conv.get("kernel", 3), conv.get("pool", 0)
             for key, value in (("filters", filters), ("kernel", kernel)):
-                if not isinstance(value, int) or value < 1:
-                    raise ArtifactError(f"{where}.params.conv[{i}].{key}: expected a positive integer, got {value!r}")
+                size_in(value, f"{where}.params.conv[{i}].{key}", MAX_WIDTH)
             if not isinstance(pool, int) or pool < 0:
                 raise ArtifactError(f"{where}.params.conv[{i}].pool: expected an integer >= 0, got {pool!r}")
             h, w = h - kernel + 1, w - kernel + 1
@@ -62,10 +64,10 @@ class CNN(Architecture):
                 raise ArtifactError(f"{where}.params.conv[{i}]: the image shrinks to {h}x{w}; use fewer or smaller "
                                     "layers")
             convs.append((filters, kernel, pool))
-        dense = parse_hidden({"hidden": params.get("dense", [])}, where)
+        dense = parse_hidden(params, where, "dense")
         classes = params.get("num_classes", 10)
-        if not isinstance(classes, int) or classes < 2:
-            raise ArtifactError(f"{where}.params.num_classes: expected an integer >= 2, got {classes!r}")
+        if not isinstance(classes, int) or not 2 <= classes <= MAX_WIDTH:
+            raise ArtifactError(f"{where}.params.num_classes: expected an integer in 2..{MAX_WIDTH:,}, got {classes!r}")
         return (shape[0], shape[1], shape[2]), convs, dense, classes, layout
 
     @classmethod

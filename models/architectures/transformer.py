@@ -19,7 +19,17 @@ import torch.nn.functional as F
 import kernels
 from models import cuda_graphs
 from models.architectures.base import Architecture
-from models.artifact import SCALE_SUFFIX, TOKENIZER_FILE, ArtifactError, TensorSpec, positive_int
+from models.artifact import (
+    MAX_LAYERS,
+    MAX_SEQUENCE,
+    MAX_VOCAB,
+    MAX_WIDTH,
+    SCALE_SUFFIX,
+    TOKENIZER_FILE,
+    ArtifactError,
+    TensorSpec,
+    positive_int,
+)
 from models.text import PAD_MULTIPLE, WordPieceTokenizer, texts_of
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -56,10 +66,11 @@ class TransformerEncoder(Architecture):
     @classmethod
     def _parse(cls, params: dict[str, Any]) -> dict[str, Any]:
         where = cls.name
-        p = {key: positive_int(params, key, where, default) for key, default in (
-            ("vocab_size", None), ("hidden_size", None), ("num_layers", None), ("num_heads", None),
-            ("intermediate_size", None), ("max_position_embeddings", 512), ("type_vocab_size", 2),
-            ("max_length", 256))}
+        p = {key: positive_int(params, key, where, default, maximum) for key, default, maximum in (
+            ("vocab_size", None, MAX_VOCAB), ("hidden_size", None, MAX_WIDTH), ("num_layers", None, MAX_LAYERS),
+            ("num_heads", None, MAX_WIDTH), ("intermediate_size", None, MAX_WIDTH),
+            ("max_position_embeddings", 512, MAX_SEQUENCE), ("type_vocab_size", 2, MAX_VOCAB),
+            ("max_length", 256, MAX_SEQUENCE))}
         if p["hidden_size"] % p["num_heads"] or p["hidden_size"] // p["num_heads"] not in HEAD_DIMS:
             raise ArtifactError(f"{where}.params.num_heads: hidden_size / num_heads must be one of {HEAD_DIMS} "
                                 f"(the attention kernel's head sizes), got {p['hidden_size']} / {p['num_heads']}")
