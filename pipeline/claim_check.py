@@ -24,12 +24,13 @@ import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
 from models.s3_repository import BUCKET_RE
-from pipeline.codec import CONTENT_TYPE, HEADER_LENGTH, JSON, Framed, decode_request
+from pipeline.codec import BINARY, CONTENT_TYPE, HEADER_LENGTH, JSON, Framed, decode_request
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.protocol import InferenceRequest, InferenceResponse
 from pipeline.settings import ConfigError
 
 T = TypeVar("T")
+S3_DEFAULT_CONTENT_TYPE = "binary/octet-stream"  # what S3 reports for an object put without a content type
 _DIGEST_END = re.compile(r"-[0-9a-f]{16}$")
 _KEY_RE = re.compile(r"[A-Za-z0-9!_.*'()/=+,@-]{1,1024}")
 
@@ -182,7 +183,10 @@ class ClaimCheckStore:
         if size > self.max_object_bytes:
             raise InferenceError(ErrorCode.PAYLOAD_TOO_LARGE, f"{field}: object is {size} bytes; the limit is "
                                  f"{self.max_object_bytes} (setting MAAS_MAX_CLAIM_CHECK_BYTES)")
-        headers = {CONTENT_TYPE: head.get("ContentType", "application/json")}
+        content_type = head.get("ContentType")
+        if content_type in (None, S3_DEFAULT_CONTENT_TYPE):  # uploaded without one: the metadata says which form
+            content_type = BINARY  # without HEADER_LENGTH metadata, BINARY reads the whole object as JSON
+        headers = {CONTENT_TYPE: content_type}
         length = head.get("Metadata", {}).get(HEADER_LENGTH)
         if length:
             headers[HEADER_LENGTH] = length

@@ -218,3 +218,23 @@ def test_the_claim_check_byte_budget_must_hold_the_largest_object():
     with pytest.raises(ConfigError, match=r"MAAS_CLAIM_CHECK_BYTES_IN_FLIGHT=1024 must be in 2048\.\."):
         Settings.from_env({"MAAS_MAX_CLAIM_CHECK_BYTES": "2048", "MAAS_CLAIM_CHECK_BYTES_IN_FLIGHT": "1024"})
     assert Settings.from_env({"MAAS_MAX_CLAIM_CHECK_BYTES": "2048"}).claim_check_bytes_in_flight == 4 * 2048
+
+
+async def test_objects_uploaded_without_a_content_type_are_read(live, repository):
+    """boto3 uploads without a ContentType, and S3 then reports binary/octet-stream: such an object is read as
+    the README's claim checks allow, JSON, or binary with its inference-header-content-length metadata."""
+    s3, bucket = aws_client(live, "s3"), live.batch_bucket
+    images, labels = synthetic_digits(4, seed=21)
+    binary = encode_request("ignored", MNIST_MLP, {"input": images}, binary=True)
+    s3.put_object(Bucket=bucket, Key="claims/plain.json", Body=encode_request("ignored", MNIST_MLP,
+                                                                              {"input": images}).body)
+    s3.put_object(Bucket=bucket, Key="claims/plain.bin", Body=binary.body,
+                  Metadata={"inference-header-content-length": binary.headers["inference-header-content-length"]})
+    assert s3.head_object(Bucket=bucket, Key="claims/plain.json")["ContentType"] == "binary/octet-stream"
+    envelopes = [Envelope(orjson.dumps({"id": key, "model_name": MNIST_MLP,
+                                        "inputs_uri": f"s3://{bucket}/claims/{key}"}), {}, f"{key}@0")
+                 for key in ("plain.json", "plain.bin")]
+    assert await _answer(live, repository, envelopes) == [Outcome.RESULT] * 2
+    for record in await read_topic(live, live.topics.results, 2):
+        classes = next(o for o in orjson.loads(record.value)["outputs"] if o["name"] == "class")
+        assert classes["data"] == labels.tolist()
