@@ -7,6 +7,7 @@ version into a local cache folder and checks its sha256 sums first). `open_repos
 
 from __future__ import annotations
 
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -56,8 +57,21 @@ class VersionError(ModelNotFoundError):
     """A model_version that names no version at all ("-1", "1.0", "²"): the caller's mistake to fix."""
 
 
+_URL_CREDENTIALS = re.compile(r"://[^/@\s]+@")
+
+
+def without_credentials(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URL in it masked: an endpoint URL may carry credentials
+    (``AWS_ENDPOINT_URL=http://user:secret@host``), and errors quoting it reach terminals, logs and callers."""
+    return _URL_CREDENTIALS.sub("://***@", text)
+
+
 class RepositoryError(OSError):
-    """The repository cannot be read or written (S3 unreachable, access denied, ...)."""
+    """The repository cannot be read or written (S3 unreachable, access denied, ...). Its message quotes the
+    failure, which may quote an endpoint URL: credentials in it are masked."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(without_credentials(message))
 
 
 def parse_version(version: str | int | None) -> int | None:

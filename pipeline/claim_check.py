@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
+from models.repository import without_credentials
 from models.s3_repository import BUCKET_RE
 from pipeline.codec import BINARY, CONTENT_TYPE, HEADER_LENGTH, JSON, Framed, decode_request
 from pipeline.errors import ErrorCode, InferenceError
@@ -211,7 +212,8 @@ class ClaimCheckStore:
                 raise InferenceError(ErrorCode.INVALID_REQUEST, f"{field}: {uri} cannot be read ({code})") from None
             raise InferenceError(ErrorCode.UNAVAILABLE, f"{field}: S3 error reading {uri}: {code}") from None
         except BotoCoreError as exc:
-            raise InferenceError(ErrorCode.UNAVAILABLE, f"{field}: S3 unreachable: {exc}") from None
+            raise InferenceError(ErrorCode.UNAVAILABLE, f"{field}: S3 unreachable: {without_credentials(str(exc))}"
+                                 ) from None
 
     async def put(self, uri: str, framed: Framed, field: str = "parameters.output_uri") -> None:
         """Write the object a caller named, checked as every URI a caller gives."""
@@ -229,7 +231,7 @@ class ClaimCheckStore:
             await asyncio.to_thread(put)
         except (ClientError, BotoCoreError) as exc:
             raise InferenceError(ErrorCode.UNAVAILABLE, f"{field}: S3 error writing s3://{bucket}/{key}: "
-                                 f"{exc}") from None
+                                 f"{without_credentials(str(exc))}") from None
 
     def default_uri(self, *parts: str, suffix: str = "") -> str:
         """A new object for `parts` (a model, a request id): `<output_prefix>/<part>/.../<uuid4><suffix>`.

@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import sys
 
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from botocore.exceptions import BotoCoreError, ClientError
 
 from models.artifact import ArtifactError
-from models.repository import ModelNotFoundError
+from models.repository import ModelNotFoundError, without_credentials
 from pipeline.commands import MODULES
 from pipeline.commands._common import exit_on_sigterm
 from pipeline.observability import configure_logging
@@ -40,17 +39,18 @@ def main(argv: list[str] | None = None) -> None:
         configure_process(settings)
         code = asyncio.run(args.run(args, settings))
     except (ConfigError, ArtifactError, ModelNotFoundError) as exc:
-        print(f"maas: error: {exc}", file=sys.stderr)
+        print(f"maas: error: {without_credentials(str(exc))}", file=sys.stderr)
         code = 2
     except BrokenPipeError:  # `maas models describe m | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
         code = 0
     except KafkaConnectionError as exc:
         where = settings.kafka_bootstrap_servers if settings and settings.kafka_bootstrap_servers else "the broker"
-        print(f"maas: error: cannot reach Kafka at {where} (KAFKA_BOOTSTRAP_SERVERS): {exc}", file=sys.stderr)
+        print(without_credentials(f"maas: error: cannot reach Kafka at {where} (KAFKA_BOOTSTRAP_SERVERS): {exc}"),
+              file=sys.stderr)
         code = 2
     except (OSError, KafkaError, BotoCoreError, ClientError) as exc:  # a broker, an endpoint, a port, a file
-        message = _without_credentials(str(exc))
+        message = without_credentials(str(exc))
         kind = type(exc).__name__
         print(f"maas: error: {message if message.startswith(kind) else f'{kind}: {message}'}", file=sys.stderr)
         code = 2
@@ -59,6 +59,3 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code)
 
 
-def _without_credentials(text: str) -> str:
-    """An endpoint URL may carry user:password@: not on the terminal."""
-    return re.sub(r"://[^/@\s]+@", "://***@", text)

@@ -23,7 +23,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from infra.bootstrap import ensure_buckets, ensure_topics
 from infra.stack import LocalStack, StackError
 from models.cache import ModelCache
-from models.repository import Repository, RepositoryError
+from models.repository import Repository, RepositoryError, without_credentials
 from models.repository import open_repository as open_model_repository
 from pipeline.claim_check import ClaimCheckStore
 from pipeline.settings import ConfigError, Settings
@@ -95,7 +95,8 @@ async def bootstrap(settings: Settings) -> None:
         ensure_buckets(aws_client(settings, "s3"), [settings.batch_bucket])
     except (BotoCoreError, ClientError) as exc:
         where = settings.aws_endpoint_url or "AWS"
-        raise ConfigError(f"cannot reach S3 at {where} (AWS_ENDPOINT_URL / AWS credentials): {exc}") from None
+        raise ConfigError(without_credentials(f"cannot reach S3 at {where} (AWS_ENDPOINT_URL / AWS credentials): "
+                                              f"{exc}")) from None
 
 
 @contextlib.asynccontextmanager

@@ -82,6 +82,19 @@ def test_batch_worker_refuses_an_outbox_inside_the_inbox_at_once(tmp_path):
                                "MAAS_BATCH_OUTBOX_PREFIX='jobs/results/' overlap")
 
 
+@pytest.mark.parametrize("args, env", [
+    (["bootstrap"], {}),  # S3 unreachable while creating the batch bucket
+    (["models", "list"], {"MAAS_MODEL_REPOSITORY": "s3://bucket/models"}),  # the repository unreachable
+], ids=["bootstrap", "models-list"])
+def test_credentials_in_an_endpoint_url_never_reach_the_terminal(args, env, stack, tmp_path):
+    secret_endpoint = {"AWS_ENDPOINT_URL": "http://admin:hunter2@127.0.0.1:1", "AWS_ACCESS_KEY_ID": "x",
+                       "AWS_SECRET_ACCESS_KEY": "x", "KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap_servers}
+    out = maas("-v", *args, env={**secret_endpoint, **env}, cwd=tmp_path)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "hunter2" not in out.stdout + out.stderr
+    assert "http://***@127.0.0.1:1" in out.stderr, out.stderr  # the endpoint is still named, without its password
+
+
 def test_models_examples_list_and_describe(tmp_path):
     env = {"MAAS_MODEL_REPOSITORY": str(tmp_path / "repo")}
     assert "published mnist_mlp v1" in maas("models", "examples", env=env).stdout
