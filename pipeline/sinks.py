@@ -40,6 +40,12 @@ PASSTHROUGH_HEADERS = ("traceparent", "tracestate")
 MAX_PASSTHROUGH_BYTES = 16 * 1024
 _SQS_FIRST = (*PASSTHROUGH_HEADERS, HEADER_LENGTH)  # attributes kept first when SQS's 10 run short
 PAYLOAD_URI = "maas-payload-uri"  # a dead letter too large for its destination: where its payload is stored
+# A Kafka dead letter keeps the record's headers and key within these bounds; past them it drops them, saying
+# how many headers, or how many key bytes, it dropped.
+DEAD_LETTER_HEADER_BYTES = 32 * 1024
+DEAD_LETTER_KEY_BYTES = 8 * 1024
+HEADERS_DROPPED = "maas-headers-dropped"
+KEY_DROPPED = "maas-key-dropped-bytes"
 #: What a failed delivery raises: the broker's or the AWS client's errors (anything else is a bug).
 DELIVERY_ERRORS: tuple[type[Exception], ...] = (KafkaError, ClientError, BotoCoreError)
 
@@ -262,11 +268,20 @@ class KafkaSink:
                     extra={"request_id": error.request_id, "traceparent": envelope.headers.get("traceparent")})
         original = list(envelope.raw_headers) or [(k, v.encode()) for k, v in envelope.headers.items()]
         extra = dead_letter_headers(error, attempts, envelope.source)
-        value = envelope.payload
+        value, key = envelope.payload, envelope.key
         if len(value) > self.max_value_bytes:
             value = await self._offload(envelope, extra)
+        # The producer takes `max_value_bytes` plus 64 KiB (`answer_producer`): a record with a value just under
+        # the limit and large headers or key would make a dead letter it refuses, and a dead letter that cannot
+        # be written stops the worker, on every restart.
+        if sum(len(k) + len(v or b"") for k, v in original) > DEAD_LETTER_HEADER_BYTES:
+            extra[HEADERS_DROPPED] = str(len(original))
+            original = []
+        if key is not None and len(key) > DEAD_LETTER_KEY_BYTES:
+            extra[KEY_DROPPED] = str(len(key))
+            key = None
         headers = original + [(k, v.encode("utf-8", "replace")) for k, v in extra.items()]
-        await self.producer.send_and_wait(self.dlq_topic, value, key=envelope.key, headers=headers)
+        await self.producer.send_and_wait(self.dlq_topic, value, key=key, headers=headers)
         DEAD_LETTERS.labels(str(error.code)).inc()
         return True
 

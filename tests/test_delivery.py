@@ -151,6 +151,8 @@ BAD_INPUT_MATRIX = [
     ("absurd-shape", {"inputs": [{"name": "input", "shape": [1000000, 1000000], "datatype": "FP32", "data": [0.0]}]},
      None, "error", "PAYLOAD_TOO_LARGE"),
     ("oversized-record", "OVERSIZED", None, "dead_letter", "PAYLOAD_TOO_LARGE"),
+    # Just under the limit, with 100 KB of headers: the dead letter drops the headers to fit the producer.
+    ("big-headers", "JUST_UNDER", [("x-pad", b"x" * 100_000)], "dead_letter", "INVALID_JSON"),
     ("deadline-passed", {"parameters": {"deadline_ms": 1000}}, None, "error", "DEADLINE_EXCEEDED"),
     ("bad-deadline", {"parameters": {"deadline_ms": "tomorrow"}}, None, "error", "INVALID_REQUEST"),
     ("bad-reply-to", {"parameters": {"reply_to": "no spaces allowed"}}, None, "error", "INVALID_REQUEST"),
@@ -179,6 +181,8 @@ def _bad_payload(case: str, spec, base: dict, max_bytes: int, bucket: str,
     image = np.asarray(base["inputs"][0]["data"], dtype=np.float32).reshape(1, 784)
     if spec == "OVERSIZED":
         return b" " * (max_bytes + 1), []
+    if spec == "JUST_UNDER":
+        return b"{" * (max_bytes - 16), []
     if spec == "REPLY_TO_REQUESTS":  # answering there would feed the answer back as a request
         spec = {"parameters": {"reply_to": requests_topic}}
     if spec == "BINARY_NAN":
@@ -246,6 +250,8 @@ async def test_bad_input_matrix_each_case_gets_its_documented_record(live):
     bucket, key = oversized["maas-payload-uri"].removeprefix("s3://").split("/", 1)
     stored = aws_client(settings, "s3").get_object(Bucket=bucket, Key=key)["Body"].read()
     assert stored == b" " * (settings.max_request_bytes + 1), "an oversized dead letter keeps its payload in S3"
+    dropped = answers["big-headers"].body["headers"]
+    assert dropped["maas-headers-dropped"] == "1" and "x-pad" not in dropped
 
 
 class _EngineWithABug(InferenceEngine):
