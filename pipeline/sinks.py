@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from aiokafka.errors import KafkaError
+from aiokafka.protocol.metadata import MetadataRequest
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.claim_check import ClaimCheckStore
@@ -158,10 +159,13 @@ class KafkaSink:
     A `reply_to` topic that is one of the platform's own (requests, metrics, dead letters), that the cluster
     does not serve, or that refuses the answers gets them as `INVALID_REQUEST` errors on the results topic
     instead: a caller's topic must never stop a worker, which would stop on the same record again after its
-    restart.
+    restart. Nor may a caller create topics: a `reply_to` topic is looked up without auto-creation first (a
+    broker that creates topics on first mention, Kafka's default, would otherwise create any topic a request
+    names), once per topic this sink knows of (`MAX_KNOWN_REPLY_TOPICS`).
     """
 
     max_inline_bytes = None
+    MAX_KNOWN_REPLY_TOPICS = 10_000
 
     def __init__(self, producer: Any, results_topic: str, dlq_topic: str, *, store: ClaimCheckStore | None = None,
                  max_value_bytes: int = 1024 * 1024, reserved_topics: Collection[str] = (),
@@ -173,6 +177,7 @@ class KafkaSink:
         self.max_value_bytes = max_value_bytes
         self.reserved_topics = frozenset(reserved_topics) | {dlq_topic}
         self.reply_to_timeout_s = reply_to_timeout_s
+        self._known_reply_topics: set[str] = set()
 
     @classmethod
     def for_settings(cls, producer: Any, settings: Settings, store: ClaimCheckStore | None) -> KafkaSink:
@@ -206,7 +211,7 @@ class KafkaSink:
             try:
                 if topic in self.reserved_topics:
                     raise ValueError("it is one of the platform's own topics")
-                partitions = await asyncio.wait_for(self._partitions(topic), self.reply_to_timeout_s)
+                partitions = await asyncio.wait_for(self._reply_partitions(topic), self.reply_to_timeout_s)
                 sends.append((topic, group, await self._send(topic, group, partitions)))
             except (KafkaError, TimeoutError, ValueError) as exc:
                 refused.extend((answer, _reason(exc)) for answer in group)
@@ -223,6 +228,19 @@ class KafkaSink:
 
     async def _partitions(self, topic: str) -> list[int]:
         return sorted(await self.producer.partitions_for(topic))
+
+    async def _reply_partitions(self, topic: str) -> list[int]:
+        """A caller's topic's partitions, once the cluster said it has the topic without creating it."""
+        if topic not in self._known_reply_topics:
+            client = self.producer.client
+            response = await client.send(client.get_random_node(),
+                                         MetadataRequest([topic], allow_auto_topic_creation=False))
+            if response.topics[0][0] != 0:  # each topic's entry starts with its error code
+                raise ValueError("the cluster has no such topic")
+            if len(self._known_reply_topics) >= self.MAX_KNOWN_REPLY_TOPICS:
+                self._known_reply_topics.clear()
+            self._known_reply_topics.add(topic)
+        return await self._partitions(topic)
 
     async def _send(self, topic: str, answers: Sequence[Answer], partitions: list[int]) -> list[Any]:
         """Hand the answers to the producer, one batch per partition; the acknowledgements to wait for."""

@@ -291,10 +291,11 @@ async def test_reply_to_topics_get_answers_and_refused_ones_become_errors_on_the
     """`reply_to` routes an answer; a topic of the platform's own, or one the cluster does not serve in time,
     gets an INVALID_REQUEST error on the results topic instead of stopping the source (which would stop again
     on the same record after a restart)."""
-    requests, _ = example_requests(4, prefix="rt")
+    requests, _ = example_requests(5, prefix="rt")
     team = f"{live.topics.results}.team-a"
     await ensure_topics(live.kafka_client_kwargs(), [team], partitions=live.topic_partitions)
-    routes = [team, live.topics.requests, None, f"{live.topics.results}.team-b"]
+    missing = f"{live.topics.results}.no-such-team"
+    routes = [team, live.topics.requests, None, f"{live.topics.results}.team-b", missing]
     for request, reply_to in zip(requests, routes, strict=True):
         if reply_to:
             request["parameters"] = {"reply_to": reply_to}
@@ -307,15 +308,27 @@ async def test_reply_to_topics_get_answers_and_refused_ones_become_errors_on_the
             sink = KafkaSink.for_settings(producer, live, None)
             assert await Responder(live, engine, sink).handle_many(envelopes[:3]) == [Outcome.RESULT] * 3
             sink.reply_to_timeout_s = 0  # the cluster "does not answer in time" for team-b
-            assert await Responder(live, engine, sink).handle_many(envelopes[3:]) == [Outcome.RESULT]
+            assert await Responder(live, engine, sink).handle_many(envelopes[3:4]) == [Outcome.RESULT]
+            sink.reply_to_timeout_s = 10
+            assert await Responder(live, engine, sink).handle_many(envelopes[4:]) == [Outcome.RESULT]
     finally:
         await producer.stop()
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(**live.kafka_client_kwargs())
+    await admin.start()
+    try:
+        assert missing not in await admin.list_topics(), "a request's reply_to must not create a topic"
+    finally:
+        await admin.close()
     (routed,) = await read_topic(live, team, 1)
     assert routed.key == b"rt-000000" and "outputs" in orjson.loads(routed.value)
-    on_results = {r.key.decode(): orjson.loads(r.value) for r in await read_topic(live, live.topics.results, 3)}
-    assert set(on_results) == {"rt-000001", "rt-000002", "rt-000003"} and "outputs" in on_results["rt-000002"]
+    on_results = {r.key.decode(): orjson.loads(r.value) for r in await read_topic(live, live.topics.results, 4)}
+    assert set(on_results) == {"rt-000001", "rt-000002", "rt-000003", "rt-000004"}
+    assert "outputs" in on_results["rt-000002"]
     for request_id, reason in (("rt-000001", "one of the platform's own topics"),
-                               ("rt-000003", "the cluster does not serve it")):
+                               ("rt-000003", "the cluster does not serve it"),
+                               ("rt-000004", "the cluster has no such topic")):
         error = on_results[request_id]["error"]
         assert error["code"] == "INVALID_REQUEST" and error["message"].startswith("parameters.reply_to: cannot")
         assert reason in error["message"]
