@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import replace
 
 import numpy as np
@@ -12,6 +13,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from worker_support import read_topic, running_worker, slow_repository, worker_process
 
+from infra.bootstrap import ensure_topics
 from infra.stack import LocalStack, free_port
 from models.cache import ModelCache
 from models.examples import mnist_mlp_config, train_mnist_mlp
@@ -217,3 +219,30 @@ async def test_the_collector_keeps_awaited_answers_and_only_the_latest_others(fa
         assert (await collector.wait_for(ids[:2], timeout=30)).keys() == set(ids[:2])
         assert len(await collector.wait_for(ids[2:], timeout=0.1)) == 2
         assert collector.answers == {}, "answers returned are forgotten"
+
+
+async def test_reply_to_topics_new_to_the_worker_do_not_starve_its_own_topics(fast, caplog):
+    """aiokafka's producer tracked every topic's metadata until it was asked about one it did not know (a reply_to
+    topic created after the worker started, or one that did not exist), and from then on only the topics asked
+    about: the results batch queued just before (lingering linger_ms) lost its leader, the sender asked for metadata
+    in a loop (141,298 requests in 40 s) and the worker stopped with NotLeaderForPartitionError. Tansu, like Kafka
+    with auto.create.topics.enable, creates a missing topic when its metadata is asked for."""
+    caplog.set_level(logging.DEBUG, logger="aiokafka")  # its client logs each metadata request
+    late, missing = f"{fast.topics.results}.late", f"{fast.topics.results}.missing"
+    requests, truth = example_requests(9, prefix="nt")
+    requests[1]["parameters"] = {"reply_to": late}
+    requests[4]["parameters"] = {"reply_to": missing}
+    ids = list(truth)
+    async with running_worker(fast) as worker, ResultCollector(fast) as collector:
+        await ensure_topics(fast.kafka_client_kwargs(), [late], partitions=fast.topic_partitions)
+        for fetch in (requests[:3], requests[3:6], requests[6:]):  # one partition each: one record batch of answers
+            await publish_requests(fast, fetch, keys=["one-partition"] * 3)
+            on_results = [r["id"] for r in fetch if "parameters" not in r]
+            answers = await collector.wait_for(on_results, timeout=15)
+            assert answers.keys() == set(on_results) and all(a.kind == "result" for a in answers.values())
+        assert worker.ready
+    for request_id, topic in ((ids[1], late), (ids[4], missing)):
+        (answer,) = await read_topic(fast, topic, 1, timeout=5)
+        assert answer.key == request_id.encode() and "outputs" in orjson.loads(answer.value)
+    asked = sum("Sending metadata request" in r.getMessage() for r in caplog.records)
+    assert asked < 100, f"{asked} metadata requests"
