@@ -235,7 +235,7 @@ class KafkaWorker:
 
     async def _handle(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
         envelopes = [
-            Envelope(payload=record.value or b"", headers=header_map(record.headers), key=record.key,
+            Envelope(payload=record.value, headers=header_map(record.headers), key=record.key,
                      source=f"{record.topic}-{record.partition}@{record.offset}",
                      raw_headers=record.headers)
             for record in records

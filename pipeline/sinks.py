@@ -48,7 +48,7 @@ DELIVERY_ERRORS: tuple[type[Exception], ...] = (KafkaError, ClientError, BotoCor
 class Envelope:
     """One request as it arrived: payload, headers (lower-case, for decoding) and where it came from."""
 
-    payload: bytes
+    payload: bytes | None  # None: a Kafka record with a null value, which its dead letter keeps null
     headers: dict[str, str]
     source: str
     key: bytes | None = None
@@ -263,7 +263,9 @@ class KafkaSink:
         original = list(envelope.raw_headers) or [(k, v.encode()) for k, v in envelope.headers.items()]
         extra = dead_letter_headers(error, attempts, envelope.source)
         value = envelope.payload
-        if len(value) > self.max_value_bytes:
+        if value is None and envelope.key is None:
+            value = b""  # aiokafka produces no record with neither a key nor a value
+        elif value is not None and len(value) > self.max_value_bytes:
             value = await self._offload(envelope, extra)
         headers = original + [(k, v.encode("utf-8", "replace")) for k, v in extra.items()]
         await self.producer.send_and_wait(self.dlq_topic, value, key=envelope.key, headers=headers)

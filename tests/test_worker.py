@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from worker_support import read_topic, running_worker, slow_repository, worker_process
@@ -28,6 +29,20 @@ from pipeline.settings import Settings
 @pytest.fixture
 def fast(live):
     return replace(live, kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=300)
+
+
+async def _produce(settings, records, partition: int = 0) -> None:
+    """Produce (key, value, headers) records to the requests topic as they are, in one record batch (send() takes no
+    record with neither a key nor a value)."""
+    producer = AIOKafkaProducer(**settings.kafka_client_kwargs())
+    await producer.start()
+    try:
+        batch = producer.create_batch()
+        for key, value, headers in records:
+            assert batch.append(key=key, value=value, timestamp=None, headers=headers) is not None
+        await (await producer.send_batch(batch, settings.topics.requests, partition=partition))
+    finally:
+        await producer.stop()
 
 
 async def test_round_trip_through_kafka(fast):
@@ -71,8 +86,9 @@ async def test_bad_requests_get_clear_answers_and_batch_mates_still_run(fast):
     keys = [r["id"] for r in good[:10]] + list(bad) + ["truncated", "binary"] + [r["id"] for r in good[10:]]
     async with running_worker(fast), ResultCollector(fast) as collector:
         await publish_requests(fast, payloads, keys=keys)
-        answers = await collector.wait_for(keys, timeout=60)
-    assert set(answers) == set(keys), f"missing answers for {set(keys) - set(answers)}"
+        await _produce(fast, [(b"null-value", None, []), (None, None, [])])  # no value: kept null in its dead letter
+        answers = await collector.wait_for([*keys, "null-value"], timeout=60)
+    assert set(answers) == {*keys, "null-value"}, f"missing answers for {set(keys) - set(answers)}"
     for request_id in truth:
         assert answers[request_id].kind == "result"
     expected = {
@@ -93,8 +109,11 @@ async def test_bad_requests_get_clear_answers_and_batch_mates_still_run(fast):
         assert answer.kind == "dead_letter"
         assert answer.body["error"]["code"] == "INVALID_JSON"
         assert "not valid UTF-8 JSON" in answer.body["error"]["message"]
-    dead = await read_topic(fast, fast.topics.dlq, 2)
-    assert {r.value for r in dead} == {payloads[16], payloads[17]}, "dead letters keep the original payload"
+    assert answers["null-value"].body["error"] == {"code": "INVALID_JSON", "message": "the record has no value (null)"}
+    dead = await read_topic(fast, fast.topics.dlq, 4)
+    # Dead letters keep the original value; aiokafka produces no record with neither a key nor a value.
+    assert {(r.key, r.value) for r in dead} == {(b"truncated", payloads[16]), (b"binary", payloads[17]),
+                                                (b"null-value", None), (None, b"")}
     assert all(dict(r.headers)["maas-attempts"] == b"1" for r in dead)
 
 
