@@ -10,8 +10,9 @@ import numpy as np
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import ConsumerStoppedError, KafkaError
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 from worker_support import read_topic, running_worker, slow_repository, worker_process
 
 from infra.bootstrap import ensure_topics
@@ -31,13 +32,22 @@ def fast(live):
     return replace(live, kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=300)
 
 
+class _NotUtf8(str):
+    """A header key written as bytes that are not UTF-8. Kafka's protocol says header keys are UTF-8, but a producer
+    in another language may write any bytes; aiokafka's pure-Python record builder writes what encode() returns."""
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return b"\xff\xfebad"
+
+
 async def _produce(settings, records, partition: int = 0) -> None:
-    """Produce (key, value, headers) records to the requests topic as they are, in one record batch (send() takes no
-    record with neither a key nor a value)."""
+    """Produce (key, value, headers) records to the requests topic as they are (a null key and value, a header key
+    that is not UTF-8), in one record batch: send() takes no record with neither a key nor a value."""
     producer = AIOKafkaProducer(**settings.kafka_client_kwargs())
     await producer.start()
     try:
         batch = producer.create_batch()
+        batch._builder = _DefaultRecordBatchBuilderPy(2, 0, 0, -1, -1, 0, 1 << 20)  # the C one takes str keys only
         for key, value, headers in records:
             assert batch.append(key=key, value=value, timestamp=None, headers=headers) is not None
         await (await producer.send_batch(batch, settings.topics.requests, partition=partition))
@@ -178,7 +188,7 @@ async def test_a_restarted_worker_starts_afresh(fast):
         for _ in range(2):
             await worker.start()
             await asyncio.wait_for(worker.assigned.wait(), 30)
-            worker._fail(KafkaError("a produce that failed"))  # the worker stops itself, as on a broker outage
+            worker._fail(KafkaError("a produce that failed"), "cannot produce")  # it stops itself, as on an outage
             with pytest.raises(KafkaError):
                 await asyncio.wait_for(worker.wait(), 30)
         await worker.start()
@@ -265,3 +275,91 @@ async def test_reply_to_topics_new_to_the_worker_do_not_starve_its_own_topics(fa
         assert answer.key == request_id.encode() and "outputs" in orjson.loads(answer.value)
     asked = sum("Sending metadata request" in r.getMessage() for r in caplog.records)
     assert asked < 100, f"{asked} metadata requests"
+
+
+def _record(request: dict, headers=()) -> tuple[bytes, bytes, list]:
+    return request["id"].encode(), orjson.dumps(request, option=orjson.OPT_SERIALIZE_NUMPY), list(headers)
+
+
+_NOT_UTF8_HEADER = [(_NotUtf8("x"), b"v")]
+
+
+async def _produce_around_unreadable_records(settings, requests: list[dict]) -> None:
+    """requests[1] unreadable between two others of its record batch at offsets 0-2 of partition 0, then one more
+    batch there; two requests on partition 1. Produced before the worker starts, so that its first fetch holds both
+    partitions: aiokafka may take partition 1's records, then drop them when partition 0's raises."""
+    await _produce(settings, [_record(requests[0]), _record(requests[1], _NOT_UTF8_HEADER), _record(requests[2])])
+    await _produce(settings, [_record(requests[3])])
+    await _produce(settings, [_record(requests[4]), _record(requests[5])], partition=1)
+
+
+def _check_unreadable_dead_letters(settings, dead: list, offsets: set[str]) -> None:  # offsets: "partition@offset"
+    """Dead letters with nothing of the record (aiokafka gives nothing of a record it cannot parse) but where it is,
+    and why."""
+    sources = {dict(r.headers)["maas-source"].decode() for r in dead}
+    assert sources == {f"{settings.topics.requests}-{offset}" for offset in offsets}
+    for letter in dead:
+        headers = dict(letter.headers)
+        assert letter.key is None and letter.value == b""
+        assert headers["maas-error-code"] == b"INVALID_REQUEST"
+        assert headers["maas-error-message"].startswith(b"the Kafka record cannot be read")
+        assert b"UnicodeDecodeError" in headers["maas-error-message"]
+
+
+async def test_a_record_aiokafka_cannot_parse_is_dead_lettered_and_its_partition_goes_on(fast):
+    """A header key that is not UTF-8 makes aiokafka's fetch raise (UnicodeDecodeError from its C parser), without
+    saying where: the consume loop ended, the worker stopped, and every worker that took the partition after it
+    stopped on the same record. The record is dead-lettered instead and the partition goes on. aiokafka cannot step
+    over a record it fails to parse within its record batch: the records after it in that batch are dead-lettered
+    too, each on its own; the ones before it, the later batches and the other partitions are answered."""
+    requests, truth = example_requests(9, prefix="hdr")
+    ids = list(truth)
+    await _produce_around_unreadable_records(fast, requests)
+    async with running_worker(fast) as worker, ResultCollector(fast) as collector:
+        collector.expect(ids)
+        answers = await collector.wait_for([ids[0], ids[3], ids[4], ids[5]], timeout=30)
+        assert len(answers) == 4 and all(a.kind == "result" for a in answers.values())
+        # On a partition with records answered before: offset 2 of partition 1.
+        await _produce(fast, [_record(requests[6], _NOT_UTF8_HEADER)], partition=1)
+        await _produce(fast, [_record(requests[7])], partition=1)
+        await _produce(fast, [_record(requests[8])])
+        answers = await collector.wait_for([ids[7], ids[8]], timeout=30)
+        assert len(answers) == 2 and all(a.kind == "result" for a in answers.values())
+        assert worker.ready
+    results = await read_topic(fast, fast.topics.results, 7, timeout=3)
+    assert sorted(r.key.decode() for r in results) == [ids[i] for i in (0, 3, 4, 5, 7, 8)], "each answered once"
+    _check_unreadable_dead_letters(fast, await read_topic(fast, fast.topics.dlq, 4, timeout=3), {"0@1", "0@2", "1@2"})
+
+
+@pytest.mark.slow
+async def test_aiokafkas_pure_python_parser_raises_otherwise_and_is_read_past_alike(fast, monkeypatch):
+    """Without its C extensions (AIOKAFKA_NO_EXTENSIONS), aiokafka wraps the UnicodeDecodeError in a
+    CorruptRecordException."""
+    monkeypatch.setenv("AIOKAFKA_NO_EXTENSIONS", "1")
+    requests, _ = example_requests(6, prefix="py")
+    await _produce_around_unreadable_records(fast, requests)
+    proc, assigned, lines = worker_process(fast, worker_id="pure-python")
+    try:
+        assert await asyncio.to_thread(assigned.wait, 60), "the worker never joined the group"
+        results = await read_topic(fast, fast.topics.results, 4, timeout=30)
+        dead = await read_topic(fast, fast.topics.dlq, 2, timeout=5)
+        assert proc.poll() is None, "".join(lines)
+    finally:
+        proc.kill()
+    assert sorted(r.key.decode() for r in results) == [requests[i]["id"] for i in (0, 3, 4, 5)]
+    _check_unreadable_dead_letters(fast, dead, {"0@1", "0@2"})
+    assert any("CorruptRecordException" in line for line in lines)
+
+
+async def test_a_worker_that_stops_on_a_failure_says_what_failed(fast):
+    """Its exit message said "cannot produce to Kafka" whatever failed."""
+    engine = InferenceEngine(ModelCache(ModelRepository(fast.model_repository)), worker_id=fast.worker_id)
+    async with engine:
+        worker = KafkaWorker(fast, engine)
+        await worker.start()
+        await asyncio.wait_for(worker.assigned.wait(), 30)
+        assert worker.failure is None
+        await worker._consumer.stop()  # its consumer closed under it: the next fetch fails
+        with pytest.raises(ConsumerStoppedError):
+            await asyncio.wait_for(worker.wait(), 30)
+    assert worker.failure == "reading requests from Kafka failed (ConsumerStoppedError())"
