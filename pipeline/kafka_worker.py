@@ -26,7 +26,7 @@ from pipeline.backpressure import Slots
 from pipeline.codec import header_map
 from pipeline.engine import InferenceEngine
 from pipeline.errors import ErrorCode, InferenceError
-from pipeline.metrics import CONSUMER_LAG, IN_FLIGHT, BatchRecord
+from pipeline.metrics import CONSUMER_LAG, IN_FLIGHT, METRICS_UNPUBLISHED, BatchRecord
 from pipeline.offsets import OffsetTracker
 from pipeline.responder import Responder
 from pipeline.services import answer_producer, claim_check_store
@@ -44,6 +44,9 @@ UNREADABLE_RECORD_ERRORS = (CorruptRecordException, UnicodeDecodeError)
 #: How long reading past an unreadable record waits, beyond fetch_max_wait_ms, for a partition's records to be
 #: fetched again; a partition whose records take longer is read by the next fetch.
 REFETCH_TIMEOUT_MS = 2000
+#: A metrics record that cannot be published is counted (maas_batch_metrics_unpublished_total); at most one log line
+#: this often says so, lest a metrics topic that refuses every record flood the log.
+METRICS_FAILURE_LOG_INTERVAL_S = 60.0
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -110,6 +113,8 @@ class KafkaWorker:
         self._stopping = False
         self.assigned = asyncio.Event()
         self.answered = 0
+        self._unpublished_since_log = 0
+        self._unpublished_logged_at = -METRICS_FAILURE_LOG_INTERVAL_S
 
     @property
     def failure(self) -> str | None:
@@ -399,12 +404,27 @@ class KafkaWorker:
     def _publish_batch_record(self, record: BatchRecord) -> None:
         if self._producer is None:
             return
-        task = asyncio.get_running_loop().create_task(
-            self._producer.send(self.settings.topics.metrics, orjson.dumps(record.to_json()),
-                                key=record.model.encode())
-        )
+        task = asyncio.get_running_loop().create_task(self._send_batch_record(self._producer, record))
         self._side_sends.add(task)
         task.add_done_callback(self._side_sends.discard)
+
+    async def _send_batch_record(self, producer: AIOKafkaProducer, record: BatchRecord) -> None:
+        """Publish a batch's metrics record, beside the answers: metrics never hold answers up nor stop the worker.
+        A failure (to queue the record, or the broker's) is counted and logged at most once a minute; left alone,
+        it showed only as asyncio's "Future exception was never retrieved"."""
+        try:
+            delivered = await producer.send(self.settings.topics.metrics, orjson.dumps(record.to_json()),
+                                            key=record.model.encode())
+            await delivered
+        except KafkaError as exc:
+            METRICS_UNPUBLISHED.inc()
+            self._unpublished_since_log += 1
+            now = time.monotonic()
+            if now - self._unpublished_logged_at >= METRICS_FAILURE_LOG_INTERVAL_S:
+                log.warning("cannot publish batch metrics to %s: %r (%d record(s) lost since the last such message; "
+                            "maas_batch_metrics_unpublished_total counts them)", self.settings.topics.metrics, exc,
+                            self._unpublished_since_log)
+                self._unpublished_logged_at, self._unpublished_since_log = now, 0
 
     # -- committing -----------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from dataclasses import replace
 
@@ -13,16 +14,18 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import ConsumerStoppedError, KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
+from prometheus_client import REGISTRY
 from worker_support import read_topic, running_worker, slow_repository, worker_process
 
 from infra.bootstrap import ensure_topics
 from infra.stack import LocalStack, free_port
 from models.cache import ModelCache
-from models.examples import mnist_mlp_config, train_mnist_mlp
+from models.examples import MNIST_MLP, mnist_mlp_config, train_mnist_mlp
 from models.repository import ModelRepository
 from pipeline.client import ResultCollector, example_requests, publish_requests
 from pipeline.engine import InferenceEngine
 from pipeline.kafka_worker import KafkaWorker, _Rebalance
+from pipeline.metrics import BatchRecord
 from pipeline.services import bootstrap
 from pipeline.settings import Settings
 
@@ -363,3 +366,23 @@ async def test_a_worker_that_stops_on_a_failure_says_what_failed(fast):
         with pytest.raises(ConsumerStoppedError):
             await asyncio.wait_for(worker.wait(), 30)
     assert worker.failure == "reading requests from Kafka failed (ConsumerStoppedError())"
+
+
+async def test_batch_metrics_that_cannot_be_published_are_counted_and_logged_once(fast, caplog):
+    """A metrics record that could not be published showed only as asyncio's "... exception was never retrieved"."""
+    def unpublished() -> float:
+        return REGISTRY.get_sample_value("maas_batch_metrics_unpublished_total") or 0.0
+
+    before = unpublished()
+    async with running_worker(fast) as worker:
+        await worker._producer.stop()  # closed under the worker: each send fails at once (ProducerClosed)
+        for _ in range(3):  # as the engine's batch listener calls it, once per batch
+            worker._publish_batch_record(BatchRecord(MNIST_MLP, 1, 1, 1, 0.0, 0.0, 1.0, fast.worker_id))
+        await asyncio.wait(list(worker._side_sends), timeout=10)
+        assert not worker._side_sends
+        assert worker.ready, "metrics never stop the worker"
+    gc.collect()  # asyncio reports an exception never retrieved when its task or future is collected
+    assert unpublished() == before + 3
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("cannot publish batch metrics" in m for m in messages) == 1, "logged once, not once per record"
+    assert not [m for m in messages if "never retrieved" in m]
