@@ -22,6 +22,7 @@ from pipeline.codec import (
     CONTENT_TYPE,
     HEADER_LENGTH,
     JSON,
+    REQUEST_ID,
     TRANSFER_ENCODING,
     Framed,
     encode_error,
@@ -69,12 +70,17 @@ class Envelope:
 
 
 def dead_letter_headers(error: InferenceError, attempts: int, source: str) -> dict[str, str]:
-    return {
+    """The headers a dead letter adds to the original ones. The request id, when known, has one of its own: the
+    record keeps its original key, which may be a caller's partition key rather than the id."""
+    headers = {
         "maas-error-code": str(error.code),
         "maas-error-message": error.message[:4096],
         "maas-attempts": str(attempts),
         "maas-source": source,
     }
+    if error.request_id is not None:
+        headers[REQUEST_ID] = error.request_id
+    return headers
 
 
 Answer = tuple[Envelope, InferenceRequest | None, Framed]

@@ -131,13 +131,16 @@ async def test_bad_requests_get_clear_answers_and_batch_mates_still_run(fast):
 
 
 async def test_a_model_that_cannot_load_is_retried_then_dead_lettered(fast):
+    """Its dead letters name the request (maas-request-id): they keep the record's key, here a caller's partition
+    key, which the ResultCollector took for the request id."""
     repository = ModelRepository(fast.model_repository)
     version = repository.publish("fragile", mnist_mlp_config(), train_mnist_mlp(steps=1))
     (repository.root / "fragile" / str(version) / "model.safetensors").write_bytes(b"corrupted")
     requests, _ = example_requests(3, model="fragile", prefix="fragile")
     good, _ = example_requests(3, prefix="fine")
     async with running_worker(fast, max_attempts=2), ResultCollector(fast) as collector:
-        await publish_requests(fast, requests + good)
+        await publish_requests(fast, requests, keys=["tenant-7"] * 3)
+        await publish_requests(fast, good)
         answers = await collector.wait_for([r["id"] for r in requests + good], timeout=60)
     assert all(answers[r["id"]].kind == "result" for r in good)
     for request in requests:
@@ -145,6 +148,9 @@ async def test_a_model_that_cannot_load_is_retried_then_dead_lettered(fast):
         assert answer.kind == "dead_letter" and answer.body["error"]["code"] == "INTERNAL"
         assert "failed to load" in answer.body["error"]["message"]
         assert answer.body["headers"]["maas-attempts"] == "2"
+        assert answer.body["headers"]["maas-request-id"] == answer.body["id"] == request["id"]
+    dead = await read_topic(fast, fast.topics.dlq, 3)
+    assert {r.key for r in dead} == {b"tenant-7"}, "dead letters keep the original key"
 
 
 @pytest.mark.slow
