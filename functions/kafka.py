@@ -65,7 +65,7 @@ def _record(record: Any) -> KafkaRecord:
     source = f"{partition}@{offset}" if partition is not None else "kafka-event"
     try:
         key = base64.b64decode(record["key"], validate=True) if record.get("key") else None
-        value = base64.b64decode(record["value"], validate=True) if record.get("value") is not None else b""
+        value = base64.b64decode(record["value"], validate=True) if record.get("value") is not None else None
         raw = [(str(name), _java_bytes(data)) for header in record.get("headers") or []
                for name, data in header.items()]
         if partition is None:

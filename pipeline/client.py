@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from models.datatypes import NUMPY_DTYPES
 from models.examples import MNIST_MLP, synthetic_digits
-from pipeline.codec import Framed, decode_response, encode_request, header_map
+from pipeline.codec import REQUEST_ID, Framed, decode_response, encode_request, header_map
 from pipeline.settings import Settings
 
 
@@ -117,7 +117,8 @@ class ResultCollector:
     def _add(self, topic: str, record: Any) -> None:
         if topic == self.settings.topics.dlq:
             headers = {k: (v or b"").decode("utf-8", "replace") for k, v in record.headers or ()}  # Kafka allows null
-            key = record.key.decode("utf-8", "replace") if record.key else None
+            # The record keeps the request's key, which may be a caller's partition key rather than its id.
+            key = headers.get(REQUEST_ID) or (record.key.decode("utf-8", "replace") if record.key else None)
             body = {"id": key, "error": {"code": headers.get("maas-error-code"),
                                          "message": headers.get("maas-error-message")}, "headers": headers}
             kind = "dead_letter"

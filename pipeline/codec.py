@@ -35,6 +35,8 @@ BINARY = "application/octet-stream"
 HEADER_LENGTH = "inference-header-content-length"
 CONTENT_TYPE = "content-type"
 ACCEPT = "accept"
+#: A dead letter's request id, when the request named itself (here, not in sinks, for clients that read dead letters).
+REQUEST_ID = "maas-request-id"
 
 
 @dataclass(frozen=True)

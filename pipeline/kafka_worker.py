@@ -11,19 +11,22 @@ records are redelivered to the group.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError, CorruptRecordException, IllegalStateError, KafkaError
 
 from pipeline.backpressure import Slots
 from pipeline.codec import header_map
 from pipeline.engine import InferenceEngine
 from pipeline.errors import ErrorCode, InferenceError
-from pipeline.metrics import CONSUMER_LAG, IN_FLIGHT, BatchRecord
+from pipeline.metrics import CONSUMER_LAG, IN_FLIGHT, METRICS_UNPUBLISHED, BatchRecord
 from pipeline.offsets import OffsetTracker
 from pipeline.responder import Responder
 from pipeline.services import answer_producer, claim_check_store
@@ -34,6 +37,16 @@ log = logging.getLogger(__name__)
 
 #: How long stop() tries to commit: aiokafka's commit waits for a group coordinator as long as none answers.
 FINAL_COMMIT_TIMEOUT_S = 10.0
+#: What getmany() raises for a record it cannot parse. Its C parser lets the UnicodeDecodeError of a header key that
+#: is not UTF-8 through; its pure-Python one (AIOKAFKA_NO_EXTENSIONS) wraps that, and other malformed records, in
+#: CorruptRecordException, as both do for a record batch whose CRC does not match.
+UNREADABLE_RECORD_ERRORS = (CorruptRecordException, UnicodeDecodeError)
+#: How long reading past an unreadable record waits, beyond fetch_max_wait_ms, for a partition's records to be
+#: fetched again; a partition whose records take longer is read by the next fetch.
+REFETCH_TIMEOUT_MS = 2000
+#: A metrics record that cannot be published is counted (maas_batch_metrics_unpublished_total); at most one log line
+#: this often says so, lest a metrics topic that refuses every record flood the log.
+METRICS_FAILURE_LOG_INTERVAL_S = 60.0
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -75,7 +88,8 @@ class KafkaWorker:
     """Consume requests, answer through the engine, commit after the answers are acknowledged.
 
     Use `async with KafkaWorker(...)` or `start()` / `stop()`; `wait()` returns when the worker stops
-    and raises if it stopped because it could not produce.
+    and raises if it stopped on a failure (it could not produce, or reading or committing failed), which
+    `failure` describes.
     """
 
     def __init__(self, settings: Settings, engine: InferenceEngine, *, max_attempts: int = 3,
@@ -94,10 +108,20 @@ class KafkaWorker:
         self._stopped = asyncio.Event()
         self._stopped.set()  # not running: stop() and wait() before start() (or after a failed one) return
         self._failure: BaseException | None = None
+        self._failed_at = ""  # what failed, with `_failure`
         self._stop_on_failure: asyncio.Task | None = None
         self._stopping = False
         self.assigned = asyncio.Event()
         self.answered = 0
+        self._unpublished_since_log = 0
+        self._unpublished_logged_at = -METRICS_FAILURE_LOG_INTERVAL_S
+
+    @property
+    def failure(self) -> str | None:
+        """What stopped the worker, for its exit message; None while it has not failed."""
+        if self._failure is None:
+            return None
+        return f"{self._failed_at} ({self._failure!r})"
 
     @property
     def in_flight(self) -> int:
@@ -144,8 +168,10 @@ class KafkaWorker:
             asyncio.create_task(self._consume_loop(), name="maas-consume"),
             asyncio.create_task(self._commit_loop(), name="maas-commit"),
         ]
-        for task in self._tasks:  # a loop that dies of an error stops the worker: never ready yet idle
-            task.add_done_callback(self._loop_ended)
+        # A loop that dies of an error stops the worker: never ready yet idle.
+        for task, failed_at in zip(self._tasks, ("reading requests from Kafka failed",
+                                                 "committing offsets to Kafka failed"), strict=True):
+            task.add_done_callback(functools.partial(self._loop_ended, failed_at))
         log.info("worker %s consuming %s as group %s", self.settings.worker_id, self.settings.topics.requests,
                  self.settings.consumer_group)
         return self
@@ -219,27 +245,45 @@ class KafkaWorker:
         """One handler task per partition per fetch (or per part of one, when in-flight slots run short)."""
         assert self._consumer is not None
         while True:
-            fetched = await self._consumer.getmany(timeout_ms=200, max_records=self.settings.max_fetch_records)
+            try:
+                fetched = await self._consumer.getmany(timeout_ms=200, max_records=self.settings.max_fetch_records)
+            except UNREADABLE_RECORD_ERRORS as exc:
+                await self._read_past_unreadable(exc)
+                continue
             for tp, records in fetched.items():
-                while records:
-                    taken = await self._slots.take(len(records))  # backpressure: max_in_flight unanswered
-                    chunk, records = records[:taken], records[taken:]
-                    self._tracker.begin(tp, [record.offset for record in chunk])
-                    IN_FLIGHT.inc(taken)
-                    task = asyncio.create_task(self._handle(tp, chunk))
-                    self._handlers.add(task)
-                    task.add_done_callback(self._handlers.discard)
+                await self._dispatch(tp, records)
             # Let this fetch's handlers decode and reach the batcher before fetching more: otherwise the
             # loop reads up to max_in_flight records before the first batch can close.
             await asyncio.sleep(0)
 
+    async def _dispatch(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
+        while records:
+            taken = await self._slots.take(len(records))  # backpressure: max_in_flight unanswered
+            chunk, records = records[:taken], records[taken:]
+            self._start_handler(tp, [record.offset for record in chunk], self._handle(tp, chunk))
+
+    def _start_handler(self, tp: TopicPartition, offsets: list[int], work: Coroutine[Any, Any, None]) -> None:
+        """Run `work`, which answers the records at `offsets` (their in-flight slots taken), as a task of its own."""
+        self._tracker.begin(tp, offsets)
+        IN_FLIGHT.inc(len(offsets))
+        task = asyncio.create_task(work)
+        self._handlers.add(task)
+        task.add_done_callback(functools.partial(self._handler_done, len(offsets)))
+
+    def _handler_done(self, count: int, task: asyncio.Task) -> None:
+        """Its slots back, however the handler ended (cancelled by stop() before it ran, too)."""
+        self._handlers.discard(task)
+        IN_FLIGHT.dec(count)
+        self._slots.give(count)
+
     async def _handle(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
         envelopes = [
-            Envelope(payload=record.value or b"", headers=header_map(record.headers), key=record.key,
+            Envelope(payload=record.value, headers=header_map(record.headers), key=record.key,
                      source=f"{record.topic}-{record.partition}@{record.offset}",
                      raw_headers=record.headers)
             for record in records
         ]
+        offsets = [record.offset for record in records]
         try:
             await self._responder.handle_many(envelopes)
         except KafkaError as exc:
@@ -247,34 +291,112 @@ class KafkaWorker:
             # so the records are redelivered (to this worker after a restart, or to another).
             log.error("cannot produce the answers of %s..%s: %r; stopping", envelopes[0].source,
                       envelopes[-1].source, exc)
-            self._fail(exc)
-            return
+            self._fail(exc, "cannot produce answers to Kafka")
         except Exception as exc:  # a bug: dead-letter the records, so that neither they nor the partition stall
             log.exception("unexpected failure answering %s..%s; dead-lettering them", envelopes[0].source,
                           envelopes[-1].source)
-            error = InferenceError(ErrorCode.INTERNAL, f"unexpected failure: {exc!r:.200}")
-            try:
-                for envelope in envelopes:
-                    await self._responder.sink.dead_letter(envelope, error, 1)
-            except Exception as undeliverable:
-                self._fail(undeliverable)
-                return
-            self._tracker.done(tp, [record.offset for record in records])
+            await self._dead_letter(tp, offsets, envelopes,
+                                    InferenceError(ErrorCode.INTERNAL, f"unexpected failure: {exc!r:.200}"))
         else:
-            self._tracker.done(tp, [record.offset for record in records])
+            self._tracker.done(tp, offsets)
             self.answered += len(records)
-        finally:
-            IN_FLIGHT.dec(len(records))
-            self._slots.give(len(records))
 
-    def _loop_ended(self, task: asyncio.Task) -> None:
+    async def _dead_letter(self, tp: TopicPartition, offsets: list[int], envelopes: list[Envelope],
+                           error: InferenceError) -> None:
+        """Dead-letter records that get no other answer; one that cannot be delivered stops the worker, leaving
+        these offsets uncommitted (redelivered)."""
+        try:
+            for envelope in envelopes:
+                await self._responder.sink.dead_letter(envelope, error, 1)
+        except Exception as undeliverable:
+            log.error("cannot dead-letter %s..%s: %r; stopping", envelopes[0].source, envelopes[-1].source,
+                      undeliverable)
+            self._fail(undeliverable, "cannot produce dead letters to Kafka")
+            return
+        self._tracker.done(tp, offsets)
+
+    async def _read_past_unreadable(self, exc: Exception) -> None:
+        """Find the record that getmany() could not parse, dead-letter it, and go on past it.
+
+        getmany() raises without saying on which partition or at which offset, having taken and dropped the
+        records it had read of other partitions (their positions moved past them). So every partition goes back to
+        its first record not yet handed to a handler, and each one with records to read is read one record at a
+        time, up to a fetch's worth: the record at a partition's position when its read raises is the one. It is
+        dead-lettered (with its source, but no value or key: aiokafka gives nothing of a record it cannot parse)
+        and the partition moves on by one. aiokafka parses a record batch from its start and cannot step over a
+        record in it, so each later record of that batch raises in turn and is dead-lettered the same way.
+        """
+        assert self._consumer is not None
+        log.warning("a fetched record cannot be read (%r): reading partition by partition to find it", exc)
+        try:
+            partitions = sorted(self._consumer.assignment())
+            for tp in partitions:
+                await self._rewind(tp)
+            for tp in partitions:
+                await self._read_singly(tp)
+        except IllegalStateError as moved:  # a rebalance took partitions meanwhile: the next fetch reads the others
+            log.info("stopped looking for the unreadable record: %s", moved)
+
+    async def _rewind(self, tp: TopicPartition) -> None:
+        """Back to the first record of `tp` not handed to a handler: after the last one that was, or, when none
+        was since the partition was assigned, where it started (the committed offset, else the earliest)."""
+        assert self._consumer is not None
+        offset = self._tracker.next_offset(tp)
+        if offset is None:
+            offset = await self._consumer.committed(tp)
+        if offset is None:
+            await self._consumer.seek_to_beginning(tp)  # as auto_offset_reset="earliest" did
+        else:
+            self._consumer.seek(tp, offset)
+
+    async def _read_singly(self, tp: TopicPartition) -> None:
+        """Read `tp` a record at a time, up to max_fetch_records records or dead letters, or until the records
+        fetched again after the rewind are all read; dead-letter each record that cannot be read."""
+        consumer = self._consumer
+        assert consumer is not None
+        highwater = consumer.highwater(tp)
+        if highwater is not None and await consumer.position(tp) >= highwater:
+            return  # nothing to read there
+        records: list[ConsumerRecord] = []
+        refetch_ms = self.settings.kafka_fetch_max_wait_ms + REFETCH_TIMEOUT_MS
+        timeout_ms = refetch_ms  # the rewind dropped what was fetched
+        for _ in range(self.settings.max_fetch_records):
+            try:
+                fetched = await consumer.getmany(tp, timeout_ms=timeout_ms, max_records=1)
+            except UNREADABLE_RECORD_ERRORS as exc:
+                offset = await consumer.position(tp)
+                await self._dispatch(tp, records)
+                records = []
+                await self._dead_letter_unreadable(tp, offset, exc)
+                consumer.seek(tp, offset + 1)  # and fetch again, from the next record
+                timeout_ms = refetch_ms
+                continue
+            if not fetched:
+                break
+            records += fetched[tp]
+            timeout_ms = 0  # the rest of this fetch, already here
+        await self._dispatch(tp, records)
+
+    async def _dead_letter_unreadable(self, tp: TopicPartition, offset: int, exc: Exception) -> None:
+        source = f"{tp.topic}-{tp.partition}@{offset}"
+        log.error("%s cannot be read (%r); dead-lettering it", source, exc)
+        error = InferenceError(ErrorCode.INVALID_REQUEST,
+                               f"the Kafka record cannot be read ({exc!r:.300}): it, or an earlier record of its "
+                               "record batch, is malformed (e.g. a header key that is not UTF-8)")
+        envelope = Envelope(payload=None, headers={}, source=source)
+        await self._slots.take(1)
+        self._start_handler(tp, [offset], self._dead_letter(tp, [offset], [envelope], error))
+
+    def _loop_ended(self, failed_at: str, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
-            log.error("%s ended: %r; stopping", task.get_name(), task.exception())
-            self._fail(task.exception())
+            log.error("%s: %r; stopping", failed_at, task.exception())
+            self._fail(task.exception(), failed_at)
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, failed_at: str) -> None:
+        """Stop the worker on `exc`; `failed_at` says what failed, for `failure`."""
         if self._failure is None:
             self._failure = exc
+            self._failed_at = failed_at
             # Held: the loop keeps only a weak reference to a task, and a stop collected half way never sets
             # `_stopped`, so wait() would hang.
             self._stop_on_failure = asyncio.get_running_loop().create_task(self.stop(), name="stop-on-failure")
@@ -282,12 +404,27 @@ class KafkaWorker:
     def _publish_batch_record(self, record: BatchRecord) -> None:
         if self._producer is None:
             return
-        task = asyncio.get_running_loop().create_task(
-            self._producer.send(self.settings.topics.metrics, orjson.dumps(record.to_json()),
-                                key=record.model.encode())
-        )
+        task = asyncio.get_running_loop().create_task(self._send_batch_record(self._producer, record))
         self._side_sends.add(task)
         task.add_done_callback(self._side_sends.discard)
+
+    async def _send_batch_record(self, producer: AIOKafkaProducer, record: BatchRecord) -> None:
+        """Publish a batch's metrics record, beside the answers: metrics never hold answers up nor stop the worker.
+        A failure (to queue the record, or the broker's) is counted and logged at most once a minute; left alone,
+        it showed only as asyncio's "Future exception was never retrieved"."""
+        try:
+            delivered = await producer.send(self.settings.topics.metrics, orjson.dumps(record.to_json()),
+                                            key=record.model.encode())
+            await delivered
+        except KafkaError as exc:
+            METRICS_UNPUBLISHED.inc()
+            self._unpublished_since_log += 1
+            now = time.monotonic()
+            if now - self._unpublished_logged_at >= METRICS_FAILURE_LOG_INTERVAL_S:
+                log.warning("cannot publish batch metrics to %s: %r (%d record(s) lost since the last such message; "
+                            "maas_batch_metrics_unpublished_total counts them)", self.settings.topics.metrics, exc,
+                            self._unpublished_since_log)
+                self._unpublished_logged_at, self._unpublished_since_log = now, 0
 
     # -- committing -----------------------------------------------------------------------------------
 

@@ -10,6 +10,8 @@ from prometheus_client import Counter, Gauge, Histogram
 REQUESTS = Counter("maas_requests_total", "Requests answered, by model and outcome", ["model", "outcome"])
 ERRORS = Counter("maas_errors_total", "Requests that ended in an error, by error code", ["code"])
 DEAD_LETTERS = Counter("maas_dead_letters_total", "Records sent to the dead-letter topic", ["code"])
+METRICS_UNPUBLISHED = Counter("maas_batch_metrics_unpublished_total",
+                              "Per-batch metrics records that could not be published to the metrics topic")
 BATCH_SIZE = Histogram(
     "maas_batch_size", "Rows per executed batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 )

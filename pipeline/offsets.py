@@ -27,6 +27,10 @@ class OffsetTracker:
         if pending is not None:
             pending.difference_update(offsets)
 
+    def next_offset(self, tp: TopicPartition) -> int | None:
+        """One past the highest offset begun on `tp`; None when none was since the partition was assigned."""
+        return self._next.get(tp)
+
     def in_flight(self, tp: TopicPartition | None = None) -> int:
         if tp is not None:
             return len(self._pending.get(tp, ()))

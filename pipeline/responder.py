@@ -171,6 +171,8 @@ class Responder:
 
     def _decode(self, envelope: Envelope) -> InferenceRequest:
         """The request, or an InferenceError: a decoder bug on one message is that message's dead letter."""
+        if envelope.payload is None:
+            raise InferenceError(ErrorCode.INVALID_JSON, "the record has no value (null)")
         try:
             return decode_request(envelope.payload, envelope.headers, max_bytes=self.settings.max_request_bytes)
         except InferenceError:

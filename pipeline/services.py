@@ -127,12 +127,23 @@ async def connected(settings: Settings, *, use_state: bool = True) -> AsyncItera
 
 def answer_producer(settings: Settings) -> AIOKafkaProducer:
     """The producer every source answers with: acks from all replicas, room for the largest answer or
-    dead letter the settings allow, batches big enough for throughput (not started)."""
-    return AIOKafkaProducer(
+    dead letter the settings allow, batches big enough for throughput (not started).
+
+    It tracks the metadata of the topics it produces to (results, dead letters, metrics) from the start. Left
+    to itself, aiokafka's client tracks every topic until it is asked about one it does not know (a caller's
+    `reply_to` topic created after it started, or none at all), and from then on only the topics asked about:
+    the platform's topics dropped out of its metadata, batches queued for them had no leader, the sender asked
+    for metadata in a loop (tens of thousands of requests a second) and the batches failed after
+    request_timeout_ms, stopping the worker. Topics asked about later are added to these.
+    """
+    producer = AIOKafkaProducer(
         **settings.kafka_client_kwargs(), acks="all", linger_ms=2, max_batch_size=settings.producer_max_batch_bytes,
         max_request_size=max(1048576, settings.max_request_bytes + 65536, settings.max_inline_output_bytes + 65536),
         enable_idempotence=settings.kafka_idempotence, client_id=f"maas-{settings.worker_id}",
     )
+    # Before start(): the client's first metadata update after its bootstrap asks for these topics.
+    producer.client.set_topics([settings.topics.results, settings.topics.dlq, settings.topics.metrics])
+    return producer
 
 
 def claim_check_store(settings: Settings, s3: Any | None = None) -> ClaimCheckStore:

@@ -23,6 +23,7 @@ from pipeline.codec import (
     CONTENT_TYPE,
     HEADER_LENGTH,
     JSON,
+    REQUEST_ID,
     TRANSFER_ENCODING,
     Framed,
     encode_error,
@@ -55,7 +56,7 @@ DELIVERY_ERRORS: tuple[type[Exception], ...] = (KafkaError, ClientError, BotoCor
 class Envelope:
     """One request as it arrived: payload, headers (lower-case, for decoding) and where it came from."""
 
-    payload: bytes
+    payload: bytes | None  # None: a Kafka record with a null value, which its dead letter keeps null
     headers: dict[str, str]
     source: str
     key: bytes | None = None
@@ -76,12 +77,17 @@ class Envelope:
 
 
 def dead_letter_headers(error: InferenceError, attempts: int, source: str) -> dict[str, str]:
-    return {
+    """The headers a dead letter adds to the original ones. The request id, when known, has one of its own: the
+    record keeps its original key, which may be a caller's partition key rather than the id."""
+    headers = {
         "maas-error-code": str(error.code),
         "maas-error-message": error.message[:4096],
         "maas-attempts": str(attempts),
         "maas-source": source,
     }
+    if error.request_id is not None:
+        headers[REQUEST_ID] = error.request_id
+    return headers
 
 
 Answer = tuple[Envelope, InferenceRequest | None, Framed]
@@ -287,7 +293,7 @@ class KafkaSink:
         original = list(envelope.raw_headers) or [(k, v.encode()) for k, v in envelope.headers.items()]
         extra = dead_letter_headers(error, attempts, envelope.source)
         value, key = envelope.payload, envelope.key
-        if len(value) > self.max_value_bytes:
+        if value is not None and len(value) > self.max_value_bytes:
             value = await self._offload(envelope, extra)
         # The producer takes `max_value_bytes` plus 64 KiB (`answer_producer`): a record with a value just under
         # the limit and large headers or key would make a dead letter it refuses, and a dead letter that cannot
@@ -298,6 +304,8 @@ class KafkaSink:
         if key is not None and len(key) > DEAD_LETTER_KEY_BYTES:
             extra[KEY_DROPPED] = str(len(key))
             key = None
+        if value is None and key is None:
+            value = b""  # aiokafka produces no record with neither a key nor a value
         headers = original + [(k, v.encode("utf-8", "replace")) for k, v in extra.items()]
         await self.producer.send_and_wait(self.dlq_topic, value, key=key, headers=headers)
         DEAD_LETTERS.labels(str(error.code)).inc()

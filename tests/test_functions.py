@@ -124,8 +124,9 @@ def test_kafka_trigger_dead_letters_a_record_the_event_gets_wrong_and_answers_th
     bad_header = {**good[0], "offset": 21, "headers": [{"traceparent": "00-not-a-byte-list"}]}
     out_of_range = {**good[0], "offset": 22, "headers": [{"h": [1, 2, 4096]}]}
     no_partition = {k: v for k, v in good[0].items() if k != "partition"}
-    test_event = {"eventSource": "aws:kafka",
-                  "records": {f"{topic}-0": [good[0], not_base64, bad_header, out_of_range, no_partition, good[1]]}}
+    null_value = {**good[0], "offset": 23, "value": None}
+    test_event = {"eventSource": "aws:kafka", "records": {
+        f"{topic}-0": [good[0], not_base64, bad_header, out_of_range, no_partition, null_value, good[1]]}}
 
     response = functions.kafka.handler(test_event, None)
 
@@ -133,10 +134,12 @@ def test_kafka_trigger_dead_letters_a_record_the_event_gets_wrong_and_answers_th
     results = asyncio.run(read_topic(settings, settings.topics.results, 2))
     answers = {r.key.decode(): decode_response(r.value, {}) for r in results}
     assert set(answers) == set(truth)
-    dead = asyncio.run(read_topic(settings, settings.topics.dlq, 4))
+    dead = asyncio.run(read_topic(settings, settings.topics.dlq, 5))
     by_source = {dict(d.headers)["maas-source"].decode(): d for d in dead}
-    assert set(by_source) == {f"{topic}-0@20", f"{topic}-0@21", f"{topic}-0@22", "kafka-event"}
-    for record in dead:
+    assert set(by_source) == {f"{topic}-0@20", f"{topic}-0@21", f"{topic}-0@22", f"{topic}-0@23", "kafka-event"}
+    null = by_source.pop(f"{topic}-0@23")
+    assert null.value is None and dict(null.headers)["maas-error-code"] == b"INVALID_JSON"  # kept null, not b""
+    for record in by_source.values():
         headers = dict(record.headers)
         assert headers["maas-error-code"] == b"INVALID_REQUEST"
         assert headers["maas-error-message"].startswith(b"the event's record could not be read")

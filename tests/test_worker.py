@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 from dataclasses import replace
 
 import numpy as np
 import orjson
 import pytest
-from aiokafka.errors import KafkaError
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import ConsumerStoppedError, KafkaError
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
+from prometheus_client import REGISTRY
 from worker_support import read_topic, running_worker, slow_repository, worker_process
 
+from infra.bootstrap import ensure_topics
 from infra.stack import LocalStack, free_port
 from models.cache import ModelCache
-from models.examples import mnist_mlp_config, train_mnist_mlp
+from models.examples import MNIST_MLP, mnist_mlp_config, train_mnist_mlp
 from models.repository import ModelRepository
 from pipeline.client import ResultCollector, example_requests, publish_requests
 from pipeline.engine import InferenceEngine
 from pipeline.kafka_worker import KafkaWorker, _Rebalance
+from pipeline.metrics import BatchRecord
 from pipeline.services import bootstrap
 from pipeline.settings import Settings
 
@@ -26,6 +33,29 @@ from pipeline.settings import Settings
 @pytest.fixture
 def fast(live):
     return replace(live, kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=300)
+
+
+class _NotUtf8(str):
+    """A header key written as bytes that are not UTF-8. Kafka's protocol says header keys are UTF-8, but a producer
+    in another language may write any bytes; aiokafka's pure-Python record builder writes what encode() returns."""
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return b"\xff\xfebad"
+
+
+async def _produce(settings, records, partition: int = 0) -> None:
+    """Produce (key, value, headers) records to the requests topic as they are (a null key and value, a header key
+    that is not UTF-8), in one record batch: send() takes no record with neither a key nor a value."""
+    producer = AIOKafkaProducer(**settings.kafka_client_kwargs())
+    await producer.start()
+    try:
+        batch = producer.create_batch()
+        batch._builder = _DefaultRecordBatchBuilderPy(2, 0, 0, -1, -1, 0, 1 << 20)  # the C one takes str keys only
+        for key, value, headers in records:
+            assert batch.append(key=key, value=value, timestamp=None, headers=headers) is not None
+        await (await producer.send_batch(batch, settings.topics.requests, partition=partition))
+    finally:
+        await producer.stop()
 
 
 async def test_round_trip_through_kafka(fast):
@@ -69,8 +99,9 @@ async def test_bad_requests_get_clear_answers_and_batch_mates_still_run(fast):
     keys = [r["id"] for r in good[:10]] + list(bad) + ["truncated", "binary"] + [r["id"] for r in good[10:]]
     async with running_worker(fast), ResultCollector(fast) as collector:
         await publish_requests(fast, payloads, keys=keys)
-        answers = await collector.wait_for(keys, timeout=60)
-    assert set(answers) == set(keys), f"missing answers for {set(keys) - set(answers)}"
+        await _produce(fast, [(b"null-value", None, []), (None, None, [])])  # no value: kept null in its dead letter
+        answers = await collector.wait_for([*keys, "null-value"], timeout=60)
+    assert set(answers) == {*keys, "null-value"}, f"missing answers for {set(keys) - set(answers)}"
     for request_id in truth:
         assert answers[request_id].kind == "result"
     expected = {
@@ -91,19 +122,25 @@ async def test_bad_requests_get_clear_answers_and_batch_mates_still_run(fast):
         assert answer.kind == "dead_letter"
         assert answer.body["error"]["code"] == "INVALID_JSON"
         assert "not valid UTF-8 JSON" in answer.body["error"]["message"]
-    dead = await read_topic(fast, fast.topics.dlq, 2)
-    assert {r.value for r in dead} == {payloads[16], payloads[17]}, "dead letters keep the original payload"
+    assert answers["null-value"].body["error"] == {"code": "INVALID_JSON", "message": "the record has no value (null)"}
+    dead = await read_topic(fast, fast.topics.dlq, 4)
+    # Dead letters keep the original value; aiokafka produces no record with neither a key nor a value.
+    assert {(r.key, r.value) for r in dead} == {(b"truncated", payloads[16]), (b"binary", payloads[17]),
+                                                (b"null-value", None), (None, b"")}
     assert all(dict(r.headers)["maas-attempts"] == b"1" for r in dead)
 
 
 async def test_a_model_that_cannot_load_is_retried_then_dead_lettered(fast):
+    """Its dead letters name the request (maas-request-id): they keep the record's key, here a caller's partition
+    key, which the ResultCollector took for the request id."""
     repository = ModelRepository(fast.model_repository)
     version = repository.publish("fragile", mnist_mlp_config(), train_mnist_mlp(steps=1))
     (repository.root / "fragile" / str(version) / "model.safetensors").write_bytes(b"corrupted")
     requests, _ = example_requests(3, model="fragile", prefix="fragile")
     good, _ = example_requests(3, prefix="fine")
     async with running_worker(fast, max_attempts=2), ResultCollector(fast) as collector:
-        await publish_requests(fast, requests + good)
+        await publish_requests(fast, requests, keys=["tenant-7"] * 3)
+        await publish_requests(fast, good)
         answers = await collector.wait_for([r["id"] for r in requests + good], timeout=60)
     assert all(answers[r["id"]].kind == "result" for r in good)
     for request in requests:
@@ -111,6 +148,9 @@ async def test_a_model_that_cannot_load_is_retried_then_dead_lettered(fast):
         assert answer.kind == "dead_letter" and answer.body["error"]["code"] == "INTERNAL"
         assert "failed to load" in answer.body["error"]["message"]
         assert answer.body["headers"]["maas-attempts"] == "2"
+        assert answer.body["headers"]["maas-request-id"] == answer.body["id"] == request["id"]
+    dead = await read_topic(fast, fast.topics.dlq, 3)
+    assert {r.key for r in dead} == {b"tenant-7"}, "dead letters keep the original key"
 
 
 @pytest.mark.slow
@@ -157,7 +197,7 @@ async def test_a_restarted_worker_starts_afresh(fast):
         for _ in range(2):
             await worker.start()
             await asyncio.wait_for(worker.assigned.wait(), 30)
-            worker._fail(KafkaError("a produce that failed"))  # the worker stops itself, as on a broker outage
+            worker._fail(KafkaError("a produce that failed"), "cannot produce")  # it stops itself, as on an outage
             with pytest.raises(KafkaError):
                 await asyncio.wait_for(worker.wait(), 30)
         await worker.start()
@@ -217,3 +257,138 @@ async def test_the_collector_keeps_awaited_answers_and_only_the_latest_others(fa
         assert (await collector.wait_for(ids[:2], timeout=30)).keys() == set(ids[:2])
         assert len(await collector.wait_for(ids[2:], timeout=0.1)) == 2
         assert collector.answers == {}, "answers returned are forgotten"
+
+
+async def test_reply_to_topics_new_to_the_worker_do_not_starve_its_own_topics(fast, caplog):
+    """aiokafka's producer tracked every topic's metadata until it was asked about one it did not know (a reply_to
+    topic created after the worker started, or one that did not exist), and from then on only the topics asked
+    about: the results batch queued just before (lingering linger_ms) lost its leader, the sender asked for metadata
+    in a loop (141,298 requests in 40 s) and the worker stopped with NotLeaderForPartitionError. Tansu, like Kafka
+    with auto.create.topics.enable, creates a missing topic when its metadata is asked for."""
+    caplog.set_level(logging.DEBUG, logger="aiokafka")  # its client logs each metadata request
+    late, missing = f"{fast.topics.results}.late", f"{fast.topics.results}.missing"
+    requests, truth = example_requests(9, prefix="nt")
+    requests[1]["parameters"] = {"reply_to": late}
+    requests[4]["parameters"] = {"reply_to": missing}
+    ids = list(truth)
+    async with running_worker(fast) as worker, ResultCollector(fast) as collector:
+        await ensure_topics(fast.kafka_client_kwargs(), [late], partitions=fast.topic_partitions)
+        for fetch in (requests[:3], requests[3:6], requests[6:]):  # one partition each: one record batch of answers
+            await publish_requests(fast, fetch, keys=["one-partition"] * 3)
+            on_results = [r["id"] for r in fetch if "parameters" not in r]
+            answers = await collector.wait_for(on_results, timeout=15)
+            assert answers.keys() == set(on_results) and all(a.kind == "result" for a in answers.values())
+        assert worker.ready
+    for request_id, topic in ((ids[1], late), (ids[4], missing)):
+        (answer,) = await read_topic(fast, topic, 1, timeout=5)
+        assert answer.key == request_id.encode() and "outputs" in orjson.loads(answer.value)
+    asked = sum("Sending metadata request" in r.getMessage() for r in caplog.records)
+    assert asked < 100, f"{asked} metadata requests"
+
+
+def _record(request: dict, headers=()) -> tuple[bytes, bytes, list]:
+    return request["id"].encode(), orjson.dumps(request, option=orjson.OPT_SERIALIZE_NUMPY), list(headers)
+
+
+_NOT_UTF8_HEADER = [(_NotUtf8("x"), b"v")]
+
+
+async def _produce_around_unreadable_records(settings, requests: list[dict]) -> None:
+    """requests[1] unreadable between two others of its record batch at offsets 0-2 of partition 0, then one more
+    batch there; two requests on partition 1. Produced before the worker starts, so that its first fetch holds both
+    partitions: aiokafka may take partition 1's records, then drop them when partition 0's raises."""
+    await _produce(settings, [_record(requests[0]), _record(requests[1], _NOT_UTF8_HEADER), _record(requests[2])])
+    await _produce(settings, [_record(requests[3])])
+    await _produce(settings, [_record(requests[4]), _record(requests[5])], partition=1)
+
+
+def _check_unreadable_dead_letters(settings, dead: list, offsets: set[str]) -> None:  # offsets: "partition@offset"
+    """Dead letters with nothing of the record (aiokafka gives nothing of a record it cannot parse) but where it is,
+    and why."""
+    sources = {dict(r.headers)["maas-source"].decode() for r in dead}
+    assert sources == {f"{settings.topics.requests}-{offset}" for offset in offsets}
+    for letter in dead:
+        headers = dict(letter.headers)
+        assert letter.key is None and letter.value == b""
+        assert headers["maas-error-code"] == b"INVALID_REQUEST"
+        assert headers["maas-error-message"].startswith(b"the Kafka record cannot be read")
+        assert b"UnicodeDecodeError" in headers["maas-error-message"]
+
+
+async def test_a_record_aiokafka_cannot_parse_is_dead_lettered_and_its_partition_goes_on(fast):
+    """A header key that is not UTF-8 makes aiokafka's fetch raise (UnicodeDecodeError from its C parser), without
+    saying where: the consume loop ended, the worker stopped, and every worker that took the partition after it
+    stopped on the same record. The record is dead-lettered instead and the partition goes on. aiokafka cannot step
+    over a record it fails to parse within its record batch: the records after it in that batch are dead-lettered
+    too, each on its own; the ones before it, the later batches and the other partitions are answered."""
+    requests, truth = example_requests(9, prefix="hdr")
+    ids = list(truth)
+    await _produce_around_unreadable_records(fast, requests)
+    async with running_worker(fast) as worker, ResultCollector(fast) as collector:
+        collector.expect(ids)
+        answers = await collector.wait_for([ids[0], ids[3], ids[4], ids[5]], timeout=30)
+        assert len(answers) == 4 and all(a.kind == "result" for a in answers.values())
+        # On a partition with records answered before: offset 2 of partition 1.
+        await _produce(fast, [_record(requests[6], _NOT_UTF8_HEADER)], partition=1)
+        await _produce(fast, [_record(requests[7])], partition=1)
+        await _produce(fast, [_record(requests[8])])
+        answers = await collector.wait_for([ids[7], ids[8]], timeout=30)
+        assert len(answers) == 2 and all(a.kind == "result" for a in answers.values())
+        assert worker.ready
+    results = await read_topic(fast, fast.topics.results, 7, timeout=3)
+    assert sorted(r.key.decode() for r in results) == [ids[i] for i in (0, 3, 4, 5, 7, 8)], "each answered once"
+    _check_unreadable_dead_letters(fast, await read_topic(fast, fast.topics.dlq, 4, timeout=3), {"0@1", "0@2", "1@2"})
+
+
+@pytest.mark.slow
+async def test_aiokafkas_pure_python_parser_raises_otherwise_and_is_read_past_alike(fast, monkeypatch):
+    """Without its C extensions (AIOKAFKA_NO_EXTENSIONS), aiokafka wraps the UnicodeDecodeError in a
+    CorruptRecordException."""
+    monkeypatch.setenv("AIOKAFKA_NO_EXTENSIONS", "1")
+    requests, _ = example_requests(6, prefix="py")
+    await _produce_around_unreadable_records(fast, requests)
+    proc, assigned, lines = worker_process(fast, worker_id="pure-python")
+    try:
+        assert await asyncio.to_thread(assigned.wait, 60), "the worker never joined the group"
+        results = await read_topic(fast, fast.topics.results, 4, timeout=30)
+        dead = await read_topic(fast, fast.topics.dlq, 2, timeout=5)
+        assert proc.poll() is None, "".join(lines)
+    finally:
+        proc.kill()
+    assert sorted(r.key.decode() for r in results) == [requests[i]["id"] for i in (0, 3, 4, 5)]
+    _check_unreadable_dead_letters(fast, dead, {"0@1", "0@2"})
+    assert any("CorruptRecordException" in line for line in lines)
+
+
+async def test_a_worker_that_stops_on_a_failure_says_what_failed(fast):
+    """Its exit message said "cannot produce to Kafka" whatever failed."""
+    engine = InferenceEngine(ModelCache(ModelRepository(fast.model_repository)), worker_id=fast.worker_id)
+    async with engine:
+        worker = KafkaWorker(fast, engine)
+        await worker.start()
+        await asyncio.wait_for(worker.assigned.wait(), 30)
+        assert worker.failure is None
+        await worker._consumer.stop()  # its consumer closed under it: the next fetch fails
+        with pytest.raises(ConsumerStoppedError):
+            await asyncio.wait_for(worker.wait(), 30)
+    assert worker.failure == "reading requests from Kafka failed (ConsumerStoppedError())"
+
+
+async def test_batch_metrics_that_cannot_be_published_are_counted_and_logged_once(fast, caplog):
+    """A metrics record that could not be published showed only as asyncio's "... exception was never retrieved"."""
+    def unpublished() -> float:
+        return REGISTRY.get_sample_value("maas_batch_metrics_unpublished_total") or 0.0
+
+    before = unpublished()
+    async with running_worker(fast) as worker:
+        await worker._producer.stop()  # closed under the worker: each send fails at once (ProducerClosed)
+        for _ in range(3):  # as the engine's batch listener calls it, once per batch
+            worker._publish_batch_record(BatchRecord(MNIST_MLP, 1, 1, 1, 0.0, 0.0, 1.0, fast.worker_id))
+        await asyncio.wait(list(worker._side_sends), timeout=10)
+        assert not worker._side_sends
+        assert worker.ready, "metrics never stop the worker"
+    gc.collect()  # asyncio reports an exception never retrieved when its task or future is collected
+    assert unpublished() == before + 3
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("cannot publish batch metrics" in m for m in messages) == 1, "logged once, not once per record"
+    assert not [m for m in messages if "never retrieved" in m]

@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import replace
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from models.cache import ModelCache
 from models.examples import MNIST_MLP, mnist_mlp_config, train_mnist_mlp
@@ -39,11 +39,12 @@ async def running_worker(settings, **kwargs):
 
 
 async def read_topic(settings, topic: str, count: int, timeout: float = 20.0) -> list:
-    """Read at least `count` records of a topic from the beginning (or what arrives within `timeout`)."""
+    """Read at least `count` records of a topic from the beginning (or what arrives within `timeout`), from all of
+    its partitions (a topic the broker created on first use has its default count, not the settings')."""
     consumer = AIOKafkaConsumer(**settings.kafka_client_kwargs(), group_id=None, auto_offset_reset="earliest")
     await consumer.start()
     try:
-        consumer.assign([TopicPartition(topic, p) for p in range(settings.topic_partitions)])
+        consumer.subscribe([topic])
         records, deadline = [], time.monotonic() + timeout
         while len(records) < count and time.monotonic() < deadline:
             for batch in (await consumer.getmany(timeout_ms=200)).values():

@@ -41,12 +41,12 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
             failure = await _run_until_signalled(worker)
         print(f"worker stopped after answering {worker.answered} requests", flush=True)
         if failure is not None:
-            raise ConfigError(f"worker stopped: cannot produce to Kafka ({failure!r})")
+            raise ConfigError(f"worker stopped: {failure}")
     return 0
 
 
-async def _run_until_signalled(worker: KafkaWorker | SqsWorker) -> BaseException | None:
-    """Serve until SIGINT/SIGTERM (then drain gracefully) or until the worker fails; returns the failure."""
+async def _run_until_signalled(worker: KafkaWorker | SqsWorker) -> str | None:
+    """Serve until SIGINT/SIGTERM (then drain gracefully) or until the worker fails; returns what failed."""
     stop = asyncio.create_task(stop_event().wait())
     waiters = [stop]
     if isinstance(worker, KafkaWorker):
@@ -54,10 +54,9 @@ async def _run_until_signalled(worker: KafkaWorker | SqsWorker) -> BaseException
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     for waiter in waiters:
         waiter.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
     await worker.stop()
-    if len(waiters) > 1 and waiters[1].done() and not waiters[1].cancelled():
-        return waiters[1].exception()
-    return None
+    return worker.failure if isinstance(worker, KafkaWorker) else None
 
 
 async def _sqs_worker(live: Settings, engine: InferenceEngine, stack: contextlib.AsyncExitStack) -> SqsWorker:
