@@ -189,6 +189,11 @@ def _compile(numbered: tuple[int, dict]) -> tuple[CompiledKernel | None, str | N
     return compiled, None
 
 
+def _first_line(exc: Exception) -> str:
+    """The exception's type and the first line of its message (libcuda's is several lines of advice)."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+
+
 def _build_host_modules(kernels: list[CompiledKernel], threads: int) -> tuple[int, str]:
     """Build into the cache the C modules the first launches of ``kernels`` would build: the launch helpers
     (``CudaUtils``), and, in Tritons that have one per signature, each kernel's launcher. The modules found,
@@ -199,7 +204,7 @@ def _build_host_modules(kernels: list[CompiledKernel], threads: int) -> tuple[in
 
         cuda.CudaUtils()
     except Exception as exc:  # no driver library here: the binaries still serve, the worker builds these
-        return 0, f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+        return 0, _first_line(exc)
     if not hasattr(cuda, "make_launcher"):  # Triton 3.7+: one generic launcher, inside the helpers
         return 1, ""
 
@@ -209,7 +214,7 @@ def _build_host_modules(kernels: list[CompiledKernel], threads: int) -> tuple[in
         try:
             cuda.CudaLauncher(kernel.src, kernel.metadata)
         except Exception as exc:
-            return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+            return _first_line(exc)
         return None
 
     with ThreadPoolExecutor(max(1, threads), "precompile-launchers") as pool:
