@@ -44,7 +44,8 @@ GROUPS = [
     ("gemv",),  # nine configs to tune for each of its shapes and dtypes: a process of its own
     ("1x14336x4096", "16x4096x14336"),
     ("linear_fp8 M4096", "linear_fp8 M77"),  # its one-row case runs with the GEMV ones
-    ("softmax", "x768 +res", "x384 +res", "l2_normalize", "embedding", "conv2d", "max_pool2d"),  # layer_norm: +res
+    # layer_norm by its "+res"
+    ("softmax", "x768 +res", "x384 +res", "l2_normalize", "mean_pool", "embedding", "conv2d", "max_pool2d"),
     ("attention", "linear_layer_norm"),
     ("lstm",),
 ]
@@ -68,6 +69,7 @@ def _cases() -> list[Case]:
     from kernels.linear_layer_norm import linear_layer_norm_reference
     from kernels.lstm import lstm_reference
     from kernels.max_pool2d import max_pool2d_reference
+    from kernels.mean_pool import mean_pool_reference
     from kernels.softmax import log_softmax_reference, softmax_reference
 
     def rnd(gen, *shape, dtype, scale=1.0):
@@ -179,6 +181,14 @@ def _cases() -> list[Case]:
                     (rows, n), n, False)
         return f"l2_normalize {rows}x{n}", DTYPES, build
 
+    def mean_pool_case(b, s, n):
+        def build(dt, gen):
+            x = rnd(gen, b, s, n, dtype=dt)
+            lengths = torch.randint(0, s + 1, (b,), generator=gen, device="cuda", dtype=torch.int32)
+            return (lambda out: kernels.mean_pool(x, lengths, normalize=True, out=out),
+                    lambda: mean_pool_reference(d(x), lengths, normalize=True), (b, n), s, False)
+        return f"mean_pool B{b} S{s} D{n} normalized", DTYPES, build
+
     def padded(gen, b, s, padding):
         """(key_padding_mask, key_lengths) for ``padding``: "mask", "lengths" (as MiniLM runs) or "none"."""
         lengths = torch.randint(1, s + 1, (b,), generator=gen, device="cuda", dtype=torch.int32)
@@ -280,6 +290,8 @@ def _cases() -> list[Case]:
         layer_norm_case(16384, 768),
         layer_norm_case(4099, 384),  # MiniLM's rows, four to a program, the last program partial
         l2_case(8192, 384),
+        mean_pool_case(256, 128, 384),  # MiniLM's tail at the benchmark batch
+        mean_pool_case(3, 1031, 1000),  # partial tiles along the sequence and the row
         attention_case(8, 12, 128, 64, "mask"),
         attention_case(2, 16, 1031, 128, "lengths"),
         attention_case(1, 4, 4096, 64, "none"),

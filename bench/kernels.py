@@ -140,6 +140,14 @@ def cases(quick: bool, dev: str = "cuda") -> list[Case]:
         x = rnd(rows, n)
         found.append(Case("l2_normalize", f"{rows}x{n}", (x,), kernels.l2_normalize,
                           lambda x: F.normalize(x, dim=-1), bytes=2 * _nbytes(x)))
+    for b, s, d in ((1, 128, 384), (256, 128, 384), (1024, 512, 768)):  # MiniLM's tail at batch 1 and 256
+        x = rnd(b, s, d)
+        lengths = torch.full((b,), s, device=dev, dtype=torch.int32)
+        found.append(Case("mean_pool", f"B{b} S{s} D{d} normalized", (x, lengths),
+                          lambda x, lengths: kernels.mean_pool(x, lengths, normalize=True),
+                          lambda x, lengths: F.normalize(torch.bmm(torch.ones_like(x[:, None, :, 0]), x).squeeze(1),
+                                                         dim=-1),
+                          bytes=_nbytes(x)))
     for b, s, v, d in ((1024, 128, 30522, 384), (256, 512, 30522, 768)):
         ids = torch.randint(0, v, (b, s), device=dev)
         table = rnd(v, d)

@@ -38,6 +38,7 @@ from kernels.linear_int8 import linear_int8, quantize_int8
 from kernels.linear_layer_norm import linear_layer_norm
 from kernels.lstm import lstm
 from kernels.max_pool2d import max_pool2d
+from kernels.mean_pool import mean_pool
 from kernels.softmax import log_softmax, softmax
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "log_softmax",
     "lstm",
     "max_pool2d",
+    "mean_pool",
     "quantize_fp8",
     "quantize_int8",
     "softmax",

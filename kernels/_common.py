@@ -66,6 +66,12 @@ def check_ids(ids: torch.Tensor, table: torch.Tensor) -> None:
         raise ValueError(f"ids must lie in [0, {table.shape[0]}) (the table's rows), got [{bounds[0]}, {bounds[1]}]")
 
 
+def lengths_mask(lengths: torch.Tensor, s: int) -> torch.Tensor:
+    """The padding mask ``[B, s]`` that each row's length stands for (right padding): its first ``length``
+    positions are real."""
+    return torch.arange(s, device=lengths.device)[None, :] < lengths[:, None]
+
+
 def check_activation(activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")

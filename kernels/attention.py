@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels._autotune import autotune, within_bucket
-from kernels._common import FLOAT_DTYPES, cast, check_apart, check_tensor, compute_dtype
+from kernels._common import FLOAT_DTYPES, cast, check_apart, check_tensor, compute_dtype, lengths_mask
 from kernels.dispatch import INTERPRETER, USE_AUTOTUNE, backend_for
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -262,11 +262,6 @@ def attention_reference(
     if keep is not None:
         out = torch.where(keep.any(dim=-1, keepdim=True), out, 0.0)
     return cast(out, q.dtype)
-
-
-def lengths_mask(key_lengths: torch.Tensor, sk: int) -> torch.Tensor:
-    """The key-padding mask ``[B, sk]`` that ``key_lengths`` stands for: the first ``length`` keys are real."""
-    return torch.arange(sk, device=key_lengths.device)[None, :] < key_lengths[:, None]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None,

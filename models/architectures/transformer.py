@@ -232,8 +232,8 @@ class TransformerEncoder(Architecture):
         b, s = ids.shape
         # The Triton kernel takes the padding as lengths, with which it skips checks on full key tiles; torch's
         # attention wants the mask, which lengths would only be turned back into, layer by layer.
-        padding = ({"key_lengths": mask.sum(dim=1, dtype=torch.int32)} if kernels.backend_for(mask) == "triton"
-                   else {"key_padding_mask": mask})
+        lengths = mask.sum(dim=1, dtype=torch.int32)
+        padding = {"key_lengths": lengths} if kernels.backend_for(mask) == "triton" else {"key_padding_mask": mask}
         h = kernels.embedding_norm(ids, w["embeddings.word_embeddings.weight"], w[POSITIONS],
                                    w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
         for i in range(self.p["num_layers"]):
@@ -242,11 +242,7 @@ class TransformerEncoder(Architecture):
             context = kernels.attention(q, k, v, **padding).transpose(1, 2).reshape(b, s, -1)  # a view on CUDA
             h = self._dense_norm(context, f"{layer}.attention.output", h)
             h = self._dense_norm(self.dense(h, f"{layer}.intermediate.dense", "gelu"), f"{layer}.output", h)
-        keep = mask[:, None, :].to(h.dtype)
-        summed = torch.bmm(keep, h).squeeze(1)  # masked sum over the sequence in one batched GEMV
-        if self.p["normalize"]:  # the mean's division by the length cancels in the normalization
-            return {"embedding": kernels.l2_normalize(summed)}
-        return {"embedding": summed / keep.sum(dim=2).clamp(min=1)}
+        return {"embedding": kernels.mean_pool(h, lengths, normalize=self.p["normalize"])}
 
     forward_graph = forward_tokens  # what a CUDA graph of this encoder records
 

@@ -68,6 +68,7 @@ def launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     from kernels.linear_layer_norm import _launch_fused
     from kernels.lstm import lstm_triton
     from kernels.max_pool2d import max_pool2d_triton
+    from kernels.mean_pool import mean_pool_triton
     from kernels.softmax import softmax_triton
 
     def z(*shape):
@@ -92,6 +93,7 @@ def launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
         ("layer_norm, d=4096", lambda: layer_norm_triton(z(2, 4096), z(4096), z(4096))),
         ("layer_norm", lambda: layer_norm_triton(x, z(64), z(64), residual=x)),
         ("l2_normalize", lambda: l2_normalize_triton(x)),
+        ("mean_pool", lambda: mean_pool_triton(z(2, 5, 64), torch.tensor([5, 2]), normalize=True)),
         ("embedding_pool", lambda: embedding_pool_triton(ids, x, ids == 0)),
         ("embedding_norm", lambda: embedding_norm_triton(ids, x, x, z(64), z(64))),
         ("conv2d", lambda: conv2d_triton(img, z(4, 3, 3, 3), z(4), True)),
@@ -124,6 +126,7 @@ def batch_launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     from kernels.linear_layer_norm import _launch_fused
     from kernels.lstm import lstm_triton
     from kernels.max_pool2d import max_pool2d_triton
+    from kernels.mean_pool import mean_pool_triton
 
     def z(*shape):
         return torch.zeros(shape, dtype=dt)
@@ -141,6 +144,7 @@ def batch_launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
             ("batch embedding_norm", lambda b=b: embedding_norm_triton(torch.zeros(b, b + 2, dtype=torch.int64),
                                                                        z(8, 64), z(32, 64), z(64), z(64))),
             ("batch l2_normalize", lambda x=x: l2_normalize_triton(x)),
+            ("batch mean_pool", lambda b=b: mean_pool_triton(z(b, 5, 64), torch.full((b,), 2))),
             ("batch conv2d", lambda b=b: conv2d_triton(z(b, 3, 8, 8), z(4, 3, 3, 3), z(4), True)),
             ("batch max_pool2d", lambda b=b: max_pool2d_triton(z(b, 4, 32, 32), 2)),  # 1,024+ outputs: one tile size
             ("batch lstm", lambda b=b: lstm_triton(z(b, 1, 8), z(64, 8), z(64, 16), z(64))),  # input GEMM: b rows

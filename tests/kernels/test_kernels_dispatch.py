@@ -33,8 +33,8 @@ def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
 
 def test_every_public_op_is_exported():
     expected = {"linear", "linear_int8", "quantize_int8", "linear_fp8", "quantize_fp8", "softmax", "log_softmax",
-                "layer_norm", "l2_normalize", "attention", "embedding_pool", "conv2d", "max_pool2d", "lstm",
-                "backend_for"}
+                "layer_norm", "l2_normalize", "mean_pool", "attention", "embedding_pool", "conv2d", "max_pool2d",
+                "lstm", "backend_for"}
     assert expected <= set(kernels.__all__)
     assert all(callable(getattr(kernels, name)) for name in expected)
 
