@@ -54,7 +54,15 @@ def main() -> int:
                 checks = [(way, got, want) for way, got in ways.items()]
                 if hasattr(model, "run_tokens"):  # the benchmark's batch of 256, half of it short: split by length
                     tokens = token_batch(config.params["vocab_size"], 256, device)
-                    checks.append(("by length", model.run_tokens(*tokens), model.reference_forward_tokens(*tokens)))
+                    want = model.reference_forward_tokens(*tokens)
+                    checks.append(("by length", model.run_tokens(*tokens), want))
+                    ids, mask = (t.cpu() for t in tokens)  # as the tokenizer makes them: through pinned copies
+                    checks.append(("by length from the CPU", model.run_tokens(ids, mask), want))
+                    # One bucket replayed on other ids, each read anew from the pinned copies: rows 128 on are
+                    # full-length, rows 0-127 padded.
+                    for row in (128, 129, 0, 130):
+                        checks.append((f"row {row} from the CPU", model.run_tokens(ids[row:row + 1], mask[row:row + 1]),
+                                       {out: t[row:row + 1] for out, t in want.items()}))
             for (way, got, expected), out in ((c, out) for c in checks for out in c[2]):
                 g, ref = got[out], expected[out]
                 if ref.is_floating_point():
@@ -67,7 +75,7 @@ def main() -> int:
                     ok = agree >= 0.97
                     detail = f"agreement {agree:.3f} (>= 0.97)"
                 failures += not ok
-                print(f"{'ok  ' if ok else 'FAIL'} {name:<15} {dt} {way:<12} {out:<14} {detail}", flush=True)
+                print(f"{'ok  ' if ok else 'FAIL'} {name:<15} {dt} {way:<22} {out:<14} {detail}", flush=True)
     print(f"{failures} failure(s)")
     return 1 if failures else 0
 

@@ -26,8 +26,10 @@ only MiniLM on token ids
 (see `token_benchmark`): there `served` is `run_tokens`, the batch split by token length with each group
 replayed from its graph, `served whole` the same with the batch kept in one group (what the split saves or
 costs), `served via gpu` the same with each group's token ids moved to the GPU before its graph takes them
-(what serving did before the graphs took them from the CPU themselves), and `kernels+graph` the whole batch
-padded to one graph bucket, its inputs already on the GPU.
+(what serving did before the graphs took them from the CPU themselves), `served, copies apart` the same with
+the copies out of the pinned buffers launched before each replay instead of inside the graph (what serving did
+before the graphs held them), and `kernels+graph` the whole batch padded to one graph bucket, its inputs
+already on the GPU.
 `python bench/models.py --gpu-cold-start [--shipped-table]` times only MiniLM's cold start on a GPU (see
 `gpu_cold_start`).
 """
@@ -187,7 +189,7 @@ def token_benchmark(device: torch.device, compile_on: bool, budget: float, batch
         return []
     _, config, weights, assets = entries[0]
     rows = []
-    print(f"\n{'MiniLM on token ids':<20} {'dtype':<5} {'batch':>6} {'way':<14} {'latency ms':>11} "
+    print(f"\n{'MiniLM on token ids':<20} {'dtype':<5} {'batch':>6} {'way':<20} {'latency ms':>11} "
           f"{'seq/s':>10} {'first call s':>13}")
     for dt in dtypes or (("BF16", "FP32") if device.type == "cuda" else ("FP32",)):
         model = build(config, dict(weights), assets).to(device, torch_dtype(dt))
@@ -206,6 +208,7 @@ def token_benchmark(device: torch.device, compile_on: bool, budget: float, batch
             if device.type == "cuda":
                 ways["served whole"] = _unsplit(ways["served"])
                 ways["served via gpu"] = _on_cpu_tokens(_moved_first(model), ids, mask)
+                ways["served, copies apart"] = _on_cpu_tokens(_copies_apart(model), ids, mask)
             for way, fn in ways.items():
                 try:
                     start = time.perf_counter()
@@ -217,7 +220,7 @@ def token_benchmark(device: torch.device, compile_on: bool, budget: float, batch
                     first = time.perf_counter() - start
                     seconds = _time(call, {}, device, budget)
                 except Exception as exc:  # report and go on
-                    print(f"{'minilm tokens':<20} {dt:<5} {batch:>6} {way:<14} failed: {type(exc).__name__}: "
+                    print(f"{'minilm tokens':<20} {dt:<5} {batch:>6} {way:<20} failed: {type(exc).__name__}: "
                           f"{str(exc)[:100]}")
                     continue
                 row = {"model": "minilm_tokens", "architecture": config.architecture, "dtype": dt, "batch": batch,
@@ -229,7 +232,7 @@ def token_benchmark(device: torch.device, compile_on: bool, budget: float, batch
                     row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
                 rows.append(row)
                 _save(output, {"device": str(device), "results": rows})
-                print(f"{'minilm tokens':<20} {dt:<5} {batch:>6} {way:<14} {row['latency_ms']:>11.3f} "
+                print(f"{'minilm tokens':<20} {dt:<5} {batch:>6} {way:<20} {row['latency_ms']:>11.3f} "
                       f"{row['samples_per_s']:>10.0f} {first:>13.2f}", flush=True)
         if device.type == "cuda" and dt == "BF16":
             ids, mask = token_batch(config.params["vocab_size"], batches[-1], device)
@@ -261,6 +264,24 @@ def _moved_first(model):
 
     def run_tokens(ids, mask):
         model.graphed = lambda ids, mask: graphed(model._to_device(ids), model._to_device(mask))
+        try:
+            return type(model).run_tokens(model, ids, mask)
+        finally:
+            model.graphed = graphed
+
+    return run_tokens
+
+
+def _copies_apart(model):
+    """``model.run_tokens`` with graphs that take their inputs from the pinned copies by transfers launched before
+    each replay, rather than by transfers inside the graph (``GraphedForward.copies_in_graph``)."""
+    from models import cuda_graphs
+
+    apart = cuda_graphs.GraphedForward(model.forward_graph, device=model.device, copies_in_graph=False,
+                                       **model.graph_buckets())
+
+    def run_tokens(ids, mask):
+        graphed, model.graphed = model.graphed, apart
         try:
             return type(model).run_tokens(model, ids, mask)
         finally:

@@ -13,11 +13,13 @@ syncs and data-dependent shapes; a capture that fails is logged once and that bu
 on. ``MAAS_CUDA_GRAPHS=0`` turns graphs off.
 
 Inputs may come from the CPU, as the tokenizer makes them: each bucket then keeps pinned host copies of its
-static inputs, pads into those, and copies each input over in one asynchronous transfer. Moving the inputs to
-the GPU first costs, per input and per batch, a pinned allocation, a transfer, and one or two more kernels
-on the GPU to pad and copy them into the bucket (on an H100, MiniLM served at batch 1: 0.258 ms this way
-against 0.276 ms with the ids moved first, and 91,279 against 87,415 sequences/s at batch 256, side by side
-in run 16 of ``bench/results/gpu``).
+static inputs and pads into those, in numpy. Moving the inputs to the GPU first costs, per input and per batch,
+a pinned allocation, a transfer, and one or two more kernels on the GPU to pad and copy them into the bucket
+(on an H100, MiniLM served at batch 1: 0.258 ms from pinned copies against 0.276 ms with the ids moved first,
+and 91,279 against 87,415 sequences/s at batch 256, side by side in run 16 of ``bench/results/gpu``). The
+graph itself holds the transfers out of the pinned copies (``copies_in_graph``, a captured copy reads its
+host memory at each replay): at batch 1 the serving thread then makes one call before the GPU starts, where
+it made one per input and then the replay.
 """
 
 from __future__ import annotations
@@ -107,8 +109,8 @@ _HOST_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, tor
 
 class _Bucket:
     """One bucket's static inputs and what replays them: the graph and its outputs (None where a capture is off),
-    and, once inputs have come from the CPU, pinned host copies of the static inputs (``staged``, with numpy
-    views to pad them cheaply) and the event of their last transfer, which must end before they are rewritten."""
+    and, for inputs from the CPU, pinned host copies of the static inputs (``staged``, with numpy views to pad
+    them cheaply) and the event of the last replay that read them, which must end before they are rewritten."""
 
     __slots__ = ("graph", "inputs", "outputs", "staged", "staged_arrays", "transferred")
 
@@ -131,14 +133,19 @@ class GraphedForward:
     intermediates: 40 cover the 35 buckets (7 batch x 5 length) of a text model batching up to 64 rows.
     ``capture=False`` runs the padded inputs eagerly instead: the same bucketing on a machine without CUDA,
     which is how the tests check that padding changes no result. ``device``: where ``fn`` runs, where inputs
-    from elsewhere (the CPU) are copied (default: wherever the inputs are).
+    from elsewhere (the CPU) are copied (default: wherever the inputs are). ``copies_in_graph=False`` copies
+    inputs from the CPU before each replay instead of in it (the way before, kept for side-by-side timing).
+    Inputs from the CPU and from the GPU make different graphs of a bucket: each graph reads its inputs from
+    where they are put.
     """
 
     def __init__(self, fn: Forward, pad_values: Sequence[int | bool], max_shape: Sequence[int],
                  min_shape: Sequence[int] | None = None, *, max_elements: int | None = None,
-                 max_graphs: int = 40, capture: bool = True, device: torch.device | None = None) -> None:
+                 max_graphs: int = 40, capture: bool = True, device: torch.device | None = None,
+                 copies_in_graph: bool = True) -> None:
         self.fn = fn
         self.device = device
+        self.copies_in_graph = copies_in_graph
         self.pad_values = tuple(pad_values)
         self.max_shape = tuple(max_shape)
         self.min_shape = tuple(min_shape or (1,) * len(self.max_shape))
@@ -164,48 +171,57 @@ class GraphedForward:
         if compiling_only():  # kernels.compile_only: the bucket's shapes compile; nothing is captured or kept
             padded = self._padded(shape, self._moved(inputs))
             return {name: t[: inputs[0].shape[0]] for name, t in self.fn(*padded).items()}
-        key = (shape, *((tuple(x.shape[len(shape):]), x.dtype) for x in inputs))
+        host = self._from_host(inputs)
+        key = (shape, host, *((tuple(x.shape[len(shape):]), x.dtype) for x in inputs))
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
                 if key in self._failed:
                     return self.fn(*self._moved(inputs))
-                entry = self._build(key, shape, inputs)
+                entry = self._build(key, shape, inputs, host)
                 if entry is None:
                     return self.fn(*self._moved(inputs))
             else:
                 self._entries.move_to_end(key)
-                self._load_bucket(entry, inputs)
+                if host:
+                    self._stage(entry, inputs)
+                else:
+                    self._load(entry.inputs, self._moved(inputs))
+            if host and not self.copies_in_graph:
+                self._copy_staged(entry)
             if entry.graph is None:
                 outputs = self.fn(*entry.inputs)
             else:
                 entry.graph.replay()
                 outputs = entry.outputs
+            if host:  # the pinned copies are read by this replay (or the copies before it)
+                entry.transferred.record(torch.cuda.current_stream(entry.inputs[0].device))
             rows = inputs[0].shape[0]
             return {name: t[:rows].clone() for name, t in outputs.items()}
+
+    def _from_host(self, inputs: Sequence[torch.Tensor]) -> bool:
+        """Whether ``inputs`` go to a captured bucket through its pinned copies: CPU tensors numpy can pad, bound
+        for a GPU."""
+        return (self.capture and self.device is not None and self.device.type == "cuda"
+                and all(x.device.type == "cpu" and x.dtype in _HOST_DTYPES for x in inputs))
 
     def _moved(self, inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         """``inputs`` on ``device``, for the calls that run ``fn`` on them directly."""
         return inputs if self.device is None else [to_device(x, self.device) for x in inputs]
 
-    def _load_bucket(self, entry: _Bucket, inputs: Sequence[torch.Tensor]) -> None:
-        if not all(x.device.type == "cpu" and x.dtype in _HOST_DTYPES and static.is_cuda
-                   for x, static in zip(inputs, entry.inputs, strict=True)):
-            self._load(entry.inputs, self._moved(inputs))
-            return
-        if entry.staged is None:
-            entry.staged = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in entry.inputs]
-            entry.staged_arrays = [t.numpy() for t in entry.staged]
-            entry.transferred = torch.cuda.Event()
-        else:
-            entry.transferred.synchronize()  # the last transfer out of these copies: done long ago, normally
+    def _stage(self, entry: _Bucket, inputs: Sequence[torch.Tensor]) -> None:
+        """``inputs`` padded into the bucket's pinned copies, once the last replay has read them (long ago,
+        normally: the caller waited for its outputs)."""
+        entry.transferred.synchronize()
         for staged, x, pad in zip(entry.staged_arrays, (x.numpy() for x in inputs), self.pad_values, strict=True):
             if staged.shape != x.shape:
                 staged.fill(pad)
             staged[tuple(slice(0, n) for n in x.shape)] = x
+
+    @staticmethod
+    def _copy_staged(entry: _Bucket) -> None:
         for staged, static in zip(entry.staged, entry.inputs, strict=True):
             static.copy_(staged, non_blocking=True)
-        entry.transferred.record(torch.cuda.current_stream(entry.inputs[0].device))  # the copies' stream
 
     def _load(self, static_inputs: list[torch.Tensor], inputs: Sequence[torch.Tensor]) -> None:
         for static, x, pad in zip(static_inputs, inputs, self.pad_values, strict=True):
@@ -221,35 +237,54 @@ class GraphedForward:
         self._load(padded, inputs)
         return padded
 
-    def _build(self, key: tuple, shape: tuple[int, ...], inputs: Sequence[torch.Tensor]) -> _Bucket | None:
-        static_inputs = self._padded(shape, self._moved(inputs))
-        graph, static_outputs = None, None
+    def _build(self, key: tuple, shape: tuple[int, ...], inputs: Sequence[torch.Tensor],
+               host: bool) -> _Bucket | None:
+        if host:
+            static_inputs = [torch.empty((*shape, *x.shape[len(shape):]), dtype=x.dtype, device=self.device)
+                             for x in inputs]
+        else:
+            static_inputs = self._padded(shape, self._moved(inputs))
+        entry = _Bucket(static_inputs, None, None)
+        if host:
+            entry.staged = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in static_inputs]
+            entry.staged_arrays = [t.numpy() for t in entry.staged]
+            entry.transferred = torch.cuda.Event()
+            self._stage(entry, inputs)
+            if not self.copies_in_graph:  # the warm-up runs read them
+                self._copy_staged(entry)
         if self.capture:
+            copies = host and self.copies_in_graph
+
+            def forward() -> dict[str, torch.Tensor]:
+                if copies:  # captured too: each replay reads the pinned copies as they are then
+                    self._copy_staged(entry)
+                return self.fn(*static_inputs)
+
             try:
-                graph, static_outputs = self._capture(static_inputs)
+                entry.graph, entry.outputs = self._capture(forward, static_inputs[0].device)
             except Exception as exc:  # a forward that cannot be captured still serves, eagerly
                 log.warning("CUDA graph capture failed for input shapes %s (%s: %s); that bucket runs eagerly",
                             [tuple(t.shape) for t in static_inputs], type(exc).__name__, exc)
                 self._failed.add(key)
                 return None
-        self._entries[key] = entry = _Bucket(static_inputs, static_outputs, graph)
+        self._entries[key] = entry
         while len(self._entries) > self.max_graphs:
             self._entries.popitem(last=False)
         return entry
 
-    def _capture(self, static_inputs: list[torch.Tensor]):
+    def _capture(self, forward: Callable[[], dict[str, torch.Tensor]], device: torch.device):
         # Warm-up runs on a side stream compile and autotune the kernels, which must not happen inside a capture.
-        stream = torch.cuda.Stream(device=static_inputs[0].device)
+        stream = torch.cuda.Stream(device=device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.fn(*static_inputs)
+                forward()
         torch.cuda.current_stream().wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            static_outputs = self.fn(*static_inputs)
+            static_outputs = forward()
         return graph, static_outputs
 
     def __len__(self) -> int:
