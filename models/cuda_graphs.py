@@ -153,12 +153,22 @@ class GraphedForward:
         self.max_graphs = max_graphs
         self.capture = capture
         self._entries: OrderedDict[tuple, _Bucket] = OrderedDict()
+        self._buckets: dict[tuple[int, ...], tuple[int, ...] | None] = {}  # leading dims -> their bucket
         self._failed: set[tuple] = set()
         self._pool = None
         self._lock = threading.Lock()  # one replay at a time: static inputs and outputs are shared
 
     def _bucket(self, inputs: Sequence[torch.Tensor]) -> tuple[int, ...] | None:
-        lead = tuple(inputs[0].shape[: len(self.max_shape)])
+        lead = inputs[0].shape[: len(self.max_shape)]
+        shape = self._buckets.get(lead, False)  # remembered: a batch of one waits on this Python before its replay
+        if shape is False:
+            shape = self._bucket_of(tuple(lead))
+            if len(self._buckets) >= 4096:  # leads within max_shape repeat; others need not fill memory
+                self._buckets.clear()
+            self._buckets[lead] = shape
+        return shape
+
+    def _bucket_of(self, lead: tuple[int, ...]) -> tuple[int, ...] | None:
         if len(lead) < len(self.max_shape) or any(n < 1 or n > m for n, m in zip(lead, self.max_shape, strict=True)):
             return None
         shape = tuple(bucket(n, lo, hi) for n, lo, hi in zip(lead, self.min_shape, self.max_shape, strict=True))
@@ -214,8 +224,10 @@ class GraphedForward:
         normally: the caller waited for its outputs)."""
         entry.transferred.synchronize()
         for staged, x, pad in zip(entry.staged_arrays, (x.numpy() for x in inputs), self.pad_values, strict=True):
-            if staged.shape != x.shape:
-                staged.fill(pad)
+            if staged.shape == x.shape:  # a full bucket: nothing to pad
+                np.copyto(staged, x)
+                continue
+            staged.fill(pad)
             staged[tuple(slice(0, n) for n in x.shape)] = x
 
     @staticmethod
