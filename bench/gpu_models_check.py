@@ -8,7 +8,8 @@ Prints one line per check and exits 1 if any fails. Without CUDA it says so and 
 Usage: `python bench/gpu_models_check.py [--batch 64] [--only NAME ...]`. Each model is checked as `forward`
 (kernels launched one by one) and as `run` (what serving calls: replayed from CUDA graphs where it can), both
 after a pass of `run` under `kernels.compile_only`, as a GPU warm-up starts: that pass must leave nothing
-behind (a graph, a timed choice) that changes what the model then computes.
+behind (a graph, a timed choice) that changes what the model then computes. With `MAAS_PDL=on` in the
+environment the kernels that support it are launched for programmatic dependent launch (`kernels.dispatch.pdl`).
 """
 
 from __future__ import annotations

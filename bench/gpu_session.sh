@@ -5,7 +5,8 @@
 #                                              but sweep)
 #
 # checks: bench/gpu_kernels_check.py in parallel groups, then bench/gpu_models_check.py (the kernels against
-#         float64 references; every architecture launched kernel by kernel and served from CUDA graphs);
+#         float64 references; every architecture launched kernel by kernel and served from CUDA graphs); with
+#         LIMIT_pdl set, MiniLM's models check again with MAAS_PDL=on (programmatic dependent launch);
 # tokens: bench/models.py --tokens $TOKENS_FLAGS (MiniLM on token ids: kernels, CUDA graphs, eager, torch.compile;
 #         e.g. TOKENS_FLAGS="--token-batches 256 --dtypes BF16 --no-compile" for the served batch alone);
 # kernels: bench/kernels.py $KERNELS_FLAGS (default --no-compile: every op against torch eager; "--quick" adds
@@ -67,6 +68,11 @@ for part in $parts; do
       # The models check warms every architecture up with an empty cache first: LIMIT_models (default: the part's).
       TRITON_CACHE_DIR="$out/triton_checks" timeout "${LIMIT_models:-$limit}" $py bench/gpu_models_check.py \
         >"$out/check$groups.txt" 2>&1
+      if [ -n "${LIMIT_pdl:-}" ]; then  # MiniLM again, its kernels launched for programmatic dependent launch
+        echo "== MAAS_PDL=on" >"$out/check_pdl.txt"
+        MAAS_PDL=on TRITON_CACHE_DIR="$out/triton_checks" timeout "$LIMIT_pdl" $py bench/gpu_models_check.py \
+          --only minilm >>"$out/check_pdl.txt" 2>&1
+      fi
       cat "$out"/check*.txt >>"$log"
       rm -rf "$out"/check*.txt "$out/triton_checks"
       grep -E "FAIL|passed|failure" "$log" | tail -40 ;;

@@ -28,7 +28,8 @@ replayed from its graph, `served whole` the same with the batch kept in one grou
 costs), `served via gpu` the same with each group's token ids moved to the GPU before its graph takes them
 (what serving did before the graphs took them from the CPU themselves), `served, copies apart` the same with
 the copies out of the pinned buffers launched before each replay instead of inside the graph (what serving did
-before the graphs held them), and `kernels+graph` the whole batch padded to one graph bucket, its inputs
+before the graphs held them), `served, pdl` the same with graphs of kernels launched for programmatic dependent
+launch (``MAAS_PDL=on``), and `kernels+graph` the whole batch padded to one graph bucket, its inputs
 already on the GPU.
 `python bench/models.py --gpu-cold-start [--shipped-table]` times only MiniLM's cold start on a GPU (see
 `gpu_cold_start`).
@@ -209,6 +210,7 @@ def token_benchmark(device: torch.device, compile_on: bool, budget: float, batch
                 ways["served whole"] = _unsplit(ways["served"])
                 ways["served via gpu"] = _on_cpu_tokens(_moved_first(model), ids, mask)
                 ways["served, copies apart"] = _on_cpu_tokens(_copies_apart(model), ids, mask)
+                ways["served, pdl"] = _on_cpu_tokens(_with_pdl(model), ids, mask)
             for way, fn in ways.items():
                 try:
                     start = time.perf_counter()
@@ -275,17 +277,39 @@ def _moved_first(model):
 def _copies_apart(model):
     """``model.run_tokens`` with graphs that take their inputs from the pinned copies by transfers launched before
     each replay, rather than by transfers inside the graph (``GraphedForward.copies_in_graph``)."""
+    return _with_graphs(model, copies_in_graph=False)
+
+
+def _with_pdl(model):
+    """``model.run_tokens`` with graphs of kernels launched for programmatic dependent launch (``MAAS_PDL=on``,
+    see ``kernels.dispatch.pdl``), each overlapping the end of the kernel before it."""
+    return _with_graphs(model, env={"MAAS_PDL": "on"})
+
+
+def _with_graphs(model, env: dict[str, str] | None = None, **options):
+    """``model.run_tokens`` on graphs of its own, made with ``GraphedForward`` ``options`` and captured with ``env``
+    set (on the first call, which captures every bucket its batch needs: replays read no setting)."""
     from models import cuda_graphs
 
-    apart = cuda_graphs.GraphedForward(model.forward_graph, device=model.device, copies_in_graph=False,
-                                       **model.graph_buckets())
+    graphs = cuda_graphs.GraphedForward(model.forward_graph, device=model.device, **options, **model.graph_buckets())
+    captured = False
 
     def run_tokens(ids, mask):
-        graphed, model.graphed = model.graphed, apart
+        nonlocal captured
+        saved = {name: os.environ.get(name) for name in env or {}}
+        if not captured:
+            os.environ.update(env or {})
+        graphed, model.graphed = model.graphed, graphs
         try:
             return type(model).run_tokens(model, ids, mask)
         finally:
             model.graphed = graphed
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            captured = True
 
     return run_tokens
 

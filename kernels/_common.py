@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ACTIVATIONS = ("none", "relu", "gelu", "tanh", "sigmoid")
@@ -146,6 +147,24 @@ def rows_per_program(block: int) -> int:
     """Rows one program of a row-wise kernel normalizes: a 384-wide row is 768 bytes in bf16, too little work
     to pay for a program (and a reduction) of its own, so short rows are taken ``ROW_TILE`` elements at a time."""
     return max(1, ROW_TILE // block)
+
+
+@triton.jit
+def pdl_wait(USE_PDL: tl.constexpr):
+    """First thing in a kernel launched with programmatic dependent launch (see :func:`kernels.dispatch.pdl`): its
+    programs may start while the kernel before it still runs, so they wait here, before reading anything that
+    kernel wrote or writing anything it reads, until it has finished and its writes are visible."""
+    if USE_PDL:
+        gdc_wait()
+
+
+@triton.jit
+def pdl_launch_dependents(USE_PDL: tl.constexpr):
+    """Last thing in such a kernel, after its stores: once every program has passed here the next kernel may
+    launch, so its launch and its programs' start overlap this kernel's last ones. (At the start instead, a
+    kernel of many waves would share its SMs with the next one's programs, idle at their wait.)"""
+    if USE_PDL:
+        gdc_launch_dependents()
 
 
 @triton.jit

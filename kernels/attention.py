@@ -23,8 +23,17 @@ import triton
 import triton.language as tl
 
 from kernels._autotune import autotune, within_bucket
-from kernels._common import FLOAT_DTYPES, cast, check_apart, check_tensor, compute_dtype, lengths_mask
-from kernels.dispatch import INTERPRETER, USE_AUTOTUNE, backend_for
+from kernels._common import (
+    FLOAT_DTYPES,
+    cast,
+    check_apart,
+    check_tensor,
+    compute_dtype,
+    lengths_mask,
+    pdl_launch_dependents,
+    pdl_wait,
+)
+from kernels.dispatch import INTERPRETER, USE_AUTOTUNE, backend_for, pdl
 
 HEAD_DIMS = (16, 32, 64, 128)
 # A finite "-inf": an all-masked tile then gives exp(0) * 0 = 0 rather than exp(-inf + inf) = NaN.
@@ -87,8 +96,9 @@ def _attention_kernel(
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
     HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LENGTHS: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LENGTHS: tl.constexpr = False, USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)
     # m_ptr: the key-padding mask [B, SK] (HAS_MASK), or each batch row's number of real keys [B] (HAS_LENGTHS),
     # its padding all at the end: then, as with no mask, the key tiles before the row's last one are full and
     # take no bounds checks or selects, and tiles of padding only are not visited at all.
@@ -130,6 +140,7 @@ def _attention_kernel(
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptrs = o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < SQ)
+    pdl_launch_dependents(USE_PDL)
 
 
 @triton.jit
@@ -223,7 +234,7 @@ def _launch(q, k, v, key_padding_mask, scale, out, key_lengths=None) -> torch.Te
     _attention_kernel[grid](q, k, v, key_padding_mask if key_lengths is None else key_lengths, o, h, sq, sk,
                             qk_scale, *buckets, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
                             HAS_MASK=key_padding_mask is not None, HEAD_DIM=d, UPCAST=INTERPRETER,
-                            HAS_LENGTHS=key_lengths is not None, **meta)
+                            HAS_LENGTHS=key_lengths is not None, **meta, **pdl(q))
     return o
 
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 
@@ -34,6 +35,37 @@ def env_choice(name: str, default: str, choices: Sequence[str]) -> str:
     if choice not in choices:
         raise ValueError(f"{name}={choice!r}: expected {', '.join(choices[:-1])} or {choices[-1]}")
     return choice
+
+
+PDL_ENV_VAR = "MAAS_PDL"
+_PDL_OPTIONS = {"USE_PDL": True, "launch_pdl": True}
+
+
+def pdl(t: torch.Tensor) -> dict[str, bool]:
+    """Launch options for a kernel that supports programmatic dependent launch (``kernels._common.pdl_wait``
+    first, ``pdl_launch_dependents`` last), on ``t``'s device: with ``MAAS_PDL=on`` on a GPU of compute capability
+    9.0 or more (Hopper on), the kernel is launched so that its programs may start before the kernel ahead of it
+    in the stream has finished, which hides the gap between two kernels of a CUDA graph (tens of them in a small
+    model's batch of one); otherwise none. ``off`` (the default) until a GPU run has timed it."""
+    if INTERPRETER or env_choice(PDL_ENV_VAR, "off", ("off", "on")) == "off":
+        return {}
+    return _PDL_OPTIONS if _arch(t) >= 90 else {}
+
+
+def _arch(t: torch.Tensor) -> int:
+    """The compute capability of ``t``'s GPU as Triton writes it (90 for 9.0); for CPU tensors, that of the GPU
+    :func:`kernels.offline.compile_for` compiles for."""
+    if t.is_cuda:
+        return _capability(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    from triton.runtime import driver
+
+    return driver.active.get_current_target().arch
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor
 
 
 def backend_for(*tensors: torch.Tensor | None) -> str:

@@ -22,16 +22,19 @@ from kernels._common import (
     compute_dtype,
     into,
     output,
+    pdl_launch_dependents,
+    pdl_wait,
     row_block,
     rows_per_program,
 )
-from kernels.dispatch import backend_for
+from kernels.dispatch import backend_for, pdl
 from kernels.layer_norm import MAX_ROW, normalize_rows
 
 
 @triton.jit(do_not_specialize=["M", "S"])  # the batch and its token length: see kernels._common
 def _embedding_norm_kernel(ids_ptr, table_ptr, pos_ptr, w_ptr, b_ptr, y_ptr, M, S, N, eps,
-                           ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                           ROWS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_wait(USE_PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     row_ok = rows < M
@@ -42,6 +45,7 @@ def _embedding_norm_kernel(ids_ptr, table_ptr, pos_ptr, w_ptr, b_ptr, y_ptr, M, 
     x += tl.load(pos_ptr + (rows % S)[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     y = normalize_rows(x, ok, cols, col_ok, w_ptr, b_ptr, N, eps)
     tl.store(y_ptr + rows[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
+    pdl_launch_dependents(USE_PDL)
 
 
 def _validate(ids, table, positions, weight, bias) -> None:
@@ -69,7 +73,7 @@ def _launch(ids, table, positions, weight, bias, eps, out) -> torch.Tensor:
     block, num_warps = row_block(d)
     rows = rows_per_program(block)
     _embedding_norm_kernel[(triton.cdiv(m, rows),)](ids, table, positions, weight, bias, y, m, s, d, eps,
-                                                    ROWS=rows, BLOCK=block, num_warps=num_warps)
+                                                    ROWS=rows, BLOCK=block, num_warps=num_warps, **pdl(ids))
     return y
 
 

@@ -20,17 +20,20 @@ from kernels._common import (
     compute_dtype,
     into,
     output,
+    pdl_launch_dependents,
+    pdl_wait,
     row_block,
     rows_per_program,
 )
-from kernels.dispatch import backend_for
+from kernels.dispatch import backend_for, pdl
 
 MAX_ROW = 65536
 
 
 @triton.jit(do_not_specialize=["M"])  # rows: see kernels._common
 def _layer_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, M, N, eps, HAS_RESIDUAL: tl.constexpr,
-                       ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                       ROWS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_wait(USE_PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     col_ok = cols < N
@@ -41,6 +44,7 @@ def _layer_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, M, N, eps, HAS_RESIDUA
         x += tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     y = normalize_rows(x, ok, cols, col_ok, w_ptr, b_ptr, N, eps)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
+    pdl_launch_dependents(USE_PDL)
 
 
 @triton.jit
@@ -83,7 +87,7 @@ def _launch(x, weight, bias, eps, residual, out) -> torch.Tensor:
     rows = rows_per_program(block)
     _layer_norm_kernel[(triton.cdiv(m, rows),)](x, residual, weight, bias, y, m, n, eps,
                                                 HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK=block,
-                                                num_warps=num_warps)
+                                                num_warps=num_warps, **pdl(x))
     return y
 
 

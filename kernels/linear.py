@@ -47,8 +47,10 @@ from kernels._common import (
     compute_dtype,
     into,
     output,
+    pdl_launch_dependents,
+    pdl_wait,
 )
-from kernels.dispatch import INTERPRETER, USE_AUTOTUNE, backend_for, env_choice
+from kernels.dispatch import INTERPRETER, USE_AUTOTUNE, backend_for, env_choice, pdl
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +133,9 @@ def _linear_kernel(
     HAS_SCALE: tl.constexpr, HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    MASK_ROWS: tl.constexpr,
+    MASK_ROWS: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)
     # Grouped launch order: GROUP_M row-blocks share each weight column-block while it is in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -149,6 +152,7 @@ def _linear_kernel(
                      HAS_SCALE, UPCAST, MASK_ROWS, BLOCK_M, BLOCK_N, BLOCK_K)
     acc = _scale_tile(acc, offs_m, offs_n, M, N, s_ptr, xs_ptr, HAS_SCALE, HAS_X_SCALE)
     _store_tile(acc, offs_m, offs_n, M, N, b_ptr, r_ptr, y_ptr, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
+    pdl_launch_dependents(USE_PDL)
 
 
 @triton.jit
@@ -245,7 +249,9 @@ def _linear_tma_kernel(
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, UPCAST: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)
     # Persistent: program p takes output tiles p, p + NUM_PROGRAMS, ... in the grouped order of the kernel
     # above. TMA fills tiles past M, N or K with zeros, so the loads need no masks.
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -267,6 +273,7 @@ def _linear_tma_kernel(
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         _store_tile(acc, offs_m, offs_n, M, N, b_ptr, r_ptr, y_ptr, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
+    pdl_launch_dependents(USE_PDL)
 
 
 def _split_config(bm: int, bn: int, bk: int, warps: int, stages: int, split: int) -> triton.Config:
@@ -301,8 +308,9 @@ def _linear_split_k_kernel(
     M, N, K, M_BUCKET,
     HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    MASK_ROWS: tl.constexpr,
+    MASK_ROWS: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)
     # Program (tile, s) sums the s-th of SPLIT_K equal runs of K tiles (the last ones may be short or empty)
     # into slab s of the fp32 partials: the reduction kernel adds the slabs in a fixed order (no atomics, so
     # results do not depend on timing) and applies the epilogue once.
@@ -319,6 +327,7 @@ def _linear_split_k_kernel(
                      HAS_SCALE, UPCAST, MASK_ROWS, BLOCK_M, BLOCK_N, BLOCK_K)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(p_ptr + split * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+    pdl_launch_dependents(USE_PDL)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -326,8 +335,9 @@ def _split_k_reduce_kernel(
     p_ptr, s_ptr, xs_ptr, b_ptr, r_ptr, y_ptr,
     M, N, SPLIT_K,
     HAS_SCALE: tl.constexpr, HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -338,6 +348,7 @@ def _split_k_reduce_kernel(
         p_ptrs += M * N
     acc = _scale_tile(acc, offs_m, offs_n, M, N, s_ptr, xs_ptr, HAS_SCALE, HAS_X_SCALE)
     _store_tile(acc, offs_m, offs_n, M, N, b_ptr, r_ptr, y_ptr, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
+    pdl_launch_dependents(USE_PDL)
 
 
 def _gemv_config(bn: int, bk: int, warps: int) -> triton.Config:
@@ -375,7 +386,9 @@ def _linear_gemv_kernel(
     N, K,
     HAS_SCALE: tl.constexpr, HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr, X_VECTOR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     # Columns past N wrap onto real ones (no mask on the weight's rows); the store is masked.
@@ -396,6 +409,7 @@ def _linear_gemv_kernel(
     offs_m = tl.arange(0, 1)
     out = _scale_tile(tl.sum(acc, axis=1)[None, :], offs_m, offs_n, 1, N, s_ptr, xs_ptr, HAS_SCALE, HAS_X_SCALE)
     _store_tile(out, offs_m, offs_n, 1, N, b_ptr, r_ptr, y_ptr, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
+    pdl_launch_dependents(USE_PDL)
 
 
 def _interpreter_blocks(m: int, n: int, k: int) -> dict[str, int]:
@@ -567,7 +581,7 @@ def _launch_tma(x, weight, scales, x_scales, bias, activation, residual, y, m, n
         m, n, k, triton.next_power_of_2(m),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=activation, UPCAST=INTERPRETER,
         NUM_PROGRAMS=num_programs,
-        **meta,
+        **meta, **pdl(x),
     )
 
 
@@ -581,7 +595,7 @@ def _launch_tiled(x, weight, scales, x_scales, bias, activation, residual, y, m,
         HAS_SCALE=scales is not None, HAS_X_SCALE=x_scales is not None, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None,
         ACTIVATION=activation, UPCAST=INTERPRETER,
-        **meta,
+        **meta, **pdl(x),
     )
 
 
@@ -604,7 +618,7 @@ def _launch_split_k(x, weight, scales, x_scales, bias, activation, residual, y, 
         x, weight, partials,
         m, n, k, triton.next_power_of_2(m),
         HAS_SCALE=scales is not None, UPCAST=INTERPRETER,
-        **meta,
+        **meta, **pdl(x),
     )
     # One tile shape for every batch (one binary): rows past M are masked, and these sums are small.
     _split_k_reduce_kernel[(triton.cdiv(m, 16), triton.cdiv(n, 128))](
@@ -612,7 +626,7 @@ def _launch_split_k(x, weight, scales, x_scales, bias, activation, residual, y, 
         m, n, meta.get("SPLIT_K") or splits[-1],
         HAS_SCALE=scales is not None, HAS_X_SCALE=x_scales is not None, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None, ACTIVATION=activation,
-        BLOCK_M=16, BLOCK_N=128,
+        BLOCK_M=16, BLOCK_N=128, **pdl(x),
     )
 
 
@@ -632,7 +646,7 @@ def _launch_gemv(x, weight, scales, x_scales, bias, activation, residual, y, m, 
         n, k,
         HAS_SCALE=scales is not None, HAS_X_SCALE=x_scales is not None, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None, ACTIVATION=activation, X_VECTOR=16 // x.element_size(),
-        **meta,
+        **meta, **pdl(x),
     )
 
 

@@ -24,8 +24,18 @@ import triton
 import triton.language as tl
 
 from kernels._autotune import TimedChoice, gpu_ms
-from kernels._common import FLOAT_DTYPES, check_contiguous, check_tensor, compute_dtype, dequantize, into, output
-from kernels.dispatch import INTERPRETER, backend_for, env_choice
+from kernels._common import (
+    FLOAT_DTYPES,
+    check_contiguous,
+    check_tensor,
+    compute_dtype,
+    dequantize,
+    into,
+    output,
+    pdl_launch_dependents,
+    pdl_wait,
+)
+from kernels.dispatch import INTERPRETER, backend_for, env_choice, pdl
 from kernels.layer_norm import _launch as launch_layer_norm
 from kernels.layer_norm import layer_norm_reference, scale_shift
 from kernels.linear import (
@@ -124,7 +134,9 @@ def _linear_layer_norm_kernel(
     M, N, K, eps,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, CHUNKS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, MASK_ROWS: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     cols0 = tl.arange(0, BLOCK_N)  # the row's column blocks; the unused ones (CHUNKS < 4) compile away
@@ -190,6 +202,7 @@ def _linear_layer_norm_kernel(
         _store_normalized(acc2, mean, rstd, offs_m, cols2, M, N, nw_ptr, nb_ptr, y_ptr)
     if CHUNKS > 3:
         _store_normalized(acc3, mean, rstd, offs_m, cols3, M, N, nw_ptr, nb_ptr, y_ptr)
+    pdl_launch_dependents(USE_PDL)
 
 
 def _validate(x, weight, scales, bias, residual, norm_weight, norm_bias) -> None:
@@ -230,7 +243,7 @@ def _launch_fused(x, weight, scales, bias, residual, norm_weight, norm_bias, eps
     _linear_layer_norm_kernel[(triton.cdiv(m, meta["BLOCK_M"]),)](
         x, weight, scales, bias, residual, norm_weight, norm_bias, y, m, n, k, eps,
         HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, UPCAST=INTERPRETER, CHUNKS=chunks,
-        BLOCK_N=block_n, **meta,
+        BLOCK_N=block_n, **meta, **pdl(x),
     )
 
 

@@ -22,8 +22,10 @@ from kernels._common import (
     into,
     lengths_mask,
     output,
+    pdl_launch_dependents,
+    pdl_wait,
 )
-from kernels.dispatch import backend_for
+from kernels.dispatch import backend_for, pdl
 
 MAX_ROW = 8192
 # Elements of a program's tile of positions x row: 64 fp32 accumulators a thread on 8 warps, and 32 positions of
@@ -33,7 +35,8 @@ TILE = 16384
 
 @triton.jit(do_not_specialize=["S"])  # the sequence length varies with each batch's bucket
 def _mean_pool_kernel(x_ptr, lengths_ptr, y_ptr, S, D, eps, NORMALIZE: tl.constexpr, BLOCK_S: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
+                      BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_wait(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     n = tl.minimum(tl.maximum(tl.load(lengths_ptr + b).to(tl.int32), 0), S)  # as attention reads lengths
     offs_d = tl.arange(0, BLOCK_D)
@@ -49,6 +52,7 @@ def _mean_pool_kernel(x_ptr, lengths_ptr, y_ptr, S, D, eps, NORMALIZE: tl.conste
     if NORMALIZE:
         mean = mean / tl.maximum(tl.sqrt(tl.sum(mean * mean, axis=0)), eps)
     tl.store(y_ptr + b * D + offs_d, mean.to(y_ptr.dtype.element_ty), mask=d_ok)
+    pdl_launch_dependents(USE_PDL)
 
 
 def _validate(x, lengths) -> None:
@@ -68,7 +72,7 @@ def _launch(x: torch.Tensor, lengths: torch.Tensor, normalize: bool, eps: float,
     block_s = min(max(TILE // block_d, 1), triton.next_power_of_2(max(s, 1)))
     num_warps = 8 if block_s * block_d >= 8192 else 4
     _mean_pool_kernel[(b,)](x, lengths, y, s, d, eps, NORMALIZE=normalize, BLOCK_S=block_s, BLOCK_D=block_d,
-                            num_warps=num_warps)
+                            num_warps=num_warps, **pdl(x))
     return y
 
 

@@ -9,11 +9,16 @@ pipeline. The compiles run on a thread pool (Triton's ``AsyncCompileMode``). It 
 1, 3 and 16 rows and fails if any of them compiles more than one binary for those (a warm-up visits every
 batch bucket). Must run *without* ``TRITON_INTERPRET``.
 
+With ``--pdl`` it compiles the plain launches only, with ``MAAS_PDL=on``: each kernel that supports
+programmatic dependent launch must come out built for it, its PTX waiting on the kernel before it and
+releasing the one after (``griddepcontrol``).
+
 With ``--registers`` each compile's line also says what ``ptxas -v`` reports for it: registers a thread and
 bytes spilled to local memory (stores/loads), an occupancy and spill check a CPU can make. A spill is not a
 failure: where it sits (hot loop or epilogue) is for ``nvdisasm`` to say.
 
-Usage: ``python tests/kernels/kernel_compile_check.py [--quick] [--registers]``; exits 1 on any failure.
+Usage: ``python tests/kernels/kernel_compile_check.py [--quick] [--registers] [--pdl]``; exits 1 on any
+failure.
 """
 
 from __future__ import annotations
@@ -325,16 +330,58 @@ def register_use(kernel) -> str:
     return f"regs={regs.group(1) if regs else '?'} spill={'/'.join(spill.groups()) if spill else '?'}"
 
 
+# The kernels that wait for the kernel before them and release the next (kernels._common.pdl_wait): what a
+# MiniLM forward launches.
+PDL_KERNELS = {"_linear_kernel", "_linear_tma_kernel", "_linear_split_k_kernel", "_split_k_reduce_kernel",
+               "_linear_gemv_kernel", "_linear_layer_norm_kernel", "_embedding_norm_kernel", "_layer_norm_kernel",
+               "_attention_kernel", "_mean_pool_kernel"}
+
+
+def check_pdl() -> int:
+    """``launches(bf16)`` with ``MAAS_PDL=on``: every kernel of ``PDL_KERNELS`` compiled for programmatic
+    dependent launch, with both ``griddepcontrol`` instructions in its PTX; the other kernels without it."""
+    os.environ["MAAS_PDL"] = "on"
+    failed = 0
+    with compile_for(90), ThreadPoolExecutor(usable_cpus()) as pool, AsyncCompileMode(pool, ignore_errors=True):
+        for name, thunk in launches(torch.bfloat16):
+            current_launch[0] = name
+            try:
+                thunk()
+            except Exception:
+                failed += 1
+                print(f"FAIL {name}\n{traceback.format_exc()}", file=sys.stderr)
+    built = set()
+    for launch, kernel_name, _, kernel in compiles:
+        kernel = kernel.result() if hasattr(kernel, "result") else kernel
+        ptx = kernel.asm["ptx"]
+        want = kernel_name in PDL_KERNELS
+        got = (kernel.metadata.launch_pdl, "griddepcontrol.wait" in ptx, "griddepcontrol.launch_dependents" in ptx)
+        if got != (want,) * 3:
+            failed += 1
+            print(f"FAIL {launch}: {kernel_name}: launch_pdl, wait, launch_dependents = {got}, expected {want}",
+                  file=sys.stderr)
+        elif want:
+            built.add(kernel_name)
+    for kernel_name in sorted(PDL_KERNELS - built):
+        failed += 1
+        print(f"FAIL {kernel_name}: no launch compiled it for programmatic dependent launch", file=sys.stderr)
+    print(f"{len(built)} kernels compiled for programmatic dependent launch, {failed} failure(s)")
+    return 1 if failed else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="bf16 only and two GEMM configs")
     parser.add_argument("--registers", action="store_true", help="report registers and spills (ptxas -v)")
+    parser.add_argument("--pdl", action="store_true", help="the plain launches with programmatic dependent launch")
     opts = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: this check compiles the real kernels", file=sys.stderr)
         return 2
     JITFunction.run = compile_only(JITFunction.run)
+    if opts.pdl:
+        return check_pdl()
     failed = 0
     batch_launched: set[str] = set()
     with compile_for(90), ThreadPoolExecutor(usable_cpus()) as pool, AsyncCompileMode(pool, ignore_errors=True):

@@ -31,6 +31,12 @@ def test_every_kernel_compiles_for_sm90():
     run_offline("kernel_compile_check.py")
 
 
+def test_kernels_compile_for_programmatic_dependent_launch():
+    """``MAAS_PDL=on``: the kernels a MiniLM forward launches come out built to overlap the kernel before them."""
+    done = run_offline("kernel_compile_check.py", "--pdl")
+    assert "10 kernels compiled for programmatic dependent launch, 0 failure(s)" in done.stdout, done.stdout
+
+
 def test_configs_precompile_in_parallel_under_the_keys_timing_looks_up():
     """The autotuner's precompile through Triton's real JIT: see ``autotune_check.py`` for what it checks."""
     done = run_offline("autotune_check.py")

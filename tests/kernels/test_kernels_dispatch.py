@@ -38,3 +38,32 @@ def test_every_public_op_is_exported():
     assert expected <= set(kernels.__all__)
     assert all(callable(getattr(kernels, name)) for name in expected)
 
+
+
+@pytest.mark.parametrize(("setting", "arch", "expected"), [
+    (None, 90, {}),  # off unless asked for
+    ("on", 90, {"USE_PDL": True, "launch_pdl": True}),
+    ("ON", 100, {"USE_PDL": True, "launch_pdl": True}),
+    ("on", 80, {}),  # an A100 has no programmatic dependent launch
+    ("off", 90, {}),
+])
+def test_pdl_options_follow_the_setting_and_the_gpu(monkeypatch, setting, arch, expected):
+    from kernels.offline import compile_for
+
+    if setting is None:
+        monkeypatch.delenv("MAAS_PDL", raising=False)
+    else:
+        monkeypatch.setenv("MAAS_PDL", setting)
+    monkeypatch.setattr(dispatch, "INTERPRETER", False)
+    with compile_for(arch):
+        assert dispatch.pdl(torch.zeros(2)) == expected
+
+
+def test_pdl_is_off_under_the_interpreter_and_refuses_unknown_settings(monkeypatch):
+    monkeypatch.setenv("MAAS_PDL", "on")
+    monkeypatch.setattr(dispatch, "INTERPRETER", True)
+    assert dispatch.pdl(torch.zeros(2)) == {}
+    monkeypatch.setattr(dispatch, "INTERPRETER", False)
+    monkeypatch.setenv("MAAS_PDL", "yes")
+    with pytest.raises(ValueError, match="MAAS_PDL"):
+        dispatch.pdl(torch.zeros(2))
