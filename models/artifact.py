@@ -52,6 +52,15 @@ class ArtifactError(ValueError):
     """A model artifact is malformed; the message names the file and the field or tensor."""
 
 
+def artifact_path(directory: Path, file: str = "") -> str:
+    """How a message names a version folder (`<name>/<version>`) or one of its files
+    (`<name>/<version>/<file>`): relative to the repository, whether the folder is in it or in an S3
+    repository's local cache. These messages reach the callers of a served API (infer errors, readiness, the
+    load endpoint), and where a server keeps its files is none of their business."""
+    where = f"{directory.parent.name}/{directory.name}"
+    return f"{where}/{file}" if file else where
+
+
 def short_repr(value: Any, limit: int = 60) -> str:
     """`value`'s repr for an error message, cut to `limit` characters: what a caller sent comes back in the
     answer (and goes to logs), and must not set how long they are."""
@@ -290,13 +299,15 @@ def parse_config_bytes(raw: bytes, where: str) -> ModelConfig:
 
 
 def read_config(directory: Path) -> ModelConfig:
-    path = directory / CONFIG_FILE
+    where = artifact_path(directory, CONFIG_FILE)
     try:
-        with path.open("rb") as f:
+        with (directory / CONFIG_FILE).open("rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
-        raise ArtifactError(f"{path} is missing") from None
-    return parse_config_bytes(raw, str(path))
+        raise ArtifactError(f"{where} is missing") from None
+    except OSError as exc:  # str(exc) would quote the server's path
+        raise ArtifactError(f"{where} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    return parse_config_bytes(raw, where)
 
 
 def read_weights(directory: Path, framework: Literal["pt", "np"] = "pt") -> dict[str, torch.Tensor | np.ndarray]:
@@ -306,7 +317,8 @@ def read_weights(directory: Path, framework: Literal["pt", "np"] = "pt") -> dict
     """
     path = directory / WEIGHTS_FILE
     if not path.exists():
-        raise ArtifactError(f"{path} is missing (weights must be a safetensors file; pickle is refused)")
+        raise ArtifactError(f"{artifact_path(directory, WEIGHTS_FILE)} is missing (weights must be a safetensors "
+                            "file; pickle is refused)")
     if framework == "np":
         from safetensors.numpy import load_file
     else:
@@ -314,19 +326,20 @@ def read_weights(directory: Path, framework: Literal["pt", "np"] = "pt") -> dict
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for malformed headers
-        raise ArtifactError(f"{path}: not a valid safetensors file ({exc})") from None
+        raise ArtifactError(f"{artifact_path(directory, WEIGHTS_FILE)}: not a valid safetensors file ({exc})") \
+            from None
 
 
 def weight_dtypes(directory: Path) -> set[str]:
     """The safetensors dtype names ("F32", "BF16", "I8", ...) of a version's weights, from the header only."""
     from safetensors import safe_open
 
-    path = directory / WEIGHTS_FILE
     try:
-        with safe_open(str(path), framework="np") as f:
+        with safe_open(str(directory / WEIGHTS_FILE), framework="np") as f:
             return {f.get_slice(name).get_dtype() for name in f.keys()}  # noqa: SIM118 (not a dict)
     except Exception as exc:  # a missing file or malformed header: read_weights says which
-        raise ArtifactError(f"{path}: not a valid safetensors file ({exc})") from None
+        raise ArtifactError(f"{artifact_path(directory, WEIGHTS_FILE)}: not a valid safetensors file ({exc})") \
+            from None
 
 
 def expected_shapes(shapes: dict[str, tuple[int, ...]], quantizable: list[str],
@@ -405,8 +418,12 @@ def read_assets(directory: Path, names: tuple[str, ...]) -> dict[str, bytes]:
     for name in names:
         path = directory / name
         if not path.exists():
-            raise ArtifactError(f"{path} is missing (the architecture needs it)")
-        assets[name] = path.read_bytes()
+            raise ArtifactError(f"{artifact_path(directory, name)} is missing (the architecture needs it)")
+        try:
+            assets[name] = path.read_bytes()
+        except OSError as exc:  # str(exc) would quote the server's path
+            raise ArtifactError(f"{artifact_path(directory, name)} cannot be read "
+                                f"({exc.strerror or type(exc).__name__})") from None
     return assets
 
 
@@ -424,10 +441,11 @@ def verify_files(directory: Path, config: ModelConfig) -> None:
         try:
             got = sha256_file(directory / name)
         except OSError as exc:
-            raise ArtifactError(f"{directory / name} cannot be read ({exc.strerror or exc}); {CONFIG_FILE} "
-                                f"records its sha256") from None
+            raise ArtifactError(f"{artifact_path(directory, name)} cannot be read "
+                                f"({exc.strerror or type(exc).__name__}); {CONFIG_FILE} records its sha256") from None
         if got != want:
-            raise ArtifactError(f"{directory / name}: sha256 {got} differs from {want} recorded in {CONFIG_FILE}")
+            raise ArtifactError(f"{artifact_path(directory, name)}: sha256 {got} differs from {want} recorded in "
+                                f"{CONFIG_FILE}")
 
 
 def write_artifact(directory: Path, config: ModelConfig, weights: dict[str, torch.Tensor],

@@ -7,6 +7,7 @@ local cache folder (checking its sha256 sums), and later loads, in this process 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from models.artifact import ArtifactError
 from models.loaded import LoadedModel
 from models.repository import Repository
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -118,7 +121,8 @@ class ModelCache:
         try:
             model = self._load(name, version)
         except ArtifactError as exc:  # every request would load it again: let it rest a while
-            self._failures[key] = (time.monotonic() + self.load_retry_s, str(exc))
+            log.warning("model %r version %d of %r failed to load: %s", name, version, self.repository, exc)
+            self._failures[key] = (time.monotonic() + self.load_retry_s, self.repository.for_callers(str(exc)))
             raise
         self._failures.pop(key, None)
         with self._lock:
@@ -130,8 +134,9 @@ class ModelCache:
 
     def load_failure(self, name: str, version: int) -> str | None:
         """Why the version's last load failed, until a load of it succeeds: readiness must say it is not ready,
-        also once `load_retry_s` has passed and before anything asks for it again. (A read of one entry needs
-        no lock: the entry is replaced whole.)"""
+        also once `load_retry_s` has passed and before anything asks for it again. It is said to callers, so it
+        names files as `<name>/<version>/<file>`, not where the server keeps them (`Repository.for_callers`).
+        (A read of one entry needs no lock: the entry is replaced whole.)"""
         failed = self._failures.get((name, version))
         return None if failed is None else failed[1]
 

@@ -21,6 +21,7 @@ from models.artifact import (
     WEIGHTS_FILE,
     ArtifactError,
     ModelConfig,
+    artifact_path,
     read_assets,
     read_config,
     read_weights,
@@ -98,6 +99,25 @@ class Repository(ABC):
 
     def __init__(self) -> None:
         self._configs: dict[tuple[str, int], ModelConfig] = {}
+
+    def _locations(self) -> list[str]:
+        """Where this repository keeps its files, as messages may quote them: absolute folders and URIs."""
+        return [str(self.root)]
+
+    def for_callers(self, text: str) -> str:
+        """`text` (a failure's message) as the callers of a served API may read it: URL credentials masked and
+        this repository's own locations (its root, its local cache folder) cut away, so that a path inside it
+        reads `<name>/<version>/<file>` as `models.artifact.artifact_path` writes it. Messages are made that way
+        where they are raised; this is the boundary's second line, for one quoting a path anyway (an OSError's
+        str(), a library's message). The server's log may keep the full text."""
+        text = without_credentials(text)
+        for location in sorted({loc.rstrip("/") for loc in self._locations()}, key=len, reverse=True):
+            if location:  # never "" (the root "/"): that would cut every slash
+                # The location whole: not the end of a longer path, nor the start of a neighbour's name ("repo2",
+                # "repo.old"); a sentence's full stop may follow it.
+                pattern = r"(?<![\w.~/-])" + re.escape(location) + r"(?:/|(?![\w~-]|\.[\w~-]))"
+                text = re.sub(pattern, _in_repository, text)
+        return text
 
     @abstractmethod
     def names(self) -> list[str]:
@@ -194,6 +214,9 @@ class ModelRepository(Repository):
     def __repr__(self) -> str:
         return f"ModelRepository({str(self.root)!r})"
 
+    def _locations(self) -> list[str]:
+        return [str(self.root.absolute()), str(self.root.resolve())]
+
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
@@ -213,9 +236,11 @@ class ModelRepository(Repository):
     def local_folder(self, name: str, version: int) -> Path:
         folder = self.root / validate_model_name(name) / str(int(version))
         root = self.root.resolve()
-        for path in (folder, *(folder / f for f in (CONFIG_FILE, *ARTIFACT_FILES))):
+        for file in ("", CONFIG_FILE, *ARTIFACT_FILES):
+            path = folder / file if file else folder
             if path.exists() and not path.resolve().is_relative_to(root):  # a link out of the repository
-                raise ArtifactError(f"{path} leads outside the repository {root}; refusing to load it")
+                raise ArtifactError(f"{artifact_path(folder, file)} leads outside the repository; refusing to load "
+                                    "it")
         if self.verify:
             verify_files(folder, self.config(name, version))
         return folder
@@ -237,6 +262,11 @@ class ModelRepository(Repository):
                 version += 1
         write_artifact(self.root / name / str(version), config, weights, assets)
         return version
+
+
+def _in_repository(match: re.Match[str]) -> str:
+    """A repository location `for_callers` cuts away: a path under it keeps its part inside the repository."""
+    return "" if match.group().endswith("/") else "the model repository"
 
 
 def _valid_name(name: str) -> bool:

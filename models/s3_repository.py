@@ -85,6 +85,9 @@ class S3ModelRepository(Repository):
     def __repr__(self) -> str:
         return f"S3ModelRepository({self.root!r}, cache_dir={str(self.cache_dir)!r})"
 
+    def _locations(self) -> list[str]:
+        return [self.root, str(self.cache_dir.absolute()), str(self.cache_dir.resolve())]
+
     def _key(self, *parts: str | int) -> str:
         return "/".join(str(p) for p in (self.prefix, *parts) if p != "")
 
@@ -130,7 +133,7 @@ class S3ModelRepository(Repository):
             body.close()
         except (BotoCoreError, ClientError) as exc:
             raise self._fail(exc, f"model {name!r} version {version}") from None
-        return parse_config_bytes(raw, f"{self.root}/{name}/{version}/{CONFIG_FILE}")
+        return parse_config_bytes(raw, f"{name}/{version}/{CONFIG_FILE}")
 
     def local_folder(self, name: str, version: int) -> Path:
         """The version's files in the local cache folder, downloaded first unless a copy is there whose files
@@ -141,7 +144,7 @@ class S3ModelRepository(Repository):
         folder = self.cache_dir / name / str(version)
         config = self.config(name, version)
         if not config.files:
-            raise ArtifactError(f"{self.root}/{name}/{version}/{CONFIG_FILE}.files: no sha256 sums recorded; "
+            raise ArtifactError(f"{name}/{version}/{CONFIG_FILE}.files: no sha256 sums recorded; "
                                 "republish with `maas models publish`")
         if (folder / CONFIG_FILE).exists():
             try:
@@ -155,33 +158,41 @@ class S3ModelRepository(Repository):
                     folder.rename(stale)
                 shutil.rmtree(stale, ignore_errors=True)
         staging = folder.parent / f".{version}.{uuid.uuid4().hex}"
-        staging.mkdir(parents=True)
         try:
+            staging.mkdir(parents=True)
             for file_name, want in config.files.items():
-                self._download(self._key(name, version, file_name), staging / file_name, want)
+                self._download(name, version, file_name, staging / file_name, want)
             (staging / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2) + "\n")
             try:
                 staging.rename(folder)
             except OSError:  # another thread or process finished the same download first
                 if not (folder / CONFIG_FILE).exists():
                     raise
+        except RepositoryError:
+            raise
+        except OSError as exc:  # the local cache folder (full, read-only): str(exc) would quote its path
+            log.error("cannot write the local copy of %s/%s/%d under %s: %s", self.root, name, version,
+                      self.cache_dir, exc)
+            raise RepositoryError(f"cannot write the local copy of {name}/{version} "
+                                  f"({exc.strerror or type(exc).__name__}); the server's log says where") from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return folder
 
-    def _download(self, key: str, path: Path, sha256: str) -> None:
+    def _download(self, name: str, version: int, file_name: str, path: Path, sha256: str) -> None:
+        where = f"{name}/{version}/{file_name}"  # as models.artifact.artifact_path names it
         digest = hashlib.sha256()
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(name, version, file_name))["Body"]
             with path.open("wb") as f:
                 for chunk in body.iter_chunks(1 << 20):
                     digest.update(chunk)
                     f.write(chunk)
         except (BotoCoreError, ClientError) as exc:
-            raise self._fail(exc, f"s3://{self.bucket}/{key}") from None
+            raise self._fail(exc, where) from None
         if digest.hexdigest() != sha256:
-            raise ArtifactError(f"s3://{self.bucket}/{key}: sha256 {digest.hexdigest()} differs from {sha256} "
-                                f"recorded in {CONFIG_FILE}; refusing to load it")
+            raise ArtifactError(f"{where}: sha256 {digest.hexdigest()} differs from {sha256} recorded in "
+                                f"{CONFIG_FILE}; refusing to load it")
 
     def _claim(self, name: str, start: int) -> int:
         body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}).encode()

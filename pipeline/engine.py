@@ -142,7 +142,8 @@ class InferenceEngine:
         except ModelNotFoundError as exc:
             raise InferenceError(ErrorCode.MODEL_NOT_FOUND, exc.message) from None
         except ArtifactError as exc:
-            raise InferenceError(ErrorCode.INTERNAL, f"model {name!r} is misconfigured: {exc}") from None
+            raise InferenceError(ErrorCode.INTERNAL, f"model {name!r} is misconfigured: "
+                                 f"{self.cache.repository.for_callers(str(exc))}") from None
         if len(self._configs) >= self._max_cached_configs:
             self._configs.clear()  # bounded: names come from callers
         self._configs[key] = (time.monotonic() + self.cache.latest_ttl_s, resolved, config)
@@ -272,8 +273,9 @@ class InferenceEngine:
         evictions = self.cache.stats.evictions
         try:
             model, loaded = await self._in_executor(self._load_on_model_thread, *key)
-        except (ArtifactError, ModelNotFoundError, OSError) as exc:
-            raise load_failed(name, version, str(exc)) from None
+        except (ArtifactError, ModelNotFoundError, OSError) as exc:  # messages name no server folder; cut any
+            reason = exc.message if isinstance(exc, ModelNotFoundError) else str(exc)  # without its `where`
+            raise load_failed(name, version, self.cache.repository.for_callers(reason)) from None
         if not loaded:  # another request loaded it meanwhile
             MODEL_CACHE.labels("hit").inc()
             return model

@@ -4,8 +4,10 @@ answered in order; process knobs reach the model thread."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -19,8 +21,10 @@ from prometheus_client import REGISTRY
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import pipeline.engine as engine_module
+from models.artifact import ArtifactError
 from models.cache import ModelCache
 from models.examples import MNIST_MLP, mnist_mlp_config, synthetic_digits, train_mnist_mlp
+from models.repository import ModelRepository
 from pipeline.backpressure import Slots
 from pipeline.engine import InferenceEngine
 from pipeline.errors import ErrorCode, InferenceError
@@ -126,6 +130,35 @@ async def test_a_model_that_loses_rows_fails_its_batch_with_an_internal_error_an
     assert [(o.code, o.request_id) for o in broken] == [(ErrorCode.INTERNAL, f"b{i}") for i in range(3)]
     assert "one row per input row" in broken[0].message
     assert fine.outputs["class"].shape == (1,)
+
+
+class _QuotesItsFolder(ModelRepository):
+    """A repository whose load failures quote where it keeps its files, as an OSError's str() does (a disk read
+    error) or a library's message may: the engine's answers and the cache's readiness reason cut that away."""
+
+    def load(self, name, version, device=None):
+        path = self.root / name / str(version) / "model.safetensors"
+        if name == "unreadable":
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        raise ArtifactError(f"{path}: not a valid safetensors file (header of {self.root})")
+
+
+async def test_a_load_failure_that_quotes_the_repository_folder_reaches_no_caller_with_it(repository):
+    for name in ("unreadable", "garbled"):
+        shutil.copytree(repository.root / MNIST_MLP / "1", repository.root / name / "1")
+    images, _ = synthetic_digits(1, seed=7)
+    quoting = _QuotesItsFolder(repository.root)
+    async with InferenceEngine(ModelCache(quoting)) as engine:
+        outcomes = await engine.infer_many([digit_request(name, images[0], model_name=name)
+                                            for name in ("unreadable", "garbled")])
+        failure = engine.cache.load_failure("garbled", 1)
+    assert [(o.code, o.message) for o in outcomes] == [
+        (ErrorCode.INTERNAL, "model 'unreadable' version 1 failed to load: [Errno 5] Input/output error: "
+                             "'unreadable/1/model.safetensors'"),
+        (ErrorCode.INTERNAL, "model 'garbled' version 1 failed to load: garbled/1/model.safetensors: not a valid "
+                             "safetensors file (header of the model repository)"),
+    ]
+    assert failure == "garbled/1/model.safetensors: not a valid safetensors file (header of the model repository)"
 
 
 async def test_loads_evictions_and_cache_bytes_reach_the_metrics(repository):

@@ -115,6 +115,54 @@ async def test_a_model_that_failed_to_load_is_not_ready_until_a_load_succeeds(re
             assert {"name": "broken", "version": "1", "state": "READY", "reason": ""} in await r.json()
 
 
+def _truncate_weights(folder):
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:100])
+
+
+def _unhashed_garbage_weights(folder):  # no sums recorded: the safetensors reader finds the fault
+    config = orjson.loads((folder / "config.json").read_bytes())
+    del config["files"]
+    (folder / "config.json").write_bytes(orjson.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"garbage")
+
+
+@pytest.mark.parametrize(("fault", "message"), [
+    (_truncate_weights, "model 'broken' version 1 failed to load: broken/1/model.safetensors: sha256 "),
+    (lambda folder: (folder / "model.safetensors").unlink(),
+     "model 'broken' version 1 failed to load: broken/1/model.safetensors cannot be read (No such file or directory)"),
+    (_unhashed_garbage_weights,
+     "model 'broken' version 1 failed to load: broken/1/model.safetensors: not a valid safetensors file"),
+    (lambda folder: (folder / "config.json").write_text("{not json"),
+     "model 'broken' is misconfigured: broken/1/config.json: invalid JSON"),
+], ids=["sha256", "missing", "not-safetensors", "config"])
+async def test_a_failed_load_names_the_file_but_never_the_servers_folders(repository, tmp_path, fault, message):
+    """Infer errors, readiness, the index and the load endpoint quoted the repository's folder
+    (/srv/models/broken/1/model.safetensors: ...): where a server keeps its files is none of its callers'
+    business. They name the file inside the version, and what is wrong with it."""
+    shutil.copytree(repository.root / MNIST_MLP / "1", repository.root / "broken" / "1")
+    fault(repository.root / "broken" / "1")
+    answers = []
+    async with serving(repository, load_retry_s=0) as (http, _, _):
+        async with http.post("/v2/models/broken/infer", json=json_request()) as r:
+            assert r.status == 500 and r.headers["x-maas-error-code"] == "INTERNAL"
+            answers.append((await r.json())["error"])
+        assert answers[0].startswith(message)
+        for path in ("/v2/models/broken/ready", "/v2/models/broken/versions/1/ready"):
+            async with http.get(path) as r:
+                assert r.status in (400, 500)
+                answers.append((await r.json())["error"])
+        async with http.post("/v2/repository/index") as r:
+            answers.append(await r.text())
+        async with http.post("/v2/repository/models/broken/load") as r:
+            assert r.status == 500
+            answers.append((await r.json())["error"])
+    assert all(answer.startswith(message) for answer in answers[1:3] + answers[4:]), answers
+    if "failed to load" in message:  # the index lists the version as failed, saying why
+        assert f"failed to load: {message.partition('failed to load: ')[2]}" in answers[3]
+    for answer in answers:
+        assert str(tmp_path) not in answer and str(tmp_path.resolve()) not in answer, answer
+
+
 async def test_infer_json_concurrent_clients_are_batched(repository):
     async with serving(repository) as (http, _api, _):
         images, labels = synthetic_digits(64, seed=5)

@@ -15,7 +15,9 @@ import torch
 from models.architectures import architecture_class
 from models.architectures.mlp import MLP
 from models.artifact import (
+    CONFIG_FILE,
     MAX_CONFIG_BYTES,
+    TOKENIZER_FILE,
     WEIGHTS_FILE,
     ArtifactError,
     ModelConfig,
@@ -315,6 +317,61 @@ def test_a_version_linked_from_outside_the_repository_is_refused(repository, tmp
     (repository.root / "half" / "1" / WEIGHTS_FILE).symlink_to(outside / WEIGHTS_FILE)
     with pytest.raises(ArtifactError, match=r"model\.safetensors leads outside the repository"):
         repository.load("half", 1)
+
+
+def test_load_failures_name_files_inside_the_version_never_the_servers_folders(repository, tmp_path, caplog):
+    """The messages quoted the repository's folder (and where a link led): they reach a served API's callers,
+    as its infer errors and readiness. They name `<name>/<version>/<file>`; the server's log says where the
+    repository is."""
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(repository.root / MNIST_MLP / "1", outside)
+    (repository.root / "linked").mkdir()
+    (repository.root / "linked" / "1").symlink_to(outside, target_is_directory=True)
+    cache = ModelCache(repository)
+    with pytest.raises(ArtifactError) as linked:
+        cache.get("linked", 1)
+    assert str(linked.value) == "linked/1 leads outside the repository; refusing to load it"
+    assert cache.load_failure("linked", 1) == str(linked.value)
+    assert any(str(repository.root) in r.getMessage() and "linked/1 leads outside" in r.getMessage()
+               for r in caplog.records), "the log keeps where the repository is"
+
+    unchecked = ModelRepository(repository.root, verify=False)
+    unchecked.publish("sentiment", sentiment_config(), *train_sentiment(steps=1))
+    tokenizer = repository.root / "sentiment" / "1" / TOKENIZER_FILE
+    tokenizer.unlink()
+    with pytest.raises(ArtifactError) as missing:
+        unchecked.load("sentiment", 1)
+    assert str(missing.value) == "sentiment/1/tokenizer.json is missing (the architecture needs it)"
+    tokenizer.mkdir()  # an unreadable file: its OSError's str() quoted the path
+    with pytest.raises(ArtifactError) as unreadable:
+        unchecked.load("sentiment", 1)
+    assert str(unreadable.value) == "sentiment/1/tokenizer.json cannot be read (Is a directory)"
+    folder = repository.root / "odd" / "1"
+    (folder / CONFIG_FILE).mkdir(parents=True)
+    with pytest.raises(ArtifactError) as config:
+        read_config(folder)
+    assert str(config.value) == "odd/1/config.json cannot be read (Is a directory)"
+    for error in (linked, missing, unreadable, config):
+        assert str(tmp_path) not in str(error.value)
+
+
+def test_for_callers_cuts_the_repositorys_locations_from_a_message(tmp_path, monkeypatch):
+    """The boundary's second line: a message quoting a path inside the repository anyway keeps only its part
+    inside; the root alone becomes words; a neighbour folder, a root of "/" and URL credentials are handled."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    repository = ModelRepository(tmp_path / "link")
+    text = (f"[Errno 5] Input/output error: '{tmp_path}/link/m/3/model.safetensors'; {real}/m/3/config.json; "
+            f"root {tmp_path}/link, {real}. next door: {tmp_path}/link2/x, {tmp_path}/link.old; "
+            "http://user:secret@host/x")
+    assert repository.for_callers(text) == (
+        "[Errno 5] Input/output error: 'm/3/model.safetensors'; m/3/config.json; root the model repository, "
+        f"the model repository. next door: {tmp_path}/link2/x, {tmp_path}/link.old; http://***@host/x")
+    monkeypatch.chdir(tmp_path)
+    relative = ModelRepository("real")
+    assert relative.for_callers(f"{real}/m/1/model.safetensors: bad") == "m/1/model.safetensors: bad"
+    assert ModelRepository("/").for_callers("/srv/m/1/model.safetensors") == "/srv/m/1/model.safetensors"
 
 
 def test_a_local_version_whose_files_changed_since_publishing_is_refused(repository):

@@ -37,6 +37,8 @@ from models.publish import publish_model, read_checkpoint, read_source
 from models.repository import ModelNotFoundError, ModelRepository, RepositoryError, open_repository
 from models.s3_repository import S3ModelRepository, parse_s3_uri
 from models.text import WordIndexTokenizer
+from pipeline.engine import InferenceEngine
+from pipeline.errors import InferenceError
 from pipeline.services import aws_client
 
 WORDS = [f"w{i}" for i in range(40)]
@@ -372,7 +374,7 @@ def test_s3_repository_publish_list_load_and_cache(live, s3, tmp_path, repositor
     # A corrupted object is refused by a cold cache, while a warm cache folder keeps serving the verified copy.
     s3.put_object(Bucket=live.batch_bucket, Key="zoo/prod/mnist_mlp/2/model.safetensors", Body=b"corrupt")
     cold = open_repository(uri, lambda: s3, cache_dir=tmp_path / "cold")
-    with pytest.raises(ArtifactError, match=r"sha256 .* differs"):
+    with pytest.raises(ArtifactError, match=r"^mnist_mlp/2/model\.safetensors: sha256 .* differs"):
         cold.load(MNIST_MLP, 2)
     assert not (tmp_path / "cold" / live.batch_bucket / "zoo/prod" / MNIST_MLP / "2").exists()
     warm = open_repository(uri, lambda: s3, cache_dir=tmp_path / "cache")
@@ -401,6 +403,34 @@ def test_s3_cache_folder_is_used_only_while_it_matches_the_store(live, s3, tmp_p
     served = open_repository(uri, lambda: s3, cache_dir=cache_dir).load(MNIST_MLP, 1).infer(image)
     np.testing.assert_allclose(served["probabilities"], 0.1, rtol=1e-6)
     assert not any(p.name.startswith(".") for p in cached.parent.parent.iterdir())  # no staging or stale left
+
+
+async def test_s3_load_failures_name_the_file_inside_the_version_never_the_bucket_or_the_cache_folder(
+        live, s3, tmp_path, repository):
+    """They quoted s3://bucket/prefix/<name>/<version>/<file> and the local cache folder's path: where a server
+    keeps its models is none of its callers' business (the server's log says it)."""
+    uri = f"s3://{live.batch_bucket}/private/models"
+    repo = open_repository(uri, lambda: s3, cache_dir=tmp_path / "cache")
+    mnist = read_weights(repository.local_folder(MNIST_MLP, 1))
+    for name in ("gone", "corrupt", "unwritable"):
+        assert repo.publish(name, mnist_mlp_config(), mnist) == 1
+    s3.delete_object(Bucket=live.batch_bucket, Key="private/models/gone/1/model.safetensors")
+    s3.put_object(Bucket=live.batch_bucket, Key="private/models/corrupt/1/model.safetensors", Body=b"corrupt")
+    repo.cache_dir.mkdir(parents=True)
+    (repo.cache_dir / "unwritable").write_bytes(b"")  # a file where the model's cache folder goes
+    messages = {}
+    async with InferenceEngine(ModelCache(repo)) as engine:
+        for name in ("gone", "corrupt", "unwritable"):
+            with pytest.raises(InferenceError) as failed:
+                await engine.load(name, 1)
+            messages[name] = failed.value.message
+    assert messages["gone"] == "model 'gone' version 1 failed to load: gone/1/model.safetensors: not found"
+    assert messages["corrupt"].startswith("model 'corrupt' version 1 failed to load: corrupt/1/model.safetensors: "
+                                          "sha256 ")
+    assert messages["unwritable"] == ("model 'unwritable' version 1 failed to load: cannot write the local copy of "
+                                      "unwritable/1 (Not a directory); the server's log says where")
+    for message in messages.values():
+        assert live.batch_bucket not in message and str(tmp_path) not in message, message
 
 
 def test_s3_version_claims_never_collide(live, s3, tmp_path):

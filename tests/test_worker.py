@@ -132,7 +132,8 @@ async def test_bad_requests_get_clear_answers_and_batch_mates_still_run(fast):
 
 async def test_a_model_that_cannot_load_is_retried_then_dead_lettered(fast):
     """Its dead letters name the request (maas-request-id): they keep the record's key, here a caller's partition
-    key, which the ResultCollector took for the request id."""
+    key, which the ResultCollector took for the request id. Their message names the file inside the version, not
+    the server's folder (it quoted the repository's path)."""
     repository = ModelRepository(fast.model_repository)
     version = repository.publish("fragile", mnist_mlp_config(), train_mnist_mlp(steps=1))
     (repository.root / "fragile" / str(version) / "model.safetensors").write_bytes(b"corrupted")
@@ -146,7 +147,10 @@ async def test_a_model_that_cannot_load_is_retried_then_dead_lettered(fast):
     for request in requests:
         answer = answers[request["id"]]
         assert answer.kind == "dead_letter" and answer.body["error"]["code"] == "INTERNAL"
-        assert "failed to load" in answer.body["error"]["message"]
+        message = answer.body["error"]["message"]
+        assert message.startswith(f"model 'fragile' version {version} failed to load: fragile/{version}/"
+                                  "model.safetensors: sha256 "), message
+        assert str(repository.root) not in message and answer.body["headers"]["maas-error-message"] == message
         assert answer.body["headers"]["maas-attempts"] == "2"
         assert answer.body["headers"]["maas-request-id"] == answer.body["id"] == request["id"]
     dead = await read_topic(fast, fast.topics.dlq, 3)
