@@ -17,7 +17,7 @@ baseline is the dense bf16 ``F.linear`` it replaces, the compiled one ``torch.co
 ``linear_fp8`` (activations quantized per row on the way in, inside the timed call) both are the bf16
 ``F.linear`` + bias + ReLU it would replace.
 
-Usage: ``python bench/kernels.py [--quick] [--no-compile] [--only OP]``; ``--plot RESULTS.json`` only redraws
+Usage: ``python bench/kernels.py [--quick] [--no-compile] [--only OP ...]``; ``--plot RESULTS.json`` only redraws
 a saved run's chart beside it (no GPU needed). Without a CUDA GPU it says so and
 exits 0.
 """
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer sizes")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    parser.add_argument("--only", help="benchmark only this op")
+    parser.add_argument("--only", nargs="+", metavar="OP", help="benchmark only these ops")
     parser.add_argument("--plot", type=Path, metavar="JSON", help="only redraw the chart of a saved kernels.json")
     opts = parser.parse_args(argv)
     if opts.plot:
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'op':<15} {'size':<30} {'triton ms':>10} {'rate':>16} {'x eager':>8} {'x compile':>9} "
           f"{'graph ms':>9} {'x eager':>8}  tiles")
     for case in cases(opts.quick):
-        if opts.only and case.op != opts.only:
+        if opts.only and case.op not in opts.only:
             continue
         row = run(case, not opts.no_compile)
         rows.append(row)  # saved after every row: a run cut short by a time limit still leaves its rows
