@@ -204,7 +204,8 @@ def token_benchmark(device: torch.device, compile_on: bool, budget: float, batch
             if compiled is not None:
                 ways["compile" if compile_mode == "default" else f"compile:{compile_mode}"] = compiled
             if device.type == "cuda":
-                ways["kernels+graph"] = model.graphed  # the whole batch padded to one bucket, replayed
+                lengths = mask.sum(dim=1, dtype=torch.int32)  # the whole batch padded to one bucket, replayed
+                ways["kernels+graph"] = lambda ids, _mask, graphed=model.graphed, lengths=lengths: graphed(ids, lengths)
             ways["served"] = _on_cpu_tokens(model.run_tokens, ids, mask)
             if device.type == "cuda":
                 ways["served whole"] = _unsplit(ways["served"])
@@ -260,12 +261,12 @@ def _on_cpu_tokens(run_tokens, ids: torch.Tensor, mask: torch.Tensor):
 
 
 def _moved_first(model):
-    """``model.run_tokens`` with each group's token ids moved to the GPU (pinned, without waiting) before its graph
-    takes them, rather than by the graph from the CPU."""
+    """``model.run_tokens`` with each group's token ids and lengths moved to the GPU (pinned, without waiting) before
+    its graph takes them, rather than by the graph from the CPU."""
     graphed = model.graphed
 
     def run_tokens(ids, mask):
-        model.graphed = lambda ids, mask: graphed(model._to_device(ids), model._to_device(mask))
+        model.graphed = lambda ids, lengths: graphed(model._to_device(ids), model._to_device(lengths))
         try:
             return type(model).run_tokens(model, ids, mask)
         finally:

@@ -92,6 +92,12 @@ def _bucket_table(low: int, high: int) -> np.ndarray:
 Forward = Callable[..., dict[str, torch.Tensor]]
 
 
+def _in_bucket(shape: tuple[int, ...], x: torch.Tensor) -> tuple[int, ...]:
+    """The shape of input ``x`` padded to the bucket ``shape``: its bucketed leading dimensions, as many as it has
+    (a per-row input, such as the lengths of a batch of texts, has the batch dimension only), then its own."""
+    return (*shape[: x.dim()], *x.shape[len(shape):])
+
+
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` on ``device``; from the CPU to a GPU through pinned memory, without waiting: a copy from pageable
     memory first waits for all the GPU work queued before it, which leaves the GPU idle from that work's end
@@ -126,8 +132,9 @@ class GraphedForward:
     """``fn(*inputs) -> {name: tensor}``, with every input and output batch-first, replayed from graphs.
 
     ``pad_values[i]`` fills input i's padding; ``max_shape``/``min_shape`` bound the bucketed leading
-    dimensions (inputs beyond ``max_shape`` or ``max_elements`` run eagerly: their launches are amortized
-    and their graphs would hold too much memory). At most ``max_graphs`` buckets stay captured (least
+    dimensions, which the first input has all of (another may have fewer: it is bucketed along those). Inputs
+    beyond ``max_shape`` or ``max_elements`` run eagerly: their launches are amortized and their graphs would
+    hold too much memory. At most ``max_graphs`` buckets stay captured (least
     recently used evicted); they share one memory pool, which is safe because replays are serialized and
     their outputs cloned at once, and which makes a graph cost about its outputs beyond the largest graph's
     intermediates: 40 cover the 35 buckets (7 batch x 5 length) of a text model batching up to 64 rows.
@@ -245,15 +252,14 @@ class GraphedForward:
 
     def _padded(self, shape: tuple[int, ...], inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """New tensors of the bucket's ``shape`` holding ``inputs``, padded."""
-        padded = [torch.empty((*shape, *x.shape[len(shape):]), dtype=x.dtype, device=x.device) for x in inputs]
+        padded = [torch.empty(_in_bucket(shape, x), dtype=x.dtype, device=x.device) for x in inputs]
         self._load(padded, inputs)
         return padded
 
     def _build(self, key: tuple, shape: tuple[int, ...], inputs: Sequence[torch.Tensor],
                host: bool) -> _Bucket | None:
         if host:
-            static_inputs = [torch.empty((*shape, *x.shape[len(shape):]), dtype=x.dtype, device=self.device)
-                             for x in inputs]
+            static_inputs = [torch.empty(_in_bucket(shape, x), dtype=x.dtype, device=self.device) for x in inputs]
         else:
             static_inputs = self._padded(shape, self._moved(inputs))
         entry = _Bucket(static_inputs, None, None)

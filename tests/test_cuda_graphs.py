@@ -175,7 +175,7 @@ def test_a_padded_minilm_batch_gives_the_embeddings_of_the_unpadded_one():
     longest = int(mask.sum(dim=1).max())  # the tokenizer pads to a multiple of 16: trim to the real tokens
     ids, mask = ids[:, :longest], mask[:, :longest]
     with torch.inference_mode():
-        got = model.graphed(ids, mask)["embedding"]  # padded to 4 rows and 16 positions
+        got = model.graphed(ids, mask.sum(dim=1, dtype=torch.int32))["embedding"]  # padded to 4 rows x 16 tokens
         want = model.forward_tokens(ids, mask)["embedding"]
     assert ids.shape[1] < 16
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -190,9 +190,9 @@ def test_minilm_encodes_a_batch_of_short_and_long_texts_group_by_group(monkeypat
     long = "Events flow through Kafka topics to stateless workers that batch them per model. " * 3
     texts = np.array([b"Hi", long.encode(), b"A man is eating food.", (long * 2).encode(), b"Kafka."], dtype=object)
     widths = []
-    forward_tokens = model.forward_tokens
-    monkeypatch.setattr(model, "forward_tokens", lambda ids, mask: widths.append(tuple(ids.shape))
-                        or forward_tokens(ids, mask))
+    forward_tokens, forward_lengths = model.forward_tokens, model.forward_lengths
+    monkeypatch.setattr(model, "forward_lengths", lambda ids, lengths: widths.append(tuple(ids.shape))
+                        or forward_lengths(ids, lengths))
     monkeypatch.setattr(transformer, "MIN_SAVED_POSITIONS", 1)
     with torch.inference_mode():
         got = model.run({"text": texts})["embedding"]

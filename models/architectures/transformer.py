@@ -182,26 +182,29 @@ class TransformerEncoder(Architecture):
         """What serving runs on token ids (on the CPU, as the tokenizer makes them; lengths read from a GPU
         mask cost a sync): the rows grouped by length (:func:`models.cuda_graphs.length_groups`), each group
         padded to its own length bucket only and encoded apart, replayed from its CUDA graph on a GPU (which
-        takes the group's token ids from the CPU itself, through its pinned copies), launched kernel by kernel
-        elsewhere; the results are put back in row order."""
+        takes the group's token ids and lengths from the CPU itself, through its pinned copies), launched kernel
+        by kernel elsewhere; the results are put back in row order."""
         if self.device.type == "cuda" and cuda_graphs.enabled():
             encode = self.graphed
         else:
-            def encode(ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-                return self.forward_tokens(self._to_device(ids), self._to_device(mask))
-        groups = []  # a batch too small for any split to save enough: its lengths are not even read
-        if mask.numel() >= MIN_SAVED_POSITIONS:  # lengths in numpy: torch's bool sums on a CPU cost more
-            lengths = mask.numpy().sum(axis=1) if mask.device.type == "cpu" else mask.sum(dim=1).cpu().numpy()
-            groups = cuda_graphs.length_groups(lengths, PAD_MULTIPLE, self.p["max_length"], MIN_SAVED_POSITIONS)
+            def encode(ids: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+                return self.forward_lengths(self._to_device(ids), self._to_device(lengths))
+        if mask.device.type == "cpu":  # in numpy: torch's bool sums on a CPU cost more
+            lengths = torch.from_numpy(mask.numpy().sum(axis=1, dtype=np.int32))
+        else:
+            lengths = mask.sum(dim=1, dtype=torch.int32)
+        groups = []  # a batch too small for any split to save enough: not grouped
+        if mask.numel() >= MIN_SAVED_POSITIONS:
+            groups = cuda_graphs.length_groups(lengths.cpu().numpy(), PAD_MULTIPLE, self.p["max_length"],
+                                               MIN_SAVED_POSITIONS)
         if len(groups) <= 1:
-            return encode(ids, mask)
+            return encode(ids, lengths)
         # Each group's rows go to the device just before it runs, without waiting (pinned copies): on a GPU the
         # host gathers the next group while the previous one's replay runs.
         outputs: dict[str, torch.Tensor] = {}
         for length, rows in groups:
             index = torch.from_numpy(rows).to(ids.device)
-            width = min(length, ids.shape[1])
-            part = encode(ids.index_select(0, index)[:, :width], mask.index_select(0, index)[:, :width])
+            part = encode(ids.index_select(0, index)[:, :min(length, ids.shape[1])], lengths.index_select(0, index))
             index = self._to_device(index)
             for name, t in part.items():
                 if name not in outputs:
@@ -213,12 +216,14 @@ class TransformerEncoder(Architecture):
         return cuda_graphs.to_device(t, self.device)
 
     def graph_arguments(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encode(inputs["text"])  # one graph's inputs; `run` groups the rows first
+        """One graph's inputs, token ids and each row's length, on the CPU (`run` groups the rows first)."""
+        ids, mask = self.tokenizer.encode(texts_of(inputs["text"]))
+        return ids, mask.sum(dim=1, dtype=torch.int32)
 
     def graph_buckets(self) -> dict[str, Any]:
-        # Batch x token length, padding masked out; up to 64k tokens per graph (256 x 256, 512 x 128): past
-        # that the launches are amortized anyway.
-        return {"pad_values": (0, False), "max_shape": (self.graph_max_batch, self.p["max_length"]),
+        # Batch x token length (the lengths bucketed along the batch only), padding rows of length 0; up to 64k
+        # tokens per graph (256 x 256, 512 x 128): past that the launches are amortized anyway.
+        return {"pad_values": (0, 0), "max_shape": (self.graph_max_batch, self.p["max_length"]),
                 "min_shape": (1, PAD_MULTIPLE), "max_elements": 65536}
 
     def reference_forward(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -226,25 +231,28 @@ class TransformerEncoder(Architecture):
 
     def forward_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """The encoder on token ids ``[B, S]`` and their padding mask, right-padded as the tokenizer makes it
-        (attention reads it as each row's length): what the GPU runs, timed apart from the tokenizer (which runs
-        on the CPU whatever the device) by ``bench/models.py``."""
+        (read as each row's length): what the GPU runs, timed apart from the tokenizer (which runs on the CPU
+        whatever the device) by ``bench/models.py``."""
+        return self.forward_lengths(ids, mask.sum(dim=1, dtype=torch.int32))
+
+    def forward_lengths(self, ids: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The encoder on token ids ``[B, S]`` whose row b holds ``lengths[b]`` tokens, then padding: what a CUDA
+        graph records. The kernels take the padding as lengths (attention then skips the checks on full key
+        tiles, pooling never reads padding), so a graph's inputs are the ids and the lengths, not the mask: no
+        reduction over it in the graph, and one transfer less."""
         w, eps = self.weights, self.p["layer_norm_eps"]
         b, s = ids.shape
-        # The Triton kernel takes the padding as lengths, with which it skips checks on full key tiles; torch's
-        # attention wants the mask, which lengths would only be turned back into, layer by layer.
-        lengths = mask.sum(dim=1, dtype=torch.int32)
-        padding = {"key_lengths": lengths} if kernels.backend_for(mask) == "triton" else {"key_padding_mask": mask}
         h = kernels.embedding_norm(ids, w["embeddings.word_embeddings.weight"], w[POSITIONS],
                                    w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
         for i in range(self.p["num_layers"]):
             layer = f"encoder.layer.{i}"
             q, k, v = self._split_heads(self.dense(h, f"{layer}.attention.self.qkv"))
-            context = kernels.attention(q, k, v, **padding).transpose(1, 2).reshape(b, s, -1)  # a view on CUDA
+            context = kernels.attention(q, k, v, key_lengths=lengths).transpose(1, 2).reshape(b, s, -1)  # a view
             h = self._dense_norm(context, f"{layer}.attention.output", h)
             h = self._dense_norm(self.dense(h, f"{layer}.intermediate.dense", "gelu"), f"{layer}.output", h)
         return {"embedding": kernels.mean_pool(h, lengths, normalize=self.p["normalize"])}
 
-    forward_graph = forward_tokens  # what a CUDA graph of this encoder records
+    forward_graph = forward_lengths
 
     def reference_forward_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         w, eps, d = self.weights, self.p["layer_norm_eps"], self.p["hidden_size"]
