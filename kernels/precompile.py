@@ -23,6 +23,7 @@ where it can: they link against the NVIDIA driver's ``libcuda.so.1``, which a bu
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import threading
@@ -178,15 +179,39 @@ def _compile(numbered: tuple[int, dict]) -> tuple[CompiledKernel | None, str | N
     kernel = entry.get("kernel", "?")
     try:
         module, _, qualname = str(kernel).partition(":")
-        specialization = json.loads(entry["specialization"])
+        fn = jit_function(module, qualname)
+        specialization = _with_defaults(fn, json.loads(entry["specialization"]))
         specialization.setdefault("target", entry["target"])  # Tritons before 3.7 do not write it; 3.7 needs it
-        compiled = jit_function(module, qualname).preload(json.dumps(specialization))
+        compiled = fn.preload(json.dumps(specialization))
         compiled = compiled.result() if hasattr(compiled, "result") else compiled  # under an async compile mode
     except Exception as exc:  # reported, and the other binaries compile
         return None, f"binary {i} ({kernel}): {type(exc).__name__}: {str(exc)[:300]}"
     if compiled is None:  # a jit_cache_hook that returns true skips the compile
         return None, f"binary {i} ({kernel}): not compiled: Triton's jit_cache_hook skipped it"
     return compiled, None
+
+
+def _with_defaults(fn: JITFunction, specialization: dict) -> dict:
+    """``specialization`` with the constexpr parameters of ``fn`` that have a default and that it lacks set to
+    that default, as a launch that does not pass them compiles: a table recorded before the kernel gained them
+    (``USE_PDL``, see ``kernels.dispatch.pdl``) then still precompiles, into the binary and cache entry such a
+    launch looks up. Triton's preload fails on a signature without every parameter."""
+    signature = specialization.get("signature")
+    if not isinstance(signature, dict):
+        return specialization
+    missing = [p for p in fn.params if p.name not in signature and p.is_constexpr
+               and p.default is not inspect.Parameter.empty]
+    if not missing:
+        return specialization
+    named = {p.name for p in missing}
+    specialization["signature"] = {p.name: signature.get(p.name, "constexpr") for p in fn.params
+                                   if p.name in signature or p.name in named}
+    constants = [*zip(specialization["constant_keys"], specialization["constant_vals"], strict=True),
+                 *(([p.num], p.default) for p in missing)]
+    constants.sort(key=lambda pair: pair[0])  # in argument order, as a launch lists them
+    specialization["constant_keys"] = [key for key, _ in constants]
+    specialization["constant_vals"] = [value for _, value in constants]
+    return specialization
 
 
 def _first_line(exc: Exception) -> str:

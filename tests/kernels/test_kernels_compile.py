@@ -95,9 +95,17 @@ def test_recorded_binaries_precompile_elsewhere_into_the_same_cache_entries(tmp_
     first_three, target = entries["binaries"][:3], entries["binaries"][0]["target"]
     untargeted = json.loads(first_three[0]["specialization"])
     del untargeted["target"]  # as Tritons before 3.7 write it: the entry's target stands in, same binary
+    # As recorded before the kernel gained its defaulted USE_PDL: that default stands in, same binary.
+    older = json.loads(first_three[0]["specialization"])
+    assert first_three[0]["kernel"] == "kernels.linear:_linear_kernel" and "USE_PDL" in older["signature"]
+    position = list(older["signature"]).index("USE_PDL")
+    del older["signature"]["USE_PDL"]
+    kept = [(k, v) for k, v in zip(older["constant_keys"], older["constant_vals"], strict=True) if k != [position]]
+    older["constant_keys"], older["constant_vals"] = [k for k, _ in kept], [v for _, v in kept]
     gone = {"kernel": "kernels.linear:_gone", "target": target, "specialization": "{}"}
     entries["binaries"] = [first_three[0], gone, "not a binary", *first_three[1:],
-                           {**first_three[0], "specialization": json.dumps(untargeted)}]
+                           {**first_three[0], "specialization": json.dumps(untargeted)},
+                           {**first_three[0], "specialization": json.dumps(older)}]
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps(entries))
     partial = precompile(broken, tmp_path / "partial")
