@@ -75,6 +75,12 @@ class RepositoryError(OSError):
         super().__init__(without_credentials(message))
 
 
+class RepositoryUnavailableError(RepositoryError):
+    """The repository's store cannot be reached or answered with an error (S3 down, refusing connections, timing
+    out, throttling): a retry may succeed once it is back. Its message quotes the store's own, endpoint URL, bucket
+    and key included, for the server's log: callers are told that the repository is unavailable, not where it is."""
+
+
 def parse_version(version: str | int | None) -> int | None:
     """`None`, "" and "latest" mean the newest version; anything else must be a positive integer."""
     if version is None or version == "" or version == "latest":

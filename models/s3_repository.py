@@ -42,7 +42,7 @@ from models.artifact import (
     version_number,
     write_artifact,
 )
-from models.repository import ModelNotFoundError, Repository, RepositoryError
+from models.repository import ModelNotFoundError, Repository, RepositoryError, RepositoryUnavailableError
 
 if TYPE_CHECKING:
     import torch
@@ -94,7 +94,7 @@ class S3ModelRepository(Repository):
     def _fail(self, exc: Exception, what: str) -> Exception:
         if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in _NOT_FOUND:
             return ModelNotFoundError(f"{what}: not found", self.root)
-        return RepositoryError(f"{what} in {self.root}: {exc}")
+        return RepositoryUnavailableError(f"{what} in {self.root}: {exc}")
 
     def _list(self, prefix: str) -> list[str]:
         keys = []
@@ -102,7 +102,7 @@ class S3ModelRepository(Repository):
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
                 keys.extend(obj["Key"] for obj in page.get("Contents", []))
         except (BotoCoreError, ClientError) as exc:
-            raise RepositoryError(f"cannot list {self.root}: {exc}") from None
+            raise RepositoryUnavailableError(f"cannot list {self.root}: {exc}") from None
         return keys
 
     def _index(self, name: str | None = None) -> dict[str, list[int]]:

@@ -23,7 +23,7 @@ from models.artifact import ArtifactError, ModelConfig, TensorSpec, short_repr
 from models.cache import ModelCache
 from models.loaded import LoadedModel, default_device, device_type
 from models.numpy_models import NUMPY_WEIGHT_DTYPES, numpy_twin
-from models.repository import ModelNotFoundError, Repository, VersionError
+from models.repository import ModelNotFoundError, Repository, RepositoryUnavailableError, VersionError
 from pipeline.batcher import BatchKey, DynamicBatcher, Pending
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.metrics import (
@@ -144,6 +144,8 @@ class InferenceEngine:
         except ArtifactError as exc:
             raise InferenceError(ErrorCode.INTERNAL, f"model {name!r} is misconfigured: "
                                  f"{self.cache.repository.for_callers(str(exc))}") from None
+        except RepositoryUnavailableError as exc:
+            raise repository_unavailable(name, key[1], exc) from None
         if len(self._configs) >= self._max_cached_configs:
             self._configs.clear()  # bounded: names come from callers
         self._configs[key] = (time.monotonic() + self.cache.latest_ttl_s, resolved, config)
@@ -264,7 +266,8 @@ class InferenceEngine:
 
     async def load(self, name: str, version: int) -> LoadedModel:
         """A loaded model without leaving the loop; only a miss loads it, on the model thread (batches and the
-        repository extension's load request alike). A failure is an INTERNAL error that says what is wrong."""
+        repository extension's load request alike). A failure is an INTERNAL error that says what is wrong, a
+        repository that cannot be reached an UNAVAILABLE one (see `repository_unavailable`)."""
         key = (name, version)
         model = self.cache.peek(*key)
         if model is not None:
@@ -273,6 +276,8 @@ class InferenceEngine:
         evictions = self.cache.stats.evictions
         try:
             model, loaded = await self._in_executor(self._load_on_model_thread, *key)
+        except RepositoryUnavailableError as exc:  # an OSError too: its message quotes the store's endpoint
+            raise repository_unavailable(name, version, exc) from None
         except (ArtifactError, ModelNotFoundError, OSError) as exc:  # messages name no server folder; cut any
             reason = exc.message if isinstance(exc, ModelNotFoundError) else str(exc)  # without its `where`
             raise load_failed(name, version, self.cache.repository.for_callers(reason)) from None
@@ -416,6 +421,18 @@ class _Entry:
 def load_failed(name: str, version: int, reason: str) -> InferenceError:
     """The error of a version that cannot be loaded: its requests get it, its readiness reports it."""
     return InferenceError(ErrorCode.INTERNAL, f"model {name!r} version {version} failed to load: {reason}")
+
+
+def repository_unavailable(name: str, version: int | str | None, exc: RepositoryUnavailableError
+                           ) -> InferenceError:
+    """The error of a request whose model the repository cannot give now (S3 down or answering with an error):
+    UNAVAILABLE, as transient as the outage, so workers retry it and then dead-letter it, and HTTP answers 503,
+    which invites a retry. The store's own message, which quotes its endpoint URL, bucket and key, is logged only.
+    `version` None is "latest" (the lookup that failed would have resolved it)."""
+    label = "latest" if version is None else version
+    log.warning("model %r version %s: the model repository is unavailable: %s", name, label, exc)
+    return InferenceError(ErrorCode.UNAVAILABLE, f"model {name!r} version {label}: the model repository is "
+                          "unavailable; retry later")
 
 
 def _serves_torch_models(repository: Repository) -> bool:

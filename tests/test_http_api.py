@@ -12,13 +12,16 @@ import aiohttp
 import numpy as np
 import orjson
 import pytest
+from s3_support import assert_names_no_location, unreachable_s3
 
 from models.cache import ModelCache
-from models.examples import MNIST_MLP, synthetic_digits
+from models.examples import MNIST_MLP, mnist_mlp_config, synthetic_digits, train_mnist_mlp
+from models.repository import open_repository
 from pipeline.codec import decode_response, encode_request
 from pipeline.engine import InferenceEngine
 from pipeline.http_server import HttpServer
 from pipeline.ratelimit import ApiKeys, Limit, RateLimiter, TokenBucket
+from pipeline.services import aws_client
 from pipeline.v2_api import V2Api
 
 
@@ -161,6 +164,37 @@ async def test_a_failed_load_names_the_file_but_never_the_servers_folders(reposi
         assert f"failed to load: {message.partition('failed to load: ')[2]}" in answers[3]
     for answer in answers:
         assert str(tmp_path) not in answer and str(tmp_path.resolve()) not in answer, answer
+
+
+async def test_an_s3_outage_gets_503_unavailable_naming_the_model_not_the_endpoint(live, tmp_path):
+    """With S3 down, a model whose config was looked up failed its load with 500 and botocore's text (`Could not
+    connect to the endpoint URL: "http://host:port/bucket/key"`), and one not looked up yet with an opaque 500
+    "internal error": both are 503 UNAVAILABLE, which invites the retry that succeeds once S3 is back."""
+    s3 = aws_client(live, "s3")
+    repo = open_repository(f"s3://{live.batch_bucket}/served", lambda: s3, cache_dir=tmp_path / "cache")
+    for name in ("looked_up", "not_looked_up"):
+        assert repo.publish(name, mnist_mlp_config(), train_mnist_mlp(steps=1)) == 1
+    async with serving(repo) as (http, _, _):
+        async with http.get("/v2/models/looked_up/versions/1") as r:  # its config is known, its files not loaded
+            assert r.status == 200
+        repo.client = down = unreachable_s3()
+        answers = []
+        for method, path in [("POST", "/v2/models/looked_up/versions/1/infer"),
+                             ("POST", "/v2/models/not_looked_up/infer"),
+                             ("POST", "/v2/repository/models/not_looked_up/load"),
+                             ("GET", "/v2/models/not_looked_up/versions/1")]:
+            async with http.request(method, path, json=json_request()) as r:
+                answers.append((r.status, r.headers["x-maas-error-code"], (await r.json())["error"]))
+        repo.client = s3  # back: the retry is answered
+        async with http.post("/v2/models/not_looked_up/infer", json=json_request()) as r:
+            assert r.status == 200
+    unavailable = "the model repository is unavailable; retry later"
+    assert answers == [(503, "UNAVAILABLE", f"model 'looked_up' version 1: {unavailable}"),
+                       (503, "UNAVAILABLE", f"model 'not_looked_up' version latest: {unavailable}"),
+                       (503, "UNAVAILABLE", f"model 'not_looked_up' version latest: {unavailable}"),
+                       (503, "UNAVAILABLE", f"model 'not_looked_up' version 1: {unavailable}")]
+    for _, _, message in answers:
+        assert_names_no_location(message, repo, down)
 
 
 async def test_infer_json_concurrent_clients_are_batched(repository):

@@ -5,6 +5,7 @@ real all-MiniLM-L6-v2 weights, trained examples, int8 publishing, safe checkpoin
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from s3_support import assert_names_no_location, unreachable_s3
 
 from kernels.dispatch import INTERPRETER
 from models.architectures import ARCHITECTURES, build
@@ -38,7 +40,8 @@ from models.repository import ModelNotFoundError, ModelRepository, RepositoryErr
 from models.s3_repository import S3ModelRepository, parse_s3_uri
 from models.text import WordIndexTokenizer
 from pipeline.engine import InferenceEngine
-from pipeline.errors import InferenceError
+from pipeline.errors import ErrorCode, InferenceError
+from pipeline.protocol import InferenceRequest
 from pipeline.services import aws_client
 
 WORDS = [f"w{i}" for i in range(40)]
@@ -431,6 +434,46 @@ async def test_s3_load_failures_name_the_file_inside_the_version_never_the_bucke
                                       "unwritable/1 (Not a directory); the server's log says where")
     for message in messages.values():
         assert live.batch_bucket not in message and str(tmp_path) not in message, message
+
+
+async def test_an_s3_outage_tells_callers_the_repository_is_unavailable_never_where_it_is(live, s3, tmp_path,
+                                                                                        repository, caplog):
+    """botocore's messages quote the endpoint (`Could not connect to the endpoint URL: "http://127.0.0.1:PORT/
+    bucket/prefix/<name>/<version>/model.safetensors"`): a load failed with that text for its callers, and a lookup
+    that failed escaped the engine as a RepositoryError quoting s3://bucket/prefix. Both are UNAVAILABLE now (once
+    S3 is back, a retry succeeds), naming the model and version; the server's log keeps the whole failure."""
+    repo = open_repository(f"s3://{live.batch_bucket}/private/models", lambda: s3, cache_dir=tmp_path / "cache")
+    mnist = read_weights(repository.local_folder(MNIST_MLP, 1))
+    for name in ("looked_up", "not_looked_up"):
+        assert repo.publish(name, mnist_mlp_config(), mnist) == 1
+    image = np.zeros((1, 784), np.float32)
+    requests = [InferenceRequest(id=name, model_name=name, model_version=version, inputs={"input": image},
+                                 datatypes={"input": "FP32"})
+                for name, version in (("looked_up", "1"), ("not_looked_up", None))]
+    async with InferenceEngine(ModelCache(repo)) as engine:
+        await engine.model_config("looked_up", "1")  # its config is known; its files are not downloaded yet
+        repo.client = down = unreachable_s3()
+        with caplog.at_level(logging.WARNING):
+            outcomes = await engine.infer_many(requests)
+            with pytest.raises(InferenceError) as loading:
+                await engine.load("looked_up", 1)
+            with pytest.raises(InferenceError) as looking_up:
+                await engine.model_config("not_looked_up", "1")
+        repo.client = s3  # back: the next request is answered
+        assert (await engine.infer(requests[1])).model_version == 1
+    assert [(o.code, o.message) for o in outcomes] == [
+        (ErrorCode.UNAVAILABLE, "model 'looked_up' version 1: the model repository is unavailable; retry later"),
+        (ErrorCode.UNAVAILABLE, "model 'not_looked_up' version latest: the model repository is unavailable; retry "
+                                "later"),
+    ]
+    assert (loading.value.code, looking_up.value.code) == (ErrorCode.UNAVAILABLE, ErrorCode.UNAVAILABLE)
+    assert loading.value.message == outcomes[0].message
+    assert looking_up.value.message == ("model 'not_looked_up' version 1: the model repository is unavailable; "
+                                        "retry later")
+    for message in (*(o.message for o in outcomes), loading.value.message, looking_up.value.message):
+        assert_names_no_location(message, repo, down)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert down.meta.endpoint_url in logged and f"s3://{live.batch_bucket}/private/models" in logged
 
 
 def test_s3_version_claims_never_collide(live, s3, tmp_path):

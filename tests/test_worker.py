@@ -15,18 +15,19 @@ from aiokafka.errors import ConsumerStoppedError, KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 from prometheus_client import REGISTRY
+from s3_support import assert_names_no_location, unreachable_s3
 from worker_support import read_topic, running_worker, slow_repository, worker_process
 
 from infra.bootstrap import ensure_topics
 from infra.stack import LocalStack, free_port
 from models.cache import ModelCache
 from models.examples import MNIST_MLP, mnist_mlp_config, train_mnist_mlp
-from models.repository import ModelRepository
+from models.repository import ModelRepository, open_repository
 from pipeline.client import ResultCollector, example_requests, publish_requests
 from pipeline.engine import InferenceEngine
 from pipeline.kafka_worker import KafkaWorker, _Rebalance
 from pipeline.metrics import BatchRecord
-from pipeline.services import bootstrap
+from pipeline.services import aws_client, bootstrap
 from pipeline.settings import Settings
 
 
@@ -155,6 +156,38 @@ async def test_a_model_that_cannot_load_is_retried_then_dead_lettered(fast):
         assert answer.body["headers"]["maas-request-id"] == answer.body["id"] == request["id"]
     dead = await read_topic(fast, fast.topics.dlq, 3)
     assert {r.key for r in dead} == {b"tenant-7"}, "dead letters keep the original key"
+
+
+async def test_requests_met_by_an_s3_outage_are_retried_then_dead_lettered_as_unavailable(fast, tmp_path):
+    """With S3 down, a lookup's RepositoryError escaped the engine: dead-lettered at once as `unexpected failure:
+    RepositoryError('... in s3://bucket/prefix: Could not connect to the endpoint URL: "http://host:port/..."')`,
+    and a load failure quoted the same. Both are UNAVAILABLE, transient as the design has it: retried, then
+    dead-lettered, saying which model is unavailable and nothing of where the repository is."""
+    s3 = aws_client(fast, "s3")
+    repo = open_repository(f"s3://{fast.batch_bucket}/kafka/models", lambda: s3, cache_dir=tmp_path / "cache")
+    for name in ("looked_up", "not_looked_up"):
+        assert repo.publish(name, mnist_mlp_config(), train_mnist_mlp(steps=1)) == 1
+    looked_up, _ = example_requests(2, model="looked_up", prefix="looked-up")
+    for request in looked_up:
+        request["model_version"] = "1"
+    not_looked_up, _ = example_requests(2, model="not_looked_up", prefix="not-looked-up")
+    engine = InferenceEngine(ModelCache(repo), worker_id=fast.worker_id)
+    async with engine, KafkaWorker(fast, engine, max_attempts=2) as worker, ResultCollector(fast) as collector:
+        await asyncio.wait_for(worker.assigned.wait(), 30)
+        await engine.model_config("looked_up", "1")  # its config is known, its files not loaded
+        repo.client = down = unreachable_s3()
+        await publish_requests(fast, looked_up + not_looked_up)
+        answers = await collector.wait_for([r["id"] for r in looked_up + not_looked_up], timeout=60)
+    unavailable = "the model repository is unavailable; retry later"
+    for requests, message in ((looked_up, f"model 'looked_up' version 1: {unavailable}"),
+                              (not_looked_up, f"model 'not_looked_up' version latest: {unavailable}")):
+        for request in requests:
+            answer = answers[request["id"]]
+            assert answer.kind == "dead_letter", answer
+            assert answer.body["error"] == {"code": "UNAVAILABLE", "message": message}
+            assert answer.body["headers"]["maas-error-message"] == message
+            assert answer.body["headers"]["maas-attempts"] == "2", "retried, as transient failures are"
+            assert_names_no_location(orjson.dumps(answer.body).decode(), repo, down)
 
 
 @pytest.mark.slow
