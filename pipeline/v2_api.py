@@ -23,6 +23,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from models.artifact import ModelConfig, short_repr
+from models.repository import RepositoryUnavailableError
 from pipeline.codec import CONTENT_TYPE, JSON, decode_request, encode_response, unsupported_media_type
 from pipeline.engine import InferenceEngine, load_failed
 from pipeline.errors import ErrorCode, InferenceError
@@ -160,6 +161,10 @@ class V2Api:
             response = error_response(exc.status, exc.message, exc.code, exc.headers)
         except InferenceError as exc:
             response = error_response(exc.code.status, exc.message, str(exc.code))
+        except RepositoryUnavailableError as exc:  # listing the repository (the index, a model's versions)
+            log.warning("%s %s: the model repository is unavailable: %s", request.method, request.path, exc)
+            response = error_response(ErrorCode.UNAVAILABLE.status, "the model repository is unavailable; retry "
+                                      "later", str(ErrorCode.UNAVAILABLE))
         except Exception:  # a bug: the caller gets a V2 error, the traceback stays in the server's log
             log.exception("unexpected failure on %s %s", request.method, request.path)
             response = error_response(500, "internal error (logged on the server)", str(ErrorCode.INTERNAL))

@@ -185,6 +185,8 @@ async def test_an_s3_outage_gets_503_unavailable_naming_the_model_not_the_endpoi
                              ("GET", "/v2/models/not_looked_up/versions/1")]:
             async with http.request(method, path, json=json_request()) as r:
                 answers.append((r.status, r.headers["x-maas-error-code"], (await r.json())["error"]))
+        async with http.post("/v2/repository/index", json={}) as r:  # a listing: no model to name
+            index = (r.status, r.headers["x-maas-error-code"], (await r.json())["error"])
         repo.client = s3  # back: the retry is answered
         async with http.post("/v2/models/not_looked_up/infer", json=json_request()) as r:
             assert r.status == 200
@@ -193,7 +195,8 @@ async def test_an_s3_outage_gets_503_unavailable_naming_the_model_not_the_endpoi
                        (503, "UNAVAILABLE", f"model 'not_looked_up' version latest: {unavailable}"),
                        (503, "UNAVAILABLE", f"model 'not_looked_up' version latest: {unavailable}"),
                        (503, "UNAVAILABLE", f"model 'not_looked_up' version 1: {unavailable}")]
-    for _, _, message in answers:
+    assert index == (503, "UNAVAILABLE", unavailable)  # was 500 "internal error", a traceback in the log
+    for _, _, message in [*answers, index]:
         assert_names_no_location(message, repo, down)
 
 
