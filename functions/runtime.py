@@ -28,7 +28,7 @@ from pipeline.claim_check import ClaimCheckStore  # noqa: E402
 from pipeline.engine import InferenceEngine  # noqa: E402
 from pipeline.ratelimit import ApiKeys, RateLimiter  # noqa: E402
 from pipeline.runtime import configure_process  # noqa: E402
-from pipeline.services import answer_producer, aws_client, claim_check_store, model_cache  # noqa: E402
+from pipeline.services import answer_producer, aws_client, claim_check_store, model_cache, stop_producer  # noqa: E402
 from pipeline.settings import ConfigError, Settings  # noqa: E402
 from pipeline.v2_api import V2Api  # noqa: E402
 
@@ -59,7 +59,7 @@ class Runtime:
 
     async def stop(self) -> None:
         if self._producer is not None:
-            await self._producer.stop()
+            await stop_producer(self._producer, self.settings.shutdown_timeout_s)
             self._producer = None
         await self.engine.stop()
 

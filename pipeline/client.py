@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from models.datatypes import NUMPY_DTYPES
 from models.examples import MNIST_MLP, synthetic_digits
 from pipeline.codec import REQUEST_ID, Framed, decode_response, encode_request, header_map
+from pipeline.services import stop_producer
 from pipeline.settings import Settings
 
 
@@ -197,8 +198,8 @@ async def publish_requests(settings: Settings, requests: Iterable[dict[str, Any]
                                                key=key.encode() if isinstance(key, str) else key))
         await asyncio.gather(*futures)
         return len(futures)
-    finally:
-        await producer.stop()
+    finally:  # on a failure or cancellation, what is still queued is abandoned after MAAS_SHUTDOWN_TIMEOUT_S
+        await stop_producer(producer, settings.shutdown_timeout_s)
 
 
 def as_binary(request: dict[str, Any]) -> Framed:

@@ -29,7 +29,7 @@ from pipeline.errors import ErrorCode, InferenceError
 from pipeline.metrics import CONSUMER_LAG, IN_FLIGHT, METRICS_UNPUBLISHED, BatchRecord
 from pipeline.offsets import OffsetTracker
 from pipeline.responder import Responder
-from pipeline.services import answer_producer, claim_check_store
+from pipeline.services import ABANDON_GUARD_S, answer_producer, claim_check_store, stop_producer
 from pipeline.settings import Settings
 from pipeline.sinks import Envelope, KafkaSink
 
@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 #: How long stop() tries to commit: aiokafka's commit waits for a group coordinator as long as none answers.
 FINAL_COMMIT_TIMEOUT_S = 10.0
+#: Where stop()'s steps end, as shares of MAAS_SHUTDOWN_TIMEOUT_S from its start: finishing the requests in flight
+#: (and publishing their metrics), the final commit, closing the clients. Each step may take what an earlier one left.
+DRAIN_SHARE, COMMIT_SHARE, CLOSE_SHARE = 0.5, 0.75, 1.0
 #: What getmany() raises for a record it cannot parse. Its C parser lets the UnicodeDecodeError of a header key that
 #: is not UTF-8 through; its pure-Python one (AIOKAFKA_NO_EXTENSIONS) wraps that, and other malformed records, in
 #: CorruptRecordException, as both do for a record batch whose CRC does not match.
@@ -64,8 +67,8 @@ class _Rebalance(ConsumerRebalanceListener):
         log.info("assigned partitions %s", sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
 
 
-async def _stop_consumer(consumer: AIOKafkaConsumer) -> None:
-    """`consumer.stop()`, minus the CancelledError it may raise when the broker is unreachable.
+async def _stop_consumer(consumer: AIOKafkaConsumer, timeout_s: float) -> None:
+    """`consumer.stop()` within `timeout_s`, minus the CancelledError it may raise when the broker is unreachable.
 
     aiokafka's Fetcher.close() cancels its fetch requests in flight and awaits them without suppressing
     their CancelledError. That error is not a cancellation of ours: passed on, it aborted the worker's
@@ -73,15 +76,46 @@ async def _stop_consumer(consumer: AIOKafkaConsumer) -> None:
     being cancelled itself; otherwise what stop() did not reach is done here: closing the consumer's client
     (its connections and its metadata task, which would otherwise retry the broker for as long as the
     process lives).
+
+    With a broker that does not answer (hung, or cut off by the network: no connection is refused), stop() waits for
+    its group coordination, which looks for a coordinator for as long as none answers (79 s in a test), and then for
+    its LeaveGroup: past `timeout_s` it is cut short, and what it left running is cancelled (`_abandon_consumer`).
     """
+    guard = min(ABANDON_GUARD_S, timeout_s / 2)
     try:
-        await consumer.stop()
+        async with asyncio.timeout(timeout_s - guard):
+            await consumer.stop()
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             raise
         log.warning("closing the consumer: aiokafka raised the CancelledError of a fetch it cancelled; ignored")
         await consumer._client.close()
+    except TimeoutError:
+        log.warning("closing the consumer took longer than %.1f s (the broker does not answer): its connections are "
+                    "closed without leaving the group, which sees this worker go once its session times out",
+                    timeout_s)
+        await _abandon_consumer(consumer, guard)
+
+
+async def _abandon_consumer(consumer: AIOKafkaConsumer, timeout_s: float) -> None:
+    """Cancel what a consumer.stop() cut short left running, then close the consumer's connections.
+
+    Cut short while it waits for its group coordination task, stop() leaves that task, the heartbeat and offset
+    refresh tasks and the fetch tasks running (aiokafka 0.14 keeps them in these attributes): each would retry the
+    broker for as long as the process lives.
+    """
+    coordinator, fetcher = consumer._coordinator, consumer._fetcher
+    owned = [(coordinator, ("_coordination_task", "_heartbeat_task", "_commit_refresh_task", "_reset_committed_task")),
+             (fetcher, ("_fetch_task",))]
+    tasks = [getattr(owner, name, None) for owner, names in owned for name in names]
+    tasks += getattr(fetcher, "_pending_tasks", ())
+    tasks = [task for task in tasks if task is not None and not task.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout_s)
+    await consumer._client.close()
 
 
 class KafkaWorker:
@@ -158,7 +192,7 @@ class KafkaWorker:
             await self._producer.start()
             await self._consumer.start()
         except BaseException:
-            await self._close_clients()
+            await self._close_clients(self.settings.shutdown_timeout_s)
             raise
         self._consumer.subscribe([self.settings.topics.requests], listener=_Rebalance(self))
         self.engine.add_batch_listener(self._publish_batch_record)
@@ -177,7 +211,14 @@ class KafkaWorker:
         return self
 
     async def stop(self) -> None:
-        """Graceful: stop consuming, finish and publish what is in flight, commit, close.
+        """Graceful: stop consuming, finish and publish what is in flight, commit, close; within the settings'
+        `shutdown_timeout_s`, however unresponsive the broker.
+
+        Without that deadline a worker whose broker was gone took 45 s to stop (or, with a broker that does not
+        answer, minutes): past a pod's termination grace period, so its SIGKILL came halfway through. Each step
+        ends at its share of the deadline (`DRAIN_SHARE`, ...): what is still unanswered then is abandoned, and the
+        log says how much. An abandoned request's offset is not committed (an offset is committed only once every
+        record before it was answered and its answer acknowledged), so it is redelivered: nothing is lost.
 
         Returns at once when the worker is not running (never started, its start failed, stopped already);
         a stop() called while another one runs returns when that one is done.
@@ -186,47 +227,62 @@ class KafkaWorker:
             await self._stopped.wait()
             return
         self._stopping = True
+        loop = asyncio.get_running_loop()
+        timeout_s = self.settings.shutdown_timeout_s
+        started = loop.time()
+
+        def left(share: float) -> float:
+            return max(0.0, started + share * timeout_s - loop.time())
+
         try:
             consume = self._tasks[0]
             consume.cancel()
             await asyncio.gather(consume, return_exceptions=True)  # it may have ended with the error that stops us
             if self._handlers:
-                _, pending = await asyncio.wait(list(self._handlers), timeout=self.drain_timeout_s)
+                _, pending = await asyncio.wait(list(self._handlers), timeout=min(self.drain_timeout_s,
+                                                                                    left(DRAIN_SHARE)))
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
+                if pending:
+                    log.warning("stopping: %d request(s) not answered within %.1f s are abandoned; their offsets are "
+                                "not committed, so they are redelivered", self._tracker.in_flight(),
+                                loop.time() - started)
             # The engine outlives this worker (and may serve its next start): its batches are no longer ours.
             self.engine.remove_batch_listener(self._publish_batch_record)
             if self._side_sends:
-                await asyncio.wait(list(self._side_sends), timeout=5)
-            await self._final_commit()
+                await asyncio.wait(list(self._side_sends), timeout=min(5, left(DRAIN_SHARE)))
+            await self._final_commit(min(FINAL_COMMIT_TIMEOUT_S, left(COMMIT_SHARE)))
             for task in self._tasks[1:]:
                 task.cancel()
             await asyncio.gather(*self._tasks[1:], return_exceptions=True)
-            await self._close_clients()
+            await self._close_clients(left(CLOSE_SHARE))
         finally:  # whatever failed on the way, wait() and every later stop() return
             self._stopped.set()
 
-    async def _final_commit(self) -> None:
-        """Commit what was answered, within `FINAL_COMMIT_TIMEOUT_S`: with the broker gone, commit() waits for a
-        coordinator forever and stop() never closed anything. What is left uncommitted is redelivered."""
+    async def _final_commit(self, timeout_s: float) -> None:
+        """Commit what was answered, within `timeout_s`: with the broker gone, commit() waits for a coordinator
+        forever and stop() never closed anything. What is left uncommitted is redelivered."""
         try:
-            async with asyncio.timeout(FINAL_COMMIT_TIMEOUT_S):
+            async with asyncio.timeout(timeout_s):
                 await self._commit()
         except (KafkaError, CommitFailedError, TimeoutError) as exc:
             log.warning("final commit failed (the uncommitted records will be redelivered): %r", exc)
 
-    async def _close_clients(self) -> None:
-        """Close the consumer, then the producer, whatever closing the consumer did: an open producer holds
-        connections and a sender task, and the process would exit warning of it."""
+    async def _close_clients(self, timeout_s: float) -> None:
+        """Close the consumer and the producer, together, within `timeout_s`, whatever closing the other did: an open
+        producer holds connections and a sender task, and the process would exit warning of it. What the producer
+        still holds are answers of requests that stop() abandoned, whose offsets stay uncommitted, and metrics."""
         consumer, producer = self._consumer, self._producer
         self._consumer = self._producer = None
-        try:
-            if consumer is not None:
-                await _stop_consumer(consumer)
-        finally:
-            if producer is not None:
-                await producer.stop()
+        closing = []
+        if consumer is not None:
+            closing.append(_stop_consumer(consumer, timeout_s))
+        if producer is not None:
+            closing.append(stop_producer(producer, timeout_s))
+        for outcome in await asyncio.gather(*closing, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def __aenter__(self) -> KafkaWorker:
         return await self.start()

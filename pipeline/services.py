@@ -6,8 +6,10 @@ in this folder (its addresses are in .maas/stack.json), else a private embedded 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import AsyncIterator
@@ -16,7 +18,7 @@ from typing import Any
 
 import boto3
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -29,6 +31,11 @@ from pipeline.claim_check import ClaimCheckStore
 from pipeline.settings import ConfigError, Settings
 
 STATE_FILE = Path(".maas") / "stack.json"
+#: The part of a client's stop deadline kept for closing it without what it could not finish (see `stop_producer`):
+#: that takes milliseconds once its connections are closed; this bounds the rare case that does not.
+ABANDON_GUARD_S = 1.0
+
+log = logging.getLogger(__name__)
 
 
 def write_state(settings: Settings, path: Path = STATE_FILE) -> None:
@@ -144,6 +151,72 @@ def answer_producer(settings: Settings) -> AIOKafkaProducer:
     # Before start(): the client's first metadata update after its bootstrap asks for these topics.
     producer.client.set_topics([settings.topics.results, settings.topics.dlq, settings.topics.metrics])
     return producer
+
+
+async def stop_producer(producer: AIOKafkaProducer, timeout_s: float) -> int:
+    """Close `producer` within `timeout_s`, delivering what it holds meanwhile; returns how many records it
+    abandoned (logged, and 0 when every one was acknowledged).
+
+    `producer.stop()` first waits for every queued record: with the broker gone, until each batch expires after
+    request_timeout_ms (40 s), and with idempotence forever (its batches never expire). That outlasts a pod's
+    termination grace period (30 s by default on Kubernetes), whose SIGKILL then ends the process halfway through
+    its shutdown. What is not acknowledged when the deadline comes fails with KafkaTimeoutError for whoever awaits
+    it, and the producer closes without it: every source acknowledges a request (commits its offset, deletes its
+    message) only after its answer was acknowledged, so an abandoned answer's request is redelivered.
+    """
+    guard = min(ABANDON_GUARD_S, timeout_s / 2)
+    abandoned, cut_short = 0, False
+    try:
+        async with asyncio.timeout(timeout_s - guard):
+            await producer.flush()
+    except TimeoutError:
+        cut_short = True
+        abandoned = _abandon_records(producer, KafkaTimeoutError(
+            "abandoned: the broker had not acknowledged it when the producer's time to close ran out"))
+        log.warning("closing the Kafka producer: %d record(s) the broker had not acknowledged when its %.1f s to close "
+                    "ran out are abandoned (the request of an answer or dead letter among them was not acknowledged "
+                    "to its source either, and is redelivered)", abandoned, timeout_s)
+    try:
+        async with asyncio.timeout(guard):
+            sender = producer._sender.sender_task
+            if cut_short and sender is not None:  # cancelled, it waits for the requests in flight, which fail once
+                await producer.client.close()  # the connections are closed (stop() would cancel it again)
+                await asyncio.wait([sender])
+            await producer.stop()
+    except asyncio.CancelledError:  # that of a sender task cancelled again, unless this task is being cancelled
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        await producer.client.close()
+    except Exception as exc:  # its sender still waited for a request, or failed: closed all the same
+        log.error("closing the Kafka producer failed (%r); its connections are closed", exc)
+        await producer.client.close()
+    return abandoned
+
+
+def _abandon_records(producer: AIOKafkaProducer, error: KafkaError) -> int:
+    """Fail every record `producer` holds, so that its stop() no longer waits for them; returns how many were not
+    acknowledged yet.
+
+    aiokafka has no way to close a producer without its records, so this works on its internals (aiokafka 0.14):
+    the sender stops sending (its task, cancelled, only waits for the produce requests in flight), and the batches
+    expire, so that a request in flight that fails is not retried (a retry would wait for metadata, which no one
+    fetches once the client is closed), and fail.
+    """
+    sender, accumulator = producer._sender, producer._message_accumulator
+    if sender.sender_task is not None:
+        sender.sender_task.cancel()
+    batches = [batch for queued in accumulator._batches.values() for batch in queued]
+    batches += accumulator._pending_batches
+    unacknowledged = sum(batch.record_count for batch in batches if not batch.future.done())
+    for batch in batches:
+        batch._ttl = 0
+    accumulator.fail_all(error)
+    for batch in batches:  # reported by the caller: asyncio need not log "exception was never retrieved" for each
+        for future in [batch.future, *(future for future, _ in batch._msg_futures)]:
+            if future.done() and not future.cancelled():
+                future.exception()
+    return unacknowledged
 
 
 def claim_check_store(settings: Settings, s3: Any | None = None) -> ClaimCheckStore:

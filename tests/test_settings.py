@@ -94,6 +94,7 @@ async def test_msk_iam_signs_a_token_from_the_aws_credential_chain(monkeypatch):
     ({"MAAS_GC_GEN0_THRESHOLD": "99999999999"}, "must be in 0..2,147,483,647"),
     ({"MAAS_HEALTH_PORT": "99999"}, "MAAS_HEALTH_PORT=99999 must be in 0..65,535"),
     ({"MAAS_KAFKA_SESSION_TIMEOUT_MS": "99999999999"}, "MAAS_KAFKA_SESSION_TIMEOUT_MS"),
+    ({"MAAS_SHUTDOWN_TIMEOUT_S": "0"}, "MAAS_SHUTDOWN_TIMEOUT_S=0 must be in 1..3,600"),
     ({"KAFKA_BOOTSTRAP_SERVERS": "host:abc"}, "expected host\\[:port\\] entries"),
     ({"KAFKA_BOOTSTRAP_SERVERS": "a:9092,,b:9092"}, "got ''"),
     ({"KAFKA_BOOTSTRAP_SERVERS": ":9092"}, "got ':9092'"),
@@ -106,8 +107,10 @@ def test_environment_values_out_of_bounds_are_named(env, fragment):
 
 def test_environment_values_within_bounds_are_taken():
     settings = Settings.from_env({"MAAS_MAX_IN_FLIGHT": " 12 ", "KAFKA_BOOTSTRAP_SERVERS": "a:9092,b,[::1]:9093",
-                                  "MAAS_MODEL_CACHE_BYTES": str(8 << 30)})
+                                  "MAAS_MODEL_CACHE_BYTES": str(8 << 30), "MAAS_SHUTDOWN_TIMEOUT_S": "25"})
     assert settings.max_in_flight == 12 and settings.model_cache_bytes == 8 << 30
+    assert settings.shutdown_timeout_s == 25 and Settings.from_env(settings.to_env()).shutdown_timeout_s == 25
+    assert Settings.from_env({}).shutdown_timeout_s == 20  # below Kubernetes' default grace period of 30 s
 
 
 def test_real_aws_is_chosen_by_a_variable_not_by_a_profile_file(tmp_path):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+import signal
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -278,6 +281,89 @@ async def test_stop_closes_both_clients_when_the_broker_is_gone(tmp_path):
             assert producer._closed and consumer._closed
             clients = [t for t in asyncio.all_tasks() if "AIOKafkaClient" in t.get_coro().__qualname__]
             assert not clients, "a client's metadata task outlived stop(), retrying a broker that is gone"
+
+
+@contextlib.asynccontextmanager
+async def _answers_held_by_the_producer(tmp_path, stop_the_broker):
+    """A worker on a private broker, with `shutdown_timeout_s` 2 s, yielded with its settings, the ids of 50 requests
+    and the broker's process once `stop_the_broker(process)` stopped the broker after the worker consumed the
+    requests and before their answers, which then wait in its producer."""
+    slow = slow_repository(tmp_path / "slow", max_queue_delay_ms=1000)  # the batch runs after the broker stopped
+    with LocalStack(tmp_path / "stack") as private:
+        settings = replace(Settings(), kafka_bootstrap_servers=private.bootstrap_servers,
+                           aws_endpoint_url=private.endpoint_url, model_repository=str(slow.root),
+                           topic_partitions=2, kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=300,
+                           shutdown_timeout_s=2)
+        await bootstrap(settings)
+        requests, truth = example_requests(50, prefix="unsent")
+        broker = private._broker
+        try:
+            async with InferenceEngine(ModelCache(slow)) as engine:
+                worker = KafkaWorker(settings, engine)
+                await worker.start()
+                try:
+                    await asyncio.wait_for(worker.assigned.wait(), 30)
+                    await publish_requests(settings, requests)
+                    while worker.in_flight < len(requests):
+                        await asyncio.sleep(0.05)
+                    stop_the_broker(broker)
+                    accumulator = worker._producer._message_accumulator
+                    while not (accumulator._batches or accumulator._pending_batches):
+                        await asyncio.sleep(0.05)
+                    yield settings, worker, truth, broker
+                finally:
+                    await asyncio.wait_for(worker.stop(), 60)  # hang guard (the test stopped it already)
+        finally:
+            if broker.poll() is None:
+                broker.send_signal(signal.SIGCONT)  # a paused broker ends on SIGTERM only once resumed
+
+
+async def _timed_stop(worker: KafkaWorker) -> float:
+    started = time.monotonic()
+    await asyncio.wait_for(worker.stop(), 60)  # hang guard
+    return time.monotonic() - started
+
+
+async def test_stop_with_the_broker_gone_ends_within_the_shutdown_timeout(tmp_path, caplog):
+    """With the broker gone, stop() took 45 s: 30 s for the handlers waiting for their answers' acknowledgements,
+    10 s for the final commit, then the producer's stop(), which waits for what it holds until each batch expires
+    after request_timeout_ms (40 s). A pod's SIGKILL came first (Kubernetes' default grace period is 30 s). Bounded
+    by MAAS_SHUTDOWN_TIMEOUT_S, it abandons the records it could not deliver and says how many."""
+    def kill(broker) -> None:
+        broker.kill()
+        broker.wait()
+
+    async with _answers_held_by_the_producer(tmp_path, kill) as (settings, worker, truth, _):
+        took = await _timed_stop(worker)
+    assert took < settings.shutdown_timeout_s + 0.5, f"stop() took {took:.1f} s"  # a little for the event loop
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("pipeline")]
+    assert any(f"{len(truth)} request(s) not answered" in m for m in messages), messages
+    abandoned = f"{len(truth) + 1} record(s) the broker had not acknowledged"  # the answers and a metrics record
+    assert any(abandoned in m for m in messages), messages
+
+
+@pytest.mark.slow
+async def test_stop_with_an_unresponsive_broker_ends_in_time_and_loses_no_request(tmp_path, caplog):
+    """A broker that does not answer (paused: its connections stay open, as in a network partition) held stop() for
+    minutes: besides the producer, aiokafka's consumer.stop() waits for its group coordination, which looks for a
+    coordinator for as long as none answers (79 s here). Cut short at MAAS_SHUTDOWN_TIMEOUT_S, stop() must leave no
+    aiokafka task retrying the broker, and commit no offset of a request whose answer was not delivered: once the
+    broker is back, a new worker of the group answers every one."""
+    def pause(broker) -> None:
+        broker.send_signal(signal.SIGSTOP)
+
+    async with _answers_held_by_the_producer(tmp_path, pause) as (settings, worker, truth, broker):
+        worker._consumer._coordinator.coordinator_dead()  # as a heartbeat does once its request timed out (40 s)
+        took = await _timed_stop(worker)
+        assert took < settings.shutdown_timeout_s + 0.5, f"stop() took {took:.1f} s"
+        assert any("closing the consumer took longer" in r.getMessage() for r in caplog.records)
+        left = [t.get_coro().__qualname__ for t in asyncio.all_tasks()]
+        assert not [name for name in left if name.endswith(("_routine", "_md_synchronizer"))], left
+        broker.send_signal(signal.SIGCONT)
+        async with ResultCollector(settings) as collector, running_worker(settings):
+            answers = await collector.wait_for(truth, timeout=60)
+    assert set(answers) == set(truth), f"{len(truth) - len(answers)} requests lost"
+    assert all(answer.kind == "result" for answer in answers.values())
 
 
 async def test_the_collector_keeps_awaited_answers_and_only_the_latest_others(fast):

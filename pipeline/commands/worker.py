@@ -12,7 +12,15 @@ from pipeline.commands._common import port, stop_event
 from pipeline.engine import InferenceEngine
 from pipeline.kafka_worker import KafkaWorker
 from pipeline.observability import HealthServer
-from pipeline.services import answer_producer, aws_client, claim_check_store, connected, model_cache, open_repository
+from pipeline.services import (
+    answer_producer,
+    aws_client,
+    claim_check_store,
+    connected,
+    model_cache,
+    open_repository,
+    stop_producer,
+)
 from pipeline.settings import ConfigError, Settings
 from pipeline.sinks import KafkaSink, ResultSink, SqsSink
 from pipeline.sqs_worker import SqsWorker
@@ -69,10 +77,13 @@ async def _sqs_worker(live: Settings, engine: InferenceEngine, stack: contextlib
     else:
         producer = answer_producer(live)
         await producer.start()
-        stack.push_async_callback(producer.stop)
+        # Closed after the worker stops, each within half of MAAS_SHUTDOWN_TIMEOUT_S: what the producer could not
+        # deliver by then is abandoned, its messages left undeleted (redelivered).
+        stack.push_async_callback(stop_producer, producer, live.shutdown_timeout_s / 2)
         sink = KafkaSink.for_settings(producer, live, store)
         where = f"Kafka topic {live.topics.results}"
-    worker = await stack.enter_async_context(SqsWorker(live, engine, sqs, queue_url, sink, store=store))
+    worker = await stack.enter_async_context(SqsWorker(live, engine, sqs, queue_url, sink, store=store,
+                                                       drain_timeout_s=live.shutdown_timeout_s / 2))
     print(f"worker {live.worker_id} receiving from SQS {queue_url}; answers to {where}", flush=True)
     return worker
 
