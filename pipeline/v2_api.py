@@ -332,7 +332,7 @@ class V2Api:
         name = params["name"]
         await self._config(name, None)
         self.unloaded.add(name)
-        self.engine.cache.unload(name)
+        self.engine.unload(name)
         return json_response({})
 
     async def _metrics(self, request: ApiRequest, params: dict[str, str]) -> ApiResponse:

@@ -532,6 +532,43 @@ async def test_rate_limits_cannot_be_dodged_by_header_or_by_made_up_models(repos
             assert r.status == 429
 
 
+async def test_made_up_models_versions_and_paths_do_not_grow_the_scrape(repository):
+    """/metrics is labelled by route and status, never by what a caller put in the path: 100 made-up models,
+    versions and paths add no time series of their own."""
+    async with serving(repository) as (http, api, _):
+        async with http.get("/metrics") as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain; version=")
+        for i in range(100):
+            for method, path in (("POST", f"/v2/models/made-up-{i}/infer"), ("GET", f"/v2/models/made-up-{i}/ready"),
+                                 ("POST", f"/v2/models/{MNIST_MLP}/versions/{i + 2}/infer"),
+                                 ("GET", f"/made-up-{i}")):
+                async with http.request(method, path, json=json_request()) as r:
+                    assert r.status == 404, path
+        async with http.get("/metrics") as r:
+            text = await r.text()
+    samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert not [line for line in samples if "made-up" in line or "versions" in line]
+    routes = {line.split('route="')[1].split('"')[0] for line in samples if 'route="' in line}
+    assert routes <= {"-"} | {name for _, _, name, _ in api._routes}
+
+
+async def test_unloading_a_model_shows_on_the_cache_bytes_gauge(repository):
+    """maas_model_cache_bytes was set only when a model loaded: after an unload it kept reporting the weights."""
+
+    async def cache_bytes(http) -> float:
+        async with http.get("/metrics") as r:
+            (line,) = [line for line in (await r.text()).splitlines() if line.startswith("maas_model_cache_bytes ")]
+        return float(line.split()[1])
+
+    async with serving(repository) as (http, api, _):
+        async with http.post(f"/v2/models/{MNIST_MLP}/infer", json=json_request()) as r:
+            assert r.status == 200
+        assert await cache_bytes(http) == api.engine.cache.nbytes > 0
+        async with http.post(f"/v2/repository/models/{MNIST_MLP}/unload") as r:
+            assert r.status == 200
+        assert await cache_bytes(http) == api.engine.cache.nbytes == 0
+
+
 @pytest.mark.parametrize("spec", ["0", "0:5", "nan", "5:nan", "inf", "2:inf", "-1"])
 def test_rate_limits_that_would_break_or_switch_off_limiting_are_refused(spec):
     from pipeline.settings import ConfigError
