@@ -12,6 +12,7 @@ import aiohttp
 import numpy as np
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from models.cache import ModelCache
 from models.examples import MNIST_MLP, synthetic_digits
@@ -470,7 +471,13 @@ async def test_every_coding_a_request_declares_is_checked(repository, headers, s
 
 async def test_a_slow_body_gets_408_and_a_full_server_503_but_for_probes_and_scrapes(repository):
     """Health probes and /metrics counted against MAAS_MAX_IN_FLIGHT: a server busy with slow bodies failed its
-    liveness probe, which restarts it."""
+    liveness probe, which restarts it. The 408 and 503 count in maas_http_requests_total: they did not, and a
+    server shedding load showed only the requests it still served."""
+
+    def refused(status: str) -> float:
+        return REGISTRY.get_sample_value("maas_http_requests_total", {"route": "-", "status": status}) or 0.0
+
+    before = {status: refused(status) for status in ("408", "503")}
     async with InferenceEngine(ModelCache(repository), worker_id="http-test") as engine:
         api = V2Api(engine, max_request_bytes=64 * 1024)
         async with HttpServer(api, "127.0.0.1", 0, body_timeout_s=0.5, max_in_flight=1) as server:
@@ -491,6 +498,7 @@ async def test_a_slow_body_gets_408_and_a_full_server_503_but_for_probes_and_scr
             await writer.drain()
             assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
             writer.close()
+    assert {status: refused(status) - before[status] for status in before} == {"408": 1, "503": 1}
 
 
 async def test_stop_lets_requests_in_flight_finish(repository):
