@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiokafka import AIOKafkaConsumer
 from prometheus_client import REGISTRY
-from worker_support import running_worker
+from worker_support import read_topic, running_worker, worker_process
 
 from pipeline.client import ResultCollector, example_requests, publish_requests
 from pipeline.observability import HealthServer, JsonFormatter
@@ -122,3 +122,22 @@ async def test_consumer_lag_is_reported_for_owned_partitions_only(live):
             assert len(owned) == 1 and lag(worker) == owned
         finally:
             await other.stop()
+
+
+async def test_a_request_id_cannot_write_a_log_line_of_its_own(live):
+    """`maas worker` logs a refused reply_to with the request's id: an id holding a line feed wrote a line of the
+    caller's making (time, level, logger and text), which log alerts took for the worker's own."""
+    proc, assigned, lines = worker_process(live, worker_id="forged-logs")
+    try:
+        assert await asyncio.to_thread(assigned.wait, 60), "the worker never joined the group"
+        requests, _ = example_requests(1, prefix="forged")
+        requests[0]["id"] = "forged-1\n2026-01-01 00:00:00,000 ERROR pipeline.kafka_worker: FORGED"
+        requests[0]["parameters"] = {"reply_to": "no-such-topic"}
+        await publish_requests(live, requests)
+        assert len(await read_topic(live, live.topics.results, 1)) == 1  # answered there, as INVALID_REQUEST
+        await asyncio.sleep(0.5)
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 30)
+    (line,) = [line for line in lines if "FORGED" in line]
+    assert " WARNING pipeline.sinks: request forged-1\\n2026-01-01 00:00:00,000 ERROR " in line
