@@ -13,7 +13,7 @@ from urllib.parse import unquote
 
 from functions.runtime import Runtime, invoke
 from pipeline.codec import CONTENT_TYPE
-from pipeline.v2_api import ApiRequest, error_response
+from pipeline.v2_api import ApiRequest, refusal
 
 _TEXT_TYPES = ("application/json", "text/")
 
@@ -43,7 +43,7 @@ async def handle(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:
     try:
         request = api_request(event)
     except (KeyError, ValueError, TypeError) as exc:
-        response = error_response(400, f"malformed HTTP event: {exc!r}", "INVALID_REQUEST")
+        response = refusal(400, f"malformed HTTP event: {exc!r}", "INVALID_REQUEST")
     else:
         refused = runtime.api.precheck(request.method, request.path, request.headers, len(request.body))
         response = refused or await runtime.api.handle(request)

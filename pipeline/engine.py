@@ -62,6 +62,7 @@ class InferenceEngine:
         self._configs: dict[tuple[str, str | None], tuple[float, int, ModelConfig]] = {}
         self._max_cached_configs = 4096
         self._lookups: dict[tuple[str, str | None], asyncio.Future] = {}
+        self._served: set[str] = set()  # names that resolved to a model: the repository's, never a caller's
 
     def add_batch_listener(self, listener: BatchListener) -> None:
         self._listeners.append(listener)
@@ -149,7 +150,14 @@ class InferenceEngine:
         if len(self._configs) >= self._max_cached_configs:
             self._configs.clear()  # bounded: names come from callers
         self._configs[key] = (time.monotonic() + self.cache.latest_ttl_s, resolved, config)
+        self._served.add(name)
         return resolved, config
+
+    def serves(self, name: str) -> bool:
+        """Whether `name` named a model of the repository in a request (or lookup) so far. Metrics label a model by
+        its name only then: a caller's made-up names would each become a time series of their own, and a request
+        may fail before its name is looked up (its claim-checked inputs cannot be read, say)."""
+        return name in self._served
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """Run one request; raises `InferenceError` (with the request id) when it cannot be answered."""
@@ -294,6 +302,12 @@ class InferenceEngine:
         MODEL_EVICTIONS.inc(self.cache.stats.evictions - evictions)
         MODEL_CACHE_BYTES.set(self.cache.nbytes)
         return model
+
+    def unload(self, name: str) -> None:
+        """Drop the loaded versions of `name` from the warm cache (they load again on their next request), and
+        say so on maas_model_cache_bytes: set only by loads, it kept reporting their weights."""
+        self.cache.unload(name)
+        MODEL_CACHE_BYTES.set(self.cache.nbytes)
 
     async def _run_batch(self, key: BatchKey, items: list[Pending]) -> None:
         """Run one closed batch; settles every item's future whatever happens.

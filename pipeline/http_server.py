@@ -22,7 +22,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from pipeline.errors import ErrorCode
 from pipeline.observability import listen
-from pipeline.v2_api import PUBLIC_PATHS, ApiRequest, ApiResponse, V2Api, error_response
+from pipeline.v2_api import PUBLIC_PATHS, ApiRequest, ApiResponse, V2Api, refusal
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def build_app(api: V2Api, traffic: Traffic | None = None) -> web.Application:
         if refused is not None:
             return refused
         if request.headers.get("expect", "").lower() != "100-continue":
-            return _to_web(error_response(417, "only Expect: 100-continue is understood", "EXPECTATION_FAILED"),
+            return _to_web(refusal(417, "only Expect: 100-continue is understood", "EXPECTATION_FAILED"),
                            close=True)
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0
@@ -84,9 +84,9 @@ def build_app(api: V2Api, traffic: Traffic | None = None) -> web.Application:
             probe = ApiRequest(request.method, request.path, _lower(request.headers))
             return _to_web(await api.handle(probe), close=request.body_exists)
         if traffic.in_flight >= traffic.max_in_flight:
-            return _to_web(error_response(503, f"the server holds {traffic.max_in_flight} requests "
-                                          "(MAAS_MAX_IN_FLIGHT); retry shortly", str(ErrorCode.UNAVAILABLE),
-                                          {"retry-after": "1"}), close=True)
+            return _to_web(refusal(503, f"the server holds {traffic.max_in_flight} requests "
+                                   "(MAAS_MAX_IN_FLIGHT); retry shortly", str(ErrorCode.UNAVAILABLE),
+                                   {"retry-after": "1"}), close=True)
         traffic.in_flight += 1
         try:
             headers = _lower(request.headers)
@@ -97,11 +97,11 @@ def build_app(api: V2Api, traffic: Traffic | None = None) -> web.Application:
                 async with asyncio.timeout(traffic.body_timeout_s):
                     body = await request.read()
             except web.HTTPRequestEntityTooLarge:  # chunked bodies have no Content-Length to check up front
-                return _to_web(error_response(413, f"request body exceeds the limit of {api.max_request_bytes} "
-                                              "bytes", ErrorCode.PAYLOAD_TOO_LARGE), close=True)
+                return _to_web(refusal(413, f"request body exceeds the limit of {api.max_request_bytes} "
+                                       "bytes", ErrorCode.PAYLOAD_TOO_LARGE), close=True)
             except TimeoutError:
-                return _to_web(error_response(408, f"the request body did not arrive within "
-                                              f"{traffic.body_timeout_s:g} s", "REQUEST_TIMEOUT"), close=True)
+                return _to_web(refusal(408, f"the request body did not arrive within "
+                                       f"{traffic.body_timeout_s:g} s", "REQUEST_TIMEOUT"), close=True)
             return _to_web(await api.handle(ApiRequest(request.method, request.path, headers, body)))
         finally:
             traffic.in_flight -= 1

@@ -149,6 +149,7 @@ class KafkaWorker:
         self.answered = 0
         self._unpublished_since_log = 0
         self._unpublished_logged_at = -METRICS_FAILURE_LOG_INTERVAL_S
+        self._lag_reported: set[TopicPartition] = set()  # the partitions whose maas_consumer_lag this worker set
 
     @property
     def failure(self) -> str | None:
@@ -507,7 +508,11 @@ class KafkaWorker:
     async def _record_lag(self) -> None:
         if self._consumer is None:
             return
-        for tp in self._consumer.assignment():
+        owned = self._consumer.assignment()
+        for tp in self._lag_reported - owned:  # moved to another member, which reports it now: a last value left
+            CONSUMER_LAG.remove(tp.topic, str(tp.partition))  # here was counted twice, and never changed again
+        self._lag_reported = set(owned)
+        for tp in owned:
             highwater = self._consumer.highwater(tp)
             if highwater is not None:
                 position = await self._consumer.position(tp)

@@ -35,12 +35,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(body, default=str)
 
 
+#: Control characters (tab aside) as escapes: `\n` for a line feed, `\x1b` for an escape.
+_CONTROL_ESCAPES = {c: repr(chr(c))[1:-1] for c in (*range(32), 127) if c != 9}
+
+
+class TextFormatter(logging.Formatter):
+    """One line per message: control characters in it are escaped. Messages quote what callers sent (a request id,
+    a topic), and a request id holding a line feed wrote a log line of the caller's making, level and logger
+    included, which log alerts and searches took for the worker's own. A traceback keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(_CONTROL_ESCAPES)
+        return super().formatMessage(record)
+
+
 def configure_logging(verbose: bool, fmt: str = "text") -> None:
     handler = logging.StreamHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if verbose else logging.WARNING)

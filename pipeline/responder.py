@@ -25,12 +25,11 @@ from pipeline.sinks import Answer, Envelope, ResultSink, Undelivered
 log = logging.getLogger(__name__)
 
 
-def _model_label(request: InferenceRequest | None, error: InferenceError) -> str:
-    """A metrics label: the model's name once it named a model that exists; callers' made-up names would each
-    become a time series of their own."""
-    if request is None or error.code in (ErrorCode.MODEL_NOT_FOUND, ErrorCode.INVALID_REQUEST):
-        return "-"
-    return request.model_name
+def _model_label(engine: InferenceEngine, request: InferenceRequest | None) -> str:
+    """A metrics label: the model's name once it named a model that exists (`InferenceEngine.serves`), else "-".
+    Judged by the name, not by the error: a request may fail before its model is looked up (claim-checked inputs
+    that cannot be read), and callers' made-up names would each become a time series of their own."""
+    return request.model_name if request is not None and engine.serves(request.model_name) else "-"
 
 
 class Outcome(StrEnum):
@@ -86,7 +85,7 @@ class Responder:
             answer = encode_error(error, request.model_name if request else None)
             if await self._undelivered([(envelope, request, answer)]):
                 return Outcome.RETRY
-            REQUESTS.labels(_model_label(request, error), "error").inc()
+            REQUESTS.labels(_model_label(self.engine, request), "error").inc()
             return Outcome.ERROR
         if await self.sink.dead_letter(envelope, error, max(attempts, 1)):
             return Outcome.DEAD_LETTER
@@ -144,7 +143,7 @@ class Responder:
                 continue
             ERRORS.labels(str(result.code)).inc()
             answers.append((envelopes[index], request, encode_error(result, request.model_name)))
-            answered.append((index, Outcome.ERROR, _model_label(request, result)))
+            answered.append((index, Outcome.ERROR, _model_label(self.engine, request)))
         undelivered = await self._undelivered(answers)
         counts: Counter[tuple[str, str]] = Counter()
         for position, (index, outcome, label) in enumerate(answered):

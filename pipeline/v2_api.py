@@ -75,6 +75,14 @@ def error_response(status: int, message: str, code: str, headers: Mapping[str, s
                        {CONTENT_TYPE: JSON, ERROR_CODE_HEADER: code, **(headers or {})})
 
 
+def refusal(status: int, message: str, code: str, headers: Mapping[str, str] | None = None) -> ApiResponse:
+    """The error response to a request refused before it reached `V2Api.handle` (auth, size, a full server, a body
+    that did not arrive), counted in maas_http_requests_total under route "-": left out, a server shedding load
+    showed nothing there but the requests it still served."""
+    HTTP_REQUESTS.labels("-", str(status)).inc()
+    return error_response(status, message, code, headers)
+
+
 def json_response(body: Any, status: int = 200) -> ApiResponse:
     return ApiResponse(status, orjson.dumps(body))
 
@@ -142,8 +150,7 @@ class V2Api:
                 raise ApiError(501, f"transfer-encoding {transfer!r:.40} is not implemented: send the body plain "
                                "or chunked", "NOT_IMPLEMENTED")
         except ApiError as exc:
-            HTTP_REQUESTS.labels("-", str(exc.status)).inc()
-            return error_response(exc.status, exc.message, exc.code, exc.headers)
+            return refusal(exc.status, exc.message, exc.code, exc.headers)
         return None
 
     async def handle(self, request: ApiRequest) -> ApiResponse:
@@ -337,7 +344,7 @@ class V2Api:
         name = params["name"]
         await self._config(name, None)
         self.unloaded.add(name)
-        self.engine.cache.unload(name)
+        self.engine.unload(name)
         return json_response({})
 
     async def _metrics(self, request: ApiRequest, params: dict[str, str]) -> ApiResponse:

@@ -12,6 +12,7 @@ import aiohttp
 import numpy as np
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 from s3_support import assert_names_no_location, unreachable_s3
 
 from models.cache import ModelCache
@@ -507,7 +508,13 @@ async def test_every_coding_a_request_declares_is_checked(repository, headers, s
 
 async def test_a_slow_body_gets_408_and_a_full_server_503_but_for_probes_and_scrapes(repository):
     """Health probes and /metrics counted against MAAS_MAX_IN_FLIGHT: a server busy with slow bodies failed its
-    liveness probe, which restarts it."""
+    liveness probe, which restarts it. The 408 and 503 count in maas_http_requests_total: they did not, and a
+    server shedding load showed only the requests it still served."""
+
+    def refused(status: str) -> float:
+        return REGISTRY.get_sample_value("maas_http_requests_total", {"route": "-", "status": status}) or 0.0
+
+    before = {status: refused(status) for status in ("408", "503")}
     async with InferenceEngine(ModelCache(repository), worker_id="http-test") as engine:
         api = V2Api(engine, max_request_bytes=64 * 1024)
         async with HttpServer(api, "127.0.0.1", 0, body_timeout_s=0.5, max_in_flight=1) as server:
@@ -528,6 +535,7 @@ async def test_a_slow_body_gets_408_and_a_full_server_503_but_for_probes_and_scr
             await writer.drain()
             assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
             writer.close()
+    assert {status: refused(status) - before[status] for status in before} == {"408": 1, "503": 1}
 
 
 async def test_stop_lets_requests_in_flight_finish(repository):
@@ -567,6 +575,43 @@ async def test_rate_limits_cannot_be_dodged_by_header_or_by_made_up_models(repos
                 assert r.status == 404
         async with http.post(f"/v2/models/{MNIST_MLP}/infer", json=json_request()) as r:
             assert r.status == 429
+
+
+async def test_made_up_models_versions_and_paths_do_not_grow_the_scrape(repository):
+    """/metrics is labelled by route and status, never by what a caller put in the path: 100 made-up models,
+    versions and paths add no time series of their own."""
+    async with serving(repository) as (http, api, _):
+        async with http.get("/metrics") as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain; version=")
+        for i in range(100):
+            for method, path in (("POST", f"/v2/models/made-up-{i}/infer"), ("GET", f"/v2/models/made-up-{i}/ready"),
+                                 ("POST", f"/v2/models/{MNIST_MLP}/versions/{i + 2}/infer"),
+                                 ("GET", f"/made-up-{i}")):
+                async with http.request(method, path, json=json_request()) as r:
+                    assert r.status == 404, path
+        async with http.get("/metrics") as r:
+            text = await r.text()
+    samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert not [line for line in samples if "made-up" in line or "versions" in line]
+    routes = {line.split('route="')[1].split('"')[0] for line in samples if 'route="' in line}
+    assert routes <= {"-"} | {name for _, _, name, _ in api._routes}
+
+
+async def test_unloading_a_model_shows_on_the_cache_bytes_gauge(repository):
+    """maas_model_cache_bytes was set only when a model loaded: after an unload it kept reporting the weights."""
+
+    async def cache_bytes(http) -> float:
+        async with http.get("/metrics") as r:
+            (line,) = [line for line in (await r.text()).splitlines() if line.startswith("maas_model_cache_bytes ")]
+        return float(line.split()[1])
+
+    async with serving(repository) as (http, api, _):
+        async with http.post(f"/v2/models/{MNIST_MLP}/infer", json=json_request()) as r:
+            assert r.status == 200
+        assert await cache_bytes(http) == api.engine.cache.nbytes > 0
+        async with http.post(f"/v2/repository/models/{MNIST_MLP}/unload") as r:
+            assert r.status == 200
+        assert await cache_bytes(http) == api.engine.cache.nbytes == 0
 
 
 @pytest.mark.parametrize("spec", ["0", "0:5", "nan", "5:nan", "inf", "2:inf", "-1"])

@@ -9,10 +9,18 @@ import socket
 
 import aiohttp
 import pytest
-from worker_support import running_worker
+from aiokafka import AIOKafkaConsumer
+from prometheus_client import REGISTRY
+from worker_support import read_topic, running_worker, worker_process
 
 from pipeline.client import ResultCollector, example_requests, publish_requests
 from pipeline.observability import HealthServer, JsonFormatter
+from pipeline.services import aws_client
+
+
+def series(text: str) -> set[str]:
+    """The time series of a /metrics page (its sample lines, value left out)."""
+    return {line.rsplit(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")}
 
 
 async def test_health_and_metrics_follow_the_worker(live):
@@ -61,3 +69,75 @@ async def test_health_server_failed_start_leaves_nothing_up_and_concurrent_stops
     health = await HealthServer("127.0.0.1", 0, lambda: True).start()
     await asyncio.gather(health.stop(), health.stop())
     assert health._runner is None
+
+
+async def test_made_up_model_names_do_not_grow_the_scrape(live):
+    """Requests for 60 models that do not exist, among them ones whose claim-checked inputs cannot be read (they
+    fail before their model is looked up), add no time series per name to /metrics: only the fixed "-" ones."""
+    s3 = aws_client(live, "s3")
+    s3.put_object(Bucket=live.batch_bucket, Key=f"{live.claim_check_prefix}unreadable.json", Body=b"{not json")
+    requests, truth = example_requests(60, prefix="made-up")
+    for i, request in enumerate(requests):
+        request["model_name"] = f"made-up-{i}"
+        if i % 2:
+            del request["inputs"]
+            request["inputs_uri"] = f"s3://{live.batch_bucket}/{live.claim_check_prefix}unreadable.json"
+    async with (
+        running_worker(live),
+        HealthServer("127.0.0.1", 0, lambda: True) as health,
+        aiohttp.ClientSession() as http,
+    ):
+        async with ResultCollector(live) as collector:
+            await publish_requests(live, requests)
+            answers = await collector.wait_for(truth, timeout=30)
+        assert len(answers) == 60 and {answer.kind for answer in answers.values()} == {"error"}
+        async with http.get(f"http://127.0.0.1:{health.port}/metrics") as response:
+            text = await response.text()
+    assert not [line for line in series(text) if "made-up" in line]
+    assert 'maas_requests_total{model="-",outcome="error"}' in series(text)
+
+
+async def test_consumer_lag_is_reported_for_owned_partitions_only(live):
+    """A partition the group moved to another member kept its last maas_consumer_lag sample on this worker's
+    /metrics for as long as the process lived: summed over the group it was counted twice (a lag the autoscaler
+    scales on), and a backlog sampled once never went away."""
+
+    def lag(worker) -> set[str]:
+        return {s.labels["partition"] for m in REGISTRY.collect() for s in m.samples
+                if s.name == "maas_consumer_lag" and s.labels["topic"] == live.topics.requests}
+
+    async with running_worker(live, drain_timeout_s=5) as worker:
+        await asyncio.sleep(live.commit_interval_ms / 1000 * 3)  # lag is sampled on the commit loop
+        assert lag(worker) == {"0", "1"}
+        other = AIOKafkaConsumer(**live.kafka_client_kwargs(), group_id=live.consumer_group)
+        await other.start()
+        try:
+            other.subscribe([live.topics.requests])
+            for _ in range(150):  # joins the group: one of the two partitions moves to it
+                await other.getmany(timeout_ms=200)
+                if other.assignment() and len(worker._consumer.assignment()) == 1:
+                    break
+            await asyncio.sleep(live.commit_interval_ms / 1000 * 3)
+            owned = {str(tp.partition) for tp in worker._consumer.assignment()}
+            assert len(owned) == 1 and lag(worker) == owned
+        finally:
+            await other.stop()
+
+
+async def test_a_request_id_cannot_write_a_log_line_of_its_own(live):
+    """`maas worker` logs a refused reply_to with the request's id: an id holding a line feed wrote a line of the
+    caller's making (time, level, logger and text), which log alerts took for the worker's own."""
+    proc, assigned, lines = worker_process(live, worker_id="forged-logs")
+    try:
+        assert await asyncio.to_thread(assigned.wait, 60), "the worker never joined the group"
+        requests, _ = example_requests(1, prefix="forged")
+        requests[0]["id"] = "forged-1\n2026-01-01 00:00:00,000 ERROR pipeline.kafka_worker: FORGED"
+        requests[0]["parameters"] = {"reply_to": "no-such-topic"}
+        await publish_requests(live, requests)
+        assert len(await read_topic(live, live.topics.results, 1)) == 1  # answered there, as INVALID_REQUEST
+        await asyncio.sleep(0.5)
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 30)
+    (line,) = [line for line in lines if "FORGED" in line]
+    assert " WARNING pipeline.sinks: request forged-1\\n2026-01-01 00:00:00,000 ERROR " in line
