@@ -99,7 +99,9 @@ class KafkaWorker:
         self.max_attempts = max_attempts
         self.drain_timeout_s = drain_timeout_s
         self._tracker = OffsetTracker()
-        self._revocations = 0  # partitions revoked so far: records fetched before the latest revoke are stale
+        # Rebalances so far. aiokafka revokes every partition at each one and moves every position back to the
+        # committed offset, so records fetched before the latest are stale (see `_dispatch`).
+        self._revocations = 0
         self._slots = Slots(settings.max_in_flight)
         self._handlers: set[asyncio.Task] = set()
         self._side_sends: set[asyncio.Task] = set()
