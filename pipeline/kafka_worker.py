@@ -133,6 +133,9 @@ class KafkaWorker:
         self.max_attempts = max_attempts
         self.drain_timeout_s = drain_timeout_s
         self._tracker = OffsetTracker()
+        # Rebalances so far. aiokafka revokes every partition at each one and moves every position back to the
+        # committed offset, so records fetched before the latest are stale (see `_dispatch`).
+        self._revocations = 0
         self._slots = Slots(settings.max_in_flight)
         self._handlers: set[asyncio.Task] = set()
         self._side_sends: set[asyncio.Task] = set()
@@ -307,17 +310,31 @@ class KafkaWorker:
             except UNREADABLE_RECORD_ERRORS as exc:
                 await self._read_past_unreadable(exc)
                 continue
+            revocations = self._revocations
             for tp, records in fetched.items():
-                await self._dispatch(tp, records)
+                await self._dispatch(tp, records, revocations)
             # Let this fetch's handlers decode and reach the batcher before fetching more: otherwise the
             # loop reads up to max_in_flight records before the first batch can close.
             await asyncio.sleep(0)
 
-    async def _dispatch(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
-        while records:
+    async def _dispatch(self, tp: TopicPartition, records: list[ConsumerRecord], revocations: int) -> bool:
+        """Hand `records` to handlers as in-flight slots allow; False, and the records not handed over yet dropped,
+        once a revocation came after their fetch (`revocations`: the count of revocations when they were fetched).
+
+        A fetch that waits for slots may outlive the revocation of its partition. The revoke committed what was
+        answered and forgot the partition, the batches that outlived its drain included: records begun after it
+        would be all that is tracked there, and, the partition assigned to this worker again, its offset would be
+        committed past those batches' records, unanswered (lost if the worker then dies). Left alone, the records are
+        read again from the committed offset by the partition's owner, this worker or another.
+        """
+        while records and revocations == self._revocations:
             taken = await self._slots.take(len(records))  # backpressure: max_in_flight unanswered
+            if revocations != self._revocations:
+                self._slots.give(taken)
+                break
             chunk, records = records[:taken], records[taken:]
             self._start_handler(tp, [record.offset for record in chunk], self._handle(tp, chunk))
+        return revocations == self._revocations
 
     def _start_handler(self, tp: TopicPartition, offsets: list[int], work: Coroutine[Any, Any, None]) -> None:
         """Run `work`, which answers the records at `offsets` (their in-flight slots taken), as a task of its own."""
@@ -385,12 +402,15 @@ class KafkaWorker:
         """
         assert self._consumer is not None
         log.warning("a fetched record cannot be read (%r): reading partition by partition to find it", exc)
+        revocations = self._revocations
         try:
             partitions = sorted(self._consumer.assignment())
             for tp in partitions:
                 await self._rewind(tp)
             for tp in partitions:
-                await self._read_singly(tp)
+                if not await self._read_singly(tp, revocations):
+                    log.info("stopped looking for the unreadable record: partitions were revoked meanwhile")
+                    return
         except IllegalStateError as moved:  # a rebalance took partitions meanwhile: the next fetch reads the others
             log.info("stopped looking for the unreadable record: %s", moved)
 
@@ -406,14 +426,16 @@ class KafkaWorker:
         else:
             self._consumer.seek(tp, offset)
 
-    async def _read_singly(self, tp: TopicPartition) -> None:
+    async def _read_singly(self, tp: TopicPartition, revocations: int) -> bool:
         """Read `tp` a record at a time, up to max_fetch_records records or dead letters, or until the records
-        fetched again after the rewind are all read; dead-letter each record that cannot be read."""
+        fetched again after the rewind are all read; dead-letter each record that cannot be read. False when
+        partitions were revoked since `revocations` (see `_dispatch`): what was read before is left to be read again
+        (the rebalance moved the position back), what was read after it too (moved back here)."""
         consumer = self._consumer
         assert consumer is not None
         highwater = consumer.highwater(tp)
         if highwater is not None and await consumer.position(tp) >= highwater:
-            return  # nothing to read there
+            return True  # nothing to read there
         records: list[ConsumerRecord] = []
         refetch_ms = self.settings.kafka_fetch_max_wait_ms + REFETCH_TIMEOUT_MS
         timeout_ms = refetch_ms  # the rewind dropped what was fetched
@@ -422,19 +444,25 @@ class KafkaWorker:
                 fetched = await consumer.getmany(tp, timeout_ms=timeout_ms, max_records=1)
             except UNREADABLE_RECORD_ERRORS as exc:
                 offset = await consumer.position(tp)
-                await self._dispatch(tp, records)
+                if not (await self._dispatch(tp, records, revocations)
+                        and await self._dead_letter_unreadable(tp, offset, exc, revocations)):
+                    return False
                 records = []
-                await self._dead_letter_unreadable(tp, offset, exc)
                 consumer.seek(tp, offset + 1)  # and fetch again, from the next record
                 timeout_ms = refetch_ms
                 continue
+            if revocations != self._revocations:
+                if fetched:
+                    consumer.seek(tp, fetched[tp][0].offset)
+                return False
             if not fetched:
                 break
             records += fetched[tp]
             timeout_ms = 0  # the rest of this fetch, already here
-        await self._dispatch(tp, records)
+        return await self._dispatch(tp, records, revocations)
 
-    async def _dead_letter_unreadable(self, tp: TopicPartition, offset: int, exc: Exception) -> None:
+    async def _dead_letter_unreadable(self, tp: TopicPartition, offset: int, exc: Exception, revocations: int
+                                      ) -> bool:
         source = f"{tp.topic}-{tp.partition}@{offset}"
         log.error("%s cannot be read (%r); dead-lettering it", source, exc)
         error = InferenceError(ErrorCode.INVALID_REQUEST,
@@ -442,7 +470,11 @@ class KafkaWorker:
                                "record batch, is malformed (e.g. a header key that is not UTF-8)")
         envelope = Envelope(payload=None, headers={}, source=source)
         await self._slots.take(1)
+        if revocations != self._revocations:  # see _dispatch
+            self._slots.give(1)
+            return False
         self._start_handler(tp, [offset], self._dead_letter(tp, [offset], [envelope], error))
+        return True
 
     def _loop_ended(self, failed_at: str, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -525,6 +557,7 @@ class KafkaWorker:
 
     async def _drain_and_commit(self, revoked: set[TopicPartition]) -> None:
         """Before partitions move to another worker: finish what is in flight on them, then commit."""
+        self._revocations += 1  # records fetched before now are no longer to be begun (see _dispatch)
         deadline = time.monotonic() + self.drain_timeout_s
         while any(self._tracker.in_flight(tp) for tp in revoked) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)

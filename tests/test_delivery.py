@@ -12,15 +12,17 @@ from dataclasses import replace
 import numpy as np
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from worker_support import read_topic, running_worker, slow_repository, worker_process
 
 from infra.bootstrap import ensure_topics
 from models.cache import ModelCache
 from models.examples import MNIST_MLP
+from models.repository import ModelRepository
 from pipeline.client import ResultCollector, example_requests, publish_requests
 from pipeline.codec import encode_request
 from pipeline.engine import InferenceEngine
+from pipeline.kafka_worker import KafkaWorker
 from pipeline.responder import Outcome, Responder
 from pipeline.services import answer_producer, aws_client, bootstrap, claim_check_store
 from pipeline.settings import Topics
@@ -383,3 +385,86 @@ async def test_made_up_model_names_do_not_become_metric_labels(live, repository)
     finally:
         await producer.stop()
     assert errors("-") == before + 2 and errors("made-up-1f3a") == 0 and errors("made-up-9c2e") == 0
+
+
+class _GatedEngine(InferenceEngine):
+    """The real engine, except that requests whose id starts with a gate's name wait until the test opens it: a batch
+    held as long as a test needs (a slow model, a model still loading), while the others run at once."""
+
+    def __init__(self, *args, gates: dict[str, asyncio.Event], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gates = gates
+
+    async def infer_many(self, requests):
+        for name, gate in self.gates.items():
+            if any(r.id.startswith(name) for r in requests):
+                await gate.wait()
+        return await super().infer_many(requests)
+
+
+async def _publish_as_one_batch(settings, requests: list[dict]) -> None:
+    """One record batch on partition 0, which one fetch returns whole."""
+    producer = AIOKafkaProducer(**settings.kafka_client_kwargs(), max_batch_size=1 << 20)
+    await producer.start()
+    try:
+        batch = producer.create_batch()
+        for request in requests:
+            value = orjson.dumps(request, option=orjson.OPT_SERIALIZE_NUMPY)
+            assert batch.append(key=request["id"].encode(), value=value, timestamp=None) is not None
+        await (await producer.send_batch(batch, settings.topics.requests, partition=0))
+    finally:
+        await producer.stop()
+
+
+async def test_records_fetched_before_a_rebalance_are_not_begun_after_it(live):
+    """A fetch that waited for in-flight slots when its partition was revoked was handed to handlers after the
+    revocation had committed and forgotten the partition, while a batch that outlived the revoke's drain was still
+    unanswered. Kept by this worker, the partition's offset then moved past that batch's record (one past the late
+    fetch, the only records tracked), and a worker stopping or dying then lost it. Records fetched before a
+    revocation are left to be fetched again, from the committed offset, by whoever owns the partition then."""
+    settings = replace(live, max_in_flight=5, topic_partitions=1, kafka_session_timeout_ms=6000,
+                       kafka_heartbeat_interval_ms=300,
+                       topics=Topics(*(f"{name}.p1" for name in live.topics.all())))
+    await bootstrap(settings)
+    tp = TopicPartition(settings.topics.requests, 0)
+    requests, _ = example_requests(8, prefix="x")
+    for i, request in enumerate(requests):  # offset 0 waits for its model past the revoke, 1-3 until after it
+        request["id"] = f"slow-{i}" if i == 0 else f"held-{i}" if i < 4 else f"fast-{i}"
+    ids = [r["id"] for r in requests]
+    gates = {"slow": asyncio.Event(), "held": asyncio.Event()}
+    other = AIOKafkaConsumer(**settings.kafka_client_kwargs(), group_id=settings.consumer_group,
+                             session_timeout_ms=6000, heartbeat_interval_ms=300)
+    async with ResultCollector(settings) as collector:
+        collector.expect(ids)
+        engine = _GatedEngine(ModelCache(ModelRepository(settings.model_repository)), gates=gates)
+        async with engine:
+            worker = KafkaWorker(settings, engine, drain_timeout_s=0.5)
+            await worker.start()
+            try:
+                await asyncio.wait_for(worker.assigned.wait(), 30)
+                for batch, in_flight in ((requests[:1], 1), (requests[1:4], 4)):
+                    await publish_requests(settings, batch)
+                    async with asyncio.timeout(30):
+                        while worker.in_flight < in_flight:
+                            await asyncio.sleep(0.02)
+                await _publish_as_one_batch(settings, requests[4:])  # fetched together, then waits for slots
+                async with asyncio.timeout(30):
+                    while await worker._consumer.position(tp) < 8:
+                        await asyncio.sleep(0.02)
+                assert worker.in_flight == 4
+                worker.assigned.clear()
+                await other.start()  # a new member (of another topic): every partition is revoked and reassigned
+                other.subscribe([settings.topics.metrics])
+                await asyncio.wait_for(worker.assigned.wait(), 30)
+                assert worker._consumer.assignment() == {tp}
+                assert await worker._consumer.position(tp) == 0, "the rebalance moves the position back to the commit"
+                gates["held"].set()  # slots come back to the fetch that waited for them
+                async with asyncio.timeout(30):
+                    while worker.in_flight or await worker._consumer.position(tp) < 8:  # read again from offset 0
+                        await asyncio.sleep(0.02)
+            finally:
+                await worker.stop()  # commits what it answered: the slow request never was
+                await other.stop()
+        async with running_worker(settings):
+            answers = await collector.wait_for(ids, timeout=30)
+    assert set(answers) == set(ids), f"never answered: {sorted(set(ids) - set(answers))}"
