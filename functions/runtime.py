@@ -1,6 +1,7 @@
 """What a function process keeps warm between invocations: one event loop, the engine and its model cache,
-a Kafka producer, S3/SQS clients. Cold-start costs (import, init, model load + kernel warm-up) are reported
-apart from the invocation's own time, as a CloudWatch Embedded Metric Format (EMF) log line.
+a Kafka producer (and, once it is started, the per-batch records it publishes to the metrics topic), S3/SQS
+clients. Cold-start costs (import, init, model load + kernel warm-up) are reported apart from the invocation's own
+time, as a CloudWatch Embedded Metric Format (EMF) log line.
 
 Handlers are synchronous (`handler(event, context)`, AWS Lambda conventions); each one runs its coroutine on
 the process's one long-lived loop, so async clients (aiokafka) and batcher tasks survive between invocations.
@@ -24,6 +25,7 @@ from typing import Any, TypeVar  # noqa: E402
 from aiokafka import AIOKafkaProducer  # noqa: E402
 
 from pipeline.batch_jobs import BatchConfig, BatchJobRunner  # noqa: E402
+from pipeline.batch_metrics import BatchMetricsPublisher  # noqa: E402
 from pipeline.claim_check import ClaimCheckStore  # noqa: E402
 from pipeline.engine import InferenceEngine  # noqa: E402
 from pipeline.ratelimit import ApiKeys, RateLimiter  # noqa: E402
@@ -34,6 +36,10 @@ from pipeline.v2_api import V2Api  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - IMPORT_STARTED
 NAMESPACE = "maas/functions"
+#: How long an invocation, its answers delivered, waits for its batches' metrics records before it returns: the
+#: function's environment is frozen between invocations, and with it the sends not done yet (they go on at the next
+#: invocation). A broker that is slow to take metrics costs an invocation at most this much, never an answer.
+METRICS_SETTLE_S = 1.0
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,7 @@ class Runtime:
                          api_keys=ApiKeys.from_settings(settings), rate_limiter=RateLimiter.from_settings(settings),
                          admin_tenants=settings.admin_tenants, repository_control=False)
         self._producer: AIOKafkaProducer | None = None
+        self.metrics: BatchMetricsPublisher | None = None
         self._clients: dict[str, Any] = {}
         self._batch: BatchJobRunner | None = None
         self.invocations = 0
@@ -58,20 +65,30 @@ class Runtime:
         return self
 
     async def stop(self) -> None:
+        if self.metrics is not None:
+            await self.metrics.close(min(5.0, self.settings.shutdown_timeout_s / 2))
+            self.metrics = None
         if self._producer is not None:
             await stop_producer(self._producer, self.settings.shutdown_timeout_s)
             self._producer = None
         await self.engine.stop()
 
     async def producer(self) -> AIOKafkaProducer:
-        """Started on first use, so HTTP- and S3-only functions never connect to Kafka."""
+        """Started on first use, so HTTP- and S3-only functions never connect to Kafka. From then on the engine's
+        per-batch records go to the metrics topic too, as the workers' do."""
         if self._producer is None:
             if self.settings.kafka_bootstrap_servers is None:
                 raise ConfigError("KAFKA_BOOTSTRAP_SERVERS is not set: results go to Kafka topics")
             producer = answer_producer(self.settings)
             await producer.start()
             self._producer = producer
+            self.metrics = BatchMetricsPublisher.for_settings(producer, self.settings).attach(self.engine)
         return self._producer
+
+    async def settle_metrics(self) -> None:
+        """Give the metrics records being sent up to METRICS_SETTLE_S, before the environment is frozen."""
+        if self.metrics is not None:
+            await self.metrics.settle(METRICS_SETTLE_S)
 
     def aws(self, service: str) -> Any:
         if service not in self._clients:
@@ -133,6 +150,7 @@ def invoke(function: str, work: Callable[[Runtime], Awaitable[T]], records: int 
     try:
         return loop.run_until_complete(work(runtime))
     finally:
+        loop.run_until_complete(runtime.settle_metrics())  # after the answers: it delays none of them
         metrics: dict[str, Any] = {
             "function": function,
             "ColdStart": int(cold),

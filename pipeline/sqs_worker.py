@@ -4,6 +4,8 @@ A message is deleted only after its answer (result, error result or dead letter)
 that keeps failing transiently is not deleted: the queue's visibility timeout redelivers it, and after the
 queue's maxReceiveCount its redrive policy moves it to the queue's DLQ. While a message is being worked on
 (a long batch, a slow model), its visibility timeout is extended so that no other consumer gets it too.
+With a Kafka producer (answers over Kafka), the engine's per-batch records also go to the metrics topic
+(`metrics=`); with SQS only, metrics are Prometheus's alone.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.backpressure import Slots
+from pipeline.batch_metrics import BatchMetricsPublisher
 from pipeline.claim_check import ClaimCheckStore
 from pipeline.codec import from_sqs_message
 from pipeline.engine import InferenceEngine
@@ -29,6 +32,9 @@ from pipeline.settings import Settings
 from pipeline.sinks import DELIVERY_ERRORS, Envelope, RedeliverTransient, ResultSink
 
 log = logging.getLogger(__name__)
+
+#: The most stop() waits for the metrics records still being sent, once the handlers are done.
+METRICS_DRAIN_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -96,8 +102,11 @@ class SqsWorker:
 
     def __init__(self, settings: Settings, engine: InferenceEngine, sqs: Any, queue_url: str, sink: ResultSink, *,
                  store: ClaimCheckStore | None = None, wait_time_s: int = 2, visibility_timeout_s: int = 30,
-                 max_attempts: int = 3, drain_timeout_s: float = 30.0) -> None:
+                 max_attempts: int = 3, drain_timeout_s: float = 30.0,
+                 metrics: BatchMetricsPublisher | None = None) -> None:
         self.settings = settings
+        self.engine = engine
+        self.metrics = metrics
         self.sqs = sqs
         self.queue_url = queue_url
         self.wait_time_s = wait_time_s
@@ -114,6 +123,8 @@ class SqsWorker:
         self.left_for_redelivery = 0
 
     async def start(self) -> SqsWorker:
+        if self.metrics is not None:
+            self.metrics.attach(self.engine)
         self._tasks = [asyncio.create_task(self._receive_loop(), name="maas-sqs-receive"),
                        asyncio.create_task(self._extend_loop(), name="maas-sqs-visibility")]
         log.info("SQS worker receiving from %s", self.queue_url)
@@ -122,13 +133,16 @@ class SqsWorker:
     async def stop(self) -> None:
         """Stop receiving (after the poll under way, whose messages are made visible again), let the handlers
         finish for up to `drain_timeout_s`, then cancel the rest: their messages, undeleted, are redelivered
-        once their visibility timeout passes. A stop() called while another runs returns when that one is done."""
+        once their visibility timeout passes. The batches' metrics records still being sent get what is left of
+        `drain_timeout_s` (at most METRICS_DRAIN_S); those unsent then are counted as unpublished. A stop() called
+        while another runs returns when that one is done."""
         if self._stopped is not None:
             await self._stopped.wait()
             return
         if not self._tasks:
             return
         self._stopped = asyncio.Event()
+        deadline = time.monotonic() + self.drain_timeout_s
         try:
             receive = self._tasks[0]
             receive.cancel()
@@ -141,6 +155,8 @@ class SqsWorker:
                 if pending:
                     log.warning("stopped %d handlers still running after %.0f s; their messages will be redelivered",
                                 len(pending), self.drain_timeout_s)
+            if self.metrics is not None:
+                await self.metrics.close(min(METRICS_DRAIN_S, max(0.0, deadline - time.monotonic())))
             for task in self._tasks[1:]:
                 task.cancel()
             await asyncio.gather(*self._tasks[1:], return_exceptions=True)

@@ -5,13 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
+import urllib.request
 from dataclasses import replace
 
 import numpy as np
 import orjson
 import pytest
+from worker_support import read_topic
 
 from models.cache import ModelCache
 from models.examples import MNIST_MLP, mnist_mlp_config, regressor_config, train_mnist_mlp, train_regressor
@@ -28,6 +35,7 @@ from pipeline.batch_jobs import (
 )
 from pipeline.client import example_requests
 from pipeline.engine import InferenceEngine
+from pipeline.metrics import BatchRecord
 from pipeline.services import aws_client
 from pipeline.settings import ConfigError, Settings
 
@@ -491,3 +499,58 @@ async def test_stop_cancels_a_job_past_the_drain_timeout_and_releases_its_messag
         runner = BatchJobRunner(fast, s3, config, max_request_bytes=live.max_request_bytes, worker_id="fast")
         async with BatchJobWatcher(runner, sqs, queue_url, wait_s=1, visibility_s=30) as again:
             await wait_for(lambda: any(s["job"] == "long" for s in again.completed))
+
+
+def test_maas_batch_worker_publishes_batch_metrics_and_serves_health_and_metrics(live):
+    """`maas batch worker` published no per-batch record to the metrics topic and had no health or /metrics port,
+    unlike `maas worker`: both now, with the same settings (MAAS_HEALTH_PORT / --health-port)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "MAAS_", "AWS_"))}
+    env.update(live.to_env(), MAAS_WORKER_ID=live.worker_id, MAAS_BATCH_QUEUE=f"{live.batch_bucket}-events",
+               AWS_ACCESS_KEY_ID="maas-local", AWS_SECRET_ACCESS_KEY="maas-local", PYTHONUNBUFFERED="1")
+    with socket.socket() as probe:  # a free port (0 turns the server off, as for `maas worker`)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "batch", "worker", "--wait", "1", "--health-port",
+                             str(port), "--health-host", "127.0.0.1"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True).start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health/ready", timeout=5) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "no health server: " + "".join(output)
+                time.sleep(0.2)
+        config = BatchConfig.from_settings(live, queue=f"{live.batch_bucket}-events")
+        requests, _ = example_requests(20, prefix="bm")
+        s3 = aws_client(live, "s3")
+        s3.put_object(Bucket=config.bucket, Key=config.inbox_key("metrics"), Body=jsonl(requests))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                summary = orjson.loads(s3.get_object(Bucket=config.bucket, Key=config.summary_key("metrics"))
+                                       ["Body"].read())
+                break
+            except s3.exceptions.NoSuchKey:
+                assert time.monotonic() < deadline, "no summary: " + "".join(output)
+                time.sleep(0.2)
+        assert summary["lines"] == 20 and summary["ok"] == 20
+        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+            page = response.read().decode()
+        assert f'maas_batch_size_count{{model="{MNIST_MLP}:1"}}' in page
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    assert proc.returncode == 0, "".join(output)
+    records = [orjson.loads(r.value) for r in asyncio.run(read_topic(live, live.topics.metrics, 20, timeout=5))]
+    assert records, "no batch record on the metrics topic"
+    for record in records:
+        assert set(BatchRecord.__dataclass_fields__) <= record.keys()
+        assert record["model"] == MNIST_MLP and record["version"] == 1 and record["worker"] == live.worker_id
+        assert record["batch_size"] >= record["requests"] >= 1 and record["compute_ms"] >= 0
+    assert sum(record["requests"] for record in records) == 20

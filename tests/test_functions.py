@@ -10,11 +10,13 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import quote_plus
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 from worker_support import read_topic
 
 import functions.http
@@ -27,6 +29,7 @@ from models.examples import MNIST_MLP
 from pipeline.batch_jobs import BatchConfig
 from pipeline.client import example_requests
 from pipeline.codec import decode_response, encode_request, from_sqs_message, to_sqs_message
+from pipeline.metrics import BatchRecord
 from pipeline.services import aws_client, bootstrap
 
 EVENTS = Path(__file__).parent / "events"
@@ -369,3 +372,52 @@ def test_http_trigger_refuses_unloads_and_speaks_alb_multi_value_headers(env):
     alb["multiValueHeaders"]["Content-Encoding"] = ["gzip", "identity"]  # every value counts, not the last
     assert functions.http.handler(alb, None)["statusCode"] == 415
 
+
+
+def _kafka_event(settings, requests) -> dict:
+    first = next(iter(event("kafka_msk.json")["records"].values()))[0]
+    topic = settings.topics.requests
+    records = [kafka_record(first, topic, i % 2, 300 + i, dumps(r), r["id"]) for i, r in enumerate(requests)]
+    test_event = {"eventSource": "aws:kafka", "records": {}}
+    for record in records:
+        test_event["records"].setdefault(f"{topic}-{record['partition']}", []).append(record)
+    return test_event
+
+
+def test_kafka_trigger_publishes_its_batches_to_the_metrics_topic(env):
+    """The Kafka function answered over Kafka but published no per-batch record to the metrics topic."""
+    settings = env
+    sent = 0
+    for round_ in range(2):  # a cold and a warm invocation
+        requests, _ = example_requests(5, prefix=f"km{round_}")
+        assert functions.kafka.handler(_kafka_event(settings, requests), None) == {"batchItemFailures": []}
+        sent += len(requests)
+    results = asyncio.run(read_topic(settings, settings.topics.results, sent))
+    assert len({r.key for r in results}) == sent
+    records = [orjson.loads(r.value) for r in asyncio.run(read_topic(settings, settings.topics.metrics, sent,
+                                                                      timeout=5))]
+    assert records, "no batch record on the metrics topic"
+    for record in records:
+        assert set(BatchRecord.__dataclass_fields__) <= record.keys()
+        assert record["model"] == MNIST_MLP and record["version"] >= 1
+        assert record["worker"] == runtime._runtime.settings.worker_id  # the function's own, as in its answers
+        assert record["batch_size"] >= record["requests"] >= 1 and record["compute_ms"] >= 0
+    assert sum(record["requests"] for record in records) == sent
+
+
+def test_kafka_trigger_answers_everything_when_its_metrics_topic_refuses_every_record(env, monkeypatch):
+    """A metrics topic that cannot be written costs metrics (counted), never an answer, and an invocation waits
+    for its metrics at most METRICS_SETTLE_S."""
+    settings = env
+    monkeypatch.setenv("MAAS_TOPIC_METRICS", "no such topic: spaces are not allowed")
+    before = REGISTRY.get_sample_value("maas_batch_metrics_unpublished_total") or 0.0
+    requests, truth = example_requests(6, prefix="kr")
+    functions.kafka.handler(_kafka_event(settings, requests[:1]), None)  # cold start: models loaded
+    started = time.monotonic()
+    assert functions.kafka.handler(_kafka_event(settings, requests[1:]), None) == {"batchItemFailures": []}
+    assert time.monotonic() - started < runtime.METRICS_SETTLE_S + 5
+    results = asyncio.run(read_topic(settings, settings.topics.results, len(requests)))
+    assert {r.key.decode() for r in results} == set(truth)
+    assert runtime._runtime is not None and runtime._runtime.metrics.published == 0
+    runtime.shutdown()  # stop(): the sends still waiting for the topic are given up, and counted
+    assert (REGISTRY.get_sample_value("maas_batch_metrics_unpublished_total") or 0.0) > before

@@ -9,18 +9,21 @@ from dataclasses import replace
 
 import orjson
 import pytest
-from worker_support import slow_repository, worker_process
+from prometheus_client import REGISTRY
+from worker_support import read_topic, slow_repository, worker_process
 
 from infra.bootstrap import ensure_queue
 from models.cache import ModelCache
 from models.examples import MNIST_MLP, mnist_mlp_config, synthetic_digits, train_mnist_mlp
 from models.repository import ModelRepository
-from pipeline.client import example_requests
+from pipeline.batch_metrics import BatchMetricsPublisher
+from pipeline.client import ResultCollector, example_requests
 from pipeline.codec import Framed, decode_request, decode_response, encode_request, from_sqs_message, to_sqs_message
 from pipeline.engine import InferenceEngine
 from pipeline.errors import ErrorCode, InferenceError
+from pipeline.metrics import BatchRecord
 from pipeline.responder import Responder
-from pipeline.services import aws_client, claim_check_store
+from pipeline.services import answer_producer, aws_client, claim_check_store, stop_producer
 from pipeline.sinks import MAX_PASSTHROUGH_BYTES, Envelope, KafkaSink, SqsSink
 from pipeline.sqs_worker import SqsWorker
 
@@ -250,3 +253,52 @@ def test_an_idle_sqs_worker_process_exits_promptly_on_sigterm(live):
         assert proc.wait(10) == 0, "".join(lines)  # hang guard: the poll is 2 s
     finally:
         proc.kill()
+
+
+async def _answer_over_kafka(settings, repository, count: int, prefix: str) -> tuple[dict, BatchMetricsPublisher]:
+    """`count` requests through an SQS worker that answers over Kafka and publishes its batches' metrics with the
+    answers' producer; returns the answers by id and the publisher, after the worker stopped."""
+    sqs = aws_client(settings, "sqs")
+    queue_url = ensure_queue(sqs, f"{settings.batch_bucket}-{prefix}")
+    requests, truth = example_requests(count, prefix=prefix)
+    for request in requests:
+        sqs.send_message(QueueUrl=queue_url, MessageBody=orjson.dumps(request, option=orjson.OPT_SERIALIZE_NUMPY)
+                         .decode())
+    producer = answer_producer(settings)
+    await producer.start()
+    try:
+        metrics = BatchMetricsPublisher.for_settings(producer, settings)
+        async with InferenceEngine(ModelCache(repository), worker_id=settings.worker_id) as engine, \
+                ResultCollector(settings) as collector:
+            async with SqsWorker(settings, engine, sqs, queue_url, KafkaSink.for_settings(producer, settings, None),
+                                 wait_time_s=1, metrics=metrics):
+                answers = await collector.wait_for(truth, timeout=60)
+            assert metrics.pending == 0, "stop() left metrics sends behind"
+    finally:
+        await stop_producer(producer, 10)
+    return answers, metrics
+
+
+async def test_an_sqs_worker_answering_over_kafka_publishes_its_batches_to_the_metrics_topic(live, repository):
+    """The SQS worker published no per-batch record: DESIGN's metrics topic saw only the Kafka worker's batches."""
+    answers, _ = await _answer_over_kafka(live, repository, 12, "sqs-metrics")
+    assert len(answers) == 12 and {a.kind for a in answers.values()} == {"result"}
+    records = [orjson.loads(r.value) for r in await read_topic(live, live.topics.metrics, 12, timeout=5)]
+    assert records, "no batch record on the metrics topic"
+    for record in records:
+        assert set(BatchRecord.__dataclass_fields__) <= record.keys()
+        assert record["model"] == MNIST_MLP and record["version"] >= 1 and record["worker"] == live.worker_id
+        assert record["batch_size"] >= record["requests"] >= 1 and record["compute_ms"] >= 0
+    assert sum(record["requests"] for record in records) == 12
+
+
+async def test_an_sqs_worker_answers_everything_when_its_metrics_topic_refuses_every_record(live, repository):
+    """A metrics topic that cannot be written (a name the broker refuses) costs metrics, counted, never answers."""
+    before = REGISTRY.get_sample_value("maas_batch_metrics_unpublished_total") or 0.0
+    refused = replace(live, topics=replace(live.topics, metrics="no such topic: spaces are not allowed"))
+    started = time.monotonic()
+    answers, metrics = await _answer_over_kafka(refused, repository, 6, "sqs-refused")
+    assert len(answers) == 6 and {a.kind for a in answers.values()} == {"result"}
+    assert time.monotonic() - started < 30
+    assert metrics.published == 0
+    assert (REGISTRY.get_sample_value("maas_batch_metrics_unpublished_total") or 0.0) > before

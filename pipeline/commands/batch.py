@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -15,9 +16,19 @@ from botocore.exceptions import ClientError
 
 from models.examples import ensure_examples
 from pipeline.batch_jobs import SOURCE_ETAG, BatchConfig, BatchJobRunner, BatchJobWatcher, ensure_batch_notifications
-from pipeline.commands._common import stop_event
+from pipeline.batch_metrics import BatchMetricsPublisher
+from pipeline.commands._common import port, stop_event
 from pipeline.engine import InferenceEngine
-from pipeline.services import aws_client, connected, model_cache, open_repository, read_state
+from pipeline.observability import HealthServer
+from pipeline.services import (
+    answer_producer,
+    aws_client,
+    connected,
+    model_cache,
+    open_repository,
+    read_state,
+    stop_producer,
+)
 from pipeline.settings import ConfigError, Settings
 
 
@@ -30,16 +41,28 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         s3, sqs = aws_client(live, "s3"), aws_client(live, "sqs")
         queue_url = await asyncio.to_thread(ensure_batch_notifications, s3, sqs, config)
         async with InferenceEngine(model_cache(settings, repository), worker_id=live.worker_id,
-                                   max_running_batches=settings.max_running_batches) as engine:
+                                   max_running_batches=settings.max_running_batches) as engine, \
+                contextlib.AsyncExitStack() as stack:
+            # Per-batch records to the metrics topic, as `maas worker` publishes them: beside the jobs, never
+            # holding one up (a record that cannot be published is counted, maas_batch_metrics_unpublished_total).
+            producer = answer_producer(live)
+            await producer.start()
+            stack.push_async_callback(stop_producer, producer, live.shutdown_timeout_s / 2)
+            metrics = BatchMetricsPublisher.for_settings(producer, live).attach(engine)
+            stack.push_async_callback(metrics.close, min(5.0, live.shutdown_timeout_s / 2))
             runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes,
                                     worker_id=live.worker_id)
-            watcher = BatchJobWatcher(runner, sqs, queue_url, wait_s=args.wait)
-            async with watcher:
-                print(f"batch worker watching s3://{config.bucket}/{config.inbox_prefix}*.jsonl via {queue_url}; "
-                      f"results to s3://{config.bucket}/{config.outbox_prefix}", flush=True)
-                stop, done = asyncio.create_task(stop_event().wait()), asyncio.create_task(watcher.wait())
-                await asyncio.wait([stop, done], return_when=asyncio.FIRST_COMPLETED)
-                stop.cancel()
+            watcher = await stack.enter_async_context(BatchJobWatcher(runner, sqs, queue_url, wait_s=args.wait))
+            print(f"batch worker watching s3://{config.bucket}/{config.inbox_prefix}*.jsonl via {queue_url}; "
+                  f"results to s3://{config.bucket}/{config.outbox_prefix}", flush=True)
+            port = args.health_port if args.health_port is not None else live.health_port
+            if port:
+                health = await stack.enter_async_context(HealthServer(args.health_host, port, lambda: True))
+                print(f"health and metrics on http://{args.health_host}:{health.port}/health/ready, /metrics",
+                      flush=True)
+            stop, done = asyncio.create_task(stop_event().wait()), asyncio.create_task(watcher.wait())
+            await asyncio.wait([stop, done], return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
         print(f"batch worker stopped after {len(watcher.completed)} jobs", flush=True)
     return 0
 
@@ -146,6 +169,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     worker = bsub.add_parser("worker", help="watch the batch bucket's inbox (S3 -> SQS notifications), run jobs")
     worker.add_argument("--examples", action="store_true", help="publish the example models first if missing")
     worker.add_argument("--wait", type=int, default=10, help="SQS long-poll seconds (default 10)")
+    worker.add_argument("--health-port", type=port, default=None,
+                        help="serve /health/live, /health/ready and /metrics on this port (default: MAAS_HEALTH_PORT, "
+                             "0 = off)")
+    worker.add_argument("--health-host", default="0.0.0.0", help="address for the health server (default 0.0.0.0)")
     worker.set_defaults(run=cmd_worker)
     submit = bsub.add_parser("submit", help="upload a job file, show progress, download the results")
     submit.add_argument("file", help="a .jsonl file: one V2 request (or {id, model_name, data|text}) per line")

@@ -8,6 +8,7 @@ import contextlib
 
 from infra.bootstrap import ensure_queue
 from models.examples import ensure_examples
+from pipeline.batch_metrics import BatchMetricsPublisher
 from pipeline.commands._common import port, stop_event
 from pipeline.engine import InferenceEngine
 from pipeline.kafka_worker import KafkaWorker
@@ -71,6 +72,7 @@ async def _sqs_worker(live: Settings, engine: InferenceEngine, stack: contextlib
     sqs = aws_client(live, "sqs")
     queue_url = await asyncio.to_thread(ensure_queue, sqs, live.sqs_requests_queue, f"{live.sqs_requests_queue}-dlq")
     store = claim_check_store(live)
+    metrics: BatchMetricsPublisher | None = None  # SQS only: Prometheus only (no metrics topic without Kafka)
     if live.sqs_results_queue_url:
         sink: ResultSink = SqsSink(sqs, live.sqs_results_queue_url, live.sqs_dlq_url, store=store)
         where = live.sqs_results_queue_url
@@ -81,9 +83,10 @@ async def _sqs_worker(live: Settings, engine: InferenceEngine, stack: contextlib
         # deliver by then is abandoned, its messages left undeleted (redelivered).
         stack.push_async_callback(stop_producer, producer, live.shutdown_timeout_s / 2)
         sink = KafkaSink.for_settings(producer, live, store)
+        metrics = BatchMetricsPublisher.for_settings(producer, live)
         where = f"Kafka topic {live.topics.results}"
     worker = await stack.enter_async_context(SqsWorker(live, engine, sqs, queue_url, sink, store=store,
-                                                       drain_timeout_s=live.shutdown_timeout_s / 2))
+                                                       drain_timeout_s=live.shutdown_timeout_s / 2, metrics=metrics))
     print(f"worker {live.worker_id} receiving from SQS {queue_url}; answers to {where}", flush=True)
     return worker
 
