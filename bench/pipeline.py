@@ -370,7 +370,7 @@ PROFILE_CATEGORIES = [
     ("produce (aiokafka producer, send_and_wait)", ("_send_answer", "aiokafka/producer")),
     ("consume (aiokafka fetcher / getmany)", ("aiokafka/consumer",)),
     ("commit", ("_commit",)),
-    ("metrics / batch records", ("_publish_batch_record", "prometheus_client")),
+    ("metrics / batch records", ("pipeline/batch_metrics.py", "prometheus_client")),
     ("asyncio / selectors / other", ("",)),
 ]
 

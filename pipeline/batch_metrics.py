@@ -1,12 +1,11 @@
 """Publish the engine's per-batch records (`BatchRecord`) to the metrics topic, beside the answers.
 
-A source with a Kafka producer (the SQS worker answering over Kafka, the Kafka and SQS functions, `maas batch
-worker`) attaches a `BatchMetricsPublisher` to its engine: each executed batch becomes one JSON record on the
-metrics topic, keyed by model. Metrics never hold an answer up nor fail one: each record is sent by a task of its
-own, at most `max_pending` of them at a time (a record beyond that is dropped), and a record that cannot be
-published (the broker refuses it, the producer is closed, it was still unsent when the source stopped) is counted
-in maas_batch_metrics_unpublished_total and logged at most once a minute. The Kafka worker keeps its own copy of
-this logic for now (pipeline/kafka_worker.py: `_publish_batch_record`); it can adopt this class as is.
+A source with a Kafka producer (the Kafka worker, the SQS worker answering over Kafka, the Kafka and SQS
+functions, `maas batch worker`) attaches a `BatchMetricsPublisher` to its engine: each executed batch becomes one
+JSON record on the metrics topic, keyed by model. Metrics never hold an answer up nor fail one: each record is
+sent by a task of its own, at most `max_pending` of them at a time (a record beyond that is dropped), and a record
+that cannot be published (the broker refuses it, the producer is closed, it was still unsent when the source
+stopped) is counted in maas_batch_metrics_unpublished_total and logged at most once a minute.
 """
 
 from __future__ import annotations

@@ -17,16 +17,16 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, CorruptRecordException, IllegalStateError, KafkaError
 
 from pipeline.backpressure import Slots
+from pipeline.batch_metrics import BatchMetricsPublisher
 from pipeline.codec import header_map
 from pipeline.engine import InferenceEngine
 from pipeline.errors import ErrorCode, InferenceError
-from pipeline.metrics import CONSUMER_LAG, IN_FLIGHT, METRICS_UNPUBLISHED, BatchRecord
+from pipeline.metrics import CONSUMER_LAG, IN_FLIGHT
 from pipeline.offsets import OffsetTracker
 from pipeline.responder import Responder
 from pipeline.services import ABANDON_GUARD_S, answer_producer, claim_check_store, stop_producer
@@ -47,9 +47,6 @@ UNREADABLE_RECORD_ERRORS = (CorruptRecordException, UnicodeDecodeError)
 #: How long reading past an unreadable record waits, beyond fetch_max_wait_ms, for a partition's records to be
 #: fetched again; a partition whose records take longer is read by the next fetch.
 REFETCH_TIMEOUT_MS = 2000
-#: A metrics record that cannot be published is counted (maas_batch_metrics_unpublished_total); at most one log line
-#: this often says so, lest a metrics topic that refuses every record flood the log.
-METRICS_FAILURE_LOG_INTERVAL_S = 60.0
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -138,7 +135,7 @@ class KafkaWorker:
         self._revocations = 0
         self._slots = Slots(settings.max_in_flight)
         self._handlers: set[asyncio.Task] = set()
-        self._side_sends: set[asyncio.Task] = set()
+        self._metrics: BatchMetricsPublisher | None = None  # its batches' records to the metrics topic, once started
         self._tasks: list[asyncio.Task] = []
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -150,8 +147,6 @@ class KafkaWorker:
         self._stopping = False
         self.assigned = asyncio.Event()
         self.answered = 0
-        self._unpublished_since_log = 0
-        self._unpublished_logged_at = -METRICS_FAILURE_LOG_INTERVAL_S
         self._lag_reported: set[TopicPartition] = set()  # the partitions whose maas_consumer_lag this worker set
 
     @property
@@ -199,7 +194,7 @@ class KafkaWorker:
             await self._close_clients(self.settings.shutdown_timeout_s)
             raise
         self._consumer.subscribe([self.settings.topics.requests], listener=_Rebalance(self))
-        self.engine.add_batch_listener(self._publish_batch_record)
+        self._metrics = BatchMetricsPublisher.for_settings(self._producer, self.settings).attach(self.engine)
         self._stopped.clear()
         self._stopping = False
         self._tasks = [
@@ -253,9 +248,8 @@ class KafkaWorker:
                                 "not committed, so they are redelivered", self._tracker.in_flight(),
                                 loop.time() - started)
             # The engine outlives this worker (and may serve its next start): its batches are no longer ours.
-            self.engine.remove_batch_listener(self._publish_batch_record)
-            if self._side_sends:
-                await asyncio.wait(list(self._side_sends), timeout=min(5, left(DRAIN_SHARE)))
+            if self._metrics is not None:
+                await self._metrics.close(min(5, left(DRAIN_SHARE)))
             await self._final_commit(min(FINAL_COMMIT_TIMEOUT_S, left(COMMIT_SHARE)))
             for task in self._tasks[1:]:
                 task.cancel()
@@ -489,31 +483,6 @@ class KafkaWorker:
             # Held: the loop keeps only a weak reference to a task, and a stop collected half way never sets
             # `_stopped`, so wait() would hang.
             self._stop_on_failure = asyncio.get_running_loop().create_task(self.stop(), name="stop-on-failure")
-
-    def _publish_batch_record(self, record: BatchRecord) -> None:
-        if self._producer is None:
-            return
-        task = asyncio.get_running_loop().create_task(self._send_batch_record(self._producer, record))
-        self._side_sends.add(task)
-        task.add_done_callback(self._side_sends.discard)
-
-    async def _send_batch_record(self, producer: AIOKafkaProducer, record: BatchRecord) -> None:
-        """Publish a batch's metrics record, beside the answers: metrics never hold answers up nor stop the worker.
-        A failure (to queue the record, or the broker's) is counted and logged at most once a minute; left alone,
-        it showed only as asyncio's "Future exception was never retrieved"."""
-        try:
-            delivered = await producer.send(self.settings.topics.metrics, orjson.dumps(record.to_json()),
-                                            key=record.model.encode())
-            await delivered
-        except KafkaError as exc:
-            METRICS_UNPUBLISHED.inc()
-            self._unpublished_since_log += 1
-            now = time.monotonic()
-            if now - self._unpublished_logged_at >= METRICS_FAILURE_LOG_INTERVAL_S:
-                log.warning("cannot publish batch metrics to %s: %r (%d record(s) lost since the last such message; "
-                            "maas_batch_metrics_unpublished_total counts them)", self.settings.topics.metrics, exc,
-                            self._unpublished_since_log)
-                self._unpublished_logged_at, self._unpublished_since_log = now, 0
 
     # -- committing -----------------------------------------------------------------------------------
 

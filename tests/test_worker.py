@@ -510,9 +510,9 @@ async def test_batch_metrics_that_cannot_be_published_are_counted_and_logged_onc
     async with running_worker(fast) as worker:
         await worker._producer.stop()  # closed under the worker: each send fails at once (ProducerClosed)
         for _ in range(3):  # as the engine's batch listener calls it, once per batch
-            worker._publish_batch_record(BatchRecord(MNIST_MLP, 1, 1, 1, 0.0, 0.0, 1.0, fast.worker_id))
-        await asyncio.wait(list(worker._side_sends), timeout=10)
-        assert not worker._side_sends
+            worker._metrics.publish(BatchRecord(MNIST_MLP, 1, 1, 1, 0.0, 0.0, 1.0, fast.worker_id))
+        await worker._metrics.settle(10)
+        assert worker._metrics.pending == 0
         assert worker.ready, "metrics never stop the worker"
     gc.collect()  # asyncio reports an exception never retrieved when its task or future is collected
     assert unpublished() == before + 3
