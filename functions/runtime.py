@@ -66,7 +66,7 @@ class Runtime:
 
     async def stop(self) -> None:
         if self.metrics is not None:
-            await self.metrics.close(min(5.0, self.settings.shutdown_timeout_s / 2))
+            await self.metrics.close(self.settings.shutdown_timeout_s / 2)
             self.metrics = None
         if self._producer is not None:
             await stop_producer(self._producer, self.settings.shutdown_timeout_s)

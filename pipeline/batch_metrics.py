@@ -29,6 +29,9 @@ FAILURE_LOG_INTERVAL_S = 60.0
 #: Sends in flight beyond which a batch's record is dropped (and counted): a broker that is slow to answer, or a
 #: topic whose metadata never comes, must not pile up tasks and memory.
 MAX_PENDING = 1000
+#: The most `close()` waits for the records being sent: a source's stop has answers to deliver and offsets to commit
+#: within its own deadline, and metrics are worth less.
+MAX_CLOSE_S = 5.0
 
 
 class BatchMetricsPublisher:
@@ -85,9 +88,10 @@ class BatchMetricsPublisher:
             await asyncio.wait(list(self._pending), timeout=timeout_s)
 
     async def close(self, timeout_s: float) -> None:
-        """Detach, wait up to `timeout_s` for the records being sent, cancel the rest (counted as unpublished)."""
+        """Detach, wait up to `timeout_s` (at most MAX_CLOSE_S) for the records being sent, cancel the rest (counted
+        as unpublished)."""
         self.detach()
-        await self.settle(timeout_s)
+        await self.settle(min(timeout_s, MAX_CLOSE_S))
         pending = list(self._pending)
         for task in pending:
             task.cancel()

@@ -249,7 +249,7 @@ class KafkaWorker:
                                 loop.time() - started)
             # The engine outlives this worker (and may serve its next start): its batches are no longer ours.
             if self._metrics is not None:
-                await self._metrics.close(min(5, left(DRAIN_SHARE)))
+                await self._metrics.close(left(DRAIN_SHARE))
             await self._final_commit(min(FINAL_COMMIT_TIMEOUT_S, left(COMMIT_SHARE)))
             for task in self._tasks[1:]:
                 task.cancel()

@@ -33,9 +33,6 @@ from pipeline.sinks import DELIVERY_ERRORS, Envelope, RedeliverTransient, Result
 
 log = logging.getLogger(__name__)
 
-#: The most stop() waits for the metrics records still being sent, once the handlers are done.
-METRICS_DRAIN_S = 5.0
-
 
 @dataclass(frozen=True)
 class SqsMessage:
@@ -134,8 +131,8 @@ class SqsWorker:
         """Stop receiving (after the poll under way, whose messages are made visible again), let the handlers
         finish for up to `drain_timeout_s`, then cancel the rest: their messages, undeleted, are redelivered
         once their visibility timeout passes. The batches' metrics records still being sent get what is left of
-        `drain_timeout_s` (at most METRICS_DRAIN_S); those unsent then are counted as unpublished. A stop() called
-        while another runs returns when that one is done."""
+        `drain_timeout_s` (at most `batch_metrics.MAX_CLOSE_S`); those unsent then are counted as unpublished. A
+        stop() called while another runs returns when that one is done."""
         if self._stopped is not None:
             await self._stopped.wait()
             return
@@ -156,7 +153,7 @@ class SqsWorker:
                     log.warning("stopped %d handlers still running after %.0f s; their messages will be redelivered",
                                 len(pending), self.drain_timeout_s)
             if self.metrics is not None:
-                await self.metrics.close(min(METRICS_DRAIN_S, max(0.0, deadline - time.monotonic())))
+                await self.metrics.close(max(0.0, deadline - time.monotonic()))
             for task in self._tasks[1:]:
                 task.cancel()
             await asyncio.gather(*self._tasks[1:], return_exceptions=True)

@@ -49,7 +49,7 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
             await producer.start()
             stack.push_async_callback(stop_producer, producer, live.shutdown_timeout_s / 2)
             metrics = BatchMetricsPublisher.for_settings(producer, live).attach(engine)
-            stack.push_async_callback(metrics.close, min(5.0, live.shutdown_timeout_s / 2))
+            stack.push_async_callback(metrics.close, live.shutdown_timeout_s / 2)
             runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes,
                                     worker_id=live.worker_id)
             watcher = await stack.enter_async_context(BatchJobWatcher(runner, sqs, queue_url, wait_s=args.wait))
