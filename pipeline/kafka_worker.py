@@ -123,6 +123,8 @@ class KafkaWorker:
     `failure` describes.
     """
 
+    REVOKE_COMMIT_S = 5.0  # a revoke's commit, after its drain; past it the records are left to redelivery
+
     def __init__(self, settings: Settings, engine: InferenceEngine, *, max_attempts: int = 3,
                  drain_timeout_s: float = 30.0) -> None:
         self.settings = settings
@@ -157,6 +159,16 @@ class KafkaWorker:
         return f"{self._failed_at} ({self._failure!r})"
 
     @property
+    def rebalance_timeout_ms(self) -> int:
+        """How long the coordinator waits for this worker to rejoin a rebalance: its revoke's drain and commit.
+
+        aiokafka's default is the session timeout (10 s): a drain longer than that left the worker out of the
+        group, the records it was still answering were given to another member from the last commit and answered
+        twice, and the drain's commit was refused. The price is that every member waits for the slowest drain.
+        """
+        return int((self.drain_timeout_s + self.REVOKE_COMMIT_S) * 1000)
+
+    @property
     def in_flight(self) -> int:
         """Records received and not yet answered (bounded by max_in_flight)."""
         return self._tracker.in_flight()
@@ -179,6 +191,10 @@ class KafkaWorker:
             "max_partition_fetch_bytes": max(1048576, self.settings.max_request_bytes + 1024),
             "client_id": f"maas-{self.settings.worker_id}",
             "session_timeout_ms": self.settings.kafka_session_timeout_ms,
+            "rebalance_timeout_ms": self.rebalance_timeout_ms,
+            # The coordinator holds a JoinGroup for up to the longest member's rebalance timeout; aiokafka sends it
+            # with the client's request timeout (40 s unless raised here), which must outlast that.
+            "request_timeout_ms": max(40_000, self.rebalance_timeout_ms + 5_000),
             "heartbeat_interval_ms": self.settings.kafka_heartbeat_interval_ms,
             "fetch_max_wait_ms": self.settings.kafka_fetch_max_wait_ms,
         }
@@ -531,7 +547,8 @@ class KafkaWorker:
         while any(self._tracker.in_flight(tp) for tp in revoked) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         try:
-            await self._commit(revoked)
-        except (CommitFailedError, KafkaError) as exc:
+            async with asyncio.timeout(self.REVOKE_COMMIT_S):
+                await self._commit(revoked)
+        except (CommitFailedError, KafkaError, TimeoutError) as exc:
             log.warning("commit on revoke failed (records will be redelivered): %r", exc)
         self._tracker.forget(revoked)

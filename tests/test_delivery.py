@@ -472,3 +472,57 @@ async def test_records_fetched_before_a_rebalance_are_not_begun_after_it(live):
         async with running_worker(settings):
             answers = await collector.wait_for(ids, timeout=30)
     assert set(answers) == set(ids), f"never answered: {sorted(set(ids) - set(answers))}"
+
+
+async def test_a_drain_longer_than_the_session_timeout_keeps_the_partition_until_it_commits(live):
+    """A revoke waits up to `drain_timeout_s` for in-flight records, then commits, before the partition moves. Kafka
+    waits for a member to rejoin a rebalance only its `rebalance_timeout_ms` (aiokafka's default: the session
+    timeout), then hands its partitions to the others from the last commit: a drain longer than that had the newcomer
+    read the records still being answered, and each was answered twice. Tansu waits for the drain whatever the
+    timeout, so the timeout the worker joins with is checked as well as the outcome."""
+    settings = replace(live, topic_partitions=1, kafka_session_timeout_ms=3000, kafka_heartbeat_interval_ms=300,
+                       topics=Topics(*(f"{name}.drain" for name in live.topics.all())))
+    await bootstrap(settings)
+    tp = TopicPartition(settings.topics.requests, 0)
+    requests, _ = example_requests(4, prefix="slow")
+    gates = {"slow": asyncio.Event()}
+    newcomer = AIOKafkaConsumer(settings.topics.requests, **settings.kafka_client_kwargs(),
+                                group_id=settings.consumer_group, enable_auto_commit=False,
+                                auto_offset_reset="earliest", session_timeout_ms=3000, heartbeat_interval_ms=300)
+    engine = _GatedEngine(ModelCache(ModelRepository(settings.model_repository)), gates=gates)
+    async with engine, ResultCollector(settings) as collector:
+        worker = KafkaWorker(settings, engine, drain_timeout_s=20)
+        await worker.start()
+        try:
+            await asyncio.wait_for(worker.assigned.wait(), 30)
+            assert worker._consumer._coordinator._rebalance_timeout_ms >= (20 + worker.REVOKE_COMMIT_S) * 1000
+            await publish_requests(settings, requests)
+            async with asyncio.timeout(30):
+                while worker.in_flight < len(requests):
+                    await asyncio.sleep(0.02)
+            read_by_newcomer: list[str] = []
+
+            async def join_and_read() -> None:
+                await newcomer.start()  # returns once it has joined: after the worker's drain
+                async for record in newcomer:
+                    read_by_newcomer.append(orjson.loads(record.value)["id"])
+
+            newcomer_task = asyncio.create_task(join_and_read())  # joins the group: the worker's revoke drains
+            await asyncio.sleep(8)  # well past the session timeout, well within the drain
+            gates["slow"].set()
+            answers = await collector.wait_for([r["id"] for r in requests], timeout=30)
+            await asyncio.sleep(3)  # the rebalance completes; a newcomer given the partition reads from the commit
+            newcomer_task.cancel()
+            await asyncio.gather(newcomer_task, return_exceptions=True)
+        finally:
+            await worker.stop()
+            await newcomer.stop()
+    assert len(answers) == len(requests)
+    assert read_by_newcomer == [], "records read again while the worker that held them was still answering"
+    consumer = AIOKafkaConsumer(**settings.kafka_client_kwargs(), group_id=settings.consumer_group,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        assert await consumer.committed(tp) == len(requests), "the drain's commit must be accepted"
+    finally:
+        await consumer.stop()
