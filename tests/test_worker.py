@@ -288,7 +288,10 @@ async def _answers_held_by_the_producer(tmp_path, stop_the_broker):
     """A worker on a private broker, with `shutdown_timeout_s` 2 s, yielded with its settings, the ids of 50 requests
     and the broker's process once `stop_the_broker(process)` stopped the broker after the worker consumed the
     requests and before their answers, which then wait in its producer."""
-    slow = slow_repository(tmp_path / "slow", max_queue_delay_ms=1000)  # the batch runs after the broker stopped
+    # The batch runs after the broker stopped: 2 s after its first request reached the batcher, a margin for a
+    # loaded machine to see the requests in flight and stop the broker (1 s was little more than that, and a batch
+    # answered before the broker stopped left the test waiting for answers in the producer until its timeout).
+    slow = slow_repository(tmp_path / "slow", max_queue_delay_ms=2000)
     with LocalStack(tmp_path / "stack") as private:
         settings = replace(Settings(), kafka_bootstrap_servers=private.bootstrap_servers,
                            aws_endpoint_url=private.endpoint_url, model_repository=str(slow.root),
