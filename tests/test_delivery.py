@@ -6,16 +6,20 @@ Every test uses real worker processes or in-process workers against the real bro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import time
 from dataclasses import replace
 
+import aiohttp
 import numpy as np
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from worker_support import read_topic, running_worker, slow_repository, worker_process
+from worker_support import all_output, read_topic, running_worker, slow_repository, worker_process
 
 from infra.bootstrap import ensure_topics
+from infra.stack import free_port
 from models.cache import ModelCache
 from models.examples import MNIST_MLP
 from models.repository import ModelRepository
@@ -74,16 +78,21 @@ async def test_sigterm_finishes_in_flight_batches_then_commits(live, tmp_path):
     # A long batching delay keeps requests queued when SIGTERM arrives: a graceful stop must still
     # answer them (flush the batcher), commit, and exit 0; a new worker then finds nothing to redo.
     slow_repo = slow_repository(tmp_path / "slow", max_queue_delay_ms=4_000)
-    proc, assigned, lines = worker_process(live, repository_root=slow_repo.root, worker_id="graceful")
+    port = free_port()
+    proc, assigned, lines = worker_process(live, repository_root=slow_repo.root, worker_id="graceful",
+                                           args=("--health-port", str(port), "--health-host", "127.0.0.1"))
     try:
         assert await asyncio.to_thread(assigned.wait, 60)
         requests, truth = example_requests(20, prefix="graceful")
         async with ResultCollector(live) as collector:
             await publish_requests(live, requests)
-            await asyncio.sleep(0.8)  # consumed, waiting in the batcher
+            # Consumed, waiting in the batcher: seen on the worker's /metrics, not guessed from a fixed wait, which a
+            # loaded machine could end before the worker read them (it then stopped with nothing to answer).
+            await _process_in_flight(port, 20)
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(proc.wait, 30) == 0, "".join(lines)
             answers = await collector.wait_for(truth, timeout=10)
+        await all_output(proc)  # its last lines may be in the pipe still
         assert set(answers) == set(truth)
         assert any("worker stopped after answering 20 requests" in line for line in lines), "".join(lines)
         consumer = AIOKafkaConsumer(**live.kafka_client_kwargs(), group_id=live.consumer_group,
@@ -99,6 +108,18 @@ async def test_sigterm_finishes_in_flight_batches_then_commits(live, tmp_path):
         proc.kill()
 
 
+async def _process_in_flight(port: int, count: int, timeout: float = 30.0) -> None:
+    """Wait until a worker process's /metrics (its health server on `port`) shows `count` requests in flight."""
+    sample = f"maas_in_flight_requests {float(count)}"
+    async with aiohttp.ClientSession() as http, asyncio.timeout(timeout):
+        while True:
+            with contextlib.suppress(aiohttp.ClientError):  # the health server starts after the worker
+                async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+                    if sample in (await response.text()).splitlines():
+                        return
+            await asyncio.sleep(0.05)
+
+
 async def test_a_slow_model_keeps_in_flight_bounded(live, tmp_path):
     # Backpressure: with max_in_flight 32 and a model held back by a long batching delay, the worker stops
     # taking records at 32 instead of buffering the whole topic, then catches up when batches run.
@@ -107,8 +128,16 @@ async def test_a_slow_model_keeps_in_flight_bounded(live, tmp_path):
     requests, truth = example_requests(150, prefix="pressure")
     async with running_worker(settings) as worker, ResultCollector(settings) as collector:
         await publish_requests(settings, requests)
-        await asyncio.sleep(1.0)
-        assert worker.in_flight == 32, "the worker must hold exactly max_in_flight records, no more"
+        # Sampled until it reaches 32 and for a second after (the first batch closes 3 s after its first record),
+        # not read once after a fixed wait, which a loaded machine could end before the worker had read 32 records.
+        peak, reached = 0, None
+        async with asyncio.timeout(30):
+            while reached is None or time.monotonic() < reached + 1.0:
+                peak = max(peak, worker.in_flight)
+                if reached is None and peak >= 32:
+                    reached = time.monotonic()
+                await asyncio.sleep(0.01)
+        assert peak == 32, "the worker must hold exactly max_in_flight records, no more"
         answers = await collector.wait_for(truth, timeout=60)
         # An answer can be read from the topic before the broker's acknowledgement reaches the handler that
         # produced it, and a record stays in flight until then: wait for the acknowledgements, not just the reads.

@@ -341,10 +341,12 @@ async def test_a_deadline_that_passes_while_the_batch_waits_for_the_model_thread
     passes there is answered DEADLINE_EXCEEDED and not run, and its batch-mates still run."""
     cache = ModelCache(repository)
     seen: list = []
-    _slow(cache.get(MNIST_MLP, 1), 0.4, seen)
+    _slow(cache.get(MNIST_MLP, 1), 0.5, seen)
     images = np.random.default_rng(0).random((64, 784), dtype=np.float32)
     async with InferenceEngine(cache) as engine:
-        deadline = time.time() * 1000 + 600
+        # The second batch starts about 0.5 s in (after the first): 400 ms of margin for a loaded machine to start
+        # the first one (200 ms at 0.4 s and 600 ms). The third cannot start before 1.0 s: past the deadline.
+        deadline = time.time() * 1000 + 900
         requests = [rows_request(f"d{i}", images, parameters={"deadline_ms": deadline}) for i in range(4)]
         requests.append(rows_request("no-deadline", images[:1]))
         outcomes = await asyncio.gather(*(engine.infer_many([r]) for r in requests))

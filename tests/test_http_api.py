@@ -506,6 +506,14 @@ async def test_every_coding_a_request_declares_is_checked(repository, headers, s
                            "Content-Encoding: identity\r\n\r\n".encode() + chunked)).startswith(b"HTTP/1.1 200")
 
 
+async def _holding(server: HttpServer, count: int) -> None:
+    """Wait until `server` holds `count` requests (its slots taken): a request written on a connection gets there
+    after the server accepted the connection and read the request's head, in a time of its own on a loaded machine."""
+    async with asyncio.timeout(10):
+        while server.traffic.in_flight != count:
+            await asyncio.sleep(0.01)
+
+
 async def test_a_slow_body_gets_408_and_a_full_server_503_but_for_probes_and_scrapes(repository):
     """Health probes and /metrics counted against MAAS_MAX_IN_FLIGHT: a server busy with slow bodies failed its
     liveness probe, which restarts it. The 408 and 503 count in maas_http_requests_total: they did not, and a
@@ -521,10 +529,13 @@ async def test_a_slow_body_gets_408_and_a_full_server_503_but_for_probes_and_scr
             reply = await _raw(server.port, f"POST /v2/models/{MNIST_MLP}/infer HTTP/1.1\r\nHost: x\r\n"
                                "Content-Length: 100\r\n\r\n{".encode(), read_until_close=False)  # 99 never come
             assert reply.startswith(b"HTTP/1.1 408") and b"Connection: close" in reply
+            # The request held below must outlive the probes, however slowly a loaded machine sends them: a body
+            # timeout read per request, so the 408 above had its 0.5 s.
+            server.traffic.body_timeout_s = 30
             reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
             writer.write(b"POST /v2/repository/index HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n{")
             await writer.drain()
-            await asyncio.sleep(0.1)  # the first request now holds the only slot, waiting for its body
+            await _holding(server, 1)  # the first request now holds the only slot, waiting for its body
             async with aiohttp.ClientSession(server.url) as http:
                 async with http.get("/v2") as r:
                     assert r.status == 503 and r.headers["Retry-After"] == "1"
@@ -547,7 +558,7 @@ async def test_stop_lets_requests_in_flight_finish(repository):
         writer.write(f"POST /v2/models/{MNIST_MLP}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:100])
         await writer.drain()
-        await asyncio.sleep(0.1)
+        await _holding(server, 1)  # in flight, waiting for the rest of its body
         stopping = asyncio.create_task(server.stop())
         await asyncio.sleep(0.3)
         assert not api.ready and not stopping.done()

@@ -19,7 +19,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 from prometheus_client import REGISTRY
 from s3_support import assert_names_no_location, unreachable_s3
-from worker_support import read_topic, running_worker, slow_repository, worker_process
+from worker_support import all_output, read_all, read_topic, running_worker, slow_repository, worker_process
 
 from infra.bootstrap import ensure_topics
 from infra.stack import LocalStack, free_port
@@ -253,7 +253,7 @@ async def test_a_restarted_worker_starts_afresh(fast):
             await worker.stop()
         await _Rebalance(worker).on_partitions_assigned(set())  # a rebalance that leaves this worker nothing
         assert not worker.assigned.is_set()
-    metrics = await read_topic(fast, fast.topics.metrics, 2, timeout=5)  # stop() awaited every send
+    metrics = await read_all(fast, fast.topics.metrics)  # stop() awaited every send
     assert len(metrics) == 1, f"{len(metrics)} metrics records for one batch"
 
 
@@ -288,7 +288,10 @@ async def _answers_held_by_the_producer(tmp_path, stop_the_broker):
     """A worker on a private broker, with `shutdown_timeout_s` 2 s, yielded with its settings, the ids of 50 requests
     and the broker's process once `stop_the_broker(process)` stopped the broker after the worker consumed the
     requests and before their answers, which then wait in its producer."""
-    slow = slow_repository(tmp_path / "slow", max_queue_delay_ms=1000)  # the batch runs after the broker stopped
+    # The batch runs after the broker stopped: 2 s after its first request reached the batcher, a margin for a
+    # loaded machine to see the requests in flight and stop the broker (1 s was little more than that, and a batch
+    # answered before the broker stopped left the test waiting for answers in the producer until its timeout).
+    slow = slow_repository(tmp_path / "slow", max_queue_delay_ms=2000)
     with LocalStack(tmp_path / "stack") as private:
         settings = replace(Settings(), kafka_bootstrap_servers=private.bootstrap_servers,
                            aws_endpoint_url=private.endpoint_url, model_repository=str(slow.root),
@@ -407,7 +410,7 @@ async def test_reply_to_topics_new_to_the_worker_do_not_starve_its_own_topics(fa
         assert all(a.kind == "result" for i, a in answers.items() if i != ids[4])
         refused = answers[ids[4]].body["error"]
         assert refused["code"] == "INVALID_REQUEST" and "no such topic" in refused["message"]
-    (answer,) = await read_topic(fast, late, 1, timeout=5)
+    (answer,) = await read_topic(fast, late, 1)
     assert answer.key == ids[1].encode() and "outputs" in orjson.loads(answer.value)
     asked = sum("Sending metadata request" in r.getMessage() for r in caplog.records)
     assert asked < 100, f"{asked} metadata requests"
@@ -462,9 +465,9 @@ async def test_a_record_aiokafka_cannot_parse_is_dead_lettered_and_its_partition
         answers = await collector.wait_for([ids[7], ids[8]], timeout=30)
         assert len(answers) == 2 and all(a.kind == "result" for a in answers.values())
         assert worker.ready
-    results = await read_topic(fast, fast.topics.results, 7, timeout=3)
+    results = await read_all(fast, fast.topics.results)  # the worker stopped: all its answers are there
     assert sorted(r.key.decode() for r in results) == [ids[i] for i in (0, 3, 4, 5, 7, 8)], "each answered once"
-    _check_unreadable_dead_letters(fast, await read_topic(fast, fast.topics.dlq, 4, timeout=3), {"0@1", "0@2", "1@2"})
+    _check_unreadable_dead_letters(fast, await read_all(fast, fast.topics.dlq), {"0@1", "0@2", "1@2"})
 
 
 @pytest.mark.slow
@@ -478,10 +481,11 @@ async def test_aiokafkas_pure_python_parser_raises_otherwise_and_is_read_past_al
     try:
         assert await asyncio.to_thread(assigned.wait, 60), "the worker never joined the group"
         results = await read_topic(fast, fast.topics.results, 4, timeout=30)
-        dead = await read_topic(fast, fast.topics.dlq, 2, timeout=5)
+        dead = await read_topic(fast, fast.topics.dlq, 2)
         assert proc.poll() is None, "".join(lines)
     finally:
         proc.kill()
+    await all_output(proc)
     assert sorted(r.key.decode() for r in results) == [requests[i]["id"] for i in (0, 3, 4, 5)]
     _check_unreadable_dead_letters(fast, dead, {"0@1", "0@2"})
     assert any("CorruptRecordException" in line for line in lines)

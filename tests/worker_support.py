@@ -54,6 +54,30 @@ async def read_topic(settings, topic: str, count: int, timeout: float = 20.0) ->
         await consumer.stop()
 
 
+async def read_all(settings, topic: str, timeout: float = 30.0) -> list:
+    """Every record of a topic, read up to the end offsets its partitions have when it is called. For a topic that
+    nothing writes to any more (its producers stopped, their sends acknowledged): all that is there, without the
+    fixed wait `read_topic` needs to tell that no more records come (too short a wait for a loaded broker to serve
+    the ones that did come)."""
+    consumer = AIOKafkaConsumer(**settings.kafka_client_kwargs(), group_id=None, auto_offset_reset="earliest",
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.subscribe([topic])
+        records = []
+        async with asyncio.timeout(timeout):
+            while not consumer.assignment():  # every partition, once the topic's metadata came
+                for batch in (await consumer.getmany(timeout_ms=200)).values():
+                    records.extend(batch)
+            ends = await consumer.end_offsets(list(consumer.assignment()))
+            while any([await consumer.position(tp) < end for tp, end in ends.items()]):
+                for batch in (await consumer.getmany(timeout_ms=200)).values():
+                    records.extend(batch)
+        return records
+    finally:
+        await consumer.stop()
+
+
 def worker_process(settings, *, repository_root=None, worker_id: str, args: tuple[str, ...] = ()
                    ) -> tuple[subprocess.Popen, threading.Event, list[str]]:
     """`maas -v worker [args]` in a child process; the event is set once it owns partitions."""
@@ -73,7 +97,16 @@ def worker_process(settings, *, repository_root=None, worker_id: str, args: tupl
             if "assigned partitions" in line and "[]" not in line:
                 assigned.set()
 
-    threading.Thread(target=watch, daemon=True).start()
+    proc.watcher = threading.Thread(target=watch, daemon=True)  # see `all_output`
+    proc.watcher.start()
     return proc, assigned, lines
+
+
+async def all_output(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Wait for a `worker_process` to exit and for its watcher to have read its output to the end: the lines it
+    wrote last may still be in the pipe when the process has exited."""
+    await asyncio.to_thread(proc.wait, timeout)
+    await asyncio.to_thread(proc.watcher.join, timeout)
+    assert not proc.watcher.is_alive(), "the process's output never ended"
 
 
