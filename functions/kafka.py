@@ -86,7 +86,7 @@ def records(event: dict[str, Any]) -> list[KafkaRecord]:
 async def handle(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:
     report = runtime.settings.partial_batch_response
     settings, store = runtime.settings, runtime.claim_checks()
-    sink = KafkaSink.for_settings(await runtime.producer(), settings, store)
+    sink = KafkaSink.for_settings(await runtime.producer(), settings, store, runtime.record_limits)
     responder = Responder(settings, runtime.engine, RedeliverTransient(sink, report), store=store, max_attempts=2)
     items = records(event)
     size = settings.max_fetch_records

@@ -30,7 +30,14 @@ from pipeline.claim_check import ClaimCheckStore  # noqa: E402
 from pipeline.engine import InferenceEngine  # noqa: E402
 from pipeline.ratelimit import ApiKeys, RateLimiter  # noqa: E402
 from pipeline.runtime import configure_process  # noqa: E402
-from pipeline.services import answer_producer, aws_client, claim_check_store, model_cache, stop_producer  # noqa: E402
+from pipeline.services import (  # noqa: E402
+    answer_producer,
+    aws_client,
+    claim_check_store,
+    model_cache,
+    record_limits,
+    stop_producer,
+)
 from pipeline.settings import ConfigError, Settings  # noqa: E402
 from pipeline.v2_api import V2Api  # noqa: E402
 
@@ -56,6 +63,7 @@ class Runtime:
                          admin_tenants=settings.admin_tenants, repository_control=False)
         self._producer: AIOKafkaProducer | None = None
         self.metrics: BatchMetricsPublisher | None = None
+        self.record_limits: dict[str, int] = {}  # the answer topics' largest records, read once the producer starts
         self._clients: dict[str, Any] = {}
         self._batch: BatchJobRunner | None = None
         self.invocations = 0
@@ -81,6 +89,7 @@ class Runtime:
                 raise ConfigError("KAFKA_BOOTSTRAP_SERVERS is not set: results go to Kafka topics")
             producer = answer_producer(self.settings)
             await producer.start()
+            self.record_limits = await record_limits(producer, self.settings)
             self._producer = producer
             self.metrics = BatchMetricsPublisher.for_settings(producer, self.settings).attach(self.engine)
         return self._producer

@@ -24,7 +24,8 @@ async def _sink(runtime: Runtime) -> ResultSink:
     if settings.sqs_results_queue_url:
         return SqsSink(runtime.aws("sqs"), settings.sqs_results_queue_url, settings.sqs_dlq_url,
                        store=runtime.claim_checks())
-    return KafkaSink.for_settings(await runtime.producer(), settings, runtime.claim_checks())
+    producer = await runtime.producer()
+    return KafkaSink.for_settings(producer, settings, runtime.claim_checks(), runtime.record_limits)
 
 
 async def handle(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:

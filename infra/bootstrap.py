@@ -10,8 +10,9 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 
 async def ensure_topics(kafka: dict[str, Any], names: list[str], partitions: int = 4,
-                        replication_factor: int = 1) -> list[str]:
-    """Create the topics of `names` that do not exist yet; returns the ones created."""
+                        replication_factor: int = 1, configs: dict[str, str] | None = None) -> list[str]:
+    """Create the topics of `names` that do not exist yet, with the topic `configs` given; returns the ones created.
+    A topic that exists is left as it is."""
     admin = AIOKafkaAdminClient(**kafka)
     await admin.start()
     try:
@@ -19,7 +20,8 @@ async def ensure_topics(kafka: dict[str, Any], names: list[str], partitions: int
         missing = [n for n in names if n not in existing]
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):  # another process created them first
-                await admin.create_topics([NewTopic(n, partitions, replication_factor) for n in missing])
+                await admin.create_topics([NewTopic(n, partitions, replication_factor, topic_configs=configs or {})
+                                           for n in missing])
         return missing
     finally:
         await admin.close()

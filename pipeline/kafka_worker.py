@@ -29,7 +29,7 @@ from pipeline.errors import ErrorCode, InferenceError
 from pipeline.metrics import CONSUMER_LAG, IN_FLIGHT
 from pipeline.offsets import OffsetTracker
 from pipeline.responder import Responder
-from pipeline.services import ABANDON_GUARD_S, answer_producer, claim_check_store, stop_producer
+from pipeline.services import ABANDON_GUARD_S, answer_producer, claim_check_store, record_limits, stop_producer
 from pipeline.settings import Settings
 from pipeline.sinks import Envelope, KafkaSink
 
@@ -199,16 +199,17 @@ class KafkaWorker:
             "fetch_max_wait_ms": self.settings.kafka_fetch_max_wait_ms,
         }
         self._consumer = AIOKafkaConsumer(**kafka, **options)
-        store = claim_check_store(self.settings)
-        sink = KafkaSink.for_settings(self._producer, self.settings, store)
-        self._responder = Responder(self.settings, self.engine, sink, store=store,
-                                    max_attempts=self.max_attempts)
         try:
             await self._producer.start()
             await self._consumer.start()
         except BaseException:
             await self._close_clients(self.settings.shutdown_timeout_s)
             raise
+        store = claim_check_store(self.settings)
+        sink = KafkaSink.for_settings(self._producer, self.settings, store,
+                                      await record_limits(self._producer, self.settings))
+        self._responder = Responder(self.settings, self.engine, sink, store=store,
+                                    max_attempts=self.max_attempts)
         self._consumer.subscribe([self.settings.topics.requests], listener=_Rebalance(self))
         self._metrics = BatchMetricsPublisher.for_settings(self._producer, self.settings).attach(self.engine)
         self._stopped.clear()

@@ -18,7 +18,9 @@ from typing import Any
 
 import boto3
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin.config_resource import ConfigResourceType
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
+from aiokafka.protocol.admin import DescribeConfigsRequest
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -34,6 +36,7 @@ STATE_FILE = Path(".maas") / "stack.json"
 #: The part of a client's stop deadline kept for closing it without what it could not finish (see `stop_producer`):
 #: that takes milliseconds once its connections are closed; this bounds the rare case that does not.
 ABANDON_GUARD_S = 1.0
+RECORD_LIMITS_TIMEOUT_S = 10.0  # `record_limits`' question to the cluster, at a worker's or a function's start
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +95,8 @@ def aws_client(settings: Settings, service: str) -> Any:
 async def bootstrap(settings: Settings) -> None:
     """Create topics and the batch bucket if missing. Failures become one-line ConfigErrors."""
     try:
-        await ensure_topics(settings.kafka_client_kwargs(), settings.topics.all(), settings.topic_partitions)
+        await ensure_topics(settings.kafka_client_kwargs(), settings.topics.all(), settings.topic_partitions,
+                            configs={"max.message.bytes": str(settings.max_record_bytes)})
     except KafkaConnectionError as exc:
         raise ConfigError(f"cannot reach Kafka at {settings.kafka_bootstrap_servers} "
                           f"(KAFKA_BOOTSTRAP_SERVERS): {exc}") from None
@@ -145,12 +149,49 @@ def answer_producer(settings: Settings) -> AIOKafkaProducer:
     """
     producer = AIOKafkaProducer(
         **settings.kafka_client_kwargs(), acks="all", linger_ms=2, max_batch_size=settings.producer_max_batch_bytes,
-        max_request_size=max(1048576, settings.max_request_bytes + 65536, settings.max_inline_output_bytes + 65536),
+        max_request_size=settings.max_record_bytes,
         enable_idempotence=settings.kafka_idempotence, client_id=f"maas-{settings.worker_id}",
     )
     # Before start(): the client's first metadata update after its bootstrap asks for these topics.
     producer.client.set_topics([settings.topics.results, settings.topics.dlq, settings.topics.metrics])
     return producer
+
+
+async def record_limits(producer: AIOKafkaProducer, settings: Settings) -> dict[str, int]:
+    """The `max.message.bytes` of the results and dead-letter topics, from a started `producer`'s connection.
+
+    A topic created elsewhere (or a broker left at Kafka's default of 1 MB) may take less than the answers and
+    dead letters the settings allow (`Settings.max_record_bytes`); the broker refuses a record over it, and a
+    worker that cannot answer a record stops, and stops on it again after every restart. Given these limits, the
+    sink sends larger results and dead letters to S3 instead (`KafkaSink.for_settings`). A topic the cluster says
+    nothing of, or a cluster that does not answer (an ACL without DescribeConfigs), gives no limit: logged.
+    """
+    topics = [settings.topics.results, settings.topics.dlq]
+    # Every config of each topic (a few dozen): Tansu closes the connection on a request that names the configs.
+    request = DescribeConfigsRequest([(ConfigResourceType.TOPIC, topic, None) for topic in topics])
+    try:
+        async with asyncio.timeout(RECORD_LIMITS_TIMEOUT_S):
+            response = await producer.client.send(producer.client.get_random_node(), request)
+    except (KafkaError, TimeoutError) as exc:
+        log.warning("cannot read the max.message.bytes of %s (%r): answers and dead letters over the broker's limit "
+                    "would stop the worker", ", ".join(topics), exc)
+        return {}
+    limits = {}
+    for error_code, _, _, topic, entries in response.resources:
+        values = [entry[1] for entry in entries if entry[0] == "max.message.bytes" and entry[1]]
+        if error_code == 0 and values and values[0].isdigit():
+            limits[topic] = int(values[0])
+    for topic in topics:
+        limit = limits.get(topic)
+        if limit is None:
+            log.warning("the cluster gives no max.message.bytes for topic %s: answers and dead letters over the "
+                        "broker's limit would stop the worker", topic)
+        elif limit < settings.max_record_bytes:
+            log.warning("topic %s takes records of at most %d bytes (its max.message.bytes), less than the %d the "
+                        "settings allow (MAAS_MAX_REQUEST_BYTES, MAAS_MAX_INLINE_OUTPUT_BYTES): larger %s go to S3",
+                        topic, limit, settings.max_record_bytes,
+                        "results" if topic == settings.topics.results else "dead letters")
+    return limits
 
 
 async def stop_producer(producer: AIOKafkaProducer, timeout_s: float) -> int:

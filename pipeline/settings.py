@@ -55,6 +55,10 @@ def check_engine_knobs(env: Mapping[str, str]) -> None:
 
 # What aiokafka signs in with by username and password, and AWS_MSK_IAM (pipeline/msk_iam.py).
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "AWS_MSK_IAM")
+# What a record may carry besides its value: a key (a request id, or a dead letter's key of up to 8 KiB), headers
+# (tracing headers passed through, up to 16 KiB; a dead letter's original headers, up to 32 KiB, and its error) and
+# the batch's framing.
+RECORD_OVERHEAD_BYTES = 64 * 1024
 
 
 def _check_bootstrap_servers(servers: str) -> None:
@@ -240,6 +244,13 @@ class Settings:
         file alone: a developer's ~/.aws/credentials must not send `make demo` to their account; nor an EC2
         instance role, which only a network call would find (MAAS_AWS=aws hands over to boto3's chain)."""
         return self.aws_endpoint_url is None and not self.aws_credentials_configured
+
+    @property
+    def max_record_bytes(self) -> int:
+        """The largest Kafka record the platform produces: an answer with an inline result, or a dead letter
+        holding a whole request, each with up to RECORD_OVERHEAD_BYTES of key and headers. Its producers take
+        records this large, and the topics it creates take them (`max.message.bytes`)."""
+        return max(1024 * 1024, max(self.max_request_bytes, self.max_inline_output_bytes) + RECORD_OVERHEAD_BYTES)
 
     @property
     def allowed_buckets(self) -> frozenset[str]:

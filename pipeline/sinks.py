@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -34,7 +34,7 @@ from pipeline.errors import ErrorCode, InferenceError
 from pipeline.metrics import DEAD_LETTERS
 from pipeline.partitioning import partitions_for_keys
 from pipeline.protocol import InferenceRequest
-from pipeline.settings import Settings
+from pipeline.settings import RECORD_OVERHEAD_BYTES, Settings
 
 log = logging.getLogger(__name__)
 
@@ -186,11 +186,23 @@ class KafkaSink:
         self._known_reply_topics: set[str] = set()
 
     @classmethod
-    def for_settings(cls, producer: Any, settings: Settings, store: ClaimCheckStore | None) -> KafkaSink:
-        """The configured results and dead-letter topics; dead letters over the request limit go to `store`."""
-        return cls(producer, settings.topics.results, settings.topics.dlq, store=store,
+    def for_settings(cls, producer: Any, settings: Settings, store: ClaimCheckStore | None,
+                     limits: Mapping[str, int] | None = None) -> KafkaSink:
+        """The configured results and dead-letter topics; dead letters over the request limit go to `store`.
+
+        `limits` (`services.record_limits`), each topic's largest record, lower those bounds where a topic takes
+        less: results over the results topic's go to `store` too (as `max_inline_bytes`), so do dead letters over
+        the dead-letter topic's.
+        """
+        sink = cls(producer, settings.topics.results, settings.topics.dlq, store=store,
                    max_value_bytes=settings.max_request_bytes,
                    reserved_topics=(settings.topics.requests, settings.topics.metrics))
+        limits = limits or {}
+        if (results := limits.get(settings.topics.results)) is not None:
+            sink.max_inline_bytes = max(0, results - RECORD_OVERHEAD_BYTES)
+        if (dlq := limits.get(settings.topics.dlq)) is not None:
+            sink.max_value_bytes = min(sink.max_value_bytes, max(0, dlq - RECORD_OVERHEAD_BYTES))
+        return sink
 
     async def answer(self, envelope: Envelope, request: InferenceRequest | None, framed: Framed) -> None:
         await self.answer_many([(envelope, request, framed)])

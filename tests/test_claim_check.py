@@ -8,8 +8,10 @@ from dataclasses import replace
 import numpy as np
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 from worker_support import read_topic, running_worker
 
+from infra.bootstrap import ensure_topics
 from models.cache import ModelCache
 from models.examples import MNIST_MLP, synthetic_digits
 from pipeline.claim_check import ClaimCheckStore, parse_s3_uri
@@ -18,9 +20,9 @@ from pipeline.codec import decode_response, encode_request
 from pipeline.engine import InferenceEngine
 from pipeline.errors import InferenceError
 from pipeline.responder import Outcome, Responder
-from pipeline.services import answer_producer, aws_client, claim_check_store
-from pipeline.settings import ConfigError, Settings
-from pipeline.sinks import Envelope, KafkaSink
+from pipeline.services import answer_producer, aws_client, bootstrap, claim_check_store, record_limits
+from pipeline.settings import RECORD_OVERHEAD_BYTES, ConfigError, Settings
+from pipeline.sinks import PAYLOAD_URI, Envelope, KafkaSink
 
 
 @pytest.mark.parametrize("uri", ["http://x/y", "s3://", "s3://Bad_Bucket/k", "s3://bucket/", "s3://bucket/a//b",
@@ -238,3 +240,50 @@ async def test_objects_uploaded_without_a_content_type_are_read(live, repository
     for record in await read_topic(live, live.topics.results, 2):
         classes = next(o for o in orjson.loads(record.value)["outputs"] if o["name"] == "class")
         assert classes["data"] == labels.tolist()
+
+
+async def test_the_topics_it_creates_take_the_largest_record_the_settings_allow(live):
+    """Kafka's default max.message.bytes (1 MB) is under what the default settings produce (4 MiB requests in dead
+    letters, 1 MiB inline results, each with headers): the topics the platform creates say how much they take."""
+    producer = answer_producer(live)
+    await producer.start()
+    try:
+        limits = await record_limits(producer, live)
+    finally:
+        await producer.stop()
+    assert limits == {live.topics.results: live.max_record_bytes, live.topics.dlq: live.max_record_bytes}
+    assert live.max_record_bytes == live.max_request_bytes + RECORD_OVERHEAD_BYTES
+
+
+async def test_topics_that_take_less_than_the_settings_allow_get_larger_answers_by_reference(settings, caplog):
+    """Topics created elsewhere, with a max.message.bytes under what the settings allow: the broker would refuse a
+    result or a dead letter over it, the worker would stop on the record, and stop on it again after each restart.
+    Results and dead letters that the topics would refuse go to S3; the others stay in the record."""
+    limit = RECORD_OVERHEAD_BYTES + 1024
+    await ensure_topics(settings.kafka_client_kwargs(), [settings.topics.results, settings.topics.dlq],
+                        settings.topic_partitions, configs={"max.message.bytes": str(limit)})
+    await bootstrap(settings)  # the other topics and the bucket; the two above are left as they are
+    images, labels = synthetic_digits(32, seed=7)
+    requests = [orjson.loads(encode_request(f"rows-{n}", MNIST_MLP, {"input": images[:n]}).body) for n in (1, 32)]
+    unreadable = b"{" + b"x" * 4096  # not JSON: a dead letter, with more than the 1 KiB the topic leaves it
+    async with running_worker(settings), ResultCollector(settings) as collector:
+        await publish_requests(settings, requests)
+        producer = AIOKafkaProducer(**settings.kafka_client_kwargs())
+        await producer.start()
+        try:
+            await producer.send_and_wait(settings.topics.requests, unreadable, key=b"unreadable")
+        finally:
+            await producer.stop()
+        answers = await collector.wait_for(["rows-1", "rows-32"], timeout=60)
+        (dead,) = await read_topic(settings, settings.topics.dlq, 1)
+    assert f"topic {settings.topics.results} takes records of at most {limit} bytes" in caplog.text
+    small, large = answers["rows-1"].body, answers["rows-32"].body
+    assert "outputs_uri" not in small and small["outputs"], "a result the topic takes stays inline"
+    bucket, key = parse_s3_uri(large["outputs_uri"], field="outputs_uri")
+    s3 = aws_client(settings, "s3")
+    stored = orjson.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    assert next(o for o in stored["outputs"] if o["name"] == "class")["data"] == labels.tolist()
+    headers = dict(dead.headers)
+    assert dead.value == b"" and dead.key == b"unreadable"
+    bucket, key = parse_s3_uri(headers[PAYLOAD_URI].decode(), field=PAYLOAD_URI)
+    assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == unreadable

@@ -20,6 +20,7 @@ from pipeline.services import (
     connected,
     model_cache,
     open_repository,
+    record_limits,
     stop_producer,
 )
 from pipeline.settings import ConfigError, Settings
@@ -82,7 +83,7 @@ async def _sqs_worker(live: Settings, engine: InferenceEngine, stack: contextlib
         # Closed after the worker stops, each within half of MAAS_SHUTDOWN_TIMEOUT_S: what the producer could not
         # deliver by then is abandoned, its messages left undeleted (redelivered).
         stack.push_async_callback(stop_producer, producer, live.shutdown_timeout_s / 2)
-        sink = KafkaSink.for_settings(producer, live, store)
+        sink = KafkaSink.for_settings(producer, live, store, await record_limits(producer, live))
         metrics = BatchMetricsPublisher.for_settings(producer, live)
         where = f"Kafka topic {live.topics.results}"
     worker = await stack.enter_async_context(SqsWorker(live, engine, sqs, queue_url, sink, store=store,
