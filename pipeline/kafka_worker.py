@@ -271,6 +271,7 @@ class KafkaWorker:
             for task in self._tasks[1:]:
                 task.cancel()
             await asyncio.gather(*self._tasks[1:], return_exceptions=True)
+            self._forget_lag()
             await self._close_clients(left(CLOSE_SHARE))
         finally:  # whatever failed on the way, wait() and every later stop() return
             self._stopped.set()
@@ -527,14 +528,22 @@ class KafkaWorker:
         if self._consumer is None:
             return
         owned = self._consumer.assignment()
-        for tp in self._lag_reported - owned:  # moved to another member, which reports it now: a last value left
-            CONSUMER_LAG.remove(tp.topic, str(tp.partition))  # here was counted twice, and never changed again
+        self._forget_lag(self._lag_reported - owned)
         self._lag_reported = set(owned)
         for tp in owned:
             highwater = self._consumer.highwater(tp)
             if highwater is not None:
                 position = await self._consumer.position(tp)
                 CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
+
+    def _forget_lag(self, partitions: set[TopicPartition] | None = None) -> None:
+        """Drop the maas_consumer_lag series of `partitions` (all this worker reported, by default): a partition
+        that moved to another member is reported there, and a last value left here would be counted twice and
+        never change again; so would a stopped worker's, in a process that serves /metrics on."""
+        for tp in self._lag_reported if partitions is None else partitions:
+            CONSUMER_LAG.remove(tp.topic, str(tp.partition))
+        if partitions is None:
+            self._lag_reported = set()
 
     @property
     def ready(self) -> bool:

@@ -70,6 +70,9 @@ async def test_health_and_metrics_follow_the_worker(live):
         await worker.stop()
         async with http.get(f"{base}/health/ready") as response:
             assert response.status == 503
+        async with http.get(f"{base}/metrics") as response:
+            text = await response.text()
+        assert f'topic="{live.topics.requests}"' not in text, "a stopped worker's lag stays in /metrics, never changing"
 
 
 def test_json_logs_carry_request_id_and_traceparent():
