@@ -80,14 +80,17 @@ class Responder:
                 REQUESTS.labels(request.model_name, "ok").inc()
                 return Outcome.RESULT
         assert error is not None
-        ERRORS.labels(str(error.code)).inc()
+        # Counted once the message has ended in it (answered, dead-lettered): a message left to redelivery (a
+        # function's transient failure, an answer the sink could not deliver) is counted when it ends, once.
         if error.request_id is not None and not error.code.transient:
             answer = encode_error(error, request.model_name if request else None)
             if await self._undelivered([(envelope, request, answer)]):
                 return Outcome.RETRY
+            ERRORS.labels(str(error.code)).inc()
             REQUESTS.labels(_model_label(self.engine, request), "error").inc()
             return Outcome.ERROR
         if await self.sink.dead_letter(envelope, error, max(attempts, 1)):
+            ERRORS.labels(str(error.code)).inc()
             return Outcome.DEAD_LETTER
         return Outcome.RETRY
 
@@ -115,7 +118,7 @@ class Responder:
             else:  # object-store URIs are checked before the model runs, in handle()
                 one_by_one.append(index)
         answers: list[Answer] = []
-        answered: list[tuple[int, Outcome, str]] = []  # per answer: its message, outcome and metrics label
+        answered: list[tuple[int, Outcome, str, str | None]] = []  # per answer: message, outcome, label, error code
         try:
             results = await self.engine.infer_many([request for _, request in direct])
         except Exception:  # a bug must not fail the messages beside the one that hit it: each goes alone
@@ -136,20 +139,21 @@ class Responder:
                     continue
                 else:
                     answers.append((envelopes[index], request, framed))
-                    answered.append((index, Outcome.RESULT, request.model_name))
+                    answered.append((index, Outcome.RESULT, request.model_name, None))
                     continue
             if result.code.transient:
                 one_by_one.append(index)  # retried there, then dead-lettered
                 continue
-            ERRORS.labels(str(result.code)).inc()
             answers.append((envelopes[index], request, encode_error(result, request.model_name)))
-            answered.append((index, Outcome.ERROR, _model_label(self.engine, request)))
+            answered.append((index, Outcome.ERROR, _model_label(self.engine, request), str(result.code)))
         undelivered = await self._undelivered(answers)
         counts: Counter[tuple[str, str]] = Counter()
-        for position, (index, outcome, label) in enumerate(answered):
+        for position, (index, outcome, label, code) in enumerate(answered):
             outcomes[index] = Outcome.RETRY if position in undelivered else outcome
             if position not in undelivered:
                 counts[label, "ok" if outcome is Outcome.RESULT else "error"] += 1
+                if code is not None:
+                    ERRORS.labels(code).inc()
         for (model, kind), count in counts.items():
             REQUESTS.labels(model, kind).inc(count)
         if one_by_one:

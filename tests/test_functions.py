@@ -94,9 +94,16 @@ def test_kafka_trigger_answers_and_reports_transient_failures(env, sample, capsy
     for record in records:
         test_event["records"].setdefault(f"{topic}-{record['partition']}", []).append(record)
 
+    codes = ("INVALID_INPUT", "INVALID_JSON", "INVALID_REQUEST", "UNAVAILABLE", "INTERNAL")
+    errors_before = {code: REGISTRY.get_sample_value("maas_errors_total", {"code": code}) or 0 for code in codes}
+
     response = functions.kafka.handler(test_event, None)
 
     assert response == {"batchItemFailures": [{"itemIdentifier": {"topic-partition": f"{topic}-0", "offset": 108}}]}
+    errors = {code: (REGISTRY.get_sample_value("maas_errors_total", {"code": code}) or 0) - errors_before[code]
+              for code in codes}
+    # The broken model's record is left to redelivery, not ended: it is counted once it ends, not per attempt.
+    assert errors == {"INVALID_INPUT": 1, "INVALID_JSON": 1, "INVALID_REQUEST": 1, "UNAVAILABLE": 0, "INTERNAL": 0}
     results = asyncio.run(read_topic(settings, settings.topics.results, 8))
     answers = {r.key.decode(): (decode_response(r.value, {}), dict(r.headers)) for r in results}
     assert set(answers) == {*truth, "kf-bad", "k9"}  # refused while decoding: answered under the record's key
