@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 import orjson
 import pytest
-from worker_support import read_all
+from worker_support import read_all, slow_repository
 
 from models.cache import ModelCache
 from models.examples import MNIST_MLP, mnist_mlp_config, regressor_config, train_mnist_mlp, train_regressor
@@ -501,20 +501,54 @@ async def test_stop_cancels_a_job_past_the_drain_timeout_and_releases_its_messag
             await wait_for(lambda: any(s["job"] == "long" for s in again.completed))
 
 
+def _batch_worker_process(settings, *args: str) -> tuple[subprocess.Popen, list[str]]:
+    """`maas -v batch worker --wait 1 [args]` on `settings`, and the list its output lines are added to."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "MAAS_", "AWS_"))}
+    env.update(settings.to_env(), MAAS_WORKER_ID=settings.worker_id,
+               MAAS_BATCH_QUEUE=f"{settings.batch_bucket}-events", AWS_ACCESS_KEY_ID="maas-local",
+               AWS_SECRET_ACCESS_KEY="maas-local", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "-v", "batch", "worker", "--wait", "1", *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    proc.watcher = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
+    proc.watcher.start()
+    return proc, output
+
+
+def test_maas_batch_worker_stops_within_its_shutdown_timeout(live, tmp_path):
+    """`maas batch worker` let the job under way run for up to 20 s after SIGTERM whatever MAAS_SHUTDOWN_TIMEOUT_S
+    said (20 s by default: its metrics and producer then took up to 10 s more, past a pod's grace period). The job
+    now gets half of the timeout, then it is cancelled and its message released for another watcher."""
+    slow = slow_repository(tmp_path / "slow", max_queue_delay_ms=10_000)  # a 1-line job waits 10 s for its batch
+    settings = replace(live, model_repository=str(slow.root), shutdown_timeout_s=4)
+    proc, output = _batch_worker_process(settings)
+    try:
+        config = BatchConfig.from_settings(settings, queue=f"{settings.batch_bucket}-events")
+        deadline = time.monotonic() + 60
+        while not any("batch worker watching" in line for line in output):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(output)
+            time.sleep(0.1)
+        requests, _ = example_requests(1, prefix="long")
+        aws_client(settings, "s3").put_object(Bucket=config.bucket, Key=config.inbox_key("long"), Body=jsonl(requests))
+        while not any("job long: s3://" in line for line in output):  # under way, waiting for its batch
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(output)
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        proc.watcher.join(30)
+    assert proc.returncode == 0, "".join(output)
+    assert any("released for another watcher" in line for line in output), "".join(output)
+    assert any("batch worker stopped after 0 jobs" in line for line in output), "".join(output)
+
+
 def test_maas_batch_worker_publishes_batch_metrics_and_serves_health_and_metrics(live):
     """`maas batch worker` published no per-batch record to the metrics topic and had no health or /metrics port,
     unlike `maas worker`: both now, with the same settings (MAAS_HEALTH_PORT / --health-port)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "MAAS_", "AWS_"))}
-    env.update(live.to_env(), MAAS_WORKER_ID=live.worker_id, MAAS_BATCH_QUEUE=f"{live.batch_bucket}-events",
-               AWS_ACCESS_KEY_ID="maas-local", AWS_SECRET_ACCESS_KEY="maas-local", PYTHONUNBUFFERED="1")
     with socket.socket() as probe:  # a free port (0 turns the server off, as for `maas worker`)
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "batch", "worker", "--wait", "1", "--health-port",
-                             str(port), "--health-host", "127.0.0.1"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    output: list[str] = []
-    threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True).start()
+    proc, output = _batch_worker_process(live, "--health-port", str(port), "--health-host", "127.0.0.1")
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

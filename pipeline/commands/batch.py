@@ -45,14 +45,17 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
                 contextlib.AsyncExitStack() as stack:
             # Per-batch records to the metrics topic, as `maas worker` publishes them: beside the jobs, never
             # holding one up (a record that cannot be published is counted, maas_batch_metrics_unpublished_total).
+            # A stop (SIGTERM) within MAAS_SHUTDOWN_TIMEOUT_S: the job under way gets half of it (then it is
+            # cancelled and its message released for another watcher), the metrics and the producer a quarter each.
             producer = answer_producer(live)
             await producer.start()
-            stack.push_async_callback(stop_producer, producer, live.shutdown_timeout_s / 2)
+            stack.push_async_callback(stop_producer, producer, live.shutdown_timeout_s / 4)
             metrics = BatchMetricsPublisher.for_settings(producer, live).attach(engine)
-            stack.push_async_callback(metrics.close, live.shutdown_timeout_s / 2)
+            stack.push_async_callback(metrics.close, live.shutdown_timeout_s / 4)
             runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes,
                                     worker_id=live.worker_id)
-            watcher = await stack.enter_async_context(BatchJobWatcher(runner, sqs, queue_url, wait_s=args.wait))
+            watcher = await stack.enter_async_context(BatchJobWatcher(runner, sqs, queue_url, wait_s=args.wait,
+                                                                      drain_timeout_s=live.shutdown_timeout_s / 2))
             print(f"batch worker watching s3://{config.bucket}/{config.inbox_prefix}*.jsonl via {queue_url}; "
                   f"results to s3://{config.bucket}/{config.outbox_prefix}", flush=True)
             port = args.health_port if args.health_port is not None else live.health_port
