@@ -202,12 +202,12 @@ class KafkaWorker:
         try:
             await self._producer.start()
             await self._consumer.start()
+            limits = await record_limits(self._producer, self.settings)
         except BaseException:
             await self._close_clients(self.settings.shutdown_timeout_s)
             raise
         store = claim_check_store(self.settings)
-        sink = KafkaSink.for_settings(self._producer, self.settings, store,
-                                      await record_limits(self._producer, self.settings))
+        sink = KafkaSink.for_settings(self._producer, self.settings, store, limits)
         self._responder = Responder(self.settings, self.engine, sink, store=store,
                                     max_attempts=self.max_attempts)
         self._consumer.subscribe([self.settings.topics.requests], listener=_Rebalance(self))
