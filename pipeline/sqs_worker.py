@@ -250,10 +250,16 @@ class SqsWorker:
         return len(messages) - len(response.get("Failed", []))
 
     async def _extend_loop(self) -> None:
-        """Keep messages invisible while they are worked on, a third of the timeout ahead of expiry."""
+        """Keep messages invisible while they are worked on, a third of the timeout ahead of expiry.
+
+        Checks come every `period` from the loop's start, not `period` after the last check's calls returned:
+        a message not due at one check (expiring in 2 periods or more) is extended at the next, a period later,
+        leaving it a period for the call; sleeping after slow calls would eat into that period."""
         period = max(0.5, self.visibility_timeout_s / 3)
+        tick = time.monotonic()
         while True:
-            await asyncio.sleep(period)
+            tick = max(tick + period, time.monotonic())  # at once if the last calls took more than a period
+            await asyncio.sleep(tick - time.monotonic())
             now = time.monotonic()
             due = [(mid, f) for mid, f in self._in_flight.items() if f.extended_until - now < 2 * period]
             for start in range(0, len(due), 10):

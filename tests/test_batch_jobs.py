@@ -431,7 +431,10 @@ def _in_queue(sqs, queue_url: str) -> int:
 
 async def test_jobs_queued_behind_a_long_one_run_once_on_another_watcher(live, repository):
     """A watcher received up to 10 messages but kept only the one it worked on invisible: behind a long job the
-    others came back into view, a second watcher ran them, and the first ran them again afterwards."""
+    others came back into view, a second watcher ran them, and the first ran them again afterwards. The long
+    job is held for 2.5 visibility timeouts while the second watcher polls: its message, extended, stays hidden.
+    Not a shorter timeout: the watcher extends it every third, and a loaded machine's moto call can be slow."""
+    visibility_s = 4
     config = BatchConfig(bucket=live.batch_bucket, queue=f"{live.batch_bucket}-events")
     s3, sqs = aws_client(live, "s3"), aws_client(live, "sqs")
     queue_url = await asyncio.to_thread(ensure_batch_notifications, s3, sqs, config)
@@ -443,11 +446,13 @@ async def test_jobs_queued_behind_a_long_one_run_once_on_another_watcher(live, r
                 InferenceEngine(ModelCache(repository), worker_id="fast") as fast):
         watchers = [BatchJobWatcher(BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes,
                                                    worker_id=engine.worker_id), sqs, queue_url, wait_s=1,
-                                    visibility_s=2) for engine in (slow, fast)]
+                                    visibility_s=visibility_s) for engine in (slow, fast)]
         async with watchers[0]:
             await slow.entered.wait()  # the first watcher is in a long job
+            held_until = time.monotonic() + 2.5 * visibility_s
             async with watchers[1]:
                 await wait_for(lambda: len(watchers[1].completed) == 2)
+                await asyncio.sleep(held_until - time.monotonic())  # would the long job's message come back?
             slow.gate.set()
             await wait_for(lambda: watchers[0].completed)
     runs = [(s["job"], s["worker"], bool(s.get("duplicate"))) for w in watchers for s in w.completed]

@@ -24,8 +24,9 @@ from pipeline.errors import ErrorCode, InferenceError
 from pipeline.metrics import BatchRecord
 from pipeline.responder import Responder
 from pipeline.services import answer_producer, aws_client, claim_check_store, stop_producer
+from pipeline.settings import Settings
 from pipeline.sinks import MAX_PASSTHROUGH_BYTES, Envelope, KafkaSink, SqsSink
-from pipeline.sqs_worker import SqsWorker
+from pipeline.sqs_worker import SqsWorker, _InFlight
 
 
 def _drain(sqs, url: str, want: int, timeout: float = 30.0) -> list[dict]:
@@ -45,29 +46,35 @@ async def test_sqs_worker_answers_extends_visibility_and_leaves_failures_to_redr
     requests_url = ensure_queue(sqs, f"{suffix}-requests", dlq_name=f"{suffix}-requests-dlq", max_receive_count=2)
     dlq_url = sqs.get_queue_url(QueueName=f"{suffix}-requests-dlq")["QueueUrl"]
     results_url = ensure_queue(sqs, f"{suffix}-results")
-    # The example model batches for 2.5 s while the visibility timeout is 1 s: without extension, every
-    # message would be received (and answered) twice.
+    # The example model batches for 10 s while the visibility timeout is 4 s: without extension, every
+    # message would be received (and answered) two or three times. The timeout is not shorter: the worker
+    # extends a third of it ahead of expiry, and a loaded machine's moto call can take most of a second.
+    # The two failures are sent once the answerable messages are in flight: received with them, they would
+    # wait out the 10 s batch before their first failure, and their redrive (two more timeouts) after it.
     repository = ModelRepository(tmp_path / "repo")
-    repository.publish(MNIST_MLP, mnist_mlp_config(max_queue_delay_ms=2_500), train_mnist_mlp())
+    repository.publish(MNIST_MLP, mnist_mlp_config(max_queue_delay_ms=10_000), train_mnist_mlp())
     fragile = repository.publish("fragile", mnist_mlp_config(), train_mnist_mlp(steps=1))
     (repository.root / "fragile" / str(fragile) / "model.safetensors").write_bytes(b"corrupted")
     images, labels = synthetic_digits(12, seed=3)
-    messages = []
     for i, image in enumerate(images):
         framed = encode_request(f"sqs-{i}", MNIST_MLP, {"input": image[None]}, binary=i % 2 == 1,
                                 outputs=["class"], binary_outputs=i % 3 == 0)
-        messages.append(to_sqs_message(framed))
-    messages.append(to_sqs_message(encode_request("doomed", "fragile", {"input": images[:1]})))
-    messages.append({"MessageBody": "!!! not base64 !!!", "MessageAttributes": {
-        "content-transfer-encoding": {"DataType": "String", "StringValue": "base64"}}})
-    for message in messages:
-        sqs.send_message(QueueUrl=requests_url, **message)
+        sqs.send_message(QueueUrl=requests_url, **to_sqs_message(framed))
+    failures = [to_sqs_message(encode_request("doomed", "fragile", {"input": images[:1]})),
+                {"MessageBody": "!!! not base64 !!!", "MessageAttributes": {
+                    "content-transfer-encoding": {"DataType": "String", "StringValue": "base64"}}}]
 
     settings = replace(live, max_in_flight=64)
     async with InferenceEngine(ModelCache(repository)) as engine:
         worker = SqsWorker(settings, engine, sqs, requests_url, SqsSink(sqs, results_url), wait_time_s=1,
-                           visibility_timeout_s=1, max_attempts=1)
+                           visibility_timeout_s=4, max_attempts=1)
         async with worker:
+            deadline = time.monotonic() + 10
+            while worker.in_flight < 12:
+                assert time.monotonic() < deadline, f"{worker.in_flight} of 12 messages received"
+                await asyncio.sleep(0.05)
+            for message in failures:
+                sqs.send_message(QueueUrl=requests_url, **message)
             answers = await asyncio.to_thread(_drain, sqs, results_url, 12)
             dead = await asyncio.to_thread(_drain, sqs, dlq_url, 2, 40)
             await asyncio.sleep(1.5)  # anything received twice would be answered by now
@@ -89,6 +96,49 @@ async def test_sqs_worker_answers_extends_visibility_and_leaves_failures_to_redr
     assert "!!! not base64 !!!" in dead_bodies
     assert any(orjson.loads(b).get("id") == "doomed" for b in dead_bodies if b.startswith("{"))
     assert worker.answered == 12 and worker.left_for_redelivery >= 2
+
+
+class _SlowVisibilitySqs:
+    """SQS as far as extending visibility goes, each call reaching it `latency_s` after it is made. `expiry` is
+    when each receipt's message becomes visible again; `lapsed` the receipts an extension reached too late."""
+
+    def __init__(self, latency_s: float, expiry: dict[str, float]) -> None:
+        self.latency_s, self.expiry = latency_s, expiry
+        self.extended: list[str] = []
+        self.lapsed: list[str] = []
+
+    def change_message_visibility_batch(self, QueueUrl: str, Entries: list[dict]) -> dict:
+        time.sleep(self.latency_s)
+        now = time.monotonic()
+        for entry in Entries:
+            receipt = entry["ReceiptHandle"]
+            if now >= self.expiry[receipt]:
+                self.lapsed.append(receipt)
+            self.expiry[receipt] = now + entry["VisibilityTimeout"]
+            self.extended.append(receipt)
+        return {"Successful": [{"Id": entry["Id"]} for entry in Entries], "Failed": []}
+
+
+async def test_a_slow_extension_does_not_delay_the_next_ones():
+    """The worker checks every third of the visibility timeout (3 s of 9 here) and extends what expires within
+    two thirds. It used to sleep a third after its calls returned: a slow extension of one message (2.1 s here)
+    postponed the next check, and another message, not yet due at the previous one, was extended too late."""
+    start = time.monotonic()
+    first, second = start + 3 + 6 - 0.15, start + 3 + 6 + 0.15  # due at the first check; only at the second
+    sqs = _SlowVisibilitySqs(2.1, {"first": first, "second": second})
+    worker = SqsWorker(Settings(), None, sqs, "queue", SqsSink(None, "results"), visibility_timeout_s=9)
+    worker._in_flight.update(first=_InFlight("first", first), second=_InFlight("second", second))
+    extending = asyncio.create_task(worker._extend_loop())
+    try:
+        deadline = time.monotonic() + 20
+        while "second" not in sqs.extended:
+            assert time.monotonic() < deadline, sqs.extended
+            await asyncio.sleep(0.05)
+    finally:
+        extending.cancel()
+        await asyncio.gather(extending, return_exceptions=True)
+    assert sqs.extended[0] == "first"
+    assert sqs.lapsed == [], "a message's visibility ran out before its extension reached SQS"
 
 
 async def test_a_message_whose_answer_or_dead_letter_sqs_refuses_fails_alone(live, repository):
@@ -116,7 +166,9 @@ async def test_a_message_whose_answer_or_dead_letter_sqs_refuses_fails_alone(liv
 
     async with InferenceEngine(ModelCache(repository)) as engine:
         sink = SqsSink(sqs, results_url, dead_url, store=claim_check_store(live, s3))
-        worker = SqsWorker(live, engine, sqs, requests_url, sink, wait_time_s=1, visibility_timeout_s=1,
+        # Not a shorter timeout: its messages' answers and dead letters (S3 included) go out within it, or
+        # within the extensions the worker makes a third of it ahead of expiry, even on a loaded machine.
+        worker = SqsWorker(live, engine, sqs, requests_url, sink, wait_time_s=1, visibility_timeout_s=4,
                            max_attempts=1)
         async with worker:
             answers = await asyncio.to_thread(_drain, sqs, results_url, 3)
