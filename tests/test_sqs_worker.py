@@ -24,7 +24,6 @@ from pipeline.errors import ErrorCode, InferenceError
 from pipeline.metrics import BatchRecord
 from pipeline.responder import Responder
 from pipeline.services import answer_producer, aws_client, claim_check_store, stop_producer
-from pipeline.settings import Settings
 from pipeline.sinks import MAX_PASSTHROUGH_BYTES, Envelope, KafkaSink, SqsSink
 from pipeline.sqs_worker import SqsWorker, _InFlight
 
@@ -98,47 +97,57 @@ async def test_sqs_worker_answers_extends_visibility_and_leaves_failures_to_redr
     assert worker.answered == 12 and worker.left_for_redelivery >= 2
 
 
-class _SlowVisibilitySqs:
-    """SQS as far as extending visibility goes, each call reaching it `latency_s` after it is made. `expiry` is
-    when each receipt's message becomes visible again; `lapsed` the receipts an extension reached too late."""
+class _SlowExtensions:
+    """The real SQS client, but each visibility extension reaches the server `latency_s` after it is made (a slow
+    network, a throttled endpoint)."""
 
-    def __init__(self, latency_s: float, expiry: dict[str, float]) -> None:
-        self.latency_s, self.expiry = latency_s, expiry
-        self.extended: list[str] = []
-        self.lapsed: list[str] = []
+    def __init__(self, sqs, latency_s: float) -> None:
+        self._sqs, self.latency_s = sqs, latency_s
 
-    def change_message_visibility_batch(self, QueueUrl: str, Entries: list[dict]) -> dict:
+    def __getattr__(self, name: str):
+        return getattr(self._sqs, name)
+
+    def change_message_visibility_batch(self, **kwargs) -> dict:
         time.sleep(self.latency_s)
-        now = time.monotonic()
-        for entry in Entries:
-            receipt = entry["ReceiptHandle"]
-            if now >= self.expiry[receipt]:
-                self.lapsed.append(receipt)
-            self.expiry[receipt] = now + entry["VisibilityTimeout"]
-            self.extended.append(receipt)
-        return {"Successful": [{"Id": entry["Id"]} for entry in Entries], "Failed": []}
+        return self._sqs.change_message_visibility_batch(**kwargs)
 
 
-async def test_a_slow_extension_does_not_delay_the_next_ones():
+async def test_a_slow_extension_does_not_delay_the_next_ones(live):
     """The worker checks every third of the visibility timeout (3 s of 9 here) and extends what expires within
     two thirds. It used to sleep a third after its calls returned: a slow extension of one message (2.1 s here)
-    postponed the next check, and another message, not yet due at the previous one, was extended too late."""
-    start = time.monotonic()
-    first, second = start + 3 + 6 - 0.15, start + 3 + 6 + 0.15  # due at the first check; only at the second
-    sqs = _SlowVisibilitySqs(2.1, {"first": first, "second": second})
-    worker = SqsWorker(Settings(), None, sqs, "queue", SqsSink(None, "results"), visibility_timeout_s=9)
-    worker._in_flight.update(first=_InFlight("first", first), second=_InFlight("second", second))
+    postponed the next check, and another message, not yet due at the previous one, was extended too late and
+    became visible to other consumers meanwhile."""
+    sqs = aws_client(live, "sqs")
+    url = ensure_queue(sqs, f"{live.batch_bucket}-slow-extensions")
+    for body in ("first", "second"):
+        sqs.send_message(QueueUrl=url, MessageBody=body)
+    worker = SqsWorker(live, None, _SlowExtensions(sqs, 2.1), url, SqsSink(None, "results"), visibility_timeout_s=9)
+
+    def receive() -> float:
+        stamped = time.monotonic()  # before the call: the server's expiry is no earlier than this one's
+        (message,) = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=1, VisibilityTimeout=9)["Messages"]
+        worker._in_flight[message["MessageId"]] = _InFlight(message["ReceiptHandle"], stamped + 9)
+        return stamped
+
+    # The loop's first check comes 3.5 s after the first receive: the first message is due (5.5 s left), the
+    # second, received 1 s later, is not (6.5 s); it is due at the next check, a period later, and its extension
+    # reaches SQS 1.4 s before it expires. Checked a period after the first's slow extension returned instead, it
+    # reached SQS 0.7 s after it expired.
+    received = receive()
+    await asyncio.sleep(received + 0.5 - time.monotonic())
     extending = asyncio.create_task(worker._extend_loop())
     try:
-        deadline = time.monotonic() + 20
-        while "second" not in sqs.extended:
-            assert time.monotonic() < deadline, sqs.extended
-            await asyncio.sleep(0.05)
+        await asyncio.sleep(received + 1.0 - time.monotonic())
+        receive()
+        probe = sqs.receive_message  # another consumer: what it receives was visible again
+        seen = []
+        while time.monotonic() < received + 12:
+            seen += (await asyncio.to_thread(probe, QueueUrl=url, WaitTimeSeconds=1)).get("Messages", [])
     finally:
         extending.cancel()
         await asyncio.gather(extending, return_exceptions=True)
-    assert sqs.extended[0] == "first"
-    assert sqs.lapsed == [], "a message's visibility ran out before its extension reached SQS"
+    assert [m["Body"] for m in seen] == [], "a message's visibility ran out before its extension reached SQS"
+    assert all(flight.extended_until > received + 12 for flight in worker._in_flight.values())
 
 
 async def test_a_message_whose_answer_or_dead_letter_sqs_refuses_fails_alone(live, repository):
