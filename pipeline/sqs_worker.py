@@ -178,10 +178,11 @@ class SqsWorker:
             room = await self._slots.take(10)  # room before asking for more (backpressure)
             handed = 0
             try:  # the slots not handed to a handler come back, however the receive ends (stop() included)
+                asked = time.monotonic()  # the server starts a message's timeout after this: a safe estimate
                 messages = await self._receive(room)
                 if not messages:
                     continue
-                until = time.monotonic() + self.visibility_timeout_s
+                until = asked + self.visibility_timeout_s
                 for message in messages:
                     self._in_flight[message["MessageId"]] = _InFlight(message["ReceiptHandle"], until)
                 IN_FLIGHT.inc(len(messages))
@@ -267,10 +268,15 @@ class SqsWorker:
                 entries = [{"Id": str(i), "ReceiptHandle": f.receipt, "VisibilityTimeout": self.visibility_timeout_s}
                            for i, (_, f) in enumerate(chunk)]
                 try:
-                    await asyncio.to_thread(self.sqs.change_message_visibility_batch, QueueUrl=self.queue_url,
-                                            Entries=entries)
+                    response = await asyncio.to_thread(self.sqs.change_message_visibility_batch,
+                                                       QueueUrl=self.queue_url, Entries=entries)
                 except (ClientError, BotoCoreError) as exc:
                     log.warning("could not extend visibility: %s", exc)
                     continue
-                for _, flight in chunk:
-                    flight.extended_until = now + self.visibility_timeout_s
+                failed = {entry["Id"]: entry for entry in response.get("Failed", [])}
+                for i, (_, flight) in enumerate(chunk):
+                    if str(i) in failed:  # not extended: due again at the next check
+                        log.warning("could not extend the visibility of a message: %s",
+                                    failed[str(i)].get("Message", failed[str(i)].get("Code")))
+                    else:
+                        flight.extended_until = now + self.visibility_timeout_s

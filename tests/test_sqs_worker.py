@@ -150,6 +150,28 @@ async def test_a_slow_extension_does_not_delay_the_next_ones(live):
     assert all(flight.extended_until > received + 12 for flight in worker._in_flight.values())
 
 
+async def test_an_extension_sqs_refuses_is_tried_again_at_the_next_check(live, caplog):
+    """SQS answers a batch of extensions entry by entry: one it refused was counted as extended all the same, and
+    the message was not tried again until a timeout later, long after it had become visible to other consumers."""
+    sqs = aws_client(live, "sqs")
+    url = ensure_queue(sqs, f"{live.batch_bucket}-refused-extensions")
+    sqs.send_message(QueueUrl=url, MessageBody="kept")
+    (message,) = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=1, VisibilityTimeout=3)["Messages"]
+    worker = SqsWorker(live, None, sqs, url, SqsSink(None, "results"), visibility_timeout_s=3)
+    due = time.monotonic() + 1  # both due at the first check, a second from now
+    worker._in_flight.update(kept=_InFlight(message["ReceiptHandle"], due), refused=_InFlight("not-a-receipt", due))
+    extending = asyncio.create_task(worker._extend_loop())
+    try:
+        async with asyncio.timeout(10):
+            while worker._in_flight["kept"].extended_until == due:
+                await asyncio.sleep(0.05)
+    finally:
+        extending.cancel()
+        await asyncio.gather(extending, return_exceptions=True)
+    assert worker._in_flight["refused"].extended_until == due, "a refused extension counted as made"
+    assert "could not extend the visibility of a message" in caplog.text
+
+
 async def test_a_message_whose_answer_or_dead_letter_sqs_refuses_fails_alone(live, repository):
     """One message SQS will not take the answer of is left to redelivery alone: the others of its receive are
     answered once and deleted, not redelivered with it into the queue's DLQ. Dead letters keep text as text
