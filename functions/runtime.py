@@ -39,6 +39,7 @@ from pipeline.services import (  # noqa: E402
     stop_producer,
 )
 from pipeline.settings import ConfigError, Settings  # noqa: E402
+from pipeline.sinks import SqsSink  # noqa: E402
 from pipeline.v2_api import V2Api  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - IMPORT_STARTED
@@ -109,6 +110,15 @@ class Runtime:
         if "claim_checks" not in self._clients:
             self._clients["claim_checks"] = claim_check_store(self.settings, self.aws("s3"))
         return self._clients["claim_checks"]
+
+    async def sqs_results(self) -> SqsSink:
+        """The sink to MAAS_SQS_RESULTS_QUEUE_URL, made once: it reads the queues' MaximumMessageSize."""
+        if "sqs_results" not in self._clients:
+            assert self.settings.sqs_results_queue_url is not None
+            self._clients["sqs_results"] = await SqsSink.for_queues(
+                self.aws("sqs"), self.settings.sqs_results_queue_url, self.settings.sqs_dlq_url,
+                store=self.claim_checks())
+        return self._clients["sqs_results"]
 
     def batch_runner(self) -> BatchJobRunner:
         if self._batch is None:

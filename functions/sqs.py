@@ -15,15 +15,14 @@ from typing import Any
 
 from functions.runtime import Runtime, invoke
 from pipeline.responder import Outcome, Responder
-from pipeline.sinks import DELIVERY_ERRORS, KafkaSink, RedeliverTransient, ResultSink, SqsSink
+from pipeline.sinks import DELIVERY_ERRORS, KafkaSink, RedeliverTransient, ResultSink
 from pipeline.sqs_worker import SqsMessage, answer_sqs_messages
 
 
 async def _sink(runtime: Runtime) -> ResultSink:
     settings = runtime.settings
     if settings.sqs_results_queue_url:
-        return SqsSink(runtime.aws("sqs"), settings.sqs_results_queue_url, settings.sqs_dlq_url,
-                       store=runtime.claim_checks())
+        return await runtime.sqs_results()
     producer = await runtime.producer()
     return KafkaSink.for_settings(producer, settings, runtime.claim_checks(), runtime.record_limits)
 

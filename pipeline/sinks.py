@@ -339,27 +339,38 @@ class KafkaSink:
 class SqsSink:
     """Answers to an SQS results queue; dead letters to an SQS queue when one is configured.
 
-    SQS takes at most 10 message attributes and, on a queue's default settings, 256 KiB per message: the
-    framing and dead-letter attributes come first, the request's tracing and CloudEvents ones fill what is
-    left, and results over `max_inline_bytes` (binary ones grow by a third in base64) go to S3. Each message
-    is sent on its own, so one that SQS refuses fails only itself (`Undelivered`).
+    SQS takes at most 10 message attributes and a queue's MaximumMessageSize per message (256 KiB by default
+    before 2025, up to 1 MiB): the framing and dead-letter attributes come first, the request's tracing and
+    CloudEvents ones fill what is left, and results over `max_inline_bytes` go to S3: three quarters (binary
+    results grow by a third in base64) of what the results queue's size leaves after ATTRIBUTE_RESERVE_BYTES
+    (`for_queues` reads it; 162 KiB on a 256 KiB queue). Each message is sent on its own, so one that SQS refuses
+    fails only itself (`Undelivered`).
 
     A dead letter keeps the original body and attributes: text as it came (base64 only for bytes SQS does not
     take as text), and a body too large for the dead-letter queue's MaximumMessageSize is stored in S3 while
     the message carries its URI (`maas-payload-uri`), as KafkaSink does for the dead-letter topic.
     """
 
-    max_inline_bytes = 160 * 1024
     MAX_ATTRIBUTES = 10
-    FALLBACK_MAX_MESSAGE_BYTES = 256 * 1024  # SQS's default before 2025: when the DLQ's own cannot be read
+    FALLBACK_MAX_MESSAGE_BYTES = 256 * 1024  # SQS's default before 2025: when a queue's own cannot be read
+    ATTRIBUTE_RESERVE_BYTES = 40 * 1024  # framing attributes and up to MAX_PASSTHROUGH_BYTES of passed-through ones
 
     def __init__(self, sqs: Any, results_url: str, dlq_url: str | None = None, *,
-                 store: ClaimCheckStore | None = None) -> None:
+                 store: ClaimCheckStore | None = None, results_max_bytes: int = FALLBACK_MAX_MESSAGE_BYTES) -> None:
         self.sqs = sqs
         self.results_url = results_url
         self.dlq_url = dlq_url
         self.store = store
+        self.max_inline_bytes = max(0, (results_max_bytes - self.ATTRIBUTE_RESERVE_BYTES) * 3 // 4)
         self._dlq_max_bytes: int | None = None
+
+    @classmethod
+    async def for_queues(cls, sqs: Any, results_url: str, dlq_url: str | None = None, *,
+                         store: ClaimCheckStore | None = None) -> SqsSink:
+        """A sink whose inline results fit the results queue's MaximumMessageSize, read once here: a result
+        over it was refused, its request received and run again until the queue's redrive took it away."""
+        return cls(sqs, results_url, dlq_url, store=store,
+                   results_max_bytes=await queue_max_bytes(sqs, results_url, cls.FALLBACK_MAX_MESSAGE_BYTES))
 
     async def answer(self, envelope: Envelope, request: InferenceRequest | None, framed: Framed) -> None:
         message = self._with_attributes(to_sqs_message(framed), envelope.passthrough())
@@ -422,14 +433,8 @@ class SqsSink:
     async def _dlq_limit(self) -> int:
         """The dead-letter queue's MaximumMessageSize, read once."""
         if self._dlq_max_bytes is None:
-            try:
-                response = await _to_thread(self.sqs.get_queue_attributes, QueueUrl=self.dlq_url,
-                                            AttributeNames=["MaximumMessageSize"])
-                self._dlq_max_bytes = int(response["Attributes"]["MaximumMessageSize"])
-            except (ClientError, BotoCoreError, KeyError, ValueError) as exc:
-                log.warning("cannot read the MaximumMessageSize of %s (%r); assuming %d bytes", self.dlq_url, exc,
-                            self.FALLBACK_MAX_MESSAGE_BYTES)
-                self._dlq_max_bytes = self.FALLBACK_MAX_MESSAGE_BYTES
+            assert self.dlq_url is not None
+            self._dlq_max_bytes = await queue_max_bytes(self.sqs, self.dlq_url, self.FALLBACK_MAX_MESSAGE_BYTES)
         return self._dlq_max_bytes
 
     async def _offload(self, envelope: Envelope) -> str | None:
@@ -445,6 +450,16 @@ class SqsSink:
             log.error("cannot store the dead letter of %s in S3 (%s); it is left to redelivery", envelope.source,
                       exc.message)
             return None
+
+
+async def queue_max_bytes(sqs: Any, url: str, fallback: int) -> int:
+    """A queue's MaximumMessageSize; `fallback` (logged) when it cannot be read."""
+    try:
+        response = await _to_thread(sqs.get_queue_attributes, QueueUrl=url, AttributeNames=["MaximumMessageSize"])
+        return int(response["Attributes"]["MaximumMessageSize"])
+    except (ClientError, BotoCoreError, KeyError, ValueError) as exc:
+        log.warning("cannot read the MaximumMessageSize of %s (%r); assuming %d bytes", url, exc, fallback)
+        return fallback
 
 
 def _sqs_bytes(message: dict[str, Any]) -> int:

@@ -228,14 +228,17 @@ def test_sqs_trigger_partial_batch_response_and_sqs_results(env, monkeypatch):
 
 def test_sqs_trigger_reports_only_the_message_whose_answer_sqs_refuses(env, monkeypatch):
     """An answer the results queue refuses fails its own message, not the invocation: the others are answered
-    once and not reported; an undecodable body too large for the dead-letter queue goes to S3."""
+    once and not reported; an undecodable body too large for the dead-letter queue goes to S3. The queues shrink
+    to 1 KiB after the warm function read their size: it sends results inline as a 256 KiB queue takes them."""
     settings = env
     sqs, s3 = aws_client(settings, "sqs"), aws_client(settings, "s3")
-    small = {"MaximumMessageSize": "1024"}
-    results_url = sqs.create_queue(QueueName=f"{settings.batch_bucket}-results", Attributes=small)["QueueUrl"]
-    dlq_url = sqs.create_queue(QueueName=f"{settings.batch_bucket}-dlq", Attributes=small)["QueueUrl"]
+    results_url = sqs.create_queue(QueueName=f"{settings.batch_bucket}-results")["QueueUrl"]
+    dlq_url = sqs.create_queue(QueueName=f"{settings.batch_bucket}-dlq")["QueueUrl"]
     monkeypatch.setenv("MAAS_SQS_RESULTS_QUEUE_URL", results_url)
     monkeypatch.setenv("MAAS_SQS_DLQ_URL", dlq_url)
+    assert functions.sqs.handler({"Records": []}, None) == {"batchItemFailures": []}  # warm: the sizes are read
+    for url in (results_url, dlq_url):
+        sqs.set_queue_attributes(QueueUrl=url, Attributes={"MaximumMessageSize": "1024"})
     template = event("sqs.json")["Records"][0]
     requests, _ = example_requests(5, prefix="sz")
     ok = {**requests[0], "outputs": [{"name": "class"}]}

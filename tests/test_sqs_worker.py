@@ -258,6 +258,30 @@ async def test_sqs_answers_and_dead_letters_fit_ten_attributes_and_large_results
     assert Responder(live, None, KafkaSink.for_settings(None, live, None))._inline(request, big)
 
 
+@pytest.mark.parametrize(("queue_bytes", "inline", "by_reference"), [
+    (46 * 1024, 4 * 1024, 5 * 1024),  # three quarters of the 6 KiB the attributes leave: 4.5 KiB
+    (1024 * 1024, 600 * 1024, 800 * 1024),  # SQS's largest: 738 KiB, where a fixed 160 KiB sent 600 KiB to S3
+])
+async def test_inline_results_fit_the_results_queue(live, queue_bytes, inline, by_reference):
+    """The inline limit was a fixed 160 KiB, sized for SQS's former default of 256 KiB: a queue configured smaller
+    refused every result between its size and 160 KiB (its request run again until the queue's redrive took it
+    away), and one configured larger (up to 1 MiB since 2025) had results it would take stored in S3."""
+    sqs = aws_client(live, "sqs")
+    url = sqs.create_queue(QueueName=f"{live.batch_bucket}-{queue_bytes}",
+                           Attributes={"MaximumMessageSize": str(queue_bytes)})["QueueUrl"]
+    sink = await SqsSink.for_queues(sqs, url)
+    request = decode_request(orjson.dumps({"id": "sized", "model_name": MNIST_MLP, "inputs": [
+        {"name": "input", "shape": [1, 1], "datatype": "FP32", "data": [0]}]}), max_bytes=1 << 20)
+    responder = Responder(replace(live, max_inline_output_bytes=1 << 20), None, sink)
+    assert responder._inline(request, Framed(b"x" * inline, {"content-type": "application/octet-stream"}))
+    assert not responder._inline(request, Framed(b"x" * by_reference, {"content-type": "application/octet-stream"}))
+    framed = Framed(b"x" * inline, {"content-type": "application/octet-stream"})  # base64: a third larger
+    await sink.answer(Envelope(payload=b"", headers={"traceparent": "00-" + "a" * 50}, source="sqs:q/1"), None,
+                      framed)
+    (answer,) = await asyncio.to_thread(_drain, sqs, url, 1)
+    assert from_sqs_message(answer["Body"], answer["MessageAttributes"])[0] == framed.body
+
+
 def test_passthrough_headers_are_bounded_tracing_first():
     headers = {**{f"ce_big{i}": "v" * 6000 for i in range(5)}, "traceparent": "00-abc-01", "x-other": "no"}
     kept = Envelope(payload=b"", headers=headers, source="s").passthrough()

@@ -75,7 +75,7 @@ async def _sqs_worker(live: Settings, engine: InferenceEngine, stack: contextlib
     store = claim_check_store(live)
     metrics: BatchMetricsPublisher | None = None  # SQS only: Prometheus only (no metrics topic without Kafka)
     if live.sqs_results_queue_url:
-        sink: ResultSink = SqsSink(sqs, live.sqs_results_queue_url, live.sqs_dlq_url, store=store)
+        sink: ResultSink = await SqsSink.for_queues(sqs, live.sqs_results_queue_url, live.sqs_dlq_url, store=store)
         where = live.sqs_results_queue_url
     else:
         producer = answer_producer(live)
