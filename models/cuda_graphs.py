@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -36,15 +35,19 @@ import numpy as np
 import torch
 
 from kernels import compiling_only
+from kernels.dispatch import env_choice
 
 log = logging.getLogger(__name__)
 
 ENV_VAR = "MAAS_CUDA_GRAPHS"
+_OFF = ("0", "false", "no", "off")
 
 
 def enabled() -> bool:
-    """Whether serving may replay CUDA graphs (read per call, like ``MAAS_KERNEL_BACKEND``)."""
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+    """Whether serving may replay CUDA graphs (read per call, like ``MAAS_KERNEL_BACKEND``): 1/0, true/false,
+    yes/no or on/off; any other value raises ValueError rather than counting as on (``Settings.from_env``
+    refuses it at start)."""
+    return env_choice(ENV_VAR, "1", ("1", "true", "yes", "on", *_OFF)) not in _OFF
 
 
 def bucket(n: int, low: int, high: int) -> int:

@@ -19,6 +19,10 @@ _AWS_CREDENTIAL_VARS = (
 )
 
 
+# What a yes/no setting takes, in any case; unset or empty means its default. models/cuda_graphs.py takes the same.
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
 # Knobs read where they act, by kernels/ and models/, each time they are used (those modules import torch, which
 # a CPU worker serving numpy twins never does, so their lists are not imported here). Checked once at start,
 # so that a typo stops the worker with a message instead of failing its GPU batches one by one; a test holds
@@ -33,6 +37,8 @@ ENGINE_KNOB_CHOICES: dict[str, tuple[str, ...]] = {
     "MAAS_LINEAR_LAYER_NORM": ("auto", "1", "0"),
     "MAAS_COMPILE_WORKERS": ("threads", "processes"),
     "MAAS_CPU_RUNTIME": ("numpy", "torch"),
+    "MAAS_PDL": ("off", "on"),
+    "MAAS_CUDA_GRAPHS": TRUE_WORDS + FALSE_WORDS,
 }
 
 
@@ -84,6 +90,18 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maxi
     if not minimum <= value <= maximum:
         raise ConfigError(f"{name}={value} must be in {minimum}..{maximum:,}")
     return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """One of TRUE_WORDS or FALSE_WORDS, in any case (unset or empty: ``default``). Anything else is refused: a
+    typo used to count silently as off for one setting and as on for the next."""
+    raw = env.get(name)
+    text = (raw or "").strip().lower()
+    if not text:
+        return default
+    if text not in TRUE_WORDS + FALSE_WORDS:
+        raise ConfigError(f"{name}={raw!r}: expected one of {', '.join(TRUE_WORDS + FALSE_WORDS)}")
+    return text in TRUE_WORDS
 
 
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -208,7 +226,7 @@ class Settings:
             torch_threads=_int(env, "MAAS_TORCH_THREADS", 0, minimum=0, maximum=4096),
             gil_switch_interval_us=_int(env, "MAAS_GIL_SWITCH_INTERVAL_US", 0, minimum=0, maximum=1_000_000),
             gc_gen0_threshold=_int(env, "MAAS_GC_GEN0_THRESHOLD", 50_000, minimum=0),
-            kafka_idempotence=env.get("MAAS_KAFKA_IDEMPOTENCE", "0").lower() in {"1", "true", "yes"},
+            kafka_idempotence=_bool(env, "MAAS_KAFKA_IDEMPOTENCE", False),
             claim_check_buckets=frozenset(b.strip() for b in env.get("MAAS_CLAIM_CHECK_BUCKETS", "").split(",")
                                           if b.strip()),
             claim_check_prefix=env.get("MAAS_CLAIM_CHECK_PREFIX") or "claims/",
@@ -228,7 +246,7 @@ class Settings:
             sqs_requests_queue=env.get("MAAS_SQS_REQUESTS_QUEUE") or "maas-requests",
             sqs_results_queue_url=env.get("MAAS_SQS_RESULTS_QUEUE_URL") or None,
             sqs_dlq_url=env.get("MAAS_SQS_DLQ_URL") or None,
-            partial_batch_response=env.get("MAAS_PARTIAL_BATCH_RESPONSE", "1").lower() not in {"0", "false", "no"},
+            partial_batch_response=_bool(env, "MAAS_PARTIAL_BATCH_RESPONSE", True),
         )
         if worker_id := env.get("MAAS_WORKER_ID"):
             settings = replace(settings, worker_id=worker_id)

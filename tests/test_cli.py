@@ -161,6 +161,11 @@ async def test_submit_prints_answers_in_either_encoding(live, encoding, tmp_path
     (("demo", "--requests", "-3"), "argument --requests: expected a whole number >= 1"),
     (("serve", "--port", "70000"), "argument --port: expected a port in 0..65535"),
     (("worker", "--health-port", "-1"), "argument --health-port: expected a port in 0..65535"),
+    (("batch", "worker", "--wait", "-5"), "argument --wait: expected a whole number in 0..20, got '-5'"),
+    (("batch", "worker", "--wait", "21"), "argument --wait: expected a whole number in 0..20, got '21'"),
+    (("batch", "submit", "f.jsonl", "--timeout", "nan"), "argument --timeout: expected a number of seconds > 0"),
+    (("batch", "submit", "f.jsonl", "--poll", "-1"), "argument --poll: expected a number of seconds > 0"),
+    (("batch", "submit", "f.jsonl", "--poll", "0"), "argument --poll: expected a number of seconds > 0"),
 ])
 def test_bad_arguments_are_one_line_errors(args, fragment, tmp_path):
     out = maas(*args, cwd=tmp_path, timeout=60)

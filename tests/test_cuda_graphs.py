@@ -153,6 +153,11 @@ def test_the_env_var_turns_graphs_off(monkeypatch):
     assert not cuda_graphs.enabled()
     monkeypatch.setenv(cuda_graphs.ENV_VAR, "1")
     assert cuda_graphs.enabled()
+    monkeypatch.setenv(cuda_graphs.ENV_VAR, "Off")
+    assert not cuda_graphs.enabled()
+    monkeypatch.setenv(cuda_graphs.ENV_VAR, "of")  # a typo is refused, not taken for on
+    with pytest.raises(ValueError, match="MAAS_CUDA_GRAPHS='of'"):
+        cuda_graphs.enabled()
 
 
 def test_a_padded_mlp_batch_gives_the_rows_of_the_unpadded_one():

@@ -4,12 +4,14 @@ the lists there must be what those modules accept."""
 from __future__ import annotations
 
 import importlib
+from unittest import mock
 
 import pytest
 import torch
 
 from kernels import _autotune, dispatch
-from models import numpy_models
+from kernels.offline import compile_for
+from models import cuda_graphs, numpy_models
 from pipeline.settings import ENGINE_KNOB_CHOICES, ConfigError, Settings
 
 linear_module = importlib.import_module("kernels.linear")  # `kernels.linear` is the op
@@ -30,6 +32,11 @@ def _unseen_shapes() -> bool:
         return _autotune.borrowing()
 
 
+def _pdl_options() -> dict[str, bool]:
+    with mock.patch.object(dispatch, "INTERPRETER", False), compile_for(90):  # the interpreter never reads it
+        return dispatch.pdl(torch.zeros(1))
+
+
 READERS = {
     "MAAS_KERNEL_BACKEND": lambda: dispatch.backend_for(),
     "MAAS_AUTOTUNE_TIMING": _autotune._timing_options,
@@ -41,6 +48,8 @@ READERS = {
     "MAAS_CPU_RUNTIME": numpy_models.cpu_runtime,
     "MAAS_COMPILE_THREADS": lambda: _autotune.compile_threads(4),
     "MAAS_COMPILE_WORKERS": _autotune.compile_workers,
+    "MAAS_PDL": _pdl_options,
+    "MAAS_CUDA_GRAPHS": cuda_graphs.enabled,
 }
 
 
@@ -61,6 +70,35 @@ def test_the_start_check_accepts_what_the_module_accepts(name, monkeypatch):
 def test_a_typo_stops_the_worker_at_start_with_what_was_expected():
     with pytest.raises(ConfigError, match="MAAS_AUTOTUNE_UNSEEN='borow': expected one of borrow, tune"):
         Settings.from_env({"MAAS_AUTOTUNE_UNSEEN": "borow"})
+
+
+def test_a_pdl_typo_stops_the_worker_at_start_not_at_its_first_gpu_launch():
+    with pytest.raises(ConfigError, match="MAAS_PDL='1': expected one of off, on"):
+        Settings.from_env({"MAAS_PDL": "1"})
+
+
+YES_NO = {"MAAS_KAFKA_IDEMPOTENCE": ("kafka_idempotence", False),
+          "MAAS_PARTIAL_BATCH_RESPONSE": ("partial_batch_response", True)}
+
+
+@pytest.mark.parametrize("name", [*YES_NO, "MAAS_CUDA_GRAPHS"])
+@pytest.mark.parametrize("value", ["2", "enabled", "y", "-1", "tru"])
+def test_a_yes_no_setting_refuses_other_values_naming_the_variable(name, value):
+    """Neither silently on (a typo of MAAS_PARTIAL_BATCH_RESPONSE or MAAS_CUDA_GRAPHS) nor off (one of
+    MAAS_KAFKA_IDEMPOTENCE)."""
+    with pytest.raises(ConfigError, match=rf"{name}='{value}': expected one of 1, true, yes, on, 0, false, no, off"):
+        Settings.from_env({name: value})
+
+
+@pytest.mark.parametrize("name", sorted(YES_NO))
+def test_a_yes_no_setting_takes_the_documented_words_in_any_case(name):
+    attribute, default = YES_NO[name]
+    for value, expected in [("1", True), ("TRUE", True), (" yes ", True), ("On", True), ("0", False),
+                            ("False", False), ("NO", False), ("off", False), ("", default), (" ", default)]:
+        assert getattr(Settings.from_env({name: value}), attribute) is expected, (name, value)
+    settings = Settings.from_env({name: "off" if default else "on"})
+    assert getattr(Settings.from_env(settings.to_env()), attribute) is not default
+    assert getattr(Settings.from_env({}), attribute) is default
 
 
 async def test_msk_iam_signs_a_token_from_the_aws_credential_chain(monkeypatch):

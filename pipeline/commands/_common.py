@@ -7,6 +7,7 @@ import asyncio
 import math
 import signal
 import sys
+from collections.abc import Callable
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -53,6 +54,18 @@ def port(text: str) -> int:
     if not (text.isascii() and text.isdigit()) or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {text!r}")
     return int(text)
+
+
+def whole_number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number in ``low..high`` (``low`` >= 0), for a bound an API sets (SQS's long poll
+    takes 0 to 20 s) that the command should refuse at once rather than pass on to fail later."""
+
+    def parse(text: str) -> int:
+        if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number in {low}..{high}, got {text!r}")
+        return int(text)
+
+    return parse
 
 
 def seconds(text: str) -> float:

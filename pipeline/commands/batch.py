@@ -17,7 +17,7 @@ from botocore.exceptions import ClientError
 from models.examples import ensure_examples
 from pipeline.batch_jobs import SOURCE_ETAG, BatchConfig, BatchJobRunner, BatchJobWatcher, ensure_batch_notifications
 from pipeline.batch_metrics import BatchMetricsPublisher
-from pipeline.commands._common import port, stop_event
+from pipeline.commands._common import port, seconds, stop_event, whole_number
 from pipeline.engine import InferenceEngine
 from pipeline.observability import HealthServer
 from pipeline.services import (
@@ -171,7 +171,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     bsub = batch.add_subparsers(dest="batch_command", required=True)
     worker = bsub.add_parser("worker", help="watch the batch bucket's inbox (S3 -> SQS notifications), run jobs")
     worker.add_argument("--examples", action="store_true", help="publish the example models first if missing")
-    worker.add_argument("--wait", type=int, default=10, help="SQS long-poll seconds (default 10)")
+    worker.add_argument("--wait", type=whole_number(0, 20), default=10,
+                        help="SQS long-poll seconds, 0..20 (default 10)")
     worker.add_argument("--health-port", type=port, default=None,
                         help="serve /health/live, /health/ready and /metrics on this port (default: MAAS_HEALTH_PORT, "
                              "0 = off)")
@@ -181,6 +182,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("file", help="a .jsonl file: one V2 request (or {id, model_name, data|text}) per line")
     submit.add_argument("--job", help="job name (default: the file name without .jsonl)")
     submit.add_argument("--output", help="where to write the results (default: <job>.results.jsonl beside FILE)")
-    submit.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job (default 3600)")
-    submit.add_argument("--poll", type=float, default=0.5, help="seconds between progress checks (default 0.5)")
+    submit.add_argument("--timeout", type=seconds, default=3600.0, help="seconds to wait for the job (default 3600)")
+    submit.add_argument("--poll", type=seconds, default=0.5, help="seconds between progress checks (default 0.5)")
     submit.set_defaults(run=cmd_submit)
