@@ -267,29 +267,57 @@ def test_sigterm_while_maas_up_starts_its_stack_leaves_nothing_behind(tmp_path, 
     assert not list(temp.glob("maas-stack-*")), "".join(lines)
 
 
-def test_a_second_sigterm_ends_a_draining_server_at_once(tmp_path):
-    """The first SIGTERM drains the requests in flight (up to 25 s); the second was caught and ignored."""
-    proc, lines = _spawn_maas("serve", "--port", "0", env={"MAAS_MODEL_REPOSITORY": str(tmp_path / "repo")},
+def _serve_holding_a_request(tmp_path, env: dict[str, str]) -> tuple[subprocess.Popen, list[str], str, int]:
+    """`maas serve --port 0` on an empty repository, yielded with its output lines, host and port."""
+    proc, lines = _spawn_maas("serve", "--port", "0", env={"MAAS_MODEL_REPOSITORY": str(tmp_path / "repo"), **env},
                               cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while not any("serving the V2 API on" in line for line in lines):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("".join(lines))
+        time.sleep(0.05)
+    url = next(line for line in lines if "serving the V2 API on" in line).split(" on ")[1].split()[0]
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return proc, lines, host, int(port)
+
+
+def _hold(host: str, port: int) -> socket.socket:
+    """A connection whose request is in flight, its body never coming."""
+    held = socket.create_connection((host, port), timeout=5)
+    held.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                 b"Expect: 100-continue\r\n\r\n")
+    assert held.recv(100).startswith(b"HTTP/1.1 100 Continue")  # now in flight, reading its body
+    return held
+
+
+def test_serve_drains_within_the_shutdown_timeout(tmp_path):
+    """`maas serve` drained the requests in flight for a fixed 25 s after SIGTERM, past MAAS_SHUTDOWN_TIMEOUT_S
+    (20 s by default, below a pod's 30 s grace period): it now gets three quarters of that timeout."""
+    proc, lines, host, port = _serve_holding_a_request(tmp_path, {"MAAS_SHUTDOWN_TIMEOUT_S": "4"})
+    try:
+        with _hold(host, port):
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0, "".join(lines)  # a 25 s drain would still be under way
+    finally:
+        proc.kill()
+
+
+def test_a_second_sigterm_ends_a_draining_server_at_once(tmp_path):
+    """The first SIGTERM drains the requests in flight (up to 15 s by default); the second was caught and
+    ignored."""
+    proc, _, host, port = _serve_holding_a_request(tmp_path, {})
     try:
         deadline = time.monotonic() + 60
-        while not any("serving the V2 API on" in line for line in lines):
-            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
-            time.sleep(0.05)
-        url = next(line for line in lines if "serving the V2 API on" in line).split(" on ")[1].split()[0]
-        host, port = url.removeprefix("http://").rsplit(":", 1)
-        with socket.create_connection((host, int(port)), timeout=5) as held:  # a request whose body never comes
-            held.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
-                         b"Expect: 100-continue\r\n\r\n")
-            assert held.recv(100).startswith(b"HTTP/1.1 100 Continue")  # now in flight, reading its body
+        with _hold(host, port):
             proc.send_signal(signal.SIGTERM)
             while time.monotonic() < deadline:  # draining: no longer listening
                 try:
-                    socket.create_connection((host, int(port)), timeout=1).close()
+                    socket.create_connection((host, port), timeout=1).close()
                 except OSError:
                     break
                 time.sleep(0.05)
             proc.send_signal(signal.SIGTERM)
-            assert proc.wait(10) == -signal.SIGTERM  # hang guard: the drain alone lasts 25 s
+            assert proc.wait(10) == -signal.SIGTERM  # hang guard: the drain alone lasts 15 s
     finally:
         proc.kill()

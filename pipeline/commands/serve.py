@@ -23,7 +23,9 @@ async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
                                max_running_batches=settings.max_running_batches) as engine:
         api = V2Api(engine, max_request_bytes=settings.max_request_bytes, api_keys=api_keys, rate_limiter=limiter,
                     admin_tenants=settings.admin_tenants)
-        async with HttpServer(api, args.host, args.port, max_in_flight=settings.max_in_flight) as server:
+        # On SIGTERM, the requests in flight get three quarters of MAAS_SHUTDOWN_TIMEOUT_S, closing the rest.
+        async with HttpServer(api, args.host, args.port, max_in_flight=settings.max_in_flight,
+                              drain_timeout_s=settings.shutdown_timeout_s * 3 / 4) as server:
             print(f"serving the V2 API on {server.url} (models from {repository.root}; "
                   f"auth {'on' if api_keys.enabled else 'off'}, rate limits {'on' if limiter.enabled else 'off'})",
                   flush=True)
