@@ -186,11 +186,16 @@ async def record_limits(producer: AIOKafkaProducer, settings: Settings) -> dict[
         if limit is None:
             log.warning("the cluster gives no max.message.bytes for topic %s: answers and dead letters over the "
                         "broker's limit would stop the worker", topic)
-        elif limit < settings.max_record_bytes:
+            continue
+        if limit < settings.max_record_bytes:
             log.warning("topic %s takes records of at most %d bytes (its max.message.bytes), less than the %d the "
                         "settings allow (MAAS_MAX_REQUEST_BYTES, MAAS_MAX_INLINE_OUTPUT_BYTES): larger %s go to S3",
                         topic, limit, settings.max_record_bytes,
                         "results" if topic == settings.topics.results else "dead letters")
+        if limit < settings.producer_max_batch_bytes:  # Kafka checks a whole record batch against the limit
+            log.error("topic %s takes record batches of at most %d bytes (its max.message.bytes): the producer's "
+                      "batches of up to %d bytes may be refused, which stops the worker; raise the topic's "
+                      "max.message.bytes to at least that", topic, limit, settings.producer_max_batch_bytes)
     return limits
 
 

@@ -277,6 +277,7 @@ async def test_topics_that_take_less_than_the_settings_allow_get_larger_answers_
         answers = await collector.wait_for(["rows-1", "rows-32"], timeout=60)
         (dead,) = await read_topic(settings, settings.topics.dlq, 1)
     assert f"topic {settings.topics.results} takes records of at most {limit} bytes" in caplog.text
+    assert f"topic {settings.topics.dlq} takes record batches of at most {limit} bytes" in caplog.text
     small, large = answers["rows-1"].body, answers["rows-32"].body
     assert "outputs_uri" not in small and small["outputs"], "a result the topic takes stays inline"
     bucket, key = parse_s3_uri(large["outputs_uri"], field="outputs_uri")
