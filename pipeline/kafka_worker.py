@@ -126,11 +126,12 @@ class KafkaWorker:
     REVOKE_COMMIT_S = 5.0  # a revoke's commit, after its drain; past it the records are left to redelivery
 
     def __init__(self, settings: Settings, engine: InferenceEngine, *, max_attempts: int = 3,
-                 drain_timeout_s: float = 30.0) -> None:
+                 drain_timeout_s: float | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.max_attempts = max_attempts
-        self.drain_timeout_s = drain_timeout_s
+        # How long a revoke waits for the records in flight on its partitions (MAAS_REBALANCE_DRAIN_S).
+        self.drain_timeout_s = settings.rebalance_drain_s if drain_timeout_s is None else drain_timeout_s
         self._tracker = OffsetTracker()
         # Rebalances so far. aiokafka revokes every partition at each one and moves every position back to the
         # committed offset, so records fetched before the latest are stale (see `_dispatch`).

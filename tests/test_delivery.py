@@ -520,7 +520,7 @@ async def test_a_drain_longer_than_the_session_timeout_keeps_the_partition_until
                                 auto_offset_reset="earliest", session_timeout_ms=3000, heartbeat_interval_ms=300)
     engine = _GatedEngine(ModelCache(ModelRepository(settings.model_repository)), gates=gates)
     async with engine, ResultCollector(settings) as collector:
-        worker = KafkaWorker(settings, engine, drain_timeout_s=20)
+        worker = KafkaWorker(replace(settings, rebalance_drain_s=20), engine)
         await worker.start()
         try:
             await asyncio.wait_for(worker.assigned.wait(), 30)

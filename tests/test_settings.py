@@ -133,6 +133,7 @@ async def test_msk_iam_signs_a_token_from_the_aws_credential_chain(monkeypatch):
     ({"MAAS_HEALTH_PORT": "99999"}, "MAAS_HEALTH_PORT=99999 must be in 0..65,535"),
     ({"MAAS_KAFKA_SESSION_TIMEOUT_MS": "99999999999"}, "MAAS_KAFKA_SESSION_TIMEOUT_MS"),
     ({"MAAS_SHUTDOWN_TIMEOUT_S": "0"}, "MAAS_SHUTDOWN_TIMEOUT_S=0 must be in 1..3,600"),
+    ({"MAAS_REBALANCE_DRAIN_S": "-1"}, "MAAS_REBALANCE_DRAIN_S"),
     ({"KAFKA_BOOTSTRAP_SERVERS": "host:abc"}, "expected host\\[:port\\] entries"),
     ({"KAFKA_BOOTSTRAP_SERVERS": "a:9092,,b:9092"}, "got ''"),
     ({"KAFKA_BOOTSTRAP_SERVERS": ":9092"}, "got ':9092'"),
@@ -145,9 +146,11 @@ def test_environment_values_out_of_bounds_are_named(env, fragment):
 
 def test_environment_values_within_bounds_are_taken():
     settings = Settings.from_env({"MAAS_MAX_IN_FLIGHT": " 12 ", "KAFKA_BOOTSTRAP_SERVERS": "a:9092,b,[::1]:9093",
-                                  "MAAS_MODEL_CACHE_BYTES": str(8 << 30), "MAAS_SHUTDOWN_TIMEOUT_S": "25"})
+                                  "MAAS_MODEL_CACHE_BYTES": str(8 << 30), "MAAS_SHUTDOWN_TIMEOUT_S": "25",
+                                  "MAAS_REBALANCE_DRAIN_S": "90"})
     assert settings.max_in_flight == 12 and settings.model_cache_bytes == 8 << 30
     assert settings.shutdown_timeout_s == 25 and Settings.from_env(settings.to_env()).shutdown_timeout_s == 25
+    assert Settings.from_env(settings.to_env()).rebalance_drain_s == 90
     assert Settings.from_env({}).shutdown_timeout_s == 20  # below Kubernetes' default grace period of 30 s
 
 
