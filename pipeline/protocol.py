@@ -416,8 +416,13 @@ def tensor_to_bytes(array: np.ndarray, datatype: str) -> bytes:
 
 
 def _bytes_elements(chunk: memoryview, count: int) -> np.ndarray:
-    out = np.empty(count, dtype=object)
     offset, size = 0, len(chunk)
+    # Each element takes at least its 4-byte length: a shape that declares more elements than the bytes can hold is
+    # refused before its array is made. A 100-byte claim-checked object declaring 64 Mi elements (within the element
+    # budget, which is the payload limit) made an array of 512 MiB of pointers before the first length was read.
+    if count * 4 > size:
+        raise ValueError(f"BYTES data of {size} bytes cannot hold {count} elements (each has a 4-byte length)")
+    out = np.empty(count, dtype=object)
     for i in range(count):
         if offset + 4 > size:
             raise ValueError(f"BYTES data ends after {i} of {count} elements")

@@ -253,3 +253,22 @@ def test_binary_header_length_must_be_ascii_digits(length):
         decode_request(b"{}" + b"\0" * 20, {"content-type": "application/octet-stream",
                                             "inference-header-content-length": length}, max_bytes=LIMIT)
     assert caught.value.code == ErrorCode.INVALID_REQUEST
+
+
+def test_a_bytes_shape_its_binary_part_cannot_hold_is_refused_before_its_array_is_made():
+    """The element budget is the payload limit (64 MiB for a claim-checked object): a tiny binary request declaring
+    that many BYTES elements made an array of a pointer per element (8 bytes each) before finding no data."""
+    import tracemalloc
+
+    header = orjson.dumps({"id": "r", "model_name": "m", "inputs": [
+        {"name": "t", "shape": [8_000_000], "datatype": "BYTES", "parameters": {"binary_data_size": 0}}]})
+    tracemalloc.start()
+    try:
+        with pytest.raises(InferenceError, match="cannot hold 8000000 elements") as caught:
+            decode_request(header, {"content-type": "application/octet-stream",
+                                    "inference-header-content-length": str(len(header))}, max_bytes=64 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert caught.value.code == ErrorCode.INVALID_INPUT
+    assert peak < 1 << 20, f"{peak:,} bytes allocated for a {len(header)}-byte request"
