@@ -458,8 +458,9 @@ class BatchJobRunner:
         except Exception as exc:  # a bug on one line must not lose the job's other lines: an INTERNAL error line
             if not isinstance(exc, InferenceError):
                 log.exception("job %s line %d: unexpected failure", state.job, lineno)
-                exc = InferenceError(ErrorCode.INTERNAL, f"unexpected failure: {exc!r:.200}",
-                                     request.id if request else None)
+                exc = InferenceError(ErrorCode.INTERNAL, f"unexpected failure ({type(exc).__name__}; the server's log "
+                                     "has the details)", request.id if request else None)  # not its message:
+                # the results file is the uploader's, and an exception's message may quote the server's files
             body = exc.to_json(request.model_name if request else None)
             body["line"] = lineno
             out = orjson.dumps(body) + b"\n"

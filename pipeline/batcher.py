@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from typing import Any
 
 from models.artifact import BatchingPolicy
 from pipeline.errors import ErrorCode, InferenceError
+
+log = logging.getLogger(__name__)
 
 BatchKey = tuple[str, int]
 
@@ -156,7 +159,9 @@ class DynamicBatcher:
             _settle(batch, InferenceError(ErrorCode.UNAVAILABLE, "the engine stopped before the request ran"))
             raise
         except Exception as exc:  # the runner should settle every future; this is the safety net
-            _settle(batch, InferenceError(ErrorCode.INTERNAL, f"batch failed: {exc!r}"))
+            log.exception("batch of %s failed", key)  # its message is for the log: callers get its type
+            _settle(batch, InferenceError(ErrorCode.INTERNAL, f"batch failed ({type(exc).__name__}; the server's "
+                                          "log has the details)"))
 
     @staticmethod
     async def _fill(batch: list[Pending], queue: asyncio.PriorityQueue[Pending], policy: BatchingPolicy,

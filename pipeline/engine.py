@@ -230,7 +230,8 @@ class InferenceEngine:
         for chunk, future, version, config in waiting:
             error = future.exception()
             if error is not None and not isinstance(error, InferenceError):
-                error = InferenceError(ErrorCode.INTERNAL, f"model execution failed: {error!r}")
+                log.error("model %s:%s failed a batch", requests[chunk[0][0]].model_name, version, exc_info=error)
+                error = execution_failed(error)
             results = [error] * len(chunk) if error is not None else future.result()
             datatypes = {s.name: s.datatype for s in config.outputs}
             for (index, _), result in zip(chunk, results, strict=True):
@@ -368,7 +369,7 @@ class InferenceEngine:
                     await self._run_group(model, [entry])
                 return
             log.exception("model %s:%s failed on request %s", model.name, model.version, group[0].request.id)
-            group[0].settle(InferenceError(ErrorCode.INTERNAL, f"model execution failed: {exc!r}"))
+            group[0].settle(execution_failed(exc))
             return
         if isinstance(ran, list):  # requests dropped while the batch waited for the model thread: run the rest
             for index in ran:
@@ -430,6 +431,14 @@ class _Entry:
 
     def settle(self, outcome: dict[str, np.ndarray] | InferenceError) -> None:
         self.results[self.position] = outcome
+
+
+def execution_failed(exc: BaseException) -> InferenceError:
+    """The error of a request its model failed on, once the failure is logged: the exception's type, not its
+    message, which may quote a file of the server's (a kernel cache, a library), its memory or its devices, and
+    reaches HTTP callers and batch result files as it is."""
+    return InferenceError(ErrorCode.INTERNAL, f"model execution failed ({type(exc).__name__}; the server's log "
+                          "has the details)")
 
 
 def load_failed(name: str, version: int, reason: str) -> InferenceError:

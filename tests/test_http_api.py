@@ -354,6 +354,23 @@ async def test_an_unsupported_content_type_gets_415_naming_the_accepted_ones(rep
         assert "application/json" in message and "application/octet-stream" in message
 
 
+async def test_a_model_that_fails_tells_the_caller_its_exception_type_and_the_log_the_rest(repository, caplog):
+    """A model's exception came back whole (`model execution failed: RuntimeError('cannot load /srv/...')`): its message
+    may quote the server's files, memory or devices. The caller gets its type; the server's log keeps the rest."""
+    async with serving(repository) as (http, api, _):
+        model = await api.engine.load(MNIST_MLP, 1)
+
+        def failing(inputs):
+            raise RuntimeError("cannot load /srv/maas/kernel-cache/linear.cubin: out of memory on cuda:0")
+
+        model.infer = failing
+        async with http.post(f"/v2/models/{MNIST_MLP}/infer", json=json_request(2)) as r:
+            assert r.status == 500 and r.headers["x-maas-error-code"] == "INTERNAL"
+            message = (await r.json())["error"]
+    assert "RuntimeError" in message and "/srv/maas" not in message, message
+    assert "/srv/maas/kernel-cache/linear.cubin" in caplog.text
+
+
 async def test_errors_keep_the_repository_path_to_the_server_and_echo_a_bounded_part_of_the_input(repository):
     """A 404 said "is not in the repository (/path/on/the/server)"; a 5,000-character model name, path or list of
     output names came back whole."""
