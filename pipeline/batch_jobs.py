@@ -606,7 +606,12 @@ class BatchJobWatcher:
     a watcher that dies leaves the message to reappear (and, after maxReceiveCount, to go to the DLQ).
     Messages are received one at a time: a message received but not yet started would become visible again
     behind a long job and be run by a second watcher too; left in the queue, it goes to an idle watcher.
+
+    `completed` holds the summaries of the latest `MAX_COMPLETED` jobs (a worker runs for months, and each upload
+    makes one), `jobs_done` counts them all.
     """
+
+    MAX_COMPLETED = 100
 
     def __init__(self, runner: BatchJobRunner, sqs: Any, queue_url: str, *, wait_s: int = 10,
                  visibility_s: int = 60, drain_timeout_s: float = 20.0) -> None:
@@ -617,6 +622,7 @@ class BatchJobWatcher:
         self.visibility_s = visibility_s
         self.drain_timeout_s = drain_timeout_s
         self.completed: list[dict[str, Any]] = []
+        self.jobs_done = 0
         self._task: asyncio.Task | None = None
         self._stopping = False
 
@@ -672,6 +678,8 @@ class BatchJobWatcher:
                 summary = await self.runner.run(ref.bucket, ref.key)
                 if summary is not None:
                     self.completed.append(summary)
+                    del self.completed[:-self.MAX_COMPLETED]
+                    self.jobs_done += 1
         except asyncio.CancelledError:
             log.warning("batch job message %s: stopped before its job finished; released for another watcher",
                         message.get("MessageId"))

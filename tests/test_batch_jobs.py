@@ -103,6 +103,19 @@ async def test_job_through_notifications_in_order_with_inline_errors(live, repos
     assert np.mean(correct) > 0.9
 
 
+async def test_the_watcher_keeps_the_latest_summaries_and_counts_them_all(live, repository, monkeypatch):
+    """`completed` kept every job's summary for as long as the worker ran: one more per upload, without end."""
+    monkeypatch.setattr(BatchJobWatcher, "MAX_COMPLETED", 2)
+    config = BatchConfig(bucket=live.batch_bucket, queue=f"{live.batch_bucket}-events")
+    requests, _ = example_requests(1, prefix="keep")
+    async with watching(live, repository, config) as (s3, _, watcher):
+        for n in range(3):
+            await asyncio.to_thread(s3.put_object, Bucket=config.bucket, Key=f"inbox/keep-{n}.jsonl",
+                                    Body=jsonl(requests))
+        await wait_for(lambda: watcher.jobs_done >= 3, timeout=60)
+    assert watcher.jobs_done == 3 and len(watcher.completed) == 2
+
+
 async def test_multipart_upload_double_event_and_redelivery_give_one_output(live, repository):
     config = BatchConfig(bucket=live.batch_bucket, queue=f"{live.batch_bucket}-events")
     requests, _ = example_requests(950, prefix="mp")

@@ -66,7 +66,7 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
             stop, done = asyncio.create_task(stop_event().wait()), asyncio.create_task(watcher.wait())
             await asyncio.wait([stop, done], return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()
-        print(f"batch worker stopped after {len(watcher.completed)} jobs", flush=True)
+        print(f"batch worker stopped after {watcher.jobs_done} jobs", flush=True)
     return 0
 
 
