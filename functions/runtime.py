@@ -28,6 +28,7 @@ from pipeline.batch_jobs import BatchConfig, BatchJobRunner  # noqa: E402
 from pipeline.batch_metrics import BatchMetricsPublisher  # noqa: E402
 from pipeline.claim_check import ClaimCheckStore  # noqa: E402
 from pipeline.engine import InferenceEngine  # noqa: E402
+from pipeline.observability import mask_credentials_in_logs  # noqa: E402
 from pipeline.ratelimit import ApiKeys, RateLimiter  # noqa: E402
 from pipeline.runtime import configure_process  # noqa: E402
 from pipeline.services import (  # noqa: E402
@@ -152,6 +153,7 @@ def _current(loop: asyncio.AbstractEventLoop) -> Runtime:
         if _runtime is not None:
             loop.run_until_complete(_runtime.stop())
         configure_process(settings)
+        mask_credentials_in_logs()
         _runtime = loop.run_until_complete(Runtime(settings).start())
         _runtime_env = env
     return _runtime

@@ -16,6 +16,8 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from models.repository import without_credentials
+
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
@@ -31,7 +33,7 @@ class JsonFormatter(logging.Formatter):
         }
         body.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")})
         if record.exc_info:
-            body["exception"] = self.formatException(record.exc_info)
+            body["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(body, default=str)
 
 
@@ -49,12 +51,41 @@ class TextFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+class MaskCredentials(logging.Filter):
+    """A handler's filter: the ``user:password@`` of every URL in a record's message and traceback masked. An
+    endpoint URL may carry credentials (``AWS_ENDPOINT_URL=http://user:secret@host``), and botocore's network
+    errors quote it (``Could not connect to the endpoint URL: "http://user:secret@host/"``), which the SQS and
+    batch workers log when a receive fails. On a handler, it covers every logger, the libraries' included."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = without_credentials(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        if record.exc_info and not record.exc_text:  # formatters reuse exc_text once it is set
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = without_credentials(record.exc_text)
+        return True
+
+
+_TRACEBACKS = logging.Formatter()
+MASK_CREDENTIALS = MaskCredentials()  # one object: adding it to a handler again is a no-op
+
+
+def mask_credentials_in_logs() -> None:
+    """Add `MaskCredentials` to the root logger's handlers (a cloud function's runtime installs its own)."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(MASK_CREDENTIALS)
+
+
 def configure_logging(verbose: bool, fmt: str = "text") -> None:
     handler = logging.StreamHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(MASK_CREDENTIALS)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if verbose else logging.WARNING)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
 import os
 import signal
 import socket
@@ -247,6 +248,42 @@ async def test_the_watcher_outlives_an_unreachable_queue_endpoint(live, reposito
         async with BatchJobWatcher(runner, sqs, f"http://127.0.0.1:{port}/000000000000/q", wait_s=1) as watcher:
             await wait_for(lambda: caplog.text.count("cannot receive from") >= 2, timeout=20)
             assert not watcher._task.done()
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+async def test_credentials_in_an_unreachable_queue_endpoint_never_reach_the_log(live, repository, fmt):
+    """botocore's network errors quote the endpoint URL, and the watcher logs them (as the SQS worker does): an
+    AWS_ENDPOINT_URL carrying a user and password wrote them into every such line of `maas batch worker`."""
+    import boto3
+    from botocore.config import Config
+
+    from pipeline.observability import configure_logging
+
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    configure_logging(True, fmt)  # the handler `maas` commands log through
+    (handler,) = root.handlers
+    stream = io.StringIO()
+    handler.setStream(stream)
+    root.handlers[:] = [*saved, handler]
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"http://admin:hunter2@127.0.0.1:{port}"
+    sqs = boto3.client("sqs", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x",
+                       aws_secret_access_key="x", config=Config(connect_timeout=0.2, retries={"max_attempts": 1}))
+    config = BatchConfig(bucket=live.batch_bucket)
+    try:
+        async with InferenceEngine(ModelCache(repository), worker_id="batch-test") as engine:
+            runner = BatchJobRunner(engine, aws_client(live, "s3"), config, max_request_bytes=1 << 20)
+            async with BatchJobWatcher(runner, sqs, f"{endpoint}/000000000000/q", wait_s=1):
+                await wait_for(lambda: "Could not connect to the endpoint URL" in stream.getvalue(), timeout=20)
+    finally:
+        root.handlers[:] = saved
+        root.setLevel(level)
+    logged = stream.getvalue()
+    assert "hunter2" not in logged, logged
+    assert f"http://***@127.0.0.1:{port}" in logged, logged  # the endpoint is still named, without its password
 
 
 @pytest.mark.parametrize(("inbox", "outbox"), [("inbox/", "inbox/results/"), ("jobs/", "jobs/"), ("out/in/", "out/"),
