@@ -45,6 +45,9 @@ MAX_BATCH_SIZE = 65536  # rows of one batch: a GPU warm-up runs every power of t
 MAX_QUEUE_DELAY_MS = 60_000
 # config.json holds hyper-parameters, tensor specs and a few warm-up inputs: kilobytes. Reading one is bounded.
 MAX_CONFIG_BYTES = 1 << 20
+# An asset (tokenizer.json) is read whole into memory at every load, and parsed: real ones are megabytes (a
+# 256,000-word vocabulary's, some 35 MB). Weights are held to the model cache's budget before they are read.
+MAX_ASSET_BYTES = 256 << 20
 SCALE_SUFFIX = "_scale"  # an int8 weight `<name>` has its per-output-channel fp32 scales in `<name>_scale`
 
 
@@ -420,10 +423,15 @@ def read_assets(directory: Path, names: tuple[str, ...]) -> dict[str, bytes]:
         if not path.exists():
             raise ArtifactError(f"{artifact_path(directory, name)} is missing (the architecture needs it)")
         try:
-            assets[name] = path.read_bytes()
+            with path.open("rb") as f:  # bounded: one byte past the limit tells an oversized file
+                data = f.read(MAX_ASSET_BYTES + 1)
         except OSError as exc:  # str(exc) would quote the server's path
             raise ArtifactError(f"{artifact_path(directory, name)} cannot be read "
                                 f"({exc.strerror or type(exc).__name__})") from None
+        if len(data) > MAX_ASSET_BYTES:
+            raise ArtifactError(f"{artifact_path(directory, name)} is over the {MAX_ASSET_BYTES:,} bytes an asset "
+                                "may have")
+        assets[name] = data
     return assets
 
 

@@ -319,6 +319,20 @@ def test_a_version_linked_from_outside_the_repository_is_refused(repository, tmp
         repository.load("half", 1)
 
 
+def test_an_asset_over_its_limit_is_refused_without_being_read_whole(repository, monkeypatch):
+    """tokenizer.json was read whole into memory at every load, however large a published one was (config.json
+    is bounded, weights are held to the cache's budget): a limit, one byte past which it is refused."""
+    import models.artifact
+
+    repository.publish("sentiment", sentiment_config(), *train_sentiment(steps=1))
+    size = (repository.root / "sentiment" / "1" / TOKENIZER_FILE).stat().st_size
+    monkeypatch.setattr(models.artifact, "MAX_ASSET_BYTES", size - 1)
+    with pytest.raises(ArtifactError, match=r"^sentiment/1/tokenizer.json is over the [\d,]+ bytes an asset may have$"):
+        repository.load("sentiment", 1)
+    monkeypatch.setattr(models.artifact, "MAX_ASSET_BYTES", size)
+    assert repository.load("sentiment", 1).version == 1
+
+
 def test_load_failures_name_files_inside_the_version_never_the_servers_folders(repository, tmp_path, caplog):
     """The messages quoted the repository's folder (and where a link led): they reach a served API's callers,
     as its infer errors and readiness. They name `<name>/<version>/<file>`; the server's log says where the
