@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 MIN_PART_BYTES = 5 * 1024 * 1024
 MAX_KEY_BYTES = 1024  # S3's limit on a key, in UTF-8 bytes
 SOURCE_ETAG = "source-etag"  # object metadata key on results and summary
+# A summary is a few kilobytes (counts, latency percentiles, a few model versions); read no more than this of one
+MAX_SUMMARY_BYTES = 1 << 20
 NOTIFICATION_ID = "maas-batch-jobs"
 
 
@@ -367,15 +369,26 @@ class BatchJobRunner:
         return True
 
     async def _existing_summary(self, bucket: str, job: str, etag: str) -> dict[str, Any] | None:
+        """The summary of this upload's finished run, or None: then the job runs (again), and its summary is
+        written anew. One over MAX_SUMMARY_BYTES is no summary this code wrote: it is not read, nor trusted."""
+        key = self.config.summary_key(job)
         try:
-            obj = await asyncio.to_thread(self.s3.get_object, Bucket=bucket, Key=self.config.summary_key(job))
+            obj = await asyncio.to_thread(self.s3.get_object, Bucket=bucket, Key=key)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None
             raise
-        if obj.get("Metadata", {}).get(SOURCE_ETAG) != etag:
+        try:
+            if obj.get("Metadata", {}).get(SOURCE_ETAG) != etag:
+                return None
+            raw = await asyncio.to_thread(obj["Body"].read, MAX_SUMMARY_BYTES + 1)  # bounded, whatever its size
+        finally:
+            obj["Body"].close()
+        if len(raw) > MAX_SUMMARY_BYTES:
+            log.warning("job %s: its summary s3://%s/%s is over the %d bytes a summary may have; not a valid "
+                        "summary, so the job runs again", job, bucket, key, MAX_SUMMARY_BYTES)
             return None
-        return orjson.loads(await asyncio.to_thread(obj["Body"].read))
+        return orjson.loads(raw)
 
     async def _run(self, bucket: str, key: str, job: str, etag: str, head: dict[str, Any]
                    ) -> dict[str, Any] | None:

@@ -24,6 +24,8 @@ from worker_support import read_all, slow_repository
 from models.cache import ModelCache
 from models.examples import MNIST_MLP, mnist_mlp_config, regressor_config, train_mnist_mlp, train_regressor
 from pipeline.batch_jobs import (
+    MAX_SUMMARY_BYTES,
+    SOURCE_ETAG,
     BatchConfig,
     BatchJobRunner,
     BatchJobWatcher,
@@ -473,6 +475,26 @@ async def test_a_run_of_a_replaced_upload_does_not_overwrite_the_newer_ones_outp
     assert results["Metadata"]["source-etag"] == etag
     assert [orjson.loads(line)["id"] for line in results["Body"].read().splitlines()] == [r["id"] for r in newer]
     assert "was replaced while the job ran" in caplog.text and "its results are dropped" in caplog.text
+
+
+async def test_an_oversized_summary_is_not_read_whole_nor_taken_for_the_jobs(live, repository, caplog):
+    """The duplicate check read the job's summary object whole, whatever its size; one over MAX_SUMMARY_BYTES
+    (valid JSON, with this upload's etag) is not a summary this code wrote: the job runs and writes its own."""
+    config = BatchConfig(bucket=live.batch_bucket)
+    requests, _ = example_requests(2, prefix="big-summary")
+    s3 = aws_client(live, "s3")
+    etag = s3.put_object(Bucket=config.bucket, Key="inbox/big.jsonl", Body=jsonl(requests))["ETag"].strip('"')
+    planted = orjson.dumps({"job": "big", "status": "completed", "pad": "x" * MAX_SUMMARY_BYTES})
+    s3.put_object(Bucket=config.bucket, Key=config.summary_key("big"), Body=planted, Metadata={SOURCE_ETAG: etag})
+    async with InferenceEngine(ModelCache(repository), worker_id="batch-test") as engine:
+        runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes, worker_id="bt")
+        summary = await runner.run(config.bucket, "inbox/big.jsonl")
+        assert not summary.get("duplicate") and summary["lines"] == 2 and summary["ok"] == 2
+        assert "is over the 1048576 bytes a summary may have" in caplog.text
+        again = await runner.run(config.bucket, "inbox/big.jsonl")  # its own summary, small, is one
+    assert again["duplicate"] and again["finished_at"] == summary["finished_at"]
+    stored = s3.get_object(Bucket=config.bucket, Key=config.summary_key("big"))["Body"].read()
+    assert len(stored) < 10_000 and orjson.loads(stored)["source"]["etag"] == etag
 
 
 def _in_queue(sqs, queue_url: str) -> int:
