@@ -31,6 +31,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from models.artifact import (
     ARTIFACT_FILES,
     CONFIG_FILE,
+    MAX_ASSET_BYTES,
     MAX_CONFIG_BYTES,
     MODEL_NAME_RE,
     WEIGHTS_FILE,
@@ -182,12 +183,25 @@ class S3ModelRepository(Repository):
     def _download(self, name: str, version: int, file_name: str, path: Path, sha256: str) -> None:
         where = f"{name}/{version}/{file_name}"  # as models.artifact.artifact_path names it
         digest = hashlib.sha256()
+        # Weights are held to the model cache's budget before a load (weights_nbytes); an asset is read whole into
+        # memory at every load, so one over MAX_ASSET_BYTES is refused from the GET's headers, before its body.
+        limit = None if file_name == WEIGHTS_FILE else MAX_ASSET_BYTES
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self._key(name, version, file_name))["Body"]
-            with path.open("wb") as f:
-                for chunk in body.iter_chunks(1 << 20):
-                    digest.update(chunk)
-                    f.write(chunk)
+            obj = self.client.get_object(Bucket=self.bucket, Key=self._key(name, version, file_name))
+            body = obj["Body"]
+            try:
+                if limit is not None and int(obj.get("ContentLength", 0)) > limit:
+                    raise ArtifactError(f"{where} is over the {limit:,} bytes an asset may have")
+                written = 0
+                with path.open("wb") as f:
+                    for chunk in body.iter_chunks(1 << 20):
+                        written += len(chunk)
+                        if limit is not None and written > limit:
+                            raise ArtifactError(f"{where} is over the {limit:,} bytes an asset may have")
+                        digest.update(chunk)
+                        f.write(chunk)
+            finally:
+                body.close()
         except (BotoCoreError, ClientError) as exc:
             raise self._fail(exc, where) from None
         if digest.hexdigest() != sha256:

@@ -436,6 +436,25 @@ async def test_s3_load_failures_name_the_file_inside_the_version_never_the_bucke
         assert live.batch_bucket not in message and str(tmp_path) not in message, message
 
 
+def test_an_s3_asset_over_max_asset_bytes_is_refused_before_its_download(live, s3, tmp_path, repository,
+                                                                           monkeypatch):
+    """Weights were held to the cache's budget before a download, but an asset (tokenizer.json) was downloaded to
+    the cache folder whatever its size. One over MAX_ASSET_BYTES (made small here) is refused by name, as a local
+    one is, and nothing of it is left in the cache folder; one within it still loads."""
+    monkeypatch.setattr("models.s3_repository.MAX_ASSET_BYTES", 1024)
+    repo = open_repository(f"s3://{live.batch_bucket}/assets/models", lambda: s3, cache_dir=tmp_path / "cache")
+    mnist = read_weights(repository.local_folder(MNIST_MLP, 1))
+    assert repo.publish("small", mnist_mlp_config(), mnist, {TOKENIZER_FILE: b"{}" + b" " * 1022}) == 1
+    assert repo.publish("big", mnist_mlp_config(), mnist, {TOKENIZER_FILE: b"{}" + b" " * 1023}) == 1
+    assert (repo.local_folder("small", 1) / TOKENIZER_FILE).stat().st_size == 1024
+    with pytest.raises(ArtifactError) as refused:
+        repo.local_folder("big", 1)
+    assert str(refused.value) == "big/1/tokenizer.json is over the 1,024 bytes an asset may have"
+    assert_names_no_location(str(refused.value), repo, s3)
+    assert str(tmp_path) not in str(refused.value)
+    assert [p.name for p in (repo.cache_dir / "big").iterdir()] == []  # no staging folder, no partial file
+
+
 async def test_an_s3_outage_tells_callers_the_repository_is_unavailable_never_where_it_is(live, s3, tmp_path,
                                                                                         repository, caplog):
     """botocore's messages quote the endpoint (`Could not connect to the endpoint URL: "http://127.0.0.1:PORT/
