@@ -8,6 +8,7 @@ and limits are the server's own. Binary bodies (binary tensor extension) travel 
 from __future__ import annotations
 
 import base64
+import logging
 from typing import Any
 from urllib.parse import unquote
 
@@ -15,6 +16,7 @@ from functions.runtime import Runtime, invoke
 from pipeline.codec import CONTENT_TYPE
 from pipeline.v2_api import ApiRequest, refusal
 
+log = logging.getLogger(__name__)
 _TEXT_TYPES = ("application/json", "text/")
 
 
@@ -42,8 +44,13 @@ def api_request(event: dict[str, Any]) -> ApiRequest:
 async def handle(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:
     try:
         request = api_request(event)
-    except (KeyError, ValueError, TypeError) as exc:
-        response = refusal(400, f"malformed HTTP event: {exc!r}", "INVALID_REQUEST")
+    except (AttributeError, KeyError, ValueError, TypeError) as exc:
+        # The caller gets a fixed message: the exception's may quote the event's values or the server's code.
+        # The log says why, with the event's keys, never its values (they may carry credentials).
+        log.warning("malformed HTTP event (%s: %s; keys %s); answered 400", type(exc).__name__, exc,
+                    [str(k)[:20] for k in list(event)[:10]])
+        response = refusal(400, "malformed HTTP event: the event is not an API Gateway or ALB HTTP event "
+                           "(requestContext.http.method, or httpMethod and path; headers, body)", "INVALID_REQUEST")
     else:
         refused = runtime.api.precheck(request.method, request.path, request.headers, len(request.body))
         response = refused or await runtime.api.handle(request)

@@ -384,6 +384,29 @@ def test_http_trigger_refuses_unloads_and_speaks_alb_multi_value_headers(env):
 
 
 
+def test_a_malformed_http_event_is_answered_with_a_fixed_message_and_logged(env, caplog):
+    """The 400 quoted the exception (its repr: the server's wording, or a piece of the event); it now says what the
+    event should have been, and the log says what went wrong, with the event's keys but none of its values."""
+    good = http_event("POST", f"/v2/models/{MNIST_MLP}/infer", b"{}")
+    no_method = copy.deepcopy(good)
+    del no_method["requestContext"]["http"]["method"]
+    events = {
+        "KeyError": no_method,
+        "Error": {**good, "body": "secret-token-in-a-bad-base64-body!", "isBase64Encoded": True},
+        "TypeError": {**good, "body": 12345, "isBase64Encoded": True},
+        "AttributeError": {**good, "headers": ["x-api-key: secret-key-in-a-list"]},
+    }
+    for kind, bad in events.items():
+        caplog.clear()
+        answer = functions.http.handler(bad, None)
+        assert answer["statusCode"] == 400, kind
+        assert json.loads(answer["body"])["error"] == (
+            "malformed HTTP event: the event is not an API Gateway or ALB HTTP event (requestContext.http.method, "
+            "or httpMethod and path; headers, body)"), kind
+        assert f"{kind}: " in caplog.text and "malformed HTTP event" in caplog.text, kind
+        assert "secret" not in caplog.text, kind
+
+
 def _kafka_event(settings, requests) -> dict:
     first = next(iter(event("kafka_msk.json")["records"].values()))[0]
     topic = settings.topics.requests
