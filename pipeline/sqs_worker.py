@@ -255,28 +255,31 @@ class SqsWorker:
 
         Checks come every `period` from the loop's start, not `period` after the last check's calls returned:
         a message not due at one check (expiring in 2 periods or more) is extended at the next, a period later,
-        leaving it a period for the call; sleeping after slow calls would eat into that period."""
+        leaving it a period for the call; sleeping after slow calls would eat into that period. A check's calls
+        (10 messages each, SQS's most) go out together, so that the last of many does not wait for the others."""
         period = max(0.5, self.visibility_timeout_s / 3)
         tick = time.monotonic()
         while True:
             tick = max(tick + period, time.monotonic())  # at once if the last calls took more than a period
             await asyncio.sleep(tick - time.monotonic())
             now = time.monotonic()
-            due = [(mid, f) for mid, f in self._in_flight.items() if f.extended_until - now < 2 * period]
-            for start in range(0, len(due), 10):
-                chunk = due[start:start + 10]
-                entries = [{"Id": str(i), "ReceiptHandle": f.receipt, "VisibilityTimeout": self.visibility_timeout_s}
-                           for i, (_, f) in enumerate(chunk)]
-                try:
-                    response = await asyncio.to_thread(self.sqs.change_message_visibility_batch,
-                                                       QueueUrl=self.queue_url, Entries=entries)
-                except (ClientError, BotoCoreError) as exc:
-                    log.warning("could not extend visibility: %s", exc)
-                    continue
-                failed = {entry["Id"]: entry for entry in response.get("Failed", [])}
-                for i, (_, flight) in enumerate(chunk):
-                    if str(i) in failed:  # not extended: due again at the next check
-                        log.warning("could not extend the visibility of a message: %s",
-                                    failed[str(i)].get("Message", failed[str(i)].get("Code")))
-                    else:
-                        flight.extended_until = now + self.visibility_timeout_s
+            due = [flight for flight in self._in_flight.values() if flight.extended_until - now < 2 * period]
+            await asyncio.gather(*(self._extend(due[start:start + 10], now) for start in range(0, len(due), 10)))
+
+    async def _extend(self, flights: list[_InFlight], now: float) -> None:
+        """One call extending up to 10 messages' visibility from `now`; those it could not are due at the next check."""
+        entries = [{"Id": str(i), "ReceiptHandle": f.receipt, "VisibilityTimeout": self.visibility_timeout_s}
+                   for i, f in enumerate(flights)]
+        try:
+            response = await asyncio.to_thread(self.sqs.change_message_visibility_batch, QueueUrl=self.queue_url,
+                                               Entries=entries)
+        except (ClientError, BotoCoreError) as exc:
+            log.warning("could not extend visibility: %s", exc)
+            return
+        failed = {entry["Id"]: entry for entry in response.get("Failed", [])}
+        for i, flight in enumerate(flights):
+            if str(i) in failed:
+                log.warning("could not extend the visibility of a message: %s",
+                            failed[str(i)].get("Message", failed[str(i)].get("Code")))
+            else:
+                flight.extended_until = now + self.visibility_timeout_s

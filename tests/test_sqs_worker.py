@@ -150,6 +150,33 @@ async def test_a_slow_extension_does_not_delay_the_next_ones(live):
     assert all(flight.extended_until > received + 12 for flight in worker._in_flight.values())
 
 
+async def test_a_checks_extensions_go_out_together(live):
+    """A check extends its due messages 10 to a call, SQS's most. The calls went out one after another: with 40
+    messages due and 2.1 s a call, the last reached SQS 8.4 s after the check, after the messages' visibility had
+    run out (9 s from their receive, the check coming 3 s after it). Together, they all reach it in 2.1 s."""
+    sqs = aws_client(live, "sqs")
+    url = ensure_queue(sqs, f"{live.batch_bucket}-many-extensions")
+    for start in range(0, 40, 10):
+        sqs.send_message_batch(QueueUrl=url, Entries=[{"Id": str(i), "MessageBody": f"m-{start + i}"}
+                                                      for i in range(10)])
+    worker = SqsWorker(live, None, _SlowExtensions(sqs, 2.1), url, SqsSink(None, "results"), visibility_timeout_s=9)
+    received = time.monotonic()  # before the calls: the server's expiries are no earlier than this one's
+    while len(worker._in_flight) < 40:
+        for message in sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=9)["Messages"]:
+            worker._in_flight[message["MessageId"]] = _InFlight(message["ReceiptHandle"], received + 9)
+    extending = asyncio.create_task(worker._extend_loop())
+    try:
+        probe = sqs.receive_message  # another consumer: what it receives was visible again
+        seen = []
+        while time.monotonic() < received + 12:
+            seen += (await asyncio.to_thread(probe, QueueUrl=url, WaitTimeSeconds=1)).get("Messages", [])
+    finally:
+        extending.cancel()
+        await asyncio.gather(extending, return_exceptions=True)
+    assert [m["Body"] for m in seen] == [], "a message's visibility ran out before its extension reached SQS"
+    assert all(flight.extended_until > received + 9 for flight in worker._in_flight.values())
+
+
 async def test_an_extension_sqs_refuses_is_tried_again_at_the_next_check(live, caplog):
     """SQS answers a batch of extensions entry by entry: one it refused was counted as extended all the same, and
     the message was not tried again until a timeout later, long after it had become visible to other consumers."""
