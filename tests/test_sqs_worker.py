@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from dataclasses import replace
@@ -112,6 +113,25 @@ class _SlowExtensions:
         return self._sqs.change_message_visibility_batch(**kwargs)
 
 
+@contextlib.asynccontextmanager
+async def _extending(worker: SqsWorker):
+    """`worker`'s visibility-extension loop, running for the block."""
+    task = asyncio.create_task(worker._extend_loop())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _visible_again(sqs, url: str, until: float) -> list[str]:
+    """The bodies of the messages another consumer of `url` receives until `until`: those whose visibility ran out."""
+    seen = []
+    while time.monotonic() < until:
+        seen += (await asyncio.to_thread(sqs.receive_message, QueueUrl=url, WaitTimeSeconds=1)).get("Messages", [])
+    return [message["Body"] for message in seen]
+
+
 async def test_a_slow_extension_does_not_delay_the_next_ones(live):
     """The worker checks every third of the visibility timeout (3 s of 9 here) and extends what expires within
     two thirds. It used to sleep a third after its calls returned: a slow extension of one message (2.1 s here)
@@ -135,18 +155,11 @@ async def test_a_slow_extension_does_not_delay_the_next_ones(live):
     # reached SQS 0.7 s after it expired.
     received = receive()
     await asyncio.sleep(received + 0.5 - time.monotonic())
-    extending = asyncio.create_task(worker._extend_loop())
-    try:
+    async with _extending(worker):
         await asyncio.sleep(received + 1.0 - time.monotonic())
         receive()
-        probe = sqs.receive_message  # another consumer: what it receives was visible again
-        seen = []
-        while time.monotonic() < received + 12:
-            seen += (await asyncio.to_thread(probe, QueueUrl=url, WaitTimeSeconds=1)).get("Messages", [])
-    finally:
-        extending.cancel()
-        await asyncio.gather(extending, return_exceptions=True)
-    assert [m["Body"] for m in seen] == [], "a message's visibility ran out before its extension reached SQS"
+        seen = await _visible_again(sqs, url, until=received + 12)
+    assert seen == [], "a message's visibility ran out before its extension reached SQS"
     assert all(flight.extended_until > received + 12 for flight in worker._in_flight.values())
 
 
@@ -164,16 +177,9 @@ async def test_a_checks_extensions_go_out_together(live):
     while len(worker._in_flight) < 40:
         for message in sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=9)["Messages"]:
             worker._in_flight[message["MessageId"]] = _InFlight(message["ReceiptHandle"], received + 9)
-    extending = asyncio.create_task(worker._extend_loop())
-    try:
-        probe = sqs.receive_message  # another consumer: what it receives was visible again
-        seen = []
-        while time.monotonic() < received + 12:
-            seen += (await asyncio.to_thread(probe, QueueUrl=url, WaitTimeSeconds=1)).get("Messages", [])
-    finally:
-        extending.cancel()
-        await asyncio.gather(extending, return_exceptions=True)
-    assert [m["Body"] for m in seen] == [], "a message's visibility ran out before its extension reached SQS"
+    async with _extending(worker):
+        seen = await _visible_again(sqs, url, until=received + 12)
+    assert seen == [], "a message's visibility ran out before its extension reached SQS"
     assert all(flight.extended_until > received + 9 for flight in worker._in_flight.values())
 
 
@@ -187,14 +193,9 @@ async def test_an_extension_sqs_refuses_is_tried_again_at_the_next_check(live, c
     worker = SqsWorker(live, None, sqs, url, SqsSink(None, "results"), visibility_timeout_s=3)
     due = time.monotonic() + 1  # both due at the first check, a second from now
     worker._in_flight.update(kept=_InFlight(message["ReceiptHandle"], due), refused=_InFlight("not-a-receipt", due))
-    extending = asyncio.create_task(worker._extend_loop())
-    try:
-        async with asyncio.timeout(10):
-            while worker._in_flight["kept"].extended_until == due:
-                await asyncio.sleep(0.05)
-    finally:
-        extending.cancel()
-        await asyncio.gather(extending, return_exceptions=True)
+    async with _extending(worker), asyncio.timeout(10):
+        while worker._in_flight["kept"].extended_until == due:
+            await asyncio.sleep(0.05)
     assert worker._in_flight["refused"].extended_until == due, "a refused extension counted as made"
     assert "could not extend the visibility of a message" in caplog.text
 
