@@ -58,10 +58,8 @@ class MaskCredentials(logging.Filter):
     batch workers log when a receive fails. On a handler, it covers every logger, the libraries' included."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        masked = without_credentials(message)
-        if masked != message:
-            record.msg, record.args = masked, None
+        # The message formatted once, here: the formatter's getMessage() then has no arguments left to apply.
+        record.msg, record.args = without_credentials(record.getMessage()), None
         if record.exc_info and not record.exc_text:  # formatters reuse exc_text once it is set
             record.exc_text = _TRACEBACKS.formatException(record.exc_info)
         if record.exc_text:
