@@ -28,8 +28,9 @@ replayed from its graph, `served whole` the same with the batch kept in one grou
 costs), `served via gpu` the same with each group's token ids moved to the GPU before its graph takes them
 (what serving did before the graphs took them from the CPU themselves), `served, copies apart` the same with
 the copies out of the pinned buffers launched before each replay instead of inside the graph (what serving did
-before the graphs held them), `served, pdl` the same with graphs of kernels launched for programmatic dependent
-launch (``MAAS_PDL=on``), and `kernels+graph` the whole batch padded to one graph bucket, its inputs
+before the graphs held them), `served, pdl on` and `served, pdl off` the same with graphs whose kernels are all,
+or none, launched for programmatic dependent launch (``MAAS_PDL``; `served` runs the default, ``auto``: small
+graphs only), and `kernels+graph` the whole batch padded to one graph bucket, its inputs
 already on the GPU.
 `python bench/models.py --gpu-cold-start [--shipped-table]` times only MiniLM's cold start on a GPU (see
 `gpu_cold_start`).
@@ -211,7 +212,8 @@ def token_benchmark(device: torch.device, compile_on: bool, budget: float, batch
                 ways["served whole"] = _unsplit(ways["served"])
                 ways["served via gpu"] = _on_cpu_tokens(_moved_first(model), ids, mask)
                 ways["served, copies apart"] = _on_cpu_tokens(_copies_apart(model), ids, mask)
-                ways["served, pdl"] = _on_cpu_tokens(_with_pdl(model), ids, mask)
+                ways["served, pdl on"] = _on_cpu_tokens(_with_pdl(model, "on"), ids, mask)
+                ways["served, pdl off"] = _on_cpu_tokens(_with_pdl(model, "off"), ids, mask)
             for way, fn in ways.items():
                 try:
                     start = time.perf_counter()
@@ -281,10 +283,11 @@ def _copies_apart(model):
     return _with_graphs(model, copies_in_graph=False)
 
 
-def _with_pdl(model):
-    """``model.run_tokens`` with graphs of kernels launched for programmatic dependent launch (``MAAS_PDL=on``,
-    see ``kernels.dispatch.pdl``), each overlapping the end of the kernel before it."""
-    return _with_graphs(model, env={"MAAS_PDL": "on"})
+def _with_pdl(model, setting: str):
+    """``model.run_tokens`` with graphs captured under ``MAAS_PDL=setting`` (see ``kernels.dispatch.pdl``): ``on``,
+    every kernel that can launched to overlap the end of the kernel before it; ``off``, none; serving's default
+    (``auto``) does it in small graphs only."""
+    return _with_graphs(model, env={"MAAS_PDL": setting})
 
 
 def _with_graphs(model, env: dict[str, str] | None = None, **options):

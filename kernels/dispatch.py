@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
@@ -38,16 +40,37 @@ def env_choice(name: str, default: str, choices: Sequence[str]) -> str:
 
 
 PDL_ENV_VAR = "MAAS_PDL"
+PDL_SETTINGS = ("auto", "off", "on")
 _PDL_OPTIONS = {"USE_PDL": True, "launch_pdl": True}
+_PDL_WANTED: ContextVar[bool] = ContextVar("maas_pdl_wanted", default=False)
+
+
+@contextmanager
+def pdl_launches(wanted: bool) -> Iterator[None]:
+    """Within this block, ``MAAS_PDL=auto`` launches the kernels that support it for programmatic dependent launch
+    if ``wanted``: the caller knows what the setting cannot, whether the launches are short enough for the gap
+    between two of them to matter (``models.cuda_graphs.GraphedForward`` asks for it when capturing a small
+    bucket)."""
+    token = _PDL_WANTED.set(wanted)
+    try:
+        yield
+    finally:
+        _PDL_WANTED.reset(token)
 
 
 def pdl(t: torch.Tensor) -> dict[str, bool]:
     """Launch options for a kernel that supports programmatic dependent launch (``kernels._common.pdl_wait``
-    first, ``pdl_launch_dependents`` last), on ``t``'s device: with ``MAAS_PDL=on`` on a GPU of compute capability
-    9.0 or more (Hopper on), the kernel is launched so that its programs may start before the kernel ahead of it
-    in the stream has finished, which hides the gap between two kernels of a CUDA graph (tens of them in a small
-    model's batch of one); otherwise none. ``off`` (the default) until a GPU run has timed it."""
-    if INTERPRETER or env_choice(PDL_ENV_VAR, "off", ("off", "on")) == "off":
+    first, ``pdl_launch_dependents`` last), on ``t``'s device. On a GPU of compute capability 9.0 or more (Hopper
+    on), such a kernel is launched so that its programs may start before the kernel ahead of it in the stream has
+    finished, which hides the gap between two kernels of a CUDA graph (tens of them in a small model's batch of
+    one): with ``MAAS_PDL=on`` always, with ``auto`` (the default) inside :func:`pdl_launches` ``(True)`` only, with
+    ``off`` never. ``auto`` because on an H100 it took MiniLM's served batch of one from 0.251 to 0.216 ms but
+    its batch of 256 (graphs of 128 rows) from 2.54 to 2.73 ms (bench/results/gpu, run 17; run 19: 0.248 to
+    0.236 ms, and 2.50 to 2.52 ms)."""
+    if INTERPRETER:
+        return {}
+    setting = env_choice(PDL_ENV_VAR, "auto", PDL_SETTINGS)
+    if setting == "off" or (setting == "auto" and not _PDL_WANTED.get()):
         return {}
     return _PDL_OPTIONS if _arch(t) >= 90 else {}
 

@@ -430,9 +430,10 @@ GEMV_ENV_VAR = "MAAS_LINEAR_GEMV"
 # Timing both kernels autotunes the TMA kernel's tiles on top of the tiled kernel's for every M bucket of a
 # model, which lengthens its warm-up: only problems this large (multiply-adds) are worth it. On an H200 the TMA
 # kernel was faster in graph replays from 8.6 G up (512 x 4,096 x 4,096: 25.4 against 31.3 us; MiniLM's
-# 24,576 x 1,152 x 384: 55.9 against 62.7 us); 2 G is a judgement below that, not a measured crossover. It
-# keeps MiniLM's warm-up batches (up to 64 short texts, 0.6 G at most) on the tiled kernel alone.
-TMA_MIN_MACS = 2 * 2**30
+# 24,576 x 1,152 x 384: 55.9 against 62.7 us). On an H100 it also wins at 1.2 G, 512 x 3,072 x 768: 1.18x
+# torch's matmul + bias + relu replayed (run 18), where the tiled kernel made 1.06x (run 16): from 1 G up.
+# That keeps MiniLM's warm-up batches (up to 64 short texts, 0.6 G at most) on the tiled kernel alone.
+TMA_MIN_MACS = 2**30
 # Split-K is timed against the tiled kernel for at most this many rows (its fp32 partials hold MAX_SPLIT_K
 # copies of the output: 16 MB at 128 x 4,096), for weights this large at least (elements; 8 Mi is 16 MB in
 # bf16, over 5 us of streaming at 3 TB/s, enough to repay a second launch), and only where the tiled kernel's

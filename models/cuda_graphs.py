@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from kernels import compiling_only
-from kernels.dispatch import env_choice
+from kernels.dispatch import env_choice, pdl_launches
 
 log = logging.getLogger(__name__)
 
@@ -146,14 +146,17 @@ class GraphedForward:
     from elsewhere (the CPU) are copied (default: wherever the inputs are). ``copies_in_graph=False`` copies
     inputs from the CPU before each replay instead of in it (the way before, kept for side-by-side timing).
     Inputs from the CPU and from the GPU make different graphs of a bucket: each graph reads its inputs from
-    where they are put.
+    where they are put. Buckets of at most ``pdl_max_elements`` leading elements are captured with their kernels
+    launched for programmatic dependent launch under ``MAAS_PDL=auto`` (``kernels.dispatch.pdl``): in a small
+    bucket the gaps between kernels are a large part of a replay, in a large one the overlap cost more than it hid.
     """
 
     def __init__(self, fn: Forward, pad_values: Sequence[int | bool], max_shape: Sequence[int],
                  min_shape: Sequence[int] | None = None, *, max_elements: int | None = None,
                  max_graphs: int = 40, capture: bool = True, device: torch.device | None = None,
-                 copies_in_graph: bool = True) -> None:
+                 copies_in_graph: bool = True, pdl_max_elements: int = 0) -> None:
         self.fn = fn
+        self.pdl_max_elements = pdl_max_elements
         self.device = device
         self.copies_in_graph = copies_in_graph
         self.pad_values = tuple(pad_values)
@@ -282,7 +285,8 @@ class GraphedForward:
                 return self.fn(*static_inputs)
 
             try:
-                entry.graph, entry.outputs = self._capture(forward, static_inputs[0].device)
+                with pdl_launches(math.prod(shape) <= self.pdl_max_elements):
+                    entry.graph, entry.outputs = self._capture(forward, static_inputs[0].device)
             except Exception as exc:  # a forward that cannot be captured still serves, eagerly
                 log.warning("CUDA graph capture failed for input shapes %s (%s: %s); that bucket runs eagerly",
                             [tuple(t.shape) for t in static_inputs], type(exc).__name__, exc)

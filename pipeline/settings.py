@@ -37,7 +37,7 @@ ENGINE_KNOB_CHOICES: dict[str, tuple[str, ...]] = {
     "MAAS_LINEAR_LAYER_NORM": ("auto", "1", "0"),
     "MAAS_COMPILE_WORKERS": ("threads", "processes"),
     "MAAS_CPU_RUNTIME": ("numpy", "torch"),
-    "MAAS_PDL": ("off", "on"),
+    "MAAS_PDL": ("auto", "off", "on"),
     "MAAS_CUDA_GRAPHS": TRUE_WORDS + FALSE_WORDS,
 }
 

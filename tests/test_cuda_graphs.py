@@ -148,6 +148,33 @@ def test_a_failed_capture_is_logged_once_and_the_bucket_runs_eagerly(caplog):
     assert calls[-2:] == [(3, 4), (3, 4)] and len(graphed) == 0  # eager, on the real shapes
 
 
+def test_small_buckets_are_captured_for_programmatic_dependent_launch(monkeypatch):
+    """Under ``MAAS_PDL=auto`` the kernels of a bucket of at most ``pdl_max_elements`` leading elements are
+    launched for programmatic dependent launch while it is captured, those of a larger one are not."""
+    from kernels import dispatch
+    from kernels.offline import compile_for
+
+    monkeypatch.delenv("MAAS_PDL", raising=False)
+    monkeypatch.setattr(dispatch, "INTERPRETER", False)
+    launched = {}
+
+    def fn(x, mask):
+        launched.setdefault(tuple(x.shape), dispatch.pdl(x))  # the capture's launches come first
+        return _row_sums(x, mask)
+
+    def capture_eagerly(self, forward, device):  # what _capture runs, but for the capture itself (CUDA only)
+        return None, forward()
+
+    monkeypatch.setattr(GraphedForward, "_capture", capture_eagerly)
+    graphed = GraphedForward(fn, pad_values=(0, False), max_shape=(64, 32), min_shape=(1, 8), capture=True,
+                             pdl_max_elements=64)
+    with compile_for(90):  # a Hopper GPU, as the kernels see it
+        for rows in (3, 20):
+            graphed(torch.ones(rows, 5), torch.ones(rows, 5, dtype=torch.bool))
+        assert dispatch.pdl(torch.zeros(1)) == {}  # outside a capture: not asked for
+    assert launched == {(4, 8): {"USE_PDL": True, "launch_pdl": True}, (32, 8): {}}
+
+
 def test_the_env_var_turns_graphs_off(monkeypatch):
     monkeypatch.setenv(cuda_graphs.ENV_VAR, "0")
     assert not cuda_graphs.enabled()

@@ -73,7 +73,7 @@ def test_a_typo_stops_the_worker_at_start_with_what_was_expected():
 
 
 def test_a_pdl_typo_stops_the_worker_at_start_not_at_its_first_gpu_launch():
-    with pytest.raises(ConfigError, match="MAAS_PDL='1': expected one of off, on"):
+    with pytest.raises(ConfigError, match="MAAS_PDL='1': expected one of auto, off, on"):
         Settings.from_env({"MAAS_PDL": "1"})
 
 

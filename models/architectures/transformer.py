@@ -37,6 +37,9 @@ HEAD_DIMS = (16, 32, 64, 128)
 # (64 rows x 64 tokens, say: half of a batch of 256 whose short texts are 64 tokens shorter); smaller savings
 # do not pay for the extra, less efficient forward.
 MIN_SAVED_POSITIONS = 4096
+# Graphs of at most this many token positions launch their kernels for programmatic dependent launch
+# (MAAS_PDL=auto, see graph_buckets).
+PDL_MAX_TOKENS = 4096
 POSITIONS = "embeddings.positions"  # derived at load: position rows + the token-type-0 row
 _LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
             "intermediate.dense", "output.dense")
@@ -222,9 +225,12 @@ class TransformerEncoder(Architecture):
 
     def graph_buckets(self) -> dict[str, Any]:
         # Batch x token length (the lengths bucketed along the batch only), padding rows of length 0; up to 64k
-        # tokens per graph (256 x 256, 512 x 128): past that the launches are amortized anyway.
+        # tokens per graph (256 x 256, 512 x 128): past that the launches are amortized anyway. Programmatic
+        # dependent launch (MAAS_PDL=auto) in graphs of up to 4k tokens: on an H100 it won at 1 x 128 tokens (runs
+        # 17 and 19: 0.251 -> 0.216 and 0.248 -> 0.236 ms a batch), while a batch of 256 (graphs of 128 x 64 and
+        # 128 x 128) lost 7% in run 17 and 1% in run 19 (bench/results/gpu).
         return {"pad_values": (0, 0), "max_shape": (self.graph_max_batch, self.p["max_length"]),
-                "min_shape": (1, PAD_MULTIPLE), "max_elements": 65536}
+                "min_shape": (1, PAD_MULTIPLE), "max_elements": 65536, "pdl_max_elements": PDL_MAX_TOKENS}
 
     def reference_forward(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self.reference_forward_tokens(*self.encode(inputs["text"]))

@@ -40,14 +40,19 @@ def test_every_public_op_is_exported():
 
 
 
-@pytest.mark.parametrize(("setting", "arch", "expected"), [
-    (None, 90, {}),  # off unless asked for
-    ("on", 90, {"USE_PDL": True, "launch_pdl": True}),
-    ("ON", 100, {"USE_PDL": True, "launch_pdl": True}),
-    ("on", 80, {}),  # an A100 has no programmatic dependent launch
-    ("off", 90, {}),
+PDL = {"USE_PDL": True, "launch_pdl": True}
+
+
+@pytest.mark.parametrize(("setting", "arch", "wanted", "expected"), [
+    (None, 90, False, {}),  # auto: only where the caller asks for it
+    (None, 90, True, PDL),
+    ("auto", 80, True, {}),  # an A100 has no programmatic dependent launch
+    ("on", 90, False, PDL),
+    ("ON", 100, False, PDL),
+    ("on", 80, False, {}),
+    ("off", 90, True, {}),
 ])
-def test_pdl_options_follow_the_setting_and_the_gpu(monkeypatch, setting, arch, expected):
+def test_pdl_options_follow_the_setting_the_caller_and_the_gpu(monkeypatch, setting, arch, wanted, expected):
     from kernels.offline import compile_for
 
     if setting is None:
@@ -55,8 +60,10 @@ def test_pdl_options_follow_the_setting_and_the_gpu(monkeypatch, setting, arch, 
     else:
         monkeypatch.setenv("MAAS_PDL", setting)
     monkeypatch.setattr(dispatch, "INTERPRETER", False)
-    with compile_for(arch):
+    with compile_for(arch), dispatch.pdl_launches(wanted):
         assert dispatch.pdl(torch.zeros(2)) == expected
+    with compile_for(arch):  # the block's wish ends with it
+        assert dispatch.pdl(torch.zeros(2)) == (PDL if setting in ("on", "ON") and arch >= 90 else {})
 
 
 def test_pdl_is_off_under_the_interpreter_and_refuses_unknown_settings(monkeypatch):
