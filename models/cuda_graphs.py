@@ -191,9 +191,11 @@ class GraphedForward:
         shape = self._bucket(inputs)
         if shape is None:
             return self.fn(*self._moved(inputs))
-        if compiling_only():  # kernels.compile_only: the bucket's shapes compile; nothing is captured or kept
+        if compiling_only():  # kernels.compile_only: the bucket's shapes compile, as its capture will launch them
             padded = self._padded(shape, self._moved(inputs))
-            return {name: t[: inputs[0].shape[0]] for name, t in self.fn(*padded).items()}
+            with pdl_launches(self._pdl(shape)):
+                outputs = self.fn(*padded)
+            return {name: t[: inputs[0].shape[0]] for name, t in outputs.items()}
         host = self._from_host(inputs)
         key = (shape, host, *((tuple(x.shape[len(shape):]), x.dtype) for x in inputs))
         with self._lock:
@@ -221,6 +223,10 @@ class GraphedForward:
                 entry.transferred.record(torch.cuda.current_stream(entry.inputs[0].device))
             rows = inputs[0].shape[0]
             return {name: t[:rows].clone() for name, t in outputs.items()}
+
+    def _pdl(self, shape: tuple[int, ...]) -> bool:
+        """Whether the bucket ``shape``'s kernels are launched for programmatic dependent launch under ``auto``."""
+        return math.prod(shape) <= self.pdl_max_elements
 
     def _from_host(self, inputs: Sequence[torch.Tensor]) -> bool:
         """Whether ``inputs`` go to a captured bucket through its pinned copies: CPU tensors numpy can pad, bound
@@ -285,7 +291,7 @@ class GraphedForward:
                 return self.fn(*static_inputs)
 
             try:
-                with pdl_launches(math.prod(shape) <= self.pdl_max_elements):
+                with pdl_launches(self._pdl(shape)):
                     entry.graph, entry.outputs = self._capture(forward, static_inputs[0].device)
             except Exception as exc:  # a forward that cannot be captured still serves, eagerly
                 log.warning("CUDA graph capture failed for input shapes %s (%s: %s); that bucket runs eagerly",

@@ -173,6 +173,14 @@ def test_small_buckets_are_captured_for_programmatic_dependent_launch(monkeypatc
             graphed(torch.ones(rows, 5), torch.ones(rows, 5, dtype=torch.bool))
         assert dispatch.pdl(torch.zeros(1)) == {}  # outside a capture: not asked for
     assert launched == {(4, 8): {"USE_PDL": True, "launch_pdl": True}, (32, 8): {}}
+    # A warm-up's compile-only pass compiles the kernels as the capture will launch them (their binaries differ).
+    launched.clear()
+    graphed = GraphedForward(fn, pad_values=(0, False), max_shape=(64, 32), min_shape=(1, 8), capture=True,
+                             pdl_max_elements=64)
+    with compile_for(90), compile_only(2):
+        for rows in (3, 20):
+            graphed(torch.ones(rows, 5), torch.ones(rows, 5, dtype=torch.bool))
+    assert launched == {(4, 8): {"USE_PDL": True, "launch_pdl": True}, (32, 8): {}}
 
 
 def test_the_env_var_turns_graphs_off(monkeypatch):
