@@ -56,7 +56,7 @@ def _cases() -> list[Case]:
 
     import kernels
     from kernels._common import activation_reference, dequantize
-    from kernels.attention import attention_reference
+    from kernels.attention import TMA_ENV_VAR, attention_reference
     from kernels.conv2d import conv2d_reference
     from kernels.embedding_norm import embedding_norm_reference
     from kernels.embedding_pool import embedding_pool_reference
@@ -195,23 +195,33 @@ def _cases() -> list[Case]:
         mask = torch.arange(s, device="cuda")[None, :] < lengths[:, None]
         return {"mask": (mask, None), "lengths": (None, lengths), "none": (None, None)}[padding]
 
-    def attention_case(b, h, s, hd, padding):
+    def attention_run(q, k, v, mask, lengths, tma):
+        """The launch under test: with ``tma``, the TMA variant (``MAAS_ATTENTION_TMA=on``, read per launch)."""
+        def run(out):
+            os.environ[TMA_ENV_VAR] = "on" if tma else "off"
+            try:
+                return kernels.attention(q, k, v, mask, key_lengths=lengths, out=out)
+            finally:
+                os.environ.pop(TMA_ENV_VAR)
+        return run
+
+    def attention_case(b, h, s, hd, padding, tma=False):
         def build(dt, gen):
             q, k, v = (rnd(gen, b, h, s, hd, dtype=dt) for _ in range(3))
             mask, lengths = padded(gen, b, s, padding)
-            return (lambda out: kernels.attention(q, k, v, mask, key_lengths=lengths, out=out),
+            return (attention_run(q, k, v, mask, lengths, tma),
                     lambda: attention_reference(d(q), d(k), d(v), mask, key_lengths=lengths), (b, h, s, hd), s,
                     True)
-        return f"attention B{b} H{h} S{s} D{hd} padding {padding}", DTYPES, build
+        return f"attention{' TMA' * tma} B{b} H{h} S{s} D{hd} padding {padding}", DTYPES, build
 
-    def fused_attention_case(b, h, s, hd):
+    def fused_attention_case(b, h, s, hd, tma=False):
         def build(dt, gen):  # q, k, v as strided views of one [B, S, 3, H, D] projection, as MiniLM runs it
             qkv = rnd(gen, b, s, 3, h, hd, dtype=dt)
             q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
             _, lengths = padded(gen, b, s, "lengths")
-            return (lambda out: kernels.attention(q, k, v, key_lengths=lengths, out=out),
+            return (attention_run(q, k, v, None, lengths, tma),
                     lambda: attention_reference(d(q), d(k), d(v), key_lengths=lengths), (b, h, s, hd), s, True)
-        return f"attention fused-qkv views B{b} H{h} S{s} D{hd} padding lengths", DTYPES, build
+        return f"attention{' TMA' * tma} fused-qkv views B{b} H{h} S{s} D{hd} padding lengths", DTYPES, build
 
     def embedding_case(b, s, v, n):
         def build(dt, gen):
@@ -297,6 +307,10 @@ def _cases() -> list[Case]:
         attention_case(1, 4, 4096, 64, "none"),
         attention_case(3, 8, 1000, 64, "none"),  # an unchecked loop, then a part tile
         fused_attention_case(64, 12, 128, 32),
+        attention_case(8, 12, 128, 64, "mask", tma=True),  # MAAS_ATTENTION_TMA=on: rows read past a head's own
+        attention_case(2, 16, 1031, 128, "lengths", tma=True),
+        attention_case(3, 8, 1000, 64, "none", tma=True),
+        fused_attention_case(64, 12, 128, 32, tma=True),
         embedding_case(256, 128, 30522, 384),
         embedding_norm_case(256, 128, 30522, 384),  # MiniLM's embedding block at the benchmark batch
         embedding_norm_case(3, 77, 1000, 768),  # the last program's rows partial

@@ -12,7 +12,9 @@ Baselines are the natural torch code in the same dtype: ``F.linear`` + activatio
 issue #3 names; left to choose, SDPA's pick depends on torch version and GPU; torch.compile gets the plain call),
 gather + masked mean, ``F.conv2d``, ``F.max_pool2d``, ``torch.nn.LSTM`` (cuDNN). Rows ``attention mask`` and
 ``attention lengths`` run MiniLM's attention with padded keys given either way, against SDPA with a boolean
-mask (whichever backend SDPA picks: flash takes no mask). For ``linear_int8`` the eager
+mask (whichever backend SDPA picks: flash takes no mask); rows ``attention_tma`` the variant that reads its tiles
+with TMA (``MAAS_ATTENTION_TMA=on``, off by default until timed) on the ``attention`` rows' shapes. For
+``linear_int8`` the eager
 baseline is the dense bf16 ``F.linear`` it replaces, the compiled one ``torch.compile`` of dequantize + matmul; for
 ``linear_fp8`` (activations quantized per row on the way in, inside the timed call) both are the bf16
 ``F.linear`` + bias + ReLU it would replace.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -186,6 +189,8 @@ def cases(quick: bool, dev: str = "cuda") -> list[Case]:
             q, k, v = rnd(b, h, s, d), rnd(b, h, s, d), rnd(b, h, s, d)
             found.append(Case("attention", f"B{b} H{h} S{s} D{d}", (q, k, v), kernels.attention, _sdpa_flash,
                               flops=4.0 * b * h * s * s * d, compiled_fn=F.scaled_dot_product_attention))
+            found.append(Case("attention_tma", f"B{b} H{h} S{s} D{d}", (q, k, v), _attention_tma, _sdpa_flash,
+                              flops=4.0 * b * h * s * s * d))
     if not quick:  # MiniLM's attention at the benchmark batch, keys padded (lengths 64-128), both ways
         b, h, s, d = 256, 12, 128, 32
         q, k, v = rnd(b, h, s, d), rnd(b, h, s, d), rnd(b, h, s, d)
@@ -214,6 +219,18 @@ def cases(quick: bool, dev: str = "cuda") -> list[Case]:
     return found
 
 
+def _attention_tma(q, k, v):
+    """``kernels.attention`` as its TMA variant runs it (``MAAS_ATTENTION_TMA=on``, read at each launch)."""
+    import kernels
+    from kernels.attention import TMA_ENV_VAR
+
+    os.environ[TMA_ENV_VAR] = "on"
+    try:
+        return kernels.attention(q, k, v)
+    finally:
+        os.environ.pop(TMA_ENV_VAR)
+
+
 def _time(fn: Callable, args: tuple) -> float:
     from triton.testing import do_bench
 
@@ -238,10 +255,11 @@ def _tile_config(case: Case) -> str | None:
     """The kernel and tiles a GEMM ran in the case just timed: the one its op names (``linear split_k``), or
     the one timing picked for its shape; for attention and embedding_pool, the tiles their autotuner picked."""
     if case.op.startswith(("attention", "embedding_pool")):
-        from kernels.attention import _attention_kernel
+        from kernels.attention import _attention_kernel, _attention_tma_kernel
         from kernels.embedding_pool import _embedding_pool_kernel
 
-        tuner = _attention_kernel if case.op.startswith("attention") else _embedding_pool_kernel
+        tuner = (_attention_tma_kernel if case.op == "attention_tma" else _attention_kernel
+                 if case.op.startswith("attention") else _embedding_pool_kernel)
         config = getattr(tuner, "best_config", None)
         return None if config is None else f"{config}{runner_up_note(getattr(tuner, 'configs_timings', {}))}"
     if case.gemm is None and not case.op.startswith("linear "):

@@ -11,6 +11,11 @@ without bounds checks or selects.
 q, k and v are read through their strides (only the head dimension must be contiguous), so a transformer can
 pass views of one fused QKV projection ``[B, S, 3, H, D]`` without copying them apart. The output is laid out
 ``[B, S, H, D]`` in memory (returned as a ``[B, H, S, D]`` view), so merging the heads afterwards is free.
+
+``MAAS_ATTENTION_TMA=on`` (off by default, until a GPU run has timed it against the kernel above) runs a
+variant on Hopper GPUs that reads q and the full key/value tiles with TMA (the bulk tensor copy engine,
+``_attention_tma_kernel``), where q, k and v are laid out as ``[B, S, H, D]`` with the heads side by side (a
+fused QKV projection's views included) or as contiguous ``[B, H, S, D]``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels._autotune import autotune, within_bucket
 from kernels._common import (
@@ -33,7 +39,7 @@ from kernels._common import (
     pdl_launch_dependents,
     pdl_wait,
 )
-from kernels.dispatch import INTERPRETER, USE_AUTOTUNE, backend_for, pdl
+from kernels.dispatch import INTERPRETER, USE_AUTOTUNE, backend_for, compute_capability, env_choice, pdl
 
 HEAD_DIMS = (16, 32, 64, 128)
 # A finite "-inf": an all-masked tile then gives exp(0) * 0 = 0 rather than exp(-inf + inf) = NaN.
@@ -102,13 +108,7 @@ def _attention_kernel(
     # m_ptr: the key-padding mask [B, SK] (HAS_MASK), or each batch row's number of real keys [B] (HAS_LENGTHS),
     # its padding all at the end: then, as with no mask, the key tiles before the row's last one are full and
     # take no bounds checks or selects, and tiles of padding only are not visited at all.
-    # One grid axis over (batch x head, query block), query blocks fastest, so a head's programs run together and
-    # share its keys in L2; the second axis would cap batch x heads at 65,535.
-    blocks_m = tl.cdiv(SQ, BLOCK_M)
-    pid_m = tl.program_id(0) % blocks_m
-    bh = tl.program_id(0) // blocks_m
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, h, pid_m = _program(H, SQ, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -117,18 +117,8 @@ def _attention_kernel(
     v_base = v_ptr + b * stride_vb + h * stride_vh
 
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=offs_m[:, None] < SQ, other=0.0)
-    if UPCAST:  # the interpreter computes bf16 wrongly: do its math in fp32
-        q = q.to(tl.float32)
-    # The scale (log2 e folded in) goes on q once, in q's dtype, rather than on every score tile: one more
-    # rounding of q, and a multiply less per score.
-    q = (q * qk_scale).to(q.dtype)
-    m_i = tl.full((BLOCK_M,), _NEG, dtype=tl.float32)  # running row max (log2 domain)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running sum of exp
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-
-    kv_len = SK
-    if HAS_LENGTHS:
-        kv_len = tl.maximum(tl.minimum(tl.load(m_ptr + b).to(tl.int32), SK), 0)
+    q, m_i, l_i, acc = _start(q, qk_scale, BLOCK_M, HEAD_DIM, UPCAST)
+    kv_len = _key_count(m_ptr, b, SK, HAS_LENGTHS)
     full = 0 if HAS_MASK else kv_len - kv_len % BLOCK_N  # HAS_MASK: any key of any tile may be padding
     for start in range(0, full, BLOCK_N):
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, m_ptr, b * SK, start + offs_n, offs_d, kv_len,
@@ -136,11 +126,106 @@ def _attention_kernel(
     for start in range(full, kv_len, BLOCK_N):
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, m_ptr, b * SK, start + offs_n, offs_d, kv_len,
                                 stride_ks, stride_vs, True, HAS_MASK, UPCAST)
-
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    o_ptrs = o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < SQ)
+    _finish(acc, l_i, o_ptr + b * stride_ob + h * stride_oh, offs_m, offs_d, SQ, stride_os)
     pdl_launch_dependents(USE_PDL)
+
+
+def _set_tile_shapes(nargs: dict) -> None:
+    """A TMA descriptor carries its tile shape: set it from the config about to run (the autotuner's
+    ``pre_hook``; the interpreter's launch calls it with its fixed tiles)."""
+    nargs["q_desc"].block_shape = [nargs["BLOCK_M"], nargs["HEAD_DIM"]]
+    nargs["k_desc"].block_shape = nargs["v_desc"].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+
+
+TMA_CONFIGS = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_set_tile_shapes)
+               for c in GPU_CONFIGS]
+
+
+def _prune_tma_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    return _prune_configs(configs, {**named_args, "q_ptr": named_args["q_desc"].base}, **kwargs)
+
+
+@autotune(TMA_CONFIGS, key=["SQ_BUCKET", "SK_BUCKET", "BH_BUCKET", "HEAD_DIM"],
+          prune_configs_by={"early_config_prune": _prune_tma_configs}, buckets=["SQ_BUCKET", "SK_BUCKET", "BH_BUCKET"])
+@triton.jit(do_not_specialize=["SQ_BUCKET", "SK_BUCKET", "BH_BUCKET"])
+def _attention_tma_kernel(
+    q_desc, k_desc, v_desc, k_ptr, v_ptr, m_ptr, o_ptr,
+    H, SQ, SK, qk_scale, SQ_BUCKET, SK_BUCKET, BH_BUCKET,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
+    HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LENGTHS: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+):
+    """The kernel above with q and the full key/value tiles read by TMA. Each descriptor sees its tensor as a
+    matrix of rows ``stride_*s`` elements apart (:func:`_tma_descriptor`): the head (b, h) starts at row
+    ``(b * stride_b + h * stride_h) // stride_s`` and column ``... % stride_s``. Rows past a head's own ones
+    belong to the next head or batch row (or are zeros past the tensor): q rows past SQ are computed but not
+    stored, and the last, partial key tile is read with masked loads as above."""
+    pdl_wait(USE_PDL)
+    b, h, pid_m = _program(H, SQ, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_at = b * stride_qb + h * stride_qh
+    k_at = b * stride_kb + h * stride_kh
+    v_at = b * stride_vb + h * stride_vh
+
+    q = q_desc.load([(q_at // stride_qs + pid_m * BLOCK_M).to(tl.int32), (q_at % stride_qs).to(tl.int32)])
+    q, m_i, l_i, acc = _start(q, qk_scale, BLOCK_M, HEAD_DIM, UPCAST)
+    kv_len = _key_count(m_ptr, b, SK, HAS_LENGTHS)
+    full = 0 if HAS_MASK else kv_len - kv_len % BLOCK_N
+    k_row, k_col = (k_at // stride_ks).to(tl.int32), (k_at % stride_ks).to(tl.int32)
+    v_row, v_col = (v_at // stride_vs).to(tl.int32), (v_at % stride_vs).to(tl.int32)
+    for start in range(0, full, BLOCK_N):
+        k = k_desc.load([k_row + start, k_col])
+        v = v_desc.load([v_row + start, v_col])
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        acc, m_i, l_i = _online_softmax(acc, m_i, l_i, q, k.T, v, None, False)
+    for start in range(full, kv_len, BLOCK_N):
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_ptr + k_at, v_ptr + v_at, m_ptr, b * SK, start + offs_n, offs_d,
+                                kv_len, stride_ks, stride_vs, True, HAS_MASK, UPCAST)
+    _finish(acc, l_i, o_ptr + b * stride_ob + h * stride_oh, offs_m, offs_d, SQ, stride_os)
+    pdl_launch_dependents(USE_PDL)
+
+
+@triton.jit
+def _program(H, SQ, BLOCK_M: tl.constexpr):
+    """This program's batch row, head and query block. One grid axis over (batch x head, query block), query
+    blocks fastest, so a head's programs run together and share its keys in L2; the second axis would cap
+    batch x heads at 65,535."""
+    blocks_m = tl.cdiv(SQ, BLOCK_M)
+    bh = tl.program_id(0) // blocks_m
+    return (bh // H).to(tl.int64), (bh % H).to(tl.int64), tl.program_id(0) % blocks_m
+
+
+@triton.jit
+def _start(q, qk_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """q scaled, and the online softmax's empty state: running row max (log2 domain), sum of exp, output."""
+    if UPCAST:  # the interpreter computes bf16 wrongly: do its math in fp32
+        q = q.to(tl.float32)
+    # The scale (log2 e folded in) goes on q once, in q's dtype, rather than on every score tile: one more
+    # rounding of q, and a multiply less per score.
+    q = (q * qk_scale).to(q.dtype)
+    m_i = tl.full((BLOCK_M,), _NEG, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    return q, m_i, l_i, tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+
+
+@triton.jit
+def _key_count(m_ptr, b, SK, HAS_LENGTHS: tl.constexpr):
+    """How many of batch row ``b``'s keys are real: its length, clamped to [0, SK], or all of them."""
+    if HAS_LENGTHS:
+        return tl.maximum(tl.minimum(tl.load(m_ptr + b).to(tl.int32), SK), 0)
+    return SK
+
+
+@triton.jit
+def _finish(acc, l_i, o_base, offs_m, offs_d, SQ, stride_os):
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_ptrs = o_base + offs_m[:, None] * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, out.to(o_base.dtype.element_ty), mask=offs_m[:, None] < SQ)
 
 
 @triton.jit
@@ -148,6 +233,7 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, m_ptr, mask_row, cols, offs_d, kv_
             CHECKED: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr):
     """One key/value tile into the online softmax (q already scaled). ``CHECKED``: keys at or past ``kv_len``
     (and with ``HAS_MASK`` the masked ones) get zero weight; unchecked, every key of the tile is real."""
+    valid = None
     if CHECKED:
         valid = cols < kv_len
         if HAS_MASK:
@@ -160,6 +246,13 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, m_ptr, mask_row, cols, offs_d, kv_
     if UPCAST:
         k_t = k_t.to(tl.float32)
         v = v.to(tl.float32)
+    return _online_softmax(acc, m_i, l_i, q, k_t, v, valid, CHECKED)
+
+
+@triton.jit
+def _online_softmax(acc, m_i, l_i, q, k_t, v, valid, CHECKED: tl.constexpr):
+    """Scores against one key tile (``k_t``: ``[HEAD_DIM, BLOCK_N]``) into the running max, sum and output.
+    ``CHECKED``: only the keys where ``valid`` holds count."""
     s = tl.dot(q, k_t)
     if CHECKED:
         s = tl.where(valid[None, :], s, _NEG)
@@ -211,6 +304,38 @@ def _output(out: torch.Tensor | None, like: torch.Tensor, **reads: torch.Tensor)
     return out
 
 
+TMA_ENV_VAR = "MAAS_ATTENTION_TMA"
+
+
+def _tma_descriptor(t: torch.Tensor) -> TensorDescriptor | None:
+    """``t`` (``[B, H, S, D]``) as the matrix ``_attention_tma_kernel`` reads, rows ``t.stride(2)`` elements apart:
+    ``[B * S, H * D]`` where the heads lie side by side in each position's row (``[B, S, H, D]`` memory, a fused
+    QKV projection's views among them), ``[B * H * S, D]`` where ``t`` is a contiguous ``[B, H, S, D]``; None for
+    any other layout, or one that TMA cannot address (16-byte aligned base and rows)."""
+    b, h, s, d = t.shape
+    stride_b, stride_h, stride_s, _ = t.stride()
+    if (h == 1 or stride_h == d) and (b == 1 or stride_b == s * stride_s) and stride_s >= h * d:
+        shape = [b * s, h * d]
+    elif stride_s == d and (h == 1 or stride_h == s * d) and (b == 1 or stride_b == h * s * d):
+        shape = [b * h * s, d]
+    else:
+        return None
+    if t.data_ptr() % 16 or (stride_s * t.element_size()) % 16:
+        return None
+    return TensorDescriptor(t, shape, [stride_s, 1], [1, 1])  # tile shapes: set per config (pre_hook)
+
+
+def _tma_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[TensorDescriptor] | None:
+    """Descriptors of q, k and v for ``_attention_tma_kernel`` where ``MAAS_ATTENTION_TMA=on``, the GPU has TMA
+    (compute capability 9.0 or more; the interpreter emulates it) and every layout suits it; else None."""
+    if env_choice(TMA_ENV_VAR, "off", ("off", "on")) == "off":
+        return None
+    if not INTERPRETER and compute_capability(q) < 90:
+        return None
+    descriptors = [_tma_descriptor(t) for t in (q, k, v)]
+    return None if any(desc is None for desc in descriptors) else descriptors
+
+
 def _launch(q, k, v, key_padding_mask, scale, out, key_lengths=None) -> torch.Tensor:
     o = _output(out, q, q=q, k=k, v=v)
     b, h, sq, d = q.shape
@@ -231,10 +356,17 @@ def _launch(q, k, v, key_padding_mask, scale, out, key_lengths=None) -> torch.Te
         return (triton.cdiv(sq, config["BLOCK_M"]) * b * h,)
 
     buckets = triton.next_power_of_2(sq), triton.next_power_of_2(sk), min(triton.next_power_of_2(b * h), 1024)
-    _attention_kernel[grid](q, k, v, key_padding_mask if key_lengths is None else key_lengths, o, h, sq, sk,
-                            qk_scale, *buckets, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-                            HAS_MASK=key_padding_mask is not None, HEAD_DIM=d, UPCAST=INTERPRETER,
-                            HAS_LENGTHS=key_lengths is not None, **meta, **pdl(q))
+    args = (key_padding_mask if key_lengths is None else key_lengths, o, h, sq, sk, qk_scale, *buckets,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3])
+    options = dict(HAS_MASK=key_padding_mask is not None, HEAD_DIM=d, UPCAST=INTERPRETER,
+                   HAS_LENGTHS=key_lengths is not None, **meta, **pdl(q))
+    descriptors = _tma_descriptors(q, k, v)
+    if descriptors is None:
+        _attention_kernel[grid](q, k, v, *args, **options)
+        return o
+    if meta:  # fixed tiles: the autotuner's pre_hook does not run
+        _set_tile_shapes({"q_desc": descriptors[0], "k_desc": descriptors[1], "v_desc": descriptors[2], **options})
+    _attention_tma_kernel[grid](*descriptors, k, v, *args, **options)
     return o
 
 

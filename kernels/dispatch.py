@@ -72,10 +72,10 @@ def pdl(t: torch.Tensor) -> dict[str, bool]:
     setting = env_choice(PDL_ENV_VAR, "auto", PDL_SETTINGS)
     if setting == "off" or (setting == "auto" and not _PDL_WANTED.get()):
         return {}
-    return _PDL_OPTIONS if _arch(t) >= 90 else {}
+    return _PDL_OPTIONS if compute_capability(t) >= 90 else {}
 
 
-def _arch(t: torch.Tensor) -> int:
+def compute_capability(t: torch.Tensor) -> int:
     """The compute capability of ``t``'s GPU as Triton writes it (90 for 9.0); for CPU tensors, that of the GPU
     :func:`kernels.offline.compile_for` compiles for."""
     if t.is_cuda:

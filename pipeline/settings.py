@@ -38,6 +38,7 @@ ENGINE_KNOB_CHOICES: dict[str, tuple[str, ...]] = {
     "MAAS_COMPILE_WORKERS": ("threads", "processes"),
     "MAAS_CPU_RUNTIME": ("numpy", "torch"),
     "MAAS_PDL": ("auto", "off", "on"),
+    "MAAS_ATTENTION_TMA": ("off", "on"),
     "MAAS_CUDA_GRAPHS": TRUE_WORDS + FALSE_WORDS,
 }
 

@@ -24,6 +24,7 @@ failure.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import re
 import subprocess
@@ -301,6 +302,38 @@ def attention_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[
     return found
 
 
+def attention_tma_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], object]]]:
+    """Every autotune config of the TMA attention variant (``MAAS_ATTENTION_TMA=on``) that its pruning keeps, on
+    views of a fused QKV projection with key lengths, as the transformer launches it."""
+    from kernels.attention import (
+        TMA_CONFIGS,
+        _attention_tma_kernel,
+        _set_tile_shapes,
+        _tma_descriptor,
+        fits_registers,
+        fits_shared_memory,
+    )
+
+    found = []
+    lengths = torch.ones(1, dtype=torch.int32)
+    for d in (32, 64, 128):
+        qkv = torch.zeros(1, 8, 3, 2, d, dtype=dt)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        descriptors = [_tma_descriptor(t) for t in (q, k, v)]
+        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *q.stride()[:3])
+        for config in TMA_CONFIGS[: 2 if quick else None]:
+            if not (fits_shared_memory(config, d, dt.itemsize) and fits_registers(config, d)):
+                continue
+            descs = [copy.copy(desc) for desc in descriptors]  # each config its own tile shapes
+            kwargs = dict(HAS_MASK=False, HAS_LENGTHS=True, HEAD_DIM=d, UPCAST=False, **config.kwargs,
+                          num_warps=config.num_warps, num_stages=config.num_stages)
+            _set_tile_shapes({"q_desc": descs[0], "k_desc": descs[1], "v_desc": descs[2], **kwargs})
+            args = (*descs, k, v, lengths, q, 2, 8, 8, 0.125, 8, 8, 2, *strides)
+            found.append((f"attention TMA d={d} {config}", lambda k=kwargs, a=args:
+                          _attention_tma_kernel.warmup(*a, grid=None, **k)))
+    return found
+
+
 def embedding_pool_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], object]]]:
     """Every autotune config of the embedding-pool kernel that its register bound keeps."""
     from kernels.embedding_pool import GPU_CONFIGS, _embedding_pool_kernel, fits_registers
@@ -388,6 +421,7 @@ def main() -> int:
         for dt in [torch.bfloat16] if opts.quick else [torch.bfloat16, torch.float16, torch.float32]:
             for name, thunk in launches(dt) + batch_launches(dt) + gemm_configs(dt, opts.quick) + \
                     tma_configs(dt, opts.quick) + attention_configs(dt, opts.quick) + \
+                    attention_tma_configs(dt, opts.quick) + \
                     linear_layer_norm_configs(dt, opts.quick) + embedding_pool_configs(dt, opts.quick):
                 current_launch[0] = f"{name} {dt}"
                 if name.startswith("batch "):
@@ -407,6 +441,8 @@ def main() -> int:
             shared = kernel.metadata.shared
             if shared > SHARED_MEMORY:
                 raise RuntimeError(f"needs {shared} bytes of shared memory > {SHARED_MEMORY}")
+            if kernel_name.endswith("_tma_kernel") and "cp.async.bulk.tensor" not in kernel.asm["ptx"]:
+                raise RuntimeError("a TMA kernel without a bulk tensor copy in its PTX")
             registers = f"  {register_use(kernel)}" if opts.registers else ""
         except Exception:
             failed += 1

@@ -3,7 +3,7 @@ import torch
 from kernel_checks import DTYPES, assert_close, poisoned, randn
 
 import kernels
-from kernels.attention import attention_reference, attention_triton, lengths_mask
+from kernels.attention import TMA_ENV_VAR, _tma_descriptors, attention_reference, attention_triton, lengths_mask
 
 
 # Key lengths of 64 and 128 are whole tiles of the interpreter's 64 keys (no checked tail), 70 and 129 end in
@@ -25,6 +25,52 @@ def test_attention_matches_reference(gen, device, dtype, b, h, sq, sk, d, paddin
     assert y is out
     want = attention_reference(q.double(), k.double(), v.double(), mask, key_lengths=key_lengths)
     assert_close(y, want, dtype, reduction=sk)
+
+
+def _fused_qkv(gen, b, h, s, d, dtype):
+    """q, k, v as views into one [B, S, 3, H, D] projection, as the transformer passes them."""
+    qkv = randn(gen, b, s, 3, h, d, dtype=dtype)
+    return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
+
+
+# The TMA variant (MAAS_ATTENTION_TMA=on) reads q and the full key tiles through descriptors over the tensors'
+# rows, which run on into the next head or batch row: part tiles of q and of the keys (17, 70, 129) show that
+# nothing of a neighbour leaks in.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("layout", "b", "h", "sq", "sk", "d"), [
+    ("contiguous", 2, 3, 17, 17, 32), ("contiguous", 1, 2, 5, 70, 64), ("contiguous", 2, 2, 129, 129, 16),
+    ("fused", 2, 3, 17, 17, 32), ("fused", 2, 2, 129, 129, 16),  # a fused projection: as many queries as keys
+])
+@pytest.mark.parametrize("padding", ["none", "mask", "lengths"])
+def test_the_tma_variant_matches_the_reference(gen, device, monkeypatch, dtype, layout, b, h, sq, sk, d, padding):
+    monkeypatch.setenv(TMA_ENV_VAR, "on")
+    if layout == "fused":
+        q, k, v = _fused_qkv(gen, b, h, sq, d, dtype)
+    else:
+        q, k, v = (randn(gen, b, h, s, d, dtype=dtype) for s in (sq, sk, sk))
+    assert _tma_descriptors(q, k, v) is not None  # the variant under test runs
+    lengths = torch.randint(1, sk + 1, (b,), generator=gen, device=device)
+    mask = lengths_mask(lengths, sk) if padding == "mask" else None
+    key_lengths = lengths if padding == "lengths" else None
+    out = poisoned(b, h, sq, d, dtype=dtype, device=device)
+    y = kernels.attention(q, k, v, mask, key_lengths=key_lengths, out=out)
+    want = attention_reference(q.double(), k.double(), v.double(), mask, key_lengths=key_lengths)
+    assert_close(y, want, dtype, reduction=sk)
+
+
+def test_the_tma_variant_is_off_by_default_and_passes_over_layouts_it_cannot_read(gen, device, monkeypatch):
+    q, k, v = (randn(gen, 2, 2, 8, 16) for _ in range(3))
+    monkeypatch.delenv(TMA_ENV_VAR, raising=False)
+    assert _tma_descriptors(q, k, v) is None
+    monkeypatch.setenv(TMA_ENV_VAR, "on")
+    assert _tma_descriptors(q, k, v) is not None
+    k_seq_first = randn(gen, 8, 2, 2, 16).permute(1, 2, 0, 3)  # [S, B, H, D] memory: rows of a head not in a run
+    assert _tma_descriptors(q, k_seq_first, v) is None
+    y = kernels.attention(q, k_seq_first, v)  # the pointer kernel instead
+    assert_close(y, attention_reference(q.double(), k_seq_first.double(), v.double()), torch.float32, 8)
+    monkeypatch.setenv(TMA_ENV_VAR, "yes")
+    with pytest.raises(ValueError, match=TMA_ENV_VAR):
+        kernels.attention(q, k, v)
 
 
 def test_key_lengths_are_clamped_to_the_keys_and_a_row_without_keys_is_zero(gen, device):
@@ -61,8 +107,7 @@ def test_key_lengths_give_what_the_mask_they_stand_for_gives(gen, device):
 def test_attention_reads_strided_views_of_a_fused_qkv_buffer(gen, device, dtype):
     """q, k, v as views into one [B, S, 3, H, D] projection, as the transformer passes them (no copies)."""
     b, s, h, d = 2, 19, 3, 32
-    qkv = randn(gen, b, s, 3, h, d, dtype=dtype)
-    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    q, k, v = _fused_qkv(gen, b, h, s, d, dtype)
     assert not q.is_contiguous()
     mask = torch.arange(s, device=device)[None, :] < torch.tensor([[s], [7]], device=device)
     y = kernels.attention(q, k, v, mask)

@@ -22,6 +22,7 @@ from kernels._autotune import (
     within_bucket,
 )
 from kernels.attention import GPU_CONFIGS as ATTENTION_CONFIGS
+from kernels.attention import TMA_CONFIGS as ATTENTION_TMA_CONFIGS
 from kernels.attention import _prune_configs as prune_attention
 from kernels.embedding_pool import GPU_CONFIGS as EMBEDDING_POOL_CONFIGS
 from kernels.embedding_pool import _prune_configs as prune_embedding_pool
@@ -426,7 +427,8 @@ def test_a_tuning_table_holds_what_this_process_tuned_but_not_what_it_borrowed(t
 
 
 # Every autotuned kernel's full config list, by the name a tuning table files its picks under.
-SHIPPED_KERNEL_CONFIGS = {"_attention_kernel": ATTENTION_CONFIGS, "_embedding_pool_kernel": EMBEDDING_POOL_CONFIGS,
+SHIPPED_KERNEL_CONFIGS = {"_attention_kernel": ATTENTION_CONFIGS, "_attention_tma_kernel": ATTENTION_TMA_CONFIGS,
+                          "_embedding_pool_kernel": EMBEDDING_POOL_CONFIGS,
                           "_linear_kernel": _GPU_CONFIGS, "_linear_tma_kernel": _TMA_CONFIGS,
                           "_linear_split_k_kernel": _SPLIT_K_CONFIGS, "_linear_gemv_kernel": _GEMV_CONFIGS}
 SHIPPED_CHOICES = {"maas_linear_kernel": {"tiled", "tma", "split_k", "gemv"},
