@@ -311,7 +311,7 @@ def _tma_descriptor(t: torch.Tensor) -> TensorDescriptor | None:
     """``t`` (``[B, H, S, D]``) as the matrix ``_attention_tma_kernel`` reads, rows ``t.stride(2)`` elements apart:
     ``[B * S, H * D]`` where the heads lie side by side in each position's row (``[B, S, H, D]`` memory, a fused
     QKV projection's views among them), ``[B * H * S, D]`` where ``t`` is a contiguous ``[B, H, S, D]``; None for
-    any other layout, or one that TMA cannot address (16-byte aligned base and rows)."""
+    any other layout, or one that TMA cannot address (16-byte aligned base and rows, 2**31 rows at most)."""
     b, h, s, d = t.shape
     stride_b, stride_h, stride_s, _ = t.stride()
     if (h == 1 or stride_h == d) and (b == 1 or stride_b == s * stride_s) and stride_s >= h * d:
@@ -320,7 +320,7 @@ def _tma_descriptor(t: torch.Tensor) -> TensorDescriptor | None:
         shape = [b * h * s, d]
     else:
         return None
-    if t.data_ptr() % 16 or (stride_s * t.element_size()) % 16:
+    if t.data_ptr() % 16 or (stride_s * t.element_size()) % 16 or shape[0] >= 2**31:  # the kernel's int32 rows
         return None
     return TensorDescriptor(t, shape, [stride_s, 1], [1, 1])  # tile shapes: set per config (pre_hook)
 

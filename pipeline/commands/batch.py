@@ -58,9 +58,9 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
                                                                       drain_timeout_s=live.shutdown_timeout_s / 2))
             print(f"batch worker watching s3://{config.bucket}/{config.inbox_prefix}*.jsonl via {queue_url}; "
                   f"results to s3://{config.bucket}/{config.outbox_prefix}", flush=True)
-            port = args.health_port if args.health_port is not None else live.health_port
-            if port:
-                health = await stack.enter_async_context(HealthServer(args.health_host, port, lambda: True))
+            health_port = args.health_port if args.health_port is not None else live.health_port
+            if health_port:
+                health = await stack.enter_async_context(HealthServer(args.health_host, health_port, lambda: True))
                 print(f"health and metrics on http://{args.health_host}:{health.port}/health/ready, /metrics",
                       flush=True)
             stop, done = asyncio.create_task(stop_event().wait()), asyncio.create_task(watcher.wait())
