@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable
@@ -180,7 +181,7 @@ def _compile(numbered: tuple[int, dict]) -> tuple[CompiledKernel | None, str | N
     try:
         module, _, qualname = str(kernel).partition(":")
         fn = jit_function(module, qualname)
-        specialization = _with_defaults(fn, json.loads(entry["specialization"]))
+        specialization = _local_libraries(_with_defaults(fn, json.loads(entry["specialization"])))
         specialization.setdefault("target", entry["target"])  # Tritons before 3.7 do not write it; 3.7 needs it
         compiled = fn.preload(json.dumps(specialization))
         compiled = compiled.result() if hasattr(compiled, "result") else compiled  # under an async compile mode
@@ -189,6 +190,18 @@ def _compile(numbered: tuple[int, dict]) -> tuple[CompiledKernel | None, str | N
     if compiled is None:  # a jit_cache_hook that returns true skips the compile
         return None, f"binary {i} ({kernel}): not compiled: Triton's jit_cache_hook skipped it"
     return compiled, None
+
+
+def _local_libraries(specialization: dict) -> dict:
+    """``specialization`` without the external libraries (libdevice) whose recorded path does not exist here: a
+    table exported on a GPU machine names that machine's Triton install, which a build machine lays out elsewhere.
+    Triton then links this install's own, and files the binary under a hash of the library's contents, not its
+    path: the key the workers look up, for the same Triton version."""
+    options = specialization.get("options")
+    if isinstance(options, dict) and isinstance(options.get("extern_libs"), list):
+        options["extern_libs"] = [lib for lib in options["extern_libs"]
+                                  if isinstance(lib, list) and len(lib) == 2 and os.path.exists(str(lib[1]))]
+    return specialization
 
 
 def _with_defaults(fn: JITFunction, specialization: dict) -> dict:
