@@ -56,7 +56,7 @@ def _cases() -> list[Case]:
 
     import kernels
     from kernels._common import activation_reference, dequantize
-    from kernels.attention import TMA_ENV_VAR, attention_reference
+    from kernels.attention import TMA_ENV_VAR, _tma_descriptors, attention_reference
     from kernels.conv2d import conv2d_reference
     from kernels.embedding_norm import embedding_norm_reference
     from kernels.embedding_pool import embedding_pool_reference
@@ -196,13 +196,20 @@ def _cases() -> list[Case]:
         return {"mask": (mask, None), "lengths": (None, lengths), "none": (None, None)}[padding]
 
     def attention_run(q, k, v, mask, lengths, tma):
-        """The launch under test: with ``tma``, the TMA variant (``MAAS_ATTENTION_TMA=on``, read per launch)."""
+        """The launch under test: with ``tma``, the TMA variant (``MAAS_ATTENTION_TMA=on``, read per launch), which
+        must then run (a GPU of compute capability 9.0 or more), else the plain kernel."""
         def run(out):
+            saved = os.environ.get(TMA_ENV_VAR)
             os.environ[TMA_ENV_VAR] = "on" if tma else "off"
             try:
+                if tma and _tma_descriptors(q, k, v) is None:
+                    raise RuntimeError("the TMA variant does not run on this GPU (compute capability 9.0 needed)")
                 return kernels.attention(q, k, v, mask, key_lengths=lengths, out=out)
             finally:
-                os.environ.pop(TMA_ENV_VAR)
+                if saved is None:
+                    del os.environ[TMA_ENV_VAR]
+                else:
+                    os.environ[TMA_ENV_VAR] = saved
         return run
 
     def attention_case(b, h, s, hd, padding, tma=False):

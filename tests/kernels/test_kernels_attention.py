@@ -73,6 +73,34 @@ def test_the_tma_variant_is_off_by_default_and_passes_over_layouts_it_cannot_rea
         kernels.attention(q, k, v)
 
 
+def _strided(gen, shape, strides, offset=0):
+    """A view of ``shape`` with ``strides`` into a NaN-filled buffer: what lies between its elements is NaN."""
+    size = offset + sum((n - 1) * st for n, st in zip(shape, strides, strict=True)) + 1
+    view = torch.as_strided(torch.full((size,), float("nan")), shape, strides, offset)
+    return view.copy_(randn(gen, *shape))
+
+
+@pytest.mark.parametrize(("shape", "strides", "offset", "tma"), [
+    ((1, 2, 9, 16), (7, 16, 48, 1), 0, True),  # one batch row: its stride is never used
+    ((2, 1, 9, 16), (9 * 48, 5, 48, 1), 0, True),  # one head: likewise
+    ((1, 1, 9, 16), (0, 0, 16, 1), 0, True),
+    ((2, 2, 9, 16), (2 * 9 * 16, 9 * 16, 16, 1), 3, False),  # a base off 16 bytes
+    ((2, 2, 9, 16), (9 * 37, 16, 37, 1), 0, False),  # rows 37 elements apart: not 16-byte aligned
+    ((2, 2, 9, 16), (9 * 40 + 8, 16, 40, 1), 0, False),  # a gap between batch rows
+    ((1, 1, 0, 16), (16, 16, 16, 1), 0, False),  # no keys (torch.empty's strides): nothing to describe
+])
+def test_the_tma_variant_takes_exactly_the_layouts_it_can_read(gen, device, monkeypatch, shape, strides, offset, tma):
+    monkeypatch.setenv(TMA_ENV_VAR, "on")
+    q = _strided(gen, (shape[0], shape[1], 9, 16), (*strides[:2], max(strides[2], 16), 1), offset)
+    k, v = (_strided(gen, shape, strides, offset) for _ in range(2))
+    assert (_tma_descriptors(q, k, v) is not None) == tma
+    y = kernels.attention(q, k, v)
+    want = attention_reference(q.double(), k.double(), v.double())
+    if shape[2] == 0:  # the reference's softmax over no keys is NaN where the kernels give zeros
+        want = torch.zeros_like(want)
+    assert_close(y, want, torch.float32, reduction=max(shape[2], 1))
+
+
 def test_key_lengths_are_clamped_to_the_keys_and_a_row_without_keys_is_zero(gen, device):
     """A length of 0 (or below) leaves no real key: zeros, as for an all-padding mask; past S_k it is S_k."""
     q, k, v = (randn(gen, 4, 2, 6, 16) for _ in range(3))
