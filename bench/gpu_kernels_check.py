@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -56,7 +57,13 @@ def _cases() -> list[Case]:
 
     import kernels
     from kernels._common import activation_reference, dequantize
-    from kernels.attention import TMA_ENV_VAR, _tma_descriptors, attention_reference
+    from kernels.attention import (
+        PERSISTENT_ENV_VAR,
+        TMA_ENV_VAR,
+        _tma_descriptors,
+        attention_reference,
+        kernel_candidates,
+    )
     from kernels.conv2d import conv2d_reference
     from kernels.embedding_norm import embedding_norm_reference
     from kernels.embedding_pool import embedding_pool_reference
@@ -195,40 +202,37 @@ def _cases() -> list[Case]:
         mask = torch.arange(s, device="cuda")[None, :] < lengths[:, None]
         return {"mask": (mask, None), "lengths": (None, lengths), "none": (None, None)}[padding]
 
-    def attention_run(q, k, v, mask, lengths, tma):
-        """The launch under test: with ``tma``, the TMA variant (``MAAS_ATTENTION_TMA=on``, read per launch), which
-        must then run (a GPU of compute capability 9.0 or more), else the plain kernel."""
+    def attention_run(q, k, v, mask, lengths, variant):
+        """The launch under test: ``variant`` (``tma``: ``MAAS_ATTENTION_TMA=on``; ``persistent``:
+        ``MAAS_ATTENTION_PERSISTENT=on``; settings read per launch), which must then run, else the tiled kernel."""
+        settings = {TMA_ENV_VAR: "on" if variant == "tma" else "off",
+                    PERSISTENT_ENV_VAR: "on" if variant == "persistent" else "off"}
+
         def run(out):
-            saved = os.environ.get(TMA_ENV_VAR)
-            os.environ[TMA_ENV_VAR] = "on" if tma else "off"
-            try:
-                if tma and _tma_descriptors(q, k, v) is None:
-                    raise RuntimeError("the TMA variant does not run on this GPU (compute capability 9.0 needed)")
+            with mock.patch.dict(os.environ, settings):
+                if variant and variant not in kernel_candidates(q, k, _tma_descriptors(q, k, v)):
+                    raise RuntimeError(f"the {variant} variant does not run this problem on this GPU")
                 return kernels.attention(q, k, v, mask, key_lengths=lengths, out=out)
-            finally:
-                if saved is None:
-                    del os.environ[TMA_ENV_VAR]
-                else:
-                    os.environ[TMA_ENV_VAR] = saved
         return run
 
-    def attention_case(b, h, s, hd, padding, tma=False):
+    def attention_case(b, h, s, hd, padding, variant=None, dtypes=DTYPES):
         def build(dt, gen):
             q, k, v = (rnd(gen, b, h, s, hd, dtype=dt) for _ in range(3))
             mask, lengths = padded(gen, b, s, padding)
-            return (attention_run(q, k, v, mask, lengths, tma),
+            return (attention_run(q, k, v, mask, lengths, variant),
                     lambda: attention_reference(d(q), d(k), d(v), mask, key_lengths=lengths), (b, h, s, hd), s,
                     True)
-        return f"attention{' TMA' * tma} B{b} H{h} S{s} D{hd} padding {padding}", DTYPES, build
+        return f"attention{f' {variant}' if variant else ''} B{b} H{h} S{s} D{hd} padding {padding}", dtypes, build
 
-    def fused_attention_case(b, h, s, hd, tma=False):
+    def fused_attention_case(b, h, s, hd, variant=None):
         def build(dt, gen):  # q, k, v as strided views of one [B, S, 3, H, D] projection, as MiniLM runs it
             qkv = rnd(gen, b, s, 3, h, hd, dtype=dt)
             q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
             _, lengths = padded(gen, b, s, "lengths")
-            return (attention_run(q, k, v, None, lengths, tma),
+            return (attention_run(q, k, v, None, lengths, variant),
                     lambda: attention_reference(d(q), d(k), d(v), key_lengths=lengths), (b, h, s, hd), s, True)
-        return f"attention{' TMA' * tma} fused-qkv views B{b} H{h} S{s} D{hd} padding lengths", DTYPES, build
+        return (f"attention{f' {variant}' if variant else ''} fused-qkv views B{b} H{h} S{s} D{hd} padding lengths",
+                DTYPES, build)
 
     def embedding_case(b, s, v, n):
         def build(dt, gen):
@@ -314,10 +318,15 @@ def _cases() -> list[Case]:
         attention_case(1, 4, 4096, 64, "none"),
         attention_case(3, 8, 1000, 64, "none"),  # an unchecked loop, then a part tile
         fused_attention_case(64, 12, 128, 32),
-        attention_case(8, 12, 128, 64, "mask", tma=True),  # MAAS_ATTENTION_TMA=on: rows read past a head's own
-        attention_case(2, 16, 1031, 128, "lengths", tma=True),
-        attention_case(3, 8, 1000, 64, "none", tma=True),
-        fused_attention_case(64, 12, 128, 32, tma=True),
+        attention_case(8, 12, 128, 64, "mask", "tma"),  # MAAS_ATTENTION_TMA=on: rows read past a head's own
+        attention_case(2, 16, 1031, 128, "lengths", "tma"),
+        attention_case(3, 8, 1000, 64, "none", "tma"),
+        fused_attention_case(64, 12, 128, 32, "tma"),
+        # MAAS_ATTENTION_PERSISTENT=on: many tiles a program, part tiles of queries and keys
+        attention_case(8, 12, 128, 64, "mask", "persistent"),
+        attention_case(128, 16, 128, 128, "none", "persistent", DTYPES[:2]),  # fp32: no config fits, none runs
+        attention_case(7, 5, 77, 32, "lengths", "persistent"),
+        fused_attention_case(64, 12, 128, 32, "persistent"),
         embedding_case(256, 128, 30522, 384),
         embedding_norm_case(256, 128, 30522, 384),  # MiniLM's embedding block at the benchmark batch
         embedding_norm_case(3, 77, 1000, 768),  # the last program's rows partial

@@ -6,7 +6,8 @@
 #
 # checks: bench/gpu_kernels_check.py in parallel groups, then bench/gpu_models_check.py (the kernels against
 #         float64 references; every architecture launched kernel by kernel and served from CUDA graphs); with
-#         LIMIT_pdl set, MiniLM's models check again with MAAS_PDL=on (programmatic dependent launch);
+#         LIMIT_pdl set, MiniLM's models check again with MAAS_PDL=on (programmatic dependent launch); with
+#         LIMIT_attention set, again with MAAS_ATTENTION_TMA=on, then with MAAS_ATTENTION_PERSISTENT=on;
 # tokens: bench/models.py --tokens $TOKENS_FLAGS (MiniLM on token ids: kernels, CUDA graphs, eager, torch.compile;
 #         e.g. TOKENS_FLAGS="--token-batches 256 --dtypes BF16 --no-compile" for the served batch alone);
 # kernels: bench/kernels.py $KERNELS_FLAGS (default --no-compile: every op against torch eager; "--quick" adds
@@ -72,6 +73,13 @@ for part in $parts; do
         echo "== MAAS_PDL=on" >"$out/check_pdl.txt"
         MAAS_PDL=on TRITON_CACHE_DIR="$out/triton_checks" timeout "$LIMIT_pdl" $py bench/gpu_models_check.py \
           --only minilm >>"$out/check_pdl.txt" 2>&1
+      fi
+      if [ -n "${LIMIT_attention:-}" ]; then  # MiniLM again with each attention variant forced on
+        for variant in TMA PERSISTENT; do
+          echo "== MAAS_ATTENTION_$variant=on" >>"$out/check_attention.txt"
+          env "MAAS_ATTENTION_$variant=on" TRITON_CACHE_DIR="$out/triton_checks" timeout "$LIMIT_attention" \
+            $py bench/gpu_models_check.py --only minilm >>"$out/check_attention.txt" 2>&1
+        done
       fi
       cat "$out"/check*.txt >>"$log"
       rm -rf "$out"/check*.txt "$out/triton_checks"

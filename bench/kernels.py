@@ -13,13 +13,15 @@ issue #3 names; left to choose, SDPA's pick depends on torch version and GPU; to
 gather + masked mean, ``F.conv2d``, ``F.max_pool2d``, ``torch.nn.LSTM`` (cuDNN). Rows ``attention mask`` and
 ``attention lengths`` run MiniLM's attention with padded keys given either way, against SDPA with a boolean
 mask (whichever backend SDPA picks: flash takes no mask); rows ``attention_tma`` the variant that reads its tiles
-with TMA (``MAAS_ATTENTION_TMA=on``, off by default until timed) on the ``attention`` rows' shapes. For
-``linear_int8`` the eager
+with TMA (``MAAS_ATTENTION_TMA=on``, off by default until timed) on the ``attention`` rows' shapes, rows
+``attention_persistent`` the persistent variant for keys that fit one tile (``MAAS_ATTENTION_PERSISTENT=on``, off
+by default until timed) on those of 128 keys and on MiniLM's. For ``linear_int8`` the eager
 baseline is the dense bf16 ``F.linear`` it replaces, the compiled one ``torch.compile`` of dequantize + matmul; for
 ``linear_fp8`` (activations quantized per row on the way in, inside the timed call) both are the bf16
 ``F.linear`` + bias + ReLU it would replace.
 
-Usage: ``python bench/kernels.py [--quick] [--no-compile] [--only OP ...]``; ``--plot RESULTS.json`` only redraws
+Usage: ``python bench/kernels.py [--quick] [--no-compile] [--only OP ...]`` (an OP also selects the rows named
+``OP something``, ``attention`` those of ``attention lengths``); ``--plot RESULTS.json`` only redraws
 a saved run's chart beside it (no GPU needed). Without a CUDA GPU it says so and
 exits 0.
 """
@@ -36,6 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +79,7 @@ def _nbytes(*tensors: torch.Tensor) -> int:
 def cases(quick: bool, dev: str = "cuda") -> list[Case]:
     """The benchmark's cases on ``dev`` (the tests build them on ``meta``, where the torch baselines run too)."""
     import kernels
+    from kernels.attention import PERSISTENT_MAX_KEYS
     from kernels.linear import GEMV_MAX_M, SPLIT_K_MAX_M, launch_linear, use_tma
     from kernels.linear_fp8 import FP8
 
@@ -189,8 +193,11 @@ def cases(quick: bool, dev: str = "cuda") -> list[Case]:
             q, k, v = rnd(b, h, s, d), rnd(b, h, s, d), rnd(b, h, s, d)
             found.append(Case("attention", f"B{b} H{h} S{s} D{d}", (q, k, v), kernels.attention, _sdpa_flash,
                               flops=4.0 * b * h * s * s * d, compiled_fn=F.scaled_dot_product_attention))
-            found.append(Case("attention_tma", f"B{b} H{h} S{s} D{d}", (q, k, v), _attention_tma, _sdpa_flash,
-                              flops=4.0 * b * h * s * s * d))
+            found.append(Case("attention_tma", f"B{b} H{h} S{s} D{d}", (q, k, v), _attention_variant("tma"),
+                              _sdpa_flash, flops=4.0 * b * h * s * s * d))
+            if s <= PERSISTENT_MAX_KEYS:
+                found.append(Case("attention_persistent", f"B{b} H{h} S{s} D{d}", (q, k, v),
+                                  _attention_variant("persistent"), _sdpa_flash, flops=4.0 * b * h * s * s * d))
     if not quick:  # MiniLM's attention at the benchmark batch, keys padded (lengths 64-128), both ways
         b, h, s, d = 256, 12, 128, 32
         q, k, v = rnd(b, h, s, d), rnd(b, h, s, d), rnd(b, h, s, d)
@@ -203,6 +210,10 @@ def cases(quick: bool, dev: str = "cuda") -> list[Case]:
                               lambda q, k, v, kwargs=kwargs: kernels.attention(q, k, v, **kwargs),
                               lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None]),
                               flops=real))
+        found.append(Case("attention_persistent lengths", f"B{b} H{h} S{s} D{d} keys 64-{s}", (q, k, v),
+                          _attention_variant("persistent", key_lengths=lengths),
+                          lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None]),
+                          flops=real))
     x, w, bias = rnd(256, 32, 28, 28), rnd(64, 32, 3, 3) * (32 * 9) ** -0.5, rnd(64)
     found.append(Case("conv2d", "N256 C32 28x28 -> 64 k3 relu", (x, w, bias),
                       lambda x, w, b: kernels.conv2d(x, w, b, relu=True),
@@ -219,23 +230,23 @@ def cases(quick: bool, dev: str = "cuda") -> list[Case]:
     return found
 
 
-def _attention_tma(q, k, v):
-    """``kernels.attention`` as its TMA variant runs it (``MAAS_ATTENTION_TMA=on``, read at each launch); an error
-    where that variant would not run (a GPU below compute capability 9.0), rather than the plain kernel's time."""
+def _attention_variant(name: str, **kwargs) -> Callable:
+    """``kernels.attention`` as its variant ``name`` (``tma`` or ``persistent``) runs it, forced ``on`` and the other
+    ``off`` (settings read at each launch); an error where that variant would not run (a GPU below compute
+    capability 9.0 for TMA), rather than another kernel's time under its label."""
     import kernels
-    from kernels.attention import TMA_ENV_VAR, _tma_descriptors
+    from kernels.attention import PERSISTENT_ENV_VAR, TMA_ENV_VAR, _tma_descriptors, kernel_candidates
 
-    saved = os.environ.get(TMA_ENV_VAR)
-    os.environ[TMA_ENV_VAR] = "on"
-    try:
-        if _tma_descriptors(q, k, v) is None:
-            raise RuntimeError("the TMA variant does not run on this GPU (compute capability 9.0 or more needed)")
-        return kernels.attention(q, k, v)
-    finally:
-        if saved is None:
-            del os.environ[TMA_ENV_VAR]
-        else:
-            os.environ[TMA_ENV_VAR] = saved
+    settings = {TMA_ENV_VAR: "on" if name == "tma" else "off",
+                PERSISTENT_ENV_VAR: "on" if name == "persistent" else "off"}
+
+    def run(q, k, v):
+        with mock.patch.dict(os.environ, settings):
+            if name not in kernel_candidates(q, k, _tma_descriptors(q, k, v)):
+                raise RuntimeError(f"the {name} variant does not run this problem on this GPU")
+            return kernels.attention(q, k, v, **kwargs)
+
+    return run
 
 
 def _time(fn: Callable, args: tuple) -> float:
@@ -262,10 +273,11 @@ def _tile_config(case: Case) -> str | None:
     """The kernel and tiles a GEMM ran in the case just timed: the one its op names (``linear split_k``), or
     the one timing picked for its shape; for attention and embedding_pool, the tiles their autotuner picked."""
     if case.op.startswith(("attention", "embedding_pool")):
-        from kernels.attention import _attention_kernel, _attention_tma_kernel
+        from kernels.attention import _attention_kernel, _attention_persistent_kernel, _attention_tma_kernel
         from kernels.embedding_pool import _embedding_pool_kernel
 
-        tuner = (_attention_tma_kernel if case.op == "attention_tma" else _attention_kernel
+        tuner = (_attention_tma_kernel if case.op == "attention_tma" else _attention_persistent_kernel
+                 if case.op.startswith("attention_persistent") else _attention_kernel
                  if case.op.startswith("attention") else _embedding_pool_kernel)
         config = getattr(tuner, "best_config", None)
         return None if config is None else f"{config}{runner_up_note(getattr(tuner, 'configs_timings', {}))}"
@@ -393,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer sizes")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    parser.add_argument("--only", nargs="+", metavar="OP", help="benchmark only these ops")
+    parser.add_argument("--only", nargs="+", metavar="OP",
+                        help="benchmark only these ops (and the rows named 'OP something')")
     parser.add_argument("--plot", type=Path, metavar="JSON", help="only redraw the chart of a saved kernels.json")
     opts = parser.parse_args(argv)
     if opts.plot:
@@ -411,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'op':<15} {'size':<30} {'triton ms':>10} {'rate':>16} {'x eager':>8} {'x compile':>9} "
           f"{'graph ms':>9} {'x eager':>8}  tiles")
     for case in cases(opts.quick):
-        if opts.only and case.op not in opts.only:
+        if opts.only and case.op not in opts.only and case.op.split()[0] not in opts.only:
             continue
         try:
             row = run(case, not opts.no_compile)

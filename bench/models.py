@@ -30,8 +30,9 @@ costs), `served via gpu` the same with each group's token ids moved to the GPU b
 the copies out of the pinned buffers launched before each replay instead of inside the graph (what serving did
 before the graphs held them), `served, pdl on` and `served, pdl off` the same with graphs whose kernels are all,
 or none, launched for programmatic dependent launch (``MAAS_PDL``; `served` runs the default, ``auto``: small
-graphs only), and `kernels+graph` the whole batch padded to one graph bucket, its inputs
-already on the GPU.
+graphs only), `served, attention tma` and `served, attention persistent` the same with graphs whose attention is
+that variant (``MAAS_ATTENTION_TMA=on``, ``MAAS_ATTENTION_PERSISTENT=on``; off by default), and `kernels+graph`
+the whole batch padded to one graph bucket, its inputs already on the GPU.
 `python bench/models.py --gpu-cold-start [--shipped-table]` times only MiniLM's cold start on a GPU (see
 `gpu_cold_start`).
 """
@@ -50,6 +51,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -214,6 +216,9 @@ def token_benchmark(device: torch.device, compile_on: bool, budget: float, batch
                 ways["served, copies apart"] = _on_cpu_tokens(_copies_apart(model), ids, mask)
                 ways["served, pdl on"] = _on_cpu_tokens(_with_pdl(model, "on"), ids, mask)
                 ways["served, pdl off"] = _on_cpu_tokens(_with_pdl(model, "off"), ids, mask)
+                for variant in ("tma", "persistent"):
+                    env = {f"MAAS_ATTENTION_{variant.upper()}": "on"}
+                    ways[f"served, attention {variant}"] = _on_cpu_tokens(_with_graphs(model, env=env), ids, mask)
             for way, fn in ways.items():
                 try:
                     start = time.perf_counter()
@@ -300,19 +305,12 @@ def _with_graphs(model, env: dict[str, str] | None = None, **options):
 
     def run_tokens(ids, mask):
         nonlocal captured
-        saved = {name: os.environ.get(name) for name in env or {}}
-        if not captured:
-            os.environ.update(env or {})
         graphed, model.graphed = model.graphed, graphs
         try:
-            return type(model).run_tokens(model, ids, mask)
+            with mock.patch.dict(os.environ, {} if captured else env or {}):
+                return type(model).run_tokens(model, ids, mask)
         finally:
             model.graphed = graphed
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
             captured = True
 
     return run_tokens

@@ -478,6 +478,12 @@ class TimedChoice:
         return chosen
 
 
+def stored_key(key: tuple) -> str:
+    """A choice's key on disk: the GPU model and the Triton version in place of the device."""
+    device, *shape = key
+    return "|".join(map(str, (torch.cuda.get_device_name(device), triton.__version__, *shape)))
+
+
 def gpu_ms(launch: Callable[[], object]) -> float:
     """GPU milliseconds of ``launch`` replayed from a CUDA graph, as serving runs it: on an H200 a host-side
     TMA descriptor costs the launching thread more than the tiled GEMM's launch (tens of microseconds), which

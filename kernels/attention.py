@@ -12,10 +12,18 @@ q, k and v are read through their strides (only the head dimension must be conti
 pass views of one fused QKV projection ``[B, S, 3, H, D]`` without copying them apart. The output is laid out
 ``[B, S, H, D]`` in memory (returned as a ``[B, H, S, D]`` view), so merging the heads afterwards is free.
 
-``MAAS_ATTENTION_TMA=on`` (off by default, until a GPU run has timed it against the kernel above) runs a
-variant on Hopper GPUs that reads q and the full key/value tiles with TMA (the bulk tensor copy engine,
-``_attention_tma_kernel``), where q, k and v are laid out as ``[B, S, H, D]`` with the heads side by side (a
-fused QKV projection's views included) or as contiguous ``[B, H, S, D]``.
+Two variants, each off by default until a GPU run has checked and timed it against the kernel above:
+
+- ``MAAS_ATTENTION_TMA``: on Hopper GPUs, q and the full key/value tiles read with TMA (the bulk tensor copy
+  engine, ``_attention_tma_kernel``), where q, k and v are laid out as ``[B, S, H, D]`` with the heads side by
+  side (a fused QKV projection's views included) or as contiguous ``[B, H, S, D]``;
+- ``MAAS_ATTENTION_PERSISTENT``: for keys that fit one tile (up to ``PERSISTENT_MAX_KEYS``, MiniLM's 128 among
+  them), as many programs as the GPU holds at once walk the query tiles, each loading its next tile's q, k and
+  v while it computes the current one (``_attention_persistent_kernel``).
+
+Each takes ``off``, ``on`` (wherever it can run, the interpreter included; with both on, TMA where it can) or
+``auto``: on a GPU, every kernel that can run a problem is timed once per shape and the fastest runs from then
+on, as ``kernels.linear`` chooses its GEMM kernel.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels._autotune import autotune, within_bucket
+from kernels._autotune import TimedChoice, autotune, gpu_ms, stored_key, within_bucket
 from kernels._common import (
     FLOAT_DTYPES,
     cast,
@@ -39,7 +47,15 @@ from kernels._common import (
     pdl_launch_dependents,
     pdl_wait,
 )
-from kernels.dispatch import INTERPRETER, USE_AUTOTUNE, backend_for, compute_capability, env_choice, pdl
+from kernels.dispatch import (
+    INTERPRETER,
+    USE_AUTOTUNE,
+    backend_for,
+    compute_capability,
+    env_choice,
+    multiprocessors,
+    pdl,
+)
 
 HEAD_DIMS = (16, 32, 64, 128)
 # A finite "-inf": an all-masked tile then gives exp(0) * 0 = 0 rather than exp(-inf + inf) = NaN.
@@ -108,7 +124,7 @@ def _attention_kernel(
     # m_ptr: the key-padding mask [B, SK] (HAS_MASK), or each batch row's number of real keys [B] (HAS_LENGTHS),
     # its padding all at the end: then, as with no mask, the key tiles before the row's last one are full and
     # take no bounds checks or selects, and tiles of padding only are not visited at all.
-    b, h, pid_m = _program(H, SQ, BLOCK_M)
+    b, h, pid_m = _program(tl.program_id(0), H, SQ, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -162,7 +178,7 @@ def _attention_tma_kernel(
     belong to the next head or batch row (or are zeros past the tensor): q rows past SQ are computed but not
     stored, and the last, partial key tile is read with masked loads as above."""
     pdl_wait(USE_PDL)
-    b, h, pid_m = _program(H, SQ, BLOCK_M)
+    b, h, pid_m = _program(tl.program_id(0), H, SQ, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -190,14 +206,91 @@ def _attention_tma_kernel(
     pdl_launch_dependents(USE_PDL)
 
 
+def _persistent_config(block_m: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "STAGES": stages}, num_warps=warps, num_stages=stages)
+
+
+# Every key of a short sequence fits one key tile (BLOCK_N: the key length's power of two), so a query tile is
+# one load of q, k and v, two dots and a store; 4,096 of them at B 128, H 32, S 128, each a program of the kernel
+# above, spend much of their time starting up and waiting on their first loads. Here as many programs as the
+# GPU holds at once walk the tiles instead, their loops pipelined (``STAGES``) so that the next tile's q, k
+# and v are on their way while this one's are computed. On an H100 at S 128 the kernel above moved 2.5 TB/s
+# (bench/results/gpu run 17); 1.2x SDPA flash there takes 2.85-3.0 TB/s, what a copy reaches.
+PERSISTENT_CONFIGS = [
+    _persistent_config(128, 4, 2),
+    _persistent_config(128, 8, 2),
+    _persistent_config(64, 4, 2),
+    _persistent_config(64, 4, 3),
+    _persistent_config(128, 8, 3),
+]
+PERSISTENT_MAX_KEYS = 128  # one key tile: its scores (BLOCK_M x BLOCK_N fp32) in registers beside the output's
+SHARED_MEMORY_PER_SM = 233472  # bytes of shared memory an H100 multiprocessor has for its blocks (228 KB)
+
+
+def persistent_shared_bytes(block_m: int, block_n: int, stages: int, head_dim: int, element_size: int) -> int:
+    """Shared memory of the persistent kernel: ``stages`` copies of the q tile and the k and v tiles (what
+    ``ptxas`` reported for sm_90 at head dims 32, 64 and 128)."""
+    return stages * (block_m + 2 * block_n) * head_dim * element_size
+
+
+def persistent_block_n(sk: int) -> int:
+    """The persistent kernel's key tile for ``sk`` keys: all of them."""
+    return max(16, triton.next_power_of_2(sk))
+
+
+def persistent_configs(head_dim: int, element_size: int, block_n: int) -> list[triton.Config]:
+    """The configs whose tiles fit registers and shared memory at this head dim, dtype size and key tile: none
+    for fp32 at head dim 128 and 128 keys, which the tiled kernel runs."""
+    return [c for c in PERSISTENT_CONFIGS if fits_registers(c, head_dim) and persistent_shared_bytes(
+        c.kwargs["BLOCK_M"], block_n, c.kwargs["STAGES"], head_dim, element_size) <= 0.85 * SHARED_MEMORY]
+
+
+def _prune_persistent_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    fitting = persistent_configs(kwargs["HEAD_DIM"], named_args["q_ptr"].element_size(), kwargs["BLOCK_N"])
+    return within_bucket([c for c in configs if c in fitting], "BLOCK_M", named_args["SQ_BUCKET"])
+
+
+@autotune(PERSISTENT_CONFIGS, key=["SQ_BUCKET", "SK_BUCKET", "BH_BUCKET", "HEAD_DIM"],
+          prune_configs_by={"early_config_prune": _prune_persistent_configs},
+          buckets=["SQ_BUCKET", "SK_BUCKET", "BH_BUCKET"])
+@triton.jit(do_not_specialize=["SQ_BUCKET", "SK_BUCKET", "BH_BUCKET"])
+def _attention_persistent_kernel(
+    q_ptr, k_ptr, v_ptr, m_ptr, o_ptr,
+    B, H, SQ, SK, qk_scale, SQ_BUCKET, SK_BUCKET, BH_BUCKET,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
+    HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr, HAS_LENGTHS: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
+):
+    """The first kernel's work for keys that fit one tile (``SK <= BLOCK_N``), each program walking query
+    tiles ``tl.num_programs(0)`` apart."""
+    pdl_wait(USE_PDL)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    tiles = B * H * tl.cdiv(SQ, BLOCK_M)
+    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), num_stages=STAGES):
+        b, h, pid_m = _program(tile, H, SQ, BLOCK_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                    mask=offs_m[:, None] < SQ, other=0.0)
+        q, m_i, l_i, acc = _start(q, qk_scale, BLOCK_M, HEAD_DIM, UPCAST)
+        kv_len = _key_count(m_ptr, b, SK, HAS_LENGTHS)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_ptr + b * stride_kb + h * stride_kh,
+                                v_ptr + b * stride_vb + h * stride_vh, m_ptr, b * SK, offs_n, offs_d, kv_len,
+                                stride_ks, stride_vs, True, HAS_MASK, UPCAST)
+        _finish(acc, l_i, o_ptr + b * stride_ob + h * stride_oh, offs_m, offs_d, SQ, stride_os)
+    pdl_launch_dependents(USE_PDL)
+
+
 @triton.jit
-def _program(H, SQ, BLOCK_M: tl.constexpr):
-    """This program's batch row, head and query block. One grid axis over (batch x head, query block), query
-    blocks fastest, so a head's programs run together and share its keys in L2; the second axis would cap
-    batch x heads at 65,535."""
+def _program(tile, H, SQ, BLOCK_M: tl.constexpr):
+    """The batch row, head and query block of ``tile`` (a program's id, or the tiles a persistent program
+    walks). One axis over (batch x head, query block), query blocks fastest, so a head's programs run together
+    and share its keys in L2; a second grid axis would cap batch x heads at 65,535."""
     blocks_m = tl.cdiv(SQ, BLOCK_M)
-    bh = tl.program_id(0) // blocks_m
-    return (bh // H).to(tl.int64), (bh % H).to(tl.int64), tl.program_id(0) % blocks_m
+    bh = tile // blocks_m
+    return (bh // H).to(tl.int64), (bh % H).to(tl.int64), tile % blocks_m
 
 
 @triton.jit
@@ -305,6 +398,14 @@ def _output(out: torch.Tensor | None, like: torch.Tensor, **reads: torch.Tensor)
 
 
 TMA_ENV_VAR = "MAAS_ATTENTION_TMA"
+PERSISTENT_ENV_VAR = "MAAS_ATTENTION_PERSISTENT"
+_ENV_VARS = {"tma": TMA_ENV_VAR, "persistent": PERSISTENT_ENV_VAR}
+
+
+def _setting(env_var: str) -> str:
+    """``off`` (the default until a GPU run has checked and timed the variant), ``on`` (wherever it can run, the
+    interpreter included) or ``auto`` (on a GPU where it can run, timed against the others: the fastest runs)."""
+    return env_choice(env_var, "off", ("off", "on", "auto"))
 
 
 def _tma_descriptor(t: torch.Tensor) -> TensorDescriptor | None:
@@ -328,14 +429,64 @@ def _tma_descriptor(t: torch.Tensor) -> TensorDescriptor | None:
 
 
 def _tma_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[TensorDescriptor] | None:
-    """Descriptors of q, k and v for ``_attention_tma_kernel`` where ``MAAS_ATTENTION_TMA=on``, the GPU has TMA
-    (compute capability 9.0 or more; the interpreter emulates it) and every layout suits it; else None."""
-    if env_choice(TMA_ENV_VAR, "off", ("off", "on")) == "off":
+    """Descriptors of q, k and v for ``_attention_tma_kernel`` where ``MAAS_ATTENTION_TMA`` is not ``off``, the
+    GPU has TMA (compute capability 9.0 or more; the interpreter emulates it) and every layout suits it; else
+    None."""
+    if _setting(TMA_ENV_VAR) == "off":
         return None
     if not INTERPRETER and compute_capability(q) < 90:
         return None
     descriptors = [_tma_descriptor(t) for t in (q, k, v)]
     return None if any(desc is None for desc in descriptors) else descriptors
+
+
+def _may_run(env_var: str, q: torch.Tensor) -> bool:
+    setting = _setting(env_var)
+    return (setting == "on" and (q.is_cuda or INTERPRETER)) or (setting == "auto" and q.is_cuda)
+
+
+def kernel_candidates(q: torch.Tensor, k: torch.Tensor, descriptors: list[TensorDescriptor] | None) -> list[str]:
+    """The kernels that may run a problem by their settings, the tiled one (which runs everything) first: the TMA
+    variant where ``descriptors`` could be made, the persistent one for up to ``PERSISTENT_MAX_KEYS`` keys where
+    a config of it fits."""
+    sk = k.shape[2]
+    persistent = (0 < sk <= PERSISTENT_MAX_KEYS and _may_run(PERSISTENT_ENV_VAR, q)
+                  and bool(persistent_configs(q.shape[3], q.element_size(), persistent_block_n(sk))))
+    return ["tiled", *(["tma"] if descriptors is not None and _may_run(TMA_ENV_VAR, q) else []),
+            *(["persistent"] if persistent else [])]
+
+
+_KERNEL_CHOICE = TimedChoice("maas_attention_kernel", bucket_at=5)  # the key's batch x heads bucket
+
+
+def _choose_kernel(q: torch.Tensor, candidates: list[str], key: tuple, launchers: dict) -> str:
+    """The kernel that runs a problem: one forced ``on`` (the TMA variant before the persistent one) where it can
+    run; otherwise, where several may (``auto``), each is timed once per key (with its own autotuned tiles)
+    and the fastest kept (:class:`kernels._autotune.TimedChoice`, as ``kernels.linear`` chooses its GEMM)."""
+    forced = [name for name in candidates[1:] if _setting(_ENV_VARS[name]) == "on"]
+    if forced or len(candidates) == 1:
+        return (forced or candidates)[0]
+    key = (q.device, *key, "+".join(candidates))
+    return _KERNEL_CHOICE.choose(key, stored_key(key), candidates, lambda name: gpu_ms(launchers[name]))
+
+
+INTERPRETER_PROGRAMS = 3  # the persistent kernel's programs under the interpreter: each walks several tiles
+
+
+def _fixed_meta(kernel: str, sq: int, sk: int, d: int, element_size: int) -> dict:
+    """The tiles a launch passes where nothing is autotuned: none on a GPU; few, large tiles under the
+    interpreter (every tile costs Python time); compiled without a GPU to tune on (the sm_90 compile check),
+    the first config its pruning keeps."""
+    persistent = kernel == "persistent"
+    if USE_AUTOTUNE:
+        return {}
+    if INTERPRETER:
+        block = min(64, max(16, triton.next_power_of_2(max(sq, sk))))
+        return {"BLOCK_M": min(64, max(16, triton.next_power_of_2(sq))), "STAGES": 2} if persistent else \
+            {"BLOCK_M": block, "BLOCK_N": block}
+    if persistent:
+        return persistent_configs(d, element_size, persistent_block_n(sk))[0].all_kwargs()
+    return next(c for c in GPU_CONFIGS if fits_shared_memory(c, d, element_size) and fits_registers(c, d)).all_kwargs()
 
 
 def _launch(q, k, v, key_padding_mask, scale, out, key_lengths=None) -> torch.Tensor:
@@ -344,31 +495,44 @@ def _launch(q, k, v, key_padding_mask, scale, out, key_lengths=None) -> torch.Te
     sk = k.shape[2]
     if o.numel() == 0:
         return o
-    if USE_AUTOTUNE:
-        meta = {}
-    elif INTERPRETER:  # few, large tiles: every tile costs Python time
-        block_m = block_n = min(64, max(16, triton.next_power_of_2(max(sq, sk))))
-        meta = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-    else:  # compiled without a GPU to tune on (the sm_90 compile check): the first config pruning keeps
-        meta = next(c for c in GPU_CONFIGS
-                    if fits_shared_memory(c, d, q.element_size()) and fits_registers(c, d)).all_kwargs()
     qk_scale = (scale if scale is not None else 1.0 / math.sqrt(d)) * math.log2(math.e)
 
     def grid(config: dict) -> tuple[int]:  # called with the autotuner's chosen config
         return (triton.cdiv(sq, config["BLOCK_M"]) * b * h,)
 
+    def persistent_grid(config: dict) -> tuple[int]:  # as many programs as fit the GPU at once, at most a tile each
+        shared = persistent_shared_bytes(config["BLOCK_M"], block_n, config["STAGES"], d, q.element_size())
+        programs = multiprocessors(q.device) * min(4, max(1, SHARED_MEMORY_PER_SM // shared)) if q.is_cuda \
+            else INTERPRETER_PROGRAMS
+        return (min(programs, grid(config)[0]),)
+
     buckets = triton.next_power_of_2(sq), triton.next_power_of_2(sk), min(triton.next_power_of_2(b * h), 1024)
-    args = (key_padding_mask if key_lengths is None else key_lengths, o, h, sq, sk, qk_scale, *buckets,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3])
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3])
+    args = (key_padding_mask if key_lengths is None else key_lengths, o, h, sq, sk, qk_scale, *buckets, *strides)
     options = dict(HAS_MASK=key_padding_mask is not None, HEAD_DIM=d, UPCAST=INTERPRETER,
-                   HAS_LENGTHS=key_lengths is not None, **meta, **pdl(q))
+                   HAS_LENGTHS=key_lengths is not None, **pdl(q))
     descriptors = _tma_descriptors(q, k, v)
-    if descriptors is None:
-        _attention_kernel[grid](q, k, v, *args, **options)
-        return o
-    if meta:  # fixed tiles: the autotuner's pre_hook does not run
-        _set_tile_shapes({"q_desc": descriptors[0], "k_desc": descriptors[1], "v_desc": descriptors[2], **options})
-    _attention_tma_kernel[grid](*descriptors, k, v, *args, **options)
+    block_n = persistent_block_n(sk)
+
+    def tiled() -> None:
+        _attention_kernel[grid](q, k, v, *args, **options, **_fixed_meta("tiled", sq, sk, d, q.element_size()))
+
+    def tma() -> None:
+        meta = _fixed_meta("tma", sq, sk, d, q.element_size())
+        if meta:  # fixed tiles: the autotuner's pre_hook does not run
+            _set_tile_shapes({"q_desc": descriptors[0], "k_desc": descriptors[1], "v_desc": descriptors[2],
+                              **options, **meta})
+        _attention_tma_kernel[grid](*descriptors, k, v, *args, **options, **meta)
+
+    def persistent() -> None:
+        _attention_persistent_kernel[persistent_grid](
+            q, k, v, args[0], o, b, *args[2:], **options, BLOCK_N=block_n,
+            **_fixed_meta("persistent", sq, sk, d, q.element_size()))
+
+    launchers = {"tiled": tiled, "tma": tma, "persistent": persistent}
+    candidates = kernel_candidates(q, k, descriptors)
+    key = (q.dtype, d, *buckets, options["HAS_MASK"], options["HAS_LENGTHS"])
+    launchers[_choose_kernel(q, candidates, key, launchers)]()
     return o
 
 

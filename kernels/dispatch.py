@@ -85,6 +85,12 @@ def compute_capability(t: torch.Tensor) -> int:
     return driver.active.get_current_target().arch
 
 
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    """How many multiprocessors (SMs) the CUDA ``device`` has: a persistent kernel's programs, a grid's wave."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 @functools.lru_cache(maxsize=16)
 def _capability(index: int) -> int:
     major, minor = torch.cuda.get_device_capability(index)

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels._autotune import TimedChoice, autotune, gpu_ms, within_bucket
+from kernels._autotune import TimedChoice, autotune, gpu_ms, stored_key, within_bucket
 from kernels._common import (
     FLOAT_DTYPES,
     MAX_ELEMENTS,
@@ -50,7 +50,7 @@ from kernels._common import (
     pdl_launch_dependents,
     pdl_wait,
 )
-from kernels.dispatch import INTERPRETER, USE_AUTOTUNE, backend_for, env_choice, pdl
+from kernels.dispatch import INTERPRETER, USE_AUTOTUNE, backend_for, env_choice, multiprocessors, pdl
 
 log = logging.getLogger(__name__)
 
@@ -453,11 +453,6 @@ SPLIT_K_TILE = (64, 64)
 
 
 @functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@functools.cache
 def _has_tma(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
@@ -492,7 +487,7 @@ def use_split_k(x: torch.Tensor, weight: torch.Tensor, m: int) -> bool:
         return False
     if choice == "1":
         return x.is_cuda or INTERPRETER
-    return x.is_cuda and split_k_may_pay(m, *weight.shape, _multiprocessors(x.device))
+    return x.is_cuda and split_k_may_pay(m, *weight.shape, multiprocessors(x.device))
 
 
 def split_k_may_pay(m: int, n: int, k: int, multiprocessors: int) -> bool:
@@ -538,12 +533,6 @@ _KERNEL_CHOICE = TimedChoice("maas_linear_kernel", bucket_at=3)  # kernel_key's 
 FASTEST_KERNEL = _KERNEL_CHOICE.fastest  # kernel_key -> the kernel timed fastest there, of those that may run it
 
 
-def stored_key(key: tuple) -> str:
-    """A choice's key on disk: the GPU model and the Triton version in place of the device."""
-    device, *shape = key
-    return "|".join(map(str, (torch.cuda.get_device_name(device), triton.__version__, *shape)))
-
-
 def _choose_kernel(x, weight, scales, x_scales, bias, activation, residual, y, m, n, k, meta) -> str:
     """The kernel that runs a problem (the launchers' arguments). One forced on (``1``) runs where it can.
     Otherwise, where several may (``auto``, on a GPU), each (with its own autotuned tiles) is timed once per
@@ -567,7 +556,7 @@ def _choose_kernel(x, weight, scales, x_scales, bias, activation, residual, y, m
 
 def _launch_tma(x, weight, scales, x_scales, bias, activation, residual, y, m, n, k, meta) -> None:
     """The persistent kernel: as many programs as multiprocessors (or tiles, when fewer). No int8 scales."""
-    num_programs = _multiprocessors(x.device) if x.is_cuda else 4
+    num_programs = multiprocessors(x.device) if x.is_cuda else 4
     x_desc = TensorDescriptor.from_tensor(x.view(m, k), [1, 1])  # tile shapes: set per config (pre_hook)
     w_desc = TensorDescriptor.from_tensor(weight, [1, 1])
     if meta:  # the interpreter's fixed tiles (its rows past M come as zeros from TMA: nothing to mask)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._autotune import TimedChoice, gpu_ms
+from kernels._autotune import TimedChoice, gpu_ms, stored_key
 from kernels._common import (
     FLOAT_DTYPES,
     check_contiguous,
@@ -44,7 +44,6 @@ from kernels.linear import (
     _scale_tile,
     launch_linear,
     linear_reference,
-    stored_key,
 )
 
 CHUNK_N = 128  # columns of one accumulator block

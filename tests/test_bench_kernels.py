@@ -3,6 +3,7 @@ is too short to find a broken case on it); and for a GEMM tuning round that time
 which way of handling rows past M was faster: the question the masked-row configs were added to answer."""
 
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -98,3 +99,20 @@ def test_a_saved_run_s_chart_is_redrawn_without_a_gpu(tmp_path):
     saved.write_text(json.dumps({"meta": {"device": "NVIDIA H100 80GB HBM3", "triton": "3.6.0"}, "results": rows}))
     assert _bench_kernels().main(["--plot", str(saved)]) == 0
     assert (tmp_path / "run_kernels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_attention_variant_row_runs_that_variant_or_fails_and_leaves_the_settings_as_they_were(monkeypatch):
+    """A row labelled with a variant must time that variant: where it would not run (129 keys for the persistent
+    one) it fails rather than time the tiled kernel, and the settings it forced are back as they were."""
+    from kernels.attention import PERSISTENT_ENV_VAR, TMA_ENV_VAR, attention_reference
+
+    monkeypatch.setenv("MAAS_KERNEL_BACKEND", "triton")  # CPU tensors: the interpreter (tests/conftest.py)
+    monkeypatch.setenv(TMA_ENV_VAR, "auto")
+    monkeypatch.delenv(PERSISTENT_ENV_VAR, raising=False)
+    run = _bench_kernels()._attention_variant("persistent")
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    assert torch.allclose(run(q, k, v), attention_reference(q, k, v), atol=1e-5)
+    long_k = torch.randn(1, 2, 129, 16)
+    with pytest.raises(RuntimeError, match="the persistent variant does not run this problem"):
+        run(q, long_k, long_k)
+    assert os.environ[TMA_ENV_VAR] == "auto" and PERSISTENT_ENV_VAR not in os.environ

@@ -16,6 +16,7 @@ from pipeline.settings import ENGINE_KNOB_CHOICES, ConfigError, Settings
 
 linear_module = importlib.import_module("kernels.linear")  # `kernels.linear` is the op
 layer_norm_module = importlib.import_module("kernels.linear_layer_norm")  # so is `kernels.linear_layer_norm`
+attention_module = importlib.import_module("kernels.attention")  # and `kernels.attention`
 
 
 def _accepts(reader, name: str, value: str, monkeypatch) -> bool:
@@ -49,8 +50,14 @@ READERS = {
     "MAAS_COMPILE_THREADS": lambda: _autotune.compile_threads(4),
     "MAAS_COMPILE_WORKERS": _autotune.compile_workers,
     "MAAS_PDL": _pdl_options,
+    "MAAS_ATTENTION_TMA": lambda: attention_module._setting("MAAS_ATTENTION_TMA"),
+    "MAAS_ATTENTION_PERSISTENT": lambda: attention_module._setting("MAAS_ATTENTION_PERSISTENT"),
     "MAAS_CUDA_GRAPHS": cuda_graphs.enabled,
 }
+
+
+def test_every_knob_checked_at_start_has_its_reader_here():
+    assert set(ENGINE_KNOB_CHOICES) <= set(READERS)
 
 
 @pytest.mark.parametrize("name", sorted(READERS))

@@ -334,6 +334,28 @@ def attention_tma_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Calla
     return found
 
 
+def attention_persistent_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], object]]]:
+    """Every autotune config of the persistent attention variant (``MAAS_ATTENTION_PERSISTENT=on``) that its
+    pruning keeps at 128 keys (one key tile of 128), on views of a fused QKV projection with key lengths, as the
+    transformer launches it; at head dim 64 also with a mask and with neither."""
+    from kernels.attention import _attention_persistent_kernel, persistent_configs
+
+    found = []
+    paddings = {"lengths": torch.ones(1, dtype=torch.int32), "mask": torch.ones(1, 128, dtype=torch.bool), "none": None}
+    for d in (32, 64, 128):
+        qkv = torch.zeros(1, 128, 3, 2, d, dtype=dt)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *q.stride()[:3])
+        for config in persistent_configs(d, dt.itemsize, 128)[: 2 if quick else None]:
+            for padding, m in list(paddings.items())[: 3 if d == 64 else 1]:
+                args = (q, k, v, m, q, 1, 2, 128, 128, 0.125, 128, 128, 2, *strides)
+                kwargs = dict(HAS_MASK=padding == "mask", HAS_LENGTHS=padding == "lengths", HEAD_DIM=d, UPCAST=False,
+                              BLOCK_N=128, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+                found.append((f"attention persistent d={d} {padding} {config}", lambda k=kwargs, a=args:
+                              _attention_persistent_kernel.warmup(*a, grid=None, **k)))
+    return found
+
+
 def embedding_pool_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], object]]]:
     """Every autotune config of the embedding-pool kernel that its register bound keeps."""
     from kernels.embedding_pool import GPU_CONFIGS, _embedding_pool_kernel, fits_registers
@@ -421,7 +443,7 @@ def main() -> int:
         for dt in [torch.bfloat16] if opts.quick else [torch.bfloat16, torch.float16, torch.float32]:
             for name, thunk in launches(dt) + batch_launches(dt) + gemm_configs(dt, opts.quick) + \
                     tma_configs(dt, opts.quick) + attention_configs(dt, opts.quick) + \
-                    attention_tma_configs(dt, opts.quick) + \
+                    attention_tma_configs(dt, opts.quick) + attention_persistent_configs(dt, opts.quick) + \
                     linear_layer_norm_configs(dt, opts.quick) + embedding_pool_configs(dt, opts.quick):
                 current_launch[0] = f"{name} {dt}"
                 if name.startswith("batch "):
@@ -443,6 +465,8 @@ def main() -> int:
                 raise RuntimeError(f"needs {shared} bytes of shared memory > {SHARED_MEMORY}")
             if kernel_name.endswith("_tma_kernel") and "cp.async.bulk.tensor" not in kernel.asm["ptx"]:
                 raise RuntimeError("a TMA kernel without a bulk tensor copy in its PTX")
+            if kernel_name == "_attention_persistent_kernel" and "cp.async.commit_group" not in kernel.asm["ptx"]:
+                raise RuntimeError("the persistent kernel's loop is not pipelined (no asynchronous copies)")
             registers = f"  {register_use(kernel)}" if opts.registers else ""
         except Exception:
             failed += 1

@@ -1,9 +1,36 @@
+import importlib
+
 import pytest
 import torch
 from kernel_checks import DTYPES, assert_close, poisoned, randn
 
 import kernels
-from kernels.attention import TMA_ENV_VAR, _tma_descriptors, attention_reference, attention_triton, lengths_mask
+from kernels.attention import (
+    INTERPRETER_PROGRAMS,
+    PERSISTENT_ENV_VAR,
+    PERSISTENT_MAX_KEYS,
+    TMA_ENV_VAR,
+    _tma_descriptors,
+    attention_reference,
+    attention_triton,
+    kernel_candidates,
+    lengths_mask,
+)
+
+
+def _attention_matches_reference(gen, q, k, v, padding: str) -> None:
+    """``kernels.attention`` into a NaN-filled ``out`` with keys padded as ``padding`` says ("none", "mask" or
+    "lengths", random per batch row), held to the float64 reference."""
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    lengths = torch.randint(1, sk + 1, (b,), generator=gen, device=q.device)
+    mask = lengths_mask(lengths, sk) if padding == "mask" else None
+    key_lengths = lengths if padding == "lengths" else None
+    out = poisoned(b, h, sq, d, dtype=q.dtype, device=q.device)
+    y = kernels.attention(q, k, v, mask, key_lengths=key_lengths, out=out)
+    assert y is out
+    assert_close(y, attention_reference(q.double(), k.double(), v.double(), mask, key_lengths=key_lengths), q.dtype,
+                 reduction=sk)
 
 
 # Key lengths of 64 and 128 are whole tiles of the interpreter's 64 keys (no checked tail), 70 and 129 end in
@@ -17,14 +44,7 @@ from kernels.attention import TMA_ENV_VAR, _tma_descriptors, attention_reference
 @pytest.mark.parametrize("padding", ["none", "mask", "lengths"])
 def test_attention_matches_reference(gen, device, dtype, b, h, sq, sk, d, padding):
     q, k, v = (randn(gen, b, h, s, d, dtype=dtype) for s in (sq, sk, sk))
-    lengths = torch.randint(1, sk + 1, (b,), generator=gen, device=device)
-    mask = lengths_mask(lengths, sk) if padding == "mask" else None
-    key_lengths = lengths if padding == "lengths" else None
-    out = poisoned(b, h, sq, d, dtype=dtype, device=device)
-    y = kernels.attention(q, k, v, mask, key_lengths=key_lengths, out=out)
-    assert y is out
-    want = attention_reference(q.double(), k.double(), v.double(), mask, key_lengths=key_lengths)
-    assert_close(y, want, dtype, reduction=sk)
+    _attention_matches_reference(gen, q, k, v, padding)
 
 
 def _fused_qkv(gen, b, h, s, d, dtype):
@@ -49,13 +69,7 @@ def test_the_tma_variant_matches_the_reference(gen, device, monkeypatch, dtype, 
     else:
         q, k, v = (randn(gen, b, h, s, d, dtype=dtype) for s in (sq, sk, sk))
     assert _tma_descriptors(q, k, v) is not None  # the variant under test runs
-    lengths = torch.randint(1, sk + 1, (b,), generator=gen, device=device)
-    mask = lengths_mask(lengths, sk) if padding == "mask" else None
-    key_lengths = lengths if padding == "lengths" else None
-    out = poisoned(b, h, sq, d, dtype=dtype, device=device)
-    y = kernels.attention(q, k, v, mask, key_lengths=key_lengths, out=out)
-    want = attention_reference(q.double(), k.double(), v.double(), mask, key_lengths=key_lengths)
-    assert_close(y, want, dtype, reduction=sk)
+    _attention_matches_reference(gen, q, k, v, padding)
 
 
 def test_the_tma_variant_is_off_by_default_and_passes_over_layouts_it_cannot_read(gen, device, monkeypatch):
@@ -71,6 +85,89 @@ def test_the_tma_variant_is_off_by_default_and_passes_over_layouts_it_cannot_rea
     monkeypatch.setenv(TMA_ENV_VAR, "yes")
     with pytest.raises(ValueError, match=TMA_ENV_VAR):
         kernels.attention(q, k, v)
+
+
+attention_module = importlib.import_module("kernels.attention")  # the package's ``attention`` is the op
+
+
+class _Launches:
+    """Stands in for a kernel's module attribute and counts its launches (then launches it)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+# The persistent variant (MAAS_ATTENTION_PERSISTENT=on) runs keys that fit one tile (up to 128) with
+# INTERPRETER_PROGRAMS programs here, each walking every third query tile: 17 queries make one tile a head,
+# 129 three (the interpreter's 64-row tiles), so the programs walk uneven shares; 1, 17, 70 and 100 keys fill
+# part of the key tile, 128 all of it.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("layout", "b", "h", "sq", "sk", "d"), [
+    ("contiguous", 2, 3, 17, 17, 32), ("contiguous", 1, 2, 5, 70, 64), ("contiguous", 2, 2, 129, 100, 16),
+    ("contiguous", 1, 1, 1, 1, 16), ("contiguous", 3, 1, 40, 128, 128), ("fused", 2, 3, 17, 17, 32),
+])
+@pytest.mark.parametrize("padding", ["none", "mask", "lengths"])
+def test_the_persistent_variant_matches_the_reference(gen, device, monkeypatch, dtype, layout, b, h, sq, sk, d,
+                                                      padding):
+    monkeypatch.setenv(PERSISTENT_ENV_VAR, "on")
+    launches = _Launches(attention_module._attention_persistent_kernel)
+    monkeypatch.setattr(attention_module, "_attention_persistent_kernel", launches)
+    if layout == "fused":
+        q, k, v = _fused_qkv(gen, b, h, sq, d, dtype)
+    else:
+        q, k, v = (randn(gen, b, h, s, d, dtype=dtype) for s in (sq, sk, sk))
+    _attention_matches_reference(gen, q, k, v, padding)
+    # The variant under test ran, where a config of it fits (not fp32 at head dim 128: the tiled kernel runs)
+    assert len(launches.grids) == (0 if (dtype, d) == (torch.float32, 128) else 1)
+
+
+def test_the_persistent_variant_gives_zeros_for_rows_without_keys(gen, device, monkeypatch):
+    monkeypatch.setenv(PERSISTENT_ENV_VAR, "on")
+    q, k, v = (randn(gen, 4, 2, 6, 16) for _ in range(3))
+    y = kernels.attention(q, k, v, key_lengths=torch.tensor([0, -3, 6, 9], dtype=torch.int32, device=device))
+    assert torch.equal(y[:2], torch.zeros_like(y[:2]))
+    assert_close(y[2:], attention_reference(q[2:].double(), k[2:].double(), v[2:].double()), torch.float32, 6)
+
+
+def test_the_variants_are_off_by_default_and_each_runs_only_where_it_can(gen, device, monkeypatch):
+    """Off by default (until a GPU run has checked and timed them); ``on`` runs one here under the interpreter;
+    ``auto`` is for a GPU only, where they are timed against the tiled kernel."""
+    monkeypatch.delenv(TMA_ENV_VAR, raising=False)
+    monkeypatch.delenv(PERSISTENT_ENV_VAR, raising=False)
+    q, k, v = (randn(gen, 1, 2, 8, 16) for _ in range(3))
+    long_k = randn(gen, 1, 2, PERSISTENT_MAX_KEYS + 1, 16)
+    assert kernel_candidates(q, k, _tma_descriptors(q, k, v)) == ["tiled"]
+    monkeypatch.setenv(PERSISTENT_ENV_VAR, "on")
+    monkeypatch.setenv(TMA_ENV_VAR, "on")
+    assert kernel_candidates(q, k, _tma_descriptors(q, k, v)) == ["tiled", "tma", "persistent"]
+    assert kernel_candidates(q, long_k, _tma_descriptors(q, long_k, long_k)) == ["tiled", "tma"]
+    assert kernel_candidates(q, k[:, :, :0], None) == ["tiled"]  # no keys: the tiled kernel's zeros
+    monkeypatch.setenv(PERSISTENT_ENV_VAR, "auto")
+    monkeypatch.setenv(TMA_ENV_VAR, "AUTO")
+    assert kernel_candidates(q, k, _tma_descriptors(q, k, v)) == (
+        ["tiled", "tma", "persistent"] if q.is_cuda else ["tiled"])
+    monkeypatch.setenv(PERSISTENT_ENV_VAR, "yes")
+    with pytest.raises(ValueError, match=f"{PERSISTENT_ENV_VAR}='yes': expected off, on or auto"):
+        kernels.attention(q, k, v)
+
+
+def test_both_variants_forced_on_run_the_tma_one(gen, device, monkeypatch):
+    monkeypatch.setenv(PERSISTENT_ENV_VAR, "on")
+    monkeypatch.setenv(TMA_ENV_VAR, "on")
+    launches = {name: _Launches(getattr(attention_module, name))
+                for name in ("_attention_kernel", "_attention_tma_kernel", "_attention_persistent_kernel")}
+    for name, counter in launches.items():
+        monkeypatch.setattr(attention_module, name, counter)
+    q, k, v = (randn(gen, 2, 2, 8 * INTERPRETER_PROGRAMS, 16) for _ in range(3))
+    kernels.attention(q, k, v)
+    assert [len(c.grids) for c in launches.values()] == [0, 1, 0]
+    monkeypatch.setenv(TMA_ENV_VAR, "off")
+    kernels.attention(q, k, v)
+    assert [len(c.grids) for c in launches.values()] == [0, 1, 1]
 
 
 def _strided(gen, shape, strides, offset=0):
