@@ -125,11 +125,12 @@ class Responder:
             log.exception("unexpected failure on a group of %d requests; answering them one by one", len(direct))
             one_by_one.extend(index for index, _ in direct)
             direct = results = []
-        for (index, request), result in zip(direct, results, strict=True):
+        limits = await self.sink.max_inline_bytes_for([request for _, request in direct])
+        for (index, request), result, limit in zip(direct, results, limits, strict=True):
             if isinstance(result, InferenceResponse):
                 try:
                     framed = encode_response(result, request)
-                    if not self._inline(request, framed):
+                    if not self._inline(request, framed, limit):
                         framed = await self._store_outputs(request, result, framed)
                 except InferenceError as exc:
                     result = exc.addressed_to(request.id)
@@ -203,13 +204,15 @@ class Responder:
 
     async def _externalize(self, request: InferenceRequest, response: InferenceResponse) -> Framed:
         framed = encode_response(response, request)
-        return framed if self._inline(request, framed) else await self._store_outputs(request, response, framed)
+        (limit,) = await self.sink.max_inline_bytes_for([request])
+        return framed if self._inline(request, framed, limit) else await self._store_outputs(request, response, framed)
 
-    def _inline(self, request: InferenceRequest, framed: Framed) -> bool:
-        """Whether a result travels in the answer itself (else it goes to S3 and the answer points to it)."""
+    def _inline(self, request: InferenceRequest, framed: Framed, sink_limit: int | None) -> bool:
+        """Whether a result travels in the answer itself (else it goes to S3 and the answer points to it), given the
+        largest body the sink carries inline to where this answer goes (`ResultSink.max_inline_bytes_for`)."""
         limit = self.settings.max_inline_output_bytes
-        if self.sink.max_inline_bytes is not None:
-            limit = min(limit, self.sink.max_inline_bytes)
+        if sink_limit is not None:
+            limit = min(limit, sink_limit)
         return len(framed.body) <= limit and request.parameters.get("output_uri") is None
 
     async def _store_outputs(self, request: InferenceRequest, response: InferenceResponse, framed: Framed) -> Framed:

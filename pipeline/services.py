@@ -18,9 +18,7 @@ from typing import Any
 
 import boto3
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin.config_resource import ConfigResourceType
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
-from aiokafka.protocol.admin import DescribeConfigsRequest
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -31,6 +29,7 @@ from models.repository import Repository, RepositoryError, without_credentials
 from models.repository import open_repository as open_model_repository
 from pipeline.claim_check import ClaimCheckStore
 from pipeline.settings import ConfigError, Settings
+from pipeline.sinks import topic_max_bytes
 
 STATE_FILE = Path(".maas") / "stack.json"
 #: The part of a client's stop deadline kept for closing it without what it could not finish (see `stop_producer`):
@@ -164,23 +163,17 @@ async def record_limits(producer: AIOKafkaProducer, settings: Settings) -> dict[
     dead letters the settings allow (`Settings.max_record_bytes`); the broker refuses a record over it, and a
     worker that cannot answer a record stops, and stops on it again after every restart. Given these limits, the
     sink sends larger results and dead letters to S3 instead (`KafkaSink.for_settings`). A topic the cluster says
-    nothing of, or a cluster that does not answer (an ACL without DescribeConfigs), gives no limit: logged.
+    nothing of, or a cluster that does not answer (an ACL without DescribeConfigs), gives no limit: logged. A
+    caller's `reply_to` topic's limit is read by the sink, when it first looks the topic up.
     """
     topics = [settings.topics.results, settings.topics.dlq]
-    # Every config of each topic (a few dozen): Tansu closes the connection on a request that names the configs.
-    request = DescribeConfigsRequest([(ConfigResourceType.TOPIC, topic, None) for topic in topics])
     try:
         async with asyncio.timeout(RECORD_LIMITS_TIMEOUT_S):
-            response = await producer.client.send(producer.client.get_random_node(), request)
+            limits = await topic_max_bytes(producer.client, topics)
     except (KafkaError, TimeoutError) as exc:
         log.warning("cannot read the max.message.bytes of %s (%r): answers and dead letters over the broker's limit "
                     "would stop the worker", ", ".join(topics), exc)
         return {}
-    limits = {}
-    for error_code, _, _, topic, entries in response.resources:
-        values = [entry[1] for entry in entries if entry[0] == "max.message.bytes" and entry[1]]
-        if error_code == 0 and values and values[0].isdigit():
-            limits[topic] = int(values[0])
     for topic in topics:
         limit = limits.get(topic)
         if limit is None:

@@ -13,7 +13,9 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from aiokafka.admin.config_resource import ConfigResourceType
 from aiokafka.errors import KafkaError
+from aiokafka.protocol.admin import DescribeConfigsRequest
 from aiokafka.protocol.metadata import MetadataRequest
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -104,9 +106,14 @@ class Undelivered(Exception):
 
 
 class ResultSink(Protocol):
-    #: The largest result body this sink carries inline (None: the settings' MAAS_MAX_INLINE_OUTPUT_BYTES alone);
-    #: a larger one goes to S3 and the answer points to it.
+    #: The largest result body this sink carries inline to its own destination (None: the settings'
+    #: MAAS_MAX_INLINE_OUTPUT_BYTES alone); a larger one goes to S3 and the answer points to it.
     max_inline_bytes: int | None
+
+    async def max_inline_bytes_for(self, requests: Sequence[InferenceRequest]) -> list[int | None]:
+        """The largest result body carried inline in the answer to each of `requests`, as `max_inline_bytes`: the
+        destination is the sink's to choose (a request's `reply_to`), and one may take less than another. Asked
+        once the results are there, before each is sent inline or stored; raises nothing."""
 
     async def answer(self, envelope: Envelope, request: InferenceRequest | None, framed: Framed) -> None:
         """Deliver a result or error result; raise if it could not be delivered."""
@@ -134,6 +141,9 @@ class RedeliverTransient:
         self.sink = sink
         self.enabled = enabled
         self.max_inline_bytes = sink.max_inline_bytes
+
+    async def max_inline_bytes_for(self, requests: Sequence[InferenceRequest]) -> list[int | None]:
+        return await self.sink.max_inline_bytes_for(requests)
 
     async def answer(self, envelope: Envelope, request: InferenceRequest | None, framed: Framed) -> None:
         await self.sink.answer(envelope, request, framed)
@@ -167,7 +177,9 @@ class KafkaSink:
     instead: a caller's topic must never stop a worker, which would stop on the same record again after its
     restart. Nor may a caller create topics: a `reply_to` topic is looked up without auto-creation first (a
     broker that creates topics on first mention, Kafka's default, would otherwise create any topic a request
-    names), once per topic this sink knows of (`MAX_KNOWN_REPLY_TOPICS`).
+    names), once per topic this sink knows of (`MAX_KNOWN_REPLY_TOPICS`), and its `max.message.bytes` read then:
+    with a claim-check store, results larger than a caller's topic takes go to S3 as those larger than the results
+    topic takes do (`max_inline_bytes_for`), rather than being refused there and answered with an error.
     """
 
     max_inline_bytes = None
@@ -183,7 +195,9 @@ class KafkaSink:
         self.max_value_bytes = max_value_bytes
         self.reserved_topics = frozenset(reserved_topics) | {dlq_topic}
         self.reply_to_timeout_s = reply_to_timeout_s
-        self._known_reply_topics: set[str] = set()
+        #: Callers' topics the cluster said it has -> their max.message.bytes (None: it did not say).
+        self._reply_topics: dict[str, int | None] = {}
+        self._lookups: dict[str, asyncio.Future[int | None]] = {}  # those being looked up, one lookup each
 
     @classmethod
     def for_settings(cls, producer: Any, settings: Settings, store: ClaimCheckStore | None,
@@ -199,10 +213,39 @@ class KafkaSink:
                    reserved_topics=(settings.topics.requests, settings.topics.metrics))
         limits = limits or {}
         if (results := limits.get(settings.topics.results)) is not None:
-            sink.max_inline_bytes = max(0, results - RECORD_OVERHEAD_BYTES)
+            sink.max_inline_bytes = _inline_bytes(results)
         if (dlq := limits.get(settings.topics.dlq)) is not None:
             sink.max_value_bytes = min(sink.max_value_bytes, max(0, dlq - RECORD_OVERHEAD_BYTES))
         return sink
+
+    async def max_inline_bytes_for(self, requests: Sequence[InferenceRequest]) -> list[int | None]:
+        """`max_inline_bytes`, or less for an answer to a caller's topic that takes less: the broker would refuse a
+        result over its max.message.bytes, and the caller would get an error on the results topic instead of the
+        result, which a reference to S3 can carry. Without a store, or where the topic's limit or the topic itself
+        cannot be looked up, `max_inline_bytes` (the answer goes as it would have: `answer_many` says why it
+        cannot). Each topic not known yet is looked up once, all of them at once."""
+        topics = [self._reply_to(request) for request in requests]
+        unique = list(dict.fromkeys(topic for topic in topics if topic is not None))
+        if not unique or self.store is None:
+            return [self.max_inline_bytes] * len(requests)
+        limits: dict[str | None, int] = {}
+        for topic, found in zip(unique, await asyncio.gather(*(self._reply_topic(t) for t in unique),
+                                                                return_exceptions=True), strict=True):
+            if isinstance(found, int):
+                limits[topic] = self._inline_under(found)
+            elif isinstance(found, BaseException) and not isinstance(found, (KafkaError, TimeoutError, ValueError)):
+                log.error("looking up reply_to topic %s failed (%r); its results go inline", topic, found)
+        return [limits.get(topic, self.max_inline_bytes) for topic in topics]
+
+    def _reply_to(self, request: InferenceRequest | None) -> str | None:
+        """The caller's topic that the answer to `request` goes to; None: the results topic."""
+        topic = request.parameters.get("reply_to") if request is not None else None
+        return topic if topic and topic != self.results_topic else None
+
+    def _inline_under(self, topic_limit: int) -> int:
+        """`max_inline_bytes`, within what a topic of max.message.bytes `topic_limit` takes."""
+        inline = _inline_bytes(topic_limit)
+        return inline if self.max_inline_bytes is None else min(inline, self.max_inline_bytes)
 
     async def answer(self, envelope: Envelope, request: InferenceRequest | None, framed: Framed) -> None:
         await self.answer_many([(envelope, request, framed)])
@@ -217,9 +260,7 @@ class KafkaSink:
         """
         by_topic: dict[str, list[Answer]] = {}
         for answer in answers:
-            request = answer[1]
-            topic = (request.parameters.get("reply_to") if request else None) or self.results_topic
-            by_topic.setdefault(topic, []).append(answer)
+            by_topic.setdefault(self._reply_to(answer[1]) or self.results_topic, []).append(answer)
         refused: list[tuple[Answer, str]] = []
         sends = []
         for topic, group in by_topic.items():
@@ -227,9 +268,7 @@ class KafkaSink:
                 sends.append((topic, group, await self._send(topic, group, await self._partitions(topic))))
                 continue
             try:
-                if topic in self.reserved_topics:
-                    raise ValueError("it is one of the platform's own topics")
-                partitions = await asyncio.wait_for(self._reply_partitions(topic), self.reply_to_timeout_s)
+                partitions = await self._reply_partitions(topic)
                 sends.append((topic, group, await self._send(topic, group, partitions)))
             except (KafkaError, TimeoutError, ValueError) as exc:
                 refused.extend((answer, _reason(exc)) for answer in group)
@@ -248,17 +287,66 @@ class KafkaSink:
         return sorted(await self.producer.partitions_for(topic))
 
     async def _reply_partitions(self, topic: str) -> list[int]:
-        """A caller's topic's partitions, once the cluster said it has the topic without creating it."""
-        if topic not in self._known_reply_topics:
-            client = self.producer.client
+        """A caller's topic's partitions, once the cluster said it has the topic without creating it; raises
+        ValueError, KafkaError or TimeoutError (a step not done within `reply_to_timeout_s`) where it cannot say."""
+        await self._reply_topic(topic)
+        async with asyncio.timeout(self.reply_to_timeout_s):
+            return await self._partitions(topic)
+
+    async def _reply_topic(self, topic: str) -> int | None:
+        """A caller's topic's max.message.bytes (None: unknown), once the cluster said it has the topic without
+        creating it; both are asked when the topic is first looked up, then known (`MAX_KNOWN_REPLY_TOPICS`).
+        Raises ValueError, KafkaError or TimeoutError where answers cannot go to the topic.
+
+        Fetches are answered concurrently: those that name a topic being looked up wait for that lookup (one request
+        and one log line per topic), shielded, so that one of them cancelled does not cancel it for the others.
+        """
+        if topic in self.reserved_topics:
+            raise ValueError("it is one of the platform's own topics")
+        if topic in self._reply_topics:
+            return self._reply_topics[topic]
+        lookup = self._lookups.get(topic)
+        if lookup is None:
+            lookup = self._lookups[topic] = asyncio.ensure_future(self._look_up(topic))
+            lookup.add_done_callback(lambda _: self._lookups.pop(topic, None))
+        return await asyncio.shield(lookup)
+
+    async def _look_up(self, topic: str) -> int | None:
+        """`_reply_topic`'s question to the cluster: the topic's metadata (without creating it), then its limit."""
+        client = self.producer.client
+        async with asyncio.timeout(self.reply_to_timeout_s):
             response = await client.send(client.get_random_node(),
                                          MetadataRequest([topic], allow_auto_topic_creation=False))
-            if response.topics[0][0] != 0:  # each topic's entry starts with its error code
-                raise ValueError("the cluster has no such topic")
-            if len(self._known_reply_topics) >= self.MAX_KNOWN_REPLY_TOPICS:
-                self._known_reply_topics.clear()
-            self._known_reply_topics.add(topic)
-        return await self._partitions(topic)
+        if response.topics[0][0] != 0:  # each topic's entry starts with its error code
+            raise ValueError("the cluster has no such topic")
+        limit = await self._read_reply_limit(topic)
+        if len(self._reply_topics) >= self.MAX_KNOWN_REPLY_TOPICS:
+            self._reply_topics.clear()
+        self._reply_topics[topic] = limit
+        return limit
+
+    async def _read_reply_limit(self, topic: str) -> int | None:
+        """A caller's topic's max.message.bytes, or None where the cluster does not say within
+        `reply_to_timeout_s` (a topic that exists is not refused for that: its answers go as they did before the
+        limit was read). What it means for the topic's answers is logged here, once per lookup."""
+        try:
+            async with asyncio.timeout(self.reply_to_timeout_s):
+                limit = (await topic_max_bytes(self.producer.client, [topic])).get(topic)
+            why = "the cluster gives none"
+        except (KafkaError, TimeoutError) as exc:
+            limit, why = None, repr(exc)
+        if limit is None:
+            log.warning("cannot read the max.message.bytes of reply_to topic %s (%s): results are sent to it inline, "
+                        "and one its broker refuses is answered with an error on %s", topic, why, self.results_topic)
+        elif self._inline_under(limit) != self.max_inline_bytes:  # it takes less than the results topic
+            if self.store is None:
+                log.warning("reply_to topic %s takes records of at most %d bytes (its max.message.bytes) and there is "
+                            "no object store for larger results: its broker refuses them, and they are answered with "
+                            "an error on %s", topic, limit, self.results_topic)
+            else:
+                log.info("reply_to topic %s takes records of at most %d bytes (its max.message.bytes): larger results "
+                         "to it go to S3", topic, limit)
+        return limit
 
     async def _send(self, topic: str, answers: Sequence[Answer], partitions: list[int]) -> list[Any]:
         """Hand the answers to the producer, one batch per partition; the acknowledgements to wait for."""
@@ -372,6 +460,9 @@ class SqsSink:
         return cls(sqs, results_url, dlq_url, store=store,
                    results_max_bytes=await queue_max_bytes(sqs, results_url, cls.FALLBACK_MAX_MESSAGE_BYTES))
 
+    async def max_inline_bytes_for(self, requests: Sequence[InferenceRequest]) -> list[int | None]:
+        return [self.max_inline_bytes] * len(requests)  # every answer goes to the results queue
+
     async def answer(self, envelope: Envelope, request: InferenceRequest | None, framed: Framed) -> None:
         message = self._with_attributes(to_sqs_message(framed), envelope.passthrough())
         await _to_thread(self.sqs.send_message, QueueUrl=self.results_url, **message)
@@ -452,6 +543,24 @@ class SqsSink:
             return None
 
 
+async def topic_max_bytes(client: Any, topics: Sequence[str]) -> dict[str, int]:
+    """The `max.message.bytes` of each of `topics` that the cluster gives one for, in one DescribeConfigs request on
+    a started aiokafka `client` (no timeout of its own); raises KafkaError where the cluster does not answer.
+
+    A topic the cluster says nothing of is left out: one that does not exist (DescribeConfigs creates none), one
+    without the config (Tansu gives none for a topic created without it) or one an ACL hides.
+    """
+    # Every config of each topic (a few dozen): Tansu closes the connection on a request that names the configs.
+    request = DescribeConfigsRequest([(ConfigResourceType.TOPIC, topic, None) for topic in topics])
+    response = await client.send(client.get_random_node(), request)
+    limits = {}
+    for error_code, _, _, topic, entries in response.resources:
+        values = [entry[1] for entry in entries if entry[0] == "max.message.bytes" and entry[1]]
+        if error_code == 0 and values and values[0].isdigit():
+            limits[topic] = int(values[0])
+    return limits
+
+
 async def queue_max_bytes(sqs: Any, url: str, fallback: int) -> int:
     """A queue's MaximumMessageSize; `fallback` (logged) when it cannot be read."""
     try:
@@ -469,6 +578,12 @@ def _sqs_bytes(message: dict[str, Any]) -> int:
     for name, value in message["MessageAttributes"].items():
         size += len(name.encode()) + len(value["DataType"].encode()) + len(value["StringValue"].encode())
     return size
+
+
+def _inline_bytes(topic_limit: int) -> int:
+    """The largest result body inline in an answer to a topic of max.message.bytes `topic_limit`: the rest is
+    left for the record's key and headers."""
+    return max(0, topic_limit - RECORD_OVERHEAD_BYTES)
 
 
 def _reason(exc: BaseException) -> str:

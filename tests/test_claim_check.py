@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 from dataclasses import replace
 
@@ -9,7 +11,7 @@ import numpy as np
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
-from worker_support import read_topic, running_worker
+from worker_support import read_all, read_topic, running_worker
 
 from infra.bootstrap import ensure_topics
 from models.cache import ModelCache
@@ -288,3 +290,73 @@ async def test_topics_that_take_less_than_the_settings_allow_get_larger_answers_
     assert dead.value == b"" and dead.key == b"unreadable"
     bucket, key = parse_s3_uri(headers[PAYLOAD_URI].decode(), field=PAYLOAD_URI)
     assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == unreadable
+
+
+def _reply_to(request_id: str, topic: str, images) -> Envelope:
+    body = orjson.loads(encode_request(request_id, MNIST_MLP, {"input": images}).body)
+    return Envelope(orjson.dumps({**body, "parameters": {"reply_to": topic}}), {}, f"{request_id}@0")
+
+
+async def test_reply_to_topics_that_take_less_than_the_results_topic_get_larger_results_by_reference(live, repository):
+    """A caller's reply_to topic may take smaller records (its max.message.bytes) than the results topic: the broker
+    refused a result over it, and the caller got an INVALID_REQUEST error on the results topic instead, the result
+    computed and thrown away. The topic's limit is read when the topic is first looked up: a larger result goes to S3
+    and the answer on the caller's topic points to it, whether its request ran with its fetch or alone (claim-checked
+    inputs); a smaller one stays inline. Tansu does not enforce max.message.bytes: the old code sent all inline."""
+    limit = RECORD_OVERHEAD_BYTES + 1024
+    team = f"{live.topics.results}.team-a"
+    await ensure_topics(live.kafka_client_kwargs(), [team], live.topic_partitions,
+                        configs={"max.message.bytes": str(limit)})
+    s3, bucket = aws_client(live, "s3"), live.batch_bucket
+    images, labels = synthetic_digits(32, seed=13)
+    s3.put_object(Bucket=bucket, Key="claims/rows.json", ContentType="application/json",
+                  Body=encode_request("ignored", MNIST_MLP, {"input": images}).body)
+    by_reference = Envelope(orjson.dumps({"id": "by-ref", "model_name": MNIST_MLP, "parameters": {"reply_to": team},
+                                          "inputs_uri": f"s3://{bucket}/claims/rows.json"}), {}, "by-ref@0")
+    envelopes = [_reply_to("rows-1", team, images[:1]), _reply_to("rows-32", team, images), by_reference]
+    assert await _answer(live, repository, envelopes) == [Outcome.RESULT] * 3
+    answers = {r.key.decode(): orjson.loads(r.value) for r in await read_topic(live, team, 3)}
+    assert answers.keys() == {"rows-1", "rows-32", "by-ref"}
+    small = answers["rows-1"]
+    assert "outputs_uri" not in small, "a result the topic takes stays inline"
+    assert next(o for o in small["outputs"] if o["name"] == "class")["data"] == labels[:1].tolist()
+    for request_id in ("rows-32", "by-ref"):
+        assert len(orjson.dumps(answers[request_id])) < 1024
+        result_bucket, key = parse_s3_uri(answers[request_id]["outputs_uri"], field="outputs_uri")
+        stored = orjson.loads(s3.get_object(Bucket=result_bucket, Key=key)["Body"].read())
+        assert next(o for o in stored["outputs"] if o["name"] == "class")["data"] == labels.tolist()
+    assert await read_all(live, live.topics.results) == [], "no error instead of a result"
+
+
+async def test_reply_to_topics_whose_limit_cannot_serve_keep_their_answers_as_they_were(live, repository, caplog):
+    """Without an object store a result over a reply_to topic's max.message.bytes cannot go by reference, nor can one
+    be chosen for a topic whose limit the cluster does not give (Tansu gives none for a topic created without it):
+    both answers are sent as they are, as before (a broker that refuses them makes them an error on the results
+    topic). Each is logged once per topic, not once per answer, nor once per fetch answered while it is looked up."""
+    caplog.set_level(logging.INFO, logger="pipeline.sinks")
+    small, unsaid = f"{live.topics.results}.small", f"{live.topics.results}.unsaid"
+    await ensure_topics(live.kafka_client_kwargs(), [small], live.topic_partitions,
+                        configs={"max.message.bytes": str(RECORD_OVERHEAD_BYTES + 1024)})
+    await ensure_topics(live.kafka_client_kwargs(), [unsaid], live.topic_partitions)
+    images = synthetic_digits(32, seed=17)[0]
+    producer = answer_producer(live)
+    await producer.start()
+    try:
+        async with InferenceEngine(ModelCache(repository)) as engine:
+            store = claim_check_store(live)
+            with_store = Responder(live, engine, KafkaSink.for_settings(producer, live, store), store=store)
+            without_store = Responder(live, engine, KafkaSink.for_settings(producer, live, None))
+            for fetches in (2, 1):  # two fetches (of two partitions) at once, then one more
+                outcomes = await asyncio.gather(*(
+                    responder.handle_many([_reply_to(f"{topic}-{fetches}-{n}", topic, images)])
+                    for n in range(fetches) for responder, topic in ((with_store, unsaid), (without_store, small))))
+                assert outcomes == [[Outcome.RESULT]] * 2 * fetches
+    finally:
+        await producer.stop()
+    for topic in (small, unsaid):
+        answers = [orjson.loads(r.value) for r in await read_topic(live, topic, 3)]
+        assert len(answers) == 3 and all("outputs" in a and "outputs_uri" not in a for a in answers)
+    logged = [r.getMessage() for r in caplog.records if r.name == "pipeline.sinks"]
+    assert len([m for m in logged if f"reply_to topic {small} takes records of at most" in m
+                and "no object store" in m]) == 1
+    assert len([m for m in logged if f"max.message.bytes of reply_to topic {unsaid}" in m]) == 1

@@ -282,8 +282,9 @@ async def test_sqs_answers_and_dead_letters_fit_ten_attributes_and_large_results
     big = Framed(b"x" * (200 * 1024), {"content-type": "application/json"})
     request = decode_request(orjson.dumps({"id": "big", "model_name": MNIST_MLP, "inputs": [
         {"name": "input", "shape": [1, 1], "datatype": "FP32", "data": [0]}]}), max_bytes=1 << 20)
-    assert not Responder(live, None, sink)._inline(request, big)
-    assert Responder(live, None, KafkaSink.for_settings(None, live, None))._inline(request, big)
+    kafka = KafkaSink.for_settings(None, live, None)
+    assert not Responder(live, None, sink)._inline(request, big, *await sink.max_inline_bytes_for([request]))
+    assert Responder(live, None, kafka)._inline(request, big, *await kafka.max_inline_bytes_for([request]))
 
 
 @pytest.mark.parametrize(("queue_bytes", "inline", "by_reference"), [
@@ -301,8 +302,10 @@ async def test_inline_results_fit_the_results_queue(live, queue_bytes, inline, b
     request = decode_request(orjson.dumps({"id": "sized", "model_name": MNIST_MLP, "inputs": [
         {"name": "input", "shape": [1, 1], "datatype": "FP32", "data": [0]}]}), max_bytes=1 << 20)
     responder = Responder(replace(live, max_inline_output_bytes=1 << 20), None, sink)
-    assert responder._inline(request, Framed(b"x" * inline, {"content-type": "application/octet-stream"}))
-    assert not responder._inline(request, Framed(b"x" * by_reference, {"content-type": "application/octet-stream"}))
+    (limit,) = await sink.max_inline_bytes_for([request])
+    assert responder._inline(request, Framed(b"x" * inline, {"content-type": "application/octet-stream"}), limit)
+    assert not responder._inline(request, Framed(b"x" * by_reference, {"content-type": "application/octet-stream"}),
+                                 limit)
     framed = Framed(b"x" * inline, {"content-type": "application/octet-stream"})  # base64: a third larger
     await sink.answer(Envelope(payload=b"", headers={"traceparent": "00-" + "a" * 50}, source="sqs:q/1"), None,
                       framed)
