@@ -178,8 +178,9 @@ class KafkaSink:
     restart. Nor may a caller create topics: a `reply_to` topic is looked up without auto-creation first (a
     broker that creates topics on first mention, Kafka's default, would otherwise create any topic a request
     names), once per topic this sink knows of (`MAX_KNOWN_REPLY_TOPICS`), and its `max.message.bytes` read then:
-    with a claim-check store, results larger than a caller's topic takes go to S3 as those larger than the results
-    topic takes do (`max_inline_bytes_for`), rather than being refused there and answered with an error.
+    results larger than a caller's topic takes go to S3 as those larger than the results topic takes do
+    (`max_inline_bytes_for`; without a store, an error saying so answers them there), rather than being refused
+    by the broker and answered with an error on the results topic.
     """
 
     max_inline_bytes = None
@@ -221,12 +222,13 @@ class KafkaSink:
     async def max_inline_bytes_for(self, requests: Sequence[InferenceRequest]) -> list[int | None]:
         """`max_inline_bytes`, or less for an answer to a caller's topic that takes less: the broker would refuse a
         result over its max.message.bytes, and the caller would get an error on the results topic instead of the
-        result, which a reference to S3 can carry. Without a store, or where the topic's limit or the topic itself
-        cannot be looked up, `max_inline_bytes` (the answer goes as it would have: `answer_many` says why it
-        cannot). Each topic not known yet is looked up once, all of them at once."""
+        result, which a reference to S3 can carry (without a store, the responder's error saying the result is too
+        large, on the caller's own topic). Where the topic's limit or the topic itself cannot be looked up,
+        `max_inline_bytes` (the answer goes as it would have: `answer_many` says why it cannot). Each topic not
+        known yet is looked up once, all of them at once."""
         topics = [self._reply_to(request) for request in requests]
         unique = list(dict.fromkeys(topic for topic in topics if topic is not None))
-        if not unique or self.store is None:
+        if not unique:
             return [self.max_inline_bytes] * len(requests)
         limits: dict[str | None, int] = {}
         for topic, found in zip(unique, await asyncio.gather(*(self._reply_topic(t) for t in unique),
@@ -341,8 +343,8 @@ class KafkaSink:
         elif self._inline_under(limit) != self.max_inline_bytes:  # it takes less than the results topic
             if self.store is None:
                 log.warning("reply_to topic %s takes records of at most %d bytes (its max.message.bytes) and there is "
-                            "no object store for larger results: its broker refuses them, and they are answered with "
-                            "an error on %s", topic, limit, self.results_topic)
+                            "no object store for larger results: they are answered on it with an error saying so",
+                            topic, limit)
             else:
                 log.info("reply_to topic %s takes records of at most %d bytes (its max.message.bytes): larger results "
                          "to it go to S3", topic, limit)

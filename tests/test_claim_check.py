@@ -328,11 +328,12 @@ async def test_reply_to_topics_that_take_less_than_the_results_topic_get_larger_
     assert await read_all(live, live.topics.results) == [], "no error instead of a result"
 
 
-async def test_reply_to_topics_whose_limit_cannot_serve_keep_their_answers_as_they_were(live, repository, caplog):
-    """Without an object store a result over a reply_to topic's max.message.bytes cannot go by reference, nor can one
-    be chosen for a topic whose limit the cluster does not give (Tansu gives none for a topic created without it):
-    both answers are sent as they are, as before (a broker that refuses them makes them an error on the results
-    topic). Each is logged once per topic, not once per answer, nor once per fetch answered while it is looked up."""
+async def test_reply_to_topics_whose_limit_cannot_serve_answer_with_what_they_can(live, repository, caplog):
+    """Without an object store a result over a reply_to topic's max.message.bytes cannot go by reference: the caller
+    gets an error saying the result is too large on its own topic, rather than a record its broker refuses. For a
+    topic whose limit the cluster does not give (Tansu gives none for a topic created without it) none is chosen:
+    the result is sent as it is, as before. Each is logged once per topic, not once per answer, nor once per fetch
+    answered while it is looked up."""
     caplog.set_level(logging.INFO, logger="pipeline.sinks")
     small, unsaid = f"{live.topics.results}.small", f"{live.topics.results}.unsaid"
     await ensure_topics(live.kafka_client_kwargs(), [small], live.topic_partitions,
@@ -350,12 +351,14 @@ async def test_reply_to_topics_whose_limit_cannot_serve_keep_their_answers_as_th
                 outcomes = await asyncio.gather(*(
                     responder.handle_many([_reply_to(f"{topic}-{fetches}-{n}", topic, images)])
                     for n in range(fetches) for responder, topic in ((with_store, unsaid), (without_store, small))))
-                assert outcomes == [[Outcome.RESULT]] * 2 * fetches
+                assert outcomes == [[Outcome.RESULT], [Outcome.ERROR]] * fetches
     finally:
         await producer.stop()
-    for topic in (small, unsaid):
-        answers = [orjson.loads(r.value) for r in await read_topic(live, topic, 3)]
-        assert len(answers) == 3 and all("outputs" in a and "outputs_uri" not in a for a in answers)
+    answers = [orjson.loads(r.value) for r in await read_topic(live, unsaid, 3)]
+    assert len(answers) == 3 and all("outputs" in a and "outputs_uri" not in a for a in answers)
+    errors = [orjson.loads(r.value) for r in await read_topic(live, small, 3)]
+    assert len(errors) == 3
+    assert all("outputs" not in e and "too large to send inline" in e["error"]["message"] for e in errors)
     logged = [r.getMessage() for r in caplog.records if r.name == "pipeline.sinks"]
     assert len([m for m in logged if f"reply_to topic {small} takes records of at most" in m
                 and "no object store" in m]) == 1
