@@ -224,6 +224,11 @@ PERSISTENT_CONFIGS = [
     _persistent_config(128, 8, 3),
 ]
 PERSISTENT_MAX_KEYS = 128  # one key tile: its scores (BLOCK_M x BLOCK_N fp32) in registers beside the output's
+# Registers a thread may give the fp32 score and output tiles and the q tile together: past this, ptxas spilled
+# (sm_90, 128 x 128 scores on 4 warps: with a bf16 q of head dim 64, 224 a thread, 164 bytes stored and 156 loaded;
+# fp32 q of head dim 32, 192, 652 and 680), and at 176 (bf16, head dim 32) or 160 it did not, so those tiles are not
+# tried (`tests/kernels/kernel_compile_check.py --registers`).
+PERSISTENT_TILE_REGISTERS = 176
 SHARED_MEMORY_PER_SM = 233472  # bytes of shared memory an H100 multiprocessor has for its blocks (228 KB)
 
 
@@ -241,8 +246,14 @@ def persistent_block_n(sk: int) -> int:
 def persistent_configs(head_dim: int, element_size: int, block_n: int) -> list[triton.Config]:
     """The configs whose tiles fit registers and shared memory at this head dim, dtype size and key tile: none
     for fp32 at head dim 128 and 128 keys, which the tiled kernel runs."""
-    return [c for c in PERSISTENT_CONFIGS if fits_registers(c, head_dim) and persistent_shared_bytes(
-        c.kwargs["BLOCK_M"], block_n, c.kwargs["STAGES"], head_dim, element_size) <= 0.85 * SHARED_MEMORY]
+    def fits(c: triton.Config) -> bool:
+        block_m, threads = c.kwargs["BLOCK_M"], 32 * c.num_warps
+        registers = block_m * (block_n + head_dim + head_dim * element_size // 4)  # scores, output, q
+        return (fits_registers(c, head_dim) and registers <= PERSISTENT_TILE_REGISTERS * threads
+                and persistent_shared_bytes(block_m, block_n, c.kwargs["STAGES"], head_dim, element_size)
+                <= 0.85 * SHARED_MEMORY)
+
+    return [c for c in PERSISTENT_CONFIGS if fits(c)]
 
 
 def _prune_persistent_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:

@@ -15,6 +15,7 @@ from kernels.attention import (
     attention_triton,
     kernel_candidates,
     lengths_mask,
+    persistent_configs,
 )
 
 
@@ -153,6 +154,18 @@ def test_the_variants_are_off_by_default_and_each_runs_only_where_it_can(gen, de
     monkeypatch.setenv(PERSISTENT_ENV_VAR, "yes")
     with pytest.raises(ValueError, match=f"{PERSISTENT_ENV_VAR}='yes': expected off, on or auto"):
         kernels.attention(q, k, v)
+
+
+@pytest.mark.parametrize(("head_dim", "element_size", "tried"), [
+    (32, 2, True),  # 255 registers a thread on sm_90, no spill
+    (64, 2, False),  # spilled 164 bytes
+    (32, 4, False),  # spilled 652 bytes
+])
+def test_the_persistent_variant_tries_no_128_row_tile_on_4_warps_that_spilled(head_dim, element_size, tried):
+    """At 128 keys (``kernel_compile_check.py --registers``); fp32 at head dim 128 has no tile left at all."""
+    tiles = [(c.kwargs["BLOCK_M"], c.num_warps) for c in persistent_configs(head_dim, element_size, 128)]
+    assert ((128, 4) in tiles) == tried and (128, 8) in tiles
+    assert persistent_configs(128, 4, 128) == []
 
 
 def test_both_variants_forced_on_run_the_tma_one(gen, device, monkeypatch):
