@@ -17,6 +17,7 @@ from aiokafka.admin.config_resource import ConfigResourceType
 from aiokafka.errors import KafkaError
 from aiokafka.protocol.admin import DescribeConfigsRequest
 from aiokafka.protocol.metadata import MetadataRequest
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.claim_check import ClaimCheckStore
@@ -181,6 +182,10 @@ class KafkaSink:
     results larger than a caller's topic takes go to S3 as those larger than the results topic takes do
     (`max_inline_bytes_for`; without a store, an error saying so answers them there), rather than being refused
     by the broker and answered with an error on the results topic.
+
+    Kafka checks a whole record batch against the topic's max.message.bytes: batches end before the limit of their
+    topic where it is known (the results topic's from `for_settings`, a caller's from its lookup), so that answers
+    that each fit are not refused together.
     """
 
     max_inline_bytes = None
@@ -198,6 +203,8 @@ class KafkaSink:
         self.reply_to_timeout_s = reply_to_timeout_s
         #: Callers' topics the cluster said it has -> their max.message.bytes (None: it did not say).
         self._reply_topics: dict[str, int | None] = {}
+        #: The results topic's max.message.bytes, when known: its batches stay within it.
+        self.results_max_bytes: int | None = None
         self._lookups: dict[str, asyncio.Future[int | None]] = {}  # those being looked up, one lookup each
 
     @classmethod
@@ -207,7 +214,7 @@ class KafkaSink:
 
         `limits` (`services.record_limits`), each topic's largest record, lower those bounds where a topic takes
         less: results over the results topic's go to `store` too (as `max_inline_bytes`), so do dead letters over
-        the dead-letter topic's.
+        the dead-letter topic's; batches of answers to the results topic stay within its limit.
         """
         sink = cls(producer, settings.topics.results, settings.topics.dlq, store=store,
                    max_value_bytes=settings.max_request_bytes,
@@ -215,6 +222,7 @@ class KafkaSink:
         limits = limits or {}
         if (results := limits.get(settings.topics.results)) is not None:
             sink.max_inline_bytes = _inline_bytes(results)
+            sink.results_max_bytes = results
         if (dlq := limits.get(settings.topics.dlq)) is not None:
             sink.max_value_bytes = min(sink.max_value_bytes, max(0, dlq - RECORD_OVERHEAD_BYTES))
         return sink
@@ -267,11 +275,12 @@ class KafkaSink:
         sends = []
         for topic, group in by_topic.items():
             if topic == self.results_topic:
-                sends.append((topic, group, await self._send(topic, group, await self._partitions(topic))))
+                partitions = await self._partitions(topic)
+                sends.append((topic, group, await self._send(topic, group, partitions, self.results_max_bytes)))
                 continue
             try:
-                partitions = await self._reply_partitions(topic)
-                sends.append((topic, group, await self._send(topic, group, partitions)))
+                partitions, max_bytes = await self._reply_partitions(topic)
+                sends.append((topic, group, await self._send(topic, group, partitions, max_bytes)))
             except (KafkaError, TimeoutError, ValueError) as exc:
                 refused.extend((answer, _reason(exc)) for answer in group)
         for topic, group, acks in sends:
@@ -288,12 +297,13 @@ class KafkaSink:
     async def _partitions(self, topic: str) -> list[int]:
         return sorted(await self.producer.partitions_for(topic))
 
-    async def _reply_partitions(self, topic: str) -> list[int]:
-        """A caller's topic's partitions, once the cluster said it has the topic without creating it; raises
-        ValueError, KafkaError or TimeoutError (a step not done within `reply_to_timeout_s`) where it cannot say."""
-        await self._reply_topic(topic)
+    async def _reply_partitions(self, topic: str) -> tuple[list[int], int | None]:
+        """A caller's topic's partitions and max.message.bytes (`_reply_topic`), once the cluster said it has the
+        topic without creating it; raises ValueError, KafkaError or TimeoutError (a step not done within
+        `reply_to_timeout_s`) where it cannot say."""
+        max_bytes = await self._reply_topic(topic)
         async with asyncio.timeout(self.reply_to_timeout_s):
-            return await self._partitions(topic)
+            return await self._partitions(topic), max_bytes
 
     async def _reply_topic(self, topic: str) -> int | None:
         """A caller's topic's max.message.bytes (None: unknown), once the cluster said it has the topic without
@@ -350,8 +360,16 @@ class KafkaSink:
                          "to it go to S3", topic, limit)
         return limit
 
-    async def _send(self, topic: str, answers: Sequence[Answer], partitions: list[int]) -> list[Any]:
-        """Hand the answers to the producer, one batch per partition; the acknowledgements to wait for."""
+    async def _send(self, topic: str, answers: Sequence[Answer], partitions: list[int],
+                    max_bytes: int | None = None) -> list[Any]:
+        """Hand the answers to the producer, in order, one batch per partition; the acknowledgements to wait for.
+
+        A batch ends when the producer's builder is full (its `max_batch_size`) or, where the topic's max.message.bytes
+        is known (`max_bytes`), before an answer could take it past that: Kafka refuses a batch over the topic's limit
+        whole, though each of its answers fits. The bound is the batch so far (`size()`) plus the answer as a batch of
+        its own (`estimate_size_in_bytes`, an upper bound, with a batch header more than it adds: some 60 bytes of
+        margin). An answer over the limit by itself still goes, alone: the inline limits keep results under it.
+        """
         records = []
         for envelope, request, framed in answers:
             headers = framed.kafka_headers()
@@ -365,6 +383,11 @@ class KafkaSink:
         for partition, (key, value, headers) in zip(
                 partitions_for_keys([key for key, _, _ in records], partitions), records, strict=True):
             builder = builders.get(partition)
+            if (builder is not None and max_bytes is not None and builder.record_count()
+                    and builder.size() + DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
+                    > max_bytes):
+                acks.append(await self.producer.send_batch(builder, topic, partition=partition))
+                builder = None
             if builder is None:
                 builder = builders[partition] = self.producer.create_batch()
             if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
