@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -181,7 +182,8 @@ class KafkaSink:
     names), once per topic this sink knows of (`MAX_KNOWN_REPLY_TOPICS`), and its `max.message.bytes` read then:
     results larger than a caller's topic takes go to S3 as those larger than the results topic takes do
     (`max_inline_bytes_for`; without a store, an error saying so answers them there), rather than being refused
-    by the broker and answered with an error on the results topic.
+    by the broker and answered with an error on the results topic. A lookup that fails is remembered for
+    `failed_lookup_s`, so that the answers it concerns are not looked up again moments later.
 
     Kafka checks a whole record batch against the topic's max.message.bytes: batches end before the limit of their
     topic where it is known (the results topic's from `for_settings`, a caller's from its lookup), so that answers
@@ -190,6 +192,10 @@ class KafkaSink:
 
     max_inline_bytes = None
     MAX_KNOWN_REPLY_TOPICS = 10_000
+    #: How long a failed lookup of a reply_to topic stands (seconds): a fetch's answers ask for the topic twice, for
+    #: their inline limit and to be sent, and one missing topic then cost two metadata requests, one cluster that
+    #: does not answer two `reply_to_timeout_s` waits. Short, so that a topic created meanwhile is soon found.
+    failed_lookup_s = 5.0
 
     def __init__(self, producer: Any, results_topic: str, dlq_topic: str, *, store: ClaimCheckStore | None = None,
                  max_value_bytes: int = 1024 * 1024, reserved_topics: Collection[str] = (),
@@ -203,6 +209,8 @@ class KafkaSink:
         self.reply_to_timeout_s = reply_to_timeout_s
         #: Callers' topics the cluster said it has -> their max.message.bytes (None: it did not say).
         self._reply_topics: dict[str, int | None] = {}
+        #: Callers' topics whose lookup failed -> until when (time.monotonic()) that stands, and why.
+        self._failed_lookups: dict[str, tuple[float, BaseException]] = {}
         #: The results topic's max.message.bytes, when known: its batches stay within it.
         self.results_max_bytes: int | None = None
         self._lookups: dict[str, asyncio.Future[int | None]] = {}  # those being looked up, one lookup each
@@ -308,7 +316,8 @@ class KafkaSink:
     async def _reply_topic(self, topic: str) -> int | None:
         """A caller's topic's max.message.bytes (None: unknown), once the cluster said it has the topic without
         creating it; both are asked when the topic is first looked up, then known (`MAX_KNOWN_REPLY_TOPICS`).
-        Raises ValueError, KafkaError or TimeoutError where answers cannot go to the topic.
+        Raises ValueError, KafkaError or TimeoutError where answers cannot go to the topic: a failed lookup's error
+        again, without asking, for `failed_lookup_s`.
 
         Fetches are answered concurrently: those that name a topic being looked up wait for that lookup (one request
         and one log line per topic), shielded, so that one of them cancelled does not cancel it for the others.
@@ -317,6 +326,12 @@ class KafkaSink:
             raise ValueError("it is one of the platform's own topics")
         if topic in self._reply_topics:
             return self._reply_topics[topic]
+        failed = self._failed_lookups.get(topic)
+        if failed is not None:
+            until, error = failed
+            if time.monotonic() < until:
+                raise error.with_traceback(None)
+            del self._failed_lookups[topic]
         lookup = self._lookups.get(topic)
         if lookup is None:
             lookup = self._lookups[topic] = asyncio.ensure_future(self._look_up(topic))
@@ -324,18 +339,35 @@ class KafkaSink:
         return await asyncio.shield(lookup)
 
     async def _look_up(self, topic: str) -> int | None:
-        """`_reply_topic`'s question to the cluster: the topic's metadata (without creating it), then its limit."""
+        """`_reply_topic`'s question to the cluster: the topic's metadata (without creating it), then its limit. A
+        failure is logged and remembered (`failed_lookup_s`)."""
         client = self.producer.client
-        async with asyncio.timeout(self.reply_to_timeout_s):
-            response = await client.send(client.get_random_node(),
-                                         MetadataRequest([topic], allow_auto_topic_creation=False))
-        if response.topics[0][0] != 0:  # each topic's entry starts with its error code
-            raise ValueError("the cluster has no such topic")
+        try:
+            async with asyncio.timeout(self.reply_to_timeout_s):
+                response = await client.send(client.get_random_node(),
+                                             MetadataRequest([topic], allow_auto_topic_creation=False))
+            if response.topics[0][0] != 0:  # each topic's entry starts with its error code
+                raise ValueError("the cluster has no such topic")
+        except (KafkaError, TimeoutError, ValueError) as exc:
+            self._remember_failure(topic, exc)
+            raise
         limit = await self._read_reply_limit(topic)
         if len(self._reply_topics) >= self.MAX_KNOWN_REPLY_TOPICS:
             self._reply_topics.clear()
         self._reply_topics[topic] = limit
         return limit
+
+    def _remember_failure(self, topic: str, exc: BaseException) -> None:
+        """Let a failed lookup stand for `failed_lookup_s`, among at most `MAX_KNOWN_REPLY_TOPICS` (those expired
+        go first)."""
+        log.warning("cannot look up reply_to topic %s (%s): its answers go to %s as errors, and it is not asked about "
+                    "again for %g s", topic, _reason(exc), self.results_topic, self.failed_lookup_s)
+        now = time.monotonic()
+        if len(self._failed_lookups) >= self.MAX_KNOWN_REPLY_TOPICS:
+            self._failed_lookups = {t: failed for t, failed in self._failed_lookups.items() if failed[0] > now}
+            if len(self._failed_lookups) >= self.MAX_KNOWN_REPLY_TOPICS:
+                self._failed_lookups.clear()
+        self._failed_lookups[topic] = (now + self.failed_lookup_s, exc)
 
     async def _read_reply_limit(self, topic: str) -> int | None:
         """A caller's topic's max.message.bytes, or None where the cluster does not say within
