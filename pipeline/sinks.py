@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -17,6 +18,7 @@ from aiokafka.admin.config_resource import ConfigResourceType
 from aiokafka.errors import KafkaError
 from aiokafka.protocol.admin import DescribeConfigsRequest
 from aiokafka.protocol.metadata import MetadataRequest
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.claim_check import ClaimCheckStore
@@ -180,11 +182,20 @@ class KafkaSink:
     names), once per topic this sink knows of (`MAX_KNOWN_REPLY_TOPICS`), and its `max.message.bytes` read then:
     results larger than a caller's topic takes go to S3 as those larger than the results topic takes do
     (`max_inline_bytes_for`; without a store, an error saying so answers them there), rather than being refused
-    by the broker and answered with an error on the results topic.
+    by the broker and answered with an error on the results topic. A lookup that fails is remembered for
+    `failed_lookup_s`, so that the answers it concerns are not looked up again moments later.
+
+    Kafka checks a whole record batch against the topic's max.message.bytes: batches end before the limit of their
+    topic where it is known (the results topic's from `for_settings`, a caller's from its lookup), so that answers
+    that each fit are not refused together.
     """
 
     max_inline_bytes = None
     MAX_KNOWN_REPLY_TOPICS = 10_000
+    #: How long a failed lookup of a reply_to topic stands (seconds): a fetch's answers ask for the topic twice, for
+    #: their inline limit and to be sent, and one missing topic then cost two metadata requests, one cluster that
+    #: does not answer two `reply_to_timeout_s` waits. Short, so that a topic created meanwhile is soon found.
+    failed_lookup_s = 5.0
 
     def __init__(self, producer: Any, results_topic: str, dlq_topic: str, *, store: ClaimCheckStore | None = None,
                  max_value_bytes: int = 1024 * 1024, reserved_topics: Collection[str] = (),
@@ -198,6 +209,10 @@ class KafkaSink:
         self.reply_to_timeout_s = reply_to_timeout_s
         #: Callers' topics the cluster said it has -> their max.message.bytes (None: it did not say).
         self._reply_topics: dict[str, int | None] = {}
+        #: Callers' topics whose lookup failed -> until when (time.monotonic()) that stands, and why.
+        self._failed_lookups: dict[str, tuple[float, BaseException]] = {}
+        #: The results topic's max.message.bytes, when known: its batches stay within it.
+        self.results_max_bytes: int | None = None
         self._lookups: dict[str, asyncio.Future[int | None]] = {}  # those being looked up, one lookup each
 
     @classmethod
@@ -207,7 +222,7 @@ class KafkaSink:
 
         `limits` (`services.record_limits`), each topic's largest record, lower those bounds where a topic takes
         less: results over the results topic's go to `store` too (as `max_inline_bytes`), so do dead letters over
-        the dead-letter topic's.
+        the dead-letter topic's; batches of answers to the results topic stay within its limit.
         """
         sink = cls(producer, settings.topics.results, settings.topics.dlq, store=store,
                    max_value_bytes=settings.max_request_bytes,
@@ -215,6 +230,7 @@ class KafkaSink:
         limits = limits or {}
         if (results := limits.get(settings.topics.results)) is not None:
             sink.max_inline_bytes = _inline_bytes(results)
+            sink.results_max_bytes = results
         if (dlq := limits.get(settings.topics.dlq)) is not None:
             sink.max_value_bytes = min(sink.max_value_bytes, max(0, dlq - RECORD_OVERHEAD_BYTES))
         return sink
@@ -267,11 +283,12 @@ class KafkaSink:
         sends = []
         for topic, group in by_topic.items():
             if topic == self.results_topic:
-                sends.append((topic, group, await self._send(topic, group, await self._partitions(topic))))
+                partitions = await self._partitions(topic)
+                sends.append((topic, group, await self._send(topic, group, partitions, self.results_max_bytes)))
                 continue
             try:
-                partitions = await self._reply_partitions(topic)
-                sends.append((topic, group, await self._send(topic, group, partitions)))
+                partitions, max_bytes = await self._reply_partitions(topic)
+                sends.append((topic, group, await self._send(topic, group, partitions, max_bytes)))
             except (KafkaError, TimeoutError, ValueError) as exc:
                 refused.extend((answer, _reason(exc)) for answer in group)
         for topic, group, acks in sends:
@@ -288,17 +305,19 @@ class KafkaSink:
     async def _partitions(self, topic: str) -> list[int]:
         return sorted(await self.producer.partitions_for(topic))
 
-    async def _reply_partitions(self, topic: str) -> list[int]:
-        """A caller's topic's partitions, once the cluster said it has the topic without creating it; raises
-        ValueError, KafkaError or TimeoutError (a step not done within `reply_to_timeout_s`) where it cannot say."""
-        await self._reply_topic(topic)
+    async def _reply_partitions(self, topic: str) -> tuple[list[int], int | None]:
+        """A caller's topic's partitions and max.message.bytes (`_reply_topic`), once the cluster said it has the
+        topic without creating it; raises ValueError, KafkaError or TimeoutError (a step not done within
+        `reply_to_timeout_s`) where it cannot say."""
+        max_bytes = await self._reply_topic(topic)
         async with asyncio.timeout(self.reply_to_timeout_s):
-            return await self._partitions(topic)
+            return await self._partitions(topic), max_bytes
 
     async def _reply_topic(self, topic: str) -> int | None:
         """A caller's topic's max.message.bytes (None: unknown), once the cluster said it has the topic without
         creating it; both are asked when the topic is first looked up, then known (`MAX_KNOWN_REPLY_TOPICS`).
-        Raises ValueError, KafkaError or TimeoutError where answers cannot go to the topic.
+        Raises ValueError, KafkaError or TimeoutError where answers cannot go to the topic: a failed lookup's error
+        again, without asking, for `failed_lookup_s`.
 
         Fetches are answered concurrently: those that name a topic being looked up wait for that lookup (one request
         and one log line per topic), shielded, so that one of them cancelled does not cancel it for the others.
@@ -307,6 +326,12 @@ class KafkaSink:
             raise ValueError("it is one of the platform's own topics")
         if topic in self._reply_topics:
             return self._reply_topics[topic]
+        failed = self._failed_lookups.get(topic)
+        if failed is not None:
+            until, error = failed
+            if time.monotonic() < until:
+                raise error.with_traceback(None)
+            del self._failed_lookups[topic]
         lookup = self._lookups.get(topic)
         if lookup is None:
             lookup = self._lookups[topic] = asyncio.ensure_future(self._look_up(topic))
@@ -314,18 +339,35 @@ class KafkaSink:
         return await asyncio.shield(lookup)
 
     async def _look_up(self, topic: str) -> int | None:
-        """`_reply_topic`'s question to the cluster: the topic's metadata (without creating it), then its limit."""
+        """`_reply_topic`'s question to the cluster: the topic's metadata (without creating it), then its limit. A
+        failure is logged and remembered (`failed_lookup_s`)."""
         client = self.producer.client
-        async with asyncio.timeout(self.reply_to_timeout_s):
-            response = await client.send(client.get_random_node(),
-                                         MetadataRequest([topic], allow_auto_topic_creation=False))
-        if response.topics[0][0] != 0:  # each topic's entry starts with its error code
-            raise ValueError("the cluster has no such topic")
+        try:
+            async with asyncio.timeout(self.reply_to_timeout_s):
+                response = await client.send(client.get_random_node(),
+                                             MetadataRequest([topic], allow_auto_topic_creation=False))
+            if response.topics[0][0] != 0:  # each topic's entry starts with its error code
+                raise ValueError("the cluster has no such topic")
+        except (KafkaError, TimeoutError, ValueError) as exc:
+            self._remember_failure(topic, exc)
+            raise
         limit = await self._read_reply_limit(topic)
         if len(self._reply_topics) >= self.MAX_KNOWN_REPLY_TOPICS:
             self._reply_topics.clear()
         self._reply_topics[topic] = limit
         return limit
+
+    def _remember_failure(self, topic: str, exc: BaseException) -> None:
+        """Let a failed lookup stand for `failed_lookup_s`, among at most `MAX_KNOWN_REPLY_TOPICS` (those expired
+        go first)."""
+        log.warning("cannot look up reply_to topic %s (%s): its answers go to %s as errors, and it is not asked about "
+                    "again for %g s", topic, _reason(exc), self.results_topic, self.failed_lookup_s)
+        now = time.monotonic()
+        if len(self._failed_lookups) >= self.MAX_KNOWN_REPLY_TOPICS:
+            self._failed_lookups = {t: failed for t, failed in self._failed_lookups.items() if failed[0] > now}
+            if len(self._failed_lookups) >= self.MAX_KNOWN_REPLY_TOPICS:
+                self._failed_lookups.clear()
+        self._failed_lookups[topic] = (now + self.failed_lookup_s, exc)
 
     async def _read_reply_limit(self, topic: str) -> int | None:
         """A caller's topic's max.message.bytes, or None where the cluster does not say within
@@ -350,8 +392,16 @@ class KafkaSink:
                          "to it go to S3", topic, limit)
         return limit
 
-    async def _send(self, topic: str, answers: Sequence[Answer], partitions: list[int]) -> list[Any]:
-        """Hand the answers to the producer, one batch per partition; the acknowledgements to wait for."""
+    async def _send(self, topic: str, answers: Sequence[Answer], partitions: list[int],
+                    max_bytes: int | None = None) -> list[Any]:
+        """Hand the answers to the producer, in order, one batch per partition; the acknowledgements to wait for.
+
+        A batch ends when the producer's builder is full (its `max_batch_size`) or, where the topic's max.message.bytes
+        is known (`max_bytes`), before an answer could take it past that: Kafka refuses a batch over the topic's limit
+        whole, though each of its answers fits. The bound is the batch so far (`size()`) plus the answer as a batch of
+        its own (`estimate_size_in_bytes`, an upper bound, with a batch header more than it adds: some 60 bytes of
+        margin). An answer over the limit by itself still goes, alone: the inline limits keep results under it.
+        """
         records = []
         for envelope, request, framed in answers:
             headers = framed.kafka_headers()
@@ -365,6 +415,11 @@ class KafkaSink:
         for partition, (key, value, headers) in zip(
                 partitions_for_keys([key for key, _, _ in records], partitions), records, strict=True):
             builder = builders.get(partition)
+            if (builder is not None and max_bytes is not None and builder.record_count()
+                    and builder.size() + DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
+                    > max_bytes):
+                acks.append(await self.producer.send_batch(builder, topic, partition=partition))
+                builder = None
             if builder is None:
                 builder = builders[partition] = self.producer.create_batch()
             if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:

@@ -11,7 +11,7 @@ import numpy as np
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
-from worker_support import read_all, read_topic, running_worker
+from worker_support import read_all, read_topic, running_worker, stored_batches
 
 from infra.bootstrap import ensure_topics
 from models.cache import ModelCache
@@ -49,14 +49,16 @@ def test_default_result_keys_are_new_per_result_and_readable_per_request_id():
         parse_s3_uri(uri, field="outputs_uri")  # every key is one the store accepts
 
 
-async def _answer(settings, repository, envelopes: list[Envelope]) -> list[Outcome]:
-    """The envelopes through a worker's responder: the engine, claim checks and the Kafka sink."""
+async def _answer(settings, repository, envelopes: list[Envelope], limits: dict[str, int] | None = None
+                  ) -> list[Outcome]:
+    """The envelopes through a worker's responder: the engine, claim checks and the Kafka sink (given the topics'
+    `limits`, as `record_limits` reads them)."""
     producer = answer_producer(settings)
     await producer.start()
     try:
         async with InferenceEngine(ModelCache(repository)) as engine:
             store = claim_check_store(settings)
-            sink = KafkaSink.for_settings(producer, settings, store)
+            sink = KafkaSink.for_settings(producer, settings, store, limits)
             return await Responder(settings, engine, sink, store=store).handle_many(envelopes)
     finally:
         await producer.stop()
@@ -261,6 +263,7 @@ async def test_topics_that_take_less_than_the_settings_allow_get_larger_answers_
     """Topics created elsewhere, with a max.message.bytes under what the settings allow: the broker would refuse a
     result or a dead letter over it, the worker would stop on the record, and stop on it again after each restart.
     Results and dead letters that the topics would refuse go to S3; the others stay in the record."""
+    caplog.set_level(logging.INFO, logger="pipeline.services")
     limit = RECORD_OVERHEAD_BYTES + 1024
     await ensure_topics(settings.kafka_client_kwargs(), [settings.topics.results, settings.topics.dlq],
                         settings.topic_partitions, configs={"max.message.bytes": str(limit)})
@@ -280,6 +283,9 @@ async def test_topics_that_take_less_than_the_settings_allow_get_larger_answers_
         (dead,) = await read_topic(settings, settings.topics.dlq, 1)
     assert f"topic {settings.topics.results} takes records of at most {limit} bytes" in caplog.text
     assert f"topic {settings.topics.dlq} takes record batches of at most {limit} bytes" in caplog.text
+    batches = [r for r in caplog.records if r.getMessage().startswith(f"topic {settings.topics.results} takes record "
+                                                                        f"batches of at most {limit} bytes")]
+    assert [r.levelno for r in batches] == [logging.INFO], "the sink keeps its batches within the results topic's limit"
     small, large = answers["rows-1"].body, answers["rows-32"].body
     assert "outputs_uri" not in small and small["outputs"], "a result the topic takes stays inline"
     bucket, key = parse_s3_uri(large["outputs_uri"], field="outputs_uri")
@@ -363,3 +369,53 @@ async def test_reply_to_topics_whose_limit_cannot_serve_answer_with_what_they_ca
     assert len([m for m in logged if f"reply_to topic {small} takes records of at most" in m
                 and "no object store" in m]) == 1
     assert len([m for m in logged if f"max.message.bytes of reply_to topic {unsaid}" in m]) == 1
+
+
+def _assert_batched(stored: dict[int, list[tuple[int, list]]], request_ids: list[str], limit: int) -> None:
+    """The answers to `request_ids` as a topic's partitions stored them (`stored_batches`): in record batches of at
+    most `limit` bytes, some partition in more than one (the answers together take more), each answer once, and
+    in the order of their requests within each partition."""
+    sizes = [size for batches in stored.values() for size, _ in batches]
+    assert sizes and max(sizes) <= limit, f"batches of {sorted(sizes)} bytes, over the topic's {limit}"
+    assert len(sizes) > len(stored), "the answers took more than one batch's limit: some partition needs several"
+    by_partition = [[record.key.decode() for _, records in batches for record in records]
+                    for batches in stored.values()]
+    assert sorted(key for keys in by_partition for key in keys) == sorted(request_ids)
+    for keys in by_partition:
+        assert keys == sorted(keys, key=request_ids.index)
+
+
+async def test_answers_to_a_reply_to_topic_go_in_batches_it_takes(live, repository):
+    """Kafka checks a whole record batch against the topic's max.message.bytes: answers that each fit a caller's topic
+    went to it in one batch per partition (up to the producer's 256 KiB), which its broker refused, every answer of it
+    then an INVALID_REQUEST error on the results topic. Batches now end before the limit the lookup read. Tansu does not
+    enforce the limit (the old code's batches were stored whole): the test reads the batches the broker stored."""
+    limit = RECORD_OVERHEAD_BYTES + 4096
+    team = f"{live.topics.results}.batched"
+    await ensure_topics(live.kafka_client_kwargs(), [team], live.topic_partitions,
+                        configs={"max.message.bytes": str(limit)})
+    images, labels = synthetic_digits(8, seed=19)
+    request_ids = [f"b-{n:03d}" for n in range(100)]  # answers of some 2 KiB: 200 KB in all
+    assert await _answer(live, repository, [_reply_to(i, team, images) for i in request_ids]) == [Outcome.RESULT] * 100
+    stored = await stored_batches(live, team)
+    _assert_batched(stored, request_ids, limit)
+    for _, records in (batch for batches in stored.values() for batch in batches):
+        for record in records:
+            assert next(o for o in orjson.loads(record.value)["outputs"] if o["name"] == "class")["data"] == \
+                labels.tolist()
+    assert await read_all(live, live.topics.results) == [], "no error instead of an answer"
+
+
+async def test_answers_to_a_results_topic_that_takes_less_go_in_batches_it_takes(settings, repository):
+    """The results topic's max.message.bytes, read at start (`record_limits`), bounds the batches of answers to it as
+    well as each answer: a batch the broker refuses there stops the worker, on the same records after a restart."""
+    limit = RECORD_OVERHEAD_BYTES + 4096
+    await ensure_topics(settings.kafka_client_kwargs(), [settings.topics.results], settings.topic_partitions,
+                        configs={"max.message.bytes": str(limit)})
+    await bootstrap(settings)  # the other topics and the bucket
+    images = synthetic_digits(8, seed=23)[0]
+    request_ids = [f"b-{n:03d}" for n in range(100)]
+    envelopes = [Envelope(encode_request(i, MNIST_MLP, {"input": images}).body, {}, f"{i}@0") for i in request_ids]
+    outcomes = await _answer(settings, repository, envelopes, limits={settings.topics.results: limit})
+    assert outcomes == [Outcome.RESULT] * 100
+    _assert_batched(await stored_batches(settings, settings.topics.results), request_ids, limit)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import time
+from collections import Counter
 from dataclasses import replace
 
 import aiohttp
@@ -367,6 +369,63 @@ async def test_reply_to_topics_get_answers_and_refused_ones_become_errors_on_the
         error = on_results[request_id]["error"]
         assert error["code"] == "INVALID_REQUEST" and error["message"].startswith("parameters.reply_to: cannot")
         assert reason in error["message"]
+
+
+class _CountingSink(KafkaSink):
+    """A KafkaSink that counts its questions to the cluster about each reply_to topic (`_look_up`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lookups: Counter[str] = Counter()
+
+    async def _look_up(self, topic: str) -> int | None:
+        self.lookups[topic] += 1
+        return await super()._look_up(topic)
+
+
+async def test_a_failed_reply_to_lookup_is_not_repeated_within_an_answer(live, repository, caplog):
+    """A reply_to topic is looked up for its results' inline limit, then again when they are sent: a lookup that
+    failed was not remembered, so a missing topic cost two metadata requests, and a cluster that does not answer two
+    reply_to_timeout_s waits (20 s instead of 10 s) per fetch. A failure is now remembered for a few seconds: the
+    answers of a fetch, and of the next ones, get the error without another lookup, and a topic created meanwhile is
+    found once that memory expires."""
+    caplog.set_level(logging.WARNING, logger="pipeline.sinks")
+    later, silent = f"{live.topics.results}.later", f"{live.topics.results}.silent"
+    requests, _ = example_requests(5, prefix="fl")
+    for request, reply_to in zip(requests, (later, later, later, later, silent), strict=True):
+        request["parameters"] = {"reply_to": reply_to}
+    envelopes = [Envelope(payload=orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY), headers={}, source=f"fl@{i}")
+                 for i, r in enumerate(requests)]
+    producer = answer_producer(live)
+    await producer.start()
+    try:
+        async with InferenceEngine(ModelCache(repository), worker_id="fl") as engine:
+            sink = _CountingSink.for_settings(producer, live, None)
+            sink.failed_lookup_s = 2.0
+            responder = Responder(live, engine, sink)
+            assert await responder.handle_many(envelopes[:2]) == [Outcome.RESULT] * 2
+            assert await responder.handle_many(envelopes[2:3]) == [Outcome.RESULT]  # the next fetch, moments later
+            assert sink.lookups[later] == 1
+            await ensure_topics(live.kafka_client_kwargs(), [later], partitions=live.topic_partitions)
+            await asyncio.sleep(sink.failed_lookup_s)
+            assert await responder.handle_many(envelopes[3:4]) == [Outcome.RESULT]
+            assert sink.lookups[later] == 2
+            sink.reply_to_timeout_s = 0  # the cluster "does not answer in time"
+            assert await responder.handle_many(envelopes[4:]) == [Outcome.RESULT]
+            assert sink.lookups[silent] == 1
+    finally:
+        await producer.stop()
+    (routed,) = await read_topic(live, later, 1)
+    assert routed.key == b"fl-000003" and "outputs" in orjson.loads(routed.value)
+    on_results = {r.key.decode(): orjson.loads(r.value) for r in await read_topic(live, live.topics.results, 4)}
+    assert set(on_results) == {"fl-000000", "fl-000001", "fl-000002", "fl-000004"}
+    missing, silent_reason = "the cluster has no such topic", "the cluster does not serve it"
+    for request_id, reason in (("fl-000000", missing), ("fl-000002", missing), ("fl-000004", silent_reason)):
+        error = on_results[request_id]["error"]
+        assert error["code"] == "INVALID_REQUEST" and reason in error["message"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "pipeline.sinks"]
+    assert len([m for m in logged if m.startswith(f"cannot look up reply_to topic {later}")]) == 1
+    assert len([m for m in logged if m.startswith(f"cannot look up reply_to topic {silent}")]) == 1
 
 
 class _CountingEngine(InferenceEngine):

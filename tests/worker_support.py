@@ -11,7 +11,10 @@ import threading
 import time
 from dataclasses import replace
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.client import AIOKafkaClient
+from aiokafka.protocol.fetch import FetchRequest
+from aiokafka.record.memory_records import MemoryRecords
 
 from models.cache import ModelCache
 from models.examples import MNIST_MLP, mnist_mlp_config, train_mnist_mlp
@@ -76,6 +79,39 @@ async def read_all(settings, topic: str, timeout: float = 30.0) -> list:
         return records
     finally:
         await consumer.stop()
+
+
+async def stored_batches(settings, topic: str, max_bytes: int = 64 * 1024 * 1024) -> dict[int, list[tuple[int, list]]]:
+    """Each partition of `topic` as the broker stored it: its record batches in order, each as (its size in bytes,
+    its records). A consumer hands out records, not the batches they came in, and Kafka checks a whole batch against
+    the topic's max.message.bytes (which Tansu does not enforce): this fetches the partitions with raw Fetch requests
+    (the request aiokafka's fetcher sends, of the version it agrees with the broker) and walks the bytes returned."""
+    client = AIOKafkaClient(**settings.kafka_client_kwargs())
+    await client.bootstrap()
+    try:
+        await client.set_topics([topic])
+        stored: dict[int, list[tuple[int, list]]] = {}
+        for partition in sorted(client.cluster.partitions_for_topic(topic) or ()):
+            leader = client.cluster.leader_for_partition(TopicPartition(topic, partition))
+            batches, offset = stored.setdefault(partition, []), 0
+            while True:
+                request = FetchRequest(100, 1, max_bytes, 0, [(topic, [(partition, offset, max_bytes)])])
+                response = await client.send(leader, request)
+                ((_, ((_, error_code, highwater, *data),)),) = response.topics
+                assert error_code == 0, f"fetching {topic}/{partition} at {offset}: error {error_code}"
+                data = bytes(data[-1] or b"")
+                records, position = MemoryRecords(data), 0
+                while (batch := records.next_batch()) is not None:
+                    # A batch starts with its base offset (8 bytes) and its length from there on (4 bytes).
+                    size = 12 + int.from_bytes(data[position + 8:position + 12], "big", signed=True)
+                    batches.append((size, list(batch)))
+                    position += size
+                    offset = batch.next_offset
+                if offset >= highwater or position == 0:
+                    break
+        return stored
+    finally:
+        await client.close()
 
 
 def worker_process(settings, *, repository_root=None, worker_id: str, args: tuple[str, ...] = ()
