@@ -300,14 +300,19 @@ class _EngineWithABug(InferenceEngine):
         return await super().infer_many(requests)
 
 
+def _envelopes(requests: list[dict], source: str, keyed: bool = False) -> list[Envelope]:
+    """Each request as a source's record would bring it (``source@i``), keyed by its id with ``keyed``."""
+    return [Envelope(payload=orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY), headers={}, source=f"{source}@{i}",
+                     key=r["id"].encode() if keyed else None) for i, r in enumerate(requests)]
+
+
 async def test_a_bug_in_a_group_of_requests_answers_the_others_and_dead_letters_its_own(live, repository):
     """`Responder.handle_many` sends a fetch's requests to the engine together; an unexpected exception there
     must not fail the whole fetch: each request goes through alone, and only the one that trips the bug is
     dead-lettered (after its retries), the source going on."""
     requests, _ = example_requests(4, prefix="grp")
     requests[2] = {**requests[2], "id": "trips-a-bug"}
-    envelopes = [Envelope(payload=orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY), headers={}, source=f"t@{i}",
-                          key=r["id"].encode()) for i, r in enumerate(requests)]
+    envelopes = _envelopes(requests, "t", keyed=True)
     producer = answer_producer(live)
     await producer.start()
     try:
@@ -336,8 +341,7 @@ async def test_reply_to_topics_get_answers_and_refused_ones_become_errors_on_the
     for request, reply_to in zip(requests, routes, strict=True):
         if reply_to:
             request["parameters"] = {"reply_to": reply_to}
-    envelopes = [Envelope(payload=orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY), headers={}, source=f"t@{i}")
-                 for i, r in enumerate(requests)]
+    envelopes = _envelopes(requests, "t")
     producer = answer_producer(live)
     await producer.start()
     try:
@@ -394,8 +398,7 @@ async def test_a_failed_reply_to_lookup_is_not_repeated_within_an_answer(live, r
     requests, _ = example_requests(5, prefix="fl")
     for request, reply_to in zip(requests, (later, later, later, later, silent), strict=True):
         request["parameters"] = {"reply_to": reply_to}
-    envelopes = [Envelope(payload=orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY), headers={}, source=f"fl@{i}")
-                 for i, r in enumerate(requests)]
+    envelopes = _envelopes(requests, "fl")
     producer = answer_producer(live)
     await producer.start()
     try:
@@ -465,8 +468,7 @@ async def test_made_up_model_names_do_not_become_metric_labels(live, repository)
 
     requests, _ = example_requests(2, prefix="lbl")
     requests[0]["model_name"], requests[1]["model_name"] = "made-up-1f3a", "made-up-9c2e"
-    envelopes = [Envelope(payload=orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY), headers={}, source=f"t@{i}")
-                 for i, r in enumerate(requests)]
+    envelopes = _envelopes(requests, "t")
     before = errors("-")
     producer = answer_producer(live)
     await producer.start()
