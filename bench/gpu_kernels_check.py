@@ -23,7 +23,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -57,13 +56,7 @@ def _cases() -> list[Case]:
 
     import kernels
     from kernels._common import activation_reference, dequantize
-    from kernels.attention import (
-        PERSISTENT_ENV_VAR,
-        TMA_ENV_VAR,
-        _tma_descriptors,
-        attention_reference,
-        kernel_candidates,
-    )
+    from kernels.attention import attention_reference, attention_triton
     from kernels.conv2d import conv2d_reference
     from kernels.embedding_norm import embedding_norm_reference
     from kernels.embedding_pool import embedding_pool_reference
@@ -203,17 +196,9 @@ def _cases() -> list[Case]:
         return {"mask": (mask, None), "lengths": (None, lengths), "none": (None, None)}[padding]
 
     def attention_run(q, k, v, mask, lengths, variant):
-        """The launch under test: ``variant`` (``tma``: ``MAAS_ATTENTION_TMA=on``; ``persistent``:
-        ``MAAS_ATTENTION_PERSISTENT=on``; settings read per launch), which must then run, else the tiled kernel."""
-        settings = {TMA_ENV_VAR: "on" if variant == "tma" else "off",
-                    PERSISTENT_ENV_VAR: "on" if variant == "persistent" else "off"}
-
-        def run(out):
-            with mock.patch.dict(os.environ, settings):
-                if variant and variant not in kernel_candidates(q, k, _tma_descriptors(q, k, v)):
-                    raise RuntimeError(f"the {variant} variant does not run this problem on this GPU")
-                return kernels.attention(q, k, v, mask, key_lengths=lengths, out=out)
-        return run
+        """The launch under test: ``variant`` (``tma``, ``persistent``) forced, which must then run, else as
+        served (the settings' defaults: the tiled kernel)."""
+        return lambda out: attention_triton(q, k, v, mask, key_lengths=lengths, out=out, kernel=variant)
 
     def attention_case(b, h, s, hd, padding, variant=None, dtypes=DTYPES):
         def build(dt, gen):

@@ -31,14 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -231,22 +229,12 @@ def cases(quick: bool, dev: str = "cuda") -> list[Case]:
 
 
 def _attention_variant(name: str, **kwargs) -> Callable:
-    """``kernels.attention`` as its variant ``name`` (``tma`` or ``persistent``) runs it, forced ``on`` and the other
-    ``off`` (settings read at each launch); an error where that variant would not run (a GPU below compute
-    capability 9.0 for TMA), rather than another kernel's time under its label."""
-    import kernels
-    from kernels.attention import PERSISTENT_ENV_VAR, TMA_ENV_VAR, _tma_descriptors, kernel_candidates
+    """The attention launcher with its variant ``name`` (``tma`` or ``persistent``) forced: an error where that
+    variant would not run (a GPU below compute capability 9.0 for TMA), rather than another kernel's time under its
+    label."""
+    from kernels.attention import attention_triton
 
-    settings = {TMA_ENV_VAR: "on" if name == "tma" else "off",
-                PERSISTENT_ENV_VAR: "on" if name == "persistent" else "off"}
-
-    def run(q, k, v):
-        with mock.patch.dict(os.environ, settings):
-            if name not in kernel_candidates(q, k, _tma_descriptors(q, k, v)):
-                raise RuntimeError(f"the {name} variant does not run this problem on this GPU")
-            return kernels.attention(q, k, v, **kwargs)
-
-    return run
+    return lambda q, k, v: attention_triton(q, k, v, kernel=name, **kwargs)
 
 
 def _time(fn: Callable, args: tuple) -> float:

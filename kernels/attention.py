@@ -440,15 +440,25 @@ def _tma_descriptor(t: torch.Tensor) -> TensorDescriptor | None:
 
 
 def _tma_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[TensorDescriptor] | None:
-    """Descriptors of q, k and v for ``_attention_tma_kernel`` where ``MAAS_ATTENTION_TMA`` is not ``off``, the
-    GPU has TMA (compute capability 9.0 or more; the interpreter emulates it) and every layout suits it; else
-    None."""
-    if _setting(TMA_ENV_VAR) == "off":
-        return None
+    """:func:`_tma_readable` where ``MAAS_ATTENTION_TMA`` is not ``off``, else None (no descriptors made)."""
+    return None if _setting(TMA_ENV_VAR) == "off" else _tma_readable(q, k, v)
+
+
+def _tma_readable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[TensorDescriptor] | None:
+    """Descriptors of q, k and v for ``_attention_tma_kernel`` where the GPU has TMA (compute capability 9.0 or
+    more; the interpreter emulates it) and every layout suits it; else None."""
     if not INTERPRETER and compute_capability(q) < 90:
         return None
     descriptors = [_tma_descriptor(t) for t in (q, k, v)]
     return None if any(desc is None for desc in descriptors) else descriptors
+
+
+def _persistent_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the persistent kernel can run the problem: up to ``PERSISTENT_MAX_KEYS`` keys (one or more), with a
+    config of it that fits."""
+    sk = k.shape[2]
+    return 0 < sk <= PERSISTENT_MAX_KEYS and bool(persistent_configs(q.shape[3], q.element_size(),
+                                                                     persistent_block_n(sk)))
 
 
 def _may_run(env_var: str, q: torch.Tensor) -> bool:
@@ -460,11 +470,8 @@ def kernel_candidates(q: torch.Tensor, k: torch.Tensor, descriptors: list[Tensor
     """The kernels that may run a problem by their settings, the tiled one (which runs everything) first: the TMA
     variant where ``descriptors`` could be made, the persistent one for up to ``PERSISTENT_MAX_KEYS`` keys where
     a config of it fits."""
-    sk = k.shape[2]
-    persistent = (0 < sk <= PERSISTENT_MAX_KEYS and _may_run(PERSISTENT_ENV_VAR, q)
-                  and bool(persistent_configs(q.shape[3], q.element_size(), persistent_block_n(sk))))
     return ["tiled", *(["tma"] if descriptors is not None and _may_run(TMA_ENV_VAR, q) else []),
-            *(["persistent"] if persistent else [])]
+            *(["persistent"] if _may_run(PERSISTENT_ENV_VAR, q) and _persistent_fits(q, k) else [])]
 
 
 _KERNEL_CHOICE = TimedChoice("maas_attention_kernel", bucket_at=5)  # the key's batch x heads bucket
@@ -500,12 +507,22 @@ def _fixed_meta(kernel: str, sq: int, sk: int, d: int, element_size: int) -> dic
     return next(c for c in GPU_CONFIGS if fits_shared_memory(c, d, element_size) and fits_registers(c, d)).all_kwargs()
 
 
-def _launch(q, k, v, key_padding_mask, scale, out, key_lengths=None) -> torch.Tensor:
+KERNELS = ("tiled", "tma", "persistent")
+
+
+def _launch(q, k, v, key_padding_mask, scale, out, key_lengths=None, kernel: str | None = None) -> torch.Tensor:
     o = _output(out, q, q=q, k=k, v=v)
     b, h, sq, d = q.shape
     sk = k.shape[2]
     if o.numel() == 0:
         return o
+    if kernel is None:
+        descriptors = _tma_descriptors(q, k, v)
+    else:  # forced: it must be able to run the problem, whatever the settings say
+        descriptors = _tma_readable(q, k, v) if kernel == "tma" else None
+        if (kernel == "tma" and descriptors is None) or (kernel == "persistent" and not _persistent_fits(q, k)):
+            raise ValueError(f"kernel={kernel!r}: the {kernel} variant does not run this problem here (TMA: compute "
+                             "capability 9.0 and a layout it reads; persistent: 1-128 keys, a tile that fits)")
     qk_scale = (scale if scale is not None else 1.0 / math.sqrt(d)) * math.log2(math.e)
 
     def grid(config: dict) -> tuple[int]:  # called with the autotuner's chosen config
@@ -522,7 +539,6 @@ def _launch(q, k, v, key_padding_mask, scale, out, key_lengths=None) -> torch.Te
     args = (key_padding_mask if key_lengths is None else key_lengths, o, h, sq, sk, qk_scale, *buckets, *strides)
     options = dict(HAS_MASK=key_padding_mask is not None, HEAD_DIM=d, UPCAST=INTERPRETER,
                    HAS_LENGTHS=key_lengths is not None, **pdl(q))
-    descriptors = _tma_descriptors(q, k, v)
     block_n = persistent_block_n(sk)
 
     def tiled() -> None:
@@ -541,16 +557,23 @@ def _launch(q, k, v, key_padding_mask, scale, out, key_lengths=None) -> torch.Te
             **_fixed_meta("persistent", sq, sk, d, q.element_size()))
 
     launchers = {"tiled": tiled, "tma": tma, "persistent": persistent}
-    candidates = kernel_candidates(q, k, descriptors)
-    key = (q.dtype, d, *buckets, options["HAS_MASK"], options["HAS_LENGTHS"])
-    launchers[_choose_kernel(q, candidates, key, launchers)]()
+    if kernel is None:
+        key = (q.dtype, d, *buckets, options["HAS_MASK"], options["HAS_LENGTHS"])
+        kernel = _choose_kernel(q, kernel_candidates(q, k, descriptors), key, launchers)
+    launchers[kernel]()
     return o
 
 
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      key_padding_mask: torch.Tensor | None = None, scale: float | None = None, *,
-                     key_lengths: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The Triton launcher: any strides but a contiguous head dimension; the mask must be contiguous."""
+                     key_lengths: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                     kernel: str | None = None) -> torch.Tensor:
+    """The Triton launcher: any strides but a contiguous head dimension; the mask must be contiguous. ``kernel``
+    forces one of ``KERNELS`` (``tma`` and ``persistent`` where they can run the problem, else ``ValueError``), as
+    the GPU checks and benchmarks time each; None lets ``MAAS_ATTENTION_TMA``, ``MAAS_ATTENTION_PERSISTENT`` and
+    the timings decide."""
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
     _validate(q, k, v, key_padding_mask, key_lengths)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_head_stride(name, t)
@@ -558,7 +581,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         check_tensor("key_padding_mask", key_padding_mask, contiguous=True)
     if key_lengths is not None:
         check_tensor("key_lengths", key_lengths, contiguous=True)
-    return _launch(q, k, v, key_padding_mask, scale, out, key_lengths)
+    return _launch(q, k, v, key_padding_mask, scale, out, key_lengths, kernel)
 
 
 def attention_reference(

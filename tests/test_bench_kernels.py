@@ -113,6 +113,6 @@ def test_an_attention_variant_row_runs_that_variant_or_fails_and_leaves_the_sett
     q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
     assert torch.allclose(run(q, k, v), attention_reference(q, k, v), atol=1e-5)
     long_k = torch.randn(1, 2, 129, 16)
-    with pytest.raises(RuntimeError, match="the persistent variant does not run this problem"):
+    with pytest.raises(ValueError, match="the persistent variant does not run this problem"):
         run(q, long_k, long_k)
     assert os.environ[TMA_ENV_VAR] == "auto" and PERSISTENT_ENV_VAR not in os.environ

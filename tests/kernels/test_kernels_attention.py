@@ -183,6 +183,29 @@ def test_both_variants_forced_on_run_the_tma_one(gen, device, monkeypatch):
     assert [len(c.grids) for c in launches.values()] == [0, 1, 1]
 
 
+def test_a_kernel_forced_at_the_launcher_runs_whatever_the_settings_say(gen, device, monkeypatch):
+    """``attention_triton(kernel=...)``, as the GPU checks and benchmarks time each variant: the settings off, the
+    forced kernel runs; one that cannot run the problem, or an unknown name, is a ValueError naming ``kernel``."""
+    monkeypatch.delenv(TMA_ENV_VAR, raising=False)
+    monkeypatch.delenv(PERSISTENT_ENV_VAR, raising=False)
+    launches = {name: _Launches(getattr(attention_module, name))
+                for name in ("_attention_kernel", "_attention_tma_kernel", "_attention_persistent_kernel")}
+    for name, counter in launches.items():
+        monkeypatch.setattr(attention_module, name, counter)
+    q, k, v = (randn(gen, 2, 2, 9, 16) for _ in range(3))
+    for kernel in ("tma", "persistent", "tiled"):
+        assert_close(attention_triton(q, k, v, kernel=kernel), attention_reference(q.double(), k.double(), v.double()),
+                     torch.float32, 9)
+    assert [len(c.grids) for c in launches.values()] == [1, 1, 1]
+    long_k = randn(gen, 2, 2, PERSISTENT_MAX_KEYS + 1, 16)
+    with pytest.raises(ValueError, match="kernel='persistent': the persistent variant does not run this problem"):
+        attention_triton(q, long_k, long_k, kernel="persistent")
+    with pytest.raises(ValueError, match="kernel='tma'"):
+        attention_triton(q, long_k.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3), long_k, kernel="tma")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        attention_triton(q, k, v, kernel="flash")
+
+
 def _strided(gen, shape, strides, offset=0):
     """A view of ``shape`` with ``strides`` into a NaN-filled buffer: what lies between its elements is NaN."""
     size = offset + sum((n - 1) * st for n, st in zip(shape, strides, strict=True)) + 1
