@@ -40,7 +40,7 @@ GROUPS = [
     ("4096x4096x4096", "1x3072x768"),
     ("77x768x3072", "512x1000x4096"),
     ("4133x1000x4104",),
-    ("split_k", "128x4096x4096 gelu +res tma"),  # the thin-M kernels' group
+    ("split_k", "128x4096x4096 gelu +res tma"),  # the thin-M kernels' group, and TMA split-K's
     ("gemv",),  # nine configs to tune for each of its shapes and dtypes: a process of its own
     ("1x14336x4096", "16x4096x14336"),
     ("linear_fp8 M4096", "linear_fp8 M77"),  # its one-row case runs with the GEMV ones
@@ -79,12 +79,21 @@ def _cases() -> list[Case]:
         return None if t is None else t.double()
 
     def linear_case(m, n, k, activation, residual, kernel=None):
-        """``kernel``: force ``tiled``, ``tma``, ``split_k`` or ``gemv``; None: as served."""
+        """``kernel``: force ``tiled``, ``tma``, ``tma_split_k``, ``split_k`` or ``gemv``; None: as served.
+        TMA split-K also runs a second time, which must give the same bits (its halves hand partial sums over
+        through memory: a race would show there, or as errors)."""
         def build(dt, gen):
             x, w, b = rnd(gen, m, k, dtype=dt), rnd(gen, n, k, dtype=dt, scale=k**-0.5), rnd(gen, n, dtype=dt)
             r = rnd(gen, m, n, dtype=dt) if residual else None
-            return (lambda out: launch_linear(x, w, None, b, activation, r, out, kernel=kernel),
-                    lambda: linear_reference(d(x), d(w), d(b), activation, d(r)), (m, n), k, True)
+
+            def run(out):
+                y = launch_linear(x, w, None, b, activation, r, out, kernel=kernel)
+                if kernel == "tma_split_k" and not torch.equal(
+                        launch_linear(x, w, None, b, activation, r, None, kernel=kernel), y):
+                    raise RuntimeError("a second launch gave other bits")
+                return y
+
+            return run, lambda: linear_reference(d(x), d(w), d(b), activation, d(r)), (m, n), k, True
         return f"linear {m}x{n}x{k} {activation}{' +res' if residual else ''} {kernel or ''}".rstrip(), DTYPES, build
 
     def int8_case(m, n, k, kernel=None):
@@ -276,6 +285,8 @@ def _cases() -> list[Case]:
         linear_case(61, 1000, 4104, "tanh", False, "split_k"),  # partial tiles along M, N and K
         linear_case(128, 4096, 4096, "relu", True, "split_k"),  # the 128-row tiles may be picked
         linear_case(128, 4096, 4096, "gelu", True, "tma"),  # the 64 x 64 tiles may be picked
+        linear_case(512, 4096, 4096, "gelu", True, "tma_split_k"),  # what it is for: 64 wide tiles, 128 halves
+        linear_case(333, 1000, 4104, "tanh", False, "tma_split_k"),  # partial tiles along M, N and K
         linear_case(1, 4096, 4096, "gelu", True, "gemv"),
         linear_case(1, 1000, 4104, "tanh", False, "gemv"),  # a partial column block and K tile
         int8_case(1, 14336, 4104, "gemv"),

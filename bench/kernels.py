@@ -20,8 +20,9 @@ baseline is the dense bf16 ``F.linear`` it replaces, the compiled one ``torch.co
 ``linear_fp8`` (activations quantized per row on the way in, inside the timed call) both are the bf16
 ``F.linear`` + bias + ReLU it would replace.
 
-Usage: ``python bench/kernels.py [--quick] [--no-compile] [--only OP ...]`` (an OP also selects the rows named
-``OP something``, ``attention`` those of ``attention lengths``); ``--plot RESULTS.json`` only redraws
+Usage: ``python bench/kernels.py [--quick] [--no-compile] [--only OP ...] [--sizes TEXT ...]`` (an OP also
+selects the rows named ``OP something``, ``attention`` those of ``attention lengths``; ``--sizes`` keeps the rows
+whose size holds one of the texts, ``M512 N4096``); ``--plot RESULTS.json`` only redraws
 a saved run's chart beside it (no GPU needed). Without a CUDA GPU it says so and
 exits 0.
 """
@@ -78,7 +79,7 @@ def cases(quick: bool, dev: str = "cuda") -> list[Case]:
     """The benchmark's cases on ``dev`` (the tests build them on ``meta``, where the torch baselines run too)."""
     import kernels
     from kernels.attention import PERSISTENT_MAX_KEYS
-    from kernels.linear import GEMV_MAX_M, SPLIT_K_MAX_M, launch_linear, use_tma
+    from kernels.linear import GEMV_MAX_M, SPLIT_K_MAX_M, TMA_SPLIT_K_MAX_OUTPUTS, launch_linear, use_tma
     from kernels.linear_fp8 import FP8
 
 
@@ -98,8 +99,9 @@ def cases(quick: bool, dev: str = "cuda") -> list[Case]:
                           gemm=(x, w, b, "relu")))
         # Each kernel that may run the problem on its own (split-K also where its bounds rule it out of timing),
         # to see what each gains where timing picks one, and whether those bounds are right.
-        candidates = ["tiled", *["tma"] * use_tma(x, w, m), *["split_k"] * (m <= SPLIT_K_MAX_M),
-                      *["gemv"] * (m <= GEMV_MAX_M)]
+        candidates = ["tiled", *["tma"] * use_tma(x, w, m),
+                      *["tma_split_k"] * (use_tma(x, w, m) and m * n <= TMA_SPLIT_K_MAX_OUTPUTS),
+                      *["split_k"] * (m <= SPLIT_K_MAX_M), *["gemv"] * (m <= GEMV_MAX_M)]
         for kernel in candidates * (len(candidates) > 1 and not quick):
             found.append(Case(f"linear {kernel}", f"M{m} N{n} K{k} +bias relu", (x, w, b),
                               lambda x, w, b, kernel=kernel: launch_linear(x, w, None, b, "relu", None, None,
@@ -277,12 +279,13 @@ def _tile_config(case: Case) -> str | None:
         _linear_kernel,
         _linear_split_k_kernel,
         _linear_tma_kernel,
+        _linear_tma_split_k_kernel,
         kernel_key,
     )
 
     kernel = case.op.split()[-1] if case.gemm is None else FASTEST_KERNEL.get(kernel_key(*case.gemm, None), "tiled")
-    tuner = {"tiled": _linear_kernel, "tma": _linear_tma_kernel, "split_k": _linear_split_k_kernel,
-             "gemv": _linear_gemv_kernel}[kernel]
+    tuner = {"tiled": _linear_kernel, "tma": _linear_tma_kernel, "tma_split_k": _linear_tma_split_k_kernel,
+             "split_k": _linear_split_k_kernel, "gemv": _linear_gemv_kernel}[kernel]
     config = getattr(tuner, "best_config", None)
     return None if config is None else f"{kernel} {config}{masked_rows_note(getattr(tuner, 'configs_timings', {}))}"
 
@@ -395,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--only", nargs="+", metavar="OP",
                         help="benchmark only these ops (and the rows named 'OP something')")
+    parser.add_argument("--sizes", nargs="+", metavar="TEXT", help="benchmark only the sizes holding these texts")
     parser.add_argument("--plot", type=Path, metavar="JSON", help="only redraw the chart of a saved kernels.json")
     opts = parser.parse_args(argv)
     if opts.plot:
@@ -413,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'graph ms':>9} {'x eager':>8}  tiles")
     for case in cases(opts.quick):
         if opts.only and case.op not in opts.only and case.op.split()[0] not in opts.only:
+            continue
+        if opts.sizes and not any(text in case.size for text in opts.sizes):
             continue
         try:
             row = run(case, not opts.no_compile)

@@ -7,21 +7,25 @@ per-output-channel scale is applied in the epilogue (it factors out of the sum o
 :mod:`kernels.linear_fp8`: X and W tiles both fp8, multiplied as they are, with a per-row scale of X
 (``HAS_X_SCALE``) applied in the epilogue beside W's.
 
-Three more kernels share that epilogue, each for the problems where the tiled one leaves the GPU underused:
+Four more kernels share that epilogue, each for the problems where the tiled one leaves the GPU underused:
 
 - **persistent TMA** (large float problems on Hopper and later): one program per multiprocessor walks the
   output tiles, fed by the tensor memory accelerator (TMA), which copies whole X and W tiles into shared memory
   without address arithmetic or registers, as in Triton's persistent-matmul tutorial;
+- **TMA split-K** (a few hundred rows of a wide weight): the same with its widest tiles, too few of them to
+  occupy every multiprocessor, each tile's K split in two halves run by two programs; the one to end second
+  adds the other's fp32 partial sum and applies the epilogue. One launch;
 - **split-K** (a few rows: online inference): a thin output has too few tiles to occupy every
   multiprocessor, so programs also split the sum over K into runs, write fp32 partial sums, and a second small
   kernel adds them in a fixed order and applies the epilogue. Any weight dtype, int8 and fp8 included;
 - **GEMV** (a single row): no tensor-core tiles, whose 16 rows would be 15 of padding; products on the CUDA
   cores, with narrow column blocks for parallelism instead of a split of K. Any weight dtype too.
 
-``MAAS_LINEAR_TMA``, ``MAAS_LINEAR_SPLIT_K`` and ``MAAS_LINEAR_GEMV`` each pick: ``auto`` (default: where one
-may pay, see ``use_tma``, ``use_split_k`` and ``use_gemv``, the candidate kernels are timed once per shape,
-replayed from CUDA graphs as serving runs them, and the fastest runs from then on), ``1`` (always where it can
-run, the interpreter included) or ``0`` (never).
+``MAAS_LINEAR_TMA``, ``MAAS_LINEAR_TMA_SPLIT_K``, ``MAAS_LINEAR_SPLIT_K`` and ``MAAS_LINEAR_GEMV`` each pick:
+``auto`` (where one may pay, see ``use_tma``, ``use_tma_split_k``, ``use_split_k`` and ``use_gemv``, the
+candidate kernels are timed once per shape, replayed from CUDA graphs as serving runs them, and the fastest runs
+from then on), ``1`` (always where it can run, the interpreter included) or ``0`` (never). ``auto`` is the
+default, but for TMA split-K: ``0`` until a GPU has checked it.
 """
 
 from __future__ import annotations
@@ -136,16 +140,7 @@ def _linear_kernel(
     MASK_ROWS: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     pdl_wait(USE_PDL)
-    # Grouped launch order: GROUP_M row-blocks share each weight column-block while it is in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_n = (pid % group_size) // group_m
-
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = _dot_tiles(x_ptr, w_ptr, offs_m, offs_n, M, N, K, 0, tl.cdiv(K, BLOCK_K),
@@ -153,6 +148,16 @@ def _linear_kernel(
     acc = _scale_tile(acc, offs_m, offs_n, M, N, s_ptr, xs_ptr, HAS_SCALE, HAS_X_SCALE)
     _store_tile(acc, offs_m, offs_n, M, N, b_ptr, r_ptr, y_ptr, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
     pdl_launch_dependents(USE_PDL)
+
+
+@triton.jit
+def _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Output tile ``tile``'s row and column blocks, in grouped order: GROUP_M row blocks in a row share each
+    weight column block while it is in L2."""
+    group_size = GROUP_M * num_pid_n
+    first_m = (tile // group_size) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    return first_m + (tile % group_size) % group_m, (tile % group_size) // group_m
 
 
 @triton.jit
@@ -235,6 +240,22 @@ _TMA_CONFIGS = [
 ]
 
 
+@triton.jit
+def _tma_dot_tiles(x_desc, w_desc, pid_m, pid_n, first_k, steps, UPCAST: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``X @ W^T`` on output tile (``pid_m``, ``pid_n``) over ``steps`` K tiles from tile ``first_k`` on, in
+    fp32, read with TMA: it fills tiles past M, N or K with zeros, so the loads need no masks."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(first_k, first_k + steps):
+        a = x_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+        w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
+        if UPCAST:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w.T, acc)
+    return acc
+
+
 def _prune_tma_configs(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
     size = named_args["x_desc"].base.element_size()
     return within_bucket([c for c in configs if fits_shared_memory(c, size)], "BLOCK_M", named_args["M_BUCKET"])
@@ -253,26 +274,74 @@ def _linear_tma_kernel(
 ):
     pdl_wait(USE_PDL)
     # Persistent: program p takes output tiles p, p + NUM_PROGRAMS, ... in the grouped order of the kernel
-    # above. TMA fills tiles past M, N or K with zeros, so the loads need no masks.
+    # above.
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
     for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS):
-        first_m = (tile // group_size) * GROUP_M
-        group_m = min(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % group_size) % group_m
-        pid_n = (tile % group_size) // group_m
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            a = x_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
-            w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
-            if UPCAST:
-                a = a.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(a, w.T, acc)
+        pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        acc = _tma_dot_tiles(x_desc, w_desc, pid_m, pid_n, 0, tl.cdiv(K, BLOCK_K), UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         _store_tile(acc, offs_m, offs_n, M, N, b_ptr, r_ptr, y_ptr, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
+    pdl_launch_dependents(USE_PDL)
+
+
+# The persistent TMA kernel's widest tiles run closest to the tensor cores' peak: in the tile sweep (run 15) a
+# 128 x 256 tile made 6.5 TFLOP/s a multiprocessor at M 512, N = K = 4,096, a 128 x 128 one 4.5. But that output
+# is only 64 such tiles, for 132 multiprocessors (41.2 us, where 128 tiles of 128 x 128 took 29.8 and cuBLAS
+# 29.9). Splitting each tile's K in two halves gives 128 programs of the wide tile. The 32-deep tiles are the
+# ones fp32 fits in shared memory.
+_TMA_SPLIT_K_CONFIGS = [
+    _config(*tiles, pre_hook=_set_tile_shapes)
+    for tiles in ((128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (256, 128, 64, 8, 4),
+                  (128, 256, 32, 8, 4), (256, 128, 32, 8, 4))
+]
+
+
+@autotune(_TMA_SPLIT_K_CONFIGS, key=["M_BUCKET", "N", "K"],
+          prune_configs_by={"early_config_prune": _prune_tma_configs}, buckets=["M_BUCKET"])
+@triton.jit(do_not_specialize=BATCH_ARGS)
+def _linear_tma_split_k_kernel(
+    x_desc, w_desc, b_ptr, r_ptr, y_ptr, p_ptr, c_ptr,
+    M, N, K, M_BUCKET,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, UPCAST: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
+):
+    pdl_wait(USE_PDL)
+    # Persistent over halves: unit u is half u % 2 of output tile u // 2's K tiles (the second half short or
+    # empty), so a tile's halves go to neighbouring programs and end together. One launch: the half that ends
+    # second adds the other's fp32 partial sum to its own (in registers: a sum of two, the same whichever came
+    # second) and applies the epilogue. c_ptr[tile] (zero at launch) counts: each half adds 1 as it ends and
+    # the first adds 1 more once its partial is written, so 3 means both. The second then sets it back to 0:
+    # a relaunch on the same counts (the autotuner's timing runs) starts as the first did. The second waits
+    # only for a half that has ended its loop, in a program that is running and waits for nothing: no
+    # deadlock, however many programs the GPU holds at once.
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_half = tl.cdiv(k_tiles, 2)
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    in_slab = rows[:, None] * BLOCK_N + cols[None, :]
+    for unit in tl.range(tl.program_id(0), num_pid_m * num_pid_n * 2, NUM_PROGRAMS):
+        tile = unit // 2
+        pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        first_k = (unit % 2) * per_half
+        acc = _tma_dot_tiles(x_desc, w_desc, pid_m, pid_n, first_k, tl.minimum(per_half, k_tiles - first_k),
+                             UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        slab = p_ptr + tile * BLOCK_M * BLOCK_N + in_slab
+        if tl.atomic_add(c_ptr + tile, 1, sem="relaxed") == 0:
+            tl.store(slab, acc)
+            tl.debug_barrier()  # every thread's share of the slab written before one thread releases it
+            tl.atomic_add(c_ptr + tile, 1, sem="release")
+        else:
+            while tl.atomic_cas(c_ptr + tile, 3, 0, sem="acquire") != 3:
+                pass
+            acc += tl.load(slab, cache_modifier=".cg")
+            _store_tile(acc, pid_m * BLOCK_M + rows, pid_n * BLOCK_N + cols, M, N, b_ptr, r_ptr, y_ptr,
+                        HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
     pdl_launch_dependents(USE_PDL)
 
 
@@ -427,6 +496,11 @@ def _interpreter_blocks(m: int, n: int, k: int) -> dict[str, int]:
 TMA_ENV_VAR = "MAAS_LINEAR_TMA"
 SPLIT_K_ENV_VAR = "MAAS_LINEAR_SPLIT_K"
 GEMV_ENV_VAR = "MAAS_LINEAR_GEMV"
+TMA_SPLIT_K_ENV_VAR = "MAAS_LINEAR_TMA_SPLIT_K"
+# Knobs whose ``auto`` is not the default: the TMA split-K kernel has not yet run on a GPU (its programs hand
+# partial sums to each other through memory, which the interpreter, running programs one after another, cannot
+# race), so it stays off until a GPU check has passed it.
+_DEFAULT_SETTINGS = {TMA_SPLIT_K_ENV_VAR: "0"}
 # Timing both kernels autotunes the TMA kernel's tiles on top of the tiled kernel's for every M bucket of a
 # model, which lengthens its warm-up: only problems this large (multiply-adds) are worth it. On an H200 the TMA
 # kernel was faster in graph replays from 8.6 G up (512 x 4,096 x 4,096: 25.4 against 31.3 us; MiniLM's
@@ -464,7 +538,7 @@ def _tma_aligned(*tensors: torch.Tensor) -> bool:
 
 def _setting(env_var: str) -> str:
     """``auto``, ``1`` (force the kernel on where it can run) or ``0`` (never), from ``env_var``."""
-    return env_choice(env_var, "auto", ("auto", "1", "0"))
+    return env_choice(env_var, _DEFAULT_SETTINGS.get(env_var, "auto"), ("auto", "1", "0"))
 
 
 def use_tma(x: torch.Tensor, weight: torch.Tensor, m: int) -> bool:
@@ -497,6 +571,34 @@ def split_k_may_pay(m: int, n: int, k: int, multiprocessors: int) -> bool:
             and triton.cdiv(m, rows) * triton.cdiv(n, cols) < multiprocessors)
 
 
+# The TMA split-K kernel's fp32 partials hold a copy of the output: at most this many outputs (16 MB of
+# partials; 8 MB at 512 x 4,096, and the timing bound below keeps to 2.2 M outputs on an H100).
+TMA_SPLIT_K_MAX_OUTPUTS = 2**22
+TMA_SPLIT_K_TILE = (128, 256)  # its widest tile, whose count says whether splitting K may pay
+
+
+def use_tma_split_k(x: torch.Tensor, weight: torch.Tensor, m: int) -> bool:
+    """Whether the persistent TMA kernel with K split between programs may run (``MAAS_LINEAR_TMA_SPLIT_K``,
+    off by default): at most ``TMA_SPLIT_K_MAX_OUTPUTS`` outputs of aligned float weights, forced with ``1``,
+    or in ``auto`` a Hopper GPU problem of ``TMA_MIN_MACS`` or more that its wide tiles leave half the
+    multiprocessors idle on (``tma_split_k_may_pay``), where timing decides."""
+    choice = _setting(TMA_SPLIT_K_ENV_VAR)
+    n, k = weight.shape
+    if (choice == "0" or not weight.is_floating_point() or not _tma_aligned(x, weight)
+            or m * n > TMA_SPLIT_K_MAX_OUTPUTS):
+        return False
+    if choice == "1":
+        return x.is_cuda or INTERPRETER
+    return (x.is_cuda and m * n * k >= TMA_MIN_MACS and _has_tma(x.device)
+            and tma_split_k_may_pay(m, n, multiprocessors(x.device)))
+
+
+def tma_split_k_may_pay(m: int, n: int, multiprocessors: int) -> bool:
+    """Whether the widest tiles, their K split in two, still leave none of ``multiprocessors`` a second one."""
+    rows, cols = TMA_SPLIT_K_TILE
+    return 2 * triton.cdiv(m, rows) * triton.cdiv(n, cols) <= multiprocessors
+
+
 # The GEMV kernel is timed against the others for a single row, on weights this large at least
 # (elements; 1 Mi is 2 MB in bf16, under a microsecond of streaming at 3 TB/s: below that every kernel waits on
 # its launch and the warm-up would time it for nothing). A judgement, not a measured crossover.
@@ -517,8 +619,9 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor, m: int) -> bool:
 
 def kernel_candidates(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, m: int) -> list[str]:
     """The kernels that may run a problem, the tiled one (which runs everything) first; TMA takes float weights
-    only."""
+    only, as TMA split-K does."""
     return ["tiled", *(["tma"] if scales is None and use_tma(x, weight, m) else []),
+            *(["tma_split_k"] if scales is None and use_tma_split_k(x, weight, m) else []),
             *(["split_k"] if use_split_k(x, weight, m) else []), *(["gemv"] if use_gemv(x, weight, m) else [])]
 
 
@@ -554,20 +657,64 @@ def _choose_kernel(x, weight, scales, x_scales, bias, activation, residual, y, m
     return _KERNEL_CHOICE.choose(key, stored_key(key), candidates, time)
 
 
-def _launch_tma(x, weight, scales, x_scales, bias, activation, residual, y, m, n, k, meta) -> None:
-    """The persistent kernel: as many programs as multiprocessors (or tiles, when fewer). No int8 scales."""
-    num_programs = multiprocessors(x.device) if x.is_cuda else 4
-    x_desc = TensorDescriptor.from_tensor(x.view(m, k), [1, 1])  # tile shapes: set per config (pre_hook)
+INTERPRETER_PROGRAMS = 4  # the persistent kernels' programs under the interpreter: each walks several tiles
+
+
+def _tma_descriptors(x: torch.Tensor, weight: torch.Tensor, m: int, k: int, meta: dict):
+    """X's and W's TMA descriptors, and ``meta`` for a TMA kernel. Their tile shapes are set per config (the
+    autotuner's pre_hook), or here from the interpreter's fixed tiles, whose rows past M come as zeros from
+    TMA: nothing to mask."""
+    x_desc = TensorDescriptor.from_tensor(x.view(m, k), [1, 1])
     w_desc = TensorDescriptor.from_tensor(weight, [1, 1])
-    if meta:  # the interpreter's fixed tiles (its rows past M come as zeros from TMA: nothing to mask)
+    if meta:
         meta = {name: v for name, v in meta.items() if name != "MASK_ROWS"}
         _set_tile_shapes({"x_desc": x_desc, "w_desc": w_desc, **meta})
+    return x_desc, w_desc, meta
+
+
+def _launch_tma(x, weight, scales, x_scales, bias, activation, residual, y, m, n, k, meta) -> None:
+    """The persistent kernel: as many programs as multiprocessors (or tiles, when fewer). No int8 scales."""
+    num_programs = multiprocessors(x.device) if x.is_cuda else INTERPRETER_PROGRAMS
+    x_desc, w_desc, meta = _tma_descriptors(x, weight, m, k, meta)
 
     def grid(config: dict) -> tuple[int]:
         return (min(num_programs, triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"])),)
 
     _linear_tma_kernel[grid](
         x_desc, w_desc, bias, residual, y,
+        m, n, k, triton.next_power_of_2(m),
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=activation, UPCAST=INTERPRETER,
+        NUM_PROGRAMS=num_programs,
+        **meta, **pdl(x),
+    )
+
+
+# The TMA split-K kernel's programs under the interpreter, which runs them one after another: with an odd
+# count, the first half of a tile to end is its second at some tiles.
+INTERPRETER_SPLIT_PROGRAMS = 3
+
+
+def _launch_tma_split_k(x, weight, scales, x_scales, bias, activation, residual, y, m, n, k, meta) -> None:
+    """The persistent TMA kernel with each tile's K split in two halves (``_TMA_SPLIT_K_CONFIGS``). The fp32
+    partials (one a tile) and arrival counts have room for whichever config the autotuner runs; the counts
+    start at zero (one small memset a launch: a buffer kept between launches would be shared by whatever
+    streams and CUDA graphs launch the kernel, at once)."""
+    num_programs = multiprocessors(x.device) if x.is_cuda else INTERPRETER_SPLIT_PROGRAMS
+    x_desc, w_desc, meta = _tma_descriptors(x, weight, m, k, meta)
+    configs = [meta] if meta else [c.kwargs for c in _TMA_SPLIT_K_CONFIGS]
+
+    def tiles(config: dict) -> int:
+        return triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"])
+
+    partials = torch.empty(max(tiles(c) * c["BLOCK_M"] * c["BLOCK_N"] for c in configs), dtype=torch.float32,
+                           device=x.device)
+    arrivals = torch.zeros(max(tiles(c) for c in configs), dtype=torch.int32, device=x.device)
+
+    def grid(config: dict) -> tuple[int]:
+        return (min(num_programs, 2 * tiles(config)),)
+
+    _linear_tma_split_k_kernel[grid](
+        x_desc, w_desc, bias, residual, y, partials, arrivals,
         m, n, k, triton.next_power_of_2(m),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=activation, UPCAST=INTERPRETER,
         NUM_PROGRAMS=num_programs,
@@ -640,8 +787,10 @@ def _launch_gemv(x, weight, scales, x_scales, bias, activation, residual, y, m, 
     )
 
 
-_LAUNCHERS = {"tiled": _launch_tiled, "tma": _launch_tma, "split_k": _launch_split_k, "gemv": _launch_gemv}
-_FORCING_ENV = {"tma": TMA_ENV_VAR, "split_k": SPLIT_K_ENV_VAR, "gemv": GEMV_ENV_VAR}
+_LAUNCHERS = {"tiled": _launch_tiled, "tma": _launch_tma, "tma_split_k": _launch_tma_split_k,
+              "split_k": _launch_split_k, "gemv": _launch_gemv}
+_FORCING_ENV = {"tma": TMA_ENV_VAR, "tma_split_k": TMA_SPLIT_K_ENV_VAR, "split_k": SPLIT_K_ENV_VAR,
+                "gemv": GEMV_ENV_VAR}
 
 
 def launch_linear(
@@ -658,18 +807,24 @@ def launch_linear(
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Run a kernel on validated contiguous tensors; ``x`` is ``[..., K]``, the output ``[..., N]``, of
-    ``out_dtype`` (default: x's). ``kernel`` forces one (``tiled``; ``tma``, for aligned float weights;
-    ``split_k``; ``gemv``, for one row); None lets ``MAAS_LINEAR_TMA``, ``MAAS_LINEAR_SPLIT_K``,
-    ``MAAS_LINEAR_GEMV`` and the timings decide. ``x_scales`` (fp32, one per row of x) go with fp8 x and
-    weights, whose ``scales`` are per output channel."""
+    ``out_dtype`` (default: x's). ``kernel`` forces one (``tiled``; ``tma`` and ``tma_split_k``, for aligned
+    float weights; ``split_k``; ``gemv``, for one row); None lets ``MAAS_LINEAR_TMA``,
+    ``MAAS_LINEAR_TMA_SPLIT_K``, ``MAAS_LINEAR_SPLIT_K``, ``MAAS_LINEAR_GEMV`` and the timings decide.
+    ``x_scales`` (fp32, one per row of x) go with fp8 x and weights, whose ``scales`` are per output channel."""
     if kernel is not None and kernel not in _LAUNCHERS:
         raise ValueError(f"kernel must be one of {tuple(_LAUNCHERS)} or None, got {kernel!r}")
-    if kernel == "tma" and scales is not None:
-        raise ValueError("kernel='tma' takes float weights only (no scales)")
+    if kernel in ("tma", "tma_split_k") and scales is not None:
+        raise ValueError(f"kernel={kernel!r} takes float weights only (no scales)")
     n, k = weight.shape
     m = x.numel() // k
     if kernel == "gemv" and m > GEMV_MAX_M:
         raise ValueError(f"kernel='gemv' takes a single row of x, got {m} rows")
+    if kernel in ("tma", "tma_split_k") and not _tma_aligned(x, weight):
+        raise ValueError(f"kernel={kernel!r} takes x and weight with 16-byte aligned rows and data (TMA), got "
+                         f"rows of {k * x.element_size()} bytes")
+    if kernel == "tma_split_k" and m * n > TMA_SPLIT_K_MAX_OUTPUTS:
+        raise ValueError(f"kernel='tma_split_k' takes at most {TMA_SPLIT_K_MAX_OUTPUTS:,} outputs (its fp32 "
+                         f"partial sums hold a copy of them), got {m:,} x {n:,}")
     y = output(out, (*x.shape[:-1], n), x if out_dtype is None else x.new_empty(0, dtype=out_dtype), x=x,
                weight=weight, bias=bias)  # out=residual is fine: each element is read once, then written
     if max(x.numel(), weight.numel(), y.numel()) > MAX_ELEMENTS:

@@ -32,6 +32,7 @@ ENGINE_KNOB_CHOICES: dict[str, tuple[str, ...]] = {
     "MAAS_AUTOTUNE_TIMING": ("quick", "full", "graph"),
     "MAAS_AUTOTUNE_UNSEEN": ("borrow", "tune"),
     "MAAS_LINEAR_TMA": ("auto", "1", "0"),
+    "MAAS_LINEAR_TMA_SPLIT_K": ("0", "1", "auto"),
     "MAAS_LINEAR_SPLIT_K": ("auto", "1", "0"),
     "MAAS_LINEAR_GEMV": ("auto", "1", "0"),
     "MAAS_LINEAR_LAYER_NORM": ("auto", "1", "0"),

@@ -43,6 +43,7 @@ READERS = {
     "MAAS_AUTOTUNE_TIMING": _autotune._timing_options,
     "MAAS_AUTOTUNE_UNSEEN": _unseen_shapes,
     "MAAS_LINEAR_TMA": lambda: linear_module._setting("MAAS_LINEAR_TMA"),
+    "MAAS_LINEAR_TMA_SPLIT_K": lambda: linear_module._setting("MAAS_LINEAR_TMA_SPLIT_K"),
     "MAAS_LINEAR_SPLIT_K": lambda: linear_module._setting("MAAS_LINEAR_SPLIT_K"),
     "MAAS_LINEAR_GEMV": lambda: linear_module._setting("MAAS_LINEAR_GEMV"),
     "MAAS_LINEAR_LAYER_NORM": lambda: layer_norm_module.use_fused(torch.zeros(1, 8), torch.zeros(8, 8)),

@@ -85,6 +85,7 @@ def launches(dt: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     found = [
         ("linear", lambda: linear_triton(x, w, b, "gelu", z(8, 32))),
         ("linear, persistent TMA", lambda: launch_linear(x, w, None, b, "gelu", z(8, 32), None, kernel="tma")),
+        ("linear, TMA split-K", lambda: launch_linear(x, w, None, b, "gelu", z(8, 32), None, kernel="tma_split_k")),
         ("linear, split-K", lambda: launch_linear(x, w, None, b, "gelu", z(8, 32), None, kernel="split_k")),
         ("linear_int8, split-K", lambda: launch_linear(x, *quantize_int8(w), b, "relu", None, None, kernel="split_k")),
         ("linear_int8", lambda: linear_int8_triton(x, *quantize_int8(w), b, "relu")),
@@ -261,20 +262,31 @@ def linear_layer_norm_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, C
 
 
 def tma_configs(dt: torch.dtype, quick: bool) -> list[tuple[str, Callable[[], object]]]:
-    """Every autotune config of the persistent TMA GEMM that its pruning keeps."""
-    from kernels.linear import _TMA_CONFIGS, _linear_tma_kernel, _set_tile_shapes, fits_shared_memory
+    """Every autotune config of the persistent TMA GEMMs (whole K, and K split in halves) that pruning keeps."""
+    from kernels.linear import (
+        _TMA_CONFIGS,
+        _TMA_SPLIT_K_CONFIGS,
+        _linear_tma_kernel,
+        _linear_tma_split_k_kernel,
+        _set_tile_shapes,
+        fits_shared_memory,
+    )
 
     x = torch.zeros(512, 256, dtype=dt)
     found = []
-    for config in _TMA_CONFIGS[: 2 if quick else None]:
-        if fits_shared_memory(config, dt.itemsize):
-            descs = {name: TensorDescriptor.from_tensor(x, [1, 1]) for name in ("x_desc", "w_desc")}
-            _set_tile_shapes(descs | config.kwargs)
-            args = (descs["x_desc"], descs["w_desc"], x[0], None, x, 512, 512, 256, 512)
-            kwargs = dict(HAS_BIAS=True, HAS_RESIDUAL=False, ACTIVATION="gelu", UPCAST=False, NUM_PROGRAMS=132,
-                          **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-            found.append((f"linear TMA {config}", lambda k=kwargs, a=args: _linear_tma_kernel.warmup(*a, grid=None,
-                                                                                                     **k)))
+    for label, configs, kernel, workspace in (("linear TMA", _TMA_CONFIGS[: 2 if quick else None],
+                                               _linear_tma_kernel, ()),
+                                              ("linear TMA split-K", _TMA_SPLIT_K_CONFIGS[: 1 if quick else None],
+                                               _linear_tma_split_k_kernel, (x.float(), x.int()))):
+        for config in configs:
+            if fits_shared_memory(config, dt.itemsize):
+                descs = {name: TensorDescriptor.from_tensor(x, [1, 1]) for name in ("x_desc", "w_desc")}
+                _set_tile_shapes(descs | config.kwargs)
+                args = (descs["x_desc"], descs["w_desc"], x[0], None, x, *workspace, 512, 512, 256, 512)
+                kwargs = dict(HAS_BIAS=True, HAS_RESIDUAL=False, ACTIVATION="gelu", UPCAST=False, NUM_PROGRAMS=132,
+                              **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+                found.append((f"{label} {config}",
+                              lambda kernel=kernel, k=kwargs, a=args: kernel.warmup(*a, grid=None, **k)))
     return found
 
 
@@ -387,9 +399,9 @@ def register_use(kernel) -> str:
 
 # The kernels that wait for the kernel before them and release the next (kernels._common.pdl_wait): what a
 # MiniLM forward launches.
-PDL_KERNELS = {"_linear_kernel", "_linear_tma_kernel", "_linear_split_k_kernel", "_split_k_reduce_kernel",
-               "_linear_gemv_kernel", "_linear_layer_norm_kernel", "_embedding_norm_kernel", "_layer_norm_kernel",
-               "_attention_kernel", "_mean_pool_kernel"}
+PDL_KERNELS = {"_linear_kernel", "_linear_tma_kernel", "_linear_tma_split_k_kernel", "_linear_split_k_kernel",
+               "_split_k_reduce_kernel", "_linear_gemv_kernel", "_linear_layer_norm_kernel", "_embedding_norm_kernel",
+               "_layer_norm_kernel", "_attention_kernel", "_mean_pool_kernel"}
 
 
 def check_pdl() -> int:
@@ -465,6 +477,10 @@ def main() -> int:
                 raise RuntimeError(f"needs {shared} bytes of shared memory > {SHARED_MEMORY}")
             if kernel_name.endswith("_tma_kernel") and "cp.async.bulk.tensor" not in kernel.asm["ptx"]:
                 raise RuntimeError("a TMA kernel without a bulk tensor copy in its PTX")
+            if kernel_name == "_linear_tma_split_k_kernel" and not all(
+                    op in kernel.asm["ptx"] for op in ("cp.async.bulk.tensor", "relaxed.add", "release.add",
+                                                       "acquire.gpu.cas")):
+                raise RuntimeError("the TMA split-K kernel without its bulk copies or ordered atomics")
             if kernel_name == "_attention_persistent_kernel" and "cp.async.commit_group" not in kernel.asm["ptx"]:
                 raise RuntimeError("the persistent kernel's loop is not pipelined (no asynchronous copies)")
             registers = f"  {register_use(kernel)}" if opts.registers else ""

@@ -77,9 +77,10 @@ def main(table_path: str) -> int:
 
 # Kernels the launches of kernel_compile_check.py compile, among them those whose arguments are TMA descriptors,
 # tuples of constexprs, int8 and fp8 pointers.
-EVERY_KIND = {"_linear_kernel", "_linear_tma_kernel", "_linear_split_k_kernel", "_split_k_reduce_kernel",
-              "_linear_gemv_kernel", "_attention_kernel", "_conv2d_kernel", "_lstm_step_kernel",
-              "_embedding_pool_kernel", "_embedding_norm_kernel", "_linear_layer_norm_kernel", "_softmax_kernel"}
+EVERY_KIND = {"_linear_kernel", "_linear_tma_kernel", "_linear_tma_split_k_kernel", "_linear_split_k_kernel",
+              "_split_k_reduce_kernel", "_linear_gemv_kernel", "_attention_kernel", "_conv2d_kernel",
+              "_lstm_step_kernel", "_embedding_pool_kernel", "_embedding_norm_kernel", "_linear_layer_norm_kernel",
+              "_softmax_kernel"}
 
 
 def check(what: str, passed: bool, detail: object = "") -> bool:

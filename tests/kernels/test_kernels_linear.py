@@ -5,15 +5,21 @@ from kernel_checks import DTYPES, assert_close, poisoned, randn
 import kernels
 from kernels.linear import (
     GEMV_MAX_M,
+    INTERPRETER_SPLIT_PROGRAMS,
     _choose_kernel,
+    _interpreter_blocks,
+    _linear_tma_split_k_kernel,
+    _tma_descriptors,
     kernel_candidates,
     launch_linear,
     linear_reference,
     linear_triton,
     split_k_may_pay,
+    tma_split_k_may_pay,
     use_gemv,
     use_split_k,
     use_tma,
+    use_tma_split_k,
 )
 from kernels.linear_int8 import linear_int8_reference, quantize_int8
 
@@ -64,6 +70,79 @@ def test_linear_takes_the_tma_kernel_only_where_it_can(gen, monkeypatch):
     with pytest.raises(ValueError, match="MAAS_LINEAR_TMA"):
         use_tma(x, w, 512)
 
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("m", "n", "k", "activation"),
+                         [(1, 17, 200, "gelu"), (33, 65, 136, "tanh"), (129, 72, 40, "relu"), (17, 130, 264, "none")])
+def test_tma_split_k_linear_matches_reference(gen, device, dtype, m, n, k, activation, monkeypatch):
+    """TMA split-K forced on: K = 200 is 4 tiles of 64 (halves of 2), 136 three (2 and a partial 1), 40 one
+    partial tile (1 and an empty half, adding zeros), 264 five (3 and 2). The interpreter's 3 programs run one
+    after another, so at some tiles the second half ends first: 129 x 72 is 6 tiles of 64 x 64 (3 row blocks,
+    one of a single row), 17 x 130 three (a partial N block), 33 x 65 two."""
+    monkeypatch.setenv("MAAS_LINEAR_TMA_SPLIT_K", "1")
+    x = randn(gen, m, k, dtype=dtype)
+    w = randn(gen, n, k, dtype=dtype, scale=k**-0.5)
+    b, r = randn(gen, n, dtype=dtype), randn(gen, m, n, dtype=dtype)
+    args = (x, w, None, None, b, activation, r, None, m, n, k, {})
+    assert _choose_kernel(*args) == "tma_split_k"
+    out = poisoned(m, n, dtype=dtype, device=device)
+    y = kernels.linear(x, w, b, activation, residual=r, out=out)
+    expected = linear_reference(x.double(), w.double(), b.double(), activation, r.double())
+    assert_close(y, expected, dtype, reduction=k)
+
+
+def test_tma_split_k_leaves_its_arrival_counts_at_zero_for_the_next_launch(gen, device):
+    """The autotuner times a config by relaunching it on the same arguments: each launch must find the counts
+    as the first did, or a second half would stop waiting before the first half's partial is written."""
+    m, n, k = 70, 40, 200
+    x, w = randn(gen, m, k), randn(gen, n, k, scale=k**-0.5)
+    x_desc, w_desc, meta = _tma_descriptors(x, w, m, k, _interpreter_blocks(m, n, k))
+    tiles = 2  # of 64 x 64
+    partials = torch.empty(tiles * 64 * 64, device=device)
+    arrivals = torch.zeros(tiles, dtype=torch.int32, device=device)
+    outputs = []
+    for _ in range(2):
+        y = poisoned(m, n, dtype=torch.float32, device=device)
+        _linear_tma_split_k_kernel[(INTERPRETER_SPLIT_PROGRAMS,)](
+            x_desc, w_desc, None, None, y, partials, arrivals, m, n, k, 128, HAS_BIAS=False, HAS_RESIDUAL=False,
+            ACTIVATION="none", UPCAST=True, NUM_PROGRAMS=INTERPRETER_SPLIT_PROGRAMS, **meta)
+        assert arrivals.tolist() == [0] * tiles
+        outputs.append(y)
+    assert_close(outputs[0], linear_reference(x.double(), w.double()), torch.float32, reduction=k)
+    assert torch.equal(outputs[1], outputs[0])
+
+
+def test_linear_takes_the_tma_split_k_kernel_only_where_it_can(gen, monkeypatch):
+    x, w = randn(gen, 512, 64), randn(gen, 32, 64)
+    monkeypatch.delenv("MAAS_LINEAR_TMA_SPLIT_K", raising=False)
+    assert not use_tma_split_k(x, w, 512)  # off by default until a GPU has checked it
+    monkeypatch.setenv("MAAS_LINEAR_TMA_SPLIT_K", "auto")
+    assert not use_tma_split_k(x, w, 512)  # timing decides, on a Hopper GPU only
+    monkeypatch.setenv("MAAS_LINEAR_TMA_SPLIT_K", "1")
+    assert use_tma_split_k(x, w, 512)
+    assert kernel_candidates(x, w, None, 512)[:2] == ["tiled", "tma_split_k"]
+    assert not use_tma_split_k(x[:, :63].contiguous(), w[:, :63].contiguous(), 512)  # rows not 16-byte aligned
+    assert not use_tma_split_k(x, w.to(torch.int8), 512)
+    assert "tma_split_k" not in kernel_candidates(x, w.to(torch.int8), torch.ones(32), 512)
+    wide = torch.empty(2**13 + 8, 64)
+    assert not use_tma_split_k(x, wide, 512)  # 4.2 M outputs: 17 MB of fp32 partial sums
+    with pytest.raises(ValueError, match="at most 4,194,304 outputs"):
+        launch_linear(x, wide, None, None, "none", None, None, kernel="tma_split_k")
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        launch_linear(x[:, :63].contiguous(), w[:, :63].contiguous(), None, None, "none", None, None,
+                      kernel="tma_split_k")
+    monkeypatch.setenv("MAAS_LINEAR_TMA_SPLIT_K", "halves")
+    with pytest.raises(ValueError, match="MAAS_LINEAR_TMA_SPLIT_K"):
+        use_tma_split_k(x, w, 512)
+
+
+def test_tma_split_k_is_timed_only_where_its_wide_tiles_leave_multiprocessors_idle():
+    assert tma_split_k_may_pay(512, 4096, multiprocessors=132)  # 64 tiles of 128 x 256: 128 programs split
+    assert tma_split_k_may_pay(256, 4096, multiprocessors=132)
+    assert not tma_split_k_may_pay(640, 4096, multiprocessors=132)  # 80 tiles: 160 programs split in two
+    assert not tma_split_k_may_pay(4096, 4096, multiprocessors=132)
+    assert tma_split_k_may_pay(512, 3072, multiprocessors=132)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
