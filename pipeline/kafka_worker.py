@@ -142,6 +142,7 @@ class KafkaWorker:
         self._tasks: list[asyncio.Task] = []
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
+        self._sink: KafkaSink | None = None  # the responder's: stop() ends its reply_to lookups
         self._stopped = asyncio.Event()
         self._stopped.set()  # not running: stop() and wait() before start() (or after a failed one) return
         self._failure: BaseException | None = None
@@ -208,8 +209,8 @@ class KafkaWorker:
             await self._close_clients(self.settings.shutdown_timeout_s)
             raise
         store = claim_check_store(self.settings)
-        sink = KafkaSink.for_settings(self._producer, self.settings, store, limits)
-        self._responder = Responder(self.settings, self.engine, sink, store=store,
+        self._sink = KafkaSink.for_settings(self._producer, self.settings, store, limits)
+        self._responder = Responder(self.settings, self.engine, self._sink, store=store,
                                     max_attempts=self.max_attempts)
         self._consumer.subscribe([self.settings.topics.requests], listener=_Rebalance(self))
         self._metrics = BatchMetricsPublisher.for_settings(self._producer, self.settings).attach(self.engine)
@@ -273,6 +274,8 @@ class KafkaWorker:
                 task.cancel()
             await asyncio.gather(*self._tasks[1:], return_exceptions=True)
             self._forget_lag()
+            if self._sink is not None:  # its lookups outlive the handlers cancelled above and ask the producer's client
+                await self._sink.stop()
             await self._close_clients(left(CLOSE_SHARE))
         finally:  # whatever failed on the way, wait() and every later stop() return
             self._stopped.set()

@@ -162,11 +162,11 @@ async def record_limits(producer: AIOKafkaProducer, settings: Settings) -> dict[
     A topic created elsewhere (or a broker left at Kafka's default of 1 MB) may take less than the answers and
     dead letters the settings allow (`Settings.max_record_bytes`); the broker refuses a record over it, and a
     worker that cannot answer a record stops, and stops on it again after every restart. Given these limits, the
-    sink sends larger results and dead letters to S3 instead (`KafkaSink.for_settings`), and keeps its batches of
-    answers within the results topic's limit (Kafka checks whole batches against it); dead letters go through the
-    producer's own batches, so a dead-letter topic that takes less than those is an error. A topic the cluster says
-    nothing of, or a cluster that does not answer (an ACL without DescribeConfigs), gives no limit: logged. A
-    caller's `reply_to` topic's limit is read by the sink, when it first looks the topic up.
+    sink sends larger results and dead letters to S3 instead (`KafkaSink.for_settings`), keeps its batches of
+    answers within the results topic's limit (Kafka checks whole batches against it) and sends each dead letter in
+    a batch of its own. A topic the cluster says nothing of, or a cluster that does not answer (an ACL without
+    DescribeConfigs), gives no limit: logged. A caller's `reply_to` topic's limit is read by the sink, when it first
+    looks the topic up.
     """
     topics = [settings.topics.results, settings.topics.dlq]
     try:
@@ -187,16 +187,10 @@ async def record_limits(producer: AIOKafkaProducer, settings: Settings) -> dict[
                         "settings allow (MAAS_MAX_REQUEST_BYTES, MAAS_MAX_INLINE_OUTPUT_BYTES): larger %s go to S3",
                         topic, limit, settings.max_record_bytes,
                         "results" if topic == settings.topics.results else "dead letters")
-        if limit >= settings.producer_max_batch_bytes:  # Kafka checks a whole record batch against the limit
-            continue
-        if topic == settings.topics.results:  # the sink fills these batches itself, within the limit it is given
+        if topic == settings.topics.results and limit < settings.producer_max_batch_bytes:
             log.info("topic %s takes record batches of at most %d bytes (its max.message.bytes): answers to it go in "
                      "batches within that rather than the producer's %d bytes", topic, limit,
                      settings.producer_max_batch_bytes)
-        else:  # dead letters go through the producer's own batches, which several at once may fill past the limit
-            log.error("topic %s takes record batches of at most %d bytes (its max.message.bytes): the producer's "
-                      "batches of up to %d bytes may be refused, which stops the worker; raise the topic's "
-                      "max.message.bytes to at least that", topic, limit, settings.producer_max_batch_bytes)
     return limits
 
 

@@ -187,7 +187,10 @@ class KafkaSink:
 
     Kafka checks a whole record batch against the topic's max.message.bytes: batches end before the limit of their
     topic where it is known (the results topic's from `for_settings`, a caller's from its lookup), so that answers
-    that each fit are not refused together.
+    that each fit are not refused together. Each dead letter goes in a batch of its own: the producer's batches put
+    concurrent ones together, past the dead-letter topic's limit though each fits it, and one refused stops the worker.
+
+    The lookups run in tasks of their own, which outlive a fetch that stops waiting for one: `stop()` ends them.
     """
 
     max_inline_bytes = None
@@ -235,6 +238,20 @@ class KafkaSink:
             sink.max_value_bytes = min(sink.max_value_bytes, max(0, dlq - RECORD_OVERHEAD_BYTES))
         return sink
 
+    async def stop(self) -> None:
+        """Cancel the reply_to lookups under way and wait for them to end; called before the producer they ask stops.
+
+        A lookup is shielded from the fetches waiting for it, so cancelling them (a worker's stop()) left it running,
+        owned by no one: asking the cluster for up to `reply_to_timeout_s`, through the producer's client as it closed.
+        A fetch still waiting for one ends with its CancelledError: its requests go unanswered, to be delivered again,
+        rather than answered as if the topic were missing.
+        """
+        lookups = list(self._lookups.values())
+        for lookup in lookups:
+            lookup.cancel()
+        if lookups:
+            await asyncio.wait(lookups)  # raises only if this task is cancelled: the lookups' errors are their fetches'
+
     async def max_inline_bytes_for(self, requests: Sequence[InferenceRequest]) -> list[int | None]:
         """`max_inline_bytes`, or less for an answer to a caller's topic that takes less: the broker would refuse a
         result over its max.message.bytes, and the caller would get an error on the results topic instead of the
@@ -251,6 +268,8 @@ class KafkaSink:
                                                                 return_exceptions=True), strict=True):
             if isinstance(found, int):
                 limits[topic] = self._inline_under(found)
+            elif isinstance(found, asyncio.CancelledError):
+                raise found  # `stop()` cancelled the lookup: the fetch ends with it, not with a lookup of its own
             elif isinstance(found, BaseException) and not isinstance(found, (KafkaError, TimeoutError, ValueError)):
                 log.error("looking up reply_to topic %s failed (%r); its results go inline", topic, found)
         return [limits.get(topic, self.max_inline_bytes) for topic in topics]
@@ -452,9 +471,9 @@ class KafkaSink:
         value, key = envelope.payload, envelope.key
         if value is not None and len(value) > self.max_value_bytes:
             value = await self._offload(envelope, extra)
-        # The producer takes `max_value_bytes` plus 64 KiB (`answer_producer`): a record with a value just under
-        # the limit and large headers or key would make a dead letter it refuses, and a dead letter that cannot
-        # be written stops the worker, on every restart.
+        # The dead-letter topic takes `max_value_bytes` plus RECORD_OVERHEAD_BYTES (`for_settings`): a record with a
+        # value just under the limit and large headers or key would make a dead letter it refuses, and a dead letter
+        # that cannot be written stops the worker, on every restart.
         if sum(len(k) + len(v or b"") for k, v in original) > DEAD_LETTER_HEADER_BYTES:
             extra[HEADERS_DROPPED] = str(len(original))
             original = []
@@ -464,7 +483,10 @@ class KafkaSink:
         if value is None and key is None:
             value = b""  # aiokafka produces no record with neither a key nor a value
         headers = original + [(k, v.encode("utf-8", "replace")) for k, v in extra.items()]
-        await self.producer.send_and_wait(self.dlq_topic, value, key=key, headers=headers)
+        (partition,) = partitions_for_keys([key], await self._partitions(self.dlq_topic))
+        builder = self.producer.create_batch()
+        builder.append(key=key, value=value, timestamp=None, headers=headers)  # an empty batch takes any record
+        await (await self.producer.send_batch(builder, self.dlq_topic, partition=partition))
         DEAD_LETTERS.labels(str(error.code)).inc()
         return True
 

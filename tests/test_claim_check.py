@@ -282,7 +282,8 @@ async def test_topics_that_take_less_than_the_settings_allow_get_larger_answers_
         answers = await collector.wait_for(["rows-1", "rows-32"], timeout=60)
         (dead,) = await read_topic(settings, settings.topics.dlq, 1)
     assert f"topic {settings.topics.results} takes records of at most {limit} bytes" in caplog.text
-    assert f"topic {settings.topics.dlq} takes record batches of at most {limit} bytes" in caplog.text
+    assert f"topic {settings.topics.dlq} takes records of at most {limit} bytes" in caplog.text
+    assert f"topic {settings.topics.dlq} takes record batches" not in caplog.text, "each dead letter goes alone"
     batches = [r for r in caplog.records if r.getMessage().startswith(f"topic {settings.topics.results} takes record "
                                                                         f"batches of at most {limit} bytes")]
     assert [r.levelno for r in batches] == [logging.INFO], "the sink keeps its batches within the results topic's limit"

@@ -18,7 +18,8 @@ import numpy as np
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from worker_support import all_output, read_topic, running_worker, slow_repository, worker_process
+from aiokafka.partitioner import DefaultPartitioner
+from worker_support import all_output, read_topic, running_worker, slow_repository, stored_batches, worker_process
 
 from infra.bootstrap import ensure_topics
 from infra.stack import free_port
@@ -26,9 +27,11 @@ from models.cache import ModelCache
 from models.examples import MNIST_MLP
 from models.repository import ModelRepository
 from pipeline.client import ResultCollector, example_requests, publish_requests
-from pipeline.codec import encode_request
+from pipeline.codec import encode_error, encode_request
 from pipeline.engine import InferenceEngine
+from pipeline.errors import ErrorCode, InferenceError
 from pipeline.kafka_worker import KafkaWorker
+from pipeline.protocol import InferenceRequest
 from pipeline.responder import Outcome, Responder
 from pipeline.services import answer_producer, aws_client, bootstrap, claim_check_store
 from pipeline.settings import Topics
@@ -429,6 +432,77 @@ async def test_a_failed_reply_to_lookup_is_not_repeated_within_an_answer(live, r
     logged = [r.getMessage() for r in caplog.records if r.name == "pipeline.sinks"]
     assert len([m for m in logged if m.startswith(f"cannot look up reply_to topic {later}")]) == 1
     assert len([m for m in logged if m.startswith(f"cannot look up reply_to topic {silent}")]) == 1
+
+
+async def test_dead_letters_sent_at_once_go_in_record_batches_of_their_own(live):
+    """Kafka checks a whole record batch against the topic's max.message.bytes: dead letters sent at once went in one
+    of the producer's batches per partition (up to 256 KiB), which a dead-letter topic that takes less refused though
+    each fits it, and a dead letter that cannot be written stops the worker. Each now goes alone, to the partition
+    the producer would pick for its key. Tansu does not enforce the limit: the test reads the batches it stored."""
+    keys = [b"one-partition"] * 6 + [b"another-key", None]
+    envelopes = [Envelope(payload=b"{nope %d" % n, headers={"x-n": str(n)}, source=f"dl@{n}", key=key,
+                          raw_headers=[("x-n", str(n).encode()), ("x-null", None)]) for n, key in enumerate(keys)]
+    error = InferenceError(ErrorCode.INVALID_JSON, "not JSON")
+    producer = answer_producer(live)
+    await producer.start()
+    try:
+        sink = KafkaSink.for_settings(producer, live, None)
+        assert await asyncio.gather(*(sink.dead_letter(envelope, error, 1) for envelope in envelopes)) == [True] * 8
+        partitions = sorted(await producer.partitions_for(live.topics.dlq))
+    finally:
+        await producer.stop()
+    stored = await stored_batches(live, live.topics.dlq)
+    batches = [(partition, records) for partition, batches in stored.items() for _, records in batches]
+    assert [len(records) for _, records in batches] == [1] * 8, "each dead letter in a batch of its own"
+    by_source = {}
+    for partition, (record,) in batches:
+        headers = dict(record.headers)
+        by_source[headers["maas-source"].decode()] = (partition, record.key, record.value, record.headers)
+    for n, (envelope, key) in enumerate(zip(envelopes, keys, strict=True)):
+        partition, stored_key, value, headers = by_source[envelope.source]
+        assert (stored_key, value) == (key, envelope.payload)
+        assert headers[:2] == [("x-n", str(n).encode()), ("x-null", None)]
+        assert dict(headers[2:]) == {"maas-error-code": b"INVALID_JSON", "maas-error-message": b"not JSON",
+                                     "maas-attempts": b"1", "maas-source": envelope.source.encode()}
+        if key is not None:
+            assert partition == DefaultPartitioner()(key, partitions, partitions)
+
+
+async def test_stopping_the_sink_cancels_its_reply_to_lookups(live, stack):
+    """A reply_to topic is looked up in a task of its own, shielded from the fetches waiting for it: a worker's stop()
+    cancelled its fetches and left the lookup asking a cluster that does not answer for up to reply_to_timeout_s,
+    through a producer closed under it, owned by no one. `KafkaSink.stop()` cancels it: nothing is left running, and
+    the fetches still waiting for it end cancelled (their requests are redelivered) rather than hanging or answering
+    as if the topic were missing."""
+    topic = f"{live.topics.results}.team-a"
+    request = InferenceRequest(id="lk-0", model_name=MNIST_MLP, model_version=None, inputs={}, datatypes={},
+                               parameters={"reply_to": topic})
+    answer = (Envelope(payload=b"{}", headers={}, source="lk@0"), request,
+              encode_error(InferenceError(ErrorCode.INTERNAL, "unsent", request.id), MNIST_MLP))
+    producer = answer_producer(live)
+    await producer.start()
+    try:
+        sink = KafkaSink.for_settings(producer, live, None)
+        sink.reply_to_timeout_s = 60.0
+        stack._broker.send_signal(signal.SIGSTOP)  # the cluster does not answer: connections stay open, unanswered
+        try:
+            fetches = [asyncio.create_task(sink.max_inline_bytes_for([request])),
+                       asyncio.create_task(sink.answer_many([answer]))]
+            await asyncio.sleep(0.5)  # the lookup's metadata request is sent, and waits for an answer
+            (lookup,) = sink._lookups.values()
+            assert not lookup.done()
+            async with asyncio.timeout(5):  # hang guard: the lookup itself would wait 60 s
+                await sink.stop()
+        finally:
+            stack._broker.send_signal(signal.SIGCONT)
+        assert lookup.cancelled() and not sink._lookups
+        await asyncio.wait(fetches, timeout=5)
+        assert [fetch.cancelled() for fetch in fetches] == [True, True]
+        assert not sink._lookups, "a fetch looked the topic up again"
+        left = [task.get_coro().__qualname__ for task in asyncio.all_tasks()]
+        assert "KafkaSink._look_up" not in left, left
+    finally:
+        await producer.stop()
 
 
 class _CountingEngine(InferenceEngine):

@@ -84,6 +84,7 @@ async def _sqs_worker(live: Settings, engine: InferenceEngine, stack: contextlib
         # deliver by then is abandoned, its messages left undeleted (redelivered).
         stack.push_async_callback(stop_producer, producer, live.shutdown_timeout_s / 2)
         sink = KafkaSink.for_settings(producer, live, store, await record_limits(producer, live))
+        stack.push_async_callback(sink.stop)  # after the worker stops, before the producer does
         metrics = BatchMetricsPublisher.for_settings(producer, live)
         where = f"Kafka topic {live.topics.results}"
     worker = await stack.enter_async_context(SqsWorker(live, engine, sqs, queue_url, sink, store=store,
