@@ -17,7 +17,6 @@ dead-lettered as it came, JSON, and does not fail the records beside it.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pipeline.codec import header_map
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.responder import Outcome, Responder
 from pipeline.sinks import Envelope, KafkaSink, RedeliverTransient
+from pipeline.tasks import gather_or_cancel
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +112,8 @@ async def handle(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:
     readable = [index for index, item in enumerate(items) if item.defect is None]
     unreadable = [index for index, item in enumerate(items) if item.defect is not None]
     parts = [readable[start:start + size] for start in range(0, len(readable), size)]
-    done = await asyncio.gather(*(chunk([items[index] for index in part]) for part in parts),
-                                *(dead_letter(items[index]) for index in unreadable))
+    done = await gather_or_cancel(*(chunk([items[index] for index in part]) for part in parts),
+                                  *(dead_letter(items[index]) for index in unreadable))
     outcomes: dict[int, Outcome] = {}
     for part, part_outcomes in zip(parts, done[:len(parts)], strict=True):
         outcomes.update(zip(part, part_outcomes, strict=True))

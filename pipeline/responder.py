@@ -21,6 +21,7 @@ from pipeline.metrics import ERRORS, REQUESTS
 from pipeline.protocol import InferenceRequest, InferenceResponse
 from pipeline.settings import Settings
 from pipeline.sinks import Answer, Envelope, ResultSink, Undelivered
+from pipeline.tasks import gather_or_cancel
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class Responder:
         for (model, kind), count in counts.items():
             REQUESTS.labels(model, kind).inc(count)
         if one_by_one:
-            handled = await asyncio.gather(*(self.handle(envelopes[index]) for index in one_by_one))
+            handled = await gather_or_cancel(*(self.handle(envelopes[index]) for index in one_by_one))
             for index, outcome in zip(one_by_one, handled, strict=True):
                 outcomes[index] = outcome
         return outcomes  # type: ignore[return-value]  # every slot was filled above
