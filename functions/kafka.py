@@ -112,8 +112,11 @@ async def handle(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:
     readable = [index for index, item in enumerate(items) if item.defect is None]
     unreadable = [index for index, item in enumerate(items) if item.defect is not None]
     parts = [readable[start:start + size] for start in range(0, len(readable), size)]
-    done = await gather_or_cancel(*(chunk([items[index] for index in part]) for part in parts),
-                                  *(dead_letter(items[index]) for index in unreadable))
+    try:
+        done = await gather_or_cancel(*(chunk([items[index] for index in part]) for part in parts),
+                                      *(dead_letter(items[index]) for index in unreadable))
+    finally:  # a reply_to lookup left by a chunk cancelled here would run on this loop into the next invocation
+        await sink.stop()
     outcomes: dict[int, Outcome] = {}
     for part, part_outcomes in zip(parts, done[:len(parts)], strict=True):
         outcomes.update(zip(part, part_outcomes, strict=True))

@@ -35,14 +35,17 @@ async def handle(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:
                            r.get("messageAttributes")) for r in records]
     failed: list[dict[str, str]] = []
     size = runtime.settings.max_fetch_records  # a batching window can hand over up to 10,000 messages
-    for start in range(0, len(messages), size):
-        part = messages[start:start + size]
-        try:
-            outcomes = await answer_sqs_messages(responder, part)
-        except DELIVERY_ERRORS:
-            outcomes = [Outcome.RETRY] * len(part)  # the answers could not be delivered: let SQS redeliver
-        failed += [{"itemIdentifier": record["messageId"]} for record, outcome
-                   in zip(records[start:start + size], outcomes, strict=True) if outcome is Outcome.RETRY]
+    try:
+        for start in range(0, len(messages), size):
+            part = messages[start:start + size]
+            try:
+                outcomes = await answer_sqs_messages(responder, part)
+            except DELIVERY_ERRORS:
+                outcomes = [Outcome.RETRY] * len(part)  # the answers could not be delivered: let SQS redeliver
+            failed += [{"itemIdentifier": record["messageId"]} for record, outcome
+                       in zip(records[start:start + size], outcomes, strict=True) if outcome is Outcome.RETRY]
+    finally:  # a KafkaSink's lookups would run on into the next invocation; the shared SqsSink's stop() ends nothing
+        await sink.stop()
     return {"batchItemFailures": failed}
 
 

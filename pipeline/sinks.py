@@ -128,6 +128,9 @@ class ResultSink(Protocol):
         """Deliver a dead letter; False when this sink has no dead-letter destination that can take it (the
         source must then leave the message to its own redrive, e.g. an SQS queue's DLQ)."""
 
+    async def stop(self) -> None:
+        """End what the sink runs in the background before its producer or client stops, which it would go on asking."""
+
 
 class RedeliverTransient:
     """A sink wrapper for sources that redeliver on their own (SQS visibility timeout, Lambda event source
@@ -168,6 +171,9 @@ class RedeliverTransient:
                 raise
             log.error("cannot dead-letter %s (%r); it is left to redelivery", envelope.source, exc)
             return False
+
+    async def stop(self) -> None:
+        await self.sink.stop()
 
 
 class KafkaSink:
@@ -538,6 +544,10 @@ class SqsSink:
         over it was refused, its request received and run again until the queue's redrive took it away."""
         return cls(sqs, results_url, dlq_url, store=store,
                    results_max_bytes=await queue_max_bytes(sqs, results_url, cls.FALLBACK_MAX_MESSAGE_BYTES))
+
+    async def stop(self) -> None:
+        """Nothing to end: this sink runs nothing in the background (each send is awaited by its caller), so one made
+        once and shared (a warm function's) goes on serving after it."""
 
     async def max_inline_bytes_for(self, requests: Sequence[InferenceRequest]) -> list[int | None]:
         return [self.max_inline_bytes] * len(requests)  # every answer goes to the results queue

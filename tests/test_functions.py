@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -415,6 +416,43 @@ def _kafka_event(settings, requests) -> dict:
     for record in records:
         test_event["records"].setdefault(f"{topic}-{record['partition']}", []).append(record)
     return test_event
+
+
+def test_a_kafka_invocation_leaves_no_reply_to_lookup_running_on_the_warm_loop(env, stack):
+    """A reply_to topic is looked up in a task of its own, shielded from the chunks waiting for it, and a function's
+    event loop outlives its invocation: an invocation cut short cancelled its chunks and left the lookup to run on
+    into the next invocation, asking a cluster that does not answer through the warm producer. The handler stops its
+    sink when it ends, normally or not. Here it is cut short by cancelling it, as gather_or_cancel cancels the chunks
+    beside one whose answers cannot be delivered: against the paused broker that one would fail only after the
+    producer's request timeout (40 s), long after the lookup gave up on its own (reply_to_timeout_s, 10 s)."""
+    settings = env
+    requests, _ = example_requests(1, prefix="lk")
+    test_event = _kafka_event(settings, [{**requests[0], "parameters": {"reply_to": f"{settings.topics.results}.lk"}}])
+    loop = runtime._event_loop()
+
+    def lookups() -> list[asyncio.Task]:
+        return [t for t in asyncio.all_tasks(loop) if t.get_coro().__qualname__ == "KafkaSink._look_up"]
+
+    # Warm, with the broker up: the topic is looked up (there is none: answered with an error on the results topic).
+    assert functions.kafka.handler(test_event, None) == {"batchItemFailures": []}
+    assert not lookups()
+
+    async def cut_short() -> asyncio.Task:
+        invocation = asyncio.ensure_future(functions.kafka.handle(runtime._runtime, test_event))
+        async with asyncio.timeout(10):  # hang guard: the model answers at once, then the lookup waits for the broker
+            while not lookups():
+                await asyncio.sleep(0.01)
+        invocation.cancel()
+        await asyncio.wait([invocation])
+        return invocation
+
+    stack._broker.send_signal(signal.SIGSTOP)  # the cluster does not answer: connections stay open, unanswered
+    try:
+        invocation = loop.run_until_complete(cut_short())
+    finally:
+        stack._broker.send_signal(signal.SIGCONT)
+    assert invocation.cancelled()
+    assert not lookups(), "a lookup outlived its invocation"
 
 
 def test_kafka_trigger_publishes_its_batches_to_the_metrics_topic(env):
