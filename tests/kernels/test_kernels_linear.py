@@ -72,6 +72,19 @@ def test_linear_takes_the_tma_kernel_only_where_it_can(gen, monkeypatch):
 
 
 
+def _check_forced_kernel(kernel, gen, device, dtype, m, n, k, activation):
+    """Random inputs with bias and residual: ``kernel`` (forced on by the caller's environment) is the one chosen,
+    and its output, written into a poisoned tensor, matches the float64 reference. Returns x, w, b, r and it."""
+    x = randn(gen, m, k, dtype=dtype)
+    w = randn(gen, n, k, dtype=dtype, scale=k**-0.5)
+    b, r = randn(gen, n, dtype=dtype), randn(gen, m, n, dtype=dtype)
+    assert _choose_kernel(x, w, None, None, b, activation, r, None, m, n, k, {}) == kernel
+    out = poisoned(m, n, dtype=dtype, device=device)
+    y = kernels.linear(x, w, b, activation, residual=r, out=out)
+    assert_close(y, linear_reference(x.double(), w.double(), b.double(), activation, r.double()), dtype, reduction=k)
+    return x, w, b, r, y
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("m", "n", "k", "activation"),
                          [(1, 17, 200, "gelu"), (33, 65, 136, "tanh"), (129, 72, 40, "relu"), (17, 130, 264, "none")])
@@ -81,15 +94,7 @@ def test_tma_split_k_linear_matches_reference(gen, device, dtype, m, n, k, activ
     after another, so at some tiles the second half ends first: 129 x 72 is 6 tiles of 64 x 64 (3 row blocks,
     one of a single row), 17 x 130 three (a partial N block), 33 x 65 two."""
     monkeypatch.setenv("MAAS_LINEAR_TMA_SPLIT_K", "1")
-    x = randn(gen, m, k, dtype=dtype)
-    w = randn(gen, n, k, dtype=dtype, scale=k**-0.5)
-    b, r = randn(gen, n, dtype=dtype), randn(gen, m, n, dtype=dtype)
-    args = (x, w, None, None, b, activation, r, None, m, n, k, {})
-    assert _choose_kernel(*args) == "tma_split_k"
-    out = poisoned(m, n, dtype=dtype, device=device)
-    y = kernels.linear(x, w, b, activation, residual=r, out=out)
-    expected = linear_reference(x.double(), w.double(), b.double(), activation, r.double())
-    assert_close(y, expected, dtype, reduction=k)
+    _check_forced_kernel("tma_split_k", gen, device, dtype, m, n, k, activation)
 
 
 def test_tma_split_k_leaves_its_arrival_counts_at_zero_for_the_next_launch(gen, device):
@@ -151,15 +156,7 @@ def test_split_k_linear_matches_reference(gen, device, dtype, m, n, k, activatio
     """Split-K forced on: K = 200 is 4 tiles of 64 for the interpreter's 3 runs (2, 2 and none, an empty run
     writing zeros), K = 136 is 3 (1, 1, 1 with a partial last tile); two row blocks and a partial N block."""
     monkeypatch.setenv("MAAS_LINEAR_SPLIT_K", "1")
-    x = randn(gen, m, k, dtype=dtype)
-    w = randn(gen, n, k, dtype=dtype, scale=k**-0.5)
-    b, r = randn(gen, n, dtype=dtype), randn(gen, m, n, dtype=dtype)
-    args = (x, w, None, None, b, activation, r, None, m, n, k, {})
-    assert _choose_kernel(*args) == "split_k"
-    out = poisoned(m, n, dtype=dtype, device=device)
-    y = kernels.linear(x, w, b, activation, residual=r, out=out)
-    expected = linear_reference(x.double(), w.double(), b.double(), activation, r.double())
-    assert_close(y, expected, dtype, reduction=k)
+    x, w, b, r, y = _check_forced_kernel("split_k", gen, device, dtype, m, n, k, activation)
     # Partial sums added in a fixed order: the same inputs give the same bits.
     assert torch.equal(kernels.linear(x, w, b, activation, residual=r), y)
 
