@@ -369,6 +369,47 @@ async def test_stop_with_an_unresponsive_broker_ends_in_time_and_loses_no_reques
     assert all(answer.kind == "result" for answer in answers.values())
 
 
+async def test_stop_cancels_the_reply_to_lookups_of_requests_it_abandons(tmp_path):
+    """A reply_to topic new to the worker is looked up in a task of its own (up to 10 s with a cluster that does not
+    answer), shielded from the handlers waiting for it: stop() abandoned those handlers at its deadline and left
+    the lookup running past stop(), owned by no one, through a producer closed under it. stop() now ends it."""
+    slow = slow_repository(tmp_path / "slow", max_queue_delay_ms=1500)  # the lookup comes after the batch ran
+    with LocalStack(tmp_path / "stack") as private:
+        settings = replace(Settings(), kafka_bootstrap_servers=private.bootstrap_servers,
+                           aws_endpoint_url=private.endpoint_url, model_repository=str(slow.root),
+                           topic_partitions=2, kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=300,
+                           shutdown_timeout_s=2)
+        await bootstrap(settings)
+        requests, _ = example_requests(4, prefix="lk")
+        for request in requests:
+            request["parameters"] = {"reply_to": f"{settings.topics.results}.team-a"}
+        broker = private._broker
+        try:
+            async with InferenceEngine(ModelCache(slow)) as engine:
+                worker = KafkaWorker(settings, engine)
+                await worker.start()
+                try:
+                    await asyncio.wait_for(worker.assigned.wait(), 30)
+                    await publish_requests(settings, requests)
+                    while worker.in_flight < len(requests):
+                        await asyncio.sleep(0.02)
+                    broker.send_signal(signal.SIGSTOP)  # the cluster does not answer: connections stay open
+                    async with asyncio.timeout(30):  # hang guard
+                        while not worker._sink._lookups:
+                            await asyncio.sleep(0.02)
+                    (lookup,) = worker._sink._lookups.values()
+                    took = await _timed_stop(worker)
+                finally:
+                    await asyncio.wait_for(worker.stop(), 60)  # hang guard (stopped already)
+                assert took < settings.shutdown_timeout_s + 0.5, f"stop() took {took:.1f} s"
+                assert lookup.cancelled()
+                left = [t.get_coro().__qualname__ for t in asyncio.all_tasks()]
+                assert "KafkaSink._look_up" not in left, left
+        finally:
+            if broker.poll() is None:
+                broker.send_signal(signal.SIGCONT)  # a paused broker ends on SIGTERM only once resumed
+
+
 async def test_the_collector_keeps_awaited_answers_and_only_the_latest_others(fast):
     """It kept every answer seen on the shared topics, forever: a long-lived client grew without bound."""
     requests, truth = example_requests(6, prefix="kept")
