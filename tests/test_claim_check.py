@@ -53,15 +53,10 @@ async def _answer(settings, repository, envelopes: list[Envelope], limits: dict[
                   ) -> list[Outcome]:
     """The envelopes through a worker's responder: the engine, claim checks and the Kafka sink (given the topics'
     `limits`, as `record_limits` reads them)."""
-    producer = answer_producer(settings)
-    await producer.start()
-    try:
-        async with InferenceEngine(ModelCache(repository)) as engine:
-            store = claim_check_store(settings)
-            sink = KafkaSink.for_settings(producer, settings, store, limits)
-            return await Responder(settings, engine, sink, store=store).handle_many(envelopes)
-    finally:
-        await producer.stop()
+    async with answer_producer(settings) as producer, InferenceEngine(ModelCache(repository)) as engine:
+        store = claim_check_store(settings)
+        sink = KafkaSink.for_settings(producer, settings, store, limits)
+        return await Responder(settings, engine, sink, store=store).handle_many(envelopes)
 
 
 async def test_two_callers_with_one_request_id_get_their_own_result_objects(live, repository):
@@ -201,15 +196,10 @@ async def test_records_naming_one_large_object_wait_for_the_claim_check_byte_bud
     envelopes = [Envelope(orjson.dumps({"id": f"c-{i}", "model_name": MNIST_MLP,
                                         "inputs_uri": f"s3://{bucket}/claims/large.json"}), {}, f"c-{i}@0")
                  for i in range(12)]
-    producer = answer_producer(settings)
-    await producer.start()
-    try:
-        async with InferenceEngine(ModelCache(repository)) as engine:
-            store = claim_check_store(settings)
-            responder = Responder(settings, engine, KafkaSink.for_settings(producer, settings, store), store=store)
-            assert await responder.handle_many(envelopes) == [Outcome.RESULT] * 12
-    finally:
-        await producer.stop()
+    async with answer_producer(settings) as producer, InferenceEngine(ModelCache(repository)) as engine:
+        store = claim_check_store(settings)
+        responder = Responder(settings, engine, KafkaSink.for_settings(producer, settings, store), store=store)
+        assert await responder.handle_many(envelopes) == [Outcome.RESULT] * 12
     assert store.budget.peak == 2 * len(body) and store.budget.held == 0
     answers = [orjson.loads(r.value) for r in await read_topic(settings, settings.topics.results, 12)]
     assert len(answers) == 12
@@ -249,12 +239,8 @@ async def test_objects_uploaded_without_a_content_type_are_read(live, repository
 async def test_the_topics_it_creates_take_the_largest_record_the_settings_allow(live):
     """Kafka's default max.message.bytes (1 MB) is under what the default settings produce (4 MiB requests in dead
     letters, 1 MiB inline results, each with headers): the topics the platform creates say how much they take."""
-    producer = answer_producer(live)
-    await producer.start()
-    try:
+    async with answer_producer(live) as producer:
         limits = await record_limits(producer, live)
-    finally:
-        await producer.stop()
     assert limits == {live.topics.results: live.max_record_bytes, live.topics.dlq: live.max_record_bytes}
     assert live.max_record_bytes == live.max_request_bytes + RECORD_OVERHEAD_BYTES
 
@@ -347,20 +333,15 @@ async def test_reply_to_topics_whose_limit_cannot_serve_answer_with_what_they_ca
                         configs={"max.message.bytes": str(RECORD_OVERHEAD_BYTES + 1024)})
     await ensure_topics(live.kafka_client_kwargs(), [unsaid], live.topic_partitions)
     images = synthetic_digits(32, seed=17)[0]
-    producer = answer_producer(live)
-    await producer.start()
-    try:
-        async with InferenceEngine(ModelCache(repository)) as engine:
-            store = claim_check_store(live)
-            with_store = Responder(live, engine, KafkaSink.for_settings(producer, live, store), store=store)
-            without_store = Responder(live, engine, KafkaSink.for_settings(producer, live, None))
-            for fetches in (2, 1):  # two fetches (of two partitions) at once, then one more
-                outcomes = await asyncio.gather(*(
-                    responder.handle_many([_reply_to(f"{topic}-{fetches}-{n}", topic, images)])
-                    for n in range(fetches) for responder, topic in ((with_store, unsaid), (without_store, small))))
-                assert outcomes == [[Outcome.RESULT], [Outcome.ERROR]] * fetches
-    finally:
-        await producer.stop()
+    async with answer_producer(live) as producer, InferenceEngine(ModelCache(repository)) as engine:
+        store = claim_check_store(live)
+        with_store = Responder(live, engine, KafkaSink.for_settings(producer, live, store), store=store)
+        without_store = Responder(live, engine, KafkaSink.for_settings(producer, live, None))
+        for fetches in (2, 1):  # two fetches (of two partitions) at once, then one more
+            outcomes = await asyncio.gather(*(
+                responder.handle_many([_reply_to(f"{topic}-{fetches}-{n}", topic, images)])
+                for n in range(fetches) for responder, topic in ((with_store, unsaid), (without_store, small))))
+            assert outcomes == [[Outcome.RESULT], [Outcome.ERROR]] * fetches
     answers = [orjson.loads(r.value) for r in await read_topic(live, unsaid, 3)]
     assert len(answers) == 3 and all("outputs" in a and "outputs_uri" not in a for a in answers)
     errors = [orjson.loads(r.value) for r in await read_topic(live, small, 3)]

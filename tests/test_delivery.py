@@ -316,14 +316,9 @@ async def test_a_bug_in_a_group_of_requests_answers_the_others_and_dead_letters_
     requests, _ = example_requests(4, prefix="grp")
     requests[2] = {**requests[2], "id": "trips-a-bug"}
     envelopes = _envelopes(requests, "t", keyed=True)
-    producer = answer_producer(live)
-    await producer.start()
-    try:
-        async with _EngineWithABug(ModelCache(repository), worker_id="grp") as engine:
-            responder = Responder(live, engine, KafkaSink.for_settings(producer, live, None), retry_delay_s=0.01)
-            outcomes = await responder.handle_many(envelopes)
-    finally:
-        await producer.stop()
+    async with answer_producer(live) as producer, _EngineWithABug(ModelCache(repository), worker_id="grp") as engine:
+        responder = Responder(live, engine, KafkaSink.for_settings(producer, live, None), retry_delay_s=0.01)
+        outcomes = await responder.handle_many(envelopes)
     assert outcomes == [Outcome.RESULT, Outcome.RESULT, Outcome.DEAD_LETTER, Outcome.RESULT]
     results = await read_topic(live, live.topics.results, 3)
     assert sorted(r.key.decode() for r in results) == sorted(r["id"] for r in requests if r["id"] != "trips-a-bug")
@@ -345,18 +340,13 @@ async def test_reply_to_topics_get_answers_and_refused_ones_become_errors_on_the
         if reply_to:
             request["parameters"] = {"reply_to": reply_to}
     envelopes = _envelopes(requests, "t")
-    producer = answer_producer(live)
-    await producer.start()
-    try:
-        async with InferenceEngine(ModelCache(repository), worker_id="rt") as engine:
-            sink = KafkaSink.for_settings(producer, live, None)
-            assert await Responder(live, engine, sink).handle_many(envelopes[:3]) == [Outcome.RESULT] * 3
-            sink.reply_to_timeout_s = 0  # the cluster "does not answer in time" for team-b
-            assert await Responder(live, engine, sink).handle_many(envelopes[3:4]) == [Outcome.RESULT]
-            sink.reply_to_timeout_s = 10
-            assert await Responder(live, engine, sink).handle_many(envelopes[4:]) == [Outcome.RESULT]
-    finally:
-        await producer.stop()
+    async with answer_producer(live) as producer, InferenceEngine(ModelCache(repository), worker_id="rt") as engine:
+        sink = KafkaSink.for_settings(producer, live, None)
+        assert await Responder(live, engine, sink).handle_many(envelopes[:3]) == [Outcome.RESULT] * 3
+        sink.reply_to_timeout_s = 0  # the cluster "does not answer in time" for team-b
+        assert await Responder(live, engine, sink).handle_many(envelopes[3:4]) == [Outcome.RESULT]
+        sink.reply_to_timeout_s = 10
+        assert await Responder(live, engine, sink).handle_many(envelopes[4:]) == [Outcome.RESULT]
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(**live.kafka_client_kwargs())
@@ -402,25 +392,20 @@ async def test_a_failed_reply_to_lookup_is_not_repeated_within_an_answer(live, r
     for request, reply_to in zip(requests, (later, later, later, later, silent), strict=True):
         request["parameters"] = {"reply_to": reply_to}
     envelopes = _envelopes(requests, "fl")
-    producer = answer_producer(live)
-    await producer.start()
-    try:
-        async with InferenceEngine(ModelCache(repository), worker_id="fl") as engine:
-            sink = _CountingSink.for_settings(producer, live, None)
-            sink.failed_lookup_s = 2.0
-            responder = Responder(live, engine, sink)
-            assert await responder.handle_many(envelopes[:2]) == [Outcome.RESULT] * 2
-            assert await responder.handle_many(envelopes[2:3]) == [Outcome.RESULT]  # the next fetch, moments later
-            assert sink.lookups[later] == 1
-            await ensure_topics(live.kafka_client_kwargs(), [later], partitions=live.topic_partitions)
-            await asyncio.sleep(sink.failed_lookup_s)
-            assert await responder.handle_many(envelopes[3:4]) == [Outcome.RESULT]
-            assert sink.lookups[later] == 2
-            sink.reply_to_timeout_s = 0  # the cluster "does not answer in time"
-            assert await responder.handle_many(envelopes[4:]) == [Outcome.RESULT]
-            assert sink.lookups[silent] == 1
-    finally:
-        await producer.stop()
+    async with answer_producer(live) as producer, InferenceEngine(ModelCache(repository), worker_id="fl") as engine:
+        sink = _CountingSink.for_settings(producer, live, None)
+        sink.failed_lookup_s = 2.0
+        responder = Responder(live, engine, sink)
+        assert await responder.handle_many(envelopes[:2]) == [Outcome.RESULT] * 2
+        assert await responder.handle_many(envelopes[2:3]) == [Outcome.RESULT]  # the next fetch, moments later
+        assert sink.lookups[later] == 1
+        await ensure_topics(live.kafka_client_kwargs(), [later], partitions=live.topic_partitions)
+        await asyncio.sleep(sink.failed_lookup_s)
+        assert await responder.handle_many(envelopes[3:4]) == [Outcome.RESULT]
+        assert sink.lookups[later] == 2
+        sink.reply_to_timeout_s = 0  # the cluster "does not answer in time"
+        assert await responder.handle_many(envelopes[4:]) == [Outcome.RESULT]
+        assert sink.lookups[silent] == 1
     (routed,) = await read_topic(live, later, 1)
     assert routed.key == b"fl-000003" and "outputs" in orjson.loads(routed.value)
     on_results = {r.key.decode(): orjson.loads(r.value) for r in await read_topic(live, live.topics.results, 4)}
@@ -443,14 +428,10 @@ async def test_dead_letters_sent_at_once_go_in_record_batches_of_their_own(live)
     envelopes = [Envelope(payload=b"{nope %d" % n, headers={"x-n": str(n)}, source=f"dl@{n}", key=key,
                           raw_headers=[("x-n", str(n).encode()), ("x-null", None)]) for n, key in enumerate(keys)]
     error = InferenceError(ErrorCode.INVALID_JSON, "not JSON")
-    producer = answer_producer(live)
-    await producer.start()
-    try:
+    async with answer_producer(live) as producer:
         sink = KafkaSink.for_settings(producer, live, None)
         assert await asyncio.gather(*(sink.dead_letter(envelope, error, 1) for envelope in envelopes)) == [True] * 8
         partitions = sorted(await producer.partitions_for(live.topics.dlq))
-    finally:
-        await producer.stop()
     stored = await stored_batches(live, live.topics.dlq)
     batches = [(partition, records) for partition, batches in stored.items() for _, records in batches]
     assert [len(records) for _, records in batches] == [1] * 8, "each dead letter in a batch of its own"
@@ -479,9 +460,7 @@ async def test_stopping_the_sink_cancels_its_reply_to_lookups(live, stack):
                                parameters={"reply_to": topic})
     answer = (Envelope(payload=b"{}", headers={}, source="lk@0"), request,
               encode_error(InferenceError(ErrorCode.INTERNAL, "unsent", request.id), MNIST_MLP))
-    producer = answer_producer(live)
-    await producer.start()
-    try:
+    async with answer_producer(live) as producer:
         sink = KafkaSink.for_settings(producer, live, None)
         sink.reply_to_timeout_s = 60.0
         stack._broker.send_signal(signal.SIGSTOP)  # the cluster does not answer: connections stay open, unanswered
@@ -501,8 +480,6 @@ async def test_stopping_the_sink_cancels_its_reply_to_lookups(live, stack):
         assert not sink._lookups, "a fetch looked the topic up again"
         left = [task.get_coro().__qualname__ for task in asyncio.all_tasks()]
         assert "KafkaSink._look_up" not in left, left
-    finally:
-        await producer.stop()
 
 
 class _CountingEngine(InferenceEngine):
@@ -518,16 +495,11 @@ async def test_an_output_uri_the_store_would_refuse_is_refused_before_the_model_
     requests[0]["parameters"] = {"output_uri": "s3://some-other-bucket/out/x.result"}
     envelope = Envelope(payload=orjson.dumps(requests[0], option=orjson.OPT_SERIALIZE_NUMPY), headers={},
                         source="t@0")
-    producer = answer_producer(live)
-    await producer.start()
-    try:
-        async with _CountingEngine(ModelCache(repository), worker_id="ou") as engine:
-            store = claim_check_store(live)
-            responder = Responder(live, engine, KafkaSink.for_settings(producer, live, store), store=store)
-            assert await responder.handle_many([envelope]) == [Outcome.ERROR]
-            assert engine.requests_run == 0
-    finally:
-        await producer.stop()
+    async with answer_producer(live) as producer, _CountingEngine(ModelCache(repository), worker_id="ou") as engine:
+        store = claim_check_store(live)
+        responder = Responder(live, engine, KafkaSink.for_settings(producer, live, store), store=store)
+        assert await responder.handle_many([envelope]) == [Outcome.ERROR]
+        assert engine.requests_run == 0
     (answer,) = await read_topic(live, live.topics.results, 1)
     error = orjson.loads(answer.value)["error"]
     assert error["code"] == "INVALID_REQUEST"
@@ -544,14 +516,9 @@ async def test_made_up_model_names_do_not_become_metric_labels(live, repository)
     requests[0]["model_name"], requests[1]["model_name"] = "made-up-1f3a", "made-up-9c2e"
     envelopes = _envelopes(requests, "t")
     before = errors("-")
-    producer = answer_producer(live)
-    await producer.start()
-    try:
-        async with InferenceEngine(ModelCache(repository), worker_id="lbl") as engine:
-            responder = Responder(live, engine, KafkaSink.for_settings(producer, live, None))
-            assert await responder.handle_many(envelopes) == [Outcome.ERROR, Outcome.ERROR]
-    finally:
-        await producer.stop()
+    async with answer_producer(live) as producer, InferenceEngine(ModelCache(repository), worker_id="lbl") as engine:
+        responder = Responder(live, engine, KafkaSink.for_settings(producer, live, None))
+        assert await responder.handle_many(envelopes) == [Outcome.ERROR, Outcome.ERROR]
     assert errors("-") == before + 2 and errors("made-up-1f3a") == 0 and errors("made-up-9c2e") == 0
 
 
