@@ -198,7 +198,7 @@ class InferenceEngine:
                     deadline = request.deadline_ms
                     if deadline is not None and time.time() * 1000 > deadline:
                         raise InferenceError(ErrorCode.DEADLINE_EXCEEDED, "deadline_ms passed before the request ran")
-                    priority = int(request.parameters.get("priority", 0))
+                    priority = request.parameters.get("priority") or 0  # an int, or None (null: none given)
             except InferenceError as exc:
                 outcomes[index] = exc.addressed_to(request.id)
                 continue

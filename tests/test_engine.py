@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
+import json
 import os
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ from models.cache import ModelCache
 from models.examples import MNIST_MLP, mnist_mlp_config, synthetic_digits, train_mnist_mlp
 from models.repository import ModelRepository
 from pipeline.backpressure import Slots
+from pipeline.codec import decode_request
 from pipeline.engine import InferenceEngine
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.metrics import BatchRecord
@@ -98,6 +100,20 @@ async def test_inputs_a_model_overflows_on_get_an_error_not_null_outputs(reposit
     assert outcomes["half-range"].code == ErrorCode.INVALID_INPUT
     assert outcomes["half-range"].message == ("input 'input': values beyond +-65504 do not fit the model's FP16 "
                                               "computation")
+
+
+async def test_a_priority_given_as_null_runs_as_no_priority(repository):
+    """The decoder takes `"priority": null` as no priority, as it does a null deadline_ms: the engine must run such
+    a request, not fail the whole call on int(None) (which sent every request of a fetch one by one, and this one
+    to the dead-letter topic as a bug)."""
+    image = synthetic_digits(1, seed=7)[0][0]
+    body = {"id": "null-priority", "model_name": MNIST_MLP, "parameters": {"priority": None, "deadline_ms": None},
+            "inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": image.tolist()}]}
+    request = decode_request(json.dumps(body).encode(), max_bytes=1 << 20)
+    async with InferenceEngine(ModelCache(repository)) as engine:
+        outcomes = await engine.infer_many([request, digit_request("beside", image)])
+    assert [type(o) for o in outcomes] == [InferenceResponse, InferenceResponse]
+    assert np.array_equal(outcomes[0].outputs["class"], outcomes[1].outputs["class"])
 
 
 async def test_requests_of_several_rows_get_their_own_rows_back(repository):
