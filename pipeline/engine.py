@@ -209,24 +209,24 @@ class InferenceEngine:
                 group = groups[key, priority] = []
             group.append((index, rows))
         waiting: list[tuple[list[tuple[int, int]], asyncio.Future, int, ModelConfig]] = []
-        for (key, priority), members in groups.items():
-            config = configs[key]
-            for chunk, rows in _chunks(members, config.batching.max_batch_size):
-                try:
-                    future = await self._batcher.submit(key, config.batching, [(requests[i], r) for i, r in chunk],
-                                                        rows, priority)
-                except InferenceError as exc:
-                    for index, _ in chunk:
-                        outcomes[index] = exc.addressed_to(requests[index].id)
-                else:
-                    waiting.append((chunk, future, key[1], config))
-        if waiting:
-            try:
+        try:  # a later chunk may wait for room in a full queue: the chunks queued before it are given up too
+            for (key, priority), members in groups.items():
+                config = configs[key]
+                for chunk, rows in _chunks(members, config.batching.max_batch_size):
+                    try:
+                        future = await self._batcher.submit(key, config.batching,
+                                                            [(requests[i], r) for i, r in chunk], rows, priority)
+                    except InferenceError as exc:
+                        for index, _ in chunk:
+                            outcomes[index] = exc.addressed_to(requests[index].id)
+                    else:
+                        waiting.append((chunk, future, key[1], config))
+            if waiting:
                 await asyncio.wait([future for _, future, _, _ in waiting])
-            except asyncio.CancelledError:  # the caller gave up: its requests give up their rows in the batches
-                for _, future, _, _ in waiting:
-                    future.cancel()
-                raise
+        except asyncio.CancelledError:  # the caller gave up: its requests give up their rows in the batches
+            for _, future, _, _ in waiting:
+                future.cancel()
+            raise
         for chunk, future, version, config in waiting:
             error = future.exception()
             if error is not None and not isinstance(error, InferenceError):

@@ -415,6 +415,26 @@ async def test_a_cancelled_caller_gives_up_its_rows(repository):
     assert last.id == "last" and [rows for rows, _ in seen] == [1, 1]  # nobody ran the quitters' rows
 
 
+async def test_a_caller_cancelled_while_its_model_queue_is_full_gives_up_the_rows_it_queued(repository):
+    """A call of more than max_batch_size requests submits a queue item per chunk; cancelled while a later chunk
+    waits for room in the full queue, it must give up the chunks already queued as well, not leave them to run."""
+    cache = ModelCache(repository)
+    seen: list = []
+    _slow(cache.get(MNIST_MLP, 1), 0.3, seen)
+    images, _ = synthetic_digits(100, seed=8)
+    async with InferenceEngine(cache, max_queue_per_model=1, max_running_batches=1) as engine:
+        first = asyncio.create_task(engine.infer(digit_request("first", images[0])))
+        while not seen:
+            await asyncio.sleep(0.01)
+        quitter = asyncio.create_task(engine.infer_many([digit_request(f"q{i}", image)
+                                                         for i, image in enumerate(images)]))
+        await asyncio.sleep(0.05)  # its first 64 rows queued, the next 36 waiting for room
+        quitter.cancel()
+        await first
+        last = await engine.infer(digit_request("last", images[1]))
+    assert last.id == "last" and [rows for rows, _ in seen] == [1, 1]  # nobody ran the quitter's rows
+
+
 async def test_compute_time_excludes_the_wait_for_the_model_thread(repository):
     cache = ModelCache(repository)
     seen: list = []
