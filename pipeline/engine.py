@@ -198,7 +198,7 @@ class InferenceEngine:
                     deadline = request.deadline_ms
                     if deadline is not None and time.time() * 1000 > deadline:
                         raise InferenceError(ErrorCode.DEADLINE_EXCEEDED, "deadline_ms passed before the request ran")
-                    priority = int(request.parameters.get("priority", 0))
+                    priority = request.parameters.get("priority") or 0  # an int, or None (null: none given)
             except InferenceError as exc:
                 outcomes[index] = exc.addressed_to(request.id)
                 continue
@@ -209,24 +209,24 @@ class InferenceEngine:
                 group = groups[key, priority] = []
             group.append((index, rows))
         waiting: list[tuple[list[tuple[int, int]], asyncio.Future, int, ModelConfig]] = []
-        for (key, priority), members in groups.items():
-            config = configs[key]
-            for chunk, rows in _chunks(members, config.batching.max_batch_size):
-                try:
-                    future = await self._batcher.submit(key, config.batching, [(requests[i], r) for i, r in chunk],
-                                                        rows, priority)
-                except InferenceError as exc:
-                    for index, _ in chunk:
-                        outcomes[index] = exc.addressed_to(requests[index].id)
-                else:
-                    waiting.append((chunk, future, key[1], config))
-        if waiting:
-            try:
+        try:  # a later chunk may wait for room in a full queue: the chunks queued before it are given up too
+            for (key, priority), members in groups.items():
+                config = configs[key]
+                for chunk, rows in _chunks(members, config.batching.max_batch_size):
+                    try:
+                        future = await self._batcher.submit(key, config.batching,
+                                                            [(requests[i], r) for i, r in chunk], rows, priority)
+                    except InferenceError as exc:
+                        for index, _ in chunk:
+                            outcomes[index] = exc.addressed_to(requests[index].id)
+                    else:
+                        waiting.append((chunk, future, key[1], config))
+            if waiting:
                 await asyncio.wait([future for _, future, _, _ in waiting])
-            except asyncio.CancelledError:  # the caller gave up: its requests give up their rows in the batches
-                for _, future, _, _ in waiting:
-                    future.cancel()
-                raise
+        except asyncio.CancelledError:  # the caller gave up: its requests give up their rows in the batches
+            for _, future, _, _ in waiting:
+                future.cancel()
+            raise
         for chunk, future, version, config in waiting:
             error = future.exception()
             if error is not None and not isinstance(error, InferenceError):

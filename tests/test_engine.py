@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
+import json
 import os
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ from models.cache import ModelCache
 from models.examples import MNIST_MLP, mnist_mlp_config, synthetic_digits, train_mnist_mlp
 from models.repository import ModelRepository
 from pipeline.backpressure import Slots
+from pipeline.codec import decode_request
 from pipeline.engine import InferenceEngine
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.metrics import BatchRecord
@@ -98,6 +100,20 @@ async def test_inputs_a_model_overflows_on_get_an_error_not_null_outputs(reposit
     assert outcomes["half-range"].code == ErrorCode.INVALID_INPUT
     assert outcomes["half-range"].message == ("input 'input': values beyond +-65504 do not fit the model's FP16 "
                                               "computation")
+
+
+async def test_a_priority_given_as_null_runs_as_no_priority(repository):
+    """The decoder takes `"priority": null` as no priority, as it does a null deadline_ms: the engine must run such
+    a request, not fail the whole call on int(None) (which sent every request of a fetch one by one, and this one
+    to the dead-letter topic as a bug)."""
+    image = synthetic_digits(1, seed=7)[0][0]
+    body = {"id": "null-priority", "model_name": MNIST_MLP, "parameters": {"priority": None, "deadline_ms": None},
+            "inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": image.tolist()}]}
+    request = decode_request(json.dumps(body).encode(), max_bytes=1 << 20)
+    async with InferenceEngine(ModelCache(repository)) as engine:
+        outcomes = await engine.infer_many([request, digit_request("beside", image)])
+    assert [type(o) for o in outcomes] == [InferenceResponse, InferenceResponse]
+    assert np.array_equal(outcomes[0].outputs["class"], outcomes[1].outputs["class"])
 
 
 async def test_requests_of_several_rows_get_their_own_rows_back(repository):
@@ -397,6 +413,26 @@ async def test_a_cancelled_caller_gives_up_its_rows(repository):
         last = await engine.infer(digit_request("last", image))
         await first
     assert last.id == "last" and [rows for rows, _ in seen] == [1, 1]  # nobody ran the quitters' rows
+
+
+async def test_a_caller_cancelled_while_its_model_queue_is_full_gives_up_the_rows_it_queued(repository):
+    """A call of more than max_batch_size requests submits a queue item per chunk; cancelled while a later chunk
+    waits for room in the full queue, it must give up the chunks already queued as well, not leave them to run."""
+    cache = ModelCache(repository)
+    seen: list = []
+    _slow(cache.get(MNIST_MLP, 1), 0.3, seen)
+    images, _ = synthetic_digits(100, seed=8)
+    async with InferenceEngine(cache, max_queue_per_model=1, max_running_batches=1) as engine:
+        first = asyncio.create_task(engine.infer(digit_request("first", images[0])))
+        while not seen:
+            await asyncio.sleep(0.01)
+        quitter = asyncio.create_task(engine.infer_many([digit_request(f"q{i}", image)
+                                                         for i, image in enumerate(images)]))
+        await asyncio.sleep(0.05)  # its first 64 rows queued, the next 36 waiting for room
+        quitter.cancel()
+        await first
+        last = await engine.infer(digit_request("last", images[1]))
+    assert last.id == "last" and [rows for rows, _ in seen] == [1, 1]  # nobody ran the quitter's rows
 
 
 async def test_compute_time_excludes_the_wait_for_the_model_thread(repository):
