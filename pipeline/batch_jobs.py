@@ -135,17 +135,34 @@ class ObjectRef:
     etag: str | None = None
 
 
+def _field(value: Any, *path: str) -> Any:
+    """value[path[0]][path[1]]..., or None where a step is missing or not an object."""
+    for name in path:
+        value = value.get(name) if isinstance(value, dict) else None
+    return value
+
+
 def object_refs(event: Mapping[str, Any]) -> list[ObjectRef]:
-    """ObjectCreated records of an S3 event notification (keys arrive URL-encoded); test events give []."""
+    """ObjectCreated records of an S3 event notification (keys arrive URL-encoded); test events give [].
+
+    A record not shaped as S3 writes one (not an object, no string bucket name or key) is skipped with a warning,
+    never raised on: the records beside it still run, and the queue message that carried it is not received
+    again and again, until its DLQ, for a record no retry can read."""
     refs = []
-    for record in event.get("Records") or []:
+    for index, record in enumerate(event.get("Records") or []):
+        if not isinstance(record, dict):
+            log.warning("S3 event record %d names no S3 object (a %s, not an object); skipped", index,
+                        type(record).__name__)
+            continue
         if not str(record.get("eventName", "")).startswith("ObjectCreated"):
             continue
-        s3 = record.get("s3") or {}
-        obj = s3.get("object") or {}
-        bucket, key = (s3.get("bucket") or {}).get("name"), obj.get("key")
-        if bucket and key:
-            refs.append(ObjectRef(bucket, unquote_plus(key), (obj.get("eTag") or "").strip('"') or None))
+        bucket, key, etag = (_field(record, "s3", "bucket", "name"), _field(record, "s3", "object", "key"),
+                             _field(record, "s3", "object", "eTag"))
+        if not isinstance(bucket, str) or not isinstance(key, str) or not bucket or not key:
+            log.warning("S3 event record %d names no S3 object (no string s3.bucket.name and s3.object.key); "
+                        "skipped", index)
+            continue
+        refs.append(ObjectRef(bucket, unquote_plus(key), etag.strip('"') or None if isinstance(etag, str) else None))
     return refs
 
 

@@ -32,6 +32,7 @@ from pipeline.batch_jobs import (
     KeyLocks,
     LatencyHistogram,
     MultipartWriter,
+    ObjectRef,
     ensure_batch_notifications,
     iter_lines,
     object_refs,
@@ -555,6 +556,33 @@ async def test_messages_that_are_not_s3_events_are_deleted_with_a_warning(live, 
         f"batch queue message {ids[1]} is not an S3 event notification (23 characters: a JSON object with keys "
         "['password']); deleted"])
     assert "hunter2" not in caplog.text
+
+
+async def test_malformed_records_are_skipped_and_the_records_beside_them_run(live, repository, caplog):
+    """A record not shaped as S3 writes one (not an object, an `s3` that is a string, a key that is a number) raised
+    AttributeError or TypeError out of object_refs: the watcher ran none of the message's jobs and left the message
+    to come back, with a traceback each time, until its DLQ. Such a record is skipped with a warning."""
+    config = BatchConfig(bucket=live.batch_bucket, queue=f"{live.batch_bucket}-events")
+    s3, sqs = aws_client(live, "s3"), aws_client(live, "sqs")
+    requests, _ = example_requests(1, prefix="malformed")
+    s3.put_object(Bucket=config.bucket, Key="inbox/good.jsonl", Body=jsonl(requests))  # before the notification
+    queue_url = await asyncio.to_thread(ensure_batch_notifications, s3, sqs, config)
+    created = "ObjectCreated:Put"
+    records = [None, "inbox/x.jsonl", {"eventName": created, "s3": "inbox/x.jsonl"},
+               {"eventName": created, "s3": {"bucket": {"name": config.bucket}, "object": {"key": 5, "eTag": 1}}},
+               {"eventName": created, "s3": {"bucket": {"name": [config.bucket]}, "object": {"key": "inbox/x.jsonl"}}},
+               {"eventName": created, "s3": {"bucket": {"name": config.bucket},
+                                             "object": {"key": "inbox/good.jsonl", "eTag": 7}}}]
+    assert object_refs({"Records": records}) == [ObjectRef(config.bucket, "inbox/good.jsonl")]
+    assert caplog.text.count("names no S3 object") == 5
+    caplog.clear()
+    async with InferenceEngine(ModelCache(repository), worker_id="batch-test") as engine:
+        runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes, worker_id="bt")
+        sqs.send_message(QueueUrl=queue_url, MessageBody=orjson.dumps({"Records": records}).decode())
+        async with BatchJobWatcher(runner, sqs, queue_url, wait_s=1, visibility_s=30) as watcher:
+            await wait_for(lambda: _in_queue(sqs, queue_url) == 0, timeout=15)
+    assert [s["job"] for s in watcher.completed] == ["good"] and "failed" not in caplog.text
+    assert caplog.text.count("names no S3 object") == 5
 
 
 async def test_stop_cancels_a_job_past_the_drain_timeout_and_releases_its_message(live, repository, caplog):
