@@ -411,7 +411,9 @@ class BatchJobRunner:
                    ) -> dict[str, Any] | None:
         state = _JobState(job, etag)
         log.info("job %s: s3://%s/%s (%d bytes, etag %s)", job, bucket, key, head.get("ContentLength", 0), etag)
-        obj = await asyncio.to_thread(self.s3.get_object, Bucket=bucket, Key=key, IfMatch=f'"{etag}"')
+        body = await self._open(bucket, key, job, etag)
+        if body is None:
+            return None
         writer = MultipartWriter(self.s3, bucket, self.config.results_key(job), self.config.part_bytes,
                                  {SOURCE_ETAG: etag})
         progress = asyncio.create_task(self._report_progress(bucket, state), name=f"maas-batch-progress-{job}")
@@ -419,7 +421,7 @@ class BatchJobRunner:
         in_flight = 0
         try:
             lineno = 0
-            async for line in iter_lines(obj["Body"].read, self.config.read_bytes, self.max_request_bytes):
+            async for line in iter_lines(body.read, self.config.read_bytes, self.max_request_bytes):
                 lineno += 1
                 if line is not None and not line.strip():
                     continue
@@ -446,7 +448,7 @@ class BatchJobRunner:
             await writer.abort()
             raise
         finally:
-            obj["Body"].close()
+            body.close()
             progress.cancel()
             await asyncio.gather(progress, return_exceptions=True)
         summary = self._summary(bucket, key, job, etag, head, state, writer.bytes_written)
@@ -459,6 +461,24 @@ class BatchJobRunner:
         log.info("job %s: %d lines (%d ok, %d errors) in %.1fs", job, state.lines, state.ok, state.errors,
                  summary["duration_s"])
         return summary
+
+    async def _open(self, bucket: str, key: str, job: str, etag: str) -> Any | None:
+        """The body of the upload the job's HEAD saw, or None (logged) when the job file was replaced or deleted
+        since: as when that happens while the job runs, the new upload's own event runs it, and a deleted file is
+        nothing to do. Neither is the job's failure, to be retried (and after its retries, dead-lettered)."""
+        try:
+            obj = await asyncio.to_thread(self.s3.get_object, Bucket=bucket, Key=key, IfMatch=f'"{etag}"')
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("412", "PreconditionFailed"):
+                log.warning("job %s: s3://%s/%s was replaced before the job read it (etag %s); not run: the new "
+                            "upload's own event runs it", job, bucket, key, etag)
+                return None
+            if code in ("404", "NoSuchKey", "NotFound"):
+                log.info("job object s3://%s/%s is gone; nothing to do", bucket, key)
+                return None
+            raise
+        return obj["Body"]
 
     async def _report_progress(self, bucket: str, state: _JobState) -> None:
         """A small progress object every few seconds, for `maas batch submit`'s progress bar."""

@@ -696,3 +696,46 @@ def test_maas_batch_worker_publishes_batch_metrics_and_serves_health_and_metrics
         assert record["model"] == MNIST_MLP and record["version"] == 1 and record["worker"] == live.worker_id
         assert record["batch_size"] >= record["requests"] >= 1 and record["compute_ms"] >= 0
     assert sum(record["requests"] for record in records) == 20
+
+
+class _ReplacedAfterHead(BatchJobRunner):
+    """The real runner; the job file is replaced (`body`) or deleted (None) just after the run's first HEAD."""
+
+    def __init__(self, *args, then: bytes | None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.then, self.heads = then, 0
+
+    async def _head(self, bucket, key):
+        head = await super()._head(bucket, key)
+        self.heads += 1
+        if self.heads == 1:
+            if self.then is None:
+                await asyncio.to_thread(self.s3.delete_object, Bucket=bucket, Key=key)
+            else:
+                await asyncio.to_thread(self.s3.put_object, Bucket=bucket, Key=key, Body=self.then)
+        return head
+
+
+@pytest.mark.parametrize("replaced", [True, False])
+async def test_a_job_file_replaced_or_deleted_between_its_head_and_its_read_is_not_a_failure(live, repository, caplog,
+                                                                                           replaced):
+    """The run reads the upload its HEAD saw (GET If-Match its ETag). One replaced in between made that GET fail
+    with PreconditionFailed (one deleted, NoSuchKey), raised as the job's failure: a traceback, and the message or
+    the S3 invocation retried. As when it is replaced while the job runs, the new upload's own event runs it; as
+    when it is gone before the HEAD, there is nothing to do."""
+    caplog.set_level(logging.INFO, logger="pipeline.batch_jobs")
+    config = BatchConfig(bucket=live.batch_bucket)
+    requests, _ = example_requests(2, prefix="swapped")
+    s3 = aws_client(live, "s3")
+    s3.put_object(Bucket=config.bucket, Key="inbox/swapped.jsonl", Body=jsonl(requests[:1]))
+    async with InferenceEngine(ModelCache(repository), worker_id="batch-test") as engine:
+        runner = _ReplacedAfterHead(engine, s3, config, max_request_bytes=live.max_request_bytes, worker_id="bt",
+                                    then=jsonl(requests[1:]) if replaced else None)
+        assert await runner.run(config.bucket, "inbox/swapped.jsonl") is None
+        assert "Contents" not in s3.list_objects_v2(Bucket=config.bucket, Prefix=config.outbox_prefix)
+        assert ("was replaced before the job read it" if replaced else "is gone; nothing to do") in caplog.text
+        if replaced:  # the new upload's event
+            summary = await runner.run(config.bucket, "inbox/swapped.jsonl")
+            assert summary["lines"] == 1 and summary["ok"] == 1
+            body = s3.get_object(Bucket=config.bucket, Key=config.results_key("swapped"))["Body"].read()
+            assert [orjson.loads(line)["id"] for line in body.splitlines()] == [requests[1]["id"]]
