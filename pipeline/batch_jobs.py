@@ -387,7 +387,8 @@ class BatchJobRunner:
 
     async def _existing_summary(self, bucket: str, job: str, etag: str) -> dict[str, Any] | None:
         """The summary of this upload's finished run, or None: then the job runs (again), and its summary is
-        written anew. One over MAX_SUMMARY_BYTES is no summary this code wrote: it is not read, nor trusted."""
+        written anew. One over MAX_SUMMARY_BYTES, or not a JSON object, is no summary this code wrote: it is not
+        read whole, nor trusted (raised on, it would fail every run of the job)."""
         key = self.config.summary_key(job)
         try:
             obj = await asyncio.to_thread(self.s3.get_object, Bucket=bucket, Key=key)
@@ -405,7 +406,15 @@ class BatchJobRunner:
             log.warning("job %s: its summary s3://%s/%s is over the %d bytes a summary may have; not a valid "
                         "summary, so the job runs again", job, bucket, key, MAX_SUMMARY_BYTES)
             return None
-        return orjson.loads(raw)
+        try:
+            summary = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            summary = None
+        if isinstance(summary, dict):
+            return summary
+        log.warning("job %s: its summary s3://%s/%s is not a JSON object; not a valid summary, so the job runs "
+                    "again", job, bucket, key)
+        return None
 
     async def _run(self, bucket: str, key: str, job: str, etag: str, head: dict[str, Any]
                    ) -> dict[str, Any] | None:

@@ -739,3 +739,22 @@ async def test_a_job_file_replaced_or_deleted_between_its_head_and_its_read_is_n
             assert summary["lines"] == 1 and summary["ok"] == 1
             body = s3.get_object(Bucket=config.bucket, Key=config.results_key("swapped"))["Body"].read()
             assert [orjson.loads(line)["id"] for line in body.splitlines()] == [requests[1]["id"]]
+
+
+@pytest.mark.parametrize("planted", [b'{"job": "torn", "lines": 3', b"[1, 2, 3]"])
+async def test_a_summary_that_is_no_json_object_is_not_taken_for_the_jobs(live, repository, caplog, planted):
+    """The duplicate check parsed the summary of this upload's etag unchecked: one that is not JSON raised
+    JSONDecodeError, one that is not an object TypeError, out of every run of the job, so it never ran and its
+    message went to the DLQ. Like one over MAX_SUMMARY_BYTES, it is no summary this code wrote: the job runs."""
+    config = BatchConfig(bucket=live.batch_bucket)
+    requests, _ = example_requests(2, prefix="torn")
+    s3 = aws_client(live, "s3")
+    etag = s3.put_object(Bucket=config.bucket, Key="inbox/torn.jsonl", Body=jsonl(requests))["ETag"].strip('"')
+    s3.put_object(Bucket=config.bucket, Key=config.summary_key("torn"), Body=planted, Metadata={SOURCE_ETAG: etag})
+    async with InferenceEngine(ModelCache(repository), worker_id="batch-test") as engine:
+        runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes, worker_id="bt")
+        summary = await runner.run(config.bucket, "inbox/torn.jsonl")
+        assert not summary.get("duplicate") and summary["lines"] == 2 and summary["ok"] == 2
+        assert "is not a JSON object" in caplog.text
+        again = await runner.run(config.bucket, "inbox/torn.jsonl")  # its own summary is one
+    assert again["duplicate"] and again["finished_at"] == summary["finished_at"]
