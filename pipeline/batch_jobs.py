@@ -135,17 +135,34 @@ class ObjectRef:
     etag: str | None = None
 
 
+def _field(value: Any, *path: str) -> Any:
+    """value[path[0]][path[1]]..., or None where a step is missing or not an object."""
+    for name in path:
+        value = value.get(name) if isinstance(value, dict) else None
+    return value
+
+
 def object_refs(event: Mapping[str, Any]) -> list[ObjectRef]:
-    """ObjectCreated records of an S3 event notification (keys arrive URL-encoded); test events give []."""
+    """ObjectCreated records of an S3 event notification (keys arrive URL-encoded); test events give [].
+
+    A record not shaped as S3 writes one (not an object, no string bucket name or key) is skipped with a warning,
+    never raised on: the records beside it still run, and the queue message that carried it is not received
+    again and again, until its DLQ, for a record no retry can read."""
     refs = []
-    for record in event.get("Records") or []:
+    for index, record in enumerate(event.get("Records") or []):
+        if not isinstance(record, dict):
+            log.warning("S3 event record %d names no S3 object (a %s, not an object); skipped", index,
+                        type(record).__name__)
+            continue
         if not str(record.get("eventName", "")).startswith("ObjectCreated"):
             continue
-        s3 = record.get("s3") or {}
-        obj = s3.get("object") or {}
-        bucket, key = (s3.get("bucket") or {}).get("name"), obj.get("key")
-        if bucket and key:
-            refs.append(ObjectRef(bucket, unquote_plus(key), (obj.get("eTag") or "").strip('"') or None))
+        bucket, key, etag = (_field(record, "s3", "bucket", "name"), _field(record, "s3", "object", "key"),
+                             _field(record, "s3", "object", "eTag"))
+        if not isinstance(bucket, str) or not isinstance(key, str) or not bucket or not key:
+            log.warning("S3 event record %d names no S3 object (no string s3.bucket.name and s3.object.key); "
+                        "skipped", index)
+            continue
+        refs.append(ObjectRef(bucket, unquote_plus(key), etag.strip('"') or None if isinstance(etag, str) else None))
     return refs
 
 
@@ -370,7 +387,8 @@ class BatchJobRunner:
 
     async def _existing_summary(self, bucket: str, job: str, etag: str) -> dict[str, Any] | None:
         """The summary of this upload's finished run, or None: then the job runs (again), and its summary is
-        written anew. One over MAX_SUMMARY_BYTES is no summary this code wrote: it is not read, nor trusted."""
+        written anew. One over MAX_SUMMARY_BYTES, or not a JSON object, is no summary this code wrote: it is not
+        read whole, nor trusted (raised on, it would fail every run of the job)."""
         key = self.config.summary_key(job)
         try:
             obj = await asyncio.to_thread(self.s3.get_object, Bucket=bucket, Key=key)
@@ -388,13 +406,23 @@ class BatchJobRunner:
             log.warning("job %s: its summary s3://%s/%s is over the %d bytes a summary may have; not a valid "
                         "summary, so the job runs again", job, bucket, key, MAX_SUMMARY_BYTES)
             return None
-        return orjson.loads(raw)
+        try:
+            summary = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            summary = None
+        if isinstance(summary, dict):
+            return summary
+        log.warning("job %s: its summary s3://%s/%s is not a JSON object; not a valid summary, so the job runs "
+                    "again", job, bucket, key)
+        return None
 
     async def _run(self, bucket: str, key: str, job: str, etag: str, head: dict[str, Any]
                    ) -> dict[str, Any] | None:
         state = _JobState(job, etag)
         log.info("job %s: s3://%s/%s (%d bytes, etag %s)", job, bucket, key, head.get("ContentLength", 0), etag)
-        obj = await asyncio.to_thread(self.s3.get_object, Bucket=bucket, Key=key, IfMatch=f'"{etag}"')
+        body = await self._open(bucket, key, job, etag)
+        if body is None:
+            return None
         writer = MultipartWriter(self.s3, bucket, self.config.results_key(job), self.config.part_bytes,
                                  {SOURCE_ETAG: etag})
         progress = asyncio.create_task(self._report_progress(bucket, state), name=f"maas-batch-progress-{job}")
@@ -402,7 +430,7 @@ class BatchJobRunner:
         in_flight = 0
         try:
             lineno = 0
-            async for line in iter_lines(obj["Body"].read, self.config.read_bytes, self.max_request_bytes):
+            async for line in iter_lines(body.read, self.config.read_bytes, self.max_request_bytes):
                 lineno += 1
                 if line is not None and not line.strip():
                     continue
@@ -429,7 +457,7 @@ class BatchJobRunner:
             await writer.abort()
             raise
         finally:
-            obj["Body"].close()
+            body.close()
             progress.cancel()
             await asyncio.gather(progress, return_exceptions=True)
         summary = self._summary(bucket, key, job, etag, head, state, writer.bytes_written)
@@ -442,6 +470,24 @@ class BatchJobRunner:
         log.info("job %s: %d lines (%d ok, %d errors) in %.1fs", job, state.lines, state.ok, state.errors,
                  summary["duration_s"])
         return summary
+
+    async def _open(self, bucket: str, key: str, job: str, etag: str) -> Any | None:
+        """The body of the upload the job's HEAD saw, or None (logged) when the job file was replaced or deleted
+        since: as when that happens while the job runs, the new upload's own event runs it, and a deleted file is
+        nothing to do. Neither is the job's failure, to be retried (and after its retries, dead-lettered)."""
+        try:
+            obj = await asyncio.to_thread(self.s3.get_object, Bucket=bucket, Key=key, IfMatch=f'"{etag}"')
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("412", "PreconditionFailed"):
+                log.warning("job %s: s3://%s/%s was replaced before the job read it (etag %s); not run: the new "
+                            "upload's own event runs it", job, bucket, key, etag)
+                return None
+            if code in ("404", "NoSuchKey", "NotFound"):
+                log.info("job object s3://%s/%s is gone; nothing to do", bucket, key)
+                return None
+            raise
+        return obj["Body"]
 
     async def _report_progress(self, bucket: str, state: _JobState) -> None:
         """A small progress object every few seconds, for `maas batch submit`'s progress bar."""

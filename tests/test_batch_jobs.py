@@ -32,6 +32,7 @@ from pipeline.batch_jobs import (
     KeyLocks,
     LatencyHistogram,
     MultipartWriter,
+    ObjectRef,
     ensure_batch_notifications,
     iter_lines,
     object_refs,
@@ -557,6 +558,33 @@ async def test_messages_that_are_not_s3_events_are_deleted_with_a_warning(live, 
     assert "hunter2" not in caplog.text
 
 
+async def test_malformed_records_are_skipped_and_the_records_beside_them_run(live, repository, caplog):
+    """A record not shaped as S3 writes one (not an object, an `s3` that is a string, a key that is a number) raised
+    AttributeError or TypeError out of object_refs: the watcher ran none of the message's jobs and left the message
+    to come back, with a traceback each time, until its DLQ. Such a record is skipped with a warning."""
+    config = BatchConfig(bucket=live.batch_bucket, queue=f"{live.batch_bucket}-events")
+    s3, sqs = aws_client(live, "s3"), aws_client(live, "sqs")
+    requests, _ = example_requests(1, prefix="malformed")
+    s3.put_object(Bucket=config.bucket, Key="inbox/good.jsonl", Body=jsonl(requests))  # before the notification
+    queue_url = await asyncio.to_thread(ensure_batch_notifications, s3, sqs, config)
+    created = "ObjectCreated:Put"
+    records = [None, "inbox/x.jsonl", {"eventName": created, "s3": "inbox/x.jsonl"},
+               {"eventName": created, "s3": {"bucket": {"name": config.bucket}, "object": {"key": 5, "eTag": 1}}},
+               {"eventName": created, "s3": {"bucket": {"name": [config.bucket]}, "object": {"key": "inbox/x.jsonl"}}},
+               {"eventName": created, "s3": {"bucket": {"name": config.bucket},
+                                             "object": {"key": "inbox/good.jsonl", "eTag": 7}}}]
+    assert object_refs({"Records": records}) == [ObjectRef(config.bucket, "inbox/good.jsonl")]
+    assert caplog.text.count("names no S3 object") == 5
+    caplog.clear()
+    async with InferenceEngine(ModelCache(repository), worker_id="batch-test") as engine:
+        runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes, worker_id="bt")
+        sqs.send_message(QueueUrl=queue_url, MessageBody=orjson.dumps({"Records": records}).decode())
+        async with BatchJobWatcher(runner, sqs, queue_url, wait_s=1, visibility_s=30) as watcher:
+            await wait_for(lambda: _in_queue(sqs, queue_url) == 0, timeout=15)
+    assert [s["job"] for s in watcher.completed] == ["good"] and "failed" not in caplog.text
+    assert caplog.text.count("names no S3 object") == 5
+
+
 async def test_stop_cancels_a_job_past_the_drain_timeout_and_releases_its_message(live, repository, caplog):
     """stop() used to run the job under way to its end, however long; a pod is killed soon after its SIGTERM."""
     config = BatchConfig(bucket=live.batch_bucket, queue=f"{live.batch_bucket}-events")
@@ -668,3 +696,65 @@ def test_maas_batch_worker_publishes_batch_metrics_and_serves_health_and_metrics
         assert record["model"] == MNIST_MLP and record["version"] == 1 and record["worker"] == live.worker_id
         assert record["batch_size"] >= record["requests"] >= 1 and record["compute_ms"] >= 0
     assert sum(record["requests"] for record in records) == 20
+
+
+class _ReplacedAfterHead(BatchJobRunner):
+    """The real runner; the job file is replaced (`body`) or deleted (None) just after the run's first HEAD."""
+
+    def __init__(self, *args, then: bytes | None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.then, self.heads = then, 0
+
+    async def _head(self, bucket, key):
+        head = await super()._head(bucket, key)
+        self.heads += 1
+        if self.heads == 1:
+            if self.then is None:
+                await asyncio.to_thread(self.s3.delete_object, Bucket=bucket, Key=key)
+            else:
+                await asyncio.to_thread(self.s3.put_object, Bucket=bucket, Key=key, Body=self.then)
+        return head
+
+
+@pytest.mark.parametrize("replaced", [True, False])
+async def test_a_job_file_replaced_or_deleted_between_its_head_and_its_read_is_not_a_failure(live, repository, caplog,
+                                                                                           replaced):
+    """The run reads the upload its HEAD saw (GET If-Match its ETag). One replaced in between made that GET fail
+    with PreconditionFailed (one deleted, NoSuchKey), raised as the job's failure: a traceback, and the message or
+    the S3 invocation retried. As when it is replaced while the job runs, the new upload's own event runs it; as
+    when it is gone before the HEAD, there is nothing to do."""
+    caplog.set_level(logging.INFO, logger="pipeline.batch_jobs")
+    config = BatchConfig(bucket=live.batch_bucket)
+    requests, _ = example_requests(2, prefix="swapped")
+    s3 = aws_client(live, "s3")
+    s3.put_object(Bucket=config.bucket, Key="inbox/swapped.jsonl", Body=jsonl(requests[:1]))
+    async with InferenceEngine(ModelCache(repository), worker_id="batch-test") as engine:
+        runner = _ReplacedAfterHead(engine, s3, config, max_request_bytes=live.max_request_bytes, worker_id="bt",
+                                    then=jsonl(requests[1:]) if replaced else None)
+        assert await runner.run(config.bucket, "inbox/swapped.jsonl") is None
+        assert "Contents" not in s3.list_objects_v2(Bucket=config.bucket, Prefix=config.outbox_prefix)
+        assert ("was replaced before the job read it" if replaced else "is gone; nothing to do") in caplog.text
+        if replaced:  # the new upload's event
+            summary = await runner.run(config.bucket, "inbox/swapped.jsonl")
+            assert summary["lines"] == 1 and summary["ok"] == 1
+            body = s3.get_object(Bucket=config.bucket, Key=config.results_key("swapped"))["Body"].read()
+            assert [orjson.loads(line)["id"] for line in body.splitlines()] == [requests[1]["id"]]
+
+
+@pytest.mark.parametrize("planted", [b'{"job": "torn", "lines": 3', b"[1, 2, 3]"])
+async def test_a_summary_that_is_no_json_object_is_not_taken_for_the_jobs(live, repository, caplog, planted):
+    """The duplicate check parsed the summary of this upload's etag unchecked: one that is not JSON raised
+    JSONDecodeError, one that is not an object TypeError, out of every run of the job, so it never ran and its
+    message went to the DLQ. Like one over MAX_SUMMARY_BYTES, it is no summary this code wrote: the job runs."""
+    config = BatchConfig(bucket=live.batch_bucket)
+    requests, _ = example_requests(2, prefix="torn")
+    s3 = aws_client(live, "s3")
+    etag = s3.put_object(Bucket=config.bucket, Key="inbox/torn.jsonl", Body=jsonl(requests))["ETag"].strip('"')
+    s3.put_object(Bucket=config.bucket, Key=config.summary_key("torn"), Body=planted, Metadata={SOURCE_ETAG: etag})
+    async with InferenceEngine(ModelCache(repository), worker_id="batch-test") as engine:
+        runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes, worker_id="bt")
+        summary = await runner.run(config.bucket, "inbox/torn.jsonl")
+        assert not summary.get("duplicate") and summary["lines"] == 2 and summary["ok"] == 2
+        assert "is not a JSON object" in caplog.text
+        again = await runner.run(config.bucket, "inbox/torn.jsonl")  # its own summary is one
+    assert again["duplicate"] and again["finished_at"] == summary["finished_at"]
