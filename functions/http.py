@@ -25,11 +25,13 @@ def api_request(event: dict[str, Any]) -> ApiRequest:
     if "http" in context:  # payload format 2.0 (HTTP API, function URL)
         # rawPath keeps the caller's percent-escapes; `maas serve` routes on the decoded path, so decode it too.
         method, path = context["http"]["method"], unquote(event.get("rawPath") or context["http"].get("path", "/"))
+        # 2.0 puts a named stage in front of the path; 1.0's `path` never holds it (requestContext.path does), so
+        # stripping it there cut `/v2` off every path of a REST API whose stage is named `v2`
+        stage = context.get("stage")
+        if stage and stage != "$default" and path.startswith(f"/{stage}/"):
+            path = path[len(stage) + 1:]
     else:  # 1.0 (REST API)
         method, path = event.get("httpMethod", "GET"), event.get("path", "/")
-    stage = context.get("stage")
-    if stage and stage != "$default" and path.startswith(f"/{stage}/"):
-        path = path[len(stage) + 1:]
     if "headers" not in event and "multiValueHeaders" in event:  # an ALB target with multi-value headers on:
         # a repeated header keeps every value, comma-joined, as `maas serve` reads it (the last alone would let
         # `Content-Encoding: gzip` then `identity` pass)

@@ -55,6 +55,7 @@ class Traffic:
     max_in_flight: int = 4096
     body_timeout_s: float = 30.0
     in_flight: int = 0
+    stopping: bool = False  # draining: requests arriving on open connections are refused, and connections closed
 
 
 def build_app(api: V2Api, traffic: Traffic | None = None) -> web.Application:
@@ -82,7 +83,11 @@ def build_app(api: V2Api, traffic: Traffic | None = None) -> web.Application:
         if request.path in PUBLIC_PATHS:  # a probe refused for load gets a busy server restarted or taken out
             # of service: they answer however busy it is, and hold no slot, since their bodies are not read
             probe = ApiRequest(request.method, request.path, _lower(request.headers))
-            return _to_web(await api.handle(probe), close=request.body_exists)
+            return _to_web(await api.handle(probe), close=request.body_exists or traffic.stopping)
+        if traffic.stopping:  # a keep-alive connection's next request: served, it kept the drain going until its
+            # deadline, which then cut the requests in flight off unanswered
+            return _to_web(refusal(503, "the server is stopping; retry shortly", str(ErrorCode.UNAVAILABLE),
+                                   {"retry-after": "1"}), close=True)
         if traffic.in_flight >= traffic.max_in_flight:
             return _to_web(refusal(503, f"the server holds {traffic.max_in_flight} requests "
                                    "(MAAS_MAX_IN_FLIGHT); retry shortly", str(ErrorCode.UNAVAILABLE),
@@ -102,7 +107,8 @@ def build_app(api: V2Api, traffic: Traffic | None = None) -> web.Application:
             except TimeoutError:
                 return _to_web(refusal(408, f"the request body did not arrive within "
                                        f"{traffic.body_timeout_s:g} s", "REQUEST_TIMEOUT"), close=True)
-            return _to_web(await api.handle(ApiRequest(request.method, request.path, headers, body)))
+            response = await api.handle(ApiRequest(request.method, request.path, headers, body))
+            return _to_web(response, close=traffic.stopping)
         finally:
             traffic.in_flight -= 1
 
@@ -150,7 +156,7 @@ class HttpServer:
     async def start(self) -> HttpServer:
         """Listen; the API reports ready only once it does (a port in use fails start() not ready)."""
         logging.getLogger("aiohttp.server").addFilter(_FILTER)  # the same object: added once however often
-        self.api.ready = False
+        self.api.ready = self.traffic.stopping = False
         runner = web.AppRunner(build_app(self.api, self.traffic), access_log=None, handle_signals=False,
                                shutdown_timeout=1.0)
         await listen(runner, self.host, self.port, backlog=self.backlog)
@@ -164,9 +170,12 @@ class HttpServer:
     async def stop(self) -> None:
         """Refuse readiness, stop listening, let the requests in flight finish (up to `drain_timeout_s`), close.
 
-        A stop() called while another runs returns once that one has closed the server.
+        Open connections are closed after their request in flight; a new request on one gets 503 (a keep-alive
+        client would otherwise keep the drain busy until its deadline). A stop() called while another runs returns
+        once that one has closed the server.
         """
         self.api.ready = False
+        self.traffic.stopping = True
         async with self._stop_lock:
             runner, self._runner = self._runner, None
             if runner is None:

@@ -385,6 +385,19 @@ def test_http_trigger_refuses_unloads_and_speaks_alb_multi_value_headers(env):
 
 
 
+def test_a_rest_api_stage_is_stripped_from_2_0_paths_only():
+    """Payload 2.0 puts a named stage in front of rawPath; a REST API's (1.0) `path` never holds it, and stripping it
+    there turned every path of a stage named `v2` into a 404 (`/v2/models/m/ready` became `/models/m/ready`)."""
+    rest = {"resource": "/{proxy+}", "path": f"/v2/models/{MNIST_MLP}/ready", "httpMethod": "GET",
+            "headers": {"Host": "abcdef123.execute-api.us-east-1.amazonaws.com"}, "multiValueHeaders": {},
+            "requestContext": {"stage": "v2", "path": f"/v2/v2/models/{MNIST_MLP}/ready", "httpMethod": "GET"},
+            "body": None, "isBase64Encoded": False}
+    assert functions.http.api_request(rest).path == f"/v2/models/{MNIST_MLP}/ready"
+    http_api = http_event("GET", f"/v2/v2/models/{MNIST_MLP}/ready")
+    http_api["requestContext"]["stage"] = "v2"
+    assert functions.http.api_request(http_api).path == f"/v2/models/{MNIST_MLP}/ready"
+
+
 def test_a_malformed_http_event_is_answered_with_a_fixed_message_and_logged(env, caplog):
     """The 400 quoted the exception (its repr: the server's wording, or a piece of the event); it now says what the
     event should have been, and the log says what went wrong, with the event's keys but none of its values."""

@@ -589,6 +589,49 @@ async def test_stop_lets_requests_in_flight_finish(repository):
     assert reply.startswith(b"HTTP/1.1 200") and b'"id":"late"' in reply
 
 
+async def _answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One response's head and body, read off a connection that stays open."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+                 .split(b":")[1])
+    return head, await asyncio.wait_for(reader.readexactly(length), 10)
+
+
+async def test_stop_refuses_requests_that_arrive_on_open_connections_and_closes_them(repository):
+    """A keep-alive connection's next request was served during the drain (and its answer kept the connection
+    open for more): clients with a pool kept the drain busy until its deadline, which then cut off the requests
+    still in flight, unanswered. Now it gets 503 and the connection is closed; the request in flight is answered,
+    closing its connection too."""
+    async with InferenceEngine(ModelCache(repository), worker_id="http-test") as engine:
+        api = V2Api(engine, max_request_bytes=64 * 1024)
+        server = await HttpServer(api, "127.0.0.1", 0, drain_timeout_s=10).start()
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", server.port)
+        idle_writer.write(b"GET /v2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _ = await _answer(idle_reader)
+        assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" not in head  # kept alive
+        body = orjson.dumps(json_request(id="held"))
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(f"POST /v2/models/{MNIST_MLP}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:100])
+        await writer.drain()
+        await _holding(server, 1)
+        stopping = asyncio.create_task(server.stop())
+        await asyncio.sleep(0.3)
+        assert not stopping.done()
+        idle_writer.write(b"GET /v2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, answer = await _answer(idle_reader)
+        assert head.startswith(b"HTTP/1.1 503") and b"Connection: close" in head, head
+        assert b"retry-after: 1" in head.lower() and "stopping" in orjson.loads(answer)["error"]
+        assert await asyncio.wait_for(idle_reader.read(), 10) == b""  # closed by the server
+        writer.write(body[100:])
+        await writer.drain()
+        head, answer = await _answer(reader)
+        assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" in head and b'"id":"held"' in answer
+        await asyncio.wait_for(stopping, 10)
+        for closing in (writer, idle_writer):
+            closing.close()
+
+
 async def test_rate_limits_cannot_be_dodged_by_header_or_by_made_up_models(repository):
     limiter = RateLimiter(None, {MNIST_MLP: Limit(rate=0.001, burst=2)}, max_buckets=2)
     async with serving(repository, rate_limiter=limiter) as (http, _, _):
