@@ -25,6 +25,7 @@ from models.artifact import (
     read_assets,
     read_config,
     read_weights,
+    short_repr,
     validate_model_name,
     verify_files,
     version_number,
@@ -158,11 +159,11 @@ class Repository(ABC):
         wanted = parse_version(version)
         available = self.versions(name)
         if not available:
-            raise ModelNotFoundError(f"model {name!r} is not in the repository", str(self.root))
+            raise ModelNotFoundError(f"model {short_repr(name)} is not in the repository", str(self.root))
         if wanted is None:
             return available[-1]
         if wanted not in available:
-            raise ModelNotFoundError(f"model {name!r} has no version {wanted}; available: {available}")
+            raise ModelNotFoundError(f"model {short_repr(name)} has no version {wanted}; available: {available}")
         return wanted
 
     def config(self, name: str, version: int) -> ModelConfig:

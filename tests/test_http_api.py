@@ -373,7 +373,7 @@ async def test_a_model_that_fails_tells_the_caller_its_exception_type_and_the_lo
 
 async def test_errors_keep_the_repository_path_to_the_server_and_echo_a_bounded_part_of_the_input(repository):
     """A 404 said "is not in the repository (/path/on/the/server)"; a 5,000-character model name, path or list of
-    output names came back whole."""
+    output names came back whole, and so did a valid model name of no model (up to 128 characters)."""
     async with serving(repository, max_request_bytes=1 << 20) as (http, _, _):
         async with http.post("/v2/models/no_such_model/infer", json=json_request()) as r:
             assert r.status == 404 and (await r.json())["error"] == "model 'no_such_model' is not in the repository"
@@ -382,6 +382,7 @@ async def test_errors_keep_the_repository_path_to_the_server_and_echo_a_bounded_
         outputs = [{"name": f"out-{i}"} for i in range(1000)]
         for method, path, body, status in [
             ("POST", f"/v2/models/{'m' * 5000}/infer", json_request(), 404),
+            ("POST", f"/v2/models/{'m' * 128}/infer", json_request(), 404),  # a valid name of no model
             ("GET", f"/v2/{'x' * 5000}", None, 404),
             ("DELETE", f"/v2/models/{'m' * 5000}", None, 405),
             ("POST", f"/v2/models/{MNIST_MLP}/infer", json_request(outputs=outputs), 400),
