@@ -32,10 +32,11 @@ def api_request(event: dict[str, Any]) -> ApiRequest:
             path = path[len(stage) + 1:]
     else:  # 1.0 (REST API)
         method, path = event.get("httpMethod", "GET"), event.get("path", "/")
-    if "headers" not in event and "multiValueHeaders" in event:  # an ALB target with multi-value headers on:
-        # a repeated header keeps every value, comma-joined, as `maas serve` reads it (the last alone would let
-        # `Content-Encoding: gzip` then `identity` pass)
-        headers = {k.lower(): ", ".join(v) for k, v in (event.get("multiValueHeaders") or {}).items() if v}
+    if multi := event.get("multiValueHeaders"):  # a REST API's (beside `headers`, which keeps the last value of
+        # a repeated header) or an ALB target's with multi-value headers on: a repeated header keeps every value,
+        # comma-joined, as `maas serve` reads it (the last alone would let `Content-Encoding: gzip` then `identity`
+        # pass)
+        headers = {k.lower(): ", ".join(v) for k, v in multi.items() if v}
     else:
         headers = {k.lower(): v for k, v in (event.get("headers") or {}).items()}
     raw = event.get("body") or ""

@@ -364,7 +364,8 @@ def test_http_trigger_serves_the_v2_routes(env, monkeypatch):
 
 def test_http_trigger_refuses_unloads_and_speaks_alb_multi_value_headers(env):
     """An unload reached one warm instance of the function and left the others serving (anyone could send it);
-    an ALB target with multi-value headers sends and reads `multiValueHeaders` only."""
+    an ALB target with multi-value headers sends and reads `multiValueHeaders` only. A REST API sends both forms:
+    its `headers` keep the last value of a repeated header, so only `multiValueHeaders` tells every one."""
     for action in ("unload", "load"):
         refused = functions.http.handler(http_event("POST", f"/v2/repository/models/{MNIST_MLP}/{action}"), None)
         assert refused["statusCode"] == 403 and "not served here" in json.loads(refused["body"])["error"]
@@ -382,7 +383,11 @@ def test_http_trigger_refuses_unloads_and_speaks_alb_multi_value_headers(env):
     assert next(o for o in body["outputs"] if o["name"] == "class")["data"] == [truth["alb-000000"]]
     alb["multiValueHeaders"]["Content-Encoding"] = ["gzip", "identity"]  # every value counts, not the last
     assert functions.http.handler(alb, None)["statusCode"] == 415
-
+    rest = {"resource": "/{proxy+}", "path": f"/v2/models/{MNIST_MLP}/infer", "httpMethod": "POST",
+            "headers": {"Content-Type": "application/json", "Content-Encoding": "identity"},
+            "multiValueHeaders": {"Content-Type": ["application/json"], "Content-Encoding": ["gzip", "identity"]},
+            "requestContext": {"stage": "prod", "httpMethod": "POST"}, "body": alb["body"], "isBase64Encoded": False}
+    assert functions.http.handler(rest, None)["statusCode"] == 415, "a REST API's headers keep the last value only"
 
 
 def test_a_rest_api_stage_is_stripped_from_2_0_paths_only():
