@@ -693,7 +693,8 @@ class BatchJobWatcher:
     async def stop(self) -> None:
         """Stop polling; let the job under way finish for up to `drain_timeout_s` (its message is then deleted),
         else cancel it: its upload is aborted and its message made visible at once, so that another watcher
-        runs the job from the start. A job may take hours; a pod is killed some 30 s after its SIGTERM."""
+        runs the job from the start. A job may take hours; a pod is killed some 30 s after its SIGTERM. A poll
+        under way is waited for (at most `wait_s`), and what it receives made visible at once too."""
         self._stopping = True
         task, self._task = self._task, None
         if task is None:
@@ -716,18 +717,30 @@ class BatchJobWatcher:
     async def _loop(self) -> None:
         while not self._stopping:
             try:
-                received = await asyncio.to_thread(
-                    self.sqs.receive_message, QueueUrl=self.queue_url, MaxNumberOfMessages=1,
-                    WaitTimeSeconds=self.wait_s, VisibilityTimeout=self.visibility_s)
+                received = await self._receive()
             except (ClientError, BotoCoreError) as exc:  # throttled, or the endpoint unreachable for a while
                 log.warning("cannot receive from %s: %s; retrying", self.queue_url, exc)
                 await asyncio.sleep(1.0)
                 continue
-            for message in received.get("Messages", []):
+            for message in received:
                 if self._stopping:  # received while stop() waited for the poll: for another watcher
                     await self._release(message)
                     continue
                 await self._handle(message)
+
+    async def _receive(self) -> list[dict[str, Any]]:
+        """One long poll's messages. Cancelled (stop() past its drain timeout), it still waits for the poll under
+        way, at most `wait_s`: a boto3 call cannot be interrupted, and what it received, left to itself, would stay
+        invisible for `visibility_s` and come back one receive closer to the DLQ. It is released at once instead."""
+        poll = asyncio.ensure_future(asyncio.to_thread(
+            self.sqs.receive_message, QueueUrl=self.queue_url, MaxNumberOfMessages=1, WaitTimeSeconds=self.wait_s,
+            VisibilityTimeout=self.visibility_s))
+        try:
+            return (await asyncio.shield(poll)).get("Messages", [])
+        except asyncio.CancelledError:
+            with contextlib.suppress(ClientError, BotoCoreError):
+                await release_messages(self.sqs, self.queue_url, (await poll).get("Messages", []))
+            raise
 
     async def _handle(self, message: dict[str, Any]) -> None:
         heartbeat = asyncio.create_task(self._keep_invisible(message["ReceiptHandle"]))

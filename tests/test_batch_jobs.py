@@ -609,6 +609,31 @@ async def test_stop_cancels_a_job_past_the_drain_timeout_and_releases_its_messag
             await wait_for(lambda: any(s["job"] == "long" for s in again.completed))
 
 
+async def test_stop_releases_what_the_poll_under_way_receives(live, repository):
+    """stop() past its drain timeout cancelled a watcher that was long-polling: the poll (a boto3 call cannot be
+    told to end) went on in its thread and received a message no one handled, which stayed invisible for
+    visibility_s and came back one receive closer to the DLQ. stop() waits for the poll, at most wait_s, and
+    releases what it received."""
+    config = BatchConfig(bucket=live.batch_bucket, queue=f"{live.batch_bucket}-events")
+    s3, sqs = aws_client(live, "s3"), aws_client(live, "sqs")
+    queue_url = await asyncio.to_thread(ensure_batch_notifications, s3, sqs, config)
+    body = orjson.dumps({"Event": "s3:TestEvent"}).decode()
+    async with InferenceEngine(ModelCache(repository), worker_id="batch-test") as engine:
+        runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes, worker_id="bt")
+        watcher = BatchJobWatcher(runner, sqs, queue_url, wait_s=5, visibility_s=600, drain_timeout_s=0.1)
+        await watcher.start()
+        await asyncio.sleep(0.5)  # its first poll waits on the empty queue
+        stopping = asyncio.create_task(watcher.stop())
+        await asyncio.sleep(0.5)  # past the drain timeout: the watcher is cancelled, its poll goes on
+        await asyncio.to_thread(sqs.send_message, QueueUrl=queue_url, MessageBody=body)
+        await asyncio.sleep(0.5)  # the poll receives it
+        await asyncio.wait_for(stopping, 30)
+    received = sqs.receive_message(QueueUrl=queue_url, WaitTimeSeconds=1,
+                                   AttributeNames=["ApproximateReceiveCount"]).get("Messages", [])
+    assert [m["Body"] for m in received] == [body], "visible again at once, not in 600 s"
+    assert received[0]["Attributes"]["ApproximateReceiveCount"] == "2"  # the poll under way received it first
+
+
 def _batch_worker_process(settings, *args: str) -> tuple[subprocess.Popen, list[str]]:
     """`maas -v batch worker --wait 1 [args]` on `settings`, and the list its output lines are added to."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "MAAS_", "AWS_"))}
