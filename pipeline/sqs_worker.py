@@ -112,7 +112,7 @@ class SqsWorker:
         self._responder = Responder(settings, engine, RedeliverTransient(sink), store=store,
                                     max_attempts=max_attempts)
         self._slots = Slots(settings.max_in_flight)
-        self._in_flight: dict[str, _InFlight] = {}
+        self._in_flight: dict[str, _InFlight] = {}  # by receipt handle: a message SQS delivers again is in twice
         self._handlers: set[asyncio.Task] = set()
         self._tasks: list[asyncio.Task] = []
         self._stopped: asyncio.Event | None = None  # set by the stop() under way, when it is done
@@ -184,7 +184,7 @@ class SqsWorker:
                     continue
                 until = asked + self.visibility_timeout_s
                 for message in messages:
-                    self._in_flight[message["MessageId"]] = _InFlight(message["ReceiptHandle"], until)
+                    self._in_flight[message["ReceiptHandle"]] = _InFlight(message["ReceiptHandle"], until)
                 IN_FLIGHT.inc(len(messages))
                 task = asyncio.create_task(self._handle(messages))
                 handed = len(messages)  # the handler gives them back
@@ -229,7 +229,7 @@ class SqsWorker:
             log.exception("unexpected failure answering %d messages; they will be redelivered", len(messages))
         finally:
             for message in messages:
-                self._in_flight.pop(message["MessageId"], None)
+                self._in_flight.pop(message["ReceiptHandle"], None)
             IN_FLIGHT.dec(len(messages))
             self._slots.give(len(messages))
 
@@ -242,8 +242,7 @@ class SqsWorker:
 
     async def _delete(self, messages: list[dict[str, Any]]) -> int:
         """Delete answered messages (at most 10, one receive's worth); returns how many were deleted."""
-        entries = [{"Id": str(i), "ReceiptHandle": self._in_flight[m["MessageId"]].receipt}
-                   for i, m in enumerate(messages)]
+        entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)]
         response = await asyncio.to_thread(self.sqs.delete_message_batch, QueueUrl=self.queue_url, Entries=entries)
         for failure in response.get("Failed", []):
             log.warning("could not delete an answered message (it will be answered again): %s",

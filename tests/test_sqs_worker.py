@@ -327,8 +327,49 @@ def _queue_counts(sqs, url: str) -> tuple[int, int]:
     return int(attributes["ApproximateNumberOfMessages"]), int(attributes["ApproximateNumberOfMessagesNotVisible"])
 
 
-def _request_body(request_id: str) -> str:
-    return orjson.dumps(example_requests(1, prefix=request_id)[0][0], option=orjson.OPT_SERIALIZE_NUMPY).decode()
+def _request_body(request_id: str, model: str = MNIST_MLP) -> str:
+    return orjson.dumps({**example_requests(1, prefix=request_id)[0][0], "model_name": model},
+                        option=orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
+async def test_a_message_delivered_again_while_a_handler_holds_it_leaves_its_receive_mates_deleted(live, tmp_path,
+                                                                                                 caplog):
+    """SQS may deliver a message again while a handler still works on it (a standard queue's at-least-once delivery,
+    or a visibility that ran out). The worker kept its messages in flight by MessageId: the first copy's handler to
+    finish dropped the entry of the other copy too, whose handler then failed (KeyError, logged as a bug) before
+    deleting anything, and left the messages received with it, answered, to be received and answered again."""
+    sqs = aws_client(live, "sqs")
+    url = ensure_queue(sqs, f"{live.batch_bucket}-again")
+    results_url = ensure_queue(sqs, f"{live.batch_bucket}-again-results")
+    repository = ModelRepository(tmp_path / "repo")
+    weights = train_mnist_mlp(steps=1)
+    for name, delay_ms in (("slow", 2000), ("slower", 4000)):  # the copy received first is answered first
+        repository.publish(name, mnist_mlp_config(max_queue_delay_ms=delay_ms), weights)
+    async with InferenceEngine(ModelCache(repository)) as engine:
+        worker = SqsWorker(live, engine, sqs, url, SqsSink(sqs, results_url), wait_time_s=1)
+        await asyncio.to_thread(sqs.send_message, QueueUrl=url, MessageBody=_request_body("again", "slow"))
+        receiving = asyncio.create_task(worker._receive_loop())
+        while worker.in_flight < 1:
+            await asyncio.sleep(0.05)
+        receiving.cancel()  # the receives stop (the handler goes on) while SQS makes the message visible again
+        await asyncio.gather(receiving, return_exceptions=True)
+        (flight,) = worker._in_flight.values()
+        await asyncio.to_thread(sqs.change_message_visibility, QueueUrl=url, ReceiptHandle=flight.receipt,
+                                VisibilityTimeout=0)
+        await asyncio.to_thread(sqs.send_message, QueueUrl=url, MessageBody=_request_body("mate", "slower"))
+        receiving = asyncio.create_task(worker._receive_loop())  # one receive: the message again, and its mate
+        try:
+            async with asyncio.timeout(30):  # hang guard
+                while len(worker._handlers) < 2:
+                    await asyncio.sleep(0.05)
+                while worker._handlers:
+                    await asyncio.sleep(0.05)
+        finally:
+            receiving.cancel()
+            await asyncio.gather(receiving, return_exceptions=True)
+    assert "unexpected failure" not in caplog.text
+    assert await asyncio.to_thread(_queue_counts, sqs, url) == (0, 0), "an answered message was left undeleted"
+    assert worker.answered == 3 and worker.in_flight == 0
 
 
 async def test_stop_waits_for_the_poll_under_way_and_a_restarted_worker_receives_again(live):
