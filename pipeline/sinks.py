@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -509,6 +510,20 @@ class KafkaSink:
         return envelope.payload[: self.max_value_bytes]
 
 
+def fifo_fields(queue_url: str, kind: str, source: str) -> dict[str, str]:
+    """The ids a FIFO queue (its name ends in `.fifo`) takes a message only with; none for a standard queue.
+
+    Without them SQS refused every answer sent to a FIFO queue, and each request ran again until its queue's
+    redrive took it away. An answer is a message group of its own: answers to different requests keep no order
+    between them (a retried request is answered after the ones received beside it), and one group would let a
+    consumer hold one answer at a time. It is deduplicated by the message it answers (`source`) and its `kind`:
+    a request SQS delivers again within five minutes, answered again, is on the queue once."""
+    if not queue_url.endswith(".fifo"):
+        return {}
+    digest = hashlib.sha256(f"{kind}\n{source}".encode()).hexdigest()
+    return {"MessageGroupId": digest, "MessageDeduplicationId": digest}
+
+
 class SqsSink:
     """Answers to an SQS results queue; dead letters to an SQS queue when one is configured.
 
@@ -517,7 +532,7 @@ class SqsSink:
     CloudEvents ones fill what is left, and results over `max_inline_bytes` go to S3: three quarters (binary
     results grow by a third in base64) of what the results queue's size leaves after ATTRIBUTE_RESERVE_BYTES
     (`for_queues` reads it; 162 KiB on a 256 KiB queue). Each message is sent on its own, so one that SQS refuses
-    fails only itself (`Undelivered`).
+    fails only itself (`Undelivered`). Either queue may be a FIFO queue (`fifo_fields`).
 
     A dead letter keeps the original body and attributes: text as it came (base64 only for bytes SQS does not
     take as text), and a body too large for the dead-letter queue's MaximumMessageSize is stored in S3 while
@@ -554,7 +569,8 @@ class SqsSink:
 
     async def answer(self, envelope: Envelope, request: InferenceRequest | None, framed: Framed) -> None:
         message = self._with_attributes(to_sqs_message(framed), envelope.passthrough())
-        await _to_thread(self.sqs.send_message, QueueUrl=self.results_url, **message)
+        await _to_thread(self.sqs.send_message, QueueUrl=self.results_url, **message,
+                         **fifo_fields(self.results_url, "answer", envelope.source))
 
     def _with_attributes(self, message: dict[str, Any], extra: dict[str, str]) -> dict[str, Any]:
         """`extra` added to the message's own attributes while there is room for them (tracing ones first)."""
@@ -594,7 +610,8 @@ class SqsSink:
             if uri is None:
                 return False  # left whole to the source queue's redrive policy rather than cut short
             message = self._dead_letter_message(envelope, {**framing, PAYLOAD_URI: uri}, stored_at=uri)
-        await _to_thread(self.sqs.send_message, QueueUrl=self.dlq_url, **message)
+        await _to_thread(self.sqs.send_message, QueueUrl=self.dlq_url, **message,
+                         **fifo_fields(self.dlq_url, "dead letter", envelope.source))
         DEAD_LETTERS.labels(str(error.code)).inc()
         return True
 

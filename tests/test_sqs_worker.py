@@ -287,6 +287,28 @@ async def test_sqs_answers_and_dead_letters_fit_ten_attributes_and_large_results
     assert Responder(live, None, kafka)._inline(request, big, *await kafka.max_inline_bytes_for([request]))
 
 
+async def test_answers_and_dead_letters_reach_fifo_queues_once_per_request_message(live):
+    """SQS takes a message to a FIFO queue only with a group id and a deduplication id: every answer to a FIFO
+    results queue was refused, and its request ran again until the requests queue's redrive took it away. Each
+    answer now has its own group, deduplicated by the message it answers: answered twice (a request delivered
+    again), it is on the queue once."""
+    sqs = aws_client(live, "sqs")
+    results_url, dlq_url = (sqs.create_queue(QueueName=f"{live.batch_bucket}-{name}.fifo",
+                                             Attributes={"FifoQueue": "true"})["QueueUrl"]
+                            for name in ("results", "dead"))
+    sink = SqsSink(sqs, results_url, dlq_url)
+    framed = encode_request("fifo", MNIST_MLP, {"input": synthetic_digits(1, seed=2)[0]})
+    first, second = (Envelope(payload=b"{}", headers={}, source=f"sqs:requests/{n}") for n in range(2))
+    for envelope in (first, first, second):  # `first` delivered again, and answered again
+        await sink.answer(envelope, None, framed)
+    error = InferenceError(ErrorCode.INVALID_JSON, "not JSON")
+    assert await sink.dead_letter(first, error, 1) and await sink.dead_letter(first, error, 1)
+    answers = await asyncio.to_thread(_drain, sqs, results_url, 3, 3)
+    assert len(answers) == 2 and {m["Body"] for m in answers} == {framed.body.decode()}
+    (dead,) = await asyncio.to_thread(_drain, sqs, dlq_url, 2, 3)
+    assert dead["MessageAttributes"]["maas-source"]["StringValue"] == first.source
+
+
 @pytest.mark.parametrize(("queue_bytes", "inline", "by_reference"), [
     (46 * 1024, 4 * 1024, 5 * 1024),  # three quarters of the 6 KiB the attributes leave: 4.5 KiB
     (1024 * 1024, 600 * 1024, 800 * 1024),  # SQS's largest: 738 KiB, where a fixed 160 KiB sent 600 KiB to S3
