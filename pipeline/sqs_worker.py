@@ -243,7 +243,12 @@ class SqsWorker:
     async def _delete(self, messages: list[dict[str, Any]]) -> int:
         """Delete answered messages (at most 10, one receive's worth); returns how many were deleted."""
         entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)]
-        response = await asyncio.to_thread(self.sqs.delete_message_batch, QueueUrl=self.queue_url, Entries=entries)
+        try:
+            response = await asyncio.to_thread(self.sqs.delete_message_batch, QueueUrl=self.queue_url,
+                                               Entries=entries)
+        except (ClientError, BotoCoreError) as exc:  # the answers went out: not "cannot deliver" them
+            log.warning("could not delete %d answered messages (%r); they will be answered again", len(messages), exc)
+            return 0
         for failure in response.get("Failed", []):
             log.warning("could not delete an answered message (it will be answered again): %s",
                         failure.get("Message", failure.get("Code")))
