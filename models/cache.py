@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from models.artifact import ArtifactError
 from models.loaded import LoadedModel
-from models.repository import Repository
+from models.repository import ModelNotFoundError, Repository
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,11 @@ class ModelCache:
             model = self.repository.load(name, version)
         except MemoryError:  # as a failed warm-up: the artifact asks for more than this process has, every time
             raise ArtifactError(f"model {name!r} version {version} does not fit in memory while it loads") from None
+        except (ArtifactError, ModelNotFoundError, OSError):  # OSError: a repository that may answer next time
+            raise
+        except Exception as exc:  # as a failed warm-up: torch's CUDA out-of-memory is a RuntimeError, every time
+            raise ArtifactError(f"model {name!r} version {version} could not be loaded: "
+                                f"{type(exc).__name__}: {exc}") from exc
         self._check_fits(name, version, model.nbytes)  # placed in another dtype, it may have grown
         try:
             model.warmup()

@@ -466,3 +466,26 @@ def test_a_load_that_runs_out_of_memory_is_remembered_as_a_failed_load(repositor
     with pytest.raises(ArtifactError, match=r"does not fit in memory while it loads \(not retried for 3600 s"):
         cache.get(MNIST_MLP, 1)
     assert "does not fit in memory" in cache.load_failure(MNIST_MLP, 1)
+
+
+class _OutOfGpuMemory(ModelRepository):
+    """A repository whose loads fail as placing weights on a full GPU does: torch raises a RuntimeError."""
+
+    loads = 0
+
+    def load(self, name, version, **kwargs):
+        self.loads += 1
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_a_load_that_runs_out_of_gpu_memory_is_remembered_as_a_failed_load(repository):
+    """torch's CUDA out-of-memory is no MemoryError: it escaped the cache, so every batch read the weights again
+    and failed with the error's type only, while readiness said the model was ready."""
+    failing = _OutOfGpuMemory(repository.root)
+    cache = ModelCache(failing, load_retry_s=3600)
+    with pytest.raises(ArtifactError, match=r"^model 'mnist_mlp' version 1 could not be loaded: OutOfMemoryError: "
+                                            r"CUDA out of memory\. Tried to allocate 2\.00 GiB$"):
+        cache.get(MNIST_MLP, 1)
+    with pytest.raises(ArtifactError, match=r"CUDA out of memory.* \(not retried for 3600 s"):
+        cache.get(MNIST_MLP, 1)
+    assert failing.loads == 1 and "CUDA out of memory" in cache.load_failure(MNIST_MLP, 1)
