@@ -489,3 +489,34 @@ def test_a_load_that_runs_out_of_gpu_memory_is_remembered_as_a_failed_load(repos
     with pytest.raises(ArtifactError, match=r"CUDA out of memory.* \(not retried for 3600 s"):
         cache.get(MNIST_MLP, 1)
     assert failing.loads == 1 and "CUDA out of memory" in cache.load_failure(MNIST_MLP, 1)
+
+
+class _PausedRepository(ModelRepository):
+    """A repository whose loads wait, once they have read the weights, until the test lets them finish."""
+
+    started: threading.Event
+    resume: threading.Event
+
+    def load(self, name, version, device=None):
+        model = super().load(name, version, device)
+        self.started.set()
+        assert self.resume.wait(60), "the test never let the load finish"
+        return model
+
+
+def test_an_unload_during_a_load_of_the_version_leaves_it_unloaded(repository):
+    """The load added its version to the cache after the unload, which so had no effect: the v2 unload of a model a
+    batch was loading left its weights in memory (and in the cache's bytes) until an eviction."""
+    paused = _PausedRepository(repository.root)
+    paused.started, paused.resume = threading.Event(), threading.Event()
+    cache = ModelCache(paused)
+    loaded = []
+    loading = threading.Thread(target=lambda: loaded.append(cache.get(MNIST_MLP, 1)))
+    loading.start()
+    assert paused.started.wait(60)
+    cache.unload(MNIST_MLP)
+    paused.resume.set()
+    loading.join()
+    assert loaded[0].version == 1  # the load's caller runs it
+    assert cache.loaded() == [] and cache.nbytes == 0 and not cache._loading
+    assert cache.get(MNIST_MLP, 1) is not loaded[0] and cache.loaded() == [(MNIST_MLP, 1)]  # asked again: loaded
