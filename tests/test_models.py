@@ -319,6 +319,23 @@ def test_a_version_linked_from_outside_the_repository_is_refused(repository, tmp
         repository.load("half", 1)
 
 
+def test_a_config_linked_from_outside_the_repository_is_refused_before_it_is_read(repository, tmp_path):
+    """Only a load checked where links lead, after the version's config.json was read through them: a model's
+    metadata (and a config error quoting its fields) came from a file outside the repository."""
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(repository.root / MNIST_MLP / "1", outside)
+    (repository.root / "linked").mkdir()
+    (repository.root / "linked" / "1").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ArtifactError, match=r"^linked/1 leads outside the repository"):
+        repository.config("linked", 1)
+    shutil.copytree(repository.root / MNIST_MLP / "1", repository.root / "half" / "1")
+    (repository.root / "half" / "1" / CONFIG_FILE).unlink()
+    (repository.root / "half" / "1" / CONFIG_FILE).symlink_to(outside / CONFIG_FILE)
+    with pytest.raises(ArtifactError, match=r"^half/1/config\.json leads outside the repository"):
+        repository.config("half", 1)
+    assert repository.config(MNIST_MLP, 1).architecture == "mlp"
+
+
 def test_an_asset_over_its_limit_is_refused_without_being_read_whole(repository, monkeypatch):
     """tokenizer.json was read whole into memory at every load, however large a published one was (config.json
     is bounded, weights are held to the cache's budget): a limit, one byte past which it is refused."""
