@@ -59,7 +59,7 @@ class VersionError(ModelNotFoundError):
     """A model_version that names no version at all ("-1", "1.0", "²"): the caller's mistake to fix."""
 
 
-_URL_CREDENTIALS = re.compile(r"://[^/@\s]+@")
+_URL_CREDENTIALS = re.compile(r"://[^/\s]+@")  # to the authority's last "@": botocore takes "user:p@ss@host"
 
 
 def without_credentials(text: str) -> str:

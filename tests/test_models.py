@@ -405,6 +405,16 @@ def test_for_callers_cuts_the_repositorys_locations_from_a_message(tmp_path, mon
     assert ModelRepository("/").for_callers("/srv/m/1/model.safetensors") == "/srv/m/1/model.safetensors"
 
 
+def test_url_credentials_are_masked_whole_when_the_password_holds_an_at_sign():
+    """botocore takes an endpoint URL whose password holds a bare "@" (its host is what follows the last one), and
+    quotes the URL in its errors: the mask stopped at the first "@", and the rest of the password was shown."""
+    from models.repository import without_credentials
+
+    message = 'Could not connect to the endpoint URL: "http://user:p@ss@127.0.0.1:9/bucket/key"; s3://b/k@1 x@y'
+    assert without_credentials(message) == ('Could not connect to the endpoint URL: "http://***@127.0.0.1:9/bucket/'
+                                            'key"; s3://b/k@1 x@y')
+
+
 def test_a_local_version_whose_files_changed_since_publishing_is_refused(repository):
     for name in ("changed", "missing"):
         shutil.copytree(repository.root / MNIST_MLP / "1", repository.root / name / "1")
