@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from models.artifact import ArtifactError
 from models.loaded import LoadedModel
-from models.repository import Repository
+from models.repository import ModelNotFoundError, Repository
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class ModelCache:
         self._models: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
         self._load_locks: dict[tuple[str, int], _LoadLock] = {}  # only those held or waited on
+        self._loading: dict[tuple[str, int], bool] = {}  # loads under way: whether an unload came meanwhile
         self._latest: dict[str, tuple[float, int]] = {}
 
     def resolve(self, name: str, version: str | int | None = None) -> int:
@@ -118,18 +119,24 @@ class ModelCache:
         failed = self._failures.get(key)
         if failed is not None and time.monotonic() < failed[0]:
             raise ArtifactError(f"{failed[1]} (not retried for {self.load_retry_s:g} s after a failed load)")
+        with self._lock:
+            self._loading[key] = False
         try:
             model = self._load(name, version)
-        except ArtifactError as exc:  # every request would load it again: let it rest a while
-            log.warning("model %r version %d of %r failed to load: %s", name, version, self.repository, exc)
-            self._failures[key] = (time.monotonic() + self.load_retry_s, self.repository.for_callers(str(exc)))
+        except BaseException as exc:
+            with self._lock:
+                del self._loading[key]
+            if isinstance(exc, ArtifactError):  # every request would load it again: let it rest a while
+                log.warning("model %r version %d of %r failed to load: %s", name, version, self.repository, exc)
+                self._failures[key] = (time.monotonic() + self.load_retry_s, self.repository.for_callers(str(exc)))
             raise
         self._failures.pop(key, None)
         with self._lock:
             self.stats.loads += 1
             self.stats.load_seconds += model.load_seconds + model.warmup_seconds
-            self._models[key] = model
-            self._evict(keep=key)
+            if not self._loading.pop(key):  # unloaded while it loaded: its callers run it, the cache keeps none
+                self._models[key] = model
+                self._evict(keep=key)
         return model, True
 
     def load_failure(self, name: str, version: int) -> str | None:
@@ -152,6 +159,11 @@ class ModelCache:
             model = self.repository.load(name, version)
         except MemoryError:  # as a failed warm-up: the artifact asks for more than this process has, every time
             raise ArtifactError(f"model {name!r} version {version} does not fit in memory while it loads") from None
+        except (ArtifactError, ModelNotFoundError, OSError):  # OSError: a repository that may answer next time
+            raise
+        except Exception as exc:  # as a failed warm-up: torch's CUDA out-of-memory is a RuntimeError, every time
+            raise ArtifactError(f"model {name!r} version {version} could not be loaded: "
+                                f"{type(exc).__name__}: {exc}") from exc
         self._check_fits(name, version, model.nbytes)  # placed in another dtype, it may have grown
         try:
             model.warmup()
@@ -179,7 +191,12 @@ class ModelCache:
             return list(self._models)
 
     def unload(self, name: str, version: int | None = None) -> int:
+        """Drop the loaded versions of `name` (or only `version`), and those loading now once they have loaded:
+        a load under way would otherwise add its version after the unload, which then left it in memory."""
         with self._lock:
+            for key in self._loading:
+                if key[0] == name and (version is None or key[1] == version):
+                    self._loading[key] = True
             keys = [k for k in self._models if k[0] == name and (version is None or k[1] == version)]
             for key in keys:
                 del self._models[key]

@@ -59,7 +59,7 @@ class VersionError(ModelNotFoundError):
     """A model_version that names no version at all ("-1", "1.0", "²"): the caller's mistake to fix."""
 
 
-_URL_CREDENTIALS = re.compile(r"://[^/@\s]+@")
+_URL_CREDENTIALS = re.compile(r"://[^/\s]+@")  # to the authority's last "@": botocore takes "user:p@ss@host"
 
 
 def without_credentials(text: str) -> str:
@@ -238,16 +238,23 @@ class ModelRepository(Repository):
         return sorted(number for number, p in numbered if number is not None and (p / CONFIG_FILE).is_file())
 
     def _read_config(self, name: str, version: int) -> ModelConfig:
-        return read_config(self.root / name / str(version))
+        folder = self.root / name / str(version)
+        self._refuse_links_out(folder, (CONFIG_FILE,))  # its config is read before its files: metadata, a load
+        return read_config(folder)
+
+    def _refuse_links_out(self, folder: Path, files: tuple[str, ...]) -> None:
+        """Refuse a version folder, or one of its `files`, that a link leads out of the repository: the server would
+        read a file of the link's choosing, and its messages (a config's field errors) quote what they read."""
+        root = self.root.resolve()
+        for file in ("", *files):
+            path = folder / file if file else folder
+            if path.exists() and not path.resolve().is_relative_to(root):
+                raise ArtifactError(f"{artifact_path(folder, file)} leads outside the repository; refusing to load "
+                                    "it")
 
     def local_folder(self, name: str, version: int) -> Path:
         folder = self.root / validate_model_name(name) / str(int(version))
-        root = self.root.resolve()
-        for file in ("", CONFIG_FILE, *ARTIFACT_FILES):
-            path = folder / file if file else folder
-            if path.exists() and not path.resolve().is_relative_to(root):  # a link out of the repository
-                raise ArtifactError(f"{artifact_path(folder, file)} leads outside the repository; refusing to load "
-                                    "it")
+        self._refuse_links_out(folder, (CONFIG_FILE, *ARTIFACT_FILES))
         if self.verify:
             verify_files(folder, self.config(name, version))
         return folder

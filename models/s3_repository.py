@@ -147,7 +147,7 @@ class S3ModelRepository(Repository):
         if not config.files:
             raise ArtifactError(f"{name}/{version}/{CONFIG_FILE}.files: no sha256 sums recorded; "
                                 "republish with `maas models publish`")
-        if (folder / CONFIG_FILE).exists():
+        if folder.exists():  # its config.json is not read (the store's is), and may be gone: the files decide
             try:
                 verify_files(folder, config)
                 return folder

@@ -319,6 +319,23 @@ def test_a_version_linked_from_outside_the_repository_is_refused(repository, tmp
         repository.load("half", 1)
 
 
+def test_a_config_linked_from_outside_the_repository_is_refused_before_it_is_read(repository, tmp_path):
+    """Only a load checked where links lead, after the version's config.json was read through them: a model's
+    metadata (and a config error quoting its fields) came from a file outside the repository."""
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(repository.root / MNIST_MLP / "1", outside)
+    (repository.root / "linked").mkdir()
+    (repository.root / "linked" / "1").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ArtifactError, match=r"^linked/1 leads outside the repository"):
+        repository.config("linked", 1)
+    shutil.copytree(repository.root / MNIST_MLP / "1", repository.root / "half" / "1")
+    (repository.root / "half" / "1" / CONFIG_FILE).unlink()
+    (repository.root / "half" / "1" / CONFIG_FILE).symlink_to(outside / CONFIG_FILE)
+    with pytest.raises(ArtifactError, match=r"^half/1/config\.json leads outside the repository"):
+        repository.config("half", 1)
+    assert repository.config(MNIST_MLP, 1).architecture == "mlp"
+
+
 def test_an_asset_over_its_limit_is_refused_without_being_read_whole(repository, monkeypatch):
     """tokenizer.json was read whole into memory at every load, however large a published one was (config.json
     is bounded, weights are held to the cache's budget): a limit, one byte past which it is refused."""
@@ -386,6 +403,16 @@ def test_for_callers_cuts_the_repositorys_locations_from_a_message(tmp_path, mon
     relative = ModelRepository("real")
     assert relative.for_callers(f"{real}/m/1/model.safetensors: bad") == "m/1/model.safetensors: bad"
     assert ModelRepository("/").for_callers("/srv/m/1/model.safetensors") == "/srv/m/1/model.safetensors"
+
+
+def test_url_credentials_are_masked_whole_when_the_password_holds_an_at_sign():
+    """botocore takes an endpoint URL whose password holds a bare "@" (its host is what follows the last one), and
+    quotes the URL in its errors: the mask stopped at the first "@", and the rest of the password was shown."""
+    from models.repository import without_credentials
+
+    message = 'Could not connect to the endpoint URL: "http://user:p@ss@127.0.0.1:9/bucket/key"; s3://b/k@1 x@y'
+    assert without_credentials(message) == ('Could not connect to the endpoint URL: "http://***@127.0.0.1:9/bucket/'
+                                            'key"; s3://b/k@1 x@y')
 
 
 def test_a_local_version_whose_files_changed_since_publishing_is_refused(repository):
@@ -466,3 +493,57 @@ def test_a_load_that_runs_out_of_memory_is_remembered_as_a_failed_load(repositor
     with pytest.raises(ArtifactError, match=r"does not fit in memory while it loads \(not retried for 3600 s"):
         cache.get(MNIST_MLP, 1)
     assert "does not fit in memory" in cache.load_failure(MNIST_MLP, 1)
+
+
+class _OutOfGpuMemory(ModelRepository):
+    """A repository whose loads fail as placing weights on a full GPU does: torch raises a RuntimeError."""
+
+    loads = 0
+
+    def load(self, name, version, **kwargs):
+        self.loads += 1
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_a_load_that_runs_out_of_gpu_memory_is_remembered_as_a_failed_load(repository):
+    """torch's CUDA out-of-memory is no MemoryError: it escaped the cache, so every batch read the weights again
+    and failed with the error's type only, while readiness said the model was ready."""
+    failing = _OutOfGpuMemory(repository.root)
+    cache = ModelCache(failing, load_retry_s=3600)
+    with pytest.raises(ArtifactError, match=r"^model 'mnist_mlp' version 1 could not be loaded: OutOfMemoryError: "
+                                            r"CUDA out of memory\. Tried to allocate 2\.00 GiB$"):
+        cache.get(MNIST_MLP, 1)
+    with pytest.raises(ArtifactError, match=r"CUDA out of memory.* \(not retried for 3600 s"):
+        cache.get(MNIST_MLP, 1)
+    assert failing.loads == 1 and "CUDA out of memory" in cache.load_failure(MNIST_MLP, 1)
+
+
+class _PausedRepository(ModelRepository):
+    """A repository whose loads wait, once they have read the weights, until the test lets them finish."""
+
+    started: threading.Event
+    resume: threading.Event
+
+    def load(self, name, version, device=None):
+        model = super().load(name, version, device)
+        self.started.set()
+        assert self.resume.wait(60), "the test never let the load finish"
+        return model
+
+
+def test_an_unload_during_a_load_of_the_version_leaves_it_unloaded(repository):
+    """The load added its version to the cache after the unload, which so had no effect: the v2 unload of a model a
+    batch was loading left its weights in memory (and in the cache's bytes) until an eviction."""
+    paused = _PausedRepository(repository.root)
+    paused.started, paused.resume = threading.Event(), threading.Event()
+    cache = ModelCache(paused)
+    loaded = []
+    loading = threading.Thread(target=lambda: loaded.append(cache.get(MNIST_MLP, 1)))
+    loading.start()
+    assert paused.started.wait(60)
+    cache.unload(MNIST_MLP)
+    paused.resume.set()
+    loading.join()
+    assert loaded[0].version == 1  # the load's caller runs it
+    assert cache.loaded() == [] and cache.nbytes == 0 and not cache._loading
+    assert cache.get(MNIST_MLP, 1) is not loaded[0] and cache.loaded() == [(MNIST_MLP, 1)]  # asked again: loaded

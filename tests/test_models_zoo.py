@@ -408,6 +408,23 @@ def test_s3_cache_folder_is_used_only_while_it_matches_the_store(live, s3, tmp_p
     assert not any(p.name.startswith(".") for p in cached.parent.parent.iterdir())  # no staging or stale left
 
 
+def test_an_s3_cache_folder_that_lost_its_config_is_checked_or_replaced(live, s3, tmp_path, repository):
+    """A cached copy whose config.json is gone (a cleaner of old files in /tmp, where the cache folder is by
+    default: a load never reads the cached config) was taken for no copy, and the fresh download could not take
+    its place: every load of the version failed with "cannot write the local copy ... (Directory not empty)"."""
+    uri, cache_dir = f"s3://{live.batch_bucket}/lost", tmp_path / "cache"
+    mnist = read_weights(repository.local_folder(MNIST_MLP, 1))
+    assert open_repository(uri, lambda: s3, cache_dir=cache_dir).publish(MNIST_MLP, mnist_mlp_config(), mnist) == 1
+    folder = open_repository(uri, lambda: s3, cache_dir=cache_dir).local_folder(MNIST_MLP, 1)
+    (folder / "config.json").unlink()
+    assert open_repository(uri, lambda: s3, cache_dir=cache_dir).load(MNIST_MLP, 1).version == 1
+    (folder / WEIGHTS_FILE).write_bytes(b"tampered")  # and a file that no longer matches: downloaded again
+    assert open_repository(uri, lambda: s3, cache_dir=cache_dir).load(MNIST_MLP, 1).version == 1
+    assert (folder / WEIGHTS_FILE).read_bytes() == s3.get_object(
+        Bucket=live.batch_bucket, Key=f"lost/{MNIST_MLP}/1/{WEIGHTS_FILE}")["Body"].read()
+    assert not any(p.name.startswith(".") for p in folder.parent.iterdir())  # no staging or stale left
+
+
 async def test_s3_load_failures_name_the_file_inside_the_version_never_the_bucket_or_the_cache_folder(
         live, s3, tmp_path, repository):
     """They quoted s3://bucket/prefix/<name>/<version>/<file> and the local cache folder's path: where a server
