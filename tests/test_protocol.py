@@ -255,6 +255,16 @@ def test_binary_header_length_must_be_ascii_digits(length):
     assert caught.value.code == ErrorCode.INVALID_REQUEST
 
 
+@pytest.mark.parametrize("length", ["9" * 5000, "0" * 5000 + "99", "0" * 5000])
+def test_a_binary_header_length_of_thousands_of_digits_is_refused_naming_the_header(length):
+    """int() refuses a string of over 4,300 digits with a ValueError, which named no field (a header is not
+    bounded by the body's size limit); the message quotes at most 40 of them."""
+    with pytest.raises(InferenceError, match=r"inference-header-content-length: .* is outside") as caught:
+        decode_request(b"{}" + b"\0" * 20, {"content-type": "application/octet-stream",
+                                            "inference-header-content-length": length}, max_bytes=LIMIT)
+    assert caught.value.code == ErrorCode.INVALID_REQUEST and len(caught.value.message) < 200
+
+
 def test_a_bytes_shape_its_binary_part_cannot_hold_is_refused_before_its_array_is_made():
     """The element budget is the payload limit (64 MiB for a claim-checked object): a tiny binary request declaring
     that many BYTES elements made an array of a pointer per element (8 bytes each) before finding no data."""
