@@ -396,7 +396,12 @@ def tensor_from_bytes(chunk: memoryview, datatype: str, shape: list[int]) -> np.
     if datatype == "BF16":
         raw = np.frombuffer(chunk, dtype="<u2")
         return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
-    return np.ndarray(shape, _LITTLE_ENDIAN[datatype], chunk)  # a read-only view of the payload
+    array = np.ndarray(shape, _LITTLE_ENDIAN[datatype], chunk)  # a read-only view of the payload
+    # The extension's BOOL is one byte, 0 or 1: numpy keeps any other byte as a True that sums, casts and goes
+    # back out in binary as itself (2 is True in JSON, 2 in bytes).
+    if datatype == "BOOL" and array.view(np.uint8).max(initial=0) > 1:
+        raise ValueError("BOOL bytes must be 0 (false) or 1 (true)")
+    return array
 
 
 def tensor_to_bytes(array: np.ndarray, datatype: str) -> bytes:

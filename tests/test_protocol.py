@@ -265,6 +265,18 @@ def test_a_binary_header_length_of_thousands_of_digits_is_refused_naming_the_hea
     assert caught.value.code == ErrorCode.INVALID_REQUEST and len(caught.value.message) < 200
 
 
+def test_binary_bool_bytes_other_than_0_and_1_are_refused():
+    """The extension's BOOL is a byte of 0 or 1; numpy took 2 as a True whose sum is 2 and that went back out
+    in a binary answer as 2."""
+    header = orjson.dumps(_request(inputs=[{"name": "b", "shape": [1, 3], "datatype": "BOOL",
+                                            "parameters": {"binary_data_size": 3}}]))
+    headers = {"content-type": "application/octet-stream", "inference-header-content-length": str(len(header))}
+    assert decode_request(header + b"\1\0\1", headers, max_bytes=LIMIT).inputs["b"].tolist() == [[True, False, True]]
+    with pytest.raises(InferenceError, match=r"inputs\[0\]: BOOL bytes must be 0 \(false\) or 1") as caught:
+        decode_request(header + b"\1\2\0", headers, max_bytes=LIMIT)
+    assert caught.value.code == ErrorCode.INVALID_INPUT
+
+
 def test_a_bytes_shape_its_binary_part_cannot_hold_is_refused_before_its_array_is_made():
     """The element budget is the payload limit (64 MiB for a claim-checked object): a tiny binary request declaring
     that many BYTES elements made an array of a pointer per element (8 bytes each) before finding no data."""
