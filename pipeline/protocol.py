@@ -337,7 +337,8 @@ def _to_array(data: Any, datatype: str, shape: list[int], where: str, request_id
             or parsed.size == 0
         )
         if not ok:
-            got = {"U": "strings", "O": "mixed values", "b": "booleans", "f": "fractional numbers"}.get(kind, kind)
+            got = {"U": "strings", "O": "mixed values", "b": "booleans", "f": "fractional numbers", "i": "integers",
+                   "u": "integers"}.get(kind, kind)
             raise _fail(ErrorCode.INVALID_INPUT, f"{where}: {datatype} tensor holds {got}", request_id)
         try:
             with np.errstate(over="raise", invalid="raise"):

@@ -90,6 +90,10 @@ def test_nested_data_and_bytes_and_ints():
          ErrorCode.INVALID_INPUT, "FP32 tensor holds strings"),
         (_request(inputs=[{"name": "input", "shape": [2], "datatype": "INT8", "data": [1.5, 2]}]),
          ErrorCode.INVALID_INPUT, "INT8 tensor holds fractional numbers"),
+        (_request(inputs=[{"name": "input", "shape": [2], "datatype": "BOOL", "data": [0, 1]}]),
+         ErrorCode.INVALID_INPUT, "BOOL tensor holds integers"),  # it said "holds i" (numpy's kind letter)
+        (_request(inputs=[{"name": "input", "shape": [1], "datatype": "BOOL", "data": [2**63]}]),
+         ErrorCode.INVALID_INPUT, "BOOL tensor holds integers"),
         (_request(inputs=[{"name": "input", "shape": [1], "datatype": "INT8", "data": [300]}]),
          ErrorCode.INVALID_INPUT, "out of range for INT8"),
         (_request(inputs=[{"name": "input", "shape": [1], "datatype": "FP16", "data": [1e300]}]),
