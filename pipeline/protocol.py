@@ -336,6 +336,9 @@ def _to_array(data: Any, datatype: str, shape: list[int], where: str, request_id
             or (dtype.kind == "f" and kind in {"f", "i", "u"})
             or parsed.size == 0
         )
+        if not ok and kind == "f" and dtype.kind in _INT_KINDS and all(type(v) is int for v in _flatten(data)):
+            # integers below 0 and past INT64 together: no integer dtype holds both, so numpy made them floats
+            raise _fail(ErrorCode.INVALID_INPUT, f"{where}: values out of range for {datatype}", request_id)
         if not ok:
             got = {"U": "strings", "O": "mixed values", "b": "booleans", "f": "fractional numbers", "i": "integers",
                    "u": "integers"}.get(kind, kind)

@@ -96,6 +96,11 @@ def test_nested_data_and_bytes_and_ints():
          ErrorCode.INVALID_INPUT, "BOOL tensor holds integers"),
         (_request(inputs=[{"name": "input", "shape": [1], "datatype": "INT8", "data": [300]}]),
          ErrorCode.INVALID_INPUT, "out of range for INT8"),
+        # numpy reads these as floats: the message said "holds fractional numbers"
+        (_request(inputs=[{"name": "input", "shape": [2], "datatype": "INT64", "data": [-1, 2**63]}]),
+         ErrorCode.INVALID_INPUT, "values out of range for INT64"),
+        (_request(inputs=[{"name": "input", "shape": [1, 2], "datatype": "UINT64", "data": [[-1, 2**64 - 1]]}]),
+         ErrorCode.INVALID_INPUT, "values out of range for UINT64"),
         (_request(inputs=[{"name": "input", "shape": [1], "datatype": "FP16", "data": [1e300]}]),
          ErrorCode.INVALID_INPUT, "out of range for FP16"),
         (_request(inputs=[{"name": "input", "shape": [1000000, 1000000], "datatype": "FP32", "data": [1]}]),
