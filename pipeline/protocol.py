@@ -281,8 +281,8 @@ def _parse_tensor(raw: Any, index: int, request_id: str, budget: int, cursor: _B
                     f"{sorted(DATATYPES)}", request_id)
     count = math.prod(shape)
     if count > budget:
-        raise _fail(ErrorCode.PAYLOAD_TOO_LARGE, f"inputs[{index}].shape {shape} declares {count} elements; the "
-                    f"request may hold at most {budget}", request_id)
+        raise _fail(ErrorCode.PAYLOAD_TOO_LARGE, f"inputs[{index}].shape {short_repr(shape)} declares {count} "
+                    f"elements; the request may hold at most {budget}", request_id)
     params = raw.get("parameters")
     if params is not None and not isinstance(params, dict):
         raise _fail(ErrorCode.INVALID_REQUEST, f"inputs[{index}].parameters: expected an object", request_id)
@@ -352,7 +352,7 @@ def _to_array(data: Any, datatype: str, shape: list[int], where: str, request_id
         if dtype.kind in _INT_KINDS and kind in _INT_KINDS and not np.array_equal(array, parsed):
             raise _fail(ErrorCode.INVALID_INPUT, f"{where}: values out of range for {datatype}", request_id)
     if array.size != math.prod(shape):
-        raise _fail(ErrorCode.INVALID_INPUT, f"{where}: {array.size} values given, shape {shape} needs "
+        raise _fail(ErrorCode.INVALID_INPUT, f"{where}: {array.size} values given, shape {short_repr(shape)} needs "
                     f"{math.prod(shape)}", request_id)
     return array.reshape(shape)
 
@@ -396,7 +396,7 @@ def tensor_from_bytes(chunk: memoryview, datatype: str, shape: list[int]) -> np.
         return _bytes_elements(chunk, count).reshape(shape)
     itemsize = 2 if datatype == "BF16" else NUMPY_DTYPES[datatype].itemsize
     if len(chunk) != count * itemsize:
-        raise ValueError(f"{len(chunk)} bytes given, shape {shape} of {datatype} needs {count * itemsize}")
+        raise ValueError(f"{len(chunk)} bytes given, shape {short_repr(shape)} of {datatype} needs {count * itemsize}")
     if datatype == "BF16":
         raw = np.frombuffer(chunk, dtype="<u2")
         return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)

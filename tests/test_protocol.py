@@ -274,6 +274,31 @@ def test_a_binary_header_length_of_thousands_of_digits_is_refused_naming_the_hea
     assert caught.value.code == ErrorCode.INVALID_REQUEST and len(caught.value.message) < 200
 
 
+LONG_SHAPE = [0] + [2**31] * 15  # no elements, in 183 characters
+
+
+@pytest.mark.parametrize(
+    ("tensor", "binary_part"),
+    [
+        ({"shape": [2**31] * 16, "datatype": "FP32", "data": [1]}, None),  # more elements than the request may hold
+        ({"shape": LONG_SHAPE, "datatype": "FP32", "data": [1]}, None),  # values that do not fill it exactly
+        ({"shape": LONG_SHAPE, "datatype": "BYTES", "data": ["a"]}, None),
+        ({"shape": LONG_SHAPE, "datatype": "FP32", "parameters": {"binary_data_size": 4}}, b"\0" * 4),  # bytes too
+    ],
+)
+def test_a_shape_in_an_error_message_is_cut_to_60_characters(tensor, binary_part):
+    """The message echoed every dimension of the shape (up to 16 of ten digits each)."""
+    payload, headers = orjson.dumps(_request(inputs=[{"name": "x", **tensor}])), {}
+    if binary_part is not None:
+        headers = {"content-type": "application/octet-stream", "inference-header-content-length": str(len(payload))}
+        payload += binary_part
+    with pytest.raises(InferenceError) as caught:
+        decode_request(payload, headers, max_bytes=LIMIT)
+    shape = repr(tensor["shape"])
+    assert "inputs[0]" in caught.value.message, caught.value.message
+    assert shape not in caught.value.message and shape[:57] + "..." in caught.value.message, caught.value.message
+
+
 def test_binary_bool_bytes_other_than_0_and_1_are_refused():
     """The extension's BOOL is a byte of 0 or 1; numpy took 2 as a True whose sum is 2 and that went back out
     in a binary answer as 2."""
