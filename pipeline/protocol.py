@@ -151,7 +151,10 @@ def parse_request(body: Any, *, max_elements: int, defaults: dict[str, Any] | No
         name, datatype, array = _parse_tensor(raw, i, request_id, budget, cursor)
         if name in inputs:
             raise _fail(ErrorCode.INVALID_REQUEST, f"inputs[{i}].name: {short_repr(name)} is given twice", request_id)
-        if not array.ndim or (rows is not None and array.shape[0] != rows):
+        if not array.ndim:
+            raise _fail(ErrorCode.INVALID_INPUT, f"inputs[{i}].shape: expected a first (batch) dimension, got []",
+                        request_id)
+        if rows is not None and array.shape[0] != rows:
             raise _fail(ErrorCode.INVALID_INPUT, "inputs: every input needs the same first (batch) dimension",
                         request_id)
         rows = array.shape[0]

@@ -83,6 +83,12 @@ def test_nested_data_and_bytes_and_ints():
         (_request(inputs=[{"name": "input", "shape": [2], "datatype": "FP32",
                            "parameters": {"binary_data_size": 8}}]),
          ErrorCode.INVALID_REQUEST, "carries no binary part"),
+        # it said "every input needs the same first (batch) dimension", of a request with one input
+        (_request(inputs=[{"name": "input", "shape": [], "datatype": "FP32", "data": [1]}]),
+         ErrorCode.INVALID_INPUT, "inputs[0].shape: expected a first (batch) dimension, got []"),
+        (_request(inputs=[{"name": "a", "shape": [1], "datatype": "BYTES", "data": ["x"]},
+                          {"name": "b", "shape": [], "datatype": "BYTES", "data": ["y"]}]),
+         ErrorCode.INVALID_INPUT, "inputs[1].shape: expected a first (batch) dimension"),
         (_request(inputs=[{"name": "a", "shape": [2, 1], "datatype": "FP32", "data": [1, 2]},
                           {"name": "b", "shape": [3, 1], "datatype": "FP32", "data": [1, 2, 3]}]),
          ErrorCode.INVALID_INPUT, "same first (batch) dimension"),
