@@ -204,9 +204,11 @@ def _header_length(raw: str | None, size: int) -> int | None:
     if not (raw.isascii() and raw.isdigit()):  # int() would take " 12", "+12", "1_2" and non-ASCII digits
         raise InferenceError(ErrorCode.INVALID_REQUEST, f"{HEADER_LENGTH}: {raw!r:.40} is not a whole number of "
                              "bytes")
-    length = int(raw)
+    # More digits than the payload's size has cannot fit it; int() would refuse over 4,300 of them (ValueError)
+    digits = raw.lstrip("0")
+    length = int(digits) if digits and len(digits) <= len(str(size)) else 0
     if not 0 < length <= size:
-        raise InferenceError(ErrorCode.INVALID_REQUEST, f"{HEADER_LENGTH}: {length} is outside the payload's "
+        raise InferenceError(ErrorCode.INVALID_REQUEST, f"{HEADER_LENGTH}: {raw:.40} is outside the payload's "
                              f"{size} bytes")
     return length
 

@@ -151,7 +151,10 @@ def parse_request(body: Any, *, max_elements: int, defaults: dict[str, Any] | No
         name, datatype, array = _parse_tensor(raw, i, request_id, budget, cursor)
         if name in inputs:
             raise _fail(ErrorCode.INVALID_REQUEST, f"inputs[{i}].name: {short_repr(name)} is given twice", request_id)
-        if not array.ndim or (rows is not None and array.shape[0] != rows):
+        if not array.ndim:
+            raise _fail(ErrorCode.INVALID_INPUT, f"inputs[{i}].shape: expected a first (batch) dimension, got []",
+                        request_id)
+        if rows is not None and array.shape[0] != rows:
             raise _fail(ErrorCode.INVALID_INPUT, "inputs: every input needs the same first (batch) dimension",
                         request_id)
         rows = array.shape[0]
@@ -281,8 +284,8 @@ def _parse_tensor(raw: Any, index: int, request_id: str, budget: int, cursor: _B
                     f"{sorted(DATATYPES)}", request_id)
     count = math.prod(shape)
     if count > budget:
-        raise _fail(ErrorCode.PAYLOAD_TOO_LARGE, f"inputs[{index}].shape {shape} declares {count} elements; the "
-                    f"request may hold at most {budget}", request_id)
+        raise _fail(ErrorCode.PAYLOAD_TOO_LARGE, f"inputs[{index}].shape {short_repr(shape)} declares {count} "
+                    f"elements; the request may hold at most {budget}", request_id)
     params = raw.get("parameters")
     if params is not None and not isinstance(params, dict):
         raise _fail(ErrorCode.INVALID_REQUEST, f"inputs[{index}].parameters: expected an object", request_id)
@@ -336,8 +339,12 @@ def _to_array(data: Any, datatype: str, shape: list[int], where: str, request_id
             or (dtype.kind == "f" and kind in {"f", "i", "u"})
             or parsed.size == 0
         )
+        if not ok and kind == "f" and dtype.kind in _INT_KINDS and all(type(v) is int for v in _flatten(data)):
+            # integers below 0 and past INT64 together: no integer dtype holds both, so numpy made them floats
+            raise _fail(ErrorCode.INVALID_INPUT, f"{where}: values out of range for {datatype}", request_id)
         if not ok:
-            got = {"U": "strings", "O": "mixed values", "b": "booleans", "f": "fractional numbers"}.get(kind, kind)
+            got = {"U": "strings", "O": "mixed values", "b": "booleans", "f": "fractional numbers", "i": "integers",
+                   "u": "integers"}.get(kind, kind)
             raise _fail(ErrorCode.INVALID_INPUT, f"{where}: {datatype} tensor holds {got}", request_id)
         try:
             with np.errstate(over="raise", invalid="raise"):
@@ -348,7 +355,7 @@ def _to_array(data: Any, datatype: str, shape: list[int], where: str, request_id
         if dtype.kind in _INT_KINDS and kind in _INT_KINDS and not np.array_equal(array, parsed):
             raise _fail(ErrorCode.INVALID_INPUT, f"{where}: values out of range for {datatype}", request_id)
     if array.size != math.prod(shape):
-        raise _fail(ErrorCode.INVALID_INPUT, f"{where}: {array.size} values given, shape {shape} needs "
+        raise _fail(ErrorCode.INVALID_INPUT, f"{where}: {array.size} values given, shape {short_repr(shape)} needs "
                     f"{math.prod(shape)}", request_id)
     return array.reshape(shape)
 
@@ -392,11 +399,16 @@ def tensor_from_bytes(chunk: memoryview, datatype: str, shape: list[int]) -> np.
         return _bytes_elements(chunk, count).reshape(shape)
     itemsize = 2 if datatype == "BF16" else NUMPY_DTYPES[datatype].itemsize
     if len(chunk) != count * itemsize:
-        raise ValueError(f"{len(chunk)} bytes given, shape {shape} of {datatype} needs {count * itemsize}")
+        raise ValueError(f"{len(chunk)} bytes given, shape {short_repr(shape)} of {datatype} needs {count * itemsize}")
     if datatype == "BF16":
         raw = np.frombuffer(chunk, dtype="<u2")
         return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
-    return np.ndarray(shape, _LITTLE_ENDIAN[datatype], chunk)  # a read-only view of the payload
+    array = np.ndarray(shape, _LITTLE_ENDIAN[datatype], chunk)  # a read-only view of the payload
+    # The extension's BOOL is one byte, 0 or 1: numpy keeps any other byte as a True that sums, casts and goes
+    # back out in binary as itself (2 is True in JSON, 2 in bytes).
+    if datatype == "BOOL" and array.view(np.uint8).max(initial=0) > 1:
+        raise ValueError("BOOL bytes must be 0 (false) or 1 (true)")
+    return array
 
 
 def tensor_to_bytes(array: np.ndarray, datatype: str) -> bytes:

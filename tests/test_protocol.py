@@ -83,6 +83,12 @@ def test_nested_data_and_bytes_and_ints():
         (_request(inputs=[{"name": "input", "shape": [2], "datatype": "FP32",
                            "parameters": {"binary_data_size": 8}}]),
          ErrorCode.INVALID_REQUEST, "carries no binary part"),
+        # it said "every input needs the same first (batch) dimension", of a request with one input
+        (_request(inputs=[{"name": "input", "shape": [], "datatype": "FP32", "data": [1]}]),
+         ErrorCode.INVALID_INPUT, "inputs[0].shape: expected a first (batch) dimension, got []"),
+        (_request(inputs=[{"name": "a", "shape": [1], "datatype": "BYTES", "data": ["x"]},
+                          {"name": "b", "shape": [], "datatype": "BYTES", "data": ["y"]}]),
+         ErrorCode.INVALID_INPUT, "inputs[1].shape: expected a first (batch) dimension"),
         (_request(inputs=[{"name": "a", "shape": [2, 1], "datatype": "FP32", "data": [1, 2]},
                           {"name": "b", "shape": [3, 1], "datatype": "FP32", "data": [1, 2, 3]}]),
          ErrorCode.INVALID_INPUT, "same first (batch) dimension"),
@@ -90,8 +96,17 @@ def test_nested_data_and_bytes_and_ints():
          ErrorCode.INVALID_INPUT, "FP32 tensor holds strings"),
         (_request(inputs=[{"name": "input", "shape": [2], "datatype": "INT8", "data": [1.5, 2]}]),
          ErrorCode.INVALID_INPUT, "INT8 tensor holds fractional numbers"),
+        (_request(inputs=[{"name": "input", "shape": [2], "datatype": "BOOL", "data": [0, 1]}]),
+         ErrorCode.INVALID_INPUT, "BOOL tensor holds integers"),  # it said "holds i" (numpy's kind letter)
+        (_request(inputs=[{"name": "input", "shape": [1], "datatype": "BOOL", "data": [2**63]}]),
+         ErrorCode.INVALID_INPUT, "BOOL tensor holds integers"),
         (_request(inputs=[{"name": "input", "shape": [1], "datatype": "INT8", "data": [300]}]),
          ErrorCode.INVALID_INPUT, "out of range for INT8"),
+        # numpy reads these as floats: the message said "holds fractional numbers"
+        (_request(inputs=[{"name": "input", "shape": [2], "datatype": "INT64", "data": [-1, 2**63]}]),
+         ErrorCode.INVALID_INPUT, "values out of range for INT64"),
+        (_request(inputs=[{"name": "input", "shape": [1, 2], "datatype": "UINT64", "data": [[-1, 2**64 - 1]]}]),
+         ErrorCode.INVALID_INPUT, "values out of range for UINT64"),
         (_request(inputs=[{"name": "input", "shape": [1], "datatype": "FP16", "data": [1e300]}]),
          ErrorCode.INVALID_INPUT, "out of range for FP16"),
         (_request(inputs=[{"name": "input", "shape": [1000000, 1000000], "datatype": "FP32", "data": [1]}]),
@@ -253,6 +268,53 @@ def test_binary_header_length_must_be_ascii_digits(length):
         decode_request(b"{}" + b"\0" * 20, {"content-type": "application/octet-stream",
                                             "inference-header-content-length": length}, max_bytes=LIMIT)
     assert caught.value.code == ErrorCode.INVALID_REQUEST
+
+
+@pytest.mark.parametrize("length", ["9" * 5000, "0" * 5000 + "99", "0" * 5000])
+def test_a_binary_header_length_of_thousands_of_digits_is_refused_naming_the_header(length):
+    """int() refuses a string of over 4,300 digits with a ValueError, which named no field (a header is not
+    bounded by the body's size limit); the message quotes at most 40 of them."""
+    with pytest.raises(InferenceError, match=r"inference-header-content-length: .* is outside") as caught:
+        decode_request(b"{}" + b"\0" * 20, {"content-type": "application/octet-stream",
+                                            "inference-header-content-length": length}, max_bytes=LIMIT)
+    assert caught.value.code == ErrorCode.INVALID_REQUEST and len(caught.value.message) < 200
+
+
+LONG_SHAPE = [0] + [2**31] * 15  # no elements, in 183 characters
+
+
+@pytest.mark.parametrize(
+    ("tensor", "binary_part"),
+    [
+        ({"shape": [2**31] * 16, "datatype": "FP32", "data": [1]}, None),  # more elements than the request may hold
+        ({"shape": LONG_SHAPE, "datatype": "FP32", "data": [1]}, None),  # values that do not fill it exactly
+        ({"shape": LONG_SHAPE, "datatype": "BYTES", "data": ["a"]}, None),
+        ({"shape": LONG_SHAPE, "datatype": "FP32", "parameters": {"binary_data_size": 4}}, b"\0" * 4),  # bytes too
+    ],
+)
+def test_a_shape_in_an_error_message_is_cut_to_60_characters(tensor, binary_part):
+    """The message echoed every dimension of the shape (up to 16 of ten digits each)."""
+    payload, headers = orjson.dumps(_request(inputs=[{"name": "x", **tensor}])), {}
+    if binary_part is not None:
+        headers = {"content-type": "application/octet-stream", "inference-header-content-length": str(len(payload))}
+        payload += binary_part
+    with pytest.raises(InferenceError) as caught:
+        decode_request(payload, headers, max_bytes=LIMIT)
+    shape = repr(tensor["shape"])
+    assert "inputs[0]" in caught.value.message, caught.value.message
+    assert shape not in caught.value.message and shape[:57] + "..." in caught.value.message, caught.value.message
+
+
+def test_binary_bool_bytes_other_than_0_and_1_are_refused():
+    """The extension's BOOL is a byte of 0 or 1; numpy took 2 as a True whose sum is 2 and that went back out
+    in a binary answer as 2."""
+    header = orjson.dumps(_request(inputs=[{"name": "b", "shape": [1, 3], "datatype": "BOOL",
+                                            "parameters": {"binary_data_size": 3}}]))
+    headers = {"content-type": "application/octet-stream", "inference-header-content-length": str(len(header))}
+    assert decode_request(header + b"\1\0\1", headers, max_bytes=LIMIT).inputs["b"].tolist() == [[True, False, True]]
+    with pytest.raises(InferenceError, match=r"inputs\[0\]: BOOL bytes must be 0 \(false\) or 1") as caught:
+        decode_request(header + b"\1\2\0", headers, max_bytes=LIMIT)
+    assert caught.value.code == ErrorCode.INVALID_INPUT
 
 
 def test_a_bytes_shape_its_binary_part_cannot_hold_is_refused_before_its_array_is_made():
