@@ -291,6 +291,9 @@ def _parse_tensor(raw: Any, index: int, request_id: str, budget: int, cursor: _B
         raise _fail(ErrorCode.INVALID_REQUEST, f"inputs[{index}].parameters: expected an object", request_id)
     if params and "binary_data_size" in params:
         where = f"inputs[{index}]"
+        if "data" in raw:  # one of the two would be dropped without a word
+            raise _fail(ErrorCode.INVALID_REQUEST, f"{where}: give data or parameters.binary_data_size, not both",
+                        request_id)
         if cursor is None:
             raise _fail(ErrorCode.INVALID_REQUEST, f"{where}.parameters.binary_data_size is set but the request "
                         "carries no binary part (send it with an inference-header-content-length)", request_id)
@@ -324,6 +327,8 @@ def _to_array(data: Any, datatype: str, shape: list[int], where: str, request_id
         flat = _flatten(data)
         if not all(isinstance(v, str) for v in flat):
             raise _fail(ErrorCode.INVALID_INPUT, f"{where}: BYTES data must be strings", request_id)
+        if not _regular(data):  # as numbers' are refused: flattened, rows of other lengths passed as one
+            raise _fail(ErrorCode.INVALID_INPUT, f"{where}: ragged nested lists", request_id)
         array = np.array([v.encode("utf-8") for v in flat], dtype=object)
     else:
         try:
@@ -447,6 +452,20 @@ def _bytes_elements(chunk: memoryview, count: int) -> np.ndarray:
     if offset != size:
         raise ValueError(f"{size - offset} bytes follow the last of {count} BYTES elements")
     return out
+
+
+def _regular(data: Any) -> bool:
+    """Whether nested lists are a regular array: at each depth lists of one length, or values alone (numpy's
+    check, without the fixed-width string array numpy would make of BYTES data: a long string times every
+    element)."""
+    level = [data]
+    while True:
+        lists = [item for item in level if isinstance(item, list)]
+        if not lists:
+            return True
+        if len(lists) != len(level) or any(len(item) != len(lists[0]) for item in lists):
+            return False
+        level = [item for nested in lists for item in nested]
 
 
 def _flatten(data: Any) -> list[Any]:

@@ -96,6 +96,11 @@ def test_nested_data_and_bytes_and_ints():
          ErrorCode.INVALID_INPUT, "FP32 tensor holds strings"),
         (_request(inputs=[{"name": "input", "shape": [2], "datatype": "INT8", "data": [1.5, 2]}]),
          ErrorCode.INVALID_INPUT, "INT8 tensor holds fractional numbers"),
+        (_request(inputs=[{"name": "t", "shape": [6], "datatype": "BYTES", "data": [["a", "b", "c", "d"], ["e", "f"]]}
+                          ]),
+         ErrorCode.INVALID_INPUT, "inputs[0].data: ragged nested lists"),  # flattened, it passed as 6 strings
+        (_request(inputs=[{"name": "t", "shape": [2, 1], "datatype": "BYTES", "data": [["a"], "b"]}]),
+         ErrorCode.INVALID_INPUT, "inputs[0].data: ragged nested lists"),
         (_request(inputs=[{"name": "input", "shape": [2], "datatype": "BOOL", "data": [0, 1]}]),
          ErrorCode.INVALID_INPUT, "BOOL tensor holds integers"),  # it said "holds i" (numpy's kind letter)
         (_request(inputs=[{"name": "input", "shape": [1], "datatype": "BOOL", "data": [2**63]}]),
@@ -303,6 +308,27 @@ def test_a_shape_in_an_error_message_is_cut_to_60_characters(tensor, binary_part
     shape = repr(tensor["shape"])
     assert "inputs[0]" in caught.value.message, caught.value.message
     assert shape not in caught.value.message and shape[:57] + "..." in caught.value.message, caught.value.message
+
+
+def test_an_input_given_both_as_data_and_as_binary_is_refused():
+    """The binary part was read and `data` dropped without a word: one of the two the caller sent was ignored."""
+    tensor = {"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [9, 9],
+              "parameters": {"binary_data_size": 8}}
+    header = orjson.dumps(_request(inputs=[tensor]))
+    headers = {"content-type": "application/octet-stream", "inference-header-content-length": str(len(header))}
+    with pytest.raises(InferenceError, match=r"inputs\[0\]: give data or parameters.binary_data_size, not both"):
+        decode_request(header + np.ones(2, "<f4").tobytes(), headers, max_bytes=LIMIT)
+    del tensor["data"]
+    header = orjson.dumps(_request(inputs=[tensor]))
+    headers["inference-header-content-length"] = str(len(header))
+    assert decode_request(header + np.ones(2, "<f4").tobytes(), headers, max_bytes=LIMIT).inputs["input"].tolist() \
+        == [[1.0, 1.0]]
+
+
+def test_nested_bytes_data_of_its_shape_is_taken():
+    request = _decode(_request(inputs=[{"name": "t", "shape": [2, 2], "datatype": "BYTES",
+                                        "data": [["a", "b"], ["c", "dé"]]}]))
+    assert request.inputs["t"].tolist() == [[b"a", b"b"], [b"c", "dé".encode()]]
 
 
 def test_binary_bool_bytes_other_than_0_and_1_are_refused():
