@@ -184,8 +184,9 @@ class Responder:
             raise
         except Exception as exc:
             log.exception("unexpected failure decoding %s", envelope.source)
-            raise InferenceError(ErrorCode.INVALID_REQUEST, f"the request could not be decoded: {exc!r:.200}") \
-                from None
+            # Its type only, as a model's failure: the exception's text may quote the payload or the server's code
+            raise InferenceError(ErrorCode.INVALID_REQUEST, f"the request could not be decoded ({type(exc).__name__}; "
+                                 "the server's log has the details)") from None
 
     async def _infer(self, request: InferenceRequest) -> Framed:
         output_uri = request.parameters.get("output_uri")
