@@ -93,9 +93,32 @@ def decode_request(payload: bytes, headers: Mapping[str, str] | None = None, *, 
         except orjson.JSONDecodeError as exc:
             raise InferenceError(ErrorCode.INVALID_JSON, f"request is not valid UTF-8 JSON: {exc}") from None
     request = parse_request(body, max_elements=max_bytes, defaults=defaults, fallbacks=fallbacks, binary=binary)
-    if ACCEPT in headers and _media_type(headers[ACCEPT]) == BINARY:
+    if ACCEPT in headers and _prefers_binary(headers[ACCEPT]):
         request.parameters = {**request.parameters, "binary_data_output": True}
     return request
+
+
+def _prefers_binary(accept: str) -> bool:
+    """Whether an `accept` header ranks the binary extension above JSON: listed with the higher q (1 unless said),
+    or first of the two at equal q. Only the first type counted: `application/octet-stream, application/json`
+    (binary, JSON as a fallback) got JSON."""
+    best: tuple[float, str] | None = None
+    for part in accept.split(","):
+        media, *params = part.split(";")
+        media = media.strip().lower()
+        if media not in (JSON, BINARY):
+            continue
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0  # a preference that cannot be read is none
+        if q > 0 and (best is None or q > best[0]):
+            best = (q, media)
+    return best is not None and best[1] == BINARY
 
 
 _PLAIN_MEDIA_TYPES = frozenset((JSON, BINARY))  # as every client here sends them: no parameters, lower case

@@ -331,6 +331,23 @@ def test_nested_bytes_data_of_its_shape_is_taken():
     assert request.inputs["t"].tolist() == [[b"a", b"b"], [b"c", "dé".encode()]]
 
 
+@pytest.mark.parametrize(("accept", "binary"), [
+    ("application/octet-stream", True),
+    ("Application/Octet-Stream; charset=binary", True),
+    ("application/octet-stream, application/json", True),  # binary, JSON as a fallback: it got JSON
+    ("application/json, application/octet-stream", False),
+    ("application/json;q=0.5, application/octet-stream", True),
+    ("application/octet-stream;q=0.2, application/json;q=0.9", False),
+    ("application/octet-stream;q=0", False),
+    ("application/octet-stream;q=high", False),
+    ("*/*", False),
+    ("application/json", False),
+])
+def test_an_accept_header_asks_for_binary_outputs_when_it_ranks_them_above_json(accept, binary):
+    request = decode_request(orjson.dumps(_request()), {"accept": accept}, max_bytes=LIMIT)
+    assert request.parameters.get("binary_data_output", False) is binary
+
+
 def test_binary_bool_bytes_other_than_0_and_1_are_refused():
     """The extension's BOOL is a byte of 0 or 1; numpy took 2 as a True whose sum is 2 and that went back out
     in a binary answer as 2."""
