@@ -426,6 +426,25 @@ async def test_the_collector_keeps_awaited_answers_and_only_the_latest_others(fa
         assert collector.answers == {}, "answers returned are forgotten"
 
 
+async def test_the_collector_skips_records_on_the_shared_results_topic_that_are_no_answer(live):
+    """Its task ended at the first record of the results topic it could not read as an answer (a tombstone, JSON
+    that is not an object, an id that is not a string, a binary framing that does not fit): every answer after it,
+    its own included, was never seen, and `wait_for` waited out its timeout."""
+    producer = AIOKafkaProducer(**live.kafka_client_kwargs())
+    async with ResultCollector(live) as collector:
+        await producer.start()
+        try:
+            for value, headers in ((None, []), (b"[1]", []), (b'{"id": ["x"]}', []),
+                                   (b'{"id": "framed"}', [("inference-header-content-length", b"999")])):
+                await producer.send_and_wait(live.topics.results, value, key=b"other", headers=headers, partition=0)
+            await producer.send_and_wait(live.topics.results, b'{"id": "mine", "outputs": []}', partition=0)
+        finally:
+            await producer.stop()
+        answers = await collector.wait_for(["mine"], timeout=30)
+    assert answers.keys() == {"mine"}
+    assert collector.received == 1, "the records that are no answer are not counted as answers"
+
+
 async def test_reply_to_topics_new_to_the_worker_do_not_starve_its_own_topics(fast, caplog):
     """aiokafka's producer tracked every topic's metadata until it was asked about one it did not know (a reply_to
     topic created after the worker started, or one that did not exist), and from then on only the topics asked
