@@ -168,6 +168,8 @@ class ResultCollector:
         finally:  # returned, or given up on by a cancelled caller: no longer held either way
             self._awaited.difference_update(wanted)
             found = {i: self.answers.pop(i) for i in wanted if i in self.answers}
+            for request_id in found:  # unclaimed when another wait for it gave up first: no longer held to evict
+                self._unclaimed.pop(request_id, None)
         return found
 
 

@@ -445,6 +445,31 @@ async def test_the_collector_skips_records_on_the_shared_results_topic_that_are_
     assert collector.received == 1, "the records that are no answer are not counted as answers"
 
 
+async def test_the_collector_goes_on_after_two_waits_for_one_id(live):
+    """A wait that gave up on an id stopped awaiting it for a wait still under way for the same id: its answer was
+    kept as unclaimed, and once that wait had returned it, the id stayed in line to be evicted; the eviction raised
+    KeyError, which ended the collector's task, and no later answer was seen."""
+    producer = AIOKafkaProducer(**live.kafka_client_kwargs())
+
+    async def answer(*ids: str) -> None:
+        for request_id in ids:
+            await producer.send_and_wait(live.topics.results, orjson.dumps({"id": request_id, "outputs": []}),
+                                         partition=0)
+
+    async with ResultCollector(live, max_unclaimed=1) as collector:
+        await producer.start()
+        try:
+            patient = asyncio.create_task(collector.wait_for(["x"], timeout=30))
+            assert await collector.wait_for(["x"], timeout=0.1) == {}
+            await answer("x")
+            assert (await patient).keys() == {"x"}
+            await answer("o1", "o2", "later")  # "x" would be the unclaimed answer evicted first
+            answers = await collector.wait_for(["later"], timeout=30)
+        finally:
+            await producer.stop()
+    assert answers.keys() == {"later"}
+
+
 async def test_reply_to_topics_new_to_the_worker_do_not_starve_its_own_topics(fast, caplog):
     """aiokafka's producer tracked every topic's metadata until it was asked about one it did not know (a reply_to
     topic created after the worker started, or one that did not exist), and from then on only the topics asked
