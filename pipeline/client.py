@@ -126,11 +126,11 @@ class ResultCollector:
         else:
             try:
                 body = decode_response(record.value, header_map(record.headers))
-            except (orjson.JSONDecodeError, ValueError):
-                return
-            key = body.get("id")
+                key = body.get("id")
+            except Exception:  # the topic is shared: any record may be on it (a tombstone, a JSON list, a bad framing)
+                return  # no answer of ours; raised here, it ended the task, and no answer after it was seen
             kind = "error" if "error" in body else "result"
-        if key is None:
+        if not isinstance(key, str):  # no request's id: one that is a list or a dict could not even be looked up
             return
         self.received += 1
         if key in self.answers:
@@ -168,6 +168,8 @@ class ResultCollector:
         finally:  # returned, or given up on by a cancelled caller: no longer held either way
             self._awaited.difference_update(wanted)
             found = {i: self.answers.pop(i) for i in wanted if i in self.answers}
+            for request_id in found:  # unclaimed when another wait for it gave up first: no longer held to evict
+                self._unclaimed.pop(request_id, None)
         return found
 
 

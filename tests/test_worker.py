@@ -426,6 +426,50 @@ async def test_the_collector_keeps_awaited_answers_and_only_the_latest_others(fa
         assert collector.answers == {}, "answers returned are forgotten"
 
 
+async def test_the_collector_skips_records_on_the_shared_results_topic_that_are_no_answer(live):
+    """Its task ended at the first record of the results topic it could not read as an answer (a tombstone, JSON
+    that is not an object, an id that is not a string, a binary framing that does not fit): every answer after it,
+    its own included, was never seen, and `wait_for` waited out its timeout."""
+    producer = AIOKafkaProducer(**live.kafka_client_kwargs())
+    async with ResultCollector(live) as collector:
+        await producer.start()
+        try:
+            for value, headers in ((None, []), (b"[1]", []), (b'{"id": ["x"]}', []),
+                                   (b'{"id": "framed"}', [("inference-header-content-length", b"999")])):
+                await producer.send_and_wait(live.topics.results, value, key=b"other", headers=headers, partition=0)
+            await producer.send_and_wait(live.topics.results, b'{"id": "mine", "outputs": []}', partition=0)
+        finally:
+            await producer.stop()
+        answers = await collector.wait_for(["mine"], timeout=30)
+    assert answers.keys() == {"mine"}
+    assert collector.received == 1, "the records that are no answer are not counted as answers"
+
+
+async def test_the_collector_goes_on_after_two_waits_for_one_id(live):
+    """A wait that gave up on an id stopped awaiting it for a wait still under way for the same id: its answer was
+    kept as unclaimed, and once that wait had returned it, the id stayed in line to be evicted; the eviction raised
+    KeyError, which ended the collector's task, and no later answer was seen."""
+    producer = AIOKafkaProducer(**live.kafka_client_kwargs())
+
+    async def answer(*ids: str) -> None:
+        for request_id in ids:
+            await producer.send_and_wait(live.topics.results, orjson.dumps({"id": request_id, "outputs": []}),
+                                         partition=0)
+
+    async with ResultCollector(live, max_unclaimed=1) as collector:
+        await producer.start()
+        try:
+            patient = asyncio.create_task(collector.wait_for(["x"], timeout=30))
+            assert await collector.wait_for(["x"], timeout=0.1) == {}
+            await answer("x")
+            assert (await patient).keys() == {"x"}
+            await answer("o1", "o2", "later")  # "x" would be the unclaimed answer evicted first
+            answers = await collector.wait_for(["later"], timeout=30)
+        finally:
+            await producer.stop()
+    assert answers.keys() == {"later"}
+
+
 async def test_reply_to_topics_new_to_the_worker_do_not_starve_its_own_topics(fast, caplog):
     """aiokafka's producer tracked every topic's metadata until it was asked about one it did not know (a reply_to
     topic created after the worker started, or one that did not exist), and from then on only the topics asked
