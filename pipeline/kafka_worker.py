@@ -115,6 +115,10 @@ async def _abandon_consumer(consumer: AIOKafkaConsumer, timeout_s: float) -> Non
     await consumer._client.close()
 
 
+class _PollDue(Exception):
+    """getmany() must be called now, or aiokafka leaves the group (see `KafkaWorker._take_slots`)."""
+
+
 class KafkaWorker:
     """Consume requests, answer through the engine, commit after the answers are acknowledged.
 
@@ -124,6 +128,9 @@ class KafkaWorker:
     """
 
     REVOKE_COMMIT_S = 5.0  # a revoke's commit, after its drain; past it the records are left to redelivery
+    #: aiokafka leaves the group when getmany() is not called for this long (its default, set here to be known). The
+    #: worker stops fetching while its in-flight slots are full: it polls again before half of it has passed.
+    max_poll_interval_ms = 300_000
 
     def __init__(self, settings: Settings, engine: InferenceEngine, *, max_attempts: int = 3,
                  drain_timeout_s: float | None = None) -> None:
@@ -137,6 +144,7 @@ class KafkaWorker:
         # committed offset, so records fetched before the latest are stale (see `_dispatch`).
         self._revocations = 0
         self._slots = Slots(settings.max_in_flight)
+        self._poll_due = 0.0  # the loop time by which getmany() is called again (see _take_slots)
         self._handlers: set[asyncio.Task] = set()
         self._metrics: BatchMetricsPublisher | None = None  # its batches' records to the metrics topic, once started
         self._tasks: list[asyncio.Task] = []
@@ -194,6 +202,7 @@ class KafkaWorker:
             "client_id": f"maas-{self.settings.worker_id}",
             "session_timeout_ms": self.settings.kafka_session_timeout_ms,
             "rebalance_timeout_ms": self.rebalance_timeout_ms,
+            "max_poll_interval_ms": self.max_poll_interval_ms,
             # The coordinator holds a JoinGroup for up to the longest member's rebalance timeout; aiokafka sends it
             # with the client's request timeout (40 s unless raised here), which must outlast that.
             "request_timeout_ms": max(40_000, self.rebalance_timeout_ms + 5_000),
@@ -322,16 +331,25 @@ class KafkaWorker:
         assert self._consumer is not None
         while True:
             try:
-                fetched = await self._consumer.getmany(timeout_ms=200, max_records=self.settings.max_fetch_records)
-            except UNREADABLE_RECORD_ERRORS as exc:
-                await self._read_past_unreadable(exc)
+                try:
+                    fetched = await self._getmany(timeout_ms=200, max_records=self.settings.max_fetch_records)
+                except UNREADABLE_RECORD_ERRORS as exc:
+                    await self._read_past_unreadable(exc)
+                    continue
+                revocations = self._revocations
+                for tp, records in fetched.items():
+                    await self._dispatch(tp, records, revocations)
+            except _PollDue:  # the records not begun were rewound: read again by the next fetch
                 continue
-            revocations = self._revocations
-            for tp, records in fetched.items():
-                await self._dispatch(tp, records, revocations)
             # Let this fetch's handlers decode and reach the batcher before fetching more: otherwise the
             # loop reads up to max_in_flight records before the first batch can close.
             await asyncio.sleep(0)
+
+    async def _getmany(self, *partitions: TopicPartition, **kwargs: Any) -> dict[TopicPartition, list[ConsumerRecord]]:
+        assert self._consumer is not None
+        fetched = await self._consumer.getmany(*partitions, **kwargs)
+        self._poll_due = asyncio.get_running_loop().time() + self.max_poll_interval_ms / 2000
+        return fetched
 
     async def _dispatch(self, tp: TopicPartition, records: list[ConsumerRecord], revocations: int) -> bool:
         """Hand `records` to handlers as in-flight slots allow; False, and the records not handed over yet dropped,
@@ -344,13 +362,32 @@ class KafkaWorker:
         read again from the committed offset by the partition's owner, this worker or another.
         """
         while records and revocations == self._revocations:
-            taken = await self._slots.take(len(records))  # backpressure: max_in_flight unanswered
+            taken = await self._take_slots(len(records))  # backpressure: max_in_flight unanswered
             if revocations != self._revocations:
                 self._slots.give(taken)
                 break
             chunk, records = records[:taken], records[taken:]
             self._start_handler(tp, [record.offset for record in chunk], self._handle(tp, chunk))
         return revocations == self._revocations
+
+    async def _take_slots(self, wanted: int) -> int:
+        """`Slots.take`, until getmany() is due: a wait for slots (a slow model, a backlog) that outlasted
+        max_poll_interval_ms made aiokafka leave the group, which moved this worker's partitions to others while it
+        went on beginning its fetch's records; they were answered twice. Once due, every partition goes back to its
+        first record not begun and `_PollDue` takes the consume loop back to getmany(), which fetches them again."""
+        try:
+            async with asyncio.timeout_at(self._poll_due):
+                return await self._slots.take(wanted)
+        except TimeoutError:
+            assert self._consumer is not None
+            log.info("in-flight slots stayed full (MAAS_MAX_IN_FLIGHT %d) for %.0f s: polling, and reading the "
+                     "records not begun again", self.settings.max_in_flight, self.max_poll_interval_ms / 2000)
+            try:
+                for tp in sorted(self._consumer.assignment()):
+                    await self._rewind(tp)
+            except IllegalStateError:  # a rebalance took partitions meanwhile: it moved their positions back
+                pass
+            raise _PollDue from None
 
     def _start_handler(self, tp: TopicPartition, offsets: list[int], work: Coroutine[Any, Any, None]) -> None:
         """Run `work`, which answers the records at `offsets` (their in-flight slots taken), as a task of its own."""
@@ -457,7 +494,7 @@ class KafkaWorker:
         timeout_ms = refetch_ms  # the rewind dropped what was fetched
         for _ in range(self.settings.max_fetch_records):
             try:
-                fetched = await consumer.getmany(tp, timeout_ms=timeout_ms, max_records=1)
+                fetched = await self._getmany(tp, timeout_ms=timeout_ms, max_records=1)
             except UNREADABLE_RECORD_ERRORS as exc:
                 offset = await consumer.position(tp)
                 if not (await self._dispatch(tp, records, revocations)

@@ -410,6 +410,28 @@ async def test_stop_cancels_the_reply_to_lookups_of_requests_it_abandons(tmp_pat
                 broker.send_signal(signal.SIGCONT)  # a paused broker ends on SIGTERM only once resumed
 
 
+async def test_a_worker_whose_slots_stay_full_polls_in_time_and_keeps_its_partitions(fast, tmp_path):
+    """The consume loop stops fetching while MAAS_MAX_IN_FLIGHT requests are unanswered. aiokafka leaves the group
+    when getmany() is not called for max_poll_interval_ms (300 s): a slow model with a backlog made the worker
+    leave, its partitions went to others, and it went on beginning the records of its fetch, which they read
+    again. It now polls before half of that passes, and reads again the records it had not begun."""
+    slow = slow_repository(tmp_path / "slow", max_queue_delay_ms=3000)  # each batch waits 3 s to fill
+    settings = replace(fast, model_repository=str(slow.root), max_in_flight=2)
+    requests, truth = example_requests(6, prefix="full")
+    async with InferenceEngine(ModelCache(slow)) as engine, ResultCollector(settings) as collector:
+        worker = KafkaWorker(settings, engine)
+        worker.max_poll_interval_ms = 2000  # it polls again after 1 s of waiting for slots
+        async with worker:
+            await asyncio.wait_for(worker.assigned.wait(), 30)
+            revocations = worker._revocations
+            await publish_requests(settings, requests, keys=["one-partition"] * 6)
+            answers = await collector.wait_for(list(truth), timeout=60)
+            assert worker._revocations == revocations, "the worker left its group and rejoined"
+        await asyncio.sleep(1)  # a request answered twice would be seen by now
+    assert set(answers) == set(truth) and all(a.kind == "result" for a in answers.values())
+    assert collector.received == len(truth), f"{collector.received} answers to {len(truth)} requests"
+
+
 async def test_the_collector_keeps_awaited_answers_and_only_the_latest_others(fast):
     """It kept every answer seen on the shared topics, forever: a long-lived client grew without bound."""
     requests, truth = example_requests(6, prefix="kept")
