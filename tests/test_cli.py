@@ -302,6 +302,25 @@ def test_an_s3_model_repository_lives_on_the_embedded_stack(tmp_path):
     assert demo.returncode == 0 and "answered 5/5 (5 results)" in demo.stdout, demo.stdout + demo.stderr
 
 
+def test_maas_up_on_real_aws_prints_no_endpoint_to_export(tmp_path, stack, examples_root):
+    """With AWS configured (here: keys, and boto3's own AWS_ENDPOINT_URL_S3 leading to the session's moto) `maas up`
+    starts only the broker; it printed `export AWS_ENDPOINT_URL=None`, which sent every command of a shell that
+    ran it to botocore's "Invalid endpoint: None"."""
+    env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_ENDPOINT_URL_S3": stack.endpoint_url,
+           "MAAS_MODEL_REPOSITORY": str(examples_root)}
+    up, lines = _spawn_maas("up", env=env, cwd=tmp_path)
+    try:
+        _wait_for_line(up, lines, "topics: ")
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(30)
+        finally:
+            up.kill()
+    exports = [line.strip() for line in lines if line.startswith("export ")]
+    assert len(exports) == 1 and exports[0].startswith("export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:"), "".join(lines)
+
+
 def _serve_holding_a_request(tmp_path, env: dict[str, str]) -> tuple[subprocess.Popen, list[str], str, int]:
     """`maas serve --port 0` on an empty repository, yielded with its output lines, host and port."""
     proc, lines = _spawn_maas("serve", "--port", "0", env={"MAAS_MODEL_REPOSITORY": str(tmp_path / "repo"), **env},

@@ -25,7 +25,8 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         write_state(live)
         print("local stack is up (Ctrl-C to stop)")
         print(f"export KAFKA_BOOTSTRAP_SERVERS={live.kafka_bootstrap_servers}")
-        print(f"export AWS_ENDPOINT_URL={live.aws_endpoint_url}")
+        if live.aws_endpoint_url:  # not with real AWS (MAAS_AWS=aws, AWS_PROFILE, ...): its clients need none
+            print(f"export AWS_ENDPOINT_URL={live.aws_endpoint_url}")
         print(f"topics: {', '.join(live.topics.all())}; batch bucket: {live.batch_bucket}; "
               f"model repository: {repository.root}", flush=True)
         try:
