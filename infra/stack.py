@@ -23,10 +23,15 @@ from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_PORT_ATTEMPTS = 3  # free ports tried per service: another process may take one before the child binds it
 
 
 class StackError(RuntimeError):
     """A local service could not be started; the message says which and why."""
+
+
+class _PortTaken(StackError):
+    """The child could not listen on its port: another process holds it."""
 
 
 def free_port() -> int:
@@ -34,6 +39,45 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _ports(port: int) -> Iterator[int]:
+    """`port` when one was asked for, else free ports one after another (see `_PORT_ATTEMPTS`)."""
+    if port:
+        yield port
+        return
+    for _ in range(_PORT_ATTEMPTS):
+        yield free_port()
+
+
+def _in_use(port: int) -> bool:
+    """Whether another socket holds `port`: why a child that exited while starting could not listen there."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process `pid` itself holds the socket listening on `port`: a probe that connects may reach another
+    process that took the port after `free_port` gave it out, while the child fails to bind it. Linux reads it from
+    /proc; without /proc the probe alone decides."""
+    try:
+        table = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        links = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    except OSError:
+        return not Path("/proc/net/tcp").exists()
+    listening = {f"socket:[{row[9]}]" for row in map(str.split, table)
+                 if row[1].endswith(f":{port:04X}") and row[3] == "0A"}
+    return bool(listening & links)
+
+
+def _exited(proc: subprocess.Popen, name: str, port: int, log: Path) -> StackError:
+    if _in_use(port):
+        return _PortTaken(f"{name} could not listen on 127.0.0.1:{port}: another process holds that port; see {log}")
+    return StackError(f"{name} exited with code {proc.returncode} while starting; see {log}")
 
 
 def tansu_binary() -> Path:
@@ -90,23 +134,26 @@ def _wait_tcp(host: str, port: int, proc: subprocess.Popen, name: str, log: Path
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise StackError(f"{name} exited with code {proc.returncode} while starting; see {log}")
+            raise _exited(proc, name, port, log)
         with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
-            return
+            if _listens(proc.pid, port):
+                return
         time.sleep(0.05)
     raise StackError(f"{name} did not listen on {host}:{port} within {timeout:.0f}s; see {log}")
 
 
-def _wait_http(url: str, proc: subprocess.Popen, name: str, log: Path, timeout: float) -> None:
+def _wait_http(url: str, port: int, proc: subprocess.Popen, name: str, log: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise StackError(f"{name} exited with code {proc.returncode} while starting; see {log}")
+            raise _exited(proc, name, port, log)
         try:
             with urllib.request.urlopen(url, timeout=1):
-                return
+                if _listens(proc.pid, port):
+                    return
         except OSError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)
     raise StackError(f"{name} did not answer {url} within {timeout:.0f}s; see {log}")
 
 
@@ -152,39 +199,59 @@ class LocalStack:
                 self._start_moto(timeout)
             if kafka:
                 self._start_broker(timeout)
+        except StackError:
+            self._stop_children()  # the log its message points to stays
+            raise
         except BaseException:
             self.stop()
             raise
         return self
 
     def _start_moto(self, timeout: float) -> None:
-        self.s3_port = self.s3_port or free_port()
         log = self.workdir / "moto.log"
-        args = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)]
-        with _stop_signals_deferred():
-            self._moto = _spawn(args, None, log)
-        _wait_http(f"{self.endpoint_url}/moto-api/", self._moto, "moto S3/SQS server", log, timeout)
+        taken: StackError | None = None
+        for port in _ports(self.s3_port):
+            self.s3_port = port
+            args = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+            with _stop_signals_deferred():
+                self._moto = _spawn(args, None, log)
+            try:
+                _wait_http(f"{self.endpoint_url}/moto-api/", port, self._moto, "moto S3/SQS server", log, timeout)
+                return
+            except _PortTaken as exc:  # the next free port, if this one was not asked for
+                taken = exc
+        raise taken
 
     def _start_broker(self, timeout: float) -> None:
-        self.kafka_port = self.kafka_port or free_port()
-        url = f"tcp://127.0.0.1:{self.kafka_port}"
         log = self.workdir / "tansu.log"
-        args = [
-            str(tansu_binary()), "broker",
-            "--cluster-id", f"maas-{uuid.uuid4().hex[:8]}",
-            "--listener-url", url,
-            "--advertised-listener-url", url,
-            "--storage-engine", "memory://tansu/",
-        ]  # fmt: skip
         env = {"PATH": os.environ.get("PATH", ""), "RUST_LOG": os.environ.get("MAAS_BROKER_LOG", "warn")}
-        with _stop_signals_deferred():
-            self._broker = _spawn(args, env, log)
-        _wait_tcp("127.0.0.1", self.kafka_port, self._broker, "Tansu broker", log, timeout)
+        taken: StackError | None = None
+        for port in _ports(self.kafka_port):
+            self.kafka_port = port
+            url = f"tcp://127.0.0.1:{port}"
+            args = [
+                str(tansu_binary()), "broker",
+                "--cluster-id", f"maas-{uuid.uuid4().hex[:8]}",
+                "--listener-url", url,
+                "--advertised-listener-url", url,
+                "--storage-engine", "memory://tansu/",
+            ]  # fmt: skip
+            with _stop_signals_deferred():
+                self._broker = _spawn(args, env, log)
+            try:
+                _wait_tcp("127.0.0.1", port, self._broker, "Tansu broker", log, timeout)
+                return
+            except _PortTaken as exc:  # the next free port, if this one was not asked for
+                taken = exc
+        raise taken
 
-    def stop(self) -> None:
+    def _stop_children(self) -> None:
         _stop(self._broker)
         _stop(self._moto)
         self._broker = self._moto = None
+
+    def stop(self) -> None:
+        self._stop_children()
         if not self.keep_logs:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

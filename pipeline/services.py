@@ -123,6 +123,7 @@ async def connected(settings: Settings, *, use_state: bool = True) -> AsyncItera
             try:
                 stack.start(kafka=settings.embedded_kafka, aws=settings.embedded_aws)
             except StackError as exc:
+                stack = None  # its children are stopped; its folder keeps the log that the message names
                 raise ConfigError(str(exc)) from None
             settings = settings.with_endpoints(
                 stack.bootstrap_servers if settings.embedded_kafka else None,

@@ -9,6 +9,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from urllib.parse import urlsplit
 
 _AWS_CREDENTIAL_VARS = (
     "AWS_ACCESS_KEY_ID",
@@ -78,6 +79,19 @@ def _check_bootstrap_servers(servers: str) -> None:
         if not (host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
             raise ConfigError(f"KAFKA_BOOTSTRAP_SERVERS={servers!r}: expected host[:port] entries separated by "
                               f"commas, got {entry!r}")
+
+
+def _check_endpoint_url(url: str) -> None:
+    """botocore raises a bare ValueError ("Invalid endpoint") for a URL without a scheme (`localhost:4566`), out of
+    the first client made, far from the setting; the message leaves out the URL's user info."""
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port is None or parts.port > 0)
+    except ValueError:  # a port that is no number, or out of range
+        valid = False
+    if not valid:
+        shown = url if "@" not in url else f"***@{url.rsplit('@', 1)[1]}"
+        raise ConfigError(f"AWS_ENDPOINT_URL={shown!r}: expected http://HOST[:PORT] or https://HOST[:PORT]")
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int = 2**31 - 1) -> int:
@@ -200,6 +214,8 @@ class Settings:
         servers = env.get("KAFKA_BOOTSTRAP_SERVERS") or None
         if servers is not None:
             _check_bootstrap_servers(servers)
+        if endpoint := env.get("AWS_ENDPOINT_URL"):
+            _check_endpoint_url(endpoint)
         max_claim_check = _int(env, "MAAS_MAX_CLAIM_CHECK_BYTES", 64 * 1024 * 1024, minimum=1024)
         settings = cls(
             kafka_bootstrap_servers=servers,

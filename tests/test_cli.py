@@ -267,6 +267,60 @@ def test_sigterm_while_maas_up_starts_its_stack_leaves_nothing_behind(tmp_path, 
     assert not list(temp.glob("maas-stack-*")), "".join(lines)
 
 
+def _wait_for_line(proc: subprocess.Popen, lines: list[str], fragment: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(fragment in line for line in lines):
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_an_s3_model_repository_lives_on_the_embedded_stack(tmp_path):
+    """`maas up`, `maas batch worker` and `maas demo` opened MAAS_MODEL_REPOSITORY before their embedded stack was
+    up: an s3:// repository went to AWS itself (s3.amazonaws.com, with the stack's dummy keys), not to the stack's
+    S3 as `maas worker`'s does, and `maas up` stopped on its first example model."""
+    env = {"MAAS_MODEL_REPOSITORY": "s3://maas-batch/models"}
+    up, up_lines = _spawn_maas("up", env=env, cwd=tmp_path)
+    batch = None
+    try:
+        _wait_for_line(up, up_lines, "local stack is up")
+        assert "published example model mnist_mlp v1 to s3://maas-batch/models\n" in up_lines, "".join(up_lines)
+        batch, batch_lines = _spawn_maas("batch", "worker", "--examples", "--wait", "1", env=env, cwd=tmp_path)
+        _wait_for_line(batch, batch_lines, "batch worker watching")
+        endpoint = json.loads((tmp_path / ".maas" / "stack.json").read_text())["aws_endpoint_url"]
+        listed = maas("models", "list", env={**env, "AWS_ENDPOINT_URL": endpoint}, cwd=tmp_path)
+        assert listed.stdout.startswith("mnist_mlp\tversions [1]"), listed.stdout + listed.stderr
+    finally:
+        for proc in (batch, up):
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                finally:
+                    proc.kill()
+    demo = maas("demo", "--requests", "5", "--show", "1", env=env, cwd=tmp_path, timeout=240)
+    assert demo.returncode == 0 and "answered 5/5 (5 results)" in demo.stdout, demo.stdout + demo.stderr
+
+
+def test_maas_up_on_real_aws_prints_no_endpoint_to_export(tmp_path, stack, examples_root):
+    """With AWS configured (here: keys, and boto3's own AWS_ENDPOINT_URL_S3 leading to the session's moto) `maas up`
+    starts only the broker; it printed `export AWS_ENDPOINT_URL=None`, which sent every command of a shell that
+    ran it to botocore's "Invalid endpoint: None"."""
+    env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_ENDPOINT_URL_S3": stack.endpoint_url,
+           "MAAS_MODEL_REPOSITORY": str(examples_root)}
+    up, lines = _spawn_maas("up", env=env, cwd=tmp_path)
+    try:
+        _wait_for_line(up, lines, "topics: ")
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(30)
+        finally:
+            up.kill()
+    exports = [line.strip() for line in lines if line.startswith("export ")]
+    assert len(exports) == 1 and exports[0].startswith("export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:"), "".join(lines)
+
+
 def _serve_holding_a_request(tmp_path, env: dict[str, str]) -> tuple[subprocess.Popen, list[str], str, int]:
     """`maas serve --port 0` on an empty repository, yielded with its output lines, host and port."""
     proc, lines = _spawn_maas("serve", "--port", "0", env={"MAAS_MODEL_REPOSITORY": str(tmp_path / "repo"), **env},

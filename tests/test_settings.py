@@ -146,6 +146,11 @@ async def test_msk_iam_signs_a_token_from_the_aws_credential_chain(monkeypatch):
     ({"KAFKA_BOOTSTRAP_SERVERS": "a:9092,,b:9092"}, "got ''"),
     ({"KAFKA_BOOTSTRAP_SERVERS": ":9092"}, "got ':9092'"),
     ({"KAFKA_SASL_MECHANISM": "BOGUS"}, "KAFKA_SASL_MECHANISM='BOGUS': expected one of PLAIN"),
+    ({"AWS_ENDPOINT_URL": "localhost:4566"}, r"AWS_ENDPOINT_URL='localhost:4566': expected http://HOST\[:PORT\]"),
+    ({"AWS_ENDPOINT_URL": "None"}, "AWS_ENDPOINT_URL='None': expected"),
+    ({"AWS_ENDPOINT_URL": "ftp://host"}, "AWS_ENDPOINT_URL='ftp://host': expected"),
+    ({"AWS_ENDPOINT_URL": "http://host:port"}, "AWS_ENDPOINT_URL='http://host:port': expected"),
+    ({"AWS_ENDPOINT_URL": "admin:hunter2@host:4566"}, "AWS_ENDPOINT_URL='\\*\\*\\*@host:4566': expected"),
 ])
 def test_environment_values_out_of_bounds_are_named(env, fragment):
     with pytest.raises(ConfigError, match=fragment):

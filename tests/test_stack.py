@@ -7,12 +7,15 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from infra.stack import LocalStack
+import infra.stack
+from infra.stack import LocalStack, StackError
 from pipeline.services import aws_client, bootstrap
 from pipeline.settings import ConfigError
 
@@ -51,6 +54,66 @@ def test_stack_stop_ends_both_processes(tmp_path):
     stack.stop()
     assert not any(_alive(pid) for pid in pids)
     assert not (tmp_path / "s").exists()
+
+
+def _held_port(listening: bool) -> socket.socket:
+    """A loopback port another process holds: listening (a probe that connects reaches it) or only bound."""
+    held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    held.bind(("127.0.0.1", 0))
+    if listening:
+        held.listen()
+    return held
+
+
+@pytest.mark.parametrize("service", ["kafka", "aws"])
+@pytest.mark.parametrize("listening", [True, False], ids=["listening", "bound"])
+def test_a_port_taken_before_the_child_binds_it_is_not_mistaken_for_the_child(service, listening, tmp_path):
+    """A port another process holds is refused in one line whose log is still there. A foreign listener used to pass
+    the readiness probe (the stack 'started' while its own broker or moto had exited, unable to bind), and the log
+    a failed start pointed to was removed with the stack's folder."""
+    with _held_port(listening) as held:
+        port = held.getsockname()[1]
+        stack = LocalStack(tmp_path / "s", **{"kafka_port" if service == "kafka" else "s3_port": port})
+        with pytest.raises(StackError, match=f"could not listen on 127.0.0.1:{port}: another process holds") as error:
+            stack.start(kafka=service == "kafka", aws=service == "aws")
+    assert Path(str(error.value).rsplit("see ", 1)[1]).is_file()
+    assert stack._broker is None and stack._moto is None
+    stack.stop()
+
+
+@pytest.mark.parametrize("listening", [True, False], ids=["listening", "bound"])
+def test_a_free_port_taken_before_the_child_binds_it_is_replaced(listening, tmp_path, monkeypatch):
+    """free_port() gives a port out and another process may take it before the child binds it: the child then
+    exits, and the stack starts on the next free port instead of failing (or, behind a foreign listener, of
+    'starting' without its own broker and moto)."""
+    with _held_port(listening) as held:
+        taken = held.getsockname()[1]
+        ports = iter([taken, taken])  # the first port of each service is taken
+        free_port = infra.stack.free_port
+        monkeypatch.setattr(infra.stack, "free_port", lambda: next(ports, None) or free_port())
+        with LocalStack(tmp_path / "s") as stack:
+            assert taken not in (stack.kafka_port, stack.s3_port)
+            assert _alive(stack._broker.pid) and _alive(stack._moto.pid)
+            with urllib.request.urlopen(f"{stack.endpoint_url}/moto-api/", timeout=2) as response:
+                assert response.status == 200
+            with socket.create_connection(("127.0.0.1", stack.kafka_port), timeout=2):
+                pass
+
+
+async def test_an_embedded_stack_that_cannot_start_keeps_the_log_its_error_names(settings, tmp_path, monkeypatch):
+    """`maas`'s one-line error says "see <log>": its folder went with the stack, which `connected` stopped again."""
+    from dataclasses import replace
+
+    from pipeline.services import connected
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    with _held_port(listening=False) as held:
+        monkeypatch.setattr(infra.stack, "free_port", lambda: held.getsockname()[1])
+        with pytest.raises(ConfigError, match="another process holds that port") as error:
+            async with connected(replace(settings, aws_endpoint_url=None), use_state=False):
+                pass
+    assert Path(str(error.value).rsplit("see ", 1)[1]).is_file()
 
 
 def _children(name: str) -> set[int]:

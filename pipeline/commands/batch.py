@@ -34,10 +34,10 @@ from pipeline.settings import ConfigError, Settings
 
 async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     config = BatchConfig.from_settings(settings)  # a bad prefix stops here, before any stack or model is touched
-    repository = open_repository(settings)
-    if args.examples:
-        ensure_examples(repository)
     async with connected(settings) as live:
+        repository = open_repository(live)  # after connecting: an s3:// repository needs the live endpoint
+        if args.examples:
+            ensure_examples(repository)
         s3, sqs = aws_client(live, "s3"), aws_client(live, "sqs")
         queue_url = await asyncio.to_thread(ensure_batch_notifications, s3, sqs, config)
         async with InferenceEngine(model_cache(settings, repository), worker_id=live.worker_id,

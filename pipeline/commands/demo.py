@@ -18,10 +18,10 @@ from pipeline.settings import Settings
 
 async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     started = time.perf_counter()
-    repository = open_repository(settings)
-    for name, version in ensure_examples(repository):
-        print(f"published example model {name} v{version} to {repository.root} (trained on synthetic digits)")
     async with connected(settings, use_state=False) as live:
+        repository = open_repository(live)  # after connecting: an s3:// repository needs the live endpoint
+        for name, version in ensure_examples(repository):
+            print(f"published example model {name} v{version} to {repository.root} (trained on synthetic digits)")
         print(f"stack: Kafka {live.kafka_bootstrap_servers}, S3/SQS {live.aws_endpoint_url}")
         async with InferenceEngine(model_cache(settings, repository), worker_id=live.worker_id,
                                    max_running_batches=settings.max_running_batches) as engine:

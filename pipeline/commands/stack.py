@@ -17,15 +17,16 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     if running is not None:  # a second stack would take over the state file, and its stop would remove it
         raise ConfigError(f"a local stack is already up here (pid {running['pid']}, Kafka "
                           f"{running['kafka_bootstrap_servers']}); stop it first, or run `maas up` in another folder")
-    repository = open_repository(settings)
-    for name, version in ensure_examples(repository):
-        print(f"published example model {name} v{version} to {repository.root}")
     async with connected(settings, use_state=False) as live:
+        repository = open_repository(live)  # after connecting: an s3:// repository needs the live endpoint
+        for name, version in ensure_examples(repository):
+            print(f"published example model {name} v{version} to {repository.root}")
         stop = stop_event()
         write_state(live)
         print("local stack is up (Ctrl-C to stop)")
         print(f"export KAFKA_BOOTSTRAP_SERVERS={live.kafka_bootstrap_servers}")
-        print(f"export AWS_ENDPOINT_URL={live.aws_endpoint_url}")
+        if live.aws_endpoint_url:  # not with real AWS (MAAS_AWS=aws, AWS_PROFILE, ...): its clients need none
+            print(f"export AWS_ENDPOINT_URL={live.aws_endpoint_url}")
         print(f"topics: {', '.join(live.topics.all())}; batch bucket: {live.batch_bucket}; "
               f"model repository: {repository.root}", flush=True)
         try:
