@@ -7,7 +7,6 @@ before any large allocation: element counts are checked against the declared sha
 from __future__ import annotations
 
 import math
-import re
 from array import array as typed_array
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -18,12 +17,12 @@ import numpy as np
 from models.artifact import VERSION_EXPECTED, short_repr, validate_model_name, version_number
 from models.datatypes import DATATYPES, NUMPY_DTYPES, datatype_of
 from pipeline.errors import ErrorCode, InferenceError
+from pipeline.settings import valid_topic_name
 
 MAX_ID_LENGTH = 256
 # A tensor's rank and each dimension: numpy refuses more than 64 dimensions or one of 2**63 (a zero-size
 # shape passes every element-count check), with a ValueError that would name no field.
 MAX_DIMS, MAX_DIM = 16, 1 << 31
-_TOPIC_RE = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _INT_KINDS = {"i", "u"}
 
 
@@ -203,8 +202,7 @@ def _check_parameters(parameters: dict[str, Any], request_id: str) -> None:
     if output_uri is not None and not isinstance(output_uri, str):
         raise _fail(ErrorCode.INVALID_REQUEST, "parameters.output_uri: expected an s3:// URI string", request_id)
     reply_to = parameters.get("reply_to")
-    if reply_to is not None and (not isinstance(reply_to, str) or not _TOPIC_RE.fullmatch(reply_to)
-                                 or reply_to in (".", "..") or reply_to.startswith("__")):
+    if reply_to is not None and not valid_topic_name(reply_to):
         raise _fail(ErrorCode.INVALID_REQUEST, "parameters.reply_to: expected a Kafka topic name (letters, digits, "
                     "'.', '_', '-'; not '.', '..' or an internal '__' topic)", request_id)
     priority = parameters.get("priority")

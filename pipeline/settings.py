@@ -6,6 +6,7 @@ Everything configurable lives here so that pointing the engine at real Kafka / A
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -130,6 +131,8 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
 
 @dataclass(frozen=True)
 class Topics:
+    """The platform's own topics (MAAS_TOPIC_*): four different valid names."""
+
     requests: str = "maas.requests"
     results: str = "maas.results"
     metrics: str = "maas.metrics"
@@ -137,6 +140,32 @@ class Topics:
 
     def all(self) -> list[str]:
         return [self.requests, self.results, self.metrics, self.dlq]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Topics:
+        """Refused at start, naming the variable: an empty or malformed name failed later, at the broker (an empty
+        one went through to it), and results on the requests topic would be read back as requests."""
+        names: dict[str, str] = {}
+        for attribute in ("requests", "results", "metrics", "dlq"):
+            variable = f"MAAS_TOPIC_{attribute.upper()}"
+            name = env.get(variable) or getattr(cls, attribute)
+            if not valid_topic_name(name):
+                raise ConfigError(f"{variable}={name[:60]!r}: expected a Kafka topic name (1-249 letters, digits, '.', "
+                                  "'_', '-'; not '.', '..' or an internal '__' topic)")
+            if name in names.values():
+                other = next(v for v, n in names.items() if n == name)
+                raise ConfigError(f"{variable}={name!r}: the same topic as {other}; each needs its own")
+            names[variable] = name
+        return cls(*names.values())
+
+
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def valid_topic_name(name: object) -> bool:
+    """A name Kafka takes for a topic, other than its own internal ones (`__consumer_offsets`, ...)."""
+    return (isinstance(name, str) and _TOPIC_NAME.fullmatch(name) is not None and name not in (".", "..")
+            and not name.startswith("__"))
 
 
 @dataclass(frozen=True)
@@ -197,12 +226,7 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         check_engine_knobs(env)
-        topics = Topics(
-            requests=env.get("MAAS_TOPIC_REQUESTS", Topics.requests),
-            results=env.get("MAAS_TOPIC_RESULTS", Topics.results),
-            metrics=env.get("MAAS_TOPIC_METRICS", Topics.metrics),
-            dlq=env.get("MAAS_TOPIC_DLQ", Topics.dlq),
-        )
+        topics = Topics.from_env(env)
         protocol = env.get("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT").upper()
         if protocol not in {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}:
             raise ConfigError(

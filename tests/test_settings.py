@@ -151,6 +151,11 @@ async def test_msk_iam_signs_a_token_from_the_aws_credential_chain(monkeypatch):
     ({"AWS_ENDPOINT_URL": "ftp://host"}, "AWS_ENDPOINT_URL='ftp://host': expected"),
     ({"AWS_ENDPOINT_URL": "http://host:port"}, "AWS_ENDPOINT_URL='http://host:port': expected"),
     ({"AWS_ENDPOINT_URL": "admin:hunter2@host:4566"}, "AWS_ENDPOINT_URL='\\*\\*\\*@host:4566': expected"),
+    ({"MAAS_TOPIC_RESULTS": "team results"}, "MAAS_TOPIC_RESULTS='team results': expected a Kafka topic name"),
+    ({"MAAS_TOPIC_DLQ": "__consumer_offsets"}, "MAAS_TOPIC_DLQ='__consumer_offsets': expected a Kafka topic"),
+    ({"MAAS_TOPIC_METRICS": "m" * 250}, "MAAS_TOPIC_METRICS='m{60}': expected"),
+    ({"MAAS_TOPIC_RESULTS": "maas.requests"}, "MAAS_TOPIC_RESULTS='maas.requests': the same topic as "
+                                              "MAAS_TOPIC_REQUESTS"),
 ])
 def test_environment_values_out_of_bounds_are_named(env, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -165,6 +170,8 @@ def test_environment_values_within_bounds_are_taken():
     assert settings.shutdown_timeout_s == 25 and Settings.from_env(settings.to_env()).shutdown_timeout_s == 25
     assert Settings.from_env(settings.to_env()).rebalance_drain_s == 90
     assert Settings.from_env({}).shutdown_timeout_s == 20  # below Kubernetes' default grace period of 30 s
+    topics = Settings.from_env({"MAAS_TOPIC_REQUESTS": "", "MAAS_TOPIC_DLQ": "team-a.dlq"}).topics
+    assert topics.all() == ["maas.requests", "maas.results", "maas.metrics", "team-a.dlq"]  # empty: the default
 
 
 def test_real_aws_is_chosen_by_a_variable_not_by_a_profile_file(tmp_path):
