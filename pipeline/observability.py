@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -97,6 +98,9 @@ async def listen(runner: web.AppRunner, host: str, port: int, **site_options: An
     try:
         site = web.TCPSite(runner, host, port, **site_options)
         await site.start()
+    except socket.gaierror as exc:  # its message names neither the host nor the port
+        await runner.cleanup()
+        raise OSError(f"cannot listen on {host}:{port}: no such address ({exc.strerror})") from None
     except BaseException:
         await runner.cleanup()
         raise

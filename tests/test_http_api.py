@@ -740,6 +740,8 @@ async def test_a_failed_start_leaves_nothing_up_and_concurrent_stops_both_return
             with pytest.raises(OSError):
                 await server.start()
         assert not api.ready and server._runner is None
+        with pytest.raises(OSError, match=r"cannot listen on 999\.1\.1\.1:8000: no such address"):
+            await HttpServer(api, "999.1.1.1", 8000).start()  # the message named neither (socket.gaierror)
         server = await HttpServer(api, "127.0.0.1", 0).start()
         assert api.ready
         await asyncio.gather(server.stop(), server.stop())
