@@ -177,8 +177,10 @@ def test_submit_of_an_unreadable_file_and_against_an_unreachable_broker_is_one_l
     (tmp_path / "latin1.json").write_bytes(b'{"id": "caf\xe9"}')
     (tmp_path / "empty.jsonl").write_text("\n")
     (tmp_path / "ok.json").write_text('{"id": "r1", "model_name": "mnist_mlp", "inputs": []}')
+    (tmp_path / "twice.jsonl").write_text('{"id": "a"}\n{"id": "b"}\n{"id": "a"}\n')  # "1/2 answered", exit 1
     for name, fragment in (("missing.json", "cannot read it"), (".", "cannot read it"),
                            ("latin1.json", "cannot read it"), ("empty.jsonl", "holds no request"),
+                           ("twice.jsonl", "request 3 has the id 'a' of an earlier one"),
                            ("ok.json", "KafkaConnectionError")):
         out = maas("submit", name, env=env, cwd=tmp_path, timeout=90)
         lines = out.stderr.strip().splitlines()

@@ -36,6 +36,12 @@ def _load_requests(path: Path) -> list[dict[str, Any]]:
         raise ConfigError(f"{path}: every request must be a JSON object with a string id")
     if not requests:
         raise ConfigError(f"{path}: holds no request")
+    seen: set[str] = set()
+    for number, request in enumerate(requests, 1):  # answers are told apart by id: one would stand for both
+        if request["id"] in seen:
+            raise ConfigError(f"{path}: request {number} has the id {request['id'][:60]!r} of an earlier one; each "
+                              "request needs its own")
+        seen.add(request["id"])
     return requests
 
 
