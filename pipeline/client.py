@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from models.datatypes import NUMPY_DTYPES
 from models.examples import MNIST_MLP, synthetic_digits
@@ -107,13 +108,16 @@ class ResultCollector:
 
     async def _run(self) -> None:
         assert self._consumer is not None
-        while True:
-            fetched = await self._consumer.getmany(timeout_ms=200)
-            for tp, records in fetched.items():
-                for record in records:
-                    self._add(tp.topic, record)
-            if fetched:
-                self._changed.set()
+        try:
+            while True:
+                fetched = await self._consumer.getmany(timeout_ms=200)
+                for tp, records in fetched.items():
+                    for record in records:
+                        self._add(tp.topic, record)
+                if fetched:
+                    self._changed.set()
+        finally:  # ended (a record aiokafka cannot parse, a lost broker): `wait_for` says so rather than waiting on
+            self._changed.set()
 
     def _add(self, topic: str, record: Any) -> None:
         if topic == self.settings.topics.dlq:
@@ -142,6 +146,13 @@ class ResultCollector:
             if len(self._unclaimed) > self.max_unclaimed:
                 del self.answers[self._unclaimed.popitem(last=False)[0]]
 
+    def _check_reading(self) -> None:
+        """Raise if the results topics are no longer read: no answer would come, however long the wait. A KafkaError,
+        which `maas submit` reports in a line."""
+        task = self._task
+        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+            raise KafkaError(f"the answers can no longer be read: {task.exception()!r:.300}") from task.exception()
+
     def expect(self, ids: Iterable[str]) -> None:
         """Await these ids from now on (call it before publishing their requests): their answers are kept until
         `wait_for` returns them, however many others arrive meanwhile."""
@@ -160,6 +171,7 @@ class ResultCollector:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
+                self._check_reading()
                 self._changed.clear()
                 try:
                     await asyncio.wait_for(self._changed.wait(), remaining)

@@ -47,9 +47,9 @@ class _NotUtf8(str):
         return b"\xff\xfebad"
 
 
-async def _produce(settings, records, partition: int = 0) -> None:
-    """Produce (key, value, headers) records to the requests topic as they are (a null key and value, a header key
-    that is not UTF-8), in one record batch: send() takes no record with neither a key nor a value."""
+async def _produce(settings, records, partition: int = 0, topic: str | None = None) -> None:
+    """Produce (key, value, headers) records to the requests topic (or `topic`) as they are (a null key and value, a
+    header key that is not UTF-8), in one record batch: send() takes no record with neither a key nor a value."""
     producer = AIOKafkaProducer(**settings.kafka_client_kwargs())
     await producer.start()
     try:
@@ -57,7 +57,7 @@ async def _produce(settings, records, partition: int = 0) -> None:
         batch._builder = _DefaultRecordBatchBuilderPy(2, 0, 0, -1, -1, 0, 1 << 20)  # the C one takes str keys only
         for key, value, headers in records:
             assert batch.append(key=key, value=value, timestamp=None, headers=headers) is not None
-        await (await producer.send_batch(batch, settings.topics.requests, partition=partition))
+        await (await producer.send_batch(batch, topic or settings.topics.requests, partition=partition))
     finally:
         await producer.stop()
 
@@ -465,6 +465,15 @@ async def test_the_collector_skips_records_on_the_shared_results_topic_that_are_
         answers = await collector.wait_for(["mine"], timeout=30)
     assert answers.keys() == {"mine"}
     assert collector.received == 1, "the records that are no answer are not counted as answers"
+
+
+async def test_the_collector_says_so_when_it_can_no_longer_read_the_answers(live):
+    """A record aiokafka cannot parse (a header key that is not UTF-8) ended the collector's task: `wait_for` waited
+    out its whole timeout and returned nothing, as if the requests had not been answered."""
+    async with ResultCollector(live) as collector:
+        await _produce(live, [(b"other", b"{}", _NOT_UTF8_HEADER)], topic=live.topics.results)
+        with pytest.raises(KafkaError, match="the answers can no longer be read: UnicodeDecodeError"):
+            await collector.wait_for(["never"], timeout=60)
 
 
 async def test_the_collector_goes_on_after_two_waits_for_one_id(live):
