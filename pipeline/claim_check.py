@@ -196,7 +196,11 @@ class ClaimCheckStore:
     def _get(self, bucket: str, key: str, size: int) -> bytes:
         """The object's bytes, no more than the `size` its HEAD reported (and budgeted for): one replaced by a
         larger object in between is refused rather than read past what was reserved for it."""
-        body = self.s3.get_object(Bucket=bucket, Key=key)["Body"].read(size + 1)
+        stream = self.s3.get_object(Bucket=bucket, Key=key)["Body"]
+        try:
+            body = stream.read(size + 1)
+        finally:  # the rest of an object that grew is not read: its connection goes back closed, not half read
+            stream.close()
         if len(body) > size:
             raise InferenceError(ErrorCode.INVALID_REQUEST, f"inputs_uri: the object grew past the {size} bytes it "
                                  "had when it was sized; do not replace it while requests name it")
