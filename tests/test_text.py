@@ -4,6 +4,7 @@ exactly what tokenizing each text on its own gives; so must the WordPiece tokeni
 from __future__ import annotations
 
 import random
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -58,6 +59,28 @@ def test_encode_edges() -> None:
     assert not ids[6:].any()
     ids, _ = tokenizer.encode(["unknown words CAFÉ straße"], 5)
     np.testing.assert_array_equal(ids, [[OOV_ID, OOV_ID, tokenizer.index["café"], tokenizer.index["straße"], 0]])
+
+
+@pytest.mark.parametrize("batch", [1, BATCH_PASS_MIN_TEXTS])
+def test_a_long_text_is_read_only_as_far_as_the_words_a_row_takes(batch: int) -> None:
+    """A request may hold megabytes of text, of which a row takes its first `length` words. Tokenized whole, a
+    2 MiB text of short words held some 50 MiB of word objects at once, and a batch of them ended the worker."""
+    tokenizer = WordIndexTokenizer(WORDS)
+    long = "The CAT sat " + "don't " * (2 * 1024 * 1024 // 6)
+    texts = [long, "the cat", "x " + long[:5000], "sat " + long, *[""] * BATCH_PASS_MIN_TEXTS][:batch]
+    want = one_by_one(tokenizer, texts, 5)
+    tracemalloc.start()
+    try:
+        ids, mask = tokenizer.encode(texts, 5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(ids, want)
+    np.testing.assert_array_equal(mask, ids != PAD_ID)
+    assert peak < 2 * len(long), f"{peak / 2**20:.1f} MiB to tokenize texts of {len(long) / 2**20:.1f} MiB"
+    # Lower-cased text may have more words than the original (İ is i and a combining dot): the same ids.
+    texts = ["İX ΟΔΟΣ. " * 300_000, *texts[1:]]
+    np.testing.assert_array_equal(tokenizer.encode(texts, 5)[0], one_by_one(tokenizer, texts, 5))
 
 
 def test_wordpiece_batch_matches_text_by_text() -> None:
