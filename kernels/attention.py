@@ -319,9 +319,10 @@ def _start(q, qk_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: t
 
 @triton.jit
 def _key_count(m_ptr, b, SK, HAS_LENGTHS: tl.constexpr):
-    """How many of batch row ``b``'s keys are real: its length, clamped to [0, SK], or all of them."""
+    """How many of batch row ``b``'s keys are real: its length, clamped to [0, SK], or all of them. Clamped in the
+    lengths' own dtype: an int64 length past 2**31 cast to int32 first would wrap (2**32 + 1 to 1)."""
     if HAS_LENGTHS:
-        return tl.maximum(tl.minimum(tl.load(m_ptr + b).to(tl.int32), SK), 0)
+        return tl.maximum(tl.minimum(tl.load(m_ptr + b), SK), 0).to(tl.int32)
     return SK
 
 
