@@ -115,6 +115,14 @@ def test_rows_with_nothing_left_agree_between_the_paths(backend, device):
         torch.testing.assert_close(soft[~empty].sum(-1), torch.ones(int((~empty).sum()), device=device))
 
 
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_attention_scale_is_a_value_error_on_both_paths(backend, gen, scale):
+    """Scores times inf or NaN have no softmax: the kernel wrote NaN, and the CPU path zeros for a NaN scale."""
+    q = randn(gen, 1, 1, 3, 16)
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        kernels.attention(q, q, q, scale=scale)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter divides NaNs
 def test_fp8_rows_holding_nan_or_inf_come_out_nan_on_both_paths(backend, gen):
     qweight, scales = kernels.quantize_fp8(randn(gen, 8, 16))
