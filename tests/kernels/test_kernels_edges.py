@@ -103,6 +103,12 @@ def test_an_empty_batch_of_sequences_gives_an_empty_result_on_both_paths(backend
         assert y.shape == (b, s, hidden)
 
 
+def test_max_pool2d_of_no_channels_is_empty_on_both_paths(backend, device):
+    for shape in ((2, 0, 4, 5), (0, 3, 4, 5)):
+        y = kernels.max_pool2d(torch.zeros(shape, device=device), 2)
+        assert y.shape == (shape[0], shape[1], 2, 2)
+
+
 def test_rows_with_nothing_left_agree_between_the_paths(backend, device):
     """A row all -inf (or all masked out) has no distribution: softmax 0, log-softmax -inf, on both paths."""
     x = torch.tensor([[float("-inf")] * 5, [0.0, 1.0, float("-inf"), 2.0, 3.0], [1.0] * 5], device=device)
