@@ -51,6 +51,27 @@ def test_outputs_that_alias_inputs_are_refused_on_the_triton_path(backend, gen):
         kernels.max_pool2d(pooled, 2, out=pooled.view(-1)[:4].view(1, 1, 2, 2))
 
 
+def test_outputs_that_alias_what_every_program_reads_are_refused_on_the_triton_path(backend, gen, device,
+                                                                                    monkeypatch):
+    """A table every program may gather from, or a weight every program loads: a program writing its rows there
+    changes what the programs after it read (the rows they give came out wrong)."""
+    ids, mask = torch.tensor([[1, 2], [0, 3]], device=device), torch.ones(2, 2, dtype=torch.bool, device=device)
+    table = randn(gen, 6, 4)
+    with _aliased(backend):
+        kernels.embedding_pool(ids, table, mask, out=table[:2])
+    with _aliased(backend):
+        kernels.embedding_norm(ids, table, randn(gen, 2, 4), randn(gen, 4), randn(gen, 4),
+                               out=table[:4].view(2, 2, 4))
+    x = randn(gen, 129, 16)  # 2 programs of 128 rows
+    with _aliased(backend):
+        kernels.layer_norm(x, x[0], randn(gen, 16), out=x)
+    monkeypatch.setenv("MAAS_LINEAR_LAYER_NORM", "1")
+    buffer = randn(gen, 80, 16)  # 2 programs of 64 rows; the weight lies in the first one's
+    with _aliased(backend):
+        kernels.linear_layer_norm(randn(gen, 80, 16), buffer[:16], None, randn(gen, 80, 16), randn(gen, 16),
+                                  randn(gen, 16), out=buffer)
+
+
 def test_out_may_be_the_residual_it_adds(gen):
     x, w, residual = randn(gen, 5, 8), randn(gen, 8, 8), randn(gen, 5, 8)
     expected = x.double() @ w.double().T + residual.double()
