@@ -319,9 +319,10 @@ def _start(q, qk_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: t
 
 @triton.jit
 def _key_count(m_ptr, b, SK, HAS_LENGTHS: tl.constexpr):
-    """How many of batch row ``b``'s keys are real: its length, clamped to [0, SK], or all of them."""
+    """How many of batch row ``b``'s keys are real: its length, clamped to [0, SK], or all of them. Clamped in the
+    lengths' own dtype: an int64 length past 2**31 cast to int32 first would wrap (2**32 + 1 to 1)."""
     if HAS_LENGTHS:
-        return tl.maximum(tl.minimum(tl.load(m_ptr + b).to(tl.int32), SK), 0)
+        return tl.maximum(tl.minimum(tl.load(m_ptr + b), SK), 0).to(tl.int32)
     return SK
 
 
@@ -370,8 +371,10 @@ def _online_softmax(acc, m_i, l_i, q, k_t, v, valid, CHECKED: tl.constexpr):
     return acc, m_new, l_i
 
 
-def _validate(q, k, v, key_padding_mask, key_lengths=None) -> None:
+def _validate(q, k, v, key_padding_mask, key_lengths=None, scale=None) -> None:
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    if scale is not None and not math.isfinite(scale):  # scores of inf or NaN: NaN out, or zeros on the CPU path
+        raise ValueError(f"scale must be a finite number (None: D ** -0.5), got {scale!r}")
     b, h, _, d = q.shape
     if d not in HEAD_DIMS:
         raise ValueError(f"q head dim must be one of {HEAD_DIMS}, got {d}")
@@ -574,7 +577,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     the timings decide."""
     if kernel is not None and kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
-    _validate(q, k, v, key_padding_mask, key_lengths)
+    _validate(q, k, v, key_padding_mask, key_lengths, scale)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_head_stride(name, t)
     if key_padding_mask is not None:
@@ -616,7 +619,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mas
     counts as S_k, below 0 as 0). Lengths leave the kernel less to do: full key tiles skip every check, and
     tiles of padding only are skipped. ``scale`` defaults to ``D ** -0.5``. The result is ``[B, H, S_q, D]``; on the
     Triton path its memory is ``[B, S_q, H, D]`` (see the module)."""
-    _validate(q, k, v, key_padding_mask, key_lengths)
+    _validate(q, k, v, key_padding_mask, key_lengths, scale)
     if backend_for(q, k, v, key_padding_mask, key_lengths) == "torch":
         result = attention_reference(q, k, v, key_padding_mask, scale, key_lengths=key_lengths)
         return result if out is None else _output(out, q).copy_(result)

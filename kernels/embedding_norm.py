@@ -66,7 +66,7 @@ def _validate(ids, table, positions, weight, bias) -> None:
 def _launch(ids, table, positions, weight, bias, eps, out) -> torch.Tensor:
     b, s = ids.shape
     d = table.shape[1]
-    y = output(out, (b, s, d), table)
+    y = output(out, (b, s, d), table, ids=ids, table=table, positions=positions, weight=weight, bias=bias)
     m = b * s
     if m == 0:
         return y

@@ -101,7 +101,7 @@ def _validate(ids, table, mask) -> None:
 def _launch(ids, table, mask, out) -> torch.Tensor:
     b, s = ids.shape
     d = table.shape[1]
-    y = output(out, (b, d), table)
+    y = output(out, (b, d), table, ids=ids, table=table, mask=mask)  # any program may gather any table row
     if y.numel() == 0:
         return y
     meta = {} if USE_AUTOTUNE else _rule_config(s, d)

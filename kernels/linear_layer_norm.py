@@ -277,7 +277,9 @@ def _choose(x, weight, scales, bias, residual, norm_weight, norm_bias, eps, y, m
 def _launch(x, weight, scales, bias, residual, norm_weight, norm_bias, eps, out) -> torch.Tensor:
     n, k = weight.shape
     m = x.numel() // k
-    y = output(out, residual.shape, residual)
+    # out=residual (or x) is fine: a program reads its own rows of them, and all of the weight and vectors
+    y = output(out, residual.shape, residual, weight=weight, scales=scales, bias=bias, norm_weight=norm_weight,
+               norm_bias=norm_bias)
     if m == 0:
         return y
     args = (x, weight, scales, bias, residual, norm_weight, norm_bias, eps, y, m, n, k)

@@ -38,7 +38,7 @@ def _mean_pool_kernel(x_ptr, lengths_ptr, y_ptr, S, D, eps, NORMALIZE: tl.conste
                       BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr = False):
     pdl_wait(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
-    n = tl.minimum(tl.maximum(tl.load(lengths_ptr + b).to(tl.int32), 0), S)  # as attention reads lengths
+    n = tl.minimum(tl.maximum(tl.load(lengths_ptr + b), 0), S).to(tl.int32)  # clamped before int32: no wrap
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     # Summed per position slot and reduced once after the loop (see kernels.embedding_pool).

@@ -245,6 +245,13 @@ def test_key_lengths_are_clamped_to_the_keys_and_a_row_without_keys_is_zero(gen,
     assert_close(y[2:], whole[2:].double(), torch.float32, reduction=64)
 
 
+def test_int64_key_lengths_past_int32_are_clamped_not_wrapped(gen, device):
+    """2**32 + 1 and 2**31 are past S_k (all keys), not 1 and -2**31 (one key, none) as int32 casts would read."""
+    q, k, v = (randn(gen, 2, 1, 3, 16) for _ in range(3))
+    y = kernels.attention(q, k, v, key_lengths=torch.tensor([2**32 + 1, 2**31], device=device))
+    assert_close(y, attention_reference(q.double(), k.double(), v.double()), torch.float32, reduction=3)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_the_reference_gives_zeros_for_a_row_without_keys_and_softmax_elsewhere(gen, dtype):
     """The reference (what CPU tensors run) is torch's SDPA, which gives NaN where a row has no real key."""

@@ -51,6 +51,27 @@ def test_outputs_that_alias_inputs_are_refused_on_the_triton_path(backend, gen):
         kernels.max_pool2d(pooled, 2, out=pooled.view(-1)[:4].view(1, 1, 2, 2))
 
 
+def test_outputs_that_alias_what_every_program_reads_are_refused_on_the_triton_path(backend, gen, device,
+                                                                                    monkeypatch):
+    """A table every program may gather from, or a weight every program loads: a program writing its rows there
+    changes what the programs after it read (the rows they give came out wrong)."""
+    ids, mask = torch.tensor([[1, 2], [0, 3]], device=device), torch.ones(2, 2, dtype=torch.bool, device=device)
+    table = randn(gen, 6, 4)
+    with _aliased(backend):
+        kernels.embedding_pool(ids, table, mask, out=table[:2])
+    with _aliased(backend):
+        kernels.embedding_norm(ids, table, randn(gen, 2, 4), randn(gen, 4), randn(gen, 4),
+                               out=table[:4].view(2, 2, 4))
+    x = randn(gen, 129, 16)  # 2 programs of 128 rows
+    with _aliased(backend):
+        kernels.layer_norm(x, x[0], randn(gen, 16), out=x)
+    monkeypatch.setenv("MAAS_LINEAR_LAYER_NORM", "1")
+    buffer = randn(gen, 80, 16)  # 2 programs of 64 rows; the weight lies in the first one's
+    with _aliased(backend):
+        kernels.linear_layer_norm(randn(gen, 80, 16), buffer[:16], None, randn(gen, 80, 16), randn(gen, 16),
+                                  randn(gen, 16), out=buffer)
+
+
 def test_out_may_be_the_residual_it_adds(gen):
     x, w, residual = randn(gen, 5, 8), randn(gen, 8, 8), randn(gen, 5, 8)
     expected = x.double() @ w.double().T + residual.double()
@@ -103,6 +124,12 @@ def test_an_empty_batch_of_sequences_gives_an_empty_result_on_both_paths(backend
         assert y.shape == (b, s, hidden)
 
 
+def test_max_pool2d_of_no_channels_is_empty_on_both_paths(backend, device):
+    for shape in ((2, 0, 4, 5), (0, 3, 4, 5)):
+        y = kernels.max_pool2d(torch.zeros(shape, device=device), 2)
+        assert y.shape == (shape[0], shape[1], 2, 2)
+
+
 def test_rows_with_nothing_left_agree_between_the_paths(backend, device):
     """A row all -inf (or all masked out) has no distribution: softmax 0, log-softmax -inf, on both paths."""
     x = torch.tensor([[float("-inf")] * 5, [0.0, 1.0, float("-inf"), 2.0, 3.0], [1.0] * 5], device=device)
@@ -113,6 +140,14 @@ def test_rows_with_nothing_left_agree_between_the_paths(backend, device):
         assert (soft[empty] == 0).all() and (log[empty] == float("-inf")).all()
         assert torch.isfinite(soft[~empty]).all()
         torch.testing.assert_close(soft[~empty].sum(-1), torch.ones(int((~empty).sum()), device=device))
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_attention_scale_is_a_value_error_on_both_paths(backend, gen, scale):
+    """Scores times inf or NaN have no softmax: the kernel wrote NaN, and the CPU path zeros for a NaN scale."""
+    q = randn(gen, 1, 1, 3, 16)
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        kernels.attention(q, q, q, scale=scale)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter divides NaNs

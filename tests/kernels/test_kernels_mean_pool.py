@@ -36,6 +36,13 @@ def test_mean_pool_lengths_past_the_sequence_are_clamped(gen, device):
     torch.testing.assert_close(y, torch.stack([x[0].mean(dim=0), torch.zeros(8, device=device)]))
 
 
+
+def test_mean_pool_int64_lengths_past_int32_are_clamped_not_wrapped(gen, device):
+    """2**32 + 1 and 2**31 are past S (every position), not 1 and -2**31 (one position, none) as int32 reads them."""
+    x = randn(gen, 2, 6, 8)
+    y = kernels.mean_pool(x, torch.tensor([2**32 + 1, 2**31], device=device))
+    assert_close(y, x.double().mean(dim=1), torch.float32, reduction=6)
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
