@@ -307,7 +307,9 @@ def _with_graphs(model, env: dict[str, str] | None = None, **options):
         nonlocal captured
         graphed, model.graphed = model.graphed, graphs
         try:
-            with mock.patch.dict(os.environ, {} if captured else env or {}):
+            if captured:  # not patch.dict on every call: its exit rewrites the whole environment (some 0.5 ms)
+                return type(model).run_tokens(model, ids, mask)
+            with mock.patch.dict(os.environ, env or {}):
                 return type(model).run_tokens(model, ids, mask)
         finally:
             model.graphed = graphed
