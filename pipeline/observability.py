@@ -59,8 +59,14 @@ class MaskCredentials(logging.Filter):
     batch workers log when a receive fails. On a handler, it covers every logger, the libraries' included."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        # The message formatted once, here: the formatter's getMessage() then has no arguments left to apply.
-        record.msg, record.args = without_credentials(record.getMessage()), None
+        # The message formatted once, here: the formatter's getMessage() then has no arguments left to apply. One
+        # that cannot be formatted is left as it is, for the handler to report as it reports any (a filter's
+        # exception is not caught by logging: it reached the code that logged).
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True
+        record.msg, record.args = without_credentials(message), None
         if record.exc_info and not record.exc_text:  # formatters reuse exc_text once it is set
             record.exc_text = _TRACEBACKS.formatException(record.exc_info)
         if record.exc_text:

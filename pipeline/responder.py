@@ -50,17 +50,20 @@ class Responder:
         self.max_attempts = max_attempts
         self.retry_delay_s = retry_delay_s
 
-    async def handle(self, envelope: Envelope) -> Outcome:
+    async def handle(self, envelope: Envelope, *, failed: InferenceError | None = None) -> Outcome:
         """Raises only when the sink cannot deliver and cannot say so for this message alone (the source must
-        then not acknowledge the message); a sink that can makes it Outcome.RETRY."""
+        then not acknowledge the message); a sink that can makes it Outcome.RETRY. `failed`: the transient error
+        of an attempt already made (`handle_many`'s), which counts among max_attempts."""
         request: InferenceRequest | None = None
-        error: InferenceError | None = None
-        attempts = 0
+        error: InferenceError | None = failed
+        attempts = 0 if failed is None else 1
         try:
             request = self._decode(envelope)
         except InferenceError as exc:
             error = exc
         while request is not None and attempts < self.max_attempts:
+            if attempts:
+                await asyncio.sleep(min(2.0, self.retry_delay_s * 2**attempts))
             attempts += 1
             try:
                 framed = await self._infer(request)
@@ -69,8 +72,6 @@ class Responder:
                 error.request_id = error.request_id or request.id
                 if not exc.code.transient:
                     break
-                if attempts < self.max_attempts:
-                    await asyncio.sleep(min(2.0, self.retry_delay_s * 2**attempts))
             except Exception as exc:  # a bug must not take the source down: dead-letter the message
                 log.exception("unexpected failure on request %s", request.id)
                 error = InferenceError(ErrorCode.INTERNAL, f"unexpected failure: {exc!r}", request.id)
@@ -108,6 +109,7 @@ class Responder:
         outcomes: list[Outcome | None] = [None] * len(envelopes)
         direct: list[tuple[int, InferenceRequest]] = []
         one_by_one: list[int] = []
+        failed: dict[int, InferenceError] = {}  # per message retried alone: its transient failure here, attempt 1
         for index, envelope in enumerate(envelopes):
             try:
                 request = self._decode(envelope)
@@ -145,6 +147,7 @@ class Responder:
                     continue
             if result.code.transient:
                 one_by_one.append(index)  # retried there, then dead-lettered
+                failed[index] = result
                 continue
             answers.append((envelopes[index], request, encode_error(result, request.model_name)))
             answered.append((index, Outcome.ERROR, _model_label(self.engine, request), str(result.code)))
@@ -159,7 +162,8 @@ class Responder:
         for (model, kind), count in counts.items():
             REQUESTS.labels(model, kind).inc(count)
         if one_by_one:
-            handled = await gather_or_cancel(*(self.handle(envelopes[index]) for index in one_by_one))
+            handled = await gather_or_cancel(*(self.handle(envelopes[index], failed=failed.get(index))
+                                               for index in one_by_one))
             for index, outcome in zip(one_by_one, handled, strict=True):
                 outcomes[index] = outcome
         return outcomes  # type: ignore[return-value]  # every slot was filled above

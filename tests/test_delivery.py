@@ -327,6 +327,39 @@ async def test_a_bug_in_a_group_of_requests_answers_the_others_and_dead_letters_
     assert b"a bug" in dict(dead.headers)["maas-error-message"]
 
 
+class _UnavailableEngine(InferenceEngine):
+    """The real engine, except that requests whose id starts with "down" meet a transient failure every time; it
+    counts the attempts each request got."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.attempts: Counter[str] = Counter()
+
+    async def infer_many(self, requests):
+        outcomes = await super().infer_many(requests)
+        for index, request in enumerate(requests):
+            self.attempts[request.id] += 1
+            if request.id.startswith("down"):
+                outcomes[index] = InferenceError(ErrorCode.UNAVAILABLE, "the model is unavailable", request.id)
+        return outcomes
+
+
+async def test_a_transient_failure_in_a_group_gets_max_attempts_in_all(live, repository):
+    """A fetch's request that fails transiently in the group attempt is retried alone: that first attempt counts
+    among its max_attempts (it made one more than the README says, and its dead letter's maas-attempts said one
+    fewer than were made)."""
+    requests, _ = example_requests(3, prefix="grp-ok")
+    requests[1] = {**requests[1], "id": "down-1"}
+    async with answer_producer(live) as producer, _UnavailableEngine(ModelCache(repository), worker_id="t") as engine:
+        responder = Responder(live, engine, KafkaSink.for_settings(producer, live, None), max_attempts=2,
+                              retry_delay_s=0.01)
+        outcomes = await responder.handle_many(_envelopes(requests, "t", keyed=True))
+    assert outcomes == [Outcome.RESULT, Outcome.DEAD_LETTER, Outcome.RESULT]
+    assert engine.attempts["down-1"] == 2
+    (dead,) = await read_topic(live, live.topics.dlq, 1)
+    assert dead.key == b"down-1" and dict(dead.headers)["maas-attempts"] == b"2"
+
+
 async def test_reply_to_topics_get_answers_and_refused_ones_become_errors_on_the_results_topic(live, repository):
     """`reply_to` routes an answer; a topic of the platform's own, or one the cluster does not serve in time,
     gets an INVALID_REQUEST error on the results topic instead of stopping the source (which would stop again

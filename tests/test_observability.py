@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import socket
@@ -15,7 +16,7 @@ from prometheus_client import REGISTRY
 from worker_support import all_output, read_topic, running_worker, worker_process
 
 from pipeline.client import ResultCollector, example_requests, publish_requests
-from pipeline.observability import HealthServer, JsonFormatter
+from pipeline.observability import MASK_CREDENTIALS, HealthServer, JsonFormatter
 from pipeline.services import aws_client
 
 
@@ -167,3 +168,19 @@ async def test_a_request_id_cannot_write_a_log_line_of_its_own(live):
         await all_output(proc)  # its lines may be in the pipe still
     (line,) = [line for line in lines if "FORGED" in line]
     assert " WARNING pipeline.sinks: request forged-1\\n2026-01-01 00:00:00,000 ERROR " in line
+
+
+def test_a_log_call_whose_arguments_do_not_fit_its_format_does_not_raise_in_the_caller(monkeypatch):
+    """Logging reports a message it cannot format on stderr and goes on; the credentials filter formatted it outside
+    that guard, so a library's faulty log call (`"%d" % "x"`) raised in the code that logged, a worker's task
+    included."""
+    monkeypatch.setattr(logging, "raiseExceptions", False)  # what handleError prints is not this test's business
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(MASK_CREDENTIALS)
+    logger = logging.getLogger("maas.test.unformattable")
+    monkeypatch.setattr(logger, "handlers", [handler])
+    monkeypatch.setattr(logger, "propagate", False)
+    logger.warning("%d records lost", "many")
+    logger.warning("cannot reach %s", "http://user:secret@host:4566/")
+    assert stream.getvalue() == "cannot reach http://***@host:4566/\n"
