@@ -139,8 +139,12 @@ class ApiKeys:
             tenant, sep, key = item.partition(":")
             if not sep:
                 tenant, key = f"key-{i}", item
-            if not key:
-                raise ConfigError(f"MAAS_API_KEYS item {i} has an empty key")
+            tenant, key = tenant.strip(), key.strip()  # "team-a: KEY" made a key with a space, which no caller sends
+            if not key or not tenant:
+                raise ConfigError(f"MAAS_API_KEYS item {i} has an empty {'key' if not key else 'tenant'}")
+            if key in keys:  # the later tenant took it: the earlier one's callers spent its quota, with its rights
+                raise ConfigError(f"MAAS_API_KEYS item {i} repeats the key of tenant {keys[key]!r}: each key names "
+                                  "one tenant")
             keys[key] = tenant
         return cls(keys)
 

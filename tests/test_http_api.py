@@ -395,6 +395,22 @@ async def test_errors_keep_the_repository_path_to_the_server_and_echo_a_bounded_
             assert "..." in message
 
 
+def test_api_keys_name_one_tenant_each_and_are_read_without_the_spaces_around_them():
+    """A key given to two tenants went to the later one (the earlier one's callers spent its quota, with its
+    rights); `team-a: KEY` made a key starting with a space, which no caller sends: every request got 401."""
+    from pipeline.settings import ConfigError
+
+    keys = ApiKeys.parse("team-a: secret-a , team-b :secret-b,bare")
+    assert [keys.tenant(k) for k in ("secret-a", "secret-b", "bare", " secret-a")] == ["team-a", "team-b", "key-3",
+                                                                                     None]
+    with pytest.raises(ConfigError, match="item 2 repeats the key of tenant 'team-a'"):
+        ApiKeys.parse("team-a:same,team-b:same")
+    with pytest.raises(ConfigError, match="item 1 has an empty tenant"):
+        ApiKeys.parse(":secret")
+    with pytest.raises(ConfigError, match="item 1 has an empty key"):
+        ApiKeys.parse("team-a: ")
+
+
 async def test_api_keys_and_rate_limits(repository):
     keys = ApiKeys.parse("team-a:secret-a,team-b:secret-b")
     limiter = RateLimiter(None, {MNIST_MLP: Limit(rate=0.001, burst=2)})
