@@ -28,6 +28,7 @@ from aiokafka.errors import KafkaError
 from functions.runtime import Runtime, invoke
 from pipeline.codec import header_map
 from pipeline.errors import ErrorCode, InferenceError
+from pipeline.metrics import ERRORS
 from pipeline.responder import Outcome, Responder
 from pipeline.sinks import Envelope, KafkaSink, RedeliverTransient
 from pipeline.tasks import gather_or_cancel
@@ -99,6 +100,7 @@ async def handle(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:
             if not report or item.identifier is None:
                 raise  # the whole batch fails and is retried
             return Outcome.RETRY
+        ERRORS.labels(str(item.defect.code)).inc()  # as every request that ends in an error, answered or not
         return Outcome.DEAD_LETTER
 
     async def chunk(part: list[KafkaRecord]) -> list[Outcome]:

@@ -26,7 +26,7 @@ from pipeline.batch_metrics import BatchMetricsPublisher
 from pipeline.codec import header_map
 from pipeline.engine import InferenceEngine
 from pipeline.errors import ErrorCode, InferenceError
-from pipeline.metrics import CONSUMER_LAG, IN_FLIGHT
+from pipeline.metrics import CONSUMER_LAG, ERRORS, IN_FLIGHT
 from pipeline.offsets import OffsetTracker
 from pipeline.responder import Responder
 from pipeline.services import ABANDON_GUARD_S, answer_producer, claim_check_store, record_limits, stop_producer
@@ -435,6 +435,7 @@ class KafkaWorker:
         try:
             for envelope in envelopes:
                 await self._responder.sink.dead_letter(envelope, error, 1)
+                ERRORS.labels(str(error.code)).inc()  # as every request that ends in an error, answered or not
         except Exception as undeliverable:
             log.error("cannot dead-letter %s..%s: %r; stopping", envelopes[0].source, envelopes[-1].source,
                       undeliverable)

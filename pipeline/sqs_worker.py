@@ -26,7 +26,7 @@ from pipeline.claim_check import ClaimCheckStore
 from pipeline.codec import from_sqs_message
 from pipeline.engine import InferenceEngine
 from pipeline.errors import InferenceError
-from pipeline.metrics import IN_FLIGHT
+from pipeline.metrics import ERRORS, IN_FLIGHT
 from pipeline.responder import Outcome, Responder
 from pipeline.settings import Settings
 from pipeline.sinks import DELIVERY_ERRORS, Envelope, RedeliverTransient, ResultSink
@@ -63,6 +63,8 @@ async def answer_sqs_messages(responder: Responder, messages: Sequence[SqsMessag
             except DELIVERY_ERRORS as failure:
                 log.error("cannot dead-letter %s (%r); it will be redelivered", message.source, failure)
                 delivered = False
+            if delivered:  # as every request that ends in an error, answered or not
+                ERRORS.labels(str(exc.code)).inc()
             outcomes[index] = Outcome.DEAD_LETTER if delivered else Outcome.RETRY
         else:
             decoded.append((index, Envelope(payload, headers, message.source)))

@@ -569,6 +569,7 @@ async def test_a_record_aiokafka_cannot_parse_is_dead_lettered_and_its_partition
     too, each on its own; the ones before it, the later batches and the other partitions are answered."""
     requests, truth = example_requests(9, prefix="hdr")
     ids = list(truth)
+    errors = REGISTRY.get_sample_value("maas_errors_total", {"code": "INVALID_REQUEST"}) or 0.0
     await _produce_around_unreadable_records(fast, requests)
     async with running_worker(fast) as worker, ResultCollector(fast) as collector:
         collector.expect(ids)
@@ -584,6 +585,8 @@ async def test_a_record_aiokafka_cannot_parse_is_dead_lettered_and_its_partition
     results = await read_all(fast, fast.topics.results)  # the worker stopped: all its answers are there
     assert sorted(r.key.decode() for r in results) == [ids[i] for i in (0, 3, 4, 5, 7, 8)], "each answered once"
     _check_unreadable_dead_letters(fast, await read_all(fast, fast.topics.dlq), {"0@1", "0@2", "1@2"})
+    # Counted as every request that ends in an error: maas_errors_total left them out
+    assert REGISTRY.get_sample_value("maas_errors_total", {"code": "INVALID_REQUEST"}) == errors + 3
 
 
 @pytest.mark.slow
