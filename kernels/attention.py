@@ -12,7 +12,8 @@ q, k and v are read through their strides (only the head dimension must be conti
 pass views of one fused QKV projection ``[B, S, 3, H, D]`` without copying them apart. The output is laid out
 ``[B, S, H, D]`` in memory (returned as a ``[B, H, S, D]`` view), so merging the heads afterwards is free.
 
-Two variants, each off by default until a GPU run has checked and timed it against the kernel above:
+Two variants, each off by default (checked and timed on an H100 in runs 20-22: the TMA one wins from 512 keys on,
+neither at 128; `auto` waits for its cold start to be measured, see bench/results/gpu/README.md):
 
 - ``MAAS_ATTENTION_TMA``: on Hopper GPUs, q and the full key/value tiles read with TMA (the bulk tensor copy
   engine, ``_attention_tma_kernel``), where q, k and v are laid out as ``[B, S, H, D]`` with the heads side by
@@ -417,7 +418,7 @@ _ENV_VARS = {"tma": TMA_ENV_VAR, "persistent": PERSISTENT_ENV_VAR}
 
 
 def _setting(env_var: str) -> str:
-    """``off`` (the default until a GPU run has checked and timed the variant), ``on`` (wherever it can run, the
+    """``off`` (the default: see the module's docstring), ``on`` (wherever it can run, the
     interpreter included) or ``auto`` (on a GPU where it can run, timed against the others: the fastest runs)."""
     return env_choice(env_var, "off", ("off", "on", "auto"))
 

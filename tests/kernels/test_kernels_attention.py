@@ -135,7 +135,7 @@ def test_the_persistent_variant_gives_zeros_for_rows_without_keys(gen, device, m
 
 
 def test_the_variants_are_off_by_default_and_each_runs_only_where_it_can(gen, device, monkeypatch):
-    """Off by default (until a GPU run has checked and timed them); ``on`` runs one here under the interpreter;
+    """Off by default; ``on`` runs one here under the interpreter;
     ``auto`` is for a GPU only, where they are timed against the tiled kernel."""
     monkeypatch.delenv(TMA_ENV_VAR, raising=False)
     monkeypatch.delenv(PERSISTENT_ENV_VAR, raising=False)
