@@ -284,21 +284,17 @@ async def test_stop_closes_both_clients_when_the_broker_is_gone(tmp_path):
 
 
 @contextlib.asynccontextmanager
-async def _answers_held_by_the_producer(tmp_path, stop_the_broker):
-    """A worker on a private broker, with `shutdown_timeout_s` 2 s, yielded with its settings, the ids of 50 requests
-    and the broker's process once `stop_the_broker(process)` stopped the broker after the worker consumed the
-    requests and before their answers, which then wait in its producer."""
-    # The batch runs after the broker stopped: 2 s after its first request reached the batcher, a margin for a
-    # loaded machine to see the requests in flight and stop the broker (1 s was little more than that, and a batch
-    # answered before the broker stopped left the test waiting for answers in the producer until its timeout).
-    slow = slow_repository(tmp_path / "slow", max_queue_delay_ms=2000)
+async def _in_flight_on_a_private_broker(tmp_path, requests: list[dict], max_queue_delay_ms: float):
+    """A worker on a private broker, with `shutdown_timeout_s` 2 s, yielded with its settings and the broker's
+    process once it holds `requests` in flight, its model waiting `max_queue_delay_ms` to fill a batch. The broker
+    is resumed at the end if the test paused it."""
+    slow = slow_repository(tmp_path / "slow", max_queue_delay_ms=max_queue_delay_ms)
     with LocalStack(tmp_path / "stack") as private:
         settings = replace(Settings(), kafka_bootstrap_servers=private.bootstrap_servers,
                            aws_endpoint_url=private.endpoint_url, model_repository=str(slow.root),
                            topic_partitions=2, kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=300,
                            shutdown_timeout_s=2)
         await bootstrap(settings)
-        requests, truth = example_requests(50, prefix="unsent")
         broker = private._broker
         try:
             async with InferenceEngine(ModelCache(slow)) as engine:
@@ -308,17 +304,30 @@ async def _answers_held_by_the_producer(tmp_path, stop_the_broker):
                     await asyncio.wait_for(worker.assigned.wait(), 30)
                     await publish_requests(settings, requests)
                     while worker.in_flight < len(requests):
-                        await asyncio.sleep(0.05)
-                    stop_the_broker(broker)
-                    accumulator = worker._producer._message_accumulator
-                    while not (accumulator._batches or accumulator._pending_batches):
-                        await asyncio.sleep(0.05)
-                    yield settings, worker, truth, broker
+                        await asyncio.sleep(0.02)
+                    yield settings, worker, broker
                 finally:
-                    await asyncio.wait_for(worker.stop(), 60)  # hang guard (the test stopped it already)
+                    await asyncio.wait_for(worker.stop(), 60)  # hang guard (the test may have stopped it already)
         finally:
             if broker.poll() is None:
                 broker.send_signal(signal.SIGCONT)  # a paused broker ends on SIGTERM only once resumed
+
+
+@contextlib.asynccontextmanager
+async def _answers_held_by_the_producer(tmp_path, stop_the_broker):
+    """A worker on a private broker (`_in_flight_on_a_private_broker`), yielded with its settings, the ids of 50
+    requests and the broker's process once `stop_the_broker(process)` stopped the broker after the worker consumed
+    the requests and before their answers, which then wait in its producer."""
+    # The batch runs after the broker stopped: 2 s after its first request reached the batcher, a margin for a
+    # loaded machine to see the requests in flight and stop the broker (1 s was little more than that, and a batch
+    # answered before the broker stopped left the test waiting for answers in the producer until its timeout).
+    requests, truth = example_requests(50, prefix="unsent")
+    async with _in_flight_on_a_private_broker(tmp_path, requests, 2000) as (settings, worker, broker):
+        stop_the_broker(broker)
+        accumulator = worker._producer._message_accumulator
+        while not (accumulator._batches or accumulator._pending_batches):
+            await asyncio.sleep(0.05)
+        yield settings, worker, truth, broker
 
 
 async def _timed_stop(worker: KafkaWorker) -> float:
@@ -373,41 +382,21 @@ async def test_stop_cancels_the_reply_to_lookups_of_requests_it_abandons(tmp_pat
     """A reply_to topic new to the worker is looked up in a task of its own (up to 10 s with a cluster that does not
     answer), shielded from the handlers waiting for it: stop() abandoned those handlers at its deadline and left
     the lookup running past stop(), owned by no one, through a producer closed under it. stop() now ends it."""
-    slow = slow_repository(tmp_path / "slow", max_queue_delay_ms=1500)  # the lookup comes after the batch ran
-    with LocalStack(tmp_path / "stack") as private:
-        settings = replace(Settings(), kafka_bootstrap_servers=private.bootstrap_servers,
-                           aws_endpoint_url=private.endpoint_url, model_repository=str(slow.root),
-                           topic_partitions=2, kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=300,
-                           shutdown_timeout_s=2)
-        await bootstrap(settings)
-        requests, _ = example_requests(4, prefix="lk")
-        for request in requests:
-            request["parameters"] = {"reply_to": f"{settings.topics.results}.team-a"}
-        broker = private._broker
-        try:
-            async with InferenceEngine(ModelCache(slow)) as engine:
-                worker = KafkaWorker(settings, engine)
-                await worker.start()
-                try:
-                    await asyncio.wait_for(worker.assigned.wait(), 30)
-                    await publish_requests(settings, requests)
-                    while worker.in_flight < len(requests):
-                        await asyncio.sleep(0.02)
-                    broker.send_signal(signal.SIGSTOP)  # the cluster does not answer: connections stay open
-                    async with asyncio.timeout(30):  # hang guard
-                        while not worker._sink._lookups:
-                            await asyncio.sleep(0.02)
-                    (lookup,) = worker._sink._lookups.values()
-                    took = await _timed_stop(worker)
-                finally:
-                    await asyncio.wait_for(worker.stop(), 60)  # hang guard (stopped already)
-                assert took < settings.shutdown_timeout_s + 0.5, f"stop() took {took:.1f} s"
-                assert lookup.cancelled()
-                left = [t.get_coro().__qualname__ for t in asyncio.all_tasks()]
-                assert "KafkaSink._look_up" not in left, left
-        finally:
-            if broker.poll() is None:
-                broker.send_signal(signal.SIGCONT)  # a paused broker ends on SIGTERM only once resumed
+    requests, _ = example_requests(4, prefix="lk")
+    for request in requests:
+        request["parameters"] = {"reply_to": "maas.results.team-a"}
+    # The lookup comes after the batch ran: 1.5 s after its first request reached the batcher
+    async with _in_flight_on_a_private_broker(tmp_path, requests, 1500) as (settings, worker, broker):
+        broker.send_signal(signal.SIGSTOP)  # the cluster does not answer: connections stay open
+        async with asyncio.timeout(30):  # hang guard
+            while not worker._sink._lookups:
+                await asyncio.sleep(0.02)
+        (lookup,) = worker._sink._lookups.values()
+        took = await _timed_stop(worker)
+        assert took < settings.shutdown_timeout_s + 0.5, f"stop() took {took:.1f} s"
+        assert lookup.cancelled()
+        left = [t.get_coro().__qualname__ for t in asyncio.all_tasks()]
+        assert "KafkaSink._look_up" not in left, left
 
 
 async def test_a_worker_whose_slots_stay_full_polls_in_time_and_keeps_its_partitions(fast, tmp_path):
