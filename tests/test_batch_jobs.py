@@ -478,26 +478,6 @@ async def test_a_run_of_a_replaced_upload_does_not_overwrite_the_newer_ones_outp
     assert "was replaced while the job ran" in caplog.text and "its results are dropped" in caplog.text
 
 
-async def test_an_oversized_summary_is_not_read_whole_nor_taken_for_the_jobs(live, repository, caplog):
-    """The duplicate check read the job's summary object whole, whatever its size; one over MAX_SUMMARY_BYTES
-    (valid JSON, with this upload's etag) is not a summary this code wrote: the job runs and writes its own."""
-    config = BatchConfig(bucket=live.batch_bucket)
-    requests, _ = example_requests(2, prefix="big-summary")
-    s3 = aws_client(live, "s3")
-    etag = s3.put_object(Bucket=config.bucket, Key="inbox/big.jsonl", Body=jsonl(requests))["ETag"].strip('"')
-    planted = orjson.dumps({"job": "big", "status": "completed", "pad": "x" * MAX_SUMMARY_BYTES})
-    s3.put_object(Bucket=config.bucket, Key=config.summary_key("big"), Body=planted, Metadata={SOURCE_ETAG: etag})
-    async with InferenceEngine(ModelCache(repository), worker_id="batch-test") as engine:
-        runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes, worker_id="bt")
-        summary = await runner.run(config.bucket, "inbox/big.jsonl")
-        assert not summary.get("duplicate") and summary["lines"] == 2 and summary["ok"] == 2
-        assert "is over the 1048576 bytes a summary may have" in caplog.text
-        again = await runner.run(config.bucket, "inbox/big.jsonl")  # its own summary, small, is one
-    assert again["duplicate"] and again["finished_at"] == summary["finished_at"]
-    stored = s3.get_object(Bucket=config.bucket, Key=config.summary_key("big"))["Body"].read()
-    assert len(stored) < 10_000 and orjson.loads(stored)["source"]["etag"] == etag
-
-
 def _in_queue(sqs, queue_url: str) -> int:
     """Messages in the queue, in flight included."""
     names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
@@ -766,20 +746,27 @@ async def test_a_job_file_replaced_or_deleted_between_its_head_and_its_read_is_n
             assert [orjson.loads(line)["id"] for line in body.splitlines()] == [requests[1]["id"]]
 
 
-@pytest.mark.parametrize("planted", [b'{"job": "torn", "lines": 3', b"[1, 2, 3]"])
-async def test_a_summary_that_is_no_json_object_is_not_taken_for_the_jobs(live, repository, caplog, planted):
-    """The duplicate check parsed the summary of this upload's etag unchecked: one that is not JSON raised
-    JSONDecodeError, one that is not an object TypeError, out of every run of the job, so it never ran and its
-    message went to the DLQ. Like one over MAX_SUMMARY_BYTES, it is no summary this code wrote: the job runs."""
+@pytest.mark.parametrize(("planted", "why"), [
+    (orjson.dumps({"job": "big", "status": "completed", "pad": "x" * MAX_SUMMARY_BYTES}),
+     "is over the 1048576 bytes a summary may have"),
+    (b'{"job": "torn", "lines": 3', "is not a JSON object"),
+    (b"[1, 2, 3]", "is not a JSON object"),
+])
+async def test_a_summary_this_code_did_not_write_is_not_taken_for_the_jobs(live, repository, caplog, planted, why):
+    """The duplicate check read the summary of this upload's etag whole and unchecked: one over MAX_SUMMARY_BYTES
+    was read whatever its size, one that is not JSON raised JSONDecodeError, one that is not an object TypeError,
+    out of every run of the job, so it never ran and its message went to the DLQ. None is a summary this code
+    wrote: the job runs and writes its own, which a duplicate event then finds."""
     config = BatchConfig(bucket=live.batch_bucket)
-    requests, _ = example_requests(2, prefix="torn")
+    requests, _ = example_requests(2, prefix="planted")
     s3 = aws_client(live, "s3")
-    etag = s3.put_object(Bucket=config.bucket, Key="inbox/torn.jsonl", Body=jsonl(requests))["ETag"].strip('"')
-    s3.put_object(Bucket=config.bucket, Key=config.summary_key("torn"), Body=planted, Metadata={SOURCE_ETAG: etag})
+    etag = s3.put_object(Bucket=config.bucket, Key="inbox/planted.jsonl", Body=jsonl(requests))["ETag"].strip('"')
+    s3.put_object(Bucket=config.bucket, Key=config.summary_key("planted"), Body=planted,
+                  Metadata={SOURCE_ETAG: etag})
     async with InferenceEngine(ModelCache(repository), worker_id="batch-test") as engine:
         runner = BatchJobRunner(engine, s3, config, max_request_bytes=live.max_request_bytes, worker_id="bt")
-        summary = await runner.run(config.bucket, "inbox/torn.jsonl")
+        summary = await runner.run(config.bucket, "inbox/planted.jsonl")
         assert not summary.get("duplicate") and summary["lines"] == 2 and summary["ok"] == 2
-        assert "is not a JSON object" in caplog.text
-        again = await runner.run(config.bucket, "inbox/torn.jsonl")  # its own summary is one
+        assert why in caplog.text
+        again = await runner.run(config.bucket, "inbox/planted.jsonl")  # its own summary is one
     assert again["duplicate"] and again["finished_at"] == summary["finished_at"]
