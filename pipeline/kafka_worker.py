@@ -380,8 +380,9 @@ class KafkaWorker:
                 return await self._slots.take(wanted)
         except TimeoutError:
             assert self._consumer is not None
-            log.info("in-flight slots stayed full (MAAS_MAX_IN_FLIGHT %d) for %.0f s: polling, and reading the "
-                     "records not begun again", self.settings.max_in_flight, self.max_poll_interval_ms / 2000)
+            log.info("in-flight slots still full (MAAS_MAX_IN_FLIGHT %d) %.0f s after the last poll: polling again, "
+                     "and reading the records not begun again", self.settings.max_in_flight,
+                     self.max_poll_interval_ms / 2000)
             try:
                 for tp in sorted(self._consumer.assignment()):
                     await self._rewind(tp)
