@@ -34,7 +34,7 @@ from pipeline.engine import InferenceEngine
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.protocol import InferenceRequest, InferenceResponse, parse_request, refuse_claim_checks
 from pipeline.settings import ConfigError, Settings
-from pipeline.sqs_worker import release_messages
+from pipeline.sqs_worker import receive_or_release, release_messages
 
 log = logging.getLogger(__name__)
 
@@ -730,17 +730,9 @@ class BatchJobWatcher:
 
     async def _receive(self) -> list[dict[str, Any]]:
         """One long poll's messages. Cancelled (stop() past its drain timeout), it still waits for the poll under
-        way, at most `wait_s`: a boto3 call cannot be interrupted, and what it received, left to itself, would stay
-        invisible for `visibility_s` and come back one receive closer to the DLQ. It is released at once instead."""
-        poll = asyncio.ensure_future(asyncio.to_thread(
-            self.sqs.receive_message, QueueUrl=self.queue_url, MaxNumberOfMessages=1, WaitTimeSeconds=self.wait_s,
-            VisibilityTimeout=self.visibility_s))
-        try:
-            return (await asyncio.shield(poll)).get("Messages", [])
-        except asyncio.CancelledError:
-            with contextlib.suppress(ClientError, BotoCoreError):
-                await release_messages(self.sqs, self.queue_url, (await poll).get("Messages", []))
-            raise
+        way, at most `wait_s`, and releases what it received (`receive_or_release`), for another watcher."""
+        return await receive_or_release(self.sqs, self.queue_url, MaxNumberOfMessages=1, WaitTimeSeconds=self.wait_s,
+                                        VisibilityTimeout=self.visibility_s)
 
     async def _handle(self, message: dict[str, Any]) -> None:
         heartbeat = asyncio.create_task(self._keep_invisible(message["ReceiptHandle"]))

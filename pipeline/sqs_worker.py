@@ -84,6 +84,19 @@ async def release_messages(sqs: Any, queue_url: str, messages: Sequence[dict[str
     log.info("released %d messages of %s", len(messages), queue_url)
 
 
+async def receive_or_release(sqs: Any, queue_url: str, **receive: Any) -> list[dict[str, Any]]:
+    """The messages of one `receive_message(**receive)` call. Cancelled, it still waits for the call under way (a
+    boto3 call cannot be interrupted) and makes what it received visible again at once: no one would answer those
+    messages, which would stay invisible for their visibility timeout and come back one receive closer to the DLQ."""
+    poll = asyncio.ensure_future(asyncio.to_thread(sqs.receive_message, QueueUrl=queue_url, **receive))
+    try:
+        return (await asyncio.shield(poll)).get("Messages", [])
+    except asyncio.CancelledError:
+        with contextlib.suppress(ClientError, BotoCoreError):
+            await release_messages(sqs, queue_url, (await poll).get("Messages", []))
+        raise
+
+
 @dataclass
 class _InFlight:
     receipt: str
@@ -196,27 +209,17 @@ class SqsWorker:
                 self._slots.give(room - handed)
 
     async def _receive(self, room: int) -> list[dict[str, Any]]:
-        """One receive of up to `room` messages ([] after a failed one).
-
-        Cancelled (by stop()), it still waits for the poll under way, at most `wait_time_s`, and makes what
-        that poll received visible again at once: no handler will answer those messages.
-        """
-        poll = asyncio.ensure_future(asyncio.to_thread(
-            self.sqs.receive_message, QueueUrl=self.queue_url, MaxNumberOfMessages=room,
-            WaitTimeSeconds=self.wait_time_s, VisibilityTimeout=self.visibility_timeout_s,
-            MessageAttributeNames=["All"], AttributeNames=["ApproximateReceiveCount"],
-        ))
+        """One receive of up to `room` messages ([] after a failed one). Cancelled (by stop()), it still waits for
+        the poll under way, at most `wait_time_s`, and releases what it received (`receive_or_release`)."""
         try:
-            response = await asyncio.shield(poll)
-        except asyncio.CancelledError:
-            with contextlib.suppress(ClientError, BotoCoreError):
-                await release_messages(self.sqs, self.queue_url, (await poll).get("Messages", []))
-            raise
+            return await receive_or_release(
+                self.sqs, self.queue_url, MaxNumberOfMessages=room, WaitTimeSeconds=self.wait_time_s,
+                VisibilityTimeout=self.visibility_timeout_s, MessageAttributeNames=["All"],
+                AttributeNames=["ApproximateReceiveCount"])
         except (ClientError, BotoCoreError) as exc:
             log.warning("SQS receive failed, retrying: %s", exc)
             await asyncio.sleep(1.0)
             return []
-        return response.get("Messages", [])
 
     async def _handle(self, messages: list[dict[str, Any]]) -> None:
         try:
