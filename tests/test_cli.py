@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -209,6 +210,19 @@ def test_a_second_maas_up_in_one_folder_is_refused(tmp_path):
     out = maas("up", cwd=tmp_path, timeout=60)
     assert out.returncode == 2 and "a local stack is already up here" in out.stderr
     assert (tmp_path / ".maas" / "stack.json").exists()  # the running stack's file stays
+
+
+def test_a_maas_up_started_while_another_is_still_starting_is_refused(tmp_path):
+    """Two `maas up` started together both found no state file, both started a stack, and the second's file
+    replaced the first's; the lock a starting `maas up` holds (taken here as it would take it) refuses the second."""
+    (tmp_path / ".maas").mkdir()
+    with open(tmp_path / ".maas" / "stack.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        out = maas("up", cwd=tmp_path, timeout=60)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.strip() == ("maas: error: another `maas up` is starting a local stack here; stop it first, or "
+                                  "run `maas up` in another folder")
+    assert not (tmp_path / ".maas" / "stack.json").exists()
 
 
 async def test_batch_submit_downloads_only_the_results_of_its_own_upload(live, repository, tmp_path):
