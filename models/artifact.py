@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -301,16 +302,34 @@ def parse_config_bytes(raw: bytes, where: str) -> ModelConfig:
     return ModelConfig.parse(body)
 
 
+def _check_regular_file(path: Path, where: str, missing: str = "") -> None:
+    """Refuse a version file that is not a regular file before opening it: opening a named pipe blocks (the
+    model thread, and every model behind it) until some process writes to it, and a device such as /dev/zero
+    reads as whatever it yields. `missing` completes the message of a file that is not there."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ArtifactError(f"{where} is missing{missing}") from None
+    except OSError as exc:  # str(exc) would quote the server's path
+        raise ArtifactError(f"{where} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if not stat.S_ISREG(mode):
+        raise ArtifactError(f"{where} is not a regular file")
+
+
 def read_config(directory: Path) -> ModelConfig:
     where = artifact_path(directory, CONFIG_FILE)
+    _check_regular_file(directory / CONFIG_FILE, where)
     try:
         with (directory / CONFIG_FILE).open("rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)
-    except FileNotFoundError:
+    except FileNotFoundError:  # removed since the check
         raise ArtifactError(f"{where} is missing") from None
     except OSError as exc:  # str(exc) would quote the server's path
         raise ArtifactError(f"{where} cannot be read ({exc.strerror or type(exc).__name__})") from None
     return parse_config_bytes(raw, where)
+
+
+_WEIGHTS_MISSING = " (weights must be a safetensors file; pickle is refused)"
 
 
 def read_weights(directory: Path, framework: Literal["pt", "np"] = "pt") -> dict[str, torch.Tensor | np.ndarray]:
@@ -319,9 +338,7 @@ def read_weights(directory: Path, framework: Literal["pt", "np"] = "pt") -> dict
     ``framework="np"`` gives numpy arrays without importing torch (see :mod:`models.numpy_models`).
     """
     path = directory / WEIGHTS_FILE
-    if not path.exists():
-        raise ArtifactError(f"{artifact_path(directory, WEIGHTS_FILE)} is missing (weights must be a safetensors "
-                            "file; pickle is refused)")
+    _check_regular_file(path, artifact_path(directory, WEIGHTS_FILE), _WEIGHTS_MISSING)
     if framework == "np":
         from safetensors.numpy import load_file
     else:
@@ -337,6 +354,7 @@ def weight_dtypes(directory: Path) -> set[str]:
     """The safetensors dtype names ("F32", "BF16", "I8", ...) of a version's weights, from the header only."""
     from safetensors import safe_open
 
+    _check_regular_file(directory / WEIGHTS_FILE, artifact_path(directory, WEIGHTS_FILE), _WEIGHTS_MISSING)
     try:
         with safe_open(str(directory / WEIGHTS_FILE), framework="np") as f:
             return {f.get_slice(name).get_dtype() for name in f.keys()}  # noqa: SIM118 (not a dict)
@@ -420,8 +438,7 @@ def read_assets(directory: Path, names: tuple[str, ...]) -> dict[str, bytes]:
     assets = {}
     for name in names:
         path = directory / name
-        if not path.exists():
-            raise ArtifactError(f"{artifact_path(directory, name)} is missing (the architecture needs it)")
+        _check_regular_file(path, artifact_path(directory, name), " (the architecture needs it)")
         try:
             with path.open("rb") as f:  # bounded: one byte past the limit tells an oversized file
                 data = f.read(MAX_ASSET_BYTES + 1)
@@ -446,6 +463,7 @@ def sha256_file(path: Path) -> str:
 def verify_files(directory: Path, config: ModelConfig) -> None:
     """Check every file against the sha256 recorded at publish time."""
     for name, want in config.files.items():
+        _check_regular_file(directory / name, artifact_path(directory, name), f"; {CONFIG_FILE} records its sha256")
         try:
             got = sha256_file(directory / name)
         except OSError as exc:

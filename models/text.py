@@ -206,8 +206,20 @@ def check_vocabulary(tokenizer: WordIndexTokenizer, vocab_size: int, where: str)
                             f"{where}.params.vocab_size {vocab_size}")
 
 
-def texts_of(array: Any) -> list[str]:
-    """A V2 BYTES input ([B] or [B, 1] object array of bytes, or a list of str) as a list of B strings."""
+class InvalidTextError(ValueError):
+    """A text element that is not UTF-8: the caller's to fix, not the model's failure. `name` is the input, so
+    that the engine can find the request that sent it and run its batch-mates."""
+
+    def __init__(self, name: str, row: int, exc: UnicodeDecodeError) -> None:
+        super().__init__(f"input {name!r}: element {row} is not UTF-8 text ({exc.reason} at byte {exc.start})")
+        self.name = name
+
+
+def texts_of(array: Any, name: str = "text") -> list[str]:
+    """A V2 BYTES input ([B] or [B, 1] object array of bytes, or a list of str) as a list of B strings.
+
+    Bytes that are not UTF-8 raise `InvalidTextError` rather than decode with replacement characters: a
+    tokenizer would read those as words, and the caller would get an answer about text it never sent."""
     if isinstance(array, np.ndarray):
         if array.ndim == 2 and array.shape[1] == 1:
             array = array[:, 0]
@@ -216,7 +228,16 @@ def texts_of(array: Any) -> list[str]:
         items = array.tolist()
     else:
         items = list(array)
-    return [x.decode("utf-8", errors="replace") if isinstance(x, bytes | bytearray) else str(x) for x in items]
+    try:
+        return [x.decode("utf-8") if isinstance(x, bytes | bytearray) else str(x) for x in items]
+    except UnicodeDecodeError:  # which element: searched for only once one failed
+        for row, item in enumerate(items):
+            try:
+                if isinstance(item, bytes | bytearray):
+                    item.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidTextError(name, row, exc) from None
+        raise
 
 
 def sample_sentences(words: list[str], specs: tuple[TensorSpec, ...], batch: int, seed: int,

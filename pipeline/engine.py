@@ -24,6 +24,7 @@ from models.cache import ModelCache
 from models.loaded import LoadedModel, default_device, device_type
 from models.numpy_models import NUMPY_WEIGHT_DTYPES, numpy_twin
 from models.repository import ModelNotFoundError, Repository, RepositoryUnavailableError, VersionError
+from models.text import InvalidTextError, texts_of
 from pipeline.batcher import BatchKey, DynamicBatcher, Pending
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.metrics import (
@@ -347,6 +348,24 @@ class InferenceEngine:
             if not item.future.done():
                 item.future.set_result(results[id(item)])
 
+    async def _refuse_invalid_text(self, model: LoadedModel, group: list[_Entry], exc: InvalidTextError) -> None:
+        """Refuse the requests whose text is not UTF-8, each with its own element's index, and run the rest as
+        one batch: isolating them one by one would run every batch-mate of one bad text alone."""
+        rest = []
+        for entry in group:
+            try:
+                texts_of(entry.request.inputs.get(exc.name, ()), exc.name)
+            except InvalidTextError as own:
+                entry.settle(InferenceError(ErrorCode.INVALID_INPUT, str(own)))
+            else:
+                rest.append(entry)
+        if len(rest) == len(group):  # the model decoded text of its own making: its failure, not a caller's
+            log.error("model %s:%s: %s, in no request's input", model.name, model.version, exc)
+            for entry in group:
+                entry.settle(execution_failed(exc))
+        elif rest:
+            await self._run_group(model, rest)
+
     async def _run_group(self, model: LoadedModel, group: list[_Entry]) -> None:
         """Run requests whose inputs concatenate (same names, same shapes past the batch dimension)."""
         names = [s.name for s in model.config.inputs]
@@ -363,6 +382,9 @@ class InferenceEngine:
             else:
                 work = partial(_execute, model, inputs, names, limit)
             ran = await self._in_executor(_on_model_thread, model, wanted, work)
+        except InvalidTextError as exc:
+            await self._refuse_invalid_text(model, group, exc)
+            return
         except Exception as exc:
             if len(group) > 1:  # isolate the request that breaks the batch; its batch-mates still run
                 for entry in group:

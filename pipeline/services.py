@@ -27,6 +27,7 @@ from infra.stack import LocalStack, StackError
 from models.cache import ModelCache
 from models.repository import Repository, RepositoryError, without_credentials
 from models.repository import open_repository as open_model_repository
+from models.s3_repository import parse_s3_uri
 from pipeline.claim_check import ClaimCheckStore
 from pipeline.settings import ConfigError, Settings
 from pipeline.sinks import topic_max_bytes
@@ -63,8 +64,17 @@ def read_state(path: Path = STATE_FILE) -> dict[str, Any] | None:
 def open_repository(settings: Settings) -> Repository:
     """MAAS_MODEL_REPOSITORY as a repository: a local folder, or S3 through the configured endpoint.
 
-    With the embedded stack, call this after the stack's endpoint is in `settings`.
+    With the embedded stack, call this after the stack's endpoint is in `settings`. A command that starts no
+    stack (`maas serve`, `maas models`) takes an s3:// repository's endpoint from the `maas up` running in this
+    folder: without one, S3 would be AWS itself, asked with the embedded stack's dummy keys.
     """
+    if settings.embedded_aws and settings.model_repository.startswith("s3://"):
+        state = read_state()
+        if not state or not state.get("aws_endpoint_url"):
+            raise ConfigError(f"MAAS_MODEL_REPOSITORY {settings.model_repository} is on S3, but AWS_ENDPOINT_URL is "
+                              "unset, no AWS credentials are configured and no `maas up` runs in this folder: start "
+                              "`maas up` here, or point AWS_ENDPOINT_URL (or AWS credentials) at the store")
+        settings = settings.with_endpoints(None, state["aws_endpoint_url"])
     try:
         return open_model_repository(settings.model_repository, lambda: aws_client(settings, "s3"),
                                      cache_dir=settings.model_cache_dir)
@@ -91,8 +101,11 @@ def aws_client(settings: Settings, service: str) -> Any:
     return boto3.client(service, **kwargs)
 
 
-async def bootstrap(settings: Settings) -> None:
-    """Create topics and the batch bucket if missing. Failures become one-line ConfigErrors."""
+async def bootstrap(settings: Settings, *, model_bucket: bool = False) -> None:
+    """Create topics and the batch bucket if missing. Failures become one-line ConfigErrors.
+
+    `model_bucket`: also an s3:// MAAS_MODEL_REPOSITORY's bucket, for an embedded S3 that was just started
+    empty. Not on a real store, where a misspelt bucket is better refused than made anew and empty."""
     try:
         await ensure_topics(settings.kafka_client_kwargs(), settings.topics.all(), settings.topic_partitions,
                             configs={"max.message.bytes": str(settings.max_record_bytes)})
@@ -101,8 +114,14 @@ async def bootstrap(settings: Settings) -> None:
                           f"(KAFKA_BOOTSTRAP_SERVERS): {exc}") from None
     except KafkaError as exc:
         raise ConfigError(f"cannot create topics on {settings.kafka_bootstrap_servers}: {exc!r}") from None
+    buckets = [settings.batch_bucket]
     try:
-        ensure_buckets(aws_client(settings, "s3"), [settings.batch_bucket])
+        if model_bucket and settings.model_repository.startswith("s3://"):
+            buckets.append(parse_s3_uri(settings.model_repository)[0])
+    except RepositoryError as exc:
+        raise ConfigError(f"MAAS_MODEL_REPOSITORY: {exc}") from None
+    try:
+        ensure_buckets(aws_client(settings, "s3"), buckets)
     except (BotoCoreError, ClientError) as exc:
         where = settings.aws_endpoint_url or "AWS"
         raise ConfigError(without_credentials(f"cannot reach S3 at {where} (AWS_ENDPOINT_URL / AWS credentials): "
@@ -117,6 +136,7 @@ async def connected(settings: Settings, *, use_state: bool = True) -> AsyncItera
     if state and settings.embedded_kafka:
         settings = settings.with_endpoints(state["kafka_bootstrap_servers"],
                                            None if not settings.embedded_aws else state["aws_endpoint_url"])
+    own_s3 = settings.embedded_aws
     try:  # the stack is stopped and its folder removed whatever ends this, a SIGTERM's SystemExit included
         if settings.embedded_kafka or settings.embedded_aws:
             stack = LocalStack(Path(tempfile.mkdtemp(prefix="maas-stack-")))
@@ -129,7 +149,7 @@ async def connected(settings: Settings, *, use_state: bool = True) -> AsyncItera
                 stack.bootstrap_servers if settings.embedded_kafka else None,
                 stack.endpoint_url if settings.embedded_aws else None,
             )
-        await bootstrap(settings)
+        await bootstrap(settings, model_bucket=own_s3)
         yield settings
     finally:
         if stack is not None:

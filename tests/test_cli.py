@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import orjson
 import pytest
@@ -80,6 +82,20 @@ def test_batch_worker_refuses_an_outbox_inside_the_inbox_at_once(tmp_path):
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert lines[0].startswith("maas: error: MAAS_BATCH_INBOX_PREFIX='jobs/' and "
                                "MAAS_BATCH_OUTBOX_PREFIX='jobs/results/' overlap")
+
+
+@pytest.mark.parametrize("command", ["serve", "models"])
+def test_an_s3_model_repository_with_no_store_to_reach_is_refused_naming_what_to_set(command, tmp_path):
+    """No AWS_ENDPOINT_URL, no AWS credentials and no `maas up` here: the store would be AWS itself, asked with the
+    embedded stack's dummy keys (a connection error on a machine without a route there, InvalidAccessKeyId with
+    one), and `maas serve` started anyway and answered every request 503."""
+    args = ["serve", "--port", "0"] if command == "serve" else ["models", "list"]
+    out = maas(*args, env={"MAAS_MODEL_REPOSITORY": "s3://maas-models/zoo"}, cwd=tmp_path, timeout=60)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.strip() == (
+        "maas: error: MAAS_MODEL_REPOSITORY s3://maas-models/zoo is on S3, but AWS_ENDPOINT_URL is unset, no AWS "
+        "credentials are configured and no `maas up` runs in this folder: start `maas up` here, or point "
+        "AWS_ENDPOINT_URL (or AWS credentials) at the store")
 
 
 @pytest.mark.parametrize("args, env", [
@@ -196,6 +212,19 @@ def test_a_second_maas_up_in_one_folder_is_refused(tmp_path):
     assert (tmp_path / ".maas" / "stack.json").exists()  # the running stack's file stays
 
 
+def test_a_maas_up_started_while_another_is_still_starting_is_refused(tmp_path):
+    """Two `maas up` started together both found no state file, both started a stack, and the second's file
+    replaced the first's; the lock a starting `maas up` holds (taken here as it would take it) refuses the second."""
+    (tmp_path / ".maas").mkdir()
+    with open(tmp_path / ".maas" / "stack.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        out = maas("up", cwd=tmp_path, timeout=60)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.strip() == ("maas: error: another `maas up` is starting a local stack here; stop it first, or "
+                                  "run `maas up` in another folder")
+    assert not (tmp_path / ".maas" / "stack.json").exists()
+
+
 async def test_batch_submit_downloads_only_the_results_of_its_own_upload(live, repository, tmp_path):
     """The results object says which upload it comes from (source-etag). A run of another upload of the same job
     may have written it after the summary `submit` waited for: then nothing is downloaded, and the exit is 1."""
@@ -280,18 +309,27 @@ def _wait_for_line(proc: subprocess.Popen, lines: list[str], fragment: str, time
 def test_an_s3_model_repository_lives_on_the_embedded_stack(tmp_path):
     """`maas up`, `maas batch worker` and `maas demo` opened MAAS_MODEL_REPOSITORY before their embedded stack was
     up: an s3:// repository went to AWS itself (s3.amazonaws.com, with the stack's dummy keys), not to the stack's
-    S3 as `maas worker`'s does, and `maas up` stopped on its first example model."""
-    env = {"MAAS_MODEL_REPOSITORY": "s3://maas-batch/models"}
+    S3 as `maas worker`'s does, and `maas up` stopped on its first example model. The stack makes the repository's
+    bucket (it starts empty), and `maas models` and `maas serve`, which start no stack, use the one `maas up` runs."""
+    env = {"MAAS_MODEL_REPOSITORY": "s3://maas-models/zoo"}
     up, up_lines = _spawn_maas("up", env=env, cwd=tmp_path)
     batch = None
     try:
         _wait_for_line(up, up_lines, "local stack is up")
-        assert "published example model mnist_mlp v1 to s3://maas-batch/models\n" in up_lines, "".join(up_lines)
+        assert "published example model mnist_mlp v1 to s3://maas-models/zoo\n" in up_lines, "".join(up_lines)
         batch, batch_lines = _spawn_maas("batch", "worker", "--examples", "--wait", "1", env=env, cwd=tmp_path)
         _wait_for_line(batch, batch_lines, "batch worker watching")
-        endpoint = json.loads((tmp_path / ".maas" / "stack.json").read_text())["aws_endpoint_url"]
-        listed = maas("models", "list", env={**env, "AWS_ENDPOINT_URL": endpoint}, cwd=tmp_path)
+        listed = maas("models", "list", env=env, cwd=tmp_path)
         assert listed.stdout.startswith("mnist_mlp\tversions [1]"), listed.stdout + listed.stderr
+        serve, serve_lines = _spawn_maas("serve", "--port", "0", env=env, cwd=tmp_path)
+        try:
+            _wait_for_line(serve, serve_lines, "serving the V2 API on ")
+            url = next(line for line in serve_lines if "serving the V2 API on " in line).split()[5]
+            with urllib.request.urlopen(f"{url}/v2/models/mnist_mlp", timeout=30) as answer:
+                assert json.loads(answer.read())["versions"] == ["1"]
+        finally:
+            serve.send_signal(signal.SIGTERM)
+            serve.wait(30)
     finally:
         for proc in (batch, up):
             if proc is not None:

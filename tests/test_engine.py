@@ -24,7 +24,15 @@ from threadpoolctl import threadpool_info, threadpool_limits
 import pipeline.engine as engine_module
 from models.artifact import ArtifactError
 from models.cache import ModelCache
-from models.examples import MNIST_MLP, mnist_mlp_config, synthetic_digits, train_mnist_mlp
+from models.examples import (
+    MNIST_MLP,
+    SENTIMENT_TEXT,
+    mnist_mlp_config,
+    sentiment_config,
+    synthetic_digits,
+    train_mnist_mlp,
+    train_sentiment,
+)
 from models.repository import ModelRepository
 from pipeline.backpressure import Slots
 from pipeline.codec import decode_request
@@ -100,6 +108,34 @@ async def test_inputs_a_model_overflows_on_get_an_error_not_null_outputs(reposit
     assert outcomes["half-range"].code == ErrorCode.INVALID_INPUT
     assert outcomes["half-range"].message == ("input 'input': values beyond +-65504 do not fit the model's FP16 "
                                               "computation")
+
+
+def text_request(request_id: str, *texts: bytes) -> InferenceRequest:
+    return InferenceRequest(id=request_id, model_name=SENTIMENT_TEXT, model_version=None,
+                            inputs={"text": np.array(texts, dtype=object)}, datatypes={"text": "BYTES"})
+
+
+@pytest.mark.parametrize("runtime", ["numpy", "torch"])
+async def test_text_that_is_not_utf8_is_refused_alone_and_its_batch_mates_run_as_one_batch(repository, monkeypatch,
+                                                                                          runtime):
+    monkeypatch.setenv("MAAS_CPU_RUNTIME", runtime)
+    repository.publish(SENTIMENT_TEXT, sentiment_config(), *train_sentiment(steps=20))
+    requests = [text_request("ok-0", b"a wonderful film"), text_request("latin-1", b"fine", b"caf\xe9 au lait"),
+                text_request("ok-1", "tr\u00e8s bien".encode(), b"dull"), text_request("cut", b"\xe2\x82")]
+    records: list[BatchRecord] = []
+    async with InferenceEngine(ModelCache(repository)) as engine:
+        engine.add_batch_listener(records.append)
+        outcomes = dict(zip([r.id for r in requests], await engine.infer_many(requests), strict=True))
+    assert (outcomes["latin-1"].code, outcomes["latin-1"].message) == (
+        ErrorCode.INVALID_INPUT, "input 'text': element 1 is not UTF-8 text (invalid continuation byte at byte 3)")
+    assert outcomes["cut"].message == "input 'text': element 0 is not UTF-8 text (unexpected end of data at byte 0)"
+    model = repository.load(SENTIMENT_TEXT, 1)
+    for request_id in ("ok-0", "ok-1"):
+        alone = model.infer(dict(next(r for r in requests if r.id == request_id).inputs))
+        assert set(outcomes[request_id].outputs) == set(alone)
+        for name, expected in alone.items():
+            np.testing.assert_allclose(outcomes[request_id].outputs[name], expected, rtol=1e-5, atol=1e-6)
+    assert [(r.batch_size, r.requests) for r in records] == [(3, 2)]  # the rest ran together, not one by one
 
 
 async def test_a_priority_given_as_null_runs_as_no_priority(repository):

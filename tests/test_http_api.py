@@ -133,7 +133,7 @@ def _unhashed_garbage_weights(folder):  # no sums recorded: the safetensors read
 @pytest.mark.parametrize(("fault", "message"), [
     (_truncate_weights, "model 'broken' version 1 failed to load: broken/1/model.safetensors: sha256 "),
     (lambda folder: (folder / "model.safetensors").unlink(),
-     "model 'broken' version 1 failed to load: broken/1/model.safetensors cannot be read (No such file or directory)"),
+     "model 'broken' version 1 failed to load: broken/1/model.safetensors is missing; config.json records its sha256"),
     (_unhashed_garbage_weights,
      "model 'broken' version 1 failed to load: broken/1/model.safetensors: not a valid safetensors file"),
     (lambda folder: (folder / "config.json").write_text("{not json"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import shutil
 import threading
@@ -373,17 +374,32 @@ def test_load_failures_name_files_inside_the_version_never_the_servers_folders(r
     with pytest.raises(ArtifactError) as missing:
         unchecked.load("sentiment", 1)
     assert str(missing.value) == "sentiment/1/tokenizer.json is missing (the architecture needs it)"
-    tokenizer.mkdir()  # an unreadable file: its OSError's str() quoted the path
+    tokenizer.mkdir()
     with pytest.raises(ArtifactError) as unreadable:
         unchecked.load("sentiment", 1)
-    assert str(unreadable.value) == "sentiment/1/tokenizer.json cannot be read (Is a directory)"
+    assert str(unreadable.value) == "sentiment/1/tokenizer.json is not a regular file"
     folder = repository.root / "odd" / "1"
     (folder / CONFIG_FILE).mkdir(parents=True)
     with pytest.raises(ArtifactError) as config:
         read_config(folder)
-    assert str(config.value) == "odd/1/config.json cannot be read (Is a directory)"
+    assert str(config.value) == "odd/1/config.json is not a regular file"
     for error in (linked, missing, unreadable, config):
         assert str(tmp_path) not in str(error.value)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("file", [CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE])
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_named_pipe_in_a_version_folder_is_refused_without_being_opened(repository, file, verify):
+    """Opening a named pipe blocks until something writes to it: the model thread, and every model behind it,
+    waited on a file planted in the repository."""
+    repository.publish("sentiment", sentiment_config(), *train_sentiment(steps=1))
+    path = repository.root / "sentiment" / "1" / file
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(ArtifactError) as refused:
+        ModelRepository(repository.root, verify=verify).load("sentiment", 1)
+    assert str(refused.value) == f"sentiment/1/{file} is not a regular file"
 
 
 def test_for_callers_cuts_the_repositorys_locations_from_a_message(tmp_path, monkeypatch):
@@ -426,7 +442,7 @@ def test_a_local_version_whose_files_changed_since_publishing_is_refused(reposit
     with pytest.raises(ArtifactError, match=r"model\.safetensors: sha256 [0-9a-f]{64} differs from [0-9a-f]{64}"):
         repository.load("changed", 1)
     (repository.root / "missing" / "1" / WEIGHTS_FILE).unlink()
-    with pytest.raises(ArtifactError, match=r"model\.safetensors cannot be read"):
+    with pytest.raises(ArtifactError, match=r"model\.safetensors is missing; config\.json records its sha256"):
         ModelCache(repository).get("missing", 1)
     assert repository.load(MNIST_MLP, 1).version == 1
 

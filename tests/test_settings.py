@@ -146,6 +146,7 @@ async def test_msk_iam_signs_a_token_from_the_aws_credential_chain(monkeypatch):
     ({"KAFKA_BOOTSTRAP_SERVERS": "a:9092,,b:9092"}, "got ''"),
     ({"KAFKA_BOOTSTRAP_SERVERS": ":9092"}, "got ':9092'"),
     ({"KAFKA_SASL_MECHANISM": "BOGUS"}, "KAFKA_SASL_MECHANISM='BOGUS': expected one of PLAIN"),
+    ({"KAFKA_SECURITY_PROTOCOL": "TLS"}, "KAFKA_SECURITY_PROTOCOL='TLS': expected PLAINTEXT, SSL"),
     ({"AWS_ENDPOINT_URL": "localhost:4566"}, r"AWS_ENDPOINT_URL='localhost:4566': expected http://HOST\[:PORT\]"),
     ({"AWS_ENDPOINT_URL": "None"}, "AWS_ENDPOINT_URL='None': expected"),
     ({"AWS_ENDPOINT_URL": "ftp://host"}, "AWS_ENDPOINT_URL='ftp://host': expected"),
@@ -172,6 +173,8 @@ def test_environment_values_within_bounds_are_taken():
     assert Settings.from_env({}).shutdown_timeout_s == 20  # below Kubernetes' default grace period of 30 s
     topics = Settings.from_env({"MAAS_TOPIC_REQUESTS": "", "MAAS_TOPIC_DLQ": "team-a.dlq"}).topics
     assert topics.all() == ["maas.requests", "maas.results", "maas.metrics", "team-a.dlq"]  # empty: the default
+    assert Settings.from_env({"KAFKA_SECURITY_PROTOCOL": ""}).kafka_security_protocol == "PLAINTEXT"  # as unset
+    assert Settings.from_env({"KAFKA_SECURITY_PROTOCOL": " sasl_ssl "}).kafka_security_protocol == "SASL_SSL"
 
 
 def test_real_aws_is_chosen_by_a_variable_not_by_a_profile_file(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import os
 
 from models.examples import ensure_examples
@@ -13,10 +14,28 @@ from pipeline.settings import ConfigError, Settings
 
 
 async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    running = read_state()
-    if running is not None:  # a second stack would take over the state file, and its stop would remove it
-        raise ConfigError(f"a local stack is already up here (pid {running['pid']}, Kafka "
-                          f"{running['kafka_bootstrap_servers']}); stop it first, or run `maas up` in another folder")
+    # One `maas up` a folder: a second stack would take over the state file, and its stop would remove it. The
+    # lock, held for the command's life and dropped by the kernel whatever ends it, also refuses a second one
+    # started while the first is still starting (and has written no state yet).
+    STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
+    with open(STATE_FILE.with_suffix(".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            starting = False
+        except BlockingIOError:
+            starting = True
+        running = read_state()
+        if running is not None:
+            raise ConfigError(f"a local stack is already up here (pid {running['pid']}, Kafka "
+                              f"{running['kafka_bootstrap_servers']}); stop it first, or run `maas up` in another "
+                              "folder")
+        if starting:
+            raise ConfigError("another `maas up` is starting a local stack here; stop it first, or run `maas up` in "
+                              "another folder")
+        return await _up(settings)
+
+
+async def _up(settings: Settings) -> int:
     async with connected(settings, use_state=False) as live:
         repository = open_repository(live)  # after connecting: an s3:// repository needs the live endpoint
         for name, version in ensure_examples(repository):
