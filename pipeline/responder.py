@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from enum import StrEnum
 
 from pipeline.claim_check import ClaimCheckStore, outputs_reference
@@ -86,6 +87,8 @@ class Responder:
         # function's transient failure, an answer the sink could not deliver) is counted when it ends, once.
         if error.request_id is not None and not error.code.transient:
             answer = encode_error(error, request.model_name if request else None)
+            if request is None:  # it named itself, then failed to decode: its answer is keyed by its id all the same
+                envelope = replace(envelope, key=error.request_id.encode())
             if await self._undelivered([(envelope, request, answer)]):
                 return Outcome.RETRY
             ERRORS.labels(str(error.code)).inc()

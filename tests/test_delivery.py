@@ -294,6 +294,22 @@ async def test_bad_input_matrix_each_case_gets_its_documented_record(live):
     assert dropped["maas-headers-dropped"] == "1" and "x-pad" not in dropped
 
 
+async def test_error_answers_are_keyed_by_the_request_id_however_the_request_failed(live, repository):
+    """A result is keyed by its request id, not by the caller's partition key; so was an error answer found by the
+    engine (an unknown model), but one found while decoding (a malformed model_name) kept the record's key: answers
+    of one id went out under two keys, to two partitions."""
+    good, _ = example_requests(3, prefix="keyed")
+    requests = [good[0], {**good[1], "model_name": "no such model"}, {**good[2], "model_name": "nope"}]
+    envelopes = [Envelope(payload=orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY), headers={}, source=f"k@{i}",
+                          key=b"partition-key") for i, r in enumerate(requests)]
+    async with answer_producer(live) as producer, InferenceEngine(ModelCache(repository), worker_id="keyed") as engine:
+        outcomes = await Responder(live, engine, KafkaSink.for_settings(producer, live, None)).handle_many(envelopes)
+    assert outcomes == [Outcome.RESULT, Outcome.ERROR, Outcome.ERROR]
+    answers = {orjson.loads(r.value)["id"]: r for r in await read_topic(live, live.topics.results, 3)}
+    assert {i: r.key for i, r in answers.items()} == {r["id"]: r["id"].encode() for r in requests}
+    assert orjson.loads(answers[requests[1]["id"]].value)["error"]["code"] == "INVALID_REQUEST"
+
+
 class _EngineWithABug(InferenceEngine):
     """The real engine, except that a group holding one request id trips an unexpected exception, as a bug would."""
 
