@@ -11,7 +11,6 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import replace
 from enum import StrEnum
 
 from pipeline.claim_check import ClaimCheckStore, outputs_reference
@@ -32,6 +31,16 @@ def _model_label(engine: InferenceEngine, request: InferenceRequest | None) -> s
     Judged by the name, not by the error: a request may fail before its model is looked up (claim-checked inputs
     that cannot be read), and callers' made-up names would each become a time series of their own."""
     return request.model_name if request is not None and engine.serves(request.model_name) else "-"
+
+
+def _addressee(error: InferenceError) -> InferenceRequest:
+    """Whom the error answer to a request that named itself, then failed while it was read, is for: a stand-in
+    request, without model or inputs, of its id and its `reply_to`. The sink keys the answer by the id and sends it to
+    that topic, as it does the answers to requests that were read; given none, it kept the record's key (perhaps a
+    caller's partition key) and sent it to the results topic, which a caller that reads its own topic never sees."""
+    assert error.request_id is not None
+    parameters = {} if error.reply_to is None else {"reply_to": error.reply_to}
+    return InferenceRequest(error.request_id, "", None, {}, {}, parameters=parameters)
 
 
 class Outcome(StrEnum):
@@ -87,9 +96,7 @@ class Responder:
         # function's transient failure, an answer the sink could not deliver) is counted when it ends, once.
         if error.request_id is not None and not error.code.transient:
             answer = encode_error(error, request.model_name if request else None)
-            if request is None:  # it named itself, then failed to decode: its answer is keyed by its id all the same
-                envelope = replace(envelope, key=error.request_id.encode())
-            if await self._undelivered([(envelope, request, answer)]):
+            if await self._undelivered([(envelope, request or _addressee(error), answer)]):
                 return Outcome.RETRY
             ERRORS.labels(str(error.code)).inc()
             REQUESTS.labels(_model_label(self.engine, request), "error").inc()
