@@ -26,7 +26,7 @@ from pipeline.tasks import gather_or_cancel
 log = logging.getLogger(__name__)
 
 
-def _model_label(engine: InferenceEngine, request: InferenceRequest | None) -> str:
+def model_label(engine: InferenceEngine, request: InferenceRequest | None) -> str:
     """A metrics label: the model's name once it named a model that exists (`InferenceEngine.serves`), else "-".
     Judged by the name, not by the error: a request may fail before its model is looked up (claim-checked inputs
     that cannot be read), and callers' made-up names would each become a time series of their own."""
@@ -99,7 +99,7 @@ class Responder:
             if await self._undelivered([(envelope, request or _addressee(error), answer)]):
                 return Outcome.RETRY
             ERRORS.labels(str(error.code)).inc()
-            REQUESTS.labels(_model_label(self.engine, request), "error").inc()
+            REQUESTS.labels(model_label(self.engine, request), "error").inc()
             return Outcome.ERROR
         if await self.sink.dead_letter(envelope, error, max(attempts, 1)):
             ERRORS.labels(str(error.code)).inc()
@@ -160,7 +160,7 @@ class Responder:
                 failed[index] = result
                 continue
             answers.append((envelopes[index], request, encode_error(result, request.model_name)))
-            answered.append((index, Outcome.ERROR, _model_label(self.engine, request), str(result.code)))
+            answered.append((index, Outcome.ERROR, model_label(self.engine, request), str(result.code)))
         undelivered = await self._undelivered(answers)
         counts: Counter[tuple[str, str]] = Counter()
         for position, (index, outcome, label, code) in enumerate(answered):
