@@ -32,7 +32,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 from infra.bootstrap import ensure_buckets, ensure_queue
 from pipeline.engine import InferenceEngine
 from pipeline.errors import ErrorCode, InferenceError
+from pipeline.metrics import ERRORS, REQUESTS
 from pipeline.protocol import InferenceRequest, InferenceResponse, parse_request, refuse_claim_checks
+from pipeline.responder import model_label
 from pipeline.settings import ConfigError, Settings
 from pipeline.sqs_worker import receive_or_release, release_messages
 
@@ -512,6 +514,7 @@ class BatchJobRunner:
             response = await self._infer(request)
             out = orjson.dumps(response.to_json(), option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
             state.ok += 1
+            REQUESTS.labels(response.model_name, "ok").inc()  # a line answered is a request answered, as on a topic
             versions = state.model_versions.setdefault(response.model_name, {})
             versions[str(response.model_version)] = versions.get(str(response.model_version), 0) + 1
         except Exception as exc:  # a bug on one line must not lose the job's other lines: an INTERNAL error line
@@ -525,6 +528,8 @@ class BatchJobRunner:
             out = orjson.dumps(body) + b"\n"
             state.errors += 1
             state.errors_by_code[str(exc.code)] = state.errors_by_code.get(str(exc.code), 0) + 1
+            ERRORS.labels(str(exc.code)).inc()
+            REQUESTS.labels(model_label(self.engine, request), "error").inc()
         state.lines += 1
         state.latency.add((time.perf_counter() - started) * 1000)
         return out

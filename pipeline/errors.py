@@ -40,7 +40,12 @@ _STATUS = {
 
 
 class InferenceError(Exception):
-    """One request failed. `request_id` is None when the request was too broken to name itself."""
+    """One request failed. `request_id` is None when the request was too broken to name itself.
+
+    `reply_to`: the topic a request that failed while it was read named, valid, in `parameters.reply_to` (set by
+    `pipeline.protocol.parse_request`): its error answer goes there, as the answer to a request that was read does."""
+
+    reply_to: str | None = None
 
     def __init__(self, code: ErrorCode, message: str, request_id: str | None = None) -> None:
         super().__init__(message)

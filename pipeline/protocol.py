@@ -108,6 +108,25 @@ def parse_request(body: Any, *, max_elements: int, defaults: dict[str, Any] | No
     if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_ID_LENGTH:
         raise _fail(ErrorCode.INVALID_REQUEST, f"id: expected a non-empty string of at most {MAX_ID_LENGTH} "
                     f"characters, got {short_repr(request_id)}")
+    parameters = body.get("parameters")
+    if parameters is None:
+        parameters = {}
+    elif not isinstance(parameters, dict):
+        raise _fail(ErrorCode.INVALID_REQUEST, "parameters: expected an object", request_id)
+    reply_to = parameters.get("reply_to")
+    if reply_to is not None and not valid_topic_name(reply_to):
+        raise _fail(ErrorCode.INVALID_REQUEST, "parameters.reply_to: expected a Kafka topic name (letters, digits, "
+                    "'.', '_', '-'; not '.', '..' or an internal '__' topic)", request_id)
+    try:
+        return _parse_named(body, request_id, parameters, max_elements, binary)
+    except InferenceError as exc:  # its answer goes where the request asked, as a model's or a lookup's error does
+        exc.reply_to = reply_to
+        raise
+
+
+def _parse_named(body: dict[str, Any], request_id: str, parameters: dict[str, Any], max_elements: int,
+                 binary: memoryview | None) -> InferenceRequest:
+    """`parse_request` past the request's id and reply_to (checked: its errors are answered there)."""
     model_name = body.get("model_name")
     if type(model_name) is not str or model_name not in _VALID_MODEL_NAMES:
         try:
@@ -119,12 +138,7 @@ def parse_request(body: Any, *, max_elements: int, defaults: dict[str, Any] | No
             type(version) not in (str, int) or version_number(str(version)) is None):
         raise _fail(ErrorCode.INVALID_REQUEST, f"model_version: expected {VERSION_EXPECTED}, got {short_repr(version)}",
                     request_id)
-    parameters = body.get("parameters")
-    if parameters is None:
-        parameters = {}
-    elif not isinstance(parameters, dict):
-        raise _fail(ErrorCode.INVALID_REQUEST, "parameters: expected an object", request_id)
-    elif parameters:
+    if parameters:
         _check_parameters(parameters, request_id)
     outputs, binary_data = _parse_outputs(body.get("outputs"), request_id)
     raw_inputs = body.get("inputs")
@@ -201,10 +215,6 @@ def _check_parameters(parameters: dict[str, Any], request_id: str) -> None:
     output_uri = parameters.get("output_uri")
     if output_uri is not None and not isinstance(output_uri, str):
         raise _fail(ErrorCode.INVALID_REQUEST, "parameters.output_uri: expected an s3:// URI string", request_id)
-    reply_to = parameters.get("reply_to")
-    if reply_to is not None and not valid_topic_name(reply_to):
-        raise _fail(ErrorCode.INVALID_REQUEST, "parameters.reply_to: expected a Kafka topic name (letters, digits, "
-                    "'.', '_', '-'; not '.', '..' or an internal '__' topic)", request_id)
     priority = parameters.get("priority")
     if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
         raise _fail(ErrorCode.INVALID_REQUEST, "parameters.priority: expected an integer", request_id)

@@ -26,11 +26,21 @@ from pipeline.tasks import gather_or_cancel
 log = logging.getLogger(__name__)
 
 
-def _model_label(engine: InferenceEngine, request: InferenceRequest | None) -> str:
+def model_label(engine: InferenceEngine, request: InferenceRequest | None) -> str:
     """A metrics label: the model's name once it named a model that exists (`InferenceEngine.serves`), else "-".
     Judged by the name, not by the error: a request may fail before its model is looked up (claim-checked inputs
     that cannot be read), and callers' made-up names would each become a time series of their own."""
     return request.model_name if request is not None and engine.serves(request.model_name) else "-"
+
+
+def _addressee(error: InferenceError) -> InferenceRequest:
+    """Whom the error answer to a request that named itself, then failed while it was read, is for: a stand-in
+    request, without model or inputs, of its id and its `reply_to`. The sink keys the answer by the id and sends it to
+    that topic, as it does the answers to requests that were read; given none, it kept the record's key (perhaps a
+    caller's partition key) and sent it to the results topic, which a caller that reads its own topic never sees."""
+    assert error.request_id is not None
+    parameters = {} if error.reply_to is None else {"reply_to": error.reply_to}
+    return InferenceRequest(error.request_id, "", None, {}, {}, parameters=parameters)
 
 
 class Outcome(StrEnum):
@@ -86,10 +96,10 @@ class Responder:
         # function's transient failure, an answer the sink could not deliver) is counted when it ends, once.
         if error.request_id is not None and not error.code.transient:
             answer = encode_error(error, request.model_name if request else None)
-            if await self._undelivered([(envelope, request, answer)]):
+            if await self._undelivered([(envelope, request or _addressee(error), answer)]):
                 return Outcome.RETRY
             ERRORS.labels(str(error.code)).inc()
-            REQUESTS.labels(_model_label(self.engine, request), "error").inc()
+            REQUESTS.labels(model_label(self.engine, request), "error").inc()
             return Outcome.ERROR
         if await self.sink.dead_letter(envelope, error, max(attempts, 1)):
             ERRORS.labels(str(error.code)).inc()
@@ -150,7 +160,7 @@ class Responder:
                 failed[index] = result
                 continue
             answers.append((envelopes[index], request, encode_error(result, request.model_name)))
-            answered.append((index, Outcome.ERROR, _model_label(self.engine, request), str(result.code)))
+            answered.append((index, Outcome.ERROR, model_label(self.engine, request), str(result.code)))
         undelivered = await self._undelivered(answers)
         counts: Counter[tuple[str, str]] = Counter()
         for position, (index, outcome, label, code) in enumerate(answered):

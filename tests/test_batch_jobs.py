@@ -19,6 +19,7 @@ from dataclasses import replace
 import numpy as np
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 from worker_support import read_all, slow_repository
 
 from models.cache import ModelCache
@@ -80,10 +81,18 @@ async def test_job_through_notifications_in_order_with_inline_errors(live, repos
             {"model_name": MNIST_MLP, "data": image},  # no id: named after its line
             *requests[20:]]
     key = "inbox/team a+b/job 1.jsonl"  # arrives URL-encoded in the event
+    counted = [("maas_requests_total", {"model": MNIST_MLP, "outcome": "ok"}),
+               ("maas_requests_total", {"model": MNIST_MLP, "outcome": "error"}),
+               ("maas_requests_total", {"model": "-", "outcome": "error"}),
+               *(("maas_errors_total", {"code": c}) for c in ("INVALID_JSON", "MODEL_NOT_FOUND", "INVALID_INPUT"))]
+    before = [REGISTRY.get_sample_value(name, labels) or 0 for name, labels in counted]
     async with watching(live, repository, config) as (s3, _, watcher):
         await asyncio.to_thread(s3.put_object, Bucket=config.bucket, Key=key, Body=jsonl(rows))
         await wait_for(lambda: watcher.completed)
         summary = watcher.completed[0]
+    # Its lines count on /metrics as the requests of a topic do: they counted in the batch histograms alone
+    assert [(REGISTRY.get_sample_value(name, labels) or 0) - was
+            for (name, labels), was in zip(counted, before, strict=True)] == [42, 1, 2, 1, 1, 1]
     assert summary["job"] == "team a+b/job 1"
     assert summary["lines"] == 45 and summary["ok"] == 42 and summary["errors"] == 3
     assert summary["errors_by_code"] == {"INVALID_JSON": 1, "MODEL_NOT_FOUND": 1, "INVALID_INPUT": 1}

@@ -294,6 +294,48 @@ async def test_bad_input_matrix_each_case_gets_its_documented_record(live):
     assert dropped["maas-headers-dropped"] == "1" and "x-pad" not in dropped
 
 
+async def test_error_answers_are_keyed_by_the_request_id_however_the_request_failed(live, repository):
+    """A result is keyed by its request id, not by the caller's partition key; so was an error answer found by the
+    engine (an unknown model), but one found while decoding (a malformed model_name) kept the record's key: answers
+    of one id went out under two keys, to two partitions."""
+    good, _ = example_requests(3, prefix="keyed")
+    requests = [good[0], {**good[1], "model_name": "no such model"}, {**good[2], "model_name": "nope"}]
+    envelopes = [Envelope(payload=orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY), headers={}, source=f"k@{i}",
+                          key=b"partition-key") for i, r in enumerate(requests)]
+    async with answer_producer(live) as producer, InferenceEngine(ModelCache(repository), worker_id="keyed") as engine:
+        outcomes = await Responder(live, engine, KafkaSink.for_settings(producer, live, None)).handle_many(envelopes)
+    assert outcomes == [Outcome.RESULT, Outcome.ERROR, Outcome.ERROR]
+    answers = {orjson.loads(r.value)["id"]: r for r in await read_topic(live, live.topics.results, 3)}
+    assert {i: r.key for i, r in answers.items()} == {r["id"]: r["id"].encode() for r in requests}
+    assert orjson.loads(answers[requests[1]["id"]].value)["error"]["code"] == "INVALID_REQUEST"
+
+
+async def test_every_error_answer_to_a_request_with_a_reply_to_goes_to_its_topic(live, repository):
+    """An error the engine found (an unknown model) went to the caller's reply_to topic, but one found while the
+    request was read (data that does not fill its shape, a malformed version) went to the results topic, which a
+    caller that reads its own topic never sees: its request went unanswered there. A reply_to that cannot be used
+    still gets its error on the results topic."""
+    team = f"{live.topics.results}.team-b"
+    await ensure_topics(live.kafka_client_kwargs(), [team], live.topic_partitions)
+    good, _ = example_requests(5, prefix="route")
+    tensor = {"name": "input", "shape": [1, 784], "datatype": "FP32", "data": [0.0] * 10}
+    requests = [good[0], {**good[1], "model_name": "nope"}, {**good[2], "inputs": [tensor]},
+                {**good[3], "model_version": "v1", "parameters": {"reply_to": team, "deadline_ms": "soon"}},
+                {**good[4], "model_version": "v1", "parameters": {"reply_to": "no spaces allowed"}}]
+    for request in requests[:3]:
+        request["parameters"] = {"reply_to": team}
+    envelopes = _envelopes(requests, "route", keyed=True)
+    async with answer_producer(live) as producer, InferenceEngine(ModelCache(repository), worker_id="route") as engine:
+        outcomes = await Responder(live, engine, KafkaSink.for_settings(producer, live, None)).handle_many(envelopes)
+    assert outcomes == [Outcome.RESULT] + [Outcome.ERROR] * 4
+    on_team = {orjson.loads(r.value)["id"]: orjson.loads(r.value) for r in await read_topic(live, team, 4)}
+    assert on_team.keys() == {r["id"] for r in requests[:4]}
+    assert [on_team[r["id"]]["error"]["code"] for r in requests[1:4]] == ["MODEL_NOT_FOUND", "INVALID_INPUT",
+                                                                          "INVALID_REQUEST"]
+    (refused,) = [orjson.loads(r.value) for r in await read_topic(live, live.topics.results, 1)]
+    assert refused["id"] == requests[4]["id"] and "reply_to" in refused["error"]["message"]
+
+
 class _EngineWithABug(InferenceEngine):
     """The real engine, except that a group holding one request id trips an unexpected exception, as a bug would."""
 
