@@ -25,7 +25,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for module in MODULES:
         module.register(sub)
+    _verbose_anywhere(parser)
     return parser
+
+
+def _verbose_anywhere(parser: argparse.ArgumentParser) -> None:
+    """`-v` after the command too (`maas worker -v`), as `--help` is: only `maas -v worker` was accepted, and
+    `maas worker -v` ended in "unrecognized arguments". SUPPRESS leaves the top level's value when not given."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                     help="log at INFO level")
+                _verbose_anywhere(command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,6 +38,26 @@ def test_help_lists_the_commands():
         assert command in out.stdout
 
 
+@pytest.mark.parametrize("args", [["-v", "models", "list"], ["models", "list", "-v"], ["models", "-v", "list"],
+                                  ["--verbose", "models", "list"], ["models", "list", "--verbose"]])
+def test_verbose_goes_before_or_after_the_command(args, tmp_path):
+    """`maas worker -v` ended in "unrecognized arguments: -v": only `maas -v worker` was taken, though `--help`
+    goes after the command."""
+    out = maas(*args, env={"MAAS_MODEL_REPOSITORY": str(tmp_path / "repo")}, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+
+
+def test_verbose_is_off_unless_given_somewhere():
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["worker", "-v"]).verbose is True
+    assert parser.parse_args(["-v", "batch", "submit", "f.jsonl"]).verbose is True
+    assert parser.parse_args(["batch", "submit", "f.jsonl", "-v"]).verbose is True
+    assert parser.parse_args(["worker"]).verbose is False
+    assert parser.parse_args(["models", "describe", "m", "--version", "2"]).verbose is False
+
+
 def test_submit_without_a_broker_says_what_to_set(tmp_path):
     out = maas("submit", cwd=tmp_path)
     assert out.returncode == 2
