@@ -145,6 +145,8 @@ async def connected(settings: Settings, *, use_state: bool = True) -> AsyncItera
             except StackError as exc:
                 stack = None  # its children are stopped; its folder keeps the log that the message names
                 raise ConfigError(str(exc)) from None
+            if use_state:  # `maas worker` or `maas batch worker` with nothing configured and no `maas up` here
+                _warn_private_stack(settings, stack)
             settings = settings.with_endpoints(
                 stack.bootstrap_servers if settings.embedded_kafka else None,
                 stack.endpoint_url if settings.embedded_aws else None,
@@ -154,6 +156,19 @@ async def connected(settings: Settings, *, use_state: bool = True) -> AsyncItera
     finally:
         if stack is not None:
             stack.stop()
+
+
+def _warn_private_stack(settings: Settings, stack: LocalStack) -> None:
+    """A worker that found no `maas up` in its folder (started elsewhere, or before it) served a broker of its own
+    that nothing else could reach: `maas submit` then waited out its timeout, and nothing said why."""
+    if settings.embedded_kafka:
+        log.warning("no `maas up` runs in this folder (%s): this process started a private embedded stack (Kafka "
+                    "%s, S3/SQS %s) that other commands do not find; to reach it with `maas submit`, start `maas up` "
+                    "here first, or set KAFKA_BOOTSTRAP_SERVERS and AWS_ENDPOINT_URL", STATE_FILE,
+                    stack.bootstrap_servers, stack.endpoint_url if settings.embedded_aws else "as configured")
+    else:
+        log.warning("S3/SQS are not configured (AWS_ENDPOINT_URL, AWS credentials or MAAS_AWS=aws): this process "
+                    "started a private embedded S3/SQS server (%s) that other processes do not use", stack.endpoint_url)
 
 
 def answer_producer(settings: Settings) -> AIOKafkaProducer:

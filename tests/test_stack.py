@@ -148,6 +148,40 @@ async def test_a_process_on_real_kafka_starts_only_the_embedded_s3_and_sqs(setti
     assert _children("moto.server") == servers
 
 
+async def test_a_worker_without_maas_up_here_says_its_stack_is_private(settings, tmp_path, monkeypatch, caplog):
+    """`maas worker` (and `maas batch worker`) started in a folder where no `maas up` runs, or before it, silently
+    served a broker of its own: `maas submit` next to `maas up` then waited out its 60 s with no hint why. It now
+    says so; with `maas up` running in its folder it finds that stack and says nothing."""
+    import json
+    import logging
+    from dataclasses import replace
+
+    from pipeline.services import connected
+
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.WARNING, logger="pipeline.services")
+    nothing = replace(settings, kafka_bootstrap_servers=None, aws_endpoint_url=None)
+    async with connected(nothing) as private:
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warnings == [f"no `maas up` runs in this folder (.maas/stack.json): this process started a private "
+                            f"embedded stack (Kafka {private.kafka_bootstrap_servers}, S3/SQS "
+                            f"{private.aws_endpoint_url}) that other commands do not find; to reach it with `maas "
+                            "submit`, start `maas up` here first, or set KAFKA_BOOTSTRAP_SERVERS and AWS_ENDPOINT_URL"]
+    caplog.clear()
+    async with connected(replace(settings, aws_endpoint_url=None)) as kafka_only:  # Kafka configured, AWS not
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and f"private embedded S3/SQS server ({kafka_only.aws_endpoint_url})" in warnings[0]
+    caplog.clear()
+    (tmp_path / ".maas").mkdir()  # `maas up` runs here (this process stands for it), on the session's stack
+    (tmp_path / ".maas" / "stack.json").write_text(json.dumps(
+        {"pid": os.getpid(), "kafka_bootstrap_servers": settings.kafka_bootstrap_servers,
+         "aws_endpoint_url": settings.aws_endpoint_url}))
+    async with connected(nothing) as shared:
+        assert (shared.kafka_bootstrap_servers, shared.aws_endpoint_url) == (settings.kafka_bootstrap_servers,
+                                                                             settings.aws_endpoint_url)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_children_die_with_a_killed_parent(tmp_path):
     script = (
         "import sys, time; from pathlib import Path; from infra.stack import LocalStack\n"
