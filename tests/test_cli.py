@@ -191,6 +191,19 @@ async def test_submit_prints_answers_in_either_encoding(live, encoding, tmp_path
     assert "5/5 answered" in out.stdout
 
 
+async def test_submit_with_no_worker_asks_whether_one_runs(live, tmp_path):
+    """With no worker on the broker (one started in another folder serves a private stack) `maas submit` printed
+    "no answer within the timeout" per request and nothing on why."""
+    import asyncio
+
+    env = {**live.to_env(), "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"}
+    out = await asyncio.to_thread(maas, "submit", "--count", "2", "--timeout", "1.5", env=env, cwd=tmp_path)
+    assert out.returncode == 1 and "0/2 answered" in out.stdout, out.stdout + out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"no answer within 1.5s: is `maas worker` running on {live.kafka_bootstrap_servers} (started in this "
+        "folder, or with the same KAFKA_BOOTSTRAP_SERVERS)?"]
+
+
 @pytest.mark.parametrize(("args", "fragment"), [
     (("submit", "--count", "0"), "argument --count: expected a whole number >= 1, got '0'"),
     (("submit", "--timeout", "nan"), "argument --timeout: expected a number of seconds > 0"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,9 @@ async def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
         answer = answers.get(request["id"])
         print(f"{request['id']}: {summary(answer) if answer else 'no answer within the timeout'}")
     print(f"{len(answers)}/{len(requests)} answered in {elapsed:.2f}s ({len(answers) / elapsed:.0f} requests/s)")
+    if not answers:  # as `maas batch submit` says when no summary comes
+        print(f"no answer within {args.timeout:g}s: is `maas worker` running on {settings.kafka_bootstrap_servers} "
+              f"(started in this folder, or with the same KAFKA_BOOTSTRAP_SERVERS)?", file=sys.stderr)
     return 0 if len(answers) == len(requests) else 1
 
 
