@@ -8,7 +8,7 @@ import os
 import sys
 
 from aiokafka.errors import KafkaConnectionError, KafkaError
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
 from models.artifact import ArtifactError
 from models.repository import ModelNotFoundError, without_credentials
@@ -16,6 +16,7 @@ from pipeline.commands import MODULES
 from pipeline.commands._common import exit_on_sigterm
 from pipeline.observability import configure_logging
 from pipeline.runtime import configure_process
+from pipeline.services import STATE_FILE, read_state
 from pipeline.settings import ConfigError, Settings
 
 
@@ -27,6 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
         module.register(sub)
     _verbose_anywhere(parser)
     return parser
+
+
+def _stack_hint(settings: Settings | None) -> str:
+    """What to do when an address a command took from `maas up`'s .maas/stack.json does not answer (that `maas up`
+    lives, its stack does not): the message named KAFKA_BOOTSTRAP_SERVERS, which the user never set."""
+    state = read_state()
+    if state is None or settings is None or not (settings.embedded_kafka or settings.embedded_aws):
+        return ""
+    return (f"; the address is that of the stack `maas up` (pid {state['pid']}) recorded in {STATE_FILE}: if it has "
+            "stopped answering, stop that `maas up` and start it again")
 
 
 def _verbose_anywhere(parser: argparse.ArgumentParser) -> None:
@@ -51,20 +62,26 @@ def main(argv: list[str] | None = None) -> None:
         configure_process(settings)
         code = asyncio.run(args.run(args, settings))
     except (ConfigError, ArtifactError, ModelNotFoundError) as exc:
-        print(f"maas: error: {without_credentials(str(exc))}", file=sys.stderr)
+        hint = _stack_hint(settings) if str(exc).startswith("cannot reach") else ""
+        print(f"maas: error: {without_credentials(str(exc))}{hint}", file=sys.stderr)
         code = 2
     except BrokenPipeError:  # `maas models describe m | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
         code = 0
     except KafkaConnectionError as exc:
-        where = settings.kafka_bootstrap_servers if settings and settings.kafka_bootstrap_servers else "the broker"
-        print(without_credentials(f"maas: error: cannot reach Kafka at {where} (KAFKA_BOOTSTRAP_SERVERS): {exc}"),
+        hint = _stack_hint(settings)
+        state = read_state() if hint else None
+        where = (settings.kafka_bootstrap_servers if settings and settings.kafka_bootstrap_servers
+                 else state["kafka_bootstrap_servers"] if state else "the broker")
+        print(without_credentials(f"maas: error: cannot reach Kafka at {where} "
+                                  f"({STATE_FILE if state else 'KAFKA_BOOTSTRAP_SERVERS'}): {exc}{hint}"),
               file=sys.stderr)
         code = 2
     except (OSError, KafkaError, BotoCoreError, ClientError) as exc:  # a broker, an endpoint, a port, a file
         message = without_credentials(str(exc))
         kind = type(exc).__name__
-        print(f"maas: error: {message if message.startswith(kind) else f'{kind}: {message}'}", file=sys.stderr)
+        hint = _stack_hint(settings) if isinstance(exc, EndpointConnectionError) else ""
+        print(f"maas: error: {message if message.startswith(kind) else f'{kind}: {message}'}{hint}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         code = 130

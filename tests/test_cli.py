@@ -77,6 +77,22 @@ def test_an_unreachable_broker_names_the_address_and_setting(tmp_path, command):
                                                    "(KAFKA_BOOTSTRAP_SERVERS)")
 
 
+@pytest.mark.parametrize("command", [["worker"], ["submit", "--count", "1"]])
+def test_a_stack_that_maas_up_recorded_but_no_longer_answers_is_named(tmp_path, command):
+    """With `maas up` alive but its stack not answering, the error named KAFKA_BOOTSTRAP_SERVERS, which the user
+    never set (`maas submit`: "cannot reach Kafka at the broker"), and not where the address came from."""
+    address = f"127.0.0.1:{free_port()}"
+    (tmp_path / ".maas").mkdir()
+    (tmp_path / ".maas" / "stack.json").write_text(json.dumps(
+        {"pid": os.getpid(), "kafka_bootstrap_servers": address, "aws_endpoint_url": f"http://127.0.0.1:{free_port()}"}))
+    out = maas(*command, cwd=tmp_path)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"maas: error: cannot reach Kafka at {address} ")
+    assert lines[0].endswith(f"the address is that of the stack `maas up` (pid {os.getpid()}) recorded in "
+                             ".maas/stack.json: if it has stopped answering, stop that `maas up` and start it again")
+
+
 def test_a_reader_that_stops_early_ends_the_output_quietly(tmp_path):
     repo = str(tmp_path / "repo")
     assert maas("models", "examples", env={"MAAS_MODEL_REPOSITORY": repo}).returncode == 0
