@@ -149,6 +149,9 @@ def test_credentials_in_an_endpoint_url_never_reach_the_terminal(args, env, stac
 
 def test_models_examples_list_and_describe(tmp_path):
     env = {"MAAS_MODEL_REPOSITORY": str(tmp_path / "repo")}
+    empty = maas("models", "list", env=env)
+    assert (empty.returncode, empty.stdout) == (0, "")
+    assert empty.stderr.startswith(f"no models in {tmp_path / 'repo'} (MAAS_MODEL_REPOSITORY)"), empty.stderr
     assert "published mnist_mlp v1" in maas("models", "examples", env=env).stdout
     assert maas("models", "list", env=env).stdout.startswith("mnist_mlp\tversions [1]")
     described = json.loads(maas("models", "describe", "mnist_mlp", env=env).stdout)
@@ -272,6 +275,24 @@ def test_a_maas_up_started_while_another_is_still_starting_is_refused(tmp_path):
     assert out.stderr.strip() == ("maas: error: another `maas up` is starting a local stack here; stop it first, or "
                                   "run `maas up` in another folder")
     assert not (tmp_path / ".maas" / "stack.json").exists()
+
+
+async def test_batch_submit_says_once_when_no_worker_reports_on_its_job(live, tmp_path, monkeypatch, capsys):
+    """With no `maas batch worker`, `submit` said nothing until its timeout ran out: an hour by default."""
+    import argparse
+
+    from pipeline.commands import batch as batch_command
+
+    monkeypatch.setattr(batch_command, "UNCLAIMED_HINT_S", 0.3)
+    path = tmp_path / "lonely.jsonl"
+    path.write_bytes(orjson.dumps(example_requests(1, prefix="lonely")[0][0], option=orjson.OPT_SERIALIZE_NUMPY))
+    args = argparse.Namespace(file=str(path), job=None, output=None, timeout=1.5, poll=0.1)
+    assert await batch_command.cmd_submit(args, live) == 1
+    err = capsys.readouterr().err
+    inbox = f"s3://{live.batch_bucket}/{BatchConfig.from_settings(live).inbox_prefix}"
+    hint = f"no worker has reported on the job after 0s: is `maas batch worker` running on {inbox}? (still waiting, "
+    assert err.count(hint + "up to --timeout)") == 1, err
+    assert err.rstrip().endswith("no summary within 2s: is `maas batch worker` running?"), err
 
 
 async def test_batch_submit_downloads_only_the_results_of_its_own_upload(live, repository, tmp_path):

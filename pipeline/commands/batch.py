@@ -31,6 +31,8 @@ from pipeline.services import (
 )
 from pipeline.settings import ConfigError, Settings
 
+UNCLAIMED_HINT_S = 30.0  # `batch submit`: a job no worker reported on for this long gets a hint on stderr
+
 
 async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     config = BatchConfig.from_settings(settings)  # a bad prefix stops here, before any stack or model is touched
@@ -141,6 +143,7 @@ async def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     etag = (await asyncio.to_thread(s3.head_object, Bucket=config.bucket, Key=key))["ETag"].strip('"')
     started = time.monotonic()
     summary = None
+    seen = hinted = False  # seen: a progress object of this upload, so a worker has the job
     while time.monotonic() - started < args.timeout:
         found = await asyncio.to_thread(_get_json, s3, config.bucket, config.summary_key(job))
         if found is not None and found[1].get(SOURCE_ETAG) == etag:
@@ -148,7 +151,13 @@ async def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
             break
         progress = await asyncio.to_thread(_get_json, s3, config.bucket, config.progress_key(job))
         if progress is not None and progress[0].get("etag") == etag:
+            seen = True
             print(_bar(progress[0]["lines_done"], total, progress[0]["lines_per_s"]), end="", file=sys.stderr,
+                  flush=True)
+        elif not (seen or hinted) and time.monotonic() - started >= UNCLAIMED_HINT_S:
+            hinted = True  # said once, long before --timeout (an hour by default) runs out
+            print(f"no worker has reported on the job after {UNCLAIMED_HINT_S:.0f}s: is `maas batch worker` running "
+                  f"on s3://{config.bucket}/{config.inbox_prefix}? (still waiting, up to --timeout)", file=sys.stderr,
                   flush=True)
         await asyncio.sleep(args.poll)
     if summary is None:

@@ -32,7 +32,11 @@ def _run(args: argparse.Namespace, repository: Repository) -> int:
         if not published:
             print(f"examples already present in {repository.root}")
     elif args.models_command == "list":
-        for name in repository.names():
+        names = repository.names()
+        if not names:  # said on stderr: stdout stays a list, empty, for scripts
+            print(f"no models in {repository.root} (MAAS_MODEL_REPOSITORY): `maas models publish` or `maas models "
+                  "examples` adds some", file=sys.stderr)
+        for name in names:
             versions = repository.versions(name)
             print(f"{name}\tversions {versions}\tlatest {versions[-1]}")
     elif args.models_command == "describe":
