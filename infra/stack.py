@@ -1,7 +1,8 @@
 """The local stack: an embedded Kafka-compatible broker (Tansu) and an S3/SQS server (moto) on loopback.
 
 Both run as child processes on free ports. They are tied to their parent with PR_SET_PDEATHSIG, so a
-parent that is killed (SIGKILL included) takes them down too: no orphan broker survives a crashed test.
+parent that is killed (SIGKILL included) takes them down too: no orphan broker survives a crashed test. Each
+has a process group of its own, so a terminal's Ctrl-C reaches the parent alone, which stops them.
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ def _spawn(args: list[str], env: dict[str, str] | None, log: Path) -> subprocess
     out = log.open("wb")
     try:
         return subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=_child_setup
+            args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=_child_setup,
+            process_group=0,
         )
     finally:
         out.close()

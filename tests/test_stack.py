@@ -202,6 +202,15 @@ def test_children_die_with_a_killed_parent(tmp_path):
         parent.kill()
 
 
+def test_a_terminals_ctrl_c_reaches_the_parent_alone(stack):
+    """Ctrl-C signals the terminal's whole foreground process group. The children shared it: pressed while
+    `maas up` started them, it killed moto or the broker first, and `maas up` ended with exit 2 and "moto S3/SQS
+    server exited" or "cannot reach S3" instead of 130, leaving its stack folder behind. In a group of their own they
+    are stopped by the parent, as on any other exit."""
+    for child in (stack._broker, stack._moto):
+        assert os.getpgid(child.pid) == child.pid != os.getpgrp()
+
+
 async def test_unreachable_broker_is_a_one_line_config_error(settings):
     from dataclasses import replace
 
