@@ -15,7 +15,7 @@ from models.repository import ModelNotFoundError, without_credentials
 from pipeline.commands import MODULES
 from pipeline.commands._common import exit_on_sigterm
 from pipeline.observability import configure_logging
-from pipeline.runtime import configure_process
+from pipeline.runtime import DaemonThreadPool, configure_process
 from pipeline.settings import ConfigError, Settings
 
 
@@ -28,6 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    """The command, its blocking calls (`asyncio.to_thread`) on threads that do not hold the process's exit
+    (`DaemonThreadPool`): an S3 or SQS call that hangs outlived the stop that abandoned it by minutes."""
+    asyncio.get_running_loop().set_default_executor(DaemonThreadPool())
+    return await args.run(args, settings)
+
+
 def main(argv: list[str] | None = None) -> None:
     exit_on_sigterm()  # first: the imports and argument parsing before it start nothing to clean up
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs and pipes as they happen
@@ -37,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = Settings.from_env()
         configure_logging(args.verbose, settings.log_format)
         configure_process(settings)
-        code = asyncio.run(args.run(args, settings))
+        code = asyncio.run(_run(args, settings))
     except (ConfigError, ArtifactError, ModelNotFoundError) as exc:
         print(f"maas: error: {without_credentials(str(exc))}", file=sys.stderr)
         code = 2
