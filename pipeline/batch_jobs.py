@@ -36,7 +36,7 @@ from pipeline.metrics import ERRORS, REQUESTS
 from pipeline.protocol import InferenceRequest, InferenceResponse, parse_request, refuse_claim_checks
 from pipeline.responder import model_label
 from pipeline.settings import ConfigError, Settings
-from pipeline.sqs_worker import receive_or_release, release_messages
+from pipeline.sqs_worker import POLL_GRACE_S, end_cancelled, receive_or_release, release_messages
 
 log = logging.getLogger(__name__)
 
@@ -699,15 +699,19 @@ class BatchJobWatcher:
         """Stop polling; let the job under way finish for up to `drain_timeout_s` (its message is then deleted),
         else cancel it: its upload is aborted and its message made visible at once, so that another watcher
         runs the job from the start. A job may take hours; a pod is killed some 30 s after its SIGTERM. A poll
-        under way is waited for (at most `wait_s`), and what it receives made visible at once too."""
+        under way is waited for (at most `wait_s`), and what it receives made visible at once too. An endpoint
+        that does not answer those calls (`POLL_GRACE_S` past that) has them abandoned (`end_cancelled`)."""
         self._stopping = True
         task, self._task = self._task, None
         if task is None:
             return
+        started = time.monotonic()
         await asyncio.wait({task}, timeout=self.drain_timeout_s)
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        # A poll under way when stop() began ends within wait_s; what a cancelled job does (abort its upload,
+        # release its message) takes moments: past that the endpoint does not answer, and the calls are abandoned.
+        cleanup_s = max(POLL_GRACE_S, started + self.wait_s + POLL_GRACE_S - time.monotonic())
+        await end_cancelled(task, cleanup_s, f"the batch watcher on {self.queue_url}")
 
     async def __aenter__(self) -> BatchJobWatcher:
         return await self.start()

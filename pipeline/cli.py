@@ -15,7 +15,7 @@ from models.repository import ModelNotFoundError, without_credentials
 from pipeline.commands import MODULES
 from pipeline.commands._common import exit_on_sigterm
 from pipeline.observability import configure_logging
-from pipeline.runtime import configure_process
+from pipeline.runtime import DaemonThreadPool, configure_process
 from pipeline.services import STATE_FILE, read_state
 from pipeline.settings import ConfigError, Settings
 
@@ -51,6 +51,13 @@ def _verbose_anywhere(parser: argparse.ArgumentParser) -> None:
                 _verbose_anywhere(command)
 
 
+async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    """The command, its blocking calls (`asyncio.to_thread`) on threads that do not hold the process's exit
+    (`DaemonThreadPool`): an S3 or SQS call that hangs outlived the stop that abandoned it by minutes."""
+    asyncio.get_running_loop().set_default_executor(DaemonThreadPool())
+    return await args.run(args, settings)
+
+
 def main(argv: list[str] | None = None) -> None:
     exit_on_sigterm()  # first: the imports and argument parsing before it start nothing to clean up
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs and pipes as they happen
@@ -60,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = Settings.from_env()
         configure_logging(args.verbose, settings.log_format)
         configure_process(settings)
-        code = asyncio.run(args.run(args, settings))
+        code = asyncio.run(_run(args, settings))
     except (ConfigError, ArtifactError, ModelNotFoundError) as exc:
         hint = _stack_hint(settings) if str(exc).startswith("cannot reach") else ""
         print(f"maas: error: {without_credentials(str(exc))}{hint}", file=sys.stderr)

@@ -19,7 +19,12 @@ the 2-core machine. Requests rarely form cycles; reference counting frees them.
 from __future__ import annotations
 
 import gc
+import queue
 import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy  # noqa: F401 (loads numpy's BLAS library, which threadpoolctl then finds)
 from threadpoolctl import threadpool_info, threadpool_limits
@@ -63,3 +68,70 @@ def configure_torch_threads() -> None:
     wanted = _torch_threads or max(1, _torch_default - 1)
     if torch.get_num_threads() != wanted:
         torch.set_num_threads(wanted)
+
+
+class DaemonThreadPool(ThreadPoolExecutor):
+    """The event loop's default executor in a `maas` process (`asyncio.to_thread`): daemon threads, which
+    neither the event loop's close nor the interpreter's exit waits for.
+
+    Every S3 and SQS call runs in such a thread, and one cannot be interrupted: against an endpoint that does not
+    answer (a network partition, a hung server) it waits for its read timeout (30 s), three times over. A source
+    that stops abandons such calls at its deadline, but `asyncio.run` then joined the default executor's threads,
+    and the interpreter joins a ThreadPoolExecutor's at exit: a `maas worker` whose stop() took 2 s exited two
+    minutes after its SIGTERM, past any pod's grace period. What such a thread still does when the command returns
+    was abandoned by it (its request is left to redelivery), so nothing waits for it. Like ThreadPoolExecutor, it
+    starts a thread only when none is idle, up to `max_workers`. It is a ThreadPoolExecutor for
+    `loop.set_default_executor`, which takes nothing else, and shares none of its workings.
+    """
+
+    def __init__(self, max_workers: int | None = None, thread_name_prefix: str = "maas-io") -> None:
+        super().__init__(max_workers, thread_name_prefix)
+        self._prefix = thread_name_prefix
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._daemons: list[threading.Thread] = []  # ThreadPoolExecutor's own stay empty
+        self._lock = threading.Lock()
+        self._shut_down = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        with self._lock:
+            if self._shut_down:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future: Future = Future()
+            self._work.put((future, fn, args, kwargs))
+            if not self._idle.acquire(blocking=False) and len(self._daemons) < self._max_workers:
+                thread = threading.Thread(target=self._run, name=f"{self._prefix}_{len(self._daemons)}", daemon=True)
+                thread.start()
+                self._daemons.append(thread)
+            return future
+
+    def _run(self) -> None:
+        while (item := self._work.get()) is not None:
+            future, fn, args, kwargs = item
+            del item
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:  # the caller's, through its future
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+                    del result
+            del future, fn, args, kwargs
+            self._idle.release()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """No new calls; the idle threads end, and those still in a call end after it. Returns at once whatever
+        `wait` says (see the class): what is still running was abandoned by the command."""
+        with self._lock:
+            self._shut_down = True
+            if cancel_futures:
+                while True:
+                    try:
+                        item = self._work.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not None:
+                        item[0].cancel()
+            for _ in self._daemons:
+                self._work.put(None)

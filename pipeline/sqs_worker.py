@@ -33,6 +33,11 @@ from pipeline.sinks import DELIVERY_ERRORS, Envelope, RedeliverTransient, Result
 
 log = logging.getLogger(__name__)
 
+#: How long past its WaitTimeSeconds a stopping consumer waits for the long poll under way (and for the release of
+#: what it received): SQS has answered it by then. An endpoint that does not answer (a network partition, a hung
+#: server) held stop() for the call's read timeout, three times over: two minutes past MAAS_SHUTDOWN_TIMEOUT_S.
+POLL_GRACE_S = 2.0
+
 
 @dataclass(frozen=True)
 class SqsMessage:
@@ -97,6 +102,19 @@ async def receive_or_release(sqs: Any, queue_url: str, **receive: Any) -> list[d
         raise
 
 
+async def end_cancelled(task: asyncio.Task, timeout_s: float, what: str) -> None:
+    """Wait up to `timeout_s` for a cancelled `task` that is still finishing (a receive waiting for its poll, then
+    releasing what it received, or a job releasing its message), then cancel it again: the SQS or S3 call it waits
+    for is abandoned in its thread (`runtime.DaemonThreadPool`), and the messages it concerns come back when their
+    visibility timeout runs out, as those of a stopped process would."""
+    if not (await asyncio.wait([task], timeout=timeout_s))[0]:
+        log.warning("stopping: %s did not end within %.1f s of being cancelled (its endpoint does not answer); "
+                    "abandoned: the messages it concerns come back when their visibility timeout runs out",
+                    what, timeout_s)
+        task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 @dataclass
 class _InFlight:
     receipt: str
@@ -143,8 +161,9 @@ class SqsWorker:
         return self
 
     async def stop(self) -> None:
-        """Stop receiving (after the poll under way, whose messages are made visible again), let the handlers
-        finish for up to `drain_timeout_s`, then cancel the rest: their messages, undeleted, are redelivered
+        """Stop receiving (after the poll under way, whose messages are made visible again; waited for up to
+        `wait_time_s` + `POLL_GRACE_S`, then abandoned), let the handlers finish until `drain_timeout_s` after the
+        stop began, then cancel the rest: their messages, undeleted, are redelivered
         once their visibility timeout passes. The batches' metrics records still being sent get what is left of
         `drain_timeout_s` (at most `batch_metrics.MAX_CLOSE_S`); those unsent then are counted as unpublished. A
         stop() called while another runs returns when that one is done."""
@@ -158,9 +177,9 @@ class SqsWorker:
         try:
             receive = self._tasks[0]
             receive.cancel()
-            await asyncio.gather(receive, return_exceptions=True)
+            await end_cancelled(receive, self.wait_time_s + POLL_GRACE_S, f"the receive from {self.queue_url}")
             if self._handlers:
-                _, pending = await asyncio.wait(list(self._handlers), timeout=self.drain_timeout_s)
+                _, pending = await asyncio.wait(list(self._handlers), timeout=max(0.0, deadline - time.monotonic()))
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)

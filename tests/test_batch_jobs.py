@@ -22,6 +22,7 @@ import pytest
 from prometheus_client import REGISTRY
 from worker_support import read_all, slow_repository
 
+from infra.stack import LocalStack
 from models.cache import ModelCache
 from models.examples import MNIST_MLP, mnist_mlp_config, regressor_config, train_mnist_mlp, train_regressor
 from pipeline.batch_jobs import (
@@ -43,6 +44,7 @@ from pipeline.engine import InferenceEngine
 from pipeline.metrics import BatchRecord
 from pipeline.services import aws_client
 from pipeline.settings import ConfigError, Settings
+from pipeline.sqs_worker import POLL_GRACE_S
 
 
 @contextlib.asynccontextmanager
@@ -621,6 +623,36 @@ async def test_stop_releases_what_the_poll_under_way_receives(live, repository):
                                    AttributeNames=["ApproximateReceiveCount"]).get("Messages", [])
     assert [m["Body"] for m in received] == [body], "visible again at once, not in 600 s"
     assert received[0]["Attributes"]["ApproximateReceiveCount"] == "2"  # the poll under way received it first
+
+
+async def test_stop_abandons_a_poll_that_its_endpoint_does_not_answer(repository, tmp_path, caplog):
+    """stop() waited for the poll under way (a boto3 call cannot be told to end): an SQS endpoint that does not
+    answer (paused: connections are accepted, nothing is read) held it for the call's read timeout, three times over
+    (90 s and more). It now waits for the poll up to `POLL_GRACE_S` past its `wait_s`, then abandons it."""
+    private = LocalStack(tmp_path / "stack").start(kafka=False)
+    try:
+        settings = replace(Settings(), aws_endpoint_url=private.endpoint_url, batch_bucket="hung-batch")
+        config = BatchConfig(bucket=settings.batch_bucket, queue=f"{settings.batch_bucket}-events")
+        s3, sqs = aws_client(settings, "s3"), aws_client(settings, "sqs")
+        queue_url = await asyncio.to_thread(ensure_batch_notifications, s3, sqs, config)
+        try:
+            async with InferenceEngine(ModelCache(repository), worker_id="batch-hung") as engine:
+                runner = BatchJobRunner(engine, s3, config, max_request_bytes=settings.max_request_bytes,
+                                        worker_id="hung")
+                watcher = BatchJobWatcher(runner, sqs, queue_url, wait_s=1, drain_timeout_s=0.5)
+                await watcher.start()
+                await asyncio.sleep(0.5)  # polling, 1 s at a time, without a pause
+                private._moto.send_signal(signal.SIGSTOP)
+                await asyncio.sleep(0.5)  # the poll under way, or the one after it, waits for the server now
+                started = time.monotonic()
+                await asyncio.wait_for(watcher.stop(), 60)  # hang guard
+                took = time.monotonic() - started
+        finally:
+            private._moto.send_signal(signal.SIGCONT)  # a paused server ends on SIGTERM only once resumed
+    finally:
+        private.stop()
+    assert took < watcher.wait_s + POLL_GRACE_S + 0.5, f"stop() took {took:.1f} s"
+    assert any("did not end within" in r.getMessage() for r in caplog.records)
 
 
 def _batch_worker_process(settings, *args: str) -> tuple[subprocess.Popen, list[str]]:

@@ -11,9 +11,10 @@ from dataclasses import replace
 import orjson
 import pytest
 from prometheus_client import REGISTRY
-from worker_support import read_all, slow_repository, worker_process
+from worker_support import all_output, read_all, slow_repository, worker_process
 
 from infra.bootstrap import ensure_queue
+from infra.stack import LocalStack
 from models.cache import ModelCache
 from models.examples import MNIST_MLP, mnist_mlp_config, synthetic_digits, train_mnist_mlp
 from models.repository import ModelRepository
@@ -24,7 +25,8 @@ from pipeline.engine import InferenceEngine
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.metrics import BatchRecord
 from pipeline.responder import Responder
-from pipeline.services import answer_producer, aws_client, claim_check_store, stop_producer
+from pipeline.services import answer_producer, aws_client, bootstrap, claim_check_store, stop_producer
+from pipeline.settings import Settings
 from pipeline.sinks import MAX_PASSTHROUGH_BYTES, Envelope, KafkaSink, SqsSink
 from pipeline.sqs_worker import SqsWorker, _InFlight
 
@@ -454,6 +456,38 @@ def test_an_idle_sqs_worker_process_exits_promptly_on_sigterm(live):
         assert proc.wait(10) == 0, "".join(lines)  # hang guard: the poll is 2 s
     finally:
         proc.kill()
+
+
+async def test_an_sqs_worker_whose_endpoint_stopped_answering_exits_within_its_shutdown_timeout(repository, tmp_path):
+    """stop() waited for the receive under way, and an SQS endpoint that does not answer (paused: connections are
+    accepted, nothing is read) holds a receive for its read timeout, three times over: `maas worker --source sqs`
+    exited two minutes after its SIGTERM (MAAS_SHUTDOWN_TIMEOUT_S 4). The poll is now abandoned `POLL_GRACE_S`
+    past its wait, and its thread does not hold the process's exit."""
+    with LocalStack(tmp_path / "stack") as private:
+        settings = replace(Settings(), kafka_bootstrap_servers=private.bootstrap_servers,
+                           aws_endpoint_url=private.endpoint_url, model_repository=str(repository.root),
+                           sqs_requests_queue="requests-hung", shutdown_timeout_s=6)
+        await bootstrap(settings)
+        proc, _, lines = worker_process(settings, worker_id="sqs-hung", args=("--source", "sqs"))
+        try:
+            async with asyncio.timeout(60):  # hang guard
+                while not any("receiving from SQS" in line for line in lines):
+                    assert proc.poll() is None, "".join(lines)
+                    await asyncio.sleep(0.1)
+            private._moto.send_signal(signal.SIGSTOP)
+            # It polls without a pause: the receive under way, or the one after it (sent within milliseconds),
+            # waits for the server now. The log line asserted below says stop() met it.
+            await asyncio.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            await all_output(proc, 60)
+            took = time.monotonic() - started
+        finally:
+            proc.kill()
+            private._moto.send_signal(signal.SIGCONT)  # a paused server ends on SIGTERM only once resumed
+    assert proc.returncode == 0, "".join(lines)
+    assert any("did not end within" in line for line in lines), "".join(lines)
+    assert took < settings.shutdown_timeout_s + 1, f"the worker exited {took:.1f} s after its SIGTERM"
 
 
 async def _answer_over_kafka(settings, repository, count: int, prefix: str) -> tuple[dict, BatchMetricsPublisher]:

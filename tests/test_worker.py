@@ -19,7 +19,15 @@ from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 from prometheus_client import REGISTRY
 from s3_support import assert_names_no_location, unreachable_s3
-from worker_support import all_output, read_all, read_topic, running_worker, slow_repository, worker_process
+from worker_support import (
+    all_output,
+    calls_waiting_on,
+    read_all,
+    read_topic,
+    running_worker,
+    slow_repository,
+    worker_process,
+)
 
 from infra.bootstrap import ensure_topics
 from infra.stack import LocalStack, free_port
@@ -397,6 +405,40 @@ async def test_stop_cancels_the_reply_to_lookups_of_requests_it_abandons(tmp_pat
         assert lookup.cancelled()
         left = [t.get_coro().__qualname__ for t in asyncio.all_tasks()]
         assert "KafkaSink._look_up" not in left, left
+
+
+async def test_a_worker_whose_s3_stopped_answering_exits_within_its_shutdown_timeout(repository, tmp_path):
+    """An S3 call cannot be interrupted: with an endpoint that does not answer (paused: connections are accepted,
+    nothing is read) a result's upload waits for its read timeout, three times over. stop() abandoned the request at
+    its deadline, then the process waited for the upload's thread: `maas worker` exited 2 minutes after its SIGTERM
+    (MAAS_SHUTDOWN_TIMEOUT_S 4), past any pod's grace period."""
+    with LocalStack(tmp_path / "stack") as private:
+        settings = replace(Settings(), kafka_bootstrap_servers=private.bootstrap_servers,
+                           aws_endpoint_url=private.endpoint_url, model_repository=str(repository.root),
+                           topic_partitions=1, shutdown_timeout_s=4)
+        await bootstrap(settings)
+        proc, assigned, lines = worker_process(settings, worker_id="s3-hangs")
+        try:
+            assert await asyncio.to_thread(assigned.wait, 60), "".join(lines)
+            requests, _ = example_requests(2, prefix="upload")
+            for number, request in enumerate(requests):
+                uri = f"s3://{settings.batch_bucket}/{settings.claim_check_prefix}hung/{number}.json"
+                request["parameters"] = {"output_uri": uri}
+            private._moto.send_signal(signal.SIGSTOP)
+            await publish_requests(settings, requests)
+            async with asyncio.timeout(30):  # hang guard: the model runs, then the upload waits for S3
+                while not calls_waiting_on(private.s3_port):
+                    await asyncio.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            await all_output(proc, 60)
+            took = time.monotonic() - started
+        finally:
+            proc.kill()
+            private._moto.send_signal(signal.SIGCONT)  # a paused server ends on SIGTERM only once resumed
+    assert proc.returncode == 0, "".join(lines)
+    assert any("2 request(s) not answered" in line for line in lines), "".join(lines)
+    assert took < settings.shutdown_timeout_s + 1, f"the worker exited {took:.1f} s after its SIGTERM"
 
 
 async def test_a_worker_whose_slots_stay_full_polls_in_time_and_keeps_its_partitions(fast, tmp_path):

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.client import AIOKafkaClient
@@ -146,3 +147,15 @@ async def all_output(proc: subprocess.Popen, timeout: float = 30.0) -> None:
     assert not proc.watcher.is_alive(), "the process's output never ended"
 
 
+
+
+def calls_waiting_on(port: int) -> int:
+    """How many connections to the server on loopback `port` wait for it: accepted by the kernel and not by the
+    server (its listening socket's backlog), or holding bytes it has not read. A server paused with SIGSTOP (one that
+    does not answer, as in a network partition) is then known to hold a call made after the pause, with no fixed
+    wait for the call to be made; a call it read before the pause is not seen (Linux: /proc/net/tcp)."""
+    waiting = 0
+    for row in map(str.split, Path("/proc/net/tcp").read_text().splitlines()[1:]):
+        if row[1].endswith(f":{port:04X}") and (row[3] == "0A" or row[3] == "01"):  # LISTEN, ESTABLISHED
+            waiting += int(row[4].split(":")[1], 16) > 0  # tx_queue:rx_queue (for LISTEN: the accept backlog)
+    return waiting
