@@ -21,6 +21,7 @@ from models.repository import open_repository
 from pipeline.codec import decode_response, encode_request
 from pipeline.engine import InferenceEngine
 from pipeline.http_server import HttpServer
+from pipeline.observability import IDLE_TIMEOUT_S, HealthServer
 from pipeline.ratelimit import ApiKeys, Limit, RateLimiter, TokenBucket
 from pipeline.services import aws_client
 from pipeline.v2_api import V2Api
@@ -647,6 +648,48 @@ async def test_stop_refuses_requests_that_arrive_on_open_connections_and_closes_
         await asyncio.wait_for(stopping, 10)
         for closing in (writer, idle_writer):
             closing.close()
+
+
+async def _closed_by_server(port: int, sent: bytes, within_s: float) -> bool:
+    """Whether the server closes a connection on which `sent` was written (and whatever it answered read) within
+    `within_s` seconds."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(sent)
+        await writer.drain()
+        async with asyncio.timeout(within_s):
+            while await reader.read(65536):
+                pass
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        writer.close()
+
+
+async def test_idle_and_half_sent_connections_are_closed(repository):
+    """A connection that sent nothing, or half a request's head, was held for aiohttp's default of 3,630 s, and one
+    idle after a request as long: a few hundred of them, opened by anyone who can reach the port, used up a server's
+    file descriptors, and no one could connect, health probes included. Both servers now close them after their
+    idle timeout (IDLE_TIMEOUT_S, 75 s: AWS ALB's 60 s idle timeout must close first)."""
+    assert 60 < IDLE_TIMEOUT_S <= 120
+    async with InferenceEngine(ModelCache(repository), worker_id="http-test") as engine:
+        api = V2Api(engine, max_request_bytes=64 * 1024)
+        async with (HttpServer(api, "127.0.0.1", 0, idle_timeout_s=1.0) as server,
+                    HealthServer("127.0.0.1", 0, lambda: True, idle_timeout_s=1.0) as health):
+            for port, path in ((server.port, "/v2"), (health.port, "/health/live")):
+                for sent in (b"", f"GET {path} HTTP/1.1\r\nHost: x\r\nX-A".encode(),
+                             f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()):  # the last: idle after its answer
+                    assert await _closed_by_server(port, sent, within_s=10), (port, sent)
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            for _ in range(3):  # a connection that is used is kept: the timeout starts again after each answer
+                writer.write(b"GET /v2 HTTP/1.1\r\nHost: x\r\n\r\n")
+                head, _ = await _answer(reader)
+                assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" not in head
+                await asyncio.sleep(0.5)  # 1.5 s in all, each gap within the timeout
+            writer.close()
+        async with HttpServer(api, "127.0.0.1", 0) as server:  # the default holds for longer than a test waits
+            assert not await _closed_by_server(server.port, b"GET /v2 HTTP/1.1\r\n", within_s=1)
 
 
 async def test_rate_limits_cannot_be_dodged_by_header_or_by_made_up_models(repository):
