@@ -21,6 +21,7 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -75,8 +76,17 @@ def default_cache_dir() -> Path:
 
 
 class S3ModelRepository(Repository):
+    #: How long one listing of the store answers `names()` and `versions()`, in seconds. Each of those asked S3 for a
+    #: listing of its own: a request naming a model or version that does not exist (a 404, which rate limits do not
+    #: count, since a made-up name must not get a bucket) cost a ListObjectsV2 call, so did each model's metadata, and
+    #: the repository index one per model. Now the store is listed at most once per this interval, however many
+    #: requests ask (those arriving during a listing wait for it); a version published elsewhere is seen after it.
+    listing_ttl_s = 1.0
+
     def __init__(self, uri: str, client: Any, cache_dir: str | Path | None = None) -> None:
         super().__init__()
+        self._listing: tuple[float, dict[str, list[int]]] | None = None  # when it was started, and what it found
+        self._listing_lock = threading.Lock()  # the threads of asyncio.to_thread: one listing at a time
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.root = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.client = client
@@ -120,12 +130,21 @@ class S3ModelRepository(Repository):
                 index.setdefault(parts[0], []).append(number)
         return {n: sorted(v) for n, v in index.items()}
 
+    def _listed(self) -> dict[str, list[int]]:
+        """`_index()` of the whole store, listed again once `listing_ttl_s` have passed since the last listing
+        began; a caller that finds a listing under way waits for it and takes its answer. A failed one is not kept."""
+        with self._listing_lock:
+            if self._listing is None or time.monotonic() - self._listing[0] >= self.listing_ttl_s:
+                started = time.monotonic()
+                self._listing = (started, self._index())
+            return self._listing[1]
+
     def names(self) -> list[str]:
-        return sorted(self._index())
+        return sorted(self._listed())
 
     def versions(self, name: str) -> list[int]:
         validate_model_name(name)
-        return self._index(name).get(name, [])
+        return list(self._listed().get(name, []))
 
     def _read_config(self, name: str, version: int) -> ModelConfig:
         try:  # bounded: read one byte past the limit, so that an oversized config is refused, not buffered
@@ -234,7 +253,7 @@ class S3ModelRepository(Repository):
 
     def _write(self, name: str, config: ModelConfig, weights: dict[str, torch.Tensor],
                assets: dict[str, bytes]) -> int:
-        version = self._claim(name, (self.versions(name) or [0])[-1] + 1)
+        version = self._claim(name, (self._index(name).get(name) or [0])[-1] + 1)  # the store's, not the listing's
         with tempfile.TemporaryDirectory(prefix="maas-publish-") as tmp:
             written = write_artifact(Path(tmp), config, weights, assets)
             try:
@@ -248,4 +267,5 @@ class S3ModelRepository(Repository):
                                        ContentType="application/json")
             except (BotoCoreError, ClientError) as exc:
                 raise RepositoryError(f"cannot publish {name!r} version {version} to {self.root}: {exc}") from None
+        self._listing = None  # this repository's callers see what it published at once
         return version

@@ -14,6 +14,7 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -31,6 +32,7 @@ from pipeline.protocol import InferenceRequest, InferenceResponse
 from pipeline.settings import ConfigError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 S3_DEFAULT_CONTENT_TYPE = "binary/octet-stream"  # what S3 reports for an object put without a content type
 _DIGEST_END = re.compile(r"-[0-9a-f]{16}$")
 _KEY_RE = re.compile(r"[A-Za-z0-9!_.*'()/=+,@-]{1,1024}")
@@ -215,9 +217,9 @@ class ClaimCheckStore:
             if code in ("404", "NoSuchKey", "NoSuchBucket", "403", "AccessDenied"):
                 raise InferenceError(ErrorCode.INVALID_REQUEST, f"{field}: {uri} cannot be read ({code})") from None
             raise InferenceError(ErrorCode.UNAVAILABLE, f"{field}: S3 error reading {uri}: {code}") from None
-        except BotoCoreError as exc:
-            raise InferenceError(ErrorCode.UNAVAILABLE, f"{field}: S3 unreachable: {without_credentials(str(exc))}"
-                                 ) from None
+        except BotoCoreError as exc:  # its message quotes the endpoint's URL: for the server's log, not the caller
+            log.warning("%s: cannot read %s: %s", field, uri, without_credentials(str(exc)))
+            raise InferenceError(ErrorCode.UNAVAILABLE, f"{field}: S3 cannot be reached; retry later") from None
 
     async def put(self, uri: str, framed: Framed, field: str = "parameters.output_uri") -> None:
         """Write the object a caller named, checked as every URI a caller gives."""
@@ -233,9 +235,14 @@ class ClaimCheckStore:
 
         try:
             await asyncio.to_thread(put)
-        except (ClientError, BotoCoreError) as exc:
-            raise InferenceError(ErrorCode.UNAVAILABLE, f"{field}: S3 error writing s3://{bucket}/{key}: "
-                                 f"{without_credentials(str(exc))}") from None
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            raise InferenceError(ErrorCode.UNAVAILABLE, f"{field}: S3 error writing s3://{bucket}/{key}: {code}"
+                                 ) from None
+        except BotoCoreError as exc:  # its message quotes the endpoint's URL: for the server's log, not the caller
+            log.warning("%s: cannot write s3://%s/%s: %s", field, bucket, key, without_credentials(str(exc)))
+            raise InferenceError(ErrorCode.UNAVAILABLE, f"{field}: S3 cannot be reached to write s3://{bucket}/{key}; "
+                                 "retry later") from None
 
     def default_uri(self, *parts: str, suffix: str = "") -> str:
         """A new object for `parts` (a model, a request id): `<output_prefix>/<part>/.../<uuid4><suffix>`.

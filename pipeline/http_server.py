@@ -4,8 +4,9 @@ Concurrent HTTP clients share the engine's dynamic batcher, so requests from man
 in one model batch. What can be refused before the body is read is refused then (auth, a declared
 oversize or compressed body), including on `Expect: 100-continue`, before the client sends the body. The
 server holds at most `max_in_flight` requests (503 past it; health probes and metrics scrapes are not
-counted, nor refused), gives a body `body_timeout_s` to arrive (408),
-and on `stop()` stops listening, lets the requests in flight finish (up to `drain_timeout_s`), then closes.
+counted, nor refused), gives a body `body_timeout_s` to arrive (408), closes a connection without a request
+under way after `idle_timeout_s` (one that sent nothing, or half a request's head, included), and on `stop()`
+stops listening, lets the requests in flight finish (up to `drain_timeout_s`), then closes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from pipeline.errors import ErrorCode
-from pipeline.observability import listen
+from pipeline.observability import IDLE_TIMEOUT_S, listen
 from pipeline.v2_api import PUBLIC_PATHS, ApiRequest, ApiResponse, V2Api, refusal
 
 log = logging.getLogger(__name__)
@@ -143,13 +144,15 @@ class HttpServer:
     """Serve `V2Api` on host:port. `async with HttpServer(...)` or `start()` / `stop()`; port 0 picks one."""
 
     def __init__(self, api: V2Api, host: str = "127.0.0.1", port: int = 8000, *, backlog: int = 1024,
-                 max_in_flight: int = 4096, body_timeout_s: float = 30.0, drain_timeout_s: float = 25.0) -> None:
+                 max_in_flight: int = 4096, body_timeout_s: float = 30.0, drain_timeout_s: float = 25.0,
+                 idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
         self.api = api
         self.host = host
         self.port = port
         self.backlog = backlog
         self.traffic = Traffic(max_in_flight=max_in_flight, body_timeout_s=body_timeout_s)
         self.drain_timeout_s = drain_timeout_s
+        self.idle_timeout_s = idle_timeout_s
         self._runner: web.AppRunner | None = None
         self._stop_lock = asyncio.Lock()  # a second stop() waits for the first, then finds nothing to close
 
@@ -158,7 +161,7 @@ class HttpServer:
         logging.getLogger("aiohttp.server").addFilter(_FILTER)  # the same object: added once however often
         self.api.ready = self.traffic.stopping = False
         runner = web.AppRunner(build_app(self.api, self.traffic), access_log=None, handle_signals=False,
-                               shutdown_timeout=1.0)
+                               shutdown_timeout=1.0, keepalive_timeout=self.idle_timeout_s)
         await listen(runner, self.host, self.port, backlog=self.backlog)
         self._runner = runner
         if runner.addresses:

@@ -97,6 +97,15 @@ def configure_logging(verbose: bool, fmt: str = "text") -> None:
     logging.getLogger("aiokafka").setLevel(logging.WARNING if verbose else logging.CRITICAL)
 
 
+#: How long a connection may stay open without a request under way: before its first request's head has arrived
+#: whole, and between requests. aiohttp's server default is 3,630 s, and a connection that sent nothing, or half a
+#: head, held its file descriptor that long: a few thousand of them, which anyone who can reach the port could open,
+#: used up the process's file descriptors, and then nobody could connect, the health probes included. 75 s, as
+#: aiohttp's own `run_app` has it, outlasts the idle timeout of the load balancers that keep connections to a server
+#: open (AWS ALB's 60 s), which must be the ones to close them.
+IDLE_TIMEOUT_S = 75.0
+
+
 async def listen(runner: web.AppRunner, host: str, port: int, **site_options: Any) -> web.TCPSite:
     """Set `runner` up and listen on host:port. When that fails (the port is taken), the runner is cleaned up
     again: a failed start() leaves nothing running, and nothing for stop() to close."""
@@ -116,10 +125,12 @@ async def listen(runner: web.AppRunner, host: str, port: int, **site_options: An
 class HealthServer:
     """`/health/live`, `/health/ready` and `/metrics`. `ready()` decides readiness (e.g. partitions owned)."""
 
-    def __init__(self, host: str, port: int, ready: Callable[[], bool]) -> None:
+    def __init__(self, host: str, port: int, ready: Callable[[], bool], *,
+                 idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
         self.host = host
         self.port = port
         self._ready = ready
+        self.idle_timeout_s = idle_timeout_s
         self._started = time.monotonic()
         self._runner: web.AppRunner | None = None
         self._stop_lock = asyncio.Lock()  # a second stop() waits for the first, then finds nothing to close
@@ -129,7 +140,7 @@ class HealthServer:
         app.router.add_get("/health/live", self._live)
         app.router.add_get("/health/ready", self._readiness)
         app.router.add_get("/metrics", self._metrics)
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, keepalive_timeout=self.idle_timeout_s)
         site = await listen(runner, self.host, self.port)
         self._runner = runner
         self.port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked for

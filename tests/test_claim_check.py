@@ -11,6 +11,7 @@ import numpy as np
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
+from s3_support import unreachable_s3
 from worker_support import read_all, read_topic, running_worker, stored_batches
 
 from infra.bootstrap import ensure_topics
@@ -18,9 +19,10 @@ from models.cache import ModelCache
 from models.examples import MNIST_MLP, synthetic_digits
 from pipeline.claim_check import ClaimCheckStore, parse_s3_uri
 from pipeline.client import ResultCollector, publish_requests
-from pipeline.codec import decode_response, encode_request
+from pipeline.codec import Framed, decode_response, encode_request
 from pipeline.engine import InferenceEngine
-from pipeline.errors import InferenceError
+from pipeline.errors import ErrorCode, InferenceError
+from pipeline.protocol import InferenceRequest
 from pipeline.responder import Outcome, Responder
 from pipeline.services import answer_producer, aws_client, bootstrap, claim_check_store, record_limits
 from pipeline.settings import RECORD_OVERHEAD_BYTES, ConfigError, Settings
@@ -57,6 +59,31 @@ async def _answer(settings, repository, envelopes: list[Envelope], limits: dict[
         store = claim_check_store(settings)
         sink = KafkaSink.for_settings(producer, settings, store, limits)
         return await Responder(settings, engine, sink, store=store).handle_many(envelopes)
+
+
+async def test_an_s3_outage_tells_the_caller_nothing_of_the_endpoint(caplog):
+    """botocore's network errors quote the endpoint's URL (`Could not connect to the endpoint URL:
+    "http://host:port/bucket/key"`), and a claim check that S3 did not answer carried it in its error: retried, then
+    dead-lettered with it in maas-error-message, which callers read. It stays in the server's log."""
+    down = unreachable_s3()
+    store = ClaimCheckStore(down, frozenset({"bucket"}), "bucket")
+    request = InferenceRequest("r-1", MNIST_MLP, None, {}, {}, inputs_uri="s3://bucket/claims/in.json")
+    with caplog.at_level(logging.WARNING, logger="pipeline.claim_check"):
+        with pytest.raises(InferenceError) as reading:
+            async with store.resolved_inputs(request, 1 << 20):
+                pass
+        with pytest.raises(InferenceError) as writing:
+            await store.put("s3://bucket/claims/out.json", Framed(b"{}", {}))
+        with pytest.raises(InferenceError) as storing:
+            await store.put_new(Framed(b"{}", {}), MNIST_MLP, "r-1")
+    assert reading.value.message == "inputs_uri: S3 cannot be reached; retry later"
+    assert writing.value.message == ("parameters.output_uri: S3 cannot be reached to write "
+                                     "s3://bucket/claims/out.json; retry later")
+    assert storing.value.message.startswith("result: S3 cannot be reached to write s3://bucket/results/mnist_mlp/r-1/")
+    host = down.meta.endpoint_url.removeprefix("http://")
+    for failed in (reading, writing, storing):
+        assert failed.value.code == ErrorCode.UNAVAILABLE and host not in failed.value.message
+    assert sum(host in record.getMessage() for record in caplog.records) == 3
 
 
 async def test_two_callers_with_one_request_id_get_their_own_result_objects(live, repository):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import shutil
@@ -21,6 +22,7 @@ from models.repository import open_repository
 from pipeline.codec import decode_response, encode_request
 from pipeline.engine import InferenceEngine
 from pipeline.http_server import HttpServer
+from pipeline.observability import IDLE_TIMEOUT_S, HealthServer
 from pipeline.ratelimit import ApiKeys, Limit, RateLimiter, TokenBucket
 from pipeline.services import aws_client
 from pipeline.v2_api import V2Api
@@ -179,6 +181,7 @@ async def test_an_s3_outage_gets_503_unavailable_naming_the_model_not_the_endpoi
         async with http.get("/v2/models/looked_up/versions/1") as r:  # its config is known, its files not loaded
             assert r.status == 200
         repo.client = down = unreachable_s3()
+        repo.listing_ttl_s = 0.0  # every lookup lists the store: none is answered from the listing above
         answers = []
         for method, path in [("POST", "/v2/models/looked_up/versions/1/infer"),
                              ("POST", "/v2/models/not_looked_up/infer"),
@@ -199,6 +202,39 @@ async def test_an_s3_outage_gets_503_unavailable_naming_the_model_not_the_endpoi
     assert index == (503, "UNAVAILABLE", unavailable)  # was 500 "internal error", a traceback in the log
     for _, _, message in [*answers, index]:
         assert_names_no_location(message, repo, down)
+
+
+async def test_lookups_of_made_up_models_cost_no_s3_call_of_their_own(live, tmp_path):
+    """Each lookup in an S3 repository asked S3 for a listing of its own: a request naming a model or version that
+    does not exist (a 404, which no rate limit counts, so that made-up names get no bucket) cost a ListObjectsV2
+    call, 200 of them in a second under a limit of one request a second cost 200; a model's metadata cost one each,
+    the repository index one per model. The store is now listed at most once per `listing_ttl_s`: with S3 gone just
+    after a listing, those requests are answered from it (404, 200) instead of asking S3 (503), until it is due."""
+    s3 = aws_client(live, "s3")
+    repo = open_repository(f"s3://{live.batch_bucket}/listed", lambda: s3, cache_dir=tmp_path / "cache")
+    assert repo.publish("m", mnist_mlp_config(), train_mnist_mlp(steps=1)) == 1
+    repo.listing_ttl_s = 60.0  # longer than the requests below take, however loaded the machine
+    async with serving(repo, rate_limiter=RateLimiter(Limit(rate=1, burst=1))) as (http, _, _):
+        async with http.get("/v2/models/m") as r:  # lists the store, reads the config
+            assert r.status == 200 and (await r.json())["versions"] == ["1"]
+        repo.client = unreachable_s3()  # from here on a request that asks S3 anything gets 503
+        statuses = collections.Counter()
+        for i in range(50):
+            for method, path in (("POST", f"/v2/models/made-up-{i}/infer"),
+                                 ("POST", f"/v2/models/m/versions/{i + 2}/infer"),
+                                 ("GET", f"/v2/models/made-up-{i}/ready"), ("GET", "/v2/models/m")):
+                async with http.request(method, path, json=json_request()) as r:
+                    statuses[method, "made-up" not in path, r.status] += 1
+        assert statuses == {("POST", False, 404): 50, ("POST", True, 404): 50, ("GET", False, 404): 50,
+                            ("GET", True, 200): 50}
+        async with http.post("/v2/repository/index") as r:
+            assert r.status == 200 and [row["name"] for row in await r.json()] == ["m"]
+        repo.listing_ttl_s = 0.0  # due: the next lookup lists the store again, and finds it down
+        async with http.post("/v2/models/made-up/infer", json=json_request()) as r:
+            assert r.status == 503 and r.headers["x-maas-error-code"] == "UNAVAILABLE"
+        repo.client = s3
+        async with http.post("/v2/models/made-up/infer", json=json_request()) as r:
+            assert r.status == 404
 
 
 async def test_infer_json_concurrent_clients_are_batched(repository):
@@ -647,6 +683,48 @@ async def test_stop_refuses_requests_that_arrive_on_open_connections_and_closes_
         await asyncio.wait_for(stopping, 10)
         for closing in (writer, idle_writer):
             closing.close()
+
+
+async def _closed_by_server(port: int, sent: bytes, within_s: float) -> bool:
+    """Whether the server closes a connection on which `sent` was written (and whatever it answered read) within
+    `within_s` seconds."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(sent)
+        await writer.drain()
+        async with asyncio.timeout(within_s):
+            while await reader.read(65536):
+                pass
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        writer.close()
+
+
+async def test_idle_and_half_sent_connections_are_closed(repository):
+    """A connection that sent nothing, or half a request's head, was held for aiohttp's default of 3,630 s, and one
+    idle after a request as long: a few hundred of them, opened by anyone who can reach the port, used up a server's
+    file descriptors, and no one could connect, health probes included. Both servers now close them after their
+    idle timeout (IDLE_TIMEOUT_S, 75 s: AWS ALB's 60 s idle timeout must close first)."""
+    assert 60 < IDLE_TIMEOUT_S <= 120
+    async with InferenceEngine(ModelCache(repository), worker_id="http-test") as engine:
+        api = V2Api(engine, max_request_bytes=64 * 1024)
+        async with (HttpServer(api, "127.0.0.1", 0, idle_timeout_s=1.0) as server,
+                    HealthServer("127.0.0.1", 0, lambda: True, idle_timeout_s=1.0) as health):
+            for port, path in ((server.port, "/v2"), (health.port, "/health/live")):
+                for sent in (b"", f"GET {path} HTTP/1.1\r\nHost: x\r\nX-A".encode(),
+                             f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()):  # the last: idle after its answer
+                    assert await _closed_by_server(port, sent, within_s=10), (port, sent)
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            for _ in range(3):  # a connection that is used is kept: the timeout starts again after each answer
+                writer.write(b"GET /v2 HTTP/1.1\r\nHost: x\r\n\r\n")
+                head, _ = await _answer(reader)
+                assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" not in head
+                await asyncio.sleep(0.5)  # 1.5 s in all, each gap within the timeout
+            writer.close()
+        async with HttpServer(api, "127.0.0.1", 0) as server:  # the default holds for longer than a test waits
+            assert not await _closed_by_server(server.port, b"GET /v2 HTTP/1.1\r\n", within_s=1)
 
 
 async def test_rate_limits_cannot_be_dodged_by_header_or_by_made_up_models(repository):

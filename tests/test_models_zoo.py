@@ -489,6 +489,7 @@ async def test_an_s3_outage_tells_callers_the_repository_is_unavailable_never_wh
     async with InferenceEngine(ModelCache(repo)) as engine:
         await engine.model_config("looked_up", "1")  # its config is known; its files are not downloaded yet
         repo.client = down = unreachable_s3()
+        repo.listing_ttl_s = 0.0  # every lookup lists the store: none is answered from an earlier listing
         with caplog.at_level(logging.WARNING):
             outcomes = await engine.infer_many(requests)
             with pytest.raises(InferenceError) as loading:

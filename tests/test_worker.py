@@ -187,6 +187,7 @@ async def test_requests_met_by_an_s3_outage_are_retried_then_dead_lettered_as_un
         await asyncio.wait_for(worker.assigned.wait(), 30)
         await engine.model_config("looked_up", "1")  # its config is known, its files not loaded
         repo.client = down = unreachable_s3()
+        repo.listing_ttl_s = 0.0  # every lookup lists the store: none is answered from an earlier listing
         await publish_requests(fast, looked_up + not_looked_up)
         answers = await collector.wait_for([r["id"] for r in looked_up + not_looked_up], timeout=60)
     unavailable = "the model repository is unavailable; retry later"
