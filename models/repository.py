@@ -297,7 +297,7 @@ def open_repository(uri: str | Path, s3_client_factory: Callable[[], Any] | None
 
     For S3, `s3_client_factory()` gives the boto3 S3 client to use (endpoint, credentials); without one,
     `boto3.client("s3")` reads the usual environment (AWS_ENDPOINT_URL, the credential chain). Downloaded
-    versions are kept under `cache_dir` (default: <tmp>/maas-model-cache).
+    versions are kept under `cache_dir` (default: <tmp>/maas-model-cache-<uid>, private to the user).
     """
     text = str(uri)
     if text.startswith("s3://"):

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -72,7 +73,20 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 
 def default_cache_dir() -> Path:
-    return Path(tempfile.gettempdir()) / "maas-model-cache"
+    """`<tmp>/maas-model-cache-<uid>`, made private to this user. Under a shared /tmp another user could have
+    made `<tmp>/maas-model-cache` first, and then swapped a version's files between their sha256 check and
+    their load; one made by another user, or that others may write, is refused."""
+    path = Path(tempfile.gettempdir()) / f"maas-model-cache-{os.getuid()}"
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        status = path.lstat()
+    except OSError as exc:
+        raise RepositoryError(f"the model cache folder {path} cannot be made ({exc.strerror or exc}); set "
+                              "MAAS_MODEL_CACHE_DIR") from None
+    if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid() or status.st_mode & 0o022:
+        raise RepositoryError(f"the model cache folder {path} is not a folder of this user's that only it may "
+                              "write; remove it, or set MAAS_MODEL_CACHE_DIR")
+    return path
 
 
 class S3ModelRepository(Repository):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -338,6 +340,20 @@ def test_s3_uris_and_names_are_validated():
             parse_s3_uri(bad)
     with pytest.raises(RepositoryError, match="expected a local folder or an s3://"):
         open_repository("gs://bucket/models")
+
+
+def test_the_default_s3_cache_folder_is_private_to_its_user(tmp_path, monkeypatch):
+    """Under a shared /tmp, another user who made the cache folder first could swap a version's files between their
+    sha256 check and their load."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder = tmp_path / f"maas-model-cache-{os.getuid()}"
+    assert S3ModelRepository("s3://bucket/models", None).cache_dir == folder / "bucket" / "models"
+    assert folder.stat().st_mode & 0o777 == 0o700
+    folder.chmod(0o777)  # as one made by someone else, or by a umask that lets others write, would be
+    with pytest.raises(RepositoryError, match=rf"the model cache folder {folder} is not a folder of this user's"):
+        S3ModelRepository("s3://bucket/models", None)
+    assert S3ModelRepository("s3://bucket/models", None, cache_dir=tmp_path / "mine").cache_dir.parent.parent == (
+        tmp_path / "mine")  # a folder MAAS_MODEL_CACHE_DIR names (a mounted volume) is the operator's to secure
 
 
 def test_s3_repository_publish_list_load_and_cache(live, s3, tmp_path, repository):
