@@ -101,6 +101,7 @@ class S3ModelRepository(Repository):
         super().__init__()
         self._listing: tuple[float, dict[str, list[int]]] | None = None  # when it was started, and what it found
         self._listing_lock = threading.Lock()  # the threads of asyncio.to_thread: one listing at a time
+        self._publishes = 0  # this repository's publishes so far: a listing begun before one is not kept
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.root = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.client = client
@@ -149,8 +150,11 @@ class S3ModelRepository(Repository):
         began; a caller that finds a listing under way waits for it and takes its answer. A failed one is not kept."""
         with self._listing_lock:
             if self._listing is None or time.monotonic() - self._listing[0] >= self.listing_ttl_s:
-                started = time.monotonic()
-                self._listing = (started, self._index())
+                started, publishes = time.monotonic(), self._publishes
+                index = self._index()
+                if publishes != self._publishes:  # published meanwhile (not under this lock): this listing may
+                    return index  # predate it, and kept it would hide the new version for listing_ttl_s
+                self._listing = (started, index)
             return self._listing[1]
 
     def names(self) -> list[str]:
@@ -281,5 +285,6 @@ class S3ModelRepository(Repository):
                                        ContentType="application/json")
             except (BotoCoreError, ClientError) as exc:
                 raise RepositoryError(f"cannot publish {name!r} version {version} to {self.root}: {exc}") from None
+        self._publishes += 1  # before the listing is dropped: a listing under way now is not kept (see `_listed`)
         self._listing = None  # this repository's callers see what it published at once
         return version

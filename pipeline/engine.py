@@ -64,6 +64,7 @@ class InferenceEngine:
         self._max_cached_configs = 4096
         self._lookups: dict[tuple[str, str | None], asyncio.Future] = {}
         self._served: set[str] = set()  # names that resolved to a model: the repository's, never a caller's
+        self._evictions_counted = cache.stats.evictions  # those on maas_model_cache_evictions_total so far
 
     def add_batch_listener(self, listener: BatchListener) -> None:
         self._listeners.append(listener)
@@ -283,7 +284,6 @@ class InferenceEngine:
         if model is not None:
             MODEL_CACHE.labels("hit").inc()
             return model
-        evictions = self.cache.stats.evictions
         try:
             model, loaded = await self._in_executor(self._load_on_model_thread, *key)
         except RepositoryUnavailableError as exc:  # an OSError too: its message quotes the store's endpoint
@@ -291,6 +291,8 @@ class InferenceEngine:
         except (ArtifactError, ModelNotFoundError, OSError) as exc:  # messages name no server folder; cut any
             reason = exc.message if isinstance(exc, ModelNotFoundError) else str(exc)  # without its `where`
             raise load_failed(name, version, self.cache.repository.for_callers(reason)) from None
+        finally:  # a load that failed may have evicted others to make room
+            self._count_evictions()
         if not loaded:  # another request loaded it meanwhile
             MODEL_CACHE.labels("hit").inc()
             return model
@@ -301,9 +303,15 @@ class InferenceEngine:
         if ahead is not None and ahead.parallel:
             KERNEL_BINARIES.labels(label, "compiled").inc(ahead.compiled)
             KERNEL_BINARIES.labels(label, "cache").inc(max(ahead.binaries - ahead.compiled, 0))
-        MODEL_EVICTIONS.inc(self.cache.stats.evictions - evictions)
         MODEL_CACHE_BYTES.set(self.cache.nbytes)
         return model
+
+    def _count_evictions(self) -> None:
+        """Count the cache's evictions not counted yet on maas_model_cache_evictions_total. Not those since a load
+        began: a load queued behind another on the model thread counted that one's too."""
+        evictions = self.cache.stats.evictions
+        MODEL_EVICTIONS.inc(evictions - self._evictions_counted)
+        self._evictions_counted = evictions
 
     def unload(self, name: str) -> None:
         """Drop the loaded versions of `name` from the warm cache (they load again on their next request), and

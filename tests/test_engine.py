@@ -237,6 +237,27 @@ async def test_loads_evictions_and_cache_bytes_reach_the_metrics(repository):
     assert cache.loaded() == [("other", 1)]
 
 
+async def test_evictions_of_loads_under_way_together_are_counted_once(repository):
+    """Two loads under way at once (batches of two models missing from the cache): each one's evictions are counted
+    once on maas_model_cache_evictions_total. Each counted the cache's evictions since it began, and the load queued
+    behind the other on the model thread counted the other's too."""
+    repository.publish("other", mnist_mlp_config(), train_mnist_mlp(steps=2))
+    repository.publish("other", mnist_mlp_config(), train_mnist_mlp(steps=2))
+    one_model = repository.load(MNIST_MLP, 1).nbytes
+    cache = ModelCache(repository, max_bytes=int(one_model * 1.5))  # room for one version at a time
+
+    def evictions() -> float:
+        return REGISTRY.get_sample_value("maas_model_cache_evictions_total") or 0.0
+
+    async with InferenceEngine(cache) as engine:
+        await engine.load(MNIST_MLP, 1)
+        before, stats_before = evictions(), cache.stats.evictions
+        await asyncio.gather(engine.load("other", 1), engine.load("other", 2))  # evicts mnist_mlp, then other:1
+    assert cache.stats.evictions - stats_before == 2
+    assert evictions() - before == 2
+    assert cache.loaded() == [("other", 2)]
+
+
 async def test_kernel_binaries_a_warm_up_compiled_or_loaded_are_counted_per_model(repository, monkeypatch):
     """``maas_kernel_binaries_total{source}``: a GPU warm-up's compile-only pass (``LoadedModel.compile_ahead``)
     compiled some binaries and loaded the others from the Triton cache (counted by the kernels: see

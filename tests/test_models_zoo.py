@@ -400,6 +400,46 @@ def test_s3_repository_publish_list_load_and_cache(live, s3, tmp_path, repositor
     assert warm.load(MNIST_MLP, 2).nbytes > 0
 
 
+class _PausedListing(S3ModelRepository):
+    """Pauses a listing of the whole store once, when it has listed and before `_listed` keeps what it found."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pause = False
+        self.listed, self.resume = threading.Event(), threading.Event()
+
+    def _index(self, name: str | None = None) -> dict[str, list[int]]:
+        index = super()._index(name)
+        if name is None and self.pause:
+            self.pause = False
+            self.listed.set()
+            self.resume.wait(10)
+        return index
+
+
+def test_a_publish_during_a_listing_is_seen_at_once_by_the_repositorys_callers(live, s3, tmp_path, repository):
+    """A listing under way (a request's lookup, in a thread) while this repository published a version finished after
+    the publish had dropped the kept listing, and kept its own, from before the publish: the new version stayed
+    unseen for listing_ttl_s, although a publish is to be seen at once by the repository's callers."""
+    repo = _PausedListing(f"s3://{live.batch_bucket}/race", s3, cache_dir=tmp_path / "cache")
+    mnist = read_weights(repository.local_folder(MNIST_MLP, 1))
+    assert repo.publish(MNIST_MLP, mnist_mlp_config(), mnist) == 1
+    repo.listing_ttl_s = 60.0  # longer than this test, however loaded the machine
+    repo.pause = True
+    found: list[list[int]] = []
+    lookup = threading.Thread(target=lambda: found.append(repo.versions(MNIST_MLP)))
+    lookup.start()
+    try:
+        assert repo.listed.wait(10)
+        assert repo.publish(MNIST_MLP, mnist_mlp_config(), mnist) == 2
+    finally:
+        repo.resume.set()
+        lookup.join(10)
+    assert found == [[1]]  # it began before the publish
+    assert repo.versions(MNIST_MLP) == [1, 2]
+    assert repo.resolve(MNIST_MLP) == 2
+
+
 def test_s3_cache_folder_is_used_only_while_it_matches_the_store(live, s3, tmp_path, repository):
     """A cached copy is the store's only if its files hash to the sums the store's config.json records: a bucket
     reset and republished, another store sharing the cache folder, or a tampered file is downloaded again."""
