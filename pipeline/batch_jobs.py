@@ -744,7 +744,8 @@ class BatchJobWatcher:
                                         VisibilityTimeout=self.visibility_s)
 
     async def _handle(self, message: dict[str, Any]) -> None:
-        heartbeat = asyncio.create_task(self._keep_invisible(message["ReceiptHandle"]))
+        ended = asyncio.Event()
+        heartbeat = asyncio.create_task(self._keep_invisible(message["ReceiptHandle"], ended))
         try:
             refs = list(dict.fromkeys(object_refs(_s3_event(message))))
             for ref in refs:
@@ -756,14 +757,14 @@ class BatchJobWatcher:
         except asyncio.CancelledError:
             log.warning("batch job message %s: stopped before its job finished; released for another watcher",
                         message.get("MessageId"))
+            await self._end_heartbeat(heartbeat, ended)  # first: a heartbeat landing after it undid the release
             await self._release(message)
             raise
         except Exception:
             log.exception("batch job message %s failed; it will be redelivered", message.get("MessageId"))
             return
         finally:
-            heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
+            await self._end_heartbeat(heartbeat, ended)
         try:
             await asyncio.to_thread(self.sqs.delete_message, QueueUrl=self.queue_url,
                                     ReceiptHandle=message["ReceiptHandle"])
@@ -774,9 +775,23 @@ class BatchJobWatcher:
         with contextlib.suppress(ClientError, BotoCoreError):  # else it comes back when its visibility runs out
             await release_messages(self.sqs, self.queue_url, [message])
 
-    async def _keep_invisible(self, receipt: str) -> None:
-        while True:
-            await asyncio.sleep(self.visibility_s / 3)
+    async def _keep_invisible(self, receipt: str, ended: asyncio.Event) -> None:
+        """Extend the message's visibility every third of it until `ended` is set. A call under way then is
+        finished, not cancelled: cancelled, its thread went on, and a call that landed after the message's release
+        hid it from the other watchers for `visibility_s` again."""
+        while not ended.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), self.visibility_s / 3)
+                return
             with contextlib.suppress(ClientError, BotoCoreError):
                 await asyncio.to_thread(self.sqs.change_message_visibility, QueueUrl=self.queue_url,
                                         ReceiptHandle=receipt, VisibilityTimeout=self.visibility_s)
+
+    @staticmethod
+    async def _end_heartbeat(heartbeat: asyncio.Task, ended: asyncio.Event) -> None:
+        """Stop `_keep_invisible`, letting a call under way finish for up to `POLL_GRACE_S` (an endpoint that does
+        not answer it would not answer the release either)."""
+        ended.set()
+        if not (await asyncio.wait([heartbeat], timeout=POLL_GRACE_S))[0]:
+            heartbeat.cancel()
+        await asyncio.gather(heartbeat, return_exceptions=True)
