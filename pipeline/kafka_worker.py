@@ -19,7 +19,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, CorruptRecordException, IllegalStateError, KafkaError
+from aiokafka.errors import CommitFailedError, CorruptRecordException, IllegalStateError, KafkaError, KafkaTimeoutError
 
 from pipeline.backpressure import Slots
 from pipeline.batch_metrics import BatchMetricsPublisher
@@ -113,6 +113,20 @@ async def _abandon_consumer(consumer: AIOKafkaConsumer, timeout_s: float) -> Non
     if tasks:
         await asyncio.wait(tasks, timeout=timeout_s)
     await consumer._client.close()
+
+
+#: Seconds between two tries at answering records whose answers the broker did not take (`_broker_away`).
+DELIVERY_RETRY_S = 1.0
+
+
+def _broker_away(exc: KafkaError) -> bool:
+    """An error of a broker that did not answer in time (down, restarting, partitioned away, its partitions
+    without a leader): retriable, and the producer's expired batches (KafkaTimeoutError, not marked retriable).
+    Answers it met are tried again until the broker is back, rather than stopping the worker: a worker that
+    stopped on an outage of more than the producer's request timeout was restarted into a broker still away,
+    stopped at once, and under Kubernetes waited out the growing restart back-off after the broker came back.
+    A refusal (authorization, a record too large) stops the worker, as retrying it cannot help."""
+    return exc.retriable or isinstance(exc, KafkaTimeoutError)
 
 
 class _PollDue(Exception):
@@ -412,22 +426,29 @@ class KafkaWorker:
             for record in records
         ]
         offsets = [record.offset for record in records]
-        try:
-            await self._responder.handle_many(envelopes)
-        except KafkaError as exc:
-            # Some answers or dead letters could not be written: leave these offsets uncommitted and stop,
-            # so the records are redelivered (to this worker after a restart, or to another).
-            log.error("cannot produce the answers of %s..%s: %r; stopping", envelopes[0].source,
-                      envelopes[-1].source, exc)
-            self._fail(exc, "cannot produce answers to Kafka")
-        except Exception as exc:  # a bug: dead-letter the records, so that neither they nor the partition stall
-            log.exception("unexpected failure answering %s..%s; dead-lettering them", envelopes[0].source,
-                          envelopes[-1].source)
-            await self._dead_letter(tp, offsets, envelopes,
-                                    InferenceError(ErrorCode.INTERNAL, f"unexpected failure: {exc!r:.200}"))
-        else:
-            self._tracker.done(tp, offsets)
-            self.answered += len(records)
+        while True:
+            try:
+                await self._responder.handle_many(envelopes)
+            except KafkaError as exc:
+                if _broker_away(exc):  # answered again once it is back; their offsets stay uncommitted meanwhile
+                    log.warning("cannot produce the answers of %s..%s: %r; answering them again in %.0f s",
+                                envelopes[0].source, envelopes[-1].source, exc, DELIVERY_RETRY_S)
+                    await asyncio.sleep(DELIVERY_RETRY_S)
+                    continue
+                # The cluster refuses them: leave these offsets uncommitted and stop, so the records are
+                # redelivered (to this worker after a restart, or to another).
+                log.error("cannot produce the answers of %s..%s: %r; stopping", envelopes[0].source,
+                          envelopes[-1].source, exc)
+                self._fail(exc, "cannot produce answers to Kafka")
+            except Exception as exc:  # a bug: dead-letter the records, so that neither they nor the partition stall
+                log.exception("unexpected failure answering %s..%s; dead-lettering them", envelopes[0].source,
+                              envelopes[-1].source)
+                await self._dead_letter(tp, offsets, envelopes,
+                                        InferenceError(ErrorCode.INTERNAL, f"unexpected failure: {exc!r:.200}"))
+            else:
+                self._tracker.done(tp, offsets)
+                self.answered += len(records)
+            return
 
     async def _dead_letter(self, tp: TopicPartition, offsets: list[int], envelopes: list[Envelope],
                            error: InferenceError) -> None:

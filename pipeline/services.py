@@ -184,7 +184,7 @@ def answer_producer(settings: Settings) -> AIOKafkaProducer:
     """
     producer = AIOKafkaProducer(
         **settings.kafka_client_kwargs(), acks="all", linger_ms=2, max_batch_size=settings.producer_max_batch_bytes,
-        max_request_size=settings.max_record_bytes,
+        max_request_size=settings.max_record_bytes, request_timeout_ms=settings.kafka_request_timeout_ms,
         enable_idempotence=settings.kafka_idempotence, client_id=f"maas-{settings.worker_id}",
     )
     # Before start(): the client's first metadata update after its bootstrap asks for these topics.

@@ -196,6 +196,7 @@ class Settings:
     shutdown_timeout_s: int = 20
     rebalance_drain_s: int = 30
     kafka_session_timeout_ms: int = 10000
+    kafka_request_timeout_ms: int = 40000
     kafka_heartbeat_interval_ms: int = 1000
     kafka_fetch_max_wait_ms: int = 10
     torch_threads: int = 0
@@ -266,6 +267,7 @@ class Settings:
             shutdown_timeout_s=_int(env, "MAAS_SHUTDOWN_TIMEOUT_S", 20, minimum=1, maximum=3600),
             rebalance_drain_s=_int(env, "MAAS_REBALANCE_DRAIN_S", 30, minimum=0, maximum=3600),
             kafka_session_timeout_ms=_int(env, "MAAS_KAFKA_SESSION_TIMEOUT_MS", 10000, minimum=1000),
+            kafka_request_timeout_ms=_int(env, "MAAS_KAFKA_REQUEST_TIMEOUT_MS", 40000, minimum=1000),
             kafka_heartbeat_interval_ms=_int(env, "MAAS_KAFKA_HEARTBEAT_INTERVAL_MS", 1000, minimum=100),
             kafka_fetch_max_wait_ms=_int(env, "MAAS_KAFKA_FETCH_MAX_WAIT_MS", 10, minimum=0),
             torch_threads=_int(env, "MAAS_TORCH_THREADS", 0, minimum=0, maximum=4096),
@@ -381,6 +383,7 @@ class Settings:
             "MAAS_SHUTDOWN_TIMEOUT_S": str(self.shutdown_timeout_s),
             "MAAS_REBALANCE_DRAIN_S": str(self.rebalance_drain_s),
             "MAAS_KAFKA_SESSION_TIMEOUT_MS": str(self.kafka_session_timeout_ms),
+            "MAAS_KAFKA_REQUEST_TIMEOUT_MS": str(self.kafka_request_timeout_ms),
             "MAAS_KAFKA_HEARTBEAT_INTERVAL_MS": str(self.kafka_heartbeat_interval_ms),
             "MAAS_KAFKA_FETCH_MAX_WAIT_MS": str(self.kafka_fetch_max_wait_ms),
             "MAAS_TORCH_THREADS": str(self.torch_threads),

@@ -293,16 +293,16 @@ async def test_stop_closes_both_clients_when_the_broker_is_gone(tmp_path):
 
 
 @contextlib.asynccontextmanager
-async def _in_flight_on_a_private_broker(tmp_path, requests: list[dict], max_queue_delay_ms: float):
-    """A worker on a private broker, with `shutdown_timeout_s` 2 s, yielded with its settings and the broker's
-    process once it holds `requests` in flight, its model waiting `max_queue_delay_ms` to fill a batch. The broker
-    is resumed at the end if the test paused it."""
+async def _in_flight_on_a_private_broker(tmp_path, requests: list[dict], max_queue_delay_ms: float, **changes):
+    """A worker on a private broker, with `shutdown_timeout_s` 2 s (and `changes` to its settings), yielded with its
+    settings and the broker's process once it holds `requests` in flight, its model waiting `max_queue_delay_ms` to
+    fill a batch. The broker is resumed at the end if the test paused it."""
     slow = slow_repository(tmp_path / "slow", max_queue_delay_ms=max_queue_delay_ms)
     with LocalStack(tmp_path / "stack") as private:
         settings = replace(Settings(), kafka_bootstrap_servers=private.bootstrap_servers,
                            aws_endpoint_url=private.endpoint_url, model_repository=str(slow.root),
                            topic_partitions=2, kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=300,
-                           shutdown_timeout_s=2)
+                           **{"shutdown_timeout_s": 2, **changes})
         await bootstrap(settings)
         broker = private._broker
         try:
@@ -323,15 +323,15 @@ async def _in_flight_on_a_private_broker(tmp_path, requests: list[dict], max_que
 
 
 @contextlib.asynccontextmanager
-async def _answers_held_by_the_producer(tmp_path, stop_the_broker):
-    """A worker on a private broker (`_in_flight_on_a_private_broker`), yielded with its settings, the ids of 50
-    requests and the broker's process once `stop_the_broker(process)` stopped the broker after the worker consumed
-    the requests and before their answers, which then wait in its producer."""
+async def _answers_held_by_the_producer(tmp_path, stop_the_broker, **changes):
+    """A worker on a private broker (`_in_flight_on_a_private_broker`, with `changes`), yielded with its settings,
+    the ids of 50 requests and the broker's process once `stop_the_broker(process)` stopped the broker after the
+    worker consumed the requests and before their answers, which then wait in its producer."""
     # The batch runs after the broker stopped: 2 s after its first request reached the batcher, a margin for a
     # loaded machine to see the requests in flight and stop the broker (1 s was little more than that, and a batch
     # answered before the broker stopped left the test waiting for answers in the producer until its timeout).
     requests, truth = example_requests(50, prefix="unsent")
-    async with _in_flight_on_a_private_broker(tmp_path, requests, 2000) as (settings, worker, broker):
+    async with _in_flight_on_a_private_broker(tmp_path, requests, 2000, **changes) as (settings, worker, broker):
         stop_the_broker(broker)
         accumulator = worker._producer._message_accumulator
         while not (accumulator._batches or accumulator._pending_batches):
@@ -385,6 +385,30 @@ async def test_stop_with_an_unresponsive_broker_ends_in_time_and_loses_no_reques
             answers = await collector.wait_for(truth, timeout=60)
     assert set(answers) == set(truth), f"{len(truth) - len(answers)} requests lost"
     assert all(answer.kind == "result" for answer in answers.values())
+
+
+@pytest.mark.slow
+async def test_answers_the_broker_did_not_take_in_time_are_answered_again_once_it_is_back(tmp_path, caplog):
+    """A broker that did not take the answers within the producer's request timeout (paused past it: down,
+    restarting, partitioned away) stopped the worker. Restarted into a broker still away, a worker stops at once,
+    and under Kubernetes the pod then waited out a growing back-off after the broker came back. The worker now
+    answers those records again until the broker takes the answers."""
+    def pause(broker) -> None:
+        broker.send_signal(signal.SIGSTOP)
+
+    async with _answers_held_by_the_producer(tmp_path, pause, kafka_request_timeout_ms=1500,
+                                             shutdown_timeout_s=20) as (settings, worker, truth, broker):
+        async with asyncio.timeout(30):  # hang guard: the producer gives the answers up after 1.5 s
+            while not any("answering them again" in r.getMessage() for r in caplog.records):
+                await asyncio.sleep(0.05)
+        broker.send_signal(signal.SIGCONT)
+        async with asyncio.timeout(60):  # hang guard
+            while worker.answered < len(truth):
+                await asyncio.sleep(0.05)
+        assert worker.failure is None
+        records = await read_topic(settings, settings.topics.results, len(truth))
+    answered = {orjson.loads(record.value)["id"] for record in records}
+    assert answered == set(truth), f"{len(set(truth) - answered)} requests lost"
 
 
 async def test_stop_cancels_the_reply_to_lookups_of_requests_it_abandons(tmp_path):
