@@ -11,7 +11,7 @@ from dataclasses import replace
 import orjson
 import pytest
 from prometheus_client import REGISTRY
-from worker_support import all_output, read_all, slow_repository, worker_process
+from worker_support import assert_stopped_in_time, read_all, sigterm_and_wait, slow_repository, worker_process
 
 from infra.bootstrap import ensure_queue
 from infra.stack import LocalStack
@@ -478,16 +478,11 @@ async def test_an_sqs_worker_whose_endpoint_stopped_answering_exits_within_its_s
             # It polls without a pause: the receive under way, or the one after it (sent within milliseconds),
             # waits for the server now. The log line asserted below says stop() met it.
             await asyncio.sleep(0.5)
-            proc.send_signal(signal.SIGTERM)
-            started = time.monotonic()
-            await all_output(proc, 60)
-            took = time.monotonic() - started
+            took = await sigterm_and_wait(proc)
         finally:
             proc.kill()
             private._moto.send_signal(signal.SIGCONT)  # a paused server ends on SIGTERM only once resumed
-    assert proc.returncode == 0, "".join(lines)
-    assert any("did not end within" in line for line in lines), "".join(lines)
-    assert took < settings.shutdown_timeout_s + 1, f"the worker exited {took:.1f} s after its SIGTERM"
+    assert_stopped_in_time(proc, lines, took, settings.shutdown_timeout_s, said="did not end within")
 
 
 async def _answer_over_kafka(settings, repository, count: int, prefix: str) -> tuple[dict, BatchMetricsPublisher]:

@@ -21,10 +21,12 @@ from prometheus_client import REGISTRY
 from s3_support import assert_names_no_location, unreachable_s3
 from worker_support import (
     all_output,
+    assert_stopped_in_time,
     calls_waiting_on,
     read_all,
     read_topic,
     running_worker,
+    sigterm_and_wait,
     slow_repository,
     worker_process,
 )
@@ -454,16 +456,11 @@ async def test_a_worker_whose_s3_stopped_answering_exits_within_its_shutdown_tim
             async with asyncio.timeout(30):  # hang guard: the model runs, then the upload waits for S3
                 while not calls_waiting_on(private.s3_port):
                     await asyncio.sleep(0.05)
-            proc.send_signal(signal.SIGTERM)
-            started = time.monotonic()
-            await all_output(proc, 60)
-            took = time.monotonic() - started
+            took = await sigterm_and_wait(proc)
         finally:
             proc.kill()
             private._moto.send_signal(signal.SIGCONT)  # a paused server ends on SIGTERM only once resumed
-    assert proc.returncode == 0, "".join(lines)
-    assert any("2 request(s) not answered" in line for line in lines), "".join(lines)
-    assert took < settings.shutdown_timeout_s + 1, f"the worker exited {took:.1f} s after its SIGTERM"
+    assert_stopped_in_time(proc, lines, took, settings.shutdown_timeout_s, said="2 request(s) not answered")
 
 
 async def test_a_worker_whose_slots_stay_full_polls_in_time_and_keeps_its_partitions(fast, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -147,6 +148,21 @@ async def all_output(proc: subprocess.Popen, timeout: float = 30.0) -> None:
     assert not proc.watcher.is_alive(), "the process's output never ended"
 
 
+async def sigterm_and_wait(proc: subprocess.Popen) -> float:
+    """SIGTERM a `worker_process`; the seconds until it exited and its output was read (60 s hang guard)."""
+    proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    await all_output(proc, 60)
+    return time.monotonic() - started
+
+
+def assert_stopped_in_time(proc: subprocess.Popen, lines: list[str], took: float, shutdown_timeout_s: float,
+                           said: str) -> None:
+    """A `worker_process` stopped by SIGTERM exited cleanly, within its MAAS_SHUTDOWN_TIMEOUT_S and a second, and
+    logged `said` on its way out."""
+    assert proc.returncode == 0, "".join(lines)
+    assert any(said in line for line in lines), "".join(lines)
+    assert took < shutdown_timeout_s + 1, f"the worker exited {took:.1f} s after its SIGTERM"
 
 
 def calls_waiting_on(port: int) -> int:
