@@ -18,8 +18,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestPayloadError
 
 from pipeline.errors import ErrorCode
 from pipeline.observability import IDLE_TIMEOUT_S, listen
@@ -117,27 +115,6 @@ def build_app(api: V2Api, traffic: Traffic | None = None) -> web.Application:
     return app
 
 
-class _WithholdRequestText(logging.Filter):
-    """aiohttp logs a request it cannot parse with the offending bytes, which may be an API key's header:
-    the record keeps what went wrong and drops the text. The body of a request refused before it was read
-    (a compressed one, say) is read by aiohttp after the answer, and the connection then closed: one line
-    at INFO, not two ERROR tracebacks."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            record.msg, record.args = "refused a malformed HTTP request (%s %s; its text withheld)", (
-                type(exc).__name__, getattr(exc, "code", ""))
-            record.exc_info = record.exc_text = None
-        elif isinstance(exc, RequestPayloadError | ConnectionResetError):
-            record.msg, record.args = "the body of a refused or abandoned request was not read (%s)", (
-                type(exc).__name__,)
-            record.exc_info = record.exc_text = None
-            record.levelno, record.levelname = logging.INFO, "INFO"
-        return True
-
-
-_FILTER = _WithholdRequestText()
 
 
 class HttpServer:
@@ -158,7 +135,6 @@ class HttpServer:
 
     async def start(self) -> HttpServer:
         """Listen; the API reports ready only once it does (a port in use fails start() not ready)."""
-        logging.getLogger("aiohttp.server").addFilter(_FILTER)  # the same object: added once however often
         self.api.ready = self.traffic.stopping = False
         runner = web.AppRunner(build_app(self.api, self.traffic), access_log=None, handle_signals=False,
                                shutdown_timeout=1.0, keepalive_timeout=self.idle_timeout_s)

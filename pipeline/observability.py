@@ -15,6 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from models.repository import without_credentials
@@ -106,9 +108,34 @@ def configure_logging(verbose: bool, fmt: str = "text") -> None:
 IDLE_TIMEOUT_S = 75.0
 
 
+class WithholdRequestText(logging.Filter):
+    """aiohttp logs a request it cannot parse with the offending bytes, which may be an API key's header:
+    the record keeps what went wrong and drops the text. The body of a request refused before it was read
+    (a compressed one, say) is read by aiohttp after the answer, and the connection then closed: one line
+    at INFO, not two ERROR tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args = "refused a malformed HTTP request (%s %s; its text withheld)", (
+                type(exc).__name__, getattr(exc, "code", ""))
+            record.exc_info = record.exc_text = None
+        elif isinstance(exc, RequestPayloadError | ConnectionResetError):
+            record.msg, record.args = "the body of a refused or abandoned request was not read (%s)", (
+                type(exc).__name__,)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+WITHHOLD_REQUEST_TEXT = WithholdRequestText()
+
+
 async def listen(runner: web.AppRunner, host: str, port: int, **site_options: Any) -> web.TCPSite:
     """Set `runner` up and listen on host:port. When that fails (the port is taken), the runner is cleaned up
-    again: a failed start() leaves nothing running, and nothing for stop() to close."""
+    again: a failed start() leaves nothing running, and nothing for stop() to close. aiohttp's server log withholds
+    the text of the requests it cannot parse (`WITHHOLD_REQUEST_TEXT`), on the health port as on the API's."""
+    logging.getLogger("aiohttp.server").addFilter(WITHHOLD_REQUEST_TEXT)  # the same object: added once however often
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, **site_options)

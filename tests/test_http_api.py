@@ -793,10 +793,10 @@ def test_malformed_requests_are_logged_without_their_text(caplog):
 
     from aiohttp.http_exceptions import BadHttpMessage
 
-    from pipeline.http_server import _FILTER
+    from pipeline.observability import WITHHOLD_REQUEST_TEXT
 
     logger = logging.getLogger("aiohttp.server")
-    logger.addFilter(_FILTER)
+    logger.addFilter(WITHHOLD_REQUEST_TEXT)
     try:
         exc = BadHttpMessage("Invalid header value char", headers=None)
         exc.args = ("Invalid header value char: b'x-api-key: SECRET-KEY\\x01'",)
@@ -805,7 +805,7 @@ def test_malformed_requests_are_logged_without_their_text(caplog):
         except BadHttpMessage:
             logger.exception("Error handling request from %s", "127.0.0.1")
     finally:
-        logger.removeFilter(_FILTER)
+        logger.removeFilter(WITHHOLD_REQUEST_TEXT)
     assert "SECRET-KEY" not in caplog.text and "malformed HTTP request" in caplog.text
 
 

@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 from worker_support import all_output, read_topic, running_worker, worker_process
 
 from pipeline.client import ResultCollector, example_requests, publish_requests
-from pipeline.observability import MASK_CREDENTIALS, HealthServer, JsonFormatter
+from pipeline.observability import MASK_CREDENTIALS, WITHHOLD_REQUEST_TEXT, HealthServer, JsonFormatter
 from pipeline.services import aws_client
 
 
@@ -83,6 +83,19 @@ def test_json_logs_carry_request_id_and_traceparent():
     line = json.loads(JsonFormatter().format(record))
     assert line["message"] == "dead-lettering x" and line["level"] == "WARNING"
     assert line["request_id"] == "r-9" and line["traceparent"].startswith("00-0af7")
+
+
+async def test_the_health_port_logs_a_malformed_request_without_its_text(caplog):
+    """The health port listens on 0.0.0.0 by default: a request aiohttp cannot parse was logged with its bytes, as
+    the API's port no longer logs them (an API key's header, say)."""
+    logging.getLogger("aiohttp.server").removeFilter(WITHHOLD_REQUEST_TEXT)  # as in a worker, where no API server ran
+    async with HealthServer("127.0.0.1", 0, lambda: True) as health:
+        reader, writer = await asyncio.open_connection("127.0.0.1", health.port)
+        writer.write(b"GET /health/live HTTP/1.1\r\nHost: x\r\nx-api-key: SECRET-KEY\x01\r\n\r\n")
+        await writer.drain()
+        assert (await reader.read()).split(b"\r\n")[0].endswith(b" 400 Bad Request")
+        writer.close()
+    assert "SECRET-KEY" not in caplog.text and "malformed HTTP request" in caplog.text, caplog.text
 
 
 async def test_health_server_failed_start_leaves_nothing_up_and_concurrent_stops_both_return():
