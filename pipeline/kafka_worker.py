@@ -19,7 +19,14 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, CorruptRecordException, IllegalStateError, KafkaError, KafkaTimeoutError
+from aiokafka.errors import (
+    CommitFailedError,
+    CorruptRecordException,
+    IllegalStateError,
+    KafkaError,
+    KafkaTimeoutError,
+    UnknownTopicOrPartitionError,
+)
 
 from pipeline.backpressure import Slots
 from pipeline.batch_metrics import BatchMetricsPublisher
@@ -125,7 +132,10 @@ def _broker_away(exc: KafkaError) -> bool:
     Answers it met are tried again until the broker is back, rather than stopping the worker: a worker that
     stopped on an outage of more than the producer's request timeout was restarted into a broker still away,
     stopped at once, and under Kubernetes waited out the growing restart back-off after the broker came back.
-    A refusal (authorization, a record too large) stops the worker, as retrying it cannot help."""
+    A refusal (authorization, a record too large) stops the worker, as retrying it cannot help; so does a topic the
+    cluster does not know (the results topic deleted, say), which the restarted worker's bootstrap creates again."""
+    if isinstance(exc, UnknownTopicOrPartitionError):
+        return False
     return exc.retriable or isinstance(exc, KafkaTimeoutError)
 
 

@@ -14,7 +14,16 @@ import numpy as np
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import ConsumerStoppedError, KafkaError
+from aiokafka.errors import (
+    ConsumerStoppedError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    NodeNotReadyError,
+    RequestTimedOutError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+)
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 from prometheus_client import REGISTRY
@@ -38,7 +47,7 @@ from models.examples import MNIST_MLP, mnist_mlp_config, train_mnist_mlp
 from models.repository import ModelRepository, open_repository
 from pipeline.client import ResultCollector, example_requests, publish_requests
 from pipeline.engine import InferenceEngine
-from pipeline.kafka_worker import KafkaWorker, _Rebalance
+from pipeline.kafka_worker import KafkaWorker, _broker_away, _Rebalance
 from pipeline.metrics import BatchRecord
 from pipeline.services import aws_client, bootstrap
 from pipeline.settings import Settings
@@ -411,6 +420,15 @@ async def test_answers_the_broker_did_not_take_in_time_are_answered_again_once_i
         records = await read_topic(settings, settings.topics.results, len(truth))
     answered = {orjson.loads(record.value)["id"] for record in records}
     assert answered == set(truth), f"{len(set(truth) - answered)} requests lost"
+
+
+@pytest.mark.parametrize(("error", "away"), [
+    (NodeNotReadyError, True), (RequestTimedOutError, True), (KafkaTimeoutError, True),  # down, partitioned, expired
+    (UnknownTopicOrPartitionError, False),  # a topic deleted: the restarted worker's bootstrap creates it again
+    (TopicAuthorizationFailedError, False), (MessageSizeTooLargeError, False),  # refusals: no retry helps
+])
+def test_answers_are_made_again_for_a_broker_away_not_for_a_refusal(error, away):
+    assert _broker_away(error()) is away
 
 
 async def test_stop_cancels_the_reply_to_lookups_of_requests_it_abandons(tmp_path):
