@@ -13,9 +13,10 @@ issue #3 names; left to choose, SDPA's pick depends on torch version and GPU; to
 gather + masked mean, ``F.conv2d``, ``F.max_pool2d``, ``torch.nn.LSTM`` (cuDNN). Rows ``attention mask`` and
 ``attention lengths`` run MiniLM's attention with padded keys given either way, against SDPA with a boolean
 mask (whichever backend SDPA picks: flash takes no mask); rows ``attention_tma`` the variant that reads its tiles
-with TMA (``MAAS_ATTENTION_TMA=on``, off by default) on the ``attention`` rows' shapes, rows
-``attention_persistent`` the persistent variant for keys that fit one tile (``MAAS_ATTENTION_PERSISTENT=on``, off
-by default) on those of 128 keys and on MiniLM's. For ``linear_int8`` the eager
+with TMA (``MAAS_ATTENTION_TMA=on``; the default, ``auto``, times it against the plain kernel and the ``attention``
+rows run the faster) on the ``attention`` rows' shapes, rows ``attention_persistent`` the persistent variant for
+keys that fit one tile (``MAAS_ATTENTION_PERSISTENT=on``, off by default) on those of 128 keys and on MiniLM's.
+For ``linear_int8`` the eager
 baseline is the dense bf16 ``F.linear`` it replaces, the compiled one ``torch.compile`` of dequantize + matmul; for
 ``linear_fp8`` (activations quantized per row on the way in, inside the timed call) both are the bf16
 ``F.linear`` + bias + ReLU it would replace.

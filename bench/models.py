@@ -31,8 +31,8 @@ the copies out of the pinned buffers launched before each replay instead of insi
 before the graphs held them), `served, pdl on` and `served, pdl off` the same with graphs whose kernels are all,
 or none, launched for programmatic dependent launch (``MAAS_PDL``; `served` runs the default, ``auto``: small
 graphs only), `served, attention tma` and `served, attention persistent` the same with graphs whose attention is
-that variant (``MAAS_ATTENTION_TMA=on``, ``MAAS_ATTENTION_PERSISTENT=on``; off by default), and `kernels+graph`
-the whole batch padded to one graph bucket, its inputs already on the GPU.
+that variant (``MAAS_ATTENTION_TMA=on``, ``MAAS_ATTENTION_PERSISTENT=on``; by default ``auto`` and ``off``), and
+`kernels+graph` the whole batch padded to one graph bucket, its inputs already on the GPU.
 `python bench/models.py --gpu-cold-start [--shipped-table]` times only MiniLM's cold start on a GPU (see
 `gpu_cold_start`).
 """

@@ -12,8 +12,11 @@ q, k and v are read through their strides (only the head dimension must be conti
 pass views of one fused QKV projection ``[B, S, 3, H, D]`` without copying them apart. The output is laid out
 ``[B, S, H, D]`` in memory (returned as a ``[B, H, S, D]`` view), so merging the heads afterwards is free.
 
-Two variants, each off by default (checked and timed on an H100 in runs 20-22: the TMA one wins from 512 keys on,
-neither at 128; `auto` waits for its cold start to be measured, see bench/results/gpu/README.md):
+Two variants (checked and timed on an H100 in runs 20-26, see bench/results/gpu/README.md): the TMA one wins from
+512 keys on and neither at 128, so the TMA one is ``auto`` by default (run 24: a start from the tuning table
+exported under it took 7.1 s, 6.2 s with it off, the warm-ups equal), the persistent one ``off``. Timed in graph
+replay, as serving runs; a worker without CUDA graphs serving short sequences may prefer ``off`` (run 26: the TMA
+kernel's direct launch costs the host 0.21-0.30 ms against 0.15 ms):
 
 - ``MAAS_ATTENTION_TMA``: on Hopper GPUs, q and the full key/value tiles read with TMA (the bulk tensor copy
   engine, ``_attention_tma_kernel``), where q, k and v are laid out as ``[B, S, H, D]`` with the heads side by
@@ -415,12 +418,13 @@ def _output(out: torch.Tensor | None, like: torch.Tensor, **reads: torch.Tensor)
 TMA_ENV_VAR = "MAAS_ATTENTION_TMA"
 PERSISTENT_ENV_VAR = "MAAS_ATTENTION_PERSISTENT"
 _ENV_VARS = {"tma": TMA_ENV_VAR, "persistent": PERSISTENT_ENV_VAR}
+_DEFAULT_SETTINGS = {TMA_ENV_VAR: "auto", PERSISTENT_ENV_VAR: "off"}  # see the module's docstring
 
 
 def _setting(env_var: str) -> str:
-    """``off`` (the default: see the module's docstring), ``on`` (wherever it can run, the
-    interpreter included) or ``auto`` (on a GPU where it can run, timed against the others: the fastest runs)."""
-    return env_choice(env_var, "off", ("off", "on", "auto"))
+    """``off``, ``on`` (wherever it can run, the interpreter included) or ``auto`` (on a GPU where it can run,
+    timed against the others: the fastest runs)."""
+    return env_choice(env_var, _DEFAULT_SETTINGS[env_var], ("off", "on", "auto"))
 
 
 def _tma_descriptor(t: torch.Tensor) -> TensorDescriptor | None:
@@ -444,8 +448,9 @@ def _tma_descriptor(t: torch.Tensor) -> TensorDescriptor | None:
 
 
 def _tma_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[TensorDescriptor] | None:
-    """:func:`_tma_readable` where ``MAAS_ATTENTION_TMA`` is not ``off``, else None (no descriptors made)."""
-    return None if _setting(TMA_ENV_VAR) == "off" else _tma_readable(q, k, v)
+    """:func:`_tma_readable` where ``MAAS_ATTENTION_TMA`` lets the TMA kernel run (``on``; ``auto`` on a GPU), else
+    None: no descriptors made for a kernel that will not run (the default ``auto`` under the interpreter)."""
+    return _tma_readable(q, k, v) if _may_run(TMA_ENV_VAR, q) else None
 
 
 def _tma_readable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[TensorDescriptor] | None:

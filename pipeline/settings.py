@@ -41,7 +41,7 @@ ENGINE_KNOB_CHOICES: dict[str, tuple[str, ...]] = {
     "MAAS_COMPILE_WORKERS": ("threads", "processes"),
     "MAAS_CPU_RUNTIME": ("numpy", "torch"),
     "MAAS_PDL": ("auto", "off", "on"),
-    "MAAS_ATTENTION_TMA": ("off", "on", "auto"),
+    "MAAS_ATTENTION_TMA": ("auto", "off", "on"),
     "MAAS_ATTENTION_PERSISTENT": ("off", "on", "auto"),
     "MAAS_CUDA_GRAPHS": TRUE_WORDS + FALSE_WORDS,
 }

@@ -1,10 +1,12 @@
 import importlib
+import json
 
 import pytest
 import torch
 from kernel_checks import DTYPES, assert_close, poisoned, randn
 
 import kernels
+from kernels._tuning_table import device_file
 from kernels.attention import (
     INTERPRETER_PROGRAMS,
     PERSISTENT_ENV_VAR,
@@ -73,9 +75,13 @@ def test_the_tma_variant_matches_the_reference(gen, device, monkeypatch, dtype, 
     _attention_matches_reference(gen, q, k, v, padding)
 
 
-def test_the_tma_variant_is_off_by_default_and_passes_over_layouts_it_cannot_read(gen, device, monkeypatch):
+def test_the_tma_variant_is_left_to_the_gpu_by_default_and_passes_over_layouts_it_cannot_read(gen, device,
+                                                                                               monkeypatch):
+    """``auto`` by default: timed on a GPU, never run (nor described) under the interpreter unless forced ``on``."""
     q, k, v = (randn(gen, 2, 2, 8, 16) for _ in range(3))
     monkeypatch.delenv(TMA_ENV_VAR, raising=False)
+    assert _tma_descriptors(q, k, v) is None
+    monkeypatch.setenv(TMA_ENV_VAR, "off")
     assert _tma_descriptors(q, k, v) is None
     monkeypatch.setenv(TMA_ENV_VAR, "on")
     assert _tma_descriptors(q, k, v) is not None
@@ -134,14 +140,15 @@ def test_the_persistent_variant_gives_zeros_for_rows_without_keys(gen, device, m
     assert_close(y[2:], attention_reference(q[2:].double(), k[2:].double(), v[2:].double()), torch.float32, 6)
 
 
-def test_the_variants_are_off_by_default_and_each_runs_only_where_it_can(gen, device, monkeypatch):
-    """Off by default; ``on`` runs one here under the interpreter;
-    ``auto`` is for a GPU only, where they are timed against the tiled kernel."""
+def test_the_variants_defaults_and_where_each_runs(gen, device, monkeypatch):
+    """By default the TMA variant is ``auto`` and the persistent one off; ``on`` runs one here under the
+    interpreter; ``auto`` is for a GPU only, where they are timed against the tiled kernel."""
     monkeypatch.delenv(TMA_ENV_VAR, raising=False)
     monkeypatch.delenv(PERSISTENT_ENV_VAR, raising=False)
+    assert (attention_module._setting(TMA_ENV_VAR), attention_module._setting(PERSISTENT_ENV_VAR)) == ("auto", "off")
     q, k, v = (randn(gen, 1, 2, 8, 16) for _ in range(3))
     long_k = randn(gen, 1, 2, PERSISTENT_MAX_KEYS + 1, 16)
-    assert kernel_candidates(q, k, _tma_descriptors(q, k, v)) == ["tiled"]
+    assert kernel_candidates(q, k, _tma_descriptors(q, k, v)) == (["tiled", "tma"] if q.is_cuda else ["tiled"])
     monkeypatch.setenv(PERSISTENT_ENV_VAR, "on")
     monkeypatch.setenv(TMA_ENV_VAR, "on")
     assert kernel_candidates(q, k, _tma_descriptors(q, k, v)) == ["tiled", "tma", "persistent"]
@@ -154,6 +161,15 @@ def test_the_variants_are_off_by_default_and_each_runs_only_where_it_can(gen, de
     monkeypatch.setenv(PERSISTENT_ENV_VAR, "yes")
     with pytest.raises(ValueError, match=f"{PERSISTENT_ENV_VAR}='yes': expected off, on or auto"):
         kernels.attention(q, k, v)
+
+
+def test_the_shipped_h100_table_holds_the_attention_choices_the_defaults_time():
+    """On a Hopper GPU the defaults time the plain kernel against the TMA one (candidates ``tiled+tma``): the table
+    shipped for the H100 must hold those choices (exported under them, run 24), or every new worker times both
+    kernels for each shape during its warm-up."""
+    choices = json.loads(device_file("NVIDIA H100 80GB HBM3").read_text())["choices"]
+    assert choices.get("maas_attention_kernel")
+    assert all(key.endswith("|tiled+tma") for key in choices["maas_attention_kernel"])
 
 
 @pytest.mark.parametrize(("head_dim", "element_size", "tried"), [

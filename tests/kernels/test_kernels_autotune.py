@@ -22,6 +22,7 @@ from kernels._autotune import (
     within_bucket,
 )
 from kernels.attention import GPU_CONFIGS as ATTENTION_CONFIGS
+from kernels.attention import KERNELS as ATTENTION_KERNELS
 from kernels.attention import TMA_CONFIGS as ATTENTION_TMA_CONFIGS
 from kernels.attention import _prune_configs as prune_attention
 from kernels.embedding_pool import GPU_CONFIGS as EMBEDDING_POOL_CONFIGS
@@ -432,7 +433,7 @@ SHIPPED_KERNEL_CONFIGS = {"_attention_kernel": ATTENTION_CONFIGS, "_attention_tm
                           "_linear_kernel": _GPU_CONFIGS, "_linear_tma_kernel": _TMA_CONFIGS,
                           "_linear_split_k_kernel": _SPLIT_K_CONFIGS, "_linear_gemv_kernel": _GEMV_CONFIGS}
 SHIPPED_CHOICES = {"maas_linear_kernel": {"tiled", "tma", "split_k", "gemv"},
-                   "maas_linear_layer_norm": {"fused", "separate"}}
+                   "maas_linear_layer_norm": {"fused", "separate"}, "maas_attention_kernel": set(ATTENTION_KERNELS)}
 
 
 @pytest.mark.parametrize("path", sorted(_tuning_table.TABLE_DIR.glob("*.json")), ids=lambda p: p.name)
