@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -52,13 +53,37 @@ def write_state(settings: Settings, path: Path = STATE_FILE) -> None:
 
 
 def read_state(path: Path = STATE_FILE) -> dict[str, Any] | None:
-    """The addresses of a running `maas up`, or None when there is none (or it died)."""
+    """The addresses of a running `maas up`, or None when there is none (or it died).
+
+    A `maas up` holds the lock beside the file for its life (`stack_lock`), which the kernel drops however it ends:
+    a file whose lock nobody holds was left by one that died, though its pid may name another process by now
+    (after a reboot, say)."""
     try:
         state = json.loads(path.read_text())
         os.kill(int(state["pid"]), 0)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return state
+    return state if _locked(stack_lock(path)) else None
+
+
+def stack_lock(state_file: Path = STATE_FILE) -> Path:
+    """The file a `maas up` holds an exclusive `flock` on while it runs."""
+    return state_file.with_suffix(".lock")
+
+
+def _locked(lock: Path) -> bool:
+    """Whether a process holds an exclusive `flock` on `lock` (this one too, through another open of it)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # drops the shared lock, if it was taken
+    return False
 
 
 def open_repository(settings: Settings) -> Repository:

@@ -16,6 +16,7 @@ import urllib.request
 import orjson
 import pytest
 from botocore.exceptions import ClientError
+from worker_support import maas_up_recorded
 
 from infra.stack import free_port
 from models.cache import ModelCache
@@ -82,10 +83,8 @@ def test_a_stack_that_maas_up_recorded_but_no_longer_answers_is_named(tmp_path, 
     """With `maas up` alive but its stack not answering, the error named KAFKA_BOOTSTRAP_SERVERS, which the user
     never set (`maas submit`: "cannot reach Kafka at the broker"), and not where the address came from."""
     address = f"127.0.0.1:{free_port()}"
-    (tmp_path / ".maas").mkdir()
-    (tmp_path / ".maas" / "stack.json").write_text(json.dumps(
-        {"pid": os.getpid(), "kafka_bootstrap_servers": address, "aws_endpoint_url": f"http://127.0.0.1:{free_port()}"}))
-    out = maas(*command, cwd=tmp_path)
+    with maas_up_recorded(tmp_path, address, f"http://127.0.0.1:{free_port()}"):
+        out = maas(*command, cwd=tmp_path)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert lines[0].startswith(f"maas: error: cannot reach Kafka at {address} ")
@@ -256,11 +255,9 @@ def test_submit_of_an_unreadable_file_and_against_an_unreachable_broker_is_one_l
 
 
 def test_a_second_maas_up_in_one_folder_is_refused(tmp_path):
-    (tmp_path / ".maas").mkdir()
-    (tmp_path / ".maas" / "stack.json").write_text(json.dumps(
-        {"pid": os.getpid(), "kafka_bootstrap_servers": "127.0.0.1:1", "aws_endpoint_url": "http://127.0.0.1:1"}))
-    out = maas("up", cwd=tmp_path, timeout=60)
-    assert out.returncode == 2 and "a local stack is already up here" in out.stderr
+    with maas_up_recorded(tmp_path, "127.0.0.1:1", "http://127.0.0.1:1"):
+        out = maas("up", cwd=tmp_path, timeout=60)
+    assert out.returncode == 2 and f"a local stack is already up here (pid {os.getpid()}" in out.stderr
     assert (tmp_path / ".maas" / "stack.json").exists()  # the running stack's file stays
 
 
@@ -429,6 +426,28 @@ def test_maas_up_on_real_aws_prints_no_endpoint_to_export(tmp_path, stack, examp
             up.kill()
     exports = [line.strip() for line in lines if line.startswith("export ")]
     assert len(exports) == 1 and exports[0].startswith("export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:"), "".join(lines)
+
+
+def test_a_state_file_left_by_a_dead_maas_up_stops_no_later_one(tmp_path, stack, examples_root):
+    """A `maas up` killed outright leaves `.maas/stack.json`; once its pid names another live process (after a
+    reboot, say; here this test's), the next `maas up` said "a local stack is already up here" and other commands
+    went to its dead addresses. Nobody holds the stack's lock then: the file is a dead one's, and the next `maas up`
+    starts and writes its own."""
+    (tmp_path / ".maas").mkdir()
+    (tmp_path / ".maas" / "stack.json").write_text(json.dumps(
+        {"pid": os.getpid(), "kafka_bootstrap_servers": "127.0.0.1:1", "aws_endpoint_url": "http://127.0.0.1:1"}))
+    env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_ENDPOINT_URL_S3": stack.endpoint_url,
+           "MAAS_MODEL_REPOSITORY": str(examples_root)}  # AWS configured: `maas up` starts only a broker
+    up, lines = _spawn_maas("up", env=env, cwd=tmp_path)
+    try:
+        _wait_for_line(up, lines, "topics: ")
+        assert json.loads((tmp_path / ".maas" / "stack.json").read_text())["pid"] == up.pid
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(30)
+        finally:
+            up.kill()
 
 
 def _serve_holding_a_request(tmp_path, env: dict[str, str]) -> tuple[subprocess.Popen, list[str], str, int]:

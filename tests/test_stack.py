@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from worker_support import maas_up_recorded
 
 import infra.stack
 from infra.stack import LocalStack, StackError
@@ -151,7 +152,8 @@ async def test_a_process_on_real_kafka_starts_only_the_embedded_s3_and_sqs(setti
 async def test_a_worker_without_maas_up_here_says_its_stack_is_private(settings, tmp_path, monkeypatch, caplog):
     """`maas worker` (and `maas batch worker`) started in a folder where no `maas up` runs, or before it, silently
     served a broker of its own: `maas submit` next to `maas up` then waited out its 60 s with no hint why. It now
-    says so; with `maas up` running in its folder it finds that stack and says nothing."""
+    says so, also beside a state file whose `maas up` died (its pid alive as another process, its lock free); with
+    `maas up` running in its folder it finds that stack and says nothing."""
     import json
     import logging
     from dataclasses import replace
@@ -161,6 +163,9 @@ async def test_a_worker_without_maas_up_here_says_its_stack_is_private(settings,
     monkeypatch.chdir(tmp_path)
     caplog.set_level(logging.WARNING, logger="pipeline.services")
     nothing = replace(settings, kafka_bootstrap_servers=None, aws_endpoint_url=None)
+    (tmp_path / ".maas").mkdir()  # left by a `maas up` that died, its pid taken by a live process since: no lock
+    (tmp_path / ".maas" / "stack.json").write_text(json.dumps(
+        {"pid": os.getpid(), "kafka_bootstrap_servers": "127.0.0.1:1", "aws_endpoint_url": "http://127.0.0.1:1"}))
     async with connected(nothing) as private:
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert warnings == [f"no `maas up` runs in this folder (.maas/stack.json): this process started a private "
@@ -172,13 +177,11 @@ async def test_a_worker_without_maas_up_here_says_its_stack_is_private(settings,
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1 and f"private embedded S3/SQS server ({kafka_only.aws_endpoint_url})" in warnings[0]
     caplog.clear()
-    (tmp_path / ".maas").mkdir()  # `maas up` runs here (this process stands for it), on the session's stack
-    (tmp_path / ".maas" / "stack.json").write_text(json.dumps(
-        {"pid": os.getpid(), "kafka_bootstrap_servers": settings.kafka_bootstrap_servers,
-         "aws_endpoint_url": settings.aws_endpoint_url}))
-    async with connected(nothing) as shared:
-        assert (shared.kafka_bootstrap_servers, shared.aws_endpoint_url) == (settings.kafka_bootstrap_servers,
-                                                                             settings.aws_endpoint_url)
+    # `maas up` runs here (this process stands for it), on the session's stack
+    with maas_up_recorded(tmp_path, settings.kafka_bootstrap_servers, settings.aws_endpoint_url):
+        async with connected(nothing) as shared:
+            assert (shared.kafka_bootstrap_servers, shared.aws_endpoint_url) == (settings.kafka_bootstrap_servers,
+                                                                                 settings.aws_endpoint_url)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 

@@ -1,9 +1,12 @@
-"""Helpers for tests that run workers: in-process, or as `maas worker` child processes."""
+"""Helpers for tests that run workers: in-process, or as `maas worker` child processes, and what they find of a
+`maas up` in their folder."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -23,6 +26,18 @@ from models.examples import MNIST_MLP, mnist_mlp_config, train_mnist_mlp
 from models.repository import ModelRepository
 from pipeline.engine import InferenceEngine
 from pipeline.kafka_worker import KafkaWorker
+
+
+@contextlib.contextmanager
+def maas_up_recorded(folder: Path, kafka: str, aws: str | None):
+    """`folder` as a running `maas up` leaves it, this process standing for it: `.maas/stack.json` naming this
+    process and the stack's addresses, and the lock on `.maas/stack.lock` that a `maas up` holds for its life."""
+    (folder / ".maas").mkdir(exist_ok=True)
+    (folder / ".maas" / "stack.json").write_text(json.dumps(
+        {"pid": os.getpid(), "kafka_bootstrap_servers": kafka, "aws_endpoint_url": aws}))
+    with open(folder / ".maas" / "stack.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
 
 
 def slow_repository(root, max_queue_delay_ms: float) -> ModelRepository:

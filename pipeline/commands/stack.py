@@ -9,7 +9,15 @@ import os
 
 from models.examples import ensure_examples
 from pipeline.commands._common import stop_event
-from pipeline.services import STATE_FILE, bootstrap, connected, open_repository, read_state, write_state
+from pipeline.services import (
+    STATE_FILE,
+    bootstrap,
+    connected,
+    open_repository,
+    read_state,
+    stack_lock,
+    write_state,
+)
 from pipeline.settings import ConfigError, Settings
 
 
@@ -17,21 +25,19 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     # One `maas up` a folder: a second stack would take over the state file, and its stop would remove it. The
     # lock, held for the command's life and dropped by the kernel whatever ends it, also refuses a second one
     # started while the first is still starting (and has written no state yet).
+    # A state file found while this process holds the lock is a dead `maas up`'s: `_up` writes its own over it.
     STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
-    with open(STATE_FILE.with_suffix(".lock"), "a") as lock:
+    with open(stack_lock(), "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            starting = False
         except BlockingIOError:
-            starting = True
-        running = read_state()
-        if running is not None:
-            raise ConfigError(f"a local stack is already up here (pid {running['pid']}, Kafka "
-                              f"{running['kafka_bootstrap_servers']}); stop it first, or run `maas up` in another "
-                              "folder")
-        if starting:
-            raise ConfigError("another `maas up` is starting a local stack here; stop it first, or run `maas up` in "
-                              "another folder")
+            running = read_state()
+            if running is not None:
+                raise ConfigError(f"a local stack is already up here (pid {running['pid']}, Kafka "
+                                  f"{running['kafka_bootstrap_servers']}); stop it first, or run `maas up` in "
+                                  "another folder") from None
+            raise ConfigError("another `maas up` is starting a local stack here; stop it first, or run `maas up` "
+                              "in another folder") from None
         return await _up(settings)
 
 
