@@ -111,7 +111,8 @@ def build_app(api: V2Api, traffic: Traffic | None = None) -> web.Application:
         finally:
             traffic.in_flight -= 1
 
-    app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=expect)
+    # (?s): a path holding a line break (aiohttp decodes %0a) is ours to answer, not aiohttp's plain-text 404
+    app.router.add_route("*", "/{tail:(?s:.*)}", dispatch, expect_handler=expect)
     return app
 
 

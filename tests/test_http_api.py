@@ -13,6 +13,7 @@ import aiohttp
 import numpy as np
 import orjson
 import pytest
+import yarl
 from prometheus_client import REGISTRY
 from s3_support import assert_names_no_location, unreachable_s3
 
@@ -319,9 +320,13 @@ async def test_bad_requests_get_v2_errors(repository):
                                                                        "datatype": "FP32", "data": [0.0] * 784}]}),
              400, "INVALID_INPUT"),
             (f"/v2/models/{MNIST_MLP}/infer", b"x" * 20000, 413, "PAYLOAD_TOO_LARGE"),
+            # A line break in the path (aiohttp decodes %0a) got aiohttp's plain-text 404, not a V2 error.
+            ("/v2/models/a%0ab/infer", orjson.dumps(json_request()), 404, "MODEL_NOT_FOUND"),
+            ("/v2/a%0ab", b"{}", 404, "NOT_FOUND"),
         ]
         for path, body, status, code in cases:
-            async with http.post(path, data=body, headers={"Content-Type": "application/json"}) as r:
+            async with http.post(yarl.URL(path, encoded=True), data=body,
+                                 headers={"Content-Type": "application/json"}) as r:
                 assert r.status == status, (path, await r.text())
                 assert r.headers["x-maas-error-code"] == code
                 payload = await r.json()
