@@ -15,6 +15,7 @@ import functools
 import logging
 import time
 from collections.abc import Coroutine
+from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -183,6 +184,10 @@ class KafkaWorker:
         self._stopping = False
         self.assigned = asyncio.Event()
         self.answered = 0
+        # Records whose answers wait for the broker (`_answer_until_delivered`), since when, and its latest error.
+        self._undelivered = 0
+        self._undelivered_since: datetime | None = None
+        self._undelivered_error: KafkaError | None = None
         self._lag_reported: set[TopicPartition] = set()  # the partitions whose maas_consumer_lag this worker set
 
     @property
@@ -436,29 +441,50 @@ class KafkaWorker:
             for record in records
         ]
         offsets = [record.offset for record in records]
-        while True:
-            try:
-                await self._responder.handle_many(envelopes)
-            except KafkaError as exc:
-                if _broker_away(exc):  # answered again once it is back; their offsets stay uncommitted meanwhile
+        try:
+            await self._answer_until_delivered(envelopes)
+        except KafkaError as exc:
+            # The cluster refuses them: leave these offsets uncommitted and stop, so the records are
+            # redelivered (to this worker after a restart, or to another).
+            log.error("cannot produce the answers of %s..%s: %r; stopping", envelopes[0].source,
+                      envelopes[-1].source, exc)
+            self._fail(exc, "cannot produce answers to Kafka")
+        except Exception as exc:  # a bug: dead-letter the records, so that neither they nor the partition stall
+            log.exception("unexpected failure answering %s..%s; dead-lettering them", envelopes[0].source,
+                          envelopes[-1].source)
+            await self._dead_letter(tp, offsets, envelopes,
+                                    InferenceError(ErrorCode.INTERNAL, f"unexpected failure: {exc!r:.200}"))
+        else:
+            self._tracker.done(tp, offsets)
+            self.answered += len(records)
+
+    async def _answer_until_delivered(self, envelopes: list[Envelope]) -> None:
+        """Answer `envelopes`, again every DELIVERY_RETRY_S while the broker does not take the answers
+        (`_broker_away`), their offsets uncommitted meanwhile. While any record waits so, the worker is not ready
+        (`not_ready` says since when): it answered nothing, its consumer lag grew, and its readiness said all was
+        well to the probes and operators watching it."""
+        waiting = False
+        try:
+            while True:
+                try:
+                    await self._responder.handle_many(envelopes)
+                    return
+                except KafkaError as exc:
+                    if not _broker_away(exc):
+                        raise
+                    if not waiting:
+                        waiting = True
+                        self._undelivered += len(envelopes)
+                        self._undelivered_since = self._undelivered_since or datetime.now(UTC)
+                    self._undelivered_error = exc
                     log.warning("cannot produce the answers of %s..%s: %r; answering them again in %.0f s",
                                 envelopes[0].source, envelopes[-1].source, exc, DELIVERY_RETRY_S)
                     await asyncio.sleep(DELIVERY_RETRY_S)
-                    continue
-                # The cluster refuses them: leave these offsets uncommitted and stop, so the records are
-                # redelivered (to this worker after a restart, or to another).
-                log.error("cannot produce the answers of %s..%s: %r; stopping", envelopes[0].source,
-                          envelopes[-1].source, exc)
-                self._fail(exc, "cannot produce answers to Kafka")
-            except Exception as exc:  # a bug: dead-letter the records, so that neither they nor the partition stall
-                log.exception("unexpected failure answering %s..%s; dead-lettering them", envelopes[0].source,
-                              envelopes[-1].source)
-                await self._dead_letter(tp, offsets, envelopes,
-                                        InferenceError(ErrorCode.INTERNAL, f"unexpected failure: {exc!r:.200}"))
-            else:
-                self._tracker.done(tp, offsets)
-                self.answered += len(records)
-            return
+        finally:  # delivered, refused, or cancelled by stop()
+            if waiting:
+                self._undelivered -= len(envelopes)
+                if not self._undelivered:
+                    self._undelivered_since = self._undelivered_error = None
 
     async def _dead_letter(self, tp: TopicPartition, offsets: list[int], envelopes: list[Envelope],
                            error: InferenceError) -> None:
@@ -621,8 +647,22 @@ class KafkaWorker:
 
     @property
     def ready(self) -> bool:
-        """Serving: started, owns partitions, and has not failed."""
-        return self._consumer is not None and self.assigned.is_set() and self._failure is None
+        return self.not_ready is None
+
+    @property
+    def not_ready(self) -> str | None:
+        """Why the worker is not serving, for /health/ready; None when it is: started, owning partitions, not
+        failed, and delivering its answers."""
+        if self._failure is not None:
+            return f"stopped: {self.failure}"
+        if self._consumer is None:
+            return "not running"
+        if not self.assigned.is_set():
+            return f"owns no partition of {self.settings.topics.requests}"
+        if self._undelivered_since is not None:
+            return (f"cannot deliver the answers of {self._undelivered} request(s) to Kafka since "
+                    f"{self._undelivered_since.isoformat(timespec='seconds')}: {self._undelivered_error!r}")
+        return None
 
     async def _drain_and_commit(self, revoked: set[TopicPartition]) -> None:
         """Before partitions move to another worker: finish what is in flight on them, then commit."""

@@ -150,13 +150,16 @@ async def listen(runner: web.AppRunner, host: str, port: int, **site_options: An
 
 
 class HealthServer:
-    """`/health/live`, `/health/ready` and `/metrics`. `ready()` decides readiness (e.g. partitions owned)."""
+    """`/health/live`, `/health/ready` and `/metrics`. `not_ready()` decides readiness: None when ready, else why not
+    (no partition owned, answers the broker does not take), which `/health/ready` says beside its 503: a probe's or
+    operator's only sign that a worker is stuck, and why. The reason is served with the credentials of any URL in it
+    masked, as in the logs: the health port listens on 0.0.0.0 by default."""
 
-    def __init__(self, host: str, port: int, ready: Callable[[], bool], *,
+    def __init__(self, host: str, port: int, not_ready: Callable[[], str | None], *,
                  idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
         self.host = host
         self.port = port
-        self._ready = ready
+        self._not_ready = not_ready
         self.idle_timeout_s = idle_timeout_s
         self._started = time.monotonic()
         self._runner: web.AppRunner | None = None
@@ -189,8 +192,10 @@ class HealthServer:
         return web.json_response({"status": "live", "uptime_s": round(time.monotonic() - self._started, 1)})
 
     async def _readiness(self, request: web.Request) -> web.Response:
-        ready = self._ready()
-        return web.json_response({"status": "ready" if ready else "not ready"}, status=200 if ready else 503)
+        reason = self._not_ready()
+        if reason is None:
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "not ready", "reason": without_credentials(reason)}, status=503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -709,7 +709,7 @@ def test_maas_batch_worker_publishes_batch_metrics_and_serves_health_and_metrics
         while True:
             try:
                 with urllib.request.urlopen(f"{base}/health/ready", timeout=5) as response:
-                    assert response.status == 200
+                    assert response.status == 200 and orjson.loads(response.read()) == {"status": "ready"}
                     break
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, "no health server: " + "".join(output)

@@ -716,7 +716,7 @@ async def test_idle_and_half_sent_connections_are_closed(repository):
     async with InferenceEngine(ModelCache(repository), worker_id="http-test") as engine:
         api = V2Api(engine, max_request_bytes=64 * 1024)
         async with (HttpServer(api, "127.0.0.1", 0, idle_timeout_s=1.0) as server,
-                    HealthServer("127.0.0.1", 0, lambda: True, idle_timeout_s=1.0) as health):
+                    HealthServer("127.0.0.1", 0, lambda: None, idle_timeout_s=1.0) as health):
             for port, path in ((server.port, "/v2"), (health.port, "/health/live")):
                 for sent in (b"", f"GET {path} HTTP/1.1\r\nHost: x\r\nX-A".encode(),
                              f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()):  # the last: idle after its answer

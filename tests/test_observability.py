@@ -44,7 +44,7 @@ async def eventually(check, timeout: float = 10.0) -> None:
 async def test_health_and_metrics_follow_the_worker(live):
     async with (
         running_worker(live) as worker,
-        HealthServer("127.0.0.1", 0, lambda: worker.ready) as health,
+        HealthServer("127.0.0.1", 0, lambda: worker.not_ready) as health,
         aiohttp.ClientSession() as http,
     ):
         base = f"http://127.0.0.1:{health.port}"
@@ -71,6 +71,7 @@ async def test_health_and_metrics_follow_the_worker(live):
         await worker.stop()
         async with http.get(f"{base}/health/ready") as response:
             assert response.status == 503
+            assert await response.json() == {"status": "not ready", "reason": "not running"}
         async with http.get(f"{base}/metrics") as response:
             text = await response.text()
         assert f'topic="{live.topics.requests}"' not in text, "a stopped worker's lag stays in /metrics, never changing"
@@ -89,7 +90,7 @@ async def test_the_health_port_logs_a_malformed_request_without_its_text(caplog)
     """The health port listens on 0.0.0.0 by default: a request aiohttp cannot parse was logged with its bytes, as
     the API's port no longer logs them (an API key's header, say)."""
     logging.getLogger("aiohttp.server").removeFilter(WITHHOLD_REQUEST_TEXT)  # as in a worker, where no API server ran
-    async with HealthServer("127.0.0.1", 0, lambda: True) as health:
+    async with HealthServer("127.0.0.1", 0, lambda: None) as health:
         reader, writer = await asyncio.open_connection("127.0.0.1", health.port)
         writer.write(b"GET /health/live HTTP/1.1\r\nHost: x\r\nx-api-key: SECRET-KEY\x01\r\n\r\n")
         await writer.drain()
@@ -98,15 +99,30 @@ async def test_the_health_port_logs_a_malformed_request_without_its_text(caplog)
     assert "SECRET-KEY" not in caplog.text and "malformed HTTP request" in caplog.text, caplog.text
 
 
+async def test_readiness_says_why_not_without_the_credentials_in_it():
+    """A probe or an operator saw a bare "not ready": why (a failure, answers the broker does not take) was in the
+    worker's log alone. The reason quotes errors, and an error may quote an endpoint URL with its credentials: they
+    are masked, as in the logs, on a port that listens on 0.0.0.0 by default."""
+    reason: str | None = 'stopped: cannot reach "http://user:secret@127.0.0.1:4566/"'
+    async with HealthServer("127.0.0.1", 0, lambda: reason) as health, aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{health.port}/health/ready") as response:
+            assert response.status == 503
+            assert await response.json() == {"status": "not ready",
+                                             "reason": 'stopped: cannot reach "http://***@127.0.0.1:4566/"'}
+        reason = None
+        async with http.get(f"http://127.0.0.1:{health.port}/health/ready") as response:
+            assert response.status == 200 and await response.json() == {"status": "ready"}
+
+
 async def test_health_server_failed_start_leaves_nothing_up_and_concurrent_stops_both_return():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        health = HealthServer("127.0.0.1", taken.getsockname()[1], lambda: True)
+        health = HealthServer("127.0.0.1", taken.getsockname()[1], lambda: None)
         with pytest.raises(OSError):
             await health.start()
     assert health._runner is None, "a failed start left the runner set up"
-    health = await HealthServer("127.0.0.1", 0, lambda: True).start()
+    health = await HealthServer("127.0.0.1", 0, lambda: None).start()
     await asyncio.gather(health.stop(), health.stop())
     assert health._runner is None
 
@@ -124,7 +140,7 @@ async def test_made_up_model_names_do_not_grow_the_scrape(live):
             request["inputs_uri"] = f"s3://{live.batch_bucket}/{live.claim_check_prefix}unreadable.json"
     async with (
         running_worker(live) as worker,
-        HealthServer("127.0.0.1", 0, lambda: True) as health,
+        HealthServer("127.0.0.1", 0, lambda: None) as health,
         aiohttp.ClientSession() as http,
     ):
         async with ResultCollector(live) as collector:

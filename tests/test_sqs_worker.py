@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import signal
 import time
+import urllib.request
 from dataclasses import replace
 
 import orjson
@@ -14,7 +15,7 @@ from prometheus_client import REGISTRY
 from worker_support import assert_stopped_in_time, read_all, sigterm_and_wait, slow_repository, worker_process
 
 from infra.bootstrap import ensure_queue
-from infra.stack import LocalStack
+from infra.stack import LocalStack, free_port
 from models.cache import ModelCache
 from models.examples import MNIST_MLP, mnist_mlp_config, synthetic_digits, train_mnist_mlp
 from models.repository import ModelRepository
@@ -443,14 +444,18 @@ async def test_stop_cancels_the_handlers_still_running_after_the_drain_timeout(l
 
 @pytest.mark.slow
 def test_an_idle_sqs_worker_process_exits_promptly_on_sigterm(live):
-    """It waited for its 20 s long poll to return before exiting."""
+    """It waited for its 20 s long poll to return before exiting. Its health port says it is ready meanwhile."""
     settings = replace(live, sqs_requests_queue=f"{live.batch_bucket}-idle")
-    proc, _, lines = worker_process(settings, worker_id="sqs-idle", args=("--source", "sqs"))
+    port = free_port()
+    proc, _, lines = worker_process(settings, worker_id="sqs-idle",
+                                    args=("--source", "sqs", "--health-port", str(port), "--health-host", "127.0.0.1"))
     try:
         deadline = time.monotonic() + 60
-        while not any("receiving from SQS" in line for line in lines) and time.monotonic() < deadline:
+        while not any("health and metrics on" in line for line in lines) and time.monotonic() < deadline:
             assert proc.poll() is None, "".join(lines)
             time.sleep(0.1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=5) as response:
+            assert response.status == 200 and orjson.loads(response.read()) == {"status": "ready"}
         time.sleep(0.5)  # into its first poll
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0, "".join(lines)  # hang guard: the poll is 2 s

@@ -6,10 +6,13 @@ import asyncio
 import contextlib
 import gc
 import logging
+import re
 import signal
 import time
 from dataclasses import replace
+from datetime import UTC, datetime
 
+import aiohttp
 import numpy as np
 import orjson
 import pytest
@@ -49,6 +52,7 @@ from pipeline.client import ResultCollector, example_requests, publish_requests
 from pipeline.engine import InferenceEngine
 from pipeline.kafka_worker import KafkaWorker, _broker_away, _Rebalance
 from pipeline.metrics import BatchRecord
+from pipeline.observability import HealthServer
 from pipeline.services import aws_client, bootstrap
 from pipeline.settings import Settings
 
@@ -260,9 +264,11 @@ async def test_a_restarted_worker_starts_afresh(fast):
             worker._fail(KafkaError("a produce that failed"), "cannot produce")  # it stops itself, as on an outage
             with pytest.raises(KafkaError):
                 await asyncio.wait_for(worker.wait(), 30)
+            assert worker.not_ready == "stopped: cannot produce (KafkaError('a produce that failed'))"
         await worker.start()
         try:
-            assert not worker.ready, "ready before owning any partition, on the previous run's assignment"
+            assert worker.not_ready == f"owns no partition of {fast.topics.requests}", \
+                "ready before owning any partition, on the previous run's assignment"
             await asyncio.wait_for(worker.assigned.wait(), 30)
             assert worker.ready, "the previous run's failure outlived the restart"
             requests, truth = example_requests(1, prefix="restarted")
@@ -403,20 +409,37 @@ async def test_answers_the_broker_did_not_take_in_time_are_answered_again_once_i
     """A broker that did not take the answers within the producer's request timeout (paused past it: down,
     restarting, partitioned away) stopped the worker. Restarted into a broker still away, a worker stops at once,
     and under Kubernetes the pod then waited out a growing back-off after the broker came back. The worker now
-    answers those records again until the broker takes the answers."""
+    answers those records again until the broker takes the answers. Meanwhile /health/ready said ready, its
+    consumer lag growing: it now says why it is not, and is ready again once the answers are delivered."""
     def pause(broker) -> None:
         broker.send_signal(signal.SIGSTOP)
 
-    async with _answers_held_by_the_producer(tmp_path, pause, kafka_request_timeout_ms=1500,
-                                             shutdown_timeout_s=20) as (settings, worker, truth, broker):
+    async with (
+        _answers_held_by_the_producer(tmp_path, pause, kafka_request_timeout_ms=1500,
+                                      shutdown_timeout_s=20) as (settings, worker, truth, broker),
+        HealthServer("127.0.0.1", 0, lambda: worker.not_ready) as health,
+        aiohttp.ClientSession(f"http://127.0.0.1:{health.port}") as http,
+    ):
         async with asyncio.timeout(30):  # hang guard: the producer gives the answers up after 1.5 s
             while not any("answering them again" in r.getMessage() for r in caplog.records):
                 await asyncio.sleep(0.05)
+        async with http.get("/health/ready") as response:
+            body = await response.json()
+            assert response.status == 503, body
+        assert body["status"] == "not ready"
+        reason = re.fullmatch(r"cannot deliver the answers of (\d+) request\(s\) to Kafka since (\S+): (.+)",
+                              body["reason"])
+        assert reason, body
+        assert 0 < int(reason[1]) <= len(truth)
+        assert 0 <= (datetime.now(UTC) - datetime.fromisoformat(reason[2])).total_seconds() < 30
+        assert re.match(r"(RequestTimedOut|KafkaTimeout|NodeNotReady)Error\(", reason[3]), body  # as logged
         broker.send_signal(signal.SIGCONT)
         async with asyncio.timeout(60):  # hang guard
             while worker.answered < len(truth):
                 await asyncio.sleep(0.05)
         assert worker.failure is None
+        async with http.get("/health/ready") as response:
+            assert response.status == 200 and await response.json() == {"status": "ready"}
         records = await read_topic(settings, settings.topics.results, len(truth))
     answered = {orjson.loads(record.value)["id"] for record in records}
     assert answered == set(truth), f"{len(set(truth) - answered)} requests lost"

@@ -62,7 +62,7 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
                   f"results to s3://{config.bucket}/{config.outbox_prefix}", flush=True)
             health_port = args.health_port if args.health_port is not None else live.health_port
             if health_port:
-                health = await stack.enter_async_context(HealthServer(args.health_host, health_port, lambda: True))
+                health = await stack.enter_async_context(HealthServer(args.health_host, health_port, lambda: None))
                 print(f"health and metrics on http://{args.health_host}:{health.port}/health/ready, /metrics",
                       flush=True)
             stop, done = asyncio.create_task(stop_event().wait()), asyncio.create_task(watcher.wait())

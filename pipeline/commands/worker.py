@@ -44,8 +44,8 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
                       f"(group {live.consumer_group}); models from {repository.root}", flush=True)
             port = args.health_port if args.health_port is not None else live.health_port
             if port:
-                ready = (lambda: worker.ready) if isinstance(worker, KafkaWorker) else (lambda: True)
-                health = await stack.enter_async_context(HealthServer(args.health_host, port, ready))
+                not_ready = (lambda: worker.not_ready) if isinstance(worker, KafkaWorker) else (lambda: None)
+                health = await stack.enter_async_context(HealthServer(args.health_host, port, not_ready))
                 print(f"health and metrics on http://{args.health_host}:{health.port}/health/ready, /metrics",
                       flush=True)
             failure = await _run_until_signalled(worker)
