@@ -13,6 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import logging
 import shutil
 import uuid
 from dataclasses import replace
@@ -72,3 +73,15 @@ async def live(settings: Settings) -> Settings:
     """`settings` with its topics and bucket created."""
     await bootstrap(settings)
     return settings
+
+
+@pytest.fixture
+def restore_logging():
+    """Put back what `configure_logging` changes, for the tests after this one: the root logger's handlers and
+    level, and aiokafka's level."""
+    root, library = logging.getLogger(), logging.getLogger("aiokafka")
+    saved = root.handlers[:], root.level, library.level
+    yield
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    library.setLevel(saved[2])

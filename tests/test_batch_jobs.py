@@ -265,7 +265,8 @@ async def test_the_watcher_outlives_an_unreachable_queue_endpoint(live, reposito
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
-async def test_credentials_in_an_unreachable_queue_endpoint_never_reach_the_log(live, repository, fmt):
+async def test_credentials_in_an_unreachable_queue_endpoint_never_reach_the_log(live, repository, fmt,
+                                                                               restore_logging):
     """botocore's network errors quote the endpoint URL, and the watcher logs them (as the SQS worker does): an
     AWS_ENDPOINT_URL carrying a user and password wrote them into every such line of `maas batch worker`."""
     import boto3
@@ -274,7 +275,7 @@ async def test_credentials_in_an_unreachable_queue_endpoint_never_reach_the_log(
     from pipeline.observability import configure_logging
 
     root = logging.getLogger()
-    saved, level = root.handlers[:], root.level
+    saved = root.handlers[:]
     configure_logging(True, fmt)  # the handler `maas` commands log through
     (handler,) = root.handlers
     stream = io.StringIO()
@@ -287,14 +288,10 @@ async def test_credentials_in_an_unreachable_queue_endpoint_never_reach_the_log(
     sqs = boto3.client("sqs", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x",
                        aws_secret_access_key="x", config=Config(connect_timeout=0.2, retries={"max_attempts": 1}))
     config = BatchConfig(bucket=live.batch_bucket)
-    try:
-        async with InferenceEngine(ModelCache(repository), worker_id="batch-test") as engine:
-            runner = BatchJobRunner(engine, aws_client(live, "s3"), config, max_request_bytes=1 << 20)
-            async with BatchJobWatcher(runner, sqs, f"{endpoint}/000000000000/q", wait_s=1):
-                await wait_for(lambda: "Could not connect to the endpoint URL" in stream.getvalue(), timeout=20)
-    finally:
-        root.handlers[:] = saved
-        root.setLevel(level)
+    async with InferenceEngine(ModelCache(repository), worker_id="batch-test") as engine:
+        runner = BatchJobRunner(engine, aws_client(live, "s3"), config, max_request_bytes=1 << 20)
+        async with BatchJobWatcher(runner, sqs, f"{endpoint}/000000000000/q", wait_s=1):
+            await wait_for(lambda: "Could not connect to the endpoint URL" in stream.getvalue(), timeout=20)
     logged = stream.getvalue()
     assert "hunter2" not in logged, logged
     assert f"http://***@127.0.0.1:{port}" in logged, logged  # the endpoint is still named, without its password

@@ -64,25 +64,18 @@ def test_verbose_is_off_unless_given_somewhere():
     (["worker"], logging.WARNING, logging.CRITICAL, logging.WARNING),
     (["worker", "-v"], logging.INFO, logging.WARNING, logging.INFO),
 ])
-def test_verbose_shows_our_info_lines_and_no_librarys_debug_lines(argv, ours, aiokafka, others):
+def test_verbose_shows_our_info_lines_and_no_librarys_debug_lines(argv, ours, aiokafka, others, restore_logging):
     """`-v` is for the worker's own INFO lines. A library at DEBUG under it would bury them, during a broker
     outage, under aiokafka's connection retries; aiokafka stays at WARNING (its connection errors show, as ERROR
     lines), and is silent without `-v`."""
     from pipeline.cli import build_parser
     from pipeline.observability import configure_logging
 
-    root, library = logging.getLogger(), logging.getLogger("aiokafka")
-    saved = root.handlers[:], root.level, library.level
-    try:
-        configure_logging(build_parser().parse_args(argv).verbose)
-        assert logging.getLogger("pipeline.kafka_worker").getEffectiveLevel() == ours
-        assert logging.getLogger("aiokafka.conn").getEffectiveLevel() == aiokafka
-        for name in ("kafka", "botocore", "boto3", "urllib3", "s3transfer", "aiohttp.access"):
-            assert logging.getLogger(name).getEffectiveLevel() == others, name
-    finally:
-        root.handlers[:] = saved[0]
-        root.setLevel(saved[1])
-        library.setLevel(saved[2])
+    configure_logging(build_parser().parse_args(argv).verbose)
+    assert logging.getLogger("pipeline.kafka_worker").getEffectiveLevel() == ours
+    assert logging.getLogger("aiokafka.conn").getEffectiveLevel() == aiokafka
+    for name in ("kafka", "botocore", "boto3", "urllib3", "s3transfer", "aiohttp.access"):
+        assert logging.getLogger(name).getEffectiveLevel() == others, name
 
 
 def test_submit_without_a_broker_says_what_to_set(tmp_path):
