@@ -58,8 +58,7 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.engine = InferenceEngine(model_cache(settings), worker_id=settings.worker_id,
-                                      max_running_batches=settings.max_running_batches)
+        self.engine = InferenceEngine.for_settings(model_cache(settings), settings)
         self.api = V2Api(self.engine, max_request_bytes=settings.max_request_bytes,
                          api_keys=ApiKeys.from_settings(settings), rate_limiter=RateLimiter.from_settings(settings),
                          admin_tenants=settings.admin_tenants, repository_control=False)

@@ -12,7 +12,6 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -38,33 +37,47 @@ from pipeline.metrics import (
     BatchRecord,
 )
 from pipeline.protocol import InferenceRequest, InferenceResponse
-from pipeline.runtime import configure_torch_threads
+from pipeline.runtime import DaemonThreadPool, configure_torch_threads
+from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
 BatchListener = Callable[[BatchRecord], None]
+#: The share of MAAS_SHUTDOWN_TIMEOUT_S a serving process's engine waits, once its sources have stopped, for the call
+#: under way on the model thread (`InferenceEngine.stop`).
+STOP_SHARE = 0.25
 
 
 class InferenceEngine:
     """Owns the batcher and the model executor. Use `async with` or `start()`/`stop()`.
 
     Models run on one dedicated thread (one executor per device): torch and numpy release the GIL while
-    they compute, so decoding and producing on the event loop overlap with the model.
+    they compute, so decoding and producing on the event loop overlap with the model. `stop()` waits for that
+    thread's call under way for up to `stop_timeout_s` (see there).
     """
 
     def __init__(self, cache: ModelCache, *, worker_id: str = "local", max_queue_per_model: int = 1024,
-                 max_running_batches: int = 8) -> None:
+                 max_running_batches: int = 8, stop_timeout_s: float = 30.0) -> None:
         self.cache = cache
         self.worker_id = worker_id
+        self.stop_timeout_s = stop_timeout_s
         self._batcher = DynamicBatcher(self._run_batch, max_queue=max_queue_per_model,
                                        max_running=max_running_batches)
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: DaemonThreadPool | None = None
+        self._running: str | None = None  # what the model thread runs now, for stop()'s warning
         self._listeners: list[BatchListener] = []
         self._configs: dict[tuple[str, str | None], tuple[float, int, ModelConfig]] = {}
         self._max_cached_configs = 4096
         self._lookups: dict[tuple[str, str | None], asyncio.Future] = {}
         self._served: set[str] = set()  # names that resolved to a model: the repository's, never a caller's
         self._evictions_counted = cache.stats.evictions  # those on maas_model_cache_evictions_total so far
+
+    @classmethod
+    def for_settings(cls, cache: ModelCache, settings: Settings) -> InferenceEngine:
+        """A serving process's engine. It stops after its sources, which waited for the batches in flight already:
+        what is still on the model thread then gets `STOP_SHARE` of MAAS_SHUTDOWN_TIMEOUT_S."""
+        return cls(cache, worker_id=settings.worker_id, max_running_batches=settings.max_running_batches,
+                   stop_timeout_s=settings.shutdown_timeout_s * STOP_SHARE)
 
     def add_batch_listener(self, listener: BatchListener) -> None:
         self._listeners.append(listener)
@@ -76,18 +89,40 @@ class InferenceEngine:
             self._listeners.remove(listener)
 
     async def start(self) -> InferenceEngine:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maas-model",
-                                            initializer=configure_torch_threads)
+        """A start that fails (torch cannot be imported, say) or is cancelled stops what it started before it raises:
+        `async with` never calls stop() then, and the model thread lived on and the batcher went on taking requests
+        for an engine its caller never got."""
+        self._executor = DaemonThreadPool(1, "maas-model")
+        self._executor.submit(configure_torch_threads)  # first there: torch (if imported) counts threads per thread
         await self._batcher.start()
-        if await asyncio.to_thread(_serves_torch_models, self.cache.repository):
-            await self._in_executor(_import_torch)
+        try:
+            if await asyncio.to_thread(_serves_torch_models, self.cache.repository):
+                await self._in_executor("the import of torch", _import_torch)
+        except BaseException:
+            await self.stop()
+            raise
         return self
 
     async def stop(self) -> None:
+        """Fail what is queued, give up the batches handed to the model thread, and wait, off the event loop, up to
+        `stop_timeout_s` for the call under way there to end.
+
+        Waited for without limit, a model that hangs (a GPU hang, a C call that never returns) held stop(), and a
+        worker's SIGTERM with it, forever. Past the bound the call is abandoned on its thread, a daemon that does not
+        hold the process's exit (`DaemonThreadPool`). Its requests were answered UNAVAILABLE when their batch was
+        given up, and the batch, should it end later, answers no one. The workers stop before their engine, and what
+        they did not answer by then stays uncommitted (Kafka) or undeleted (SQS): it is redelivered.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.stop_timeout_s
         await self._batcher.stop()
-        if self._executor is not None:  # the batch on the model thread finishes there, off the event loop
-            executor, self._executor = self._executor, None
-            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+        if self._executor is None:
+            return
+        executor, self._executor = self._executor, None
+        executor.shutdown(cancel_futures=True)
+        if not await asyncio.to_thread(executor.join, max(0.0, deadline - loop.time())):
+            log.warning("stopping: the model thread is still running %s %.1f s after the stop began; abandoned there "
+                        "(its requests were answered UNAVAILABLE)", self._running or "a call", self.stop_timeout_s)
 
     async def __aenter__(self) -> InferenceEngine:
         return await self.start()
@@ -102,10 +137,18 @@ class InferenceEngine:
         configure_torch_threads()
         return fetched
 
-    async def _in_executor(self, fn: Callable, *args):
+    async def _in_executor(self, what: str, fn: Callable, *args):
+        """`fn(*args)` on the model thread; `what` names the call in stop()'s warning, should it outlast the stop."""
         if self._executor is None:
             raise InferenceError(ErrorCode.UNAVAILABLE, "the engine is not started")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_as, what, fn, *args)
+
+    def _run_as(self, what: str, fn: Callable, *args):
+        self._running = what
+        try:
+            return fn(*args)
+        finally:
+            self._running = None
 
     async def model_config(self, name: str, version: str | int | None) -> tuple[int, ModelConfig]:
         """Resolve a (name, version) the way requests do; raises MODEL_NOT_FOUND with what exists.
@@ -285,7 +328,8 @@ class InferenceEngine:
             MODEL_CACHE.labels("hit").inc()
             return model
         try:
-            model, loaded = await self._in_executor(self._load_on_model_thread, *key)
+            model, loaded = await self._in_executor(f"the load of {name!r} version {version}",
+                                                    self._load_on_model_thread, *key)
         except RepositoryUnavailableError as exc:  # an OSError too: its message quotes the store's endpoint
             raise repository_unavailable(name, version, exc) from None
         except (ArtifactError, ModelNotFoundError, OSError) as exc:  # messages name no server folder; cut any
@@ -389,7 +433,8 @@ class InferenceEngine:
                 work = partial(_infer_prepared, model, rejected, batch)
             else:
                 work = partial(_execute, model, inputs, names, limit)
-            ran = await self._in_executor(_on_model_thread, model, wanted, work)
+            ran = await self._in_executor(f"a batch of {len(group)} request(s) of {model.name!r} version "
+                                          f"{model.version}", _on_model_thread, model, wanted, work)
         except InvalidTextError as exc:
             await self._refuse_invalid_text(model, group, exc)
             return

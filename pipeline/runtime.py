@@ -22,6 +22,7 @@ import gc
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -82,6 +83,9 @@ class DaemonThreadPool(ThreadPoolExecutor):
     was abandoned by it (its request is left to redelivery), so nothing waits for it. Like ThreadPoolExecutor, it
     starts a thread only when none is idle, up to `max_workers`. It is a ThreadPoolExecutor for
     `loop.set_default_executor`, which takes nothing else, and shares none of its workings.
+
+    The engine's model thread is one too: a model that hangs is abandoned the same way, once the engine's stop has
+    waited for it as long as it may (`join`).
     """
 
     def __init__(self, max_workers: int | None = None, thread_name_prefix: str = "maas-io") -> None:
@@ -135,3 +139,12 @@ class DaemonThreadPool(ThreadPoolExecutor):
                         item[0].cancel()
             for _ in self._daemons:
                 self._work.put(None)
+
+    def join(self, timeout_s: float) -> bool:
+        """After `shutdown`: wait up to `timeout_s` for the threads to end their calls under way; whether all did."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            threads = list(self._daemons)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in threads)

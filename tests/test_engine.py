@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -354,7 +355,7 @@ async def test_the_model_thread_runs_with_the_configured_torch_threads(repositor
     try:
         configure_process(replace(Settings(), torch_threads=1, gc_gen0_threshold=0))
         async with InferenceEngine(ModelCache(repository)) as engine:
-            assert await engine._in_executor(torch.get_num_threads) == 1
+            assert await engine._in_executor("a test", torch.get_num_threads) == 1
     finally:
         torch.set_num_threads(before)
 
@@ -452,6 +453,92 @@ async def test_stop_waits_for_the_running_batch_off_the_event_loop(repository):
     assert max(gaps) < 0.5  # the loop kept running while the model thread finished its second of work
     with pytest.raises(InferenceError):
         await running
+
+
+def _hang(model, entered: threading.Event, release: threading.Event) -> None:
+    """The loaded model, made to hang (a GPU hang, a C call that never returns) until `release` is set."""
+    infer = model.infer
+
+    def hang(inputs):
+        entered.set()
+        release.wait()
+        return infer(inputs)
+
+    model.infer = hang
+
+
+async def test_stop_abandons_a_batch_that_outlives_stop_timeout_s(repository, caplog):
+    """stop() waited for the model thread without limit: a hung model held it, and a worker's SIGTERM, forever. Past
+    stop_timeout_s the batch is abandoned on its thread, a daemon that does not hold the process's exit; its caller
+    has an UNAVAILABLE error, and the batch, ending later, answers no one."""
+    cache = ModelCache(repository)
+    entered, release = threading.Event(), threading.Event()
+    _hang(cache.get(MNIST_MLP, 1), entered, release)
+    records: list[BatchRecord] = []
+    before = set(threading.enumerate())
+    # A serving process's engine waits a quarter of MAAS_SHUTDOWN_TIMEOUT_S: 0.5 s here.
+    engine = await InferenceEngine.for_settings(cache, replace(Settings(), shutdown_timeout_s=2)).start()
+    engine.add_batch_listener(records.append)
+    try:
+        running = asyncio.create_task(engine.infer(digit_request("hung", synthetic_digits(1, seed=1)[0][0])))
+        assert await asyncio.to_thread(entered.wait, 10)
+        started = time.monotonic()
+        await asyncio.wait_for(engine.stop(), 10)  # hang guard
+        took = time.monotonic() - started
+        (model_thread,) = [t for t in set(threading.enumerate()) - before if t.name.startswith("maas-model")]
+        assert model_thread.daemon  # the interpreter's exit does not wait for it
+    finally:
+        release.set()
+    assert 0.5 <= took < 2, f"stop() took {took:.2f} s"
+    assert any("'mnist_mlp' version 1" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    with pytest.raises(InferenceError) as stopped:
+        await running
+    assert stopped.value.code == ErrorCode.UNAVAILABLE
+    await asyncio.to_thread(model_thread.join, 10)
+    assert not model_thread.is_alive() and records == []  # released, the batch ran to its end for no one
+
+
+def test_a_process_whose_model_hangs_exits_after_the_engine_stops(repository):
+    """A hung model's thread must not hold the interpreter's exit, as a ThreadPoolExecutor's did (joined at exit)."""
+    code = (
+        "import asyncio, sys, threading\n"
+        "from models.cache import ModelCache\n"
+        "from models.repository import ModelRepository\n"
+        "from pipeline.engine import InferenceEngine\n"
+        "async def main():\n"
+        "    cache, entered = ModelCache(ModelRepository(sys.argv[1])), threading.Event()\n"
+        "    cache.fetch = lambda *key: (entered.set(), threading.Event().wait())  # a load that never ends\n"
+        "    engine = await InferenceEngine(cache, stop_timeout_s=0.2).start()\n"
+        "    loading = asyncio.create_task(engine.load('mnist_mlp', 1))\n"
+        "    await asyncio.to_thread(entered.wait)\n"
+        "    await engine.stop()\n"
+        "    print('stopped', flush=True)\n"
+        "asyncio.run(main())\n"
+    )
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code, str(repository.root)], capture_output=True, text=True,
+                          env=environment, timeout=60)
+    assert done.returncode == 0 and done.stdout.split() == ["stopped"], done.stderr[-2000:]
+    assert time.monotonic() - started < 30
+
+
+async def test_a_start_that_fails_stops_the_model_thread_and_the_batcher(repository, monkeypatch):
+    """A start that raised (torch cannot be imported on the model thread, say) left the thread it started running,
+    and its batcher open: the engine, never started for its caller, went on taking requests."""
+    def broken() -> None:
+        raise ImportError("torch is broken here")
+
+    monkeypatch.setattr(engine_module, "_serves_torch_models", lambda repository: True)
+    monkeypatch.setattr(engine_module, "_import_torch", broken)
+    before = set(threading.enumerate())
+    engine = InferenceEngine(ModelCache(repository))
+    with pytest.raises(ImportError, match="torch is broken here"):
+        await engine.start()
+    assert [t.name for t in set(threading.enumerate()) - before if t.name.startswith("maas-model")] == []
+    with pytest.raises(InferenceError) as refused:
+        await engine.infer(digit_request("after", synthetic_digits(1, seed=5)[0][0]))
+    assert refused.value.code == ErrorCode.UNAVAILABLE and engine._batcher.collecting == []
 
 
 async def test_a_cancelled_caller_gives_up_its_rows(repository):

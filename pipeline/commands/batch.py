@@ -42,8 +42,7 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
             ensure_examples(repository)
         s3, sqs = aws_client(live, "s3"), aws_client(live, "sqs")
         queue_url = await asyncio.to_thread(ensure_batch_notifications, s3, sqs, config)
-        async with InferenceEngine(model_cache(settings, repository), worker_id=live.worker_id,
-                                   max_running_batches=settings.max_running_batches) as engine, \
+        async with InferenceEngine.for_settings(model_cache(settings, repository), live) as engine, \
                 contextlib.AsyncExitStack() as stack:
             # Per-batch records to the metrics topic, as `maas worker` publishes them: beside the jobs, never
             # holding one up (a record that cannot be published is counted, maas_batch_metrics_unpublished_total).

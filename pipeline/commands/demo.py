@@ -23,8 +23,7 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         for name, version in ensure_examples(repository):
             print(f"published example model {name} v{version} to {repository.root} (trained on synthetic digits)")
         print(f"stack: Kafka {live.kafka_bootstrap_servers}, S3/SQS {live.aws_endpoint_url}")
-        async with InferenceEngine(model_cache(settings, repository), worker_id=live.worker_id,
-                                   max_running_batches=settings.max_running_batches) as engine:
+        async with InferenceEngine.for_settings(model_cache(settings, repository), live) as engine:
             worker = KafkaWorker(live, engine)
             async with worker:
                 await asyncio.wait_for(worker.assigned.wait(), 30)

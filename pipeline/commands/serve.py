@@ -19,11 +19,11 @@ async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.examples:
         ensure_examples(repository)
     api_keys, limiter = ApiKeys.from_settings(settings), RateLimiter.from_settings(settings)
-    async with InferenceEngine(model_cache(settings, repository), worker_id=settings.worker_id,
-                               max_running_batches=settings.max_running_batches) as engine:
+    async with InferenceEngine.for_settings(model_cache(settings, repository), settings) as engine:
         api = V2Api(engine, max_request_bytes=settings.max_request_bytes, api_keys=api_keys, rate_limiter=limiter,
                     admin_tenants=settings.admin_tenants)
-        # On SIGTERM, the requests in flight get three quarters of MAAS_SHUTDOWN_TIMEOUT_S, closing the rest.
+        # On SIGTERM, the requests in flight get three quarters of MAAS_SHUTDOWN_TIMEOUT_S, closing the rest; then the
+        # engine waits up to a quarter more for the model thread.
         async with HttpServer(api, args.host, args.port, max_in_flight=settings.max_in_flight,
                               drain_timeout_s=settings.shutdown_timeout_s * 3 / 4) as server:
             print(f"serving the V2 API on {server.url} (models from {repository.root}; "

@@ -33,8 +33,7 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         repository = open_repository(live)  # after connecting: an s3:// repository needs the live endpoint
         if args.examples:
             ensure_examples(repository)
-        async with InferenceEngine(model_cache(settings, repository), worker_id=live.worker_id,
-                                   max_running_batches=settings.max_running_batches) as engine, \
+        async with InferenceEngine.for_settings(model_cache(settings, repository), live) as engine, \
                 contextlib.AsyncExitStack() as stack:
             if args.source == "sqs":
                 worker = await _sqs_worker(live, engine, stack)
