@@ -689,9 +689,11 @@ class BatchJobWatcher:
         self.jobs_done = 0
         self._task: asyncio.Task | None = None
         self._stopping = False
+        self._stopped: asyncio.Task | None = None  # the latest stop's drain, which every stop() waits for
 
     async def start(self) -> BatchJobWatcher:
         self._stopping = False
+        self._stopped = None
         self._task = asyncio.create_task(self._loop(), name="maas-batch-watcher")
         return self
 
@@ -700,11 +702,20 @@ class BatchJobWatcher:
         else cancel it: its upload is aborted and its message made visible at once, so that another watcher
         runs the job from the start. A job may take hours; a pod is killed some 30 s after its SIGTERM. A poll
         under way is waited for (at most `wait_s`), and what it receives made visible at once too. An endpoint
-        that does not answer those calls (`POLL_GRACE_S` past that) has them abandoned (`end_cancelled`)."""
+        that does not answer those calls (`POLL_GRACE_S` past that) has them abandoned (`end_cancelled`).
+
+        A stop() called while another drains returns when that one is done: it returned at once, and its caller took
+        the watcher for stopped with the job still under way. The drain is a task of its own, which a caller cancelled
+        while it waits leaves running for the others: cancelled with its caller, it left the job running, never
+        cancelled."""
         self._stopping = True
         task, self._task = self._task, None
-        if task is None:
-            return
+        if task is not None:
+            self._stopped = asyncio.create_task(self._drain(task), name="maas-batch-watcher-stop")
+        if self._stopped is not None:
+            await asyncio.shield(self._stopped)
+
+    async def _drain(self, task: asyncio.Task) -> None:
         started = time.monotonic()
         await asyncio.wait({task}, timeout=self.drain_timeout_s)
         task.cancel()

@@ -597,6 +597,32 @@ async def test_stop_cancels_a_job_past_the_drain_timeout_and_releases_its_messag
             await wait_for(lambda: any(s["job"] == "long" for s in again.completed))
 
 
+async def test_a_stop_called_while_another_drains_returns_when_that_one_is_done(live, repository):
+    """A second stop() found nothing left to stop and returned at once, while the first still let the job run: its
+    caller took the watcher for stopped with a job under way. The first's caller giving up leaves the drain going."""
+    config = BatchConfig(bucket=live.batch_bucket, queue=f"{live.batch_bucket}-events")
+    s3, sqs = aws_client(live, "s3"), aws_client(live, "sqs")
+    queue_url = await asyncio.to_thread(ensure_batch_notifications, s3, sqs, config)
+    requests, _ = example_requests(1, prefix="twice")
+    s3.put_object(Bucket=config.bucket, Key="inbox/twice.jsonl", Body=jsonl(requests))
+    async with _GatedEngine(ModelCache(repository), worker_id="slow") as slow:
+        runner = BatchJobRunner(slow, s3, config, max_request_bytes=live.max_request_bytes, worker_id="slow")
+        watcher = BatchJobWatcher(runner, sqs, queue_url, wait_s=1, visibility_s=30, drain_timeout_s=30)
+        await watcher.start()
+        await asyncio.wait_for(slow.entered.wait(), 30)
+        first = asyncio.create_task(watcher.stop())
+        await asyncio.sleep(0)  # the first stop() is draining the job
+        second = asyncio.create_task(watcher.stop())
+        await asyncio.sleep(0.5)
+        assert not second.done(), "the second stop() returned while the job was still running"
+        first.cancel()  # its caller gives up waiting
+        await asyncio.sleep(0.2)
+        assert not second.done(), "the drain ended with the first stop()'s caller"
+        slow.gate.set()
+        await asyncio.wait_for(second, 30)
+        assert [s["job"] for s in watcher.completed] == ["twice"]  # the drain ran the job to its end first
+
+
 async def test_stop_releases_what_the_poll_under_way_receives(live, repository):
     """stop() past its drain timeout cancelled a watcher that was long-polling: the poll (a boto3 call cannot be
     told to end) went on in its thread and received a message no one handled, which stayed invisible for
