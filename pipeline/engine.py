@@ -64,6 +64,7 @@ class InferenceEngine:
         self._batcher = DynamicBatcher(self._run_batch, max_queue=max_queue_per_model,
                                        max_running=max_running_batches)
         self._executor: DaemonThreadPool | None = None
+        self._stopped: asyncio.Task | None = None  # the latest stop, which every stop() waits for
         self._running: str | None = None  # what the model thread runs now, for stop()'s warning
         self._listeners: list[BatchListener] = []
         self._configs: dict[tuple[str, str | None], tuple[float, int, ModelConfig]] = {}
@@ -92,6 +93,7 @@ class InferenceEngine:
         """A start that fails (torch cannot be imported, say) or is cancelled stops what it started before it raises:
         `async with` never calls stop() then, and the model thread lived on and the batcher went on taking requests
         for an engine its caller never got."""
+        self._stopped = None
         self._executor = DaemonThreadPool(1, "maas-model")
         self._executor.submit(configure_torch_threads)  # first there: torch (if imported) counts threads per thread
         await self._batcher.start()
@@ -112,7 +114,15 @@ class InferenceEngine:
         hold the process's exit (`DaemonThreadPool`). Its requests were answered UNAVAILABLE when their batch was
         given up, and the batch, should it end later, answers no one. The workers stop before their engine, and what
         they did not answer by then stays uncommitted (Kafka) or undeleted (SQS): it is redelivered.
+
+        A stop() called while another waits returns when that one is done, not once the first has taken the model
+        thread; a caller cancelled while it waits leaves the stop running for the others.
         """
+        if self._stopped is None:
+            self._stopped = asyncio.create_task(self._stop(), name="maas-engine-stop")
+        await asyncio.shield(self._stopped)
+
+    async def _stop(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.stop_timeout_s
         await self._batcher.stop()

@@ -498,6 +498,31 @@ async def test_stop_abandons_a_batch_that_outlives_stop_timeout_s(repository, ca
     assert not model_thread.is_alive() and records == []  # released, the batch ran to its end for no one
 
 
+async def test_a_stop_called_while_another_waits_returns_when_that_one_is_done(repository):
+    """The second stop() found the model thread taken by the first and returned at once, its caller taking the
+    engine for stopped while the first still waited for the batch under way."""
+    cache = ModelCache(repository)
+    entered, release = threading.Event(), threading.Event()
+    _hang(cache.get(MNIST_MLP, 1), entered, release)
+    engine = await InferenceEngine(cache, stop_timeout_s=1.0).start()
+    try:
+        running = asyncio.create_task(engine.infer(digit_request("hung", synthetic_digits(1, seed=1)[0][0])))
+        assert await asyncio.to_thread(entered.wait, 10)
+        first = asyncio.create_task(engine.stop())
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(engine.stop())
+        await asyncio.sleep(0.3)
+        assert not second.done(), "the second stop() returned while the first still waited"
+        first.cancel()  # its caller gives up: the stop goes on for the second
+        await asyncio.sleep(0.1)
+        assert not second.done()
+        await asyncio.wait_for(second, 10)  # hang guard
+    finally:
+        release.set()
+    with pytest.raises(InferenceError):
+        await running
+
+
 def test_a_process_whose_model_hangs_exits_after_the_engine_stops(repository):
     """A hung model's thread must not hold the interpreter's exit, as a ThreadPoolExecutor's did (joined at exit)."""
     code = (
