@@ -46,6 +46,8 @@ BatchListener = Callable[[BatchRecord], None]
 #: The share of MAAS_SHUTDOWN_TIMEOUT_S a serving process's engine waits, once its sources have stopped, for the call
 #: under way on the model thread (`InferenceEngine.stop`).
 STOP_SHARE = 0.25
+#: How often stop() looks whether the model thread has ended its call, up to `stop_timeout_s`.
+JOIN_POLL_S = 0.01
 
 
 class InferenceEngine:
@@ -130,7 +132,11 @@ class InferenceEngine:
             return
         executor, self._executor = self._executor, None
         executor.shutdown(cancel_futures=True)
-        if not await asyncio.to_thread(executor.join, max(0.0, deadline - loop.time())):
+        # Watched from the event loop, not waited for through `asyncio.to_thread`: the default executor's threads may
+        # all be held by S3 or SQS calls their sources abandoned, and the wait would queue behind them.
+        while not executor.join(0) and loop.time() < deadline:
+            await asyncio.sleep(JOIN_POLL_S)
+        if not executor.join(0):
             log.warning("stopping: the model thread is still running %s %.1f s after the stop began; abandoned there "
                         "(its requests were answered UNAVAILABLE)", self._running or "a call", self.stop_timeout_s)
 

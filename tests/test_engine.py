@@ -41,7 +41,7 @@ from pipeline.engine import InferenceEngine
 from pipeline.errors import ErrorCode, InferenceError
 from pipeline.metrics import BatchRecord
 from pipeline.protocol import InferenceRequest, InferenceResponse
-from pipeline.runtime import configure_process
+from pipeline.runtime import DaemonThreadPool, configure_process
 from pipeline.settings import Settings
 
 
@@ -496,6 +496,33 @@ async def test_stop_abandons_a_batch_that_outlives_stop_timeout_s(repository, ca
     assert stopped.value.code == ErrorCode.UNAVAILABLE
     await asyncio.to_thread(model_thread.join, 10)
     assert not model_thread.is_alive() and records == []  # released, the batch ran to its end for no one
+
+
+async def test_stop_is_bounded_while_the_default_executor_is_busy(repository):
+    """stop() waited for the model thread through `asyncio.to_thread`: in a `maas` process the default executor's
+    few threads may all be held by S3 or SQS calls their sources abandoned (an endpoint that does not answer: 30 s a
+    try, three tries), and the wait queued behind them, far past stop_timeout_s."""
+    cache = ModelCache(repository)
+    entered, release = threading.Event(), threading.Event()
+    _hang(cache.get(MNIST_MLP, 1), entered, release)
+    engine = await InferenceEngine(cache, stop_timeout_s=0.5).start()
+    running = asyncio.create_task(engine.infer(digit_request("hung", synthetic_digits(1, seed=1)[0][0])))
+    assert await asyncio.to_thread(entered.wait, 10)
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(DaemonThreadPool(1))  # as `maas` commands set it, its one thread taken below
+    abandoned = threading.Event()
+    busy = loop.run_in_executor(None, abandoned.wait)  # an S3 call that its endpoint does not answer
+    try:
+        started = time.monotonic()
+        await asyncio.wait_for(engine.stop(), 10)  # hang guard
+        took = time.monotonic() - started
+    finally:
+        release.set()
+        abandoned.set()
+    await busy
+    assert took < 2, f"stop() took {took:.2f} s, stop_timeout_s 0.5"
+    with pytest.raises(InferenceError):
+        await running
 
 
 async def test_a_stop_called_while_another_waits_returns_when_that_one_is_done(repository):
