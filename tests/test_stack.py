@@ -222,3 +222,30 @@ async def test_unreachable_broker_is_a_one_line_config_error(settings):
     bad = replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")
     with pytest.raises(ConfigError, match=r"cannot reach Kafka at 127\.0\.0\.1:\d+ \(KAFKA_BOOTSTRAP_SERVERS\)"):
         await bootstrap(bad)
+
+
+async def test_a_dead_maas_ups_state_file_is_not_trusted_while_the_next_one_starts(tmp_path, monkeypatch):
+    """A `maas up` holds the lock from before its stack starts (seconds: a broker, an S3/SQS server) until it writes
+    its own `.maas/stack.json`. A file left by a killed one, its pid alive as another process, was trusted all that
+    while, the lock being held: a `maas worker` started then went to the dead stack's addresses, and a second
+    `maas up` was told the dead one was up. The lock taken, the file is known to be a dead one's: it is removed."""
+    import argparse
+    import json
+
+    import pipeline.commands.stack as stack_commands
+    from pipeline.services import read_state
+    from pipeline.settings import Settings
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".maas").mkdir()
+    (tmp_path / ".maas" / "stack.json").write_text(json.dumps(
+        {"pid": os.getpid(), "kafka_bootstrap_servers": "127.0.0.1:1", "aws_endpoint_url": "http://127.0.0.1:1"}))
+    seen = []
+
+    async def starting(settings: Settings) -> int:  # what others read while this `maas up` starts its stack
+        seen.append(read_state())
+        return 0
+
+    monkeypatch.setattr(stack_commands, "_up", starting)
+    assert await stack_commands.cmd_up(argparse.Namespace(), Settings()) == 0
+    assert seen == [None]

@@ -25,7 +25,8 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     # One `maas up` a folder: a second stack would take over the state file, and its stop would remove it. The
     # lock, held for the command's life and dropped by the kernel whatever ends it, also refuses a second one
     # started while the first is still starting (and has written no state yet).
-    # A state file found while this process holds the lock is a dead `maas up`'s: `_up` writes its own over it.
+    # A state file found while this process holds the lock is a dead `maas up`'s: removed before the stack starts
+    # (seconds), or the lock this process holds vouched for it meanwhile, and others went to its dead addresses.
     STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
     with open(stack_lock(), "a") as lock:
         try:
@@ -38,6 +39,8 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
                                   "another folder") from None
             raise ConfigError("another `maas up` is starting a local stack here; stop it first, or run `maas up` "
                               "in another folder") from None
+        with contextlib.suppress(FileNotFoundError):
+            STATE_FILE.unlink()
         return await _up(settings)
 
 
