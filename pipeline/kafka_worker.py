@@ -72,7 +72,7 @@ class _Rebalance(ConsumerRebalanceListener):
         log.info("assigned partitions %s", sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
 
 
-async def _stop_consumer(consumer: AIOKafkaConsumer, timeout_s: float) -> None:
+async def _stop_consumer(consumer: AIOKafkaConsumer, timeout_s: float, servers: str = "the broker") -> None:
     """`consumer.stop()` within `timeout_s`, minus the CancelledError it may raise when the broker is unreachable.
 
     aiokafka's Fetcher.close() cancels its fetch requests in flight and awaits them without suppressing
@@ -94,7 +94,8 @@ async def _stop_consumer(consumer: AIOKafkaConsumer, timeout_s: float) -> None:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             raise
-        log.warning("closing the consumer: aiokafka raised the CancelledError of a fetch it cancelled; ignored")
+        # Said in the user's terms (shown without -v): aiokafka's CancelledError read as a crash to whoever stopped it.
+        log.warning("closing the consumer: Kafka at %s cannot be reached; its connections are closed", servers)
         await consumer._client.close()
     except TimeoutError:
         log.warning("closing the consumer took longer than %.1f s (the broker does not answer): its connections are "
@@ -335,7 +336,7 @@ class KafkaWorker:
         self._consumer = self._producer = None
         closing = []
         if consumer is not None:
-            closing.append(_stop_consumer(consumer, timeout_s))
+            closing.append(_stop_consumer(consumer, timeout_s, self.settings.kafka_bootstrap_servers))
         if producer is not None:
             closing.append(stop_producer(producer, timeout_s))
         for outcome in await asyncio.gather(*closing, return_exceptions=True):

@@ -283,10 +283,12 @@ async def test_a_restarted_worker_starts_afresh(fast):
     assert len(metrics) == 1, f"{len(metrics)} metrics records for one batch"
 
 
-async def test_stop_closes_both_clients_when_the_broker_is_gone(tmp_path):
+async def test_stop_closes_both_clients_when_the_broker_is_gone(tmp_path, caplog):
     """With the broker gone, stop() waited forever for its final commit; bounded, it then met the CancelledError
     aiokafka's consumer.stop() raises for a fetch it cancelled, and passed it on (a SIGTERM ended the process
-    with a traceback) leaving the producer open."""
+    with a traceback) leaving the producer open. The warning it logs (shown without -v) says what happened in the
+    user's terms: it spoke of aiokafka's CancelledError, which reads as a bug to whoever stops a worker."""
+    caplog.set_level(logging.WARNING, logger="pipeline.kafka_worker")
     slow = slow_repository(tmp_path / "slow", max_queue_delay_ms=60_000)  # requests stay in flight
     with LocalStack(tmp_path / "stack") as private:
         settings = replace(Settings(), kafka_bootstrap_servers=private.bootstrap_servers,
@@ -307,6 +309,11 @@ async def test_stop_closes_both_clients_when_the_broker_is_gone(tmp_path):
             assert producer._closed and consumer._closed
             clients = [t for t in asyncio.all_tasks() if "AIOKafkaClient" in t.get_coro().__qualname__]
             assert not clients, "a client's metadata task outlived stop(), retrying a broker that is gone"
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == "pipeline.kafka_worker" and "consumer" in r.getMessage()]
+    assert warnings, "nothing said about closing the consumer of a broker that is gone"
+    assert all("CancelledError" not in w and "aiokafka" not in w for w in warnings), warnings
+    assert any(private.bootstrap_servers in w for w in warnings), f"the broker's address is not named: {warnings}"
 
 
 @contextlib.asynccontextmanager
