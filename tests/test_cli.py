@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -428,21 +429,30 @@ def test_an_s3_model_repository_lives_on_the_embedded_stack(tmp_path):
     assert demo.returncode == 0 and "answered 5/5 (5 results)" in demo.stdout, demo.stdout + demo.stderr
 
 
-def test_maas_up_on_real_aws_prints_no_endpoint_to_export(tmp_path, stack, examples_root):
-    """With AWS configured (here: keys, and boto3's own AWS_ENDPOINT_URL_S3 leading to the session's moto) `maas up`
-    starts only the broker; it printed `export AWS_ENDPOINT_URL=None`, which sent every command of a shell that
-    ran it to botocore's "Invalid endpoint: None"."""
+@contextlib.contextmanager
+def _maas_up_on_moto(tmp_path, stack, examples_root):
+    """`maas up` with AWS configured (keys, and boto3's own AWS_ENDPOINT_URL_S3 leading to the session's moto): it
+    starts only a broker. Yields the process and its output lines once it is up; SIGTERMed after."""
     env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_ENDPOINT_URL_S3": stack.endpoint_url,
            "MAAS_MODEL_REPOSITORY": str(examples_root)}
     up, lines = _spawn_maas("up", env=env, cwd=tmp_path)
     try:
         _wait_for_line(up, lines, "topics: ")
+        yield up, lines
     finally:
         up.send_signal(signal.SIGTERM)
         try:
             up.wait(30)
         finally:
             up.kill()
+
+
+def test_maas_up_on_real_aws_prints_no_endpoint_to_export(tmp_path, stack, examples_root):
+    """With AWS configured (here: keys, and boto3's own AWS_ENDPOINT_URL_S3 leading to the session's moto) `maas up`
+    starts only the broker; it printed `export AWS_ENDPOINT_URL=None`, which sent every command of a shell that
+    ran it to botocore's "Invalid endpoint: None"."""
+    with _maas_up_on_moto(tmp_path, stack, examples_root) as (_, lines):
+        pass
     exports = [line.strip() for line in lines if line.startswith("export ")]
     assert len(exports) == 1 and exports[0].startswith("export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:"), "".join(lines)
 
@@ -455,18 +465,8 @@ def test_a_state_file_left_by_a_dead_maas_up_stops_no_later_one(tmp_path, stack,
     (tmp_path / ".maas").mkdir()
     (tmp_path / ".maas" / "stack.json").write_text(json.dumps(
         {"pid": os.getpid(), "kafka_bootstrap_servers": "127.0.0.1:1", "aws_endpoint_url": "http://127.0.0.1:1"}))
-    env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_ENDPOINT_URL_S3": stack.endpoint_url,
-           "MAAS_MODEL_REPOSITORY": str(examples_root)}  # AWS configured: `maas up` starts only a broker
-    up, lines = _spawn_maas("up", env=env, cwd=tmp_path)
-    try:
-        _wait_for_line(up, lines, "topics: ")
+    with _maas_up_on_moto(tmp_path, stack, examples_root) as (up, _):
         assert json.loads((tmp_path / ".maas" / "stack.json").read_text())["pid"] == up.pid
-    finally:
-        up.send_signal(signal.SIGTERM)
-        try:
-            up.wait(30)
-        finally:
-            up.kill()
 
 
 def _serve_holding_a_request(tmp_path, env: dict[str, str]) -> tuple[subprocess.Popen, list[str], str, int]:
